@@ -1,0 +1,772 @@
+"""The GRPO policy-loss family as small pure functions on tensors.
+
+A loss is built in four steps, in the order of TRL's `GRPOTrainer._compute_loss`
+(see docs/LOSSES.md for every formula and where grpokit departs from TRL):
+
+1. importance weights `ratio = pi_theta / pi_old` at the token, sequence (GSPO) or
+   sequence_token (GSPO-token) level;
+2. a per-token objective chosen by `loss_type` (PPO clip, CISPO, SAPO, VESPO);
+3. token filters and weights: off-policy sequence mask, top-entropy mask, rollout IS weight,
+   then `+ beta * KL` (k3, optionally importance-corrected);
+4. an aggregation of the `[N, T]` per-token losses into a scalar, also chosen by `loss_type`.
+
+Conventions at every boundary: `N` sequences, `T` completion positions; `logprobs`,
+`old_logprobs`, `ref_logprobs`, `sampling_logprobs`, `entropies` are `[N, T]`; `advantages` is `[N]`
+or `[N, T]`; `completion_mask` is `[N, T]` with 1 = the token counts in the loss (the EOS token
+counts, padding after it does not). Values at padding positions never reach the loss or its
+gradient, even when they are inf or NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence", "sequence_token")
+ROLLOUT_IS_MODES: tuple[str, ...] = (
+    "token_truncate",
+    "token_mask",
+    "sequence_truncate",
+    "sequence_mask",
+)
+PPO_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the ones `delta` applies to
+
+# ---------------------------------------------------------------------------------------------
+# Masked reductions
+# ---------------------------------------------------------------------------------------------
+
+
+def _masked(values: Tensor, mask: Tensor) -> Tensor:
+    """`values` with padding replaced by 0 (so inf/NaN at padding cannot leak into sums)."""
+    return torch.where(mask, values, torch.zeros_like(values))
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` over the positions where `mask` is True (0 when there are none)."""
+    values = values.expand_as(mask)
+    return _masked(values, mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Importance weights
+# ---------------------------------------------------------------------------------------------
+
+
+def log_importance_weights(
+    logprobs: Tensor, old_logprobs: Tensor, completion_mask: Tensor, level: str = "token"
+) -> Tensor:
+    """Log importance weights `log(pi_theta / pi_old)`, `[N, T]`, at the chosen level.
+
+    - `"token"` (GRPO, DeepSeekMath Eq. 3): the per-token log-ratio.
+    - `"sequence"` (GSPO, arXiv 2507.18071 Eq. 7): the length-normalised sequence log-ratio
+      `(1/|o_i|) sum_t log r_it`, broadcast to every token; its gradient reaches every token of
+      the sequence equally (TRL's form; identical to GSPO when advantages are per sequence).
+    - `"sequence_token"` (GSPO-token, Eq. 13-14): `sg[log s_i] + logprobs - sg[logprobs]`. The
+      value equals the sequence level; token t's gradient goes to token t alone.
+
+    Args:
+        logprobs: `[N, T]` log-probs under the current policy (with grad).
+        old_logprobs: `[N, T]` log-probs under the policy that sampled the completions.
+        completion_mask: `[N, T]` bool; True = loss token.
+        level: One of `IMPORTANCE_SAMPLING_LEVELS`.
+
+    Returns:
+        `[N, T]` log-weights (0 at padding for the token level).
+    """
+    log_ratio = _masked(logprobs - old_logprobs, completion_mask)  # [N, T]
+    if level == "token":
+        return log_ratio
+    lengths = completion_mask.sum(-1, keepdim=True).clamp(min=1)  # [N, 1]
+    sequence = (log_ratio.sum(-1, keepdim=True) / lengths).expand_as(log_ratio)  # [N, T]
+    if level == "sequence":
+        return sequence
+    if level == "sequence_token":
+        return sequence.detach() + logprobs - logprobs.detach()
+    raise ValueError(
+        f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {level!r}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Per-token objectives (losses, i.e. the negated objectives J)
+# ---------------------------------------------------------------------------------------------
+
+
+def ppo_clip_loss(
+    ratio: Tensor,
+    advantages: Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    delta: float | None = None,
+) -> Tensor:
+    """`-min(r A, clip(r, 1-eps_low, 1+eps_high) A)`, `[N, T]`.
+
+    PPO (arXiv 1707.06347 Eq. 7) as used by GRPO (DeepSeekMath Eq. 3), with DAPO's decoupled
+    bounds (Clip-Higher, arXiv 2503.14476 §3.1). With `delta`, the unclipped ratio is also capped
+    at `delta` before the min (INTELLECT-2 two-sided clipping, arXiv 2505.07291), which bounds the
+    loss of tokens with A < 0 whose ratio has grown large.
+    """
+    clipped_ratio = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        ratio = ratio.clamp(max=delta)
+    return -torch.min(ratio * advantages, clipped_ratio * advantages)
+
+
+def cispo_loss(
+    ratio: Tensor, logprobs: Tensor, advantages: Tensor, *, epsilon_high: float
+) -> Tensor:
+    """`-sg(min(r, 1+eps_high)) A log pi`, `[N, T]`.
+
+    CISPO (MiniMax-M1, arXiv 2506.13585 Eq. 4-5): clip the detached importance weight instead of
+    the update, so every token keeps a gradient. The paper imposes no lower bound (its eps_low is
+    set large) and caps at `1 + eps_high`; TRL caps at `epsilon_high` itself (see docs/LOSSES.md).
+    """
+    weight = ratio.clamp(max=1 + epsilon_high).detach()
+    return -weight * advantages * logprobs
+
+
+def sapo_loss(
+    ratio: Tensor, advantages: Tensor, *, temperature_pos: float, temperature_neg: float
+) -> Tensor:
+    """`-f(r) A` with the soft gate `f(r) = sigmoid(tau (r - 1)) 4 / tau`, `[N, T]`.
+
+    SAPO (arXiv 2511.20347): a smooth trust region. `f'(1) = 1`, so on-policy the update is the
+    plain policy gradient; off-policy it decays smoothly instead of being cut to zero.
+    `tau = temperature_pos` where A > 0, `temperature_neg` elsewhere.
+    """
+    temperature = torch.where(
+        advantages > 0,
+        torch.full_like(advantages, temperature_pos),
+        torch.full_like(advantages, temperature_neg),
+    )
+    gate = torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature
+    return -gate * advantages
+
+
+def vespo_weights(
+    log_ratio: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    k_pos: float,
+    lambda_pos: float,
+    k_neg: float,
+    lambda_neg: float,
+) -> Tensor:
+    """VESPO's detached gamma-shaped sequence weight `phi(w) = exp(lambda (1 - w)) w^k`.
+
+    `w = prod_t r_it` is the full sequence ratio (log clamped to [log 1e-8, 20] for safety); the
+    shape `(k, lambda)` is `(k_pos, lambda_pos)` where A >= 0 and `(k_neg, lambda_neg)` elsewhere.
+    `phi(1) = 1`, so on-policy VESPO is REINFORCE. Returns `[N, 1]` (or `[N, T]` for per-token A).
+    """
+    with torch.no_grad():
+        per_token = _masked(log_ratio.clamp(-20.0, 20.0), completion_mask)
+        log_w = per_token.sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)  # [N, 1]
+        nonnegative = advantages >= 0
+        k = torch.where(nonnegative, k_pos, k_neg)
+        lam = torch.where(nonnegative, lambda_pos, lambda_neg)
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+
+
+def vespo_loss(logprobs: Tensor, advantages: Tensor, phi: Tensor) -> Tensor:
+    """`-phi A log pi`, `[N, T]`: REINFORCE weighted by VESPO's detached `phi` (`vespo_weights`)."""
+    return -phi * advantages * logprobs
+
+
+def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Schulman's k3 estimator `ref/pi - log(ref/pi) - 1` of KL(pi_theta || pi_ref), `[N, T]`.
+
+    DeepSeekMath Eq. 4. It is >= 0 (a Bregman gap of log) and 0 exactly when the log-probs agree;
+    with samples from pi_theta its mean is the reverse KL.
+    """
+    log_ref_ratio = ref_logprobs - logprobs
+    return torch.exp(log_ref_ratio) - log_ref_ratio - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Token filters
+# ---------------------------------------------------------------------------------------------
+
+
+def high_entropy_mask(entropies: Tensor, completion_mask: Tensor, quantile: float) -> Tensor:
+    """Keep the top-`quantile` fraction of loss tokens by entropy, `[N, T]` bool.
+
+    "Beyond the 80/20 rule" (arXiv 2506.01939 Eq. 6): the threshold is the `(1 - quantile)`
+    quantile of the entropies of the micro-batch's loss tokens. `quantile = 1` keeps every token.
+    """
+    valid = entropies.detach()[completion_mask].float()
+    if valid.numel() == 0:
+        return completion_mask
+    threshold = torch.quantile(valid, 1 - quantile)
+    return (entropies.detach() >= threshold) & completion_mask
+
+
+def off_policy_sequence_mask(
+    logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    threshold: float,
+) -> Tensor:
+    """DeepSeek-V3.2 off-policy sequence masking (arXiv 2512.02556), `[N, 1]` or `[N, T]` bool.
+
+    Drops a sequence with negative advantage when its mean per-token `log(pi_behaviour / pi_theta)`
+    exceeds `threshold`; sequences with A >= 0 are always kept.
+    """
+    log_gap = _masked(behaviour_logprobs - logprobs.detach(), completion_mask)
+    mean_gap = log_gap.sum(-1, keepdim=True) / completion_mask.sum(-1, keepdim=True).clamp(min=1)
+    return (advantages >= 0) | (mean_gap <= threshold)
+
+
+def rollout_importance_weights(
+    old_logprobs: Tensor,
+    sampling_logprobs: Tensor,
+    completion_mask: Tensor,
+    *,
+    mode: str = "sequence_mask",
+    clip_min: float | None = None,
+    clip_max: float = 3.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Detached weights `pi_train / pi_rollout` (at the sampling weights) for a rollout mismatch.
+
+    Truncated IS (TIS, Yao et al. 2025; after IMPALA arXiv 1606.02647) caps the weight at
+    `clip_max` (and floors it at `clip_min` when given); masked IS (MIS / IcePop) sets weights
+    outside `[clip_min, clip_max]` to 0. Token modes weight each token by its own ratio; sequence
+    modes use the product of the token ratios (the exact sequence likelihood ratio, no length
+    normalisation) broadcast to every token. Multiply the per-token loss by the result
+    (`policy_loss(rollout_is_weights=...)` does).
+
+    Args:
+        old_logprobs: `[N, T]` log-probs of the trained model at the sampling weights.
+        sampling_logprobs: `[N, T]` log-probs reported by the rollout engine.
+        completion_mask: `[N, T]`; 1 = loss token.
+        mode: One of `ROLLOUT_IS_MODES`.
+        clip_min: Lower bound (None = no lower bound).
+        clip_max: Upper bound (> 0).
+
+    Returns:
+        `(weights, metrics)`: `weights` `[N, T]` float32, detached, 0 at padding; metrics
+        `rollout_is/mean|min|max`, `rollout_is/frac_modified` (fraction of loss tokens truncated or
+        masked) and `rollout_is/logprob_abs_diff/mean|max`, all 0-dim detached tensors.
+
+    Raises:
+        ValueError: on an unknown mode, bounds out of order, or mismatched shapes.
+    """
+    if mode not in ROLLOUT_IS_MODES:
+        raise ValueError(f"mode must be one of {ROLLOUT_IS_MODES}, got {mode!r}.")
+    if not clip_max > 0 or (clip_min is not None and not 0 <= clip_min < clip_max):
+        raise ValueError(
+            f"need 0 <= clip_min < clip_max and clip_max > 0; got clip_min={clip_min}, "
+            f"clip_max={clip_max}."
+        )
+    _check_same_shape(old_logprobs, old_logprobs=old_logprobs, sampling_logprobs=sampling_logprobs)
+    _check_same_shape(old_logprobs, completion_mask=completion_mask)
+    mask = completion_mask.bool()
+    with torch.no_grad():
+        log_gap = _masked(old_logprobs.float() - sampling_logprobs.float(), mask)  # [N, T]
+        if mode.startswith("sequence"):
+            log_gap = log_gap.sum(-1, keepdim=True).expand_as(log_gap)  # [N, T]
+        raw = torch.exp(log_gap)
+        low = 0.0 if clip_min is None else clip_min
+        outside = (raw > clip_max) | (raw < low)
+        if mode.endswith("truncate"):
+            weights = raw.clamp(min=clip_min, max=clip_max)
+        else:
+            weights = torch.where(outside, torch.zeros_like(raw), raw)
+        weights = _masked(weights, mask)
+        abs_diff = (old_logprobs.float() - sampling_logprobs.float()).abs()
+        metrics = {
+            "rollout_is/mean": masked_mean(weights, mask),
+            "rollout_is/min": _masked_extreme(weights, mask, torch.amin),
+            "rollout_is/max": _masked_extreme(weights, mask, torch.amax),
+            "rollout_is/frac_modified": masked_mean(outside.float(), mask),
+            "rollout_is/logprob_abs_diff/mean": masked_mean(abs_diff, mask),
+            "rollout_is/logprob_abs_diff/max": _masked_extreme(abs_diff, mask, torch.amax),
+        }
+    return weights, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Aggregations: [N, T] per-token losses -> scalar
+# ---------------------------------------------------------------------------------------------
+
+
+def sequence_mean_aggregation(per_token_loss: Tensor, completion_mask: Tensor) -> Tensor:
+    """`mean_i (sum_t l_it / |o_i|)`: GRPO (DeepSeekMath Eq. 3), SAPO; verl seq-mean-token-mean.
+
+    A sequence without loss tokens contributes 0 and still counts in the mean over sequences
+    (as in TRL).
+    """
+    lengths = completion_mask.sum(-1).clamp(min=1)  # [N]
+    return (_masked(per_token_loss, completion_mask).sum(-1) / lengths).mean()
+
+
+def token_mean_aggregation(
+    per_token_loss: Tensor, completion_mask: Tensor, num_items: float | Tensor | None = None
+) -> Tensor:
+    """`sum_it l_it / num_items`: DAPO's token-level loss (arXiv 2503.14476 Eq. 12), CISPO, BNPO.
+
+    `num_items` is the number of loss tokens the loss should be normalised by; None = this
+    micro-batch's count (TRL's "bnpo"). Passing the whole generation batch's count makes the
+    micro-batch losses sum to the whole-batch loss (TRL's "dapo").
+    """
+    total = _masked(per_token_loss, completion_mask).sum()
+    if num_items is None:
+        return total / completion_mask.sum().clamp(min=1)
+    return total / num_items
+
+
+def constant_length_aggregation(
+    per_token_loss: Tensor, completion_mask: Tensor, max_completion_length: int
+) -> Tensor:
+    """`sum_it l_it / (N * L)` with the constant `L = max_completion_length`.
+
+    Dr. GRPO (arXiv 2503.20783 §3.2, Listing 1): no per-sequence 1/|o_i|, so no length bias.
+    """
+    n = per_token_loss.shape[0]
+    return _masked(per_token_loss, completion_mask).sum() / (n * max_completion_length)
+
+
+def sequence_sum_aggregation(per_token_loss: Tensor, completion_mask: Tensor) -> Tensor:
+    """`mean_i sum_t l_it`: LUSPO, i.e. GSPO with each sequence's loss multiplied by `|o_i|`."""
+    return _masked(per_token_loss, completion_mask).sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_same_shape(reference: Tensor, **tensors: Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.shape != reference.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)} but logprobs is {tuple(reference.shape)}; "
+                "all per-token tensors must be [N, T] with the same N and T."
+            )
+
+
+def validate_loss_options(
+    *,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    beta: float = 0.0,
+    top_entropy_quantile: float = 1.0,
+    max_completion_length: int | None = None,
+    off_policy_mask_threshold: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+) -> None:
+    """Check the loss hyperparameters; raise `ValueError` naming the option and the fix.
+
+    Raises:
+        ValueError: for an unknown `loss_type` or `importance_sampling_level`, negative epsilons,
+            `delta <= 1 + epsilon_high` or `delta` with a loss type it does not apply to, a
+            negative `beta`, `top_entropy_quantile` outside (0, 1], non-positive SAPO
+            temperatures or VESPO rates, VESPO with a sequence level, or a non-positive
+            `max_completion_length`.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+            f"got {importance_sampling_level!r}."
+        )
+    for name, value in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+    if delta is not None:
+        if loss_type not in PPO_CLIP_LOSS_TYPES:
+            raise ValueError(
+                f"delta (INTELLECT-2 two-sided clipping) applies to the PPO-clip losses "
+                f"{PPO_CLIP_LOSS_TYPES}, not loss_type={loss_type!r}; set delta=None."
+            )
+        if not delta > 1 + epsilon_high:
+            raise ValueError(
+                f"delta must be > 1 + epsilon_high = {1 + epsilon_high} (it caps ratios above the "
+                f"clip range; INTELLECT-2 uses 4); got delta={delta}."
+            )
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta (KL coefficient) must be a finite number >= 0, got {beta}.")
+    if not 0 < top_entropy_quantile <= 1:
+        raise ValueError(
+            f"top_entropy_quantile must be in (0, 1] (1 keeps every token; the 80/20 paper uses "
+            f"0.2); got {top_entropy_quantile}."
+        )
+    if max_completion_length is not None and max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}.")
+    if off_policy_mask_threshold is not None and not off_policy_mask_threshold >= 0:
+        raise ValueError(
+            "off_policy_mask_threshold must be >= 0 or None (TRL suggests 0.5); "
+            f"got {off_policy_mask_threshold}."
+        )
+    if not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
+        raise ValueError(
+            "sapo_temperature_pos and sapo_temperature_neg must be > 0; got "
+            f"{sapo_temperature_pos}, {sapo_temperature_neg}."
+        )
+    _validate_vespo(
+        loss_type,
+        importance_sampling_level,
+        vespo_k_pos,
+        vespo_lambda_pos,
+        vespo_k_neg,
+        vespo_lambda_neg,
+    )
+
+
+def _validate_vespo(
+    loss_type: str, level: str, k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float
+) -> None:
+    if loss_type != "vespo":
+        return
+    if level != "token":
+        raise ValueError(
+            "loss_type='vespo' computes its own sequence weight from the token log-ratios; set "
+            f"importance_sampling_level='token' (got {level!r})."
+        )
+    if min(k_pos, k_neg) < 0 or min(lambda_pos, lambda_neg) <= 0:
+        raise ValueError(
+            "VESPO needs vespo_k_pos, vespo_k_neg >= 0 and vespo_lambda_pos, vespo_lambda_neg > 0; "
+            f"got k=({k_pos}, {k_neg}), lambda=({lambda_pos}, {lambda_neg})."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# policy_loss: composition in TRL's order
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LossInputs:
+    """What the per-token objectives may read. Tensors are [N, T] (advantages [N, 1] or [N, T])."""
+
+    logprobs: Tensor
+    log_ratio: Tensor  # token-level log(pi_theta / pi_old), 0 at padding
+    ratio: Tensor  # importance weight at the chosen level
+    advantages: Tensor
+    mask: Tensor  # bool, True = loss token
+    epsilon_low: float
+    epsilon_high: float
+    delta: float | None
+    sapo_temperatures: tuple[float, float]
+    vespo_shape: tuple[float, float, float, float]  # k_pos, lambda_pos, k_neg, lambda_neg
+
+
+def _ppo_clip(x: _LossInputs) -> Tensor:
+    return ppo_clip_loss(
+        x.ratio, x.advantages, epsilon_low=x.epsilon_low, epsilon_high=x.epsilon_high, delta=x.delta
+    )
+
+
+def _cispo(x: _LossInputs) -> Tensor:
+    return cispo_loss(x.ratio, x.logprobs, x.advantages, epsilon_high=x.epsilon_high)
+
+
+def _sapo(x: _LossInputs) -> Tensor:
+    pos, neg = x.sapo_temperatures
+    return sapo_loss(x.ratio, x.advantages, temperature_pos=pos, temperature_neg=neg)
+
+
+def _vespo(x: _LossInputs) -> Tensor:
+    k_pos, lambda_pos, k_neg, lambda_neg = x.vespo_shape
+    phi = vespo_weights(
+        x.log_ratio,
+        x.advantages,
+        x.mask,
+        k_pos=k_pos,
+        lambda_pos=lambda_pos,
+        k_neg=k_neg,
+        lambda_neg=lambda_neg,
+    )
+    return vespo_loss(x.logprobs, x.advantages, phi)
+
+
+# loss_type -> (per-token objective, aggregation name)
+_LOSS_TABLE: dict[str, tuple[Callable[[_LossInputs], Tensor], str]] = {
+    "grpo": (_ppo_clip, "sequence_mean"),
+    "bnpo": (_ppo_clip, "local_token_mean"),
+    "dr_grpo": (_ppo_clip, "constant_length"),
+    "dapo": (_ppo_clip, "global_token_mean"),
+    "luspo": (_ppo_clip, "sequence_sum"),
+    "cispo": (_cispo, "global_token_mean"),
+    "sapo": (_sapo, "sequence_mean"),
+    "vespo": (_vespo, "global_token_mean"),
+}
+
+
+def _aggregate(
+    name: str,
+    per_token_loss: Tensor,
+    mask: Tensor,
+    num_items_in_batch: float | Tensor | None,
+    max_completion_length: int | None,
+) -> Tensor:
+    if name == "sequence_mean":
+        return sequence_mean_aggregation(per_token_loss, mask)
+    if name == "local_token_mean":
+        return token_mean_aggregation(per_token_loss, mask)
+    if name == "global_token_mean":
+        return token_mean_aggregation(per_token_loss, mask, num_items_in_batch)
+    if name == "sequence_sum":
+        return sequence_sum_aggregation(per_token_loss, mask)
+    if max_completion_length is None:
+        raise ValueError(
+            "loss_type='dr_grpo' divides by N * max_completion_length; pass max_completion_length "
+            "(the generation length limit, a constant)."
+        )
+    return constant_length_aggregation(per_token_loss, mask, max_completion_length)
+
+
+def _masked_extreme(values: Tensor, mask: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+    """min or max of `values` over `mask`; 1.0 (a neutral ratio) when there are no loss tokens."""
+    selected = values.expand_as(mask)[mask]
+    return reduce(selected) if selected.numel() else torch.ones((), device=values.device)
+
+
+def _check_inputs(
+    logprobs: Tensor,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    num_items_in_batch: float | Tensor | None,
+    **per_token: Tensor | None,
+) -> None:
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}.")
+    _check_same_shape(logprobs, completion_mask=completion_mask, **per_token)
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(
+            f"advantages must be [N] = [{logprobs.shape[0]}] or [N, T] = {list(logprobs.shape)}, "
+            f"got {tuple(advantages.shape)}."
+        )
+    if num_items_in_batch is not None and not float(num_items_in_batch) > 0:
+        raise ValueError(
+            f"num_items_in_batch must be > 0 (the loss-token count of the generation batch), "
+            f"got {float(num_items_in_batch)}."
+        )
+
+
+def _token_filters(
+    x: _LossInputs,
+    behaviour_logprobs: Tensor,
+    entropies: Tensor | None,
+    top_entropy_quantile: float,
+    off_policy_mask_threshold: float | None,
+) -> Tensor:
+    """`[N, T]` float multiplier from the off-policy and entropy masks (1 = keep)."""
+    keep = torch.ones_like(x.mask)
+    if off_policy_mask_threshold is not None:
+        keep = keep & off_policy_sequence_mask(
+            x.logprobs, behaviour_logprobs, x.advantages, x.mask, off_policy_mask_threshold
+        )
+    if top_entropy_quantile < 1.0:
+        if entropies is None:
+            raise ValueError("top_entropy_quantile < 1 needs the per-token `entropies`; pass them.")
+        keep = keep & high_entropy_mask(entropies, x.mask, top_entropy_quantile)
+    return keep.to(x.logprobs.dtype)
+
+
+def _metrics(
+    x: _LossInputs,
+    kl: Tensor | None,
+    entropies: Tensor | None,
+) -> dict[str, Tensor]:
+    with torch.no_grad():
+        ratio, advantages, mask = x.ratio.detach(), x.advantages, x.mask
+        low = (ratio < 1 - x.epsilon_low) & (advantages < 0)
+        high = (ratio > 1 + x.epsilon_high) & (advantages > 0)
+        metrics = {
+            "clip_ratio/low_mean": masked_mean(low.float(), mask),
+            "clip_ratio/high_mean": masked_mean(high.float(), mask),
+            "clip_ratio/region_mean": masked_mean((low | high).float(), mask),
+            "ratio/mean": masked_mean(ratio, mask),
+            "ratio/min": _masked_extreme(ratio, mask, torch.amin),
+            "ratio/max": _masked_extreme(ratio, mask, torch.amax),
+        }
+        if kl is not None:
+            metrics["kl"] = masked_mean(kl.detach(), mask)
+        if entropies is not None:
+            metrics["entropy"] = masked_mean(entropies.detach().float(), mask)
+    return metrics
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor | None,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    beta: float = 0.0,
+    ref_logprobs: Tensor | None = None,
+    use_bias_correction_kl: bool = True,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | Tensor | None = None,
+    entropies: Tensor | None = None,
+    top_entropy_quantile: float = 1.0,
+    off_policy_mask_threshold: float | None = None,
+    sampling_logprobs: Tensor | None = None,
+    rollout_is_weights: Tensor | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The policy loss of one micro-batch, and its metrics.
+
+    Per token: objective(`loss_type`) x off-policy mask x entropy mask x rollout IS weight
+    + `beta` * KL, then the aggregation of `loss_type` over `completion_mask` (TRL's order).
+
+    | loss_type | per-token objective | aggregation |
+    |---|---|---|
+    | grpo | PPO clip | mean over each sequence's tokens, then over sequences |
+    | bnpo | PPO clip | sum / loss tokens of this micro-batch |
+    | dr_grpo | PPO clip | sum / (N * max_completion_length) |
+    | dapo | PPO clip | sum / num_items_in_batch (micro-batch count if None) |
+    | luspo | PPO clip | sum over each sequence's tokens, mean over sequences |
+    | cispo | clipped detached IS weight x log pi | as dapo |
+    | sapo | soft gate | as grpo |
+    | vespo | detached gamma sequence weight x log pi | as dapo |
+
+    Micro-batching: with `dapo`, `cispo` or `vespo` and `num_items_in_batch` = the loss-token
+    count of the whole batch being accumulated, the micro-batch losses *sum* to the whole-batch
+    loss. The other aggregations are per-micro-batch means: divide by the number of micro-batches.
+
+    Args:
+        logprobs: `[N, T]` float log-probs of the completion tokens under the current policy.
+        old_logprobs: `[N, T]` log-probs under the sampling policy; None = on-policy
+            (`logprobs.detach()`), where every ratio is 1.
+        advantages: `[N]` (one per sequence) or `[N, T]`.
+        completion_mask: `[N, T]`; 1 = the token counts in the loss (EOS counts, padding does
+            not). Zero the rows of truncated completions before calling to mask them.
+        loss_type: One of `LOSS_TYPES` (default "dapo", as TRL).
+        importance_sampling_level: "token", "sequence" (GSPO) or "sequence_token" (GSPO-token).
+        epsilon_low: Lower clip: ratios below `1 - epsilon_low` are clipped.
+        epsilon_high: Upper clip: `1 + epsilon_high` (DAPO uses 0.28). For `cispo` the IS-weight
+            cap is `1 + epsilon_high` (paper), not TRL's `epsilon_high`.
+        delta: INTELLECT-2 cap on the unclipped ratio (> 1 + epsilon_high), PPO-clip losses only.
+        beta: KL coefficient; 0 skips the KL entirely (then `ref_logprobs` is not needed).
+        ref_logprobs: `[N, T]` reference-model log-probs, required when `beta != 0`.
+        use_bias_correction_kl: Multiply the per-token k3 by the token ratio `pi_theta / pi_old`
+            (DeepSeek-V3.2), making it unbiased under samples from the old policy.
+        max_completion_length: `L` for `dr_grpo`.
+        num_items_in_batch: Loss-token count to normalise `dapo`/`cispo`/`vespo` by.
+        entropies: `[N, T]` per-token entropies; logged, and used by `top_entropy_quantile`.
+        top_entropy_quantile: Keep only this top fraction of tokens by entropy (1 = all). As in
+            TRL the normaliser is not changed (see docs/LOSSES.md).
+        off_policy_mask_threshold: DeepSeek-V3.2 off-policy sequence masking threshold (None = off).
+        sampling_logprobs: `[N, T]` rollout-engine log-probs; the behaviour policy for the
+            off-policy mask (falls back to `old_logprobs`).
+        rollout_is_weights: `[N, T]` detached weights from `rollout_importance_weights`.
+        sapo_temperature_pos: SAPO gate temperature where A > 0.
+        sapo_temperature_neg: SAPO gate temperature where A <= 0.
+        vespo_k_pos: VESPO gamma shape where A >= 0.
+        vespo_lambda_pos: VESPO gamma rate where A >= 0.
+        vespo_k_neg: VESPO gamma shape where A < 0.
+        vespo_lambda_neg: VESPO gamma rate where A < 0.
+
+    Returns:
+        `(loss, metrics)`: the scalar loss (float32, differentiable w.r.t. `logprobs`) and detached
+        0-dim metrics `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`
+        (fractions of loss tokens: low = ratio < 1-epsilon_low with A < 0, high = ratio >
+        1+epsilon_high with A > 0), `ratio/mean|min|max` over loss tokens, `kl` (when beta != 0)
+        and `entropy` (when `entropies` is given). Keys ending in `/min` or `/max` are to be
+        min- or max-reduced across micro-batches, the rest averaged.
+
+    Raises:
+        ValueError: on invalid options (see `validate_loss_options`), mismatched shapes, or a
+            missing input the options need (ref_logprobs, entropies, max_completion_length).
+    """
+    validate_loss_options(
+        loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        delta=delta,
+        beta=beta,
+        top_entropy_quantile=top_entropy_quantile,
+        max_completion_length=max_completion_length,
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+        vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
+    )
+    _check_inputs(
+        logprobs,
+        advantages,
+        completion_mask,
+        num_items_in_batch,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        entropies=entropies,
+        sampling_logprobs=sampling_logprobs,
+        rollout_is_weights=rollout_is_weights,
+    )
+    if beta != 0 and ref_logprobs is None:
+        raise ValueError("beta != 0 needs ref_logprobs (the reference model's log-probs).")
+
+    mask = completion_mask.bool()  # [N, T], True = loss token
+    # Zero every per-token input at padding first: no inf/NaN there can reach a value or gradient.
+    logprobs = _masked(logprobs.float(), mask)  # [N, T]
+    old = (
+        logprobs.detach() if old_logprobs is None else _masked(old_logprobs.detach().float(), mask)
+    )
+    adv = advantages.detach().float()
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [N, 1] or [N, T]
+    x = _LossInputs(
+        logprobs=logprobs,
+        log_ratio=_masked(logprobs - old, mask),
+        ratio=torch.exp(log_importance_weights(logprobs, old, mask, importance_sampling_level)),
+        advantages=adv,
+        mask=mask,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        delta=delta,
+        sapo_temperatures=(sapo_temperature_pos, sapo_temperature_neg),
+        vespo_shape=(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+    )
+
+    objective, aggregation = _LOSS_TABLE[loss_type]
+    per_token_loss = objective(x)  # [N, T]
+    behaviour = (
+        old if sampling_logprobs is None else _masked(sampling_logprobs.detach().float(), mask)
+    )
+    per_token_loss = per_token_loss * _token_filters(
+        x, behaviour, entropies, top_entropy_quantile, off_policy_mask_threshold
+    )
+    if rollout_is_weights is not None:
+        per_token_loss = per_token_loss * _masked(rollout_is_weights.detach().float(), mask)
+
+    kl = None
+    if beta != 0:
+        assert ref_logprobs is not None  # checked above
+        kl = k3_kl(logprobs, _masked(ref_logprobs.detach().float(), mask))  # [N, T], 0 at padding
+        if use_bias_correction_kl:
+            kl = kl * torch.exp(x.log_ratio)  # token ratio pi_theta / pi_old (DeepSeek-V3.2)
+        per_token_loss = per_token_loss + beta * kl
+
+    loss = _aggregate(aggregation, per_token_loss, mask, num_items_in_batch, max_completion_length)
+    return loss, _metrics(x, kl, entropies)
