@@ -1,0 +1,283 @@
+"""Held-out evaluation: mean reward, accuracy, pass@k and completion length.
+
+`evaluate` samples `k = num_samples` completions for every prompt of a dataset, scores them with the
+same reward functions as training, and summarises. The metric definitions:
+
+- `reward`: mean over all `N = B*k` completions of the weighted sum of the rewards (a reward that is
+  `None`/NaN for a sample counts 0, as in training); `reward_std` its standard deviation.
+- `rewards/<name>`: mean of one reward function over the samples where it applies (NaN skipped).
+- `accuracy`: the fraction of the N completions that are *correct*, meaning the designated
+  correctness reward (`accuracy_reward`, default: the first reward function) is
+  `>= accuracy_threshold` (default 1.0, a full score; `None`/NaN counts as incorrect).
+- `pass@j` for j in 1, 2, 4, ... up to k (and k itself): the unbiased estimator of Chen et al. 2021
+  (https://arxiv.org/abs/2107.03374), averaged over prompts: with n = k samples of which c are
+  correct, `pass@j = 1 - C(n - c, j) / C(n, j)`. `pass@1` equals `accuracy`.
+- `completion_length`: mean number of completion tokens (up to and including EOS);
+  `clipped_ratio`: fraction of completions that hit `max_completion_length` without EOS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from grpokit.data import format_completions, render_prompts
+from grpokit.generation import SamplingParams, TransformersEngine
+from grpokit.rewards import build_reward_functions, compute_rewards
+
+GREEDY = SamplingParams(generation_kwargs={"do_sample": False})
+"""Greedy decoding (the default when one sample per prompt is drawn)."""
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: `1 - C(n-c, k) / C(n, k)`.
+
+    Computed as a running product (no large binomials): `1 - prod_{i=n-c+1}^{n} (1 - k/i)`.
+
+    Args:
+        n: samples drawn for the prompt.
+        c: correct samples among them, `0 <= c <= n`.
+        k: samples the metric allows, `1 <= k <= n`.
+
+    Returns:
+        The probability that at least one of k samples drawn without replacement is correct.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}.")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def pass_at_k_values(k: int) -> list[int]:
+    """The j reported as `pass@j` for k samples per prompt: powers of two below k, then k."""
+    values = []
+    j = 1
+    while j < k:
+        values.append(j)
+        j *= 2
+    return [*values, k]
+
+
+def _reward_names(reward_fns: Sequence[Any]) -> list[str]:
+    return [
+        str(getattr(fn, "name", getattr(fn, "__name__", type(fn).__name__))) for fn in reward_fns
+    ]
+
+
+def _accuracy_index(names: list[str], accuracy_reward: str | int | None) -> int:
+    if accuracy_reward is None:
+        return 0
+    if isinstance(accuracy_reward, int):
+        if not 0 <= accuracy_reward < len(names):
+            raise ValueError(
+                f"accuracy_reward={accuracy_reward} is out of range: there are {len(names)} "
+                f"reward functions ({names}); give an index below {len(names)} or a name."
+            )
+        return accuracy_reward
+    if accuracy_reward not in names:
+        raise ValueError(
+            f"accuracy_reward={accuracy_reward!r} is not one of the reward functions {names}; "
+            "give one of these names."
+        )
+    return names.index(accuracy_reward)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    reward_fns: Sequence[Any] | Any,
+    *,
+    num_samples: int = 1,
+    max_completion_length: int = 256,
+    sampling: SamplingParams | None = None,
+    batch_size: int = 32,
+    accuracy_reward: str | int | None = None,
+    accuracy_threshold: float = 1.0,
+    reward_weights: Sequence[float] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    seed: int | None = 0,
+    bf16: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """Sample k completions per held-out prompt and summarise rewards, accuracy and pass@k.
+
+    See the module docstring for the exact definition of each metric.
+
+    Args:
+        model: the causal LM to evaluate (left in the train/eval mode it had).
+        tokenizer: its tokenizer (chat template used for conversational prompts).
+        dataset: rows with a `prompt` column (plain or conversational) and the columns the reward
+            functions read; any iterable of dicts or a `datasets.Dataset`.
+        reward_fns: reward functions, reward names or `"module:function"` strings (anything
+            `grpokit.rewards.build_reward_functions` accepts).
+        num_samples: k, completions per prompt.
+        max_completion_length: new tokens per completion.
+        sampling: sampling parameters; default greedy when `num_samples == 1`, otherwise plain
+            sampling at temperature 1.
+        batch_size: completions per `generate` call (rounded down to whole prompts, at least one).
+        accuracy_reward: which reward decides correctness: its name or index; default the first.
+        accuracy_threshold: a completion is correct when that reward is `>=` this value.
+        reward_weights: weights of the rewards in `reward`; default all 1.
+        chat_template_kwargs: extra arguments for the chat template.
+        seed: seeds sampling inside a forked RNG (the caller's RNG state is untouched); None = do
+            not seed.
+        bf16: run generation under bf16 autocast (fast on CPUs with native bf16).
+        progress: called as `progress(done_prompts, total_prompts)` after each batch.
+
+    Returns:
+        `{"reward", "reward_std", "rewards/<name>", "accuracy", "pass@j", "completion_length",
+        "clipped_ratio", "num_prompts", "num_samples"}` as floats.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    rows = [dict(row) for row in dataset]
+    if not rows:
+        raise ValueError("evaluate got an empty dataset; give at least one row with a 'prompt'.")
+    if "prompt" not in rows[0]:
+        raise ValueError(f"evaluation dataset has no 'prompt' column; columns: {sorted(rows[0])}.")
+    fns = build_reward_functions(reward_fns)
+    names = _reward_names(fns)
+    acc_index = _accuracy_index(names, accuracy_reward)
+    weights = torch.ones(len(fns)) if reward_weights is None else torch.tensor(reward_weights)
+    if weights.numel() != len(fns):
+        raise ValueError(
+            f"reward_weights has {weights.numel()} entries but there are {len(fns)} reward "
+            f"functions ({names}); give one weight per function."
+        )
+    if sampling is None:
+        sampling = GREEDY if num_samples == 1 else SamplingParams()
+    engine = TransformersEngine(model, tokenizer)
+    per_call = max(1, batch_size // num_samples)
+
+    rewards, lengths, truncated = [], [], []
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    )  # CPU only: generation of a CUDA model is left to its own dtype
+    with rng, autocast:
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, len(rows), per_call):
+            batch = rows[start : start + per_call]
+            r, length, trunc = _score_batch(
+                engine,
+                tokenizer,
+                batch,
+                fns,
+                k=num_samples,
+                max_completion_length=max_completion_length,
+                sampling=sampling,
+                chat_template_kwargs=chat_template_kwargs,
+            )
+            rewards.append(r)
+            lengths.append(length)
+            truncated.append(trunc)
+            if progress is not None:
+                progress(min(start + per_call, len(rows)), len(rows))
+    return summarize(
+        torch.cat(rewards),
+        torch.cat(lengths),
+        torch.cat(truncated),
+        names=names,
+        num_samples=num_samples,
+        weights=weights,
+        accuracy_index=acc_index,
+        accuracy_threshold=accuracy_threshold,
+    )
+
+
+def _score_batch(
+    engine: TransformersEngine,
+    tokenizer: Any,
+    batch: list[dict[str, Any]],
+    fns: Sequence[Any],
+    *,
+    k: int,
+    max_completion_length: int,
+    sampling: SamplingParams,
+    chat_template_kwargs: dict[str, Any] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Generate k completions for each row and score them: `(rewards [N, K], lengths [N],
+    is_truncated [N])` with the k completions of a prompt in consecutive rows."""
+    prompts = [row["prompt"] for row in batch]
+    texts = render_prompts(prompts, tokenizer, chat_template_kwargs=chat_template_kwargs)
+    prompt_ids = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    out = engine.generate(
+        prompt_ids, num_generations=k, max_new_tokens=max_completion_length, sampling=sampling
+    )
+    completion_ids = [
+        ids[mask.bool()].tolist()
+        for ids, mask in zip(out.completion_ids, out.completion_mask, strict=True)
+    ]
+    decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    repeated = [p for p in prompts for _ in range(k)]
+    columns = {
+        key: [row[key] for row in batch for _ in range(k)] for key in batch[0] if key != "prompt"
+    }
+    rewards = compute_rewards(
+        fns,
+        prompts=repeated,
+        completions=format_completions(repeated, decoded),
+        completion_ids=completion_ids,
+        columns=columns,
+    )  # [N, K]
+    return rewards, out.completion_mask.sum(dim=1).float(), out.is_truncated.float()
+
+
+def summarize(
+    rewards: torch.Tensor,
+    lengths: torch.Tensor,
+    is_truncated: torch.Tensor,
+    *,
+    names: list[str],
+    num_samples: int,
+    weights: torch.Tensor | None = None,
+    accuracy_index: int = 0,
+    accuracy_threshold: float = 1.0,
+) -> dict[str, float]:
+    """Turn per-completion rewards into the evaluation metrics (pure; see the module docstring).
+
+    Args:
+        rewards: `[N, K]` rewards, NaN = does not apply; the `num_samples` completions of a
+            prompt in consecutive rows.
+        lengths: `[N]` completion lengths in tokens.
+        is_truncated: `[N]` 1 = no EOS within the length limit.
+        names: K reward names.
+        num_samples: k, completions per prompt (N must be a multiple of it).
+        weights: `[K]` reward weights; default ones.
+        accuracy_index: the column of the correctness reward.
+        accuracy_threshold: correct when that column is `>=` this value.
+    """
+    n, num_rewards = rewards.shape
+    if n % num_samples:
+        raise ValueError(f"{n} completions are not a whole number of groups of {num_samples}.")
+    weights = torch.ones(num_rewards) if weights is None else weights.float()
+    total = (torch.nan_to_num(rewards, nan=0.0) * weights).sum(dim=1)  # [N]
+    correct = torch.nan_to_num(rewards[:, accuracy_index], nan=-math.inf) >= accuracy_threshold
+    per_prompt = correct.view(-1, num_samples).sum(dim=1).tolist()  # [B] correct counts
+    metrics: dict[str, float] = {
+        "reward": total.mean().item(),
+        "reward_std": total.std(unbiased=False).item(),
+    }
+    for k, name in enumerate(names):
+        column = rewards[:, k]
+        valid = ~torch.isnan(column)
+        metrics[f"rewards/{name}"] = column[valid].mean().item() if valid.any() else math.nan
+    metrics["accuracy"] = correct.float().mean().item()
+    for j in pass_at_k_values(num_samples):
+        values = [pass_at_k(num_samples, int(c), j) for c in per_prompt]
+        metrics[f"pass@{j}"] = sum(values) / len(values)
+    metrics["completion_length"] = lengths.float().mean().item()
+    metrics["clipped_ratio"] = is_truncated.float().mean().item()
+    metrics["num_prompts"] = float(n // num_samples)
+    metrics["num_samples"] = float(num_samples)
+    return metrics
