@@ -46,6 +46,11 @@ def _masked(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, torch.zeros_like(values))
 
 
+def _constant(values: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A detached per-token input in `dtype`, 0 at padding."""
+    return _masked(values.detach().to(dtype), mask)
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of `values` over the positions where `mask` is True (0 when there are none)."""
     values = values.expand_as(mask)
@@ -730,11 +735,10 @@ def policy_loss(
 
     mask = completion_mask.bool()  # [N, T], True = loss token
     # Zero every per-token input at padding first: no inf/NaN there can reach a value or gradient.
-    logprobs = _masked(logprobs.float(), mask)  # [N, T]
-    old = (
-        logprobs.detach() if old_logprobs is None else _masked(old_logprobs.detach().float(), mask)
-    )
-    adv = advantages.detach().float()
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)  # bf16/fp16 -> fp32; fp64 stays
+    logprobs = _masked(logprobs.to(dtype), mask)  # [N, T]
+    old = logprobs.detach() if old_logprobs is None else _constant(old_logprobs, mask, dtype)
+    adv = advantages.detach().to(dtype)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [N, 1] or [N, T]
     x = _LossInputs(
         logprobs=logprobs,
@@ -751,19 +755,17 @@ def policy_loss(
 
     objective, aggregation = _LOSS_TABLE[loss_type]
     per_token_loss = objective(x)  # [N, T]
-    behaviour = (
-        old if sampling_logprobs is None else _masked(sampling_logprobs.detach().float(), mask)
-    )
+    behaviour = old if sampling_logprobs is None else _constant(sampling_logprobs, mask, dtype)
     per_token_loss = per_token_loss * _token_filters(
         x, behaviour, entropies, top_entropy_quantile, off_policy_mask_threshold
     )
     if rollout_is_weights is not None:
-        per_token_loss = per_token_loss * _masked(rollout_is_weights.detach().float(), mask)
+        per_token_loss = per_token_loss * _constant(rollout_is_weights, mask, dtype)
 
     kl = None
     if beta != 0:
         assert ref_logprobs is not None  # checked above
-        kl = k3_kl(logprobs, _masked(ref_logprobs.detach().float(), mask))  # [N, T], 0 at padding
+        kl = k3_kl(logprobs, _constant(ref_logprobs, mask, dtype))  # [N, T], 0 at padding
         if use_bias_correction_kl:
             kl = kl * torch.exp(x.log_ratio)  # token ratio pi_theta / pi_old (DeepSeek-V3.2)
         per_token_loss = per_token_loss + beta * kl
