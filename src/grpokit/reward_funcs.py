@@ -99,7 +99,9 @@ def answers_match(
 def _column(kwargs: dict[str, Any], column: str, reward: str, n: int) -> list[Any]:
     if column not in kwargs:
         available = sorted(
-            k for k in kwargs if k not in {"prompts", "completions", "trainer_state"}
+            k
+            for k in kwargs
+            if k not in {"prompts", "completions", "completion_ids", "trainer_state"}
         )
         raise ValueError(
             f"{reward} needs the dataset column {column!r} but it is not among the columns "
