@@ -1,0 +1,130 @@
+"""Numbers for grpokit.advantages: the test vectors of worked_example.py (Bessel std + 1e-4, as
+TRL), NaN handling, each scaling mode and both multi-reward aggregations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpokit.advantages import group_advantages
+
+NAN = float("nan")
+
+
+def close(actual: torch.Tensor, expected: list[float], atol: float = 1e-6) -> None:
+    torch.testing.assert_close(
+        actual, torch.tensor(expected, dtype=torch.float32), atol=atol, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("rewards", "expected"),
+    [
+        # mean 0.25, Bessel std 0.5: 0.75 / 0.5001 = 1.4997, -0.25 / 0.5001 = -0.4999
+        ([1, 0, 0, 0], [1.4997001, -0.4999000, -0.4999000, -0.4999000]),
+        # mean 0.5, Bessel std 0.707107: 0.5 / 0.707207 = 0.707007
+        ([1, 0], [0.707007, -0.707007]),
+        # mean 0.25, Bessel std sqrt(3/14) = 0.462910: 0.75 / 0.463010 = 1.619835
+        ([1, 1, 0, 0, 0, 0, 0, 0], [1.619835] * 2 + [-0.539945] * 6),
+        ([0.5, 0.5, 0.5, 0.5], [0.0] * 4),
+    ],
+)
+def test_group_scaling_matches_worked_vectors(rewards: list[float], expected: list[float]) -> None:
+    out = group_advantages(torch.tensor(rewards, dtype=torch.float32), len(rewards))
+    close(out.advantages, expected)
+    assert out.advantages.dtype == torch.float32
+
+
+def test_none_scaling_is_dr_grpo() -> None:
+    out = group_advantages(torch.tensor([1.0, 0, 0, 0, 2, 2, 2, 2]), 4, scale_rewards="none")
+    close(out.advantages, [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+    assert out.metrics["frac_reward_zero_std"] == 0.5
+
+
+def test_batch_scaling_keeps_group_mean_divides_by_batch_std() -> None:
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 0])
+    # batch mean 0.375; Bessel variance (3 * 0.625^2 + 5 * 0.375^2) / 7 = 15/56
+    std = math.sqrt(15 / 56) + 1e-4
+    out = group_advantages(rewards, 4, scale_rewards="batch")
+    close(out.advantages, [x / std for x in (0.75, -0.25, -0.25, -0.25, 0.5, 0.5, -0.5, -0.5)])
+
+
+def test_nan_rewards_are_left_out() -> None:
+    # group 1: [1, NaN, 0, 0] -> valid [1, 0, 0], mean 1/3, Bessel std sqrt(1/3); NaN sample -> 0
+    # group 2: all NaN -> every advantage 0
+    rewards = torch.tensor([1.0, NAN, 0, 0, NAN, NAN, NAN, NAN])
+    out = group_advantages(rewards, 4)
+    std = math.sqrt(1 / 3) + 1e-4
+    close(out.advantages, [(2 / 3) / std, 0, (-1 / 3) / std, (-1 / 3) / std, 0, 0, 0, 0])
+    assert not torch.isnan(out.rewards).any()
+    close(out.rewards, [1, 0, 0, 0, 0, 0, 0, 0])
+    assert out.metrics["reward"] == pytest.approx(1 / 3)
+    assert out.metrics["rewards/0/mean"] == pytest.approx(1 / 3)
+    assert out.metrics["rewards/0/std"] == pytest.approx(math.sqrt(1 / 3))
+
+
+def test_multi_reward_sum_then_normalize_with_weights_and_nan() -> None:
+    # Two functions, weights (2, 0.5); function 1 does not apply to samples 2 and 3.
+    rewards = torch.tensor([[1.0, 2.0], [0.0, 4.0], [NAN, 4.0], [NAN, 0.0]])
+    out = group_advantages(rewards, 4, reward_weights=[2.0, 0.5])
+    combined = [2 + 1, 0 + 2, 2, 0]  # weighted sums over the applicable functions
+    close(out.rewards, combined)
+    mean = sum(combined) / 4
+    std = math.sqrt(sum((c - mean) ** 2 for c in combined) / 3) + 1e-4
+    close(out.advantages, [(c - mean) / std for c in combined], atol=1e-5)
+    assert out.metrics["rewards/0/mean"] == pytest.approx(0.5)
+    assert out.metrics["rewards/0/std"] == pytest.approx(math.sqrt(0.5))
+    assert out.metrics["rewards/1/mean"] == pytest.approx(2.5)
+
+
+def test_normalize_then_sum() -> None:
+    # Function 0 is on a scale 100x function 1; each is normalised per group before the sum.
+    rewards = torch.tensor(
+        [[100.0, 0.0], [0.0, 1.0], [100.0, 1.0], [0.0, 0.0], [50.0, 1.0], [50.0, 0.0]]
+    )
+    out = group_advantages(rewards, 2, multi_objective_aggregation="normalize_then_sum")
+    # per-group z-scores with Bessel std (+1e-4), G = 2: +-x / (sqrt(2) x + 1e-4)
+    z100 = 50 / (math.sqrt(2) * 50 + 1e-4)
+    z1 = 0.5 / (math.sqrt(2) * 0.5 + 1e-4)
+    summed = [z100 - z1, -z100 + z1, z100 + z1, -z100 - z1, 0 + z1, 0 - z1]
+    mean = sum(summed) / 6
+    std = math.sqrt(sum((s - mean) ** 2 for s in summed) / 5) + 1e-4
+    close(out.advantages, [(s - mean) / std for s in summed], atol=1e-5)
+    close(out.rewards, [100, 1, 101, 0, 51, 50])
+
+
+def test_zero_std_fraction_and_reward_metrics() -> None:
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
+    out = group_advantages(rewards, 2)
+    assert out.metrics["frac_reward_zero_std"] == pytest.approx(2 / 3)
+    assert out.metrics["reward"] == pytest.approx(4 / 6)
+    assert out.metrics["reward_std"] == pytest.approx(rewards.std().item())
+    close(out.advantages, [0, 0, -0.707007, 0.707007, 0, 0])
+
+
+def test_singleton_groups_give_zero() -> None:
+    out = group_advantages(torch.tensor([3.0, -1.0]), 1)
+    close(out.advantages, [0.0, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_generations": 3}, "not a multiple of num_generations"),
+        ({"scale_rewards": "std"}, "scale_rewards must be one of"),
+        ({"multi_objective_aggregation": "mean"}, "multi_objective_aggregation must be one of"),
+        ({"reward_weights": [1.0, 2.0]}, "reward_weights has 2 entries"),
+    ],
+)
+def test_invalid_arguments(kwargs: dict, message: str) -> None:
+    args: dict = {"rewards": torch.zeros(4), "num_generations": 2}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        group_advantages(**args)
+
+
+def test_infinite_reward_rejected() -> None:
+    with pytest.raises(ValueError, match="inf"):
+        group_advantages(torch.tensor([1.0, float("inf")]), 2)

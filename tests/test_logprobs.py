@@ -1,0 +1,165 @@
+"""grpokit.logprobs against naive references: chunked == unchunked in fp32 and bf16, temperature,
+entropy, gradients, and the model forward on a tiny Llama (left padding does not matter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpokit.logprobs import model_completion_logprobs, selective_logprobs_and_entropy
+from tests.tiny import make_causal_lm, make_tokenizer
+
+
+def naive(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    token = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return token, entropy
+
+
+def random_logits(dtype: torch.dtype, n: int = 3, t: int = 11, v: int = 37):
+    g = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(n, t, v, generator=g)).to(dtype)
+    ids = torch.randint(0, v, (n, t), generator=g)
+    return logits, ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [1, 5, 33, 10_000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_naive(dtype: torch.dtype, chunk_size: int, temperature: float) -> None:
+    logits, ids = random_logits(dtype)
+    logp, entropy = selective_logprobs_and_entropy(
+        logits, ids, temperature=temperature, compute_entropy=True, chunk_size=chunk_size
+    )
+    ref_logp, ref_entropy = naive(logits, ids, temperature)
+    assert logp.dtype == torch.float32 and entropy is not None and entropy.dtype == torch.float32
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy, atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_of_uniform_and_one_hot() -> None:
+    logits = torch.zeros(1, 2, 8)
+    logits[0, 1, 3] = 1e4  # essentially one-hot
+    _, entropy = selective_logprobs_and_entropy(
+        logits, torch.zeros(1, 2, dtype=torch.long), compute_entropy=True
+    )
+    assert entropy is not None
+    torch.testing.assert_close(entropy, torch.tensor([[torch.log(torch.tensor(8.0)).item(), 0.0]]))
+
+
+def test_entropy_not_computed_by_default() -> None:
+    logits, ids = random_logits(torch.float32)
+    assert selective_logprobs_and_entropy(logits, ids)[1] is None
+
+
+def test_gradients_match_naive() -> None:
+    logits, ids = random_logits(torch.float32)
+    weights = torch.randn(ids.shape)
+    ours = logits.clone().requires_grad_(True)
+    logp, entropy = selective_logprobs_and_entropy(
+        ours, ids, temperature=0.8, compute_entropy=True, chunk_size=4
+    )
+    assert entropy is not None
+    ((logp * weights).sum() + entropy.sum()).backward()
+    ref = logits.clone().requires_grad_(True)
+    ref_logp, ref_entropy = naive(ref, ids, 0.8)
+    ((ref_logp * weights).sum() + ref_entropy.sum()).backward()
+    torch.testing.assert_close(ours.grad, ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_invalid_inputs() -> None:
+    logits, ids = random_logits(torch.float32)
+    with pytest.raises(ValueError, match="token_ids"):
+        selective_logprobs_and_entropy(logits, ids[:, :-1])
+    with pytest.raises(ValueError, match="temperature"):
+        selective_logprobs_and_entropy(logits, ids, temperature=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# model_completion_logprobs on a tiny Llama
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = make_tokenizer()
+    return tokenizer, make_causal_lm(tokenizer, seed=0)
+
+
+def encode(tokenizer, prompts: list[str], completions: list[str], prompt_pad: int = 0):
+    """Left-padded prompts (+ `prompt_pad` extra pad columns), right-padded completions."""
+    pad = tokenizer.pad_token_id
+    p_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    c_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    p_len = max(map(len, p_ids)) + prompt_pad
+    c_len = max(map(len, c_ids))
+    ids, mask = [], []
+    for p, c in zip(p_ids, c_ids, strict=True):
+        left = p_len - len(p)
+        right = c_len - len(c)
+        ids.append([pad] * left + p + c + [pad] * right)
+        mask.append([0] * left + [1] * (len(p) + len(c)) + [0] * right)
+    return torch.tensor(ids), torch.tensor(mask), c_len
+
+
+def reference(
+    model, ids: torch.Tensor, mask: torch.Tensor, completion_len: int, temperature: float = 1.0
+):
+    """Each row on its own, with its padding stripped: one full forward, log_softmax, gather."""
+    rows = []
+    for row_ids, row_mask in zip(ids, mask, strict=True):
+        real = row_ids[row_mask.bool()]
+        n_completion = int(row_mask[-completion_len:].sum())
+        with torch.no_grad():
+            logits = model(input_ids=real[None]).logits[0].float() / temperature  # [L, V]
+        logp = torch.log_softmax(logits[:-1], -1).gather(-1, real[1:, None]).squeeze(-1)
+        rows.append(logp[len(logp) - n_completion :])
+    return rows
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_model_logprobs_match_unpadded_forward(tiny, temperature: float) -> None:
+    tokenizer, model = tiny
+    ids, mask, t = encode(tokenizer, ["2+2=", "hello there, "], ["4<|im_end|>", "general kenobi"])
+    with torch.no_grad():
+        logp, entropy = model_completion_logprobs(
+            model, ids, mask, t, temperature=temperature, compute_entropy=True
+        )
+    assert logp.shape == (2, t) and entropy is not None and entropy.shape == (2, t)
+    for row, expected in enumerate(reference(model, ids, mask, t, temperature)):
+        torch.testing.assert_close(logp[row, : len(expected)], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_does_not_change_completion_logprobs(tiny) -> None:
+    tokenizer, model = tiny
+    prompts, completions = ["abc", "a much longer prompt"], ["xyz", "ok"]
+    ids, mask, t = encode(tokenizer, prompts, completions)
+    more_ids, more_mask, _ = encode(tokenizer, prompts, completions, prompt_pad=5)
+    with torch.no_grad():
+        a, _ = model_completion_logprobs(model, ids, mask, t)
+        b, _ = model_completion_logprobs(model, more_ids, more_mask, t)
+    completion_mask = mask[:, -t:].bool()
+    torch.testing.assert_close(a[completion_mask], b[completion_mask], atol=1e-5, rtol=1e-5)
+
+
+def test_batch_size_slices_and_gradients(tiny) -> None:
+    tokenizer, model = tiny
+    ids, mask, t = encode(tokenizer, ["q1", "question 2", "3"], ["a", "bb", "ccc"])
+    with torch.no_grad():
+        whole, _ = model_completion_logprobs(model, ids, mask, t)
+    sliced, _ = model_completion_logprobs(model, ids, mask, t, batch_size=2)
+    completion_mask = mask[:, -t:].bool()
+    torch.testing.assert_close(
+        sliced.detach()[completion_mask], whole[completion_mask], atol=1e-5, rtol=1e-5
+    )
+    sliced[completion_mask].sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_invalid_completion_len(tiny) -> None:
+    tokenizer, model = tiny
+    ids, mask, _ = encode(tokenizer, ["ab"], ["c"])
+    with pytest.raises(ValueError, match="completion_len"):
+        model_completion_logprobs(model, ids, mask, ids.shape[1])
