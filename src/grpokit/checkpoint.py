@@ -1,0 +1,280 @@
+"""Saving and resuming training state.
+
+A checkpoint is a directory `output_dir/checkpoint-{step}` holding:
+
+- the model (or, under LoRA, the adapter) and the tokenizer in Hugging Face format, loadable with
+  `from_pretrained`;
+- `optimizer.pt`, `scheduler.pt`: their `state_dict()`s;
+- `rng_state.pt`: Python, NumPy and torch (CPU and CUDA) generator states;
+- `trainer_state.json`: the optimizer step, the data position and anything else the loop needs;
+- `config.json` of the run is the model's; the run's `GRPOConfig` goes to `grpo_config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+GRPO_CONFIG = "grpo_config.json"
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs to continue exactly; saved as `trainer_state.json`. Reward functions
+    receive it as `trainer_state`.
+
+    Attributes:
+        global_step: optimizer steps taken. max_steps: optimizer steps of the whole run.
+        epoch: passes over the training prompts so far (fractional; 0 for unsized datasets).
+        data_epoch, data_index: the prompt sampler's position (epoch, next row in that epoch).
+        num_input_tokens_seen: prompt + completion tokens generated so far.
+        prompts_over_length: prompts truncated or skipped by `max_prompt_length` so far.
+    """
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+    data_epoch: int = 0
+    data_index: int = 0
+    num_input_tokens_seen: int = 0
+    prompts_over_length: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The state as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+class PromptSampler:
+    """Yields training rows one at a time, epoch after epoch, from a resumable position.
+
+    A sized dataset (`datasets.Dataset`, a list of dicts) is read in a fresh permutation each
+    epoch, drawn from its own generator seeded with `seed + epoch` (so the global RNG is not
+    touched and a resumed run sees the same order). An `IterableDataset` is read in its own order
+    (`set_epoch` is called when available); resuming skips the rows already consumed.
+    """
+
+    def __init__(self, dataset: Any, *, seed: int, shuffle: bool) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.shuffle = shuffle
+        self.size: int | None = None
+        if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+            self.size = len(dataset)
+        self.epoch = 0
+        self.index = 0
+        self._order: list[int] | None = None
+        self._iterator: Iterator[Any] | None = None
+
+    def _epoch_order(self) -> list[int]:
+        assert self.size is not None
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def _start_iterator(self) -> Iterator[Any]:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        return itertools.islice(iter(self.dataset), self.index, None)
+
+    def next(self) -> dict[str, Any]:
+        """The next row as a dict; wraps into the next epoch at the end of the data."""
+        if self.size is not None:
+            if self.size == 0:
+                raise ValueError("The dataset is empty; give at least one row with a 'prompt'.")
+            if self.index >= self.size:
+                self.epoch, self.index, self._order = self.epoch + 1, 0, None
+            if self._order is None:
+                self._order = self._epoch_order()
+            row = self.dataset[self._order[self.index]]
+        else:
+            if self._iterator is None:
+                self._iterator = self._start_iterator()
+            try:
+                row = next(self._iterator)
+            except StopIteration:
+                if self.index == 0:
+                    raise ValueError("The dataset is empty; give at least one row.") from None
+                self.epoch, self.index = self.epoch + 1, 0
+                self._iterator = self._start_iterator()
+                row = next(self._iterator)
+        self.index += 1
+        if not isinstance(row, dict):
+            raise TypeError(
+                f"Dataset rows must be dicts with a 'prompt' key, got {type(row).__name__}."
+            )
+        return dict(row)
+
+    def iterate_once(self) -> Iterator[dict[str, Any]]:
+        """Every row once, in the dataset's order (for evaluation)."""
+        for row in self.dataset:
+            yield dict(row)
+
+    @property
+    def epochs_done(self) -> float:
+        """Fractional passes over the data (0 for unsized datasets)."""
+        return self.epoch + self.index / self.size if self.size else float(self.epoch)
+
+    def restore(self, epoch: int, index: int) -> None:
+        """Continue from a saved position."""
+        self.epoch, self.index, self._order, self._iterator = epoch, index, None, None
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether `model` is a PEFT wrapper (then only the adapter is saved)."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def save_model(model: Any, tokenizer: Any, path: str | Path, *, merged: bool = False) -> None:
+    """Save `model` and `tokenizer` to `path` in Hugging Face format.
+
+    Args:
+        model: a `PreTrainedModel` or a PEFT model (its adapter is saved).
+        tokenizer: saved next to the weights when not None.
+        path: target directory (created).
+        merged: under LoRA, save the adapter merged into a copy of the base weights instead.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if merged and is_peft_model(model):
+        import copy
+
+        copy.deepcopy(model).merge_and_unload().save_pretrained(path)
+    else:
+        model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the loop draws from."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators saved by `rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    checkpoint_dir: str | Path,
+    *,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    config: dict[str, Any],
+) -> Path:
+    """Write everything needed to continue training exactly into `checkpoint_dir`."""
+    path = Path(checkpoint_dir)
+    save_model(model, tokenizer, path)
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    torch.save(scheduler.state_dict(), path / "scheduler.pt")
+    torch.save(rng_state(), path / "rng_state.pt")
+    (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+    (path / GRPO_CONFIG).write_text(json.dumps(config, indent=2, default=str))
+    return path
+
+
+def load_model_weights(model: Any, checkpoint_dir: str | Path) -> None:
+    """Load the weights saved by `save_model` back into `model` in place (full model or adapter)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint_dir)
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+
+        adapter = path / "adapter_model.safetensors"
+        if not adapter.exists():
+            raise FileNotFoundError(f"{adapter} not found: the checkpoint holds no LoRA adapter.")
+        set_peft_model_state_dict(model, load_file(str(adapter)))
+        return
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No *.safetensors weights in {path}; is it a grpokit checkpoint?")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(
+            f"Checkpoint {path} does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}. Resume with the same model as the original run."
+        )
+
+
+def load_checkpoint(
+    checkpoint_dir: str | Path,
+    *,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Restore model weights, optimizer, scheduler and RNG states; return the trainer state."""
+    path = Path(checkpoint_dir)
+    if not (path / TRAINER_STATE).exists():
+        raise FileNotFoundError(
+            f"{path} is not a grpokit checkpoint (no {TRAINER_STATE}); "
+            "pass a checkpoint-N directory."
+        )
+    load_model_weights(model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
+    state: dict[str, Any] = json.loads((path / TRAINER_STATE).read_text())
+    return state
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-N` directories of `output_dir`, oldest (smallest N) first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", child.name)
+        if match and child.is_dir() and (child / TRAINER_STATE).exists():
+            found.append((int(match.group(1)), child))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step in `output_dir`, or None."""
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> None:
+    """Delete the oldest checkpoints so that at most `keep` remain (None = keep all)."""
+    if keep is None:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - keep)]:
+        shutil.rmtree(old)

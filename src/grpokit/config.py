@@ -1,0 +1,468 @@
+"""`GRPOConfig`: every training option in one typed dataclass, with TRL's field names.
+
+Each field is written as `name: type = default` followed by a docstring line; the CLI builds its
+`--help` from those docstrings by parsing this file, so keep that form. Derived sizes
+(`steps_per_generation`, `generation_batch_size`) are computed and checked once, in
+`__post_init__`; an unknown keyword is a `TypeError` that names it, and a TRL option grpokit
+does not implement is an error that says so rather than being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+PROMPT_LENGTH_POLICIES = ("truncate_left", "skip")
+SAVE_STRATEGIES = ("no", "steps")
+EVAL_STRATEGIES = ("no", "steps")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+
+# TRL / transformers.TrainingArguments options that grpokit does not implement. Passing any of them
+# is an error (never silently ignored); the value says why or what to use instead.
+UNSUPPORTED_TRL_FIELDS: dict[str, str] = {
+    "vllm_mode": "vLLM generation is not supported yet (use_vllm must be False)",
+    "vllm_server_base_url": "vLLM generation is not supported yet (use_vllm must be False)",
+    "vllm_server_host": "vLLM generation is not supported yet (use_vllm must be False)",
+    "vllm_server_port": "vLLM generation is not supported yet (use_vllm must be False)",
+    "vllm_gpu_memory_utilization": "vLLM generation is not supported yet",
+    "vllm_tensor_parallel_size": "vLLM generation is not supported yet",
+    "vllm_importance_sampling_correction": "only used with vLLM, which is not supported yet",
+    "vllm_importance_sampling_mode": "only used with vLLM, which is not supported yet",
+    "vllm_importance_sampling_cap": "only used with vLLM, which is not supported yet",
+    "use_liger_kernel": "Liger kernels are not supported",
+    "use_liger_loss": "Liger kernels are not supported",
+    "deepspeed": "grpokit trains in one process; DeepSpeed is not supported",
+    "fsdp": "grpokit trains in one process; FSDP is not supported",
+    "ds3_gather_for_generation": "DeepSpeed is not supported",
+    "use_transformers_paged": "paged generation is not supported",
+    "cast_lm_head_to_fp32": "not supported; weights already stay in float32",
+    "max_tool_calling_iterations": "tool calling is not supported",
+    "log_completions_hub_repo": "uploading to the Hub is not supported; see completions.jsonl",
+    "hub_model_id": "pushing to the Hub is not supported",
+    "torch_compile": "torch.compile of the policy is not supported",
+    "label_names": "not used by GRPO",
+    "evaluation_strategy": "renamed eval_strategy in transformers",
+}
+
+
+def _check_field_names(kwargs: dict[str, Any]) -> None:
+    """Raise a `TypeError` naming any keyword that is not a `GRPOConfig` field."""
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    for key in kwargs:
+        if key in names:
+            continue
+        if key in UNSUPPORTED_TRL_FIELDS:
+            raise TypeError(
+                f"GRPOConfig: `{key}` is a TRL option that grpokit does not support "
+                f"({UNSUPPORTED_TRL_FIELDS[key]}); remove it."
+            )
+        close = difflib.get_close_matches(key, sorted(names), n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise TypeError(f"GRPOConfig got an unknown field `{key}`.{hint}")
+
+
+@dataclass
+class GRPOConfig:
+    """Configuration of a GRPO run. Field names and defaults follow TRL's `GRPOConfig`.
+
+    Deviations from TRL's defaults: `gradient_checkpointing` is False (on CPU it only costs time;
+    turn it on for memory), `report_to` accepts only "none" (metrics always go to the console and
+    to `output_dir/metrics.jsonl`).
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> GRPOConfig:
+        _check_field_names(kwargs)
+        return super().__new__(cls)
+
+    # ---- Output and model -------------------------------------------------------------------
+    output_dir: str = "trainer_output"
+    """Directory for checkpoints, metrics.jsonl, completions.jsonl and the config used."""
+    model_init_kwargs: dict[str, Any] | None = None
+    """Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string."""
+    disable_dropout: bool = False
+    """Set every dropout probability of the policy (and reference) model to 0."""
+    seed: int = 42
+    """Seed for Python, NumPy and torch: data order, sampling and initialisation."""
+    use_cpu: bool = False
+    """Train on the CPU even when a CUDA device is available."""
+    bf16: bool = True
+    """Run forward/backward under bf16 autocast when the device computes bf16 natively. Weights,
+    gradients and optimizer state always stay float32 (a bf16 weight loses updates below ~1/256 of
+    its size)."""
+    fp16: bool = False
+    """Not supported: must be False (use `bf16`)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (slower). TRL defaults to True."""
+    gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    """Keyword arguments for `gradient_checkpointing_enable` (default: use_reentrant=False)."""
+
+    # ---- Data --------------------------------------------------------------------------------
+    remove_unused_columns: bool = False
+    """If True, reward functions receive only the prompt and completions, no other column."""
+    shuffle_dataset: bool = True
+    """Shuffle the training prompts each epoch (seeded by `seed` and the epoch)."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens; longer prompts follow `prompt_length_policy`. None = no limit."""
+    prompt_length_policy: str = "truncate_left"
+    """What to do with a prompt longer than `max_prompt_length`: "truncate_left" keeps its last
+    tokens, "skip" drops it (counted in the `prompts/skipped` metric, with a warning)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra keyword arguments for `apply_chat_template` on conversational prompts."""
+
+    # ---- Generation --------------------------------------------------------------------------
+    num_generations: int = 8
+    """Completions sampled per prompt (G). At least 2: advantages compare completions of a group."""
+    num_generations_eval: int | None = None
+    """Completions per prompt during evaluation. None = `num_generations`."""
+    max_completion_length: int = 256
+    """Maximum number of generated tokens per completion."""
+    generation_batch_size: int | None = None
+    """Completions per generation batch. None = per_device_train_batch_size *
+    steps_per_generation. Mutually exclusive with `steps_per_generation`."""
+    steps_per_generation: int | None = None
+    """Micro-batches of `per_device_train_batch_size` completions per generation batch. None =
+    `gradient_accumulation_steps` (one optimizer step per generation batch)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs in the loss use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this total probability. In (0, 1]."""
+    top_k: int = 0
+    """Keep only the k most likely tokens when sampling; 0 = off."""
+    min_p: float | None = None
+    """Drop tokens less likely than min_p times the most likely token. None = off."""
+    repetition_penalty: float = 1.0
+    """Penalise tokens already in the prompt or completion (> 1) or favour them (< 1)."""
+    generation_kwargs: dict[str, Any] | None = None
+    """Extra `GenerationConfig` fields; they override the sampling fields above."""
+    use_vllm: bool = False
+    """Not supported yet: must be False (generation uses transformers' `generate`)."""
+
+    # ---- Objective ---------------------------------------------------------------------------
+    loss_type: str = "dapo"
+    """Policy-loss aggregation: "grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo"."""
+    beta: float = 0.0
+    """KL coefficient against the reference model. 0 = no reference model is kept or run."""
+    num_iterations: int = 1
+    """Passes over each generation batch (μ in DeepSeekMath); > 1 makes the update off-policy."""
+    epsilon: float = 0.2
+    """Lower clipping bound of the importance ratio: clip(ratio, 1 - epsilon, ...)."""
+    epsilon_high: float | None = None
+    """Upper clipping bound: clip(ratio, ..., 1 + epsilon_high). None = `epsilon` (DAPO: 0.28)."""
+    delta: float | None = None
+    """Two-sided clipping (INTELLECT-2): cap the ratio at delta when advantages are negative."""
+    importance_sampling_level: str = "token"
+    """Importance ratio per "token", or per "sequence" (GSPO: geometric mean over the tokens)."""
+    scale_rewards: str | bool = "group"
+    """Divide centred rewards by the std of the "group", the "batch", or not at all ("none").
+    True = "group", False = "none"."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function; None = all 1.0."""
+    multi_objective_aggregation: str = "sum_then_normalize"
+    """Combine several rewards: "sum_then_normalize" or "normalize_then_sum" (GDPO)."""
+    mask_truncated_completions: bool = False
+    """Exclude completions that reached max_completion_length without EOS from the loss (DAPO)."""
+    top_entropy_quantile: float = 1.0
+    """Keep in the loss only the top-ρ fraction of tokens by entropy (Beyond the 80/20 rule)."""
+    off_policy_mask_threshold: float | None = None
+    """DeepSeek-V3.2 off-policy sequence masking threshold δ. None = off."""
+    use_bias_correction_kl: bool = False
+    """Multiply the KL term by the importance ratio (DeepSeek-V3.2 unbiased KL)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO gate temperature for tokens with positive advantage."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO gate temperature for tokens with non-positive advantage."""
+    sync_ref_model: bool = False
+    """Every `ref_model_sync_steps` steps, set ref = alpha * policy + (1 - alpha) * ref (TR-DPO)."""
+    ref_model_mixup_alpha: float = 0.6
+    """alpha of the reference-model mix-up when `sync_ref_model` is on. In [0, 1]."""
+    ref_model_sync_steps: int = 512
+    """Optimizer steps between reference-model syncs when `sync_ref_model` is on."""
+
+    # ---- Optimisation ------------------------------------------------------------------------
+    per_device_train_batch_size: int = 8
+    """Completions (not prompts) per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    optim: str = "adamw_torch"
+    """Optimizer: "adamw_torch" (or "adamw_torch_fused"); others are not supported."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule name for `transformers.get_scheduler` ("linear", "cosine", ...)."""
+    lr_scheduler_kwargs: dict[str, Any] | None = None
+    """Extra keyword arguments for the learning-rate scheduler."""
+    warmup_ratio: float = 0.0
+    """Fraction of max_steps used for linear warm-up (ignored when warmup_steps > 0)."""
+    warmup_steps: int | float = 0
+    """Warm-up optimizer steps; a float below 1 is a fraction of max_steps."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; None or 0 = no clipping."""
+    max_steps: int = -1
+    """Optimizer steps to train for; -1 = derive from num_train_epochs and the dataset size."""
+    num_train_epochs: float = 3.0
+    """Passes over the training prompts when max_steps is -1."""
+
+    # ---- Logging, saving, evaluation --------------------------------------------------------
+    logging_steps: int | float = 10
+    """Log metrics every this many optimizer steps; a float below 1 is a fraction of max_steps."""
+    logging_first_step: bool = False
+    """Also log after the first optimizer step."""
+    report_to: str | list[str] | None = "none"
+    """Only "none" is supported; metrics always go to the console and output_dir/metrics.jsonl."""
+    run_name: str | None = None
+    """Name shown in the progress bar and stored in the metrics file."""
+    log_completions: bool = False
+    """Write sampled prompts, completions, rewards and advantages to output_dir/completions.jsonl
+    every logging step."""
+    num_completions_to_print: int | None = None
+    """Completions written per logging step when log_completions is on; None = all."""
+    save_strategy: str = "steps"
+    """"steps" saves a checkpoint every `save_steps` and at the end; "no" saves none."""
+    save_steps: int | float = 500
+    """Optimizer steps between checkpoints; a float below 1 is a fraction of max_steps."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints in output_dir (oldest deleted first); None = all."""
+    save_merged: bool = False
+    """Under LoRA, also save the adapter merged into the base weights (output_dir/merged)."""
+    push_to_hub: bool = False
+    """Not supported: must be False."""
+    eval_strategy: str = "no"
+    """"steps" evaluates on eval_dataset every `eval_steps`; "no" never does."""
+    eval_steps: int | float | None = None
+    """Optimizer steps between evaluations; None = logging_steps."""
+    per_device_eval_batch_size: int = 8
+    """Completions per generation call during evaluation."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
+        elif self.report_to is None:
+            self.report_to = []
+        self._check_unsupported()
+        self._check_batch_sizes()
+        self._check_generation()
+        self._check_objective()
+        self._check_optimisation()
+        self._check_schedule()
+
+    # ---- validation helpers -------------------------------------------------------------------
+    def _check_unsupported(self) -> None:
+        if self.use_vllm:
+            raise ValueError("use_vllm=True is not supported yet; set use_vllm=False.")
+        if self.fp16:
+            raise ValueError("fp16=True is not supported; set fp16=False (use bf16=True).")
+        if self.push_to_hub:
+            raise ValueError("push_to_hub=True is not supported; set push_to_hub=False.")
+        if self.report_to:
+            raise ValueError(
+                f"report_to={self.report_to!r} is not supported; set report_to='none' (metrics are "
+                "always written to the console and to output_dir/metrics.jsonl)."
+            )
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"optim={self.optim!r} is not supported; use one of {OPTIMIZERS}.")
+
+    def _check_batch_sizes(self) -> None:
+        _positive_int("per_device_train_batch_size", self.per_device_train_batch_size)
+        _positive_int("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        _positive_int("num_iterations", self.num_iterations)
+        if not isinstance(self.num_generations, int) or self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be an integer >= 2 (advantages compare the completions of a "
+                f"prompt), got {self.num_generations!r}."
+            )
+        bs = self.per_device_train_batch_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError(
+                "generation_batch_size and steps_per_generation cannot both be set; set only one "
+                "(generation_batch_size = per_device_train_batch_size * steps_per_generation)."
+            )
+        if self.generation_batch_size is not None:
+            _positive_int("generation_batch_size", self.generation_batch_size)
+            if self.generation_batch_size % bs:
+                raise ValueError(
+                    f"generation_batch_size ({self.generation_batch_size}) must be divisible by "
+                    f"per_device_train_batch_size ({bs})."
+                )
+            self.steps_per_generation = self.generation_batch_size // bs
+        elif self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        _positive_int("steps_per_generation", self.steps_per_generation)
+        self.generation_batch_size = bs * self.steps_per_generation
+        if self.steps_per_generation % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"steps_per_generation ({self.steps_per_generation}) must be a multiple of "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) so that each "
+                "optimizer step uses whole micro-batches of one generation batch."
+            )
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(
+                f"The generation batch (per_device_train_batch_size * steps_per_generation = "
+                f"{self.generation_batch_size} completions) must be divisible by num_generations "
+                f"({self.num_generations}); change per_device_train_batch_size, "
+                "steps_per_generation or num_generations."
+            )
+        if self.eval_strategy not in EVAL_STRATEGIES:
+            raise ValueError(
+                f"eval_strategy must be one of {EVAL_STRATEGIES}, got {self.eval_strategy!r}."
+            )
+        if self.eval_strategy != "no":
+            g_eval = self.num_generations_eval or self.num_generations
+            if self.per_device_eval_batch_size % g_eval:
+                raise ValueError(
+                    f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) must be "
+                    f"divisible by the completions per prompt in evaluation ({g_eval})."
+                )
+
+    def _check_generation(self) -> None:
+        _positive_int("max_completion_length", self.max_completion_length)
+        if self.max_prompt_length is not None:
+            _positive_int("max_prompt_length", self.max_prompt_length)
+        if self.prompt_length_policy not in PROMPT_LENGTH_POLICIES:
+            raise ValueError(
+                f"prompt_length_policy must be one of {PROMPT_LENGTH_POLICIES}, "
+                f"got {self.prompt_length_policy!r}."
+            )
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (GRPO samples), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}.")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] or None, got {self.min_p}.")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
+        if self.num_generations_eval is not None and self.num_generations_eval < 1:
+            raise ValueError(f"num_generations_eval must be >= 1, got {self.num_generations_eval}.")
+
+    def _check_objective(self) -> None:
+        from grpokit.advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
+        from grpokit.losses import validate_loss_options
+
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(
+                f"scale_rewards must be one of {SCALE_REWARDS} (or True/False), "
+                f"got {self.scale_rewards!r}."
+            )
+        if self.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise ValueError(
+                f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
+                f"got {self.multi_objective_aggregation!r}."
+            )
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}.")
+        validate_loss_options(
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            epsilon_low=self.epsilon,
+            epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
+            delta=self.delta,
+            beta=self.beta,
+            top_entropy_quantile=self.top_entropy_quantile,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+        )
+        if self.sync_ref_model and self.beta == 0:
+            raise ValueError(
+                "sync_ref_model=True has no effect with beta=0 (no reference model is kept); "
+                "set beta > 0 or sync_ref_model=False."
+            )
+        if not 0 <= self.ref_model_mixup_alpha <= 1:
+            raise ValueError(
+                f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}."
+            )
+        _positive_int("ref_model_sync_steps", self.ref_model_sync_steps)
+
+    def _check_optimisation(self) -> None:
+        from transformers import SchedulerType
+
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm}.")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise ValueError(
+                f"lr_scheduler_type={self.lr_scheduler_type!r} is unknown; use one of {schedulers}."
+            )
+        if not isinstance(self.max_steps, int):
+            raise ValueError(f"max_steps must be an integer, got {self.max_steps!r}.")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise ValueError(
+                "Set max_steps > 0 or num_train_epochs > 0 so that training has a length."
+            )
+
+    def _check_schedule(self) -> None:
+        _steps_value("logging_steps", self.logging_steps)
+        _steps_value("save_steps", self.save_steps)
+        if self.eval_steps is not None:
+            _steps_value("eval_steps", self.eval_steps)
+        if self.save_strategy not in SAVE_STRATEGIES:
+            raise ValueError(
+                f"save_strategy={self.save_strategy!r} is not supported; "
+                f"use one of {SAVE_STRATEGIES}."
+            )
+        if self.save_total_limit is not None:
+            _positive_int("save_total_limit", self.save_total_limit)
+
+    # ---- derived values ------------------------------------------------------------------------
+    @property
+    def optimizer_steps_per_generation(self) -> int:
+        """Optimizer steps taken on one generation batch in one of the `num_iterations` passes."""
+        assert self.steps_per_generation is not None
+        return self.steps_per_generation // self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_generation(self) -> int:
+        """Unique prompts (B) per generation batch."""
+        assert self.generation_batch_size is not None
+        return self.generation_batch_size // self.num_generations
+
+    @property
+    def is_off_policy(self) -> bool:
+        """Whether the policy changes between generation and some update (old log-probs needed)."""
+        return self.num_iterations > 1 or self.optimizer_steps_per_generation > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-serialisable dict (the config actually used, after derivation)."""
+        return dataclasses.asdict(self)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _steps_value(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(
+            f"{name} must be > 0 (an integer, or a float < 1 for a fraction of max_steps)."
+        )
+    if isinstance(value, float) and value >= 1 and not value.is_integer():
+        raise ValueError(f"{name}={value} must be an integer or a fraction below 1.")
+
+
+def resolve_steps(value: int | float, max_steps: int) -> int:
+    """Turn a `*_steps` value into optimizer steps: a float below 1 is a fraction of `max_steps`."""
+    if isinstance(value, float) and value < 1:
+        return max(1, int(-(-value * max_steps // 1)))
+    return int(value)

@@ -1,0 +1,145 @@
+"""Where metrics go: a `Logger` protocol, a console progress bar, a JSONL metrics file and a
+completions file. The trainer talks to one `RunLogger`, which fans out to these."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("grpokit")
+
+# Shown in the progress bar's postfix, when present, in this order.
+PROGRESS_KEYS = ("reward", "loss", "kl", "completions/mean_length", "step_time")
+
+
+class Logger(Protocol):
+    """A sink for scalar metrics, logged at an optimizer step."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record `metrics` for optimizer step `step`."""
+        ...
+
+    def close(self) -> None:
+        """Flush and release resources."""
+        ...
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
+
+
+class JsonlLogger:
+    """Appends one JSON object per logging step to a file (`{"step": ..., **metrics}`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append an arbitrary JSON record."""
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ProgressBarLogger:
+    """A tqdm bar over optimizer steps; the latest reward, loss and length in its postfix."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str | None = None) -> None:
+        self.bar = tqdm(total=total, initial=initial, desc=desc or "grpo", dynamic_ncols=True)
+
+    def advance(self, step: int) -> None:
+        """Move the bar to optimizer step `step`."""
+        self.bar.update(step - self.bar.n)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.advance(step)
+        shown = {k: f"{metrics[k]:.4g}" for k in PROGRESS_KEYS if k in metrics}
+        self.bar.set_postfix(shown, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class RunLogger:
+    """The trainer's single logging entry point: progress bar + metrics.jsonl + completions.jsonl.
+
+    Args:
+        output_dir: directory holding `metrics.jsonl` and, when enabled, `completions.jsonl`.
+        total_steps: optimizer steps of the whole run (the bar's length).
+        initial_step: step the run starts from (non-zero when resuming).
+        log_completions: whether `log_completions` writes anything.
+        run_name: shown in the bar.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        total_steps: int,
+        initial_step: int = 0,
+        log_completions: bool = False,
+        run_name: str | None = None,
+    ) -> None:
+        out = Path(output_dir)
+        self.progress = ProgressBarLogger(total_steps, initial_step, run_name)
+        self.metrics_file = JsonlLogger(out / "metrics.jsonl")
+        self.completions_file = JsonlLogger(out / "completions.jsonl") if log_completions else None
+        self.sinks: list[Logger] = [self.progress, self.metrics_file]
+
+    def advance(self, step: int) -> None:
+        """Move the progress bar without logging."""
+        self.progress.advance(step)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Send `metrics` of optimizer step `step` to every sink."""
+        for sink in self.sinks:
+            sink.log(step, metrics)
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Write one record per sampled completion (prompt, completion, rewards, advantage)."""
+        if self.completions_file is None:
+            return
+        for row in rows:
+            self.completions_file.write({"step": step, **row})
+
+    def close(self) -> None:
+        """Close every sink."""
+        for sink in self.sinks:
+            sink.close()
+        if self.completions_file is not None:
+            self.completions_file.close()
+
+
+def reduce_metrics(values: dict[str, list[float]]) -> dict[str, float]:
+    """Reduce lists of metric values: a key whose last part starts or ends with `min` / `max`
+    (`completions/min_length`, `ratio/max`, `clip_ratio/high_max`) takes the min / max; every other
+    key the mean of its finite values (NaN when there is none)."""
+    out: dict[str, float] = {}
+    for key, vals in values.items():
+        last = key.rsplit("/", 1)[-1]
+        finite = [v for v in vals if math.isfinite(v)]
+        if not finite:
+            out[key] = float("nan")
+        elif last.startswith("min") or last.endswith("_min") or last == "min":
+            out[key] = min(finite)
+        elif last.startswith("max") or last.endswith("_max") or last == "max":
+            out[key] = max(finite)
+        else:
+            out[key] = sum(finite) / len(finite)
+    return out
