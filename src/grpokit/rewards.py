@@ -420,7 +420,9 @@ def compute_rewards(
 ) -> torch.Tensor:
     """Call every reward function on N completions and stack the validated results.
 
-    Sync functions run one after another; async ones run concurrently (`asyncio.gather`).
+    Sync functions run one after another; async ones run concurrently (`asyncio.gather`). When a
+    function raises, it is called again one sample at a time to name the first sample that fails
+    on its own (only on this error path, which stops training anyway).
 
     Args:
         reward_fns: K reward functions (from `build_reward_functions`; bare callables are wrapped).

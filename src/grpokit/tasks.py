@@ -365,7 +365,10 @@ def load_task(spec: dict[str, Any]) -> Task:
             "path": "data.jsonl" | "name": "hf/dataset", "columns": {"question": "prompt",
             "final": "answer"}, "eval_fraction": 0.1, "seed": 0}`. Both accept `format`
             (`"conversational"` default, or `"plain"`), `template` (with `{prompt}`),
-            `system_prompt` and `rewards` (default reward names). Unknown keys are errors.
+            `system_prompt`, `rewards` (default reward names) and `size`. A dataset can instead
+            take its eval rows from `eval_split` (HF) or `eval_path` (a file); `size` caps its
+            train rows; `name` with `config_name` and `split` loads from the Hugging Face Hub.
+            Unknown keys are errors.
 
     Returns:
         The task.
