@@ -598,7 +598,7 @@ def _metrics(
             "clip_ratio/low_mean": masked_mean(low.float(), mask),
             "clip_ratio/high_mean": masked_mean(high.float(), mask),
             "clip_ratio/region_mean": masked_mean((low | high).float(), mask),
-            "ratio/mean": masked_mean(ratio, mask),
+            "ratio/mean": masked_mean(ratio - 1, mask) + 1,  # 1 (neutral) without loss tokens
             "ratio/min": _masked_extreme(ratio, mask, torch.amin),
             "ratio/max": _masked_extreme(ratio, mask, torch.amax),
         }
