@@ -1,0 +1,104 @@
+"""GRPOConfig: TRL defaults, derived batch sizes, and an error naming the field for bad input."""
+
+import ast
+import inspect
+import json
+
+import pytest
+
+import grpokit.config
+from grpokit import GRPOConfig
+
+
+def test_defaults_follow_trl() -> None:
+    cfg = GRPOConfig()
+    assert (cfg.loss_type, cfg.beta, cfg.epsilon, cfg.num_iterations) == ("dapo", 0.0, 0.2, 1)
+    assert cfg.epsilon_high == 0.2  # None -> epsilon
+    assert cfg.learning_rate == 1e-6 and cfg.num_generations == 8
+    assert cfg.scale_rewards == "group" and cfg.importance_sampling_level == "token"
+    # steps_per_generation defaults to gradient_accumulation_steps: one optimizer step per batch
+    assert cfg.steps_per_generation == 1 and cfg.generation_batch_size == 8
+    assert not cfg.is_off_policy
+
+
+def test_batch_semantics() -> None:
+    # 2 completions per micro-batch, 4 micro-batches per generation batch -> 8 completions,
+    # 8 / G=4 = 2 prompts; GA=2 -> 2 optimizer steps per generation batch (off-policy).
+    cfg = GRPOConfig(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,
+        num_generations=4,
+    )
+    assert cfg.generation_batch_size == 8
+    assert cfg.prompts_per_generation == 2
+    assert cfg.optimizer_steps_per_generation == 2
+    assert cfg.is_off_policy
+    # TRL's generation_batch_size is accepted instead of steps_per_generation.
+    cfg = GRPOConfig(per_device_train_batch_size=2, generation_batch_size=6, num_generations=3)
+    assert cfg.steps_per_generation == 3
+    assert GRPOConfig(num_iterations=2, num_generations=2).is_off_policy
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(num_generations=1), "num_generations"),
+        (dict(per_device_train_batch_size=6, num_generations=4), "divisible by num_generations"),
+        (dict(generation_batch_size=8, steps_per_generation=2), "cannot both be set"),
+        (dict(per_device_train_batch_size=4, generation_batch_size=6), "generation_batch_size"),
+        (dict(gradient_accumulation_steps=2, steps_per_generation=3), "multiple of"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(loss_type="ppo"), "loss_type"),
+        (dict(importance_sampling_level="word"), "importance_sampling_level"),
+        (dict(scale_rewards="std"), "scale_rewards"),
+        (dict(beta=-0.1), "beta"),
+        (dict(sync_ref_model=True), "sync_ref_model"),
+        (dict(max_prompt_length=0), "max_prompt_length"),
+        (dict(prompt_length_policy="drop"), "prompt_length_policy"),
+        (dict(use_vllm=True), "use_vllm"),
+        (dict(fp16=True), "fp16"),
+        (dict(report_to="wandb"), "report_to"),
+        (dict(optim="sgd"), "optim"),
+        (dict(save_strategy="epoch"), "save_strategy"),
+        (dict(lr_scheduler_type="warmup_magic"), "lr_scheduler_type"),
+        (dict(max_steps=-1, num_train_epochs=0), "max_steps"),
+        (dict(logging_steps=0), "logging_steps"),
+        (dict(delta=1.1), "delta"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GRPOConfig(**kwargs)
+
+
+def test_unknown_and_unsupported_fields_are_type_errors() -> None:
+    with pytest.raises(TypeError, match=r"unknown field `num_generation`.*num_generations"):
+        GRPOConfig(num_generation=4)
+    with pytest.raises(
+        TypeError, match="`vllm_mode` is a TRL option that grpokit does not support"
+    ):
+        GRPOConfig(vllm_mode="colocate")
+
+
+def test_scale_rewards_bools_and_to_dict() -> None:
+    assert GRPOConfig(scale_rewards=False).scale_rewards == "none"
+    assert GRPOConfig(scale_rewards=True).scale_rewards == "group"
+    data = GRPOConfig(epsilon_high=0.28, report_to="none").to_dict()
+    assert data["epsilon_high"] == 0.28 and data["report_to"] == []
+    json.dumps(data)  # serialisable
+
+
+def test_every_field_has_a_docstring() -> None:
+    # The CLI builds --help from `name: type = default` followed by a string literal.
+    tree = ast.parse(inspect.getsource(grpokit.config))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "GRPOConfig")
+    body = cls.body
+    fields = [i for i, n in enumerate(body) if isinstance(n, ast.AnnAssign)]
+    assert len(fields) > 50
+    for i in fields:
+        doc = body[i + 1]
+        assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), body[i].target
+        assert isinstance(doc.value.value, str) and doc.value.value.strip()
