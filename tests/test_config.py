@@ -100,5 +100,5 @@ def test_every_field_has_a_docstring() -> None:
     assert len(fields) > 50
     for i in fields:
         doc = body[i + 1]
-        assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), body[i].target
+        assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), ast.dump(body[i])
         assert isinstance(doc.value.value, str) and doc.value.value.strip()

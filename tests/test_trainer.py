@@ -1,0 +1,484 @@
+"""End-to-end GRPO runs on tiny in-process models: formats, rewards, losses, LoRA, KL, invariances,
+learning, resume, precision and errors. Every run is a few steps of max 6 completion tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+
+from grpokit import GRPOConfig, GRPOTrainer
+from grpokit.losses import LOSS_TYPES
+from grpokit.models import bf16_supported
+from grpokit.rewards import RewardFunctionError
+from tests.tiny import make_causal_lm, make_reward_model, make_tokenizer, save_tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run ~100x faster on one thread than with two threads on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+PLAIN = Dataset.from_list([{"prompt": p, "target": p[-1]} for p in ["ab", "cd", "ef", "gh"]])
+CHAT = Dataset.from_list(
+    [{"prompt": [{"role": "user", "content": p}], "target": p} for p in ["hi", "yo", "ok", "no"]]
+)
+
+
+def char_sum(completions: list[Any], **kwargs: Any) -> list[float]:
+    """A reward that differs between completions (so advantages are non-zero)."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [float(sum(map(ord, t)) % 7) for t in texts]
+
+
+def count_a(completions: list[str], **kwargs: Any) -> list[float]:
+    """Fraction of the completion's characters that are 'a': a tiny model learns it in seconds."""
+    return [c.count("a") / max(1, len(c)) for c in completions]
+
+
+def make_trainer(
+    tmp_path: Path,
+    reward: Any = char_sum,
+    *,
+    dataset: Any = PLAIN,
+    model: Any = None,
+    tokenizer: Any = None,
+    trainer_kwargs: dict | None = None,
+    **overrides: Any,
+) -> GRPOTrainer:
+    tok = tokenizer or make_tokenizer()
+    config: dict[str, Any] = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        max_steps=2,
+        logging_steps=1,
+        learning_rate=1e-2,
+        bf16=False,
+        save_strategy="no",
+        seed=0,
+    )
+    config.update(overrides)
+    return GRPOTrainer(
+        model if model is not None else make_causal_lm(tok),
+        reward,
+        args=GRPOConfig(**config),
+        train_dataset=dataset,
+        processing_class=tok,
+        **(trainer_kwargs or {}),
+    )
+
+
+def params(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+
+
+def max_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    return max((after[k] - before[k]).abs().max().item() for k in before)
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- full runs ----------------------------------------------------------------------------------
+
+
+def test_plain_run_logs_trl_metrics_completions_and_checkpoints(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(
+        tmp_path,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=1,
+        log_completions=True,
+        num_completions_to_print=3,
+    )
+    before = params(trainer)
+    state = trainer.train()
+    assert state.global_step == 2 and max_change(before, params(trainer)) > 0
+    logged = read_metrics(tmp_path)
+    assert [m["step"] for m in logged] == [1, 2]
+    for key in (
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "rewards/char_sum/mean",
+        "rewards/char_sum/std",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "completions/mean_terminated_length",
+        "entropy",
+        "clip_ratio/region_mean",
+        "learning_rate",
+        "grad_norm",
+        "loss",
+        "step_time",
+        "time/generation",
+        "time/rewards",
+        "time/training",
+        "tokens_per_second",
+        "num_tokens",
+        "epoch",
+    ):
+        assert key in logged[-1], key
+    completions = (tmp_path / "completions.jsonl").read_text().splitlines()
+    assert len(completions) == 6  # 3 per logging step
+    assert {"prompt", "completion", "rewards", "advantage"} <= set(json.loads(completions[0]))
+    # save_total_limit=1 keeps only the last checkpoint; it loads with from_pretrained.
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
+    assert torch.equal(reloaded.lm_head.weight, trainer.model.lm_head.weight)
+    assert json.loads((tmp_path / "grpo_config.json").read_text())["num_generations"] == 2
+
+
+def test_conversational_prompts_reach_rewards_with_columns(tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
+
+    def reward(
+        prompts: list,
+        completions: list,
+        completion_ids: list,
+        target: list,
+        trainer_state: Any,
+        **kwargs: Any,
+    ) -> list[float]:
+        seen.update(
+            prompts=prompts,
+            completions=completions,
+            ids=completion_ids,
+            target=target,
+            step=trainer_state.global_step,
+        )
+        return char_sum(completions)
+
+    trainer = make_trainer(tmp_path, reward, dataset=CHAT, max_steps=1)
+    trainer.train()
+    assert len(seen["completions"]) == 4 and seen["completions"][0][0]["role"] == "assistant"
+    assert seen["prompts"][0] == seen["prompts"][1]  # G=2 consecutive copies of a prompt
+    assert seen["target"][0] == seen["prompts"][0][0]["content"]  # columns aligned with prompts
+    text = trainer.processing_class.decode(seen["ids"][0], skip_special_tokens=True)
+    assert text == seen["completions"][0][0]["content"]
+    assert seen["step"] == 0
+
+
+def test_callables_async_and_reward_model_together(tmp_path: Path) -> None:
+    tok = make_tokenizer()
+
+    async def async_len(completions: list[str], **kwargs: Any) -> list[float | None]:
+        return [float(len(c)) if i % 2 else None for i, c in enumerate(completions)]
+
+    trainer = make_trainer(
+        tmp_path,
+        [char_sum, async_len, make_reward_model(tok)],
+        tokenizer=tok,
+        trainer_kwargs=dict(reward_processing_classes=[None, None, tok]),
+        reward_weights=[1.0, 0.5, 2.0],
+        max_steps=1,
+    )
+    trainer.train()
+    logged = read_metrics(tmp_path)[-1]
+    names = [fn.name for fn in trainer.reward_funcs]
+    assert names[:2] == ["char_sum", "async_len"]
+    for name in names:
+        assert f"rewards/{name}/mean" in logged
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_trains(tmp_path: Path, loss_type: str) -> None:
+    level = "sequence" if loss_type == "luspo" else "token"
+    trainer = make_trainer(
+        tmp_path,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        num_iterations=2,
+        max_steps=2,
+        epsilon_high=0.28,
+    )
+    before = params(trainer)
+    trainer.train()
+    logged = read_metrics(tmp_path)
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in logged)
+    assert max_change(before, params(trainer)) > 0
+
+
+def test_lora_trains_adapter_only_and_saves_adapter_and_merged(tmp_path: Path) -> None:
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(
+        tmp_path,
+        beta=0.1,
+        max_steps=2,
+        trainer_kwargs=dict(
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        ),
+    )
+    before = params(trainer)
+    trainer.train()
+    after = params(trainer)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert "kl" in read_metrics(tmp_path)[-1]  # reference = base model with the adapter disabled
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    trainer.save_model(str(tmp_path / "merged"), merged=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_beta_uses_frozen_reference_and_sync(tmp_path: Path) -> None:
+    trainer = make_trainer(
+        tmp_path,
+        beta=0.1,
+        sync_ref_model=True,
+        ref_model_sync_steps=1,
+        ref_model_mixup_alpha=0.5,
+        max_steps=2,
+    )
+    initial = params(trainer)
+    trainer.train()
+    kl = [m["kl"] for m in read_metrics(tmp_path)]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)  # the policy equals the reference at step 1
+    assert kl[1] > 0
+    ref = dict(trainer.ref_model.named_parameters())
+    assert all(not p.requires_grad for p in ref.values())
+    # After 2 syncs ref = 0.5 * p2 + 0.5 * (0.5 * p1 + 0.5 * p0): strictly between p0 and p2.
+    key = "lm_head.weight"
+    assert not torch.equal(ref[key], initial[key])
+    assert not torch.equal(ref[key], trainer.model.lm_head.weight)
+
+
+def test_old_logprobs_only_when_off_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = GRPOTrainer._logprobs_no_grad
+
+    def spy(self: GRPOTrainer, model: Any, batch: Any) -> torch.Tensor:
+        calls.append(1)
+        return original(self, model, batch)
+
+    monkeypatch.setattr(GRPOTrainer, "_logprobs_no_grad", spy)
+    make_trainer(tmp_path / "on", max_steps=1).train()
+    assert calls == []  # on-policy, beta=0: no extra forward pass
+    make_trainer(tmp_path / "off", num_iterations=2, max_steps=2).train()
+    assert calls == [1]
+    logged = read_metrics(tmp_path / "off")[-1]
+    assert logged["ratio/max"] > 1 or logged["ratio/min"] < 1  # second pass is off-policy
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_gradient_accumulation_1x4_equals_4x1(tmp_path: Path, loss_type: str) -> None:
+    # Build and train one after the other: each trainer seeds the global RNG when it is built.
+    one = make_trainer(
+        tmp_path / "a",
+        loss_type=loss_type,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+    )
+    start = params(one)
+    one.train()
+    four = make_trainer(
+        tmp_path / "b",
+        loss_type=loss_type,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+        max_steps=1,
+    )
+    four.train()
+    update_one = {k: v - start[k] for k, v in params(one).items()}
+    update_four = {k: v - start[k] for k, v in params(four).items()}
+    assert max(u.abs().max().item() for u in update_one.values()) > 1e-3  # a real update
+    # Same completions (same seed), same loss; only float summation order differs. Tolerance:
+    # 1e-6 absolute on updates of size ~lr = 1e-2.
+    for k in update_one:
+        torch.testing.assert_close(update_four[k], update_one[k], atol=1e-6, rtol=1e-4)
+    assert read_metrics(tmp_path / "a")[0]["loss"] == pytest.approx(
+        read_metrics(tmp_path / "b")[0]["loss"], abs=1e-6
+    )
+
+
+def test_reward_rises_on_a_learnable_task(tmp_path: Path) -> None:
+    trainer = make_trainer(
+        tmp_path,
+        count_a,
+        per_device_train_batch_size=16,
+        num_generations=8,
+        max_steps=14,
+        learning_rate=3e-2,
+        lr_scheduler_type="constant",
+    )
+    trainer.train()
+    rewards = [m["reward"] for m in read_metrics(tmp_path)]
+    # A random 100-token policy emits 'a' ~1% of the time; after 14 steps it prefers 'a'.
+    assert sum(rewards[:3]) / 3 < 0.1
+    assert sum(rewards[-3:]) / 3 > 0.5
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    full = make_trainer(tmp_path / "full", max_steps=4, save_strategy="steps", save_steps=2)
+    full.train()
+    resumed = make_trainer(tmp_path / "resumed", max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    for name, value in params(full).items():
+        assert torch.equal(value, params(resumed)[name]), name
+    # True = the latest checkpoint in output_dir.
+    again = make_trainer(tmp_path / "full", max_steps=4)
+    again.train(resume_from_checkpoint=True)
+    assert again.state.global_step == 4 and again.state.data_index == full.state.data_index
+
+
+def test_bf16_autocast_small_lr_still_changes_fp32_weights(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tok = make_tokenizer()
+    model = make_causal_lm(tok).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="grpokit"):
+        trainer = make_trainer(
+            tmp_path,
+            model=model,
+            tokenizer=tok,
+            bf16=True,
+            learning_rate=1e-6,
+            max_steps=1,
+            max_grad_norm=None,
+        )
+    assert "upcasting to float32" in caplog.text
+    assert trainer.use_bf16 == bf16_supported()
+    before = params(trainer)
+    assert all(p.dtype == torch.float32 for p in before.values())
+    trainer.train()
+    after = params(trainer)
+    assert all(p.dtype == torch.float32 for p in after.values())
+    # Adam's first step moves each parameter with a gradient by ~lr = 1e-6: far below bf16's
+    # resolution (~0.4% of a weight), yet the float32 master weights change.
+    change = max_change(before, after)
+    assert 1e-7 < change < 1e-5
+
+
+def test_evaluate_logs_eval_metrics_without_changing_training(tmp_path: Path) -> None:
+    with_eval = make_trainer(
+        tmp_path / "e",
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=4,
+        trainer_kwargs=dict(eval_dataset=CHAT),
+    )
+    with_eval.train()
+    logged = read_metrics(tmp_path / "e")
+    assert "eval_reward" in logged[0] and "eval_completions/mean_length" in logged[0]
+    plain = make_trainer(tmp_path / "p")
+    plain.train()
+    for name, value in params(plain).items():
+        assert torch.equal(value, params(with_eval)[name]), name
+
+
+def test_prompt_length_policies(tmp_path: Path) -> None:
+    data = Dataset.from_list([{"prompt": "x" * 20}, {"prompt": "ab"}, {"prompt": "cd"}])
+    skip = make_trainer(
+        tmp_path / "s",
+        dataset=data,
+        max_prompt_length=5,
+        prompt_length_policy="skip",
+        max_steps=1,
+        shuffle_dataset=False,
+    )
+    prompts, ids, _ = skip.sample_prompts()
+    assert prompts == ["ab", "ab", "cd", "cd"] and skip.state.prompts_over_length == 1
+    cut = make_trainer(
+        tmp_path / "t", dataset=data, max_prompt_length=5, max_steps=1, shuffle_dataset=False
+    )
+    _, ids, _ = cut.sample_prompts()
+    assert len(ids[0]) == 5 and cut.state.prompts_over_length == 1
+    only_long = Dataset.from_list([{"prompt": "x" * 20}])
+    never = make_trainer(
+        tmp_path / "n", dataset=only_long, max_prompt_length=5, prompt_length_policy="skip"
+    )
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        never.train()
+
+
+def test_mask_truncated_completions_removes_them_from_the_loss(tmp_path: Path) -> None:
+    # EOS is suppressed, so every completion is truncated: masked out, the loss is 0 and nothing
+    # moves; without masking the same batch updates the weights.
+    no_eos = {"suppress_tokens": [make_tokenizer().eos_token_id]}
+    masked = make_trainer(
+        tmp_path / "m", mask_truncated_completions=True, max_steps=1, generation_kwargs=no_eos
+    )
+    before = params(masked)
+    masked.train()
+    logged = read_metrics(tmp_path / "m")[0]
+    assert logged["completions/clipped_ratio"] == 1.0
+    assert logged["loss"] == 0.0 and max_change(before, params(masked)) == 0.0
+    unmasked = make_trainer(tmp_path / "u", max_steps=1, generation_kwargs=no_eos)
+    unmasked.train()
+    assert max_change(before, params(unmasked)) > 0
+
+
+def test_model_given_as_path(tmp_path: Path) -> None:
+    path = save_tiny_model(str(tmp_path / "tiny"))
+    trainer = GRPOTrainer(
+        path,
+        char_sum,
+        args=GRPOConfig(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=4,
+            max_steps=1,
+            bf16=False,
+            save_strategy="no",
+        ),
+        train_dataset=PLAIN,
+    )
+    assert trainer.processing_class.eos_token == "<|im_end|>"
+    trainer.train()
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def test_reward_function_that_raises_names_itself(tmp_path: Path) -> None:
+    def broken(completions: list[str], **kwargs: Any) -> list[float]:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RewardFunctionError, match="broken"):
+        make_trainer(tmp_path, broken, max_steps=1).train()
+
+
+def test_reward_function_wrong_count(tmp_path: Path) -> None:
+    def short(completions: list[str], **kwargs: Any) -> list[float]:
+        return [1.0]
+
+    with pytest.raises(RewardFunctionError, match="short"):
+        make_trainer(tmp_path, short, max_steps=1).train()
+
+
+def test_missing_prompt_column(tmp_path: Path) -> None:
+    data = Dataset.from_list([{"question": "ab"}, {"question": "cd"}])
+    with pytest.raises(KeyError, match="prompt"):
+        make_trainer(tmp_path, dataset=data, max_steps=1).train()
+
+
+def test_bad_trainer_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reward_weights has 2 entries"):
+        make_trainer(tmp_path, reward_weights=[1.0, 2.0])
+    with pytest.raises(TypeError, match="GRPOConfig"):
+        GRPOTrainer(make_causal_lm(make_tokenizer()), char_sum, args={"lr": 1}, train_dataset=PLAIN)
+    with pytest.raises(ValueError, match="model_init_kwargs"):
+        make_trainer(tmp_path, model_init_kwargs={"dtype": "float32"})
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        make_trainer(tmp_path / "empty").train(resume_from_checkpoint=True)
