@@ -143,3 +143,63 @@ def reduce_metrics(values: dict[str, list[float]]) -> dict[str, float]:
         else:
             out[key] = sum(finite) / len(finite)
     return out
+
+
+def completion_metrics(completion_mask: Any, is_truncated: Any) -> dict[str, float]:
+    """Length metrics of one generation batch (TRL's names).
+
+    Args:
+        completion_mask: `[N, T]` 1 up to and including the first EOS.
+        is_truncated: `[N]` bool, True = no EOS within `max_completion_length`.
+    """
+    lengths = completion_mask.sum(1).float()  # [N]
+    terminated = lengths[~is_truncated]
+    has_terminated = len(terminated) > 0
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": is_truncated.float().mean().item(),
+        "completions/mean_terminated_length": terminated.mean().item() if has_terminated else 0.0,
+        "completions/min_terminated_length": terminated.min().item() if has_terminated else 0.0,
+        "completions/max_terminated_length": terminated.max().item() if has_terminated else 0.0,
+    }
+
+
+def name_reward_metrics(metrics: dict[str, float], names: list[str]) -> dict[str, float]:
+    """Rename `rewards/{k}/...` (reward-function index) to `rewards/{names[k]}/...`, as TRL logs."""
+    renamed = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "rewards" and parts[1].isdigit():
+            key = f"rewards/{names[int(parts[1])]}/{parts[2]}"
+        renamed[key] = value
+    return renamed
+
+
+def completion_rows(
+    prompts: list[Any],
+    completions: list[Any],
+    rewards: Any,
+    combined: Any,
+    advantages: Any,
+    names: list[str],
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Records for the completions file: prompt, completion, per-function rewards (None = does not
+    apply), combined reward and advantage; at most `limit` rows (None = all)."""
+
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None
+
+    count = len(prompts) if limit is None else min(limit, len(prompts))
+    return [
+        {
+            "prompt": prompts[i],
+            "completion": completions[i],
+            "rewards": {name: finite(rewards[i, k].item()) for k, name in enumerate(names)},
+            "reward": finite(combined[i].item()),
+            "advantage": advantages[i].item(),
+        }
+        for i in range(count)
+    ]

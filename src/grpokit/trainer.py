@@ -40,7 +40,13 @@ from grpokit.generation import (
     SamplingParams,
     TransformersEngine,
 )
-from grpokit.logging import RunLogger, reduce_metrics
+from grpokit.logging import (
+    RunLogger,
+    completion_metrics,
+    completion_rows,
+    name_reward_metrics,
+    reduce_metrics,
+)
 from grpokit.logprobs import model_completion_logprobs
 from grpokit.losses import policy_loss
 from grpokit.models import bf16_supported, resolve_model_path
@@ -183,10 +189,25 @@ class GRPOTrainer:
                 # ---- Plumbing: metrics, evaluation, checkpoints ---------------------------
                 step_time = time.perf_counter() - round_start
                 self._record(
-                    self._rollout_metrics(gen, adv.metrics), train_metrics, timings, step_time
+                    self._rollout_metrics(gen, adv.metrics),
+                    train_metrics,
+                    timings,
+                    step_time,
+                    completion_tokens=float(gen.completion_mask.sum()),
                 )
-                if cfg.log_completions:
-                    self._log_completions(run_log, prompts, completions, rewards, adv)
+                if cfg.log_completions and self._is_logging_round(first_step):
+                    run_log.log_completions(
+                        self.state.global_step,
+                        completion_rows(
+                            prompts,
+                            completions,
+                            rewards,
+                            adv.rewards,
+                            adv.advantages,
+                            [fn.name for fn in self.reward_funcs],
+                            cfg.num_completions_to_print,
+                        ),
+                    )
                 self._after_round(run_log, first_step)
         finally:
             run_log.close()
@@ -423,7 +444,8 @@ class GRPOTrainer:
             scale_rewards=str(cfg.scale_rewards),
             multi_objective_aggregation=cfg.multi_objective_aggregation,
         )
-        metrics = {f"eval_{k}": v for k, v in self._name_reward_metrics(adv.metrics).items()}
+        names = [fn.name for fn in self.reward_funcs]
+        metrics = {f"eval_{k}": v for k, v in name_reward_metrics(adv.metrics, names).items()}
         metrics["eval_completions/mean_length"] = torch.cat(lengths).mean().item()
         return metrics
 
@@ -623,39 +645,14 @@ class GRPOTrainer:
     def _rollout_metrics(
         self, gen: GenerationOutput, reward_metrics: dict[str, float]
     ) -> dict[str, float]:
-        """Completion-length and reward metrics of one generation batch (TRL's names)."""
-        lengths = gen.completion_mask.sum(1).float()  # [N]
-        terminated = lengths[~gen.is_truncated]
-        self.state.num_input_tokens_seen += int(gen.prompt_mask.sum() + lengths.sum())
-        metrics = {
+        """Completion-length, token-count and reward metrics of one generation batch."""
+        self.state.num_input_tokens_seen += int(gen.prompt_mask.sum() + gen.completion_mask.sum())
+        return {
+            **completion_metrics(gen.completion_mask, gen.is_truncated),
             "num_tokens": float(self.state.num_input_tokens_seen),
-            "completions/mean_length": lengths.mean().item(),
-            "completions/min_length": lengths.min().item(),
-            "completions/max_length": lengths.max().item(),
-            "completions/clipped_ratio": gen.is_truncated.float().mean().item(),
-            "completions/mean_terminated_length": terminated.mean().item()
-            if len(terminated)
-            else 0.0,
-            "completions/min_terminated_length": terminated.min().item()
-            if len(terminated)
-            else 0.0,
-            "completions/max_terminated_length": terminated.max().item()
-            if len(terminated)
-            else 0.0,
             "prompts/over_length": float(self.state.prompts_over_length),
+            **name_reward_metrics(reward_metrics, [fn.name for fn in self.reward_funcs]),
         }
-        metrics.update(self._name_reward_metrics(reward_metrics))
-        return metrics
-
-    def _name_reward_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """`rewards/{k}/...` (function index) -> `rewards/{name}/...` as TRL logs them."""
-        renamed = {}
-        for key, value in metrics.items():
-            parts = key.split("/")
-            if len(parts) == 3 and parts[0] == "rewards" and parts[1].isdigit():
-                key = f"rewards/{self.reward_funcs[int(parts[1])].name}/{parts[2]}"
-            renamed[key] = value
-        return renamed
 
     def _record(
         self,
@@ -663,37 +660,28 @@ class GRPOTrainer:
         train: dict[str, list[float]],
         timings: dict[str, float],
         step_time: float,
+        completion_tokens: float,
     ) -> None:
         """Queue one round's metrics until the next logging step."""
         for key, value in {**rollout, **timings}.items():
             self._pending[key].append(value)
         for key, values in train.items():
             self._pending[key].extend(values)
-        completion_tokens = rollout["completions/mean_length"] * self.args.generation_batch_size  # type: ignore[operator]
         self._pending["step_time"].append(step_time)
         self._pending["tokens_per_second"].append(completion_tokens / max(step_time, 1e-9))
 
-    def _log_completions(
-        self,
-        run_log: RunLogger,
-        prompts: list[Any],
-        completions: list[Any],
-        rewards: Tensor,
-        adv: Any,
-    ) -> None:
-        limit = self.args.num_completions_to_print or len(prompts)
-        names = [fn.name for fn in self.reward_funcs]
-        rows = [
-            {
-                "prompt": prompts[i],
-                "completion": completions[i],
-                "rewards": {n: _finite_or_none(rewards[i, k].item()) for k, n in enumerate(names)},
-                "reward": _finite_or_none(adv.rewards[i].item()),
-                "advantage": adv.advantages[i].item(),
-            }
-            for i in range(min(limit, len(prompts)))
-        ]
-        run_log.log_completions(self.state.global_step, rows)
+    def _crossed(self, every: int | float, first_step: int) -> bool:
+        """Whether this round's optimizer steps crossed a multiple of `every`."""
+        n = resolve_steps(every, self.max_steps)
+        return self.state.global_step // n > first_step // n
+
+    def _is_logging_round(self, first_step: int) -> bool:
+        cfg = self.args
+        return (
+            self._crossed(cfg.logging_steps, first_step)
+            or self.state.global_step >= self.max_steps
+            or (cfg.logging_first_step and first_step == 0)
+        )
 
     def _after_round(self, run_log: RunLogger, first_step: int) -> None:
         """Log, evaluate and checkpoint when a multiple of their `*_steps` was crossed."""
@@ -703,23 +691,23 @@ class GRPOTrainer:
         self.state.data_epoch, self.state.data_index = self.sampler.epoch, self.sampler.index
         done = step >= self.max_steps
 
-        def crossed(every: int | float) -> bool:
-            n = resolve_steps(every, self.max_steps)
-            return step // n > first_step // n
-
         metrics: dict[str, float] = {}
-        if crossed(cfg.logging_steps) or done or (cfg.logging_first_step and first_step == 0):
+        if self._is_logging_round(first_step):
             metrics = reduce_metrics(self._pending)
             metrics["epoch"] = self.state.epoch
             self._pending.clear()
         eval_every = cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps
-        if cfg.eval_strategy == "steps" and self.eval_dataset is not None and crossed(eval_every):
+        if (
+            cfg.eval_strategy == "steps"
+            and self.eval_dataset is not None
+            and self._crossed(eval_every, first_step)
+        ):
             metrics.update(self.evaluate())
         if metrics:
             run_log.log(step, metrics)
         else:
             run_log.advance(step)
-        if cfg.save_strategy == "steps" and (crossed(cfg.save_steps) or done):
+        if cfg.save_strategy == "steps" and (self._crossed(cfg.save_steps, first_step) or done):
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> Path:
@@ -830,10 +818,6 @@ def _timer(timings: dict[str, float], key: str) -> Iterator[None]:
         yield
     finally:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def _json(data: dict[str, Any]) -> str:
