@@ -341,6 +341,30 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert again.state.global_step == 4 and again.state.data_index == full.state.data_index
 
 
+def test_lora_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    from peft import LoraConfig
+
+    def lora() -> dict:
+        return dict(peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    full = make_trainer(
+        tmp_path / "full", max_steps=2, save_strategy="steps", save_steps=1, trainer_kwargs=lora()
+    )
+    full.train()
+    resumed = make_trainer(tmp_path / "resumed", max_steps=2, trainer_kwargs=lora())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    for name, value in params(full).items():
+        assert torch.equal(value, params(resumed)[name]), name
+
+
+def test_max_steps_from_num_train_epochs(tmp_path: Path) -> None:
+    # 4 prompts, 2 prompts per generation batch (4 completions / G=2) -> 2 rounds per epoch.
+    trainer = make_trainer(tmp_path, max_steps=-1, num_train_epochs=1.5)
+    assert trainer.max_steps == 3
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.state.epoch == 1.5
+
+
 def test_bf16_autocast_small_lr_still_changes_fp32_weights(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
