@@ -466,3 +466,10 @@ def resolve_steps(value: int | float, max_steps: int) -> int:
     if isinstance(value, float) and value < 1:
         return max(1, int(-(-value * max_steps // 1)))
     return int(value)
+
+
+def crossed_multiple(every: int | float, first_step: int, step: int, max_steps: int) -> bool:
+    """Whether going from optimizer step `first_step` to `step` crossed a multiple of `every`
+    (a `*_steps` value, resolved with `resolve_steps`)."""
+    n = resolve_steps(every, max_steps)
+    return step // n > first_step // n

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -124,6 +125,29 @@ class RunLogger:
             sink.close()
         if self.completions_file is not None:
             self.completions_file.close()
+
+
+class MetricsBuffer:
+    """Metric values queued between logging steps; `flush` reduces them with `reduce_metrics`."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        """Queue one value per key."""
+        for key, value in metrics.items():
+            self.values[key].append(value)
+
+    def extend(self, metrics: dict[str, list[float]]) -> None:
+        """Queue several values per key (e.g. one per optimizer step)."""
+        for key, values in metrics.items():
+            self.values[key].extend(values)
+
+    def flush(self) -> dict[str, float]:
+        """The reduced metrics queued since the last flush; empties the buffer."""
+        out = reduce_metrics(self.values)
+        self.values.clear()
+        return out
 
 
 def reduce_metrics(values: dict[str, list[float]]) -> dict[str, float]:

@@ -15,11 +15,10 @@ the end of a generation round (with the defaults, one round = one optimizer step
 from __future__ import annotations
 
 import contextlib
-import copy
+import json
 import logging
 import math
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,18 +28,18 @@ import torch
 from torch import Tensor
 
 from grpokit import checkpoint as ckpt
+from grpokit import setup
 from grpokit.advantages import group_advantages
 from grpokit.checkpoint import PromptSampler, TrainerState
-from grpokit.config import GRPOConfig, resolve_steps
-from grpokit.data import apply_prompt_length_policy, format_completions, render_prompts
+from grpokit.config import GRPOConfig, crossed_multiple
 from grpokit.generation import (
     GenerationEngine,
     GenerationOutput,
     RolloutBatch,
-    SamplingParams,
     TransformersEngine,
 )
 from grpokit.logging import (
+    MetricsBuffer,
     RunLogger,
     completion_metrics,
     completion_rows,
@@ -49,8 +48,14 @@ from grpokit.logging import (
 )
 from grpokit.logprobs import model_completion_logprobs
 from grpokit.losses import policy_loss
-from grpokit.models import bf16_supported, resolve_model_path
 from grpokit.rewards import build_reward_functions, compute_rewards
+from grpokit.rollout import (
+    decode_completions,
+    evaluate_rewards,
+    repeat_per_completion,
+    tokenize_prompts,
+    warn_over_length,
+)
 
 logger = logging.getLogger("grpokit")
 
@@ -102,37 +107,30 @@ class GRPOTrainer:
         self.device = torch.device(
             "cuda" if torch.cuda.is_available() and not self.args.use_cpu else "cpu"
         )
-        self.model, self.processing_class = _load_policy(model, processing_class, self.args)
-        self.model = self._prepare_model(self.model, peft_config)
+        self.model, self.processing_class = setup.load_policy(model, processing_class, self.args)
+        self.model = setup.prepare_model(self.model, peft_config, self.args, self.device)
         self.is_peft = ckpt.is_peft_model(self.model)
         # Under PEFT the adapters live inside the base model's modules; calling the base model
         # directly keeps its full forward signature (logits_to_keep, position_ids).
         self.forward_model = self.model.get_base_model() if self.is_peft else self.model
-        self.ref_model = self._make_ref_model()
+        self.ref_model = setup.make_ref_model(self.model, self.args)
         self.reward_funcs = build_reward_functions(
             reward_funcs, reward_processing_classes, device=self.device
         )
-        self._check_reward_weights()
+        setup.check_reward_weights(self.args, len(self.reward_funcs))
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.sampler = PromptSampler(
             train_dataset, seed=self.args.seed, shuffle=self.args.shuffle_dataset
         )
         self.engine = generation_engine or TransformersEngine(self.model, self.processing_class)
-        self.sampling = SamplingParams(
-            temperature=self.args.temperature,
-            top_p=self.args.top_p,
-            top_k=self.args.top_k,
-            min_p=self.args.min_p,
-            repetition_penalty=self.args.repetition_penalty,
-            generation_kwargs=dict(self.args.generation_kwargs or {}),
-        )
-        self.use_bf16 = self._resolve_precision()
-        self.max_steps = self._resolve_max_steps()
-        self.optimizer = self._make_optimizer()
-        self.scheduler = self._make_scheduler()
+        self.sampling = setup.sampling_params(self.args)
+        self.use_bf16 = setup.resolve_precision(self.args, self.device)
+        self.max_steps = setup.resolve_max_steps(self.args, self.sampler.size)
+        self.optimizer = setup.make_optimizer(self.model, self.args)
+        self.scheduler = setup.make_scheduler(self.optimizer, self.args, self.max_steps)
         self.state = TrainerState(max_steps=self.max_steps)
-        self._pending: dict[str, list[float]] = defaultdict(list)
+        self.pending = MetricsBuffer()  # metrics queued until the next logging step
 
     # =============================================================================================
     # The loop
@@ -150,7 +148,9 @@ class GRPOTrainer:
         cfg = self.args
         self._maybe_resume(resume_from_checkpoint)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / ckpt.GRPO_CONFIG).write_text(_json(cfg.to_dict()))
+        (Path(cfg.output_dir) / ckpt.GRPO_CONFIG).write_text(
+            json.dumps(cfg.to_dict(), indent=2, default=str)
+        )
         run_log = RunLogger(
             cfg.output_dir,
             total_steps=self.max_steps,
@@ -187,14 +187,16 @@ class GRPOTrainer:
                     train_metrics = self.update_policy(batch)
 
                 # ---- Plumbing: metrics, evaluation, checkpoints ---------------------------
-                step_time = time.perf_counter() - round_start
-                self._record(
-                    self._rollout_metrics(gen, adv.metrics),
-                    train_metrics,
-                    timings,
-                    step_time,
-                    completion_tokens=float(gen.completion_mask.sum()),
+                step_time = max(time.perf_counter() - round_start, 1e-9)
+                self.pending.add(
+                    {
+                        **self._rollout_metrics(gen, adv.metrics),
+                        **timings,
+                        "step_time": step_time,
+                        "tokens_per_second": float(gen.completion_mask.sum()) / step_time,
+                    }
                 )
+                self.pending.extend(train_metrics)
                 if cfg.log_completions and self._is_logging_round(first_step):
                     run_log.log_completions(
                         self.state.global_step,
@@ -240,13 +242,9 @@ class GRPOTrainer:
                     "and prompt_length_policy='skip' drops them all; raise max_prompt_length or "
                     "use prompt_length_policy='truncate_left'."
                 )
-        g = cfg.num_generations
-        prompts = [row["prompt"] for row in rows for _ in range(g)]
-        columns: dict[str, list[Any]] = {}
-        if not cfg.remove_unused_columns:
-            for key in rows[0]:
-                if key != "prompt":
-                    columns[key] = [row.get(key) for row in rows for _ in range(g)]
+        prompts, columns = repeat_per_completion(
+            rows, cfg.num_generations, with_columns=not cfg.remove_unused_columns
+        )
         return prompts, ids, columns
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
@@ -263,10 +261,7 @@ class GRPOTrainer:
         self, prompts: list[Any], gen: GenerationOutput
     ) -> tuple[list[Any], list[list[int]]]:
         """Decode completions into the prompts' format and per-row token-id lists (up to EOS)."""
-        lengths = gen.completion_mask.sum(1).tolist()  # [N]
-        id_lists = [row[:n] for row, n in zip(gen.completion_ids.tolist(), lengths, strict=True)]
-        texts = self.processing_class.batch_decode(id_lists, skip_special_tokens=True)
-        return format_completions(prompts, texts), id_lists
+        return decode_completions(self.processing_class, prompts, gen)
 
     def score(
         self,
@@ -397,7 +392,6 @@ class GRPOTrainer:
     # =============================================================================================
     # Evaluation and saving
     # =============================================================================================
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Generate on `eval_dataset` and score it; returns `eval_`-prefixed reward metrics.
 
@@ -405,49 +399,16 @@ class GRPOTrainer:
         """
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs an eval_dataset; pass eval_dataset= to GRPOTrainer.")
-        cfg = self.args
-        g = cfg.num_generations_eval or cfg.num_generations
-        per_call = max(1, cfg.per_device_eval_batch_size // g)
-        rng = ckpt.rng_state()
-        rows = list(PromptSampler(self.eval_dataset, seed=0, shuffle=False).iterate_once())
-        rewards, lengths = [], []
-        try:
-            for start in range(0, len(rows), per_call):
-                chunk = rows[start : start + per_call]
-                chunk_rows, ids = self._tokenize_prompts(chunk)
-                if not chunk_rows:
-                    continue
-                with self.autocast():
-                    gen = self.engine.generate(
-                        ids,
-                        num_generations=g,
-                        max_new_tokens=cfg.max_completion_length,
-                        sampling=self.sampling,
-                    )
-                prompts = [r["prompt"] for r in chunk_rows for _ in range(g)]
-                columns = {
-                    k: [r.get(k) for r in chunk_rows for _ in range(g)]
-                    for k in chunk_rows[0]
-                    if k != "prompt"
-                }
-                completions, id_lists = self.decode(prompts, gen)
-                rewards.append(self.score(prompts, completions, id_lists, columns))
-                lengths.append(gen.completion_mask.sum(1).float())
-        finally:
-            ckpt.set_rng_state(rng)
-        if not rewards:
-            raise ValueError("eval_dataset produced no prompts (empty, or all skipped by length).")
-        adv = group_advantages(
-            torch.cat(rewards),
-            g,
-            reward_weights=cfg.reward_weights,
-            scale_rewards=str(cfg.scale_rewards),
-            multi_objective_aggregation=cfg.multi_objective_aggregation,
-        )
-        names = [fn.name for fn in self.reward_funcs]
-        metrics = {f"eval_{k}": v for k, v in name_reward_metrics(adv.metrics, names).items()}
-        metrics["eval_completions/mean_length"] = torch.cat(lengths).mean().item()
-        return metrics
+        with self.autocast():
+            return evaluate_rewards(
+                self.eval_dataset,
+                engine=self.engine,
+                tokenizer=self.processing_class,
+                reward_funcs=self.reward_funcs,
+                sampling=self.sampling,
+                args=self.args,
+                trainer_state=self.state,
+            )
 
     def save_model(self, output_dir: str | None = None, *, merged: bool | None = None) -> None:
         """Save the model (or LoRA adapter) and tokenizer in Hugging Face format.
@@ -474,38 +435,10 @@ class GRPOTrainer:
     def _tokenize_prompts(
         self, rows: list[dict[str, Any]]
     ) -> tuple[list[dict[str, Any]], list[list[int]]]:
-        cfg = self.args
-        for row in rows:
-            if "prompt" not in row:
-                raise KeyError(
-                    f"The dataset has no 'prompt' column (columns: {sorted(row)}); rename the "
-                    "column holding the prompts to 'prompt'."
-                )
-        texts = render_prompts(
-            [row["prompt"] for row in rows],
-            self.processing_class,
-            chat_template_kwargs=cfg.chat_template_kwargs,
-        )
-        ids = self.processing_class(texts, add_special_tokens=False)["input_ids"]
-        kept_ids, kept = apply_prompt_length_policy(
-            ids, cfg.max_prompt_length, cfg.prompt_length_policy
-        )
-        changed = (
-            len(rows) - len(kept)
-            if cfg.prompt_length_policy == "skip"
-            else sum(len(a) != len(b) for a, b in zip(ids, kept_ids, strict=True))
-        )
-        if changed:
-            self.state.prompts_over_length += changed
-            action = "skipped" if cfg.prompt_length_policy == "skip" else "truncated from the left"
-            logger.warning(
-                "%d prompt(s) longer than max_prompt_length=%d tokens %s (%d so far).",
-                changed,
-                cfg.max_prompt_length,
-                action,
-                self.state.prompts_over_length,
-            )
-        return [rows[i] for i in kept], kept_ids
+        kept_rows, kept_ids, over_length = tokenize_prompts(rows, self.processing_class, self.args)
+        self.state.prompts_over_length += over_length
+        warn_over_length(over_length, self.state.prompts_over_length, self.args)
+        return kept_rows, kept_ids
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: Any, batch: RolloutBatch) -> Tensor:
@@ -549,98 +482,6 @@ class GRPOTrainer:
         ):
             ref_param.mul_(1 - alpha).add_(param.detach(), alpha=alpha)
 
-    # ---- setup ----------------------------------------------------------------------------------
-    def _prepare_model(self, model: Any, peft_config: Any) -> Any:
-        """Dropout, gradient checkpointing and the LoRA adapter; move to the device."""
-        cfg = self.args
-        if cfg.disable_dropout:
-            _disable_dropout(model)
-        if cfg.gradient_checkpointing:
-            kwargs = {"use_reentrant": False, **(cfg.gradient_checkpointing_kwargs or {})}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            model.config.use_cache = False
-        if peft_config is not None:
-            if cfg.sync_ref_model:
-                raise ValueError(
-                    "sync_ref_model=True is not supported with peft_config (the reference model is "
-                    "the base model with the adapter disabled); set sync_ref_model=False."
-                )
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-        return model.to(self.device)
-
-    def _make_ref_model(self) -> Any:
-        """A frozen copy of the initial policy when beta != 0 (none under LoRA: adapter off)."""
-        if self.args.beta == 0 or self.is_peft:
-            return None
-        ref = copy.deepcopy(self.model).eval()
-        ref.requires_grad_(False)
-        return ref
-
-    def _check_reward_weights(self) -> None:
-        weights = self.args.reward_weights
-        if weights is not None and len(weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(weights)} entries but there are {len(self.reward_funcs)} "
-                "reward functions; give one weight per reward function."
-            )
-
-    def _resolve_precision(self) -> bool:
-        if not self.args.bf16:
-            logger.info("precision: float32 weights and compute (bf16=False)")
-            return False
-        native = bf16_supported() if self.device.type == "cpu" else torch.cuda.is_bf16_supported()
-        if native:
-            logger.info("precision: float32 weights/optimizer, bf16 autocast compute")
-        else:
-            logger.info("precision: float32 (this %s has no native bf16)", self.device.type)
-        return native
-
-    def _resolve_max_steps(self) -> int:
-        cfg = self.args
-        if cfg.max_steps > 0:
-            return cfg.max_steps
-        if self.sampler.size is None:
-            raise ValueError(
-                "max_steps=-1 needs a dataset with a length to derive the steps from "
-                "num_train_epochs; set max_steps for an IterableDataset."
-            )
-        rounds = math.ceil(cfg.num_train_epochs * self.sampler.size / cfg.prompts_per_generation)
-        return max(1, rounds) * cfg.num_iterations * cfg.optimizer_steps_per_generation
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW; weight decay on matrices only (not biases or norm weights), as transformers."""
-        cfg = self.args
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        return torch.optim.AdamW(
-            [g for g in groups if g["params"]],
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            fused=cfg.optim == "adamw_torch_fused" or None,
-        )
-
-    def _make_scheduler(self) -> Any:
-        from transformers import get_scheduler
-
-        cfg = self.args
-        if cfg.warmup_steps:
-            warmup = resolve_steps(cfg.warmup_steps, self.max_steps)
-        else:
-            warmup = math.ceil(cfg.warmup_ratio * self.max_steps)
-        return get_scheduler(
-            cfg.lr_scheduler_type,
-            self.optimizer,
-            num_warmup_steps=warmup,
-            num_training_steps=self.max_steps,
-            scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or {},
-        )
-
     # ---- plumbing: metrics, evaluation, checkpoints --------------------------------------------
     def _rollout_metrics(
         self, gen: GenerationOutput, reward_metrics: dict[str, float]
@@ -654,26 +495,9 @@ class GRPOTrainer:
             **name_reward_metrics(reward_metrics, [fn.name for fn in self.reward_funcs]),
         }
 
-    def _record(
-        self,
-        rollout: dict[str, float],
-        train: dict[str, list[float]],
-        timings: dict[str, float],
-        step_time: float,
-        completion_tokens: float,
-    ) -> None:
-        """Queue one round's metrics until the next logging step."""
-        for key, value in {**rollout, **timings}.items():
-            self._pending[key].append(value)
-        for key, values in train.items():
-            self._pending[key].extend(values)
-        self._pending["step_time"].append(step_time)
-        self._pending["tokens_per_second"].append(completion_tokens / max(step_time, 1e-9))
-
     def _crossed(self, every: int | float, first_step: int) -> bool:
         """Whether this round's optimizer steps crossed a multiple of `every`."""
-        n = resolve_steps(every, self.max_steps)
-        return self.state.global_step // n > first_step // n
+        return crossed_multiple(every, first_step, self.state.global_step, self.max_steps)
 
     def _is_logging_round(self, first_step: int) -> bool:
         cfg = self.args
@@ -693,9 +517,7 @@ class GRPOTrainer:
 
         metrics: dict[str, float] = {}
         if self._is_logging_round(first_step):
-            metrics = reduce_metrics(self._pending)
-            metrics["epoch"] = self.state.epoch
-            self._pending.clear()
+            metrics = {**self.pending.flush(), "epoch": self.state.epoch}
         eval_every = cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps
         if (
             cfg.eval_strategy == "steps"
@@ -711,106 +533,35 @@ class GRPOTrainer:
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> Path:
-        cfg = self.args
-        path = Path(cfg.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{self.state.global_step}"
-        ckpt.save_checkpoint(
-            path,
+        return setup.save_trainer_checkpoint(
+            self.args,
+            self.state,
             model=self.model,
             tokenizer=self.processing_class,
+            ref_model=self.ref_model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            trainer_state=self.state.to_dict(),
-            config=cfg.to_dict(),
         )
-        if self.ref_model is not None and cfg.sync_ref_model:
-            torch.save(self.ref_model.state_dict(), path / "ref_model.pt")
-        if cfg.save_merged and self.is_peft:
-            ckpt.save_model(self.model, self.processing_class, path / "merged", merged=True)
-        ckpt.rotate_checkpoints(cfg.output_dir, cfg.save_total_limit)
-        return path
 
     def _maybe_resume(self, resume_from_checkpoint: bool | str | None) -> None:
-        if not resume_from_checkpoint:
+        path = setup.find_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if path is None:
             return
-        if resume_from_checkpoint is True:
-            found = ckpt.latest_checkpoint(self.args.output_dir)
-            if found is None:
-                raise FileNotFoundError(
-                    f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-N "
-                    "directory; pass a checkpoint path or start without resuming."
-                )
-            path = found
-        else:
-            path = Path(resume_from_checkpoint)
-        saved = ckpt.load_checkpoint(
-            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+        self.state = setup.restore_checkpoint(
+            path,
+            model=self.model,
+            ref_model=self.ref_model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            max_steps=self.max_steps,
+            steps_per_round=self.args.num_iterations * self.args.optimizer_steps_per_generation,
         )
-        saved["max_steps"] = self.max_steps
-        self.state = TrainerState(**saved)
         self.sampler.restore(self.state.data_epoch, self.state.data_index)
-        if (path / "ref_model.pt").exists() and self.ref_model is not None:
-            self.ref_model.load_state_dict(torch.load(path / "ref_model.pt", weights_only=True))
-        steps_per_round = self.args.num_iterations * self.args.optimizer_steps_per_generation
-        if self.state.global_step % steps_per_round and self.state.global_step < self.max_steps:
-            warnings.warn(
-                f"Checkpoint {path} was saved mid generation round "
-                f"(step {self.state.global_step}); "
-                "the resumed run starts a fresh round.",
-                stacklevel=2,
-            )
-        logger.info("resumed from %s at step %d", path, self.state.global_step)
 
 
 # =================================================================================================
 # Module helpers
 # =================================================================================================
-def _load_policy(model: Any, processing_class: Any, args: GRPOConfig) -> tuple[Any, Any]:
-    """Load the policy (and tokenizer) from a string, or take an instance; keep float32 weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if isinstance(model, str):
-        path = resolve_model_path(model)
-        kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    elif args.model_init_kwargs:
-        raise ValueError(
-            "model_init_kwargs applies only when model is a string; the model is already an "
-            "instance. Remove model_init_kwargs."
-        )
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(
-            f"model must be a model id/path or a torch module, got {type(model).__name__}."
-        )
-    low = {p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
-    if low:
-        logger.warning(
-            "The model has %s weights; upcasting to float32 so that small updates are not lost "
-            "(compute still uses bf16 autocast when bf16=True).",
-            ", ".join(sorted(str(d) for d in low)),
-        )
-        model = model.float()
-    if processing_class is None:
-        source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
-        if not source:
-            raise ValueError(
-                "processing_class is None and the model has no path to load a tokenizer from; "
-                "pass processing_class=<its tokenizer>."
-            )
-        processing_class = AutoTokenizer.from_pretrained(source)
-    if processing_class.pad_token_id is None:
-        processing_class.pad_token = processing_class.eos_token
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and generation_config.pad_token_id is None:
-        generation_config.pad_token_id = processing_class.pad_token_id
-    return model, processing_class
-
-
-def _disable_dropout(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 @contextlib.contextmanager
 def _timer(timings: dict[str, float], key: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -818,9 +569,3 @@ def _timer(timings: dict[str, float], key: str) -> Iterator[None]:
         yield
     finally:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
-
-
-def _json(data: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(data, indent=2, default=str)

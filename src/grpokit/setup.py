@@ -1,0 +1,286 @@
+"""Everything `GRPOTrainer` builds before its loop runs, as plain functions.
+
+Loading the policy and its tokenizer, precision, dropout / gradient checkpointing / LoRA, the
+frozen reference model, the number of optimizer steps, AdamW and its learning-rate schedule, and
+restoring all of that from a checkpoint. Each function takes the config and what it needs and
+returns what it builds; none keeps state, so the trainer's `__init__` reads as a list of steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpokit import checkpoint as ckpt
+from grpokit.checkpoint import TrainerState
+from grpokit.config import GRPOConfig, resolve_steps
+from grpokit.generation import SamplingParams
+from grpokit.models import bf16_supported, resolve_model_path
+
+logger = logging.getLogger("grpokit")
+
+REF_MODEL_FILE = "ref_model.pt"  # the synced reference model's weights inside a checkpoint
+
+
+# ---- model ---------------------------------------------------------------------------------------
+def load_policy(model: Any, processing_class: Any, args: GRPOConfig) -> tuple[Any, Any]:
+    """Load the policy (and tokenizer) from a string, or take an instance; keep float32 weights.
+
+    Args:
+        model: A Hugging Face id or path (see `grpokit.models.resolve_model_path`) or a causal-LM
+            instance. A bf16/fp16 instance is upcast to float32 with a warning.
+        processing_class: The tokenizer, or None to load it from the model's path.
+        args: The run's config (`model_init_kwargs`).
+
+    Returns:
+        `(model, tokenizer)`; the tokenizer has a pad token (EOS when it had none).
+
+    Raises:
+        ValueError: `model_init_kwargs` with a model instance, or no tokenizer to be found.
+        TypeError: `model` is neither a string nor a torch module.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(model, str):
+        path = resolve_model_path(model)
+        kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    elif args.model_init_kwargs:
+        raise ValueError(
+            "model_init_kwargs applies only when model is a string; the model is already an "
+            "instance. Remove model_init_kwargs."
+        )
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a model id/path or a torch module, got {type(model).__name__}."
+        )
+    low = {p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
+    if low:
+        logger.warning(
+            "The model has %s weights; upcasting to float32 so that small updates are not lost "
+            "(compute still uses bf16 autocast when bf16=True).",
+            ", ".join(sorted(str(d) for d in low)),
+        )
+        model = model.float()
+    if processing_class is None:
+        source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+        if not source:
+            raise ValueError(
+                "processing_class is None and the model has no path to load a tokenizer from; "
+                "pass processing_class=<its tokenizer>."
+            )
+        processing_class = AutoTokenizer.from_pretrained(source)
+    if processing_class.pad_token_id is None:
+        processing_class.pad_token = processing_class.eos_token
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = processing_class.pad_token_id
+    return model, processing_class
+
+
+def prepare_model(model: Any, peft_config: Any, args: GRPOConfig, device: torch.device) -> Any:
+    """Dropout, gradient checkpointing and the LoRA adapter; move to `device`.
+
+    Raises:
+        ValueError: `sync_ref_model` together with `peft_config`.
+    """
+    if args.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if args.gradient_checkpointing:
+        kwargs = {"use_reentrant": False, **(args.gradient_checkpointing_kwargs or {})}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+    if peft_config is not None:
+        if args.sync_ref_model:
+            raise ValueError(
+                "sync_ref_model=True is not supported with peft_config (the reference model is "
+                "the base model with the adapter disabled); set sync_ref_model=False."
+            )
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    return model.to(device)
+
+
+def make_ref_model(model: Any, args: GRPOConfig) -> Any:
+    """A frozen copy of the initial policy when beta != 0; None when beta == 0 or under LoRA
+    (there the reference is the base model with the adapter disabled)."""
+    if args.beta == 0 or ckpt.is_peft_model(model):
+        return None
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def resolve_precision(args: GRPOConfig, device: torch.device) -> bool:
+    """Whether to compute under bf16 autocast: asked for (`bf16`) and native on `device`."""
+    if not args.bf16:
+        logger.info("precision: float32 weights and compute (bf16=False)")
+        return False
+    native = bf16_supported() if device.type == "cpu" else torch.cuda.is_bf16_supported()
+    if native:
+        logger.info("precision: float32 weights/optimizer, bf16 autocast compute")
+    else:
+        logger.info("precision: float32 (this %s has no native bf16)", device.type)
+    return native
+
+
+def sampling_params(args: GRPOConfig) -> SamplingParams:
+    """The generation half of the config."""
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        generation_kwargs=dict(args.generation_kwargs or {}),
+    )
+
+
+def check_reward_weights(args: GRPOConfig, num_reward_funcs: int) -> None:
+    """Raise when `reward_weights` does not give one weight per reward function."""
+    weights = args.reward_weights
+    if weights is not None and len(weights) != num_reward_funcs:
+        raise ValueError(
+            f"reward_weights has {len(weights)} entries but there are {num_reward_funcs} "
+            "reward functions; give one weight per reward function."
+        )
+
+
+# ---- schedule and optimizer ----------------------------------------------------------------------
+def resolve_max_steps(args: GRPOConfig, dataset_size: int | None) -> int:
+    """Optimizer steps of the run: `max_steps`, or derived from `num_train_epochs`.
+
+    Raises:
+        ValueError: `max_steps=-1` with a dataset of unknown length.
+    """
+    if args.max_steps > 0:
+        return args.max_steps
+    if dataset_size is None:
+        raise ValueError(
+            "max_steps=-1 needs a dataset with a length to derive the steps from "
+            "num_train_epochs; set max_steps for an IterableDataset."
+        )
+    rounds = math.ceil(args.num_train_epochs * dataset_size / args.prompts_per_generation)
+    return max(1, rounds) * args.num_iterations * args.optimizer_steps_per_generation
+
+
+def make_optimizer(model: torch.nn.Module, args: GRPOConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not biases or norm weights), as transformers."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=args.optim == "adamw_torch_fused" or None,
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: GRPOConfig, max_steps: int) -> Any:
+    """The learning-rate schedule with warm-up (`warmup_steps`, else `warmup_ratio`)."""
+    from transformers import get_scheduler
+
+    if args.warmup_steps:
+        warmup = resolve_steps(args.warmup_steps, max_steps)
+    else:
+        warmup = math.ceil(args.warmup_ratio * max_steps)
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=max_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+    )
+
+
+# ---- resume --------------------------------------------------------------------------------------
+def find_checkpoint(resume_from_checkpoint: bool | str | None, output_dir: str) -> Path | None:
+    """The checkpoint to resume from: True = the latest in `output_dir`, a path = that one.
+
+    Raises:
+        FileNotFoundError: True with no `checkpoint-N` directory in `output_dir`.
+    """
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint is True:
+        found = ckpt.latest_checkpoint(output_dir)
+        if found is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=True but {output_dir} holds no checkpoint-N "
+                "directory; pass a checkpoint path or start without resuming."
+            )
+        return found
+    return Path(resume_from_checkpoint)
+
+
+def restore_checkpoint(
+    path: Path,
+    *,
+    model: Any,
+    ref_model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    max_steps: int,
+    steps_per_round: int,
+) -> TrainerState:
+    """Load weights, optimizer, scheduler, RNG and the synced reference model from `path`.
+
+    Returns:
+        The saved `TrainerState`, with `max_steps` of this run.
+    """
+    saved = ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    saved["max_steps"] = max_steps
+    state = TrainerState(**saved)
+    if (path / REF_MODEL_FILE).exists() and ref_model is not None:
+        ref_model.load_state_dict(torch.load(path / REF_MODEL_FILE, weights_only=True))
+    if state.global_step % steps_per_round and state.global_step < max_steps:
+        warnings.warn(
+            f"Checkpoint {path} was saved mid generation round (step {state.global_step}); "
+            "the resumed run starts a fresh round.",
+            stacklevel=2,
+        )
+    logger.info("resumed from %s at step %d", path, state.global_step)
+    return state
+
+
+def save_trainer_checkpoint(
+    args: GRPOConfig,
+    state: TrainerState,
+    *,
+    model: Any,
+    tokenizer: Any,
+    ref_model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> Path:
+    """Write `output_dir/checkpoint-{step}` (plus the synced reference and merged weights when
+    they exist) and drop the oldest checkpoints beyond `save_total_limit`."""
+    path = Path(args.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{state.global_step}"
+    ckpt.save_checkpoint(
+        path,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainer_state=state.to_dict(),
+        config=args.to_dict(),
+    )
+    if ref_model is not None and args.sync_ref_model:
+        torch.save(ref_model.state_dict(), path / REF_MODEL_FILE)
+    if args.save_merged and ckpt.is_peft_model(model):
+        ckpt.save_model(model, tokenizer, path / "merged", merged=True)
+    ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit)
+    return path
