@@ -163,3 +163,65 @@ def test_invalid_completion_len(tiny) -> None:
     ids, mask, _ = encode(tokenizer, ["ab"], ["c"])
     with pytest.raises(ValueError, match="completion_len"):
         model_completion_logprobs(model, ids, mask, ids.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT: a LoRA wrapper's forward(**kwargs) must not hide logits_to_keep / position_ids
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_model(tokenizer):
+    """A tiny Llama with a LoRA adapter whose B is random (not zero), so the adapter matters."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    return get_peft_model(make_causal_lm(tokenizer, seed=0), config)
+
+
+def test_lora_model_logprobs_match_unpadded_forward_and_keep_their_kwargs(tiny) -> None:
+    tokenizer, plain = tiny
+    model = lora_model(tokenizer)
+    seen: dict[str, object] = {}
+
+    def spy(module, args, kwargs):
+        seen.update(kwargs)
+
+    handle = model.get_base_model().register_forward_pre_hook(spy, with_kwargs=True)
+    ids, mask, t = encode(
+        tokenizer, ["2+2=", "hello there, "], ["4<|im_end|>", "general kenobi"], prompt_pad=3
+    )
+    try:
+        with torch.no_grad():
+            logp, _ = model_completion_logprobs(model, ids, mask, t)
+    finally:
+        handle.remove()
+    # Both arguments reached the causal LM: only T + 1 positions were projected to the vocabulary,
+    # and positions come from the mask (left padding would otherwise shift them).
+    assert seen["logits_to_keep"] == t + 1 and "position_ids" in seen
+    # The reference runs each row unpadded through the PEFT wrapper's own forward.
+    expected_rows = reference(model, ids, mask, t)
+    for row, expected in enumerate(expected_rows):
+        torch.testing.assert_close(logp[row, : len(expected)], expected, atol=1e-5, rtol=1e-5)
+    # The adapter is applied (the result differs from the plain model) ...
+    plain_rows = reference(plain, ids, mask, t)
+    assert not torch.allclose(expected_rows[1], plain_rows[1], atol=1e-4)
+    # ... and disable_adapter() still switches it off through the base model.
+    with model.disable_adapter(), torch.no_grad():
+        off, _ = model_completion_logprobs(model, ids, mask, t)
+    for row, expected in enumerate(plain_rows):
+        torch.testing.assert_close(off[row, : len(expected)], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_learning_peft_model_keeps_its_wrapper() -> None:
+    from peft import PromptTuningConfig, get_peft_model
+
+    from grpokit.logprobs import forward_module
+
+    tokenizer = make_tokenizer()
+    base = make_causal_lm(tokenizer)
+    wrapped = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert forward_module(wrapped) is wrapped  # virtual tokens are added in the wrapper's forward
+    assert forward_module(base) is base

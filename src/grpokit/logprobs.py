@@ -103,7 +103,29 @@ def selective_logprobs_and_entropy(
     return logprobs, entropies
 
 
+def forward_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose `forward` computes `model`'s logits with its full signature.
+
+    A PEFT model's own `forward(*args, **kwargs)` hides the wrapped causal LM's arguments
+    (`logits_to_keep`, `position_ids`). For adapters that live inside the base model's layers
+    (LoRA and the other injected tuners) the base model computes exactly the same logits, adapters
+    included and `disable_adapter()` respected, so it is called directly. Prompt-learning
+    adapters (prompt / prefix / p-tuning) add virtual tokens in the wrapper's forward, so those
+    keep the wrapper.
+    """
+    config = getattr(model, "active_peft_config", None)
+    get_base_model = getattr(model, "get_base_model", None)
+    if config is None or not callable(get_base_model):
+        return model
+    if getattr(config, "is_prompt_learning", False):
+        return model
+    base: torch.nn.Module = get_base_model()
+    return base
+
+
 def _accepts(model: torch.nn.Module, argument: str) -> bool:
+    """Whether `model.forward` names `argument` (a bare `**kwargs` does not count: it may drop
+    or reject the argument further down)."""
     return argument in inspect.signature(model.forward).parameters
 
 
@@ -126,10 +148,12 @@ def model_completion_logprobs(
 
     Position ids are computed from the attention mask (`cumsum - 1`), so left padding of the prompt
     does not shift the positions of real tokens and does not change the completion log-probs.
+    A PEFT model is called through its base model (see `forward_module`) so that both arguments
+    reach it.
 
     Args:
-        model: A causal LM whose forward takes `input_ids` and `attention_mask` and returns an
-            object with `.logits` `[n, L, V]`.
+        model: A causal LM (or a PEFT model wrapping one) whose forward takes `input_ids` and
+            `attention_mask` and returns an object with `.logits` `[n, L, V]`.
         input_ids: `[N, P+T]` left-padded prompt followed by the right-padded completion.
         attention_mask: `[N, P+T]`; 1 = real token, 0 = padding.
         completion_len: `T`, the number of completion positions at the end of `input_ids`.
@@ -160,6 +184,7 @@ def model_completion_logprobs(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}.")
 
+    model = forward_module(model)
     keep_logits = _accepts(model, "logits_to_keep")
     pass_positions = _accepts(model, "position_ids")
     step = batch_size or input_ids.shape[0]

@@ -110,9 +110,6 @@ class GRPOTrainer:
         self.model, self.processing_class = setup.load_policy(model, processing_class, self.args)
         self.model = setup.prepare_model(self.model, peft_config, self.args, self.device)
         self.is_peft = ckpt.is_peft_model(self.model)
-        # Under PEFT the adapters live inside the base model's modules; calling the base model
-        # directly keeps its full forward signature (logits_to_keep, position_ids).
-        self.forward_model = self.model.get_base_model() if self.is_peft else self.model
         self.ref_model = setup.make_ref_model(self.model, self.args)
         self.reward_funcs = build_reward_functions(
             reward_funcs, reward_processing_classes, device=self.device
@@ -359,7 +356,7 @@ class GRPOTrainer:
         input_ids, attention_mask, t = batch.trimmed(rows)  # [n, P'+T'], T'
         with self.autocast():
             logprobs, entropies = model_completion_logprobs(
-                self.forward_model,
+                self.model,
                 input_ids.to(self.device),
                 attention_mask.to(self.device),
                 t,
@@ -462,7 +459,7 @@ class GRPOTrainer:
     def _ref_logprobs(self, batch: RolloutBatch) -> Tensor:
         if self.is_peft:
             with self.model.disable_adapter():
-                return self._logprobs_no_grad(self.forward_model, batch)
+                return self._logprobs_no_grad(self.model, batch)
         return self._logprobs_no_grad(self.ref_model, batch)
 
     def _clip_gradients(self) -> float:
