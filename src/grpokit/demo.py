@@ -1,0 +1,75 @@
+"""`grpokit demo`: GRPO visibly improving SmolLM2-135M-Instruct on a CPU in about ten minutes.
+
+The demo is an ordinary run config (`DEMO_CONFIG`), so every field can be overridden on the
+command line (`grpokit demo --seed 1 --output_dir runs/demo-seed1`) and the run it leaves behind
+restarts with `grpokit train runs/demo/config.yaml --resume`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEMO_TEMPLATE = "{prompt}\nPut only the final answer inside <answer></answer> tags."
+"""Prompt template: the question, then the answer format the rewards read."""
+
+DEMO_CONFIG: dict[str, Any] = {
+    "model": "smollm2-135m-instruct",
+    "task": {
+        "kind": "reasoning_gym",
+        "name": "chain_sum",
+        "size": 2000,
+        "seed": 0,
+        "eval_size": 100,
+        "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+        "template": DEMO_TEMPLATE,
+    },
+    "rewards": ["reasoning_gym_score", "answer_format_reward"],
+    "training": {
+        "output_dir": "runs/demo",
+        "max_steps": 30,
+        "learning_rate": 1.0e-5,
+        "num_generations": 8,
+        "per_device_train_batch_size": 32,
+        "max_completion_length": 48,
+        "temperature": 1.0,
+        "loss_type": "dapo",
+        "beta": 0.0,
+        "logging_steps": 1,
+        "save_steps": 10,
+        "seed": 0,
+    },
+    "eval": {"num_prompts": 100, "batch_size": 100},
+}
+"""The demo's run config (same layout as the YAML files in examples/)."""
+
+DEMO_DESCRIPTION = (
+    "GRPO on SmolLM2-135M-Instruct (built in, no download) for two-number sums from "
+    "reasoning-gym's chain_sum, answer in <answer></answer> tags. Evaluates held-out accuracy "
+    "(greedy, 100 prompts) before and after training, saves the trained model to "
+    "<output_dir>/final_model and writes <output_dir>/curves.png. About ten minutes on 2 CPU "
+    "cores. Every field below can be overridden, e.g. `grpokit demo --seed 1 --output_dir "
+    "runs/demo-seed1`."
+)
+
+
+def run_demo(overrides: list[tuple[str, Any]], *, overwrite: bool = False) -> dict[str, Any]:
+    """Run the demo config with command-line overrides and print held-out accuracy before/after.
+
+    Returns:
+        What `grpokit.cli.run_training` returns.
+    """
+    from grpokit.cli import build_config, run_training
+
+    spec = build_config(DEMO_CONFIG, overrides)
+    result = run_training(spec, overwrite=overwrite)
+    before, after = result["before"], result["after"]
+    if before is not None and after is not None:
+        print(
+            f"\nheld-out accuracy ({int(after['num_prompts'])} prompts, greedy): "
+            f"before {before['accuracy']:.3f} -> after {after['accuracy']:.3f} "
+            f"(answer-format reward {before['rewards/answer_format_reward']:.2f} -> "
+            f"{after['rewards/answer_format_reward']:.2f})",
+            flush=True,
+        )
+    print(f"model: {result['model_dir']}\nplot:  {result['plot']}", flush=True)
+    return result

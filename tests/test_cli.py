@@ -1,0 +1,291 @@
+"""`grpokit train / eval / demo` end to end on a tiny model, and every config error."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from grpokit import cli
+from grpokit.cli import ConfigError, build_config, field_docs, main
+from grpokit.config import GRPOConfig
+from tests.tiny import save_tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run much faster on one thread on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def _write_data(path: Path) -> Path:
+    rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(4)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def _config(tmp_path: Path, model: str, **training: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "task": {
+            "kind": "dataset",
+            "path": str(_write_data(tmp_path / "data.jsonl")),
+            "columns": {"question": "prompt", "answer": "answer"},
+            "format": "plain",
+            "eval_fraction": 0.25,
+        },
+        "rewards": ["accuracy_reward", "answer_format_reward"],
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 2,
+            "num_generations": 2,
+            "per_device_train_batch_size": 4,
+            "max_completion_length": 6,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_steps": 1,
+            **training,
+        },
+        "eval": {"num_prompts": 3, "num_samples": 2, "batch_size": 8},
+    }
+
+
+def _write_yaml(path: Path, data: dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_resume_eval_end_to_end(tmp_path: Path, tiny_model: str, capsys) -> None:
+    config = _write_yaml(tmp_path / "run.yaml", _config(tmp_path, tiny_model))
+    assert main(["train", config, "--learning_rate", "2e-6"]) == 0
+    run = tmp_path / "run"
+
+    # The config actually used (with the override) is written and loads back to the same spec.
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["training"]["learning_rate"] == 2e-6
+    assert written["rewards"] == ["accuracy_reward", "answer_format_reward"]
+    again = cli.load_config(str(run / "config.yaml"), [])
+    assert again.training.to_dict() == build_config(written).training.to_dict()
+
+    assert _steps(run) == [1, 2]
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [(e["when"], e["step"]) for e in evals] == [("before", 0), ("after", 2)]
+    assert {"accuracy", "pass@1", "pass@2", "reward", "completion_length"} <= set(evals[0])
+    assert (run / "checkpoint-2").is_dir()
+    assert (run / "final_model" / "config.json").is_file()
+    assert (run / "curves.png").stat().st_size > 1000
+
+    # Starting the same run again without a flag is refused; --resume continues it.
+    assert main(["train", str(run / "config.yaml")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", str(run / "config.yaml"), "--resume", "--max_steps", "4"]) == 0
+    assert _steps(run) == [1, 2, 3, 4]
+    assert (run / "checkpoint-4").is_dir()
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["when"] for e in evals] == ["before", "after", "after"]  # no "before" on resume
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["max_steps"] == 4
+
+    # eval: the trained model on the held-out split, metrics to stdout and a file.
+    out = tmp_path / "metrics.json"
+    capsys.readouterr()
+    code = main(
+        [
+            "eval",
+            str(run / "config.yaml"),
+            "--model",
+            str(run / "final_model"),
+            "--output",
+            str(out),
+            "--eval.num_samples",
+            "1",
+        ]
+    )
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_prompts"] == 3 and metrics["num_samples"] == 1
+    assert json.loads(capsys.readouterr().out) == metrics
+
+    # --overwrite starts again from scratch.
+    assert main(["train", str(run / "config.yaml"), "--overwrite", "--max_steps", "1"]) == 0
+    assert _steps(run) == [1]
+    assert not (run / "checkpoint-4").exists()
+
+
+# ---- overrides and help ------------------------------------------------------------------------
+def test_overrides_flat_dotted_and_nested(tmp_path: Path) -> None:
+    raw = _config(tmp_path, "some/model")
+    overrides = cli.parse_overrides(
+        [
+            "--learning_rate",
+            "2e-6",
+            "--eval.max_completion_length=5",
+            "--task.seed",
+            "3",
+            "--bf16",
+            "--max-steps",
+            "7",
+            "--model",
+            "other/model",
+            "--temperature",
+            "0.7",
+        ]
+    )
+    spec = build_config(raw, overrides)
+    assert spec.training.learning_rate == 2e-6  # YAML reads "2e-6" as a string: coerced
+    assert spec.training.max_steps == 7
+    assert spec.training.bf16 is True
+    assert spec.training.temperature == 0.7  # flat names go to training before eval
+    assert spec.eval.max_completion_length == 5
+    assert spec.run.task["seed"] == 3
+    assert spec.run.model == "other/model"
+    assert [r.name for r in spec.rewards or []] == ["accuracy_reward", "answer_format_reward"]
+
+
+def test_field_docs_come_from_the_dataclass_source() -> None:
+    docs = field_docs(GRPOConfig)
+    assert docs["learning_rate"] == "Peak learning rate of AdamW."
+    assert set(docs) == set(cli.field_defaults(GRPOConfig))
+    assert set(field_docs(cli.EvalConfig)) == set(cli.field_defaults(cli.EvalConfig))
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "demo"])
+def test_help_lists_every_field_with_default_and_meaning(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for section, cls in cli.SCHEMAS.items():
+        prefix = "" if section == "run" else f"{section}."
+        for name in cli.field_defaults(cls):
+            assert f"--{prefix}{name} (default: " in text, name
+    assert "--training.learning_rate (default: " in text
+    assert "Peak learning rate of AdamW." in text
+    if command == "demo":
+        assert "--training.max_steps (default: " in text
+        assert "smollm2-135m-instruct" in text
+
+
+# ---- every config error: named field, fix, fast -----------------------------------------------
+ERRORS = [
+    ({"learning_rate": 1e-5}, "`learning_rate` belongs under `training:`"),
+    ({"modle": "x"}, "Did you mean `model`"),
+    ({"training": {"learning_rat": 1e-5}}, "`training.learning_rat`. Did you mean `learning_rate`"),
+    ({"training": {"num_generation": 4}}, "Did you mean `num_generations`"),
+    ({"eval": {"num_sample": 4}}, "Did you mean `num_samples`"),
+    ({"training": {"max_steps": "ten"}}, "training.max_steps: expected an integer, got 'ten'"),
+    ({"training": {"learning_rate": "fast"}}, "training.learning_rate: expected a number"),
+    ({"training": {"bf16": "yes please"}}, "training.bf16: expected true/false"),
+    ({"training": {"reward_weights": ["a", 1]}}, "training.reward_weights[0]: expected a number"),
+    ({"eval": {"num_samples": 0}}, "eval.num_samples must be >= 1"),
+    ({"training": {"learning_rate": -1.0}}, "learning_rate must be >= 0"),
+    ({"training": {"top_p": 1.5}}, "top_p must be in (0, 1]"),
+    ({"training": {"per_device_train_batch_size": 3}}, "must be divisible by num_generations"),
+    (
+        {"training": {"loss_type": "vespo", "importance_sampling_level": "sequence"}},
+        "importance_sampling_level='token'",
+    ),
+    ({"training": {"loss_type": "ppo"}}, "loss_type must be one of"),
+    ({"training": {"vllm_mode": "server"}}, "training.vllm_mode: a TRL option grpokit"),
+    ({"rewards": ["acuracy_reward"]}, "rewards[0]: Unknown reward function 'acuracy_reward'"),
+    ({"rewards": ["no_such_module_xyz:fn"]}, "rewards[0]: reward 'no_such_module_xyz:fn'"),
+    ({"training": {"reward_weights": [1.0]}}, "reward_weights has 1 entries but there are 2"),
+    ({"task": {"name": "chain_sum"}}, "task: {'name': 'chain_sum'} needs a `kind`"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), ERRORS)
+def test_config_errors_name_the_field_and_fix(tmp_path: Path, change, message) -> None:
+    raw = _config(tmp_path, "some/model")
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict) and key != "task":
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as error:
+        build_config(raw)
+    assert time.perf_counter() - start < 1.0
+    assert message in str(error.value)
+
+
+def test_suggestion_for_misspelt_reward(tmp_path: Path) -> None:
+    raw = {**_config(tmp_path, "m"), "rewards": ["acuracy_reward"]}
+    with pytest.raises(ConfigError, match="Did you mean `accuracy_reward`"):
+        build_config(raw)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--learnin_rate", "1"], "--learnin_rate: no such field. Did you mean `--learning_rate`"),
+        (["--training.max_steps", "x"], "training.max_steps: expected an integer"),
+        (["stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_cli_errors_exit_2_before_loading_anything(
+    tmp_path: Path, argv, message, capsys, monkeypatch
+) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a bad config")
+
+    monkeypatch.setattr("grpokit.models.load_causal_lm", fail)
+    config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, "some/model"))
+    assert main(["train", config, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path: Path, capsys) -> None:
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed")
+    assert main(["train", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_unknown_task_key_is_reported_before_the_model_loads(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(
+        "grpokit.models.load_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError)
+    )
+    raw = _config(tmp_path, "some/model")
+    raw["task"]["colums"] = {}
+    assert main(["train", _write_yaml(tmp_path / "c.yaml", raw)]) == 2
+    assert "task: unknown key(s) ['colums']" in capsys.readouterr().err
+
+
+# ---- the example configs -----------------------------------------------------------------------
+EXAMPLES = sorted(Path(__file__).resolve().parent.parent.glob("examples/*.yaml"))
+
+
+def test_examples_exist() -> None:
+    names = {p.stem for p in EXAMPLES}
+    assert {"grpo", "dapo", "dr_grpo", "gspo"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_validate(path: Path) -> None:
+    spec = cli.load_config(str(path), [])
+    assert spec.rewards is not None
+    assert "arxiv.org" in path.read_text()  # each example cites its paper
