@@ -67,6 +67,17 @@ def test_batch_semantics() -> None:
         (dict(max_steps=-1, num_train_epochs=0), "max_steps"),
         (dict(logging_steps=0), "logging_steps"),
         (dict(delta=1.1), "delta"),
+        (dict(top_entropy_quantile=0.0), "top_entropy_quantile"),
+        (dict(off_policy_mask_threshold=-0.5), "off_policy_mask_threshold"),
+        (dict(loss_type="vespo", vespo_lambda_pos=0.0), "vespo_lambda_pos"),
+        (dict(loss_type="vespo", vespo_k_neg=-1.0), "vespo_k_neg"),
+        (dict(vllm_importance_sampling_mode="token_clip"), "vllm_importance_sampling_mode"),
+        (dict(vllm_importance_sampling_clip_min=-0.1), "vllm_importance_sampling_clip_min"),
+        (
+            dict(vllm_importance_sampling_clip_min=2.0, vllm_importance_sampling_clip_max=1.5),
+            "vllm_importance_sampling_clip_max",
+        ),
+        (dict(eval_on_start=True, per_device_eval_batch_size=3), "per_device_eval_batch_size"),
     ],
 )
 def test_bad_values_name_the_field(kwargs: dict, match: str) -> None:
@@ -81,6 +92,22 @@ def test_unknown_and_unsupported_fields_are_type_errors() -> None:
         TypeError, match="`vllm_mode` is a TRL option that grpokit does not support"
     ):
         GRPOConfig(vllm_mode="colocate")
+    with pytest.raises(TypeError, match="vllm_importance_sampling_clip_max"):
+        GRPOConfig(vllm_importance_sampling_cap=2.0)  # deprecated in TRL
+
+
+def test_rollout_importance_sampling_fields_take_trl_names_and_defaults() -> None:
+    cfg = GRPOConfig()
+    assert cfg.vllm_importance_sampling_correction is True
+    assert cfg.vllm_importance_sampling_mode == "sequence_mask"
+    assert (cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max) == (
+        None,
+        3.0,
+    )
+    # No upper bound is allowed (TRL: clip_max=None masks only below clip_min).
+    GRPOConfig(vllm_importance_sampling_clip_min=0.5, vllm_importance_sampling_clip_max=None)
+    vespo = GRPOConfig(loss_type="vespo", vespo_k_pos=1.0, vespo_lambda_neg=4.0)
+    assert (vespo.vespo_k_pos, vespo.vespo_lambda_pos, vespo.vespo_k_neg) == (1.0, 3.0, 3.0)
 
 
 def test_scale_rewards_bools_and_to_dict() -> None:

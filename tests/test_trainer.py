@@ -410,6 +410,34 @@ def test_evaluate_logs_eval_metrics_without_changing_training(tmp_path: Path) ->
         assert torch.equal(value, params(with_eval)[name]), name
 
 
+def test_eval_on_start_and_at_the_end(tmp_path: Path) -> None:
+    # eval_steps=10 is never crossed in 2 steps: the only evaluations are at the start (step 0,
+    # its own record) and at the end (merged into the last step's record).
+    trainer = make_trainer(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=10,
+        eval_on_start=True,
+        per_device_eval_batch_size=4,
+        trainer_kwargs=dict(eval_dataset=PLAIN),
+    )
+    trainer.train()
+    logged = read_metrics(tmp_path)
+    assert [m["step"] for m in logged] == [0, 1, 2]
+    assert "eval_reward" in logged[0] and "reward" not in logged[0]
+    assert "eval_reward" not in logged[1]
+    assert "eval_reward" in logged[2] and "reward" in logged[2]
+    # eval_on_start alone evaluates once, at the start.
+    start_only = make_trainer(
+        tmp_path / "s",
+        eval_on_start=True,
+        per_device_eval_batch_size=4,
+        trainer_kwargs=dict(eval_dataset=PLAIN),
+    )
+    start_only.train()
+    assert [("eval_reward" in m) for m in read_metrics(tmp_path / "s")] == [True, False, False]
+
+
 def test_prompt_length_policies(tmp_path: Path) -> None:
     data = Dataset.from_list([{"prompt": "x" * 20}, {"prompt": "ab"}, {"prompt": "cd"}])
     skip = make_trainer(
@@ -506,3 +534,105 @@ def test_bad_trainer_arguments(tmp_path: Path) -> None:
         make_trainer(tmp_path, model_init_kwargs={"dtype": "float32"})
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         make_trainer(tmp_path / "empty").train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match="need an eval_dataset"):
+        make_trainer(tmp_path, eval_strategy="steps")
+    with pytest.raises(ValueError, match="need an eval_dataset"):
+        make_trainer(tmp_path, eval_on_start=True)
+
+
+# ---- rollout importance sampling ----------------------------------------------------------------
+
+
+class MismatchedEngine:
+    """Samples with the policy but reports the log-probs of another model, as an inference engine
+    whose numerics differ from the trainer's would (`sampling_logprobs` != the policy's)."""
+
+    def __init__(self, policy: Any, tokenizer: Any) -> None:
+        from grpokit.generation import TransformersEngine
+
+        self.inner = TransformersEngine(policy, tokenizer)
+        self.other = make_causal_lm(tokenizer, seed=7)
+
+    def generate(self, prompt_ids: list[list[int]], **kwargs: Any) -> Any:
+        from grpokit.logprobs import model_completion_logprobs
+
+        gen = self.inner.generate(prompt_ids, **kwargs)
+        t = gen.completion_ids.shape[1]
+        with torch.no_grad():
+            logprobs, _ = model_completion_logprobs(
+                self.other,
+                torch.cat([gen.prompt_ids, gen.completion_ids], dim=1),
+                torch.cat([gen.prompt_mask, gen.completion_mask], dim=1),
+                t,
+            )  # [N, T]
+        gen.sampling_logprobs = logprobs * gen.completion_mask  # 0 at padding
+        return gen
+
+    def update_weights(self, model: Any) -> None:
+        self.inner.update_weights(model)
+
+
+def mismatched_trainer(tmp_path: Path, **overrides: Any) -> GRPOTrainer:
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    engine = MismatchedEngine(model, tok)
+    return make_trainer(
+        tmp_path,
+        model=model,
+        tokenizer=tok,
+        trainer_kwargs=dict(generation_engine=engine),
+        **overrides,
+    )
+
+
+def test_rollout_importance_weights_enter_the_loss(tmp_path: Path) -> None:
+    from grpokit.logprobs import model_completion_logprobs
+
+    trainer = mismatched_trainer(
+        tmp_path,
+        vllm_importance_sampling_mode="token_truncate",
+        vllm_importance_sampling_clip_max=1.2,
+    )
+    _, prompt_ids, _ = trainer.sample_prompts()
+    gen = trainer.generate(prompt_ids)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    batch = trainer.build_rollout_batch(gen, advantages)
+    num_items = batch.loss_mask.sum().float()
+    loss, metrics = trainer.micro_batch_loss(batch, slice(0, 4), num_items)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters()}
+    trainer.model.zero_grad()
+
+    # By hand. On-policy dapo: ratio = 1, so the per-token loss is -A * w with the detached
+    # truncated weight w = min(pi_train / pi_rollout, 1.2) = min(exp(logp - sampling_logp), 1.2);
+    # the loss is sum_it(-A_i w_it mask_it) / num_items, and its gradient that of
+    # sum_it(-A_i w_it logp_it mask_it) / num_items.
+    input_ids, attention_mask, t = batch.trimmed(slice(0, 4))
+    logp, _ = model_completion_logprobs(trainer.model, input_ids, attention_mask, t)  # [4, T']
+    mask = batch.loss_mask[:, :t].float()  # [4, T']
+    w = (logp.detach() - gen.sampling_logprobs[:, :t]).exp().clamp(max=1.2) * mask
+    assert metrics["rollout_is/logprob_abs_diff/mean"] > 0.05  # the engines really disagree
+    assert ((w < 1.2) & (mask > 0)).any() and ((w == 1.2) & (mask > 0)).any()  # some capped
+    expected = -(advantages[:, None] * w * mask).sum() / num_items
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-6, rtol=1e-5)
+    (-(advantages[:, None] * w * logp * mask).sum() / num_items).backward()
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5)
+
+    # Without the correction the weight is 1: the loss is -sum(A mask) / num_items.
+    trainer.args.vllm_importance_sampling_correction = False
+    plain_loss, plain_metrics = trainer.micro_batch_loss(batch, slice(0, 4), num_items)
+    torch.testing.assert_close(
+        plain_loss.detach(), -(advantages[:, None] * mask).sum() / num_items, atol=1e-6, rtol=1e-5
+    )
+    assert "rollout_is/mean" not in plain_metrics
+
+
+def test_rollout_importance_sampling_run_logs_its_metrics(tmp_path: Path) -> None:
+    # Off-policy (two passes): the weight uses the old log-probs, computed before the update.
+    trainer = mismatched_trainer(tmp_path, num_iterations=2, max_steps=2)
+    trainer.train()
+    logged = read_metrics(tmp_path)[-1]
+    for key in ("rollout_is/mean", "rollout_is/frac_modified", "rollout_is/logprob_abs_diff/max"):
+        assert key in logged, key
+    assert logged["rollout_is/logprob_abs_diff/max"] > 0

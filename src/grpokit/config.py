@@ -28,9 +28,7 @@ UNSUPPORTED_TRL_FIELDS: dict[str, str] = {
     "vllm_server_port": "vLLM generation is not supported yet (use_vllm must be False)",
     "vllm_gpu_memory_utilization": "vLLM generation is not supported yet",
     "vllm_tensor_parallel_size": "vLLM generation is not supported yet",
-    "vllm_importance_sampling_correction": "only used with vLLM, which is not supported yet",
-    "vllm_importance_sampling_mode": "only used with vLLM, which is not supported yet",
-    "vllm_importance_sampling_cap": "only used with vLLM, which is not supported yet",
+    "vllm_importance_sampling_cap": "deprecated in TRL; use vllm_importance_sampling_clip_max",
     "use_liger_kernel": "Liger kernels are not supported",
     "use_liger_loss": "Liger kernels are not supported",
     "deepspeed": "grpokit trains in one process; DeepSpeed is not supported",
@@ -173,6 +171,29 @@ class GRPOConfig:
     """SAPO gate temperature for tokens with positive advantage."""
     sapo_temperature_neg: float = 1.05
     """SAPO gate temperature for tokens with non-positive advantage."""
+    vespo_k_pos: float = 2.0
+    """VESPO (loss_type="vespo") gamma shape k where A >= 0: how strongly sequences whose ratio
+    w < 1 are down-weighted by phi(w) = exp(lambda (1 - w)) w^k. >= 0."""
+    vespo_lambda_pos: float = 3.0
+    """VESPO gamma rate lambda where A >= 0: how strongly sequences whose ratio w > 1 are
+    down-weighted. > 0."""
+    vespo_k_neg: float = 3.0
+    """VESPO gamma shape k where A < 0. >= 0."""
+    vespo_lambda_neg: float = 2.0
+    """VESPO gamma rate lambda where A < 0. > 0."""
+    vllm_importance_sampling_correction: bool = True
+    """Correct for a rollout engine whose log-probs differ from the trained model's (TRL's name;
+    applies to any engine that returns `sampling_logprobs`, never to the default transformers
+    engine, which samples from the trained model itself): multiply the per-token loss by the
+    detached weight pi_train / pi_rollout, shaped by `vllm_importance_sampling_mode`."""
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    """Rollout importance sampling: "token_truncate" / "sequence_truncate" cap the per-token /
+    per-sequence weight to [clip_min, clip_max] (TIS); "token_mask" / "sequence_mask" set weights
+    outside it to 0 (MIS / IcePop). Sequence modes use the product of the token ratios."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """Lower bound of the rollout importance weight; None = no lower bound. >= 0."""
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    """Upper bound of the rollout importance weight; None = no upper bound. > clip_min."""
     sync_ref_model: bool = False
     """Every `ref_model_sync_steps` steps, set ref = alpha * policy + (1 - alpha) * ref (TR-DPO)."""
     ref_model_mixup_alpha: float = 0.6
@@ -239,7 +260,10 @@ class GRPOConfig:
     eval_strategy: str = "no"
     """"steps" evaluates on eval_dataset every `eval_steps`; "no" never does."""
     eval_steps: int | float | None = None
-    """Optimizer steps between evaluations; None = logging_steps."""
+    """Optimizer steps between evaluations; None = logging_steps. The last step always evaluates
+    when eval_strategy is "steps"."""
+    eval_on_start: bool = False
+    """Evaluate on eval_dataset before the first training step (logged at the starting step)."""
     per_device_eval_batch_size: int = 8
     """Completions per generation call during evaluation."""
 
@@ -319,7 +343,7 @@ class GRPOConfig:
             raise ValueError(
                 f"eval_strategy must be one of {EVAL_STRATEGIES}, got {self.eval_strategy!r}."
             )
-        if self.eval_strategy != "no":
+        if self.eval_strategy != "no" or self.eval_on_start:
             g_eval = self.num_generations_eval or self.num_generations
             if self.per_device_eval_batch_size % g_eval:
                 raise ValueError(
@@ -376,7 +400,12 @@ class GRPOConfig:
             off_policy_mask_threshold=self.off_policy_mask_threshold,
             sapo_temperature_pos=self.sapo_temperature_pos,
             sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos,
+            vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
         )
+        self._check_rollout_importance_sampling()
         if self.sync_ref_model and self.beta == 0:
             raise ValueError(
                 "sync_ref_model=True has no effect with beta=0 (no reference model is kept); "
@@ -387,6 +416,24 @@ class GRPOConfig:
                 f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}."
             )
         _positive_int("ref_model_sync_steps", self.ref_model_sync_steps)
+
+    def _check_rollout_importance_sampling(self) -> None:
+        from grpokit.losses import ROLLOUT_IS_MODES
+
+        if self.vllm_importance_sampling_mode not in ROLLOUT_IS_MODES:
+            raise ValueError(
+                f"vllm_importance_sampling_mode must be one of {ROLLOUT_IS_MODES}, "
+                f"got {self.vllm_importance_sampling_mode!r}."
+            )
+        low = self.vllm_importance_sampling_clip_min
+        high = self.vllm_importance_sampling_clip_max
+        if low is not None and not low >= 0:
+            raise ValueError(f"vllm_importance_sampling_clip_min must be >= 0 or None, got {low}.")
+        if high is not None and not high > (low or 0.0):
+            raise ValueError(
+                f"vllm_importance_sampling_clip_max ({high}) must be > "
+                f"vllm_importance_sampling_clip_min ({low}) and > 0, or None for no upper bound."
+            )
 
     def _check_optimisation(self) -> None:
         from transformers import SchedulerType

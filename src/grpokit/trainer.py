@@ -47,7 +47,7 @@ from grpokit.logging import (
     reduce_metrics,
 )
 from grpokit.logprobs import model_completion_logprobs
-from grpokit.losses import policy_loss
+from grpokit.losses import policy_loss, rollout_importance_weights
 from grpokit.rewards import build_reward_functions, compute_rewards
 from grpokit.rollout import (
     decode_completions,
@@ -117,6 +117,12 @@ class GRPOTrainer:
         setup.check_reward_weights(self.args, len(self.reward_funcs))
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
+        if eval_dataset is None and (self.args.eval_strategy != "no" or self.args.eval_on_start):
+            raise ValueError(
+                f"eval_strategy={self.args.eval_strategy!r} / eval_on_start="
+                f"{self.args.eval_on_start} need an eval_dataset; pass eval_dataset= or set "
+                "eval_strategy='no' and eval_on_start=False."
+            )
         self.sampler = PromptSampler(
             train_dataset, seed=self.args.seed, shuffle=self.args.shuffle_dataset
         )
@@ -158,6 +164,8 @@ class GRPOTrainer:
         steps_per_round = cfg.num_iterations * cfg.optimizer_steps_per_generation
         num_rounds = math.ceil(self.max_steps / steps_per_round)
         try:
+            if cfg.eval_on_start:
+                run_log.log(self.state.global_step, self.evaluate())
             for _ in range(self.state.global_step // steps_per_round, num_rounds):
                 round_start, first_step = time.perf_counter(), self.state.global_step
                 timings: dict[str, float] = {}
@@ -363,11 +371,28 @@ class GRPOTrainer:
                 temperature=cfg.temperature,
                 compute_entropy=True,
             )  # [n, T'] float32 each
-        return policy_loss(
+        old_logprobs = batch.sliced("old_logprobs", rows, t, self.device)  # [n, T'] or None
+        loss_mask = batch.loss_mask[rows, :t].to(self.device)  # [n, T'] 1 = counts in the loss
+        sampling_logprobs = batch.sliced("sampling_logprobs", rows, t, self.device)
+        is_weights: Tensor | None = None
+        is_metrics: dict[str, Tensor] = {}
+        if sampling_logprobs is not None and cfg.vllm_importance_sampling_correction:
+            # pi_train / pi_rollout at the sampling weights. On-policy, the weights have not moved
+            # since sampling, so this forward's log-probs are those of the sampling weights.
+            behaviour = old_logprobs if old_logprobs is not None else logprobs.detach()
+            is_weights, is_metrics = rollout_importance_weights(
+                behaviour,
+                sampling_logprobs,
+                loss_mask,
+                mode=cfg.vllm_importance_sampling_mode,
+                clip_min=cfg.vllm_importance_sampling_clip_min,
+                clip_max=_or_inf(cfg.vllm_importance_sampling_clip_max),
+            )  # [n, T'] detached
+        loss, metrics = policy_loss(
             logprobs,
-            batch.sliced("old_logprobs", rows, t, self.device),
+            old_logprobs,
             batch.advantages[rows].to(self.device),
-            batch.loss_mask[rows, :t].to(self.device),
+            loss_mask,
             loss_type=cfg.loss_type,
             importance_sampling_level=cfg.importance_sampling_level,
             epsilon_low=cfg.epsilon,
@@ -381,10 +406,16 @@ class GRPOTrainer:
             entropies=entropies.detach() if entropies is not None else None,
             top_entropy_quantile=cfg.top_entropy_quantile,
             off_policy_mask_threshold=cfg.off_policy_mask_threshold,
-            sampling_logprobs=batch.sliced("sampling_logprobs", rows, t, self.device),
+            sampling_logprobs=sampling_logprobs,
+            rollout_is_weights=is_weights,
             sapo_temperature_pos=cfg.sapo_temperature_pos,
             sapo_temperature_neg=cfg.sapo_temperature_neg,
+            vespo_k_pos=cfg.vespo_k_pos,
+            vespo_lambda_pos=cfg.vespo_lambda_pos,
+            vespo_k_neg=cfg.vespo_k_neg,
+            vespo_lambda_neg=cfg.vespo_lambda_neg,
         )
+        return loss, {**metrics, **is_metrics}
 
     # =============================================================================================
     # Evaluation and saving
@@ -516,11 +547,7 @@ class GRPOTrainer:
         if self._is_logging_round(first_step):
             metrics = {**self.pending.flush(), "epoch": self.state.epoch}
         eval_every = cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps
-        if (
-            cfg.eval_strategy == "steps"
-            and self.eval_dataset is not None
-            and self._crossed(eval_every, first_step)
-        ):
+        if cfg.eval_strategy == "steps" and (self._crossed(eval_every, first_step) or done):
             metrics.update(self.evaluate())
         if metrics:
             run_log.log(step, metrics)
@@ -559,6 +586,10 @@ class GRPOTrainer:
 # =================================================================================================
 # Module helpers
 # =================================================================================================
+def _or_inf(bound: float | None) -> float:
+    return math.inf if bound is None else bound
+
+
 @contextlib.contextmanager
 def _timer(timings: dict[str, float], key: str) -> Iterator[None]:
     start = time.perf_counter()
