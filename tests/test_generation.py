@@ -77,7 +77,8 @@ def test_engine_groups_and_masks_on_tiny_model() -> None:
     assert torch.equal(out.completion_mask, expected_mask)
     assert torch.equal(out.is_truncated, expected_trunc)
     assert torch.equal(out.completion_ids, cleaned)
-    assert out.sampling_logprobs is None
+    assert out.sampling_logprobs is not None and out.sampling_logprobs.shape == cleaned.shape
+    assert (out.sampling_logprobs[expected_mask == 0] == 0).all()
 
 
 def test_engine_stops_at_eos_and_top_k_one_is_greedy() -> None:

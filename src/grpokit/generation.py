@@ -7,7 +7,9 @@ without touching the loop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -124,14 +126,80 @@ def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 class TransformersEngine:
-    """Samples with the policy's own `model.generate` in this process."""
+    """Samples with a transformers causal LM in this process.
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    Two decode paths give the same distribution:
+
+    - `decode="lean"` (default): each distinct prompt is prefilled once and its KV cache is repeated
+      for its G completions; then a plain loop of one-token forwards with `TokenSampler`, stopping
+      as soon as every row has produced an EOS. Returns `sampling_logprobs`.
+    - `decode="hf"`: `model.generate` on the G-times-repeated prompts (the reference path; takes
+      any `generation_kwargs` that transformers knows; no `sampling_logprobs`).
+
+    With `bf16_sampler` the engine samples from its own bf16 copy of the policy (parameters only;
+    buffers such as rotary frequencies stay as they are), refreshed by an in-place copy in
+    `update_weights`. Its matmuls round the weights to bf16 exactly as bf16 autocast does; the
+    residual stream and norms then run in bf16 too, so the sampler differs from the autocast
+    trainer by bf16 rounding (`sampling_logprobs` makes that gap measurable). Under PEFT the copy
+    keeps the adapters unmerged and only the trainable (adapter) parameters are refreshed.
+
+    `sampling_logprobs[n, t]` is `log_softmax(logits / temperature)` of the sampled token under the
+    sampler's weights: after temperature, before repetition penalty, sequence bias, min_new_tokens
+    and top-k/top-p/min-p. That is the quantity the trainer computes (`grpokit.logprobs`), so
+    `old_logprobs - sampling_logprobs` measures only the sampler/trainer numerical gap; like TRL's
+    importance-sampling correction it does not account for truncation by top-k/top-p.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        decode: str = "lean",
+        share_prompt_prefill: bool = True,
+        bf16_sampler: bool | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        """Wrap `model` (the policy being trained) and its tokenizer.
+
+        Args:
+            model: A transformers causal LM (optionally a PEFT model).
+            tokenizer: Its tokenizer (EOS and pad ids).
+            decode: "lean" (own decode loop) or "hf" (`model.generate`).
+            share_prompt_prefill: Lean path only: prefill each prompt once for its G completions.
+            bf16_sampler: Sample from a bf16 copy of the policy. None = when the device computes
+                bf16 natively (`grpokit.models.bf16_supported`) and the policy is not already bf16.
+            num_threads: torch intra-op threads while generating (restored afterwards); None =
+                leave torch's setting. On a busy CPU one thread can be much faster for small models.
+
+        Raises:
+            ValueError: an unknown `decode` or a non-positive `num_threads`.
+        """
+        if decode not in DECODE_PATHS:
+            raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}.")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}.")
         self.model = model
         self.tokenizer = tokenizer
+        self.decode = decode
+        self.share_prompt_prefill = share_prompt_prefill
+        self.num_threads = num_threads
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
+        if bf16_sampler is None:
+            from grpokit.models import bf16_supported
+
+            dtype = next(model.parameters()).dtype
+            bf16_sampler = bf16_supported() and dtype != torch.bfloat16
+        self.sampler_model: Any = _bf16_copy(model) if bf16_sampler else model
+        # Parameters refreshed by update_weights: frozen ones never change during training.
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        self._synced = [
+            (name, param)
+            for name, param in self.sampler_model.named_parameters()
+            if bf16_sampler and name in trainable
+        ]
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
         """The `GenerationConfig` for one call: always sampling, never early length stopping."""
@@ -164,28 +232,315 @@ class TransformersEngine:
     ) -> GenerationOutput:
         """Sample `num_generations` completions per prompt; see `GenerationOutput` for shapes."""
         ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
+        model = self.sampler_model
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with _intra_op_threads(self.num_threads):
+                if self.decode == "hf":
+                    raw, logprobs = self._hf_generate(
+                        ids, mask, num_generations, max_new_tokens, sampling, device
+                    )
+                else:
+                    raw, logprobs = self._lean_generate(
+                        ids.to(device), mask.to(device), num_generations, max_new_tokens, sampling
+                    )
+        finally:
+            model.train(was_training)
+        completion_ids, completion_mask, is_truncated = completion_mask_from_ids(
+            raw.cpu(), self.eos_token_ids, self.pad_token_id
+        )
+        if logprobs is not None:
+            logprobs = logprobs.cpu().masked_fill(completion_mask == 0, 0.0)
         ids = ids.repeat_interleave(num_generations, dim=0)  # [N, P]
         mask = mask.repeat_interleave(num_generations, dim=0)  # [N, P]
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            sequences = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=self.generation_config(max_new_tokens, sampling),
-            )
-        finally:
-            self.model.train(was_training)
-        raw = sequences[:, ids.shape[1] :].cpu()  # [N, T]
-        completion_ids, completion_mask, is_truncated = completion_mask_from_ids(
-            raw, self.eos_token_ids, self.pad_token_id
-        )
-        return GenerationOutput(ids, mask, completion_ids, completion_mask, is_truncated, None)
+        return GenerationOutput(ids, mask, completion_ids, completion_mask, is_truncated, logprobs)
 
+    def _hf_generate(
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        g: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        device: torch.device,
+    ) -> tuple[Tensor, None]:
+        """`model.generate` on the prompts repeated G times: `([N, T] raw tokens, None)`."""
+        ids = ids.repeat_interleave(g, dim=0)  # [N, P]
+        sequences = self.sampler_model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.repeat_interleave(g, dim=0).to(device),
+            generation_config=self.generation_config(max_new_tokens, sampling),
+        )
+        return sequences[:, ids.shape[1] :], None
+
+    def _lean_generate(
+        self, ids: Tensor, mask: Tensor, g: int, max_new_tokens: int, sampling: SamplingParams
+    ) -> tuple[Tensor, Tensor]:
+        """Prefill, then decode one token at a time until every row has ended.
+
+        Args:
+            ids: `[B, P]` left-padded prompts. mask: `[B, P]` 1 = real token.
+            g: completions per prompt (G).
+
+        Returns:
+            `(tokens [N, T'], logprobs [N, T'] float32)` with `T' <= max_new_tokens`: the steps
+            actually run; rows that ended early hold the pad token after their EOS.
+        """
+        forward = _plain_forward(self.sampler_model)
+        n = ids.shape[0] * g
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P]
+        full_mask = mask.new_ones((n, mask.shape[1] + max_new_tokens))  # [N, P + T]
+        full_mask[:, : mask.shape[1]] = mask.repeat_interleave(g, dim=0)
+        sampler = TokenSampler(
+            sampling,
+            eos_token_ids=self.eos_token_ids,
+            prompt_ids=ids.repeat_interleave(g, dim=0),
+            prompt_mask=full_mask[:, : mask.shape[1]],
+            vocab_size=int(forward.get_output_embeddings().weight.shape[0]),
+        )
+        share = self.share_prompt_prefill and g > 1
+        repeats = 1 if share else g
+        out = forward(
+            input_ids=ids.repeat_interleave(repeats, dim=0),
+            attention_mask=mask.repeat_interleave(repeats, dim=0),
+            position_ids=positions.repeat_interleave(repeats, dim=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float()  # [B or N, V]
+        if share:
+            cache.batch_repeat_interleave(g)  # the G completions of a prompt share its prefill
+            logits = logits.repeat_interleave(g, dim=0)  # [N, V]
+        next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1  # [N, 1]
+        finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
+        tokens, logprobs = [], []
+        for step in range(max_new_tokens):
+            token = sampler.sample(logits, step)  # [N]
+            scaled = logits / sampling.temperature
+            logprobs.append(torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1))
+            token = token.masked_fill(finished, self.pad_token_id)
+            tokens.append(token)
+            finished |= torch.isin(token, sampler.eos)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            out = forward(
+                input_ids=token[:, None],
+                attention_mask=full_mask[:, : mask.shape[1] + step + 1],
+                position_ids=next_position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+            logits = out.logits[:, -1].float()  # [N, V]
+        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+    @torch.no_grad()
     def update_weights(self, model: Any) -> None:
-        """No-op: this engine samples from the training model itself."""
-        del model
+        """Copy `model`'s trainable parameters into the bf16 sampler in place (no allocation).
+
+        Without a bf16 sampler the engine samples from the training model itself: nothing to do.
+        Frozen parameters (`requires_grad=False`, e.g. a PEFT base model) are assumed unchanged.
+
+        Raises:
+            KeyError: `model` lacks a parameter the sampler copy has (a different architecture).
+        """
+        if not self._synced:
+            return
+        source = dict(model.named_parameters())
+        for name, param in self._synced:
+            if name not in source:
+                raise KeyError(
+                    f"update_weights: the model has no parameter {name!r}; pass the same model "
+                    f"the engine was built with."
+                )
+            param.copy_(source[name])
+
+
+DECODE_PATHS = ("lean", "hf")
+LEAN_GENERATION_KWARGS = frozenset({"min_new_tokens", "sequence_bias"})
+
+
+def _bf16_copy(model: Any) -> Any:
+    """A frozen eval-mode copy of `model` whose parameters are bf16 (buffers keep their dtype)."""
+    clone = copy.deepcopy(model)
+    for param in clone.parameters():
+        param.data = param.data.to(torch.bfloat16)
+        param.requires_grad_(False)
+    return clone.eval()
+
+
+def _plain_forward(model: Any) -> Any:
+    """The module whose forward takes `logits_to_keep`/`position_ids` (a PEFT model's base)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@contextlib.contextmanager
+def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
+    """Run the block with `num_threads` torch intra-op threads (None = unchanged)."""
+    if num_threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class TokenSampler:
+    """Next-token sampling from raw logits, in transformers' processor order.
+
+    Order (the same as `model.generate` with `do_sample=True`): sequence bias, repetition penalty,
+    `min_new_tokens` (EOS forbidden), temperature, top-k, top-p, min-p; then one draw per row from
+    the softmax of the processed scores (`sample_categorical`).
+
+    The repetition penalty counts the real prompt tokens and the tokens sampled so far
+    (transformers also counts left-padding tokens, which only differs for the pad token's logit).
+    """
+
+    def __init__(
+        self,
+        sampling: SamplingParams,
+        *,
+        eos_token_ids: Sequence[int],
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        vocab_size: int,
+    ) -> None:
+        """Validate `sampling` for the lean decode loop and prepare its per-call state.
+
+        Args:
+            sampling: The sampling settings; `generation_kwargs` may hold only
+                `LEAN_GENERATION_KWARGS`.
+            eos_token_ids: Tokens that end a completion (forbidden before `min_new_tokens`).
+            prompt_ids: `[N, P]` left-padded prompts, one row per completion.
+            prompt_mask: `[N, P]` 1 = real prompt token.
+            vocab_size: V, the width of the logits.
+
+        Raises:
+            ValueError: an unsupported `generation_kwargs` key or a malformed value.
+        """
+        unknown = sorted(set(sampling.generation_kwargs) - LEAN_GENERATION_KWARGS)
+        if unknown:
+            raise ValueError(
+                f"generation_kwargs {unknown} are not supported by the lean decode loop "
+                f"(supported: {sorted(LEAN_GENERATION_KWARGS)}); drop them or build the engine "
+                f"with TransformersEngine(model, tokenizer, decode='hf') to sample with "
+                f"model.generate."
+            )
+        self.sampling = sampling
+        self.eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=prompt_ids.device)
+        self.min_new_tokens = int(sampling.generation_kwargs.get("min_new_tokens") or 0)
+        self.bias = _dense_sequence_bias(
+            sampling.generation_kwargs.get("sequence_bias"), vocab_size, prompt_ids.device
+        )
+        self.seen: Tensor | None = None  # [N, V] bool: token occurred (repetition penalty)
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.bool)
+            seen = seen.to(prompt_ids.device)
+            self.seen = seen.scatter_(1, prompt_ids, prompt_mask.bool())
+
+    def scores(self, logits: Tensor, step: int) -> Tensor:
+        """Processed scores `[N, V]` float32 from raw `logits` `[N, V]` at completion `step`."""
+        s = self.sampling
+        scores = logits.float()
+        if self.bias is not None:
+            scores = scores + self.bias
+        if self.seen is not None:
+            scores = repetition_penalty(scores, self.seen, s.repetition_penalty)
+        if step < self.min_new_tokens:
+            scores = scores.index_fill(1, self.eos, float("-inf"))
+        if s.temperature != 1.0:
+            scores = scores / s.temperature
+        if s.top_k > 0:
+            scores = top_k_filter(scores, s.top_k)
+        if s.top_p < 1.0:
+            scores = top_p_filter(scores, s.top_p)
+        if s.min_p is not None:
+            scores = min_p_filter(scores, s.min_p)
+        return scores
+
+    def sample(self, logits: Tensor, step: int) -> Tensor:
+        """Draw one token per row: `[N]` long from raw `logits` `[N, V]`."""
+        probs = torch.softmax(self.scores(logits, step), dim=-1)  # [N, V]
+        tokens = sample_categorical(probs)  # [N]
+        if self.seen is not None:
+            self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
+        return tokens
+
+
+def sample_categorical(probs: Tensor) -> Tensor:
+    """One exact draw per row of `probs` `[N, V]` by inverting its CDF: `[N]` long.
+
+    Needs one uniform number per row, where `torch.multinomial` draws V exponentials per row
+    (about 12 ms per step for 16 x 49k on one core, a sixth of a SmolLM2 decode step). A
+    zero-probability token is never drawn: the first index whose cumulative mass exceeds `u`.
+    """
+    cdf = torch.cumsum(probs, dim=-1)  # [N, V]
+    u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]  # [N, 1] in [0, total)
+    tokens = torch.searchsorted(cdf, u, right=True).squeeze(1)  # [N]
+    return tokens.clamp_(max=probs.shape[-1] - 1)
+
+
+def _dense_sequence_bias(bias: Any, vocab_size: int, device: torch.device) -> Tensor | None:
+    """`{(token,): bias}` (single-token keys only) as a dense `[V]` float32 vector, or None."""
+    if not bias:
+        return None
+    dense = torch.zeros(vocab_size, device=device)
+    for key, value in dict(bias).items():
+        tokens = (key,) if isinstance(key, int) else tuple(key)
+        if len(tokens) != 1:
+            raise ValueError(
+                f"generation_kwargs['sequence_bias'] key {key!r}: the lean decode loop supports "
+                f"single-token keys only; use TransformersEngine(..., decode='hf') for sequences."
+            )
+        dense[int(tokens[0])] += float(value)
+    return dense
+
+
+def repetition_penalty(scores: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL repetition penalty (Keskar et al. 2019, arXiv 1909.05858) on tokens already seen.
+
+    A seen token's score is divided by `penalty` when positive and multiplied by it when negative,
+    so `penalty > 1` always makes it less likely. `scores` `[N, V]`, `seen` `[N, V]` bool.
+    """
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalized, scores)
+
+
+def top_k_filter(scores: Tensor, k: int) -> Tensor:
+    """Keep the `k` highest scores per row (ties with the k-th kept), the rest -inf. `[N, V]`."""
+    k = min(k, scores.shape[-1])
+    kth = torch.topk(scores, k, dim=-1).values[:, -1:]  # [N, 1]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def top_p_filter(scores: Tensor, p: float) -> Tensor:
+    """Nucleus filter (Holtzman et al. 2019, arXiv 1904.09751): keep the smallest set of tokens,
+    by descending probability, whose mass reaches `p`; the most likely token always stays. `[N, V]`.
+
+    A token is dropped when the mass of the tokens strictly more likely than it is already >= p.
+    """
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    probs = torch.softmax(sorted_scores, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # [N, V] mass of the tokens ranked above
+    drop_sorted = mass_before >= p
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(scores: Tensor, min_p: float) -> Tensor:
+    """Min-p filter (Nguyen et al. 2024, arXiv 2407.01082): drop tokens whose probability is below
+    `min_p` times the most likely token's. `[N, V]`."""
+    probs = torch.softmax(scores, dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values  # [N, 1]
+    return scores.masked_fill(probs < threshold, float("-inf"))
 
 
 @dataclass
