@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -73,6 +74,28 @@ def test_failed_conversion_leaves_no_cache(tmp_path, monkeypatch):
     assert list((tmp_path / "models").iterdir()) == []  # neither target nor temp folder remain
 
 
+def test_stale_or_unfinished_cache_is_rebuilt_and_fresh_cache_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRPOKIT_CACHE", str(tmp_path))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    calls = []
+
+    def fake(src, out_dir):
+        calls.append(src)
+        (Path(out_dir) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "convert_gguf", fake)
+    target = tmp_path / "models" / models._gguf_cache_name(gguf.resolve())
+    target.mkdir(parents=True)
+    (target / "config.json").write_text('{"old": true}')  # an entry without the marker
+    assert resolve_model_path(str(gguf)) == str(target)
+    assert len(calls) == 1
+    assert (target / "config.json").read_text() == "{}"
+    assert resolve_model_path(str(gguf)) == str(target)
+    assert len(calls) == 1  # reused
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
+
+
 def test_bf16_probe_matches_cpuinfo():
     if torch.cuda.is_available():
         pytest.skip("CUDA host")
@@ -111,10 +134,11 @@ def test_builtin_cache_is_reused_without_reconversion(builtin_cache):
     assert Path(again) == builtin_cache
     assert weights.stat().st_mtime_ns == mtime
     assert not [p for p in builtin_cache.parent.iterdir() if ".tmp-" in p.name]
+    assert "quantization_config" not in json.loads((builtin_cache / "config.json").read_text())
 
 
 @pytest.mark.slow
-def test_builtin_loads_as_fp32_llama_with_chat_template_and_matches_gguf(builtin_cache):
+def test_builtin_loads_as_fp32_llama_with_chat_template_and_matches_gguf(builtin_cache, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     model, tokenizer = load_causal_lm(BUILTIN)
@@ -136,3 +160,4 @@ def test_builtin_loads_as_fp32_llama_with_chat_template_and_matches_gguf(builtin
         expected = reference(ids).logits
         got = model(ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "saved")  # a model loaded from the cache can be saved

@@ -29,8 +29,9 @@ from grpokit.data import format_completions, render_prompts
 from grpokit.generation import SamplingParams, TransformersEngine
 from grpokit.rewards import build_reward_functions, compute_rewards
 
-GREEDY = SamplingParams(generation_kwargs={"do_sample": False})
-"""Greedy decoding (the default when one sample per prompt is drawn)."""
+GREEDY = SamplingParams(top_k=1)
+"""Greedy decoding (the default when one sample per prompt is drawn): sampling from the top-1 token
+is the argmax, and works with every generation engine."""
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -20,9 +20,11 @@ the heavy compute may run in bf16 under autocast where the hardware does bf16 na
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -146,24 +148,47 @@ def _gguf_cache_name(path: Path) -> str:
     return f"{path.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
+CACHE_VERSION = 2
+"""Bumped when the conversion changes; a cache entry written by another version is rebuilt."""
+MARKER = "grpokit_conversion.json"
+
+
+def _is_current(folder: Path) -> bool:
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("version") == CACHE_VERSION and (folder / "config.json").is_file()
+
+
 def _cached_conversion(gguf: Path, name: str) -> Path:
-    """Return the cached safetensors folder for `gguf`, converting it on first use (atomically)."""
+    """Return the cached safetensors folder for `gguf`, converting it on first use (atomically).
+
+    The checkpoint is written to a temporary folder and renamed into place; the marker file
+    (written last, inside the temporary folder) says the conversion finished and with which
+    `CACHE_VERSION`. A stale entry is moved aside and deleted only after the new one is in place.
+    """
     target = cache_root() / name
-    if (target / "config.json").is_file():
+    if _is_current(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s to a safetensors checkpoint in %s (once)", gguf, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
+    stale = target.parent / f".{name}.stale-{os.getpid()}"
     try:
         convert_gguf(gguf, tmp)
+        (tmp / MARKER).write_text(json.dumps({"version": CACHE_VERSION, "source": str(gguf)}))
+        if target.exists():
+            os.rename(target, stale)
         try:
             os.rename(tmp, target)
         except OSError:
             # Another process finished the same conversion first; its result is identical.
-            if not (target / "config.json").is_file():
+            if not _is_current(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     return target
 
 
@@ -183,7 +208,12 @@ def convert_gguf(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
     folder, filename = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    # The de-quantized weights are plain floats: drop the GGUF "quantization" marker, which would
+    # make transformers refuse to save every model loaded from this checkpoint.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     # With tied embeddings `lm_head.weight` may be absent from one side; nothing else may differ.
     missing = [k for k in missing if k != "lm_head.weight"]
