@@ -8,10 +8,14 @@ import torch
 from grpokit.generation import (
     RolloutBatch,
     SamplingParams,
+    TokenSampler,
     TransformersEngine,
     completion_mask_from_ids,
     left_pad,
+    prefill,
+    sample_categorical,
 )
+from grpokit.logprobs import model_completion_logprobs
 from tests.tiny import make_causal_lm, make_tokenizer
 
 
@@ -111,3 +115,259 @@ def test_rollout_batch_trims_shared_padding() -> None:
     ids, mask, t = batch.trimmed(slice(0, 3))  # widest prompt 2, longest completion 3
     assert t == 3 and ids.shape == (3, 5)
     assert mask.tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]]
+
+
+# =================================================================================================
+# The lean engine against the plain `model.generate` path
+# =================================================================================================
+PROMPTS = [[5, 6, 7], [8], [9, 10]]
+
+
+def _engine(tok, model=None, **kwargs):
+    return TransformersEngine(model or make_causal_lm(tok), tok, **kwargs)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_lean_greedy_equals_model_generate(share: bool) -> None:
+    """top_k=1 is argmax decoding: the lean loop must emit exactly model.generate's tokens."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    greedy = SamplingParams(top_k=1, generation_kwargs={"min_new_tokens": 4})
+    kwargs = dict(num_generations=2, max_new_tokens=12, sampling=greedy)
+    plain = _engine(tok, model, decode="hf", bf16_sampler=False).generate(PROMPTS, **kwargs)
+    lean = _engine(tok, model, share_prompt_prefill=share, bf16_sampler=False)
+    out = lean.generate(PROMPTS, **kwargs)
+    assert torch.equal(out.completion_ids, plain.completion_ids)
+    assert torch.equal(out.completion_mask, plain.completion_mask)
+    assert torch.equal(out.is_truncated, plain.is_truncated)
+    assert torch.equal(out.prompt_ids, plain.prompt_ids)
+
+
+def test_shared_prefill_equals_independent_prefill() -> None:
+    """Prefilling B prompts and repeating the cache G times == prefilling the N = B*G rows."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    ids, mask = left_pad(PROMPTS, PAD)  # [3, 3]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        shared, shared_logits = prefill(model, ids, mask, positions, 4, share=True)
+        alone, alone_logits = prefill(model, ids, mask, positions, 4, share=False)
+    assert shared_logits.shape == alone_logits.shape == (12, len(tok))
+    torch.testing.assert_close(shared_logits, alone_logits, rtol=0, atol=1e-5)
+    for layer_s, layer_a in zip(shared.layers, alone.layers, strict=True):
+        assert layer_s.keys.shape == layer_a.keys.shape == (12, 2, 3, 8)  # [N, kv heads, P, dim]
+        torch.testing.assert_close(layer_s.keys, layer_a.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer_s.values, layer_a.values, rtol=0, atol=1e-5)
+
+
+def test_sampling_logprobs_are_the_models_temperature_logprobs() -> None:
+    """sampling_logprobs == log_softmax(logits / T) of the sampled tokens, recomputed by the
+    trainer's own log-prob function on prompt + completion (fp32 sampler: same weights)."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    engine = _engine(tok, model, bf16_sampler=False)
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.3)
+    torch.manual_seed(1)
+    out = engine.generate(PROMPTS, num_generations=3, max_new_tokens=10, sampling=sampling)
+    t = out.completion_ids.shape[1]
+    input_ids = torch.cat([out.prompt_ids, out.completion_ids], 1)
+    attention_mask = torch.cat([out.prompt_mask, out.completion_mask], 1)
+    with torch.no_grad():
+        expected, _ = model_completion_logprobs(
+            model, input_ids, attention_mask, t, temperature=0.7, compute_entropy=False
+        )
+    assert out.sampling_logprobs is not None
+    mask = out.completion_mask.bool()
+    torch.testing.assert_close(out.sampling_logprobs[mask], expected[mask], rtol=0, atol=1e-4)
+
+
+def _reference_processors(sampling: SamplingParams, eos: int, min_new: int, prompt_len: int):
+    """transformers' own processors for the same settings, in `model.generate`'s order."""
+    from transformers import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    steps = [
+        RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty),
+        MinNewTokensLengthLogitsProcessor(prompt_len, min_new, eos),
+        TemperatureLogitsWarper(sampling.temperature),
+    ]
+    if sampling.top_k > 0:
+        steps.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        steps.append(TopPLogitsWarper(sampling.top_p))
+    if sampling.min_p is not None:
+        steps.append(MinPLogitsWarper(sampling.min_p))
+    return LogitsProcessorList(steps)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(temperature=0.8, top_k=7, repetition_penalty=1.5),
+        SamplingParams(temperature=1.3, top_p=0.6, min_p=0.05),
+        SamplingParams(top_k=30, top_p=0.95, min_p=0.2, repetition_penalty=0.8),
+    ],
+)
+def test_token_sampler_scores_equal_transformers_processors(sampling: SamplingParams) -> None:
+    """Same kept set and same processed scores as transformers' processors on random logits."""
+    torch.manual_seed(0)
+    n, p, v, eos = 6, 5, 50, 3
+    prompt = torch.randint(4, v, (n, p))  # no pad in the prompt: both count the same tokens
+    generated = torch.randint(4, v, (n, 2))  # two tokens sampled so far
+    logits = torch.randn(n, v) * 3
+    sampler = TokenSampler(
+        SamplingParams(**{**vars(sampling), "generation_kwargs": {"min_new_tokens": 4}}),
+        eos_token_ids=[eos],
+        prompt_ids=prompt,
+        prompt_mask=torch.ones_like(prompt),
+        vocab_size=v,
+    )
+    for column in generated.T:  # what sample() records for each drawn token
+        if sampler.seen is not None:  # None when repetition_penalty == 1
+            sampler.seen[torch.arange(n), column] = True
+    ours = sampler.scores(logits, step=2)
+    reference = _reference_processors(sampling, eos, 4, p)(
+        torch.cat([prompt, generated], 1), logits
+    )
+    assert torch.equal(torch.isinf(ours), torch.isinf(reference))  # same tokens filtered out
+    assert torch.isinf(ours[:, eos]).all()  # step 2 < min_new_tokens 4: EOS forbidden
+    kept = ~torch.isinf(ours)
+    torch.testing.assert_close(ours[kept], reference[kept], rtol=1e-6, atol=1e-6)
+
+
+def test_first_token_distribution_matches_the_model() -> None:
+    """Empirical distribution of 6000 first tokens (one shared prefill) vs the processed model
+    distribution: total variation below 0.04 (expected about 0.02 for ~30 tokens at n = 6000)
+    and no token outside the top-p/top-k support ever drawn."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    sampling = SamplingParams(temperature=3.0, top_k=40, top_p=0.9)
+    n = 6000
+    engine = _engine(tok, model, bf16_sampler=False)
+    torch.manual_seed(0)
+    out = engine.generate([[5, 6, 7]], num_generations=n, max_new_tokens=1, sampling=sampling)
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 6, 7]])).logits[:, -1]  # [1, V]
+    processors = _reference_processors(sampling, tok.eos_token_id, 0, 3)
+    expected = torch.softmax(processors(torch.tensor([[5, 6, 7]]), logits), -1)[0]  # [V]
+    assert 10 < int((expected > 0).sum()) < 60  # a non-trivial support
+    counts = torch.bincount(out.completion_ids[:, 0], minlength=len(tok)).float()
+    assert counts[expected == 0].sum() == 0
+    assert 0.5 * (counts / n - expected).abs().sum() < 0.04
+
+
+def test_sample_categorical_is_exact() -> None:
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25]]).expand(20000, 5)
+    counts = torch.bincount(sample_categorical(probs), minlength=5).float() / 20000
+    assert counts[0] == 0 and counts[2] == 0  # zero-probability tokens are never drawn
+    torch.testing.assert_close(counts, probs[0], rtol=0, atol=0.015)
+
+
+def test_min_new_tokens_and_truncation_in_lean_loop() -> None:
+    """A huge EOS bias ends every completion at the first allowed step: min_new_tokens=3 gives
+    3 forced tokens + EOS (mask 1 1 1 1, not truncated); max_new_tokens=2 < 3 truncates."""
+    tok = make_tokenizer()
+    engine = _engine(tok)
+    eos = tok.eos_token_id
+    bias = {(eos,): 100.0}
+    forced = SamplingParams(generation_kwargs={"sequence_bias": bias, "min_new_tokens": 3})
+    out = engine.generate(PROMPTS, num_generations=2, max_new_tokens=8, sampling=forced)
+    assert out.completion_ids.shape == (6, 4)  # the loop stopped once every row had ended
+    assert (out.completion_ids[:, 3] == eos).all() and (out.completion_ids[:, :3] != eos).all()
+    assert out.completion_mask.tolist() == [[1, 1, 1, 1]] * 6 and not out.is_truncated.any()
+    out = engine.generate(PROMPTS, num_generations=2, max_new_tokens=2, sampling=forced)
+    assert out.completion_ids.shape == (6, 2) and out.is_truncated.all()
+    assert out.completion_mask.tolist() == [[1, 1]] * 6
+
+
+def test_lean_loop_pads_rows_after_their_eos() -> None:
+    """Rows that end early hold pad (mask 0, log-prob 0) while others continue."""
+    tok = make_tokenizer()
+    eos = tok.eos_token_id
+    engine = _engine(tok, bf16_sampler=False)
+    sampling = SamplingParams(generation_kwargs={"sequence_bias": {(eos,): 3.5}})
+    torch.manual_seed(0)
+    out = engine.generate([[5, 6]], num_generations=32, max_new_tokens=10, sampling=sampling)
+    lengths = out.completion_mask.sum(1)
+    assert lengths.min() < lengths.max()  # both early and late endings occurred
+    assert out.sampling_logprobs is not None
+    padding = out.completion_mask == 0
+    assert (out.completion_ids[padding] == tok.pad_token_id).all()
+    assert (out.sampling_logprobs[padding] == 0).all()
+    assert (out.sampling_logprobs[~padding] < 0).all()
+
+
+def test_lean_loop_rejects_unknown_generation_kwargs() -> None:
+    tok = make_tokenizer()
+    sampling = SamplingParams(generation_kwargs={"no_repeat_ngram_size": 2})
+    with pytest.raises(ValueError, match=r"no_repeat_ngram_size.*decode='hf'"):
+        _engine(tok).generate([[5]], num_generations=2, max_new_tokens=3, sampling=sampling)
+    bad_bias = SamplingParams(generation_kwargs={"sequence_bias": {(5, 6): 1.0}})
+    with pytest.raises(ValueError, match="single-token"):
+        _engine(tok).generate([[5]], num_generations=2, max_new_tokens=3, sampling=bad_bias)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        _engine(tok, decode="vllm")
+
+
+# =================================================================================================
+# The bf16 sampler copy
+# =================================================================================================
+def test_bf16_copy_tracks_weights_in_place_after_update() -> None:
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    engine = _engine(tok, model, bf16_sampler=True)
+    copy_params = dict(engine.sampler_model.named_parameters())
+    pointers = {name: p.data_ptr() for name, p in copy_params.items()}
+    assert all(p.dtype == torch.bfloat16 for p in copy_params.values())
+    assert engine.sampler_model is not model and next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # an optimizer step, larger than bf16 rounding
+    engine.update_weights(model)
+    for name, p in model.named_parameters():
+        assert torch.equal(copy_params[name], p.to(torch.bfloat16)), name
+        assert copy_params[name].data_ptr() == pointers[name], f"{name} was re-allocated"
+    # the copy samples like a bf16 model: greedy tokens equal model.generate on a bf16 cast
+    reference = make_causal_lm(tok)
+    reference.load_state_dict(model.state_dict())
+    reference.to(torch.bfloat16)
+    greedy = SamplingParams(top_k=1)
+    kwargs = dict(num_generations=1, max_new_tokens=8, sampling=greedy)
+    expected = _engine(tok, reference, decode="hf", bf16_sampler=False).generate(PROMPTS, **kwargs)
+    assert torch.equal(engine.generate(PROMPTS, **kwargs).completion_ids, expected.completion_ids)
+
+
+def test_bf16_copy_under_peft_syncs_only_the_adapter() -> None:
+    peft = pytest.importorskip("peft")
+    tok = make_tokenizer()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(make_causal_lm(tok), config)
+    engine = _engine(tok, model, bf16_sampler=True)
+    synced = {name for name, _ in engine._synced}
+    assert synced and all("lora_" in name for name in synced)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    engine.update_weights(model)
+    copy_params = dict(engine.sampler_model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(copy_params[name], p.to(torch.bfloat16)), name
+    out = engine.generate(PROMPTS, num_generations=2, max_new_tokens=4, sampling=SamplingParams())
+    assert out.completion_ids.shape[0] == 6
+
+
+def test_num_threads_is_restored() -> None:
+    tok = make_tokenizer()
+    engine = _engine(tok, num_threads=2)
+    before = torch.get_num_threads()
+    engine.generate([[5]], num_generations=2, max_new_tokens=2, sampling=SamplingParams())
+    assert torch.get_num_threads() == before

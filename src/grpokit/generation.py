@@ -158,6 +158,7 @@ class TransformersEngine:
         decode: str = "lean",
         share_prompt_prefill: bool = True,
         bf16_sampler: bool | None = None,
+        sampler_attention: str | None = "eager",
         num_threads: int | None = None,
     ) -> None:
         """Wrap `model` (the policy being trained) and its tokenizer.
@@ -169,6 +170,9 @@ class TransformersEngine:
             share_prompt_prefill: Lean path only: prefill each prompt once for its G completions.
             bf16_sampler: Sample from a bf16 copy of the policy. None = when the device computes
                 bf16 natively (`grpokit.models.bf16_supported`) and the policy is not already bf16.
+            sampler_attention: Attention implementation of the bf16 copy (None = the policy's).
+                "eager" decodes SmolLM2 ~1.6x faster per step than "sdpa" on CPU (one query row
+                per step); the training model's own setting is never changed.
             num_threads: torch intra-op threads while generating (restored afterwards); None =
                 leave torch's setting. On a busy CPU one thread can be much faster for small models.
 
@@ -192,7 +196,7 @@ class TransformersEngine:
 
             dtype = next(model.parameters()).dtype
             bf16_sampler = bf16_supported() and dtype != torch.bfloat16
-        self.sampler_model: Any = _bf16_copy(model) if bf16_sampler else model
+        self.sampler_model: Any = _bf16_copy(model, sampler_attention) if bf16_sampler else model
         # Parameters refreshed by update_weights: frozen ones never change during training.
         trainable = {name for name, param in model.named_parameters() if param.requires_grad}
         self._synced = [
@@ -300,20 +304,7 @@ class TransformersEngine:
             prompt_mask=full_mask[:, : mask.shape[1]],
             vocab_size=int(forward.get_output_embeddings().weight.shape[0]),
         )
-        share = self.share_prompt_prefill and g > 1
-        repeats = 1 if share else g
-        out = forward(
-            input_ids=ids.repeat_interleave(repeats, dim=0),
-            attention_mask=mask.repeat_interleave(repeats, dim=0),
-            position_ids=positions.repeat_interleave(repeats, dim=0),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = out.past_key_values
-        logits = out.logits[:, -1].float()  # [B or N, V]
-        if share:
-            cache.batch_repeat_interleave(g)  # the G completions of a prompt share its prefill
-            logits = logits.repeat_interleave(g, dim=0)  # [N, V]
+        cache, logits = prefill(forward, ids, mask, positions, g, share=self.share_prompt_prefill)
         next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1  # [N, 1]
         finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
         tokens, logprobs = [], []
@@ -359,16 +350,56 @@ class TransformersEngine:
             param.copy_(source[name])
 
 
+def prefill(
+    forward: Any, ids: Tensor, mask: Tensor, positions: Tensor, g: int, *, share: bool
+) -> tuple[Any, Tensor]:
+    """Run the prompts through the model once and return the KV cache of the N = B*G rows.
+
+    With `share`, each of the B prompts is prefilled once and its cache is repeated G times along
+    the batch (the G completions of a prompt attend to the same prompt keys and values); without,
+    the G-times-repeated prompts are prefilled as N rows. Both give the same cache and logits up
+    to floating-point summation order.
+
+    Args:
+        forward: A causal LM taking `position_ids`, `logits_to_keep` and `use_cache`.
+        ids: `[B, P]` left-padded prompts. mask: `[B, P]` 1 = real token.
+        positions: `[B, P]` position ids (0 at padding).
+        g: completions per prompt (G).
+        share: prefill B rows instead of N.
+
+    Returns:
+        `(cache, logits)`: the model's cache object holding N rows, and the next-token logits
+        `[N, V]` float32.
+    """
+    repeats = 1 if share else g
+    out = forward(
+        input_ids=ids.repeat_interleave(repeats, dim=0),
+        attention_mask=mask.repeat_interleave(repeats, dim=0),
+        position_ids=positions.repeat_interleave(repeats, dim=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    logits = out.logits[:, -1].float()  # [B or N, V]
+    if share and g > 1:
+        cache.batch_repeat_interleave(g)
+        logits = logits.repeat_interleave(g, dim=0)  # [N, V]
+    return cache, logits
+
+
 DECODE_PATHS = ("lean", "hf")
 LEAN_GENERATION_KWARGS = frozenset({"min_new_tokens", "sequence_bias"})
 
 
-def _bf16_copy(model: Any) -> Any:
-    """A frozen eval-mode copy of `model` whose parameters are bf16 (buffers keep their dtype)."""
+def _bf16_copy(model: Any, attention: str | None) -> Any:
+    """A frozen eval-mode copy of `model` whose parameters are bf16 (buffers keep their dtype),
+    using the `attention` implementation (None = the model's)."""
     clone = copy.deepcopy(model)
     for param in clone.parameters():
         param.data = param.data.to(torch.bfloat16)
         param.requires_grad_(False)
+    if attention is not None:
+        _plain_forward(clone).set_attn_implementation(attention)
     return clone.eval()
 
 
