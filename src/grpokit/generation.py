@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,7 +132,7 @@ class TransformersEngine:
 
     - `decode="lean"` (default): each distinct prompt is prefilled once and its KV cache is repeated
       for its G completions; then a plain loop of one-token forwards with `TokenSampler`, stopping
-      as soon as every row has produced an EOS. Returns `sampling_logprobs`.
+      as soon as every row has produced an EOS. Can return `sampling_logprobs`.
     - `decode="hf"`: `model.generate` on the G-times-repeated prompts (the reference path; takes
       any `generation_kwargs` that transformers knows; no `sampling_logprobs`).
 
@@ -140,8 +140,9 @@ class TransformersEngine:
     buffers such as rotary frequencies stay as they are), refreshed by an in-place copy in
     `update_weights`. Its matmuls round the weights to bf16 exactly as bf16 autocast does; the
     residual stream and norms then run in bf16 too, so the sampler differs from the autocast
-    trainer by bf16 rounding (`sampling_logprobs` makes that gap measurable). Under PEFT the copy
-    keeps the adapters unmerged and only the trainable (adapter) parameters are refreshed.
+    trainer by bf16 rounding (`sampling_logprobs` makes that gap measurable). Only parameters that
+    changed are copied, so under PEFT the copy keeps the adapters unmerged and refreshes just them
+    (no merge/unmerge of the base weights per step).
 
     `sampling_logprobs[n, t]` is `log_softmax(logits / temperature)` of the sampled token under the
     sampler's weights: after temperature, before repetition penalty, sequence bias, min_new_tokens
@@ -159,6 +160,8 @@ class TransformersEngine:
         share_prompt_prefill: bool = True,
         bf16_sampler: bool | None = None,
         sampler_attention: str | None = "eager",
+        draw: str = "multinomial",
+        return_logprobs: bool = False,
         num_threads: int | None = None,
     ) -> None:
         """Wrap `model` (the policy being trained) and its tokenizer.
@@ -173,6 +176,14 @@ class TransformersEngine:
             sampler_attention: Attention implementation of the bf16 copy (None = the policy's).
                 "eager" decodes SmolLM2 ~1.6x faster per step than "sdpa" on CPU (one query row
                 per step); the training model's own setting is never changed.
+            draw: Lean path: how a token is drawn from the processed distribution.
+                "multinomial" = `torch.multinomial`, the same random stream as `model.generate`
+                (same seed and same logits give the same tokens); "inverse_cdf" =
+                `sample_categorical`, the same distribution from one uniform number per row,
+                faster for large vocabularies but a different random stream.
+            return_logprobs: Lean path: fill `GenerationOutput.sampling_logprobs`. Off by
+                default because the trainer applies its rollout importance correction
+                (`vllm_importance_sampling_*`) whenever an engine returns them.
             num_threads: torch intra-op threads while generating (restored afterwards); None =
                 leave torch's setting. On a busy CPU one thread can be much faster for small models.
 
@@ -181,11 +192,15 @@ class TransformersEngine:
         """
         if decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}.")
+        if draw not in DRAWS:
+            raise ValueError(f"draw must be one of {sorted(DRAWS)}, got {draw!r}.")
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}.")
         self.model = model
         self.tokenizer = tokenizer
         self.decode = decode
+        self.draw = DRAWS[draw]
+        self.return_logprobs = return_logprobs
         self.share_prompt_prefill = share_prompt_prefill
         self.num_threads = num_threads
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
@@ -197,13 +212,14 @@ class TransformersEngine:
             dtype = next(model.parameters()).dtype
             bf16_sampler = bf16_supported() and dtype != torch.bfloat16
         self.sampler_model: Any = _bf16_copy(model, sampler_attention) if bf16_sampler else model
-        # Parameters refreshed by update_weights: frozen ones never change during training.
-        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-        self._synced = [
-            (name, param)
-            for name, param in self.sampler_model.named_parameters()
-            if bf16_sampler and name in trainable
-        ]
+        # name -> (bf16 parameter, stamp of the source tensor it was last copied from)
+        self._copies: dict[str, tuple[Tensor, tuple[int, int]]] = {}
+        if bf16_sampler:
+            source = dict(model.named_parameters())
+            self._copies = {
+                name: (param, _stamp(source[name]))
+                for name, param in self.sampler_model.named_parameters()
+            }
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
         """The `GenerationConfig` for one call: always sampling, never early length stopping."""
@@ -236,6 +252,7 @@ class TransformersEngine:
     ) -> GenerationOutput:
         """Sample `num_generations` completions per prompt; see `GenerationOutput` for shapes."""
         ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
+        self.update_weights(self.model)  # no-op unless weights changed, e.g. a checkpoint load
         model = self.sampler_model
         device = next(model.parameters()).device
         was_training = model.training
@@ -281,7 +298,7 @@ class TransformersEngine:
 
     def _lean_generate(
         self, ids: Tensor, mask: Tensor, g: int, max_new_tokens: int, sampling: SamplingParams
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor | None]:
         """Prefill, then decode one token at a time until every row has ended.
 
         Args:
@@ -289,8 +306,8 @@ class TransformersEngine:
             g: completions per prompt (G).
 
         Returns:
-            `(tokens [N, T'], logprobs [N, T'] float32)` with `T' <= max_new_tokens`: the steps
-            actually run; rows that ended early hold the pad token after their EOS.
+            `(tokens [N, T'], logprobs [N, T'] float32 or None)` with `T' <= max_new_tokens`: the
+            steps actually run; rows that ended early hold the pad token after their EOS.
         """
         forward = _plain_forward(self.sampler_model)
         n = ids.shape[0] * g
@@ -303,6 +320,7 @@ class TransformersEngine:
             prompt_ids=ids.repeat_interleave(g, dim=0),
             prompt_mask=full_mask[:, : mask.shape[1]],
             vocab_size=int(forward.get_output_embeddings().weight.shape[0]),
+            draw=self.draw,
         )
         cache, logits = prefill(forward, ids, mask, positions, g, share=self.share_prompt_prefill)
         next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1  # [N, 1]
@@ -310,8 +328,9 @@ class TransformersEngine:
         tokens, logprobs = [], []
         for step in range(max_new_tokens):
             token = sampler.sample(logits, step)  # [N]
-            scaled = logits / sampling.temperature
-            logprobs.append(torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1))
+            if self.return_logprobs:
+                scaled = logits / sampling.temperature  # [N, V]
+                logprobs.append(torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1))
             token = token.masked_fill(finished, self.pad_token_id)
             tokens.append(token)
             finished |= torch.isin(token, sampler.eos)
@@ -326,28 +345,35 @@ class TransformersEngine:
             )
             next_position = next_position + 1
             logits = out.logits[:, -1].float()  # [N, V]
-        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
 
     @torch.no_grad()
     def update_weights(self, model: Any) -> None:
-        """Copy `model`'s trainable parameters into the bf16 sampler in place (no allocation).
+        """Copy the parameters of `model` that changed since the last copy into the bf16 sampler,
+        in place (no allocation). Without a bf16 sampler this only records `model`.
 
-        Without a bf16 sampler the engine samples from the training model itself: nothing to do.
-        Frozen parameters (`requires_grad=False`, e.g. a PEFT base model) are assumed unchanged.
+        A parameter counts as changed when its tensor's in-place version counter or storage moved
+        (an optimizer step, `load_state_dict`, `param.data = ...`): under PEFT only the adapters
+        are copied, and a checkpoint loaded between steps is picked up by the next `generate`,
+        which calls this first.
 
         Raises:
             KeyError: `model` lacks a parameter the sampler copy has (a different architecture).
         """
-        if not self._synced:
+        self.model = model
+        if not self._copies:
             return
         source = dict(model.named_parameters())
-        for name, param in self._synced:
+        for name, (param, stamp) in self._copies.items():
             if name not in source:
                 raise KeyError(
                     f"update_weights: the model has no parameter {name!r}; pass the same model "
                     f"the engine was built with."
                 )
-            param.copy_(source[name])
+            now = _stamp(source[name])
+            if now != stamp:
+                param.copy_(source[name])
+                self._copies[name] = (param, now)
 
 
 def prefill(
@@ -388,7 +414,12 @@ def prefill(
 
 
 DECODE_PATHS = ("lean", "hf")
-LEAN_GENERATION_KWARGS = frozenset({"min_new_tokens", "sequence_bias"})
+LEAN_GENERATION_KWARGS = frozenset({"min_new_tokens", "sequence_bias", "suppress_tokens"})
+
+
+def _stamp(tensor: Tensor) -> tuple[int, int]:
+    """`(storage address, in-place version)`: changes whenever the tensor's values may have."""
+    return tensor.data_ptr(), tensor._version
 
 
 def _bf16_copy(model: Any, attention: str | None) -> Any:
@@ -423,12 +454,36 @@ def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def sample_multinomial(probs: Tensor) -> Tensor:
+    """One draw per row of `probs` `[N, V]` by `torch.multinomial`, as `model.generate`: `[N]`."""
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def sample_categorical(probs: Tensor) -> Tensor:
+    """One exact draw per row of `probs` `[N, V]` by inverting its CDF: `[N]` long.
+
+    Needs one uniform number per row, where `torch.multinomial` draws V exponentials per row
+    (about 12 ms per step for 16 x 49k on one core, a sixth of a SmolLM2 decode step). A
+    zero-probability token is never drawn: the first index whose cumulative mass exceeds `u`.
+    """
+    cdf = torch.cumsum(probs, dim=-1)  # [N, V]
+    u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]  # [N, 1] in [0, total)
+    tokens = torch.searchsorted(cdf, u, right=True).squeeze(1)  # [N]
+    return tokens.clamp_(max=probs.shape[-1] - 1)
+
+
+DRAWS: dict[str, Callable[[Tensor], Tensor]] = {
+    "multinomial": sample_multinomial,
+    "inverse_cdf": sample_categorical,
+}
+
+
 class TokenSampler:
     """Next-token sampling from raw logits, in transformers' processor order.
 
     Order (the same as `model.generate` with `do_sample=True`): sequence bias, repetition penalty,
-    `min_new_tokens` (EOS forbidden), temperature, top-k, top-p, min-p; then one draw per row from
-    the softmax of the processed scores (`sample_categorical`).
+    `min_new_tokens` (EOS forbidden), `suppress_tokens`, temperature, top-k, top-p, min-p; then
+    one draw per row from the softmax of the processed scores (`draw`).
 
     The repetition penalty counts the real prompt tokens and the tokens sampled so far
     (transformers also counts left-padding tokens, which only differs for the pad token's logit).
@@ -442,6 +497,7 @@ class TokenSampler:
         prompt_ids: Tensor,
         prompt_mask: Tensor,
         vocab_size: int,
+        draw: Callable[[Tensor], Tensor] = sample_multinomial,
     ) -> None:
         """Validate `sampling` for the lean decode loop and prepare its per-call state.
 
@@ -452,6 +508,8 @@ class TokenSampler:
             prompt_ids: `[N, P]` left-padded prompts, one row per completion.
             prompt_mask: `[N, P]` 1 = real prompt token.
             vocab_size: V, the width of the logits.
+            draw: `[N, V]` probabilities -> `[N]` tokens (`sample_multinomial` or
+                `sample_categorical`).
 
         Raises:
             ValueError: an unsupported `generation_kwargs` key or a malformed value.
@@ -465,11 +523,14 @@ class TokenSampler:
                 f"model.generate."
             )
         self.sampling = sampling
+        self.draw = draw
         self.eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=prompt_ids.device)
         self.min_new_tokens = int(sampling.generation_kwargs.get("min_new_tokens") or 0)
         self.bias = _dense_sequence_bias(
             sampling.generation_kwargs.get("sequence_bias"), vocab_size, prompt_ids.device
         )
+        suppressed = sampling.generation_kwargs.get("suppress_tokens") or []
+        self.suppressed = torch.as_tensor(list(suppressed), dtype=torch.long).to(prompt_ids.device)
         self.seen: Tensor | None = None  # [N, V] bool: token occurred (repetition penalty)
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.bool)
@@ -486,6 +547,8 @@ class TokenSampler:
             scores = repetition_penalty(scores, self.seen, s.repetition_penalty)
         if step < self.min_new_tokens:
             scores = scores.index_fill(1, self.eos, float("-inf"))
+        if self.suppressed.numel():
+            scores = scores.index_fill(1, self.suppressed, float("-inf"))
         if s.temperature != 1.0:
             scores = scores / s.temperature
         if s.top_k > 0:
@@ -499,23 +562,10 @@ class TokenSampler:
     def sample(self, logits: Tensor, step: int) -> Tensor:
         """Draw one token per row: `[N]` long from raw `logits` `[N, V]`."""
         probs = torch.softmax(self.scores(logits, step), dim=-1)  # [N, V]
-        tokens = sample_categorical(probs)  # [N]
+        tokens = self.draw(probs)  # [N]
         if self.seen is not None:
             self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
         return tokens
-
-
-def sample_categorical(probs: Tensor) -> Tensor:
-    """One exact draw per row of `probs` `[N, V]` by inverting its CDF: `[N]` long.
-
-    Needs one uniform number per row, where `torch.multinomial` draws V exponentials per row
-    (about 12 ms per step for 16 x 49k on one core, a sixth of a SmolLM2 decode step). A
-    zero-probability token is never drawn: the first index whose cumulative mass exceeds `u`.
-    """
-    cdf = torch.cumsum(probs, dim=-1)  # [N, V]
-    u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]  # [N, 1] in [0, total)
-    tokens = torch.searchsorted(cdf, u, right=True).squeeze(1)  # [N]
-    return tokens.clamp_(max=probs.shape[-1] - 1)
 
 
 def _dense_sequence_bias(bias: Any, vocab_size: int, device: torch.device) -> Tensor | None:
