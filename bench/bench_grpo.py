@@ -100,7 +100,10 @@ class Workload:
 
     @property
     def name(self) -> str:
-        return f"{self.mode}-beta{self.beta:g}-iter{self.num_iterations}"
+        name = f"{self.mode}-beta{self.beta:g}-iter{self.num_iterations}"
+        if self.num_generations != 8 or self.max_completion_length != 128:
+            name += f"-G{self.num_generations}-T{self.max_completion_length}"
+        return name
 
     @property
     def completions_per_step(self) -> int:
@@ -633,6 +636,26 @@ def setup_trl_env(python: str = "python3") -> None:
     print(f"bench/.venv-trl ready: torch, trl = {out.stdout.strip()}")
 
 
+def source_state() -> str:
+    """grpokit's commit, with "+dirty" when src/ has uncommitted changes (they are measured)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_DIR), "status", "--porcelain", "src"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head + ("+dirty" if dirty else "")
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"cores": os.cpu_count(), "loadavg": os.getloadavg()}
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -718,6 +741,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", nargs="+", default=["fixed", "natural"], choices=MODES)
     parser.add_argument("--beta", nargs="+", type=float, default=[0.0])
     parser.add_argument("--num-iterations", nargs="+", type=int, default=[1])
+    parser.add_argument(
+        "--num-generations", nargs="+", type=int, default=[8], help="completions per prompt (G)"
+    )
+    parser.add_argument(
+        "--max-completion-length", nargs="+", type=int, default=[128], help="tokens per completion"
+    )
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up optimizer steps (dropped)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -753,8 +782,21 @@ def main(argv: list[str] | None = None) -> int:
 
     systems = ["trl", "grpokit"] if args.system == "both" else [args.system]
     workloads = [
-        Workload(mode=m, beta=b, num_iterations=k, seed=args.seed)
-        for m, b, k in itertools.product(args.mode, args.beta, args.num_iterations)
+        Workload(
+            mode=m,
+            beta=b,
+            num_iterations=k,
+            num_generations=g,
+            max_completion_length=t,
+            seed=args.seed,
+        )
+        for m, b, k, g, t in itertools.product(
+            args.mode,
+            args.beta,
+            args.num_iterations,
+            args.num_generations,
+            args.max_completion_length,
+        )
     ]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.run_dir) if args.run_dir else BENCH_DIR / "runs" / stamp
@@ -764,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {machine.get('Model name', '?')}, {machine['cores']} cores, "
         f"flags {machine.get('Flags', '?')}; load average {machine['loadavg']}"
     )
+    print(f"grpokit source: {source_state()}")
     model_path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = equal_length_prompts(tokenizer)
@@ -808,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/bench_grpo.py " + " ".join(argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine,
+        "grpokit_source": source_state(),
         "matmul_peak_gflops": peaks,
         "summaries": summaries,
     }
