@@ -4,19 +4,26 @@ Workload (issue 5): SmolLM2-135M-Instruct, 2 prompts x 8 completions, at most 12
 temperature 1, called under bf16 autocast as the trainer does. Mode "fixed" forces every completion
 to 128 tokens (`min_new_tokens`), so every variant does identical work; "natural" stops at EOS.
 
-Variants (each a `TransformersEngine` configuration):
+Variants (each a `TransformersEngine` configuration; each row adds one change to the row above,
+except "plain" and "hf+bf16"):
     plain        model.generate on G-times-repeated prompts, fp32 weights under autocast
     hf+bf16      model.generate from the bf16 sampler copy
     lean         own decode loop, no prefill sharing, fp32 weights under autocast
-    lean+share   own decode loop, each prompt prefilled once for its G completions
-    lean+share+bf16   the default engine on a bf16-native CPU
+    lean+share   ... each prompt prefilled once for its G completions
+    +bf16        ... sampling from the bf16 copy (sdpa attention, as the policy)
+    +eager       ... eager attention in the copy: the default engine on a bf16-native CPU
+    +icdf        ... drawing by inverse CDF instead of torch.multinomial
 
 Printed per variant and thread count: median wall seconds per call, median CPU seconds per call
 (process time; steadier than wall time on a shared machine when running one thread), completion
-tokens per second (wall) and the load average. No assertion on timings.
+tokens per second (wall) and the 1-minute load average. No assertion on timings.
+
+With --extras, also: the cost of `update_weights` after every parameter changed (a full
+fine-tuning step), and the gap between the sampler's `sampling_logprobs` and the trainer's
+log-probs (fp32 weights under bf16 autocast) on the same completions.
 
 Usage:
-    python bench/bench_generation.py --mode fixed natural --threads 1 2 --repeats 3
+    python bench/bench_generation.py --mode fixed natural --threads 1 --repeats 3 --extras
 """
 
 from __future__ import annotations
@@ -38,10 +45,12 @@ PROMPTS = (
 )
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": dict(decode="hf", bf16_sampler=False),
-    "hf+bf16": dict(decode="hf", bf16_sampler=True),
+    "hf+bf16": dict(decode="hf", bf16_sampler=True, sampler_attention=None),
     "lean": dict(share_prompt_prefill=False, bf16_sampler=False),
     "lean+share": dict(bf16_sampler=False),
-    "lean+share+bf16": dict(bf16_sampler=True),
+    "+bf16": dict(bf16_sampler=True, sampler_attention=None),
+    "+eager": dict(bf16_sampler=True),
+    "+icdf": dict(bf16_sampler=True, draw="inverse_cdf"),
 }
 
 
@@ -56,28 +65,78 @@ def chat_prompt_ids(tokenizer: Any) -> list[list[int]]:
     return out
 
 
+def call(
+    engine: TransformersEngine, prompt_ids: list[list[int]], args: argparse.Namespace, mode: str
+) -> Any:
+    """One `generate` call under bf16 autocast, as the trainer makes it."""
+    kwargs = {"min_new_tokens": args.max_new_tokens} if mode == "fixed" else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return engine.generate(
+            prompt_ids,
+            num_generations=args.num_generations,
+            max_new_tokens=args.max_new_tokens,
+            sampling=SamplingParams(generation_kwargs=kwargs),
+        )
+
+
 def time_calls(
     engine: TransformersEngine, prompt_ids: list[list[int]], args: argparse.Namespace, mode: str
 ) -> tuple[list[float], list[float], int]:
-    """Run one warm-up call, then `args.repeats` timed calls; `(wall s, cpu s, tokens of last)`."""
-    kwargs = {"min_new_tokens": args.max_new_tokens} if mode == "fixed" else {}
-    sampling = SamplingParams(generation_kwargs=kwargs)
+    """One warm-up call, then `args.repeats` timed calls: `(wall s, cpu s, tokens of the last)`."""
     walls, cpus, tokens = [], [], 0
     for i in range(args.repeats + 1):
         torch.manual_seed(i)
         wall, cpu = time.perf_counter(), time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = engine.generate(
-                prompt_ids,
-                num_generations=args.num_generations,
-                max_new_tokens=args.max_new_tokens,
-                sampling=sampling,
-            )
+        out = call(engine, prompt_ids, args, mode)
         if i > 0:  # call 0 is the warm-up
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
         tokens = int(out.completion_mask.sum())
     return walls, cpus, tokens
+
+
+def report_update_cost(model: Any, tokenizer: Any) -> None:
+    """Seconds per `update_weights` after every parameter changed (a full fine-tuning step)."""
+    engine = TransformersEngine(model, tokenizer, bf16_sampler=True)
+    seconds = []
+    for _ in range(3):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(1.0)  # bumps the version counter: every parameter counts as changed
+        start = time.perf_counter()
+        engine.update_weights(model)
+        seconds.append(time.perf_counter() - start)
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"update_weights, all {millions:.0f}M parameters: {statistics.median(seconds):.3f} s")
+
+
+def report_logprob_gap(
+    model: Any, tokenizer: Any, prompt_ids: list[list[int]], args: argparse.Namespace
+) -> None:
+    """|sampler - trainer| log-prob statistics over the completion tokens of one natural call."""
+    from grpokit.logprobs import model_completion_logprobs
+
+    for bf16 in (True, False):
+        engine = TransformersEngine(model, tokenizer, bf16_sampler=bf16, return_logprobs=True)
+        torch.manual_seed(0)
+        out = call(engine, prompt_ids, args, "natural")
+        t = out.completion_ids.shape[1]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            trainer_logprobs, _ = model_completion_logprobs(
+                model,
+                torch.cat([out.prompt_ids, out.completion_ids], 1),
+                torch.cat([out.prompt_mask, out.completion_mask], 1),
+                t,
+            )  # [N, T]
+        mask = out.completion_mask.bool()
+        diff = (out.sampling_logprobs - trainer_logprobs) * mask  # [N, T]
+        tokens = diff[mask]
+        print(
+            f"{'bf16 copy' if bf16 else 'fp32+autocast'} sampler vs fp32+autocast trainer, "
+            f"{int(mask.sum())} tokens: mean |diff| {tokens.abs().mean():.4f}, "
+            f"max |diff| {tokens.abs().max():.4f}, mean diff {tokens.mean():+.4f}, "
+            f"median |per-sequence sum| {diff.sum(1).abs().median():.3f}"
+        )
 
 
 def main() -> None:
@@ -89,6 +148,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--extras", action="store_true", help="update cost and log-prob gap")
     args = parser.parse_args()
 
     model, tokenizer = load_causal_lm(args.model)
@@ -98,20 +158,22 @@ def main() -> None:
         f"{args.model}: {len(prompt_ids)} prompts x {args.num_generations} completions, "
         f"max {args.max_new_tokens} new tokens, prompt lengths {[len(p) for p in prompt_ids]}"
     )
-    header = f"{'mode':8} {'variant':16} {'thr':>3} {'wall s':>7} {'cpu s':>7} {'tok/s':>7}  load"
-    print(header)
+    print(f"{'mode':8} {'variant':11} {'thr':>3} {'wall s':>7} {'cpu s':>7} {'tok/s':>6}  load")
     for mode in args.mode:
         for name in args.variants:
             for threads in args.threads:
                 engine = TransformersEngine(model, tokenizer, num_threads=threads, **VARIANTS[name])
                 walls, cpus, tokens = time_calls(engine, prompt_ids, args, mode)
                 wall = statistics.median(walls)
-                load = os.getloadavg()[0]
                 print(
-                    f"{mode:8} {name:16} {threads:>3} {wall:7.2f} {statistics.median(cpus):7.2f} "
-                    f"{tokens / wall:7.0f}  {load:.1f}",
+                    f"{mode:8} {name:11} {threads:>3} {wall:7.2f} {statistics.median(cpus):7.2f} "
+                    f"{tokens / wall:6.0f}  {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
+    if args.extras:
+        torch.set_num_threads(min(args.threads))
+        report_update_cost(model, tokenizer)
+        report_logprob_gap(model, tokenizer, prompt_ids, args)
 
 
 if __name__ == "__main__":
