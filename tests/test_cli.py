@@ -289,3 +289,43 @@ def test_examples_validate(path: Path) -> None:
     spec = cli.load_config(str(path), [])
     assert spec.rewards is not None
     assert "arxiv.org" in path.read_text()  # each example cites its paper
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_examples_train_one_step_on_a_tiny_model(
+    path: Path, tmp_path: Path, tiny_model: str
+) -> None:
+    """Each recipe runs end to end through `grpokit train` (tiny model and sizes)."""
+    argv = ["train", str(path), "--model", tiny_model, "--output_dir", str(tmp_path / "run"),
+            "--max_steps", "1", "--num_generations", "2", "--per_device_train_batch_size", "4",
+            "--max_completion_length", "16", "--task.size", "16", "--task.eval_size", "2",
+            "--eval.batch_size", "4", "--eval.after", "false", "--plot", "false"]  # fmt: skip
+    assert main(argv) == 0
+    assert _steps(tmp_path / "run") == [1]
+    assert (tmp_path / "run" / "final_model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_demo_pipeline_on_a_tiny_model(tmp_path: Path, tiny_model: str, capsys) -> None:
+    """`grpokit demo` with its own config (model and sizes shrunk): before/after, model, plot."""
+    run = tmp_path / "demo"
+    argv = ["demo", "--model", tiny_model, "--output_dir", str(run), "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--num_generations", "2",
+            "--max_completion_length", "4", "--task.size", "16", "--task.eval_size", "4",
+            "--eval.num_prompts", "4"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy (4 prompts, greedy): before " in out
+    assert (run / "final_model" / "model.safetensors").is_file()
+    assert (run / "curves.png").is_file()
+    assert main(argv) == 0  # a second demo replaces the first
+    assert _steps(run) == [1, 2]
+
+
+def test_demo_config_is_valid() -> None:
+    from grpokit.demo import DEMO_CONFIG
+
+    spec = build_config(DEMO_CONFIG)
+    assert spec.run.model == "smollm2-135m-instruct"
+    assert spec.training.max_steps > 0

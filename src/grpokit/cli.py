@@ -639,7 +639,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", help="also write the metrics as JSON to this file")
     from grpokit.demo import DEMO_CONFIG, DEMO_DESCRIPTION
 
-    demo = sub.add_parser(
+    sub.add_parser(
         "demo",
         allow_abbrev=False,
         help="GRPO on SmolLM2-135M-Instruct in about ten minutes",
@@ -647,7 +647,6 @@ def _parser() -> argparse.ArgumentParser:
         description=DEMO_DESCRIPTION,
         epilog=overrides + fields_help(DEMO_CONFIG),
     )
-    demo.add_argument("--overwrite", action="store_true", help="discard an earlier demo run")
     return parser
 
 
@@ -664,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from grpokit.demo import run_demo
 
-            run_demo(overrides, overwrite=args.overwrite)
+            run_demo(overrides)
         else:
             from grpokit.demo import DEMO_CONFIG
 

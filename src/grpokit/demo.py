@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-DEMO_TEMPLATE = "{prompt}\nPut only the final answer inside <answer></answer> tags."
-"""Prompt template: the question, then the answer format the rewards read."""
+DEMO_TEMPLATE = "{prompt}\nAnswer with just the number."
+"""Prompt template: the question, then the answer format (the reward reads the last number)."""
 
 DEMO_CONFIG: dict[str, Any] = {
     "model": "smollm2-135m-instruct",
@@ -19,41 +19,43 @@ DEMO_CONFIG: dict[str, Any] = {
         "name": "chain_sum",
         "size": 2000,
         "seed": 0,
-        "eval_size": 100,
+        "eval_size": 200,
         "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
         "template": DEMO_TEMPLATE,
     },
-    "rewards": ["reasoning_gym_score", "answer_format_reward"],
+    "rewards": [{"name": "reasoning_gym_score", "extract": "last_number"}],
     "training": {
         "output_dir": "runs/demo",
-        "max_steps": 30,
+        "max_steps": 50,
         "learning_rate": 1.0e-5,
         "num_generations": 8,
         "per_device_train_batch_size": 32,
-        "max_completion_length": 48,
-        "temperature": 1.0,
+        "max_completion_length": 32,
+        "temperature": 0.7,
         "loss_type": "dapo",
         "beta": 0.0,
         "logging_steps": 1,
         "save_steps": 10,
         "seed": 0,
     },
-    "eval": {"num_prompts": 100, "batch_size": 100},
+    "eval": {"num_prompts": 200, "batch_size": 64},
 }
 """The demo's run config (same layout as the YAML files in examples/)."""
 
 DEMO_DESCRIPTION = (
     "GRPO on SmolLM2-135M-Instruct (built in, no download) for two-number sums from "
     "reasoning-gym's chain_sum, answer in <answer></answer> tags. Evaluates held-out accuracy "
-    "(greedy, 100 prompts) before and after training, saves the trained model to "
+    "(greedy, 200 prompts) before and after training, saves the trained model to "
     "<output_dir>/final_model and writes <output_dir>/curves.png. About ten minutes on 2 CPU "
     "cores. Every field below can be overridden, e.g. `grpokit demo --seed 1 --output_dir "
     "runs/demo-seed1`."
 )
 
 
-def run_demo(overrides: list[tuple[str, Any]], *, overwrite: bool = False) -> dict[str, Any]:
+def run_demo(overrides: list[tuple[str, Any]]) -> dict[str, Any]:
     """Run the demo config with command-line overrides and print held-out accuracy before/after.
+
+    An earlier run in the demo's output_dir is replaced (the demo is meant to be run again).
 
     Returns:
         What `grpokit.cli.run_training` returns.
@@ -61,14 +63,12 @@ def run_demo(overrides: list[tuple[str, Any]], *, overwrite: bool = False) -> di
     from grpokit.cli import build_config, run_training
 
     spec = build_config(DEMO_CONFIG, overrides)
-    result = run_training(spec, overwrite=overwrite)
+    result = run_training(spec, overwrite=True)
     before, after = result["before"], result["after"]
     if before is not None and after is not None:
         print(
             f"\nheld-out accuracy ({int(after['num_prompts'])} prompts, greedy): "
-            f"before {before['accuracy']:.3f} -> after {after['accuracy']:.3f} "
-            f"(answer-format reward {before['rewards/answer_format_reward']:.2f} -> "
-            f"{after['rewards/answer_format_reward']:.2f})",
+            f"before {before['accuracy']:.3f} -> after {after['accuracy']:.3f}",
             flush=True,
         )
     print(f"model: {result['model_dir']}\nplot:  {result['plot']}", flush=True)
