@@ -636,3 +636,136 @@ def test_rollout_importance_sampling_run_logs_its_metrics(tmp_path: Path) -> Non
     for key in ("rollout_is/mean", "rollout_is/frac_modified", "rollout_is/logprob_abs_diff/max"):
         assert key in logged, key
     assert logged["rollout_is/logprob_abs_diff/max"] > 0
+
+
+# ---- exact speed-ups: trimmed micro-batches, zero-advantage skipping, length buckets ------------
+
+
+def step_gradients(trainer: GRPOTrainer, batch: Any) -> tuple[float, dict[str, torch.Tensor]]:
+    """The loss and the gradients of one optimizer step over the whole batch (weights unchanged)."""
+    grads: dict[str, torch.Tensor] = {}
+
+    def capture() -> float:
+        for name, p in trainer.model.named_parameters():
+            grads[name] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        return 0.0
+
+    trainer._clip_gradients = capture  # type: ignore[method-assign]
+    trainer.optimizer.step = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    out = trainer.optimizer_step(batch, range(0, batch.size))
+    return out["loss"], grads
+
+
+def off_policy_batch(trainer: GRPOTrainer, advantages: torch.Tensor) -> Any:
+    """A rollout batch of varied lengths with old log-probs 0.1-ish away (ratios clip)."""
+    _, prompt_ids, _ = trainer.sample_prompts()
+    batch = trainer.build_rollout_batch(trainer.generate(prompt_ids), advantages)
+    current = trainer._logprobs_no_grad(trainer.model, batch)
+    noise = 0.15 * torch.randn(current.shape, generator=torch.Generator().manual_seed(0))
+    batch.old_logprobs = (current + noise) * batch.completion_mask
+    return batch
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_skipping_zero_advantages_and_buckets_equal_the_plain_step(
+    tmp_path: Path, loss_type: str
+) -> None:
+    # 8 rows in micro-batches of 2; rows 1-3, 6, 7 have advantage exactly 0 (row 1 alone in its
+    # micro-batch: bnpo keeps row 0 with its own token denominator; the 3 kept rows make a
+    # micro-batch of 1, scaled by 1/2 for the per-row means).
+    overrides = dict(
+        loss_type=loss_type,
+        importance_sampling_level="sequence" if loss_type == "luspo" else "token",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_completion_length=8,
+    )
+    advantages = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, -0.5, 0.0, 0.0])
+    fast = make_trainer(tmp_path / "fast", **overrides)
+    batch = off_policy_batch(fast, advantages)
+    lengths = batch.completion_mask.sum(1)
+    assert lengths.unique().numel() > 1  # buckets have something to sort
+    fast_loss, fast_grads = step_gradients(fast, batch)
+    plain = make_trainer(tmp_path / "plain", **overrides)
+    plain.skip_zero_advantage = plain.bucket_by_length = False
+    plain_loss, plain_grads = step_gradients(plain, batch)
+    # Same rows, same denominators; only float summation order and matmul shapes differ.
+    # Tolerance: 1e-6 absolute on gradients of size ~1e-2.
+    assert abs(fast_loss - plain_loss) < 1e-6
+    assert max(g.abs().max().item() for g in plain_grads.values()) > 1e-3
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_all_zero_advantages_step_like_the_plain_path(tmp_path: Path) -> None:
+    # No row trains, yet AdamW still steps on a zero gradient (its step count and weight decay).
+    runs = {}
+    for name, skip in (("fast", True), ("plain", False)):
+        trainer = make_trainer(tmp_path / name, weight_decay=0.1, max_steps=1)
+        trainer.skip_zero_advantage = skip
+        batch = trainer.build_rollout_batch(
+            trainer.generate(trainer.sample_prompts()[1]), torch.zeros(4)
+        )
+        trainer.optimizer_step(batch, range(0, 4))
+        step = next(iter(trainer.optimizer.state.values()))["step"]
+        runs[name] = (params(trainer), float(step))
+    assert runs["fast"][1] == runs["plain"][1] == 1.0
+    for key, value in runs["plain"][0].items():
+        torch.testing.assert_close(runs["fast"][0][key], value, atol=0, rtol=0)
+
+
+def test_plan_micro_batches_by_hand() -> None:
+    from grpokit.microbatch import plan_micro_batches
+
+    adv = torch.tensor([0.0, 1.0, 0.0, 0.0, -1.0, 2.0])
+    completion_mask = torch.tensor([[1] * k + [0] * (4 - k) for k in (1, 4, 2, 3, 2, 1)])
+    loss_mask = completion_mask.clone()
+
+    def plan(loss_type: str, **kw: Any) -> list[tuple[list[int], float]]:
+        out = plan_micro_batches(
+            adv, completion_mask, loss_mask, range(0, 6), 2, loss_type=loss_type,
+            beta=kw.pop("beta", 0.0), top_entropy_quantile=kw.pop("q", 1.0), **kw,
+        )  # fmt: skip
+        return [(m.rows.tolist(), m.scale) for m in out]
+
+    # dapo: rows 1, 4, 5 kept, sorted by length (4, 2, 1 tokens -> 5, 4, 1); scale 1.
+    assert plan("dapo") == [([5, 4], 1.0), ([1], 1.0)]
+    # grpo: the same rows; a micro-batch of k rows counts k/2 of a plain micro-batch.
+    assert plan("grpo") == [([5, 4], 1.0), ([1], 0.5)]
+    # bnpo keeps the plain micro-batches: [0,1] keeps row 1 (4 of 5 tokens), [2,3] is skipped,
+    # [4,5] keeps both (scale 3/3).
+    assert plan("bnpo") == [([1], pytest.approx(4 / 5)), ([4, 5], 1.0)]
+    # beta != 0 or a top-entropy filter couples the rows: the plain path.
+    assert plan("dapo", beta=0.1, bucket_by_length=False) == [
+        ([0, 1], 1.0), ([2, 3], 1.0), ([4, 5], 1.0)
+    ]  # fmt: skip
+    assert plan("grpo", q=0.5) == [([0, 1], 1.0), ([2, 3], 1.0), ([4, 5], 1.0)]
+
+
+def test_trimmed_micro_batch_equals_the_full_width_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grpokit.generation import RolloutBatch
+
+    # Micro-batches of 2: rows 0-1 share the short prompt, so their left padding is trimmed.
+    trainer = make_trainer(
+        tmp_path, max_completion_length=12, per_device_train_batch_size=2, steps_per_generation=2
+    )
+    trainer.bucket_by_length = False
+    data = Dataset.from_list([{"prompt": p} for p in ["a", "a much longer prompt"]])
+    trainer.sampler = type(trainer.sampler)(data, seed=0, shuffle=False)
+    batch = off_policy_batch(trainer, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    input_ids, _, _ = batch.trimmed(slice(0, 2))
+    assert input_ids.shape[1] < batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
+    trimmed_loss, trimmed_grads = step_gradients(trainer, batch)
+
+    def full_width(self: RolloutBatch, rows: slice) -> tuple[torch.Tensor, torch.Tensor, int]:
+        ids = torch.cat([self.prompt_ids[rows], self.completion_ids[rows]], dim=1)
+        mask = torch.cat([self.prompt_mask[rows], self.completion_mask[rows]], dim=1)
+        return ids, mask, int(self.completion_ids.shape[1])
+
+    monkeypatch.setattr(RolloutBatch, "trimmed", full_width)
+    full_loss, full_grads = step_gradients(trainer, batch)
+    assert abs(trimmed_loss - full_loss) < 1e-6
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(trimmed_grads[name], grad, atol=1e-6, rtol=1e-4)
