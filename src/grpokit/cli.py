@@ -361,24 +361,24 @@ def build_config(raw: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ())
         **field_defaults(GRPOConfig),
         **_check_section(raw.get("training"), "training"),
     }
-    try:
-        training = GRPOConfig(**training_values)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"training: {error}") from error
     if not isinstance(run.task, dict) or "kind" not in run.task:
         raise ConfigError(
             f"task: {run.task!r} needs a `kind` (reasoning_gym or dataset), e.g. "
             "{kind: reasoning_gym, name: chain_sum}."
         )
-    spec = RunSpec(run, training, eval_cfg, training_values)
     reward_specs = run.rewards if run.rewards is not None else run.task.get("rewards")
-    if reward_specs is not None:
-        spec.rewards = resolve_rewards(reward_specs, training)
-    return spec
+    rewards = None if reward_specs is None else resolve_rewards(reward_specs, training_values)
+    try:  # ranges and consistency (GRPOConfig.__post_init__), after the cheap checks above
+        training = GRPOConfig(**training_values)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"training: {error}") from error
+    return RunSpec(run, training, eval_cfg, training_values, rewards)
 
 
-def resolve_rewards(specs: Any, training: GRPOConfig) -> list[Any]:
-    """Turn reward specs into named reward functions; check `training.reward_weights` fits.
+def resolve_rewards(specs: Any, training: dict[str, Any]) -> list[Any]:
+    """Turn reward specs into named reward functions; check `reward_weights` fits.
+
+    `training` holds the training section's values (`max_completion_length`, `reward_weights`).
 
     A built-in reward taking `max_completion_len` (soft overlong punishment) gets the training
     `max_completion_length` unless the spec sets it.
@@ -400,9 +400,9 @@ def resolve_rewards(specs: Any, training: GRPOConfig) -> list[Any]:
         if isinstance(spec, dict) and name in REWARD_FUNCTIONS:
             params = inspect.signature(REWARD_FUNCTIONS[name]).parameters
             if "max_completion_len" in params and "max_completion_len" not in spec:
-                spec = {**spec, "max_completion_len": training.max_completion_length}
+                spec = {**spec, "max_completion_len": training["max_completion_length"]}
         elif name == "soft_overlong_punishment":
-            spec = {"name": name, "max_completion_len": training.max_completion_length}
+            spec = {"name": name, "max_completion_len": training["max_completion_length"]}
         try:
             fn = get_reward_function(spec)
         except (ValueError, TypeError) as error:
@@ -410,7 +410,7 @@ def resolve_rewards(specs: Any, training: GRPOConfig) -> list[Any]:
             hint = f" Did you mean `{close[0]}`?" if close and ":" not in name else ""
             raise ConfigError(f"rewards[{i}]: {error}{hint}") from error
         built.append(CallableReward(fn, name=name.rpartition(":")[2]))
-    weights = training.reward_weights
+    weights = training["reward_weights"]
     if weights is not None and len(weights) != len(built):
         raise ConfigError(
             f"training.reward_weights has {len(weights)} entries but there are {len(built)} "
@@ -461,7 +461,7 @@ def _load_everything(spec: RunSpec) -> tuple[Any, Any, Any, list[Any]]:
     except (ValueError, ImportError, FileNotFoundError) as error:
         raise ConfigError(f"task: {error}") from error
     if spec.rewards is None:
-        spec.rewards = resolve_rewards(task.default_rewards, spec.training)
+        spec.rewards = resolve_rewards(task.default_rewards, spec.training_values)
     model, tokenizer = load_causal_lm(spec.run.model)
     return task, model, tokenizer, spec.rewards
 
