@@ -329,3 +329,19 @@ def test_demo_config_is_valid() -> None:
     spec = build_config(DEMO_CONFIG)
     assert spec.run.model == "smollm2-135m-instruct"
     assert spec.training.max_steps > 0
+
+
+def test_plot_run_from_metrics_and_eval_files(tmp_path: Path) -> None:
+    from grpokit.plotting import moving_average, plot_run
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    metrics = [{"step": s, "reward": s / 10, "rewards/acc/mean": s / 20} for s in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics))
+    evals = [
+        {"step": 0, "accuracy": 0.1, "reward": 0.1},
+        {"step": 7, "accuracy": 0.4, "reward": 0.4},
+    ]
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(e) for e in evals))
+    path = plot_run(tmp_path, accuracy_reward="acc")
+    assert path == tmp_path / "curves.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

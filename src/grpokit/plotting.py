@@ -32,6 +32,23 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i + 1 - window) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def _plot_noisy(ax: Any, steps: list[float], values: list[float], label: str) -> None:
+    """A per-step curve, faint, with its trailing 5-step mean on top (GRPO batches are small)."""
+    if not steps:
+        return
+    line = ax.plot(steps, values, alpha=0.3, linewidth=1)[0]
+    ax.plot(steps, moving_average(values, 5), color=line.get_color(), label=f"{label}, 5-step mean")
+
+
 def plot_run(
     output_dir: str | Path, *, accuracy_reward: str | None = None, path: str | Path | None = None
 ) -> Path:
@@ -61,7 +78,7 @@ def plot_run(
     fig, (ax_reward, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
 
     steps, values = _series(metrics, "reward")
-    ax_reward.plot(steps, values, marker=".", label="train reward (mean)")
+    _plot_noisy(ax_reward, steps, values, "train reward")
     steps, values = _series(metrics, "eval_reward")
     if steps:
         ax_reward.plot(steps, values, marker="o", label="held-out reward (trainer eval)")
@@ -73,7 +90,7 @@ def plot_run(
     if accuracy_reward:
         key = f"rewards/{accuracy_reward}/mean"
         steps, values = _series(metrics, key)
-        ax_acc.plot(steps, values, marker=".", label=f"train {accuracy_reward} (mean)")
+        _plot_noisy(ax_acc, steps, values, f"train {accuracy_reward}")
         steps, values = _series(metrics, f"eval_{key}")
         if steps:
             ax_acc.plot(
