@@ -594,7 +594,7 @@ def fields_help(defaults: dict[str, Any] | None = None) -> str:
         values = {**field_defaults(cls)}
         given = defaults if section == "run" else defaults.get(section) or {}
         values.update({k: v for k, v in given.items() if k in values})
-        title = "run-level fields (top of the YAML)" if section == "run" else f"{section}: fields"
+        title = "run-level fields (top of the YAML)" if section == "run" else f"{section} fields"
         lines.append(f"\n{title}:")
         for name, value in values.items():
             prefix = "" if section == "run" else f"{section}."

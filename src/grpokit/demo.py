@@ -44,7 +44,8 @@ DEMO_CONFIG: dict[str, Any] = {
 
 DEMO_DESCRIPTION = (
     "GRPO on SmolLM2-135M-Instruct (built in, no download) for two-number sums from "
-    "reasoning-gym's chain_sum, answer in <answer></answer> tags. Evaluates held-out accuracy "
+    "reasoning-gym's chain_sum (prompt: 'Answer with just the number.'; the reward is "
+    "reasoning-gym's verifier on the last number of the reply). Evaluates held-out accuracy "
     "(greedy, 200 prompts) before and after training, saves the trained model to "
     "<output_dir>/final_model and writes <output_dir>/curves.png. About ten minutes on 2 CPU "
     "cores. Every field below can be overridden, e.g. `grpokit demo --seed 1 --output_dir "
