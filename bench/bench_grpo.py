@@ -488,9 +488,11 @@ def cycle_flops(shape: ModelShape, wl: Workload, cycle: dict[str, Any]) -> dict[
     completions = cycle.get("completion_lengths") or []
     if not prompts or not completions:
         return {}
-    if len(prompts) != len(completions):
-        raise ValueError("one prompt length per completion is needed for the FLOP count")
     g = wl.num_generations
+    if len(prompts) * g == len(completions):  # one length per distinct prompt
+        prompts = [p for p in prompts for _ in range(g)]
+    if len(prompts) != len(completions):
+        return {}
     distinct = prompts[::g]  # rows are grouped: G completions of a prompt are adjacent
     prefill_tokens = sum(distinct)
     prefill_attended = sum(p * (p + 1) / 2 for p in distinct)
@@ -806,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {machine.get('Model name', '?')}, {machine['cores']} cores, "
         f"flags {machine.get('Flags', '?')}; load average {machine['loadavg']}"
     )
-    print(f"grpokit source: {source_state()}")
+    source = source_state()
+    print(f"grpokit source: {source}")
     model_path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = equal_length_prompts(tokenizer)
@@ -851,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/bench_grpo.py " + " ".join(argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine,
-        "grpokit_source": source_state(),
+        "grpokit_source": source,
         "matmul_peak_gflops": peaks,
         "summaries": summaries,
     }
