@@ -345,3 +345,16 @@ def test_plot_run_from_metrics_and_eval_files(tmp_path: Path) -> None:
     path = plot_run(tmp_path, accuracy_reward="acc")
     assert path == tmp_path / "curves.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_without_config_uses_the_demo_config(monkeypatch, capsys) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_load(spec: Any) -> Any:
+        seen["model"] = spec.run.model
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(cli, "_load_everything", fake_load)
+    assert main(["eval", "--model", "my/model", "--eval.num_prompts", "3"]) == 2
+    assert seen["model"] == "my/model"
+    assert "stop here" in capsys.readouterr().err

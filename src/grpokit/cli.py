@@ -635,7 +635,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Score a model (base or trained: --model DIR) on the task's held-out split.",
         epilog=overrides + fields_help(),
     )
-    ev.add_argument("config", nargs="?", help="YAML run config (default: built-in demo config)")
+    ev.add_argument(
+        "config",
+        nargs="?",
+        help="YAML run config (default: the built-in demo config); give it before any override",
+    )
     ev.add_argument("--output", help="also write the metrics as JSON to this file")
     from grpokit.demo import DEMO_CONFIG, DEMO_DESCRIPTION
 
@@ -650,10 +654,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NO_CONFIG = "\0no-config"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `grpokit` command."""
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
+        # No config file: stop argparse from taking an override's value for the positional.
+        argv.insert(1, _NO_CONFIG)
     args, rest = parser.parse_known_args(argv)
+    if getattr(args, "config", None) == _NO_CONFIG:
+        args.config = None
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
         overrides = parse_overrides(rest)

@@ -3,6 +3,15 @@
 The demo is an ordinary run config (`DEMO_CONFIG`), so every field can be overridden on the
 command line (`grpokit demo --seed 1 --output_dir runs/demo-seed1`) and the run it leaves behind
 restarts with `grpokit train runs/demo/config.yaml --resume`.
+
+Measured (2 CPU cores shared with other jobs, OMP_NUM_THREADS=1): held-out accuracy on the 200
+held-out prompts, greedy, before training 0.090 (the same for every seed: the held-out set depends
+only on the task seed); after the 50 steps, `grpokit demo --seed S --output_dir runs/demo-S`
+gave 0.370 (S=0), 0.305 (S=1), 0.320 (S=2): mean 0.332, standard deviation 0.034. Re-score a
+trained model with `grpokit eval --model runs/demo-S/final_model`. The seed-0 run took 9 min 50 s
+without the "before" evaluation. Why this setup: SmolLM2-135M-Instruct never wrote `<answer>` tags
+in our samples (tag rewards were always 0, so GRPO had no signal), while a plain "Answer with just
+the number." prompt scored by the last number of the reply starts at 9% and is learnable.
 """
 
 from __future__ import annotations
