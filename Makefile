@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints-dev.txt
 
-.PHONY: venv demo test lint typecheck clean
+.PHONY: venv demo test lint typecheck bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: lint typecheck
 
 demo: $(STAMP)
 	$(BIN)/grpokit demo
+
+# grpokit vs TRL on identical GRPO work (creates bench/.venv-trl on first use); see bench/README.md
+bench: $(STAMP)
+	$(BIN)/python bench/bench_grpo.py --system both --steps 3 --warmup 1
 
 clean:
 	rm -rf $(VENV)

@@ -129,3 +129,22 @@ def test_every_field_has_a_docstring() -> None:
         doc = body[i + 1]
         assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant), ast.dump(body[i])
         assert isinstance(doc.value.value, str) and doc.value.value.strip()
+
+
+def test_lr_scheduler_names_are_transformers_schedulers():
+    # The config lists scheduler names itself (validation must not import transformers); every
+    # listed name must be one transformers' get_scheduler knows.
+    from transformers import SchedulerType
+
+    from grpokit.config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_importing_the_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import grpokit, grpokit.config, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -347,6 +347,21 @@ def test_bf16_copy_tracks_weights_in_place_after_update() -> None:
     assert torch.equal(engine.generate(PROMPTS, **kwargs).completion_ids, expected.completion_ids)
 
 
+def test_bf16_copy_follows_a_fused_adamw_step() -> None:
+    # Fused AdamW writes parameters in place without bumping their version counters; the copy
+    # must still follow (a stale sampler would silently stop the policy from learning).
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    engine = _engine(tok, model, bf16_sampler=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    optimizer.step()
+    engine.update_weights(model)
+    copy_params = dict(engine.sampler_model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(copy_params[name], p.detach().to(torch.bfloat16)), name
+
+
 def test_bf16_copy_under_peft_syncs_only_the_adapter() -> None:
     peft = pytest.importorskip("peft")
     tok = make_tokenizer()

@@ -769,3 +769,20 @@ def test_trimmed_micro_batch_equals_the_full_width_forward(
     assert abs(trimmed_loss - full_loss) < 1e-6
     for name, grad in full_grads.items():
         torch.testing.assert_close(trimmed_grads[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_fused_and_loop_adamw_give_the_same_update():
+    # optim="adamw_torch_fused" (the default, as transformers') and "adamw_torch" are the same
+    # algorithm; one step from the same gradients must agree to float32 rounding.
+    from grpokit.setup import make_optimizer
+
+    updated = []
+    for optim in ("adamw_torch_fused", "adamw_torch"):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(8, 4)
+        opt = make_optimizer(layer, GRPOConfig(output_dir="unused", optim=optim, weight_decay=0.1))
+        layer(torch.randn(3, 8)).pow(2).sum().backward()
+        opt.step()
+        updated.append([p.detach().clone() for p in layer.parameters()])
+    for fused, loop in zip(*updated, strict=True):
+        torch.testing.assert_close(fused, loop, rtol=0, atol=1e-6)

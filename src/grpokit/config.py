@@ -19,6 +19,21 @@ SAVE_STRATEGIES = ("no", "steps")
 EVAL_STRATEGIES = ("no", "steps")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 
+# transformers' `SchedulerType` values that `get_scheduler` steps without a metric. Listed here so
+# that validating a config does not import transformers (a test keeps this in sync).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
+
 # TRL / transformers.TrainingArguments options that grpokit does not implement. Passing any of them
 # is an error (never silently ignored); the value says why or what to use instead.
 UNSUPPORTED_TRL_FIELDS: dict[str, str] = {
@@ -216,8 +231,9 @@ class GRPOConfig:
     """AdamW beta2."""
     adam_epsilon: float = 1e-8
     """AdamW epsilon."""
-    optim: str = "adamw_torch"
-    """Optimizer: "adamw_torch" (or "adamw_torch_fused"); others are not supported."""
+    optim: str = "adamw_torch_fused"
+    """Optimizer: "adamw_torch_fused" (one fused kernel for all parameters, as transformers'
+    default with torch >= 2.8) or "adamw_torch" (the per-parameter loop); others unsupported."""
     lr_scheduler_type: str = "linear"
     """Learning-rate schedule name for `transformers.get_scheduler` ("linear", "cosine", ...)."""
     lr_scheduler_kwargs: dict[str, Any] | None = None
@@ -436,8 +452,6 @@ class GRPOConfig:
             )
 
     def _check_optimisation(self) -> None:
-        from transformers import SchedulerType
-
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
@@ -446,10 +460,10 @@ class GRPOConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
-        schedulers = [s.value for s in SchedulerType]
-        if self.lr_scheduler_type not in schedulers:
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
             raise ValueError(
-                f"lr_scheduler_type={self.lr_scheduler_type!r} is unknown; use one of {schedulers}."
+                f"lr_scheduler_type={self.lr_scheduler_type!r} is not supported; use one of "
+                f"{LR_SCHEDULERS}."
             )
         if not isinstance(self.max_steps, int):
             raise ValueError(f"max_steps must be an integer, got {self.max_steps!r}.")

@@ -352,10 +352,10 @@ class TransformersEngine:
         """Copy the parameters of `model` that changed since the last copy into the bf16 sampler,
         in place (no allocation). Without a bf16 sampler this only records `model`.
 
-        A parameter counts as changed when its tensor's in-place version counter or storage moved
-        (an optimizer step, `load_state_dict`, `param.data = ...`): under PEFT only the adapters
-        are copied, and a checkpoint loaded between steps is picked up by the next `generate`,
-        which calls this first.
+        Every trainable parameter is copied; a frozen one only when its tensor's in-place version
+        counter or storage moved (`load_state_dict`, `param.data = ...`): under PEFT only the
+        adapters are copied each step, and a checkpoint loaded between steps is picked up by the
+        next `generate`, which calls this first.
 
         Raises:
             KeyError: `model` lacks a parameter the sampler copy has (a different architecture).
@@ -371,7 +371,10 @@ class TransformersEngine:
                     f"the engine was built with."
                 )
             now = _stamp(source[name])
-            if now != stamp:
+            # Trainable parameters are always copied: fused optimizer kernels (AdamW with
+            # fused=True) write in place without bumping the version counter, so a stamp alone
+            # would miss their updates. Frozen ones are copied only when their stamp moved.
+            if source[name].requires_grad or now != stamp:
                 param.copy_(source[name])
                 self._copies[name] = (param, now)
 

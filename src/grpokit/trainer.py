@@ -352,6 +352,7 @@ class GRPOTrainer:
             skip_zero_advantage=self.skip_zero_advantage,
             bucket_by_length=self.bucket_by_length,
         )
+        started = time.perf_counter()
         for micro in plan:
             part = select_rows(batch, micro.rows)
             loss, metrics = self.micro_batch_loss(part, slice(0, part.size), num_items)
@@ -363,17 +364,25 @@ class GRPOTrainer:
             for param in self.model.parameters():
                 if param.requires_grad:
                     param.grad = torch.zeros_like(param)
+        forward_backward_done = time.perf_counter()
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
         self.engine.update_weights(self.model)
+        optimizer_done = time.perf_counter()
         if cfg.sync_ref_model and self.state.global_step % cfg.ref_model_sync_steps == 0:
             self._sync_ref_model()
         out = reduce_metrics({k: [v.item() for v in vs] for k, vs in micro_metrics.items()})
         out.update(
-            loss=total_loss, grad_norm=grad_norm, learning_rate=self.scheduler.get_last_lr()[0]
+            {
+                "loss": total_loss,
+                "grad_norm": grad_norm,
+                "learning_rate": self.scheduler.get_last_lr()[0],
+                "time/forward_backward": forward_backward_done - started,
+                "time/optimizer": optimizer_done - forward_backward_done,
+            }
         )
         return out
 
