@@ -1,7 +1,6 @@
 """Checkpoint round trips, resumable prompt order, checkpoint discovery and rotation."""
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,14 +11,7 @@ from grpokit import checkpoint as ckpt
 from grpokit.logging import reduce_metrics
 from tests.tiny import make_causal_lm, make_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run ~100x faster on one thread than with two threads on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(sampler: ckpt.PromptSampler, n: int) -> list[int]:

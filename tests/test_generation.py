@@ -1,7 +1,5 @@
 """Generation engine: completion masks and truncation on hand-built ids, then on a tiny model."""
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -18,14 +16,7 @@ from grpokit.generation import (
 from grpokit.logprobs import model_completion_logprobs
 from tests.tiny import make_causal_lm, make_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run ~100x faster on one thread than with two threads on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EOS, PAD = 1, 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +65,8 @@ def test_smollm2_two_grpo_steps_on_cpu(tmp_path: Path) -> None:
     assert changed > len(before) // 2, f"only {changed} of {len(before)} tensors changed"
 
 
-@pytest.fixture
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_readme_snippet_runs_with_a_tiny_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _one_thread: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:
     snippet = readme_snippet()
     assert "from grpokit import GRPOConfig, GRPOTrainer" in snippet

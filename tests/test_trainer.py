@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,7 @@ from grpokit.models import bf16_supported
 from grpokit.rewards import RewardFunctionError
 from tests.tiny import make_causal_lm, make_reward_model, make_tokenizer, save_tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run ~100x faster on one thread than with two threads on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PLAIN = Dataset.from_list([{"prompt": p, "target": p[-1]} for p in ["ab", "cd", "ef", "gh"]])

@@ -1,0 +1,19 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread for the module: tiny models are dominated by per-op overhead, and
+    on a 2-core machine that is busy elsewhere two OpenMP threads wait on each other at every op
+    (seen: ~100x slower generation), while one thread costs a tiny model nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
