@@ -252,7 +252,8 @@ class TransformersEngine:
     ) -> GenerationOutput:
         """Sample `num_generations` completions per prompt; see `GenerationOutput` for shapes."""
         ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
-        self.update_weights(self.model)  # no-op unless weights changed, e.g. a checkpoint load
+        # Picks up weights changed outside optimizer steps, e.g. a checkpoint load on resume.
+        self._sync(self.model, copy_trainable=False)
         model = self.sampler_model
         device = next(model.parameters()).device
         was_training = model.training
@@ -347,19 +348,24 @@ class TransformersEngine:
             logits = out.logits[:, -1].float()  # [N, V]
         return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
 
-    @torch.no_grad()
     def update_weights(self, model: Any) -> None:
-        """Copy the parameters of `model` that changed since the last copy into the bf16 sampler,
-        in place (no allocation). Without a bf16 sampler this only records `model`.
+        """Copy `model`'s weights into the bf16 sampler after an optimizer step, in place (no
+        allocation). Without a bf16 sampler this only records `model`.
 
-        Every trainable parameter is copied; a frozen one only when its tensor's in-place version
-        counter or storage moved (`load_state_dict`, `param.data = ...`): under PEFT only the
-        adapters are copied each step, and a checkpoint loaded between steps is picked up by the
-        next `generate`, which calls this first.
+        Every trainable parameter is copied (under PEFT only the adapters): fused optimizer
+        kernels (AdamW with fused=True) write in place without bumping a tensor's version
+        counter, so a version check would miss their updates. Frozen parameters are copied only
+        when their version counter or storage moved.
 
         Raises:
             KeyError: `model` lacks a parameter the sampler copy has (a different architecture).
         """
+        self._sync(model, copy_trainable=True)
+
+    @torch.no_grad()
+    def _sync(self, model: Any, *, copy_trainable: bool) -> None:
+        """Copy into the sampler the parameters whose version counter or storage moved (a
+        `load_state_dict`, `param.data = ...`), and with `copy_trainable` every trainable one."""
         self.model = model
         if not self._copies:
             return
@@ -371,10 +377,7 @@ class TransformersEngine:
                     f"the engine was built with."
                 )
             now = _stamp(source[name])
-            # Trainable parameters are always copied: fused optimizer kernels (AdamW with
-            # fused=True) write in place without bumping the version counter, so a stamp alone
-            # would miss their updates. Frozen ones are copied only when their stamp moved.
-            if source[name].requires_grad or now != stamp:
+            if now != stamp or (copy_trainable and source[name].requires_grad):
                 param.copy_(source[name])
                 self._copies[name] = (param, now)
 
