@@ -78,6 +78,8 @@ def test_batch_semantics() -> None:
             "vllm_importance_sampling_clip_max",
         ),
         (dict(eval_on_start=True, per_device_eval_batch_size=3), "per_device_eval_batch_size"),
+        (dict(attention=""), "attention"),
+        (dict(attention=3), "attention"),
     ],
 )
 def test_bad_values_name_the_field(kwargs: dict, match: str) -> None:

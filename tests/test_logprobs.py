@@ -25,7 +25,7 @@ def random_logits(dtype: torch.dtype, n: int = 3, t: int = 11, v: int = 37):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk_size", [1, 5, 33, 10_000])
+@pytest.mark.parametrize("chunk_size", [1, 5, 33, 10_000, None])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_matches_naive(dtype: torch.dtype, chunk_size: int, temperature: float) -> None:
     logits, ids = random_logits(dtype)
@@ -53,19 +53,46 @@ def test_entropy_not_computed_by_default() -> None:
     assert selective_logprobs_and_entropy(logits, ids)[1] is None
 
 
-def test_gradients_match_naive() -> None:
+@pytest.mark.parametrize(
+    ("use_logprobs", "use_entropy"), [(True, True), (True, False), (False, True)]
+)
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_gradients_match_naive(use_logprobs: bool, use_entropy: bool, temperature: float) -> None:
+    """Each output's gradient, alone and together, equals autograd through log_softmax."""
     logits, ids = random_logits(torch.float32)
     weights = torch.randn(ids.shape)
+    entropy_weights = torch.randn(ids.shape)
+
+    def objective(logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(())
+        if use_logprobs:
+            total = total + (logp * weights).sum()
+        if use_entropy:
+            total = total + (entropy * entropy_weights).sum()
+        return total
+
     ours = logits.clone().requires_grad_(True)
     logp, entropy = selective_logprobs_and_entropy(
-        ours, ids, temperature=0.8, compute_entropy=True, chunk_size=4
+        ours, ids, temperature=temperature, compute_entropy=True, chunk_size=4
     )
     assert entropy is not None
-    ((logp * weights).sum() + entropy.sum()).backward()
+    objective(logp, entropy).backward()
     ref = logits.clone().requires_grad_(True)
-    ref_logp, ref_entropy = naive(ref, ids, 0.8)
-    ((ref_logp * weights).sum() + ref_entropy.sum()).backward()
+    objective(*naive(ref, ids, temperature)).backward()
     torch.testing.assert_close(ours.grad, ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_gradient_is_the_float32_gradient_rounded() -> None:
+    """bf16 logits: the gradient is computed in float32 and rounded to bf16 at the end."""
+    logits, ids = random_logits(torch.bfloat16, n=2, t=7, v=300)
+    weights = torch.randn(ids.shape)
+    ours = logits.clone().requires_grad_(True)
+    (selective_logprobs_and_entropy(ours, ids)[0] * weights).sum().backward()
+    ref = logits.float().requires_grad_(True)
+    (naive(ref, ids)[0] * weights).sum().backward()
+    assert ours.grad is not None and ours.grad.dtype == torch.bfloat16
+    # at most one bf16 rounding step apart (float32 summation order may differ)
+    torch.testing.assert_close(ours.grad, ref.grad.to(torch.bfloat16), atol=1e-7, rtol=2**-8)
 
 
 def test_invalid_inputs() -> None:

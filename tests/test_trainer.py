@@ -651,7 +651,12 @@ def step_gradients(trainer: GRPOTrainer, batch: Any) -> tuple[float, dict[str, t
 def off_policy_batch(trainer: GRPOTrainer, advantages: torch.Tensor) -> Any:
     """A rollout batch of varied lengths with old log-probs 0.1-ish away (ratios clip)."""
     _, prompt_ids, _ = trainer.sample_prompts()
-    batch = trainer.build_rollout_batch(trainer.generate(prompt_ids), advantages)
+    generated = trainer.generate(prompt_ids)
+    # Cut the completions to varied lengths (sampled lengths depend on the random stream).
+    for row, length in enumerate([8, 3, 5, 8, 2, 6, 4, 7] * 4):
+        if row < generated.completion_mask.shape[0]:
+            generated.completion_mask[row, length:] = 0
+    batch = trainer.build_rollout_batch(generated, advantages)
     current = trainer._logprobs_no_grad(trainer.model, batch)
     noise = 0.15 * torch.randn(current.shape, generator=torch.Generator().manual_seed(0))
     batch.old_logprobs = (current + noise) * batch.completion_mask
@@ -778,3 +783,19 @@ def test_fused_and_loop_adamw_give_the_same_update():
         updated.append([p.detach().clone() for p in layer.parameters()])
     for fused, loop in zip(*updated, strict=True):
         torch.testing.assert_close(fused, loop, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("attention", "expected"),
+    [("auto", "grpokit_grouped"), (None, "sdpa"), ("eager", "eager")],
+)
+def test_attention_setting_reaches_the_policy_and_reference(
+    tmp_path: Path, attention: str | None, expected: str
+) -> None:
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    model.set_attn_implementation("sdpa")
+    trainer = make_trainer(tmp_path, model=model, tokenizer=tok, attention=attention, beta=0.1)
+    assert trainer.model.config._attn_implementation == expected
+    assert trainer.ref_model is not None
+    assert trainer.ref_model.config._attn_implementation == expected

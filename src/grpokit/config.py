@@ -110,6 +110,12 @@ class GRPOConfig:
     """Recompute activations in the backward pass to save memory (slower). TRL defaults to True."""
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
     """Keyword arguments for `gradient_checkpointing_enable` (default: use_reentrant=False)."""
+    attention: str | None = "auto"
+    """Attention implementation of the policy (and reference) model in training and log-prob
+    passes. "auto" = on the CPU, grpokit's grouped attention (`grpokit.attention`: transformers'
+    eager attention without copying key/value heads; ~1.25x faster training steps than "sdpa" on
+    short sequences, same results up to bf16 rounding), elsewhere the model's own. None = keep the
+    model's. Any other name ("sdpa", "eager", ...) is set with `set_attn_implementation`."""
 
     # ---- Data --------------------------------------------------------------------------------
     remove_unused_columns: bool = False
@@ -452,6 +458,12 @@ class GRPOConfig:
             )
 
     def _check_optimisation(self) -> None:
+        attention = self.attention
+        if attention is not None and (not isinstance(attention, str) or not attention):
+            raise ValueError(
+                f"attention must be 'auto', None or an attention implementation name such as "
+                f"'sdpa'; got {self.attention!r}."
+            )
         if self.learning_rate < 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:

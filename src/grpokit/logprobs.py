@@ -3,34 +3,154 @@
 A policy-gradient step needs `log pi(o_t | q, o_<t)` for each sampled token, not the whole
 distribution. Materialising `log_softmax(logits)` in float32 costs `N * T * V * 4` bytes (about
 2.4 GB for one 4k-token sequence with a 150k vocabulary), so both functions here work on chunks of
-positions, upcast each chunk to float32 on its own, and keep only the `[N, T]` results. When
-gradients are needed, each chunk is recomputed in the backward pass (activation checkpointing), so
-no float32 copy of the logits is held for backward either.
+positions, upcast each chunk to float32 in one reused buffer, and keep only the `[N, T]` results.
+The backward pass recomputes each chunk's probabilities from the saved logits and the `[N, T]`
+log-normalizers, so no float32 copy of the logits is held for backward either.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK_SIZE = 1024  # positions (rows of the flattened [N*T, V] logits) per chunk
+DEFAULT_CHUNK_ELEMENTS = 1 << 21  # logits per float32 chunk (8 MB): small enough to stay in cache
 
 
-def _chunk_logprobs_and_entropy(
-    logits: Tensor, token_ids: Tensor, temperature: float, compute_entropy: bool
-) -> tuple[Tensor, Tensor]:
-    """Log-prob of `token_ids` and entropy for one chunk. logits [R, V] any float; ids [R]."""
-    scaled = logits.float() / temperature  # [R, V] float32, one chunk only
-    log_normalizer = torch.logsumexp(scaled, dim=-1)  # [R]
-    logprobs = scaled.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - log_normalizer  # [R]
-    if not compute_entropy:
-        return logprobs, torch.empty(0, device=logits.device)
-    # H = -sum p log p = logsumexp(z) - sum softmax(z) * z
-    entropy = log_normalizer - (torch.softmax(scaled, dim=-1) * scaled).sum(-1)  # [R]
-    return logprobs, entropy
+def _positions_per_chunk(vocab_size: int, completion_len: int, chunk_size: int | None) -> int:
+    """Positions of one sequence per chunk: `chunk_size`, else as many as fit
+    `DEFAULT_CHUNK_ELEMENTS` logits, spread evenly over the `completion_len` positions."""
+    limit = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
+    blocks = -(-completion_len // limit)  # ceil
+    return -(-completion_len // blocks)
+
+
+def _chunks(n: int, t: int, c: int) -> Iterator[tuple[int, int, int]]:
+    """`(row, first, stop)` blocks of at most `c` positions covering `[n, t]` row by row."""
+    for row in range(n):
+        for first in range(0, t, c):
+            yield row, first, min(first + c, t)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """Log-prob of one token per position (and its entropy) from logits, a float32 chunk at a time.
+
+    Inputs: `logits` `[N, L, V]` (any float dtype, last dim contiguous) and `token_ids` `[N, T]`
+    with `T <= L`: position `t` of row `n` scores `token_ids[n, t]` with `logits[n, t]`; positions
+    `T..L-1` are ignored (get zero gradient). Outputs `[N, T]` float32 log-probs and entropies
+    (empty when not requested).
+
+    Forward and backward each make a few passes over one float32 buffer reused across chunks and
+    sized to stay in cache, instead of the several full-size float32 tensors that autograd through
+    `logsumexp`, `gather` and `softmax` creates. Saved for backward: the logits (the caller holds
+    them anyway), the ids and the per-position log-normalizer and entropy `[N, T]`.
+
+    With `z = logits / temperature`, `p = softmax(z)`, `H = -sum p log p`:
+    `d logprob / dz = onehot(token) - p` and `d H / dz = -p * (log p + H)`.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        token_ids: Tensor,
+        temperature: float,
+        chunk: int,
+        compute_entropy: bool,
+    ) -> tuple[Tensor, Tensor]:
+        n, t = token_ids.shape
+        v = logits.shape[-1]
+        device = logits.device
+        logprobs = torch.empty((n, t), dtype=torch.float32, device=device)
+        log_normalizer = torch.empty_like(logprobs)
+        entropy = torch.empty_like(logprobs) if compute_entropy else logprobs.new_empty(0)
+        shifted = torch.empty((chunk, v), dtype=torch.float32, device=device)
+        exps = torch.empty_like(shifted)
+        with torch.autocast(logits.device.type, enabled=False):
+            for row, first, stop in _chunks(n, t, chunk):
+                z = shifted[: stop - first]
+                z.copy_(logits[row, first:stop])
+                if temperature != 1.0:
+                    z.div_(temperature)
+                peak = z.amax(-1, keepdim=True)  # [c, 1]
+                z.sub_(peak)  # z - max
+                picked = z.gather(1, token_ids[row, first:stop, None]).squeeze(1)  # [c]
+                e = exps[: stop - first]
+                torch.exp(z, out=e)
+                total = e.sum(-1)  # [c]
+                log_total = total.log()
+                logprobs[row, first:stop] = picked - log_total
+                log_normalizer[row, first:stop] = peak.squeeze(1) + log_total
+                if compute_entropy:
+                    # H = log S - sum_v e_v (z_v - max) / S, with e = exp(z - max), S = sum_v e_v
+                    dot = (e.unsqueeze(1) @ z.unsqueeze(2)).view(-1)  # [c]
+                    entropy[row, first:stop] = log_total - dot / total
+        ctx.save_for_backward(logits, token_ids, log_normalizer, entropy)
+        ctx.temperature = temperature
+        ctx.chunk = chunk
+        ctx.set_materialize_grads(False)
+        if not compute_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_logprobs: Tensor | None, grad_entropy: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None]:
+        logits, token_ids, log_normalizer, entropy = ctx.saved_tensors
+        if grad_logprobs is None and (grad_entropy is None or entropy.numel() == 0):
+            return None, None, None, None, None
+        if entropy.numel() == 0:
+            grad_entropy = None
+        n, t = token_ids.shape
+        grad = torch.zeros_like(logits) if t < logits.shape[1] else torch.empty_like(logits)
+        buffer = torch.empty((ctx.chunk, logits.shape[-1]), dtype=torch.float32, device=grad.device)
+        probs = torch.empty_like(buffer) if grad_entropy is not None else buffer
+        with torch.autocast(logits.device.type, enabled=False):
+            for row, first, stop in _chunks(n, t, ctx.chunk):
+                z = buffer[: stop - first]
+                z.copy_(logits[row, first:stop])
+                if ctx.temperature != 1.0:
+                    z.div_(ctx.temperature)
+                z.sub_(log_normalizer[row, first:stop, None])  # log p
+                ids = token_ids[row, first:stop, None]  # [c, 1]
+                g = None if grad_logprobs is None else grad_logprobs[row, first:stop, None]
+                if grad_entropy is None:
+                    assert g is not None
+                    z.exp_().mul_(-g)  # -g p
+                else:
+                    p = probs[: stop - first]
+                    torch.exp(z, out=p)
+                    gh = grad_entropy[row, first:stop, None]
+                    z.add_(entropy[row, first:stop, None]).mul_(p).mul_(-gh)  # -gh p (log p + H)
+                    if g is not None:
+                        z.sub_(p.mul_(g))  # - g p
+                if g is not None:
+                    z.scatter_add_(1, ids, g)  # + g at the sampled token
+                if ctx.temperature != 1.0:
+                    z.div_(ctx.temperature)
+                grad[row, first:stop].copy_(z)
+        return grad, None, None, None, None
+
+
+def _selective(
+    logits: Tensor,
+    token_ids: Tensor,
+    temperature: float,
+    compute_entropy: bool,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor | None]:
+    """`_SelectiveLogSoftmax` on `logits` `[N, L, V]` scoring `token_ids` `[N, T]`, `T <= L`."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    chunk = _positions_per_chunk(logits.shape[-1], token_ids.shape[1], chunk_size)
+    logprobs, entropy = _SelectiveLogSoftmax.apply(
+        logits, token_ids.long(), temperature, chunk, compute_entropy
+    )
+    return logprobs, (entropy if compute_entropy else None)
 
 
 def selective_logprobs_and_entropy(
@@ -39,12 +159,12 @@ def selective_logprobs_and_entropy(
     *,
     temperature: float = 1.0,
     compute_entropy: bool = False,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probabilities of the given tokens (and optionally entropies) from logits, chunk by chunk.
 
     Equivalent to `torch.log_softmax(logits.float() / temperature, -1).gather(-1, ids)` but never
-    holds more than `chunk_size` rows of float32 log-softmax at once.
+    holds more than one chunk of float32 log-softmax at once, in forward or backward.
 
     Args:
         logits: `[N, T, V]` logits in any float dtype (bf16, fp16, fp32).
@@ -53,11 +173,13 @@ def selective_logprobs_and_entropy(
             temperature the completions were sampled with so the log-probs are those of the sampler.
         compute_entropy: Also return the entropy `-sum_v p_v log p_v` of each position's
             (temperature-scaled) distribution.
-        chunk_size: Number of positions (rows of the flattened `[N*T, V]` logits) per chunk.
+        chunk_size: Positions of one sequence per float32 chunk (None = as many as fit
+            `DEFAULT_CHUNK_ELEMENTS` logits).
 
     Returns:
         `(logprobs, entropies)`: `logprobs` is `[N, T]` float32; `entropies` is `[N, T]` float32,
-        or `None` when `compute_entropy` is False. Gradients flow to `logits` when it requires grad.
+        or `None` when `compute_entropy` is False. Gradients flow to `logits` from both when it
+        requires grad.
 
     Raises:
         ValueError: on mismatched shapes, a non-positive temperature or chunk size.
@@ -67,40 +189,15 @@ def selective_logprobs_and_entropy(
             f"logits must be [N, T, V] and token_ids [N, T]; got logits {tuple(logits.shape)} and "
             f"token_ids {tuple(token_ids.shape)}. Slice logits to the completion positions first."
         )
+    _check_options(temperature, chunk_size)
+    return _selective(logits, token_ids, temperature, compute_entropy, chunk_size)
+
+
+def _check_options(temperature: float, chunk_size: int | None) -> None:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-
-    n, t, v = logits.shape
-    flat_logits = logits.reshape(n * t, v)  # [N*T, V]
-    flat_ids = token_ids.reshape(n * t).long()  # [N*T]
-    use_checkpoint = torch.is_grad_enabled() and logits.requires_grad
-
-    logprob_chunks, entropy_chunks = [], []
-    for start in range(0, n * t, chunk_size):
-        chunk = flat_logits[start : start + chunk_size]
-        ids = flat_ids[start : start + chunk_size]
-        if use_checkpoint:
-            # Recompute the float32 chunk in backward instead of keeping it alive.
-            logprobs, entropy = checkpoint(
-                _chunk_logprobs_and_entropy,
-                chunk,
-                ids,
-                temperature,
-                compute_entropy,
-                use_reentrant=False,
-            )
-        else:
-            logprobs, entropy = _chunk_logprobs_and_entropy(
-                chunk, ids, temperature, compute_entropy
-            )
-        logprob_chunks.append(logprobs)
-        entropy_chunks.append(entropy)
-
-    logprobs = torch.cat(logprob_chunks).reshape(n, t)  # [N, T] float32
-    entropies = torch.cat(entropy_chunks).reshape(n, t) if compute_entropy else None
-    return logprobs, entropies
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
 
 
 def forward_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -138,7 +235,7 @@ def model_completion_logprobs(
     temperature: float = 1.0,
     compute_entropy: bool = False,
     batch_size: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probabilities of the completion tokens under a causal LM.
 
@@ -160,7 +257,7 @@ def model_completion_logprobs(
         temperature: Sampling temperature the logits are divided by.
         compute_entropy: Also return per-token entropies.
         batch_size: Run the forward in slices of this many rows (None = all rows at once).
-        chunk_size: Positions per chunk in `selective_logprobs_and_entropy`.
+        chunk_size: Positions per float32 chunk (see `selective_logprobs_and_entropy`).
 
     Returns:
         `(logprobs, entropies)`, each `[N, T]` float32 (entropies None unless requested). Values at
@@ -183,6 +280,7 @@ def model_completion_logprobs(
         )
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}.")
+    _check_options(temperature, chunk_size)
 
     model = forward_module(model)
     keep_logits = _accepts(model, "logits_to_keep")
@@ -197,14 +295,12 @@ def model_completion_logprobs(
             kwargs["logits_to_keep"] = completion_len + 1
         if pass_positions:
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [n, P+T]
-        logits = model(**kwargs).logits[:, -(completion_len + 1) : -1, :]  # [n, T, V]
+        logits = model(**kwargs).logits[:, -(completion_len + 1) :, :]  # [n, T+1, V]
         completion_ids = ids[:, -completion_len:]  # [n, T]
-        logprobs, entropies = selective_logprobs_and_entropy(
-            logits,
-            completion_ids,
-            temperature=temperature,
-            compute_entropy=compute_entropy,
-            chunk_size=chunk_size,
+        # Position t of the logits scores completion token t; the last position is unused. The
+        # logits are passed whole (not sliced) so their gradient needs no extra full-size copy.
+        logprobs, entropies = _selective(
+            logits, completion_ids, temperature, compute_entropy, chunk_size
         )
         logprob_slices.append(logprobs)
         if entropies is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from grpokit import checkpoint as ckpt
+from grpokit.attention import use_grouped_attention
 from grpokit.checkpoint import TrainerState
 from grpokit.config import GRPOConfig, resolve_steps
 from grpokit.generation import SamplingParams
@@ -107,7 +108,20 @@ def prepare_model(model: Any, peft_config: Any, args: GRPOConfig, device: torch.
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
+    set_attention(model, args.attention, device)
     return model.to(device)
+
+
+def set_attention(model: Any, attention: str | None, device: torch.device) -> None:
+    """Apply the `attention` setting of `GRPOConfig` to `model` (see its docstring)."""
+    if attention is None or (attention == "auto" and device.type != "cpu"):
+        return
+    if attention == "auto":
+        if not use_grouped_attention(model):
+            logger.info("attention: the model cannot switch implementation; keeping its own")
+        return
+    base = model.get_base_model() if ckpt.is_peft_model(model) else model
+    base.set_attn_implementation(attention)
 
 
 def make_ref_model(model: Any, args: GRPOConfig) -> Any:

@@ -1,0 +1,116 @@
+"""grpokit.attention: grouped attention equals transformers' eager attention (repeated key/value
+heads), directly and inside a model (log-probs, gradients, cached decoding, left padding), and its
+SDPA hand-over for large score tensors gives the same result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpokit import attention
+from grpokit.attention import grouped_attention, use_grouped_attention
+from grpokit.generation import SamplingParams, TransformersEngine
+from grpokit.logprobs import model_completion_logprobs
+from tests.tiny import make_causal_lm, make_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Module(torch.nn.Module):
+    pass
+
+
+def reference_attention(query, key, value, mask, scaling):
+    """transformers' eager attention: repeat each key/value head for its query heads."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(2, 3) * scaling
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    return (probs @ value).transpose(1, 2)
+
+
+def padded_causal_mask(lengths: list[int], s: int, k: int) -> torch.Tensor:
+    """`[B, 1, S, K]` additive mask: causal over the last S of K keys, left padding per row."""
+    neg = torch.finfo(torch.float32).min
+    mask = torch.full((len(lengths), 1, s, k), neg)
+    for b, length in enumerate(lengths):
+        for i in range(s):
+            last = k - s + i  # key index of query i
+            mask[b, 0, i, k - length : last + 1] = 0.0
+    return mask
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (4, 4), (6, 1)])
+@pytest.mark.parametrize(("s", "k"), [(7, 7), (1, 9)])  # a prefill/training call, a decode step
+def test_equals_eager_attention(heads: int, kv_heads: int, s: int, k: int) -> None:
+    torch.manual_seed(0)
+    q = torch.randn(3, heads, s, 8)
+    key, value = torch.randn(3, kv_heads, k, 8), torch.randn(3, kv_heads, k, 8)
+    mask = padded_causal_mask([k, k - 2, k - 4], s, k)
+    ours, weights = grouped_attention(_Module(), q, key, value, mask, scaling=0.3)
+    assert weights is None and ours.shape == (3, s, heads, 8) and ours.is_contiguous()
+    expected = reference_attention(q, key, value, mask, 0.3)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_hand_over_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(1)
+    q, key, value = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = padded_causal_mask([5, 3], 5, 5)
+    small, _ = grouped_attention(_Module(), q, key, value, mask, scaling=0.35)
+    monkeypatch.setattr(attention, "MAX_MATERIALIZED_SCORES", 10)
+    large, _ = grouped_attention(_Module(), q, key, value, mask, scaling=0.35)
+    torch.testing.assert_close(large, small, rtol=1e-5, atol=1e-6)
+
+
+def _batch(tok):
+    """Two left-padded prompts of lengths 3 and 5 followed by 4 completion tokens."""
+    ids = torch.tensor([[0, 0, 5, 6, 7, 11, 12, 13, 14], [9, 8, 7, 6, 5, 21, 22, 23, 24]])
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return ids, mask
+
+
+def test_model_logprobs_and_gradients_equal_eager() -> None:
+    """A GQA tiny Llama switched to grouped attention: same log-probs and parameter gradients
+    as with transformers' eager attention (float32)."""
+    tok = make_tokenizer()
+    results = []
+    for grouped in (False, True):
+        model = make_causal_lm(tok)
+        if grouped:
+            assert use_grouped_attention(model)
+            assert model.config._attn_implementation == attention.NAME
+        else:
+            model.set_attn_implementation("eager")
+        ids, mask = _batch(tok)
+        logprobs, _ = model_completion_logprobs(model, ids, mask, 4)
+        (logprobs * torch.tensor([[1.0], [-0.5]])).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((logprobs.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_cached_greedy_decoding_equals_eager() -> None:
+    """The sampler copy with grouped attention decodes (KV cache, padded prompts) exactly the
+    greedy tokens of one with transformers' eager attention."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    greedy = SamplingParams(top_k=1, generation_kwargs={"min_new_tokens": 6})
+    kwargs = dict(num_generations=2, max_new_tokens=8, sampling=greedy)
+    prompts = [[5, 6, 7], [9, 8, 7, 6, 5]]
+    outs = [
+        TransformersEngine(model, tok, bf16_sampler=True, sampler_attention=impl).generate(
+            prompts, **kwargs
+        )
+        for impl in ("eager", attention.NAME)
+    ]
+    assert torch.equal(outs[0].completion_ids, outs[1].completion_ids)
+
+
+def test_use_grouped_attention_refuses_what_cannot_switch() -> None:
+    assert use_grouped_attention(torch.nn.Linear(2, 2)) is False
