@@ -252,3 +252,20 @@ def test_prompt_learning_peft_model_keeps_its_wrapper() -> None:
     wrapped = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     assert forward_module(wrapped) is wrapped  # virtual tokens are added in the wrapper's forward
     assert forward_module(base) is base
+
+
+def test_unscored_trailing_positions_get_zero_gradient() -> None:
+    """The model forward passes `[N, T+1, V]` logits for `[N, T]` tokens: the last position
+    scores nothing, so its gradient is exactly 0 and the others match the sliced computation."""
+    from grpokit.logprobs import _selective
+
+    logits, ids = random_logits(torch.float32, n=2, t=6, v=50)
+    weights = torch.randn(2, 5)
+    full = logits.clone().requires_grad_(True)
+    logp, _ = _selective(full, ids[:, :5], 1.0, False, 2)
+    (logp * weights).sum().backward()
+    sliced = logits[:, :5].clone().requires_grad_(True)
+    (naive(sliced, ids[:, :5])[0] * weights).sum().backward()
+    assert full.grad is not None and sliced.grad is not None
+    assert torch.equal(full.grad[:, 5], torch.zeros(2, 50))
+    torch.testing.assert_close(full.grad[:, :5], sliced.grad, atol=1e-6, rtol=1e-5)

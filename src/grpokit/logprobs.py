@@ -106,7 +106,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         if entropy.numel() == 0:
             grad_entropy = None
         n, t = token_ids.shape
-        grad = torch.zeros_like(logits) if t < logits.shape[1] else torch.empty_like(logits)
+        grad = torch.empty_like(logits)
+        grad[:, t:].zero_()  # positions T..L-1 score nothing
         buffer = torch.empty((ctx.chunk, logits.shape[-1]), dtype=torch.float32, device=grad.device)
         probs = torch.empty_like(buffer) if grad_entropy is not None else buffer
         with torch.autocast(logits.device.type, enabled=False):
