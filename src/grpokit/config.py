@@ -110,6 +110,12 @@ class GRPOConfig:
     """Recompute activations in the backward pass to save memory (slower). TRL defaults to True."""
     gradient_checkpointing_kwargs: dict[str, Any] | None = None
     """Keyword arguments for `gradient_checkpointing_enable` (default: use_reentrant=False)."""
+    retain_freed_memory: bool = True
+    """On the CPU, under Linux with glibc: keep memory that finished tensors free inside the process
+    for reuse (`grpokit.setup.retain_freed_memory`) instead of returning large blocks to the OS,
+    which the next step must then page-fault in again. Process-wide and never undone; the RSS then
+    stays at its peak. Measured here: a SmolLM2-135M training step 5.5 -> 4.1 s, system time
+    1.3-3.6 s -> 0.03 s, same peak RSS."""
     attention: str | None = "auto"
     """Attention implementation of the policy (and reference) model in training and log-prob
     passes. "auto" = on the CPU, grpokit's grouped attention (`grpokit.attention`: transformers'

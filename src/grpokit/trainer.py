@@ -112,6 +112,8 @@ class GRPOTrainer:
         self.device = torch.device(
             "cuda" if torch.cuda.is_available() and not self.args.use_cpu else "cpu"
         )
+        if self.device.type == "cpu" and self.args.retain_freed_memory:
+            setup.retain_freed_memory()
         self.model, self.processing_class = setup.load_policy(model, processing_class, self.args)
         self.model = setup.prepare_model(self.model, peft_config, self.args, self.device)
         self.is_peft = ckpt.is_peft_model(self.model)
