@@ -157,6 +157,7 @@ def test_seed_reproduces_and_unknown_kwargs_fail(setup: tuple[Any, Any, VLLMEngi
     one = engine.generate(prompts(tok), num_generations=3, max_new_tokens=10, sampling=seeded)
     two = engine.generate(prompts(tok), num_generations=3, max_new_tokens=10, sampling=seeded)
     assert torch.equal(one.completion_ids, two.completion_ids)
+    assert len({tuple(row) for row in one.completion_ids.tolist()}) == 6  # all differ
     with pytest.raises(ValueError, match="not_a_field"):
         engine.generate(
             prompts(tok),

@@ -142,8 +142,9 @@ class VLLMEngine:
         """Sample `num_generations` completions for each prompt (unpadded token-id lists).
 
         `sampling.generation_kwargs` may hold `min_new_tokens` (vLLM's `min_tokens`), `seed`
-        (request i gets `seed + i`, its G completions `seed + i + g` as vLLM derives them;
-        without it vLLM draws from torch's global RNG) and any other `vllm.SamplingParams` field.
+        (completion g of prompt i then samples with its own generator seeded `seed + i*G + g`;
+        without a seed, vLLM in-process draws from torch's global RNG) and any other
+        `vllm.SamplingParams` field.
 
         Returns:
             `GenerationOutput` with `N = B*G` rows, the G completions of a prompt consecutive:
@@ -168,6 +169,11 @@ class VLLMEngine:
         ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
         fold = self._set_temperature(sampling.temperature)
         params = self._sampling_params(sampling, num_generations, max_new_tokens, fold)
+        seed = sampling.generation_kwargs.get("seed")
+        if seed is not None:  # one request per prompt; vLLM seeds its G children seed + g
+            params = [params.clone() for _ in prompt_ids]
+            for i, p in enumerate(params):
+                p.seed = int(seed) + i * num_generations
         requests = [self._vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
         results = self.llm.generate(requests, params, use_tqdm=False)
 
@@ -224,8 +230,9 @@ class VLLMEngine:
             ) from error
 
     def _set_temperature(self, temperature: float) -> bool:
-        """Fold `temperature` into the vLLM model's logit scale; False when it has none."""
-        if self._base_scale is None:
+        """Fold `temperature` into the vLLM model's logit scale; False when it has none or
+        `temperature` is 0 (vLLM's greedy decoding)."""
+        if self._base_scale is None or temperature <= 0:
             return False
         scale = self._base_scale / temperature
         if scale != self._scale:

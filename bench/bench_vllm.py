@@ -1,0 +1,190 @@
+"""vLLM (in-process, `grpokit.vllm_engine.VLLMEngine`) vs grpokit's `TransformersEngine`: seconds
+per `generate` call and per `update_weights`, on the generation benchmark's workload.
+
+Workload (as bench/bench_generation.py): SmolLM2-135M-Instruct, 2 chat prompts x 8 completions,
+at most 128 new tokens, temperature 1. Mode "fixed" forces every completion to 128 tokens
+(`min_new_tokens`); "natural" stops at EOS. The TransformersEngine (default configuration: bf16
+sampler copy) is called under bf16 autocast as the trainer calls it; vLLM runs bf16 weights.
+
+Printed per engine, mode and thread count: median wall and CPU (process) seconds of `--repeats`
+calls after one warm-up, completion tokens per second (wall) and the 1-minute load average before
+and after. Then the median seconds of `update_weights` after a change of every parameter, and the
+gap between vLLM's `sampling_logprobs` and the trainer's log-probs on the same completions. The
+machine has 2 cores: before each measurement the script waits (up to `--wait` s) for the load
+average to fall below `--max-load`, and prints it either way. No assertion on timings.
+
+The TransformersEngine rows run first: building vLLM in this process changes process-wide state
+(a one-process torch.distributed group; vLLM's CPU worker replaces `torch.set_num_threads`, which
+VLLMEngine restores). In-process, vLLM's kernels use torch's intra-op (OpenMP) threads, so
+`--threads` applies to both engines.
+
+Environment: bench/.venv-vllm (commands in bench/requirements-vllm.txt). Usage:
+    bench/.venv-vllm/bin/python bench/bench_vllm.py --mode fixed natural --threads 1 2
+    bench/.venv-vllm/bin/python bench/bench_vllm.py --engines vllm --vllm-compile  # ~100 s start
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM's engine core in-process
+
+import torch
+
+from grpokit.generation import SamplingParams, TransformersEngine
+from grpokit.models import load_causal_lm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_generation import chat_prompt_ids
+
+
+def wait_for_quiet(args: argparse.Namespace) -> float:
+    """Wait up to `args.wait` s for the 1-minute load average to drop below `args.max_load`."""
+    deadline = time.monotonic() + args.wait
+    while os.getloadavg()[0] > args.max_load and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
+def sampling(args: argparse.Namespace, mode: str) -> SamplingParams:
+    kwargs = {"min_new_tokens": args.max_new_tokens} if mode == "fixed" else {}
+    return SamplingParams(temperature=1.0, generation_kwargs=kwargs)
+
+
+def call(engine: Any, prompt_ids: list[list[int]], args: argparse.Namespace, mode: str) -> Any:
+    """One `generate` call; the TransformersEngine under bf16 autocast, as the trainer makes it."""
+    autocast = isinstance(engine, TransformersEngine)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return engine.generate(
+            prompt_ids,
+            num_generations=args.num_generations,
+            max_new_tokens=args.max_new_tokens,
+            sampling=sampling(args, mode),
+        )
+
+
+def time_engine(
+    name: str, engine: Any, prompt_ids: list[list[int]], args: argparse.Namespace
+) -> None:
+    """Print one row per mode and thread count: one warm-up call, then `args.repeats` calls."""
+    for mode in args.mode:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            load_before = wait_for_quiet(args)
+            walls, cpus, tokens = [], [], 0
+            for i in range(args.repeats + 1):
+                torch.manual_seed(i)
+                wall, cpu = time.perf_counter(), time.process_time()
+                out = call(engine, prompt_ids, args, mode)
+                if i > 0:  # call 0 is the warm-up
+                    walls.append(time.perf_counter() - wall)
+                    cpus.append(time.process_time() - cpu)
+                    tokens += int(out.completion_mask.sum())
+            wall = statistics.median(walls)
+            print(
+                f"{name:14} {mode:8} {threads:>3} {wall:7.2f} {statistics.median(cpus):7.2f} "
+                f"{tokens / sum(walls):6.0f} {tokens / args.repeats:7.0f}  "
+                f"{load_before:.2f} -> {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+
+
+def update_cost(engine: Any, model: Any, args: argparse.Namespace) -> float:
+    """Median seconds of `update_weights` after every parameter changed (a full fine-tune)."""
+    seconds = []
+    for _ in range(3):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(1.0)  # bumps the version counter: every parameter counts as changed
+        start = time.perf_counter()
+        engine.update_weights(model)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def logprob_gap(engine: Any, model: Any, prompt_ids: list[list[int]], args: Any) -> str:
+    """|vLLM sampling_logprobs - trainer log-probs (fp32 weights, bf16 autocast)| statistics."""
+    from grpokit.logprobs import model_completion_logprobs
+
+    torch.manual_seed(0)
+    out = call(engine, prompt_ids, args, "natural")
+    t = out.completion_ids.shape[1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer, _ = model_completion_logprobs(
+            model,
+            torch.cat([out.prompt_ids, out.completion_ids], 1),
+            torch.cat([out.prompt_mask, out.completion_mask], 1),
+            t,
+        )  # [N, T]
+    mask = out.completion_mask.bool()
+    diff = (out.sampling_logprobs - trainer) * mask  # [N, T]
+    tokens = diff[mask]
+    return (
+        f"{int(mask.sum())} tokens: mean |diff| {tokens.abs().mean():.4f}, max |diff| "
+        f"{tokens.abs().max():.4f}, mean diff {tokens.mean():+.4f}, median |per-sequence sum| "
+        f"{diff.sum(1).abs().median():.3f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--engines", nargs="+", default=["transformers", "vllm"])
+    parser.add_argument("--mode", nargs="+", default=["fixed", "natural"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--vllm-compile", action="store_true", help="enforce_eager=False")
+    parser.add_argument("--max-load", type=float, default=1.5)
+    parser.add_argument("--wait", type=float, default=120, help="max seconds to wait for quiet")
+    args = parser.parse_args()
+
+    model, tokenizer = load_causal_lm(args.model)
+    model.eval()
+    prompt_ids = chat_prompt_ids(tokenizer)
+    print(
+        f"{args.model}: {len(prompt_ids)} prompts x {args.num_generations} completions, "
+        f"max {args.max_new_tokens} new tokens, prompt lengths {[len(p) for p in prompt_ids]}, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs"
+    )
+    header = f"{'engine':14} {'mode':8} {'thr':>3} {'wall s':>7} {'cpu s':>7} {'tok/s':>6}"
+    print(f"{header} {'tokens':>7}  load before -> after", flush=True)
+    updates = {}
+    if "transformers" in args.engines:
+        engine = TransformersEngine(model, tokenizer)
+        time_engine("transformers", engine, prompt_ids, args)
+        torch.set_num_threads(min(args.threads))
+        updates["transformers"] = update_cost(engine, model, args)
+    if "vllm" in args.engines:
+        from grpokit.vllm_engine import VLLMEngine
+
+        start = time.perf_counter()
+        longest = max(len(p) for p in prompt_ids) + args.max_new_tokens
+        engine = VLLMEngine(
+            model, tokenizer, max_model_len=longest, enforce_eager=not args.vllm_compile
+        )
+        name = "vllm-compiled" if args.vllm_compile else "vllm-eager"
+        print(f"({name} built in {time.perf_counter() - start:.1f} s)", flush=True)
+        time_engine(name, engine, prompt_ids, args)
+        torch.set_num_threads(min(args.threads))
+        updates[name] = update_cost(engine, model, args)
+        print(
+            f"{name} sampling_logprobs vs trainer (autocast): "
+            + logprob_gap(engine, model, prompt_ids, args)
+        )
+    for name, seconds in updates.items():
+        print(
+            f"update_weights {name} ({min(args.threads)} thread): {seconds:.3f} s "
+            f"(load {os.getloadavg()[0]:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
