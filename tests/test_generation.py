@@ -415,3 +415,20 @@ def test_same_seed_same_tokens_as_model_generate() -> None:
     )
     assert torch.equal(lean.completion_ids, plain.completion_ids)
     assert torch.equal(lean.completion_mask, plain.completion_mask)
+
+
+def test_sample_categorical_keeps_tiny_intervals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token of probability 1e-9 after 0.7 of cumulative mass keeps its interval (in a float32
+    running sum it would round away): a uniform number inside that interval draws it."""
+    probs = torch.full((1, 1000), 0.3 / 299)
+    probs[0, :700] = 0.7 / 700
+    probs[0, 700] = 1e-9
+    total = probs.double().sum().item()
+    before = probs[0, :700].double().sum().item()
+    target = (before + 0.5e-9) / total
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full((1, 1), target, **k))
+    assert sample_categorical(probs).item() == 700
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full((1, 1), 1.0, **k))
+    assert sample_categorical(probs).item() == 999  # u clamped below the total: the last token
+    probs[0, 990:] = 0.0  # zero-probability tail: u -> total draws the last positive token
+    assert sample_categorical(probs).item() == 989
