@@ -674,12 +674,41 @@ def machine_info() -> dict[str, Any]:
 
 
 def resolve_model(spec: str) -> str:
-    """A local checkpoint folder for `spec` (grpokit converts the built-in GGUF once)."""
+    """A local checkpoint folder for `spec` (grpokit converts the built-in GGUF once).
+
+    `NAME:K` (e.g. `smollm2-135m-instruct:6`) is NAME cut to its first K decoder layers (same
+    tokenizer, embeddings and width; written once to bench/runs/models/), for model-size scaling.
+    """
+    name, _, layers = spec.rpartition(":")
+    if name and layers.isdigit():
+        return truncated_model(resolve_model(name), int(layers))
     if Path(spec).is_dir():
         return without_quantization_config(Path(spec).resolve())
     from grpokit.models import resolve_model_path
 
     return without_quantization_config(Path(resolve_model_path(spec)))
+
+
+def truncated_model(folder: str, layers: int) -> str:
+    """A copy of the checkpoint in `folder` keeping only its first `layers` decoder layers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = BENCH_DIR / "runs" / "models" / f"{Path(folder).name}-{layers}layers"
+    if (out / "config.json").exists():
+        return str(out)
+    config = AutoConfig.from_pretrained(folder)
+    if not 1 <= layers <= config.num_hidden_layers:
+        raise SystemExit(f"layers must be in 1..{config.num_hidden_layers}, got {layers}")
+    full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    config.num_hidden_layers = layers
+    small = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing = small.load_state_dict(full.state_dict(), strict=False).missing_keys
+    if missing:
+        raise SystemExit(f"truncating {folder}: weights missing for {missing[:3]}")
+    small.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    return str(out)
 
 
 def without_quantization_config(folder: Path) -> str:
