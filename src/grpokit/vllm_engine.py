@@ -73,7 +73,7 @@ class VLLMEngine:
         max_model_len: int,
         dtype: str = "bfloat16",
         enforce_eager: bool = True,
-        kv_cache_memory_bytes: int = 1 << 30,
+        kv_cache_memory_bytes: int | None = 1 << 30,
         seed: int = 0,
         **llm_kwargs: Any,
     ) -> None:
@@ -87,7 +87,8 @@ class VLLMEngine:
             enforce_eager: Run the model eagerly; False lets vLLM compile it (slow first start,
                 cached afterwards).
             kv_cache_memory_bytes: KV-cache size (fixed, so vLLM does not size it from the memory
-                the training process happens to use).
+                the training process happens to use); None = vLLM's sizing
+                (`gpu_memory_utilization` on a GPU).
             seed: vLLM's seed (requests without a `seed` draw from torch's global RNG in-process).
             **llm_kwargs: Passed on to `vllm.LLM` (e.g. `gpu_memory_utilization`).
 
