@@ -196,7 +196,7 @@ ERRORS = [
         "importance_sampling_level='token'",
     ),
     ({"training": {"loss_type": "ppo"}}, "loss_type must be one of"),
-    ({"training": {"vllm_mode": "server"}}, "training.vllm_mode: a TRL option grpokit"),
+    ({"training": {"vllm_mode": "server"}}, "training: vllm_mode must be 'colocate'"),
     ({"rewards": ["acuracy_reward"]}, "rewards[0]: Unknown reward function 'acuracy_reward'"),
     ({"rewards": ["no_such_module_xyz:fn"]}, "rewards[0]: reward 'no_such_module_xyz:fn'"),
     ({"training": {"reward_weights": [1.0]}}, "reward_weights has 1 entries but there are 2"),

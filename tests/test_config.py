@@ -58,7 +58,9 @@ def test_batch_semantics() -> None:
         (dict(sync_ref_model=True), "sync_ref_model"),
         (dict(max_prompt_length=0), "max_prompt_length"),
         (dict(prompt_length_policy="drop"), "prompt_length_policy"),
-        (dict(use_vllm=True), "use_vllm"),
+        (dict(use_vllm=True, vllm_mode="server"), "vllm_mode"),
+        (dict(use_vllm=True, vllm_tensor_parallel_size=2), "vllm_tensor_parallel_size"),
+        (dict(use_vllm=True, vllm_gpu_memory_utilization=0.0), "vllm_gpu_memory_utilization"),
         (dict(fp16=True), "fp16"),
         (dict(report_to="wandb"), "report_to"),
         (dict(optim="sgd"), "optim"),
@@ -91,9 +93,9 @@ def test_unknown_and_unsupported_fields_are_type_errors() -> None:
     with pytest.raises(TypeError, match=r"unknown field `num_generation`.*num_generations"):
         GRPOConfig(num_generation=4)
     with pytest.raises(
-        TypeError, match="`vllm_mode` is a TRL option that grpokit does not support"
+        TypeError, match="`vllm_server_host` is a TRL option that grpokit does not support"
     ):
-        GRPOConfig(vllm_mode="colocate")
+        GRPOConfig(vllm_server_host="localhost")
     with pytest.raises(TypeError, match="vllm_importance_sampling_clip_max"):
         GRPOConfig(vllm_importance_sampling_cap=2.0)  # deprecated in TRL
 
@@ -150,3 +152,14 @@ def test_importing_the_config_does_not_import_torch():
     code = "import grpokit, grpokit.config, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_use_vllm_without_vllm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"use_vllm=True needs vLLM.*pip install grpokit\[vllm\]"):
+        GRPOConfig(use_vllm=True)

@@ -202,3 +202,53 @@ def test_peft_model_sends_merged_weights(setup: tuple[Any, Any, VLLMEngine]) -> 
             torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
     finally:
         engine.update_weights(model)
+
+
+def test_trainer_with_use_vllm_trains_and_keeps_vllm_in_sync(tmp_path: Any) -> None:
+    """GRPOConfig(use_vllm=True): the trainer builds a VLLMEngine, samples with it, and after
+    each optimizer step vLLM's weights are the policy's (its log-probs of fresh samples match the
+    policy's within the bf16 tolerance)."""
+    from datasets import Dataset
+
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    tok = make_tokenizer()
+    model = make_causal_lm(tok, **TINY)
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_vllm=True,
+        vllm_max_model_length=64,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=5e-2,
+        bf16=False,
+        save_strategy="no",
+        report_to="none",
+    )
+    dataset = Dataset.from_list([{"prompt": p} for p in ["ab", "cd", "ef", "gh"]])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+    )
+    assert isinstance(trainer.engine, VLLMEngine)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    out = trainer.engine.generate(
+        [tok("ab", add_special_tokens=False)["input_ids"]],
+        num_generations=4,
+        max_new_tokens=8,
+        sampling=SamplingParams(),
+    )
+    assert out.sampling_logprobs is not None
+    ids = torch.cat([out.prompt_ids, out.completion_ids], dim=1)
+    mask = torch.cat([out.prompt_mask, out.completion_mask], dim=1)
+    with torch.no_grad():
+        ours, _ = model_completion_logprobs(model, ids, mask, out.completion_ids.shape[1])
+    gap = (ours - out.sampling_logprobs).abs()[out.completion_mask.bool()]
+    assert gap.mean() <= BF16_ATOL_MEAN and gap.max() <= BF16_ATOL_MAX

@@ -21,7 +21,7 @@ from grpokit import checkpoint as ckpt
 from grpokit.attention import use_grouped_attention
 from grpokit.checkpoint import TrainerState
 from grpokit.config import GRPOConfig, resolve_steps
-from grpokit.generation import SamplingParams
+from grpokit.generation import GenerationEngine, SamplingParams, TransformersEngine
 from grpokit.models import bf16_supported, resolve_model_path
 
 logger = logging.getLogger("grpokit")
@@ -110,6 +110,34 @@ def prepare_model(model: Any, peft_config: Any, args: GRPOConfig, device: torch.
         model = get_peft_model(model, peft_config)
     set_attention(model, args.attention, device)
     return model.to(device)
+
+
+def make_generation_engine(model: Any, tokenizer: Any, args: GRPOConfig) -> GenerationEngine:
+    """The engine `args` asks for: `VLLMEngine` (vLLM in this process) with `use_vllm`, else
+    `TransformersEngine`. `model` is the prepared policy (PEFT-wrapped, on its device)."""
+    if not args.use_vllm:
+        return TransformersEngine(model, tokenizer)
+    from grpokit.vllm_engine import VLLMEngine
+
+    length = args.vllm_max_model_length
+    if length is None:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        prompt = args.max_prompt_length or (limit - args.max_completion_length if limit else None)
+        if prompt is None or prompt < 1:
+            raise ValueError(
+                "use_vllm=True: set vllm_max_model_length (or max_prompt_length); the model's "
+                "config gives no usable maximum length."
+            )
+        length = prompt + args.max_completion_length
+    return VLLMEngine(
+        model,
+        tokenizer,
+        max_model_len=length,
+        seed=args.seed,
+        enforce_eager=args.vllm_enforce_eager,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        kv_cache_memory_bytes=None if torch.cuda.is_available() else 1 << 30,
+    )
 
 
 def retain_freed_memory() -> bool:

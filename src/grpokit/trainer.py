@@ -32,12 +32,7 @@ from grpokit import setup
 from grpokit.advantages import group_advantages
 from grpokit.checkpoint import PromptSampler, TrainerState
 from grpokit.config import GRPOConfig, crossed_multiple
-from grpokit.generation import (
-    GenerationEngine,
-    GenerationOutput,
-    RolloutBatch,
-    TransformersEngine,
-)
+from grpokit.generation import GenerationEngine, GenerationOutput, RolloutBatch
 from grpokit.logging import (
     MetricsBuffer,
     RunLogger,
@@ -82,7 +77,8 @@ class GRPOTrainer:
         processing_class: The policy's tokenizer; loaded from the model's path when None.
         reward_processing_classes: Tokenizers of the reward models, aligned with `reward_funcs`.
         peft_config: A `peft` config (e.g. `LoraConfig`) to train an adapter instead of all weights.
-        generation_engine: Optional `GenerationEngine`; default samples with `model.generate`.
+        generation_engine: Optional `GenerationEngine`; default: `VLLMEngine` with `use_vllm`,
+            else `TransformersEngine`.
     """
 
     # Exact speed-ups of the update (see grpokit.microbatch); False runs the plain path.
@@ -133,7 +129,9 @@ class GRPOTrainer:
         self.sampler = PromptSampler(
             train_dataset, seed=self.args.seed, shuffle=self.args.shuffle_dataset
         )
-        self.engine = generation_engine or TransformersEngine(self.model, self.processing_class)
+        self.engine = generation_engine or setup.make_generation_engine(
+            self.model, self.processing_class, self.args
+        )
         self.sampling = setup.sampling_params(self.args)
         self.use_bf16 = setup.resolve_precision(self.args, self.device)
         self.max_steps = setup.resolve_max_steps(self.args, self.sampler.size)
