@@ -432,3 +432,38 @@ def test_sample_categorical_keeps_tiny_intervals(monkeypatch: pytest.MonkeyPatch
     assert sample_categorical(probs).item() == 999  # u clamped below the total: the last token
     probs[0, 990:] = 0.0  # zero-probability tail: u -> total draws the last positive token
     assert sample_categorical(probs).item() == 989
+
+
+def test_packed_linear_equals_linear_and_follows_weight_writes() -> None:
+    from grpokit.generation import PackedLinear, pack_linear_layers
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 8, bias=False))
+    model.to(torch.bfloat16)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    expected = model(x)
+    layers = pack_linear_layers(model)
+    if not layers:
+        pytest.skip("this torch build has no oneDNN")
+    assert all(isinstance(m, PackedLinear) for m in model)
+    assert torch.equal(model(x), expected)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # an in-place write, as update_weights does
+        for layer in layers:
+            layer.repack_if_changed()
+        plain = torch.nn.functional.linear(x, model[0].weight, model[0].bias)
+    assert torch.equal(model[0](x), plain)
+
+
+def test_packed_sampler_decodes_the_same_tokens() -> None:
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    greedy = SamplingParams(top_k=1, generation_kwargs={"min_new_tokens": 6})
+    kwargs = dict(num_generations=2, max_new_tokens=8, sampling=greedy)
+    outs = [
+        TransformersEngine(model, tok, bf16_sampler=True, pack_weights=pack).generate(
+            [[5, 6, 7], [9, 8, 7, 6]], **kwargs
+        )
+        for pack in (False, None)
+    ]
+    assert torch.equal(outs[0].completion_ids, outs[1].completion_ids)

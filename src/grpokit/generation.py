@@ -166,6 +166,7 @@ class TransformersEngine:
         draw: str = "inverse_cdf",
         return_logprobs: bool = False,
         num_threads: int | None = None,
+        pack_weights: bool | None = None,
     ) -> None:
         """Wrap `model` (the policy being trained) and its tokenizer.
 
@@ -191,6 +192,10 @@ class TransformersEngine:
                 (`vllm_importance_sampling_*`) whenever an engine returns them.
             num_threads: torch intra-op threads while generating (restored afterwards); None =
                 leave torch's setting. On a busy CPU one thread can be much faster for small models.
+            pack_weights: Keep the bf16 copy's linear weights also in oneDNN's blocked layout
+                (`PackedLinear`), repacked after each weight update (~0.1 s for SmolLM2-135M);
+                its matmuls then skip the per-call weight reordering (decode ~10% faster here).
+                None = when the bf16 copy is used on a CPU whose torch has oneDNN.
 
         Raises:
             ValueError: an unknown `decode` or a non-positive `num_threads`.
@@ -225,6 +230,11 @@ class TransformersEngine:
                 name: (param, _stamp(source[name]))
                 for name, param in self.sampler_model.named_parameters()
             }
+        self._packed: list[PackedLinear] = []
+        if bf16_sampler and pack_weights is not False:
+            self._packed = pack_linear_layers(self.sampler_model)
+            if pack_weights and not self._packed:
+                raise ValueError("pack_weights=True, but this torch build cannot pack weights.")
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
         """The `GenerationConfig` for one call: always sampling, never early length stopping."""
@@ -385,6 +395,8 @@ class TransformersEngine:
             if now != stamp or (copy_trainable and source[name].requires_grad):
                 param.copy_(source[name])
                 self._copies[name] = (param, now)
+        for layer in self._packed:
+            layer.repack_if_changed()
 
 
 def prefill(
@@ -465,6 +477,71 @@ def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class PackedLinear(torch.nn.Linear):
+    """An inference-only `nn.Linear` that also keeps its weight in oneDNN's blocked layout.
+
+    transformers' bf16 matmuls on CPU go through oneDNN, which reorders the `[out, in]` weight
+    into its blocked layout on every call; with 16 rows per decode step that reordering costs
+    about as much as the product. `pack()` reorders once (`torch.ops.mkldnn`); `forward` then
+    multiplies by the packed copy: the same bf16 product. The `weight` parameter stays (tying,
+    weight copies, PEFT), and `repack_if_changed()` re-packs after it was written in place.
+    """
+
+    packed: Tensor | None = None
+    packed_version: int = -1
+
+    def pack(self) -> None:
+        """(Re)build the packed copy from `weight`."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
+        self.packed_version = self.weight._version
+
+    def repack_if_changed(self) -> None:
+        if self.weight._version != self.packed_version:
+            self.pack()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """`x` `[..., in]` -> `[..., out]`."""
+        if self.packed is None or x.dtype != self.weight.dtype:
+            return super().forward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def pack_linear_layers(model: torch.nn.Module) -> list[PackedLinear]:
+    """Turn every plain bf16 CPU `nn.Linear` of `model` into a `PackedLinear` in place (same
+    parameters, so tied weights stay tied) and pack it. Returns them; empty (model unchanged)
+    when this torch cannot pack (no oneDNN)."""
+    layers = [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear
+        and m.weight.dtype == torch.bfloat16
+        and m.weight.device.type == "cpu"
+    ]
+    if not layers or not torch.backends.mkldnn.is_available():
+        return []
+    try:  # a private operator: check it works here before converting anything
+        probe = layers[0].weight.detach()[:2]
+        torch.ops.mkldnn._linear_pointwise(
+            probe.new_zeros(1, probe.shape[1]),
+            torch.ops.mkldnn._reorder_linear_weight(probe),
+            None,
+            "none",
+            [],
+            "",
+        )
+    except (RuntimeError, AttributeError):
+        return []
+    packed = []
+    for layer in layers:
+        layer.__class__ = PackedLinear
+        assert isinstance(layer, PackedLinear)
+        layer.pack()
+        packed.append(layer)
+    return packed
 
 
 def sample_multinomial(probs: Tensor) -> Tensor:
