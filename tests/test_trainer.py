@@ -803,8 +803,8 @@ def test_attention_setting_reaches_the_policy_and_reference(
 
 def test_retain_freed_memory_keeps_a_freed_block_resident() -> None:
     """In a fresh process: without the setting, freeing a 256 MB tensor returns its pages to the
-    OS (RSS drops); after `retain_freed_memory()` the freed block stays in the process for reuse
-    (RSS stays) and allocating it again faults no new pages."""
+    OS (RSS drops); after `retain_freed_memory()` the freed block stays in the process for
+    reuse (RSS stays)."""
     import platform
     import subprocess
     import sys
@@ -812,7 +812,7 @@ def test_retain_freed_memory_keeps_a_freed_block_resident() -> None:
     if platform.system() != "Linux":
         pytest.skip("glibc mallopt is Linux-only")
     script = """
-import resource, sys, torch
+import resource, torch
 from grpokit.setup import retain_freed_memory
 
 def rss_mb():
@@ -828,15 +828,11 @@ def drop_after_free():
 print(drop_after_free())
 print(retain_freed_memory())
 print(drop_after_free())
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-y = torch.ones(64 * 2**20)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 """
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True
     ).stdout.split()
-    before, applied, after, new_faults = float(out[0]), out[1], float(out[2]), int(out[3])
+    before, applied, after = float(out[0]), out[1], float(out[2])
     assert before > 200  # default glibc: the block was unmapped on free
     assert applied == "True"
     assert after < 20  # retained
-    assert new_faults < 1000  # reused: 256 MB would be ~65k faults of 4 KB pages
