@@ -264,10 +264,26 @@ def test_old_logprobs_only_when_off_policy(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(GRPOTrainer, "_logprobs_no_grad", spy)
     make_trainer(tmp_path / "on", max_steps=1).train()
     assert calls == []  # on-policy, beta=0: no extra forward pass
-    make_trainer(tmp_path / "off", num_iterations=2, max_steps=2).train()
-    assert calls == [1]
-    logged = read_metrics(tmp_path / "off")[-1]
+    make_trainer(tmp_path / "iter", num_iterations=2, max_steps=2).train()
+    assert calls == []  # the first iteration's own forward gives the old log-probs
+    logged = read_metrics(tmp_path / "iter")[-1]
     assert logged["ratio/max"] > 1 or logged["ratio/min"] < 1  # second pass is off-policy
+    make_trainer(tmp_path / "steps", steps_per_generation=2, max_steps=2).train()
+    assert calls == [1]  # two optimizer steps per generation: the second needs the pass
+
+
+def test_old_logprobs_from_the_first_pass_equal_the_separate_pass(tmp_path: Path) -> None:
+    """num_iterations=2: taking the old log-probs from the first optimizer step's forward gives
+    the update of a separate no-grad pass (up to float summation order)."""
+    runs = {}
+    for name, reuse in (("reuse", True), ("pass", False)):
+        trainer = make_trainer(tmp_path / name, num_iterations=2, max_steps=4, beta=0.05)
+        trainer.old_logprobs_from_first_pass = reuse
+        runs["start"] = params(trainer)
+        trainer.train()
+        runs[name] = params(trainer)
+    assert max_change(runs["start"], runs["pass"]) > 1e-3  # the runs did train
+    assert max_change(runs["pass"], runs["reuse"]) < 1e-5
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
@@ -590,7 +606,7 @@ def test_rollout_importance_weights_enter_the_loss(tmp_path: Path) -> None:
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     batch = trainer.build_rollout_batch(gen, advantages)
     num_items = batch.loss_mask.sum().float()
-    loss, metrics = trainer.micro_batch_loss(batch, slice(0, 4), num_items)
+    loss, metrics, _ = trainer.micro_batch_loss(batch, slice(0, 4), num_items)
     loss.backward()
     grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters()}
     trainer.model.zero_grad()
@@ -613,7 +629,7 @@ def test_rollout_importance_weights_enter_the_loss(tmp_path: Path) -> None:
 
     # Without the correction the weight is 1: the loss is -sum(A mask) / num_items.
     trainer.args.vllm_importance_sampling_correction = False
-    plain_loss, plain_metrics = trainer.micro_batch_loss(batch, slice(0, 4), num_items)
+    plain_loss, plain_metrics, _ = trainer.micro_batch_loss(batch, slice(0, 4), num_items)
     torch.testing.assert_close(
         plain_loss.detach(), -(advantages[:, None] * mask).sum() / num_items, atol=1e-6, rtol=1e-5
     )

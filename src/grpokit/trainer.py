@@ -84,6 +84,9 @@ class GRPOTrainer:
     # Exact speed-ups of the update (see grpokit.microbatch); False runs the plain path.
     skip_zero_advantage: bool = True
     bucket_by_length: bool = True
+    # With num_iterations > 1 and one optimizer step per generation, that step's first pass runs
+    # on the sampling-time weights, so its forward gives the old log-probs: no separate pass.
+    old_logprobs_from_first_pass: bool = True
 
     def __init__(
         self,
@@ -305,7 +308,7 @@ class GRPOTrainer:
             advantages=advantages,
             sampling_logprobs=gen.sampling_logprobs,
         )
-        if cfg.is_off_policy:
+        if cfg.is_off_policy and not self._old_logprobs_in_first_pass():
             batch.old_logprobs = self._logprobs_no_grad(self.model, batch)
         if cfg.beta != 0:
             batch.ref_logprobs = self._ref_logprobs(batch)
@@ -317,17 +320,36 @@ class GRPOTrainer:
         mini = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         metrics: dict[str, list[float]] = defaultdict(list)
         self.model.train()
-        for _ in range(cfg.num_iterations):
+        for iteration in range(cfg.num_iterations):
             for start in range(0, batch.size, mini):
                 if self.state.global_step >= self.max_steps:
                     return metrics
-                step_metrics = self.optimizer_step(batch, range(start, start + mini))
+                capture = None
+                if iteration == 0 and self._old_logprobs_in_first_pass():
+                    capture = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
+                step_metrics = self.optimizer_step(batch, range(start, start + mini), capture)
+                if capture is not None:
+                    batch.old_logprobs = capture  # [N, T]; rows never trained stay 0 (unused)
                 for key, value in step_metrics.items():
                     metrics[key].append(value)
         return metrics
 
-    def optimizer_step(self, batch: RolloutBatch, rows: range) -> dict[str, float]:
-        """One optimizer step on `rows` of the batch, accumulated over micro-batches."""
+    def _old_logprobs_in_first_pass(self) -> bool:
+        """Whether the old log-probs come from the first optimizer step's own forward: off-policy
+        only through `num_iterations` (one optimizer step per generation), so that step runs on
+        the weights the completions were sampled with, as the separate pass would."""
+        cfg = self.args
+        return (
+            self.old_logprobs_from_first_pass
+            and cfg.num_iterations > 1
+            and cfg.optimizer_steps_per_generation == 1
+        )
+
+    def optimizer_step(
+        self, batch: RolloutBatch, rows: range, capture: Tensor | None = None
+    ) -> dict[str, float]:
+        """One optimizer step on `rows` of the batch, accumulated over micro-batches. With
+        `capture` (`[N, T]`), the micro-batches' log-probs (detached) are written into it."""
         cfg = self.args
         # dapo/cispo/vespo: normalise by the loss tokens of this optimizer step's whole
         # mini-batch, so 1 micro-batch of 4 and 4 micro-batches of 1 give the same update. TRL
@@ -355,7 +377,9 @@ class GRPOTrainer:
         started = time.perf_counter()
         for micro in plan:
             part = select_rows(batch, micro.rows)
-            loss, metrics = self.micro_batch_loss(part, slice(0, part.size), num_items)
+            loss, metrics, logprobs = self.micro_batch_loss(part, slice(0, part.size), num_items)
+            if capture is not None:
+                capture[micro.rows, : logprobs.shape[1]] = logprobs.float().cpu()
             (loss * (scale * micro.scale)).backward()
             total_loss += loss.item() * scale * micro.scale
             for key, value in metrics.items():
@@ -388,8 +412,9 @@ class GRPOTrainer:
 
     def micro_batch_loss(
         self, batch: RolloutBatch, rows: slice, num_items: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Policy loss of one micro-batch (padding trimmed to its longest row)."""
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Policy loss of one micro-batch (padding trimmed to its longest row `T'`): `(loss,
+        metrics, log-probs [n, T'] detached)`."""
         cfg = self.args
         input_ids, attention_mask, t = batch.trimmed(rows)  # [n, P'+T'], T'
         with self.autocast():
@@ -445,7 +470,7 @@ class GRPOTrainer:
             vespo_k_neg=cfg.vespo_k_neg,
             vespo_lambda_neg=cfg.vespo_lambda_neg,
         )
-        return loss, {**metrics, **is_metrics}
+        return loss, {**metrics, **is_metrics}, logprobs.detach()
 
     # =============================================================================================
     # Evaluation and saving
