@@ -646,7 +646,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo",
         allow_abbrev=False,
-        help="GRPO on SmolLM2-135M-Instruct in about five minutes on 2 CPU cores",
+        help="GRPO on SmolLM2-135M-Instruct in about three to four minutes on 2 CPU cores",
         formatter_class=fmt,
         description=DEMO_DESCRIPTION,
         epilog=overrides + fields_help(DEMO_CONFIG),
