@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from grpokit.generation import SamplingParams, TransformersEngine
+from grpokit.logprobs import model_completion_logprobs
 from grpokit.models import load_causal_lm
 
 PROMPTS = (
@@ -114,29 +115,33 @@ def report_logprob_gap(
     model: Any, tokenizer: Any, prompt_ids: list[list[int]], args: argparse.Namespace
 ) -> None:
     """|sampler - trainer| log-prob statistics over the completion tokens of one natural call."""
-    from grpokit.logprobs import model_completion_logprobs
-
     for bf16 in (True, False):
         engine = TransformersEngine(model, tokenizer, bf16_sampler=bf16, return_logprobs=True)
         torch.manual_seed(0)
         out = call(engine, prompt_ids, args, "natural")
-        t = out.completion_ids.shape[1]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            trainer_logprobs, _ = model_completion_logprobs(
-                model,
-                torch.cat([out.prompt_ids, out.completion_ids], 1),
-                torch.cat([out.prompt_mask, out.completion_mask], 1),
-                t,
-            )  # [N, T]
-        mask = out.completion_mask.bool()
-        diff = (out.sampling_logprobs - trainer_logprobs) * mask  # [N, T]
-        tokens = diff[mask]
-        print(
-            f"{'bf16 copy' if bf16 else 'fp32+autocast'} sampler vs fp32+autocast trainer, "
-            f"{int(mask.sum())} tokens: mean |diff| {tokens.abs().mean():.4f}, "
-            f"max |diff| {tokens.abs().max():.4f}, mean diff {tokens.mean():+.4f}, "
-            f"median |per-sequence sum| {diff.sum(1).abs().median():.3f}"
-        )
+        name = "bf16 copy" if bf16 else "fp32+autocast"
+        print(f"{name} sampler vs fp32+autocast trainer, {logprob_gap_summary(model, out)}")
+
+
+def logprob_gap_summary(model: Any, out: Any) -> str:
+    """Statistics of |out.sampling_logprobs - the trainer's log-probs| (fp32 weights under bf16
+    autocast) over the completion tokens of a `GenerationOutput`."""
+    t = out.completion_ids.shape[1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        trainer_logprobs, _ = model_completion_logprobs(
+            model,
+            torch.cat([out.prompt_ids, out.completion_ids], 1),
+            torch.cat([out.prompt_mask, out.completion_mask], 1),
+            t,
+        )  # [N, T]
+    mask = out.completion_mask.bool()
+    diff = (out.sampling_logprobs - trainer_logprobs) * mask  # [N, T]
+    tokens = diff[mask]
+    return (
+        f"{int(mask.sum())} tokens: mean |diff| {tokens.abs().mean():.4f}, max |diff| "
+        f"{tokens.abs().max():.4f}, mean diff {tokens.mean():+.4f}, median |per-sequence sum| "
+        f"{diff.sum(1).abs().median():.3f}"
+    )
 
 
 def main() -> None:

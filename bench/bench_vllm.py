@@ -41,7 +41,7 @@ from grpokit.generation import SamplingParams, TransformersEngine
 from grpokit.models import load_causal_lm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_generation import chat_prompt_ids
+from bench_generation import chat_prompt_ids, logprob_gap_summary
 
 
 def wait_for_quiet(args: argparse.Namespace) -> float:
@@ -110,26 +110,8 @@ def update_cost(engine: Any, model: Any, args: argparse.Namespace) -> float:
 
 def logprob_gap(engine: Any, model: Any, prompt_ids: list[list[int]], args: Any) -> str:
     """|vLLM sampling_logprobs - trainer log-probs (fp32 weights, bf16 autocast)| statistics."""
-    from grpokit.logprobs import model_completion_logprobs
-
     torch.manual_seed(0)
-    out = call(engine, prompt_ids, args, "natural")
-    t = out.completion_ids.shape[1]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        trainer, _ = model_completion_logprobs(
-            model,
-            torch.cat([out.prompt_ids, out.completion_ids], 1),
-            torch.cat([out.prompt_mask, out.completion_mask], 1),
-            t,
-        )  # [N, T]
-    mask = out.completion_mask.bool()
-    diff = (out.sampling_logprobs - trainer) * mask  # [N, T]
-    tokens = diff[mask]
-    return (
-        f"{int(mask.sum())} tokens: mean |diff| {tokens.abs().mean():.4f}, max |diff| "
-        f"{tokens.abs().max():.4f}, mean diff {tokens.mean():+.4f}, median |per-sequence sum| "
-        f"{diff.sum(1).abs().median():.3f}"
-    )
+    return logprob_gap_summary(model, call(engine, prompt_ids, args, "natural"))
 
 
 def main() -> None:
