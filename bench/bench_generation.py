@@ -32,6 +32,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,24 +82,30 @@ def call(
 
 
 def time_calls(
-    engine: TransformersEngine, prompt_ids: list[list[int]], args: argparse.Namespace, mode: str
-) -> tuple[list[float], list[float], int]:
-    """One warm-up call, then `args.repeats` timed calls: `(wall s, cpu s, tokens of the last)`."""
-    walls, cpus, tokens = [], [], 0
+    engine: Any,
+    prompt_ids: list[list[int]],
+    args: argparse.Namespace,
+    mode: str,
+    call_fn: Callable[..., Any] | None = None,
+) -> tuple[list[float], list[float], list[int]]:
+    """One warm-up call, then `args.repeats` timed calls of `call_fn` (default `call`):
+    `(wall s, cpu s, completion tokens)`, one entry per timed call."""
+    call_fn = call_fn or call
+    walls, cpus, tokens = [], [], []
     for i in range(args.repeats + 1):
         torch.manual_seed(i)
         wall, cpu = time.perf_counter(), time.process_time()
-        out = call(engine, prompt_ids, args, mode)
+        out = call_fn(engine, prompt_ids, args, mode)
         if i > 0:  # call 0 is the warm-up
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
-        tokens = int(out.completion_mask.sum())
+            tokens.append(int(out.completion_mask.sum()))
     return walls, cpus, tokens
 
 
-def report_update_cost(model: Any, tokenizer: Any) -> None:
-    """Seconds per `update_weights` after every parameter changed (a full fine-tuning step)."""
-    engine = TransformersEngine(model, tokenizer, bf16_sampler=True)
+def update_seconds(engine: Any, model: Any) -> float:
+    """Median seconds of `engine.update_weights` (3 calls) after every parameter changed, as in
+    a full fine-tuning step."""
     seconds = []
     for _ in range(3):
         with torch.no_grad():
@@ -107,8 +114,14 @@ def report_update_cost(model: Any, tokenizer: Any) -> None:
         start = time.perf_counter()
         engine.update_weights(model)
         seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def report_update_cost(model: Any, tokenizer: Any) -> None:
+    """Seconds per `update_weights` after every parameter changed (a full fine-tuning step)."""
+    seconds = update_seconds(TransformersEngine(model, tokenizer, bf16_sampler=True), model)
     millions = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"update_weights, all {millions:.0f}M parameters: {statistics.median(seconds):.3f} s")
+    print(f"update_weights, all {millions:.0f}M parameters: {seconds:.3f} s")
 
 
 def report_logprob_gap(
@@ -172,7 +185,7 @@ def main() -> None:
                 wall = statistics.median(walls)
                 print(
                     f"{mode:8} {name:11} {threads:>3} {wall:7.2f} {statistics.median(cpus):7.2f} "
-                    f"{tokens / wall:6.0f}  {os.getloadavg()[0]:.1f}",
+                    f"{tokens[-1] / wall:6.0f}  {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
     if args.extras:

@@ -41,7 +41,7 @@ from grpokit.generation import SamplingParams, TransformersEngine
 from grpokit.models import load_causal_lm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_generation import chat_prompt_ids, logprob_gap_summary
+from bench_generation import chat_prompt_ids, logprob_gap_summary, time_calls, update_seconds
 
 
 def wait_for_quiet(args: argparse.Namespace) -> float:
@@ -77,15 +77,8 @@ def time_engine(
         for threads in args.threads:
             torch.set_num_threads(threads)
             load_before = wait_for_quiet(args)
-            walls, cpus, tokens = [], [], 0
-            for i in range(args.repeats + 1):
-                torch.manual_seed(i)
-                wall, cpu = time.perf_counter(), time.process_time()
-                out = call(engine, prompt_ids, args, mode)
-                if i > 0:  # call 0 is the warm-up
-                    walls.append(time.perf_counter() - wall)
-                    cpus.append(time.process_time() - cpu)
-                    tokens += int(out.completion_mask.sum())
+            walls, cpus, counts = time_calls(engine, prompt_ids, args, mode, call)
+            tokens = sum(counts)
             wall = statistics.median(walls)
             print(
                 f"{name:14} {mode:8} {threads:>3} {wall:7.2f} {statistics.median(cpus):7.2f} "
@@ -93,19 +86,6 @@ def time_engine(
                 f"{load_before:.2f} -> {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
-
-
-def update_cost(engine: Any, model: Any, args: argparse.Namespace) -> float:
-    """Median seconds of `update_weights` after every parameter changed (a full fine-tune)."""
-    seconds = []
-    for _ in range(3):
-        with torch.no_grad():
-            for param in model.parameters():
-                param.mul_(1.0)  # bumps the version counter: every parameter counts as changed
-        start = time.perf_counter()
-        engine.update_weights(model)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def logprob_gap(engine: Any, model: Any, prompt_ids: list[list[int]], args: Any) -> str:
@@ -143,7 +123,7 @@ def main() -> None:
         engine = TransformersEngine(model, tokenizer)
         time_engine("transformers", engine, prompt_ids, args)
         torch.set_num_threads(min(args.threads))
-        updates["transformers"] = update_cost(engine, model, args)
+        updates["transformers"] = update_seconds(engine, model)
     if "vllm" in args.engines:
         from grpokit.vllm_engine import VLLMEngine
 
@@ -156,7 +136,7 @@ def main() -> None:
         print(f"({name} built in {time.perf_counter() - start:.1f} s)", flush=True)
         time_engine(name, engine, prompt_ids, args)
         torch.set_num_threads(min(args.threads))
-        updates[name] = update_cost(engine, model, args)
+        updates[name] = update_seconds(engine, model)
         print(
             f"{name} sampling_logprobs vs trainer (autocast): "
             + logprob_gap(engine, model, prompt_ids, args)
