@@ -3,7 +3,8 @@
 transformers' "eager" attention repeats each key/value head once per query head of its group
 (`repeat_kv`, a full copy of K and V in every layer and every decode step) and its "sdpa" path on
 CPU runs a flash kernel that is slow for the short sequences of RL fine-tuning (one query row per
-decode step; its backward for a 169-token batch took ~3x the matmul time here). `grouped_attention`
+decode step; in a SmolLM2 training step on 8 x 169 tokens its forward and backward took 0.89 s of
+4.3 s, against 1.5 s for all the matmuls, measured with torch.profiler). `grouped_attention`
 computes the same softmax attention without the copy: the query heads of a group are stacked along
 the row dimension and multiplied by their shared key/value head. Scores use the same scaling,
 additive mask, float32 softmax and cast back to the query dtype as transformers' eager attention.
