@@ -115,8 +115,8 @@ class GRPOConfig:
     """On the CPU, under Linux with glibc: keep memory that finished tensors free inside the process
     for reuse (`grpokit.setup.retain_freed_memory`) instead of returning large blocks to the OS,
     which the next step must then page-fault in again. Process-wide and never undone; the RSS then
-    stays at its peak. Measured here: a SmolLM2-135M training step 5.5 -> 4.1 s, system time
-    1.3-3.6 s -> 0.03 s, same peak RSS."""
+    stays at its peak. Measured here: a SmolLM2-135M training step 5.5-6.9 -> 3.9-4.2 s, system
+    time 1.3-4.1 -> 0.01-0.03 s, about the same peak RSS (bench/RESULTS.md)."""
     attention: str | None = "auto"
     """Attention implementation of the policy (and reference) model in training and log-prob
     passes. "auto" = on the CPU, grpokit's grouped attention (`grpokit.attention`: transformers'
