@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 
-from grpokit.generation import SamplingParams, TransformersEngine
-from grpokit.logprobs import model_completion_logprobs
-from grpokit.models import load_causal_lm
+from grpokit.core.logprobs import model_completion_logprobs
+from grpokit.engines.base import SamplingParams
+from grpokit.engines.models import load_causal_lm
+from grpokit.engines.transformers_engine import TransformersEngine
 
 PROMPTS = (
     "Write a short poem about the sea.",

@@ -684,7 +684,7 @@ def resolve_model(spec: str) -> str:
         return truncated_model(resolve_model(name), int(layers))
     if Path(spec).is_dir():
         return without_quantization_config(Path(spec).resolve())
-    from grpokit.models import resolve_model_path
+    from grpokit.engines.models import resolve_model_path
 
     return without_quantization_config(Path(resolve_model_path(spec)))
 

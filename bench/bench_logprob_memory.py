@@ -5,7 +5,7 @@ from bf16 logits `[N, T, V]` (requires grad), in a fresh subprocess, two ways:
 
     naive      torch.log_softmax(logits.float() / temperature).gather(...), entropy from the
                full float32 log-softmax (what a straightforward implementation does)
-    grpokit    grpokit.logprobs.selective_logprobs_and_entropy (one reused float32 chunk)
+    grpokit    grpokit.core.logprobs.selective_logprobs_and_entropy (one reused float32 chunk)
 
 Printed per row: the bf16 logits size (their gradient has the same size; both are inherent to
 any implementation), the peak resident memory above the process's level just before the call
@@ -42,7 +42,7 @@ def worker(method: str, n: int, t: int, v: int, threads: int) -> dict[str, float
     """One measurement (runs in its own process so ru_maxrss starts fresh)."""
     import torch
 
-    from grpokit.logprobs import selective_logprobs_and_entropy
+    from grpokit.core.logprobs import selective_logprobs_and_entropy
 
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""vLLM (in-process, `grpokit.vllm_engine.VLLMEngine`) vs grpokit's `TransformersEngine`: seconds
+"""vLLM (in-process, `engines.vllm_engine.VLLMEngine`) vs grpokit's `TransformersEngine`: seconds
 per `generate` call and per `update_weights`, on the generation benchmark's workload.
 
 Workload (as bench/bench_generation.py): SmolLM2-135M-Instruct, 2 chat prompts x 8 completions,
@@ -37,8 +37,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # vLLM's engine co
 
 import torch
 
-from grpokit.generation import SamplingParams, TransformersEngine
-from grpokit.models import load_causal_lm
+from grpokit.engines.base import SamplingParams
+from grpokit.engines.models import load_causal_lm
+from grpokit.engines.transformers_engine import TransformersEngine
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_generation import chat_prompt_ids, logprob_gap_summary, time_calls, update_seconds
@@ -125,7 +126,7 @@ def main() -> None:
         torch.set_num_threads(min(args.threads))
         updates["transformers"] = update_seconds(engine, model)
     if "vllm" in args.engines:
-        from grpokit.vllm_engine import VLLMEngine
+        from grpokit.engines.vllm_engine import VLLMEngine
 
         start = time.perf_counter()
         longest = max(len(p) for p in prompt_ids) + args.max_new_tokens

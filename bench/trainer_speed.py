@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset
 
 from grpokit import GRPOConfig, GRPOTrainer
-from grpokit.generation import RolloutBatch
+from grpokit.train.rollout import RolloutBatch
 
 
 def full_width(self: RolloutBatch, rows: Any) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,4 +1,4 @@
-"""Numbers for grpokit.advantages: the test vectors of worked_example.py (Bessel std + 1e-4, as
+"""Numbers for grpokit.core.advantages: the test vectors of worked_example.py (Bessel std + 1e-4, as
 TRL), NaN handling, each scaling mode and both multi-reward aggregations."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grpokit.advantages import group_advantages
+from grpokit.core.advantages import group_advantages
 
 NAN = float("nan")
 

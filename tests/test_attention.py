@@ -1,4 +1,4 @@
-"""grpokit.attention: grouped attention equals transformers' eager attention (repeated key/value
+"""core.attention: grouped attention equals transformers' eager attention (repeated key/value
 heads), directly and inside a model (log-probs, gradients, cached decoding, left padding), and its
 SDPA hand-over for large score tensors gives the same result."""
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from grpokit import attention
-from grpokit.attention import grouped_attention, use_grouped_attention
-from grpokit.generation import SamplingParams, TransformersEngine
-from grpokit.logprobs import model_completion_logprobs
+from grpokit.core.attention import grouped_attention, use_grouped_attention
+from grpokit.core.logprobs import model_completion_logprobs
+from grpokit.engines.base import SamplingParams
+from grpokit.engines.transformers_engine import TransformersEngine
 from tests.tiny import make_causal_lm, make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,35 +7,36 @@ import torch
 from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, get_scheduler
 
-from grpokit import checkpoint as ckpt
-from grpokit.logging import reduce_metrics
+from grpokit.train import checkpoint as ckpt
+from grpokit.train.prompt_sampler import PromptSampler
+from grpokit.train.loggers import reduce_metrics
 from tests.tiny import make_causal_lm, make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _rows(sampler: ckpt.PromptSampler, n: int) -> list[int]:
+def _rows(sampler: PromptSampler, n: int) -> list[int]:
     return [sampler.next()["i"] for _ in range(n)]
 
 
 def test_sampler_shuffles_per_epoch_and_resumes_exactly() -> None:
     ds = Dataset.from_list([{"i": i} for i in range(5)])
-    first = ckpt.PromptSampler(ds, seed=3, shuffle=True)
+    first = PromptSampler(ds, seed=3, shuffle=True)
     order = _rows(first, 12)  # crosses two epoch boundaries
     assert sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5))
     assert order[:5] != order[5:10]  # a new permutation each epoch (seed + epoch)
-    resumed = ckpt.PromptSampler(ds, seed=3, shuffle=True)
+    resumed = PromptSampler(ds, seed=3, shuffle=True)
     _rows(resumed, 7)
     position = (resumed.epoch, resumed.index)
-    again = ckpt.PromptSampler(ds, seed=3, shuffle=True)
+    again = PromptSampler(ds, seed=3, shuffle=True)
     again.restore(*position)
     assert _rows(again, 5) == order[7:12]
-    assert ckpt.PromptSampler(ds, seed=0, shuffle=False).next()["i"] == 0
+    assert PromptSampler(ds, seed=0, shuffle=False).next()["i"] == 0
 
 
 def test_sampler_iterable_dataset_resumes_by_skipping() -> None:
     ds = IterableDataset.from_generator(lambda: ({"i": i} for i in range(4)))
-    sampler = ckpt.PromptSampler(ds, seed=0, shuffle=True)
+    sampler = PromptSampler(ds, seed=0, shuffle=True)
     assert sampler.size is None
     assert _rows(sampler, 6) == [0, 1, 2, 3, 0, 1]
     sampler.restore(1, 1)

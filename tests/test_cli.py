@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from grpokit import cli
-from grpokit.cli import ConfigError, build_config, field_docs, main
-from grpokit.config import GRPOConfig
+from grpokit.app import cli, run_config
+from grpokit.app.cli import main
+from grpokit.app.run_config import ConfigError, build_config, field_docs
+from grpokit.train.config import GRPOConfig
 from tests.tiny import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +76,7 @@ def test_train_resume_eval_end_to_end(tmp_path: Path, tiny_model: str, capsys) -
     written = yaml.safe_load((run / "config.yaml").read_text())
     assert written["training"]["learning_rate"] == 2e-6
     assert written["rewards"] == ["accuracy_reward", "answer_format_reward"]
-    again = cli.load_config(str(run / "config.yaml"), [])
+    again = run_config.load_config(str(run / "config.yaml"), [])
     assert again.training.to_dict() == build_config(written).training.to_dict()
 
     assert _steps(run) == [1, 2]
@@ -125,7 +126,7 @@ def test_train_resume_eval_end_to_end(tmp_path: Path, tiny_model: str, capsys) -
 # ---- overrides and help ------------------------------------------------------------------------
 def test_overrides_flat_dotted_and_nested(tmp_path: Path) -> None:
     raw = _config(tmp_path, "some/model")
-    overrides = cli.parse_overrides(
+    overrides = run_config.parse_overrides(
         [
             "--learning_rate",
             "2e-6",
@@ -155,8 +156,8 @@ def test_overrides_flat_dotted_and_nested(tmp_path: Path) -> None:
 def test_field_docs_come_from_the_dataclass_source() -> None:
     docs = field_docs(GRPOConfig)
     assert docs["learning_rate"] == "Peak learning rate of AdamW."
-    assert set(docs) == set(cli.field_defaults(GRPOConfig))
-    assert set(field_docs(cli.EvalConfig)) == set(cli.field_defaults(cli.EvalConfig))
+    assert set(docs) == set(run_config.field_defaults(GRPOConfig))
+    assert set(field_docs(run_config.EvalConfig)) == set(run_config.field_defaults(run_config.EvalConfig))
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "demo"])
@@ -165,9 +166,9 @@ def test_help_lists_every_field_with_default_and_meaning(command: str, capsys) -
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for section, cls in cli.SCHEMAS.items():
+    for section, cls in run_config.SCHEMAS.items():
         prefix = "" if section == "run" else f"{section}."
-        for name in cli.field_defaults(cls):
+        for name in run_config.field_defaults(cls):
             assert f"--{prefix}{name} (default: " in text, name
     assert "--training.learning_rate (default: " in text
     assert "Peak learning rate of AdamW." in text
@@ -239,7 +240,7 @@ def test_cli_errors_exit_2_before_loading_anything(
     def fail(*args, **kwargs):
         raise AssertionError("the model must not be loaded for a bad config")
 
-    monkeypatch.setattr("grpokit.models.load_causal_lm", fail)
+    monkeypatch.setattr("grpokit.engines.models.load_causal_lm", fail)
     config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, "some/model"))
     assert main(["train", config, *argv]) == 2
     assert message in capsys.readouterr().err
@@ -258,7 +259,8 @@ def test_unknown_task_key_is_reported_before_the_model_loads(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
     monkeypatch.setattr(
-        "grpokit.models.load_causal_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError)
+        "grpokit.engines.models.load_causal_lm",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError),
     )
     raw = _config(tmp_path, "some/model")
     raw["task"]["colums"] = {}
@@ -277,7 +279,7 @@ def test_examples_exist() -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_examples_validate(path: Path) -> None:
-    spec = cli.load_config(str(path), [])
+    spec = run_config.load_config(str(path), [])
     assert spec.rewards is not None
     assert "arxiv.org" in path.read_text()  # each example cites its paper
 
@@ -315,7 +317,7 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path: Path, tiny_model: str, capsys) 
 
 
 def test_demo_config_is_valid() -> None:
-    from grpokit.demo import DEMO_CONFIG
+    from grpokit.app.demo import DEMO_CONFIG
 
     spec = build_config(DEMO_CONFIG)
     assert spec.run.model == "smollm2-135m-instruct"
@@ -323,7 +325,7 @@ def test_demo_config_is_valid() -> None:
 
 
 def test_plot_run_from_metrics_and_eval_files(tmp_path: Path) -> None:
-    from grpokit.plotting import moving_average, plot_run
+    from grpokit.app.plotting import moving_average, plot_run
 
     assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     metrics = [{"step": s, "reward": s / 10, "rewards/acc/mean": s / 20} for s in range(1, 8)]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import grpokit.config
+import grpokit.train.config
 from grpokit import GRPOConfig
 
 
@@ -124,7 +124,7 @@ def test_scale_rewards_bools_and_to_dict() -> None:
 
 def test_every_field_has_a_docstring() -> None:
     # The CLI builds --help from `name: type = default` followed by a string literal.
-    tree = ast.parse(inspect.getsource(grpokit.config))
+    tree = ast.parse(inspect.getsource(grpokit.train.config))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "GRPOConfig")
     body = cls.body
     fields = [i for i, n in enumerate(body) if isinstance(n, ast.AnnAssign)]
@@ -140,7 +140,7 @@ def test_lr_scheduler_names_are_transformers_schedulers():
     # listed name must be one transformers' get_scheduler knows.
     from transformers import SchedulerType
 
-    from grpokit.config import LR_SCHEDULERS
+    from grpokit.train.config import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
 
@@ -149,7 +149,7 @@ def test_importing_the_config_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import grpokit, grpokit.config, sys; print('torch' in sys.modules)"
+    code = "import grpokit, grpokit.train.config, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grpokit.data import (
+from grpokit.data.prompts import (
     apply_prompt_length_policy,
     completion_text,
     format_completions,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from grpokit.evaluation import evaluate, pass_at_k, pass_at_k_values, summarize
-from grpokit.generation import SamplingParams
+from grpokit.app.evaluation import evaluate, pass_at_k, pass_at_k_values, summarize
+from grpokit.engines.base import SamplingParams
 from tests.tiny import make_causal_lm, make_tokenizer
 
 

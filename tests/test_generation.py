@@ -3,17 +3,11 @@
 import pytest
 import torch
 
-from grpokit.generation import (
-    RolloutBatch,
-    SamplingParams,
-    TokenSampler,
-    TransformersEngine,
-    completion_mask_from_ids,
-    left_pad,
-    prefill,
-    sample_categorical,
-)
-from grpokit.logprobs import model_completion_logprobs
+from grpokit.core.logprobs import model_completion_logprobs
+from grpokit.engines.base import SamplingParams, completion_mask_from_ids, left_pad
+from grpokit.engines.sampling import TokenSampler, sample_categorical
+from grpokit.engines.transformers_engine import TransformersEngine, prefill
+from grpokit.train.rollout import RolloutBatch
 from tests.tiny import make_causal_lm, make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -435,7 +429,7 @@ def test_sample_categorical_keeps_tiny_intervals(monkeypatch: pytest.MonkeyPatch
 
 
 def test_packed_linear_equals_linear_and_follows_weight_writes() -> None:
-    from grpokit.generation import PackedLinear, pack_linear_layers
+    from grpokit.engines.packed_linear import PackedLinear, pack_linear_layers
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 8, bias=False))

@@ -1,4 +1,4 @@
-"""grpokit.logprobs against naive references: chunked == unchunked in fp32 and bf16, temperature,
+"""core.logprobs against naive references: chunked == unchunked in fp32 and bf16, temperature,
 entropy, gradients, and the model forward on a tiny Llama (left padding does not matter)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpokit.logprobs import model_completion_logprobs, selective_logprobs_and_entropy
+from grpokit.core.logprobs import model_completion_logprobs, selective_logprobs_and_entropy
 from tests.tiny import make_causal_lm, make_tokenizer
 
 
@@ -245,7 +245,7 @@ def test_lora_model_logprobs_match_unpadded_forward_and_keep_their_kwargs(tiny) 
 def test_prompt_learning_peft_model_keeps_its_wrapper() -> None:
     from peft import PromptTuningConfig, get_peft_model
 
-    from grpokit.logprobs import forward_module
+    from grpokit.core.logprobs import forward_module
 
     tokenizer = make_tokenizer()
     base = make_causal_lm(tokenizer)
@@ -257,7 +257,7 @@ def test_prompt_learning_peft_model_keeps_its_wrapper() -> None:
 def test_unscored_trailing_positions_get_zero_gradient() -> None:
     """The model forward passes `[N, T+1, V]` logits for `[N, T]` tokens: the last position
     scores nothing, so its gradient is exactly 0 and the others match the sliced computation."""
-    from grpokit.logprobs import _selective
+    from grpokit.core.logprobs import _selective
 
     logits, ids = random_logits(torch.float32, n=2, t=6, v=50)
     weights = torch.randn(2, 5)

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpokit.advantages import group_advantages
-from grpokit.losses import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, policy_loss
+from grpokit.core.advantages import group_advantages
+from grpokit.core.losses import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, policy_loss
 
 FRACTIONS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 

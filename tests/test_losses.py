@@ -1,4 +1,4 @@
-"""Numbers for grpokit.losses: the worked example (ALGORITHMS.md §14), a loop-based reference on
+"""Numbers for core.losses: the worked example (ALGORITHMS.md §14), a loop-based reference on
 random padded batches, invariances (REINFORCE at old == new, micro-batch sums), the KL estimator,
 the token filters and the rollout importance weights."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from grpokit.losses import (
+from grpokit.core.losses import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPES,
     k3_kl,

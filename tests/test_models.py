@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grpokit import models
-from grpokit.models import (
+from grpokit.engines.models import (
     BUILTIN_MODELS,
     bf16_supported,
     builtin_gguf_path,

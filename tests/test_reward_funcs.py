@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from grpokit.reward_funcs import (
+from grpokit.rewards.builtin import (
     REWARD_FUNCTIONS,
     accuracy_reward,
     answer_format_reward,

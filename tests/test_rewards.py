@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from grpokit.data import format_completions
-from grpokit.rewards import (
+from grpokit.data.prompts import format_completions
+from grpokit.rewards.scoring import (
     CallableReward,
     RewardFunctionError,
     RewardModel,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from datasets import Dataset
 
-from grpokit.reward_funcs import get_reward_function
-from grpokit.tasks import load_task, make_prompt
+from grpokit.data.tasks import load_task, make_prompt
+from grpokit.rewards.builtin import get_reward_function
 
 # chain_sum with 2 one-digit terms: few distinct questions, so seeds collide often.
 SMALL_CHAIN_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}

@@ -13,9 +13,9 @@ import torch
 from datasets import Dataset
 
 from grpokit import GRPOConfig, GRPOTrainer
-from grpokit.losses import LOSS_TYPES
-from grpokit.models import bf16_supported
-from grpokit.rewards import RewardFunctionError
+from grpokit.core.losses import LOSS_TYPES
+from grpokit.engines.models import bf16_supported
+from grpokit.rewards.scoring import RewardFunctionError
 from tests.tiny import make_causal_lm, make_reward_model, make_tokenizer, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -556,13 +556,13 @@ class MismatchedEngine:
     whose numerics differ from the trainer's would (`sampling_logprobs` != the policy's)."""
 
     def __init__(self, policy: Any, tokenizer: Any) -> None:
-        from grpokit.generation import TransformersEngine
+        from grpokit.engines.transformers_engine import TransformersEngine
 
         self.inner = TransformersEngine(policy, tokenizer)
         self.other = make_causal_lm(tokenizer, seed=7)
 
     def generate(self, prompt_ids: list[list[int]], **kwargs: Any) -> Any:
-        from grpokit.logprobs import model_completion_logprobs
+        from grpokit.core.logprobs import model_completion_logprobs
 
         gen = self.inner.generate(prompt_ids, **kwargs)
         t = gen.completion_ids.shape[1]
@@ -594,7 +594,7 @@ def mismatched_trainer(tmp_path: Path, **overrides: Any) -> GRPOTrainer:
 
 
 def test_rollout_importance_weights_enter_the_loss(tmp_path: Path) -> None:
-    from grpokit.logprobs import model_completion_logprobs
+    from grpokit.core.logprobs import model_completion_logprobs
 
     trainer = mismatched_trainer(
         tmp_path,
@@ -728,7 +728,7 @@ def test_all_zero_advantages_step_like_the_plain_path(tmp_path: Path) -> None:
 
 
 def test_plan_micro_batches_by_hand() -> None:
-    from grpokit.microbatch import plan_micro_batches
+    from grpokit.train.microbatch import plan_micro_batches
 
     adv = torch.tensor([0.0, 1.0, 0.0, 0.0, -1.0, 2.0])
     completion_mask = torch.tensor([[1] * k + [0] * (4 - k) for k in (1, 4, 2, 3, 2, 1)])
@@ -758,7 +758,7 @@ def test_plan_micro_batches_by_hand() -> None:
 def test_trimmed_micro_batch_equals_the_full_width_forward(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from grpokit.generation import RolloutBatch
+    from grpokit.train.rollout import RolloutBatch
 
     # Micro-batches of 2: rows 0-1 share the short prompt, so their left padding is trimmed.
     trainer = make_trainer(
@@ -787,7 +787,7 @@ def test_trimmed_micro_batch_equals_the_full_width_forward(
 def test_fused_and_loop_adamw_give_the_same_update():
     # optim="adamw_torch_fused" (the default, as transformers') and "adamw_torch" are the same
     # algorithm; one step from the same gradients must agree to float32 rounding.
-    from grpokit.setup import make_optimizer
+    from grpokit.train.build import make_optimizer
 
     updated = []
     for optim in ("adamw_torch_fused", "adamw_torch"):
@@ -829,7 +829,7 @@ def test_retain_freed_memory_keeps_a_freed_block_resident() -> None:
         pytest.skip("glibc mallopt is Linux-only")
     script = """
 import resource, torch
-from grpokit.setup import retain_freed_memory
+from grpokit.train.build import retain_freed_memory
 
 def rss_mb():
     with open("/proc/self/statm") as f:

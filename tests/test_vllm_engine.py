@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("vllm")
 
-from grpokit.generation import SamplingParams
-from grpokit.logprobs import model_completion_logprobs
-from grpokit.vllm_engine import VLLMEngine
+from grpokit.core.logprobs import model_completion_logprobs
+from grpokit.engines.base import SamplingParams
+from grpokit.engines.vllm_engine import VLLMEngine
 from tests.tiny import make_causal_lm, make_tokenizer
 
 # head_dim 64 (vLLM's CPU attention kernels take 32, 64, 80, 96, 112, 128, 256); tied embeddings

@@ -18,7 +18,6 @@ The config actually used is written to `<output_dir>/config.yaml`; `grpokit trai
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import difflib
@@ -26,8 +25,6 @@ import inspect
 import itertools
 import json
 import logging
-import shutil
-import sys
 import textwrap
 import types
 import typing
@@ -38,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from grpokit.config import UNSUPPORTED_TRL_FIELDS, GRPOConfig
+from grpokit.train.config import UNSUPPORTED_TRL_FIELDS, GRPOConfig
 
 logger = logging.getLogger("grpokit")
 
@@ -62,7 +59,7 @@ class RunConfig:
     task: dict[str, Any] = field(
         default_factory=lambda: {"kind": "reasoning_gym", "name": "chain_sum"}
     )
-    """Task spec for grpokit.tasks.load_task: {kind: reasoning_gym | dataset, name/path, ...}."""
+    """Task spec for `grpokit.data.tasks.load_task`: {kind: reasoning_gym | dataset, name, ...}."""
     rewards: list[Any] | None = None
     """Rewards: built-in names, "module:function" or {name: ..., params}; None = the task's."""
     lora: dict[str, Any] | None = None
@@ -383,8 +380,8 @@ def resolve_rewards(specs: Any, training: dict[str, Any]) -> list[Any]:
     A built-in reward taking `max_completion_len` (soft overlong punishment) gets the training
     `max_completion_length` unless the spec sets it.
     """
-    from grpokit.reward_funcs import REWARD_FUNCTIONS, get_reward_function
-    from grpokit.rewards import CallableReward
+    from grpokit.rewards.builtin import REWARD_FUNCTIONS, get_reward_function
+    from grpokit.rewards.scoring import CallableReward
 
     if not isinstance(specs, list) or not specs:
         raise ConfigError(
@@ -446,247 +443,3 @@ def write_config(spec: RunSpec, path: str | Path) -> Path:
         data["rewards"] = [r.name for r in spec.rewards]
     path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
     return path
-
-
-# =================================================================================================
-# Commands
-# =================================================================================================
-def _load_everything(spec: RunSpec) -> tuple[Any, Any, Any, list[Any]]:
-    """Task, rewards (task defaults if none were given), model and tokenizer, in that order."""
-    from grpokit.models import load_causal_lm
-    from grpokit.tasks import load_task
-
-    try:
-        task = load_task(dict(spec.run.task))
-    except (ValueError, ImportError, FileNotFoundError) as error:
-        raise ConfigError(f"task: {error}") from error
-    if spec.rewards is None:
-        spec.rewards = resolve_rewards(task.default_rewards, spec.training_values)
-    model, tokenizer = load_causal_lm(spec.run.model)
-    return task, model, tokenizer, spec.rewards
-
-
-def _use_bf16(spec: RunSpec) -> bool:
-    import torch
-
-    from grpokit.models import bf16_supported
-
-    use = spec.training.bf16 and bf16_supported() and not torch.cuda.is_available()
-    logger.info(
-        "precision: float32 weights, gradients and optimizer state; compute in %s",
-        "bf16 autocast (native bf16 on this CPU)" if use else "float32",
-    )
-    return use
-
-
-def run_eval(
-    spec: RunSpec, model: Any, tokenizer: Any, task: Any, rewards: list[Any]
-) -> dict[str, float]:
-    """Evaluate `model` on the task's held-out split with the `eval` section's settings."""
-    from grpokit.evaluation import evaluate
-    from grpokit.generation import SamplingParams
-
-    if task.eval_dataset is None or len(task.eval_dataset) == 0:
-        raise ConfigError("task: has no held-out split to evaluate on; set task.eval_size > 0.")
-    cfg = spec.eval
-    data = task.eval_dataset
-    if cfg.num_prompts is not None:
-        data = data.select(range(min(cfg.num_prompts, len(data))))
-    return evaluate(
-        model,
-        tokenizer,
-        data,
-        rewards,
-        num_samples=cfg.num_samples,
-        max_completion_length=cfg.max_completion_length or spec.training.max_completion_length,
-        sampling=None if cfg.num_samples == 1 else SamplingParams(temperature=cfg.temperature),
-        batch_size=cfg.batch_size,
-        accuracy_reward=cfg.accuracy_reward,
-        accuracy_threshold=cfg.accuracy_threshold,
-        reward_weights=spec.training.reward_weights,
-        chat_template_kwargs=spec.training.chat_template_kwargs,
-        seed=cfg.seed,
-        bf16=_use_bf16(spec),
-    )
-
-
-def _log_eval(output_dir: Path, when: str, step: int, metrics: dict[str, float]) -> None:
-    with (output_dir / "eval.jsonl").open("a") as f:
-        f.write(json.dumps({"when": when, "step": step, **metrics}) + "\n")
-    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "reward", "completion_length"))
-    print(f"[grpokit] held-out eval {when} (step {step}): {shown}", flush=True)
-
-
-def _prepare_output_dir(output_dir: Path, resume: bool | str, overwrite: bool) -> None:
-    existing = sorted(output_dir.glob("checkpoint-*")) if output_dir.is_dir() else []
-    if existing and not resume and not overwrite:
-        raise ConfigError(
-            f"training.output_dir {str(output_dir)!r} already holds a run ({existing[-1].name}); "
-            "pass --resume to continue it, --overwrite to start again, or set another "
-            "--output_dir."
-        )
-    if overwrite and not resume:
-        for path in existing:
-            shutil.rmtree(path)
-        for name in RUN_ARTIFACTS:
-            (output_dir / name).unlink(missing_ok=True)
-
-
-def run_training(
-    spec: RunSpec, *, resume: bool | str = False, overwrite: bool = False
-) -> dict[str, Any]:
-    """Train as the spec says: eval before, GRPO, save the model, eval after, plot.
-
-    Returns:
-        `{"before": metrics | None, "after": metrics | None, "model_dir": str, "plot": str | None}`.
-    """
-    output_dir = Path(spec.training.output_dir)
-    _prepare_output_dir(output_dir, resume, overwrite)
-    task, model, tokenizer, rewards = _load_everything(spec)
-    write_config(spec, output_dir / "config.yaml")
-    print(f"[grpokit] run config written to {output_dir / 'config.yaml'}", flush=True)
-
-    from grpokit.trainer import GRPOTrainer
-
-    peft_config = None
-    if spec.run.lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **spec.run.lora)
-    result: dict[str, Any] = {"before": None, "after": None, "plot": None}
-    if spec.eval.before and not resume:
-        result["before"] = run_eval(spec, model, tokenizer, task, rewards)
-        _log_eval(output_dir, "before", 0, result["before"])
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=rewards,
-        args=spec.training,
-        train_dataset=task.train_dataset,
-        eval_dataset=task.eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-    state = trainer.train(resume_from_checkpoint=resume or None)
-    result["model_dir"] = str(output_dir / "final_model")
-    trainer.save_model(result["model_dir"])
-    print(f"[grpokit] trained model saved to {result['model_dir']}", flush=True)
-    if spec.eval.after:
-        result["after"] = run_eval(spec, trainer.model, tokenizer, task, rewards)
-        _log_eval(output_dir, "after", state.global_step, result["after"])
-    if spec.run.plot:
-        from grpokit.plotting import plot_run
-
-        accuracy_name = spec.eval.accuracy_reward or rewards[0].name
-        result["plot"] = str(plot_run(output_dir, accuracy_reward=accuracy_name))
-        print(f"[grpokit] curves written to {result['plot']}", flush=True)
-    return result
-
-
-# =================================================================================================
-# Help and entry point
-# =================================================================================================
-def fields_help(defaults: dict[str, Any] | None = None) -> str:
-    """Every field of every section with its default and one line of meaning."""
-    defaults = defaults or {}
-    lines = []
-    for section, cls in SCHEMAS.items():
-        docs = field_docs(cls)
-        values = {**field_defaults(cls)}
-        given = defaults if section == "run" else defaults.get(section) or {}
-        values.update({k: v for k, v in given.items() if k in values})
-        title = "run-level fields (top of the YAML)" if section == "run" else f"{section} fields"
-        lines.append(f"\n{title}:")
-        for name, value in values.items():
-            prefix = "" if section == "run" else f"{section}."
-            shown = json.dumps(value) if not isinstance(value, str) else value
-            lines.append(f"  --{prefix}{name} (default: {shown})")
-            lines.append(f"      {_first_sentence(docs.get(name, ''))}")
-    return "\n".join(lines)
-
-
-def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
-        prog="grpokit", description="GRPO fine-tuning.", formatter_class=fmt, allow_abbrev=False
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    overrides = (
-        "\noverrides: --field value (flat names: run-level, then training, then eval) or "
-        "--section.field value; values are YAML."
-    )
-    train = sub.add_parser(
-        "train",
-        allow_abbrev=False,
-        help="train from a YAML run config",
-        formatter_class=fmt,
-        description=__doc__,
-        epilog=overrides + fields_help(),
-    )
-    train.add_argument("config", help="YAML run config (e.g. examples/grpo.yaml)")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    train.add_argument(
-        "--overwrite", action="store_true", help="discard an earlier run in output_dir"
-    )
-    ev = sub.add_parser(
-        "eval",
-        allow_abbrev=False,
-        help="evaluate a model on a task's held-out split",
-        formatter_class=fmt,
-        description="Score a model (base or trained: --model DIR) on the task's held-out split.",
-        epilog=overrides + fields_help(),
-    )
-    ev.add_argument(
-        "config",
-        nargs="?",
-        help="YAML run config (default: the built-in demo config); give it before any override",
-    )
-    ev.add_argument("--output", help="also write the metrics as JSON to this file")
-    from grpokit.demo import DEMO_CONFIG, DEMO_DESCRIPTION
-
-    sub.add_parser(
-        "demo",
-        allow_abbrev=False,
-        help="GRPO on SmolLM2-135M-Instruct in about three to four minutes on 2 CPU cores",
-        formatter_class=fmt,
-        description=DEMO_DESCRIPTION,
-        epilog=overrides + fields_help(DEMO_CONFIG),
-    )
-    return parser
-
-
-_NO_CONFIG = "\0no-config"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `grpokit` command."""
-    parser = _parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eval"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
-        # No config file: stop argparse from taking an override's value for the positional.
-        argv.insert(1, _NO_CONFIG)
-    args, rest = parser.parse_known_args(argv)
-    if getattr(args, "config", None) == _NO_CONFIG:
-        args.config = None
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    try:
-        overrides = parse_overrides(rest)
-        if args.command == "train":
-            spec = load_config(args.config, overrides)
-            run_training(spec, resume=args.resume, overwrite=args.overwrite)
-        elif args.command == "demo":
-            from grpokit.demo import run_demo
-
-            run_demo(overrides)
-        else:
-            from grpokit.demo import DEMO_CONFIG
-
-            spec = load_config(args.config, overrides, base=None if args.config else DEMO_CONFIG)
-            task, model, tokenizer, rewards = _load_everything(spec)
-            metrics = run_eval(spec, model, tokenizer, task, rewards)
-            print(json.dumps(metrics, indent=2))
-            if args.output:
-                Path(args.output).write_text(json.dumps(metrics, indent=2))
-    except ConfigError as error:
-        print(f"grpokit: error: {error}", file=sys.stderr)
-        return 2
-    return 0

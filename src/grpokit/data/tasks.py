@@ -26,7 +26,7 @@ from typing import Any
 
 from datasets import Dataset
 
-from grpokit.data import is_conversational_prompt
+from grpokit.data.prompts import is_conversational_prompt
 
 ANSWER_INSTRUCTION = (
     "{prompt}\n\nThink briefly, then give only the final answer inside <answer></answer> tags, "
@@ -48,7 +48,7 @@ class Task:
     eval_dataset: Dataset | None
     """Held-out rows with the same columns; no prompt in it appears in `train_dataset`."""
     default_rewards: list[str] = field(default_factory=list)
-    """Names in `grpokit.reward_funcs.REWARD_FUNCTIONS` used when the config names none."""
+    """Names in `grpokit.rewards.builtin.REWARD_FUNCTIONS` used when the config names none."""
 
 
 # ---------------------------------------------------------------------------------------------

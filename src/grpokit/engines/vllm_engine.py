@@ -1,6 +1,6 @@
 """Rollout generation with vLLM running inside the training process ("colocate" mode).
 
-`VLLMEngine` implements `grpokit.generation.GenerationEngine`: vLLM's engine core runs in this
+`VLLMEngine` implements `grpokit.engines.base.GenerationEngine`: vLLM's engine core runs in this
 process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `update_weights` hands the policy's tensors to
 the vLLM model directly, without serialising them.
 
@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpokit.generation import (
+from grpokit.engines.base import (
     GenerationOutput,
     SamplingParams,
-    _eos_token_ids,
-    _plain_forward,
     completion_mask_from_ids,
+    eos_token_ids,
     left_pad,
+    plain_forward,
 )
 
 INSTALL_HINT = (
@@ -106,7 +106,7 @@ class VLLMEngine:
         self._vllm = vllm
         self.max_model_len = max_model_len
         self.dtype = getattr(torch, dtype)
-        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(self.eos_token_ids[0] if pad is None else pad)
         self._folder = tempfile.TemporaryDirectory(prefix="grpokit-vllm-")
@@ -270,7 +270,7 @@ def _save_checkpoint(model: Any, folder: str, dtype: torch.dtype) -> None:
     """Write `model`'s config and (merged) weights in `dtype` as a checkpoint vLLM can load."""
     from safetensors.torch import save_file
 
-    _plain_forward(model).config.save_pretrained(folder)
+    plain_forward(model).config.save_pretrained(folder)
     with torch.no_grad(), _merged(model) as weights:
         tensors = {name: w.detach().to(dtype).contiguous() for name, w in weights}
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from grpokit.data import completion_text, is_conversational_prompt
+from grpokit.data.prompts import completion_text, is_conversational_prompt
 
 
 class RewardFunctionError(ValueError):
@@ -198,7 +198,7 @@ def build_reward_functions(
         reward_funcs: One or a list of: Python callables (sync or `async def`); sequence
             classification model instances (`torch.nn.Module` with `.config`); strings. A string
             that is an existing path is loaded as a reward model with its tokenizer; a built-in
-            reward name (see `grpokit.reward_funcs.REWARD_FUNCTIONS`) or `"module:function"` is
+            reward name (see `grpokit.rewards.builtin.REWARD_FUNCTIONS`) or `"module:function"` is
             resolved to that function; any other string is a Hugging Face model id.
         reward_processing_classes: One or a list aligned with `reward_funcs`: the tokenizer of each
             reward model (`None` entries, or entries for callables, are ignored / loaded with
@@ -246,7 +246,7 @@ def _build_one(
     if isinstance(fn, (CallableReward, RewardModel)):
         return fn
     if isinstance(fn, str):
-        from grpokit.reward_funcs import REWARD_FUNCTIONS, get_reward_function
+        from grpokit.rewards.builtin import REWARD_FUNCTIONS, get_reward_function
 
         if not os.path.exists(fn) and (fn in REWARD_FUNCTIONS or ":" in fn):
             return CallableReward(get_reward_function(fn))
@@ -427,7 +427,7 @@ def compute_rewards(
     Args:
         reward_fns: K reward functions (from `build_reward_functions`; bare callables are wrapped).
         prompts: N prompts (each repeated G times), plain or conversational.
-        completions: N completions in the prompts' format (see `grpokit.data.format_completions`).
+        completions: N completions in the prompts' format (see `data.prompts.format_completions`).
         completion_ids: N completion token-id lists (up to and including EOS; no padding).
         columns: Every other dataset column, N values each, passed as keyword arguments.
         trainer_state: Passed through as `trainer_state`.

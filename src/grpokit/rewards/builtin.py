@@ -24,7 +24,7 @@ from fractions import Fraction
 from functools import cache
 from typing import Any
 
-from grpokit.data import completion_text
+from grpokit.data.prompts import completion_text
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -463,7 +463,7 @@ class ReasoningGymScore:
     """The reasoning-gym dataset's own verifier (`score_answer`), usually in [0, 1].
 
     Reads the entry (question, answer, metadata) from `entry_column` (a JSON string or a dict, as
-    written by `grpokit.tasks`), extracts the answer from the completion (`<answer>` tag by
+    written by `grpokit.data.tasks`), extracts the answer from the completion (`<answer>` tag by
     default) and returns `score_answer(answer, entry)`. No answer, or a verifier that cannot
     parse the answer (it raises), scores 0.0: an answer that cannot be checked is wrong.
     """

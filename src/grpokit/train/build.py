@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from grpokit import checkpoint as ckpt
-from grpokit.attention import use_grouped_attention
-from grpokit.checkpoint import TrainerState
-from grpokit.config import GRPOConfig, resolve_steps
-from grpokit.generation import GenerationEngine, SamplingParams, TransformersEngine
-from grpokit.models import bf16_supported, resolve_model_path
+from grpokit.core.attention import use_grouped_attention
+from grpokit.engines.base import GenerationEngine, SamplingParams
+from grpokit.engines.models import bf16_supported, resolve_model_path
+from grpokit.engines.transformers_engine import TransformersEngine
+from grpokit.train import checkpoint as ckpt
+from grpokit.train.checkpoint import TrainerState
+from grpokit.train.config import GRPOConfig, resolve_steps
 
 logger = logging.getLogger("grpokit")
 
@@ -34,7 +35,7 @@ def load_policy(model: Any, processing_class: Any, args: GRPOConfig) -> tuple[An
     """Load the policy (and tokenizer) from a string, or take an instance; keep float32 weights.
 
     Args:
-        model: A Hugging Face id or path (see `grpokit.models.resolve_model_path`) or a causal-LM
+        model: A Hugging Face id or path (see `engines.models.resolve_model_path`) or a causal-LM
             instance. A bf16/fp16 instance is upcast to float32 with a warning.
         processing_class: The tokenizer, or None to load it from the model's path.
         args: The run's config (`model_init_kwargs`).
@@ -117,7 +118,7 @@ def make_generation_engine(model: Any, tokenizer: Any, args: GRPOConfig) -> Gene
     `TransformersEngine`. `model` is the prepared policy (PEFT-wrapped, on its device)."""
     if not args.use_vllm:
         return TransformersEngine(model, tokenizer)
-    from grpokit.vllm_engine import VLLMEngine
+    from grpokit.engines.vllm_engine import VLLMEngine
 
     length = args.vllm_max_model_length
     if length is None:

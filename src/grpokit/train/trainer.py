@@ -27,13 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpokit import checkpoint as ckpt
-from grpokit import setup
-from grpokit.advantages import group_advantages
-from grpokit.checkpoint import PromptSampler, TrainerState
-from grpokit.config import GRPOConfig, crossed_multiple
-from grpokit.generation import GenerationEngine, GenerationOutput, RolloutBatch
-from grpokit.logging import (
+from grpokit.core.advantages import group_advantages
+from grpokit.core.logprobs import model_completion_logprobs
+from grpokit.core.losses import policy_loss, rollout_importance_weights
+from grpokit.engines.base import GenerationEngine, GenerationOutput
+from grpokit.rewards.scoring import build_reward_functions, compute_rewards
+from grpokit.train import build
+from grpokit.train import checkpoint as ckpt
+from grpokit.train.checkpoint import TrainerState
+from grpokit.train.config import GRPOConfig, crossed_multiple
+from grpokit.train.loggers import (
     MetricsBuffer,
     RunLogger,
     completion_metrics,
@@ -41,11 +44,10 @@ from grpokit.logging import (
     name_reward_metrics,
     reduce_metrics,
 )
-from grpokit.logprobs import model_completion_logprobs
-from grpokit.losses import policy_loss, rollout_importance_weights
-from grpokit.microbatch import plan_micro_batches, select_rows
-from grpokit.rewards import build_reward_functions, compute_rewards
-from grpokit.rollout import (
+from grpokit.train.microbatch import plan_micro_batches, select_rows
+from grpokit.train.prompt_sampler import PromptSampler
+from grpokit.train.rollout import (
+    RolloutBatch,
     decode_completions,
     evaluate_rewards,
     repeat_per_completion,
@@ -65,11 +67,11 @@ class GRPOTrainer:
     """Fine-tune a causal LM with GRPO and its variants; TRL's `GRPOTrainer` arguments.
 
     Args:
-        model: A Hugging Face id or path (see `grpokit.models.resolve_model_path`), or a causal-LM
+        model: A Hugging Face id or path (see `engines.models.resolve_model_path`), or a causal-LM
             instance. A bf16/fp16 instance is upcast to float32 (with a warning): weights,
             gradients and optimizer state stay float32; compute uses bf16 autocast (`bf16`).
         reward_funcs: One or a list of callables (sync or async), reward models (instances or
-            ids/paths) or built-in reward names; see `grpokit.rewards.build_reward_functions`.
+            ids/paths) or built-in reward names; see `rewards.scoring.build_reward_functions`.
         args: The run's `GRPOConfig` (default: `GRPOConfig()`).
         train_dataset: A `datasets.Dataset` / `IterableDataset` (or list of dicts) with a `prompt`
             column, plain text or chat messages; other columns reach the reward functions.
@@ -81,7 +83,7 @@ class GRPOTrainer:
             else `TransformersEngine`.
     """
 
-    # Exact speed-ups of the update (see grpokit.microbatch); False runs the plain path.
+    # Exact speed-ups of the update (see grpokit.train.microbatch); False runs the plain path.
     skip_zero_advantage: bool = True
     bucket_by_length: bool = True
     # With num_iterations > 1 and one optimizer step per generation, that step's first pass runs
@@ -112,15 +114,15 @@ class GRPOTrainer:
             "cuda" if torch.cuda.is_available() and not self.args.use_cpu else "cpu"
         )
         if self.device.type == "cpu" and self.args.retain_freed_memory:
-            setup.retain_freed_memory()
-        self.model, self.processing_class = setup.load_policy(model, processing_class, self.args)
-        self.model = setup.prepare_model(self.model, peft_config, self.args, self.device)
+            build.retain_freed_memory()
+        self.model, self.processing_class = build.load_policy(model, processing_class, self.args)
+        self.model = build.prepare_model(self.model, peft_config, self.args, self.device)
         self.is_peft = ckpt.is_peft_model(self.model)
-        self.ref_model = setup.make_ref_model(self.model, self.args)
+        self.ref_model = build.make_ref_model(self.model, self.args)
         self.reward_funcs = build_reward_functions(
             reward_funcs, reward_processing_classes, device=self.device
         )
-        setup.check_reward_weights(self.args, len(self.reward_funcs))
+        build.check_reward_weights(self.args, len(self.reward_funcs))
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         if eval_dataset is None and (self.args.eval_strategy != "no" or self.args.eval_on_start):
@@ -132,14 +134,14 @@ class GRPOTrainer:
         self.sampler = PromptSampler(
             train_dataset, seed=self.args.seed, shuffle=self.args.shuffle_dataset
         )
-        self.engine = generation_engine or setup.make_generation_engine(
+        self.engine = generation_engine or build.make_generation_engine(
             self.model, self.processing_class, self.args
         )
-        self.sampling = setup.sampling_params(self.args)
-        self.use_bf16 = setup.resolve_precision(self.args, self.device)
-        self.max_steps = setup.resolve_max_steps(self.args, self.sampler.size)
-        self.optimizer = setup.make_optimizer(self.model, self.args)
-        self.scheduler = setup.make_scheduler(self.optimizer, self.args, self.max_steps)
+        self.sampling = build.sampling_params(self.args)
+        self.use_bf16 = build.resolve_precision(self.args, self.device)
+        self.max_steps = build.resolve_max_steps(self.args, self.sampler.size)
+        self.optimizer = build.make_optimizer(self.model, self.args)
+        self.scheduler = build.make_scheduler(self.optimizer, self.args, self.max_steps)
         self.state = TrainerState(max_steps=self.max_steps)
         self.pending = MetricsBuffer()  # metrics queued until the next logging step
 
@@ -612,7 +614,7 @@ class GRPOTrainer:
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> Path:
-        return setup.save_trainer_checkpoint(
+        return build.save_trainer_checkpoint(
             self.args,
             self.state,
             model=self.model,
@@ -623,10 +625,10 @@ class GRPOTrainer:
         )
 
     def _maybe_resume(self, resume_from_checkpoint: bool | str | None) -> None:
-        path = setup.find_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        path = build.find_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if path is None:
             return
-        self.state = setup.restore_checkpoint(
+        self.state = build.restore_checkpoint(
             path,
             model=self.model,
             ref_model=self.ref_model,

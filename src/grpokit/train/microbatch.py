@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpokit.generation import RolloutBatch
+from grpokit.train.rollout import RolloutBatch
 
-# Aggregations that divide by the number of rows passed to `policy_loss` (see grpokit.losses).
+# Aggregations that divide by the number of rows passed to `policy_loss` (see grpokit.core.losses).
 ROW_NORMALISED_LOSS_TYPES = ("grpo", "sapo", "luspo", "dr_grpo")
 
 

@@ -9,17 +9,20 @@ evaluation that generates on `eval_dataset` and scores it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from grpokit import checkpoint as ckpt
-from grpokit.advantages import group_advantages
-from grpokit.config import GRPOConfig
-from grpokit.data import apply_prompt_length_policy, format_completions, render_prompts
-from grpokit.generation import GenerationEngine, GenerationOutput, SamplingParams
-from grpokit.logging import name_reward_metrics
-from grpokit.rewards import compute_rewards
+from grpokit.core.advantages import group_advantages
+from grpokit.data.prompts import apply_prompt_length_policy, format_completions, render_prompts
+from grpokit.engines.base import GenerationEngine, GenerationOutput, SamplingParams
+from grpokit.rewards.scoring import compute_rewards
+from grpokit.train import checkpoint as ckpt
+from grpokit.train.config import GRPOConfig
+from grpokit.train.loggers import name_reward_metrics
+from grpokit.train.prompt_sampler import PromptSampler
 
 logger = logging.getLogger("grpokit")
 
@@ -134,7 +137,7 @@ def evaluate_rewards(
     """
     g = args.num_generations_eval or args.num_generations
     per_call = max(1, args.per_device_eval_batch_size // g)
-    rows = list(ckpt.PromptSampler(dataset, seed=0, shuffle=False).iterate_once())
+    rows = list(PromptSampler(dataset, seed=0, shuffle=False).iterate_once())
     rewards, lengths = [], []
     rng = ckpt.rng_state()
     try:
@@ -176,3 +179,49 @@ def evaluate_rewards(
     metrics = {f"eval_{k}": v for k, v in name_reward_metrics(adv.metrics, names).items()}
     metrics["eval_completions/mean_length"] = torch.cat(lengths).mean().item()
     return metrics
+
+
+@dataclass
+class RolloutBatch:
+    """One generation batch ready for the update. `N = B*G` rows; all tensors on the CPU.
+
+    Attributes:
+        prompt_ids: `[N, P]` left-padded. prompt_mask: `[N, P]` 1 = real token.
+        completion_ids: `[N, T]`. completion_mask: `[N, T]` 1 up to and including the first EOS
+            (the tokens the model attends to).
+        loss_mask: `[N, T]` 1 = the token counts in the loss: `completion_mask`, with truncated
+            completions zeroed when `mask_truncated_completions` is on.
+        advantages: `[N]` float32.
+        old_logprobs / ref_logprobs / sampling_logprobs: `[N, T]` float32 or None (0 at padding).
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    loss_mask: Tensor
+    advantages: Tensor
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    sampling_logprobs: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """N, the number of completions."""
+        return int(self.completion_ids.shape[0])
+
+    def trimmed(self, rows: slice) -> tuple[Tensor, Tensor, int]:
+        """`(input_ids [n, P'+T'], attention_mask [n, P'+T'], T')` of `rows` without the padding
+        columns every row shares: leading prompt padding and trailing completion padding."""
+        prompt_mask = self.prompt_mask[rows]  # [n, P]
+        completion_mask = self.completion_mask[rows]  # [n, T]
+        first = int((prompt_mask.sum(0) > 0).nonzero()[0])  # first column with a real token
+        t = max(1, int(completion_mask.sum(1).max()))
+        input_ids = torch.cat([self.prompt_ids[rows, first:], self.completion_ids[rows, :t]], dim=1)
+        attention_mask = torch.cat([prompt_mask[:, first:], completion_mask[:, :t]], dim=1)
+        return input_ids, attention_mask, t
+
+    def sliced(self, name: str, rows: slice, t: int, device: torch.device) -> Tensor | None:
+        """`[n, t]` rows of the per-token tensor `name`, or None when it was not computed."""
+        value: Tensor | None = getattr(self, name)
+        return None if value is None else value[rows, :t].to(device)

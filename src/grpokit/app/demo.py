@@ -72,9 +72,10 @@ def run_demo(overrides: list[tuple[str, Any]]) -> dict[str, Any]:
     An earlier run in the demo's output_dir is replaced (the demo is meant to be run again).
 
     Returns:
-        What `grpokit.cli.run_training` returns.
+        What `grpokit.app.run.run_training` returns.
     """
-    from grpokit.cli import build_config, run_training
+    from grpokit.app.run import run_training
+    from grpokit.app.run_config import build_config
 
     spec = build_config(DEMO_CONFIG, overrides)
     result = run_training(spec, overwrite=True)

@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from grpokit.data import format_completions, render_prompts
-from grpokit.generation import SamplingParams, TransformersEngine
-from grpokit.rewards import build_reward_functions, compute_rewards
+from grpokit.data.prompts import format_completions, render_prompts
+from grpokit.engines.base import SamplingParams
+from grpokit.engines.transformers_engine import TransformersEngine
+from grpokit.rewards.scoring import build_reward_functions, compute_rewards
 
 GREEDY = SamplingParams(top_k=1)
 """Greedy decoding (the default when one sample per prompt is drawn): sampling from the top-1 token
@@ -119,7 +120,7 @@ def evaluate(
         dataset: rows with a `prompt` column (plain or conversational) and the columns the reward
             functions read; any iterable of dicts or a `datasets.Dataset`.
         reward_fns: reward functions, reward names or `"module:function"` strings (anything
-            `grpokit.rewards.build_reward_functions` accepts).
+            `grpokit.rewards.scoring.build_reward_functions` accepts).
         num_samples: k, completions per prompt.
         max_completion_length: new tokens per completion.
         sampling: sampling parameters; default greedy when `num_samples == 1`, otherwise plain

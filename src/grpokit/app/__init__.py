@@ -1,0 +1,1 @@
+"""The application: YAML run configs, the `grpokit` command, the demo, evaluation and plots."""

@@ -1,0 +1,130 @@
+"""The generation interface: `GenerationEngine`, what it returns, and helpers every engine shares.
+
+The training loop only sees `GenerationEngine.generate` (token ids in, padded tensors out) and
+`update_weights` (called after each optimizer step), so engines (transformers, vLLM, an injected
+fake in tests) can be swapped without touching the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    """How completions are sampled (the generation half of `GRPOConfig`)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    generation_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationOutput:
+    """Completions of a batch of prompts. `N = B*G`; the G completions of a prompt are consecutive.
+
+    Attributes:
+        prompt_ids: `[N, P]` prompt tokens, left-padded.
+        prompt_mask: `[N, P]` 1 = real prompt token, 0 = padding.
+        completion_ids: `[N, T]` sampled tokens; the pad token after the first EOS.
+        completion_mask: `[N, T]` 1 for every token up to and including the first EOS, 0 after it.
+        is_truncated: `[N]` bool, True when no EOS was produced within `max_new_tokens`.
+        sampling_logprobs: `[N, T]` float32 log-probs reported by the engine, or None.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    is_truncated: Tensor
+    sampling_logprobs: Tensor | None = None
+
+
+class GenerationEngine(Protocol):
+    """Anything that samples completions for token-id prompts."""
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+    ) -> GenerationOutput:
+        """Sample `num_generations` completions for each prompt (unpadded token-id lists)."""
+        ...
+
+    def update_weights(self, model: Any) -> None:
+        """Make the engine sample from `model`'s current weights (called after optimizer steps)."""
+        ...
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token-id lists into `(ids [B, P], mask [B, P])`; mask 1 = real token."""
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty: pass at least one prompt.")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("A prompt has no tokens; every prompt needs at least one token.")
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, tokens in enumerate(prompt_ids):
+        ids[row, width - len(tokens) :] = torch.as_tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens) :] = 1
+    return ids, mask
+
+
+def completion_mask_from_ids(
+    completion_ids: Tensor, eos_token_ids: Sequence[int], pad_token_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask each completion after its first EOS.
+
+    Args:
+        completion_ids: `[N, T]` sampled tokens (anything may follow an EOS).
+        eos_token_ids: token ids that end a completion.
+        pad_token_id: written over every position after the first EOS.
+
+    Returns:
+        `(completion_ids [N, T] with pad after the first EOS, completion_mask [N, T] long: 1 up to
+        and including the first EOS, is_truncated [N] bool: no EOS at all)`.
+    """
+    n, t = completion_ids.shape
+    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), dtype=torch.long))
+    has_eos = is_eos.any(dim=1)  # [N]
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full((n,), t))  # [N]
+    positions = torch.arange(t).expand(n, t)  # [N, T]
+    completion_mask = (positions <= first_eos.unsqueeze(1)).long()  # [N, T]
+    cleaned = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
+    return cleaned, completion_mask, ~has_eos
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS token ids: those of the model's generation_config and the tokenizer's."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured is not None:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError(
+            "Neither the tokenizer nor the model's generation_config defines an EOS token; set "
+            "tokenizer.eos_token so completions can end."
+        )
+    return sorted(ids)
+
+
+def plain_forward(model: Any) -> Any:
+    """The module whose forward takes `logits_to_keep`/`position_ids` (a PEFT model's base)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model

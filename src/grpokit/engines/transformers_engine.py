@@ -1,0 +1,368 @@
+"""`TransformersEngine`: sampling with a transformers causal LM in the training process."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grpokit.core.attention import NAME as GROUPED_ATTENTION
+from grpokit.core.attention import use_grouped_attention
+from grpokit.engines.base import (
+    GenerationOutput,
+    SamplingParams,
+    completion_mask_from_ids,
+    eos_token_ids,
+    left_pad,
+    plain_forward,
+)
+from grpokit.engines.packed_linear import PackedLinear, pack_linear_layers
+from grpokit.engines.sampling import DRAWS, TokenSampler
+
+
+class TransformersEngine:
+    """Samples with a transformers causal LM in this process.
+
+    Two decode paths give the same distribution:
+
+    - `decode="lean"` (default): each distinct prompt is prefilled once and its KV cache is repeated
+      for its G completions; then a plain loop of one-token forwards with `TokenSampler`, stopping
+      as soon as every row has produced an EOS. Can return `sampling_logprobs`.
+    - `decode="hf"`: `model.generate` on the G-times-repeated prompts (the reference path; takes
+      any `generation_kwargs` that transformers knows; no `sampling_logprobs`).
+
+    With `bf16_sampler` the engine samples from its own bf16 copy of the policy (parameters only;
+    buffers such as rotary frequencies stay as they are), refreshed by an in-place copy in
+    `update_weights`. Its matmuls round the weights to bf16 exactly as bf16 autocast does; the
+    residual stream and norms then run in bf16 too, so the sampler differs from the autocast
+    trainer by bf16 rounding (`sampling_logprobs` makes that gap measurable). Only parameters that
+    changed are copied, so under PEFT the copy keeps the adapters unmerged and refreshes just them
+    (no merge/unmerge of the base weights per step).
+
+    `sampling_logprobs[n, t]` is `log_softmax(logits / temperature)` of the sampled token under the
+    sampler's weights: after temperature, before repetition penalty, sequence bias, min_new_tokens
+    and top-k/top-p/min-p. That is the quantity the trainer computes (`grpokit.core.logprobs`), so
+    `old_logprobs - sampling_logprobs` measures only the sampler/trainer numerical gap; like TRL's
+    importance-sampling correction it does not account for truncation by top-k/top-p.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        decode: str = "lean",
+        share_prompt_prefill: bool = True,
+        bf16_sampler: bool | None = None,
+        sampler_attention: str | None = GROUPED_ATTENTION,
+        draw: str = "inverse_cdf",
+        return_logprobs: bool = False,
+        num_threads: int | None = None,
+        pack_weights: bool | None = None,
+    ) -> None:
+        """Wrap `model` (the policy being trained) and its tokenizer.
+
+        Args:
+            model: A transformers causal LM (optionally a PEFT model).
+            tokenizer: Its tokenizer (EOS and pad ids).
+            decode: "lean" (own decode loop) or "hf" (`model.generate`).
+            share_prompt_prefill: Lean path only: prefill each prompt once for its G completions.
+            bf16_sampler: Sample from a bf16 copy of the policy. None = when the device computes
+                bf16 natively (`engines.models.bf16_supported`) and the policy is not already bf16.
+            sampler_attention: Attention implementation of the bf16 copy (None = the policy's).
+                The default, `core.attention.grouped_attention`, computes transformers' eager
+                attention without copying the key/value heads per query head; it decodes
+                SmolLM2 ~1.6x faster per step than "sdpa" on CPU (one query row per step). The
+                training model's own setting is never changed here.
+            draw: Lean path: how a token is drawn from the processed distribution.
+                "inverse_cdf" (default) = `sample_categorical`, exact, from one uniform number
+                per row; "multinomial" = `torch.multinomial`, the same distribution and the same
+                random stream as `model.generate` (same seed and same logits give the same
+                tokens), but it draws V exponentials per row (~25% of a SmolLM2 decode step).
+            return_logprobs: Lean path: fill `GenerationOutput.sampling_logprobs`. Off by
+                default because the trainer applies its rollout importance correction
+                (`vllm_importance_sampling_*`) whenever an engine returns them.
+            num_threads: torch intra-op threads while generating (restored afterwards); None =
+                leave torch's setting. On a busy CPU one thread can be much faster for small models.
+            pack_weights: Keep the bf16 copy's linear weights also in oneDNN's blocked layout
+                (`PackedLinear`), repacked after each weight update (~0.1 s for SmolLM2-135M);
+                its matmuls then skip the per-call weight reordering (decode ~10% faster here).
+                None = when the bf16 copy is used on a CPU whose torch has oneDNN.
+
+        Raises:
+            ValueError: an unknown `decode` or a non-positive `num_threads`.
+        """
+        if decode not in DECODE_PATHS:
+            raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}.")
+        if draw not in DRAWS:
+            raise ValueError(f"draw must be one of {sorted(DRAWS)}, got {draw!r}.")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.decode = decode
+        self.draw = DRAWS[draw]
+        self.return_logprobs = return_logprobs
+        self.share_prompt_prefill = share_prompt_prefill
+        self.num_threads = num_threads
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
+        if bf16_sampler is None:
+            from grpokit.engines.models import bf16_supported
+
+            dtype = next(model.parameters()).dtype
+            bf16_sampler = bf16_supported() and dtype != torch.bfloat16
+        self.sampler_model: Any = _bf16_copy(model, sampler_attention) if bf16_sampler else model
+        # name -> (bf16 parameter, stamp of the source tensor it was last copied from)
+        self._copies: dict[str, tuple[Tensor, tuple[int, int]]] = {}
+        if bf16_sampler:
+            source = dict(model.named_parameters())
+            self._copies = {
+                name: (param, _stamp(source[name]))
+                for name, param in self.sampler_model.named_parameters()
+            }
+        self._packed: list[PackedLinear] = []
+        if bf16_sampler and pack_weights is not False:
+            self._packed = pack_linear_layers(self.sampler_model)
+            if pack_weights and not self._packed:
+                raise ValueError("pack_weights=True, but this torch build cannot pack weights.")
+
+    def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
+        """The `GenerationConfig` for one call: always sampling, never early length stopping."""
+        from transformers import GenerationConfig
+
+        kwargs: dict[str, Any] = dict(
+            do_sample=True,
+            max_new_tokens=max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,  # 0 disables top-k in transformers
+            min_p=sampling.min_p,
+            repetition_penalty=sampling.repetition_penalty,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_ids,
+            bos_token_id=getattr(self.model.generation_config, "bos_token_id", None),
+            use_cache=True,
+        )
+        kwargs.update(sampling.generation_kwargs)
+        return GenerationConfig(**kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+    ) -> GenerationOutput:
+        """Sample `num_generations` completions per prompt; see `GenerationOutput` for shapes."""
+        ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
+        # Picks up weights changed outside optimizer steps, e.g. a checkpoint load on resume.
+        self._sync(self.model, copy_trainable=False)
+        model = self.sampler_model
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with _intra_op_threads(self.num_threads):
+                if self.decode == "hf":
+                    raw, logprobs = self._hf_generate(
+                        ids, mask, num_generations, max_new_tokens, sampling, device
+                    )
+                else:
+                    raw, logprobs = self._lean_generate(
+                        ids.to(device), mask.to(device), num_generations, max_new_tokens, sampling
+                    )
+        finally:
+            model.train(was_training)
+        completion_ids, completion_mask, is_truncated = completion_mask_from_ids(
+            raw.cpu(), self.eos_token_ids, self.pad_token_id
+        )
+        if logprobs is not None:
+            logprobs = logprobs.cpu().masked_fill(completion_mask == 0, 0.0)
+        ids = ids.repeat_interleave(num_generations, dim=0)  # [N, P]
+        mask = mask.repeat_interleave(num_generations, dim=0)  # [N, P]
+        return GenerationOutput(ids, mask, completion_ids, completion_mask, is_truncated, logprobs)
+
+    def _hf_generate(
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        g: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        device: torch.device,
+    ) -> tuple[Tensor, None]:
+        """`model.generate` on the prompts repeated G times: `([N, T] raw tokens, None)`."""
+        ids = ids.repeat_interleave(g, dim=0)  # [N, P]
+        sequences = self.sampler_model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.repeat_interleave(g, dim=0).to(device),
+            generation_config=self.generation_config(max_new_tokens, sampling),
+        )
+        return sequences[:, ids.shape[1] :], None
+
+    def _lean_generate(
+        self, ids: Tensor, mask: Tensor, g: int, max_new_tokens: int, sampling: SamplingParams
+    ) -> tuple[Tensor, Tensor | None]:
+        """Prefill, then decode one token at a time until every row has ended.
+
+        Args:
+            ids: `[B, P]` left-padded prompts. mask: `[B, P]` 1 = real token.
+            g: completions per prompt (G).
+
+        Returns:
+            `(tokens [N, T'], logprobs [N, T'] float32 or None)` with `T' <= max_new_tokens`: the
+            steps actually run; rows that ended early hold the pad token after their EOS.
+        """
+        forward = plain_forward(self.sampler_model)
+        n = ids.shape[0] * g
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P]
+        full_mask = mask.new_ones((n, mask.shape[1] + max_new_tokens))  # [N, P + T]
+        full_mask[:, : mask.shape[1]] = mask.repeat_interleave(g, dim=0)
+        sampler = TokenSampler(
+            sampling,
+            eos_token_ids=self.eos_token_ids,
+            prompt_ids=ids.repeat_interleave(g, dim=0),
+            prompt_mask=full_mask[:, : mask.shape[1]],
+            vocab_size=int(forward.get_output_embeddings().weight.shape[0]),
+            draw=self.draw,
+        )
+        cache, logits = prefill(forward, ids, mask, positions, g, share=self.share_prompt_prefill)
+        next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1  # [N, 1]
+        finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
+        tokens, logprobs = [], []
+        for step in range(max_new_tokens):
+            token = sampler.sample(logits, step)  # [N]
+            if self.return_logprobs:
+                scaled = logits / sampling.temperature  # [N, V]
+                logprobs.append(torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1))
+            token = token.masked_fill(finished, self.pad_token_id)
+            tokens.append(token)
+            finished |= torch.isin(token, sampler.eos)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            out = forward(
+                input_ids=token[:, None],
+                attention_mask=full_mask[:, : mask.shape[1] + step + 1],
+                position_ids=next_position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+            logits = out.logits[:, -1].float()  # [N, V]
+        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
+
+    def update_weights(self, model: Any) -> None:
+        """Copy `model`'s weights into the bf16 sampler after an optimizer step, in place (no
+        allocation). Without a bf16 sampler this only records `model`.
+
+        Every trainable parameter is copied (under PEFT only the adapters): fused optimizer
+        kernels (AdamW with fused=True) write in place without bumping a tensor's version
+        counter, so a version check would miss their updates. Frozen parameters are copied only
+        when their version counter or storage moved.
+
+        Raises:
+            KeyError: `model` lacks a parameter the sampler copy has (a different architecture).
+        """
+        self._sync(model, copy_trainable=True)
+
+    @torch.no_grad()
+    def _sync(self, model: Any, *, copy_trainable: bool) -> None:
+        """Copy into the sampler the parameters whose version counter or storage moved (a
+        `load_state_dict`, `param.data = ...`), and with `copy_trainable` every trainable one."""
+        self.model = model
+        if not self._copies:
+            return
+        source = dict(model.named_parameters())
+        for name, (param, stamp) in self._copies.items():
+            if name not in source:
+                raise KeyError(
+                    f"update_weights: the model has no parameter {name!r}; pass the same model "
+                    f"the engine was built with."
+                )
+            now = _stamp(source[name])
+            if now != stamp or (copy_trainable and source[name].requires_grad):
+                param.copy_(source[name])
+                self._copies[name] = (param, now)
+        for layer in self._packed:
+            layer.repack_if_changed()
+
+
+def prefill(
+    forward: Any, ids: Tensor, mask: Tensor, positions: Tensor, g: int, *, share: bool
+) -> tuple[Any, Tensor]:
+    """Run the prompts through the model once and return the KV cache of the N = B*G rows.
+
+    With `share`, each of the B prompts is prefilled once and its cache is repeated G times along
+    the batch (the G completions of a prompt attend to the same prompt keys and values); without,
+    the G-times-repeated prompts are prefilled as N rows. Both give the same cache and logits up
+    to floating-point summation order.
+
+    Args:
+        forward: A causal LM taking `position_ids`, `logits_to_keep` and `use_cache`.
+        ids: `[B, P]` left-padded prompts. mask: `[B, P]` 1 = real token.
+        positions: `[B, P]` position ids (0 at padding).
+        g: completions per prompt (G).
+        share: prefill B rows instead of N.
+
+    Returns:
+        `(cache, logits)`: the model's cache object holding N rows, and the next-token logits
+        `[N, V]` float32.
+    """
+    repeats = 1 if share else g
+    out = forward(
+        input_ids=ids.repeat_interleave(repeats, dim=0),
+        attention_mask=mask.repeat_interleave(repeats, dim=0),
+        position_ids=positions.repeat_interleave(repeats, dim=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    logits = out.logits[:, -1].float()  # [B or N, V]
+    if share and g > 1:
+        cache.batch_repeat_interleave(g)
+        logits = logits.repeat_interleave(g, dim=0)  # [N, V]
+    return cache, logits
+
+
+DECODE_PATHS = ("lean", "hf")
+
+
+def _stamp(tensor: Tensor) -> tuple[int, int]:
+    """`(storage address, in-place version)`: changes whenever the tensor's values may have."""
+    return tensor.data_ptr(), tensor._version
+
+
+def _bf16_copy(model: Any, attention: str | None) -> Any:
+    """A frozen eval-mode copy of `model` whose parameters are bf16 (buffers keep their dtype),
+    using the `attention` implementation (None = the model's)."""
+    clone = copy.deepcopy(model)
+    for param in clone.parameters():
+        param.data = param.data.to(torch.bfloat16)
+        param.requires_grad_(False)
+    if attention == GROUPED_ATTENTION:
+        use_grouped_attention(clone)
+    elif attention is not None:
+        plain_forward(clone).set_attn_implementation(attention)
+    return clone.eval()
+
+
+@contextlib.contextmanager
+def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
+    """Run the block with `num_threads` torch intra-op threads (None = unchanged)."""
+    if num_threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

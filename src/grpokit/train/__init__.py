@@ -1,0 +1,1 @@
+"""The training loop: `GRPOConfig`, `GRPOTrainer`, rollouts, micro-batches, checkpoints, loggers."""
