@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -157,7 +157,9 @@ def test_field_docs_come_from_the_dataclass_source() -> None:
     docs = field_docs(GRPOConfig)
     assert docs["learning_rate"] == "Peak learning rate of AdamW."
     assert set(docs) == set(run_config.field_defaults(GRPOConfig))
-    assert set(field_docs(run_config.EvalConfig)) == set(run_config.field_defaults(run_config.EvalConfig))
+    assert set(field_docs(run_config.EvalConfig)) == set(
+        run_config.field_defaults(run_config.EvalConfig)
+    )
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "demo"])
@@ -351,3 +353,85 @@ def test_eval_without_config_uses_the_demo_config(monkeypatch, capsys) -> None:
     assert main(["eval", "--model", "my/model", "--eval.num_prompts", "3"]) == 2
     assert seen["model"] == "my/model"
     assert "stop here" in capsys.readouterr().err
+
+
+# ---- the generation engine of evaluation --------------------------------------------------------
+class FakeVLLM:
+    """Stands in for `VLLMEngine` (vLLM is not installed here): samples with a
+    `TransformersEngine`, and records how it was built and used."""
+
+    built: ClassVar[list[FakeVLLM]] = []  # every instance, in order (reset per test)
+
+    def __init__(self, model: Any, tokenizer: Any, **kwargs: Any) -> None:
+        from grpokit.engines.transformers_engine import TransformersEngine
+
+        self.inner = TransformersEngine(model, tokenizer)
+        self.kwargs = kwargs
+        self.completions = 0  # completions generated
+        self.updates = 0  # update_weights calls
+        FakeVLLM.built.append(self)
+
+    def generate(self, prompt_ids: list[list[int]], **kwargs: Any) -> Any:
+        self.completions += len(prompt_ids) * kwargs["num_generations"]
+        return self.inner.generate(prompt_ids, **kwargs)
+
+    def update_weights(self, model: Any) -> None:
+        self.updates += 1
+        self.inner.update_weights(model)
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[FakeVLLM]:
+    """`VLLMEngine` replaced by `FakeVLLM`, and the config's check that vLLM is installed told
+    that it is."""
+    import importlib.machinery
+    import importlib.util
+
+    from grpokit.engines import vllm_engine
+
+    find_spec = importlib.util.find_spec
+
+    def vllm_found(name: str, *args: Any) -> Any:
+        return (
+            importlib.machinery.ModuleSpec(name, None) if name == "vllm" else find_spec(name, *args)
+        )
+
+    monkeypatch.setattr(importlib.util, "find_spec", vllm_found)
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", FakeVLLM)
+    monkeypatch.setattr(FakeVLLM, "built", [])
+    return FakeVLLM
+
+
+def test_eval_with_use_vllm_samples_with_the_vllm_engine(
+    tmp_path: Path, tiny_model: str, fake_vllm: type[FakeVLLM], capsys
+) -> None:
+    raw = _config(tmp_path, tiny_model, use_vllm=True, max_prompt_length=32)
+    config = _write_yaml(tmp_path / "run.yaml", raw)
+    assert main(["eval", config, "--eval.max_completion_length", "5"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    [engine] = fake_vllm.built
+    # vLLM holds the longest prompt plus the evaluation's completions: 32 + 5 tokens
+    assert engine.kwargs["max_model_len"] == 37
+    # every completion scored came from it: 3 prompts x 2 samples
+    assert metrics["num_prompts"] == 3 and metrics["num_samples"] == 2
+    assert engine.completions == 6
+    assert metrics["completion_length"] <= 5
+
+
+@pytest.mark.slow
+def test_train_with_use_vllm_evaluates_with_the_trainers_engine(
+    tmp_path: Path, tiny_model: str, fake_vllm: type[FakeVLLM]
+) -> None:
+    raw = _config(tmp_path, tiny_model, use_vllm=True, max_prompt_length=32, max_steps=1)
+    raw["eval"]["num_samples"] = 1
+    config = _write_yaml(tmp_path / "run.yaml", raw)
+    assert main(["train", config, "--plot", "false"]) == 0
+    # One engine for the whole run: 3 held-out prompts x 1 sample before and after training, and
+    # 4 training completions in between; its weights were synced after the one optimizer step.
+    [engine] = fake_vllm.built
+    assert engine.completions == 3 + 4 + 3
+    assert engine.updates == 1
+    evals = [
+        json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()
+    ]
+    assert [(e["when"], e["num_prompts"]) for e in evals] == [("before", 3), ("after", 3)]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -195,3 +196,207 @@ def test_evaluate_conversational_prompts():
     completion = seen.calls[0]["completions"][0]
     assert isinstance(completion, list) and completion[0]["role"] == "assistant"
     assert metrics["num_prompts"] == 1
+
+
+# ---- any GenerationEngine, and the prompt-length policy ----------------------------------------
+class ScriptedEngine:
+    """A deterministic `GenerationEngine`: the completions of each prompt are fixed texts (looked
+    up by the prompt's decoded text, `default` for any other prompt), encoded with the tokenizer,
+    ended by EOS, and cut at `max_new_tokens` (then without EOS: truncated). Records each call."""
+
+    def __init__(self, tokenizer, script: dict[str, list[str]], default: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.script = script
+        self.default = default
+        self.calls: list[dict] = []
+
+    def generate(self, prompt_ids, *, num_generations, max_new_tokens, sampling):
+        from grpokit.engines.base import GenerationOutput, completion_mask_from_ids, left_pad
+
+        tok = self.tokenizer
+        texts = [tok.decode(ids) for ids in prompt_ids]
+        self.calls.append(dict(prompts=texts, g=num_generations, max_new_tokens=max_new_tokens))
+        rows = []
+        for text in texts:
+            completions = self.script.get(text, self.default)
+            assert completions is not None and len(completions) == num_generations, text
+            for completion in completions:
+                ids = tok(completion, add_special_tokens=False)["input_ids"]
+                rows.append([*ids, tok.eos_token_id][:max_new_tokens])
+        width = max(map(len, rows))
+        raw = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            raw[i, : len(ids)] = torch.tensor(ids)
+        completion_ids, completion_mask, is_truncated = completion_mask_from_ids(
+            raw, [tok.eos_token_id], tok.pad_token_id
+        )
+        prompt, prompt_mask = left_pad(prompt_ids, tok.pad_token_id)
+        return GenerationOutput(
+            prompt.repeat_interleave(num_generations, 0),
+            prompt_mask.repeat_interleave(num_generations, 0),
+            completion_ids,
+            completion_mask,
+            is_truncated,
+        )
+
+    def update_weights(self, model) -> None:
+        pass
+
+
+def exact_match(completions, target, **kwargs):
+    return [float(c == t) for c, t in zip(completions, target, strict=True)]
+
+
+def digit(completions, **kwargs):
+    """0.5 for an all-digit answer; None (does not apply) otherwise."""
+    return [0.5 if c.isdigit() else None for c in completions]
+
+
+SUMS = Dataset.from_dict({"prompt": ["1+1=", "2+2=", "3+3="], "target": ["2", "4", "6"]})
+SUM_SCRIPT = {
+    "1+1=": ["2", "2", "3", "2"],  # 3 of 4 correct
+    "2+2=": ["5", "6", "4", "77"],  # 1 of 4 correct; "77" + EOS does not fit in 2 tokens
+    "3+3=": ["0", "1", "x", "3"],  # none correct; "x" is not a digit
+}
+
+
+def test_evaluate_with_an_injected_engine_by_hand():
+    tok = make_tokenizer()
+    engine = ScriptedEngine(tok, SUM_SCRIPT)
+    metrics = evaluate(
+        None,
+        tok,
+        SUMS,
+        [exact_match, digit],
+        engine=engine,
+        num_samples=4,
+        max_completion_length=2,
+        batch_size=8,  # 2 prompts per generate call
+    )
+    assert [c["prompts"] for c in engine.calls] == [["1+1=", "2+2="], ["3+3="]]
+    assert all(c["g"] == 4 and c["max_new_tokens"] == 2 for c in engine.calls)
+    # correct per prompt c = 3, 1, 0 of n = 4: accuracy = 4/12
+    assert metrics["accuracy"] == pytest.approx(4 / 12)
+    # pass@1 = mean(3/4, 1/4, 0) = 1/3
+    assert metrics["pass@1"] == pytest.approx(1 / 3)
+    # pass@2 = 1 - C(4-c, 2)/C(4, 2): c=3 -> 1 - 0/6 = 1; c=1 -> 1 - 3/6 = 0.5; c=0 -> 0
+    assert metrics["pass@2"] == pytest.approx((1 + 0.5 + 0) / 3)
+    # pass@4: c=3 -> 1; c=1 -> 1 - C(3, 4)/1 = 1; c=0 -> 0
+    assert metrics["pass@4"] == pytest.approx(2 / 3)
+    # digit: 0.5 on the 11 all-digit answers (the cut "77" is two tokens '7', '7', no EOS), None
+    # on "x": the mean over the 11 it applies to is 0.5
+    assert metrics["rewards/digit"] == pytest.approx(0.5)
+    assert metrics["rewards/exact_match"] == pytest.approx(4 / 12)
+    # reward = (4 correct + 11 * 0.5 + 0 for "x") / 12
+    assert metrics["reward"] == pytest.approx((4 + 5.5) / 12)
+    assert metrics["completion_length"] == pytest.approx(2.0)  # every answer: 1 char + EOS, or 2
+    assert metrics["clipped_ratio"] == pytest.approx(1 / 12)  # "77" ended without EOS
+    assert metrics["num_prompts"] == 3 and metrics["prompts/over_length"] == 0
+
+
+@pytest.mark.parametrize("policy", ["truncate_left", "skip"])
+def test_evaluate_applies_the_prompt_length_policy(policy, caplog):
+    tok = make_tokenizer()
+    data = Dataset.from_dict(
+        {"prompt": ["1+1=", "what is 2+2=", "3+3="], "target": ["2", "4", "6"]}
+    )
+    # The long prompt (12 tokens) becomes its last 4 tokens "2+2=" when truncated.
+    engine = ScriptedEngine(tok, SUM_SCRIPT)
+    with caplog.at_level(logging.WARNING, logger="grpokit"):
+        metrics = evaluate(
+            None,
+            tok,
+            data,
+            [exact_match],
+            engine=engine,
+            num_samples=4,
+            max_completion_length=2,
+            batch_size=12,
+            max_prompt_length=4,
+            prompt_length_policy=policy,
+        )
+    assert metrics["prompts/over_length"] == 1
+    assert "1 prompt(s) longer than max_prompt_length=4" in caplog.text
+    if policy == "truncate_left":
+        assert engine.calls[0]["prompts"] == ["1+1=", "2+2=", "3+3="]
+        # the same samples as SUMS: c = 3, 1, 0
+        assert metrics["num_prompts"] == 3
+        assert metrics["accuracy"] == pytest.approx(4 / 12)
+    else:
+        assert engine.calls[0]["prompts"] == ["1+1=", "3+3="]
+        # only prompts 0 and 2: c = 3, 0 -> accuracy 3/8, pass@2 = (1 + 0) / 2
+        assert metrics["num_prompts"] == 2
+        assert metrics["accuracy"] == pytest.approx(3 / 8)
+        assert metrics["pass@2"] == pytest.approx(0.5)
+
+
+def test_evaluate_every_prompt_skipped_is_an_error():
+    tok = make_tokenizer()
+    engine = ScriptedEngine(tok, SUM_SCRIPT)
+    with pytest.raises(ValueError, match="max_prompt_length=2"):
+        evaluate(
+            None,
+            tok,
+            SUMS,
+            [exact_match],
+            engine=engine,
+            max_prompt_length=2,
+            prompt_length_policy="skip",
+        )
+    assert engine.calls == []  # nothing reached the engine
+    with pytest.raises(ValueError, match="a model or an engine"):
+        evaluate(None, tok, SUMS, [exact_match])
+
+
+def test_trainer_evaluation_and_evaluate_share_one_path(tmp_path):
+    """`GRPOTrainer.evaluate` (in-training) and `evaluate` (held-out) sample, decode and score
+    through the same path: on the same engine they see the same completions and rewards."""
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    tok = make_tokenizer()
+    data = Dataset.from_dict({"prompt": ["so, 1+1=", "2+2=", "3+3="], "target": ["2", "4", "6"]})
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        num_generations=4,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_completion_length=2,
+        max_prompt_length=4,  # "so, 1+1=" -> "1+1="
+        bf16=False,
+        report_to="none",
+    )
+    trainer_engine = ScriptedEngine(tok, SUM_SCRIPT)
+    trainer = GRPOTrainer(
+        make_causal_lm(tok),
+        [exact_match],
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tok,
+        generation_engine=trainer_engine,
+    )
+    in_training = trainer.evaluate()
+    engine = ScriptedEngine(tok, SUM_SCRIPT)
+    held_out = evaluate(
+        None,
+        tok,
+        data,
+        [exact_match],
+        engine=engine,
+        num_samples=4,
+        max_completion_length=2,
+        batch_size=8,
+        max_prompt_length=4,
+    )
+    assert (
+        trainer_engine.calls
+        == engine.calls
+        == [
+            dict(prompts=["1+1=", "2+2="], g=4, max_new_tokens=2),
+            dict(prompts=["3+3="], g=4, max_new_tokens=2),
+        ]
+    )
+    # 4 of 12 correct (see test_evaluate_with_an_injected_engine_by_hand); 2 tokens each
+    assert in_training["eval_reward"] == held_out["reward"] == pytest.approx(4 / 12)
+    assert in_training["eval_completions/mean_length"] == held_out["completion_length"] == 2.0
+    assert trainer.state.prompts_over_length == 0  # evaluation does not count as training

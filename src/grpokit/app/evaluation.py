@@ -14,6 +14,11 @@ same reward functions as training, and summarises. The metric definitions:
   correct, `pass@j = 1 - C(n - c, j) / C(n, j)`. `pass@1` equals `accuracy`.
 - `completion_length`: mean number of completion tokens (up to and including EOS);
   `clipped_ratio`: fraction of completions that hit `max_completion_length` without EOS.
+- `prompts/over_length`: prompts longer than `max_prompt_length`, truncated or skipped (a skipped
+  prompt is in no other metric, and not in `num_prompts`).
+
+Prompts are tokenized, sampled, decoded and scored by the same path as in training
+(`grpokit.train.rollout.RolloutPipeline`), with any `GenerationEngine`.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from typing import Any
 
 import torch
 
-from grpokit.data.prompts import format_completions, render_prompts
-from grpokit.engines.base import SamplingParams
+from grpokit.engines.base import GenerationEngine, SamplingParams
 from grpokit.engines.transformers_engine import TransformersEngine
-from grpokit.rewards.scoring import build_reward_functions, compute_rewards
+from grpokit.rewards.scoring import build_reward_functions
+from grpokit.train.rollout import RolloutPipeline
 
 GREEDY = SamplingParams(top_k=1)
 """Greedy decoding (the default when one sample per prompt is drawn): sampling from the top-1 token
@@ -98,6 +103,7 @@ def evaluate(
     dataset: Any,
     reward_fns: Sequence[Any] | Any,
     *,
+    engine: GenerationEngine | None = None,
     num_samples: int = 1,
     max_completion_length: int = 256,
     sampling: SamplingParams | None = None,
@@ -106,6 +112,8 @@ def evaluate(
     accuracy_threshold: float = 1.0,
     reward_weights: Sequence[float] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    max_prompt_length: int | None = None,
+    prompt_length_policy: str = "truncate_left",
     seed: int | None = 0,
     bf16: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -115,12 +123,16 @@ def evaluate(
     See the module docstring for the exact definition of each metric.
 
     Args:
-        model: the causal LM to evaluate (left in the train/eval mode it had).
+        model: the causal LM to evaluate (left in the train/eval mode it had); sampled with a
+            `TransformersEngine` unless `engine` is given (then it may be None).
         tokenizer: its tokenizer (chat template used for conversational prompts).
         dataset: rows with a `prompt` column (plain or conversational) and the columns the reward
             functions read; any iterable of dicts or a `datasets.Dataset`.
         reward_fns: reward functions, reward names or `"module:function"` strings (anything
             `grpokit.rewards.scoring.build_reward_functions` accepts).
+        engine: the `GenerationEngine` that samples (e.g. the `VLLMEngine` a training config
+            asks for, see `grpokit.train.build.make_generation_engine`); default
+            `TransformersEngine(model, tokenizer)`.
         num_samples: k, completions per prompt.
         max_completion_length: new tokens per completion.
         sampling: sampling parameters; default greedy when `num_samples == 1`, otherwise plain
@@ -130,6 +142,10 @@ def evaluate(
         accuracy_threshold: a completion is correct when that reward is `>=` this value.
         reward_weights: weights of the rewards in `reward`; default all 1.
         chat_template_kwargs: extra arguments for the chat template.
+        max_prompt_length: longest prompt in tokens; None = no limit.
+        prompt_length_policy: what to do with a longer prompt: "truncate_left" keeps its last
+            `max_prompt_length` tokens, "skip" leaves it out of every metric (both are counted
+            in `prompts/over_length`, with a warning).
         seed: seeds sampling inside a forked RNG (the caller's RNG state is untouched); None = do
             not seed.
         bf16: run generation under bf16 autocast (fast on CPUs with native bf16).
@@ -137,7 +153,12 @@ def evaluate(
 
     Returns:
         `{"reward", "reward_std", "rewards/<name>", "accuracy", "pass@j", "completion_length",
-        "clipped_ratio", "num_prompts", "num_samples"}` as floats.
+        "clipped_ratio", "num_prompts", "num_samples", "prompts/over_length"}` as floats.
+
+    Raises:
+        ValueError: `num_samples < 1`, an empty dataset or one without `prompt`, an unknown
+            `accuracy_reward`, `reward_weights` of the wrong length, neither `model` nor
+            `engine`, or every prompt skipped by length.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -157,10 +178,24 @@ def evaluate(
         )
     if sampling is None:
         sampling = GREEDY if num_samples == 1 else SamplingParams()
-    engine = TransformersEngine(model, tokenizer)
+    if engine is None:
+        if model is None:
+            raise ValueError("evaluate needs a model or an engine; pass one of them.")
+        engine = TransformersEngine(model, tokenizer)
+    pipeline = RolloutPipeline(
+        engine=engine,
+        tokenizer=tokenizer,
+        reward_funcs=fns,
+        sampling=sampling,
+        num_generations=num_samples,
+        max_new_tokens=max_completion_length,
+        max_prompt_length=max_prompt_length,
+        prompt_length_policy=prompt_length_policy,
+        chat_template_kwargs=chat_template_kwargs,
+    )
     per_call = max(1, batch_size // num_samples)
 
-    rewards, lengths, truncated = [], [], []
+    rollouts = []
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -169,70 +204,30 @@ def evaluate(
         if seed is not None:
             torch.manual_seed(seed)
         for start in range(0, len(rows), per_call):
-            batch = rows[start : start + per_call]
-            r, length, trunc = _score_batch(
-                engine,
-                tokenizer,
-                batch,
-                fns,
-                k=num_samples,
-                max_completion_length=max_completion_length,
-                sampling=sampling,
-                chat_template_kwargs=chat_template_kwargs,
-            )
-            rewards.append(r)
-            lengths.append(length)
-            truncated.append(trunc)
+            rollouts.append(pipeline.run(rows[start : start + per_call]))
             if progress is not None:
                 progress(min(start + per_call, len(rows)), len(rows))
-    return summarize(
-        torch.cat(rewards),
-        torch.cat(lengths),
-        torch.cat(truncated),
+    over_length = sum(r.over_length for r in rollouts)
+    pipeline.warn_over_length(over_length, over_length)
+    rewards = torch.cat([r.rewards for r in rollouts])  # [N, K]
+    if not len(rewards):
+        raise ValueError(
+            f"every prompt is longer than max_prompt_length={max_prompt_length} tokens and "
+            "prompt_length_policy='skip' drops them all; raise max_prompt_length or use "
+            "prompt_length_policy='truncate_left'."
+        )
+    metrics = summarize(
+        rewards,
+        torch.cat([r.lengths for r in rollouts]),
+        torch.cat([r.gen.is_truncated for r in rollouts]),
         names=names,
         num_samples=num_samples,
         weights=weights,
         accuracy_index=acc_index,
         accuracy_threshold=accuracy_threshold,
     )
-
-
-def _score_batch(
-    engine: TransformersEngine,
-    tokenizer: Any,
-    batch: list[dict[str, Any]],
-    fns: Sequence[Any],
-    *,
-    k: int,
-    max_completion_length: int,
-    sampling: SamplingParams,
-    chat_template_kwargs: dict[str, Any] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Generate k completions for each row and score them: `(rewards [N, K], lengths [N],
-    is_truncated [N])` with the k completions of a prompt in consecutive rows."""
-    prompts = [row["prompt"] for row in batch]
-    texts = render_prompts(prompts, tokenizer, chat_template_kwargs=chat_template_kwargs)
-    prompt_ids = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    out = engine.generate(
-        prompt_ids, num_generations=k, max_new_tokens=max_completion_length, sampling=sampling
-    )
-    completion_ids = [
-        ids[mask.bool()].tolist()
-        for ids, mask in zip(out.completion_ids, out.completion_mask, strict=True)
-    ]
-    decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    repeated = [p for p in prompts for _ in range(k)]
-    columns = {
-        key: [row[key] for row in batch for _ in range(k)] for key in batch[0] if key != "prompt"
-    }
-    rewards = compute_rewards(
-        fns,
-        prompts=repeated,
-        completions=format_completions(repeated, decoded),
-        completion_ids=completion_ids,
-        columns=columns,
-    )  # [N, K]
-    return rewards, out.completion_mask.sum(dim=1).float(), out.is_truncated.float()
+    metrics["prompts/over_length"] = float(over_length)
+    return metrics
 
 
 def summarize(

@@ -51,31 +51,49 @@ def _use_bf16(spec: RunSpec) -> bool:
 
 
 def run_eval(
-    spec: RunSpec, model: Any, tokenizer: Any, task: Any, rewards: list[Any]
+    spec: RunSpec,
+    model: Any,
+    tokenizer: Any,
+    task: Any,
+    rewards: list[Any],
+    *,
+    engine: Any = None,
 ) -> dict[str, float]:
-    """Evaluate `model` on the task's held-out split with the `eval` section's settings."""
+    """Evaluate `model` on the task's held-out split with the `eval` section's settings.
+
+    Sampling uses `engine` when given (a trainer's engine), else the engine the `training`
+    section asks for (`VLLMEngine` with `use_vllm`, see `train.build.make_generation_engine`).
+    Prompts follow the `training` section's `max_prompt_length` / `prompt_length_policy`.
+    """
     from grpokit.app.evaluation import evaluate
     from grpokit.engines.base import SamplingParams
+    from grpokit.train.build import make_generation_engine
 
     if task.eval_dataset is None or len(task.eval_dataset) == 0:
         raise ConfigError("task: has no held-out split to evaluate on; set task.eval_size > 0.")
-    cfg = spec.eval
+    cfg, training = spec.eval, spec.training
     data = task.eval_dataset
     if cfg.num_prompts is not None:
         data = data.select(range(min(cfg.num_prompts, len(data))))
+    max_new_tokens = cfg.max_completion_length or training.max_completion_length
+    if engine is None:
+        engine = make_generation_engine(model, tokenizer, training, max_new_tokens=max_new_tokens)
     return evaluate(
         model,
         tokenizer,
         data,
         rewards,
+        engine=engine,
         num_samples=cfg.num_samples,
-        max_completion_length=cfg.max_completion_length or spec.training.max_completion_length,
+        max_completion_length=max_new_tokens,
         sampling=None if cfg.num_samples == 1 else SamplingParams(temperature=cfg.temperature),
         batch_size=cfg.batch_size,
         accuracy_reward=cfg.accuracy_reward,
         accuracy_threshold=cfg.accuracy_threshold,
-        reward_weights=spec.training.reward_weights,
-        chat_template_kwargs=spec.training.chat_template_kwargs,
+        reward_weights=training.reward_weights,
+        chat_template_kwargs=training.chat_template_kwargs,
+        max_prompt_length=training.max_prompt_length,
+        prompt_length_policy=training.prompt_length_policy,
         seed=cfg.seed,
         bf16=_use_bf16(spec),
     )
@@ -125,9 +143,6 @@ def run_training(
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **spec.run.lora)
     result: dict[str, Any] = {"before": None, "after": None, "plot": None}
-    if spec.eval.before and not resume:
-        result["before"] = run_eval(spec, model, tokenizer, task, rewards)
-        _log_eval(output_dir, "before", 0, result["before"])
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=rewards,
@@ -137,12 +152,21 @@ def run_training(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    # Held-out evaluation samples with the trainer's own engine (vLLM with use_vllm), which
+    # follows the policy's weights after every optimizer step.
+    if spec.eval.before and not resume:
+        result["before"] = run_eval(
+            spec, trainer.model, tokenizer, task, rewards, engine=trainer.engine
+        )
+        _log_eval(output_dir, "before", 0, result["before"])
     state = trainer.train(resume_from_checkpoint=resume or None)
     result["model_dir"] = str(output_dir / "final_model")
     trainer.save_model(result["model_dir"])
     print(f"[grpokit] trained model saved to {result['model_dir']}", flush=True)
     if spec.eval.after:
-        result["after"] = run_eval(spec, trainer.model, tokenizer, task, rewards)
+        result["after"] = run_eval(
+            spec, trainer.model, tokenizer, task, rewards, engine=trainer.engine
+        )
         _log_eval(output_dir, "after", state.global_step, result["after"])
     if spec.run.plot:
         from grpokit.app.plotting import plot_run

@@ -113,23 +113,28 @@ def prepare_model(model: Any, peft_config: Any, args: GRPOConfig, device: torch.
     return model.to(device)
 
 
-def make_generation_engine(model: Any, tokenizer: Any, args: GRPOConfig) -> GenerationEngine:
+def make_generation_engine(
+    model: Any, tokenizer: Any, args: GRPOConfig, *, max_new_tokens: int | None = None
+) -> GenerationEngine:
     """The engine `args` asks for: `VLLMEngine` (vLLM in this process) with `use_vllm`, else
-    `TransformersEngine`. `model` is the prepared policy (PEFT-wrapped, on its device)."""
+    `TransformersEngine`. `model` is the prepared policy (PEFT-wrapped, on its device), or the
+    model to evaluate. `max_new_tokens` (default `max_completion_length`) sizes vLLM's
+    `max_model_len` when `vllm_max_model_length` is None."""
     if not args.use_vllm:
         return TransformersEngine(model, tokenizer)
     from grpokit.engines.vllm_engine import VLLMEngine
 
+    completion = args.max_completion_length if max_new_tokens is None else max_new_tokens
     length = args.vllm_max_model_length
     if length is None:
         limit = getattr(model.config, "max_position_embeddings", None)
-        prompt = args.max_prompt_length or (limit - args.max_completion_length if limit else None)
+        prompt = args.max_prompt_length or (limit - completion if limit else None)
         if prompt is None or prompt < 1:
             raise ValueError(
                 "use_vllm=True: set vllm_max_model_length (or max_prompt_length); the model's "
                 "config gives no usable maximum length."
             )
-        length = prompt + args.max_completion_length
+        length = prompt + completion
     return VLLMEngine(
         model,
         tokenizer,

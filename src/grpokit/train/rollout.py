@@ -1,14 +1,25 @@
-"""The text side of a rollout: prompt rows in, token ids out, completions decoded back.
+"""One generate-and-score path, shared by training and evaluation.
 
-Functions shared by training and evaluation in `GRPOTrainer`: tokenizing prompts under
-`max_prompt_length`, repeating each prompt and its columns for its G completions, decoding the
-completions into the prompts' format (plain text or chat messages), and the in-training
-evaluation that generates on `eval_dataset` and scores it.
+`RolloutPipeline` turns dataset rows into scored completions in four steps, each also callable on
+its own (the trainer calls them one by one, to time them and to draw more prompts when some are
+skipped by length):
+
+1. `tokenize`: render the prompts (chat template for conversations), tokenize them and apply
+   `max_prompt_length` / `prompt_length_policy`;
+2. `generate`: sample G completions per prompt with any `GenerationEngine`;
+3. `decode`: repeat each prompt and its columns G times and decode the completions into the
+   prompts' format (plain text or assistant messages);
+4. `score`: call every reward function, `[N, K]` rewards.
+
+`RolloutPipeline.run` chains the four steps: the trainer's in-training evaluation
+(`evaluate_rewards`) and held-out evaluation (`grpokit.app.evaluation.evaluate`) use it. This
+module also holds `RolloutBatch`, the training batch built from a rollout.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,55 +38,216 @@ from grpokit.train.prompt_sampler import PromptSampler
 logger = logging.getLogger("grpokit")
 
 
-def tokenize_prompts(
-    rows: list[dict[str, Any]], tokenizer: Any, args: GRPOConfig
-) -> tuple[list[dict[str, Any]], list[list[int]], int]:
-    """Render (chat template for conversations) and tokenize prompts, enforcing `max_prompt_length`.
+@dataclass
+class PromptBatch:
+    """B prompts ready for the engine.
 
-    Args:
-        rows: Dataset rows, each with a `prompt`.
-        tokenizer: The policy's tokenizer.
-        args: The config (`chat_template_kwargs`, `max_prompt_length`, `prompt_length_policy`).
-
-    Returns:
-        `(kept_rows, kept_ids, over_length)`: the rows kept (all of them unless the policy is
-        "skip"), their unpadded token ids, and how many prompts were skipped or truncated.
-
-    Raises:
-        KeyError: a row without a `prompt` column.
+    Attributes:
+        rows: The B dataset rows kept (all the rows given, unless the length policy is "skip").
+        prompt_ids: B unpadded token-id lists, after the length policy.
+        over_length: How many of the rows given were skipped or truncated by `max_prompt_length`.
     """
-    for row in rows:
-        if "prompt" not in row:
-            raise KeyError(
-                f"The dataset has no 'prompt' column (columns: {sorted(row)}); rename the "
-                "column holding the prompts to 'prompt'."
-            )
-    texts = render_prompts(
-        [row["prompt"] for row in rows], tokenizer, chat_template_kwargs=args.chat_template_kwargs
-    )
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    kept_ids, kept = apply_prompt_length_policy(
-        ids, args.max_prompt_length, args.prompt_length_policy
-    )
-    if args.prompt_length_policy == "skip":
-        over_length = len(rows) - len(kept)
-    else:
-        over_length = sum(len(a) != len(b) for a, b in zip(ids, kept_ids, strict=True))
-    return [rows[i] for i in kept], kept_ids, over_length
+
+    rows: list[dict[str, Any]]
+    prompt_ids: list[list[int]]
+    over_length: int = 0
 
 
-def warn_over_length(over_length: int, total_so_far: int, args: GRPOConfig) -> None:
-    """Log a warning for prompts skipped or truncated by `max_prompt_length` (none: silent)."""
-    if not over_length:
-        return
-    action = "skipped" if args.prompt_length_policy == "skip" else "truncated from the left"
-    logger.warning(
-        "%d prompt(s) longer than max_prompt_length=%d tokens %s (%d so far).",
-        over_length,
-        args.max_prompt_length,
-        action,
-        total_so_far,
-    )
+@dataclass
+class ScoredRollout:
+    """The `N = B*G` completions of B prompts, decoded and scored; the G completions of a prompt
+    are consecutive rows. Empty (N = 0) when every prompt was skipped by length.
+
+    Attributes:
+        prompts: N prompts (each row's `prompt` repeated G times), plain or conversational.
+        columns: Every other column of the rows, N values each (empty without `keep_columns`).
+        completions: N completions in the prompts' format.
+        completion_ids: N token-id lists, up to and including EOS (no padding).
+        rewards: `[N, K]` float32, NaN = the reward function does not apply.
+        gen: The engine's output (`[N, P]` prompt and `[N, T]` completion tensors).
+        over_length: Prompts skipped or truncated by `max_prompt_length`.
+    """
+
+    prompts: list[Any]
+    columns: dict[str, list[Any]]
+    completions: list[Any]
+    completion_ids: list[list[int]]
+    rewards: Tensor
+    gen: GenerationOutput
+    over_length: int = 0
+
+    @property
+    def lengths(self) -> Tensor:
+        """`[N]` float32 completion lengths in tokens (up to and including EOS)."""
+        return self.gen.completion_mask.sum(1).float()
+
+
+@dataclass
+class RolloutPipeline:
+    """How prompts become scored completions: the settings both training and evaluation share.
+
+    Attributes:
+        engine: Samples the completions (`TransformersEngine`, `VLLMEngine`, or any other).
+        tokenizer: The policy's tokenizer (chat template, decoding).
+        reward_funcs: K reward functions (from `rewards.scoring.build_reward_functions`).
+        sampling: Sampling parameters passed to the engine.
+        num_generations: G, completions per prompt.
+        max_new_tokens: Longest completion in tokens.
+        max_prompt_length: Longest prompt in tokens; None = no limit.
+        prompt_length_policy: "truncate_left" (keep a long prompt's last tokens) or "skip".
+        chat_template_kwargs: Extra arguments for the chat template.
+        keep_columns: Pass the rows' other columns to the reward functions.
+    """
+
+    engine: GenerationEngine
+    tokenizer: Any
+    reward_funcs: Sequence[Any]
+    sampling: SamplingParams
+    num_generations: int
+    max_new_tokens: int
+    max_prompt_length: int | None = None
+    prompt_length_policy: str = "truncate_left"
+    chat_template_kwargs: dict[str, Any] | None = None
+    keep_columns: bool = True
+
+    @classmethod
+    def from_config(
+        cls,
+        args: GRPOConfig,
+        *,
+        engine: GenerationEngine,
+        tokenizer: Any,
+        reward_funcs: Sequence[Any],
+        sampling: SamplingParams,
+        num_generations: int,
+        keep_columns: bool = True,
+    ) -> RolloutPipeline:
+        """The pipeline of a `GRPOConfig`: `max_completion_length`, the prompt-length policy and
+        the chat-template arguments come from `args`."""
+        return cls(
+            engine=engine,
+            tokenizer=tokenizer,
+            reward_funcs=reward_funcs,
+            sampling=sampling,
+            num_generations=num_generations,
+            max_new_tokens=args.max_completion_length,
+            max_prompt_length=args.max_prompt_length,
+            prompt_length_policy=args.prompt_length_policy,
+            chat_template_kwargs=args.chat_template_kwargs,
+            keep_columns=keep_columns,
+        )
+
+    # ---- the four steps -------------------------------------------------------------------------
+    def tokenize(self, rows: list[dict[str, Any]]) -> PromptBatch:
+        """Render and tokenize the rows' prompts, enforcing `max_prompt_length`.
+
+        Raises:
+            KeyError: a row without a `prompt` column.
+        """
+        for row in rows:
+            if "prompt" not in row:
+                raise KeyError(
+                    f"The dataset has no 'prompt' column (columns: {sorted(row)}); rename the "
+                    "column holding the prompts to 'prompt'."
+                )
+        texts = render_prompts(
+            [row["prompt"] for row in rows],
+            self.tokenizer,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        kept_ids, kept = apply_prompt_length_policy(
+            ids, self.max_prompt_length, self.prompt_length_policy
+        )
+        if self.prompt_length_policy == "skip":
+            over_length = len(rows) - len(kept)
+        else:
+            over_length = sum(len(a) != len(b) for a, b in zip(ids, kept_ids, strict=True))
+        return PromptBatch([rows[i] for i in kept], kept_ids, over_length)
+
+    def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
+        """Sample G completions for each of the B prompts: `N = B*G` rows, prompt-major."""
+        return self.engine.generate(
+            prompt_ids,
+            num_generations=self.num_generations,
+            max_new_tokens=self.max_new_tokens,
+            sampling=self.sampling,
+        )
+
+    def repeat(self, rows: list[dict[str, Any]]) -> tuple[list[Any], dict[str, list[Any]]]:
+        """`(prompts, columns)`: every row repeated G times, aligned with the N completions;
+        `columns` holds every column but `prompt` (none without `keep_columns`)."""
+        return repeat_per_completion(rows, self.num_generations, with_columns=self.keep_columns)
+
+    def decode(
+        self, prompts: list[Any], gen: GenerationOutput
+    ) -> tuple[list[Any], list[list[int]]]:
+        """`(completions, completion_ids)`: N completions in the format of the N `prompts`, and N
+        token-id lists of each completion's `completion_mask` length."""
+        return decode_completions(self.tokenizer, prompts, gen)
+
+    def score(
+        self,
+        prompts: list[Any],
+        completions: list[Any],
+        completion_ids: list[list[int]],
+        columns: dict[str, list[Any]],
+        *,
+        trainer_state: Any = None,
+    ) -> Tensor:
+        """`[N, K]` rewards from every reward function (NaN = does not apply)."""
+        return compute_rewards(
+            self.reward_funcs,
+            prompts=prompts,
+            completions=completions,
+            completion_ids=completion_ids,
+            columns=columns,
+            trainer_state=trainer_state,
+        )
+
+    # ---- the whole path -------------------------------------------------------------------------
+    def run(self, rows: list[dict[str, Any]], *, trainer_state: Any = None) -> ScoredRollout:
+        """Tokenize, generate, decode and score: G scored completions for each row kept.
+
+        Args:
+            rows: B dataset rows, each with a `prompt`.
+            trainer_state: Passed to the reward functions as `trainer_state`.
+
+        Returns:
+            The scored rollout; with no row kept (all skipped by length) an empty one (N = 0),
+            whose `over_length` still counts them.
+        """
+        batch = self.tokenize(rows)
+        if not batch.rows:
+            return self._empty(batch.over_length)
+        gen = self.generate(batch.prompt_ids)
+        prompts, columns = self.repeat(batch.rows)
+        completions, completion_ids = self.decode(prompts, gen)
+        rewards = self.score(
+            prompts, completions, completion_ids, columns, trainer_state=trainer_state
+        )  # [N, K]
+        return ScoredRollout(
+            prompts, columns, completions, completion_ids, rewards, gen, batch.over_length
+        )
+
+    def warn_over_length(self, over_length: int, total_so_far: int) -> None:
+        """Log a warning for prompts skipped or truncated by `max_prompt_length` (none: silent)."""
+        if not over_length:
+            return
+        action = "skipped" if self.prompt_length_policy == "skip" else "truncated from the left"
+        logger.warning(
+            "%d prompt(s) longer than max_prompt_length=%s tokens %s (%d so far).",
+            over_length,
+            self.max_prompt_length,
+            action,
+            total_so_far,
+        )
+
+    def _empty(self, over_length: int) -> ScoredRollout:
+        none = torch.zeros((0, 0), dtype=torch.long)
+        gen = GenerationOutput(none, none, none, none, torch.zeros(0, dtype=torch.bool))
+        rewards = torch.zeros((0, len(self.reward_funcs)), dtype=torch.float32)
+        return ScoredRollout([], {}, [], [], rewards, gen, over_length)
 
 
 def repeat_per_completion(
@@ -112,15 +284,12 @@ def decode_completions(
 @torch.no_grad()
 def evaluate_rewards(
     dataset: Any,
+    pipeline: RolloutPipeline,
     *,
-    engine: GenerationEngine,
-    tokenizer: Any,
-    reward_funcs: list[Any],
-    sampling: SamplingParams,
     args: GRPOConfig,
     trainer_state: Any,
 ) -> dict[str, float]:
-    """Sample `num_generations_eval` completions for every prompt of `dataset` and score them.
+    """Sample `pipeline.num_generations` completions for every prompt of `dataset` and score them.
 
     Prompts are taken in the dataset's order, `per_device_eval_batch_size` completions per
     generation call. Every random generator is saved before and restored after, so evaluating
@@ -135,49 +304,33 @@ def evaluate_rewards(
     Raises:
         ValueError: the dataset yields no prompt (empty, or every prompt skipped by length).
     """
-    g = args.num_generations_eval or args.num_generations
+    g = pipeline.num_generations
     per_call = max(1, args.per_device_eval_batch_size // g)
     rows = list(PromptSampler(dataset, seed=0, shuffle=False).iterate_once())
-    rewards, lengths = [], []
+    rollouts = []
     rng = ckpt.rng_state()
     try:
         for start in range(0, len(rows), per_call):
-            chunk_rows, ids, over_length = tokenize_prompts(
-                rows[start : start + per_call], tokenizer, args
+            rollouts.append(
+                pipeline.run(rows[start : start + per_call], trainer_state=trainer_state)
             )
-            warn_over_length(over_length, over_length, args)
-            if not chunk_rows:
-                continue
-            gen = engine.generate(
-                ids, num_generations=g, max_new_tokens=args.max_completion_length, sampling=sampling
-            )
-            prompts, columns = repeat_per_completion(chunk_rows, g)
-            completions, id_lists = decode_completions(tokenizer, prompts, gen)
-            rewards.append(
-                compute_rewards(
-                    reward_funcs,
-                    prompts=prompts,
-                    completions=completions,
-                    completion_ids=id_lists,
-                    columns=columns,
-                    trainer_state=trainer_state,
-                )
-            )  # [n, K]
-            lengths.append(gen.completion_mask.sum(1).float())  # [n]
     finally:
         ckpt.set_rng_state(rng)
-    if not rewards:
+    over_length = sum(r.over_length for r in rollouts)
+    pipeline.warn_over_length(over_length, over_length)
+    rewards = torch.cat([r.rewards for r in rollouts]) if rollouts else torch.zeros(0)  # [N, K]
+    if not len(rewards):
         raise ValueError("eval_dataset produced no prompts (empty, or all skipped by length).")
     adv = group_advantages(
-        torch.cat(rewards),
+        rewards,
         g,
         reward_weights=args.reward_weights,
         scale_rewards=str(args.scale_rewards),
         multi_objective_aggregation=args.multi_objective_aggregation,
     )
-    names = [fn.name for fn in reward_funcs]
+    names = [fn.name for fn in pipeline.reward_funcs]
     metrics = {f"eval_{k}": v for k, v in name_reward_metrics(adv.metrics, names).items()}
-    metrics["eval_completions/mean_length"] = torch.cat(lengths).mean().item()
+    metrics["eval_completions/mean_length"] = torch.cat([r.lengths for r in rollouts]).mean().item()
     return metrics
 
 

@@ -31,7 +31,7 @@ from grpokit.core.advantages import group_advantages
 from grpokit.core.logprobs import model_completion_logprobs
 from grpokit.core.losses import policy_loss, rollout_importance_weights
 from grpokit.engines.base import GenerationEngine, GenerationOutput
-from grpokit.rewards.scoring import build_reward_functions, compute_rewards
+from grpokit.rewards.scoring import build_reward_functions
 from grpokit.train import build
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.checkpoint import TrainerState
@@ -46,14 +46,7 @@ from grpokit.train.loggers import (
 )
 from grpokit.train.microbatch import plan_micro_batches, select_rows
 from grpokit.train.prompt_sampler import PromptSampler
-from grpokit.train.rollout import (
-    RolloutBatch,
-    decode_completions,
-    evaluate_rewards,
-    repeat_per_completion,
-    tokenize_prompts,
-    warn_over_length,
-)
+from grpokit.train.rollout import RolloutBatch, RolloutPipeline, evaluate_rewards
 
 logger = logging.getLogger("grpokit")
 
@@ -240,16 +233,17 @@ class GRPOTrainer:
             `(prompts, prompt_ids, columns)`: N = B*G prompts (each repeated G times, for the reward
             functions), B token-id lists, and every other column repeated G times.
         """
-        cfg = self.args
+        cfg, rollout = self.args, self.rollout
         rows: list[dict[str, Any]] = []
         ids: list[list[int]] = []
         attempts = 0
         while len(rows) < cfg.prompts_per_generation:
             need = cfg.prompts_per_generation - len(rows)
-            drawn = [self.sampler.next() for _ in range(need)]
-            kept_rows, kept_ids = self._tokenize_prompts(drawn)
-            rows += kept_rows
-            ids += kept_ids
+            drawn = rollout.tokenize([self.sampler.next() for _ in range(need)])
+            self.state.prompts_over_length += drawn.over_length
+            rollout.warn_over_length(drawn.over_length, self.state.prompts_over_length)
+            rows += drawn.rows
+            ids += drawn.prompt_ids
             attempts += need
             if not rows and attempts > max(1, self.sampler.size or 0) + need:
                 raise ValueError(
@@ -257,26 +251,19 @@ class GRPOTrainer:
                     "and prompt_length_policy='skip' drops them all; raise max_prompt_length or "
                     "use prompt_length_policy='truncate_left'."
                 )
-        prompts, columns = repeat_per_completion(
-            rows, cfg.num_generations, with_columns=not cfg.remove_unused_columns
-        )
+        prompts, columns = rollout.repeat(rows)
         return prompts, ids, columns
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
         """Sample G completions per prompt with the generation engine (under autocast)."""
         with self.autocast():
-            return self.engine.generate(
-                prompt_ids,
-                num_generations=self.args.num_generations,
-                max_new_tokens=self.args.max_completion_length,
-                sampling=self.sampling,
-            )
+            return self.rollout.generate(prompt_ids)
 
     def decode(
         self, prompts: list[Any], gen: GenerationOutput
     ) -> tuple[list[Any], list[list[int]]]:
         """Decode completions into the prompts' format and per-row token-id lists (up to EOS)."""
-        return decode_completions(self.processing_class, prompts, gen)
+        return self.rollout.decode(prompts, gen)
 
     def score(
         self,
@@ -286,13 +273,8 @@ class GRPOTrainer:
         columns: dict[str, list[Any]],
     ) -> Tensor:
         """Rewards `[N, K]` (NaN = does not apply) from every reward function."""
-        return compute_rewards(
-            self.reward_funcs,
-            prompts=prompts,
-            completions=completions,
-            completion_ids=completion_ids,
-            columns=columns,
-            trainer_state=self.state,
+        return self.rollout.score(
+            prompts, completions, completion_ids, columns, trainer_state=self.state
         )
 
     def build_rollout_batch(self, gen: GenerationOutput, advantages: Tensor) -> RolloutBatch:
@@ -484,15 +466,10 @@ class GRPOTrainer:
         """
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs an eval_dataset; pass eval_dataset= to GRPOTrainer.")
+        pipeline = self._rollout_pipeline(evaluation=True)
         with self.autocast():
             return evaluate_rewards(
-                self.eval_dataset,
-                engine=self.engine,
-                tokenizer=self.processing_class,
-                reward_funcs=self.reward_funcs,
-                sampling=self.sampling,
-                args=self.args,
-                trainer_state=self.state,
+                self.eval_dataset, pipeline, args=self.args, trainer_state=self.state
             )
 
     def save_model(self, output_dir: str | None = None, *, merged: bool | None = None) -> None:
@@ -517,13 +494,27 @@ class GRPOTrainer:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _tokenize_prompts(
-        self, rows: list[dict[str, Any]]
-    ) -> tuple[list[dict[str, Any]], list[list[int]]]:
-        kept_rows, kept_ids, over_length = tokenize_prompts(rows, self.processing_class, self.args)
-        self.state.prompts_over_length += over_length
-        warn_over_length(over_length, self.state.prompts_over_length, self.args)
-        return kept_rows, kept_ids
+    @property
+    def rollout(self) -> RolloutPipeline:
+        """The training generate-and-score path: this trainer's engine, tokenizer, reward
+        functions and sampling, G = `num_generations`; `evaluate` uses the same path."""
+        return self._rollout_pipeline(evaluation=False)
+
+    def _rollout_pipeline(self, *, evaluation: bool) -> RolloutPipeline:
+        cfg = self.args
+        if evaluation:
+            g, keep_columns = cfg.num_generations_eval or cfg.num_generations, True
+        else:
+            g, keep_columns = cfg.num_generations, not cfg.remove_unused_columns
+        return RolloutPipeline.from_config(
+            cfg,
+            engine=self.engine,
+            tokenizer=self.processing_class,
+            reward_funcs=self.reward_funcs,
+            sampling=self.sampling,
+            num_generations=g,
+            keep_columns=keep_columns,
+        )
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: Any, batch: RolloutBatch) -> Tensor:
