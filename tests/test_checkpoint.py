@@ -8,8 +8,8 @@ from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, get_scheduler
 
 from grpokit.train import checkpoint as ckpt
-from grpokit.train.prompt_sampler import PromptSampler
 from grpokit.train.loggers import reduce_metrics
+from grpokit.train.prompt_sampler import PromptSampler
 from tests.tiny import make_causal_lm, make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
