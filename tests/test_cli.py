@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 
 from grpokit.app import cli, run_config
 from grpokit.app.cli import main
-from grpokit.app.run_config import ConfigError, build_config, field_docs
+from grpokit.app.run_config import ConfigError, build_config, field_help
 from grpokit.train.config import GRPOConfig
 from tests.tiny import save_tiny_model
 
@@ -153,13 +154,43 @@ def test_overrides_flat_dotted_and_nested(tmp_path: Path) -> None:
     assert [r.name for r in spec.rewards or []] == ["accuracy_reward", "answer_format_reward"]
 
 
-def test_field_docs_come_from_the_dataclass_source() -> None:
-    docs = field_docs(GRPOConfig)
-    assert docs["learning_rate"] == "Peak learning rate of AdamW."
-    assert set(docs) == set(run_config.field_defaults(GRPOConfig))
-    assert set(field_docs(run_config.EvalConfig)) == set(
-        run_config.field_defaults(run_config.EvalConfig)
-    )
+def test_every_field_of_every_schema_has_help_in_its_metadata() -> None:
+    for cls in run_config.SCHEMAS.values():
+        fields = dataclasses.fields(cls)
+        assert fields
+        for f in fields:
+            assert isinstance(f.metadata.get("help"), str), (cls.__name__, f.name)
+            assert f.metadata["help"].strip(), (cls.__name__, f.name)
+        assert field_help(cls) == {f.name: f.metadata["help"] for f in fields}
+    assert field_help(GRPOConfig)["learning_rate"] == "Peak learning rate of AdamW."
+    # A mutable default is copied per instance, not shared.
+    a, b = run_config.RunConfig(), run_config.RunConfig()
+    a.task["name"] = "other"
+    assert b.task["name"] == "chain_sum"
+
+
+def _help_blocks(text: str) -> dict[str, str]:
+    """`--<name> (default: ...)` -> the help lines under it, joined with single spaces."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("  --") and " (default: " in line:
+            current = blocks.setdefault(line.split()[0][2:], [])
+        elif line.startswith(" " * 6) and current is not None:
+            current.append(line.strip())
+        else:
+            current = None
+    return {name: " ".join(lines) for name, lines in blocks.items()}
+
+
+def test_train_help_shows_each_fields_metadata_help(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = _help_blocks(capsys.readouterr().out)
+    for section, cls in run_config.SCHEMAS.items():
+        prefix = "" if section == "run" else f"{section}."
+        for f in dataclasses.fields(cls):
+            assert shown[prefix + f.name] == " ".join(f.metadata["help"].split()), f.name
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "demo"])

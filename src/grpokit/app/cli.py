@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,8 @@ from grpokit.app.run import _load_everything, run_eval, run_training
 from grpokit.app.run_config import (
     SCHEMAS,
     ConfigError,
-    _first_sentence,
     field_defaults,
-    field_docs,
+    field_help,
     load_config,
     parse_overrides,
 )
@@ -27,11 +27,11 @@ logger = logging.getLogger("grpokit")
 # Help and entry point
 # =================================================================================================
 def fields_help(defaults: dict[str, Any] | None = None) -> str:
-    """Every field of every section with its default and one line of meaning."""
+    """Every field of every section with its default and its help text (the field's metadata)."""
     defaults = defaults or {}
     lines = []
     for section, cls in SCHEMAS.items():
-        docs = field_docs(cls)
+        docs = field_help(cls)
         values = {**field_defaults(cls)}
         given = defaults if section == "run" else defaults.get(section) or {}
         values.update({k: v for k, v in given.items() if k in values})
@@ -41,7 +41,15 @@ def fields_help(defaults: dict[str, Any] | None = None) -> str:
             prefix = "" if section == "run" else f"{section}."
             shown = json.dumps(value) if not isinstance(value, str) else value
             lines.append(f"  --{prefix}{name} (default: {shown})")
-            lines.append(f"      {_first_sentence(docs.get(name, ''))}")
+            lines.extend(
+                textwrap.wrap(
+                    docs[name],
+                    width=98,
+                    initial_indent=" " * 6,
+                    subsequent_indent=" " * 6,
+                    break_on_hyphens=False,
+                )
+            )
     return "\n".join(lines)
 
 
@@ -87,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo",
         allow_abbrev=False,
-        help="GRPO on SmolLM2-135M-Instruct in about three to four minutes on 2 CPU cores",
+        help="GRPO on SmolLM2-135M-Instruct for two-number sums, on a CPU in minutes",
         formatter_class=fmt,
         description=DEMO_DESCRIPTION,
         epilog=overrides + fields_help(DEMO_CONFIG),

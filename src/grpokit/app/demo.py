@@ -2,20 +2,15 @@
 
 The demo is an ordinary run config (`DEMO_CONFIG`), so every field can be overridden on the
 command line (`grpokit demo --seed 1 --output_dir runs/demo-seed1`) and the run it leaves behind
-restarts with `grpokit train runs/demo/config.yaml --resume`.
+restarts with `grpokit train runs/demo/config.yaml --resume`. It evaluates greedy held-out
+accuracy before and after 50 steps; the held-out prompts depend only on the task seed, so the
+"before" figure is the same for every training seed. Re-score a trained model with
+`grpokit eval --model runs/demo-S/final_model`. Run time and accuracies per seed are in the
+README ("The main job").
 
-Measured on this project's 2-core CPU machine, otherwise idle, at commit 1bc90ad (grouped
-attention, fused log-probs, inverse-CDF sampling, packed sampler weights): `make demo` took 3 min
-20 s end to end (a package re-install into the existing .venv, model load, "before" evaluation,
-50 steps at about 2-4 s each, "after" evaluation, plot). Held-out accuracy on the 200 held-out
-prompts, greedy: 0.100 before training (the same for every seed: the held-out set depends only
-on the task seed); after 50 steps, `grpokit demo --seed S --output_dir runs/demo-S` gave 0.385
-(S=0), 0.315 (S=1), 0.315 (S=2): mean 0.338, sample standard deviation 0.040. Re-score a trained
-model with `grpokit eval --model runs/demo-S/final_model`.
-
-Why this setup: SmolLM2-135M-Instruct never wrote `<answer>` tags in our samples (tag rewards were
-always 0, so GRPO had no signal), while a plain "Answer with just the number." prompt scored by the
-last number of the reply starts at 9-10% and is learnable.
+Why this setup: SmolLM2-135M-Instruct does not write `<answer>` tags, so tag rewards stay 0 and
+give GRPO no signal, while a plain "Answer with just the number." prompt scored by the last
+number of the reply starts above zero and is learnable.
 """
 
 from __future__ import annotations
@@ -60,8 +55,8 @@ DEMO_DESCRIPTION = (
     "reasoning-gym's chain_sum (prompt: 'Answer with just the number.'; the reward is "
     "reasoning-gym's verifier on the last number of the reply). Evaluates held-out accuracy "
     "(greedy, 200 prompts) before and after training, saves the trained model to "
-    "<output_dir>/final_model and writes <output_dir>/curves.png. About three to four minutes on "
-    "2 idle CPU cores. Every field below can be overridden, e.g. `grpokit demo --seed 1 "
+    "<output_dir>/final_model and writes <output_dir>/curves.png (run time and results: README). "
+    "Every field below can be overridden, e.g. `grpokit demo --seed 1 "
     "--output_dir runs/demo-seed1`."
 )
 

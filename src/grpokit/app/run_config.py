@@ -18,24 +18,21 @@ The config actually used is written to `<output_dir>/config.yaml`; `grpokit trai
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import inspect
-import itertools
 import json
 import logging
-import textwrap
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from grpokit.train.config import UNSUPPORTED_TRL_FIELDS, GRPOConfig
+from grpokit.train.config import UNSUPPORTED_TRL_FIELDS, GRPOConfig, option
 
 logger = logging.getLogger("grpokit")
 
@@ -54,67 +51,62 @@ class ConfigError(ValueError):
 class RunConfig:
     """Run-level fields of a YAML run config (the `training` and `eval` sections are separate)."""
 
-    model: str = "smollm2-135m-instruct"
-    """Policy: Hugging Face id, local folder, .gguf file, or built-in smollm2-135m-instruct."""
-    task: dict[str, Any] = field(
-        default_factory=lambda: {"kind": "reasoning_gym", "name": "chain_sum"}
+    model: str = option(
+        "smollm2-135m-instruct",
+        "Policy: Hugging Face id, local folder, .gguf file, or built-in smollm2-135m-instruct.",
     )
-    """Task spec for `grpokit.data.tasks.load_task`: {kind: reasoning_gym | dataset, name, ...}."""
-    rewards: list[Any] | None = None
-    """Rewards: built-in names, "module:function" or {name: ..., params}; None = the task's."""
-    lora: dict[str, Any] | None = None
-    """LoRA options for peft.LoraConfig (r, lora_alpha, target_modules, ...); None = all weights."""
-    plot: bool = True
-    """Write curves.png (reward and accuracy over training) into output_dir at the end."""
+    task: dict[str, Any] = option(
+        {"kind": "reasoning_gym", "name": "chain_sum"},
+        "Task spec for `grpokit.data.tasks.load_task`: {kind: reasoning_gym | dataset, name, ...}.",
+    )
+    rewards: list[Any] | None = option(
+        None,
+        'Rewards: built-in names, "module:function" or {name: ..., params}; None = the task\'s.',
+    )
+    lora: dict[str, Any] | None = option(
+        None,
+        "LoRA options for peft.LoraConfig (r, lora_alpha, target_modules, ...); None = all "
+        "weights.",
+    )
+    plot: bool = option(
+        True, "Write curves.png (reward and accuracy over training) into output_dir at the end."
+    )
 
 
 @dataclass
 class EvalConfig:
     """Held-out evaluation: `grpokit eval`, and before/after `grpokit train` (evaluation.py)."""
 
-    num_samples: int = 1
-    """Completions per held-out prompt (k of pass@k); 1 = greedy decoding."""
-    num_prompts: int | None = None
-    """Evaluate on the first this many held-out prompts; None = all of them."""
-    max_completion_length: int | None = None
-    """New tokens per completion; None = the training max_completion_length."""
-    temperature: float = 1.0
-    """Sampling temperature when num_samples > 1."""
-    batch_size: int = 64
-    """Completions per generate call."""
-    accuracy_reward: str | None = None
-    """Reward whose value decides correctness; None = the first reward function."""
-    accuracy_threshold: float = 1.0
-    """A completion is correct when the accuracy reward is >= this value."""
-    before: bool = True
-    """grpokit train: evaluate the model before training (skipped when resuming)."""
-    after: bool = True
-    """grpokit train: evaluate the trained model after training."""
-    seed: int = 0
-    """Seed of the evaluation's sampling (independent of training)."""
+    num_samples: int = option(
+        1, "Completions per held-out prompt (k of pass@k); 1 = greedy decoding."
+    )
+    num_prompts: int | None = option(
+        None, "Evaluate on the first this many held-out prompts; None = all of them."
+    )
+    max_completion_length: int | None = option(
+        None, "New tokens per completion; None = the training max_completion_length."
+    )
+    temperature: float = option(1.0, "Sampling temperature when num_samples > 1.")
+    batch_size: int = option(64, "Completions per generate call.")
+    accuracy_reward: str | None = option(
+        None, "Reward whose value decides correctness; None = the first reward function."
+    )
+    accuracy_threshold: float = option(
+        1.0, "A completion is correct when the accuracy reward is >= this value."
+    )
+    before: bool = option(
+        True, "grpokit train: evaluate the model before training (skipped when resuming)."
+    )
+    after: bool = option(True, "grpokit train: evaluate the trained model after training.")
+    seed: int = option(0, "Seed of the evaluation's sampling (independent of training).")
 
 
 SCHEMAS: dict[str, type] = {"run": RunConfig, "training": GRPOConfig, "eval": EvalConfig}
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """Map each field of a dataclass to the docstring written under it in the source (via `ast`)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    node = tree.body[0]
-    if not isinstance(node, ast.ClassDef):
-        raise TypeError(f"field_docs needs a class, got {cls!r}.")
-    body = node.body
-    docs: dict[str, str] = {}
-    for node, after in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
+def field_help(cls: type) -> dict[str, str]:
+    """Map each field of a config dataclass to its help text (`metadata["help"]`, see `option`)."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if f.init}
 
 
 def field_defaults(cls: type) -> dict[str, Any]:
@@ -128,11 +120,6 @@ def field_defaults(cls: type) -> dict[str, Any]:
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()
     return out
-
-
-def _first_sentence(text: str) -> str:
-    end = text.find(". ")
-    return text if end < 0 else text[: end + 1]
 
 
 # =================================================================================================

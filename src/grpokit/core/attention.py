@@ -3,11 +3,10 @@
 transformers' "eager" attention repeats each key/value head once per query head of its group
 (`repeat_kv`, a full copy of K and V in every layer and every decode step) and its "sdpa" path on
 CPU runs a flash kernel that is slow for the short sequences of RL fine-tuning (one query row per
-decode step; in a SmolLM2 training step on 8 x 169 tokens its forward and backward took 0.89 s of
-4.3 s, against 1.5 s for all the matmuls, measured with torch.profiler). `grouped_attention`
-computes the same softmax attention without the copy: the query heads of a group are stacked along
-the row dimension and multiplied by their shared key/value head. Scores use the same scaling,
-additive mask, float32 softmax and cast back to the query dtype as transformers' eager attention.
+decode step; profiles and timings in bench/RESULTS.md). `grouped_attention` computes the same
+softmax attention without the copy: the query heads of a group are stacked along the row dimension
+and multiplied by their shared key/value head. Scores use the same scaling, additive mask, float32
+softmax and cast back to the query dtype as transformers' eager attention.
 
 When the score tensor of one call would be large (long sequences), the function hands over to
 `torch.nn.functional.scaled_dot_product_attention`, which never materialises it. `register()`

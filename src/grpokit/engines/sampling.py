@@ -26,8 +26,8 @@ def sample_categorical(probs: Tensor) -> Tensor:
     """One exact draw per row of `probs` `[N, V]` (non-negative, any positive total) by inverting
     its cumulative distribution: `[N]` long.
 
-    Needs one uniform number per row, where `torch.multinomial` draws V exponentials per row
-    (about 12 ms per step for 16 x 49k on one core, a sixth of a SmolLM2 decode step). The CDF
+    Needs one uniform number per row, where `torch.multinomial` draws V exponentials per row (a
+    pass over the whole vocabulary per row and step; cost in bench/RESULTS.md). The CDF
     is inverted in two levels, both in float64 so that no token's interval is lost to rounding
     against a running sum near 1 (in float32 a token with p < ~6e-8 would vanish): first the
     block of `CDF_BLOCK` tokens, from the cumulative block masses `[N, V / CDF_BLOCK]`, then the
@@ -39,8 +39,8 @@ def sample_categorical(probs: Tensor) -> Tensor:
     pad = -v % CDF_BLOCK
     padded = torch.nn.functional.pad(probs, (0, pad)) if pad else probs
     blocks = padded.reshape(n, -1, CDF_BLOCK)  # [N, nb, B]
-    # Block masses by a float64 matrix-vector product (on CPU ~30x faster than a sum over the
-    # last dim of this shape).
+    # Block masses by a float64 matrix-vector product, which on CPU is much faster than
+    # `.sum(-1)` over the last dim of this shape.
     ones = torch.ones(CDF_BLOCK, dtype=torch.float64, device=probs.device)
     block_cdf = (blocks.double() @ ones).cumsum(-1)  # [N, nb]
     total = block_cdf[:, -1:]  # [N, 1]

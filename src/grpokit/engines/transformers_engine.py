@@ -75,22 +75,22 @@ class TransformersEngine:
                 bf16 natively (`engines.models.bf16_supported`) and the policy is not already bf16.
             sampler_attention: Attention implementation of the bf16 copy (None = the policy's).
                 The default, `core.attention.grouped_attention`, computes transformers' eager
-                attention without copying the key/value heads per query head; it decodes
-                SmolLM2 ~1.6x faster per step than "sdpa" on CPU (one query row per step). The
-                training model's own setting is never changed here.
+                attention without copying the key/value heads per query head, which suits the
+                one query row per decode step better than the CPU "sdpa" kernel (timings in
+                bench/RESULTS.md). The training model's own setting is never changed here.
             draw: Lean path: how a token is drawn from the processed distribution.
                 "inverse_cdf" (default) = `sample_categorical`, exact, from one uniform number
                 per row; "multinomial" = `torch.multinomial`, the same distribution and the same
                 random stream as `model.generate` (same seed and same logits give the same
-                tokens), but it draws V exponentials per row (~25% of a SmolLM2 decode step).
+                tokens), but it draws V exponentials per row (a pass over the vocabulary).
             return_logprobs: Lean path: fill `GenerationOutput.sampling_logprobs`. Off by
                 default because the trainer applies its rollout importance correction
                 (`vllm_importance_sampling_*`) whenever an engine returns them.
             num_threads: torch intra-op threads while generating (restored afterwards); None =
                 leave torch's setting. On a busy CPU one thread can be much faster for small models.
             pack_weights: Keep the bf16 copy's linear weights also in oneDNN's blocked layout
-                (`PackedLinear`), repacked after each weight update (~0.1 s for SmolLM2-135M);
-                its matmuls then skip the per-call weight reordering (decode ~10% faster here).
+                (`PackedLinear`), repacked after each weight update (one reorder per weight and
+                step); its matmuls then skip the per-call weight reordering (bench/RESULTS.md).
                 None = when the bf16 copy is used on a CPU whose torch has oneDNN.
 
         Raises:

@@ -151,10 +151,10 @@ def retain_freed_memory() -> bool:
 
     By default glibc serves each large allocation (>= 128 KB to 32 MB, adaptively) with its own
     `mmap` and unmaps it on free, and trims the heap top above 128 KB, so a training step's
-    activations, logits and gradients are page-faulted in afresh every step (on this project's
-    virtual machines, one to four seconds of system time per SmolLM2 step). `mallopt(M_MMAP_MAX,
-    0)` serves large blocks from the heap and `mallopt(M_TRIM_THRESHOLD, -1)` never shrinks it,
-    so freed blocks are reused by the next step. Process-wide and never undone.
+    activations, logits and gradients are page-faulted in afresh every step (system time that
+    grows with the step's memory; measured in bench/RESULTS.md). `mallopt(M_MMAP_MAX, 0)` serves
+    large blocks from the heap and `mallopt(M_TRIM_THRESHOLD, -1)` never shrinks it, so freed
+    blocks are reused by the next step. Process-wide and never undone.
 
     Returns:
         True when both settings were applied; False elsewhere (not Linux, not glibc), which

