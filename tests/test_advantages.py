@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grpokit.core.advantages import group_advantages
+from grpokit.core.advantages import check_reward_weights, group_advantages
 
 NAN = float("nan")
 
@@ -128,3 +128,17 @@ def test_invalid_arguments(kwargs: dict, message: str) -> None:
 def test_infinite_reward_rejected() -> None:
     with pytest.raises(ValueError, match="inf"):
         group_advantages(torch.tensor([1.0, float("inf")]), 2)
+
+
+def test_check_reward_weights_is_the_one_check() -> None:
+    check_reward_weights(None, 3)  # None = all 1.0
+    check_reward_weights([1.0, 0.5], 2)
+    check_reward_weights(torch.tensor([1.0, 0.5]), 2)
+    with pytest.raises(ValueError) as info:
+        check_reward_weights([1.0], 2, ["accuracy", "format"])
+    assert str(info.value) == (
+        "reward_weights has 1 entries but there are 2 reward functions (accuracy, format); "
+        "give one weight per reward function, or none for all 1.0."
+    )
+    with pytest.raises(ValueError, match=r"flat list of 2 numbers.*shape \(2, 1\)"):
+        check_reward_weights(torch.ones(2, 1), 2)  # [K, 1] would broadcast against [N, K]

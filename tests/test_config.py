@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,31 @@ def test_batch_semantics() -> None:
     cfg = GRPOConfig(per_device_train_batch_size=2, generation_batch_size=6, num_generations=3)
     assert cfg.steps_per_generation == 3
     assert GRPOConfig(num_iterations=2, num_generations=2).is_off_policy
+
+
+def test_derived_values_are_resolved_once_in_the_config() -> None:
+    # 8 completions per micro-batch, GA 2, 4 micro-batches per generation batch: 4 / 2 = 2
+    # optimizer steps per pass, 3 passes (num_iterations) -> 6 optimizer steps per round.
+    cfg = GRPOConfig(
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,
+        num_iterations=3,
+        num_generations=4,
+    )
+    assert (cfg.optimizer_steps_per_generation, cfg.steps_per_round) == (2, 6)
+    assert GRPOConfig().steps_per_round == 1
+    # Evaluation generations fall back to num_generations.
+    assert GRPOConfig(num_generations=4).resolved_num_generations_eval == 4
+    assert GRPOConfig(num_generations=4, num_generations_eval=2).resolved_num_generations_eval == 2
+    # epsilon_high falls back to epsilon, in place (to_dict shows the value used).
+    cfg = GRPOConfig(epsilon=0.1)
+    assert cfg.epsilon_high == cfg.resolved_epsilon_high == 0.1
+    assert GRPOConfig(epsilon=0.1, epsilon_high=0.28).resolved_epsilon_high == 0.28
+    # scale_rewards: TRL's booleans become names, in place.
+    assert GRPOConfig(scale_rewards=True).scale_rewards == "group"
+    assert GRPOConfig(scale_rewards=False).to_dict()["scale_rewards"] == "none"
+    assert GRPOConfig(scale_rewards="batch").resolved_scale_rewards == "batch"
 
 
 @pytest.mark.parametrize(
@@ -147,13 +173,26 @@ def test_lr_scheduler_names_are_transformers_schedulers():
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
 
 
-def test_importing_the_config_does_not_import_torch():
+def test_what_importing_and_validating_a_config_import() -> None:
+    # As the docstrings of grpokit, grpokit.train.config and grpokit.app.run_config say: importing
+    # the config imports no torch; validating a GRPOConfig or a whole YAML run config imports
+    # torch (the loss, advantage and reward tables) but never transformers, and loads no model.
     import subprocess
     import sys
 
-    code = "import grpokit, grpokit.train.config, sys; print('torch' in sys.modules)"
+    example = str(Path(__file__).parents[1] / "examples" / "grpo.yaml")
+    code = f"""if True:
+        import sys
+        import grpokit, grpokit.train.config, grpokit.app.cli
+        print('torch' in sys.modules)
+        grpokit.GRPOConfig(loss_type="grpo", scale_rewards=False)
+        from grpokit.app.run_config import load_config
+        spec = load_config({example!r}, [("max_steps", 3)])
+        assert spec.training.max_steps == 3 and spec.rewards
+        print('torch' in sys.modules, 'transformers' in sys.modules)
+    """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["False", "True", "False"]
 
 
 def test_use_vllm_without_vllm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -183,7 +183,7 @@ def test_evaluate_greedy_by_default_and_accuracy_reward_by_name():
     assert by_name["accuracy"] == 1.0
     with pytest.raises(ValueError, match="not one of the reward functions"):
         evaluate(model, tok, _dataset(2), [always], accuracy_reward="nope")
-    with pytest.raises(ValueError, match="one weight per function"):
+    with pytest.raises(ValueError, match="reward_weights has 2 entries but there are 1 reward"):
         evaluate(model, tok, _dataset(2), [always], reward_weights=[1.0, 2.0])
 
 

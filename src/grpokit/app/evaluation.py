@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from grpokit.core.advantages import check_reward_weights
 from grpokit.engines.base import GenerationEngine, SamplingParams
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.rewards.scoring import build_reward_functions
@@ -148,7 +149,8 @@ def evaluate(
             in `prompts/over_length`, with a warning).
         seed: seeds sampling inside a forked RNG (the caller's RNG state is untouched); None = do
             not seed.
-        bf16: run generation under bf16 autocast (fast on CPUs with native bf16).
+        bf16: run generation under bf16 autocast on the model's device (for `grpokit eval`,
+            `train.build.resolve_precision` decides, as in training).
         progress: called as `progress(done_prompts, total_prompts)` after each batch.
 
     Returns:
@@ -170,12 +172,8 @@ def evaluate(
     fns = build_reward_functions(reward_fns)
     names = _reward_names(fns)
     acc_index = _accuracy_index(names, accuracy_reward)
+    check_reward_weights(reward_weights, len(fns), names)
     weights = torch.ones(len(fns)) if reward_weights is None else torch.tensor(reward_weights)
-    if weights.numel() != len(fns):
-        raise ValueError(
-            f"reward_weights has {weights.numel()} entries but there are {len(fns)} reward "
-            f"functions ({names}); give one weight per function."
-        )
     if sampling is None:
         sampling = GREEDY if num_samples == 1 else SamplingParams()
     if engine is None:
@@ -197,9 +195,10 @@ def evaluate(
 
     rollouts = []
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    device_type = "cpu" if model is None else next(model.parameters()).device.type
     autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )  # CPU only: generation of a CUDA model is left to its own dtype
+        torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    )
     with rng, autocast:
         if seed is not None:
             torch.manual_seed(seed)

@@ -37,19 +37,6 @@ def _load_everything(spec: RunSpec) -> tuple[Any, Any, Any, list[Any]]:
     return task, model, tokenizer, spec.rewards
 
 
-def _use_bf16(spec: RunSpec) -> bool:
-    import torch
-
-    from grpokit.engines.models import bf16_supported
-
-    use = spec.training.bf16 and bf16_supported() and not torch.cuda.is_available()
-    logger.info(
-        "precision: float32 weights, gradients and optimizer state; compute in %s",
-        "bf16 autocast (native bf16 on this CPU)" if use else "float32",
-    )
-    return use
-
-
 def run_eval(
     spec: RunSpec,
     model: Any,
@@ -67,7 +54,7 @@ def run_eval(
     """
     from grpokit.app.evaluation import evaluate
     from grpokit.engines.base import SamplingParams
-    from grpokit.train.build import make_generation_engine
+    from grpokit.train.build import make_generation_engine, resolve_precision
 
     if task.eval_dataset is None or len(task.eval_dataset) == 0:
         raise ConfigError("task: has no held-out split to evaluate on; set task.eval_size > 0.")
@@ -95,7 +82,7 @@ def run_eval(
         max_prompt_length=training.max_prompt_length,
         prompt_length_policy=training.prompt_length_policy,
         seed=cfg.seed,
-        bf16=_use_bf16(spec),
+        bf16=resolve_precision(spec.training, next(model.parameters()).device),
     )
 
 

@@ -1,6 +1,7 @@
 """The `grpokit` command: `train`, `eval` and `demo`, driven by one YAML run config.
 
-A run config has five sections; every key is checked before anything heavy is loaded::
+A run config has five sections; every key is checked before any model, tokenizer or dataset is
+loaded (validation imports torch, for the loss and reward tables, but not transformers)::
 
     model: smollm2-135m-instruct          # HF id, local folder, .gguf file or built-in name
     task: {kind: reasoning_gym, name: chain_sum, config: {max_terms: 2}}
@@ -324,7 +325,7 @@ def _check_eval(cfg: EvalConfig) -> None:
 
 
 def build_config(raw: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ()) -> RunSpec:
-    """Validate a raw run config (plus overrides) into a `RunSpec`, without loading anything heavy.
+    """Validate a raw run config (plus overrides) into a `RunSpec`; loads no model or dataset.
 
     Raises:
         ConfigError: unknown key (with the closest name), wrong type, out-of-range value,
@@ -367,6 +368,7 @@ def resolve_rewards(specs: Any, training: dict[str, Any]) -> list[Any]:
     A built-in reward taking `max_completion_len` (soft overlong punishment) gets the training
     `max_completion_length` unless the spec sets it.
     """
+    from grpokit.core.advantages import check_reward_weights
     from grpokit.rewards.builtin import REWARD_FUNCTIONS, get_reward_function
     from grpokit.rewards.scoring import CallableReward
 
@@ -394,12 +396,10 @@ def resolve_rewards(specs: Any, training: dict[str, Any]) -> list[Any]:
             hint = f" Did you mean `{close[0]}`?" if close and ":" not in name else ""
             raise ConfigError(f"rewards[{i}]: {error}{hint}") from error
         built.append(CallableReward(fn, name=name.rpartition(":")[2]))
-    weights = training["reward_weights"]
-    if weights is not None and len(weights) != len(built):
-        raise ConfigError(
-            f"training.reward_weights has {len(weights)} entries but there are {len(built)} "
-            f"rewards ({[r.name for r in built]}); give one weight per reward."
-        )
+    try:
+        check_reward_weights(training["reward_weights"], len(built), [r.name for r in built])
+    except ValueError as error:
+        raise ConfigError(f"training.{error}") from error
     return built
 
 

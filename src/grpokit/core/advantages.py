@@ -114,6 +114,39 @@ _AGGREGATIONS: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {
 }
 
 
+def check_reward_weights(
+    reward_weights: Sequence[float] | Tensor | None, num_rewards: int, names: Sequence[str] = ()
+) -> None:
+    """Raise unless `reward_weights` is None (all 1.0) or holds one weight per reward function.
+
+    The one check of the `reward_weights` option: `group_advantages` applies it to its K reward
+    columns, and the trainer, the run-config validation and evaluation call it with their reward
+    functions before any generation.
+
+    Args:
+        reward_weights: The weights: a sequence of K numbers, a `[K]` tensor, or None.
+        num_rewards: K, the number of reward functions.
+        names: The reward functions' names, shown in the error.
+
+    Raises:
+        ValueError: naming both counts (and the rewards) and the fix.
+    """
+    if reward_weights is None:
+        return
+    if isinstance(reward_weights, Tensor) and reward_weights.dim() != 1:
+        raise ValueError(
+            f"reward_weights must be a flat list of {num_rewards} numbers (one per reward "
+            f"function), got a tensor of shape {tuple(reward_weights.shape)}."
+        )
+    count = len(reward_weights)
+    if count != num_rewards:
+        listed = f" ({', '.join(names)})" if names else ""
+        raise ValueError(
+            f"reward_weights has {count} entries but there are {num_rewards} reward "
+            f"functions{listed}; give one weight per reward function, or none for all 1.0."
+        )
+
+
 def _validate(
     rewards: Tensor,
     num_generations: int,
@@ -133,11 +166,7 @@ def _validate(
             f"rewards has {rewards.shape[0]} rows, which is not a multiple of num_generations="
             f"{num_generations}; pass whole groups of consecutive completions."
         )
-    if weights.shape != (rewards.shape[1],):
-        raise ValueError(
-            f"reward_weights has {weights.numel()} entries but rewards has {rewards.shape[1]} "
-            "reward functions (columns); give one weight per function."
-        )
+    check_reward_weights(weights, rewards.shape[1])
     if torch.isinf(rewards).any():
         raise ValueError("rewards contain +-inf; use NaN for 'does not apply' or finite values.")
 

@@ -229,14 +229,21 @@ def convert_gguf(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
 
 
 @functools.cache
-def bf16_supported() -> bool:
-    """Whether the hardware computes bf16 natively (then bf16 autocast speeds compute up).
+def bf16_supported(device_type: str | None = None) -> bool:
+    """Whether a device computes bf16 natively (then bf16 autocast speeds compute up).
+
+    Args:
+        device_type: "cuda" or "cpu"; None = the default device (CUDA when available).
 
     On CUDA: `torch.cuda.is_bf16_supported()`. On CPU: the ``avx512_bf16`` or ``amx_bf16`` flag in
-    ``/proc/cpuinfo`` (Linux; elsewhere False).
+    ``/proc/cpuinfo`` (Linux; elsewhere False). Any other device type: False.
     """
-    if torch.cuda.is_available():
-        return bool(torch.cuda.is_bf16_supported())
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        return torch.cuda.is_available() and bool(torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return False
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:

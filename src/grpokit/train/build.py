@@ -199,12 +199,20 @@ def make_ref_model(model: Any, args: GRPOConfig) -> Any:
     return ref
 
 
-def resolve_precision(args: GRPOConfig, device: torch.device) -> bool:
-    """Whether to compute under bf16 autocast: asked for (`bf16`) and native on `device`."""
+def resolve_precision(args: GRPOConfig, device: torch.device | str) -> bool:
+    """Whether to compute under bf16 autocast on `device`: the one precision rule, used by
+    training (`GRPOTrainer`) and evaluation (`grpokit eval`, before/after `grpokit train`).
+
+    Weights, gradients and optimizer state are always float32. Compute runs under bf16 autocast
+    when `args.bf16` is set and `device` computes bf16 natively (`engines.models.bf16_supported`);
+    otherwise in float32 (emulated bf16 would be slower than float32). `fp16` never gets here:
+    `GRPOConfig` refuses it.
+    """
+    device = torch.device(device)
     if not args.bf16:
         logger.info("precision: float32 weights and compute (bf16=False)")
         return False
-    native = bf16_supported() if device.type == "cpu" else torch.cuda.is_bf16_supported()
+    native = bf16_supported(device.type)
     if native:
         logger.info("precision: float32 weights/optimizer, bf16 autocast compute")
     else:
@@ -224,16 +232,6 @@ def sampling_params(args: GRPOConfig) -> SamplingParams:
     )
 
 
-def check_reward_weights(args: GRPOConfig, num_reward_funcs: int) -> None:
-    """Raise when `reward_weights` does not give one weight per reward function."""
-    weights = args.reward_weights
-    if weights is not None and len(weights) != num_reward_funcs:
-        raise ValueError(
-            f"reward_weights has {len(weights)} entries but there are {num_reward_funcs} "
-            "reward functions; give one weight per reward function."
-        )
-
-
 # ---- schedule and optimizer ----------------------------------------------------------------------
 def resolve_max_steps(args: GRPOConfig, dataset_size: int | None) -> int:
     """Optimizer steps of the run: `max_steps`, or derived from `num_train_epochs`.
@@ -249,7 +247,7 @@ def resolve_max_steps(args: GRPOConfig, dataset_size: int | None) -> int:
             "num_train_epochs; set max_steps for an IterableDataset."
         )
     rounds = math.ceil(args.num_train_epochs * dataset_size / args.prompts_per_generation)
-    return max(1, rounds) * args.num_iterations * args.optimizer_steps_per_generation
+    return max(1, rounds) * args.steps_per_round
 
 
 def make_optimizer(model: torch.nn.Module, args: GRPOConfig) -> torch.optim.Optimizer:

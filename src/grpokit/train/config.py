@@ -433,10 +433,9 @@ class GRPOConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.scale_rewards, bool):
-            self.scale_rewards = "group" if self.scale_rewards else "none"
-        if self.epsilon_high is None:
-            self.epsilon_high = self.epsilon
+        # TRL's shorthands, resolved once; to_dict() then shows the values actually used.
+        self.scale_rewards = self.resolved_scale_rewards
+        self.epsilon_high = self.resolved_epsilon_high
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to == "none" else [self.report_to]
         elif self.report_to is None:
@@ -534,7 +533,7 @@ class GRPOConfig:
                 f"eval_strategy must be one of {EVAL_STRATEGIES}, got {self.eval_strategy!r}."
             )
         if self.eval_strategy != "no" or self.eval_on_start:
-            g_eval = self.num_generations_eval or self.num_generations
+            g_eval = self.resolved_num_generations_eval
             if self.per_device_eval_batch_size % g_eval:
                 raise ValueError(
                     f"per_device_eval_batch_size ({self.per_device_eval_batch_size}) must be "
@@ -583,7 +582,7 @@ class GRPOConfig:
             loss_type=self.loss_type,
             importance_sampling_level=self.importance_sampling_level,
             epsilon_low=self.epsilon,
-            epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
+            epsilon_high=self.resolved_epsilon_high,
             delta=self.delta,
             beta=self.beta,
             top_entropy_quantile=self.top_entropy_quantile,
@@ -673,6 +672,12 @@ class GRPOConfig:
         return self.steps_per_generation // self.gradient_accumulation_steps
 
     @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps per generation round: `num_iterations` passes over one generation
+        batch, `optimizer_steps_per_generation` steps each."""
+        return self.num_iterations * self.optimizer_steps_per_generation
+
+    @property
     def prompts_per_generation(self) -> int:
         """Unique prompts (B) per generation batch."""
         assert self.generation_batch_size is not None
@@ -682,6 +687,23 @@ class GRPOConfig:
     def is_off_policy(self) -> bool:
         """Whether the policy changes between generation and some update (old log-probs needed)."""
         return self.num_iterations > 1 or self.optimizer_steps_per_generation > 1
+
+    @property
+    def resolved_num_generations_eval(self) -> int:
+        """Completions per prompt in evaluation: `num_generations_eval`, else `num_generations`."""
+        return self.num_generations_eval or self.num_generations
+
+    @property
+    def resolved_epsilon_high(self) -> float:
+        """Upper clip of the ratio: `epsilon_high`, else `epsilon` (set in place at init)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def resolved_scale_rewards(self) -> str:
+        """`scale_rewards` as a name: True = "group", False = "none" (set in place at init)."""
+        if isinstance(self.scale_rewards, bool):
+            return "group" if self.scale_rewards else "none"
+        return self.scale_rewards
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-serialisable dict (the config actually used, after derivation)."""

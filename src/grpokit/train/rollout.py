@@ -325,7 +325,7 @@ def evaluate_rewards(
         rewards,
         g,
         reward_weights=args.reward_weights,
-        scale_rewards=str(args.scale_rewards),
+        scale_rewards=args.resolved_scale_rewards,
         multi_objective_aggregation=args.multi_objective_aggregation,
     )
     names = [fn.name for fn in pipeline.reward_funcs]

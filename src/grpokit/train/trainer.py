@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpokit.core.advantages import group_advantages
+from grpokit.core.advantages import check_reward_weights, group_advantages
 from grpokit.core.logprobs import model_completion_logprobs
 from grpokit.core.losses import policy_loss, rollout_importance_weights
 from grpokit.engines.base import GenerationEngine, GenerationOutput
@@ -115,7 +115,9 @@ class GRPOTrainer:
         self.reward_funcs = build_reward_functions(
             reward_funcs, reward_processing_classes, device=self.device
         )
-        build.check_reward_weights(self.args, len(self.reward_funcs))
+        check_reward_weights(
+            self.args.reward_weights, len(self.reward_funcs), [f.name for f in self.reward_funcs]
+        )
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         if eval_dataset is None and (self.args.eval_strategy != "no" or self.args.eval_on_start):
@@ -164,7 +166,7 @@ class GRPOTrainer:
             log_completions=cfg.log_completions,
             run_name=cfg.run_name,
         )
-        steps_per_round = cfg.num_iterations * cfg.optimizer_steps_per_generation
+        steps_per_round = cfg.steps_per_round
         num_rounds = math.ceil(self.max_steps / steps_per_round)
         try:
             if cfg.eval_on_start:
@@ -184,7 +186,7 @@ class GRPOTrainer:
                         rewards,  # [N, K]
                         cfg.num_generations,
                         reward_weights=cfg.reward_weights,
-                        scale_rewards=str(cfg.scale_rewards),
+                        scale_rewards=cfg.resolved_scale_rewards,
                         multi_objective_aggregation=cfg.multi_objective_aggregation,
                     )
                 with _timer(timings, "time/logprobs"):
@@ -435,7 +437,7 @@ class GRPOTrainer:
             loss_type=cfg.loss_type,
             importance_sampling_level=cfg.importance_sampling_level,
             epsilon_low=cfg.epsilon,
-            epsilon_high=cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
+            epsilon_high=cfg.resolved_epsilon_high,
             delta=cfg.delta,
             beta=cfg.beta,
             ref_logprobs=batch.sliced("ref_logprobs", rows, t, self.device),
@@ -503,7 +505,7 @@ class GRPOTrainer:
     def _rollout_pipeline(self, *, evaluation: bool) -> RolloutPipeline:
         cfg = self.args
         if evaluation:
-            g, keep_columns = cfg.num_generations_eval or cfg.num_generations, True
+            g, keep_columns = cfg.resolved_num_generations_eval, True
         else:
             g, keep_columns = cfg.num_generations, not cfg.remove_unused_columns
         return RolloutPipeline.from_config(
@@ -626,7 +628,7 @@ class GRPOTrainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             max_steps=self.max_steps,
-            steps_per_round=self.args.num_iterations * self.args.optimizer_steps_per_generation,
+            steps_per_round=self.args.steps_per_round,
         )
         self.sampler.restore(self.state.data_epoch, self.state.data_index)
 
