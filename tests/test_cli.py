@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -222,7 +223,35 @@ ERRORS = [
     ({"training": {"bf16": "yes please"}}, "training.bf16: expected true/false"),
     ({"training": {"reward_weights": ["a", 1]}}, "training.reward_weights[0]: expected a number"),
     ({"eval": {"num_samples": 0}}, "eval.num_samples must be >= 1"),
-    ({"training": {"learning_rate": -1.0}}, "learning_rate must be >= 0"),
+    ({"training": {"learning_rate": -1.0}}, "learning_rate must be a finite number >= 0"),
+    (
+        {"training": {"learning_rate": float("inf")}},
+        "training: learning_rate must be a finite number >= 0, got inf.",
+    ),
+    (
+        {"training": {"max_grad_norm": float("nan")}},
+        "training: max_grad_norm must be a finite number >= 0 or None, got nan.",
+    ),
+    ({"training": {"adam_beta1": 1.5}}, "training: adam_beta1 must be in [0, 1), got 1.5."),
+    ({"training": {"adam_epsilon": -1}}, "training: adam_epsilon must be a finite number > 0"),
+    ({"eval": {"temperature": float("inf")}}, "eval.temperature must be a finite number > 0"),
+    ({"eval": {"accuracy_threshold": float("nan")}}, "eval.accuracy_threshold must be a finite"),
+    ({"min_free_disk_gb": -1}, "min_free_disk_gb must be a finite number >= 0, got -1.0."),
+    (
+        {"eval": {"accuracy_reward": "acuracy_reward"}},
+        "eval.accuracy_reward 'acuracy_reward' is not one of the run's rewards "
+        "['accuracy_reward', 'answer_format_reward']; set it to one of them, or null for the "
+        "first. Did you mean `accuracy_reward`?",
+    ),
+    (
+        {"training": {"save_strategy": True}},
+        "training.save_strategy: got true but the field takes one of 'no', 'steps'; YAML reads",
+    ),
+    (
+        {"training": {"lr_scheduler_type": False}},
+        "training.lr_scheduler_type: got false but the field takes a string; YAML reads an "
+        'unquoted yes/no/on/off/true/false as true/false, so quote the value (e.g. "off").',
+    ),
     ({"training": {"top_p": 1.5}}, "top_p must be in (0, 1]"),
     ({"training": {"per_device_train_batch_size": 3}}, "must be divisible by num_generations"),
     (
@@ -466,3 +495,251 @@ def test_train_with_use_vllm_evaluates_with_the_trainers_engine(
         json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()
     ]
     assert [(e["when"], e["num_prompts"]) for e in evals] == [("before", 3), ("after", 3)]
+
+
+# ---- user errors: one line, exit code 2, no traceback (--debug shows it) -----------------------
+def _no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model must not be loaded for a bad config")
+
+    monkeypatch.setattr("grpokit.engines.models.load_causal_lm", fail)
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one `grpokit: error:` line on stderr (there must be exactly one, and no traceback)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("grpokit: error: ")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0].removeprefix("grpokit: error: ")
+
+
+def test_yaml_non_finite_value_is_one_line_before_the_model_loads(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    _no_model(monkeypatch)
+    text = yaml.safe_dump(_config(tmp_path, "some/model")).replace(
+        "learning_rate: 0.001", "learning_rate: .inf"
+    )
+    (tmp_path / "c.yaml").write_text(text)
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert _error_line(capsys) == "training: learning_rate must be a finite number >= 0, got inf."
+    assert main(["train", str(tmp_path / "c.yaml"), "--learning_rate", "1e-3", "--adam_beta2", "1"])
+    assert _error_line(capsys) == "training: adam_beta2 must be in [0, 1), got 1.0."
+
+
+def test_yaml_no_and_off_read_as_the_string_for_strategy_fields(tmp_path: Path) -> None:
+    text = yaml.safe_dump(_config(tmp_path, "m")).replace(
+        "save_steps: 1", "save_steps: 1\n  save_strategy: no\n  eval_strategy: off"
+    )
+    assert "save_strategy: no\n" in text
+    (tmp_path / "c.yaml").write_text(text)
+    spec = run_config.load_config(str(tmp_path / "c.yaml"), [])
+    assert (spec.training.save_strategy, spec.training.eval_strategy) == ("no", "no")
+    # The same through an override, and the written config keeps the string.
+    overrides = run_config.parse_overrides(["--save_strategy", "no", "--eval_strategy=off"])
+    assert overrides == [("save_strategy", False), ("eval_strategy", False)]
+    spec = run_config.load_config(str(tmp_path / "c.yaml"), overrides)
+    assert spec.training.save_strategy == "no"
+    written = run_config.write_config(spec, tmp_path / "out.yaml")
+    assert run_config.load_config(str(written), []).training_values["save_strategy"] == "no"
+    # A bool is still fine where the field takes one (scale_rewards: false = "none").
+    spec = run_config.load_config(str(tmp_path / "c.yaml"), [("scale_rewards", False)])
+    assert spec.training.scale_rewards == "none"
+
+
+def _reward_config(tmp_path: Path, folder: Path, rewards: list[str]) -> str:
+    folder.mkdir(exist_ok=True)
+    raw = {**_config(tmp_path, "some/model"), "rewards": rewards}
+    raw["eval"] = {**raw["eval"], "accuracy_reward": None}
+    return _write_yaml(folder / "run.yaml", raw)
+
+
+def test_reward_module_that_fails_to_import_is_one_line(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    _no_model(monkeypatch)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    folder = tmp_path / "cfg"
+    config = _reward_config(tmp_path, folder, ["broken_rewards_ue:reward"])
+    module = folder / "broken_rewards_ue.py"
+    module.write_text(
+        "def reward(completions, **kw):\n    return [0.0] * len(completions)\n1 / 0\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", config]) == 2
+    assert _error_line(capsys) == (
+        "rewards[0]: reward 'broken_rewards_ue:reward': importing module 'broken_rewards_ue' "
+        f"failed: ZeroDivisionError: division by zero at {module}:3 (fix the module)."
+    )
+    # --debug (before or after the command) also prints the traceback, then the same line.
+    for argv in (["train", config, "--debug"], ["--debug", "train", config]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "1 / 0" in err
+        assert err.rstrip().splitlines()[-1].startswith("grpokit: error: rewards[0]: reward ")
+
+
+def test_reward_modules_next_to_the_config_and_in_the_cwd_import(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    folder, cwd = tmp_path / "cfg", tmp_path / "cwd"
+    config = _reward_config(
+        tmp_path, folder, ["rewards_by_config_ue:reward", "rewards_in_cwd_ue:reward"]
+    )
+    cwd.mkdir()
+    source = "def reward(completions, **kw):\n    return [1.0] * len(completions)\n"
+    (folder / "rewards_by_config_ue.py").write_text(source)
+    (cwd / "rewards_in_cwd_ue.py").write_text(source)
+    monkeypatch.chdir(cwd)
+    # Without the command's import path, neither folder is searched.
+    with pytest.raises(ConfigError, match="no module 'rewards_by_config_ue' on the import path"):
+        run_config.load_config(config, [])
+
+    def stop(spec: str, **kwargs: Any) -> Any:
+        raise ConfigError(f"stop before loading {spec}")
+
+    monkeypatch.setattr("grpokit.engines.models.load_causal_lm", stop)
+    assert main(["train", config]) == 2  # both rewards imported; it got as far as the model
+    assert _error_line(capsys) == "stop before loading some/model"
+    assert sys.path[:2] == [str(cwd), str(folder)]
+
+
+def test_bad_lora_key_fails_before_the_model_loads(tmp_path: Path, capsys, monkeypatch) -> None:
+    _no_model(monkeypatch)
+    raw = {**_config(tmp_path, "some/model"), "lora": {"r": 4, "lora_alpah": 8}}
+    assert main(["train", _write_yaml(tmp_path / "c.yaml", raw)]) == 2
+    assert _error_line(capsys).startswith(
+        "lora: unknown key `lora_alpah` (did you mean `lora_alpha`? the keys are "
+        "peft.LoraConfig's fields"
+    )
+    raw["lora"] = {"r": 4, "task_type": "SEQ_CLS"}
+    assert main(["train", _write_yaml(tmp_path / "c.yaml", raw)]) == 2
+    assert _error_line(capsys) == "lora.task_type must be CAUSAL_LM (or left out), got 'SEQ_CLS'."
+
+
+def test_misspelt_lora_target_module_fails_before_training(
+    tmp_path: Path, tiny_model: str, capsys
+) -> None:
+    raw = {**_config(tmp_path, tiny_model), "lora": {"r": 2, "target_modules": ["q_proj", "v_prj"]}}
+    assert main(["train", _write_yaml(tmp_path / "c.yaml", raw)]) == 2
+    assert _error_line(capsys) == (
+        "lora.target_modules: ['v_prj'] match no module of LlamaForCausalLM; its linear layers "
+        "are named ['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', "
+        "'up_proj', 'v_proj']."
+    )
+    assert not any((tmp_path / "run").iterdir())  # no config, eval or metrics written
+
+
+def test_unknown_accuracy_reward_fails_before_the_model_loads(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    _no_model(monkeypatch)
+    raw = _config(tmp_path, "some/model")
+    del raw["rewards"]  # the task's default rewards, known once the task is loaded
+    raw["eval"] = {**raw["eval"], "accuracy_reward": "correctness"}
+    assert run_config.build_config(raw).rewards is None
+    assert main(["train", _write_yaml(tmp_path / "c.yaml", raw)]) == 2
+    assert _error_line(capsys).startswith(
+        "eval.accuracy_reward 'correctness' is not one of the run's rewards "
+        "['accuracy_reward', 'answer_format_reward']"
+    )
+
+
+def test_resume_without_a_checkpoint_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    _no_model(monkeypatch)
+    config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, "some/model"))
+    assert main(["train", config, "--resume"]) == 2
+    assert _error_line(capsys) == (
+        f"--resume: training.output_dir '{tmp_path / 'run'}' holds no checkpoint to resume; "
+        "start without --resume, or set --output_dir to the run to continue."
+    )
+
+
+def test_output_dir_writable_and_free_disk_checked_up_front(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import errno
+    import shutil
+
+    _no_model(monkeypatch)
+    config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, "some/model"))
+    (tmp_path / "a_file").write_text("")
+    assert main(["train", config, "--output_dir", str(tmp_path / "a_file" / "run")]) == 2
+    assert _error_line(capsys) == (
+        f"training.output_dir '{tmp_path / 'a_file' / 'run'}' cannot be written (Not a "
+        "directory); make it writable or set another --output_dir."
+    )
+
+    def read_only(self: Path, data: bytes) -> int:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_bytes", read_only)
+        assert main(["train", config]) == 2
+    assert "cannot be written (Read-only file system)" in _error_line(capsys)
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=int(0.25e9)))
+    assert main(["train", config]) == 2
+    assert _error_line(capsys) == (
+        f"training.output_dir '{tmp_path / 'run'}': 0.25 GB free on its disk, below "
+        "min_free_disk_gb=1; free some space, set another --output_dir, or lower "
+        "--min_free_disk_gb."
+    )
+    # Under a lower minimum the checks pass and the run goes on to load the model.
+    with pytest.raises(AssertionError, match="the model must not be loaded"):
+        main(["train", config, "--min_free_disk_gb", "0.2"])
+    assert not list((tmp_path / "run").iterdir())  # the probe file is gone
+
+
+def test_disk_full_while_writing_is_one_line(
+    tmp_path: Path, tiny_model: str, capsys, monkeypatch
+) -> None:
+    import errno
+
+    from grpokit.app import run
+
+    def full(spec: Any, path: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(run, "write_config", full)
+    config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, tiny_model))
+    assert main(["train", config]) == 2
+    assert _error_line(capsys) == (
+        f"cannot write {tmp_path / 'run' / 'config.yaml'}: the disk is full (free disk space, "
+        "or set --output_dir to a disk with room)."
+    )
+
+
+def test_completion_longer_than_the_context_is_one_line(
+    tmp_path: Path, tiny_model: str, capsys
+) -> None:
+    config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, tiny_model))
+    assert main(["train", config, "--max_completion_length", "300"]) == 2
+    assert _error_line(capsys) == (
+        "max_completion_length=300 leaves no room for a prompt in the model's context of 256 "
+        "tokens; set max_completion_length below 256."
+    )
+
+
+def test_missing_model_and_eval_output_folder_are_one_line(tmp_path: Path, capsys) -> None:
+    config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, str(tmp_path / "no" / "model")))
+    assert main(["train", config]) == 2
+    assert "local folder not found" in _error_line(capsys)
+    argv = ["eval", config, "--output", str(tmp_path / "missing" / "m.json")]
+    assert main(argv) == 2
+    assert _error_line(capsys).startswith(f"--output '{tmp_path / 'missing' / 'm.json'}': folder")
+
+
+def test_internal_errors_keep_their_traceback(tmp_path: Path, monkeypatch) -> None:
+    def bug(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr("grpokit.engines.models.load_causal_lm", bug)
+    config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, "some/model"))
+    with pytest.raises(RuntimeError, match="a bug, not a user error"):
+        main(["train", config])

@@ -204,3 +204,83 @@ def test_use_vllm_without_vllm_says_how_to_install(monkeypatch: pytest.MonkeyPat
     )
     with pytest.raises(ValueError, match=r"use_vllm=True needs vLLM.*pip install grpokit\[vllm\]"):
         GRPOConfig(use_vllm=True)
+
+
+# ---- numbers: finite and in range ---------------------------------------------------------------
+def _float_fields() -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(GRPOConfig) if "float" in str(f.type)]
+
+
+def test_every_float_field_has_a_range() -> None:
+    from grpokit.train.config import NUMBER_RANGES
+
+    # *_steps (int or fraction) are checked by _steps_value, reward_weights element by element.
+    others = {"logging_steps", "save_steps", "eval_steps", "reward_weights"}
+    assert set(_float_fields()) - others == set(NUMBER_RANGES)
+
+
+@pytest.mark.parametrize("name", [n for n in _float_fields() if n != "reward_weights"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_rejected_naming_the_field(name: str, bad: float) -> None:
+    with pytest.raises(ValueError, match=rf"^{name} must be .*got {bad!r}"):
+        GRPOConfig(**{name: bad})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(learning_rate=float("inf")), "learning_rate must be a finite number >= 0, got inf."),
+        (dict(learning_rate=-1e-6), "learning_rate must be a finite number >= 0, got -1e-06."),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number >= 0 or None"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm must be a finite number >= 0 or None, got -1.0"),
+        (dict(adam_beta1=1.5), "adam_beta1 must be in [0, 1), got 1.5."),
+        (dict(adam_beta1=1.0), "adam_beta1 must be in [0, 1), got 1.0."),
+        (dict(adam_beta2=-0.1), "adam_beta2 must be in [0, 1), got -0.1."),
+        (dict(adam_epsilon=-1.0), "adam_epsilon must be a finite number > 0, got -1.0."),
+        (dict(adam_epsilon=0.0), "adam_epsilon must be a finite number > 0, got 0.0."),
+        (dict(weight_decay=-0.01), "weight_decay must be a finite number >= 0, got -0.01."),
+        (dict(warmup_ratio=1.5), "warmup_ratio must be in [0, 1], got 1.5."),
+        (dict(num_train_epochs=float("inf")), "num_train_epochs must be a finite number >= 0"),
+        (dict(temperature=0.0), "temperature must be a finite number > 0, got 0.0."),
+        (dict(reward_weights=[1.0, float("nan")]), "reward_weights[1] must be a finite number"),
+        (dict(save_steps=float("nan")), "save_steps must be > 0 (an integer, or a float < 1"),
+        (dict(logging_steps=float("inf")), "logging_steps must be > 0"),
+    ],
+)
+def test_out_of_range_messages_name_field_value_and_range(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as error:
+        GRPOConfig(**kwargs)
+    assert str(error.value).startswith(message)
+
+
+def test_range_edges_are_accepted() -> None:
+    cfg = GRPOConfig(
+        learning_rate=0.0,
+        adam_beta1=0.0,
+        adam_beta2=0.9999,
+        adam_epsilon=1e-12,
+        weight_decay=0.0,
+        warmup_ratio=1.0,
+        top_p=1.0,
+        min_p=0.0,
+    )
+    assert (cfg.adam_beta2, cfg.warmup_ratio) == (0.9999, 1.0)
+    assert GRPOConfig(max_grad_norm=None).max_grad_norm is None  # None and 0 = no clipping
+    assert GRPOConfig(max_grad_norm=0.0).max_grad_norm == 0.0
+    assert GRPOConfig(learning_rate=1).learning_rate == 1  # an int is a number
+
+
+def test_check_number_intervals() -> None:
+    from grpokit.train.config import check_number
+
+    check_number("x", 0.5, "(0, 1]")
+    check_number("x", 1, "(0, 1]")
+    for bad in (0, 1.0001, True, "0.5", None):
+        with pytest.raises(ValueError, match=r"^x must be in \(0, 1\], got "):
+            check_number("x", bad, "(0, 1]")
+    with pytest.raises(ValueError, match=r"^x must be a finite number, got inf\.$"):
+        check_number("x", float("inf"), "(-inf, inf)")
+    with pytest.raises(ValueError, match=r"^x must be a finite number > 2 or None, got 2\.$"):
+        check_number("x", 2, "(2, inf)", or_none=True)

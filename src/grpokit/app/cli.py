@@ -1,24 +1,32 @@
-"""The `grpokit` command line: argparse, help text and the entry point."""
+"""The `grpokit` command line: argparse, help text and the entry point.
+
+A mistake the user can fix (`grpokit.errors.UserError`: config, data, reward module, LoRA keys,
+output folder, full disk, missing checkpoint) is printed as one line `grpokit: error: ...` with
+exit code 2; `--debug` also prints its traceback. Any other exception is a bug and keeps its
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 from typing import Any
 
 from grpokit.app.run import _load_everything, run_eval, run_training
 from grpokit.app.run_config import (
     SCHEMAS,
-    ConfigError,
     field_defaults,
     field_help,
     load_config,
     parse_overrides,
 )
+from grpokit.errors import ConfigError, UserError, output_errors
 
 logger = logging.getLogger("grpokit")
 
@@ -58,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grpokit", description="GRPO fine-tuning.", formatter_class=fmt, allow_abbrev=False
     )
+    debug = "on an error, also print its traceback"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     sub = parser.add_subparsers(dest="command", required=True)
     overrides = (
         "\noverrides: --field value (flat names: run-level, then training, then eval) or "
@@ -65,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     train = sub.add_parser(
         "train",
+        parents=[common],
         allow_abbrev=False,
         help="train from a YAML run config",
         formatter_class=fmt,
@@ -78,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev = sub.add_parser(
         "eval",
+        parents=[common],
         allow_abbrev=False,
         help="evaluate a model on a task's held-out split",
         formatter_class=fmt,
@@ -94,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser(
         "demo",
+        parents=[common],
         allow_abbrev=False,
         help="GRPO on SmolLM2-135M-Instruct for two-number sums, on a CPU in minutes",
         formatter_class=fmt,
@@ -106,36 +121,73 @@ def _parser() -> argparse.ArgumentParser:
 _NO_CONFIG = "\0no-config"
 
 
+def add_import_paths(config: str | None) -> None:
+    """Put the current folder, then the config file's folder, first on `sys.path`, so that a
+    `module:function` reward written next to either imports (as for `python script.py`)."""
+    folders = [os.getcwd()]
+    if config is not None:
+        folders.append(str(Path(config).resolve().parent))
+    for folder in reversed(folders):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `grpokit` command."""
+    """Entry point of the `grpokit` command.
+
+    Returns:
+        0 on success, 2 for a user error (one line on stderr, no traceback unless `--debug`).
+    """
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["eval"] and len(argv) > 1 and argv[1].startswith("--") and argv[1] != "--help":
-        # No config file: stop argparse from taking an override's value for the positional.
-        argv.insert(1, _NO_CONFIG)
+    if argv[:1] == ["eval"]:
+        first = 1
+        while argv[first : first + 1] == ["--debug"]:
+            first += 1
+        if first < len(argv) and argv[first].startswith("--") and argv[first] != "--help":
+            # No config file: stop argparse from taking an override's value for the positional.
+            argv.insert(first, _NO_CONFIG)
     args, rest = parser.parse_known_args(argv)
     if getattr(args, "config", None) == _NO_CONFIG:
         args.config = None
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
-        overrides = parse_overrides(rest)
-        if args.command == "train":
-            spec = load_config(args.config, overrides)
-            run_training(spec, resume=args.resume, overwrite=args.overwrite)
-        elif args.command == "demo":
-            from grpokit.app.demo import run_demo
-
-            run_demo(overrides)
-        else:
-            from grpokit.app.demo import DEMO_CONFIG
-
-            spec = load_config(args.config, overrides, base=None if args.config else DEMO_CONFIG)
-            task, model, tokenizer, rewards = _load_everything(spec)
-            metrics = run_eval(spec, model, tokenizer, task, rewards)
-            print(json.dumps(metrics, indent=2))
-            if args.output:
-                Path(args.output).write_text(json.dumps(metrics, indent=2))
-    except ConfigError as error:
-        print(f"grpokit: error: {error}", file=sys.stderr)
+        _run_command(args, rest)
+    except UserError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"grpokit: error: {_one_line(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run_command(args: argparse.Namespace, rest: list[str]) -> None:
+    overrides = parse_overrides(rest)
+    add_import_paths(args.config if args.command != "demo" else None)
+    if args.command == "train":
+        spec = load_config(args.config, overrides)
+        run_training(spec, resume=args.resume, overwrite=args.overwrite)
+    elif args.command == "demo":
+        from grpokit.app.demo import run_demo
+
+        run_demo(overrides)
+    else:
+        from grpokit.app.demo import DEMO_CONFIG
+
+        spec = load_config(args.config, overrides, base=None if args.config else DEMO_CONFIG)
+        output = Path(args.output) if args.output else None
+        if output is not None and not output.parent.is_dir():
+            raise ConfigError(
+                f"--output {str(output)!r}: folder {str(output.parent)!r} does not exist; "
+                "create it or give another path."
+            )
+        task, model, tokenizer, rewards = _load_everything(spec)
+        metrics = run_eval(spec, model, tokenizer, task, rewards)
+        print(json.dumps(metrics, indent=2))
+        if output is not None:
+            with output_errors(output.parent):
+                output.write_text(json.dumps(metrics, indent=2))

@@ -32,6 +32,7 @@ import torch
 
 from grpokit.core.advantages import check_reward_weights
 from grpokit.engines.base import GenerationEngine, SamplingParams
+from grpokit.engines.models import context_length
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.rewards.scoring import build_reward_functions
 from grpokit.train.rollout import RolloutPipeline
@@ -143,10 +144,11 @@ def evaluate(
         accuracy_threshold: a completion is correct when that reward is `>=` this value.
         reward_weights: weights of the rewards in `reward`; default all 1.
         chat_template_kwargs: extra arguments for the chat template.
-        max_prompt_length: longest prompt in tokens; None = no limit.
+        max_prompt_length: longest prompt in tokens; None = no limit. A prompt is also limited
+            to what `model`'s context leaves beside `max_completion_length`.
         prompt_length_policy: what to do with a longer prompt: "truncate_left" keeps its last
-            `max_prompt_length` tokens, "skip" leaves it out of every metric (both are counted
-            in `prompts/over_length`, with a warning).
+            tokens, "skip" leaves it out of every metric (both are counted in
+            `prompts/over_length`, with a warning).
         seed: seeds sampling inside a forked RNG (the caller's RNG state is untouched); None = do
             not seed.
         bf16: run generation under bf16 autocast on the model's device (for `grpokit eval`,
@@ -190,6 +192,7 @@ def evaluate(
         max_prompt_length=max_prompt_length,
         prompt_length_policy=prompt_length_policy,
         chat_template_kwargs=chat_template_kwargs,
+        context_length=None if model is None else context_length(model),
     )
     per_call = max(1, batch_size // num_samples)
 
@@ -210,11 +213,7 @@ def evaluate(
     pipeline.warn_over_length(over_length, over_length)
     rewards = torch.cat([r.rewards for r in rollouts])  # [N, K]
     if not len(rewards):
-        raise ValueError(
-            f"every prompt is longer than max_prompt_length={max_prompt_length} tokens and "
-            "prompt_length_policy='skip' drops them all; raise max_prompt_length or use "
-            "prompt_length_policy='truncate_left'."
-        )
+        raise pipeline.all_skipped_error()
     metrics = summarize(
         rewards,
         torch.cat([r.lengths for r in rollouts]),

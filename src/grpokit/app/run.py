@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from grpokit.app.run_config import (
     RUN_ARTIFACTS,
-    ConfigError,
     RunSpec,
+    check_accuracy_reward,
     resolve_rewards,
     write_config,
 )
+from grpokit.errors import ConfigError, OutputError, output_errors
 
 logger = logging.getLogger("grpokit")
 
@@ -24,8 +28,14 @@ logger = logging.getLogger("grpokit")
 # =================================================================================================
 def _load_everything(spec: RunSpec) -> tuple[Any, Any, Any, list[Any]]:
     """Task, rewards (task defaults if none were given), model and tokenizer, in that order."""
+    task, rewards = _load_task(spec)
+    model, tokenizer = _load_model(spec)
+    return task, model, tokenizer, rewards
+
+
+def _load_task(spec: RunSpec) -> tuple[Any, list[Any]]:
+    """The task and the rewards (the task's defaults if none were given), both checked."""
     from grpokit.data.tasks import load_task
-    from grpokit.engines.models import load_causal_lm
 
     try:
         task = load_task(dict(spec.run.task))
@@ -33,8 +43,81 @@ def _load_everything(spec: RunSpec) -> tuple[Any, Any, Any, list[Any]]:
         raise ConfigError(f"task: {error}") from error
     if spec.rewards is None:
         spec.rewards = resolve_rewards(task.default_rewards, spec.training_values)
-    model, tokenizer = load_causal_lm(spec.run.model)
-    return task, model, tokenizer, spec.rewards
+    check_accuracy_reward(spec.eval, spec.rewards)
+    return task, spec.rewards
+
+
+def _load_model(spec: RunSpec) -> tuple[Any, Any]:
+    from grpokit.engines.models import load_causal_lm
+
+    try:
+        return load_causal_lm(spec.run.model)
+    except OSError as error:  # missing folder or file, an id not in the local cache, no access
+        raise ConfigError(f"model {spec.run.model!r}: {error}") from error
+
+
+def lora_config(lora: dict[str, Any] | None) -> Any:
+    """The `peft.LoraConfig` of the run's `lora` section, checked before any model is loaded.
+
+    Returns:
+        A `LoraConfig` with `task_type="CAUSAL_LM"`, or None without a `lora` section.
+
+    Raises:
+        ConfigError: a key `LoraConfig` does not have (with the closest one), another
+            `task_type`, or a value `LoraConfig` rejects.
+    """
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    fields = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
+    for key in lora:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise ConfigError(
+                f"lora: unknown key `{key}` ({hint}the keys are peft.LoraConfig's fields: r, "
+                "lora_alpha, lora_dropout, target_modules, ...)."
+            )
+    if lora.get("task_type", "CAUSAL_LM") != "CAUSAL_LM":
+        raise ConfigError(
+            f"lora.task_type must be CAUSAL_LM (or left out), got {lora['task_type']!r}."
+        )
+    try:
+        return LoraConfig(**{**lora, "task_type": "CAUSAL_LM"})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"lora: {error}") from error
+
+
+def check_lora_targets(model: Any, peft_config: Any) -> None:
+    """Every name in `lora.target_modules` (a list) must match a module of the loaded model.
+
+    PEFT matches a name against the end of module paths (`q_proj` matches
+    `model.layers.0.self_attn.q_proj`) and raises only when no name matches at all, so a misspelt
+    name beside a correct one would otherwise be dropped without a word.
+
+    Raises:
+        ConfigError: naming the unmatched entries and the model's linear layer names.
+    """
+    targets = getattr(peft_config, "target_modules", None)
+    if peft_config is None or not isinstance(targets, set | list | tuple):
+        return  # None (PEFT's default for the architecture), a regex, or "all-linear"
+    names = [name for name, _ in model.named_modules()]
+    missing = sorted(t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names))
+    if missing:
+        import torch
+
+        linear = sorted(
+            {
+                n.rpartition(".")[2]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
+        )
+        raise ConfigError(
+            f"lora.target_modules: {missing} match no module of {type(model).__name__}; its "
+            f"linear layers are named {linear}."
+        )
 
 
 def run_eval(
@@ -93,8 +176,65 @@ def _log_eval(output_dir: Path, when: str, step: int, metrics: dict[str, float])
     print(f"[grpokit] held-out eval {when} (step {step}): {shown}", flush=True)
 
 
+def check_output_dir(output_dir: Path, min_free_gb: float) -> None:
+    """Create `output_dir`, write and delete a probe file in it, and check its disk's free space.
+
+    Raises:
+        OutputError: the folder cannot be created or written (with the reason), or its disk has
+            less than `min_free_gb` GB free (with both numbers).
+    """
+    probe = output_dir / f".grpokit-write-test-{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"grpokit write test\n")
+        probe.unlink()
+    except OSError as error:
+        raise OutputError(
+            f"training.output_dir {str(output_dir)!r} cannot be written "
+            f"({error.strerror or error}); make it writable or set another --output_dir."
+        ) from error
+    free = shutil.disk_usage(output_dir).free
+    if free < min_free_gb * 1e9:
+        raise OutputError(
+            f"training.output_dir {str(output_dir)!r}: {free / 1e9:.2f} GB free on its disk, below "
+            f"min_free_disk_gb={min_free_gb:g}; free some space, set another --output_dir, or "
+            "lower --min_free_disk_gb."
+        )
+
+
+def _warn_if_checkpoint_may_not_fit(trainer: Any, output_dir: Path) -> None:
+    """Warn when the disk of `output_dir` cannot hold one checkpoint plus the final model.
+
+    Sizes assume float32: 4 bytes per saved weight (the adapter under LoRA), 8 per trainable
+    weight for AdamW's two moments, 4 per weight for a synced reference model.
+    """
+    params = list(trainer.model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    saved = trainable if trainer.is_peft else sum(p.numel() for p in params)
+    checkpoint = 4 * saved + 8 * trainable
+    if trainer.args.sync_ref_model:
+        checkpoint += 4 * saved
+    need = 4 * saved + (checkpoint if trainer.args.save_strategy != "no" else 0)
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        logger.warning(
+            "training.output_dir %s: %.2f GB free, but a checkpoint of this model takes about "
+            "%.2f GB and the final model %.2f GB; the run may stop when it saves (free space, "
+            "or set --save_strategy no / another --output_dir).",
+            output_dir,
+            free / 1e9,
+            checkpoint / 1e9,
+            4 * saved / 1e9,
+        )
+
+
 def _prepare_output_dir(output_dir: Path, resume: bool | str, overwrite: bool) -> None:
     existing = sorted(output_dir.glob("checkpoint-*")) if output_dir.is_dir() else []
+    if resume is True and not existing:
+        raise ConfigError(
+            f"--resume: training.output_dir {str(output_dir)!r} holds no checkpoint to resume; "
+            "start without --resume, or set --output_dir to the run to continue."
+        )
     if existing and not resume and not overwrite:
         raise ConfigError(
             f"training.output_dir {str(output_dir)!r} already holds a run ({existing[-1].name}); "
@@ -113,22 +253,37 @@ def run_training(
 ) -> dict[str, Any]:
     """Train as the spec says: eval before, GRPO, save the model, eval after, plot.
 
+    Everything that can be checked without the model (LoRA keys, task, rewards, the evaluation's
+    accuracy reward, the output folder and its free space) is checked before the model loads;
+    what needs the model (LoRA target modules, room for a prompt in its context) right after
+    it loads and when the trainer is built, before any evaluation or training.
+
     Returns:
         `{"before": metrics | None, "after": metrics | None, "model_dir": str, "plot": str | None}`.
+
+    Raises:
+        UserError: a config, data or output-folder problem (`grpokit.errors`), including a write
+            that fails on a full disk or for lack of permission.
     """
     output_dir = Path(spec.training.output_dir)
+    with output_errors(output_dir):
+        return _train(spec, output_dir, resume=resume, overwrite=overwrite)
+
+
+def _train(
+    spec: RunSpec, output_dir: Path, *, resume: bool | str, overwrite: bool
+) -> dict[str, Any]:
+    peft_config = lora_config(spec.run.lora)
+    task, rewards = _load_task(spec)
     _prepare_output_dir(output_dir, resume, overwrite)
-    task, model, tokenizer, rewards = _load_everything(spec)
+    check_output_dir(output_dir, spec.run.min_free_disk_gb)
+    model, tokenizer = _load_model(spec)
+    check_lora_targets(model, peft_config)
     write_config(spec, output_dir / "config.yaml")
     print(f"[grpokit] run config written to {output_dir / 'config.yaml'}", flush=True)
 
     from grpokit.train.trainer import GRPOTrainer
 
-    peft_config = None
-    if spec.run.lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **spec.run.lora)
     result: dict[str, Any] = {"before": None, "after": None, "plot": None}
     trainer = GRPOTrainer(
         model=model,
@@ -139,6 +294,7 @@ def run_training(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    _warn_if_checkpoint_may_not_fit(trainer, output_dir)
     # Held-out evaluation samples with the trainer's own engine (vLLM with use_vllm), which
     # follows the policy's weights after every optimizer step.
     if spec.eval.before and not resume:

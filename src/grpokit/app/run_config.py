@@ -33,16 +33,23 @@ from typing import Any
 
 import yaml
 
-from grpokit.train.config import UNSUPPORTED_TRL_FIELDS, GRPOConfig, option
+from grpokit.errors import ConfigError
+from grpokit.train.config import (
+    EVAL_STRATEGIES,
+    SAVE_STRATEGIES,
+    UNSUPPORTED_TRL_FIELDS,
+    GRPOConfig,
+    check_number,
+    option,
+)
 
 logger = logging.getLogger("grpokit")
 
 SECTIONS = ("training", "eval")
 RUN_ARTIFACTS = ("metrics.jsonl", "completions.jsonl", "eval.jsonl", "curves.png")
 
-
-class ConfigError(ValueError):
-    """A run config that cannot be used; the message names the field and the fix."""
+# String fields whose choices include "no": YAML 1.1 reads an unquoted `no` (or `off`) as False.
+NO_CHOICE_FIELDS = {"save_strategy": SAVE_STRATEGIES, "eval_strategy": EVAL_STRATEGIES}
 
 
 # =================================================================================================
@@ -71,6 +78,11 @@ class RunConfig:
     )
     plot: bool = option(
         True, "Write curves.png (reward and accuracy over training) into output_dir at the end."
+    )
+    min_free_disk_gb: float = option(
+        1.0,
+        "grpokit train: refuse to start when the disk of output_dir has less free space (GB); "
+        "0 = no minimum. A warning also says when a checkpoint of the loaded model may not fit.",
     )
 
 
@@ -183,6 +195,34 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     raise ConfigError(
         f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__}); "
         f"fix the value of `{where}`."
+    )
+
+
+def _accepts(hint: Any, kind: type) -> bool:
+    """Whether the annotation `hint` is `kind` or a union that includes it."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return kind in typing.get_args(hint)
+    return bool(hint is kind)
+
+
+def bool_for_string(value: Any, hint: Any, where: str, choices: Sequence[str] = ()) -> Any:
+    """Undo YAML 1.1 reading `no`/`off` as False (and `yes`/`on` as True) for a string field.
+
+    A False given for a string field whose `choices` include "no" becomes "no"
+    (`save_strategy: no`); any other bool for a field that takes a string but not a bool is an
+    error that says to quote the value. Other values are returned unchanged.
+
+    Raises:
+        ConfigError: a bool where only a string (or None) is accepted.
+    """
+    if not isinstance(value, bool) or _accepts(hint, bool) or not _accepts(hint, str):
+        return value
+    if value is False and "no" in choices:
+        return "no"
+    options = f"one of {', '.join(map(repr, choices))}" if choices else "a string"
+    raise ConfigError(
+        f"{where}: got {str(value).lower()} but the field takes {options}; YAML reads an unquoted "
+        'yes/no/on/off/true/false as true/false, so quote the value (e.g. "off").'
     )
 
 
@@ -306,6 +346,8 @@ def _check_section(values: Any, section: str) -> dict[str, Any]:
             )
         if key not in known:
             raise ConfigError(f"unknown key `{where}`.{_suggest(str(key), section)}")
+        choices = NO_CHOICE_FIELDS.get(key, ()) if section == "training" else ()
+        value = bool_for_string(value, hints[key], where, choices)
         out[key] = coerce(value, hints[key], where)
     return out
 
@@ -320,8 +362,34 @@ def _check_eval(cfg: EvalConfig) -> None:
             raise ConfigError(
                 f"eval.{name} must be >= 1 or null (= all / training's), got {value}."
             )
-    if not cfg.temperature > 0:
-        raise ConfigError(f"eval.temperature must be > 0, got {cfg.temperature}.")
+    for where, value, interval in (
+        ("eval.temperature", cfg.temperature, "(0, inf)"),
+        ("eval.accuracy_threshold", cfg.accuracy_threshold, "(-inf, inf)"),
+    ):
+        _check_number(where, value, interval)
+
+
+def _check_number(where: str, value: Any, interval: str) -> None:
+    try:
+        check_number(where, value, interval)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+def check_accuracy_reward(cfg: EvalConfig, rewards: Sequence[Any]) -> None:
+    """`eval.accuracy_reward` must name one of the run's rewards (checked before any training).
+
+    Raises:
+        ConfigError: naming the value and the rewards it may be.
+    """
+    names = [reward.name for reward in rewards]
+    if cfg.accuracy_reward is not None and cfg.accuracy_reward not in names:
+        close = difflib.get_close_matches(cfg.accuracy_reward, names, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(
+            f"eval.accuracy_reward {cfg.accuracy_reward!r} is not one of the run's rewards "
+            f"{names}; set it to one of them, or null for the first.{hint}"
+        )
 
 
 def build_config(raw: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ()) -> RunSpec:
@@ -340,6 +408,7 @@ def build_config(raw: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ())
         apply_override(raw, key, value)
     top = {k: v for k, v in raw.items() if k not in SECTIONS}
     run = RunConfig(**_check_section(top, "run"))
+    _check_number("min_free_disk_gb", run.min_free_disk_gb, "[0, inf)")
     eval_cfg = EvalConfig(**_check_section(raw.get("eval"), "eval"))
     _check_eval(eval_cfg)
     training_values = {
@@ -353,6 +422,8 @@ def build_config(raw: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ())
         )
     reward_specs = run.rewards if run.rewards is not None else run.task.get("rewards")
     rewards = None if reward_specs is None else resolve_rewards(reward_specs, training_values)
+    if rewards is not None:
+        check_accuracy_reward(eval_cfg, rewards)
     try:  # ranges and consistency (GRPOConfig.__post_init__), after the cheap checks above
         training = GRPOConfig(**training_values)
     except (TypeError, ValueError) as error:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from grpokit.errors import ConfigError, DataError, PromptFormatError
+
 Message = dict[str, Any]
 
 PROMPT_LENGTH_POLICIES = ("truncate_left", "skip")
@@ -41,7 +43,7 @@ def is_conversational(example: dict[str, Any]) -> bool:
 def _check_prompt(prompt: Any, index: int) -> None:
     if isinstance(prompt, str) or is_conversational_prompt(prompt):
         return
-    raise TypeError(
+    raise PromptFormatError(
         f"prompt {index} is neither a string nor a list of {{'role', 'content'}} messages: "
         f"{prompt!r:.200}. Give plain prompts as strings and conversational prompts as "
         "[{'role': 'user', 'content': '...'}, ...]."
@@ -72,8 +74,9 @@ def render_prompts(
         B prompt strings.
 
     Raises:
-        TypeError: A prompt is neither a string nor a list of messages.
-        ValueError: A conversational prompt is given but the tokenizer has no chat template.
+        PromptFormatError: A prompt is neither a string nor a list of messages (a `TypeError`).
+        DataError: A conversational prompt is given but the tokenizer has no chat template (a
+            `ValueError`).
     """
     kwargs = dict(chat_template_kwargs or {})
     for reserved in ("tokenize", "add_generation_prompt", "continue_final_message"):
@@ -89,7 +92,7 @@ def render_prompts(
             texts.append(prompt)
             continue
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
+            raise DataError(
                 f"prompt {i} is conversational but the tokenizer "
                 f"({type(tokenizer).__name__}) has no chat template. Set "
                 "`tokenizer.chat_template`, use an instruct model's tokenizer, or give plain "
@@ -201,3 +204,36 @@ def apply_prompt_length_policy(
         return [list(ids[-max_prompt_length:]) for ids in prompt_ids], list(range(len(prompt_ids)))
     kept = [i for i, ids in enumerate(prompt_ids) if len(ids) <= max_prompt_length]
     return [list(prompt_ids[i]) for i in kept], kept
+
+
+def prompt_token_limit(
+    max_prompt_length: int | None, context_length: int | None, max_completion_length: int
+) -> int | None:
+    """The longest prompt in tokens: `max_prompt_length`, and at most what the model's context
+    leaves after `max_completion_length` tokens of completion.
+
+    A prompt beyond the context would otherwise fail (an `IndexError` in learned position
+    embeddings, e.g. GPT-2) or run silently past the positions the model was trained on (RoPE).
+
+    Args:
+        max_prompt_length: The configured limit; None = none.
+        context_length: The model's longest sequence, prompt plus completion
+            (`engines.models.context_length`); None = unknown, no limit from the model.
+        max_completion_length: Tokens generated per completion.
+
+    Returns:
+        The limit for `apply_prompt_length_policy`, or None for no limit.
+
+    Raises:
+        ConfigError: `max_completion_length` leaves no room for a prompt in the context.
+    """
+    if context_length is None:
+        return max_prompt_length
+    room = context_length - max_completion_length
+    if room < 1:
+        raise ConfigError(
+            f"max_completion_length={max_completion_length} leaves no room for a prompt in the "
+            f"model's context of {context_length} tokens; set max_completion_length below "
+            f"{context_length}."
+        )
+    return room if max_prompt_length is None else min(max_prompt_length, room)

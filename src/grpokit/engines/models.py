@@ -255,6 +255,32 @@ def bf16_supported(device_type: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+CONTEXT_LENGTH_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+)
+"""Model-config attributes that give the longest sequence a model handles, first found wins."""
+
+
+def context_length(model: Any) -> int | None:
+    """The longest sequence (prompt plus completion tokens) the model's config allows.
+
+    Read from `model.config` (`CONTEXT_LENGTH_KEYS`: `max_position_embeddings` for most models,
+    `n_positions` for GPT-2); a PEFT wrapper exposes its base model's config.
+
+    Returns:
+        The number of positions, or None when the config names none.
+    """
+    config = getattr(model, "config", None)
+    for key in CONTEXT_LENGTH_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from any model spec (see `resolve_model_path`).
 

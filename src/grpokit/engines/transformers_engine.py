@@ -20,8 +20,10 @@ from grpokit.engines.base import (
     left_pad,
     plain_forward,
 )
+from grpokit.engines.models import context_length
 from grpokit.engines.packed_linear import PackedLinear, pack_linear_layers
 from grpokit.engines.sampling import DRAWS, TokenSampler
+from grpokit.errors import DataError
 
 
 class TransformersEngine:
@@ -161,7 +163,20 @@ class TransformersEngine:
         max_new_tokens: int,
         sampling: SamplingParams,
     ) -> GenerationOutput:
-        """Sample `num_generations` completions per prompt; see `GenerationOutput` for shapes."""
+        """Sample `num_generations` completions per prompt; see `GenerationOutput` for shapes.
+
+        Raises:
+            DataError: a prompt plus `max_new_tokens` is longer than the model's context (the
+                caller truncates prompts: `data.prompts.prompt_token_limit`).
+        """
+        limit = context_length(self.model)
+        longest = max((len(ids) for ids in prompt_ids), default=0)
+        if limit is not None and longest + max_new_tokens > limit:
+            raise DataError(
+                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is longer "
+                f"than the model's context of {limit} tokens; shorten the prompts "
+                "(max_prompt_length) or generate fewer tokens (max_completion_length)."
+            )
         ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
         # Picks up weights changed outside optimizer steps, e.g. a checkpoint load on resume.
         self._sync(self.model, copy_trainable=False)

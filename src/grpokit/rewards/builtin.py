@@ -19,6 +19,7 @@ import json
 import math
 import re
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from functools import cache
@@ -534,16 +535,35 @@ REWARD_FUNCTIONS: dict[str, Callable[..., RewardFn]] = {
 """Built-in rewards by name: each value is a factory taking the reward's parameters."""
 
 
+def _where(error: BaseException) -> str:
+    """`" at FILE:LINE"` of the innermost frame of `error`'s traceback (or of a SyntaxError)."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f" at {error.filename}:{error.lineno}"
+    frames = traceback.extract_tb(error.__traceback__)
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
 def _import_user_function(ref: str) -> Any:
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise ValueError(f"reward {ref!r}: a user function is written 'module:function'.")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name is not None and f"{module_name}.".startswith(f"{error.name}."):
+            raise ValueError(
+                f"reward {ref!r}: no module {module_name!r} on the import path. The grpokit "
+                "command looks in the current folder and the config file's folder; otherwise "
+                "add its folder to PYTHONPATH or install it."
+            ) from error
         raise ValueError(
-            f"reward {ref!r}: cannot import module {module_name!r} ({error}). Make sure it is on "
-            "PYTHONPATH (run from its directory or install it)."
+            f"reward {ref!r}: importing module {module_name!r} failed: {error} (install the "
+            "missing package or fix the import)."
+        ) from error
+    except Exception as error:  # the user's module raised while it was imported
+        raise ValueError(
+            f"reward {ref!r}: importing module {module_name!r} failed: "
+            f"{type(error).__name__}: {error}{_where(error)} (fix the module)."
         ) from error
     obj: Any = module
     for part in attr.split("."):

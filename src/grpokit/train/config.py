@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,42 @@ LR_SCHEDULERS = (
     "cosine_warmup_with_min_lr",
     "warmup_stable_decay",
 )
+
+# The values each float field accepts ("[low, high)" interval notation, "inf" = no bound); every
+# one must be finite: `.nan` or `.inf` from YAML would otherwise train to an all-NaN model. None is
+# accepted where the field's type allows it (None = off). Ranges that depend on another field
+# (delta > 1 + epsilon_high, clip_max > clip_min) are checked with that field.
+NUMBER_RANGES: dict[str, str] = {
+    "temperature": "(0, inf)",
+    "top_p": "(0, 1]",
+    "min_p": "[0, 1]",
+    "repetition_penalty": "(0, inf)",
+    "vllm_gpu_memory_utilization": "(0, 1]",
+    "beta": "[0, inf)",
+    "epsilon": "[0, inf)",
+    "epsilon_high": "[0, inf)",
+    "delta": "(-inf, inf)",
+    "top_entropy_quantile": "(0, 1]",
+    "off_policy_mask_threshold": "[0, inf)",
+    "sapo_temperature_pos": "(0, inf)",
+    "sapo_temperature_neg": "(0, inf)",
+    "vespo_k_pos": "[0, inf)",
+    "vespo_lambda_pos": "(0, inf)",
+    "vespo_k_neg": "[0, inf)",
+    "vespo_lambda_neg": "(0, inf)",
+    "vllm_importance_sampling_clip_min": "[0, inf)",
+    "vllm_importance_sampling_clip_max": "(0, inf)",
+    "ref_model_mixup_alpha": "[0, 1]",
+    "learning_rate": "[0, inf)",
+    "weight_decay": "[0, inf)",
+    "adam_beta1": "[0, 1)",
+    "adam_beta2": "[0, 1)",
+    "adam_epsilon": "(0, inf)",
+    "warmup_ratio": "[0, 1]",
+    "warmup_steps": "[0, inf)",
+    "max_grad_norm": "[0, inf)",
+    "num_train_epochs": "[0, inf)",
+}
 
 _VLLM_SERVER = (
     "vLLM server mode is not supported; with use_vllm=True grpokit runs vLLM inside the training "
@@ -440,6 +477,7 @@ class GRPOConfig:
             self.report_to = [] if self.report_to == "none" else [self.report_to]
         elif self.report_to is None:
             self.report_to = []
+        self._check_numbers()
         self._check_unsupported()
         self._check_batch_sizes()
         self._check_generation()
@@ -448,6 +486,15 @@ class GRPOConfig:
         self._check_schedule()
 
     # ---- validation helpers -------------------------------------------------------------------
+    def _check_numbers(self) -> None:
+        """Every float field finite and in its range (`NUMBER_RANGES`); None where it may be."""
+        for f in dataclasses.fields(self):
+            value, or_none = getattr(self, f.name), "None" in str(f.type)
+            if f.name in NUMBER_RANGES and not (value is None and or_none):
+                check_number(f.name, value, NUMBER_RANGES[f.name], or_none=or_none)
+        for i, weight in enumerate(self.reward_weights or []):
+            check_number(f"reward_weights[{i}]", weight, "(-inf, inf)")
+
     def _check_unsupported(self) -> None:
         if self.vllm_mode != "colocate":
             raise ValueError(
@@ -471,11 +518,6 @@ class GRPOConfig:
         if self.vllm_tensor_parallel_size != 1:
             raise ValueError(
                 f"vllm_tensor_parallel_size must be 1, got {self.vllm_tensor_parallel_size}."
-            )
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(
-                f"vllm_gpu_memory_utilization must be in (0, 1], got "
-                f"{self.vllm_gpu_memory_utilization}."
             )
         if self.vllm_max_model_length is not None:
             _positive_int("vllm_max_model_length", self.vllm_max_model_length)
@@ -549,16 +591,8 @@ class GRPOConfig:
                 f"prompt_length_policy must be one of {PROMPT_LENGTH_POLICIES}, "
                 f"got {self.prompt_length_policy!r}."
             )
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (GRPO samples), got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}.")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1] or None, got {self.min_p}.")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
         if self.num_generations_eval is not None and self.num_generations_eval < 1:
             raise ValueError(f"num_generations_eval must be >= 1, got {self.num_generations_eval}.")
 
@@ -576,8 +610,6 @@ class GRPOConfig:
                 f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
                 f"got {self.multi_objective_aggregation!r}."
             )
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}.")
         validate_loss_options(
             loss_type=self.loss_type,
             importance_sampling_level=self.importance_sampling_level,
@@ -599,10 +631,6 @@ class GRPOConfig:
             raise ValueError(
                 "sync_ref_model=True has no effect with beta=0 (no reference model is kept); "
                 "set beta > 0 or sync_ref_model=False."
-            )
-        if not 0 <= self.ref_model_mixup_alpha <= 1:
-            raise ValueError(
-                f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}."
             )
         _positive_int("ref_model_sync_steps", self.ref_model_sync_steps)
 
@@ -631,14 +659,6 @@ class GRPOConfig:
                 f"attention must be 'auto', None or an attention implementation name such as "
                 f"'sdpa'; got {self.attention!r}."
             )
-        if self.learning_rate < 0:
-            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}.")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0 or None, got {self.max_grad_norm}.")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.lr_scheduler_type not in LR_SCHEDULERS:
             raise ValueError(
                 f"lr_scheduler_type={self.lr_scheduler_type!r} is not supported; use one of "
@@ -710,15 +730,52 @@ class GRPOConfig:
         return dataclasses.asdict(self)
 
 
+def check_number(name: str, value: Any, interval: str, *, or_none: bool = False) -> None:
+    """Raise a `ValueError` naming `name`, `value` and the range unless `value` is a finite number
+    in `interval`.
+
+    Args:
+        name: The field, as the message shows it.
+        value: The value to check; bools, strings and NaN/inf are rejected.
+        interval: `"[low, high]"` with `(`/`)` for an open end and `inf` for no bound, e.g.
+            `"[0, 1)"` (0 <= value < 1) or `"(0, inf)"` (finite and > 0).
+        or_none: Say in the message that None is also accepted (the caller lets None through).
+    """
+    low_text, high_text = (part.strip() for part in interval[1:-1].split(","))
+    low, high = float(low_text), float(high_text)
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (low < value if interval[0] == "(" else low <= value)
+        and (value < high if interval[-1] == ")" else value <= high)
+    )
+    if ok:
+        return
+    if math.isinf(low) and math.isinf(high):
+        valid = "a finite number"
+    elif math.isinf(high):
+        valid = f"a finite number {'>' if interval[0] == '(' else '>='} {low_text}"
+    else:
+        valid = f"in {interval}"
+    raise ValueError(f"{name} must be {valid}{' or None' if or_none else ''}, got {value!r}.")
+
+
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _steps_value(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(
-            f"{name} must be > 0 (an integer, or a float < 1 for a fraction of max_steps)."
+            f"{name} must be > 0 (an integer, or a float < 1 for a fraction of max_steps), "
+            f"got {value!r}."
         )
     if isinstance(value, float) and value >= 1 and not value.is_integer():
         raise ValueError(f"{name}={value} must be an integer or a fraction below 1.")

@@ -5,7 +5,8 @@ its own (the trainer calls them one by one, to time them and to draw more prompt
 skipped by length):
 
 1. `tokenize`: render the prompts (chat template for conversations), tokenize them and apply
-   `max_prompt_length` / `prompt_length_policy`;
+   `prompt_length_policy` to prompts over `max_prompt_length` or over what the model's context
+   leaves beside the completion;
 2. `generate`: sample G completions per prompt with any `GenerationEngine`;
 3. `decode`: repeat each prompt and its columns G times and decode the completions into the
    prompts' format (plain text or assistant messages);
@@ -27,8 +28,14 @@ import torch
 from torch import Tensor
 
 from grpokit.core.advantages import group_advantages
-from grpokit.data.prompts import apply_prompt_length_policy, format_completions, render_prompts
+from grpokit.data.prompts import (
+    apply_prompt_length_policy,
+    format_completions,
+    prompt_token_limit,
+    render_prompts,
+)
 from grpokit.engines.base import GenerationEngine, GenerationOutput, SamplingParams
+from grpokit.errors import DataError, MissingColumnError
 from grpokit.rewards.scoring import compute_rewards
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.config import GRPOConfig
@@ -97,6 +104,12 @@ class RolloutPipeline:
         prompt_length_policy: "truncate_left" (keep a long prompt's last tokens) or "skip".
         chat_template_kwargs: Extra arguments for the chat template.
         keep_columns: Pass the rows' other columns to the reward functions.
+        context_length: The model's longest sequence, prompt plus completion
+            (`engines.models.context_length`); a prompt may then have at most
+            `context_length - max_new_tokens` tokens. None = unknown, no limit from the model.
+
+    Raises:
+        ConfigError: `max_new_tokens` leaves no room for a prompt in `context_length`.
     """
 
     engine: GenerationEngine
@@ -109,6 +122,13 @@ class RolloutPipeline:
     prompt_length_policy: str = "truncate_left"
     chat_template_kwargs: dict[str, Any] | None = None
     keep_columns: bool = True
+    context_length: int | None = None
+
+    def __post_init__(self) -> None:
+        self.prompt_limit = prompt_token_limit(
+            self.max_prompt_length, self.context_length, self.max_new_tokens
+        )
+        """Longest prompt in tokens (`data.prompts.prompt_token_limit`); None = no limit."""
 
     @classmethod
     def from_config(
@@ -121,9 +141,10 @@ class RolloutPipeline:
         sampling: SamplingParams,
         num_generations: int,
         keep_columns: bool = True,
+        context_length: int | None = None,
     ) -> RolloutPipeline:
         """The pipeline of a `GRPOConfig`: `max_completion_length`, the prompt-length policy and
-        the chat-template arguments come from `args`."""
+        the chat-template arguments come from `args`; `context_length` is the policy's."""
         return cls(
             engine=engine,
             tokenizer=tokenizer,
@@ -135,18 +156,20 @@ class RolloutPipeline:
             prompt_length_policy=args.prompt_length_policy,
             chat_template_kwargs=args.chat_template_kwargs,
             keep_columns=keep_columns,
+            context_length=context_length,
         )
 
     # ---- the four steps -------------------------------------------------------------------------
     def tokenize(self, rows: list[dict[str, Any]]) -> PromptBatch:
-        """Render and tokenize the rows' prompts, enforcing `max_prompt_length`.
+        """Render and tokenize the rows' prompts, applying the prompt-length policy to prompts
+        longer than `prompt_limit`.
 
         Raises:
-            KeyError: a row without a `prompt` column.
+            MissingColumnError: a row without a `prompt` column (a `KeyError`).
         """
         for row in rows:
             if "prompt" not in row:
-                raise KeyError(
+                raise MissingColumnError(
                     f"The dataset has no 'prompt' column (columns: {sorted(row)}); rename the "
                     "column holding the prompts to 'prompt'."
                 )
@@ -157,7 +180,7 @@ class RolloutPipeline:
         )
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         kept_ids, kept = apply_prompt_length_policy(
-            ids, self.max_prompt_length, self.prompt_length_policy
+            ids, self.prompt_limit, self.prompt_length_policy
         )
         if self.prompt_length_policy == "skip":
             over_length = len(rows) - len(kept)
@@ -231,16 +254,34 @@ class RolloutPipeline:
         )
 
     def warn_over_length(self, over_length: int, total_so_far: int) -> None:
-        """Log a warning for prompts skipped or truncated by `max_prompt_length` (none: silent)."""
+        """Log a warning for prompts skipped or truncated by the prompt limit (none: silent)."""
         if not over_length:
             return
         action = "skipped" if self.prompt_length_policy == "skip" else "truncated from the left"
         logger.warning(
-            "%d prompt(s) longer than max_prompt_length=%s tokens %s (%d so far).",
+            "%d prompt(s) longer than %s %s (%d so far).",
             over_length,
-            self.max_prompt_length,
+            self.describe_prompt_limit(),
             action,
             total_so_far,
+        )
+
+    def describe_prompt_limit(self) -> str:
+        """The prompt limit in words: `"max_prompt_length=64 tokens"`, or how the context sets
+        it."""
+        if self.prompt_limit == self.max_prompt_length:
+            return f"max_prompt_length={self.max_prompt_length} tokens"
+        return (
+            f"{self.prompt_limit} tokens (the model's context of {self.context_length} tokens "
+            f"minus max_completion_length={self.max_new_tokens})"
+        )
+
+    def all_skipped_error(self) -> DataError:
+        """The error for a dataset whose every prompt the "skip" policy dropped."""
+        return DataError(
+            f"every prompt is longer than {self.describe_prompt_limit()} and "
+            "prompt_length_policy='skip' drops them all; raise the limit or use "
+            "prompt_length_policy='truncate_left'."
         )
 
     def _empty(self, over_length: int) -> ScoredRollout:
@@ -293,7 +334,7 @@ def evaluate_rewards(
 
     Prompts are taken in the dataset's order, `per_device_eval_batch_size` completions per
     generation call. Every random generator is saved before and restored after, so evaluating
-    does not change the training run. Prompts over `max_prompt_length` follow
+    does not change the training run. Prompts over the pipeline's prompt limit follow
     `prompt_length_policy` (with a warning) but are not added to the training counter.
 
     Returns:
@@ -302,7 +343,7 @@ def evaluate_rewards(
         `eval_completions/mean_length`.
 
     Raises:
-        ValueError: the dataset yields no prompt (empty, or every prompt skipped by length).
+        DataError: the dataset yields no prompt (empty, or every prompt skipped by length).
     """
     g = pipeline.num_generations
     per_call = max(1, args.per_device_eval_batch_size // g)
@@ -320,7 +361,9 @@ def evaluate_rewards(
     pipeline.warn_over_length(over_length, over_length)
     rewards = torch.cat([r.rewards for r in rollouts]) if rollouts else torch.zeros(0)  # [N, K]
     if not len(rewards):
-        raise ValueError("eval_dataset produced no prompts (empty, or all skipped by length).")
+        if not rows:
+            raise DataError("eval_dataset is empty; give it at least one row with a 'prompt'.")
+        raise pipeline.all_skipped_error()
     adv = group_advantages(
         rewards,
         g,

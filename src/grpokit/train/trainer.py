@@ -30,7 +30,9 @@ from torch import Tensor
 from grpokit.core.advantages import check_reward_weights, group_advantages
 from grpokit.core.logprobs import model_completion_logprobs
 from grpokit.core.losses import policy_loss, rollout_importance_weights
+from grpokit.data.prompts import prompt_token_limit
 from grpokit.engines.base import GenerationEngine, GenerationOutput
+from grpokit.engines.models import context_length
 from grpokit.rewards.scoring import build_reward_functions
 from grpokit.train import build
 from grpokit.train import checkpoint as ckpt
@@ -111,6 +113,7 @@ class GRPOTrainer:
         self.model, self.processing_class = build.load_policy(model, processing_class, self.args)
         self.model = build.prepare_model(self.model, peft_config, self.args, self.device)
         self.is_peft = ckpt.is_peft_model(self.model)
+        self.context_length = context_length(self.model)  # prompts are limited to fit in it
         self.ref_model = build.make_ref_model(self.model, self.args)
         self.reward_funcs = build_reward_functions(
             reward_funcs, reward_processing_classes, device=self.device
@@ -133,6 +136,10 @@ class GRPOTrainer:
             self.model, self.processing_class, self.args
         )
         self.sampling = build.sampling_params(self.args)
+        # A completion that fills the model's context is refused now, not at the first step.
+        prompt_token_limit(
+            self.args.max_prompt_length, self.context_length, self.args.max_completion_length
+        )
         self.use_bf16 = build.resolve_precision(self.args, self.device)
         self.max_steps = build.resolve_max_steps(self.args, self.sampler.size)
         self.optimizer = build.make_optimizer(self.model, self.args)
@@ -248,11 +255,7 @@ class GRPOTrainer:
             ids += drawn.prompt_ids
             attempts += need
             if not rows and attempts > max(1, self.sampler.size or 0) + need:
-                raise ValueError(
-                    f"Every prompt is longer than max_prompt_length={cfg.max_prompt_length} tokens "
-                    "and prompt_length_policy='skip' drops them all; raise max_prompt_length or "
-                    "use prompt_length_policy='truncate_left'."
-                )
+                raise rollout.all_skipped_error()
         prompts, columns = rollout.repeat(rows)
         return prompts, ids, columns
 
@@ -516,6 +519,7 @@ class GRPOTrainer:
             sampling=self.sampling,
             num_generations=g,
             keep_columns=keep_columns,
+            context_length=self.context_length,
         )
 
     @torch.no_grad()
