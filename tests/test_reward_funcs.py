@@ -206,9 +206,25 @@ def test_get_reward_function_specs_and_errors() -> None:
         get_reward_function("acuracy")
     with pytest.raises(ValueError, match=r"reward 'soft_overlong_punishment': bad parameters"):
         get_reward_function({"name": "soft_overlong_punishment", "max_len": 3})
-    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+    with pytest.raises(ValueError, match="no module 'no_such_module' on the import path"):
         get_reward_function("no_such_module:f")
     with pytest.raises(ValueError, match="has no attribute 'nope'"):
         get_reward_function("tests.test_reward_funcs:nope")
     with pytest.raises(ValueError, match="must be a name or a dict"):
         get_reward_function({"scale": 1})  # type: ignore[arg-type]
+
+
+def test_user_reward_module_import_failures_say_what_failed(tmp_path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "needs_missing_dep_ue.py").write_text("import not_installed_dep_ue\n")
+    with pytest.raises(
+        ValueError,
+        match=r"importing module 'needs_missing_dep_ue' failed: No module named "
+        r"'not_installed_dep_ue' \(install the missing package or fix the import\)",
+    ):
+        get_reward_function("needs_missing_dep_ue:reward")
+    (tmp_path / "bad_syntax_ue.py").write_text("def reward(:\n")
+    with pytest.raises(
+        ValueError, match=rf"failed: SyntaxError: .* at {tmp_path / 'bad_syntax_ue.py'}:1 \(fix"
+    ):
+        get_reward_function("bad_syntax_ue:reward")

@@ -8,6 +8,9 @@ Layers, each importing only from those above it in this list:
 - `grpokit.train`: the config, the training loop and what it needs;
 - `grpokit.app`: run configs, the `grpokit` command, the demo, evaluation, plots.
 
+`grpokit.errors` (the errors a user can fix: config, data, output folder) imports nothing from
+grpokit, so every layer raises them.
+
 `GRPOConfig` and `GRPOTrainer` are imported on first use, so that `import grpokit` does not pay
 for importing torch and transformers.
 """
