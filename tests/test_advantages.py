@@ -7,8 +7,16 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from grpokit.core.advantages import check_reward_weights, group_advantages
+from grpokit.core.advantages import (
+    MULTI_OBJECTIVE_AGGREGATIONS,
+    SCALE_REWARDS,
+    check_reward_weights,
+    group_advantages,
+)
+from grpokit.train.microbatch import plan_micro_batches
 
 NAN = float("nan")
 
@@ -142,3 +150,75 @@ def test_check_reward_weights_is_the_one_check() -> None:
     )
     with pytest.raises(ValueError, match=r"flat list of 2 numbers.*shape \(2, 1\)"):
         check_reward_weights(torch.ones(2, 1), 2)  # [K, 1] would broadcast against [N, K]
+
+
+# ---- equal rewards give exactly zero ------------------------------------------------------------
+TRICKY_VALUES = [0.1, 0.3, 1 / 3, 1e6 + 0.1, -2.7, 7e-5]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    value=st.sampled_from(TRICKY_VALUES) | st.floats(-1e6, 1e6, width=32),
+    other=st.sampled_from(TRICKY_VALUES) | st.floats(-1e3, 1e3, width=32),
+    g=st.integers(2, 16),
+    scale_rewards=st.sampled_from(SCALE_REWARDS),
+)
+def test_a_group_of_equal_rewards_gets_exactly_zero(
+    value: float, other: float, g: int, scale_rewards: str
+) -> None:
+    """G equal rewards whose float32 mean does not round-trip (0.3, 1e6 + 0.1, ...) must give 0,
+    not ~1e-4..1 (0.3 * 8 gave 3e-4 in "group" mode, 1e6 + 0.1 gave 0.93), in every mode; the
+    varied group next to it keeps non-zero advantages."""
+    varied = 2.0 ** torch.arange(g)  # 1, 2, 4, ...: no element equals the mean
+    rewards = torch.cat([torch.full((g,), value), varied, torch.full((g,), other)])
+    out = group_advantages(rewards, g, scale_rewards=scale_rewards)
+    assert torch.equal(out.advantages[:g], torch.zeros(g))
+    assert torch.equal(out.advantages[2 * g :], torch.zeros(g))
+    assert (out.advantages[g : 2 * g] != 0).all()
+    assert out.metrics["frac_reward_zero_std"] == pytest.approx(2 / 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.tuples(*[st.sampled_from(TRICKY_VALUES) | st.floats(-1e6, 1e6, width=32)] * 2),
+    g=st.integers(2, 8),
+    scale_rewards=st.sampled_from(SCALE_REWARDS),
+    aggregation=st.sampled_from(MULTI_OBJECTIVE_AGGREGATIONS),
+    weights=st.tuples(st.floats(0.1, 3.0), st.floats(0.1, 3.0)),
+)
+def test_equal_multi_objective_rewards_get_exactly_zero(
+    values: tuple[float, float],
+    g: int,
+    scale_rewards: str,
+    aggregation: str,
+    weights: tuple[float, float],
+) -> None:
+    """Two reward functions, each constant over the first group, both varying over the second:
+    the first group's advantages are exactly 0 under both aggregations, with any weights. Under
+    normalize_then_sum a function that does not apply to one sample (NaN) leaves it constant; under
+    sum_then_normalize it would not (that sample's combined reward lacks the term)."""
+    constant = torch.tensor([values] * g, dtype=torch.float32)  # [G, 2]
+    if aggregation == "normalize_then_sum":
+        constant[0, 1] = NAN
+    varied = torch.stack([torch.arange(g) * 1.0, torch.arange(g) % 2 * 1.0], 1)  # [G, 2]
+    out = group_advantages(
+        torch.cat([constant, varied]),
+        g,
+        reward_weights=list(weights),
+        scale_rewards=scale_rewards,
+        multi_objective_aggregation=aggregation,
+    )
+    assert torch.equal(out.advantages[:g], torch.zeros(g))
+    assert (out.advantages[g:] != 0).any()
+
+
+def test_zero_advantage_groups_are_skipped_by_the_micro_batch_planner() -> None:
+    """The zero-advantage skip sees the constant group: 8 rewards of 0.3 gave 3e-4 advantages,
+    so before the fix its rows were still forwarded."""
+    rewards = torch.cat([torch.full((8,), 0.3), torch.tensor([0.0, 1.0] * 4)])
+    advantages = group_advantages(rewards, 8).advantages
+    mask = torch.ones(16, 3, dtype=torch.long)
+    plan = plan_micro_batches(
+        advantages, mask, mask, range(16), 4, loss_type="dapo", beta=0.0, top_entropy_quantile=1.0
+    )
+    assert sorted(i for micro in plan for i in micro.rows) == list(range(8, 16))

@@ -9,6 +9,11 @@ Bessel-corrected and guarded by `+ 1e-4`, as in TRL, so `[1, 0, 0, 0]` gives
 NaN means "this reward function does not apply to this sample": NaN entries are left out of every
 sum, mean and standard deviation; a sample with no valid reward at all gets advantage 0 and does
 not count in its group's statistics.
+
+A group whose rewards are all equal (max == min over its valid entries) gets advantages of exactly
+0 in every mode. Computed naively it would not: the float32 mean of G copies of a value such as 0.3
+need not round back to 0.3, and the difference, divided by a tiny std + 1e-4, would give the
+group advantages of order 1e-4 (0.3) to 1 (1e6 + 0.1) and keep it from the zero-advantage skip.
 """
 
 from __future__ import annotations
@@ -51,6 +56,14 @@ def _masked_std(values: Tensor, valid: Tensor, dim: int) -> Tensor:
     return torch.where(count > 1, variance.sqrt(), torch.zeros_like(variance))
 
 
+def _is_constant(values: Tensor, valid: Tensor, dim: int) -> Tensor:
+    """Whether no two `valid` entries along `dim` differ (max == min; True with fewer than two
+    valid entries). Keeps `dim` with size 1."""
+    highest = torch.where(valid, values, -torch.inf).amax(dim, keepdim=True)
+    lowest = torch.where(valid, values, torch.inf).amin(dim, keepdim=True)
+    return highest <= lowest
+
+
 def _center_and_scale(
     rewards: Tensor, valid: Tensor, num_generations: int, scale_rewards: str
 ) -> tuple[Tensor, Tensor]:
@@ -58,8 +71,10 @@ def _center_and_scale(
     grouped = rewards.view(-1, num_generations)  # [B, G]
     grouped_valid = valid.view(-1, num_generations)  # [B, G]
     group_mean = _masked_mean(grouped, grouped_valid, dim=1)  # [B, 1]
-    group_std = _masked_std(grouped, grouped_valid, dim=1)  # [B, 1]
-    centred = grouped - group_mean  # [B, G]
+    # Exactly 0 for a group of equal rewards, whose float32 mean may be 1 ulp off.
+    constant = _is_constant(grouped, grouped_valid, dim=1)  # [B, 1]
+    group_std = torch.where(constant, 0.0, _masked_std(grouped, grouped_valid, dim=1))  # [B, 1]
+    centred = torch.where(constant, 0.0, grouped - group_mean)  # [B, G]
     if scale_rewards == "group":  # GRPO (DeepSeekMath Eq. 3)
         centred = centred / (group_std + STD_EPS)
     elif scale_rewards == "batch":  # group mean, batch std (Lite PPO, arXiv 2508.08221)
@@ -97,12 +112,18 @@ def _normalize_then_sum(
     grouped_valid = valid.view(-1, num_generations, k)
     mean_k = _masked_mean(grouped, grouped_valid, dim=1)  # [B, 1, K]
     std_k = _masked_std(grouped, grouped_valid, dim=1)  # [B, 1, K]
-    normalized = ((grouped - mean_k) / (std_k + STD_EPS)).view(n, k)  # [N, K]
+    constant_k = _is_constant(grouped, grouped_valid, dim=1)  # [B, 1, K]
+    centred = torch.where(constant_k, 0.0, grouped - mean_k)  # [B, G, K]
+    normalized = (centred / (std_k + STD_EPS)).view(n, k)  # [N, K]
     summed = torch.where(valid, normalized * weights, 0.0).sum(-1)  # [N]
     sample_valid = valid.any(-1)  # [N]
     batch_mean = _masked_mean(summed, sample_valid, dim=0)
     batch_std = _masked_std(summed, sample_valid, dim=0)
     advantages = torch.where(sample_valid, (summed - batch_mean) / (batch_std + STD_EPS), 0.0)
+    # Each function's normalised rewards sum to 0 over a group, so batch_mean is 0 up to rounding:
+    # a group where every function's rewards are equal keeps exactly 0.
+    group_constant = constant_k.all(-1).expand(-1, num_generations).reshape(-1)  # [N]
+    advantages = torch.where(group_constant, 0.0, advantages)
     combined = torch.where(valid, per_func * weights, 0.0).sum(-1)  # [N] raw weighted reward
     group_std = _center_and_scale(combined, sample_valid, num_generations, "none")[1]
     return advantages, combined, group_std
