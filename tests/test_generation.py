@@ -5,7 +5,7 @@ import torch
 
 from grpokit.core.logprobs import model_completion_logprobs
 from grpokit.engines.base import SamplingParams, completion_mask_from_ids, left_pad
-from grpokit.engines.sampling import TokenSampler, sample_categorical
+from grpokit.engines.sampling import TokenSampler, sample_categorical, top_p_filter
 from grpokit.engines.transformers_engine import TransformersEngine, prefill
 from grpokit.train.rollout import RolloutBatch
 from tests.tiny import make_causal_lm, make_tokenizer
@@ -226,6 +226,52 @@ def test_token_sampler_scores_equal_transformers_processors(sampling: SamplingPa
     torch.testing.assert_close(ours[kept], reference[kept], rtol=1e-6, atol=1e-6)
 
 
+def _logits(kind: str, seed: int) -> torch.Tensor:
+    """`[64, V]` logits: plain float32, rounded to bf16 (many equal values among 1000 tokens), or
+    integers 0..3 (ties everywhere, also at the nucleus boundary)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "float32":
+        return torch.randn(64, 1000, generator=gen) * 3
+    if kind == "bf16":
+        return (torch.randn(64, 1000, generator=gen) * 2).bfloat16().float()
+    return torch.randint(0, 4, (64, 50), generator=gen).float()
+
+
+def _boundary_ties(scores: torch.Tensor, kept: torch.Tensor) -> int:
+    """Rows where a kept and a dropped token have the same score (the tie-breaking matters)."""
+    kept_min = torch.where(kept, scores, torch.inf).amin(-1)  # [N]
+    dropped_max = torch.where(kept, -torch.inf, scores).amax(-1)  # [N]
+    return int((kept_min == dropped_max).sum())
+
+
+@pytest.mark.parametrize("kind", ["float32", "bf16", "integers"])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8, 0.9, 0.95, 0.999])
+def test_top_p_keeps_exactly_the_tokens_transformers_keeps(kind: str, p: float) -> None:
+    """Same kept subset as transformers' TopPLogitsWarper, row for row, including tokens tied at
+    the nucleus boundary; the tie-heavy inputs must really contain such ties (else the test would
+    not test them)."""
+    from transformers import TopPLogitsWarper
+
+    ties = 0
+    for seed in range(3):
+        logits = _logits(kind, seed)
+        ours = top_p_filter(logits, p)
+        reference = TopPLogitsWarper(p)(None, logits.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(reference))
+        assert torch.equal(ours[~torch.isinf(ours)], logits[~torch.isinf(ours)])
+        ties += _boundary_ties(logits, ~torch.isinf(ours))
+    if kind == "integers" and p < 0.999:
+        assert ties > 0
+
+
+def test_bf16_logits_do_tie_at_the_top_p_boundary() -> None:
+    """bf16-rounded logits over 1000 tokens put equal scores on both sides of the boundary in
+    many rows: the case a different tie order gets wrong."""
+    logits = _logits("bf16", 0)
+    kept = ~torch.isinf(top_p_filter(logits, 0.9))
+    assert _boundary_ties(logits, kept) > 0
+
+
 @pytest.mark.parametrize("draw", ["multinomial", "inverse_cdf"])
 def test_first_token_distribution_matches_the_model(draw: str) -> None:
     """Empirical distribution of 6000 first tokens (one shared prefill) vs the processed model
@@ -407,6 +453,24 @@ def test_same_seed_same_tokens_as_model_generate() -> None:
     lean = _engine(tok, model, bf16_sampler=False, draw="multinomial").generate(
         [[5, 6, 7], [9, 8, 7]], **kwargs
     )
+    assert torch.equal(lean.completion_ids, plain.completion_ids)
+    assert torch.equal(lean.completion_mask, plain.completion_mask)
+
+
+def test_same_tokens_as_model_generate_with_ties_at_the_top_p_boundary() -> None:
+    """The same claim with logits rounded to bf16 (through a public forward hook on the LM head,
+    which both paths call) and integer-valued: equal logits sit at the nucleus boundary at most
+    steps, and both paths still draw the same tokens."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    # Scale so the 100 logits take a few integer values: ties everywhere.
+    model.lm_head.register_forward_hook(lambda module, args, out: (out * 8).round().bfloat16())
+    sampling = SamplingParams(temperature=1.0, top_p=0.7)
+    kwargs = dict(num_generations=4, max_new_tokens=12, sampling=sampling)
+    torch.manual_seed(5)
+    plain = _engine(tok, model, decode="hf", bf16_sampler=False).generate(PROMPTS, **kwargs)
+    torch.manual_seed(5)
+    lean = _engine(tok, model, bf16_sampler=False, draw="multinomial").generate(PROMPTS, **kwargs)
     assert torch.equal(lean.completion_ids, plain.completion_ids)
     assert torch.equal(lean.completion_mask, plain.completion_mask)
 

@@ -188,13 +188,18 @@ def top_p_filter(scores: Tensor, p: float) -> Tensor:
     """Nucleus filter (Holtzman et al. 2019, arXiv 1904.09751): keep the smallest set of tokens,
     by descending probability, whose mass reaches `p`; the most likely token always stays. `[N, V]`.
 
-    A token is dropped when the mass of the tokens strictly more likely than it is already >= p.
+    Computed as transformers' `TopPLogitsWarper` does, so that both keep the same tokens, ties
+    included: the scores are sorted ascending with `torch.sort` (not a stable sort), and a token is
+    dropped when the mass of itself and every token sorted before it is `<= 1 - p`. Tokens with
+    equal scores at the nucleus boundary (frequent with bf16 logits) are kept or dropped by their
+    place in that sort, so a descending sort, a stable sort or another order of summation would
+    keep a different subset; the float32 cumulative sum is also the same, so a boundary that
+    falls on a rounding tie is decided the same way.
     """
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-    probs = torch.softmax(sorted_scores, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # [N, V] mass of the tokens ranked above
-    drop_sorted = mass_before >= p
-    drop_sorted[:, 0] = False
+    ascending, order = torch.sort(scores, dim=-1)  # [N, V] least likely first
+    mass_up_to = torch.softmax(ascending, dim=-1).cumsum(dim=-1)  # [N, V] incl. the token itself
+    drop_sorted = mass_up_to <= 1 - p
+    drop_sorted[:, -1] = False  # the most likely token (last in the sort) always stays
     drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))
 

@@ -84,7 +84,8 @@ class TransformersEngine:
                 "inverse_cdf" (default) = `sample_categorical`, exact, from one uniform number
                 per row; "multinomial" = `torch.multinomial`, the same distribution and the same
                 random stream as `model.generate` (same seed and same logits give the same
-                tokens), but it draws V exponentials per row (a pass over the vocabulary).
+                tokens, also when logits tie at the top-p boundary: `sampling.top_p_filter`),
+                but it draws V exponentials per row (a pass over the vocabulary).
             return_logprobs: Lean path: fill `GenerationOutput.sampling_logprobs`. Off by
                 default because the trainer applies its rollout importance correction
                 (`vllm_importance_sampling_*`) whenever an engine returns them.
