@@ -162,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"grpokit: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        # A TrainingInterrupted was already reported in one line (checkpoint, how to resume).
+        # Its module is loaded whenever training ran; importing it here could take seconds.
+        guards = sys.modules.get("grpokit.train.guards")
+        if guards is None or not isinstance(interrupt, guards.TrainingInterrupted):
+            print("grpokit: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -61,6 +61,10 @@ DRAWS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+class NonFiniteLogitsError(FloatingPointError):
+    """The model's logits hold NaN/inf while sampling: there is no distribution to draw from."""
+
+
 class TokenSampler:
     """Next-token sampling from raw logits, in transformers' processor order.
 
@@ -143,8 +147,22 @@ class TokenSampler:
         return scores
 
     def sample(self, logits: Tensor, step: int) -> Tensor:
-        """Draw one token per row: `[N]` long from raw `logits` `[N, V]`."""
+        """Draw one token per row: `[N]` long from raw `logits` `[N, V]`.
+
+        Raises:
+            NonFiniteLogitsError: a row's logits hold NaN or +inf (or every token was filtered
+                out), so it has no distribution to draw from.
+        """
         probs = torch.softmax(self.scores(logits, step), dim=-1)  # [N, V]
+        broken = torch.isnan(probs).any(-1)  # [N]
+        if bool(broken.any()):
+            raise NonFiniteLogitsError(
+                f"sampling completion token {step}: the logits of {int(broken.sum())} of "
+                f"{probs.shape[0]} rows are NaN or inf (or filter out every token), so no token "
+                "can be drawn. The model's "
+                "weights have probably diverged (learning_rate too high) or were loaded with "
+                "NaN/inf values."
+            )
         tokens = self.draw(probs)  # [N]
         if self.seen is not None:
             self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True

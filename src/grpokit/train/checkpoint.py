@@ -40,6 +40,8 @@ class TrainerState:
         data_epoch, data_index: the prompt sampler's position (epoch, next row in that epoch).
         num_input_tokens_seen: prompt + completion tokens generated so far.
         prompts_over_length: prompts truncated or skipped by `max_prompt_length` so far.
+        nonfinite_skipped: optimizer steps skipped for a NaN/inf loss or gradient norm so far.
+        nonfinite_in_a_row: how many of the latest optimizer steps in a row were skipped.
     """
 
     global_step: int = 0
@@ -49,6 +51,8 @@ class TrainerState:
     data_index: int = 0
     num_input_tokens_seen: int = 0
     prompts_over_length: int = 0
+    nonfinite_skipped: int = 0
+    nonfinite_in_a_row: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The state as a JSON-serialisable dict."""

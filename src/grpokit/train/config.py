@@ -418,6 +418,12 @@ class GRPOConfig:
         -1, "Optimizer steps to train for; -1 = derive from num_train_epochs and the dataset size."
     )
     num_train_epochs: float = option(3.0, "Passes over the training prompts when max_steps is -1.")
+    max_consecutive_nonfinite_steps: int | None = option(
+        3,
+        "Stop the run with an error after this many optimizer steps in a row whose loss or "
+        "gradient norm is NaN/inf. Each such step is skipped (no update, warned about, counted in "
+        "`train/nonfinite_skipped`). None = skip them but never stop.",
+    )
 
     # ---- Logging, saving, evaluation --------------------------------------------------------
     logging_steps: int | float = option(
@@ -659,6 +665,8 @@ class GRPOConfig:
                 f"attention must be 'auto', None or an attention implementation name such as "
                 f"'sdpa'; got {self.attention!r}."
             )
+        if self.max_consecutive_nonfinite_steps is not None:
+            _positive_int("max_consecutive_nonfinite_steps", self.max_consecutive_nonfinite_steps)
         if self.lr_scheduler_type not in LR_SCHEDULERS:
             raise ValueError(
                 f"lr_scheduler_type={self.lr_scheduler_type!r} is not supported; use one of "

@@ -34,7 +34,7 @@ from grpokit.data.prompts import prompt_token_limit
 from grpokit.engines.base import GenerationEngine, GenerationOutput
 from grpokit.engines.models import context_length
 from grpokit.rewards.scoring import build_reward_functions
-from grpokit.train import build
+from grpokit.train import build, guards
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.checkpoint import TrainerState
 from grpokit.train.config import GRPOConfig, crossed_multiple
@@ -175,11 +175,13 @@ class GRPOTrainer:
         )
         steps_per_round = cfg.steps_per_round
         num_rounds = math.ceil(self.max_steps / steps_per_round)
+        restart = guards.RoundStart.capture(self.state)  # where Ctrl-C rewinds to
         try:
             if cfg.eval_on_start:
                 run_log.log(self.state.global_step, self.evaluate())
             for _ in range(self.state.global_step // steps_per_round, num_rounds):
                 round_start, first_step = time.perf_counter(), self.state.global_step
+                restart = guards.RoundStart.capture(self.state)
                 timings: dict[str, float] = {}
 
                 # ---- ALGO: rollouts --------------------------------------------------------
@@ -228,6 +230,8 @@ class GRPOTrainer:
                         ),
                     )
                 self._after_round(run_log, first_step)
+        except KeyboardInterrupt as interrupt:
+            raise self._save_on_interrupt(restart) from interrupt
         finally:
             run_log.close()
         return self.state
@@ -379,14 +383,23 @@ class GRPOTrainer:
                     param.grad = torch.zeros_like(param)
         forward_backward_done = time.perf_counter()
         grad_norm = self._clip_gradients()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.global_step += 1
-        self.engine.update_weights(self.model)
-        optimizer_done = time.perf_counter()
-        if cfg.sync_ref_model and self.state.global_step % cfg.ref_model_sync_steps == 0:
-            self._sync_ref_model()
+        with guards.interrupts_deferred():  # Ctrl-C never leaves a half-applied update
+            skip = guards.skip_nonfinite_update(
+                self.state,
+                loss=total_loss,
+                grad_norm=grad_norm,
+                max_consecutive=cfg.max_consecutive_nonfinite_steps,
+                model=self.model,
+            )
+            if not skip:
+                self.optimizer.step()
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.global_step += 1
+            self.engine.update_weights(self.model)
+            optimizer_done = time.perf_counter()
+            if cfg.sync_ref_model and self.state.global_step % cfg.ref_model_sync_steps == 0:
+                self._sync_ref_model()
         out = reduce_metrics({k: [v.item() for v in vs] for k, vs in micro_metrics.items()})
         out.update(
             {
@@ -486,6 +499,7 @@ class GRPOTrainer:
                 `args.save_merged`).
         """
         merged = self.args.save_merged if merged is None else merged
+        guards.check_finite_weights(self.model, "the model")
         ckpt.save_model(
             self.model, self.processing_class, output_dir or self.args.output_dir, merged=merged
         )
@@ -599,7 +613,11 @@ class GRPOTrainer:
 
         metrics: dict[str, float] = {}
         if self._is_logging_round(first_step):
-            metrics = {**self.pending.flush(), "epoch": self.state.epoch}
+            metrics = {
+                **self.pending.flush(),
+                "epoch": self.state.epoch,
+                "train/nonfinite_skipped": float(self.state.nonfinite_skipped),
+            }
         eval_every = cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps
         if cfg.eval_strategy == "steps" and (self._crossed(eval_every, first_step) or done):
             metrics.update(self.evaluate())
@@ -611,6 +629,7 @@ class GRPOTrainer:
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> Path:
+        guards.check_finite_weights(self.model, f"checkpoint-{self.state.global_step}")
         return build.save_trainer_checkpoint(
             self.args,
             self.state,
@@ -620,6 +639,37 @@ class GRPOTrainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
         )
+
+    def _save_on_interrupt(self, restart: guards.RoundStart) -> guards.TrainingInterrupted:
+        """Ctrl-C: checkpoint the last completed optimizer step and say how to resume.
+
+        Before the round's first optimizer step, the round is rewound (its random draws and
+        prompts are not used up), so resuming gives the uninterrupted run's weights. After some of
+        a multi-step round's steps, the checkpoint is mid-round (resume starts a fresh round).
+        With `save_strategy="no"` nothing is written.
+        """
+        cfg, state = self.args, self.state
+        done_in_round = state.global_step - restart.state.global_step
+        if done_in_round == 0:
+            restart.rewind(state)
+        else:  # as _after_round would have recorded
+            state.epoch = self.sampler.epochs_done
+            state.data_epoch, state.data_index = self.sampler.epoch, self.sampler.index
+        path = None
+        if cfg.save_strategy != "no" and state.global_step > 0:
+            # A checkpoint the previous round finished writing at this step is this state.
+            latest = ckpt.latest_checkpoint(cfg.output_dir) if done_in_round == 0 else None
+            same_step = latest is not None and latest.name == f"checkpoint-{state.global_step}"
+            path = latest if same_step else self._save_checkpoint()
+        message = guards.interrupt_message(
+            state.global_step,
+            path,
+            output_dir=cfg.output_dir,
+            mid_round=0 < done_in_round < cfg.steps_per_round
+            and state.global_step < self.max_steps,
+        )
+        logger.warning(message)
+        return guards.TrainingInterrupted(message, path)
 
     def _maybe_resume(self, resume_from_checkpoint: bool | str | None) -> None:
         path = build.find_checkpoint(resume_from_checkpoint, self.args.output_dir)
