@@ -1,6 +1,6 @@
 """Guards of the training loop on tiny in-process runs: NaN/inf steps are skipped, counted and
-warned about, too many in a row stop the run, non-finite weights are never saved, and Ctrl-C saves
-a checkpoint that resumes to the uninterrupted run's weights.
+warned about, too many in a row stop the run, non-finite weights are never saved, Ctrl-C saves a
+checkpoint that resumes to the uninterrupted run's weights, and a stuck reward function times out.
 
 NaN is injected through public objects only: a forward hook on the policy's input embeddings that
 fires in training forwards (gradient enabled; generation and log-prob passes run without it)."""
@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 
 from grpokit import GRPOConfig
 from grpokit.engines.sampling import NonFiniteLogitsError
+from grpokit.rewards.scoring import RewardTimeoutError
 from grpokit.train.guards import NonFiniteError, TrainingInterrupted, interrupts_deferred
 from grpokit.train.trainer import GRPOTrainer
 from tests.test_trainer import char_sum, make_trainer, params, read_metrics
@@ -348,3 +350,52 @@ def test_sigint_to_grpokit_train_exits_130_and_resumes_to_the_same_weights(
     assert resumed_weights.keys() == full_weights.keys()
     for name, value in full_weights.items():
         assert torch.equal(value, resumed_weights[name]), name
+
+
+# ---- reward timeout through the trainer ----------------------------------------------------------
+def test_reward_timeout_from_the_config_stops_or_skips_a_stuck_reward(tmp_path: Path) -> None:
+    """A reward that hangs while scoring round 2: with the default policy the run stops with an
+    error naming it; with "nan" that batch has no applicable reward (zero advantages) and the
+    run finishes."""
+    release = threading.Event()
+    box: list[GRPOTrainer] = []
+
+    def hangs_at_step_1(completions: list[str], **kwargs: Any) -> list[float]:
+        if box[-1].state.global_step == 1:
+            release.wait()
+        return char_sum(completions)
+
+    try:
+        box.append(make_trainer(tmp_path / "error", hangs_at_step_1, reward_timeout=0.3))
+        with pytest.raises(RewardTimeoutError, match="'hangs_at_step_1' did not return within"):
+            box[-1].train()
+        assert box[-1].state.global_step == 1
+
+        box.append(
+            make_trainer(
+                tmp_path / "nan",
+                hangs_at_step_1,
+                max_steps=3,
+                reward_timeout=0.3,
+                reward_timeout_policy="nan",
+            )
+        )
+        assert box[-1].train().global_step == 3
+        logged = read_metrics(tmp_path / "nan")
+        assert logged[1]["frac_reward_zero_std"] == 1.0 and logged[1]["loss"] == 0.0
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("reward_timeout", 0, r"reward_timeout must be a finite number > 0 or None, got 0\."),
+        ("reward_timeout", math.inf, "reward_timeout must be a finite number > 0 or None"),
+        ("reward_timeout", "5", "reward_timeout must be a finite number > 0 or None"),
+        ("reward_timeout_policy", "skip", "reward_timeout_policy must be one of"),
+    ],
+)
+def test_reward_timeout_fields_are_validated(field: str, value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GRPOConfig(**{field: value})

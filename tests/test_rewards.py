@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ from grpokit.rewards.scoring import (
     CallableReward,
     RewardFunctionError,
     RewardModel,
+    RewardTimeoutError,
     build_reward_functions,
     compute_rewards,
 )
@@ -233,3 +236,107 @@ def test_callable_reward_wraps_objects() -> None:
             return [0.0] * len(completions)
 
     assert CallableReward(Scorer()).name == "Scorer"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timeouts and functions that never apply
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def release() -> Any:
+    """An event that blocked reward functions wait on; set at teardown so their threads end."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def test_a_sync_call_past_the_timeout_is_an_error_naming_it(release: threading.Event) -> None:
+    def stuck(completions: list[str], **kwargs: Any) -> list[float]:
+        release.wait()
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardTimeoutError) as info:
+        rewards_of([exact, stuck], timeout=0.2)
+    message = str(info.value)
+    assert "'stuck' did not return within reward_timeout=0.2 s on a batch of 3" in message
+    assert "reward_timeout_policy='nan'" in message and "cannot be stopped" in message
+    assert info.value.function_name == "stuck"
+    assert isinstance(info.value, RewardFunctionError)
+
+
+def test_timeout_policy_nan_scores_the_batch_as_not_applicable(
+    release: threading.Event, caplog: pytest.LogCaptureFixture
+) -> None:
+    cancelled: list[bool] = []
+
+    def stuck(completions: list[str], **kwargs: Any) -> list[float]:
+        release.wait()
+        return [0.0] * len(completions)
+
+    async def stuck_async(completions: list[str], **kwargs: Any) -> list[float]:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return [0.0] * len(completions)
+
+    with caplog.at_level(logging.WARNING, logger="grpokit"):
+        rewards = rewards_of(
+            [exact, stuck, async_length, stuck_async], timeout=0.2, timeout_policy="nan"
+        )
+    assert rewards[:, 0].tolist() == [1.0, 0.0, 1.0]  # the others are scored as usual
+    assert rewards[:, 2].tolist() == [1.0, 1.0, 1.0]
+    assert torch.isnan(rewards[:, 1]).all() and torch.isnan(rewards[:, 3]).all()
+    assert cancelled == [True]  # the async call was cancelled, not left running
+    warned = [r.getMessage() for r in caplog.records]
+    assert sum("did not return within reward_timeout=0.2 s" in m for m in warned) == 2
+    assert not any("returned None for all" in m for m in warned)  # timed out, not None
+
+
+def test_with_a_timeout_calls_run_in_a_worker_thread_and_keep_their_errors() -> None:
+    threads: list[str] = []
+
+    def where(completions: list[str], **kwargs: Any) -> list[float]:
+        threads.append(threading.current_thread().name)
+        return [1.0] * len(completions)
+
+    def raises_timeout_itself(completions: list[str], **kwargs: Any) -> list[float]:
+        raise TimeoutError("from an HTTP client")
+
+    assert rewards_of([where], timeout=5.0).sum().item() == 3.0
+    assert threads == ["reward where"]
+    # The function's own TimeoutError is its error (with the failing sample), not our timeout.
+    with pytest.raises(RewardFunctionError, match="raised TimeoutError: from an HTTP client") as e:
+        rewards_of([raises_timeout_itself], timeout=5.0)
+    assert not isinstance(e.value, RewardTimeoutError)
+    assert rewards_of([where])[:, 0].tolist() == [1.0] * 3  # no timeout: the caller's thread
+    assert threads[-1] == threading.main_thread().name
+    with pytest.raises(ValueError, match="timeout_policy must be one of"):
+        rewards_of([where], timeout=1.0, timeout_policy="skip")
+
+
+def test_a_function_that_returns_none_for_a_whole_batch_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def never(completions: list[str], **kwargs: Any) -> list[float | None]:
+        return [None] * len(completions)
+
+    def sometimes(completions: list[str], **kwargs: Any) -> list[float | None]:
+        return [None, 1.0, None]
+
+    fns = build_reward_functions([never, sometimes])
+    kwargs: dict[str, Any] = dict(
+        prompts=PROMPTS, completions=COMPLETIONS, completion_ids=IDS, columns=COLUMNS
+    )
+    with caplog.at_level(logging.WARNING, logger="grpokit"):
+        for _ in range(5):
+            compute_rewards(fns, **kwargs)
+    warned = [r.getMessage() for r in caplog.records]
+    # Warned at its 1st, 2nd and 4th such batch, each time with the count; never for `sometimes`.
+    assert [m.split("(")[1].split(" so far")[0] for m in warned] == [
+        "1 such batch",
+        "2 such batches",
+        "4 such batches",
+    ]
+    assert all("'never' returned None for all 3 completions" in m for m in warned)
+    assert fns[0].all_none_batches == 5 and fns[1].all_none_batches == 0

@@ -9,7 +9,17 @@ ignored by the weighted sum downstream).
 Accepted return values, decided here once: `int`, `float`, `bool` (True = 1.0; TRL accepts it, so
 `[c == a for ...]` keeps working), numpy scalars, 0-d tensors/arrays, and `None`. Anything else
 (strings, lists, NaN, inf, a wrong count) is a `RewardFunctionError` naming the function, the
-sample and the fix.
+sample and the fix. A function that returns None for every completion of a batch is warned about
+(it adds nothing to the advantages; often a column it reads is missing).
+
+Timeouts (`compute_rewards(timeout=...)`, `GRPOConfig.reward_timeout`): each call may take at most
+`timeout` seconds. A sync function then runs in a daemon worker thread; when it times out, Python
+cannot stop that thread, so it keeps running (and using CPU) in the background until it returns:
+code that may never return, or that must not be trusted, belongs in a separate process (the
+sandbox, docs/SECURITY.md). Signal-based timeouts (`signal.alarm`) do not work in that thread. An
+async function is cancelled at its next `await`; one that blocks without awaiting cannot be timed
+out. A timed-out call is a `RewardTimeoutError`, or with `timeout_policy="nan"` a warning and NaN
+("does not apply") rewards from that function for the batch.
 """
 
 from __future__ import annotations
@@ -17,15 +27,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import logging
 import math
 import numbers
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from grpokit.data.prompts import completion_text, is_conversational_prompt
+
+logger = logging.getLogger("grpokit")
+
+REWARD_TIMEOUT_POLICIES = ("error", "nan")
 
 
 class RewardFunctionError(ValueError):
@@ -35,6 +51,14 @@ class RewardFunctionError(ValueError):
         super().__init__(message)
         self.function_name = function_name
         self.index = index
+
+
+class RewardTimeoutError(RewardFunctionError):
+    """A reward function did not return within the timeout."""
+
+
+class _TimedOut(Exception):
+    """Internal: our own timeout fired (distinct from a TimeoutError the function raises)."""
 
 
 @runtime_checkable
@@ -62,6 +86,8 @@ class CallableReward:
             raise TypeError(f"reward function {fn!r} is not callable.")
         self.fn = fn
         self.name = name or callable_name(fn)
+        self.all_none_batches = 0
+        """Batches for which the function returned None for every completion."""
 
     def __call__(
         self,
@@ -104,6 +130,7 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.name = name or model_name(model)
+        self.all_none_batches = 0  # never grows: a reward model scores every completion
         if getattr(tokenizer, "pad_token", None) is None:
             # Same fallback as TRL: batching needs a pad token, and the classifier pools the last
             # non-pad token, so the model's config must agree with the tokenizer.
@@ -279,11 +306,24 @@ def _build_one(
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_coroutines(coroutines: list[Any]) -> list[Any]:
-    """Await coroutines concurrently; results or exceptions, in order."""
+def _run_coroutines(coroutines: list[Any], timeout: float | None = None) -> list[Any]:
+    """Await coroutines concurrently; results or exceptions (`_TimedOut` for those still running
+    after `timeout` seconds, which are cancelled), in order."""
+
+    async def bounded(coroutine: Any) -> Any:
+        if timeout is None:
+            return await coroutine
+        # asyncio.wait, not wait_for: a TimeoutError raised by the function itself must stay
+        # that function's error, not pass for our timeout.
+        task = asyncio.ensure_future(coroutine)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            raise _TimedOut
+        return task.result()
 
     async def gather() -> list[Any]:
-        return list(await asyncio.gather(*coroutines, return_exceptions=True))
+        return list(await asyncio.gather(*(bounded(c) for c in coroutines), return_exceptions=True))
 
     try:
         asyncio.get_running_loop()
@@ -292,6 +332,70 @@ def _run_coroutines(coroutines: list[Any]) -> list[Any]:
     # Already inside an event loop (e.g. a notebook): run ours in a worker thread.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, gather()).result()
+
+
+def _call(fn: RewardFunction, kwargs: dict[str, Any], timeout: float | None) -> Any:
+    """`fn(**kwargs)`; with a timeout, in a daemon worker thread, raising `_TimedOut` when it has
+    not returned after `timeout` seconds (the thread is left running: it cannot be stopped)."""
+    if timeout is None:
+        return fn(**kwargs)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(**kwargs)
+        except BaseException as error:  # handed to the caller's thread below
+            box["error"] = error
+
+    worker = threading.Thread(target=target, name=f"reward {fn.name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise _TimedOut
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _timed_out(fn: RewardFunction, timeout: float | None, n: int, policy: str) -> list[None]:
+    """Rewards of a timed-out call under `policy` ("nan": all None, warned), else the error."""
+    still = (
+        " The call keeps running in its worker thread (a thread cannot be stopped); run code "
+        "that may not return in a separate process (the sandbox, docs/SECURITY.md)."
+    )
+    if policy == "nan":
+        logger.warning(
+            "reward function %r did not return within reward_timeout=%s s on %d completions; its "
+            "rewards for this batch are NaN (does not apply), as reward_timeout_policy='nan' "
+            "says.%s",
+            fn.name,
+            timeout,
+            n,
+            still,
+        )
+        return [None] * n
+    raise RewardTimeoutError(
+        f"reward function {fn.name!r} did not return within reward_timeout={timeout} s on a "
+        f"batch of {n} completions. Make it faster, raise reward_timeout, or set "
+        "reward_timeout_policy='nan' to score such a batch as not applicable." + still,
+        function_name=fn.name,
+    )
+
+
+def _warn_all_none(fn: CallableReward | RewardModel, n: int) -> None:
+    """Count a batch the function returned None for entirely; warn at the 1st, 2nd, 4th, ...."""
+    fn.all_none_batches += 1
+    count = fn.all_none_batches
+    if count & (count - 1) == 0:
+        logger.warning(
+            "reward function %r returned None for all %d completions of a batch (%d such "
+            "batch%s so far): it adds nothing to the advantages. If it should apply, check the "
+            "dataset columns it reads and how it parses the completions.",
+            fn.name,
+            n,
+            count,
+            "" if count == 1 else "es",
+        )
 
 
 def _short(value: Any, limit: int = 200) -> str:
@@ -409,39 +513,9 @@ def _validate(fn: RewardFunction, output: Any, completions: list[Any]) -> list[f
     return rewards
 
 
-def compute_rewards(
-    reward_fns: Sequence[RewardFunction | Callable[..., Any]],
-    *,
-    prompts: list[Any],
-    completions: list[Any],
-    completion_ids: list[list[int]],
-    columns: dict[str, list[Any]],
-    trainer_state: Any = None,
-) -> torch.Tensor:
-    """Call every reward function on N completions and stack the validated results.
-
-    Sync functions run one after another; async ones run concurrently (`asyncio.gather`). When a
-    function raises, it is called again one sample at a time to name the first sample that fails
-    on its own (only on this error path, which stops training anyway).
-
-    Args:
-        reward_fns: K reward functions (from `build_reward_functions`; bare callables are wrapped).
-        prompts: N prompts (each repeated G times), plain or conversational.
-        completions: N completions in the prompts' format (see `data.prompts.format_completions`).
-        completion_ids: N completion token-id lists (up to and including EOS; no padding).
-        columns: Every other dataset column, N values each, passed as keyword arguments.
-        trainer_state: Passed through as `trainer_state`.
-
-    Returns:
-        `[N, K]` float32 rewards on CPU; NaN where a function returned None ("does not apply").
-
-    Raises:
-        RewardFunctionError: A function raised (chained from the original error, naming the first
-            sample that fails alone), returned the wrong number of values, a non-number, NaN or
-            inf.
-        ValueError: Inputs of different lengths.
-    """
-    n = len(completions)
+def _check_inputs(
+    n: int, prompts: list[Any], completion_ids: list[list[int]], columns: dict[str, list[Any]]
+) -> None:
     lengths = {"prompts": len(prompts), "completion_ids": len(completion_ids)}
     lengths.update({f"column {key!r}": len(values) for key, values in columns.items()})
     for what, length in lengths.items():
@@ -455,7 +529,91 @@ def compute_rewards(
         raise ValueError(
             f"dataset columns {sorted(reserved)} clash with reward-function arguments; rename them."
         )
-    fns: list[RewardFunction] = [
+
+
+def _call_all(
+    fns: Sequence[RewardFunction],
+    kwargs: dict[str, Any],
+    n: int,
+    timeout: float | None,
+    timeout_policy: str,
+) -> tuple[list[Any], set[int]]:
+    """Every function's raw output (sync ones in turn, then the async ones together), and the
+    indices of the functions that timed out (their output: N Nones, under policy "nan")."""
+    list_keys = [key for key in kwargs if key != "trainer_state"]
+    outputs: list[Any] = [None] * len(fns)
+    pending: dict[int, Any] = {}
+    timed_out: set[int] = set()
+    for k, fn in enumerate(fns):
+        try:
+            out = _call(fn, kwargs, timeout)
+        except _TimedOut:
+            outputs[k] = _timed_out(fn, timeout, n, timeout_policy)
+            timed_out.add(k)
+            continue
+        except Exception as error:
+            raise _raised_error(fn, error, kwargs, n, list_keys) from error
+        if inspect.isawaitable(out):
+            pending[k] = out
+        else:
+            outputs[k] = out
+    results = _run_coroutines(list(pending.values()), timeout) if pending else []
+    for k, result in zip(pending, results, strict=True):
+        if isinstance(result, _TimedOut):
+            outputs[k] = _timed_out(fns[k], timeout, n, timeout_policy)
+            timed_out.add(k)
+        elif isinstance(result, BaseException):
+            raise _raised_error(fns[k], result, kwargs, n, list_keys) from result
+        else:
+            outputs[k] = result
+    return outputs, timed_out
+
+
+def compute_rewards(
+    reward_fns: Sequence[RewardFunction | Callable[..., Any]],
+    *,
+    prompts: list[Any],
+    completions: list[Any],
+    completion_ids: list[list[int]],
+    columns: dict[str, list[Any]],
+    trainer_state: Any = None,
+    timeout: float | None = None,
+    timeout_policy: str = "error",
+) -> torch.Tensor:
+    """Call every reward function on N completions and stack the validated results.
+
+    Sync functions run one after another; async ones run concurrently (`asyncio.gather`). When a
+    function raises, it is called again one sample at a time to name the first sample that fails
+    on its own (only on this error path, which stops training anyway). A function that returns
+    None for all N completions is warned about, at its 1st, 2nd, 4th, 8th, ... such batch.
+
+    Args:
+        reward_fns: K reward functions (from `build_reward_functions`; bare callables are wrapped).
+        prompts: N prompts (each repeated G times), plain or conversational.
+        completions: N completions in the prompts' format (see `data.prompts.format_completions`).
+        completion_ids: N completion token-id lists (up to and including EOS; no padding).
+        columns: Every other dataset column, N values each, passed as keyword arguments.
+        trainer_state: Passed through as `trainer_state`.
+        timeout: Seconds each function call may take (module docstring); None = no limit.
+        timeout_policy: A timed-out call is an error ("error") or NaN rewards for the batch
+            from that function ("nan", warned about).
+
+    Returns:
+        `[N, K]` float32 rewards on CPU; NaN where a function returned None ("does not apply").
+
+    Raises:
+        RewardFunctionError: A function raised (chained from the original error, naming the first
+            sample that fails alone), returned the wrong number of values, a non-number, NaN or
+            inf. `RewardTimeoutError` (a subclass): a call timed out under policy "error".
+        ValueError: Inputs of different lengths, or an unknown `timeout_policy`.
+    """
+    if timeout_policy not in REWARD_TIMEOUT_POLICIES:
+        raise ValueError(
+            f"timeout_policy must be one of {REWARD_TIMEOUT_POLICIES}, got {timeout_policy!r}."
+        )
+    n = len(completions)
+    _check_inputs(n, prompts, completion_ids, columns)
+    fns: list[CallableReward | RewardModel] = [
         f if isinstance(f, (CallableReward, RewardModel)) else CallableReward(f) for f in reward_fns
     ]
     kwargs: dict[str, Any] = dict(
@@ -465,26 +623,11 @@ def compute_rewards(
         trainer_state=trainer_state,
         **columns,
     )
-    list_keys = ["prompts", "completions", "completion_ids", *columns]
-
-    outputs: list[Any] = [None] * len(fns)
-    pending: dict[int, Any] = {}
-    for k, fn in enumerate(fns):
-        try:
-            out = fn(**kwargs)
-        except Exception as error:
-            raise _raised_error(fn, error, kwargs, n, list_keys) from error
-        if inspect.isawaitable(out):
-            pending[k] = out
-        else:
-            outputs[k] = out
-    if pending:
-        for k, result in zip(pending, _run_coroutines(list(pending.values())), strict=True):
-            if isinstance(result, BaseException):
-                raise _raised_error(fns[k], result, kwargs, n, list_keys) from result
-            outputs[k] = result
-
+    outputs, timed_out = _call_all(fns, kwargs, n, timeout, timeout_policy)
     columns_k = [_validate(fn, out, completions) for fn, out in zip(fns, outputs, strict=True)]
+    for k, (fn, column) in enumerate(zip(fns, columns_k, strict=True)):
+        if n and k not in timed_out and all(math.isnan(v) for v in column):
+            _warn_all_none(fn, n)
     if not columns_k:
         return torch.empty(n, 0, dtype=torch.float32)
     return torch.tensor(columns_k, dtype=torch.float32).T.contiguous()  # [K, N] -> [N, K]

@@ -67,6 +67,7 @@ NUMBER_RANGES: dict[str, str] = {
     "vllm_importance_sampling_clip_min": "[0, inf)",
     "vllm_importance_sampling_clip_max": "(0, inf)",
     "ref_model_mixup_alpha": "[0, 1]",
+    "reward_timeout": "(0, inf)",
     "learning_rate": "[0, inf)",
     "weight_decay": "[0, inf)",
     "adam_beta1": "[0, 1)",
@@ -381,6 +382,19 @@ class GRPOConfig:
     ref_model_sync_steps: int = option(
         512, "Optimizer steps between reference-model syncs when `sync_ref_model` is on."
     )
+    reward_timeout: float | None = option(
+        None,
+        "Seconds one call of a reward function may take; None = no limit. With a limit, sync "
+        "functions run in a worker thread, which cannot be stopped once timed out and keeps "
+        "running: run code that may never return in the sandbox (docs/SECURITY.md). Async "
+        "functions are cancelled. See `reward_timeout_policy`.",
+    )
+    reward_timeout_policy: str = option(
+        "error",
+        'What a timed-out reward call does: "error" stops training with an error naming the '
+        'function; "nan" scores that batch as not applicable for that function (NaN rewards), '
+        "with a warning.",
+    )
 
     # ---- Optimisation ------------------------------------------------------------------------
     per_device_train_batch_size: int = option(8, "Completions (not prompts) per micro-batch.")
@@ -639,6 +653,16 @@ class GRPOConfig:
                 "set beta > 0 or sync_ref_model=False."
             )
         _positive_int("ref_model_sync_steps", self.ref_model_sync_steps)
+        self._check_reward_timeout_policy()
+
+    def _check_reward_timeout_policy(self) -> None:
+        from grpokit.rewards.scoring import REWARD_TIMEOUT_POLICIES
+
+        if self.reward_timeout_policy not in REWARD_TIMEOUT_POLICIES:
+            raise ValueError(
+                f"reward_timeout_policy must be one of {REWARD_TIMEOUT_POLICIES}, got "
+                f"{self.reward_timeout_policy!r}."
+            )
 
     def _check_rollout_importance_sampling(self) -> None:
         from grpokit.core.losses import ROLLOUT_IS_MODES

@@ -107,6 +107,8 @@ class RolloutPipeline:
         context_length: The model's longest sequence, prompt plus completion
             (`engines.models.context_length`); a prompt may then have at most
             `context_length - max_new_tokens` tokens. None = unknown, no limit from the model.
+        reward_timeout: Seconds one reward-function call may take; None = no limit.
+        reward_timeout_policy: A timed-out call is an error ("error") or NaN rewards ("nan").
 
     Raises:
         ConfigError: `max_new_tokens` leaves no room for a prompt in `context_length`.
@@ -123,6 +125,8 @@ class RolloutPipeline:
     chat_template_kwargs: dict[str, Any] | None = None
     keep_columns: bool = True
     context_length: int | None = None
+    reward_timeout: float | None = None
+    reward_timeout_policy: str = "error"
 
     def __post_init__(self) -> None:
         self.prompt_limit = prompt_token_limit(
@@ -143,8 +147,9 @@ class RolloutPipeline:
         keep_columns: bool = True,
         context_length: int | None = None,
     ) -> RolloutPipeline:
-        """The pipeline of a `GRPOConfig`: `max_completion_length`, the prompt-length policy and
-        the chat-template arguments come from `args`; `context_length` is the policy's."""
+        """The pipeline of a `GRPOConfig`: `max_completion_length`, the prompt-length policy, the
+        chat-template arguments and the reward timeout come from `args`; `context_length` is the
+        policy's."""
         return cls(
             engine=engine,
             tokenizer=tokenizer,
@@ -157,6 +162,8 @@ class RolloutPipeline:
             chat_template_kwargs=args.chat_template_kwargs,
             keep_columns=keep_columns,
             context_length=context_length,
+            reward_timeout=args.reward_timeout,
+            reward_timeout_policy=args.reward_timeout_policy,
         )
 
     # ---- the four steps -------------------------------------------------------------------------
@@ -226,6 +233,8 @@ class RolloutPipeline:
             completion_ids=completion_ids,
             columns=columns,
             trainer_state=trainer_state,
+            timeout=self.reward_timeout,
+            timeout_policy=self.reward_timeout_policy,
         )
 
     # ---- the whole path -------------------------------------------------------------------------
