@@ -399,3 +399,25 @@ def test_reward_timeout_from_the_config_stops_or_skips_a_stuck_reward(tmp_path: 
 def test_reward_timeout_fields_are_validated(field: str, value: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GRPOConfig(**{field: value})
+
+
+def test_grpokit_train_reports_a_diverged_run_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """learning_rate 1e30 diverges after one step; `grpokit train` exits 2 with one error line
+    that names the likely cause, and no final model is written."""
+    from grpokit.app.cli import main
+    from tests.tiny import save_tiny_model
+
+    model = save_tiny_model(str(tmp_path / "model"))
+    (tmp_path / "ctrl_c_reward.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    config = _run_config(tmp_path, model, run)
+    argv = ["train", str(config), "--learning_rate", "1e30", "--max_grad_norm", "null"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("grpokit: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "NaN or inf" in errors[0] and "learning_rate" in errors[0]
+    assert not (run / "final_model").exists()

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `grpokit` command.
 
     Returns:
-        0 on success, 2 for a user error (one line on stderr, no traceback unless `--debug`).
+        0 on success, 2 for a user error (one line on stderr, no traceback unless `--debug`),
+        130 after Ctrl-C (training saves a checkpoint and logs one line on how to resume).
     """
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)

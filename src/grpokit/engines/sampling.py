@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from grpokit.engines.base import SamplingParams
+from grpokit.errors import UserError
 
 # generation_kwargs the lean decode loop implements itself (others need transformers' generate)
 LEAN_GENERATION_KWARGS = frozenset({"min_new_tokens", "sequence_bias", "suppress_tokens"})
@@ -61,8 +62,10 @@ DRAWS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-class NonFiniteLogitsError(FloatingPointError):
-    """The model's logits hold NaN/inf while sampling: there is no distribution to draw from."""
+class NonFiniteLogitsError(UserError, FloatingPointError):
+    """The model's logits hold NaN/inf while sampling: there is no distribution to draw from
+    (a `UserError`: diverged or corrupt weights, fixed by a lower `learning_rate` or a good
+    checkpoint)."""
 
 
 class TokenSampler:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from grpokit.errors import UserError
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.checkpoint import TrainerState
 
@@ -42,8 +43,9 @@ LIKELY_CAUSES = (
 )
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN/inf: too many non-finite steps in a row, or non-finite weights."""
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced NaN/inf: too many non-finite steps in a row, or non-finite weights. A
+    `UserError`: the fix is in the config (usually a lower `learning_rate`)."""
 
 
 # =================================================================================================
