@@ -330,19 +330,21 @@ def maybe_profile(enabled: bool, path: Path) -> Iterator[None]:
 # The grpokit worker (runs in grpokit's environment)
 # =================================================================================================
 def run_grpokit_worker(spec: WorkerSpec) -> dict[str, Any]:
-    """Train grpokit's GRPOTrainer on the workload; phases from its metrics.jsonl timings.
+    """Train grpokit's GRPOTrainer on the workload; phases from its logged timings.
 
     grpokit logs per generation round `time/generation` (prompt sampling + tokenisation +
     generate), `time/rewards` (decode + rewards + advantages), `time/logprobs` (old and reference
-    log-probs) and `time/training` (forward, backward and optimizer of the round's
-    `num_iterations` optimizer steps). The optimizer part (gradient clipping, `optimizer.step`,
-    scheduler, `zero_grad`) is timed here by wrapping those calls, and subtracted from
-    `time/training` to give the forward+backward phase. The cycle's wall time runs from the start
-    of `sample_prompts` to the end of `_after_round` (logging included).
+    log-probs), `time/training` (forward, backward, optimizer and weight sync of the round's
+    `num_iterations` optimizer steps) and, per optimizer step, `time/optimizer` (gradient
+    clipping, `optimizer.step`, scheduler, `zero_grad`). A callback reads them: the cycle runs
+    from `on_step_begin` of the round's first optimizer step (before its generation) to `on_log`
+    at the round's end; its optimizer phase is `time/optimizer` times the round's optimizer steps,
+    subtracted from `time/training` to give the forward+backward phase. The completion lengths
+    come from a wrapper around the trainer's generation engine.
     """
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from grpokit import GRPOConfig, GRPOTrainer
 
@@ -355,76 +357,64 @@ def run_grpokit_worker(spec: WorkerSpec) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
     config = GRPOConfig(**wl.config_kwargs(spec.output_dir, spec.max_steps))
+    clock = PhaseClock()
+    counts: dict[str, Any] = {}
+
+    class Timing(TrainerCallback):  # type: ignore[misc]
+        steps = 0  # optimizer steps of the open cycle
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if clock.current is None:
+                clock.start_cycle()
+                self.steps = 0
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.steps += 1
+
+        def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            logs = kwargs["logs"]
+            optimizer = float(logs.get("time/optimizer", float("nan"))) * self.steps
+            clock.end_cycle(
+                generation=float(logs.get("time/generation", float("nan"))),
+                reward=float(logs.get("time/rewards", float("nan"))),
+                logprobs=float(logs.get("time/logprobs", 0.0)),
+                train_fwd_bwd=float(logs.get("time/training", float("nan"))) - optimizer,
+                optimizer=optimizer,
+                trainer_step_time=float(logs.get("step_time", float("nan"))),
+                prompt_lengths=counts.get("prompt_lengths"),  # type: ignore[arg-type]
+                completion_lengths=counts.get("completion_lengths"),  # type: ignore[arg-type]
+            )
+
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=length_reward,
         args=config,
         train_dataset=Dataset.from_list(prompt_rows(spec.prompts)),
         processing_class=tokenizer,
+        callbacks=[Timing()],
     )
     info["rss_after_init_mb"] = peak_rss_mb()
-    clock = PhaseClock()
-    counts: dict[str, Any] = {}
-
-    def on_generate(gen: Any) -> None:
-        counts["prompt_lengths"] = gen.prompt_mask.sum(1).tolist()
-        counts["completion_lengths"] = gen.completion_mask.sum(1).tolist()
-
-    original_sample = trainer.sample_prompts
-
-    def sample_prompts(*args: Any, **kwargs: Any) -> Any:
-        clock.start_cycle()
-        return original_sample(*args, **kwargs)
-
-    trainer.sample_prompts = sample_prompts  # type: ignore[method-assign]
-    original_generate = trainer.generate
-
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        gen = original_generate(*args, **kwargs)
-        on_generate(gen)
-        return gen
-
-    trainer.generate = generate  # type: ignore[method-assign]
-    for owner, attr in (
-        (trainer, "_clip_gradients"),
-        (trainer.optimizer, "step"),
-        (trainer.scheduler, "step"),
-        (trainer.optimizer, "zero_grad"),
-    ):
-        clock.wrap(owner, attr, "optimizer")
-
-    metrics_path = Path(spec.output_dir) / "metrics.jsonl"
-    original_after = trainer._after_round
-
-    def after_round(*args: Any, **kwargs: Any) -> Any:
-        result = original_after(*args, **kwargs)
-        logged = _last_jsonl_record(metrics_path)
-        cycle = clock.current or {}
-        optimizer = cycle.get("optimizer", 0.0)
-        clock.end_cycle(
-            generation=float(logged.get("time/generation", float("nan"))),
-            reward=float(logged.get("time/rewards", float("nan"))),
-            logprobs=float(logged.get("time/logprobs", 0.0)),
-            train_fwd_bwd=float(logged.get("time/training", float("nan"))) - optimizer,
-            optimizer=optimizer,
-            trainer_step_time=float(logged.get("step_time", float("nan"))),
-            prompt_lengths=counts.get("prompt_lengths"),  # type: ignore[arg-type]
-            completion_lengths=counts.get("completion_lengths"),  # type: ignore[arg-type]
-        )
-        return result
-
-    trainer._after_round = after_round  # type: ignore[method-assign]
+    trainer.engine = LengthRecordingEngine(trainer.engine, counts)
     with maybe_profile(spec.profile, Path(spec.output_dir) / "profile.pstats"):
         trainer.train()
     return finish_result(spec, clock, info)
 
 
-def _last_jsonl_record(path: Path) -> dict[str, Any]:
-    """The last JSON line of `path` ({} when missing or empty)."""
-    if not path.is_file():
-        return {}
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
+class LengthRecordingEngine:
+    """A generation engine that records the prompt and completion lengths of its last batch."""
+
+    def __init__(self, engine: Any, counts: dict[str, Any]) -> None:
+        self.engine = engine
+        self.counts = counts
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        gen = self.engine.generate(*args, **kwargs)
+        self.counts["prompt_lengths"] = gen.prompt_mask.sum(1).tolist()
+        self.counts["completion_lengths"] = gen.completion_mask.sum(1).tolist()
+        return gen
+
+    def update_weights(self, model: Any) -> None:
+        self.engine.update_weights(model)
 
 
 # =================================================================================================

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grpokit.core.advantages import group_advantages
-from grpokit.core.losses import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, policy_loss
+from grpokit.core.losses import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, LossOptions, policy_loss
 
 FRACTIONS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
@@ -49,21 +49,18 @@ def test_loss_finite_and_metrics_in_range(
         level = "token"
     logp, old, ref, adv, mask, entropies = batch
     logp = logp.clone().requires_grad_(True)
-    loss, metrics = policy_loss(
-        logp,
-        old,
-        adv,
-        mask,
+    options = LossOptions(
         loss_type=loss_type,
         importance_sampling_level=level,
         epsilon_low=epsilons[0],
         epsilon_high=epsilons[1],
         beta=beta,
-        ref_logprobs=ref,
         max_completion_length=logp.shape[1],
-        entropies=entropies,
         top_entropy_quantile=quantile,
         off_policy_mask_threshold=off_policy,
+    )
+    loss, metrics = policy_loss(
+        logp, old, adv, mask, options, ref_logprobs=ref, entropies=entropies
     )
     loss.backward()
     assert loss.dim() == 0 and math.isfinite(loss.item())

@@ -13,10 +13,10 @@ import torch
 from grpokit.core.losses import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPES,
+    LossOptions,
     k3_kl,
     policy_loss,
     rollout_importance_weights,
-    validate_loss_options,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -102,11 +102,13 @@ def test_worked_example(level: str, mask_name: str, loss_type: str) -> None:
         OLD,
         A,
         mask,
-        loss_type=loss_type,
-        importance_sampling_level=level,
-        epsilon_low=0.1,
-        epsilon_high=0.2,
-        max_completion_length=3,
+        LossOptions(
+            loss_type=loss_type,
+            importance_sampling_level=level,
+            epsilon_low=0.1,
+            epsilon_high=0.2,
+            max_completion_length=3,
+        ),
     )
     loss.backward()
     assert loss.item() == pytest.approx(expected_value, abs=1e-5)
@@ -119,8 +121,10 @@ def test_worked_example_gspo_token_padded_matches_reference() -> None:
     # GSPO-token with padding: same value as the sequence level, gradient of token t on token t.
     logp = LOGP.clone().requires_grad_(True)
     loss, _ = policy_loss(
-        logp, OLD, A, PADDED, loss_type="grpo", importance_sampling_level="sequence_token",
-        epsilon_low=0.1, epsilon_high=0.2,
+        logp, OLD, A, PADDED, LossOptions(
+            loss_type="grpo", importance_sampling_level="sequence_token",
+            epsilon_low=0.1, epsilon_high=0.2,
+        ),
     )  # fmt: skip
     loss.backward()
     assert loss.item() == pytest.approx(-0.213404, abs=1e-5)
@@ -132,7 +136,7 @@ def test_worked_example_gspo_token_padded_matches_reference() -> None:
 
 
 def test_worked_example_metrics() -> None:
-    _, token = policy_loss(LOGP, OLD, A, FULL, epsilon_low=0.1, epsilon_high=0.2)
+    _, token = policy_loss(LOGP, OLD, A, FULL, LossOptions(epsilon_low=0.1, epsilon_high=0.2))
     # No token sits on the clipped side of the trust region (§14, point 2).
     assert token["clip_ratio/region_mean"].item() == 0.0
     assert token["ratio/min"].item() == pytest.approx(math.exp(-0.5))
@@ -140,7 +144,11 @@ def test_worked_example_metrics() -> None:
     ratios = [math.exp(x) for x in (-0.2, 0.2, -0.5, 0.1, -0.1, 0.3)]
     assert token["ratio/mean"].item() == pytest.approx(sum(ratios) / 6)
     _, seq = policy_loss(
-        LOGP, OLD, A, FULL, importance_sampling_level="sequence", epsilon_low=0.1, epsilon_high=0.2
+        LOGP,
+        OLD,
+        A,
+        FULL,
+        LossOptions(importance_sampling_level="sequence", epsilon_low=0.1, epsilon_high=0.2),
     )
     # s_1 = 0.846 < 0.9 and token (1, 2) has A < 0: one low-clipped token of six.
     assert seq["clip_ratio/low_mean"].item() == pytest.approx(1 / 6)
@@ -236,8 +244,10 @@ def test_matches_reference_with_padding(loss_type: str, level: str, seed: int) -
     logp, old, adv, mask = random_batch(seed)
     ours = logp.clone().requires_grad_(True)
     loss, metrics = policy_loss(
-        ours, old, adv, mask, loss_type=loss_type, importance_sampling_level=level,
-        epsilon_high=0.28, max_completion_length=7,
+        ours, old, adv, mask, LossOptions(
+            loss_type=loss_type, importance_sampling_level=level,
+            epsilon_high=0.28, max_completion_length=7,
+        ),
     )  # fmt: skip
     loss.backward()
     assert ours.grad is not None
@@ -260,7 +270,9 @@ def test_padding_content_does_not_matter(loss_type: str) -> None:
     for fill in (0.0, -5.0, 123.0):
         lp = torch.where(mask > 0, logp, torch.full_like(logp, fill))
         values.append(
-            policy_loss(lp, old, adv, mask, loss_type=loss_type, max_completion_length=7)[0]
+            policy_loss(
+                lp, old, adv, mask, LossOptions(loss_type=loss_type, max_completion_length=7)
+            )[0]
         )
     assert values[0].item() == values[1].item() == values[2].item()
 
@@ -294,7 +306,9 @@ def test_reinforce_gradient_on_policy(loss_type: str, old_is_none: bool) -> None
     logp, _, adv, mask = random_batch(5)
     logp = torch.where(mask > 0, logp, torch.zeros_like(logp)).requires_grad_(True)
     old = None if old_is_none else logp.detach().clone()
-    loss, metrics = policy_loss(logp, old, adv, mask, loss_type=loss_type, max_completion_length=7)
+    loss, metrics = policy_loss(
+        logp, old, adv, mask, LossOptions(loss_type=loss_type, max_completion_length=7)
+    )
     loss.backward()
     expected = -adv[:, None] * aggregation_weights(loss_type, mask, 7)
     torch.testing.assert_close(logp.grad, expected, atol=1e-12, rtol=1e-10)
@@ -307,29 +321,26 @@ def test_micro_batches_sum_to_whole_batch(loss_type: str) -> None:
     logp, old, adv, mask = random_batch(7, n=6)
     num_items = mask.sum()
     whole = logp.clone().requires_grad_(True)
-    policy_loss(whole, old, adv, mask, loss_type=loss_type, num_items_in_batch=num_items)[
-        0
-    ].backward()
+    options = LossOptions(loss_type=loss_type)
+    policy_loss(whole, old, adv, mask, options, num_items_in_batch=num_items)[0].backward()
     split = logp.clone().requires_grad_(True)
     total = 0.0
     for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
         loss, _ = policy_loss(
-            split[rows], old[rows], adv[rows], mask[rows], loss_type=loss_type,
+            split[rows], old[rows], adv[rows], mask[rows], options,
             num_items_in_batch=num_items,
         )  # fmt: skip
         loss.backward()
         total += loss.item()
-    whole_loss = policy_loss(
-        logp, old, adv, mask, loss_type=loss_type, num_items_in_batch=num_items
-    )
+    whole_loss = policy_loss(logp, old, adv, mask, options, num_items_in_batch=num_items)
     assert total == pytest.approx(whole_loss[0].item(), abs=1e-12)
     torch.testing.assert_close(split.grad, whole.grad, atol=1e-12, rtol=1e-10)
 
 
 def test_dapo_defaults_to_micro_batch_count() -> None:
     logp, old, adv, mask = random_batch(8)
-    dapo = policy_loss(logp, old, adv, mask, loss_type="dapo")[0]
-    bnpo = policy_loss(logp, old, adv, mask, loss_type="bnpo")[0]
+    dapo = policy_loss(logp, old, adv, mask, LossOptions(loss_type="dapo"))[0]
+    bnpo = policy_loss(logp, old, adv, mask, LossOptions(loss_type="bnpo"))[0]
     assert dapo.item() == bnpo.item()
 
 
@@ -338,13 +349,15 @@ def test_delta_caps_negative_advantage_tokens() -> None:
     logp = torch.tensor([[1.0, -1.0]], dtype=torch.float64, requires_grad=True)
     old = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
     adv = torch.tensor([-0.5], dtype=torch.float64)
-    loss, _ = policy_loss(logp, old, adv, torch.ones(1, 2), loss_type="bnpo", delta=4.0)
+    loss, _ = policy_loss(
+        logp, old, adv, torch.ones(1, 2), LossOptions(loss_type="bnpo", delta=4.0)
+    )
     loss.backward()
     # token 2: r = 1, term = 0.5; mean of (2, 0.5) = 1.25
     assert loss.item() == pytest.approx(1.25)
     assert logp.grad[0, 0].item() == 0.0
     assert logp.grad[0, 1].item() == pytest.approx(0.5 / 2)
-    without, _ = policy_loss(logp, old, adv, torch.ones(1, 2), loss_type="bnpo")
+    without, _ = policy_loss(logp, old, adv, torch.ones(1, 2), LossOptions(loss_type="bnpo"))
     assert without.item() == pytest.approx((0.5 * math.exp(2) + 0.5) / 2)
 
 
@@ -388,8 +401,8 @@ def test_kl_gradient_in_expectation(corrected: bool, expected: list[float]) -> N
     for x in range(4):
         loss, metrics = policy_loss(
             logp[x : x + 1], logp[x : x + 1].detach(), torch.zeros(1, dtype=torch.float64),
-            torch.ones(1, 1), beta=1.0, ref_logprobs=ref[x : x + 1],
-            use_bias_correction_kl=corrected,
+            torch.ones(1, 1), LossOptions(beta=1.0, use_bias_correction_kl=corrected),
+            ref_logprobs=ref[x : x + 1],
         )  # fmt: skip
         total = total + prob[x, 0] * loss
         assert metrics["kl"].item() >= 0
@@ -404,11 +417,12 @@ def test_kl_added_per_token_with_token_ratio() -> None:
     logp = torch.where(mask > 0, logp, torch.zeros_like(logp))
     old = torch.where(mask > 0, old, torch.zeros_like(old))
     ref = logp + 0.2
-    base = policy_loss(logp, old, adv, mask, loss_type="bnpo")[0]
+    base = policy_loss(logp, old, adv, mask, LossOptions(loss_type="bnpo"))[0]
     for corrected in (False, True):
         loss, metrics = policy_loss(
-            logp, old, adv, mask, loss_type="bnpo", beta=0.04, ref_logprobs=ref,
-            use_bias_correction_kl=corrected,
+            logp, old, adv, mask,
+            LossOptions(loss_type="bnpo", beta=0.04, use_bias_correction_kl=corrected),
+            ref_logprobs=ref,
         )  # fmt: skip
         k3 = math.exp(0.2) - 0.2 - 1  # ref - logp = 0.2 everywhere
         weight = torch.exp(logp - old) if corrected else torch.ones_like(logp)
@@ -435,7 +449,12 @@ def test_top_entropy_quantile_keeps_top_tokens_and_normaliser() -> None:
     g = torch.Generator().manual_seed(1)
     entropies = torch.rand(logp.shape, generator=g, dtype=torch.float64)
     loss, metrics = policy_loss(
-        logp, old, adv, mask, loss_type="bnpo", entropies=entropies, top_entropy_quantile=0.2
+        logp,
+        old,
+        adv,
+        mask,
+        LossOptions(loss_type="bnpo", top_entropy_quantile=0.2),
+        entropies=entropies,
     )
     valid = entropies[mask > 0]
     threshold = torch.quantile(valid, 0.8)
@@ -448,8 +467,9 @@ def test_top_entropy_quantile_keeps_top_tokens_and_normaliser() -> None:
     expected = (per_token * keep).sum() / mask.sum()  # TRL: normaliser unchanged
     assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
     assert metrics["entropy"].item() == pytest.approx(valid.mean().item())
-    full = policy_loss(logp, old, adv, mask, loss_type="bnpo", entropies=entropies)[0]
-    assert full.item() == policy_loss(logp, old, adv, mask, loss_type="bnpo")[0].item()
+    bnpo = LossOptions(loss_type="bnpo")
+    full = policy_loss(logp, old, adv, mask, bnpo, entropies=entropies)[0]
+    assert full.item() == policy_loss(logp, old, adv, mask, bnpo)[0].item()
 
 
 def test_off_policy_mask_drops_negative_far_sequences() -> None:
@@ -459,8 +479,9 @@ def test_off_policy_mask_drops_negative_far_sequences() -> None:
     old = torch.tensor([[-1.0, -1.0], [-1.0, -1.0], [-1.9, -1.9]], dtype=torch.float64)
     adv = torch.tensor([-1.0, 1.0, -1.0], dtype=torch.float64)
     loss, _ = policy_loss(
-        logp, old, adv, torch.ones(3, 2), loss_type="bnpo", off_policy_mask_threshold=0.5,
-        epsilon_low=10.0, epsilon_high=10.0,
+        logp, old, adv, torch.ones(3, 2), LossOptions(
+            loss_type="bnpo", off_policy_mask_threshold=0.5, epsilon_low=10.0, epsilon_high=10.0,
+        ),
     )  # fmt: skip
     loss.backward()
     assert torch.all(logp.grad[0] == 0)
@@ -471,11 +492,11 @@ def test_off_policy_mask_drops_negative_far_sequences() -> None:
 def test_off_policy_mask_prefers_sampling_logprobs() -> None:
     logp = torch.full((1, 2), -2.0, dtype=torch.float64)
     adv = torch.tensor([-1.0], dtype=torch.float64)
-    kwargs = dict(loss_type="bnpo", off_policy_mask_threshold=0.5)
-    kept = policy_loss(logp, logp, adv, torch.ones(1, 2), **kwargs)[0]
-    dropped = policy_loss(
-        logp, logp, adv, torch.ones(1, 2), sampling_logprobs=logp + 1.0, **kwargs
-    )[0]
+    options = LossOptions(loss_type="bnpo", off_policy_mask_threshold=0.5)
+    kept = policy_loss(logp, logp, adv, torch.ones(1, 2), options)[0]
+    dropped = policy_loss(logp, logp, adv, torch.ones(1, 2), options, sampling_logprobs=logp + 1.0)[
+        0
+    ]
     assert kept.item() == pytest.approx(1.0)
     assert dropped.item() == 0.0
 
@@ -483,12 +504,11 @@ def test_off_policy_mask_prefers_sampling_logprobs() -> None:
 def test_rollout_is_weights_multiply_per_token_loss() -> None:
     logp, old, adv, mask = random_batch(9)
     weights = torch.rand(logp.shape, dtype=torch.float64) * 2
-    plain = policy_loss(logp, old, adv, mask, loss_type="luspo")[0]
-    ones = policy_loss(
-        logp, old, adv, mask, loss_type="luspo", rollout_is_weights=torch.ones_like(logp)
-    )[0]
+    luspo = LossOptions(loss_type="luspo")
+    plain = policy_loss(logp, old, adv, mask, luspo)[0]
+    ones = policy_loss(logp, old, adv, mask, luspo, rollout_is_weights=torch.ones_like(logp))[0]
     assert plain.item() == ones.item()
-    weighted = policy_loss(logp, old, adv, mask, loss_type="luspo", rollout_is_weights=weights)[0]
+    weighted = policy_loss(logp, old, adv, mask, luspo, rollout_is_weights=weights)[0]
     lp = torch.where(mask > 0, logp, torch.zeros_like(logp))
     od = torch.where(mask > 0, old, torch.zeros_like(old))
     ratio = torch.exp(lp - od)
@@ -546,17 +566,17 @@ def test_rollout_importance_weights_modes() -> None:
 )
 def test_invalid_options(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        validate_loss_options(**options)
-    with pytest.raises(ValueError, match=message):
-        policy_loss(LOGP, OLD, A[:, 0], FULL, **options)
+        LossOptions(**options)
 
 
 def test_valid_defaults_pass() -> None:
     for loss_type in LOSS_TYPES:
         for level in IMPORTANCE_SAMPLING_LEVELS:
             if loss_type != "vespo" or level == "token":
-                validate_loss_options(loss_type=loss_type, importance_sampling_level=level)
-    validate_loss_options(delta=4.0, epsilon_high=0.28)
+                LossOptions(
+                    loss_type=loss_type, importance_sampling_level=level, max_completion_length=3
+                )
+    LossOptions(delta=4.0, epsilon_high=0.28)
 
 
 @pytest.mark.parametrize(
@@ -565,9 +585,9 @@ def test_valid_defaults_pass() -> None:
         ({"old_logprobs": OLD[:, :2]}, "old_logprobs has shape"),
         ({"completion_mask": FULL[:1]}, "completion_mask has shape"),
         ({"advantages": torch.zeros(3)}, "advantages must be"),
-        ({"loss_type": "dr_grpo"}, "max_completion_length"),
-        ({"beta": 0.1}, "ref_logprobs"),
-        ({"top_entropy_quantile": 0.5}, "entropies"),
+        ({"options": {"loss_type": "dr_grpo"}}, "max_completion_length"),
+        ({"options": {"beta": 0.1}}, "ref_logprobs"),
+        ({"options": {"top_entropy_quantile": 0.5}}, "entropies"),
         ({"num_items_in_batch": 0}, "num_items_in_batch"),
     ],
 )
@@ -575,14 +595,16 @@ def test_invalid_inputs(kwargs: dict, message: str) -> None:
     args = {"logprobs": LOGP, "old_logprobs": OLD, "advantages": A[:, 0], "completion_mask": FULL}
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
+        args["options"] = LossOptions(**args.get("options", {}))
         policy_loss(**args)
 
 
 def test_token_level_advantages_accepted() -> None:
     # [N, T] advantages equal to the broadcast [N] ones give the same loss.
     logp, old, adv, mask = random_batch(6)
-    a = policy_loss(logp, old, adv, mask, loss_type="grpo")[0]
-    b = policy_loss(logp, old, adv[:, None].expand_as(logp), mask, loss_type="grpo")[0]
+    grpo = LossOptions(loss_type="grpo")
+    a = policy_loss(logp, old, adv, mask, grpo)[0]
+    b = policy_loss(logp, old, adv[:, None].expand_as(logp), mask, grpo)[0]
     assert a.item() == pytest.approx(b.item(), abs=1e-14)
 
 
@@ -593,3 +615,22 @@ def test_bf16_inputs_give_float32_loss() -> None:
     loss.backward()
     assert loss.dtype == torch.float32 and lp.grad is not None
     assert all(v.dim() == 0 and not v.requires_grad for v in metrics.values())
+
+
+def test_readme_core_snippet_runs_and_gives_the_worked_example() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## The core", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match, "README.md lost its 'The core' python example"
+    namespace: dict = {}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    assert namespace["loss"].item() == pytest.approx(-0.049957, abs=1e-5)
+    torch.testing.assert_close(
+        namespace["out"].advantages,
+        torch.tensor([1.4997, -0.4999, -0.4999, -0.4999]),
+        atol=1e-4,
+        rtol=0,
+    )

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.core.losses import LOSS_TYPES
@@ -38,6 +39,13 @@ def count_a(completions: list[str], **kwargs: Any) -> list[float]:
     return [c.count("a") / max(1, len(c)) for c in completions]
 
 
+def only_gh_varies(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+    """char_sum for the prompt "gh", 0 for every other prompt (zero advantages there)."""
+    return [
+        char_sum([c])[0] if p == "gh" else 0.0 for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
 def make_trainer(
     tmp_path: Path,
     reward: Any = char_sum,
@@ -46,6 +54,7 @@ def make_trainer(
     model: Any = None,
     tokenizer: Any = None,
     trainer_kwargs: dict | None = None,
+    trainer_class: type[GRPOTrainer] = GRPOTrainer,
     **overrides: Any,
 ) -> GRPOTrainer:
     tok = tokenizer or make_tokenizer()
@@ -62,7 +71,7 @@ def make_trainer(
         seed=0,
     )
     config.update(overrides)
-    return GRPOTrainer(
+    return trainer_class(
         model if model is not None else make_causal_lm(tok),
         reward,
         args=GRPOConfig(**config),
@@ -206,6 +215,50 @@ def test_every_loss_type_trains(tmp_path: Path, loss_type: str) -> None:
     assert max_change(before, params(trainer)) > 0
 
 
+def test_a_registered_loss_type_trains_with_nothing_else_edited(tmp_path: Path) -> None:
+    from grpokit.core.losses import LOSS_SPECS, LossInputs, register_loss_type
+
+    # One objective function and one table entry: GRPO's PPO clip with GRPO's per-sequence mean,
+    # written from scratch under a new name.
+    def clipped(x: LossInputs) -> torch.Tensor:
+        o = x.options
+        clipped_ratio = x.ratio.clamp(1 - o.epsilon_low, 1 + o.epsilon_high)
+        return -torch.min(x.ratio * x.advantages, clipped_ratio * x.advantages)
+
+    spec = register_loss_type("my_grpo", clipped, "sequence_mean", uses_ppo_clip=True)
+    try:
+        assert spec.divides_by_rows and not spec.sums_over_step and not spec.depends_on_grouping
+        runs = {}
+        for name in ("grpo", "my_grpo"):
+            # Steps of 6 rows (2 prompts x G=3) in micro-batches of 2. Only "gh" gets varied
+            # rewards, so each step keeps 3 rows or none: micro-batches of 2 and 1 rows, which
+            # must weigh 2/6 and 1/6. Two passes (off-policy ratios, clipping), delta (accepted
+            # as uses_ppo_clip), two rounds (one epoch: "gh" is in one of them).
+            trainer = make_trainer(
+                tmp_path / name,
+                only_gh_varies,
+                loss_type=name,
+                num_generations=3,
+                per_device_train_batch_size=2,
+                gradient_accumulation_steps=3,
+                num_iterations=2,
+                max_steps=4,
+                delta=4.0,
+            )
+            runs["start"] = params(trainer)
+            trainer.train()
+            runs[name] = params(trainer)
+        assert max_change(runs["start"], runs["grpo"]) > 1e-3  # a real update
+        for key, value in runs["grpo"].items():
+            assert torch.equal(runs["my_grpo"][key], value), key
+        with pytest.raises(ValueError, match="already registered"):
+            register_loss_type("my_grpo", clipped, "sequence_mean")
+    finally:
+        del LOSS_SPECS["my_grpo"]
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        GRPOConfig(loss_type="my_grpo")
+
+
 def test_lora_trains_adapter_only_and_saves_adapter_and_merged(tmp_path: Path) -> None:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -253,22 +306,23 @@ def test_beta_uses_frozen_reference_and_sync(tmp_path: Path) -> None:
     assert not torch.equal(ref[key], trainer.model.lm_head.weight)
 
 
-def test_old_logprobs_only_when_off_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_old_logprobs_only_when_off_policy(tmp_path: Path) -> None:
     calls: list[int] = []
-    original = GRPOTrainer._logprobs_no_grad
 
-    def spy(self: GRPOTrainer, model: Any, batch: Any) -> torch.Tensor:
-        calls.append(1)
-        return original(self, model, batch)
+    class Counting(GRPOTrainer):
+        def compute_logprobs(self, model: Any, batch: Any) -> torch.Tensor:
+            calls.append(1)
+            return super().compute_logprobs(model, batch)
 
-    monkeypatch.setattr(GRPOTrainer, "_logprobs_no_grad", spy)
-    make_trainer(tmp_path / "on", max_steps=1).train()
+    make_trainer(tmp_path / "on", max_steps=1, trainer_class=Counting).train()
     assert calls == []  # on-policy, beta=0: no extra forward pass
-    make_trainer(tmp_path / "iter", num_iterations=2, max_steps=2).train()
+    make_trainer(tmp_path / "iter", num_iterations=2, max_steps=2, trainer_class=Counting).train()
     assert calls == []  # the first iteration's own forward gives the old log-probs
     logged = read_metrics(tmp_path / "iter")[-1]
     assert logged["ratio/max"] > 1 or logged["ratio/min"] < 1  # second pass is off-policy
-    make_trainer(tmp_path / "steps", steps_per_generation=2, max_steps=2).train()
+    make_trainer(
+        tmp_path / "steps", steps_per_generation=2, max_steps=2, trainer_class=Counting
+    ).train()
     assert calls == [1]  # two optimizer steps per generation: the second needs the pass
 
 
@@ -606,7 +660,7 @@ def test_rollout_importance_weights_enter_the_loss(tmp_path: Path) -> None:
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     batch = trainer.build_rollout_batch(gen, advantages)
     num_items = batch.loss_mask.sum().float()
-    loss, metrics, _ = trainer.micro_batch_loss(batch, slice(0, 4), num_items)
+    loss, metrics, _ = trainer.micro_batch_loss(batch, num_items)
     loss.backward()
     grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters()}
     trainer.model.zero_grad()
@@ -629,7 +683,7 @@ def test_rollout_importance_weights_enter_the_loss(tmp_path: Path) -> None:
 
     # Without the correction the weight is 1: the loss is -sum(A mask) / num_items.
     trainer.args.vllm_importance_sampling_correction = False
-    plain_loss, plain_metrics, _ = trainer.micro_batch_loss(batch, slice(0, 4), num_items)
+    plain_loss, plain_metrics, _ = trainer.micro_batch_loss(batch, num_items)
     torch.testing.assert_close(
         plain_loss.detach(), -(advantages[:, None] * mask).sum() / num_items, atol=1e-6, rtol=1e-5
     )
@@ -649,19 +703,26 @@ def test_rollout_importance_sampling_run_logs_its_metrics(tmp_path: Path) -> Non
 # ---- exact speed-ups: trimmed micro-batches, zero-advantage skipping, length buckets ------------
 
 
+class TakeGradients(TrainerCallback):
+    """Takes the step's gradients before the optimizer sees them, so the weights do not move."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for name, p in kwargs["model"].named_parameters():
+            self.grads[name] = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = None  # AdamW skips a parameter without a gradient
+
+
 def step_gradients(trainer: GRPOTrainer, batch: Any) -> tuple[float, dict[str, torch.Tensor]]:
-    """The loss and the gradients of one optimizer step over the whole batch (weights unchanged)."""
-    grads: dict[str, torch.Tensor] = {}
-
-    def capture() -> float:
-        for name, p in trainer.model.named_parameters():
-            grads[name] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-        return 0.0
-
-    trainer._clip_gradients = capture  # type: ignore[method-assign]
-    trainer.optimizer.step = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    """The loss and the gradients (unclipped: use max_grad_norm=None) of one optimizer step over
+    the whole batch; the weights stay unchanged."""
+    take = TakeGradients()
+    trainer.add_callback(take)
     out = trainer.optimizer_step(batch, range(0, batch.size))
-    return out["loss"], grads
+    trainer.remove_callback(take)
+    return out["loss"], take.grads
 
 
 def off_policy_batch(trainer: GRPOTrainer, advantages: torch.Tensor) -> Any:
@@ -673,7 +734,7 @@ def off_policy_batch(trainer: GRPOTrainer, advantages: torch.Tensor) -> Any:
         if row < generated.completion_mask.shape[0]:
             generated.completion_mask[row, length:] = 0
     batch = trainer.build_rollout_batch(generated, advantages)
-    current = trainer._logprobs_no_grad(trainer.model, batch)
+    current = trainer.compute_logprobs(trainer.model, batch)
     noise = 0.15 * torch.randn(current.shape, generator=torch.Generator().manual_seed(0))
     batch.old_logprobs = (current + noise) * batch.completion_mask
     return batch
@@ -692,6 +753,7 @@ def test_skipping_zero_advantages_and_buckets_equal_the_plain_step(
         per_device_train_batch_size=2,
         gradient_accumulation_steps=4,
         max_completion_length=8,
+        max_grad_norm=None,
     )
     advantages = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, -0.5, 0.0, 0.0])
     fast = make_trainer(tmp_path / "fast", **overrides)
@@ -728,6 +790,7 @@ def test_all_zero_advantages_step_like_the_plain_path(tmp_path: Path) -> None:
 
 
 def test_plan_micro_batches_by_hand() -> None:
+    from grpokit.core.losses import LossOptions
     from grpokit.train.microbatch import plan_micro_batches
 
     adv = torch.tensor([0.0, 1.0, 0.0, 0.0, -1.0, 2.0])
@@ -735,24 +798,28 @@ def test_plan_micro_batches_by_hand() -> None:
     loss_mask = completion_mask.clone()
 
     def plan(loss_type: str, **kw: Any) -> list[tuple[list[int], float]]:
-        out = plan_micro_batches(
-            adv, completion_mask, loss_mask, range(0, 6), 2, loss_type=loss_type,
-            beta=kw.pop("beta", 0.0), top_entropy_quantile=kw.pop("q", 1.0), **kw,
-        )  # fmt: skip
-        return [(m.rows.tolist(), m.scale) for m in out]
+        options = LossOptions(
+            loss_type=loss_type, beta=kw.pop("beta", 0.0), top_entropy_quantile=kw.pop("q", 1.0)
+        )
+        out = plan_micro_batches(adv, completion_mask, loss_mask, range(0, 6), 2, options, **kw)
+        assert all(m.num_items_in_batch.item() == 13 for m in out)  # the step's 13 loss tokens
+        return [(m.rows.tolist(), m.loss_weight) for m in out]
 
-    # dapo: rows 1, 4, 5 kept, sorted by length (4, 2, 1 tokens -> 5, 4, 1); scale 1.
+    # R = 6 rows in micro-batches of 2.
+    # dapo: rows 1, 4, 5 kept, sorted by length (4, 2, 1 tokens -> 5, 4, 1); the losses divide
+    # by the step's tokens and sum: weight 1.
     assert plan("dapo") == [([5, 4], 1.0), ([1], 1.0)]
-    # grpo: the same rows; a micro-batch of k rows counts k/2 of a plain micro-batch.
-    assert plan("grpo") == [([5, 4], 1.0), ([1], 0.5)]
-    # bnpo keeps the plain micro-batches: [0,1] keeps row 1 (4 of 5 tokens), [2,3] is skipped,
-    # [4,5] keeps both (scale 3/3).
-    assert plan("bnpo") == [([1], pytest.approx(4 / 5)), ([4, 5], 1.0)]
+    # grpo: the same rows; the step's loss is the mean over its 6 rows, so k rows weigh k/6.
+    assert plan("grpo") == [([5, 4], pytest.approx(2 / 6)), ([1], pytest.approx(1 / 6))]
+    # bnpo keeps the plain micro-batches, each 2/6 of the step: [0,1] keeps row 1 (4 of its 5
+    # tokens), [2,3] is skipped, [4,5] keeps both (3 of 3 tokens).
+    assert plan("bnpo") == [([1], pytest.approx(2 / 6 * 4 / 5)), ([4, 5], pytest.approx(2 / 6))]
     # beta != 0 or a top-entropy filter couples the rows: the plain path.
     assert plan("dapo", beta=0.1, bucket_by_length=False) == [
         ([0, 1], 1.0), ([2, 3], 1.0), ([4, 5], 1.0)
     ]  # fmt: skip
-    assert plan("grpo", q=0.5) == [([0, 1], 1.0), ([2, 3], 1.0), ([4, 5], 1.0)]
+    third = pytest.approx(1 / 3)
+    assert plan("grpo", q=0.5) == [([0, 1], third), ([2, 3], third), ([4, 5], third)]
 
 
 def test_trimmed_micro_batch_equals_the_full_width_forward(
@@ -762,7 +829,11 @@ def test_trimmed_micro_batch_equals_the_full_width_forward(
 
     # Micro-batches of 2: rows 0-1 share the short prompt, so their left padding is trimmed.
     trainer = make_trainer(
-        tmp_path, max_completion_length=12, per_device_train_batch_size=2, steps_per_generation=2
+        tmp_path,
+        max_completion_length=12,
+        per_device_train_batch_size=2,
+        steps_per_generation=2,
+        max_grad_norm=None,
     )
     trainer.bucket_by_length = False
     data = Dataset.from_list([{"prompt": p} for p in ["a", "a much longer prompt"]])

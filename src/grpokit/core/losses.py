@@ -10,6 +10,12 @@ A loss is built in four steps, in the order of TRL's `GRPOTrainer._compute_loss`
    then `+ beta * KL` (k3, optionally importance-corrected);
 4. an aggregation of the `[N, T]` per-token losses into a scalar, also chosen by `loss_type`.
 
+Each loss type is one `LossSpec` in the `LOSS_SPECS` table: its objective (step 2), its
+aggregation (step 4), and the facts the trainer and the micro-batch planner read from it (does the
+loss sum over the optimizer step's tokens, average over rows, depend on which rows share a
+micro-batch, use the PPO clip). `register_loss_type` adds one. The options of a loss are one
+frozen `LossOptions`, checked once when built and passed to `policy_loss`.
+
 Conventions at every boundary: `N` sequences, `T` completion positions; `logprobs`,
 `old_logprobs`, `ref_logprobs`, `sampling_logprobs`, `entropies` are `[N, T]`; `advantages` is `[N]`
 or `[N, T]`; `completion_mask` is `[N, T]` with 1 = the token counts in the loss (the EOS token
@@ -26,7 +32,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence", "sequence_token")
 ROLLOUT_IS_MODES: tuple[str, ...] = (
     "token_truncate",
@@ -34,7 +39,6 @@ ROLLOUT_IS_MODES: tuple[str, ...] = (
     "sequence_truncate",
     "sequence_mask",
 )
-PPO_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the ones `delta` applies to
 
 # ---------------------------------------------------------------------------------------------
 # Masked reductions
@@ -357,184 +361,343 @@ def _check_same_shape(reference: Tensor, **tensors: Tensor | None) -> None:
             )
 
 
-def validate_loss_options(
+# ---------------------------------------------------------------------------------------------
+# Loss types: one spec per loss type, in one registry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What a per-token objective reads.
+
+    Attributes:
+        logprobs: `[N, T]` current-policy log-probs (with grad), in the loss dtype, 0 at padding.
+        log_ratio: `[N, T]` token-level `log(pi_theta / pi_old)`, 0 at padding.
+        ratio: `[N, T]` importance weight at `options.importance_sampling_level`.
+        advantages: `[N, 1]` or `[N, T]`, detached.
+        mask: `[N, T]` bool, True = loss token.
+        options: The loss options (clip bounds, gate temperatures, ...).
+    """
+
+    logprobs: Tensor
+    log_ratio: Tensor
+    ratio: Tensor
+    advantages: Tensor
+    mask: Tensor
+    options: LossOptions
+
+
+Objective = Callable[[LossInputs], Tensor]  # LossInputs -> [N, T] per-token loss (the -J)
+
+
+def _ppo_clip(x: LossInputs) -> Tensor:
+    o = x.options
+    return ppo_clip_loss(
+        x.ratio, x.advantages, epsilon_low=o.epsilon_low, epsilon_high=o.epsilon_high, delta=o.delta
+    )
+
+
+def _cispo(x: LossInputs) -> Tensor:
+    return cispo_loss(x.ratio, x.logprobs, x.advantages, epsilon_high=x.options.epsilon_high)
+
+
+def _sapo(x: LossInputs) -> Tensor:
+    o = x.options
+    return sapo_loss(
+        x.ratio,
+        x.advantages,
+        temperature_pos=o.sapo_temperature_pos,
+        temperature_neg=o.sapo_temperature_neg,
+    )
+
+
+def _vespo(x: LossInputs) -> Tensor:
+    o = x.options
+    phi = vespo_weights(
+        x.log_ratio,
+        x.advantages,
+        x.mask,
+        k_pos=o.vespo_k_pos,
+        lambda_pos=o.vespo_lambda_pos,
+        k_neg=o.vespo_k_neg,
+        lambda_neg=o.vespo_lambda_neg,
+    )
+    return vespo_loss(x.logprobs, x.advantages, phi)
+
+
+# What an aggregation divides by. It decides how micro-batch losses make an optimizer step's loss
+# (grpokit.train.microbatch):
+# - STEP_TOKENS: `num_items_in_batch`, the loss tokens of the whole step, so the micro-batch
+#   losses *sum* to the step's loss;
+# - ROWS: the number of rows passed (a mean over sequences, or N * L), so a micro-batch's share of
+#   the step is its share of the step's rows;
+# - MICRO_BATCH_TOKENS: this micro-batch's own loss tokens, so the update depends on which rows
+#   share a micro-batch.
+STEP_TOKENS, ROWS, MICRO_BATCH_TOKENS = "step_tokens", "rows", "micro_batch_tokens"
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """`[N, T]` per-token losses -> the micro-batch's scalar loss, and what it divides by.
+
+    Attributes:
+        reduce: `(per_token_loss [N, T], mask [N, T] bool, num_items_in_batch, options) -> []`.
+        divides_by: `STEP_TOKENS`, `ROWS` or `MICRO_BATCH_TOKENS` (see above).
+    """
+
+    reduce: Callable[[Tensor, Tensor, float | Tensor | None, LossOptions], Tensor]
+    divides_by: str
+
+
+def _constant_length(
+    loss: Tensor, mask: Tensor, num_items: float | Tensor | None, options: LossOptions
+) -> Tensor:
+    assert options.max_completion_length is not None  # LossOptions checks it for this aggregation
+    return constant_length_aggregation(loss, mask, options.max_completion_length)
+
+
+AGGREGATIONS: dict[str, Aggregation] = {
+    "sequence_mean": Aggregation(
+        lambda loss, mask, n, o: sequence_mean_aggregation(loss, mask), ROWS
+    ),
+    "sequence_sum": Aggregation(
+        lambda loss, mask, n, o: sequence_sum_aggregation(loss, mask), ROWS
+    ),
+    "constant_length": Aggregation(_constant_length, ROWS),
+    "local_token_mean": Aggregation(
+        lambda loss, mask, n, o: token_mean_aggregation(loss, mask), MICRO_BATCH_TOKENS
+    ),
+    "global_token_mean": Aggregation(
+        lambda loss, mask, n, o: token_mean_aggregation(loss, mask, n), STEP_TOKENS
+    ),
+}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss type: its per-token objective, its aggregation, and the facts derived from them
+    that the trainer and the micro-batch planner read.
+
+    Attributes:
+        name: The `loss_type` value.
+        objective: `LossInputs -> [N, T]` per-token loss.
+        aggregation: A key of `AGGREGATIONS`.
+        uses_ppo_clip: The objective is the PPO clip, so `delta` applies to it.
+        check: Optional extra check of the options for this loss type; raises `ValueError`.
+    """
+
+    name: str
+    objective: Objective
+    aggregation: str
+    uses_ppo_clip: bool = False
+    check: Callable[[LossOptions], None] | None = None
+
+    @property
+    def sums_over_step(self) -> bool:
+        """Divides by `num_items_in_batch`: a step's micro-batch losses sum to the step's loss."""
+        return AGGREGATIONS[self.aggregation].divides_by == STEP_TOKENS
+
+    @property
+    def divides_by_rows(self) -> bool:
+        """Divides by the number of rows passed: a per-micro-batch mean over rows."""
+        return AGGREGATIONS[self.aggregation].divides_by == ROWS
+
+    @property
+    def depends_on_grouping(self) -> bool:
+        """Divides by the micro-batch's own loss tokens: the update depends on which rows share a
+        micro-batch (so the planner must keep the plain micro-batches)."""
+        return AGGREGATIONS[self.aggregation].divides_by == MICRO_BATCH_TOKENS
+
+
+def _check_vespo(o: LossOptions) -> None:
+    if o.importance_sampling_level != "token":
+        raise ValueError(
+            "loss_type='vespo' computes its own sequence weight from the token log-ratios; set "
+            f"importance_sampling_level='token' (got {o.importance_sampling_level!r})."
+        )
+    if min(o.vespo_k_pos, o.vespo_k_neg) < 0 or min(o.vespo_lambda_pos, o.vespo_lambda_neg) <= 0:
+        raise ValueError(
+            "VESPO needs vespo_k_pos, vespo_k_neg >= 0 and vespo_lambda_pos, vespo_lambda_neg > 0; "
+            f"got k=({o.vespo_k_pos}, {o.vespo_k_neg}), "
+            f"lambda=({o.vespo_lambda_pos}, {o.vespo_lambda_neg})."
+        )
+
+
+# The registry: loss_type -> spec. `register_loss_type` adds to it.
+LOSS_SPECS: dict[str, LossSpec] = {
+    spec.name: spec
+    for spec in (
+        LossSpec("grpo", _ppo_clip, "sequence_mean", uses_ppo_clip=True),
+        LossSpec("bnpo", _ppo_clip, "local_token_mean", uses_ppo_clip=True),
+        LossSpec("dr_grpo", _ppo_clip, "constant_length", uses_ppo_clip=True),
+        LossSpec("dapo", _ppo_clip, "global_token_mean", uses_ppo_clip=True),
+        LossSpec("luspo", _ppo_clip, "sequence_sum", uses_ppo_clip=True),
+        LossSpec("cispo", _cispo, "global_token_mean"),
+        LossSpec("sapo", _sapo, "sequence_mean"),
+        LossSpec("vespo", _vespo, "global_token_mean", check=_check_vespo),
+    )
+}
+LOSS_TYPES: tuple[str, ...] = tuple(LOSS_SPECS)  # the built-in loss types
+
+
+def register_loss_type(
+    name: str,
+    objective: Objective,
+    aggregation: str,
     *,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    beta: float = 0.0,
-    top_entropy_quantile: float = 1.0,
-    max_completion_length: int | None = None,
-    off_policy_mask_threshold: float | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-) -> None:
-    """Check the loss hyperparameters; raise `ValueError` naming the option and the fix.
+    uses_ppo_clip: bool = False,
+    check: Callable[[LossOptions], None] | None = None,
+) -> LossSpec:
+    """Add a loss type: after this, `LossOptions(loss_type=name)` and
+    `GRPOConfig(loss_type=name)` train with it; nothing else needs editing.
+
+    Args:
+        name: The new `loss_type` value.
+        objective: `LossInputs -> [N, T]` per-token loss; its own hyperparameters can be bound
+            with a closure or `functools.partial`.
+        aggregation: A key of `AGGREGATIONS` (e.g. "global_token_mean", "sequence_mean").
+        uses_ppo_clip: Whether `delta` applies (the objective is the PPO clip).
+        check: Optional extra check of the `LossOptions`, raising `ValueError`.
+
+    Returns:
+        The registered `LossSpec`.
+
+    Raises:
+        ValueError: `name` is already registered, or `aggregation` is unknown.
+    """
+    if name in LOSS_SPECS:
+        raise ValueError(f"loss_type {name!r} is already registered; pick another name.")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {tuple(AGGREGATIONS)}, got {aggregation!r}.")
+    spec = LossSpec(name, objective, aggregation, uses_ppo_clip=uses_ppo_clip, check=check)
+    LOSS_SPECS[name] = spec
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: built and checked once
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The options of `policy_loss`, checked once when built. Defaults follow TRL's `GRPOConfig`
+    (except `use_bias_correction_kl`); `GRPOConfig.loss_options()` builds them from a config.
+
+    Attributes:
+        loss_type: A key of `LOSS_SPECS` (default "dapo", as TRL).
+        importance_sampling_level: "token", "sequence" (GSPO) or "sequence_token" (GSPO-token).
+        epsilon_low: Lower clip: ratios below `1 - epsilon_low` are clipped.
+        epsilon_high: Upper clip: `1 + epsilon_high` (DAPO uses 0.28). For `cispo` the IS-weight
+            cap is `1 + epsilon_high` (paper), not TRL's `epsilon_high`.
+        delta: INTELLECT-2 cap on the unclipped ratio (> 1 + epsilon_high), PPO-clip losses only.
+        beta: KL coefficient; 0 skips the KL entirely (then `ref_logprobs` is not needed).
+        use_bias_correction_kl: Multiply the per-token k3 by the token ratio `pi_theta / pi_old`
+            (DeepSeek-V3.2), making it unbiased under samples from the old policy.
+        max_completion_length: `L` for `dr_grpo` (required by its aggregation).
+        top_entropy_quantile: Keep only this top fraction of tokens by entropy (1 = all). As in
+            TRL the normaliser is not changed (see docs/LOSSES.md).
+        off_policy_mask_threshold: DeepSeek-V3.2 off-policy sequence masking threshold (None = off).
+        sapo_temperature_pos, sapo_temperature_neg: SAPO gate temperatures where A > 0 / A <= 0.
+        vespo_k_pos, vespo_lambda_pos: VESPO gamma shape and rate where A >= 0.
+        vespo_k_neg, vespo_lambda_neg: VESPO gamma shape and rate where A < 0.
 
     Raises:
         ValueError: for an unknown `loss_type` or `importance_sampling_level`, negative epsilons,
             `delta <= 1 + epsilon_high` or `delta` with a loss type it does not apply to, a
-            negative `beta`, `top_entropy_quantile` outside (0, 1], non-positive SAPO
-            temperatures or VESPO rates, VESPO with a sequence level, or a non-positive
-            `max_completion_length`.
+            negative `beta`, `top_entropy_quantile` outside (0, 1], a missing or non-positive
+            `max_completion_length` where needed, non-positive SAPO temperatures, or what the loss
+            type's own `check` rejects (VESPO: a sequence level, non-positive rates).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
-            f"got {importance_sampling_level!r}."
-        )
-    for name, value in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
-    if delta is not None:
-        if loss_type not in PPO_CLIP_LOSS_TYPES:
-            raise ValueError(
-                f"delta (INTELLECT-2 two-sided clipping) applies to the PPO-clip losses "
-                f"{PPO_CLIP_LOSS_TYPES}, not loss_type={loss_type!r}; set delta=None."
-            )
-        if not delta > 1 + epsilon_high:
-            raise ValueError(
-                f"delta must be > 1 + epsilon_high = {1 + epsilon_high} (it caps ratios above the "
-                f"clip range; INTELLECT-2 uses 4); got delta={delta}."
-            )
-    if not (math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta (KL coefficient) must be a finite number >= 0, got {beta}.")
-    if not 0 < top_entropy_quantile <= 1:
-        raise ValueError(
-            f"top_entropy_quantile must be in (0, 1] (1 keeps every token; the 80/20 paper uses "
-            f"0.2); got {top_entropy_quantile}."
-        )
-    if max_completion_length is not None and max_completion_length < 1:
-        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}.")
-    if off_policy_mask_threshold is not None and not off_policy_mask_threshold >= 0:
-        raise ValueError(
-            "off_policy_mask_threshold must be >= 0 or None (TRL suggests 0.5); "
-            f"got {off_policy_mask_threshold}."
-        )
-    if not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
-        raise ValueError(
-            "sapo_temperature_pos and sapo_temperature_neg must be > 0; got "
-            f"{sapo_temperature_pos}, {sapo_temperature_neg}."
-        )
-    _validate_vespo(
-        loss_type,
-        importance_sampling_level,
-        vespo_k_pos,
-        vespo_lambda_pos,
-        vespo_k_neg,
-        vespo_lambda_neg,
-    )
 
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    beta: float = 0.0
+    use_bias_correction_kl: bool = True
+    max_completion_length: int | None = None
+    top_entropy_quantile: float = 1.0
+    off_policy_mask_threshold: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
-def _validate_vespo(
-    loss_type: str, level: str, k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float
-) -> None:
-    if loss_type != "vespo":
-        return
-    if level != "token":
-        raise ValueError(
-            "loss_type='vespo' computes its own sequence weight from the token log-ratios; set "
-            f"importance_sampling_level='token' (got {level!r})."
-        )
-    if min(k_pos, k_neg) < 0 or min(lambda_pos, lambda_neg) <= 0:
-        raise ValueError(
-            "VESPO needs vespo_k_pos, vespo_k_neg >= 0 and vespo_lambda_pos, vespo_lambda_neg > 0; "
-            f"got k=({k_pos}, {k_neg}), lambda=({lambda_pos}, {lambda_neg})."
-        )
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_SPECS:
+            raise ValueError(
+                f"loss_type must be one of {tuple(LOSS_SPECS)}, got {self.loss_type!r}."
+            )
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(
+                f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                f"got {self.importance_sampling_level!r}."
+            )
+        self._check_clipping()
+        self._check_filters()
+        if self.spec.check is not None:
+            self.spec.check(self)
+
+    @property
+    def spec(self) -> LossSpec:
+        """The `LossSpec` of `loss_type`."""
+        return LOSS_SPECS[self.loss_type]
+
+    def _check_clipping(self) -> None:
+        for name, value in (("epsilon_low", self.epsilon_low), ("epsilon_high", self.epsilon_high)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+        if self.delta is not None:
+            if not self.spec.uses_ppo_clip:
+                ppo = tuple(name for name, spec in LOSS_SPECS.items() if spec.uses_ppo_clip)
+                raise ValueError(
+                    f"delta (INTELLECT-2 two-sided clipping) applies to the PPO-clip losses {ppo}, "
+                    f"not loss_type={self.loss_type!r}; set delta=None."
+                )
+            if not self.delta > 1 + self.epsilon_high:
+                raise ValueError(
+                    f"delta must be > 1 + epsilon_high = {1 + self.epsilon_high} (it caps ratios "
+                    f"above the clip range; INTELLECT-2 uses 4); got delta={self.delta}."
+                )
+        if not (self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0):
+            raise ValueError(
+                "sapo_temperature_pos and sapo_temperature_neg must be > 0; got "
+                f"{self.sapo_temperature_pos}, {self.sapo_temperature_neg}."
+            )
+
+    def _check_filters(self) -> None:
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(
+                f"beta (KL coefficient) must be a finite number >= 0, got {self.beta}."
+            )
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(
+                f"top_entropy_quantile must be in (0, 1] (1 keeps every token; the 80/20 paper "
+                f"uses 0.2); got {self.top_entropy_quantile}."
+            )
+        length = self.max_completion_length
+        if length is not None and length < 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {length}.")
+        if length is None and self.spec.aggregation == "constant_length":
+            raise ValueError(
+                f"loss_type={self.loss_type!r} divides by N * max_completion_length; pass "
+                "max_completion_length (the generation length limit, a constant)."
+            )
+        threshold = self.off_policy_mask_threshold
+        if threshold is not None and not threshold >= 0:
+            raise ValueError(
+                "off_policy_mask_threshold must be >= 0 or None (TRL suggests 0.5); "
+                f"got {threshold}."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # policy_loss: composition in TRL's order
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _LossInputs:
-    """What the per-token objectives may read. Tensors are [N, T] (advantages [N, 1] or [N, T])."""
-
-    logprobs: Tensor
-    log_ratio: Tensor  # token-level log(pi_theta / pi_old), 0 at padding
-    ratio: Tensor  # importance weight at the chosen level
-    advantages: Tensor
-    mask: Tensor  # bool, True = loss token
-    epsilon_low: float
-    epsilon_high: float
-    delta: float | None
-    sapo_temperatures: tuple[float, float]
-    vespo_shape: tuple[float, float, float, float]  # k_pos, lambda_pos, k_neg, lambda_neg
-
-
-def _ppo_clip(x: _LossInputs) -> Tensor:
-    return ppo_clip_loss(
-        x.ratio, x.advantages, epsilon_low=x.epsilon_low, epsilon_high=x.epsilon_high, delta=x.delta
-    )
-
-
-def _cispo(x: _LossInputs) -> Tensor:
-    return cispo_loss(x.ratio, x.logprobs, x.advantages, epsilon_high=x.epsilon_high)
-
-
-def _sapo(x: _LossInputs) -> Tensor:
-    pos, neg = x.sapo_temperatures
-    return sapo_loss(x.ratio, x.advantages, temperature_pos=pos, temperature_neg=neg)
-
-
-def _vespo(x: _LossInputs) -> Tensor:
-    k_pos, lambda_pos, k_neg, lambda_neg = x.vespo_shape
-    phi = vespo_weights(
-        x.log_ratio,
-        x.advantages,
-        x.mask,
-        k_pos=k_pos,
-        lambda_pos=lambda_pos,
-        k_neg=k_neg,
-        lambda_neg=lambda_neg,
-    )
-    return vespo_loss(x.logprobs, x.advantages, phi)
-
-
-# loss_type -> (per-token objective, aggregation name)
-_LOSS_TABLE: dict[str, tuple[Callable[[_LossInputs], Tensor], str]] = {
-    "grpo": (_ppo_clip, "sequence_mean"),
-    "bnpo": (_ppo_clip, "local_token_mean"),
-    "dr_grpo": (_ppo_clip, "constant_length"),
-    "dapo": (_ppo_clip, "global_token_mean"),
-    "luspo": (_ppo_clip, "sequence_sum"),
-    "cispo": (_cispo, "global_token_mean"),
-    "sapo": (_sapo, "sequence_mean"),
-    "vespo": (_vespo, "global_token_mean"),
-}
-
-
-def _aggregate(
-    name: str,
-    per_token_loss: Tensor,
-    mask: Tensor,
-    num_items_in_batch: float | Tensor | None,
-    max_completion_length: int | None,
-) -> Tensor:
-    if name == "sequence_mean":
-        return sequence_mean_aggregation(per_token_loss, mask)
-    if name == "local_token_mean":
-        return token_mean_aggregation(per_token_loss, mask)
-    if name == "global_token_mean":
-        return token_mean_aggregation(per_token_loss, mask, num_items_in_batch)
-    if name == "sequence_sum":
-        return sequence_sum_aggregation(per_token_loss, mask)
-    if max_completion_length is None:
-        raise ValueError(
-            "loss_type='dr_grpo' divides by N * max_completion_length; pass max_completion_length "
-            "(the generation length limit, a constant)."
-        )
-    return constant_length_aggregation(per_token_loss, mask, max_completion_length)
 
 
 def _masked_extreme(values: Tensor, mask: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
@@ -565,35 +728,26 @@ def _check_inputs(
         )
 
 
-def _token_filters(
-    x: _LossInputs,
-    behaviour_logprobs: Tensor,
-    entropies: Tensor | None,
-    top_entropy_quantile: float,
-    off_policy_mask_threshold: float | None,
-) -> Tensor:
+def _token_filters(x: LossInputs, behaviour_logprobs: Tensor, entropies: Tensor | None) -> Tensor:
     """`[N, T]` float multiplier from the off-policy and entropy masks (1 = keep)."""
+    o = x.options
     keep = torch.ones_like(x.mask)
-    if off_policy_mask_threshold is not None:
+    if o.off_policy_mask_threshold is not None:
         keep = keep & off_policy_sequence_mask(
-            x.logprobs, behaviour_logprobs, x.advantages, x.mask, off_policy_mask_threshold
+            x.logprobs, behaviour_logprobs, x.advantages, x.mask, o.off_policy_mask_threshold
         )
-    if top_entropy_quantile < 1.0:
+    if o.top_entropy_quantile < 1.0:
         if entropies is None:
             raise ValueError("top_entropy_quantile < 1 needs the per-token `entropies`; pass them.")
-        keep = keep & high_entropy_mask(entropies, x.mask, top_entropy_quantile)
+        keep = keep & high_entropy_mask(entropies, x.mask, o.top_entropy_quantile)
     return keep.to(x.logprobs.dtype)
 
 
-def _metrics(
-    x: _LossInputs,
-    kl: Tensor | None,
-    entropies: Tensor | None,
-) -> dict[str, Tensor]:
+def _metrics(x: LossInputs, kl: Tensor | None, entropies: Tensor | None) -> dict[str, Tensor]:
     with torch.no_grad():
         ratio, advantages, mask = x.ratio.detach(), x.advantages, x.mask
-        low = (ratio < 1 - x.epsilon_low) & (advantages < 0)
-        high = (ratio > 1 + x.epsilon_high) & (advantages > 0)
+        low = (ratio < 1 - x.options.epsilon_low) & (advantages < 0)
+        high = (ratio > 1 + x.options.epsilon_high) & (advantages > 0)
         metrics = {
             "clip_ratio/low_mean": masked_mean(low.float(), mask),
             "clip_ratio/high_mean": masked_mean(high.float(), mask),
@@ -609,38 +763,27 @@ def _metrics(
     return metrics
 
 
+_DEFAULT_OPTIONS = LossOptions()
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor | None,
     advantages: Tensor,
     completion_mask: Tensor,
+    options: LossOptions = _DEFAULT_OPTIONS,
     *,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    beta: float = 0.0,
     ref_logprobs: Tensor | None = None,
-    use_bias_correction_kl: bool = True,
-    max_completion_length: int | None = None,
     num_items_in_batch: float | Tensor | None = None,
     entropies: Tensor | None = None,
-    top_entropy_quantile: float = 1.0,
-    off_policy_mask_threshold: float | None = None,
     sampling_logprobs: Tensor | None = None,
     rollout_is_weights: Tensor | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss of one micro-batch, and its metrics.
 
     Per token: objective(`loss_type`) x off-policy mask x entropy mask x rollout IS weight
-    + `beta` * KL, then the aggregation of `loss_type` over `completion_mask` (TRL's order).
+    + `beta` * KL, then the aggregation of `loss_type` over `completion_mask` (TRL's order). The
+    built-in loss types (`LOSS_SPECS`; `register_loss_type` adds more):
 
     | loss_type | per-token objective | aggregation |
     |---|---|---|
@@ -653,9 +796,10 @@ def policy_loss(
     | sapo | soft gate | as grpo |
     | vespo | detached gamma sequence weight x log pi | as dapo |
 
-    Micro-batching: with `dapo`, `cispo` or `vespo` and `num_items_in_batch` = the loss-token
-    count of the whole batch being accumulated, the micro-batch losses *sum* to the whole-batch
-    loss. The other aggregations are per-micro-batch means: divide by the number of micro-batches.
+    Micro-batching: when `options.spec.sums_over_step` (dapo, cispo, vespo) and
+    `num_items_in_batch` = the loss-token count of the whole batch being accumulated, the
+    micro-batch losses *sum* to the whole-batch loss. The other aggregations are per-micro-batch
+    means (see `grpokit.train.microbatch` for how the trainer weights them).
 
     Args:
         logprobs: `[N, T]` float log-probs of the completion tokens under the current policy.
@@ -664,31 +808,13 @@ def policy_loss(
         advantages: `[N]` (one per sequence) or `[N, T]`.
         completion_mask: `[N, T]`; 1 = the token counts in the loss (EOS counts, padding does
             not). Zero the rows of truncated completions before calling to mask them.
-        loss_type: One of `LOSS_TYPES` (default "dapo", as TRL).
-        importance_sampling_level: "token", "sequence" (GSPO) or "sequence_token" (GSPO-token).
-        epsilon_low: Lower clip: ratios below `1 - epsilon_low` are clipped.
-        epsilon_high: Upper clip: `1 + epsilon_high` (DAPO uses 0.28). For `cispo` the IS-weight
-            cap is `1 + epsilon_high` (paper), not TRL's `epsilon_high`.
-        delta: INTELLECT-2 cap on the unclipped ratio (> 1 + epsilon_high), PPO-clip losses only.
-        beta: KL coefficient; 0 skips the KL entirely (then `ref_logprobs` is not needed).
-        ref_logprobs: `[N, T]` reference-model log-probs, required when `beta != 0`.
-        use_bias_correction_kl: Multiply the per-token k3 by the token ratio `pi_theta / pi_old`
-            (DeepSeek-V3.2), making it unbiased under samples from the old policy.
-        max_completion_length: `L` for `dr_grpo`.
+        options: The `LossOptions` (checked when built); default `LossOptions()`.
+        ref_logprobs: `[N, T]` reference-model log-probs, required when `options.beta != 0`.
         num_items_in_batch: Loss-token count to normalise `dapo`/`cispo`/`vespo` by.
         entropies: `[N, T]` per-token entropies; logged, and used by `top_entropy_quantile`.
-        top_entropy_quantile: Keep only this top fraction of tokens by entropy (1 = all). As in
-            TRL the normaliser is not changed (see docs/LOSSES.md).
-        off_policy_mask_threshold: DeepSeek-V3.2 off-policy sequence masking threshold (None = off).
         sampling_logprobs: `[N, T]` rollout-engine log-probs; the behaviour policy for the
             off-policy mask (falls back to `old_logprobs`).
         rollout_is_weights: `[N, T]` detached weights from `rollout_importance_weights`.
-        sapo_temperature_pos: SAPO gate temperature where A > 0.
-        sapo_temperature_neg: SAPO gate temperature where A <= 0.
-        vespo_k_pos: VESPO gamma shape where A >= 0.
-        vespo_lambda_pos: VESPO gamma rate where A >= 0.
-        vespo_k_neg: VESPO gamma shape where A < 0.
-        vespo_lambda_neg: VESPO gamma rate where A < 0.
 
     Returns:
         `(loss, metrics)`: the scalar loss (float32, differentiable w.r.t. `logprobs`) and detached
@@ -699,26 +825,9 @@ def policy_loss(
         min- or max-reduced across micro-batches, the rest averaged.
 
     Raises:
-        ValueError: on invalid options (see `validate_loss_options`), mismatched shapes, or a
-            missing input the options need (ref_logprobs, entropies, max_completion_length).
+        ValueError: on mismatched shapes, or a missing input the options need (ref_logprobs,
+            entropies).
     """
-    validate_loss_options(
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        beta=beta,
-        top_entropy_quantile=top_entropy_quantile,
-        max_completion_length=max_completion_length,
-        off_policy_mask_threshold=off_policy_mask_threshold,
-        sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-        vespo_k_pos=vespo_k_pos,
-        vespo_lambda_pos=vespo_lambda_pos,
-        vespo_k_neg=vespo_k_neg,
-        vespo_lambda_neg=vespo_lambda_neg,
-    )
     _check_inputs(
         logprobs,
         advantages,
@@ -730,7 +839,7 @@ def policy_loss(
         sampling_logprobs=sampling_logprobs,
         rollout_is_weights=rollout_is_weights,
     )
-    if beta != 0 and ref_logprobs is None:
+    if options.beta != 0 and ref_logprobs is None:
         raise ValueError("beta != 0 needs ref_logprobs (the reference model's log-probs).")
 
     mask = completion_mask.bool()  # [N, T], True = loss token
@@ -740,35 +849,31 @@ def policy_loss(
     old = logprobs.detach() if old_logprobs is None else _constant(old_logprobs, mask, dtype)
     adv = advantages.detach().to(dtype)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [N, 1] or [N, T]
-    x = _LossInputs(
+    level = options.importance_sampling_level
+    x = LossInputs(
         logprobs=logprobs,
         log_ratio=_masked(logprobs - old, mask),
-        ratio=torch.exp(log_importance_weights(logprobs, old, mask, importance_sampling_level)),
+        ratio=torch.exp(log_importance_weights(logprobs, old, mask, level)),
         advantages=adv,
         mask=mask,
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        sapo_temperatures=(sapo_temperature_pos, sapo_temperature_neg),
-        vespo_shape=(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+        options=options,
     )
 
-    objective, aggregation = _LOSS_TABLE[loss_type]
-    per_token_loss = objective(x)  # [N, T]
+    spec = options.spec
+    per_token_loss = spec.objective(x)  # [N, T]
     behaviour = old if sampling_logprobs is None else _constant(sampling_logprobs, mask, dtype)
-    per_token_loss = per_token_loss * _token_filters(
-        x, behaviour, entropies, top_entropy_quantile, off_policy_mask_threshold
-    )
+    per_token_loss = per_token_loss * _token_filters(x, behaviour, entropies)
     if rollout_is_weights is not None:
         per_token_loss = per_token_loss * _constant(rollout_is_weights, mask, dtype)
 
     kl = None
-    if beta != 0:
+    if options.beta != 0:
         assert ref_logprobs is not None  # checked above
         kl = k3_kl(logprobs, _constant(ref_logprobs, mask, dtype))  # [N, T], 0 at padding
-        if use_bias_correction_kl:
+        if options.use_bias_correction_kl:
             kl = kl * torch.exp(x.log_ratio)  # token ratio pi_theta / pi_old (DeepSeek-V3.2)
-        per_token_loss = per_token_loss + beta * kl
+        per_token_loss = per_token_loss + options.beta * kl
 
-    loss = _aggregate(aggregation, per_token_loss, mask, num_items_in_batch, max_completion_length)
+    aggregation = AGGREGATIONS[spec.aggregation]
+    loss = aggregation.reduce(per_token_loss, mask, num_items_in_batch, options)
     return loss, _metrics(x, kl, entropies)

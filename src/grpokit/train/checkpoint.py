@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
@@ -30,13 +31,15 @@ GRPO_CONFIG = "grpo_config.json"
 
 
 @dataclass
-class TrainerState:
-    """What the loop needs to continue exactly; saved as `trainer_state.json`. Reward functions
-    receive it as `trainer_state`.
+class TrainerState(transformers.TrainerState):
+    """transformers' `TrainerState` (what callbacks read: `global_step`, `max_steps`, `epoch`,
+    `log_history`, `logging_steps`, ...) plus what the loop needs to continue exactly; saved as
+    `trainer_state.json`. Reward functions receive it as `trainer_state`.
 
     Attributes:
         global_step: optimizer steps taken. max_steps: optimizer steps of the whole run.
         epoch: passes over the training prompts so far (fractional; 0 for unsized datasets).
+        log_history: every logged record, with its `step`.
         data_epoch, data_index: the prompt sampler's position (epoch, next row in that epoch).
         num_input_tokens_seen: prompt + completion tokens generated so far.
         prompts_over_length: prompts truncated or skipped by `max_prompt_length` so far.
@@ -44,12 +47,8 @@ class TrainerState:
         nonfinite_in_a_row: how many of the latest optimizer steps in a row were skipped.
     """
 
-    global_step: int = 0
-    max_steps: int = 0
-    epoch: float = 0.0
     data_epoch: int = 0
     data_index: int = 0
-    num_input_tokens_seen: int = 0
     prompts_over_length: int = 0
     nonfinite_skipped: int = 0
     nonfinite_in_a_row: int = 0

@@ -20,7 +20,10 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from grpokit.core.losses import LossOptions
 
 PROMPT_LENGTH_POLICIES = ("truncate_left", "skip")
 SAVE_STRATEGIES = ("no", "steps")
@@ -618,7 +621,6 @@ class GRPOConfig:
 
     def _check_objective(self) -> None:
         from grpokit.core.advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS
-        from grpokit.core.losses import validate_loss_options
 
         if self.scale_rewards not in SCALE_REWARDS:
             raise ValueError(
@@ -630,22 +632,7 @@ class GRPOConfig:
                 f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
                 f"got {self.multi_objective_aggregation!r}."
             )
-        validate_loss_options(
-            loss_type=self.loss_type,
-            importance_sampling_level=self.importance_sampling_level,
-            epsilon_low=self.epsilon,
-            epsilon_high=self.resolved_epsilon_high,
-            delta=self.delta,
-            beta=self.beta,
-            top_entropy_quantile=self.top_entropy_quantile,
-            off_policy_mask_threshold=self.off_policy_mask_threshold,
-            sapo_temperature_pos=self.sapo_temperature_pos,
-            sapo_temperature_neg=self.sapo_temperature_neg,
-            vespo_k_pos=self.vespo_k_pos,
-            vespo_lambda_pos=self.vespo_lambda_pos,
-            vespo_k_neg=self.vespo_k_neg,
-            vespo_lambda_neg=self.vespo_lambda_neg,
-        )
+        self.loss_options()  # LossOptions checks the loss options when built
         self._check_rollout_importance_sampling()
         if self.sync_ref_model and self.beta == 0:
             raise ValueError(
@@ -734,6 +721,30 @@ class GRPOConfig:
         """Unique prompts (B) per generation batch."""
         assert self.generation_batch_size is not None
         return self.generation_batch_size // self.num_generations
+
+    def loss_options(self) -> LossOptions:
+        """The loss options of this run for `policy_loss` (`epsilon_high` resolved from
+        `epsilon`), checked when built."""
+        from grpokit.core.losses import LossOptions
+
+        return LossOptions(
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            epsilon_low=self.epsilon,
+            epsilon_high=self.resolved_epsilon_high,
+            delta=self.delta,
+            beta=self.beta,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            max_completion_length=self.max_completion_length,
+            top_entropy_quantile=self.top_entropy_quantile,
+            off_policy_mask_threshold=self.off_policy_mask_threshold,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos,
+            vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
+        )
 
     @property
     def is_off_policy(self) -> bool:

@@ -11,8 +11,10 @@
 - **Ctrl-C** (`KeyboardInterrupt`): the trainer rewinds to the last completed optimizer step
   (`RoundStart` holds the state and random generators at the start of the generation round), saves
   a checkpoint there, logs one line saying where and how to resume, and raises
-  `TrainingInterrupted` (a `KeyboardInterrupt`). The optimizer update itself runs with SIGINT
-  deferred (`interrupts_deferred`), so an interrupt never leaves half of the parameters updated.
+  `TrainingInterrupted` (a `KeyboardInterrupt`). Each optimizer step (its forward/backward
+  passes, the update, and the step count and weight syncs after it) runs with SIGINT deferred
+  (`interrupts_deferred`): an interrupt waits for the step in progress, so it never leaves the
+  parameters half updated or an update uncounted.
 """
 
 from __future__ import annotations

@@ -1,23 +1,46 @@
-"""Which rows of an optimizer step go into which micro-batch: two exact speed-ups.
+"""Which rows of an optimizer step go into which micro-batch, and how each micro-batch's loss
+enters the step's loss.
 
-The plain path splits an optimizer step's rows into consecutive micro-batches of
-`per_device_train_batch_size`. Two changes leave the update identical (up to float summation
-order) and save forward/backward work:
+**The step's loss.** An optimizer step trains on `R` rows (`per_device_train_batch_size *
+gradient_accumulation_steps`). Its loss is that of the plain path, which splits the rows into
+consecutive micro-batches of `size = per_device_train_batch_size` rows, as TRL does. Every
+micro-batch's `policy_loss` gets the same `num_items_in_batch`: the loss tokens of the step's `R`
+rows, and the step's loss is
+
+    step loss = sum over micro-batches m of  loss_weight_m * policy_loss(rows_m)
+
+with one multiplier, `MicroBatch.loss_weight`, decided by what the loss type's aggregation divides
+by (`LossSpec`, grpokit.core.losses):
+
+- `sums_over_step` (dapo, cispo, vespo: divides by `num_items_in_batch`): the losses already sum
+  to the step's loss; weight 1.
+- `divides_by_rows` (grpo, sapo, luspo, dr_grpo: a mean over the n rows passed): the step's loss
+  is the mean over the step's rows, so a micro-batch of n rows weighs `n / R` (`1 /
+  gradient_accumulation_steps` for a full one, as TRL).
+- `depends_on_grouping` (bnpo: divides by the micro-batch's own loss tokens): the mean of the
+  plain micro-batches' losses, `size / R` each.
+
+TRL instead divides by the token count of the whole *generation* batch, counted before
+`mask_truncated_completions`: the same when steps_per_generation == gradient_accumulation_steps
+and nothing is masked, smaller steps otherwise. Counting the step's own tokens makes 1
+micro-batch of 4 and 4 micro-batches of 1 give the same update.
+
+**Two exact speed-ups.** They leave the update identical (up to float summation order) and save
+forward/backward work:
 
 1. **Skip rows whose advantage is exactly 0.** Every per-token objective is proportional to the
    advantage (PPO clip, CISPO, SAPO, VESPO), so such a row adds exactly 0 to the loss and its
    gradient, provided nothing else couples it to the loss: no KL term (`beta == 0`) and no
    top-entropy filter (its quantile is taken over the micro-batch's tokens, skipped rows
-   included). The denominators stay those of the plain path: `dapo`/`cispo`/`vespo` divide by the
-   step's `num_items_in_batch` (unchanged); the per-sequence means (`grpo`, `sapo`, `luspo`) and
-   `dr_grpo` divide by the rows passed, so a micro-batch of k rows is scaled by
-   k / per_device_train_batch_size; `bnpo` divides by the micro-batch's loss tokens, so its kept
-   rows are scaled by kept tokens / micro-batch tokens. A group whose G rewards are all equal has
-   all-zero advantages (`frac_reward_zero_std`), so this skips whole groups.
+   included). The weights above keep the plain path's denominators: `num_items_in_batch` is
+   unchanged; a row-normalised micro-batch of the n kept rows weighs `n / R`; bnpo's kept rows
+   keep their plain micro-batch and weigh `size / R * kept tokens / micro-batch tokens`. A group
+   whose G rewards are all equal has all-zero advantages (`frac_reward_zero_std`), so this skips
+   whole groups.
 2. **Bucket rows by completion length.** The micro-batch is trimmed to its longest row, so
    grouping rows of similar length removes padding columns. Allowed when the update does not
-   depend on which rows share a micro-batch: every aggregation but `bnpo` (which divides by the
-   micro-batch's own token count), and no top-entropy filter.
+   depend on which rows share a micro-batch: every aggregation but bnpo's, and no top-entropy
+   filter.
 
 Logged per-micro-batch metrics (entropy, clip ratios) are then averaged over different groupings
 and exclude skipped rows; the update is unchanged.
@@ -30,19 +53,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from grpokit.core.losses import LossOptions
 from grpokit.train.rollout import RolloutBatch
 
-# Aggregations that divide by the number of rows passed to `policy_loss` (see grpokit.core.losses).
-ROW_NORMALISED_LOSS_TYPES = ("grpo", "sapo", "luspo", "dr_grpo")
 
-
-@dataclass
+@dataclass(frozen=True)
 class MicroBatch:
-    """Rows of the rollout batch trained together, and the factor that keeps the plain path's
-    denominator. rows: `[n]` long indices into the batch."""
+    """Rows of the rollout batch trained together, and how their loss enters the step's loss.
+
+    Attributes:
+        rows: `[n]` long indices into the rollout batch.
+        num_items_in_batch: Loss tokens of the whole optimizer step (0-dim float, >= 1), the
+            `num_items_in_batch` of this micro-batch's `policy_loss`.
+        loss_weight: Multiply this micro-batch's `policy_loss` by it; the weighted losses sum to
+            the step's loss (module docstring).
+    """
 
     rows: Tensor
-    scale: float
+    num_items_in_batch: Tensor
+    loss_weight: float
 
 
 def plan_micro_batches(
@@ -51,10 +80,8 @@ def plan_micro_batches(
     loss_mask: Tensor,
     rows: range,
     size: int,
+    options: LossOptions,
     *,
-    loss_type: str,
-    beta: float,
-    top_entropy_quantile: float,
     skip_zero_advantage: bool = True,
     bucket_by_length: bool = True,
 ) -> list[MicroBatch]:
@@ -66,32 +93,34 @@ def plan_micro_batches(
         loss_mask: `[N, T]` 1 = the token counts in the loss.
         rows: The optimizer step's rows (a multiple of `size` long).
         size: `per_device_train_batch_size`.
-        loss_type: The aggregation decides which denominators must be kept.
-        beta: KL coefficient; rows with zero advantage are skipped only when it is 0.
-        top_entropy_quantile: Any filter (< 1) couples rows; then nothing is skipped or moved.
+        options: The loss options: the loss type's aggregation decides the weights; rows with
+            zero advantage are skipped only when `beta == 0`; a top-entropy filter
+            (`top_entropy_quantile < 1`) couples rows, so then nothing is skipped or moved.
         skip_zero_advantage: Allow speed-up 1 (module docstring).
         bucket_by_length: Allow speed-up 2.
 
     Returns:
         Micro-batches in training order; empty when every row of the step has zero advantage
-        and may be skipped. Multiply each micro-batch's loss by its `scale`.
+        and may be skipped.
     """
+    spec = options.spec
     index = torch.arange(rows.start, rows.stop)  # [R]
-    coupled = top_entropy_quantile < 1.0
-    skip = skip_zero_advantage and beta == 0 and not coupled
-    regroup = loss_type != "bnpo" and not coupled
-    adv = advantages[index]
-    nonzero = (adv != 0).reshape(len(index), -1).any(-1)  # [R]
-    if not regroup:
+    num_items = loss_mask[index].sum().clamp(min=1).float()  # the step's loss tokens
+    coupled = options.top_entropy_quantile < 1.0
+    skip = skip_zero_advantage and options.beta == 0 and not coupled
+    nonzero = (advantages[index] != 0).reshape(len(index), -1).any(-1)  # [R]
+    if spec.depends_on_grouping or coupled:  # keep the plain micro-batches
         plan = []
         for start in range(0, len(index), size):
             chunk = index[start : start + size]
             kept = chunk[nonzero[start : start + size]] if skip else chunk
             if len(kept) == 0:
                 continue
-            tokens = loss_mask[chunk].sum().clamp(min=1)
-            scale = float(loss_mask[kept].sum().clamp(min=1) / tokens) if skip else 1.0
-            plan.append(MicroBatch(kept, scale))
+            weight = 1.0 if spec.sums_over_step else len(chunk) / len(index)
+            if skip and spec.depends_on_grouping:  # the kept rows' share of the chunk's tokens
+                tokens = loss_mask[chunk].sum().clamp(min=1)
+                weight *= float(loss_mask[kept].sum().clamp(min=1) / tokens)
+            plan.append(MicroBatch(kept, num_items, weight))
         return plan
     kept = index[nonzero] if skip else index
     if bucket_by_length:
@@ -100,8 +129,8 @@ def plan_micro_batches(
     plan = []
     for start in range(0, len(kept), size):
         chunk = kept[start : start + size]
-        scale = len(chunk) / size if loss_type in ROW_NORMALISED_LOSS_TYPES else 1.0
-        plan.append(MicroBatch(chunk, scale))
+        weight = len(chunk) / len(index) if spec.divides_by_rows else 1.0
+        plan.append(MicroBatch(chunk, num_items, weight))
     return plan
 
 

@@ -1,15 +1,16 @@
 """`GRPOTrainer`: one explicit GRPO loop over the components of grpokit.
 
-Read `GRPOTrainer.train` top to bottom: each generation round samples B prompts, renders and
-tokenizes them, generates G completions each (N = B*G), scores them, turns rewards into group
-advantages, computes old / reference log-probs only when they are needed, then makes
-`num_iterations` passes of `steps_per_generation / gradient_accumulation_steps` optimizer steps of
-`gradient_accumulation_steps` micro-batches, and finally logs, evaluates and checkpoints.
+Read `GRPOTrainer.train` and `_training_round` top to bottom: each generation round samples B
+prompts, renders and tokenizes them, generates G completions each (N = B*G), scores them, turns
+rewards into group advantages, computes old / reference log-probs only when they are needed, then
+makes `num_iterations` passes of `steps_per_generation / gradient_accumulation_steps` optimizer
+steps of `gradient_accumulation_steps` micro-batches, and finally logs, evaluates and checkpoints.
 
 Batch semantics are TRL's: `per_device_train_batch_size` counts completions per micro-batch, a
 generation batch holds `per_device_train_batch_size * steps_per_generation` completions, and
 `max_steps` / `global_step` count optimizer steps. Logging, evaluation and checkpoints happen at
-the end of a generation round (with the defaults, one round = one optimizer step).
+the end of a generation round (with the defaults, one round = one optimizer step). Callbacks
+(`transformers.TrainerCallback`, see grpokit.train.callbacks) observe every step.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import TrainerControl
 
 from grpokit.core.advantages import check_reward_weights, group_advantages
 from grpokit.core.logprobs import model_completion_logprobs
@@ -36,8 +38,9 @@ from grpokit.engines.models import context_length
 from grpokit.rewards.scoring import build_reward_functions
 from grpokit.train import build, guards
 from grpokit.train import checkpoint as ckpt
+from grpokit.train.callbacks import CallbackHandler, default_flow, describe_run
 from grpokit.train.checkpoint import TrainerState
-from grpokit.train.config import GRPOConfig, crossed_multiple
+from grpokit.train.config import GRPOConfig
 from grpokit.train.loggers import (
     MetricsBuffer,
     RunLogger,
@@ -51,11 +54,6 @@ from grpokit.train.prompt_sampler import PromptSampler
 from grpokit.train.rollout import RolloutBatch, RolloutPipeline, evaluate_rewards
 
 logger = logging.getLogger("grpokit")
-
-# Loss types whose aggregation divides by `num_items_in_batch`: the micro-batch losses of an
-# optimizer step *sum* to the step's loss. Every other aggregation is a per-micro-batch mean and is
-# divided by `gradient_accumulation_steps` (as TRL does).
-TOKEN_SUM_LOSS_TYPES = ("dapo", "cispo", "vespo")
 
 
 class GRPOTrainer:
@@ -76,6 +74,8 @@ class GRPOTrainer:
         peft_config: A `peft` config (e.g. `LoraConfig`) to train an adapter instead of all weights.
         generation_engine: Optional `GenerationEngine`; default: `VLLMEngine` with `use_vllm`,
             else `TransformersEngine`.
+        callbacks: `transformers.TrainerCallback` instances or classes, called at each event of
+            the loop (grpokit.train.callbacks lists them and where they happen).
     """
 
     # Exact speed-ups of the update (see grpokit.train.microbatch); False runs the plain path.
@@ -96,6 +96,7 @@ class GRPOTrainer:
         reward_processing_classes: Any = None,
         peft_config: Any = None,
         generation_engine: GenerationEngine | None = None,
+        callbacks: list[Any] | None = None,
     ) -> None:
         self.args = args if args is not None else GRPOConfig()
         if not isinstance(self.args, GRPOConfig):
@@ -140,12 +141,35 @@ class GRPOTrainer:
         prompt_token_limit(
             self.args.max_prompt_length, self.context_length, self.args.max_completion_length
         )
+        self.loss_options = self.args.loss_options()  # built and checked once
         self.use_bf16 = build.resolve_precision(self.args, self.device)
         self.max_steps = build.resolve_max_steps(self.args, self.sampler.size)
         self.optimizer = build.make_optimizer(self.model, self.args)
         self.scheduler = build.make_scheduler(self.optimizer, self.args, self.max_steps)
-        self.state = TrainerState(max_steps=self.max_steps)
+        self.state = self._describe_run(TrainerState())
         self.pending = MetricsBuffer()  # metrics queued until the next logging step
+        self.control = TrainerControl()
+        self.callback_handler = CallbackHandler(
+            callbacks,
+            model=self.model,
+            processing_class=self.processing_class,
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+        )
+        self._event("on_init_end")
+
+    # ---- callbacks (transformers' TrainerCallback contract) -----------------------------------
+    def add_callback(self, callback: Any) -> None:
+        """Add a `TrainerCallback` instance, or a class to instantiate."""
+        self.callback_handler.add(callback)
+
+    def pop_callback(self, callback: Any) -> Any:
+        """Remove and return the first callback of that class, or that instance (None if absent)."""
+        return self.callback_handler.pop(callback)
+
+    def remove_callback(self, callback: Any) -> None:
+        """Remove the first callback of that class, or that instance."""
+        self.callback_handler.remove(callback)
 
     # =============================================================================================
     # The loop
@@ -173,68 +197,81 @@ class GRPOTrainer:
             log_completions=cfg.log_completions,
             run_name=cfg.run_name,
         )
-        steps_per_round = cfg.steps_per_round
-        num_rounds = math.ceil(self.max_steps / steps_per_round)
+        num_rounds = math.ceil(self.max_steps / cfg.steps_per_round)
         restart = guards.RoundStart.capture(self.state)  # where Ctrl-C rewinds to
+        self._event("on_train_begin")
         try:
             if cfg.eval_on_start:
-                run_log.log(self.state.global_step, self.evaluate())
-            for _ in range(self.state.global_step // steps_per_round, num_rounds):
-                round_start, first_step = time.perf_counter(), self.state.global_step
+                self._log(run_log, self.evaluate())
+            for _ in range(self.state.global_step // cfg.steps_per_round, num_rounds):
+                if self.control.should_training_stop:
+                    break
                 restart = guards.RoundStart.capture(self.state)
-                timings: dict[str, float] = {}
-
-                # ---- ALGO: rollouts --------------------------------------------------------
-                with _timer(timings, "time/generation"):
-                    prompts, prompt_ids, columns = self.sample_prompts()
-                    gen = self.generate(prompt_ids)
-                with _timer(timings, "time/rewards"):
-                    completions, completion_id_lists = self.decode(prompts, gen)
-                    rewards = self.score(prompts, completions, completion_id_lists, columns)
-                    adv = group_advantages(
-                        rewards,  # [N, K]
-                        cfg.num_generations,
-                        reward_weights=cfg.reward_weights,
-                        scale_rewards=cfg.resolved_scale_rewards,
-                        multi_objective_aggregation=cfg.multi_objective_aggregation,
-                    )
-                with _timer(timings, "time/logprobs"):
-                    batch = self.build_rollout_batch(gen, adv.advantages)
-
-                # ---- ALGO: policy update --------------------------------------------------
-                with _timer(timings, "time/training"):
-                    train_metrics = self.update_policy(batch)
-
-                # ---- Plumbing: metrics, evaluation, checkpoints ---------------------------
-                step_time = max(time.perf_counter() - round_start, 1e-9)
-                self.pending.add(
-                    {
-                        **self._rollout_metrics(gen, adv.metrics),
-                        **timings,
-                        "step_time": step_time,
-                        "tokens_per_second": float(gen.completion_mask.sum()) / step_time,
-                    }
-                )
-                self.pending.extend(train_metrics)
-                if cfg.log_completions and self._is_logging_round(first_step):
-                    run_log.log_completions(
-                        self.state.global_step,
-                        completion_rows(
-                            prompts,
-                            completions,
-                            rewards,
-                            adv.rewards,
-                            adv.advantages,
-                            [fn.name for fn in self.reward_funcs],
-                            cfg.num_completions_to_print,
-                        ),
-                    )
-                self._after_round(run_log, first_step)
+                self._training_round(run_log)
+            self._event("on_train_end")
         except KeyboardInterrupt as interrupt:
             raise self._save_on_interrupt(restart) from interrupt
         finally:
             run_log.close()
         return self.state
+
+    def _training_round(self, run_log: RunLogger) -> None:
+        """One generation round: rollouts, `num_iterations` passes of optimizer steps over them,
+        then metrics, evaluation and checkpoints."""
+        cfg = self.args
+        round_start, first_step = time.perf_counter(), self.state.global_step
+        timings: dict[str, float] = {}
+        self.control.should_log = self.control.should_evaluate = self.control.should_save = False
+        self._event("on_step_begin")  # the round's first step begins with its rollouts (as TRL)
+
+        # ---- ALGO: rollouts ----------------------------------------------------------------
+        with _timer(timings, "time/generation"):
+            prompts, prompt_ids, columns = self.sample_prompts()
+            gen = self.generate(prompt_ids)
+        with _timer(timings, "time/rewards"):
+            completions, completion_id_lists = self.decode(prompts, gen)
+            rewards = self.score(prompts, completions, completion_id_lists, columns)
+            adv = group_advantages(
+                rewards,  # [N, K]
+                cfg.num_generations,
+                reward_weights=cfg.reward_weights,
+                scale_rewards=cfg.resolved_scale_rewards,
+                multi_objective_aggregation=cfg.multi_objective_aggregation,
+            )
+        with _timer(timings, "time/logprobs"):
+            batch = self.build_rollout_batch(gen, adv.advantages)
+
+        # ---- ALGO: policy update ----------------------------------------------------------
+        with _timer(timings, "time/training"):
+            train_metrics = self.update_policy(batch)
+
+        # ---- Plumbing: metrics, evaluation, checkpoints -----------------------------------
+        step_time = max(time.perf_counter() - round_start, 1e-9)
+        self.pending.add(
+            {
+                **self._rollout_metrics(gen, adv.metrics),
+                **timings,
+                "step_time": step_time,
+                "tokens_per_second": float(gen.completion_mask.sum()) / step_time,
+            }
+        )
+        self.pending.extend(train_metrics)
+        default_flow(cfg, self.state, self.control, first_step)  # when to log, evaluate, save
+        if cfg.log_completions and self.control.should_log:
+            names = [fn.name for fn in self.reward_funcs]
+            run_log.log_completions(
+                self.state.global_step,
+                completion_rows(
+                    prompts,
+                    completions,
+                    rewards,
+                    adv.rewards,
+                    adv.advantages,
+                    names,
+                    cfg.num_completions_to_print,
+                ),
+            )
+        self._log_evaluate_save(run_log)
 
     # =============================================================================================
     # Steps of the algorithm
@@ -302,122 +339,157 @@ class GRPOTrainer:
             sampling_logprobs=gen.sampling_logprobs,
         )
         if cfg.is_off_policy and not self._old_logprobs_in_first_pass():
-            batch.old_logprobs = self._logprobs_no_grad(self.model, batch)
-        if cfg.beta != 0:
+            batch.old_logprobs = self.compute_logprobs(self.model, batch)
+        if self.loss_options.beta != 0:
             batch.ref_logprobs = self._ref_logprobs(batch)
         return batch
+
+    @torch.no_grad()
+    def compute_logprobs(self, model: Any, batch: RolloutBatch) -> Tensor:
+        """Log-probs of the batch's completion tokens under `model`, without gradients.
+
+        The trainer calls it for the old log-probs (when an update is off-policy) and the
+        reference log-probs (`beta != 0`); a subclass may override it to observe or replace
+        those passes.
+
+        Returns:
+            `[N, T]` float32 on the CPU, 0 at padding; computed `per_device_train_batch_size`
+            rows at a time, each micro-batch trimmed to its own padding.
+        """
+        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
+        size = self.args.per_device_train_batch_size
+        for start in range(0, batch.size, size):
+            rows = slice(start, start + size)
+            input_ids, attention_mask, t = batch.trimmed(rows)
+            with self.autocast():
+                logprobs, _ = model_completion_logprobs(
+                    model,
+                    input_ids.to(self.device),
+                    attention_mask.to(self.device),
+                    t,
+                    temperature=self.args.temperature,
+                )
+            out[rows, :t] = logprobs.cpu()
+        return out
 
     def update_policy(self, batch: RolloutBatch) -> dict[str, list[float]]:
         """`num_iterations` passes of optimizer steps over the batch; returns per-step metrics."""
         cfg = self.args
-        mini = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         metrics: dict[str, list[float]] = defaultdict(list)
+        first_step = self.state.global_step
         self.model.train()
         for iteration in range(cfg.num_iterations):
-            for start in range(0, batch.size, mini):
+            for start in range(0, batch.size, rows_per_step):
                 if self.state.global_step >= self.max_steps:
                     return metrics
+                if self.state.global_step > first_step:  # the first began before the rollouts
+                    self._event("on_step_begin")
                 capture = None
                 if iteration == 0 and self._old_logprobs_in_first_pass():
                     capture = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
-                step_metrics = self.optimizer_step(batch, range(start, start + mini), capture)
-                if capture is not None:
-                    batch.old_logprobs = capture  # [N, T]; rows never trained stay 0 (unused)
+                # Ctrl-C waits for the step in progress, so it is never half-applied (guards.py).
+                with guards.interrupts_deferred():
+                    step_metrics = self.optimizer_step(
+                        batch, range(start, start + rows_per_step), capture
+                    )
+                    if capture is not None:
+                        batch.old_logprobs = capture  # [N, T]; rows never trained stay 0
+
+                    # ---- the step is taken: count it; the sampler and reference follow ----
+                    self.state.global_step += 1
+                    self.state.epoch = self.sampler.epochs_done
+                    with _timer(step_metrics, "time/weight_sync"):
+                        self.engine.update_weights(self.model)
+                    if (
+                        cfg.sync_ref_model
+                        and self.state.global_step % cfg.ref_model_sync_steps == 0
+                    ):
+                        self._sync_ref_model()
+                self._event("on_step_end")
                 for key, value in step_metrics.items():
                     metrics[key].append(value)
+                if self.control.should_training_stop:
+                    return metrics
         return metrics
-
-    def _old_logprobs_in_first_pass(self) -> bool:
-        """Whether the old log-probs come from the first optimizer step's own forward: off-policy
-        only through `num_iterations` (one optimizer step per generation), so that step runs on
-        the weights the completions were sampled with, as the separate pass would."""
-        cfg = self.args
-        return (
-            self.old_logprobs_from_first_pass
-            and cfg.num_iterations > 1
-            and cfg.optimizer_steps_per_generation == 1
-        )
 
     def optimizer_step(
         self, batch: RolloutBatch, rows: range, capture: Tensor | None = None
     ) -> dict[str, float]:
-        """One optimizer step on `rows` of the batch, accumulated over micro-batches. With
-        `capture` (`[N, T]`), the micro-batches' log-probs (detached) are written into it."""
-        cfg = self.args
-        # dapo/cispo/vespo: normalise by the loss tokens of this optimizer step's whole
-        # mini-batch, so 1 micro-batch of 4 and 4 micro-batches of 1 give the same update. TRL
-        # divides instead by the token count of the whole *generation* batch, counted before
-        # `mask_truncated_completions`: the same when steps_per_generation ==
-        # gradient_accumulation_steps and nothing is masked, smaller steps otherwise.
-        num_items = batch.loss_mask[rows.start : rows.stop].sum().clamp(min=1).float()
-        scale = (
-            1.0 if cfg.loss_type in TOKEN_SUM_LOSS_TYPES else 1.0 / cfg.gradient_accumulation_steps
-        )
-        micro_metrics: dict[str, list[Tensor]] = defaultdict(list)
-        total_loss = 0.0
+        """One optimizer step on `rows` of the batch: accumulate the gradient of the step's loss
+        over its micro-batches, clip it, step the optimizer and the schedule, zero the gradients.
+
+        Args:
+            batch: The rollout batch.
+            rows: The step's rows (`per_device_train_batch_size * gradient_accumulation_steps`).
+            capture: Optional `[N, T]` tensor the micro-batches' log-probs (detached) are
+                written into.
+
+        Returns:
+            The step's metrics: `loss`, `grad_norm`, `learning_rate`, the loss metrics reduced
+            over its micro-batches, `time/forward_backward` and `time/optimizer`.
+        """
+        started = time.perf_counter()
         plan = plan_micro_batches(
             batch.advantages,
             batch.completion_mask,
             batch.loss_mask,
             rows,
-            cfg.per_device_train_batch_size,
-            loss_type=cfg.loss_type,
-            beta=cfg.beta,
-            top_entropy_quantile=cfg.top_entropy_quantile,
+            self.args.per_device_train_batch_size,
+            self.loss_options,
             skip_zero_advantage=self.skip_zero_advantage,
             bucket_by_length=self.bucket_by_length,
         )
-        started = time.perf_counter()
-        for micro in plan:
+        step_loss = 0.0
+        micro_metrics: dict[str, list[Tensor]] = defaultdict(list)
+        for micro in plan:  # step loss = sum of loss_weight * micro-batch loss (microbatch.py)
             part = select_rows(batch, micro.rows)
-            loss, metrics, logprobs = self.micro_batch_loss(part, slice(0, part.size), num_items)
+            loss, metrics, logprobs = self.micro_batch_loss(part, micro.num_items_in_batch)
+            (loss * micro.loss_weight).backward()
+            step_loss += loss.item() * micro.loss_weight
             if capture is not None:
                 capture[micro.rows, : logprobs.shape[1]] = logprobs.float().cpu()
-            (loss * (scale * micro.scale)).backward()
-            total_loss += loss.item() * scale * micro.scale
             for key, value in metrics.items():
                 micro_metrics[key].append(value)
         if not plan:  # every row had zero advantage: a zero gradient, as the plain path gives
             for param in self.model.parameters():
                 if param.requires_grad:
                     param.grad = torch.zeros_like(param)
-        forward_backward_done = time.perf_counter()
-        grad_norm = self._clip_gradients()
-        with guards.interrupts_deferred():  # Ctrl-C never leaves a half-applied update
-            skip = guards.skip_nonfinite_update(
-                self.state,
-                loss=total_loss,
-                grad_norm=grad_norm,
-                max_consecutive=cfg.max_consecutive_nonfinite_steps,
-                model=self.model,
-            )
-            if not skip:
-                self.optimizer.step()
-                self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.global_step += 1
-            self.engine.update_weights(self.model)
-            optimizer_done = time.perf_counter()
-            if cfg.sync_ref_model and self.state.global_step % cfg.ref_model_sync_steps == 0:
-                self._sync_ref_model()
+        backward_done = time.perf_counter()
+        grad_norm = clip_grad_norm(self.model, self.args.max_grad_norm)
+        skip = guards.skip_nonfinite_update(  # a NaN/inf step applies no update (guards.py)
+            self.state,
+            loss=step_loss,
+            grad_norm=grad_norm,
+            max_consecutive=self.args.max_consecutive_nonfinite_steps,
+            model=self.model,
+        )
+        if not skip:
+            self._event("on_pre_optimizer_step")
+            self.optimizer.step()
+            self._event("on_optimizer_step")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         out = reduce_metrics({k: [v.item() for v in vs] for k, vs in micro_metrics.items()})
         out.update(
             {
-                "loss": total_loss,
+                "loss": step_loss,
                 "grad_norm": grad_norm,
                 "learning_rate": self.scheduler.get_last_lr()[0],
-                "time/forward_backward": forward_backward_done - started,
-                "time/optimizer": optimizer_done - forward_backward_done,
+                "time/forward_backward": backward_done - started,
+                "time/optimizer": time.perf_counter() - backward_done,
             }
         )
         return out
 
     def micro_batch_loss(
-        self, batch: RolloutBatch, rows: slice, num_items: Tensor
+        self, batch: RolloutBatch, num_items_in_batch: Tensor
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """Policy loss of one micro-batch (padding trimmed to its longest row `T'`): `(loss,
-        metrics, log-probs [n, T'] detached)`."""
+        """`policy_loss` of a micro-batch (all rows of `batch`, padding trimmed to its longest
+        row `T'`) with the step's `num_items_in_batch`: `(loss, metrics, log-probs [n, T']
+        detached)`."""
         cfg = self.args
+        rows = slice(0, batch.size)
         input_ids, attention_mask, t = batch.trimmed(rows)  # [n, P'+T'], T'
         with self.autocast():
             logprobs, entropies = model_completion_logprobs(
@@ -448,29 +520,14 @@ class GRPOTrainer:
         loss, metrics = policy_loss(
             logprobs,
             old_logprobs,
-            batch.advantages[rows].to(self.device),
+            batch.advantages.to(self.device),
             loss_mask,
-            loss_type=cfg.loss_type,
-            importance_sampling_level=cfg.importance_sampling_level,
-            epsilon_low=cfg.epsilon,
-            epsilon_high=cfg.resolved_epsilon_high,
-            delta=cfg.delta,
-            beta=cfg.beta,
+            self.loss_options,
             ref_logprobs=batch.sliced("ref_logprobs", rows, t, self.device),
-            use_bias_correction_kl=cfg.use_bias_correction_kl,
-            max_completion_length=cfg.max_completion_length,
-            num_items_in_batch=num_items,
+            num_items_in_batch=num_items_in_batch,
             entropies=entropies.detach() if entropies is not None else None,
-            top_entropy_quantile=cfg.top_entropy_quantile,
-            off_policy_mask_threshold=cfg.off_policy_mask_threshold,
             sampling_logprobs=sampling_logprobs,
             rollout_is_weights=is_weights,
-            sapo_temperature_pos=cfg.sapo_temperature_pos,
-            sapo_temperature_neg=cfg.sapo_temperature_neg,
-            vespo_k_pos=cfg.vespo_k_pos,
-            vespo_lambda_pos=cfg.vespo_lambda_pos,
-            vespo_k_neg=cfg.vespo_k_neg,
-            vespo_lambda_neg=cfg.vespo_lambda_neg,
         )
         return loss, {**metrics, **is_metrics}, logprobs.detach()
 
@@ -481,14 +538,17 @@ class GRPOTrainer:
         """Generate on `eval_dataset` and score it; returns `eval_`-prefixed reward metrics.
 
         The training RNG state is saved and restored, so evaluating does not change training.
+        Callbacks get `on_evaluate(metrics=...)`.
         """
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs an eval_dataset; pass eval_dataset= to GRPOTrainer.")
         pipeline = self._rollout_pipeline(evaluation=True)
         with self.autocast():
-            return evaluate_rewards(
+            metrics = evaluate_rewards(
                 self.eval_dataset, pipeline, args=self.args, trainer_state=self.state
             )
+        self._event("on_evaluate", metrics=metrics)
+        return metrics
 
     def save_model(self, output_dir: str | None = None, *, merged: bool | None = None) -> None:
         """Save the model (or LoRA adapter) and tokenizer in Hugging Face format.
@@ -536,38 +596,28 @@ class GRPOTrainer:
             context_length=self.context_length,
         )
 
-    @torch.no_grad()
-    def _logprobs_no_grad(self, model: Any, batch: RolloutBatch) -> Tensor:
-        """`[N, T]` log-probs of the batch under `model` (no grad), micro-batch by micro-batch."""
-        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
-        size = self.args.per_device_train_batch_size
-        for start in range(0, batch.size, size):
-            rows = slice(start, start + size)
-            input_ids, attention_mask, t = batch.trimmed(rows)
-            with self.autocast():
-                logprobs, _ = model_completion_logprobs(
-                    model,
-                    input_ids.to(self.device),
-                    attention_mask.to(self.device),
-                    t,
-                    temperature=self.args.temperature,
-                )
-            out[rows, :t] = logprobs.cpu()
-        return out
+    def _event(self, event: str, **kwargs: Any) -> None:
+        """Call `event` on every callback (they may replace `self.control`)."""
+        self.control = self.callback_handler.call(
+            event, self.args, self.state, self.control, **kwargs
+        )
 
     def _ref_logprobs(self, batch: RolloutBatch) -> Tensor:
         if self.is_peft:
             with self.model.disable_adapter():
-                return self._logprobs_no_grad(self.model, batch)
-        return self._logprobs_no_grad(self.ref_model, batch)
+                return self.compute_logprobs(self.model, batch)
+        return self.compute_logprobs(self.ref_model, batch)
 
-    def _clip_gradients(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.args.max_grad_norm
-        if max_norm:
-            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
+    def _old_logprobs_in_first_pass(self) -> bool:
+        """Whether the old log-probs come from the first optimizer step's own forward: off-policy
+        only through `num_iterations` (one optimizer step per generation), so that step runs on
+        the weights the completions were sampled with, as the separate pass would."""
+        cfg = self.args
+        return (
+            self.old_logprobs_from_first_pass
+            and cfg.num_iterations > 1
+            and cfg.optimizer_steps_per_generation == 1
+        )
 
     @torch.no_grad()
     def _sync_ref_model(self) -> None:
@@ -591,42 +641,35 @@ class GRPOTrainer:
             **name_reward_metrics(reward_metrics, [fn.name for fn in self.reward_funcs]),
         }
 
-    def _crossed(self, every: int | float, first_step: int) -> bool:
-        """Whether this round's optimizer steps crossed a multiple of `every`."""
-        return crossed_multiple(every, first_step, self.state.global_step, self.max_steps)
+    def _log_evaluate_save(self, run_log: RunLogger) -> None:
+        """Evaluate, log and checkpoint as the control flags say (`default_flow` and callbacks).
 
-    def _is_logging_round(self, first_step: int) -> bool:
-        cfg = self.args
-        return (
-            self._crossed(cfg.logging_steps, first_step)
-            or self.state.global_step >= self.max_steps
-            or (cfg.logging_first_step and first_step == 0)
-        )
-
-    def _after_round(self, run_log: RunLogger, first_step: int) -> None:
-        """Log, evaluate and checkpoint when a multiple of their `*_steps` was crossed."""
-        cfg = self.args
-        step = self.state.global_step
-        self.state.epoch = self.sampler.epochs_done
+        Evaluation metrics are merged into the round's record; the record goes to metrics.jsonl,
+        `state.log_history` and `on_log`.
+        """
         self.state.data_epoch, self.state.data_index = self.sampler.epoch, self.sampler.index
-        done = step >= self.max_steps
-
         metrics: dict[str, float] = {}
-        if self._is_logging_round(first_step):
+        if self.control.should_log:
             metrics = {
                 **self.pending.flush(),
                 "epoch": self.state.epoch,
                 "train/nonfinite_skipped": float(self.state.nonfinite_skipped),
             }
-        eval_every = cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps
-        if cfg.eval_strategy == "steps" and (self._crossed(eval_every, first_step) or done):
+        if self.control.should_evaluate:
             metrics.update(self.evaluate())
         if metrics:
-            run_log.log(step, metrics)
+            self._log(run_log, metrics)
         else:
-            run_log.advance(step)
-        if cfg.save_strategy == "steps" and (self._crossed(cfg.save_steps, first_step) or done):
+            run_log.advance(self.state.global_step)
+        if self.control.should_save:
             self._save_checkpoint()
+            self._event("on_save")
+
+    def _log(self, run_log: RunLogger, logs: dict[str, float]) -> None:
+        """Write `logs` for the current step, add them to `state.log_history`, call `on_log`."""
+        run_log.log(self.state.global_step, logs)
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self._event("on_log", logs=logs)
 
     def _save_checkpoint(self) -> Path:
         guards.check_finite_weights(self.model, f"checkpoint-{self.state.global_step}")
@@ -652,7 +695,7 @@ class GRPOTrainer:
         done_in_round = state.global_step - restart.state.global_step
         if done_in_round == 0:
             restart.rewind(state)
-        else:  # as _after_round would have recorded
+        else:  # as _log_evaluate_save would have recorded
             state.epoch = self.sampler.epochs_done
             state.data_epoch, state.data_index = self.sampler.epoch, self.sampler.index
         path = None
@@ -675,7 +718,7 @@ class GRPOTrainer:
         path = build.find_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if path is None:
             return
-        self.state = build.restore_checkpoint(
+        state = build.restore_checkpoint(
             path,
             model=self.model,
             ref_model=self.ref_model,
@@ -684,12 +727,27 @@ class GRPOTrainer:
             max_steps=self.max_steps,
             steps_per_round=self.args.steps_per_round,
         )
+        self.state = self._describe_run(state)
         self.sampler.restore(self.state.data_epoch, self.state.data_index)
+
+    def _describe_run(self, state: TrainerState) -> TrainerState:
+        describe_run(state, self.args, max_steps=self.max_steps, dataset_size=self.sampler.size)
+        return state
 
 
 # =================================================================================================
 # Module helpers
 # =================================================================================================
+def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
+    """Clip the gradients of `model`'s trainable parameters to `max_norm` (None or 0 = no
+    clipping); returns their total norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
 def _or_inf(bound: float | None) -> float:
     return math.inf if bound is None else bound
 
