@@ -16,6 +16,7 @@ from grpokit.core.advantages import (
     check_reward_weights,
     group_advantages,
 )
+from grpokit.core.losses import LossOptions
 from grpokit.train.microbatch import plan_micro_batches
 
 NAN = float("nan")
@@ -218,7 +219,5 @@ def test_zero_advantage_groups_are_skipped_by_the_micro_batch_planner() -> None:
     rewards = torch.cat([torch.full((8,), 0.3), torch.tensor([0.0, 1.0] * 4)])
     advantages = group_advantages(rewards, 8).advantages
     mask = torch.ones(16, 3, dtype=torch.long)
-    plan = plan_micro_batches(
-        advantages, mask, mask, range(16), 4, loss_type="dapo", beta=0.0, top_entropy_quantile=1.0
-    )
+    plan = plan_micro_batches(advantages, mask, mask, range(16), 4, LossOptions(loss_type="dapo"))
     assert sorted(i for micro in plan for i in micro.rows) == list(range(8, 16))
