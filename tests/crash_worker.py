@@ -33,12 +33,12 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpokit import GRPOConfig, GRPOTrainer  # noqa: E402
-from grpokit.engines.transformers_engine import TransformersEngine  # noqa: E402
-from grpokit.train.checkpoint import list_checkpoints  # noqa: E402
+from grpokit import GRPOConfig, GRPOTrainer
+from grpokit.engines.transformers_engine import TransformersEngine
+from grpokit.train.checkpoint import list_checkpoints
 
 PROMPTS = [{"prompt": p} for p in ["ab", "cd", "ef", "gh", "ij", "kl"]]
 
@@ -87,9 +87,8 @@ class Points:
 
     def fail_now(self, call: str) -> bool:
         self.calls[call] = self.calls.get(call, 0) + 1
-        return bool(
-            self.enospc and self.enospc["call"] == call and self.enospc["nth"] == self.calls[call]
-        )
+        fault = self.enospc
+        return bool(fault and fault["call"] == call and fault["nth"] == self.calls[call])
 
     def save_trace(self) -> None:
         if self.trace is not None:

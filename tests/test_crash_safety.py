@@ -100,13 +100,14 @@ def check_finished_like_reference(answer: dict[str, Any], out: Path, ref: dict[s
         assert got.keys() == want.keys()
         for key in want:
             assert torch.equal(got[key], want[key]), f"{out}: {name} {key}"
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
-    rows = [
-        json.loads(line)["step"] for line in (out / "completions.jsonl").read_text().splitlines()
-    ]
-    assert rows == [1] * 4 + [2] * 4 + [3] * 4  # N = 4 completions per step, each logged once
+    assert _steps(out / "metrics.jsonl") == [1, 2, 3]
+    # N = 4 completions per step, each logged once.
+    assert _steps(out / "completions.jsonl") == [1] * 4 + [2] * 4 + [3] * 4
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def _steps(jsonl: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in jsonl.read_text().splitlines()]
 
 
 def kind(label: str) -> str:
