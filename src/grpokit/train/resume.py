@@ -43,6 +43,9 @@ RESUME_FREE_FIELDS = frozenset(
         "eval_on_start",
         "per_device_eval_batch_size",
         "num_generations_eval",
+        # Limits that stop a run rather than change it; a wall-clock limit depends on the machine.
+        "max_consecutive_nonfinite_steps",
+        "reward_timeout",
         # Memory settings that compute the same values.
         "retain_freed_memory",
         "gradient_checkpointing",
@@ -100,6 +103,7 @@ RESUME_LOCKED_FIELDS = frozenset(
         "scale_rewards",
         "reward_weights",
         "multi_objective_aggregation",
+        "reward_timeout_policy",
         "mask_truncated_completions",
         "top_entropy_quantile",
         "off_policy_mask_threshold",
