@@ -1,14 +1,25 @@
-"""Checkpoint round trips, resumable prompt order, checkpoint discovery and rotation."""
+"""Checkpoint round trips, manifests and damage, safe loading, atomic writes, discovery, rotation,
+resumable prompt order."""
 
+import hashlib
+import json
+import os
 import random
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, get_scheduler
 
 from grpokit.train import checkpoint as ckpt
-from grpokit.train.loggers import reduce_metrics
+from grpokit.train.loggers import keep_records_until, reduce_metrics
 from grpokit.train.prompt_sampler import PromptSampler
 from tests.tiny import make_causal_lm, make_tokenizer
 
@@ -43,17 +54,56 @@ def test_sampler_iterable_dataset_resumes_by_skipping() -> None:
     assert _rows(sampler, 3) == [1, 2, 3]
 
 
-def test_save_and_load_checkpoint_round_trip(tmp_path) -> None:
+def _trained(seed: int = 0) -> tuple[Any, Any, Any, Any]:
+    """A tiny model after one AdamW step, its tokenizer, optimizer and scheduler."""
     tok = make_tokenizer()
-    model = make_causal_lm(tok)
+    model = make_causal_lm(tok, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=1, num_training_steps=10)
     model(torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
     optimizer.step()
     scheduler.step()
+    return model, tok, optimizer, scheduler
+
+
+def _save(path: Path, step: int = 1, **kwargs: Any) -> Path:
+    model, tok, optimizer, scheduler = _trained()
+    return ckpt.save_checkpoint(
+        path,
+        model=model,
+        tokenizer=tok,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainer_state={"global_step": step, "data_index": 3},
+        config={"seed": 1},
+        **kwargs,
+    )
+
+
+def _load(path: Path) -> dict[str, Any]:
+    model, _, optimizer, scheduler = _trained(seed=5)
+    return ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def _reseal(path: Path) -> None:
+    """Rewrite the manifest for the files as they are now (as an attacker who can write the
+    folder could), so that only the loader stands between a crafted file and the process."""
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest["files"] = {
+        f.name: {"size": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+        for f in path.iterdir()
+        if f.name != ckpt.MANIFEST
+    }
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_save_and_load_checkpoint_round_trip(tmp_path: Path) -> None:
+    model, tok, optimizer, scheduler = _trained()
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     random.seed(1)
+    np.random.seed(1)
     torch.manual_seed(1)
+    np.random.standard_normal()  # numpy's state now holds a cached Gaussian too
     path = ckpt.save_checkpoint(
         tmp_path / "checkpoint-1",
         model=model,
@@ -63,7 +113,7 @@ def test_save_and_load_checkpoint_round_trip(tmp_path) -> None:
         trainer_state={"global_step": 1, "data_index": 3},
         config={"seed": 1},
     )
-    expected_draws = (random.random(), torch.rand(3))
+    expected_draws = (random.random(), np.random.standard_normal(), *torch.rand(3).tolist())
     # Loadable with from_pretrained (Hugging Face format).
     reloaded = AutoModelForCausalLM.from_pretrained(path)
     assert torch.equal(reloaded.model.embed_tokens.weight, saved["model.embed_tokens.weight"])
@@ -72,29 +122,182 @@ def test_save_and_load_checkpoint_round_trip(tmp_path) -> None:
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     fresh_sched = get_scheduler("linear", fresh_opt, num_warmup_steps=1, num_training_steps=10)
     random.seed(99)
+    np.random.seed(99)
     state = ckpt.load_checkpoint(path, model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)
     assert state == {"global_step": 1, "data_index": 3}
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, saved[key]), key
     assert fresh_sched.get_last_lr() == scheduler.get_last_lr()
     assert fresh_opt.state_dict()["state"][0]["step"] == 1
-    assert (random.random(), *torch.rand(3).tolist()) == (
-        expected_draws[0],
-        *expected_draws[1].tolist(),
+    draws = (random.random(), np.random.standard_normal(), *torch.rand(3).tolist())
+    assert draws == expected_draws
+
+
+def test_manifest_lists_every_file_and_nothing_is_pickled_but_optimizer_state(
+    tmp_path: Path,
+) -> None:
+    path = _save(
+        tmp_path / "checkpoint-7", step=7, extra=lambda d: (d / "extra.bin").write_bytes(b"ab")
     )
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    assert manifest["format_version"] == ckpt.FORMAT_VERSION and manifest["step"] == 7
+    files = {p.name for p in path.iterdir()} - {ckpt.MANIFEST}
+    assert set(manifest["files"]) == files
+    assert {"model.safetensors", "extra.bin", *ckpt.REQUIRED_FILES} <= files
+    # sha256("ab") worked out by hashlib's reference value.
+    assert manifest["files"]["extra.bin"] == {
+        "size": 2,
+        "sha256": "fb8e20fc2e4c3f248c60c39bd652f3c1347298bb977b8b4d5903b85055620603",
+    }
+    assert sorted(p.name for p in path.glob("*.pt")) == ["optimizer.pt", "scheduler.pt"]
+    json.loads((path / ckpt.RNG_STATE).read_text())  # plain JSON
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-7"]  # no temporary folder left
+    assert ckpt.verify_checkpoint(path) == manifest
 
 
-def test_latest_and_rotate(tmp_path) -> None:
-    for step in (2, 10, 4):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / ckpt.TRAINER_STATE).write_text("{}")
-    (tmp_path / "checkpoint-99").mkdir()  # no trainer state: not a checkpoint
-    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
-    ckpt.rotate_checkpoints(tmp_path, keep=2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-10"]
+def _flip_first_byte(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda p: os.truncate(p / "model.safetensors", 100), "torn file model.safetensors"),
+        (lambda p: os.truncate(p / ckpt.TRAINER_STATE, 0), "torn file trainer_state.json (0 bytes"),
+        (lambda p: _flip_first_byte(p / "optimizer.pt"), "hash mismatch in optimizer.pt"),
+        (lambda p: (p / ckpt.MANIFEST).unlink(), "missing manifest.json"),
+        (lambda p: os.truncate(p / ckpt.MANIFEST, 10), "unreadable manifest.json"),
+        (lambda p: (p / ckpt.RNG_STATE).unlink(), "missing file rng_state.json"),
+        (lambda p: (p / "model-2.safetensors").write_bytes(b"x"), "unexpected file model-2"),
+        (lambda p: shutil.move(p, p.with_name("checkpoint-2")), "manifest.json is of step 1"),
+    ],
+    ids=["torn", "empty", "hash", "no-manifest", "torn-manifest", "missing", "extra", "renamed"],
+)
+def test_a_damaged_checkpoint_is_refused_with_its_reason(
+    tmp_path: Path, damage: Callable[[Path], Any], reason: str
+) -> None:
+    path = _save(tmp_path / "checkpoint-1")
+    damage(path)
+    path = ckpt.list_checkpoints(tmp_path)[0]
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(reason)):
+        ckpt.verify_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(reason)):
+        _load(path)
+
+
+class _RunsCode:
+    """Pickles to a call of os.system: loading it with full unpickling runs the command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (self.command,))
+
+
+@pytest.mark.parametrize("file", ["optimizer.pt", "scheduler.pt"])
+def test_a_crafted_pickle_is_refused_without_running_it(tmp_path: Path, file: str) -> None:
+    path = _save(tmp_path / "checkpoint-1")
+    marker = tmp_path / "pwned"
+    torch.save({"state": _RunsCode(f"touch {marker}")}, path / file)
+    _reseal(path)  # the manifest matches: only the loader can stop it
+    # The file is live: full unpickling would run the command.
+    torch.load(path / file, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(ckpt.CheckpointError, match=f"{file} holds objects other than tensors"):
+        _load(path)
+    assert not marker.exists()
+
+
+def test_a_pickled_rng_state_of_the_old_format_is_never_loaded(tmp_path: Path) -> None:
+    path = _save(tmp_path / "checkpoint-1")
+    marker = tmp_path / "pwned"
+    (path / ckpt.RNG_STATE).unlink()
+    torch.save({"python": _RunsCode(f"touch {marker}")}, path / "rng_state.pt")
+    _reseal(path)
+    with pytest.raises(ckpt.CheckpointError, match=r"lists no rng_state\.json"):
+        _load(path)
+    assert not marker.exists()
+
+
+def test_failed_write_leaves_nothing_and_leftovers_are_cleaned(tmp_path: Path) -> None:
+    import errno
+
+    good = _save(tmp_path / "checkpoint-1")
+
+    def disk_full(folder: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        _save(tmp_path / "checkpoint-2", step=2, extra=disk_full)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+    assert ckpt.latest_checkpoint(tmp_path) == good
+
+    # What a SIGKILL leaves: a half-written temporary folder, and a checkpoint moved aside while
+    # being replaced. The first is ignored, then deleted; the second is put back.
+    pid = _dead_pid()
+    (tmp_path / f".checkpoint-3.tmp-{pid}").mkdir()
+    (tmp_path / f".checkpoint-3.tmp-{pid}" / "model.safetensors").write_bytes(b"half")
+    shutil.move(good, tmp_path / f".checkpoint-1.old-{pid}")
+    assert ckpt.list_checkpoints(tmp_path) == []
+    ckpt.remove_temporary_folders(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    ckpt.verify_checkpoint(good)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_saving_over_an_existing_checkpoint_replaces_it_whole(tmp_path: Path) -> None:
+    _save(tmp_path / "checkpoint-1")
+    (tmp_path / "checkpoint-1" / "stray.txt").write_text("from before")
+    path = _save(tmp_path / "checkpoint-1")
+    assert not (path / "stray.txt").exists()
+    ckpt.verify_checkpoint(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+
+
+def test_newest_valid_checkpoint_skips_damaged_ones_and_says_why(tmp_path: Path) -> None:
+    for step in (2, 4, 10):
+        _save(tmp_path / f"checkpoint-{step}", step=step)
+    (tmp_path / "checkpoint-10" / ckpt.MANIFEST).unlink()
+    os.truncate(tmp_path / "checkpoint-4" / ckpt.TRAINER_STATE, 0)
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint name
+    found, skipped = ckpt.newest_valid_checkpoint(tmp_path)
+    assert found == tmp_path / "checkpoint-2"
+    assert [(e.path.name, e.reason.split(" (")[0]) for e in skipped] == [
+        ("checkpoint-10", "missing manifest.json"),
+        ("checkpoint-4", "torn file trainer_state.json"),
+    ]
     assert ckpt.latest_checkpoint(tmp_path / "missing") is None
-    with pytest.raises(FileNotFoundError, match="not a grpokit checkpoint"):
-        ckpt.load_checkpoint(tmp_path / "checkpoint-99", model=None, optimizer=None, scheduler=None)
+
+
+def test_rotation_keeps_the_checkpoint_just_written(tmp_path: Path) -> None:
+    # checkpoint-5 is left from an abandoned run resumed at step 2; checkpoint-4 was just written.
+    for step in (1, 2, 4, 5):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    ckpt.rotate_checkpoints(tmp_path, keep=2, protect=tmp_path / "checkpoint-4")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-5"]
+    ckpt.rotate_checkpoints(tmp_path, keep=1, protect=tmp_path / "checkpoint-4")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-4"]
+    for step in (6, 7):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    ckpt.rotate_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-7"]
+
+
+def test_keep_records_until_drops_later_steps_and_torn_lines(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 0.5}) for s in (1, 2, 3, 4)] + ['{"step": 5, "lo']
+    path.write_text("\n".join(lines))
+    assert keep_records_until(path, 2) == 3
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert keep_records_until(tmp_path / "missing.jsonl", 2) == 0
 
 
 def test_reduce_metrics() -> None:

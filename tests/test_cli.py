@@ -89,15 +89,23 @@ def test_train_resume_eval_end_to_end(tmp_path: Path, tiny_model: str, capsys) -
     assert (run / "final_model" / "config.json").is_file()
     assert (run / "curves.png").stat().st_size > 1000
 
-    # Starting the same run again without a flag is refused; --resume continues it.
+    # Starting the same run again without a flag is refused; --resume continues it. A longer
+    # max_steps changes the learning-rate schedule: refused (config.yaml untouched) unless
+    # applied explicitly; --resume also takes a checkpoint directory.
     assert main(["train", str(run / "config.yaml")]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(["train", str(run / "config.yaml"), "--resume", "--max_steps", "4"]) == 0
+    assert main(["train", str(run / "config.yaml"), "--resume", "--max_steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "max_steps: 2 -> 4" in err and "--apply_config_changes" in err
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["max_steps"] == 2
+    resume = ["--resume", str(run / "checkpoint-2"), "--apply_config_changes", "--max_steps", "4"]
+    assert main(["train", str(run / "config.yaml"), *resume]) == 0
     assert _steps(run) == [1, 2, 3, 4]
     assert (run / "checkpoint-4").is_dir()
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [e["when"] for e in evals] == ["before", "after", "after"]  # no "before" on resume
-    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["max_steps"] == 4
+    written = yaml.safe_load((run / "config.yaml").read_text())["training"]
+    assert written["max_steps"] == 4 and written["resume_config_changes"] == "refuse"
 
     # eval: the trained model on the held-out split, metrics to stdout and a file.
     out = tmp_path / "metrics.json"
@@ -119,10 +127,34 @@ def test_train_resume_eval_end_to_end(tmp_path: Path, tiny_model: str, capsys) -
     assert metrics["num_prompts"] == 3 and metrics["num_samples"] == 1
     assert json.loads(capsys.readouterr().out) == metrics
 
-    # --overwrite starts again from scratch.
+    # --overwrite starts again from scratch, naming each checkpoint it deletes and its state.
+    (run / "checkpoint-4" / "trainer_state.json").write_text("")
+    capsys.readouterr()
     assert main(["train", str(run / "config.yaml"), "--overwrite", "--max_steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"deleting {run / 'checkpoint-3'} (a valid checkpoint of step 3)" in out
+    assert f"deleting {run / 'checkpoint-4'} (not a valid checkpoint: torn file" in out
     assert _steps(run) == [1]
     assert not (run / "checkpoint-4").exists()
+
+
+def test_resume_errors_are_one_line_before_training(
+    tmp_path: Path, tiny_model: str, capsys
+) -> None:
+    config = _write_yaml(tmp_path / "run.yaml", _config(tmp_path, tiny_model, max_steps=1))
+    assert main(["train", config, "--resume"]) == 2  # nothing to resume
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert main(["train", config]) == 0
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    (checkpoint / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(["train", config, "--resume", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("grpokit: error:")]
+    assert len(errors) == 1 and "missing manifest.json" in errors[0]
+    assert "Traceback" not in err
+    assert main(["train", config, "--resume"]) == 2
+    assert "no checkpoint verifies (checkpoint-1: missing manifest.json" in capsys.readouterr().err
 
 
 # ---- overrides and help ------------------------------------------------------------------------

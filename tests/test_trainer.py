@@ -17,6 +17,9 @@ from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.core.losses import LOSS_TYPES
 from grpokit.engines.models import bf16_supported
 from grpokit.rewards.scoring import RewardFunctionError
+from grpokit.train import checkpoint as ckpt
+from grpokit.train.checkpoint import CheckpointError
+from grpokit.train.resume import RESUME_FREE_FIELDS, RESUME_LOCKED_FIELDS, ResumeConfigError
 from tests.tiny import make_causal_lm, make_reward_model, make_tokenizer, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -417,6 +420,124 @@ def test_lora_resume_equals_uninterrupted(tmp_path: Path) -> None:
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
     for name, value in params(full).items():
         assert torch.equal(value, params(resumed)[name]), name
+
+
+def test_sync_ref_model_is_inside_the_checkpoint_and_resumes_exactly(tmp_path: Path) -> None:
+    sync = dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
+    full = make_trainer(tmp_path / "full", save_strategy="steps", save_steps=1, **sync)
+    full.train()
+    manifest = json.loads((tmp_path / "full" / "checkpoint-1" / "manifest.json").read_text())
+    assert "ref_model.safetensors" in manifest["files"]  # sealed with the rest, not added after
+    resumed = make_trainer(tmp_path / "resumed", **sync)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    for name, value in params(full).items():
+        assert torch.equal(value, params(resumed)[name]), name
+    for a, b in zip(full.ref_model.parameters(), resumed.ref_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_true_skips_a_torn_newest_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    full = make_trainer(tmp_path / "full", save_strategy="steps", save_steps=1)
+    full.train()
+    # A full disk left the newest trainer_state.json empty (0 bytes).
+    (tmp_path / "full" / "checkpoint-2" / "trainer_state.json").write_text("")
+    again = make_trainer(tmp_path / "full", save_strategy="steps", save_steps=1)
+    with caplog.at_level(logging.WARNING, logger="grpokit"):
+        again.train(resume_from_checkpoint=True)
+    assert "checkpoint-2: torn file trainer_state.json (0 bytes" in caplog.text
+    for name, value in params(full).items():
+        assert torch.equal(value, params(again)[name]), name
+    # A path that does not verify is refused, not skipped.
+    (tmp_path / "full" / "checkpoint-1" / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"checkpoint-1: torn file optimizer\.pt"):
+        make_trainer(tmp_path / "x").train(str(tmp_path / "full" / "checkpoint-1"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_trainer(tmp_path / "x").train(str(tmp_path / "full" / "checkpoint-9"))
+
+
+def test_fresh_run_into_another_runs_folder_is_refused_unless_overwrite(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1).train()
+    with pytest.raises(CheckpointError, match="holds checkpoints of another run") as error:
+        make_trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1).train()
+    assert "resume_from_checkpoint=True" in str(error.value)
+    assert "overwrite_output_dir=True" in str(error.value)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]
+    with caplog.at_level(logging.WARNING, logger="grpokit"):
+        make_trainer(
+            tmp_path, max_steps=1, save_strategy="steps", overwrite_output_dir=True
+        ).train()
+    assert (
+        "deleting" in caplog.text and "checkpoint-2 (a valid checkpoint of step 2)" in caplog.text
+    )
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1]  # the new run's only
+
+
+def test_resume_drops_metrics_and_completions_past_the_checkpoint(tmp_path: Path) -> None:
+    log = dict(save_strategy="steps", save_steps=2, log_completions=True, max_steps=4)
+    make_trainer(tmp_path, **log).train()
+    resumed = make_trainer(tmp_path, **log)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    rows = (tmp_path / "completions.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+
+
+def test_resume_config_field_sets_cover_every_config_field() -> None:
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert not RESUME_FREE_FIELDS & RESUME_LOCKED_FIELDS
+    unclassified = fields - RESUME_FREE_FIELDS - RESUME_LOCKED_FIELDS
+    assert not unclassified, f"classify {unclassified} in grpokit/train/resume.py"
+    assert fields == (RESUME_FREE_FIELDS | RESUME_LOCKED_FIELDS)
+
+
+def test_resume_refuses_optimisation_changes_listing_each(tmp_path: Path) -> None:
+    make_trainer(tmp_path / "full", max_steps=4, save_strategy="steps", save_steps=2).train()
+    changed = make_trainer(
+        tmp_path / "resumed", max_steps=4, learning_rate=5e-3, num_generations=4, seed=3
+    )
+    with pytest.raises(ResumeConfigError) as error:
+        changed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    message = str(error.value)
+    for change in ("learning_rate: 0.01 -> 0.005", "num_generations: 2 -> 4", "seed: 0 -> 3"):
+        assert change in message
+    assert "resume_config_changes='apply'" in message and "--apply_config_changes" in message
+    assert not (tmp_path / "resumed" / "metrics.jsonl").exists()  # refused before anything ran
+    # Logging, saving and evaluation settings may change freely.
+    free = make_trainer(
+        tmp_path / "free", max_steps=4, logging_steps=2, save_strategy="steps", save_steps=1
+    )
+    free.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert free.state.global_step == 4
+
+
+def test_applied_learning_rate_takes_effect_from_the_resumed_step(tmp_path: Path) -> None:
+    make_trainer(tmp_path / "full", max_steps=4, save_strategy="steps", save_steps=2).train()
+    checkpoint = str(tmp_path / "full" / "checkpoint-2")
+    frozen = make_trainer(
+        tmp_path / "zero", max_steps=4, learning_rate=0.0, resume_config_changes="apply"
+    )
+    frozen.train(resume_from_checkpoint=checkpoint)
+    # learning_rate 0: AdamW (and its decoupled weight decay) leaves the weights of step 2.
+    at_step_2 = make_trainer(tmp_path / "x", max_steps=4)
+    ckpt.load_model_weights(at_step_2.model, checkpoint)
+    for name, value in params(at_step_2).items():
+        assert torch.equal(value, params(frozen)[name]), name
+    # A new peak learning rate follows this run's linear schedule from step 2: after step 3 the
+    # lr is 5e-3 * (4 - 3) / 4 = 1.25e-3 (the checkpoint's schedule would give 1e-2 / 4).
+    halved = make_trainer(
+        tmp_path / "half", max_steps=4, learning_rate=5e-3, resume_config_changes="apply"
+    )
+    halved.train(resume_from_checkpoint=checkpoint)
+    lrs = {m["step"]: m["learning_rate"] for m in read_metrics(tmp_path / "half")}
+    assert lrs[3] == pytest.approx(1.25e-3) and lrs[4] == 0.0
+    assert halved.optimizer.param_groups[0]["initial_lr"] == 5e-3
 
 
 def test_max_steps_from_num_train_epochs(tmp_path: Path) -> None:

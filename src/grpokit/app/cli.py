@@ -85,9 +85,25 @@ def _parser() -> argparse.ArgumentParser:
         epilog=overrides + fields_help(),
     )
     train.add_argument("config", help="YAML run config (e.g. examples/grpo.yaml)")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     train.add_argument(
-        "--overwrite", action="store_true", help="discard an earlier run in output_dir"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in output_dir that verifies (newer ones that do "
+        "not are skipped, with the reason), or from the CHECKPOINT directory given",
+    )
+    train.add_argument(
+        "--apply_config_changes",
+        action="store_true",
+        help="with --resume: apply config changes that alter the optimisation (learning rate, "
+        "schedule, batch sizes, loss, ...) from the resumed step instead of refusing them",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard an earlier run in output_dir (each deleted checkpoint is named)",
     )
     ev = sub.add_parser(
         "eval",
@@ -178,7 +194,12 @@ def _run_command(args: argparse.Namespace, rest: list[str]) -> None:
     add_import_paths(args.config if args.command != "demo" else None)
     if args.command == "train":
         spec = load_config(args.config, overrides)
-        run_training(spec, resume=args.resume, overwrite=args.overwrite)
+        run_training(
+            spec,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            apply_config_changes=args.apply_config_changes,
+        )
     elif args.command == "demo":
         from grpokit.app.demo import run_demo
 

@@ -229,7 +229,10 @@ def _warn_if_checkpoint_may_not_fit(trainer: Any, output_dir: Path) -> None:
 
 
 def _prepare_output_dir(output_dir: Path, resume: bool | str, overwrite: bool) -> None:
-    existing = sorted(output_dir.glob("checkpoint-*")) if output_dir.is_dir() else []
+    from grpokit.train import build
+    from grpokit.train.checkpoint import list_checkpoints
+
+    existing = list_checkpoints(output_dir)
     if resume is True and not existing:
         raise ConfigError(
             f"--resume: training.output_dir {str(output_dir)!r} holds no checkpoint to resume; "
@@ -242,21 +245,49 @@ def _prepare_output_dir(output_dir: Path, resume: bool | str, overwrite: bool) -
             "--output_dir."
         )
     if overwrite and not resume:
-        for path in existing:
-            shutil.rmtree(path)
+        build.remove_checkpoints(output_dir, say=lambda line: print(f"[grpokit] {line}"))
         for name in RUN_ARTIFACTS:
             (output_dir / name).unlink(missing_ok=True)
 
 
+def _resume_checkpoint(spec: RunSpec, resume: bool | str, model: Any, policy: str) -> Path | None:
+    """The verified checkpoint `--resume` continues from, after checking that the run config
+    (and `model`, when given) does not change its optimisation, per `policy`; before
+    config.yaml is rewritten."""
+    from grpokit.train import build
+    from grpokit.train.checkpoint import CheckpointError
+
+    try:
+        path = build.find_checkpoint(resume, spec.training.output_dir)
+        if path is not None:
+            build.check_resume_config(path, spec.training, model, policy=policy)
+    except (CheckpointError, FileNotFoundError) as error:
+        raise ConfigError(f"--resume: {error}") from error
+    return path
+
+
 def run_training(
-    spec: RunSpec, *, resume: bool | str = False, overwrite: bool = False
+    spec: RunSpec,
+    *,
+    resume: bool | str = False,
+    overwrite: bool = False,
+    apply_config_changes: bool = False,
 ) -> dict[str, Any]:
     """Train as the spec says: eval before, GRPO, save the model, eval after, plot.
 
     Everything that can be checked without the model (LoRA keys, task, rewards, the evaluation's
-    accuracy reward, the output folder and its free space) is checked before the model loads;
-    what needs the model (LoRA target modules, room for a prompt in its context) right after
-    it loads and when the trainer is built, before any evaluation or training.
+    accuracy reward, the output folder and its free space, the checkpoint to resume and whether
+    the config changes its optimisation) is checked before the model loads; what needs the model
+    (LoRA target modules, the model resumed, room for a prompt in its context) right after it
+    loads and when the trainer is built, before any evaluation or training.
+
+    Args:
+        spec: the run config.
+        resume: True = continue from the newest valid checkpoint in output_dir; a path = from that
+            checkpoint; False = a fresh run.
+        overwrite: a fresh run may delete an earlier run's checkpoints in output_dir (each named).
+        apply_config_changes: on resume, apply config changes that alter the optimisation
+            (`resume_config_changes="apply"` for this run only; not written to config.yaml).
 
     Returns:
         `{"before": metrics | None, "after": metrics | None, "model_dir": str, "plot": str | None}`.
@@ -267,19 +298,36 @@ def run_training(
     """
     output_dir = Path(spec.training.output_dir)
     with output_errors(output_dir):
-        return _train(spec, output_dir, resume=resume, overwrite=overwrite)
+        return _train(
+            spec,
+            output_dir,
+            resume=resume,
+            overwrite=overwrite or spec.training.overwrite_output_dir,
+            apply_config_changes=apply_config_changes,
+        )
 
 
 def _train(
-    spec: RunSpec, output_dir: Path, *, resume: bool | str, overwrite: bool
+    spec: RunSpec,
+    output_dir: Path,
+    *,
+    resume: bool | str,
+    overwrite: bool,
+    apply_config_changes: bool,
 ) -> dict[str, Any]:
     peft_config = lora_config(spec.run.lora)
     task, rewards = _load_task(spec)
     _prepare_output_dir(output_dir, resume, overwrite)
+    policy = "apply" if apply_config_changes else spec.training.resume_config_changes
+    checkpoint = _resume_checkpoint(spec, resume, None, policy) if resume else None
     check_output_dir(output_dir, spec.run.min_free_disk_gb)
     model, tokenizer = _load_model(spec)
     check_lora_targets(model, peft_config)
+    if checkpoint is not None:
+        _resume_checkpoint(spec, str(checkpoint), model, policy)
     write_config(spec, output_dir / "config.yaml")
+    if apply_config_changes:
+        spec.training.resume_config_changes = "apply"
     print(f"[grpokit] run config written to {output_dir / 'config.yaml'}", flush=True)
 
     from grpokit.train.trainer import GRPOTrainer
@@ -302,7 +350,7 @@ def _train(
             spec, trainer.model, tokenizer, task, rewards, engine=trainer.engine
         )
         _log_eval(output_dir, "before", 0, result["before"])
-    state = trainer.train(resume_from_checkpoint=resume or None)
+    state = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     result["model_dir"] = str(output_dir / "final_model")
     trainer.save_model(result["model_dir"])
     print(f"[grpokit] trained model saved to {result['model_dir']}", flush=True)

@@ -9,8 +9,10 @@ returns what it builds; none keeps state, so the trainer's `__init__` reads as a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,13 @@ from grpokit.engines.base import GenerationEngine, SamplingParams
 from grpokit.engines.models import bf16_supported, resolve_model_path
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.train import checkpoint as ckpt
+from grpokit.train import resume
 from grpokit.train.checkpoint import TrainerState
 from grpokit.train.config import GRPOConfig, resolve_steps
 
 logger = logging.getLogger("grpokit")
 
-REF_MODEL_FILE = "ref_model.pt"  # the synced reference model's weights inside a checkpoint
+REF_MODEL_FILE = "ref_model.safetensors"  # the synced reference model inside a checkpoint
 
 
 # ---- model ---------------------------------------------------------------------------------------
@@ -283,54 +286,175 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: GRPOConfig, max_steps
     )
 
 
-# ---- resume --------------------------------------------------------------------------------------
+# ---- output folder and resume -------------------------------------------------------------------
+def model_name(model: Any) -> str:
+    """The policy's `name_or_path` ("" for a model built in memory); PEFT wrappers see through."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or "")
+
+
 def find_checkpoint(resume_from_checkpoint: bool | str | None, output_dir: str) -> Path | None:
-    """The checkpoint to resume from: True = the latest in `output_dir`, a path = that one.
+    """The checkpoint to resume from: True = the newest valid one in `output_dir`, a path = that
+    one (verified). Checkpoints skipped for True are logged with the reason.
 
     Raises:
-        FileNotFoundError: True with no `checkpoint-N` directory in `output_dir`.
+        FileNotFoundError: True with no `checkpoint-N` directory in `output_dir`, or a path that
+            does not exist.
+        CheckpointError: True and no checkpoint verifies (each reason listed), or a path that does
+            not verify.
     """
     if not resume_from_checkpoint:
         return None
-    if resume_from_checkpoint is True:
-        found = ckpt.latest_checkpoint(output_dir)
-        if found is None:
+    ckpt.remove_temporary_folders(output_dir)
+    if resume_from_checkpoint is not True:
+        path = Path(resume_from_checkpoint)
+        if not path.exists():
             raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {output_dir} holds no checkpoint-N "
-                "directory; pass a checkpoint path or start without resuming."
+                f"resume_from_checkpoint={str(path)!r} does not exist; pass a checkpoint-N "
+                "directory, or True for the newest valid one in output_dir."
             )
+        ckpt.verify_checkpoint(path)
+        return path
+    found, skipped = ckpt.newest_valid_checkpoint(output_dir)
+    for error in skipped:
+        logger.warning("skipping %s: %s", error.path, error.reason)
+    if found is not None:
         return found
-    return Path(resume_from_checkpoint)
+    if not skipped:
+        raise FileNotFoundError(
+            f"resume_from_checkpoint=True but {output_dir} holds no checkpoint-N "
+            "directory; pass a checkpoint path or start without resuming."
+        )
+    reasons = "; ".join(f"{e.path.name}: {e.reason}" for e in skipped)
+    raise ckpt.CheckpointError(
+        output_dir,
+        f"no checkpoint verifies ({reasons}); start again with overwrite_output_dir=True "
+        "(CLI: --overwrite) or pass another checkpoint.",
+    )
+
+
+def prepare_fresh_output_dir(args: GRPOConfig) -> None:
+    """Before a fresh (not resumed) run: refuse an `output_dir` holding another run's checkpoints,
+    or, with `overwrite_output_dir`, delete them, naming each.
+
+    Raises:
+        CheckpointError: `output_dir` holds `checkpoint-N` directories and `overwrite_output_dir`
+            is False.
+    """
+    existing = ckpt.list_checkpoints(args.output_dir)
+    if not existing:
+        return
+    if not args.overwrite_output_dir:
+        names = ", ".join(p.name for p in existing)
+        raise ckpt.CheckpointError(
+            args.output_dir,
+            f"output_dir already holds checkpoints of another run ({names}). Pass "
+            "resume_from_checkpoint=True to continue it, set overwrite_output_dir=True to delete "
+            "them and start afresh, or choose another output_dir.",
+        )
+    remove_checkpoints(args.output_dir, say=logger.warning)
+
+
+def remove_checkpoints(output_dir: str | Path, say: Any = print) -> list[Path]:
+    """Delete every `checkpoint-N` of `output_dir`, saying for each whether it was valid.
+
+    Args:
+        output_dir: the run folder.
+        say: called with one line per deleted checkpoint (`print`, `logger.warning`, ...).
+    """
+    removed = []
+    for path in ckpt.list_checkpoints(output_dir):
+        try:
+            manifest = ckpt.verify_checkpoint(path)
+            what = f"a valid checkpoint of step {manifest['step']}"
+        except ckpt.CheckpointError as error:
+            what = f"not a valid checkpoint: {error.reason}"
+        say(f"overwrite: deleting {path} ({what})")
+        shutil.rmtree(path)
+        removed.append(path)
+    ckpt.remove_temporary_folders(output_dir)
+    return removed
+
+
+def check_resume_config(
+    path: Path, args: GRPOConfig, model: Any = None, *, policy: str | None = None
+) -> None:
+    """Compare this run's config (and model, when given) with checkpoint `path`'s; refuse or log
+    the changes per `policy` (default: `args.resume_config_changes`; see `train.resume`).
+
+    Raises:
+        ResumeConfigError: a locked field or the model changed and the policy is "refuse".
+    """
+    saved = ckpt.read_json(path, ckpt.GRPO_CONFIG)
+    state = ckpt.read_json(path, ckpt.TRAINER_STATE)
+    changes = resume.config_changes(
+        saved,
+        args.to_dict(),
+        saved_model=state.get("model_name_or_path") if model is not None else None,
+        current_model=model_name(model) if model is not None else None,
+    )
+    resume.check_config_changes(path, changes, policy or args.resume_config_changes)
 
 
 def restore_checkpoint(
     path: Path,
     *,
+    args: GRPOConfig,
     model: Any,
     ref_model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     max_steps: int,
-    steps_per_round: int,
 ) -> TrainerState:
-    """Load weights, optimizer, scheduler, RNG and the synced reference model from `path`.
+    """Check the config against checkpoint `path`, then load weights, optimizer, scheduler, RNG
+    and the synced reference model. With config changes applied, the optimizer keeps this run's
+    hyper-parameters and `scheduler` (this run's) is moved to the resumed step instead of being
+    loaded.
 
     Returns:
         The saved `TrainerState`, with `max_steps` of this run.
+
+    Raises:
+        CheckpointError: the checkpoint does not verify or is unsafe to load.
+        ResumeConfigError: the config changes the optimisation and the policy is "refuse".
     """
-    saved = ckpt.load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    check_resume_config(path, args, model)
+    saved_config = ckpt.read_json(path, ckpt.GRPO_CONFIG)
+    applying = bool(resume.config_changes(saved_config, args.to_dict()))
+    settings = resume.optimizer_settings(optimizer)
+    saved = ckpt.load_checkpoint(
+        path, model=model, optimizer=optimizer, scheduler=None if applying else scheduler
+    )
     saved["max_steps"] = max_steps
-    state = TrainerState(**saved)
+    saved["model_name_or_path"] = model_name(model)
+    known = {f.name for f in dataclasses.fields(TrainerState)}
+    state = TrainerState(**{k: v for k, v in saved.items() if k in known})
+    if applying:
+        resume.apply_new_settings(optimizer, scheduler, settings, state.global_step)
     if (path / REF_MODEL_FILE).exists() and ref_model is not None:
-        ref_model.load_state_dict(torch.load(path / REF_MODEL_FILE, weights_only=True))
-    if state.global_step % steps_per_round and state.global_step < max_steps:
+        from safetensors.torch import load_model
+
+        load_model(ref_model, str(path / REF_MODEL_FILE))
+    if state.global_step % args.steps_per_round and state.global_step < max_steps:
         warnings.warn(
             f"Checkpoint {path} was saved mid generation round (step {state.global_step}); "
             "the resumed run starts a fresh round.",
             stacklevel=2,
         )
+    newer = [p.name for p in ckpt.list_checkpoints(path.parent) if _step(p) > state.global_step]
+    if newer and Path(args.output_dir).resolve() == path.parent.resolve():
+        logger.warning(
+            "output_dir holds checkpoints newer than %s (%s); this run replaces them as it "
+            "reaches their steps, and resume_from_checkpoint=True would pick them meanwhile.",
+            path.name,
+            ", ".join(newer),
+        )
     logger.info("resumed from %s at step %d", path, state.global_step)
     return state
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(ckpt.CHECKPOINT_PREFIX) :])
 
 
 def save_trainer_checkpoint(
@@ -343,9 +467,19 @@ def save_trainer_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
 ) -> Path:
-    """Write `output_dir/checkpoint-{step}` (plus the synced reference and merged weights when
-    they exist) and drop the oldest checkpoints beyond `save_total_limit`."""
+    """Write `output_dir/checkpoint-{step}` atomically, with the synced reference model and the
+    merged weights inside when they exist, then drop the oldest checkpoints beyond
+    `save_total_limit` (never this one)."""
     path = Path(args.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{state.global_step}"
+
+    def extra(folder: Path) -> None:
+        if ref_model is not None and args.sync_ref_model:
+            from safetensors.torch import save_model
+
+            save_model(ref_model, str(folder / REF_MODEL_FILE))
+        if args.save_merged and ckpt.is_peft_model(model):
+            ckpt.save_model(model, tokenizer, folder / "merged", merged=True)
+
     ckpt.save_checkpoint(
         path,
         model=model,
@@ -354,10 +488,7 @@ def save_trainer_checkpoint(
         scheduler=scheduler,
         trainer_state=state.to_dict(),
         config=args.to_dict(),
+        extra=extra,
     )
-    if ref_model is not None and args.sync_ref_model:
-        torch.save(ref_model.state_dict(), path / REF_MODEL_FILE)
-    if args.save_merged and ckpt.is_peft_model(model):
-        ckpt.save_model(model, tokenizer, path / "merged", merged=True)
-    ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit)
+    ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, protect=path)
     return path

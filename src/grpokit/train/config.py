@@ -29,6 +29,7 @@ PROMPT_LENGTH_POLICIES = ("truncate_left", "skip")
 SAVE_STRATEGIES = ("no", "steps")
 EVAL_STRATEGIES = ("no", "steps")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+RESUME_CONFIG_POLICIES = ("refuse", "apply")
 
 # transformers' `SchedulerType` values that `get_scheduler` steps without a metric. Listed here so
 # that validating a config does not import transformers (a test keeps this in sync).
@@ -154,6 +155,18 @@ class GRPOConfig:
     output_dir: str = option(
         "trainer_output",
         "Directory for checkpoints, metrics.jsonl, completions.jsonl and the config used.",
+    )
+    overwrite_output_dir: bool = option(
+        False,
+        "Let a fresh (not resumed) run start in an output_dir that holds another run's "
+        "checkpoints, deleting them (each named in a warning). False = refuse; resume it or "
+        "pick another folder.",
+    )
+    resume_config_changes: str = option(
+        "refuse",
+        'On resume, changes to fields that alter the optimisation (`train.resume`): "refuse" '
+        'stops with the list of changes; "apply" applies them from the resumed step (a new '
+        "learning rate or schedule takes effect).",
     )
     model_init_kwargs: dict[str, Any] | None = option(
         None,
@@ -702,6 +715,11 @@ class GRPOConfig:
             )
         if self.save_total_limit is not None:
             _positive_int("save_total_limit", self.save_total_limit)
+        if self.resume_config_changes not in RESUME_CONFIG_POLICIES:
+            raise ValueError(
+                f"resume_config_changes must be one of {RESUME_CONFIG_POLICIES}, "
+                f"got {self.resume_config_changes!r}."
+            )
 
     # ---- derived values ------------------------------------------------------------------------
     @property

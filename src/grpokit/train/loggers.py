@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from grpokit.train.checkpoint import write_text_atomic
+
 log = logging.getLogger("grpokit")
 
 # Shown in the progress bar's postfix, when present, in this order.
@@ -36,12 +38,50 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-class JsonlLogger:
-    """Appends one JSON object per logging step to a file (`{"step": ..., **metrics}`)."""
+def keep_records_until(path: str | Path, step: int) -> int:
+    """Rewrite a JSONL file keeping only the records of optimizer steps <= `step`.
 
-    def __init__(self, path: str | Path) -> None:
+    A resumed run logs again every step after its checkpoint; dropping what the interrupted run
+    logged past it keeps each step once. A line that does not parse (cut by a crash) is dropped.
+
+    Returns:
+        The number of lines dropped (0 when the file does not exist).
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            record_step = None
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+        log.info("%s: dropped %d records past step %d", path.name, dropped, step)
+    return dropped
+
+
+class JsonlLogger:
+    """Appends one JSON object per logging step to a file (`{"step": ..., **metrics}`).
+
+    Args:
+        path: the file.
+        after_step: records of steps after this one already in the file are dropped first (a
+            resumed run's step); None = start the file afresh.
+    """
+
+    def __init__(self, path: str | Path, after_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if after_step is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            keep_records_until(self.path, after_step)
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -83,7 +123,8 @@ class RunLogger:
     Args:
         output_dir: directory holding `metrics.jsonl` and, when enabled, `completions.jsonl`.
         total_steps: optimizer steps of the whole run (the bar's length).
-        initial_step: step the run starts from (non-zero when resuming).
+        initial_step: step the run starts from (non-zero when resuming). A fresh run (0) starts
+            both files afresh; a resumed run drops their records past `initial_step`.
         log_completions: whether `log_completions` writes anything.
         run_name: shown in the bar.
     """
@@ -99,8 +140,15 @@ class RunLogger:
     ) -> None:
         out = Path(output_dir)
         self.progress = ProgressBarLogger(total_steps, initial_step, run_name)
-        self.metrics_file = JsonlLogger(out / "metrics.jsonl")
-        self.completions_file = JsonlLogger(out / "completions.jsonl") if log_completions else None
+        after = initial_step or None
+        self.metrics_file = JsonlLogger(out / "metrics.jsonl", after)
+        completions = out / "completions.jsonl"
+        self.completions_file = JsonlLogger(completions, after) if log_completions else None
+        if not log_completions:  # an earlier run's file: drop what this run will not rewrite
+            if after is None:
+                completions.unlink(missing_ok=True)
+            else:
+                keep_records_until(completions, after)
         self.sinks: list[Logger] = [self.progress, self.metrics_file]
 
     def advance(self, step: int) -> None:

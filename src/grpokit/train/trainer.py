@@ -146,7 +146,9 @@ class GRPOTrainer:
         self.max_steps = build.resolve_max_steps(self.args, self.sampler.size)
         self.optimizer = build.make_optimizer(self.model, self.args)
         self.scheduler = build.make_scheduler(self.optimizer, self.args, self.max_steps)
-        self.state = self._describe_run(TrainerState())
+        self.state = self._describe_run(
+            TrainerState(model_name_or_path=build.model_name(self.model))
+        )
         self.pending = MetricsBuffer()  # metrics queued until the next logging step
         self.control = TrainerControl()
         self.callback_handler = CallbackHandler(
@@ -178,17 +180,25 @@ class GRPOTrainer:
         """Run GRPO until `max_steps` optimizer steps; resume from a checkpoint if asked.
 
         Args:
-            resume_from_checkpoint: True = the latest `checkpoint-N` in `output_dir`; a path = that
-                checkpoint; None/False = start fresh.
+            resume_from_checkpoint: True = the newest `checkpoint-N` in `output_dir` that
+                verifies (newer ones that do not are skipped with a warning); a path = that
+                checkpoint; None/False = start fresh, which an `output_dir` holding checkpoints
+                refuses unless `overwrite_output_dir`. A resume whose config changes the
+                optimisation is refused unless `resume_config_changes="apply"` (`train.resume`).
 
         Returns:
             The final `TrainerState`.
+
+        Raises:
+            CheckpointError: no usable checkpoint, or a fresh run into another run's folder.
+            ResumeConfigError: the config changes the optimisation (a `CheckpointError`).
         """
         cfg = self.args
         self._maybe_resume(resume_from_checkpoint)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / ckpt.GRPO_CONFIG).write_text(
-            json.dumps(cfg.to_dict(), indent=2, default=str)
+        ckpt.write_text_atomic(
+            Path(cfg.output_dir) / ckpt.GRPO_CONFIG,
+            json.dumps(cfg.to_dict(), indent=2, default=str),
         )
         run_log = RunLogger(
             cfg.output_dir,
@@ -717,15 +727,16 @@ class GRPOTrainer:
     def _maybe_resume(self, resume_from_checkpoint: bool | str | None) -> None:
         path = build.find_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if path is None:
+            build.prepare_fresh_output_dir(self.args)
             return
         state = build.restore_checkpoint(
             path,
+            args=self.args,
             model=self.model,
             ref_model=self.ref_model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             max_steps=self.max_steps,
-            steps_per_round=self.args.steps_per_round,
         )
         self.state = self._describe_run(state)
         self.sampler.restore(self.state.data_epoch, self.state.data_index)
