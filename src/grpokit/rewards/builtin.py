@@ -14,18 +14,23 @@ parameters (`{"name": "soft_overlong_punishment", "max_completion_len": 256,
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
+import logging
 import math
 import re
 import threading
 import traceback
 from collections.abc import Callable, Sequence
 from fractions import Fraction
-from functools import cache
+from pathlib import Path
 from typing import Any
 
 from grpokit.data.prompts import completion_text
+from grpokit.sandbox import SandboxLimits, SandboxPool
+
+logger = logging.getLogger("grpokit")
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -447,17 +452,33 @@ def get_cosine_scaled_reward(
 # ---------------------------------------------------------------------------------------------
 
 
-@cache
-def _score_answer_fn(dataset_name: str) -> Callable[..., float]:
-    try:
-        import reasoning_gym
-    except ImportError as error:
+_VERIFIER_MODULE = "reasoning_gym_verifier"  # grpokit/rewards/sandboxed/reasoning_gym_verifier.py
+_SANDBOXED_MODULES = Path(__file__).parent / "sandboxed"
+_pools: dict[tuple[Any, ...], SandboxPool] = {}
+_pools_lock = threading.Lock()
+
+
+def _verifier_pool(workers: int | None, limits: SandboxLimits) -> SandboxPool:
+    """One warm pool per process (and settings), shared by every `ReasoningGymScore`."""
+    key = (workers, limits)
+    with _pools_lock:
+        if key not in _pools:
+            _pools[key] = SandboxPool(
+                workers,
+                limits=limits,
+                packages=["reasoning_gym"],
+                paths=[_SANDBOXED_MODULES],
+                preload=[_VERIFIER_MODULE],
+            )
+        return _pools[key]
+
+
+def _require_reasoning_gym() -> None:
+    if importlib.util.find_spec("reasoning_gym") is None:
         raise ImportError(
             "reasoning_gym_score needs the optional package reasoning-gym; install it with "
             "`pip install 'grpokit[tasks]'`."
-        ) from error
-    fn: Callable[..., float] = reasoning_gym.get_score_answer_fn(dataset_name)
-    return fn
+        )
 
 
 class ReasoningGymScore:
@@ -467,41 +488,102 @@ class ReasoningGymScore:
     written by `grpokit.data.tasks`), extracts the answer from the completion (`<answer>` tag by
     default) and returns `score_answer(answer, entry)`. No answer, or a verifier that cannot
     parse the answer (it raises), scores 0.0: an answer that cannot be checked is wrong.
+
+    Several verifiers `eval` or `sympy`-parse the answer, so they run in a `grpokit.sandbox` pool
+    (one per process, started on first use), never in the trainer. A call that times out or
+    crashes the sandbox scores 0.0 and is logged with its task's name. Completions of the same
+    prompt never share a sandbox process, so that none can change how its group-mates are scored.
+
+    Args:
+        entry_column: The column holding the reasoning-gym entry.
+        extract: How to read the answer (see `extract_answer`).
+        timeout: Wall-clock seconds per verifier call.
+        workers: Sandbox worker processes (default: CPU count, at most 4).
+        chunk_size: Answers verified one after the other in one sandbox process (1: a process
+            each; larger saves a fork per answer).
     """
 
     __name__ = "reasoning_gym_score"
 
-    def __init__(self, entry_column: str = "reasoning_gym_entry", extract: str = "tag") -> None:
+    def __init__(
+        self,
+        entry_column: str = "reasoning_gym_entry",
+        extract: str = "tag",
+        timeout: float = 10.0,
+        workers: int | None = None,
+        chunk_size: int = 8,
+    ) -> None:
         if extract not in EXTRACT_MODES:
             raise ValueError(
                 f"reasoning_gym_score: unknown extract {extract!r}; "
                 f"use one of {list(EXTRACT_MODES)}."
             )
+        if not timeout > 0 or chunk_size < 1 or (workers is not None and workers < 1):
+            raise ValueError(
+                "reasoning_gym_score needs timeout > 0, chunk_size >= 1 and workers >= 1; got "
+                f"{timeout}, {chunk_size}, {workers}."
+            )
+        _require_reasoning_gym()
         self.entry_column = entry_column
         self.extract = extract
+        self.workers = workers
+        self.chunk_size = chunk_size
+        self.limits = SandboxLimits(timeout=timeout, cpu_seconds=max(1, math.ceil(timeout)))
+        self._warmed: set[str] = set()
+
+    def _pool(self, datasets: set[str]) -> SandboxPool:
+        pool = _verifier_pool(self.workers, self.limits)
+        new = sorted(datasets - self._warmed)
+        if new:  # build the verifiers once in each worker, not in every call's child
+            pool.warm(_VERIFIER_MODULE, "warm", [new])
+            self._warmed.update(new)
+        return pool
 
     def __call__(self, completions: Sequence[Any], **kwargs: Any) -> list[float]:
-        entries = _column(kwargs, self.entry_column, self.__name__, len(completions))
-        rewards = []
-        for completion, raw in zip(completions, entries, strict=True):
-            entry = json.loads(raw) if isinstance(raw, str) else dict(raw)
-            score = _score_answer_fn(entry["metadata"]["source_dataset"])
+        raws = _column(kwargs, self.entry_column, self.__name__, len(completions))
+        rewards = [0.0] * len(completions)
+        rows: list[int] = []
+        tasks: list[str] = []
+        calls: list[tuple[str, str, list[Any]]] = []
+        keys: list[str] = []
+        for row, (completion, raw) in enumerate(zip(completions, raws, strict=True)):
             answer = extract_answer(completion_text(completion), self.extract)
             if answer is None:
-                rewards.append(0.0)
                 continue
-            try:
-                rewards.append(float(score(answer, entry)))
-            except Exception:  # the verifier choked on the model's answer: not a correct answer
-                rewards.append(0.0)
+            entry = json.loads(raw) if isinstance(raw, str) else dict(raw)
+            rows.append(row)
+            tasks.append(entry["metadata"]["source_dataset"])
+            calls.append((_VERIFIER_MODULE, "score", [answer, entry]))
+            keys.append(raw if isinstance(raw, str) else json.dumps(entry, sort_keys=True))
+        if not calls:
+            return rewards
+        results = self._pool(set(tasks)).map_calls(calls, chunk_size=self.chunk_size, keys=keys)
+        failed: dict[str, list[str]] = {}
+        for row, task, result in zip(rows, tasks, results, strict=True):
+            if result.ok and isinstance(result.value, (int, float)):
+                rewards[row] = float(result.value)
+            elif result.crashed:  # an exception from the verifier is just a wrong answer
+                failed.setdefault(task, []).append(result.error or "failed")
+        for task, errors in failed.items():
+            logger.warning(
+                "reasoning_gym_score: %d verifier call(s) for task %r failed in the sandbox (%s); "
+                "scored 0.0",
+                len(errors),
+                task,
+                "; ".join(sorted(set(errors))),
+            )
         return rewards
 
 
 def get_reasoning_gym_score(
-    entry_column: str = "reasoning_gym_entry", extract: str = "tag"
+    entry_column: str = "reasoning_gym_entry",
+    extract: str = "tag",
+    timeout: float = 10.0,
+    workers: int | None = None,
+    chunk_size: int = 8,
 ) -> RewardFn:
-    """The reasoning-gym verifier as a reward; see `ReasoningGymScore`."""
-    return ReasoningGymScore(entry_column, extract)
+    """The reasoning-gym verifier, run in the sandbox, as a reward; see `ReasoningGymScore`."""
+    return ReasoningGymScore(entry_column, extract, timeout, workers, chunk_size)
 
 
 def reasoning_gym_score(completions: Sequence[Any], **kwargs: Any) -> list[float]:

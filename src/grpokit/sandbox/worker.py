@@ -1,0 +1,510 @@
+"""The trainer's side of one sandbox worker process, and one-shot `run_python` / `call_in_sandbox`.
+
+A `SandboxWorker` starts `python -I -S` on `_child.py` (the worker: isolation set-up, then a fork
+server), talks to it over pipes with one JSON line per request and reply, and restarts it when it
+dies. It is not thread-safe; `SandboxPool` shares several among threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from grpokit.sandbox.packages import link_packages
+
+Isolation = Literal["auto", "namespaces", "process"]
+Call = tuple[str, str, Sequence[Any]]
+"""`(module, function, args)` of a trusted function to call on untrusted arguments."""
+ISOLATION_MODES = ("auto", "namespaces", "process")
+
+_CHILD_SOURCE = (Path(__file__).parent / "_child.py").read_text()
+# Past its own timeout a call gets this long to be reported before the worker counts as hung.
+_REPLY_MARGIN = 10.0
+_STARTUP_TIMEOUT = 300.0
+_SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (a worker would not start), as opposed to the code it ran."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits of each call in the sandbox (`None`: no limit of that kind).
+
+    The rlimits apply to the call's process and are inherited by every process it starts.
+    """
+
+    timeout: float = 10.0
+    """Wall-clock seconds before the call's whole process group is killed (SIGKILL)."""
+    cpu_seconds: int | None = 10
+    """CPU seconds per process (RLIMIT_CPU): SIGXCPU at the limit, SIGKILL a second later."""
+    memory_bytes: int | None = 2 << 30
+    """Address space per process (RLIMIT_AS); past it allocations fail (`MemoryError`)."""
+    max_processes: int | None = 32
+    """New processes and threads the call may start (RLIMIT_NPROC, set to the user's current
+    count plus this; it counts per user, so the figure is approximate)."""
+    max_file_bytes: int | None = 16 << 20
+    """Largest file the call may write (RLIMIT_FSIZE); a larger write fails (`EFBIG`)."""
+    max_open_files: int | None = 64
+    """Open file descriptors per process (RLIMIT_NOFILE)."""
+    max_output_bytes: int = 64 << 10
+    """stdout and stderr are each cut to this many bytes (`truncated` says so)."""
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise ValueError(f"SandboxLimits.timeout must be > 0 seconds, got {self.timeout}.")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name != "timeout" and value is not None and value < 0:
+                raise ValueError(f"SandboxLimits.{field.name} must be >= 0, got {value}.")
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """What one run of code in the sandbox did."""
+
+    stdout: str
+    stderr: str
+    exit_code: int | None
+    """The process's exit status; `None` when a signal ended it."""
+    timed_out: bool
+    """The wall-clock timeout expired and the process group was killed."""
+    killed_by: str | None
+    """The signal that ended the process (`"SIGKILL"`, `"SIGXCPU"`, `"SIGSEGV"`, ...), if any."""
+    duration: float
+    """Wall-clock seconds from the call's start to its end."""
+    truncated: bool
+    """stdout or stderr was longer than `max_output_bytes` and was cut."""
+
+    @property
+    def ok(self) -> bool:
+        """The code ran to completion and exited with status 0."""
+        return self.exit_code == 0 and not self.timed_out
+
+
+@dataclass(frozen=True)
+class CallResult(SandboxResult):
+    """A trusted function's result on untrusted data, from the sandbox."""
+
+    value: Any = None
+    """The function's return value, through JSON."""
+    error: str | None = None
+    """`"ExceptionType: message"` when the function raised, or why there is no value."""
+
+    @property
+    def ok(self) -> bool:
+        """The function returned a value."""
+        return self.error is None and self.exit_code == 0 and not self.timed_out
+
+    @property
+    def crashed(self) -> bool:
+        """The call did not finish normally: timed out, killed by a signal, or exited without a
+        result (as opposed to the function raising an exception, which is an ordinary error)."""
+        return self.timed_out or self.killed_by is not None or self.exit_code != 0
+
+
+def _failed(message: str, duration: float, timed_out: bool = False) -> SandboxResult:
+    return SandboxResult(
+        stdout="",
+        stderr=message,
+        exit_code=None,
+        timed_out=timed_out,
+        killed_by="SIGKILL" if timed_out else None,
+        duration=duration,
+        truncated=False,
+    )
+
+
+def _process_fields(reply: dict[str, Any]) -> dict[str, Any]:
+    signum = reply.get("signal")
+    return {
+        "stdout": reply["stdout"],
+        "stderr": reply["stderr"],
+        "exit_code": reply["exit_code"],
+        "timed_out": reply["timed_out"],
+        "killed_by": None if signum is None else _SIGNAL_NAMES.get(signum, f"signal {signum}"),
+        "duration": reply["duration"],
+        "truncated": reply["truncated"],
+    }
+
+
+def _why_no_result(fields: dict[str, Any]) -> str:
+    if fields["timed_out"]:
+        return "timed out"
+    if fields["killed_by"] is not None:
+        return f"killed by {fields['killed_by']}"
+    return f"exited with status {fields['exit_code']} before returning"
+
+
+def sandbox_environment(home: str) -> dict[str, str]:
+    """The whole environment of sandboxed code: nothing is inherited from the trainer's."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": home,
+        "TMPDIR": home,
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _stop(process: subprocess.Popen[bytes], folder: str, log: Any) -> None:
+    """Close the worker's input (it exits), then kill its process group and delete its folder."""
+    if process.poll() is None:
+        try:
+            if process.stdin is not None:
+                process.stdin.close()
+            process.wait(timeout=1.0)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    log.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class SandboxWorker:
+    """One isolated worker process; runs calls one at a time, each in a fresh forked child.
+
+    Args:
+        limits: Resource limits of every call (the timeout can be changed per call).
+        packages: Third-party packages importable inside (with what they require); the standard
+            library always is, nothing else is.
+        paths: Extra folders of trusted modules to put on the sandbox's `sys.path` (modules that
+            wrap a verifier, say); they must not import from the trainer's packages.
+        preload: Modules the worker imports once at start (trusted), so calls start warm.
+        isolation: `"auto"` (namespaces where the platform allows, else process and limits only),
+            `"namespaces"` (fail if unavailable) or `"process"`.
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: SandboxLimits | None = None,
+        packages: Sequence[str] = (),
+        paths: Sequence[str | os.PathLike[str]] = (),
+        preload: Sequence[str] = (),
+        isolation: Isolation = "auto",
+    ) -> None:
+        if isolation not in ISOLATION_MODES:
+            raise ValueError(
+                f"sandbox isolation must be one of {ISOLATION_MODES}, got {isolation!r}."
+            )
+        self.limits = limits or SandboxLimits()
+        self.packages = tuple(packages)
+        self.paths = tuple(str(Path(p).resolve()) for p in paths)
+        self.preload = tuple(preload)
+        self.isolation = isolation
+        self.report: dict[str, Any] = {}
+        self._warm: list[tuple[str, str, list[Any]]] = []
+        self._process: subprocess.Popen[bytes] | None = None
+        self._buffer = b""
+        self._finalizer: weakref.finalize | None = None
+        self._start()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        folder = tempfile.mkdtemp(prefix="grpokit-sandbox-")
+        work = os.path.join(folder, "work")
+        os.mkdir(work, 0o700)
+        sys_path = list(self.paths)
+        if self.packages:
+            sys_path.insert(0, str(link_packages(Path(folder) / "site", self.packages)))
+        config = {
+            "work": work,
+            "sys_path": sys_path,
+            "preload": list(self.preload),
+            "isolation": self.isolation,
+        }
+        log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the finalizer)
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _CHILD_SOURCE, json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            cwd=work,
+            env=sandbox_environment(work),
+            start_new_session=True,
+            close_fds=True,
+        )
+        self._process, self._buffer = process, b""
+        self._finalizer = weakref.finalize(self, _stop, process, folder, log)
+        ready = self._read_reply(time.monotonic() + _STARTUP_TIMEOUT)
+        if ready is None or not ready.get("ready"):
+            log.seek(0)
+            detail = log.read().decode("utf-8", "replace")[-2000:]
+            reason = ready.get("error") if ready else "no answer"
+            self.close()
+            raise SandboxError(f"the sandbox worker did not start: {reason}\n{detail}".strip())
+        self.report = ready["isolation"]
+        for module, function, args in self._warm:
+            self._warm_one(module, function, args)
+
+    def close(self) -> None:
+        """Stop the worker and delete its folder (also done when the object is collected)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._process = None
+
+    def __enter__(self) -> SandboxWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        """The worker process is running."""
+        return self._process is not None and self._process.poll() is None
+
+    def _restart(self) -> None:
+        self.close()
+        self._start()
+
+    # -- protocol ---------------------------------------------------------------------------
+
+    def _read_reply(self, deadline: float) -> dict[str, Any] | None:
+        assert self._process is not None and self._process.stdout is not None
+        fd = self._process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def _send(self, request: dict[str, Any], wait: float) -> dict[str, Any] | None:
+        """One request and its reply; `None` (and a dead worker) when the worker died or hung."""
+        try:
+            line = json.dumps(request).encode() + b"\n"
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"sandbox call arguments must be JSON-serialisable: {error}") from None
+        if not self.alive:
+            self._restart()
+        assert self._process is not None and self._process.stdin is not None
+        try:
+            self._process.stdin.write(line)
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.close()
+            return None
+        reply = self._read_reply(time.monotonic() + wait)
+        if reply is None:
+            self.close()
+        return reply
+
+    def _call(
+        self, request: dict[str, Any], timeout: float | None
+    ) -> dict[str, Any] | SandboxResult:
+        """The worker's reply, or a failed `SandboxResult` when the worker died or hung."""
+        timeout = self.limits.timeout if timeout is None else timeout
+        if not timeout > 0:
+            raise ValueError(f"sandbox timeout must be > 0 seconds, got {timeout}.")
+        request = {**request, "timeout": timeout, "limits": dataclasses.asdict(self.limits)}
+        calls = max(1, len(request.get("calls", ())))
+        start = time.monotonic()
+        try:
+            reply = self._send(request, timeout * calls + _REPLY_MARGIN)
+        except SandboxError as error:
+            return _failed(str(error), time.monotonic() - start)
+        if reply is None:
+            elapsed = time.monotonic() - start
+            message = "the sandbox worker died or stopped answering; it was killed"
+            return _failed(message, elapsed, timed_out=elapsed >= timeout)
+        return reply
+
+    # -- public calls -----------------------------------------------------------------------
+
+    def run_python(
+        self, code: str, *, stdin: str | None = None, timeout: float | None = None
+    ) -> SandboxResult:
+        """Run `code` as a Python program (like `python -c code`) in a fresh child.
+
+        Args:
+            code: The program's source.
+            stdin: Text on the program's standard input (empty if `None`).
+            timeout: Wall-clock seconds; defaults to `limits.timeout`.
+        """
+        reply = self._call({"kind": "python", "code": code, "stdin": stdin}, timeout)
+        return (
+            reply if isinstance(reply, SandboxResult) else SandboxResult(**_process_fields(reply))
+        )
+
+    def call(
+        self,
+        module: str,
+        function: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> CallResult:
+        """Call the trusted `module.function(*args, **kwargs)` on (untrusted) arguments.
+
+        Arguments and the return value go through JSON. The function runs in a fresh child of the
+        worker, so whatever the data makes it do stays there.
+        """
+        call = {"module": module, "function": function, "args": list(args), "kwargs": kwargs or {}}
+        reply = self._call({"kind": "calls", "calls": [call]}, timeout)
+        if isinstance(reply, SandboxResult):
+            return CallResult(**dataclasses.asdict(reply), error=reply.stderr)
+        fields = _process_fields(reply)
+        if not reply["results"]:
+            return CallResult(**fields, error=_why_no_result(fields))
+        result = reply["results"][0]
+        return CallResult(**fields, value=result.get("value"), error=result.get("error"))
+
+    def call_many(self, calls: Sequence[Call], *, timeout: float | None = None) -> list[CallResult]:
+        """Several calls in one child, one after the other: one fork instead of `len(calls)`.
+
+        Each call still has its own `timeout`. A call that overruns it is reported as timed out
+        and the calls after it run in a new child; when the child crashes (killed by a signal,
+        out of CPU time, ...) the calls from the one that was running on are each run again in a
+        child of their own, so that only the culprit fails. The price of sharing a child: a call
+        can change the interpreter state that the later calls of the same chunk see.
+        """
+        if not calls:
+            return []
+        if len(calls) == 1:
+            return [self.call(*calls[0], timeout=timeout)]
+        request = {
+            "kind": "calls",
+            "calls": [
+                {"module": m, "function": f, "args": list(a), "kwargs": {}} for m, f, a in calls
+            ],
+        }
+        reply = self._call(request, timeout)
+        if isinstance(reply, SandboxResult):  # the worker died: run each on its own
+            return [self.call(*c, timeout=timeout) for c in calls]
+        fields = _process_fields(reply)
+        done = [
+            CallResult(
+                stdout="",
+                stderr="",
+                exit_code=0,
+                timed_out=False,
+                killed_by=None,
+                duration=result.get("duration", 0.0),
+                truncated=False,
+                value=result.get("value"),
+                error=result.get("error"),
+            )
+            for result in reply["results"]
+        ]
+        if len(done) == len(calls):
+            return done
+        culprit = len(done)
+        if fields["timed_out"]:
+            overran = CallResult(**fields, error=_why_no_result(fields))
+            rest = self.call_many(calls[culprit + 1 :], timeout=timeout)
+            return [*done, overran, *rest]
+        return [*done, *(self.call(*c, timeout=timeout) for c in calls[culprit:])]
+
+    def warm(self, module: str, function: str, args: Sequence[Any] = ()) -> None:
+        """Run trusted `module.function(*args)` in the worker itself (not a child), so that every
+        later call starts with its effect (a cache filled, a dataset built). Kept across
+        restarts."""
+        self._warm.append((module, function, list(args)))
+        self._warm_one(module, function, list(args))
+
+    def _warm_one(self, module: str, function: str, args: list[Any]) -> None:
+        request = {"kind": "warm", "module": module, "function": function, "args": args}
+        reply = self._send(request, _STARTUP_TIMEOUT)
+        if reply is None or not reply.get("ok"):
+            reason = reply.get("error") if reply else "the worker died"
+            raise SandboxError(f"sandbox warm-up {module}.{function}{tuple(args)}: {reason}")
+
+
+def run_python(
+    code: str,
+    *,
+    stdin: str | None = None,
+    timeout: float | None = None,
+    limits: SandboxLimits | None = None,
+    packages: Sequence[str] = (),
+    isolation: Isolation = "auto",
+) -> SandboxResult:
+    """Run a Python program in a new sandbox worker (started and stopped for this one call).
+
+    For many calls use a `SandboxPool`, whose workers stay up.
+
+    Args:
+        code: The program's source.
+        stdin: Text on its standard input.
+        timeout: Wall-clock seconds (default `limits.timeout`).
+        limits: Resource limits (default `SandboxLimits()`).
+        packages: Third-party packages the program may import (the standard library always).
+        isolation: See `SandboxWorker`.
+    """
+    with SandboxWorker(limits=limits, packages=packages, isolation=isolation) as worker:
+        return worker.run_python(code, stdin=stdin, timeout=timeout)
+
+
+def call_in_sandbox(
+    module: str,
+    function: str,
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    timeout: float | None = None,
+    limits: SandboxLimits | None = None,
+    packages: Sequence[str] = (),
+    paths: Sequence[str | os.PathLike[str]] = (),
+    isolation: Isolation = "auto",
+) -> CallResult:
+    """Call a trusted function on untrusted data in a new sandbox worker.
+
+    Args:
+        module: Module of the function, importable inside the sandbox: from the standard library,
+            `packages` or `paths`.
+        function: The function's (dotted) name in `module`.
+        args: Positional arguments (JSON-serialisable).
+        kwargs: Keyword arguments (JSON-serialisable).
+        timeout: Wall-clock seconds (default `limits.timeout`).
+        limits: Resource limits (default `SandboxLimits()`).
+        packages: Third-party packages to allow; defaults to `module`'s top-level package when
+            that is not in the standard library or `paths`.
+        paths: Folders of trusted modules to put on the sandbox's `sys.path`.
+        isolation: See `SandboxWorker`.
+
+    Returns:
+        The `CallResult`; `value` holds the return value when `ok`.
+    """
+    top = module.split(".")[0]
+    if not packages and not paths and top not in sys.stdlib_module_names:
+        packages = (top,)
+    with SandboxWorker(
+        limits=limits, packages=packages, paths=paths, isolation=isolation
+    ) as worker:
+        return worker.call(module, function, args, kwargs, timeout=timeout)
