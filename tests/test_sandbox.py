@@ -2,8 +2,9 @@
 
 Every hostile program below must end as a failed result while this process carries on. The
 hostile tests run once per isolation mode this machine offers: `namespaces` (where Linux allows
-them) and `process` (process boundary and limits only); assertions that only namespaces can make
-true are skipped, with the reason, where the mode lacks them.
+them), `bwrap` (where bubblewrap is installed) and `process` (process boundary and limits only);
+assertions that only namespaces can make true are skipped, with the reason, where the mode lacks
+them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -35,13 +37,17 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox tes
 LIMITS = SandboxLimits(
     timeout=1.0,
     cpu_seconds=1,
-    memory_bytes=256 << 20,
+    memory_bytes=64 << 20,
     max_processes=8,
     max_file_bytes=1 << 20,
     max_open_files=32,
     max_output_bytes=4096,
 )
-MODES = ["namespaces", "process"] if capabilities().namespaces else ["process"]
+MODES = [
+    *(["namespaces"] if capabilities().namespaces else []),
+    *(["bwrap"] if shutil.which("bwrap") else []),
+    "process",
+]
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -165,7 +171,8 @@ def test_infinite_loop_is_stopped(worker: SandboxWorker) -> None:
 
 
 def test_memory_bomb_fails_with_memory_error(worker: SandboxWorker) -> None:
-    result = worker.run_python("blocks = []\nwhile True:\n    blocks.append(bytearray(1 << 24))")
+    code = "blocks = []\nwhile True:\n    blocks.append(bytearray(1 << 23))"
+    result = worker.run_python(code, timeout=10.0)  # the limit (64 MiB) must stop it first
     assert result.exit_code == 1 and result.stderr.endswith("MemoryError\n")
     _still_works(worker)
 
@@ -246,6 +253,22 @@ def test_trainer_modules_are_not_importable(worker: SandboxWorker) -> None:
         assert result.stderr.endswith(f"ModuleNotFoundError: No module named '{module}'\n")
     result = worker.run_python("import sys\nprint('\\n'.join(sys.path))")
     assert not any("site-packages" in p or p.endswith("src") for p in result.stdout.split())
+
+
+def test_calls_cannot_take_over_their_worker(worker: SandboxWorker) -> None:
+    # The worker outlives the call and answers for the next ones: it must not be ptrace-able
+    # (or writable through /proc) by the code, which runs as the same user.
+    code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.ptrace(16, os.getppid(), 0, 0), ctypes.get_errno())  # PTRACE_ATTACH
+try:
+    open(f"/proc/{os.getppid()}/mem", "r+b")
+except OSError as error:
+    print(error.errno)
+"""
+    result = worker.run_python(code)
+    assert result.stdout.split() == ["-1", "1", "13"]  # EPERM, then EACCES
 
 
 def test_pool_restarts_a_worker_killed_by_its_call(tmp_path: Path) -> None:

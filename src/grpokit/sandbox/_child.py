@@ -60,7 +60,7 @@ _MOUNT_FLAGS = {
     "strictatime": MS_STRICTATIME,
 }
 
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 24, 28
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 4, 24, 28
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 # SECBIT_NOROOT, _NO_SETUID_FIXUP, _KEEP_CAPS (locked), _NO_CAP_AMBIENT_RAISE, each with its lock:
@@ -259,28 +259,43 @@ def _drop_privileges(to_nobody: bool, report: dict[str, Any]) -> None:
             os.setresuid(NOBODY, 0, 0)
             _drop_capabilities()
             report["user"] = "root without capabilities"
-        elif report["namespaces"]:
-            _drop_capabilities()  # those held in the new user namespace
+        elif _capabilities():
+            _drop_capabilities()  # those held in a new user namespace
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
     except OSError as error:
         report["errors"].append(f"dropping privileges: {error}")
+    report["capabilities"] = _capabilities()
+
+
+def _capabilities() -> int:
+    """The effective capability mask (0: none)."""
     with open("/proc/self/status") as f:
         status = dict(line.split(":", 1) for line in f if ":" in line)
-    report["capabilities"] = int(status["CapEff"].strip(), 16)
+    return int(status["CapEff"].strip(), 16)
 
 
-def _observe(work: str, report: dict[str, Any]) -> None:
+def _pid_namespace(pid: str = "self") -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def _observe(work: str, config: dict[str, Any], report: dict[str, Any]) -> None:
     """What the set-up achieved, checked rather than assumed."""
     names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
     report["network_isolated"] = bool(names) and names == ["lo"]
-    report["pid_isolated"] = os.getpid() == 1
+    own = _pid_namespace()
+    # Certain only when compared with the trainer's: kill(-1) relies on it.
+    parent = config["parent_pid_namespace"]
+    report["pid_isolated"] = None not in (own, parent) and own != parent
+    report["proc_private"] = report["pid_isolated"] and _pid_namespace("1") == own
     try:
         with tempfile.TemporaryFile(dir=os.path.dirname(os.path.dirname(work))):
             pass
         report["filesystem_read_only"] = False
     except OSError:
         report["filesystem_read_only"] = True
-    report["proc_private"] = report["pid_isolated"] and not os.path.exists("/proc/2/status")
     report["rlimits"] = [
         name
         for name in ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_FSIZE", "RLIMIT_NOFILE")
@@ -288,31 +303,49 @@ def _observe(work: str, report: dict[str, Any]) -> None:
     ]
 
 
+def _prepare_for_nobody(config: dict[str, Any]) -> bool:
+    """As root, whether the worker can become `nobody`: the interpreter and packages must be
+    readable by it, and its folder is handed over (before any mount turns read-only)."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return False
+    if not all(_reachable_by_others(p) for p in _needed_paths(config)):
+        return False
+    work = config["work"]
+    try:
+        os.chmod(os.path.dirname(work), 0o755)
+        os.chown(work, NOBODY, NOBODY)
+    except OSError:  # e.g. already behind bubblewrap's read-only mounts
+        return False
+    return True
+
+
 def setup(config: dict[str, Any]) -> dict[str, Any]:
-    """Isolate this process as far as the platform allows; returns the report."""
+    """Isolate this process as far as the platform allows; returns the report.
+
+    `config["isolation"]`: "auto" (namespaces if allowed), "namespaces" (or fail), "process"
+    (none), "bwrap" (none of its own: bubblewrap created them before starting this process).
+    """
     work = config["work"]
     report: dict[str, Any] = {"errors": [], "namespaces": False, "writable_mounts": []}
     want = config["isolation"]
-    to_nobody = (
-        sys.platform == "linux"
-        and os.geteuid() == 0
-        and all(_reachable_by_others(p) for p in _needed_paths(config))
-    )
-    if to_nobody:  # before the mounts turn read-only
-        os.chmod(os.path.dirname(work), 0o755)
-        os.chown(work, NOBODY, NOBODY)
+    to_nobody = _prepare_for_nobody(config)
     if sys.platform == "linux" and want in ("auto", "namespaces"):
         report["namespaces"] = _enter_namespaces(work, report)
         if report["namespaces"]:
             _become_pid1(report)
         elif want == "namespaces":
             raise RuntimeError("namespaces requested but unavailable: " + report["errors"][-1])
-    if sys.platform == "linux" and not report["namespaces"]:
+    report["namespaces"] = report["namespaces"] or want == "bwrap"
+    if sys.platform == "linux":
+        # Calls run as the same user as this process: not dumpable, it cannot be ptraced (or its
+        # memory written through /proc) by them. Inherited by each call's child.
+        _prctl(PR_SET_DUMPABLE, 0)
+    if sys.platform == "linux" and os.getpid() != 1:
         # Orphans of a call are re-parented to this process, which kills them after the call.
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _drop_privileges(to_nobody, report)
     os.chdir(work)
-    _observe(work, report)
+    _observe(work, config, report)
     return report
 
 
@@ -492,15 +525,15 @@ def _children() -> list[int]:
     return found
 
 
-def _kill_leftovers(pid1: bool) -> None:
+def _kill_leftovers(own_pid_namespace: bool) -> None:
     """Kill and reap every process a call left behind."""
-    if pid1:  # PID 1 of its namespace: kill(-1) reaches every other process in it
+    if own_pid_namespace:  # kill(-1) reaches every process of the namespace but us and its init
         while True:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(-1, signal.SIGKILL)
             try:
                 os.waitpid(-1, 0)
-            except ChildProcessError:
+            except ChildProcessError:  # orphans of a bubblewrap namespace go to its init
                 return
     if sys.platform != "linux":
         return
@@ -567,7 +600,7 @@ def _collect(
     return lines, status, overran or (finished and late)
 
 
-def serve_call(request: dict[str, Any], work: str, pid1: bool) -> dict[str, Any]:
+def serve_call(request: dict[str, Any], work: str, own_pid_namespace: bool) -> dict[str, Any]:
     """Run one `python` or `calls` request in a forked child; the reply as a dict."""
     files = {n: tempfile.TemporaryFile(dir=work) for n in ("stdin", "stdout", "stderr")}  # noqa: SIM115
     files["stdin"].write((request.get("stdin") or "").encode())
@@ -584,7 +617,7 @@ def serve_call(request: dict[str, Any], work: str, pid1: bool) -> dict[str, Any]
     lines, status, timed_out = _collect(pid, read_end, expected, request["timeout"])
     os.close(read_end)
     duration = time.monotonic() - start
-    _kill_leftovers(pid1)
+    _kill_leftovers(own_pid_namespace)
     limit = request["limits"]["max_output_bytes"]
     stdout, cut_out = _read(files["stdout"], limit)
     stderr, cut_err = _read(files["stderr"], limit)
@@ -635,7 +668,7 @@ def serve(config: dict[str, Any], report: dict[str, Any]) -> None:
         reply({"ready": False, "error": f"preloading {name!r}: {type(error).__name__}: {error}"})
         return
     reply({"ready": True, "isolation": report})
-    pid1 = report.get("pid_isolated", False)
+    own_pid_namespace = report["pid_isolated"]
     for line in control_in:
         request = json.loads(line)
         if request["kind"] == "warm":  # trusted code from the trainer, run in this process
@@ -645,12 +678,13 @@ def serve(config: dict[str, Any], report: dict[str, Any]) -> None:
             except Exception as error:
                 reply({"ok": False, "error": f"{type(error).__name__}: {error}"})
             continue
-        reply(serve_call(request, config["work"], pid1))
-    _kill_leftovers(pid1)
+        reply(serve_call(request, config["work"], own_pid_namespace))
+    _kill_leftovers(own_pid_namespace)
 
 
 def main(argv: list[str]) -> None:
     config = json.loads(argv[1])
+    os.environ.pop("PWD", None)  # set by bubblewrap's --chdir; the rest is the trainer's choice
     sys.path[:0] = config["sys_path"]
     try:
         report = setup(config)

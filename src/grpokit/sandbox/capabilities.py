@@ -39,7 +39,8 @@ class Capabilities:
     rlimits: tuple[str, ...]
     """The resource limits the platform offers (`RLIMIT_CPU`, `RLIMIT_AS`, ...)."""
     bwrap: str | None
-    """Path of a bubblewrap binary, if one is installed (reported, not used)."""
+    """Path of a bubblewrap binary, if one is installed (used when the sandbox's own namespaces
+    are refused and bubblewrap's work)."""
     errors: tuple[str, ...]
     """Why a step of the set-up failed."""
 

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -26,10 +27,10 @@ from typing import Any, Literal
 
 from grpokit.sandbox.packages import link_packages
 
-Isolation = Literal["auto", "namespaces", "process"]
+Isolation = Literal["auto", "namespaces", "bwrap", "process"]
 Call = tuple[str, str, Sequence[Any]]
 """`(module, function, args)` of a trusted function to call on untrusted arguments."""
-ISOLATION_MODES = ("auto", "namespaces", "process")
+ISOLATION_MODES = ("auto", "namespaces", "bwrap", "process")
 
 _CHILD_SOURCE = (Path(__file__).parent / "_child.py").read_text()
 # Past its own timeout a call gets this long to be reported before the worker counts as hung.
@@ -165,6 +166,44 @@ def sandbox_environment(home: str) -> dict[str, str]:
     }
 
 
+_auto_lock = threading.Lock()
+_auto_choice: list[Isolation] = []  # what "auto" became on this machine, decided once
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _bwrap_command(work: str) -> list[str]:
+    """bubblewrap's new network, PID, IPC and UTS namespaces, the whole filesystem read-only but
+    `work`, a fresh `/dev` and `/proc`; the worker inside adds limits and drops privileges."""
+    bwrap = shutil.which("bwrap")
+    assert bwrap is not None
+    return [
+        bwrap,
+        "--unshare-net",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--bind",
+        work,
+        work,
+        "--chdir",
+        work,
+        "--",
+    ]
+
+
 def _stop(process: subprocess.Popen[bytes], folder: str, log: Any) -> None:
     """Close the worker's input (it exits), then kill its process group and delete its folder."""
     if process.poll() is None:
@@ -195,8 +234,9 @@ class SandboxWorker:
         paths: Extra folders of trusted modules to put on the sandbox's `sys.path` (modules that
             wrap a verifier, say); they must not import from the trainer's packages.
         preload: Modules the worker imports once at start (trusted), so calls start warm.
-        isolation: `"auto"` (namespaces where the platform allows, else process and limits only),
-            `"namespaces"` (fail if unavailable) or `"process"`.
+        isolation: `"auto"` (namespaces where the platform allows; else bubblewrap's, if `bwrap`
+            is installed and works; else process and limits only), `"namespaces"` (fail if
+            unavailable), `"bwrap"` (through bubblewrap) or `"process"`.
     """
 
     def __init__(
@@ -227,6 +267,36 @@ class SandboxWorker:
     # -- life cycle -------------------------------------------------------------------------
 
     def _start(self) -> None:
+        mode = self.isolation
+        if mode == "auto":
+            with _auto_lock:
+                if _auto_choice:
+                    mode = _auto_choice[0]
+                else:
+                    mode = self._choose_auto()
+                    _auto_choice.append(mode)
+        self._launch(mode)
+
+    def _choose_auto(self) -> Isolation:
+        """Own namespaces where allowed; else bubblewrap, if installed and it isolates more."""
+        self._launch("auto")
+        if self.report["namespaces"] or shutil.which("bwrap") is None:
+            return "auto"
+        first = (self._process, self._buffer, self._finalizer, self.report)
+        try:
+            self._launch("bwrap")
+        except SandboxError:
+            self._process, self._buffer, self._finalizer, self.report = first
+            return "auto"
+        if self.report["network_isolated"]:
+            assert first[2] is not None
+            first[2]()  # stop the first worker: bubblewrap does better
+            return "bwrap"
+        self.close()
+        self._process, self._buffer, self._finalizer, self.report = first
+        return "auto"
+
+    def _launch(self, mode: Isolation) -> None:
         folder = tempfile.mkdtemp(prefix="grpokit-sandbox-")
         work = os.path.join(folder, "work")
         os.mkdir(work, 0o700)
@@ -237,11 +307,15 @@ class SandboxWorker:
             "work": work,
             "sys_path": sys_path,
             "preload": list(self.preload),
-            "isolation": self.isolation,
+            "isolation": mode,
+            "parent_pid_namespace": _pid_namespace(),
         }
+        command = [sys.executable, "-I", "-S", "-c", _CHILD_SOURCE, json.dumps(config)]
+        if mode == "bwrap":
+            command = _bwrap_command(work) + command
         log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the finalizer)
         process = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _CHILD_SOURCE, json.dumps(config)],
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
