@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -128,6 +129,19 @@ def test_call_many_blames_only_the_culprit(worker: SandboxWorker) -> None:
 def test_one_shot_functions() -> None:
     assert run_python("print(sum(range(10)))", limits=LIMITS).stdout == "45\n"
     assert call_in_sandbox("statistics", "median", [[3, 1, 2]], limits=LIMITS).value == 2
+
+
+def test_sandbox_package_is_the_bottom_layer() -> None:
+    # Imported alone, it brings in no other grpokit module and not torch.
+    code = (
+        "import sys, grpokit.sandbox\n"
+        "print(sorted(m for m in sys.modules if m.startswith('grpokit')), 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    modules = ["grpokit", "grpokit.sandbox", "grpokit.sandbox.capabilities"]
+    modules += ["grpokit.sandbox.packages", "grpokit.sandbox.pool", "grpokit.sandbox.worker"]
+    assert out.stdout == f"{modules} False\n", out.stderr
 
 
 def test_spread_chunks_keeps_equal_keys_apart() -> None:

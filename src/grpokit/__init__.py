@@ -2,6 +2,7 @@
 
 Layers, each importing only from those above it in this list:
 
+- `grpokit.sandbox`: isolated worker processes for model-written code (standard library only);
 - `grpokit.core`: pure math on tensors (log-probs, advantages, losses, attention);
 - `grpokit.engines`: model loading and generation engines;
 - `grpokit.data`: prompt formats and tasks; `grpokit.rewards`: reward plumbing and built-ins;
