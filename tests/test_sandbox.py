@@ -140,7 +140,8 @@ def test_sandbox_package_is_the_bottom_layer() -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     modules = ["grpokit", "grpokit.sandbox", "grpokit.sandbox.capabilities"]
-    modules += ["grpokit.sandbox.packages", "grpokit.sandbox.pool", "grpokit.sandbox.worker"]
+    modules += ["grpokit.sandbox.packages", "grpokit.sandbox.pool", "grpokit.sandbox.results"]
+    modules += ["grpokit.sandbox.worker"]
     assert out.stdout == f"{modules} False\n", out.stderr
 
 

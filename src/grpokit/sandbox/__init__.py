@@ -27,16 +27,8 @@ This package is the bottom layer: it imports nothing from the rest of grpokit.
 
 from grpokit.sandbox.capabilities import Capabilities, capabilities, warn_missing_isolation
 from grpokit.sandbox.pool import SandboxPool
-from grpokit.sandbox.worker import (
-    CallResult,
-    SandboxError,
-    SandboxLimits,
-    SandboxResult,
-    SandboxWorker,
-    call_in_sandbox,
-    run_python,
-    sandbox_environment,
-)
+from grpokit.sandbox.results import CallResult, SandboxError, SandboxLimits, SandboxResult
+from grpokit.sandbox.worker import SandboxWorker, call_in_sandbox, run_python, sandbox_environment
 
 __all__ = [
     "CallResult",

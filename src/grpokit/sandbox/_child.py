@@ -29,6 +29,7 @@ import importlib
 import io
 import json
 import os
+import re
 import resource
 import select
 import shutil
@@ -112,7 +113,7 @@ def _mountinfo() -> list[tuple[str, int, bool]]:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            point = fields[4].encode().decode("unicode_escape")
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
             options = fields[5].split(",")
             keep = 0
             for option in options:

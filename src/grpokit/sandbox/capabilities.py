@@ -29,7 +29,10 @@ class Capabilities:
     pid_isolated: bool
     """The worker is PID 1 of its own PID namespace: killing it kills everything it started."""
     filesystem_read_only: bool
-    """Every mount is read-only inside, except the worker's private folder."""
+    """Every mount is read-only inside, except the worker's private folder (and
+    `writable_mounts`)."""
+    writable_mounts: tuple[str, ...]
+    """Mounts that could not be made read-only."""
     proc_private: bool
     """`/proc` shows the worker's own processes only (not the trainer and its environment)."""
     user: str
@@ -53,6 +56,7 @@ class Capabilities:
             network_isolated=bool(report.get("network_isolated")),
             pid_isolated=bool(report.get("pid_isolated")),
             filesystem_read_only=bool(report.get("filesystem_read_only")),
+            writable_mounts=tuple(report.get("writable_mounts", ())),
             proc_private=bool(report.get("proc_private")),
             user=str(report.get("user", "unchanged")),
             capabilities_dropped=report.get("capabilities", 0) == 0,
@@ -72,6 +76,8 @@ class Capabilities:
             if self.user == "nobody":
                 who = "world-writable"
             lines.append(f"no read-only mounts: sandboxed code can write to {who} files")
+        elif self.writable_mounts:
+            lines.append(f"mounts left writable: {', '.join(self.writable_mounts)}")
         if not self.pid_isolated:
             lines.append(
                 "no PID namespace: processes the code detaches are killed after each call only "

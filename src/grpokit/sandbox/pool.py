@@ -10,14 +10,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from grpokit.sandbox.capabilities import Capabilities, warn_missing_isolation
-from grpokit.sandbox.worker import (
-    Call,
-    CallResult,
-    Isolation,
-    SandboxLimits,
-    SandboxResult,
-    SandboxWorker,
-)
+from grpokit.sandbox.results import CallResult, SandboxLimits, SandboxResult
+from grpokit.sandbox.worker import Call, Isolation, SandboxWorker
 
 R = TypeVar("R")
 

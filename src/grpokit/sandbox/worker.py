@@ -21,11 +21,19 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from grpokit.sandbox.packages import link_packages
+from grpokit.sandbox.results import (
+    CallResult,
+    SandboxError,
+    SandboxLimits,
+    SandboxResult,
+    failed_result,
+    process_fields,
+    why_no_result,
+)
 
 Isolation = Literal["auto", "namespaces", "bwrap", "process"]
 Call = tuple[str, str, Sequence[Any]]
@@ -36,120 +44,6 @@ _CHILD_SOURCE = (Path(__file__).parent / "_child.py").read_text()
 # Past its own timeout a call gets this long to be reported before the worker counts as hung.
 _REPLY_MARGIN = 10.0
 _STARTUP_TIMEOUT = 300.0
-_SIGNAL_NAMES = {int(s): s.name for s in signal.Signals}
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself failed (a worker would not start), as opposed to the code it ran."""
-
-
-@dataclass(frozen=True)
-class SandboxLimits:
-    """Resource limits of each call in the sandbox (`None`: no limit of that kind).
-
-    The rlimits apply to the call's process and are inherited by every process it starts.
-    """
-
-    timeout: float = 10.0
-    """Wall-clock seconds before the call's whole process group is killed (SIGKILL)."""
-    cpu_seconds: int | None = 10
-    """CPU seconds per process (RLIMIT_CPU): SIGXCPU at the limit, SIGKILL a second later."""
-    memory_bytes: int | None = 2 << 30
-    """Address space per process (RLIMIT_AS); past it allocations fail (`MemoryError`)."""
-    max_processes: int | None = 32
-    """New processes and threads the call may start (RLIMIT_NPROC, set to the user's current
-    count plus this; it counts per user, so the figure is approximate)."""
-    max_file_bytes: int | None = 16 << 20
-    """Largest file the call may write (RLIMIT_FSIZE); a larger write fails (`EFBIG`)."""
-    max_open_files: int | None = 64
-    """Open file descriptors per process (RLIMIT_NOFILE)."""
-    max_output_bytes: int = 64 << 10
-    """stdout and stderr are each cut to this many bytes (`truncated` says so)."""
-
-    def __post_init__(self) -> None:
-        if not self.timeout > 0:
-            raise ValueError(f"SandboxLimits.timeout must be > 0 seconds, got {self.timeout}.")
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name != "timeout" and value is not None and value < 0:
-                raise ValueError(f"SandboxLimits.{field.name} must be >= 0, got {value}.")
-
-
-@dataclass(frozen=True)
-class SandboxResult:
-    """What one run of code in the sandbox did."""
-
-    stdout: str
-    stderr: str
-    exit_code: int | None
-    """The process's exit status; `None` when a signal ended it."""
-    timed_out: bool
-    """The wall-clock timeout expired and the process group was killed."""
-    killed_by: str | None
-    """The signal that ended the process (`"SIGKILL"`, `"SIGXCPU"`, `"SIGSEGV"`, ...), if any."""
-    duration: float
-    """Wall-clock seconds from the call's start to its end."""
-    truncated: bool
-    """stdout or stderr was longer than `max_output_bytes` and was cut."""
-
-    @property
-    def ok(self) -> bool:
-        """The code ran to completion and exited with status 0."""
-        return self.exit_code == 0 and not self.timed_out
-
-
-@dataclass(frozen=True)
-class CallResult(SandboxResult):
-    """A trusted function's result on untrusted data, from the sandbox."""
-
-    value: Any = None
-    """The function's return value, through JSON."""
-    error: str | None = None
-    """`"ExceptionType: message"` when the function raised, or why there is no value."""
-
-    @property
-    def ok(self) -> bool:
-        """The function returned a value."""
-        return self.error is None and self.exit_code == 0 and not self.timed_out
-
-    @property
-    def crashed(self) -> bool:
-        """The call did not finish normally: timed out, killed by a signal, or exited without a
-        result (as opposed to the function raising an exception, which is an ordinary error)."""
-        return self.timed_out or self.killed_by is not None or self.exit_code != 0
-
-
-def _failed(message: str, duration: float, timed_out: bool = False) -> SandboxResult:
-    return SandboxResult(
-        stdout="",
-        stderr=message,
-        exit_code=None,
-        timed_out=timed_out,
-        killed_by="SIGKILL" if timed_out else None,
-        duration=duration,
-        truncated=False,
-    )
-
-
-def _process_fields(reply: dict[str, Any]) -> dict[str, Any]:
-    signum = reply.get("signal")
-    return {
-        "stdout": reply["stdout"],
-        "stderr": reply["stderr"],
-        "exit_code": reply["exit_code"],
-        "timed_out": reply["timed_out"],
-        "killed_by": None if signum is None else _SIGNAL_NAMES.get(signum, f"signal {signum}"),
-        "duration": reply["duration"],
-        "truncated": reply["truncated"],
-    }
-
-
-def _why_no_result(fields: dict[str, Any]) -> str:
-    if fields["timed_out"]:
-        return "timed out"
-    if fields["killed_by"] is not None:
-        return f"killed by {fields['killed_by']}"
-    return f"exited with status {fields['exit_code']} before returning"
 
 
 def sandbox_environment(home: str) -> dict[str, str]:
@@ -297,7 +191,7 @@ class SandboxWorker:
         return "auto"
 
     def _launch(self, mode: Isolation) -> None:
-        folder = tempfile.mkdtemp(prefix="grpokit-sandbox-")
+        folder = os.path.realpath(tempfile.mkdtemp(prefix="grpokit-sandbox-"))
         work = os.path.join(folder, "work")
         os.mkdir(work, 0o700)
         sys_path = list(self.paths)
@@ -411,11 +305,11 @@ class SandboxWorker:
         try:
             reply = self._send(request, timeout * calls + _REPLY_MARGIN)
         except SandboxError as error:
-            return _failed(str(error), time.monotonic() - start)
+            return failed_result(str(error), time.monotonic() - start)
         if reply is None:
             elapsed = time.monotonic() - start
             message = "the sandbox worker died or stopped answering; it was killed"
-            return _failed(message, elapsed, timed_out=elapsed >= timeout)
+            return failed_result(message, elapsed, timed_out=elapsed >= timeout)
         return reply
 
     # -- public calls -----------------------------------------------------------------------
@@ -431,9 +325,7 @@ class SandboxWorker:
             timeout: Wall-clock seconds; defaults to `limits.timeout`.
         """
         reply = self._call({"kind": "python", "code": code, "stdin": stdin}, timeout)
-        return (
-            reply if isinstance(reply, SandboxResult) else SandboxResult(**_process_fields(reply))
-        )
+        return reply if isinstance(reply, SandboxResult) else SandboxResult(**process_fields(reply))
 
     def call(
         self,
@@ -453,9 +345,9 @@ class SandboxWorker:
         reply = self._call({"kind": "calls", "calls": [call]}, timeout)
         if isinstance(reply, SandboxResult):
             return CallResult(**dataclasses.asdict(reply), error=reply.stderr)
-        fields = _process_fields(reply)
+        fields = process_fields(reply)
         if not reply["results"]:
-            return CallResult(**fields, error=_why_no_result(fields))
+            return CallResult(**fields, error=why_no_result(fields))
         result = reply["results"][0]
         return CallResult(**fields, value=result.get("value"), error=result.get("error"))
 
@@ -481,7 +373,7 @@ class SandboxWorker:
         reply = self._call(request, timeout)
         if isinstance(reply, SandboxResult):  # the worker died: run each on its own
             return [self.call(*c, timeout=timeout) for c in calls]
-        fields = _process_fields(reply)
+        fields = process_fields(reply)
         done = [
             CallResult(
                 stdout="",
@@ -500,7 +392,7 @@ class SandboxWorker:
             return done
         culprit = len(done)
         if fields["timed_out"]:
-            overran = CallResult(**fields, error=_why_no_result(fields))
+            overran = CallResult(**fields, error=why_no_result(fields))
             rest = self.call_many(calls[culprit + 1 :], timeout=timeout)
             return [*done, overran, *rest]
         return [*done, *(self.call(*c, timeout=timeout) for c in calls[culprit:])]
