@@ -26,6 +26,20 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# ChatML with tools, in the Hermes/Qwen style: tool names in a system turn, assistant tool calls
+# as <tool_call>{json}</tool_call>, tool replies in a `tool` turn.
+TOOL_CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: "
+    "{% for tool in tools %}{{ tool['function']['name'] }} {% endfor %}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'tool' %}<|im_start|>tool\n{{ message['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "<tool_call>{{ call['function'] | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer with pad, EOS (`<|im_end|>`) and a ChatML chat template."""
@@ -43,6 +57,13 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
     )
     tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_tool_tokenizer() -> PreTrainedTokenizerFast:
+    """`make_tokenizer` with `TOOL_CHAT_TEMPLATE` (renders tools, tool calls and tool replies)."""
+    tok = make_tokenizer()
+    tok.chat_template = TOOL_CHAT_TEMPLATE
     return tok
 
 

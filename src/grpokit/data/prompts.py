@@ -55,6 +55,7 @@ def render_prompts(
     tokenizer: Any,
     *,
     chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """Turn prompts into the text the policy is conditioned on.
 
@@ -69,6 +70,8 @@ def render_prompts(
         tokenizer: A Hugging Face tokenizer; needs a chat template for conversational prompts.
         chat_template_kwargs: Extra keyword arguments for `apply_chat_template` (for example
             `{"enable_thinking": False}`).
+        tools: JSON schemas of the tools the model may call, shown by the chat template
+            (`apply_chat_template(..., tools=...)`); None = no tools. Needs conversational prompts.
 
     Returns:
         B prompt strings.
@@ -89,6 +92,11 @@ def render_prompts(
     for i, prompt in enumerate(prompts):
         _check_prompt(prompt, i)
         if isinstance(prompt, str):
+            if tools:
+                raise DataError(
+                    f"prompt {i} is a plain string, but tools are shown to the model by the chat "
+                    "template: give conversational prompts ([{'role': 'user', 'content': ...}])."
+                )
             texts.append(prompt)
             continue
         if getattr(tokenizer, "chat_template", None) is None:
@@ -104,6 +112,7 @@ def render_prompts(
             tokenize=False,
             add_generation_prompt=not continues,
             continue_final_message=continues,
+            **({"tools": tools} if tools else {}),
             **kwargs,
         )
         if not isinstance(text, str):

@@ -8,6 +8,7 @@ fake in tests) can be swapped without touching the loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,7 +38,14 @@ class GenerationOutput:
         completion_ids: `[N, T]` sampled tokens; the pad token after the first EOS.
         completion_mask: `[N, T]` 1 for every token up to and including the first EOS, 0 after it.
         is_truncated: `[N]` bool, True when no EOS was produced within `max_new_tokens`.
-        sampling_logprobs: `[N, T]` float32 log-probs reported by the engine, or None.
+        sampling_logprobs: `[N, T]` float32 log-probs reported by the engine, or None (0 at
+            tokens the model did not write).
+        tool_mask: `[N, T]` long, 1 = the model wrote the token, 0 = it was appended for it (a
+            tool's or environment's reply, the next turn's header); None = single-turn, every
+            token is the model's. Multi-turn, `completion_mask` is 1 up to the end of the last
+            turn (the EOS of the final turn, or `max_new_tokens`), tool tokens included.
+        turns: The multi-turn handler's record of the batch (`tools.turns.ToolTurns`: the
+            replies appended, tool calls and errors per row); None = single-turn.
     """
 
     prompt_ids: Tensor
@@ -46,6 +54,16 @@ class GenerationOutput:
     completion_mask: Tensor
     is_truncated: Tensor
     sampling_logprobs: Tensor | None = None
+    tool_mask: Tensor | None = None
+    turns: Any = None
+
+    @property
+    def model_mask(self) -> Tensor:
+        """`[N, T]` 1 = a token the model wrote: `completion_mask * tool_mask` (the tokens the
+        loss and the length metrics see)."""
+        if self.tool_mask is None:
+            return self.completion_mask
+        return self.completion_mask * self.tool_mask
 
 
 class GenerationEngine(Protocol):
@@ -64,6 +82,30 @@ class GenerationEngine(Protocol):
 
     def update_weights(self, model: Any) -> None:
         """Make the engine sample from `model`'s current weights (called after optimizer steps)."""
+        ...
+
+
+class TurnHandler(Protocol):
+    """What happens between the turns of a multi-turn rollout (tool calls, environments).
+
+    An engine calls `end_turn` whenever a row's assistant turn ends with an EOS token. The handler
+    answers with the tokens to append to that row before the model writes again (a tool's reply
+    rendered by the chat template, ending with the header of the next assistant turn), or ends the
+    rollout. The appended tokens are part of the completion but not the model's (`tool_mask` 0).
+    """
+
+    def end_turn(self, row: int, turn_ids: list[int], room: int) -> Future[list[int] | None] | None:
+        """Row `row` (of the N = B*G) ended a turn.
+
+        Args:
+            row: The completion's row.
+            turn_ids: The tokens the model wrote in this turn, its EOS included.
+            room: Completion tokens left before `max_new_tokens`.
+
+        Returns:
+            None when the rollout is over; else a future of the tokens to append (fewer than
+            `room`), or of None when the rollout ends after all (e.g. the reply does not fit).
+        """
         ...
 
 

@@ -127,14 +127,16 @@ class TokenSampler:
             seen = seen.to(prompt_ids.device)
             self.seen = seen.scatter_(1, prompt_ids, prompt_mask.bool())
 
-    def scores(self, logits: Tensor, step: int) -> Tensor:
-        """Processed scores `[N, V]` float32 from raw `logits` `[N, V]` at completion `step`."""
+    def scores(self, logits: Tensor, step: int, rows: Tensor | None = None) -> Tensor:
+        """Processed scores `[n, V]` float32 from raw `logits` `[n, V]` at completion `step`, for
+        all N rows (`rows` None) or for the rows `rows` (`[n]` indices) only."""
         s = self.sampling
         scores = logits.float()
         if self.bias is not None:
             scores = scores + self.bias
         if self.seen is not None:
-            scores = repetition_penalty(scores, self.seen, s.repetition_penalty)
+            seen = self.seen if rows is None else self.seen[rows]
+            scores = repetition_penalty(scores, seen, s.repetition_penalty)
         if step < self.min_new_tokens:
             scores = scores.index_fill(1, self.eos, float("-inf"))
         if self.suppressed.numel():
@@ -149,14 +151,15 @@ class TokenSampler:
             scores = min_p_filter(scores, s.min_p)
         return scores
 
-    def sample(self, logits: Tensor, step: int) -> Tensor:
-        """Draw one token per row: `[N]` long from raw `logits` `[N, V]`.
+    def sample(self, logits: Tensor, step: int, rows: Tensor | None = None) -> Tensor:
+        """Draw one token per row: `[n]` long from raw `logits` `[n, V]`, for all N rows (`rows`
+        None) or for the rows `rows` (`[n]` indices; the others' repetition state is untouched).
 
         Raises:
             NonFiniteLogitsError: a row's logits hold NaN or +inf (or every token was filtered
                 out), so it has no distribution to draw from.
         """
-        probs = torch.softmax(self.scores(logits, step), dim=-1)  # [N, V]
+        probs = torch.softmax(self.scores(logits, step, rows), dim=-1)  # [n, V]
         broken = torch.isnan(probs).any(-1)  # [N]
         if bool(broken.any()):
             raise NonFiniteLogitsError(
@@ -166,10 +169,17 @@ class TokenSampler:
                 "weights have probably diverged (learning_rate too high) or were loaded with "
                 "NaN/inf values."
             )
-        tokens = self.draw(probs)  # [N]
-        if self.seen is not None:
-            self.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
+        tokens = self.draw(probs)  # [n]
+        self.observe(tokens, rows)
         return tokens
+
+    def observe(self, tokens: Tensor, rows: Tensor | None = None) -> None:
+        """Count `tokens` (`[n]`, one per row of `rows`, or of all N rows) as seen by the
+        repetition penalty: sampled tokens, and tokens appended between turns."""
+        if self.seen is None:
+            return
+        index = torch.arange(tokens.shape[0], device=tokens.device) if rows is None else rows
+        self.seen[index, tokens] = True
 
 
 def _dense_sequence_bias(bias: Any, vocab_size: int, device: torch.device) -> Tensor | None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -15,12 +18,14 @@ from grpokit.core.attention import use_grouped_attention
 from grpokit.engines.base import (
     GenerationOutput,
     SamplingParams,
+    TurnHandler,
     completion_mask_from_ids,
     eos_token_ids,
     left_pad,
     plain_forward,
 )
 from grpokit.engines.models import context_length
+from grpokit.engines.multi_turn import RowRecord, assemble_output, reprefill_turns
 from grpokit.engines.packed_linear import PackedLinear, pack_linear_layers
 from grpokit.engines.sampling import DRAWS, TokenSampler
 from grpokit.errors import DataError
@@ -170,14 +175,7 @@ class TransformersEngine:
             DataError: a prompt plus `max_new_tokens` is longer than the model's context (the
                 caller truncates prompts: `data.prompts.prompt_token_limit`).
         """
-        limit = context_length(self.model)
-        longest = max((len(ids) for ids in prompt_ids), default=0)
-        if limit is not None and longest + max_new_tokens > limit:
-            raise DataError(
-                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is longer "
-                f"than the model's context of {limit} tokens; shorten the prompts "
-                "(max_prompt_length) or generate fewer tokens (max_completion_length)."
-            )
+        self._check_context(prompt_ids, max_new_tokens)
         ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
         # Picks up weights changed outside optimizer steps, e.g. a checkpoint load on resume.
         self._sync(self.model, copy_trainable=False)
@@ -205,6 +203,154 @@ class TransformersEngine:
         ids = ids.repeat_interleave(num_generations, dim=0)  # [N, P]
         mask = mask.repeat_interleave(num_generations, dim=0)  # [N, P]
         return GenerationOutput(ids, mask, completion_ids, completion_mask, is_truncated, logprobs)
+
+    @torch.no_grad()
+    def generate_turns(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        turns: TurnHandler,
+    ) -> GenerationOutput:
+        """Multi-turn rollouts (`engines.multi_turn`) keeping each row's KV cache across turns.
+
+        One decode loop runs all N rows. When a row's turn ends (EOS), `turns.end_turn` is asked
+        for its reply; the row then waits (its steps are masked-out holes in the cache, its
+        position does not move) until the reply is ready, and the reply's tokens are fed one per
+        step, as if sampled, before the row samples again. The history is never prefilled again;
+        other rows go on decoding while a row waits, and when every live row waits the loop
+        blocks on the first reply. Rows that are done only fill masked holes. With
+        `decode="hf"` the turns run by `reprefill_turns` instead.
+
+        Returns:
+            A `GenerationOutput` with `tool_mask` (1 = sampled by the model); `sampling_logprobs`
+            with `return_logprobs` (0 at appended tokens).
+        """
+        if self.decode == "hf":
+            return reprefill_turns(
+                self,
+                prompt_ids,
+                num_generations=num_generations,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                turns=turns,
+            )
+        self._check_context(prompt_ids, max_new_tokens)
+        ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
+        self._sync(self.model, copy_trainable=False)
+        model = self.sampler_model
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with _intra_op_threads(self.num_threads):
+                rows = self._lean_turns(
+                    ids.to(device),
+                    mask.to(device),
+                    num_generations,
+                    max_new_tokens,
+                    sampling,
+                    turns,
+                )
+        finally:
+            model.train(was_training)
+        return assemble_output(
+            ids.repeat_interleave(num_generations, dim=0),
+            mask.repeat_interleave(num_generations, dim=0),
+            rows,
+            self.pad_token_id,
+            with_logprobs=self.return_logprobs,
+        )
+
+    def _lean_turns(
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        g: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        turns: TurnHandler,
+    ) -> list[RowRecord]:
+        """The multi-turn decode loop of `generate_turns`: N row records (`_TurnRows`).
+
+        Every step feeds one token per row; `real` marks the tokens that enter the attention
+        mask and advance the row's position (holes do neither).
+        """
+        forward = plain_forward(self.sampler_model)
+        n, p = ids.shape[0] * g, mask.shape[1]
+        device = ids.device
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P]
+        attention = mask.new_ones((n, p + max_new_tokens))  # [N, columns], grown on demand
+        attention[:, :p] = mask.repeat_interleave(g, dim=0)
+        sampler = TokenSampler(
+            sampling,
+            eos_token_ids=self.eos_token_ids,
+            prompt_ids=ids.repeat_interleave(g, dim=0),
+            prompt_mask=attention[:, :p],
+            vocab_size=int(forward.get_output_embeddings().weight.shape[0]),
+            draw=self.draw,
+        )
+        cache, logits = prefill(forward, ids, mask, positions, g, share=self.share_prompt_prefill)
+        next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1  # [N, 1]
+        state = _TurnRows(n, turns, max_new_tokens, set(self.eos_token_ids))
+        column, step = p, 0
+        while True:
+            state.take_replies()
+            live = state.live()
+            if not live:
+                break
+            if all(state.mode[r] == "wait" for r in live):
+                state.wait_for_a_reply()
+                continue
+            feed = torch.full((n,), self.pad_token_id, dtype=torch.long)
+            real = torch.zeros(n, dtype=torch.long)
+            sampling_rows = [r for r in live if state.mode[r] == "sample"]
+            if sampling_rows:
+                index = torch.as_tensor(sampling_rows, device=device)
+                drawn = sampler.sample(logits[index], step, index)  # [n]
+                logprobs = [0.0] * len(sampling_rows)
+                if self.return_logprobs:
+                    scaled = torch.log_softmax(logits[index] / sampling.temperature, -1)
+                    logprobs = scaled.gather(1, drawn[:, None]).squeeze(1).tolist()
+                tokens = drawn.tolist()
+                for row, token, logprob in zip(sampling_rows, tokens, logprobs, strict=True):
+                    state.sampled(row, token, logprob)
+                    feed[row], real[row] = token, 1
+                step += 1
+            forced_rows = [r for r in live if state.mode[r] == "force"]
+            for row in forced_rows:
+                feed[row], real[row] = state.forced_token(row), 1
+            if forced_rows:
+                index = torch.as_tensor(forced_rows, device=device)
+                sampler.observe(feed[forced_rows].to(device), index)
+            if not state.live():
+                break
+            if column == attention.shape[1]:
+                attention = torch.cat([attention, attention.new_ones((n, max_new_tokens))], dim=1)
+            attention[:, column] = real.to(device)
+            out = forward(
+                input_ids=feed[:, None].to(device),
+                attention_mask=attention[:, : column + 1],
+                position_ids=next_position,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            column += 1
+            next_position = next_position + real[:, None].to(device)
+            logits = out.logits[:, -1].float()  # [N, V]
+        return state.rows
+
+    def _check_context(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+        limit = context_length(self.model)
+        longest = max((len(ids) for ids in prompt_ids), default=0)
+        if limit is not None and longest + max_new_tokens > limit:
+            raise DataError(
+                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} is longer "
+                f"than the model's context of {limit} tokens; shorten the prompts "
+                "(max_prompt_length) or generate fewer tokens (max_completion_length)."
+            )
 
     def _hf_generate(
         self,
@@ -349,6 +495,63 @@ def prefill(
 
 
 DECODE_PATHS = ("lean", "hf")
+
+
+class _TurnRows:
+    """Per-row state of the multi-turn decode loop.
+
+    Each row is in one mode: "sample" (draws its next token), "force" (feeds the next token of
+    a reply), "wait" (its reply is not ready: a hole) or "done" (a hole).
+    """
+
+    def __init__(self, n: int, turns: TurnHandler, max_new_tokens: int, eos: set[int]) -> None:
+        self.turns, self.max_new_tokens, self.eos = turns, max_new_tokens, eos
+        self.rows = [RowRecord() for _ in range(n)]
+        self.mode = ["sample"] * n
+        self.turn_start = [0] * n  # where the row's current model turn began
+        self.forced: list[deque[int]] = [deque() for _ in range(n)]
+        self.waiting: dict[int, Future[list[int] | None]] = {}
+
+    def live(self) -> list[int]:
+        return [r for r, mode in enumerate(self.mode) if mode != "done"]
+
+    def take_replies(self) -> None:
+        """Rows whose reply is ready start feeding it (or are done when there is none)."""
+        for row in [r for r, reply in self.waiting.items() if reply.done()]:
+            suffix = self.waiting.pop(row).result()
+            if suffix is None:
+                self.mode[row] = "done"
+                continue
+            self.forced[row].extend(suffix)
+            self.mode[row] = "force" if suffix else "sample"
+            self.turn_start[row] = len(self.rows[row].tokens) + len(suffix)
+
+    def wait_for_a_reply(self) -> None:
+        concurrent.futures.wait(
+            self.waiting.values(), return_when=concurrent.futures.FIRST_COMPLETED
+        )
+
+    def sampled(self, row: int, token: int, logprob: float) -> None:
+        """Record a sampled token; an EOS ends the turn (the handler decides what follows)."""
+        record = self.rows[row]
+        record.add([token], model=True, logprobs=[logprob])
+        if token in self.eos:
+            room = self.max_new_tokens - len(record.tokens)
+            reply = self.turns.end_turn(row, record.tokens[self.turn_start[row] :], room)
+            if reply is None:
+                self.mode[row] = "done"
+            else:
+                self.mode[row], self.waiting[row] = "wait", reply
+        elif len(record.tokens) >= self.max_new_tokens:
+            self.mode[row], record.truncated = "done", True
+
+    def forced_token(self, row: int) -> int:
+        """The row's next reply token (recorded as not the model's)."""
+        token = self.forced[row].popleft()
+        self.rows[row].add([token], model=False)
+        if not self.forced[row]:
+            self.mode[row] = "sample"
+        return token
 
 
 def _stamp(tensor: Tensor) -> tuple[int, int]:

@@ -23,6 +23,9 @@ from grpokit.core.attention import use_grouped_attention
 from grpokit.engines.base import GenerationEngine, SamplingParams
 from grpokit.engines.models import bf16_supported, resolve_model_path
 from grpokit.engines.transformers_engine import TransformersEngine
+from grpokit.tools.chat import check_tool_template
+from grpokit.tools.parsing import resolve_parser
+from grpokit.tools.turns import ToolCalling
 from grpokit.train import checkpoint as ckpt
 from grpokit.train import resume
 from grpokit.train.checkpoint import TrainerState
@@ -236,6 +239,27 @@ def sampling_params(args: GRPOConfig) -> SamplingParams:
 
 
 # ---- schedule and optimizer ----------------------------------------------------------------------
+def make_tool_calling(
+    tools: list[Any] | None, tokenizer: Any, args: GRPOConfig
+) -> ToolCalling | None:
+    """The tool-calling settings of a run, or None without tools.
+
+    Raises:
+        ConfigError: a tool without type hints or docstring, two tools with one name, or a
+            chat template that cannot show tools or render a tool conversation.
+    """
+    if not tools:
+        return None
+    calling = ToolCalling.from_functions(
+        list(tools),
+        parser=resolve_parser(args.tool_call_parser),
+        max_iterations=args.max_tool_calling_iterations,
+        timeout=args.tool_timeout,
+    )
+    check_tool_template(tokenizer, args.chat_template_kwargs)
+    return calling
+
+
 def resolve_max_steps(args: GRPOConfig, dataset_size: int | None) -> int:
     """Optimizer steps of the run: `max_steps`, or derived from `num_train_epochs`.
 

@@ -72,6 +72,7 @@ NUMBER_RANGES: dict[str, str] = {
     "vllm_importance_sampling_clip_max": "(0, inf)",
     "ref_model_mixup_alpha": "[0, 1]",
     "reward_timeout": "(0, inf)",
+    "tool_timeout": "(0, inf)",
     "learning_rate": "[0, inf)",
     "weight_decay": "[0, inf)",
     "adam_beta1": "[0, 1)",
@@ -101,7 +102,6 @@ UNSUPPORTED_TRL_FIELDS: dict[str, str] = {
     "ds3_gather_for_generation": "DeepSpeed is not supported",
     "use_transformers_paged": "paged generation is not supported",
     "cast_lm_head_to_fp32": "not supported; weights already stay in float32",
-    "max_tool_calling_iterations": "tool calling is not supported",
     "log_completions_hub_repo": "uploading to the Hub is not supported; see completions.jsonl",
     "hub_model_id": "pushing to the Hub is not supported",
     "torch_compile": "torch.compile of the policy is not supported",
@@ -412,6 +412,26 @@ class GRPOConfig:
         "with a warning.",
     )
 
+    # ---- Tools (multi-turn rollouts; GRPOTrainer(tools=...)) ----------------------------------
+    max_tool_calling_iterations: int | None = option(
+        None,
+        "Rounds of tool calls per rollout (TRL's field); None = until the model answers without "
+        "a tool call or the completion reaches max_completion_length (which counts the tool "
+        "replies too).",
+    )
+    tool_timeout: float | None = option(
+        30.0,
+        "Seconds one tool call may take; a call past it gives the model a timeout error. None "
+        "= no limit. Sync tools run in a thread that cannot be stopped: run code that may never "
+        "return in the sandbox (the built-in `python` tool does).",
+    )
+    tool_call_parser: str = option(
+        "auto",
+        'How tool calls are read from the model\'s text: "hermes" (<tool_call>{json}</tool_call>, '
+        'Qwen), "mistral" ([TOOL_CALLS][...]), "json" (the whole turn is a JSON call, Llama '
+        '3.1) or "auto" (by marker). See grpokit.tools.parsing.',
+    )
+
     # ---- Optimisation ------------------------------------------------------------------------
     per_device_train_batch_size: int = option(8, "Completions (not prompts) per micro-batch.")
     gradient_accumulation_steps: int = option(
@@ -654,6 +674,19 @@ class GRPOConfig:
             )
         _positive_int("ref_model_sync_steps", self.ref_model_sync_steps)
         self._check_reward_timeout_policy()
+        rounds = self.max_tool_calling_iterations
+        if rounds is not None and (
+            isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0
+        ):
+            raise ValueError(
+                f"max_tool_calling_iterations must be an integer >= 0 or None, got {rounds!r}."
+            )
+        from grpokit.tools.parsing import PARSERS
+
+        if self.tool_call_parser not in PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {sorted(PARSERS)}, got {self.tool_call_parser!r}."
+            )
 
     def _check_reward_timeout_policy(self) -> None:
         from grpokit.rewards.scoring import REWARD_TIMEOUT_POLICIES

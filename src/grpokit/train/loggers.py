@@ -238,6 +238,34 @@ def completion_metrics(completion_mask: Any, is_truncated: Any) -> dict[str, flo
     }
 
 
+def tool_metrics(gen: Any) -> dict[str, float]:
+    """Multi-turn metrics of one generation batch (none for a single-turn batch).
+
+    `tools/call_frequency` (tool calls per completion) and `tools/failure_frequency` (failed
+    calls / calls) are TRL's; `tools/turns_mean` counts the model's turns per completion,
+    `tools/model_tokens_mean` / `tools/tool_tokens_mean` the tokens it wrote / that were
+    appended for it per completion, `tools/dropped_replies` the replies that did not fit.
+    """
+    if gen.tool_mask is None:
+        return {}
+    model = gen.model_mask  # [N, T]
+    appended = gen.completion_mask * (1 - gen.tool_mask)  # [N, T]
+    starts = model[:, :1].sum() + ((model[:, 1:] == 1) & (model[:, :-1] == 0)).sum()
+    n = max(1, model.shape[0])
+    out = {
+        "tools/turns_mean": float(starts) / n,
+        "tools/model_tokens_mean": float(model.sum()) / n,
+        "tools/tool_tokens_mean": float(appended.sum()) / n,
+    }
+    turns = gen.turns
+    if turns is not None:
+        calls, errors = sum(turns.calls), sum(turns.errors)
+        out["tools/call_frequency"] = calls / n
+        out["tools/failure_frequency"] = errors / calls if calls else 0.0
+        out["tools/dropped_replies"] = float(sum(turns.dropped))
+    return out
+
+
 def name_reward_metrics(metrics: dict[str, float], names: list[str]) -> dict[str, float]:
     """Rename `rewards/{k}/...` (reward-function index) to `rewards/{names[k]}/...`, as TRL logs."""
     renamed = {}

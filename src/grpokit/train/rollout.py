@@ -35,8 +35,10 @@ from grpokit.data.prompts import (
     render_prompts,
 )
 from grpokit.engines.base import GenerationEngine, GenerationOutput, SamplingParams
+from grpokit.engines.multi_turn import generate_with_turns
 from grpokit.errors import DataError, MissingColumnError
 from grpokit.rewards.scoring import compute_rewards
+from grpokit.tools.turns import ToolCalling
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.config import GRPOConfig
 from grpokit.train.loggers import name_reward_metrics
@@ -85,8 +87,9 @@ class ScoredRollout:
 
     @property
     def lengths(self) -> Tensor:
-        """`[N]` float32 completion lengths in tokens (up to and including EOS)."""
-        return self.gen.completion_mask.sum(1).float()
+        """`[N]` float32 completion lengths in tokens the model wrote (up to and including
+        EOS; tool replies not counted)."""
+        return self.gen.model_mask.sum(1).float()
 
 
 @dataclass
@@ -109,6 +112,9 @@ class RolloutPipeline:
             `context_length - max_new_tokens` tokens. None = unknown, no limit from the model.
         reward_timeout: Seconds one reward-function call may take; None = no limit.
         reward_timeout_policy: A timed-out call is an error ("error") or NaN rewards ("nan").
+        tool_calling: Tools the model may call between turns (`tools.turns.ToolCalling`): their
+            schemas go into the chat template and rollouts are multi-turn
+            (`engines.multi_turn`); None = single-turn.
 
     Raises:
         ConfigError: `max_new_tokens` leaves no room for a prompt in `context_length`.
@@ -127,6 +133,7 @@ class RolloutPipeline:
     context_length: int | None = None
     reward_timeout: float | None = None
     reward_timeout_policy: str = "error"
+    tool_calling: ToolCalling | None = None
 
     def __post_init__(self) -> None:
         self.prompt_limit = prompt_token_limit(
@@ -146,6 +153,7 @@ class RolloutPipeline:
         num_generations: int,
         keep_columns: bool = True,
         context_length: int | None = None,
+        tool_calling: ToolCalling | None = None,
     ) -> RolloutPipeline:
         """The pipeline of a `GRPOConfig`: `max_completion_length`, the prompt-length policy, the
         chat-template arguments and the reward timeout come from `args`; `context_length` is the
@@ -164,6 +172,7 @@ class RolloutPipeline:
             context_length=context_length,
             reward_timeout=args.reward_timeout,
             reward_timeout_policy=args.reward_timeout_policy,
+            tool_calling=tool_calling,
         )
 
     # ---- the four steps -------------------------------------------------------------------------
@@ -184,6 +193,7 @@ class RolloutPipeline:
             [row["prompt"] for row in rows],
             self.tokenizer,
             chat_template_kwargs=self.chat_template_kwargs,
+            tools=self.tool_calling.schemas() if self.tool_calling else None,
         )
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         kept_ids, kept = apply_prompt_length_policy(
@@ -196,13 +206,33 @@ class RolloutPipeline:
         return PromptBatch([rows[i] for i in kept], kept_ids, over_length)
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
-        """Sample G completions for each of the B prompts: `N = B*G` rows, prompt-major."""
-        return self.engine.generate(
-            prompt_ids,
-            num_generations=self.num_generations,
-            max_new_tokens=self.max_new_tokens,
-            sampling=self.sampling,
+        """Sample G completions for each of the B prompts: `N = B*G` rows, prompt-major.
+
+        With `tool_calling`, multi-turn: the output has a `tool_mask` and its `turns` record."""
+        if self.tool_calling is None:
+            return self.engine.generate(
+                prompt_ids,
+                num_generations=self.num_generations,
+                max_new_tokens=self.max_new_tokens,
+                sampling=self.sampling,
+            )
+        n = len(prompt_ids) * self.num_generations
+        turns = self.tool_calling.turns(
+            self.tokenizer, [self.tool_calling.tools] * n, self.chat_template_kwargs
         )
+        try:
+            gen = generate_with_turns(
+                self.engine,
+                prompt_ids,
+                num_generations=self.num_generations,
+                max_new_tokens=self.max_new_tokens,
+                sampling=self.sampling,
+                turns=turns,
+            )
+        finally:
+            turns.close()
+        gen.turns = turns
+        return gen
 
     def repeat(self, rows: list[dict[str, Any]]) -> tuple[list[Any], dict[str, list[Any]]]:
         """`(prompts, columns)`: every row repeated G times, aligned with the N completions;
@@ -322,11 +352,16 @@ def decode_completions(
     """Decode completions into the prompts' format, and per-row token-id lists (up to EOS).
 
     Returns:
-        `(completions, completion_ids)`: N strings (or assistant-message lists for chat prompts)
-        and N token-id lists of each completion's `completion_mask` length.
+        `(completions, completion_ids)`: N strings (or assistant-message lists for chat prompts;
+        multi-turn, the assistant turns with their `tool_calls` and the tool messages between
+        them, as TRL gives them) and N token-id lists of each completion's `completion_mask`
+        length (tool tokens included).
     """
     lengths = gen.completion_mask.sum(1).tolist()  # [N]
     id_lists = [row[:n] for row, n in zip(gen.completion_ids.tolist(), lengths, strict=True)]
+    if gen.turns is not None and gen.tool_mask is not None:  # multi-turn: one message per turn
+        model = gen.tool_mask.tolist()
+        return [gen.turns.transcript(i, ids, model[i]) for i, ids in enumerate(id_lists)], id_lists
     texts = tokenizer.batch_decode(id_lists, skip_special_tokens=True)
     return format_completions(prompts, texts), id_lists
 

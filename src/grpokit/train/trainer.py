@@ -48,6 +48,7 @@ from grpokit.train.loggers import (
     completion_rows,
     name_reward_metrics,
     reduce_metrics,
+    tool_metrics,
 )
 from grpokit.train.microbatch import plan_micro_batches, select_rows
 from grpokit.train.prompt_sampler import PromptSampler
@@ -76,6 +77,12 @@ class GRPOTrainer:
             else `TransformersEngine`.
         callbacks: `transformers.TrainerCallback` instances or classes, called at each event of
             the loop (grpokit.train.callbacks lists them and where they happen).
+        tools: Callables (sync or async, type-hinted, Google-style docstrings) the model may
+            call during generation (TRL's `tools`): their schemas go into the chat template,
+            rollouts become multi-turn (`grpokit.tools`), and the tool replies inside a
+            completion are masked out of the loss. Needs conversational prompts and a chat
+            template with tool support. Settings: `max_tool_calling_iterations`,
+            `tool_timeout`, `tool_call_parser`.
     """
 
     # Exact speed-ups of the update (see grpokit.train.microbatch); False runs the plain path.
@@ -97,6 +104,7 @@ class GRPOTrainer:
         peft_config: Any = None,
         generation_engine: GenerationEngine | None = None,
         callbacks: list[Any] | None = None,
+        tools: list[Any] | None = None,
     ) -> None:
         self.args = args if args is not None else GRPOConfig()
         if not isinstance(self.args, GRPOConfig):
@@ -137,6 +145,7 @@ class GRPOTrainer:
             self.model, self.processing_class, self.args
         )
         self.sampling = build.sampling_params(self.args)
+        self.tool_calling = build.make_tool_calling(tools, self.processing_class, self.args)
         # A completion that fills the model's context is refused now, not at the first step.
         prompt_token_limit(
             self.args.max_prompt_length, self.context_length, self.args.max_completion_length
@@ -336,7 +345,7 @@ class GRPOTrainer:
     def build_rollout_batch(self, gen: GenerationOutput, advantages: Tensor) -> RolloutBatch:
         """The training batch; old log-probs only when off-policy, ref log-probs only if beta."""
         cfg = self.args
-        loss_mask = gen.completion_mask.clone()  # [N, T] 1 = token counts in the loss
+        loss_mask = gen.model_mask.clone()  # [N, T] 1 = a token the model wrote; tools' are 0
         if cfg.mask_truncated_completions:
             loss_mask[gen.is_truncated] = 0
         batch = RolloutBatch(
@@ -604,6 +613,7 @@ class GRPOTrainer:
             num_generations=g,
             keep_columns=keep_columns,
             context_length=self.context_length,
+            tool_calling=self.tool_calling,
         )
 
     def _event(self, event: str, **kwargs: Any) -> None:
@@ -643,9 +653,10 @@ class GRPOTrainer:
         self, gen: GenerationOutput, reward_metrics: dict[str, float]
     ) -> dict[str, float]:
         """Completion-length, token-count and reward metrics of one generation batch."""
-        self.state.num_input_tokens_seen += int(gen.prompt_mask.sum() + gen.completion_mask.sum())
+        self.state.num_input_tokens_seen += int(gen.prompt_mask.sum() + gen.model_mask.sum())
         return {
-            **completion_metrics(gen.completion_mask, gen.is_truncated),
+            **completion_metrics(gen.model_mask, gen.is_truncated),
+            **tool_metrics(gen),
             "num_tokens": float(self.state.num_input_tokens_seen),
             "prompts/over_length": float(self.state.prompts_over_length),
             **name_reward_metrics(reward_metrics, [fn.name for fn in self.reward_funcs]),

@@ -1,0 +1,570 @@
+"""Multi-turn rollouts: the transformers engine's KV-cache path, the re-prefill path of any
+engine, a model trained to call a tool end to end, the loss seeing only the model's tokens, and
+GRPOTrainer(tools=...)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import defaultdict
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+
+from grpokit import GRPOConfig, GRPOTrainer
+from grpokit.core.logprobs import model_completion_logprobs
+from grpokit.core.losses import LossOptions, policy_loss
+from grpokit.engines.base import GenerationOutput, SamplingParams, completion_mask_from_ids
+from grpokit.engines.base import left_pad as pad_left
+from grpokit.engines.multi_turn import generate_with_turns, reprefill_turns
+from grpokit.engines.transformers_engine import TransformersEngine
+from grpokit.errors import ConfigError, DataError
+from grpokit.tools import ToolCalling
+from grpokit.train.rollout import RolloutPipeline
+from tests.tiny import make_causal_lm, make_tokenizer, make_tool_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPLY = "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+
+
+class ScriptedTurns:
+    """A turn handler that appends `reply` after each of a row's first `rounds` turns; rows in
+    `slow` get their reply from another thread a little later (their steps are holes meanwhile)."""
+
+    def __init__(self, reply: list[int], rounds: int, slow: tuple[int, ...] = ()) -> None:
+        self.reply, self.rounds, self.slow = reply, rounds, slow
+        self.turns: dict[int, list[list[int]]] = defaultdict(list)
+
+    def end_turn(self, row: int, turn_ids: list[int], room: int) -> Future[list[int] | None] | None:
+        self.turns[row].append(list(turn_ids))
+        if len(self.turns[row]) > self.rounds:
+            return None
+        future: Future[list[int] | None] = Future()
+        value = self.reply if len(self.reply) < room else None
+        if row in self.slow:
+            threading.Timer(0.05, future.set_result, args=(value,)).start()
+        else:
+            future.set_result(value)
+        return future
+
+
+def segments(ids: list[int], mask: list[int]) -> list[tuple[int, list[int]]]:
+    """Runs of equal `mask` values: `[(mask value, ids), ...]`."""
+    out: list[tuple[int, list[int]]] = []
+    for token, m in zip(ids, mask, strict=True):
+        if out and out[-1][0] == m:
+            out[-1][1].append(token)
+        else:
+            out.append((m, [token]))
+    return out
+
+
+# ---- the transformers engine's KV-cache path ----------------------------------------------------
+@pytest.mark.parametrize("share", [True, False])
+def test_kv_cache_turns_match_a_fresh_forward(share: bool) -> None:
+    """Across turns, waits (holes in the cache) and appended replies, every sampled token's
+    log-prob equals the log-prob of a fresh forward over prompt + whole completion: the cache
+    holds exactly the conversation."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    engine = TransformersEngine(
+        model, tok, bf16_sampler=False, return_logprobs=True, share_prompt_prefill=share
+    )
+    reply = tok(REPLY, add_special_tokens=False)["input_ids"]
+    handler = ScriptedTurns(reply, rounds=2, slow=(1, 2))
+    eos = tok.eos_token_id
+    sampling = SamplingParams(generation_kwargs={"sequence_bias": {(eos,): 4.0}})
+    torch.manual_seed(0)
+    prompts = [tok("hello")["input_ids"], tok("hi")["input_ids"]]
+    gen = engine.generate_turns(
+        prompts, num_generations=2, max_new_tokens=60, sampling=sampling, turns=handler
+    )
+    assert gen.tool_mask is not None and gen.sampling_logprobs is not None
+    n_model_turns = 0
+    for row in range(4):
+        length = int(gen.completion_mask[row].sum())
+        assert (
+            gen.completion_mask[row, :length].all() and not gen.completion_mask[row, length:].any()
+        )
+        ids = gen.completion_ids[row, :length].tolist()
+        parts = segments(ids, gen.tool_mask[row, :length].tolist())
+        # model turns alternate with the scripted reply; the turns the handler saw are the
+        # model's segments, each ending with EOS (the last may be cut by max_new_tokens).
+        assert [m for m, _ in parts] == [1, 0] * (len(parts) // 2) + [1] * (len(parts) % 2)
+        assert all(part == reply for m, part in parts if m == 0)
+        model_parts = [part for m, part in parts if m == 1]
+        assert model_parts[: len(handler.turns[row])] == handler.turns[row]
+        assert bool(gen.is_truncated[row]) == (ids[-1] != eos)
+        n_model_turns += len(model_parts)
+        assert (gen.sampling_logprobs[row, :length][gen.tool_mask[row, :length] == 0] == 0).all()
+    assert n_model_turns > 4  # the script did run several turns
+    input_ids = torch.cat([gen.prompt_ids, gen.completion_ids], dim=1)
+    attention = torch.cat([gen.prompt_mask, gen.completion_mask], dim=1)
+    fresh, _ = model_completion_logprobs(model, input_ids, attention, gen.completion_ids.shape[1])
+    model_tokens = gen.model_mask.bool()
+    torch.testing.assert_close(
+        gen.sampling_logprobs[model_tokens], fresh[model_tokens], atol=2e-5, rtol=0
+    )
+
+
+def test_kv_cache_turns_stop_at_the_budget_and_drop_replies_that_do_not_fit() -> None:
+    tok = make_tokenizer()
+    engine = TransformersEngine(make_causal_lm(tok), tok, bf16_sampler=False)
+    eos = tok.eos_token_id
+    reply = tok(REPLY, add_special_tokens=False)["input_ids"]
+    handler = ScriptedTurns(reply, rounds=100)
+    # EOS always sampled: each turn is one token; a reply fits while the room left exceeds it.
+    sampling = SamplingParams(generation_kwargs={"sequence_bias": {(eos,): 100.0}})
+    budget = 2 * (len(reply) + 1) + 5
+    gen = engine.generate_turns(
+        [tok("a")["input_ids"]],
+        num_generations=1,
+        max_new_tokens=budget,
+        sampling=sampling,
+        turns=handler,
+    )
+    ids = gen.completion_ids[0, : int(gen.completion_mask[0].sum())].tolist()
+    # [EOS, reply, EOS, reply, EOS]: a third reply (room 4) no longer fits, so the row ends.
+    assert ids == [eos, *reply, eos, *reply, eos]
+    assert not bool(gen.is_truncated[0])
+    assert len(handler.turns[0]) == 3
+
+
+# ---- the re-prefill path, with a scripted engine -------------------------------------------------
+class ScriptedEngine:
+    """A `GenerationEngine` that answers from a script: its n-th answer in a conversation (n =
+    the number of tool turns in the prompt so far) is `script(prompt_text, n, g)` for completion
+    g. Records every call."""
+
+    def __init__(self, tokenizer: Any, script: Any) -> None:
+        self.tok, self.script = tokenizer, script
+        self.pad_token_id = tokenizer.pad_token_id
+        self.calls: list[tuple[int, int, int]] = []  # (prompts, num_generations, max_new_tokens)
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+    ) -> GenerationOutput:
+        self.calls.append((len(prompt_ids), num_generations, max_new_tokens))
+        rows = []
+        for ids in prompt_ids:
+            text = self.tok.decode(ids)
+            for g in range(num_generations):
+                answer = self.script(text, text.count("<|im_start|>tool"), g)
+                rows.append(
+                    self.tok(answer, add_special_tokens=False)["input_ids"][:max_new_tokens]
+                )
+        width = max(1, max(len(r) for r in rows))
+        raw = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            raw[i, : len(r)] = torch.as_tensor(r)
+        ids, mask, truncated = completion_mask_from_ids(
+            raw, [self.tok.eos_token_id], self.pad_token_id
+        )
+        p_ids, p_mask = pad_left(prompt_ids, self.pad_token_id)
+        return GenerationOutput(
+            p_ids.repeat_interleave(num_generations, 0),
+            p_mask.repeat_interleave(num_generations, 0),
+            ids,
+            mask,
+            truncated,
+        )
+
+    def update_weights(self, model: Any) -> None:
+        pass
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first.
+        b: The second.
+    """
+    return a + b
+
+
+def call(a: Any, b: Any, name: str = "add") -> str:
+    arguments = json.dumps({"a": a, "b": b})
+    return f'<tool_call>{{"name": "{name}", "arguments": {arguments}}}</tool_call><|im_end|>'
+
+
+def calculator_script(text: str, turn: int, g: int) -> str:
+    """g=0: one correct call then the answer; g=1: answers at once; g=2: a bad call, then a
+    good one, then the answer; g=3: never stops calling (cut by max_tool_calling_iterations).
+    Later turns are continued one row at a time (g = 0), so g is read from the first call."""
+    if turn > 0:
+        g = 2 if '"sub"' in text else 3 if '"a": 1' in text else 0
+    if g == 0:
+        return [call(2, 3), "It is 5<|im_end|>"][min(turn, 1)]
+    if g == 1:
+        return "5<|im_end|>"
+    if g == 2:
+        return [call(2, 3, name="sub"), call(2, 3), "5!<|im_end|>"][min(turn, 2)]
+    return call(1, 1)
+
+
+def test_reprefill_turns_with_any_engine() -> None:
+    tok = make_tool_tokenizer()
+    engine = ScriptedEngine(tok, calculator_script)
+    setting = ToolCalling.from_functions([add], max_iterations=3)
+    pipeline = RolloutPipeline(
+        engine=engine,
+        tokenizer=tok,
+        reward_funcs=[],
+        sampling=SamplingParams(),
+        num_generations=4,
+        max_new_tokens=400,
+        tool_calling=setting,
+    )
+    prompts = [[{"role": "user", "content": "2+3?"}]]
+    batch = pipeline.tokenize([{"prompt": prompts[0]}])
+    assert "Tools: add" in tok.decode(batch.prompt_ids[0])
+    gen = pipeline.generate(batch.prompt_ids)
+    completions, ids = pipeline.decode(prompts * 4, gen)
+    assert gen.turns.calls == [1, 0, 2, 3] and gen.turns.errors == [0, 0, 1, 0]
+    assert completions[0] == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+            ],
+        },
+        {"role": "tool", "name": "add", "content": "5"},
+        {"role": "assistant", "content": "It is 5"},
+    ]
+    assert completions[1] == [{"role": "assistant", "content": "5"}]
+    assert completions[2][1]["content"] == "Error: unknown tool 'sub'; the tools are: add."
+    assert [m["role"] for m in completions[2]] == [
+        "assistant",
+        "tool",
+        "assistant",
+        "tool",
+        "assistant",
+    ]
+    # g=3 calls forever: 3 rounds run, the 4th call ends the rollout with that turn.
+    assert [m["role"] for m in completions[3]].count("tool") == 3
+    assert len(completions[3]) == 7 and not bool(gen.is_truncated[3])
+    # Each call continued only the rows with a reply, one completion each.
+    assert engine.calls[0] == (1, 4, 400)
+    assert [c[0] for c in engine.calls[1:]] == [3, 2, 1]
+    # The token ids are the prompt's continuation: model segments are the scripted answers.
+    parts = segments(ids[0], gen.tool_mask[0, : len(ids[0])].tolist())
+    assert tok.decode(parts[0][1]) == call(2, 3)
+    assert tok.decode(parts[1][1]) == "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(parts[2][1]) == "It is 5<|im_end|>"
+
+
+def test_reprefill_turns_budget_counts_tool_tokens() -> None:
+    tok = make_tool_tokenizer()
+    engine = ScriptedEngine(tok, lambda text, turn, g: call(2, 3) if turn == 0 else "x" * 50)
+    setting = ToolCalling.from_functions([add])
+    first = len(tok(call(2, 3))["input_ids"])
+    budget = first + 40
+    handler = setting.turns(tok, [setting.tools])
+    gen = reprefill_turns(
+        engine,
+        [tok("p")["input_ids"]],
+        num_generations=1,
+        max_new_tokens=budget,
+        sampling=SamplingParams(),
+        turns=handler,
+    )
+    handler.close()
+    assert int(gen.completion_mask[0].sum()) == budget and bool(gen.is_truncated[0])
+    assert int(gen.tool_mask[0, :budget].eq(0).sum()) == len(
+        tok("\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    )
+
+
+# ---- a model that calls a tool: transformers engine, real tool, end to end -----------------------
+CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|im_end|>'
+ANSWER = "It is 5<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def tool_caller() -> tuple[Any, Any]:
+    """A tiny model trained (memorised) to call add(2, 3) for "2+3?", then answer from the reply."""
+    tok = make_tool_tokenizer()
+    setting = ToolCalling.from_functions([add])
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "2+3?"}],
+        tools=setting.schemas(),
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    reply = "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
+    parts = [tok(x, add_special_tokens=False)["input_ids"] for x in (prompt, CALL, reply, ANSWER)]
+    seq = torch.tensor([[token for part in parts for token in part]])
+    weight = torch.tensor(
+        [w for part, w in zip(parts, (0, 1, 0, 1), strict=True) for _ in part], dtype=torch.float
+    )
+    torch.manual_seed(0)
+    model = make_causal_lm(tok, hidden_size=64, intermediate_size=128).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(400):
+        logits = model(seq).logits[0, :-1]
+        losses = torch.nn.functional.cross_entropy(logits, seq[0, 1:], reduction="none")
+        loss = (losses * weight[1:]).sum() / weight.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 1e-3:
+            break
+    return model.eval(), tok
+
+
+def test_transformers_engine_runs_the_models_tool_call(tool_caller: tuple[Any, Any]) -> None:
+    model, tok = tool_caller
+    calls: list[tuple[int, int]] = []
+
+    def add(a: int, b: int) -> int:
+        """Add two integers.
+
+        Args:
+            a: The first.
+            b: The second.
+        """
+        calls.append((a, b))
+        return a + b
+
+    engine = TransformersEngine(model, tok, bf16_sampler=False, return_logprobs=True)
+    pipeline = RolloutPipeline(
+        engine=engine,
+        tokenizer=tok,
+        reward_funcs=[],
+        sampling=SamplingParams(top_k=1),
+        num_generations=2,
+        max_new_tokens=120,
+        tool_calling=ToolCalling.from_functions([add], timeout=10),
+    )
+    prompts = [[{"role": "user", "content": "2+3?"}]]
+    batch = pipeline.tokenize([{"prompt": prompts[0]}])
+    gen = pipeline.generate(batch.prompt_ids)
+    completions, ids = pipeline.decode(prompts * 2, gen)
+    assert calls == [(2, 3), (2, 3)]
+    for row in range(2):
+        assert completions[row] == [
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+                ],
+            },
+            {"role": "tool", "name": "add", "content": "5"},
+            {"role": "assistant", "content": "It is 5"},
+        ]
+        text = tok.decode(ids[row])
+        assert text == CALL + "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n" + ANSWER
+        model_text = tok.decode(
+            [t for t, m in zip(ids[row], gen.tool_mask[row].tolist(), strict=False) if m]
+        )
+        assert model_text == CALL + ANSWER
+    # The decode path through generate_with_turns and the model's own path give the same tokens.
+    assert gen.turns.calls == [1, 1] and not gen.is_truncated.any()
+
+
+# ---- the loss sees only the model's tokens -------------------------------------------------------
+def test_gradient_is_zero_on_tool_tokens_and_equals_the_single_turn_gradient() -> None:
+    """A completion [A, R, B] (model turn A, tool reply R, model turn B) under the dapo loss
+    (token sum / loss tokens): d loss / d logprob is 0 on R, and the parameter gradient equals
+    that of two single-turn completions, A after the prompt and B after prompt + A + R, with the
+    same advantage and the same token count."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok).train()
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt, a, r, b = (
+        enc("q?"),
+        enc("call<|im_end|>"),
+        enc("\n<|im_start|>tool\n7"),
+        enc("ok<|im_end|>"),
+    )
+    completion = torch.tensor([a + r + b])
+    tool_mask = torch.tensor([[1] * len(a) + [0] * len(r) + [1] * len(b)])
+    advantage = torch.tensor([0.7])
+    items = float(len(a) + len(b))
+
+    logprobs, _ = model_completion_logprobs(
+        model,
+        torch.cat([torch.tensor([prompt]), completion], 1),
+        torch.ones(1, len(prompt) + completion.shape[1], dtype=torch.long),
+        completion.shape[1],
+    )
+    logprobs.retain_grad()
+    loss, _ = policy_loss(
+        logprobs,
+        None,
+        advantage,
+        tool_mask,
+        LossOptions(loss_type="dapo"),
+        num_items_in_batch=items,
+    )
+    model.zero_grad()
+    loss.backward()
+    per_token = logprobs.grad[0]
+    assert (per_token[len(a) : len(a) + len(r)] == 0).all()
+    # on the model's tokens: -advantage / items each (ratio 1 on-policy)
+    expected = torch.full((len(a) + len(b),), -0.7 / items)
+    model_positions = tool_mask[0].bool()
+    torch.testing.assert_close(per_token[model_positions], expected)
+    multi = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    # The same tokens as two single-turn completions (B sees A and R as its prompt).
+    p1, m1 = pad_left([prompt, prompt + a + r], tok.pad_token_id)
+    width = max(len(a), len(b))
+    c = torch.full((2, width), tok.pad_token_id)
+    cm = torch.zeros(2, width, dtype=torch.long)
+    c[0, : len(a)], cm[0, : len(a)] = torch.tensor(a), 1
+    c[1, : len(b)], cm[1, : len(b)] = torch.tensor(b), 1
+    single, _ = model_completion_logprobs(
+        model, torch.cat([p1, c], 1), torch.cat([m1, cm], 1), width
+    )
+    loss2, _ = policy_loss(
+        single,
+        None,
+        advantage.repeat(2),
+        cm,
+        LossOptions(loss_type="dapo"),
+        num_items_in_batch=items,
+    )
+    model.zero_grad()
+    loss2.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, multi[name], atol=1e-6, rtol=1e-4, msg=name)
+    torch.testing.assert_close(loss, loss2)
+
+
+# ---- GRPOTrainer(tools=...) ---------------------------------------------------------------------
+CALC = Dataset.from_list(
+    [
+        {"prompt": [{"role": "user", "content": q}], "answer": a}
+        for q, a in [("2+3?", "5"), ("1+1?", "2")]
+    ]
+)
+
+
+def correct(completions: list[Any], answer: list[str], **kwargs: Any) -> list[float]:
+    return [float(c[-1]["content"].startswith(a)) for c, a in zip(completions, answer, strict=True)]
+
+
+def test_trainer_with_tools_masks_tool_tokens_and_logs_turns(tmp_path: Path) -> None:
+    tok = make_tool_tokenizer()
+    engine = ScriptedEngine(tok, calculator_script)
+    trainer = GRPOTrainer(
+        make_causal_lm(tok, max_position_embeddings=1024),
+        correct,
+        train_dataset=CALC,
+        processing_class=tok,
+        args=GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=300,
+            max_steps=1,
+            logging_steps=1,
+            learning_rate=1e-2,
+            bf16=False,
+            save_strategy="no",
+            seed=0,
+            log_completions=True,
+            max_tool_calling_iterations=2,
+        ),
+        generation_engine=engine,
+        tools=[add],
+    )
+    seen: list[Any] = []
+    build = trainer.build_rollout_batch
+
+    def spy(gen: GenerationOutput, advantages: torch.Tensor) -> Any:
+        batch = build(gen, advantages)
+        seen.append((gen, batch))
+        return batch
+
+    trainer.build_rollout_batch = spy  # type: ignore[method-assign]
+    trainer.train()
+    gen, batch = seen[0]
+    assert torch.equal(batch.loss_mask, gen.completion_mask * gen.tool_mask)
+    assert (batch.loss_mask.sum(1) < batch.completion_mask.sum(1)).sum() == 3  # 3 rows used tools
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = next(m for m in logged if "tools/call_frequency" in m)
+    # g=0: 1 call, g=1: none, g=2: 2 (one unknown tool), g=3: 2 (cut at 2 rounds): per prompt
+    assert metrics["tools/call_frequency"] == pytest.approx(5 / 4)
+    assert metrics["tools/failure_frequency"] == pytest.approx(1 / 5)
+    assert metrics["tools/turns_mean"] == pytest.approx((2 + 1 + 3 + 3) / 4)
+    assert metrics["completions/mean_length"] == pytest.approx(
+        float(gen.model_mask.sum(1).float().mean())
+    )
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert rows[0]["completion"][1] == {"role": "tool", "name": "add", "content": "5"}
+
+
+def test_trainer_refuses_bad_tools_and_templates(tmp_path: Path) -> None:
+    def undocumented(a: int) -> int:
+        return a
+
+    args = GRPOConfig(output_dir=str(tmp_path), bf16=False, max_steps=1, save_strategy="no")
+    with pytest.raises(ConfigError, match="undocumented"):
+        GRPOTrainer(
+            make_causal_lm(make_tool_tokenizer()),
+            correct,
+            args=args,
+            train_dataset=CALC,
+            processing_class=make_tool_tokenizer(),
+            tools=[undocumented],
+        )
+    with pytest.raises(ConfigError, match="chat template does not render"):
+        GRPOTrainer(
+            make_causal_lm(make_tokenizer()),
+            correct,
+            args=args,
+            train_dataset=CALC,
+            processing_class=make_tokenizer(),
+            tools=[add],
+        )
+    with pytest.raises(ValueError, match="max_tool_calling_iterations"):
+        GRPOConfig(max_tool_calling_iterations=-1)
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        GRPOConfig(tool_call_parser="xml")
+
+
+def test_plain_prompts_with_tools_are_refused() -> None:
+    tok = make_tool_tokenizer()
+    pipeline = RolloutPipeline(
+        engine=ScriptedEngine(tok, calculator_script),
+        tokenizer=tok,
+        reward_funcs=[],
+        sampling=SamplingParams(),
+        num_generations=1,
+        max_new_tokens=10,
+        tool_calling=ToolCalling.from_functions([add]),
+    )
+    with pytest.raises(DataError, match="conversational prompts"):
+        pipeline.tokenize([{"prompt": "2+3?"}])
+
+
+def test_generate_with_turns_uses_the_engines_own_path() -> None:
+    tok = make_tokenizer()
+    engine = TransformersEngine(make_causal_lm(tok), tok, bf16_sampler=False)
+    eos = tok.eos_token_id
+    handler = ScriptedTurns([], rounds=0)
+    gen = generate_with_turns(
+        engine,
+        [tok("a")["input_ids"]],
+        num_generations=1,
+        max_new_tokens=5,
+        sampling=SamplingParams(generation_kwargs={"sequence_bias": {(eos,): 100.0}}),
+        turns=handler,
+    )
+    assert gen.completion_ids[0, :1].tolist() == [eos] and gen.tool_mask is not None
+    assert handler.turns[0] == [[eos]]
