@@ -105,6 +105,10 @@ RESUME_LOCKED_FIELDS = frozenset(
         "multi_objective_aggregation",
         "reward_timeout_policy",
         "mask_truncated_completions",
+        # Multi-turn rollouts: which tool calls run and how they are read.
+        "max_tool_calling_iterations",
+        "tool_timeout",
+        "tool_call_parser",
         "top_entropy_quantile",
         "off_policy_mask_threshold",
         "use_bias_correction_kl",
