@@ -568,3 +568,213 @@ def test_generate_with_turns_uses_the_engines_own_path() -> None:
     )
     assert gen.completion_ids[0, :1].tolist() == [eos] and gen.tool_mask is not None
     assert handler.turns[0] == [[eos]]
+
+
+# ---- environment_factory ------------------------------------------------------------------------
+class Counter:
+    """An environment: a counter the model increments; the reward is its final value."""
+
+    made = 0
+
+    def __init__(self) -> None:
+        Counter.made += 1
+        self.value = 0
+        self.start = 0
+
+    def reset(self, **row: Any) -> str:
+        self.start = int(row["start"])
+        self.value = self.start
+        return f" Start at {self.start}."
+
+    def increment(self, by: int) -> str:
+        """Add to the counter.
+
+        Args:
+            by: How much.
+        """
+        self.value += by
+        return str(self.value)
+
+    def get_reward(self) -> float:
+        return float(self.value - self.start)
+
+    def _private(self) -> None:
+        pass
+
+
+def counter_script(text: str, turn: int, g: int) -> str:
+    """Every rollout increments its counter by 2 once, then stops."""
+    if turn == 0:
+        return '<tool_call>{"name": "increment", "arguments": {"by": 2}}</tool_call><|im_end|>'
+    return "done<|im_end|>"
+
+
+def test_trainer_with_an_environment_factory(tmp_path: Path) -> None:
+    tok = make_tool_tokenizer()
+    engine = ScriptedEngine(tok, counter_script)
+    seen: dict[str, Any] = {}
+
+    def spy(completions: list[Any], environments: list[Any], **kwargs: Any) -> list[float]:
+        seen["environments"] = environments
+        return [0.0] * len(completions)
+
+    data = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": "count"}], "start": s} for s in (3, 7)]
+    )
+    trainer = GRPOTrainer(
+        make_causal_lm(tok, max_position_embeddings=1024),
+        [spy],
+        train_dataset=data,
+        processing_class=tok,
+        generation_engine=engine,
+        environment_factory=Counter,
+        args=GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=200,
+            max_steps=1,
+            logging_steps=1,
+            bf16=False,
+            save_strategy="no",
+            seed=0,
+            shuffle_dataset=False,
+        ),
+    )
+    assert [f.name for f in trainer.reward_funcs] == ["spy", "Counter"]
+    trainer.train()
+    envs = seen["environments"]
+    assert len(envs) == 4 and len({id(e) for e in envs}) == 4  # one instance per rollout
+    assert sorted(e.start for e in envs) == [3, 3, 7, 7]
+    assert all(e.value == e.start + 2 for e in envs)  # each rollout's call hit its own instance
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = next(m for m in logged if "rewards/Counter/mean" in m)
+    assert metrics["rewards/Counter/mean"] == pytest.approx(2.0)
+    assert metrics["tools/call_frequency"] == pytest.approx(1.0)
+
+
+def test_environment_prompts_and_bad_environments() -> None:
+    from grpokit.tools.environments import Environments
+
+    tok = make_tool_tokenizer()
+    engine = ScriptedEngine(tok, counter_script)
+    pipeline = RolloutPipeline(
+        engine=engine,
+        tokenizer=tok,
+        reward_funcs=[],
+        sampling=SamplingParams(),
+        num_generations=2,
+        max_new_tokens=200,
+        tool_calling=ToolCalling(),
+        environments=Environments(Counter),
+    )
+    batch = pipeline.tokenize([{"prompt": [{"role": "user", "content": "count"}], "start": 5}])
+    assert len(batch.prompt_ids) == 2 and len(batch.environments) == 2
+    text = tok.decode(batch.prompt_ids[0])
+    assert "Tools: increment" in text and "count Start at 5.<|im_end|>" in text
+    gen = pipeline.generate(batch.prompt_ids, environments=batch.environments)
+    assert engine.calls[0][:2] == (2, 1)  # one prompt per rollout
+    assert [e.value for e in batch.environments] == [7, 7]
+
+    class NoReset:
+        def act(self, x: int) -> int:
+            """Act.
+
+            Args:
+                x: x
+            """
+            return x
+
+    with pytest.raises(ConfigError, match="NoReset has no reset"):
+        Environments(NoReset)
+
+    def increment(by: int) -> str:
+        """Clash.
+
+        Args:
+            by: x
+        """
+        return ""
+
+    with pytest.raises(ConfigError, match="have the name of a tool"):
+        Environments(Counter, ToolCalling.from_functions([increment]).tools)
+    del gen
+
+
+# ---- rollout_func -------------------------------------------------------------------------------
+def test_trainer_with_a_rollout_func(tmp_path: Path) -> None:
+    tok = make_tokenizer()
+    eos = tok.eos_token_id
+    received: list[Any] = []
+
+    def rollout(prompts: list[Any], trainer: Any) -> dict[str, Any]:
+        received.append((list(prompts), trainer))
+        g = trainer.args.num_generations
+        prompt_ids = [tok(p)["input_ids"] for p in prompts for _ in range(g)]
+        completion_ids = [tok("ab")["input_ids"] + [eos], tok("xyz")["input_ids"]] * len(prompts)
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "logprobs": [[-0.5] * len(c) for c in completion_ids],
+            "env_mask": [[1, 0, 1], [1, 1, 1]] * len(prompts),
+            "judge": ["good", "bad"] * len(prompts),
+        }
+
+    def by_judge(completions: list[Any], judge: list[str], **kwargs: Any) -> list[float]:
+        return [float(j == "good") for j in judge]
+
+    trainer = GRPOTrainer(
+        make_causal_lm(tok),
+        by_judge,
+        train_dataset=Dataset.from_list([{"prompt": "q1"}, {"prompt": "q2"}]),
+        processing_class=tok,
+        rollout_func=rollout,
+        args=GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=8,
+            max_steps=1,
+            logging_steps=1,
+            bf16=False,
+            save_strategy="no",
+            seed=0,
+            shuffle_dataset=False,
+        ),
+    )
+    batches: list[Any] = []
+    build = trainer.build_rollout_batch
+    trainer.build_rollout_batch = lambda gen, adv: batches.append(build(gen, adv)) or batches[-1]  # type: ignore[method-assign]
+    trainer.train()
+    assert received[0][0] == ["q1", "q2"] and received[0][1] is trainer
+    batch = batches[0]
+    assert batch.loss_mask[0].tolist() == [1, 0, 1] and batch.loss_mask[1].tolist() == [1, 1, 1]
+    assert batch.advantages.tolist()[:2] == pytest.approx([0.7071, -0.7071], abs=1e-3)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = next(m for m in logged if "completions/clipped_ratio" in m)
+    assert metrics["completions/clipped_ratio"] == pytest.approx(0.5)  # "xyz" has no EOS
+
+
+def test_rollout_func_output_errors() -> None:
+    from grpokit.tools.environments import rollout_output
+
+    good = {
+        "prompt_ids": [[1], [1]],
+        "completion_ids": [[2, 3], [4]],
+        "logprobs": [[0.0, 0.0], [0.0]],
+    }
+    gen, extra = rollout_output(good, expected=2, pad_token_id=0, eos_token_ids=[3])
+    assert gen.completion_mask.tolist() == [[1, 1], [1, 0]] and gen.is_truncated.tolist() == [
+        False,
+        True,
+    ]
+    assert extra == {}
+    with pytest.raises(ValueError, match=r"must return the keys \['logprobs'\]"):
+        rollout_output(
+            {"prompt_ids": [], "completion_ids": []}, expected=2, pad_token_id=0, eos_token_ids=[]
+        )
+    with pytest.raises(ValueError, match="returned 2 prompt_ids for a batch that needs 4"):
+        rollout_output(good, expected=4, pad_token_id=0, eos_token_ids=[])
+    bad = {**good, "logprobs": [[0.0], [0.0]]}
+    with pytest.raises(ValueError, match="completion 0 has 2 tokens but 1 logprobs"):
+        rollout_output(bad, expected=2, pad_token_id=0, eos_token_ids=[])

@@ -46,6 +46,8 @@ class GenerationOutput:
             turn (the EOS of the final turn, or `max_new_tokens`), tool tokens included.
         turns: The multi-turn handler's record of the batch (`tools.turns.ToolTurns`: the
             replies appended, tool calls and errors per row); None = single-turn.
+        extra_fields: N values per key passed to the reward functions as keyword arguments
+            (a `rollout_func`'s extra fields).
     """
 
     prompt_ids: Tensor
@@ -56,6 +58,7 @@ class GenerationOutput:
     sampling_logprobs: Tensor | None = None
     tool_mask: Tensor | None = None
     turns: Any = None
+    extra_fields: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def model_mask(self) -> Tensor:

@@ -24,6 +24,7 @@ from grpokit.engines.base import GenerationEngine, SamplingParams
 from grpokit.engines.models import bf16_supported, resolve_model_path
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.tools.chat import check_tool_template
+from grpokit.tools.environments import Environments
 from grpokit.tools.parsing import resolve_parser
 from grpokit.tools.turns import ToolCalling
 from grpokit.train import checkpoint as ckpt
@@ -240,24 +241,37 @@ def sampling_params(args: GRPOConfig) -> SamplingParams:
 
 # ---- schedule and optimizer ----------------------------------------------------------------------
 def make_tool_calling(
-    tools: list[Any] | None, tokenizer: Any, args: GRPOConfig
-) -> ToolCalling | None:
-    """The tool-calling settings of a run, or None without tools.
+    tools: list[Any] | None, environment_factory: Any, tokenizer: Any, args: GRPOConfig
+) -> tuple[ToolCalling | None, Environments | None]:
+    """The tool-calling settings and the environment pool of a run (None, None without tools
+    or environments).
 
     Raises:
-        ConfigError: a tool without type hints or docstring, two tools with one name, or a
-            chat template that cannot show tools or render a tool conversation.
+        ConfigError: a tool without type hints or docstring, two tools with one name, an
+            environment without `reset`, or a chat template that cannot show tools or render a
+            tool conversation.
     """
-    if not tools:
-        return None
+    if not tools and environment_factory is None:
+        return None, None
     calling = ToolCalling.from_functions(
-        list(tools),
+        list(tools or []),
         parser=resolve_parser(args.tool_call_parser),
         max_iterations=args.max_tool_calling_iterations,
         timeout=args.tool_timeout,
     )
-    check_tool_template(tokenizer, args.chat_template_kwargs)
-    return calling
+    pool = None
+    if environment_factory is not None:
+        pool = Environments(environment_factory, calling.tools)
+    if calling.tools or (pool is not None and pool.methods):
+        check_tool_template(tokenizer, args.chat_template_kwargs)
+    return calling, pool
+
+
+def as_list(value: Any) -> list[Any]:
+    """`value` as a list: None -> [], a list/tuple as is, anything else in a list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def resolve_max_steps(args: GRPOConfig, dataset_size: int | None) -> int:

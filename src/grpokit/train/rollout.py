@@ -20,8 +20,8 @@ module also holds `RolloutBatch`, the training batch built from a rollout.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from grpokit.engines.base import GenerationEngine, GenerationOutput, SamplingPar
 from grpokit.engines.multi_turn import generate_with_turns
 from grpokit.errors import DataError, MissingColumnError
 from grpokit.rewards.scoring import compute_rewards
+from grpokit.tools.environments import Environments, append_observation, rollout_output
 from grpokit.tools.turns import ToolCalling
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.config import GRPOConfig
@@ -53,13 +54,16 @@ class PromptBatch:
 
     Attributes:
         rows: The B dataset rows kept (all the rows given, unless the length policy is "skip").
-        prompt_ids: B unpadded token-id lists, after the length policy.
+        prompt_ids: B unpadded token-id lists, after the length policy; with environments N =
+            B*G lists (each rollout's prompt holds its environment's `reset` text).
         over_length: How many of the rows given were skipped or truncated by `max_prompt_length`.
+        environments: With environments, the N rollouts' instances (reset); else empty.
     """
 
     rows: list[dict[str, Any]]
     prompt_ids: list[list[int]]
     over_length: int = 0
+    environments: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +119,10 @@ class RolloutPipeline:
         tool_calling: Tools the model may call between turns (`tools.turns.ToolCalling`): their
             schemas go into the chat template and rollouts are multi-turn
             (`engines.multi_turn`); None = single-turn.
+        environments: One environment per rollout (`tools.environments`): reset with the row,
+            its text appended to the prompt, its methods tools (needs `tool_calling`).
+        rollout_func: Replaces generation: B raw prompts in, TRL's dict out
+            (`tools.environments.rollout_output`).
 
     Raises:
         ConfigError: `max_new_tokens` leaves no room for a prompt in `context_length`.
@@ -134,6 +142,8 @@ class RolloutPipeline:
     reward_timeout: float | None = None
     reward_timeout_policy: str = "error"
     tool_calling: ToolCalling | None = None
+    environments: Environments | None = None
+    rollout_func: Callable[[list[Any]], Any] | None = None
 
     def __post_init__(self) -> None:
         self.prompt_limit = prompt_token_limit(
@@ -154,6 +164,8 @@ class RolloutPipeline:
         keep_columns: bool = True,
         context_length: int | None = None,
         tool_calling: ToolCalling | None = None,
+        environments: Environments | None = None,
+        rollout_func: Callable[[list[Any]], Any] | None = None,
     ) -> RolloutPipeline:
         """The pipeline of a `GRPOConfig`: `max_completion_length`, the prompt-length policy, the
         chat-template arguments and the reward timeout come from `args`; `context_length` is the
@@ -173,6 +185,8 @@ class RolloutPipeline:
             reward_timeout=args.reward_timeout,
             reward_timeout_policy=args.reward_timeout_policy,
             tool_calling=tool_calling,
+            environments=environments,
+            rollout_func=rollout_func,
         )
 
     # ---- the four steps -------------------------------------------------------------------------
@@ -189,6 +203,8 @@ class RolloutPipeline:
                     f"The dataset has no 'prompt' column (columns: {sorted(row)}); rename the "
                     "column holding the prompts to 'prompt'."
                 )
+        if self.environments is not None:
+            return self._tokenize_with_environments(rows)
         texts = render_prompts(
             [row["prompt"] for row in rows],
             self.tokenizer,
@@ -205,26 +221,74 @@ class RolloutPipeline:
             over_length = sum(len(a) != len(b) for a, b in zip(ids, kept_ids, strict=True))
         return PromptBatch([rows[i] for i in kept], kept_ids, over_length)
 
-    def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
+    def _tokenize_with_environments(self, rows: list[dict[str, Any]]) -> PromptBatch:
+        """One environment per rollout, reset with its row; N prompts, each with its
+        environment's text. A row is skipped (policy "skip") when any of its G prompts is long."""
+        assert self.environments is not None
+        g = self.num_generations
+        envs = self.environments.take(len(rows) * g)
+        prompts = [
+            append_observation(row["prompt"], envs[i * g + k].reset(**row))
+            for i, row in enumerate(rows)
+            for k in range(g)
+        ]
+        tools = self.tool_calling.schemas() if self.tool_calling else []
+        texts = render_prompts(
+            prompts,
+            self.tokenizer,
+            chat_template_kwargs=self.chat_template_kwargs,
+            tools=tools + list(self.environments.schemas.values()) or None,
+        )
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        kept_ids, kept = apply_prompt_length_policy(
+            ids, self.prompt_limit, self.prompt_length_policy
+        )
+        by_index = dict(zip(kept, kept_ids, strict=True))
+        keep = [i for i in range(len(rows)) if all(i * g + k in by_index for k in range(g))]
+        over_length = sum(len(ids[j]) != len(by_index.get(j, [])) for j in range(len(ids)))
+        return PromptBatch(
+            [rows[i] for i in keep],
+            [by_index[i * g + k] for i in keep for k in range(g)],
+            over_length,
+            [envs[i * g + k] for i in keep for k in range(g)],
+        )
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        rows: list[dict[str, Any]] | None = None,
+        environments: list[Any] | None = None,
+    ) -> GenerationOutput:
         """Sample G completions for each of the B prompts: `N = B*G` rows, prompt-major.
 
-        With `tool_calling`, multi-turn: the output has a `tool_mask` and its `turns` record."""
+        With `tool_calling`, multi-turn: the output has a `tool_mask` and its `turns` record.
+        With environments, `prompt_ids` and `environments` hold one entry per rollout (N). With
+        a `rollout_func`, it is called on the B `rows`' prompts instead of the engine.
+        """
+        if self.rollout_func is not None:
+            return self._custom_rollout(rows)
+        g = 1 if environments else self.num_generations
         if self.tool_calling is None:
             return self.engine.generate(
                 prompt_ids,
-                num_generations=self.num_generations,
+                num_generations=g,
                 max_new_tokens=self.max_new_tokens,
                 sampling=self.sampling,
             )
-        n = len(prompt_ids) * self.num_generations
-        turns = self.tool_calling.turns(
-            self.tokenizer, [self.tool_calling.tools] * n, self.chat_template_kwargs
-        )
+        n = len(prompt_ids) * g
+        row_tools = [self.tool_calling.tools] * n
+        if environments and self.environments is not None:
+            row_tools = [
+                {**self.tool_calling.tools, **self.environments.tools_of(env)}
+                for env in environments
+            ]
+        turns = self.tool_calling.turns(self.tokenizer, row_tools, self.chat_template_kwargs)
         try:
             gen = generate_with_turns(
                 self.engine,
                 prompt_ids,
-                num_generations=self.num_generations,
+                num_generations=g,
                 max_new_tokens=self.max_new_tokens,
                 sampling=self.sampling,
                 turns=turns,
@@ -232,6 +296,20 @@ class RolloutPipeline:
         finally:
             turns.close()
         gen.turns = turns
+        return gen
+
+    def _custom_rollout(self, rows: list[dict[str, Any]] | None) -> GenerationOutput:
+        if rows is None or self.rollout_func is None:
+            raise ValueError("a rollout_func needs the batch's rows: generate(..., rows=rows).")
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        gen, extra = rollout_output(
+            self.rollout_func([row["prompt"] for row in rows]),
+            expected=len(rows) * self.num_generations,
+            pad_token_id=int(pad),
+            eos_token_ids=[tok.eos_token_id] if tok.eos_token_id is not None else [],
+        )
+        gen.extra_fields = extra
         return gen
 
     def repeat(self, rows: list[dict[str, Any]]) -> tuple[list[Any], dict[str, list[Any]]]:
@@ -282,8 +360,9 @@ class RolloutPipeline:
         batch = self.tokenize(rows)
         if not batch.rows:
             return self._empty(batch.over_length)
-        gen = self.generate(batch.prompt_ids)
+        gen = self.generate(batch.prompt_ids, rows=batch.rows, environments=batch.environments)
         prompts, columns = self.repeat(batch.rows)
+        columns = reward_columns(columns, gen, batch.environments)
         completions, completion_ids = self.decode(prompts, gen)
         rewards = self.score(
             prompts, completions, completion_ids, columns, trainer_state=trainer_state
@@ -328,6 +407,17 @@ class RolloutPipeline:
         gen = GenerationOutput(none, none, none, none, torch.zeros(0, dtype=torch.bool))
         rewards = torch.zeros((0, len(self.reward_funcs)), dtype=torch.float32)
         return ScoredRollout([], {}, [], [], rewards, gen, over_length)
+
+
+def reward_columns(
+    columns: dict[str, list[Any]], gen: GenerationOutput, environments: list[Any]
+) -> dict[str, list[Any]]:
+    """The reward functions' columns: the dataset's, a `rollout_func`'s extra fields and, with
+    environments, the N rollouts' instances as `environments` (TRL's keyword)."""
+    out = {**columns, **gen.extra_fields}
+    if environments:
+        out["environments"] = list(environments)
+    return out
 
 
 def repeat_per_completion(

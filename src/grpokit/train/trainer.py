@@ -52,7 +52,12 @@ from grpokit.train.loggers import (
 )
 from grpokit.train.microbatch import plan_micro_batches, select_rows
 from grpokit.train.prompt_sampler import PromptSampler
-from grpokit.train.rollout import RolloutBatch, RolloutPipeline, evaluate_rewards
+from grpokit.train.rollout import (
+    RolloutBatch,
+    RolloutPipeline,
+    evaluate_rewards,
+    reward_columns,
+)
 
 logger = logging.getLogger("grpokit")
 
@@ -83,6 +88,16 @@ class GRPOTrainer:
             completion are masked out of the loss. Needs conversational prompts and a chat
             template with tool support. Settings: `max_tool_calling_iterations`,
             `tool_timeout`, `tool_call_parser`.
+        rollout_func: Replaces generation (TRL's contract): `rollout_func(prompts, trainer)`
+            gets the B prompts of a batch (not repeated) and returns a dict with `prompt_ids`,
+            `completion_ids` and `logprobs` (N = B*G lists each; `logprobs` may be None), an
+            optional `env_mask` (1 = the model wrote the token) and any extra fields, which reach
+            the reward functions (`grpokit.tools.environments.rollout_output`).
+        environment_factory: Makes one environment per rollout (TRL's contract,
+            `grpokit.tools.environments`): `reset(**row)` starts it and may return text appended
+            to the prompt, its public methods are tools, and an optional `get_reward()` gives
+            the rollout's reward (then `reward_funcs` may be empty). Reward functions receive
+            the instances as `environments`.
     """
 
     # Exact speed-ups of the update (see grpokit.train.microbatch); False runs the plain path.
@@ -105,6 +120,8 @@ class GRPOTrainer:
         generation_engine: GenerationEngine | None = None,
         callbacks: list[Any] | None = None,
         tools: list[Any] | None = None,
+        rollout_func: Any = None,
+        environment_factory: Any = None,
     ) -> None:
         self.args = args if args is not None else GRPOConfig()
         if not isinstance(self.args, GRPOConfig):
@@ -124,6 +141,15 @@ class GRPOTrainer:
         self.is_peft = ckpt.is_peft_model(self.model)
         self.context_length = context_length(self.model)  # prompts are limited to fit in it
         self.ref_model = build.make_ref_model(self.model, self.args)
+        # Tools and environments first: an environment may own a reward (`get_reward`).
+        self.tool_calling, self.environment_pool = build.make_tool_calling(
+            tools, environment_factory, self.processing_class, self.args
+        )
+        if self.environment_pool is not None and self.environment_pool.has_reward:
+            reward_funcs = [*build.as_list(reward_funcs), self.environment_pool.reward_function()]
+        self.rollout_func = rollout_func
+        self.environments: list[Any] | None = None  # the batch's instances, one per rollout
+        self._prompt_rows: list[dict[str, Any]] = []
         self.reward_funcs = build_reward_functions(
             reward_funcs, reward_processing_classes, device=self.device
         )
@@ -145,7 +171,6 @@ class GRPOTrainer:
             self.model, self.processing_class, self.args
         )
         self.sampling = build.sampling_params(self.args)
-        self.tool_calling = build.make_tool_calling(tools, self.processing_class, self.args)
         # A completion that fills the model's context is refused now, not at the first step.
         prompt_token_limit(
             self.args.max_prompt_length, self.context_length, self.args.max_completion_length
@@ -249,6 +274,7 @@ class GRPOTrainer:
             gen = self.generate(prompt_ids)
         with _timer(timings, "time/rewards"):
             completions, completion_id_lists = self.decode(prompts, gen)
+            columns = reward_columns(columns, gen, self.environments or [])
             rewards = self.score(prompts, completions, completion_id_lists, columns)
             adv = group_advantages(
                 rewards,  # [N, K]
@@ -305,6 +331,7 @@ class GRPOTrainer:
         cfg, rollout = self.args, self.rollout
         rows: list[dict[str, Any]] = []
         ids: list[list[int]] = []
+        environments: list[Any] = []
         attempts = 0
         while len(rows) < cfg.prompts_per_generation:
             need = cfg.prompts_per_generation - len(rows)
@@ -313,16 +340,21 @@ class GRPOTrainer:
             rollout.warn_over_length(drawn.over_length, self.state.prompts_over_length)
             rows += drawn.rows
             ids += drawn.prompt_ids
+            environments += drawn.environments
             attempts += need
             if not rows and attempts > max(1, self.sampler.size or 0) + need:
                 raise rollout.all_skipped_error()
+        self._prompt_rows, self.environments = rows, environments or None
         prompts, columns = rollout.repeat(rows)
         return prompts, ids, columns
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
-        """Sample G completions per prompt with the generation engine (under autocast)."""
+        """Sample G completions per prompt with the generation engine (under autocast); with
+        environments, one per rollout; with a `rollout_func`, by it."""
         with self.autocast():
-            return self.rollout.generate(prompt_ids)
+            return self.rollout.generate(
+                prompt_ids, rows=self._prompt_rows, environments=self.environments
+            )
 
     def decode(
         self, prompts: list[Any], gen: GenerationOutput
@@ -614,7 +646,13 @@ class GRPOTrainer:
             keep_columns=keep_columns,
             context_length=self.context_length,
             tool_calling=self.tool_calling,
+            environments=self.environment_pool,
+            rollout_func=None if self.rollout_func is None else self._call_rollout_func,
         )
+
+    def _call_rollout_func(self, prompts: list[Any]) -> Any:
+        """TRL's signature: `rollout_func(prompts, trainer)`."""
+        return self.rollout_func(prompts, self)
 
     def _event(self, event: str, **kwargs: Any) -> None:
         """Call `event` on every callback (they may replace `self.control`)."""
