@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from grpokit.rewards.code import extract_code, harness_program, split_check
+from grpokit.data.code_tasks import split_check
+from grpokit.rewards.code import extract_code, harness_program
 
 HUMANEVAL_STYLE = """
 METADATA = {"author": "x"}

@@ -23,6 +23,7 @@ LAYERS = {
     "engines": 1,
     "data": 1,
     "rewards": 2,
+    "tools": 2,
     "train": 3,
     "app": 4,
 }

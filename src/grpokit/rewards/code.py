@@ -11,7 +11,6 @@ not prevent (it protects the machine, not the score).
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import secrets
@@ -50,25 +49,6 @@ def extract_code(text: str) -> str:
     """The last fenced code block of `text` (```python ... ```), or the whole text."""
     blocks = _FENCE.findall(text)
     return blocks[-1] if blocks else text
-
-
-def split_check(test_source: str, entry_point: str) -> tuple[str, list[str]]:
-    """A HumanEval-style `check(candidate)` as `(setup, tests)`: one test per statement of its
-    body that contains an `assert`; the other statements (and the module's other code) are the
-    setup, with `candidate` bound to `entry_point`."""
-    module = ast.parse(test_source)
-    setup: list[str] = []
-    tests: list[str] = []
-    for node in module.body:
-        if isinstance(node, ast.FunctionDef) and node.name == "check":
-            for statement in node.body:
-                source = ast.unparse(statement)
-                has_assert = any(isinstance(n, ast.Assert) for n in ast.walk(statement))
-                (tests if has_assert else setup).append(source)
-        else:
-            setup.insert(0, ast.unparse(node))
-    setup.append(f"candidate = {entry_point}")
-    return "\n".join(setup), tests
 
 
 def harness_program(
