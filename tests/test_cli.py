@@ -195,7 +195,7 @@ def test_every_field_of_every_schema_has_help_in_its_metadata() -> None:
             assert isinstance(f.metadata.get("help"), str), (cls.__name__, f.name)
             assert f.metadata["help"].strip(), (cls.__name__, f.name)
         assert field_help(cls) == {f.name: f.metadata["help"] for f in fields}
-    assert field_help(GRPOConfig)["learning_rate"] == "Peak learning rate of AdamW."
+    assert field_help(GRPOConfig)["learning_rate"] == "Peak learning rate of the optimizer."
     # A mutable default is copied per instance, not shared.
     a, b = run_config.RunConfig(), run_config.RunConfig()
     a.task["name"] = "other"
@@ -237,7 +237,7 @@ def test_help_lists_every_field_with_default_and_meaning(command: str, capsys) -
         for name in run_config.field_defaults(cls):
             assert f"--{prefix}{name} (default: " in text, name
     assert "--training.learning_rate (default: " in text
-    assert "Peak learning rate of AdamW." in text
+    assert "Peak learning rate of the optimizer." in text
     if command == "demo":
         assert "--training.max_steps (default: " in text
         assert "smollm2-135m-instruct" in text
@@ -277,7 +277,8 @@ ERRORS = [
     ),
     (
         {"training": {"save_strategy": True}},
-        "training.save_strategy: got true but the field takes one of 'no', 'steps'; YAML reads",
+        "training.save_strategy: got true but the field takes one of 'no', 'steps', 'epoch', "
+        "'best'; YAML reads",
     ),
     (
         {"training": {"lr_scheduler_type": False}},

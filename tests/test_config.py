@@ -88,8 +88,48 @@ def test_derived_values_are_resolved_once_in_the_config() -> None:
         (dict(use_vllm=True, vllm_gpu_memory_utilization=0.0), "vllm_gpu_memory_utilization"),
         (dict(fp16=True), "fp16"),
         (dict(report_to="wandb"), "report_to"),
-        (dict(optim="sgd"), "optim"),
-        (dict(save_strategy="epoch"), "save_strategy"),
+        (dict(optim="lomo"), "optim"),
+        (dict(optim="sgd", optim_args="momentum"), "optim_args.*key=value"),
+        (dict(optim="sgd", optim_args="betas=0.9"), "does not read `betas`"),
+        (dict(optim="sgd", optim_args="weight_decay=0.1"), "weight_decay field"),
+        (dict(optim="adamw_torch", optim_args="momentum=0.9"), "it takes none"),
+        (dict(optim="sgd", optim_args="momentum=fast"), "not a number"),
+        (dict(save_strategy="weekly"), "save_strategy"),
+        (dict(logging_strategy="often"), "logging_strategy"),
+        (dict(eval_strategy="weekly"), "eval_strategy"),
+        (dict(eval_delay=-1), "eval_delay"),
+        (dict(save_strategy="best", eval_strategy="steps"), "metric_for_best_model"),
+        (dict(save_strategy="best", metric_for_best_model="reward"), "eval_strategy"),
+        (
+            dict(save_strategy="best", eval_strategy="steps", metric_for_best_model="eval_loss"),
+            "logs rewards, not a loss",
+        ),
+        (dict(load_best_model_at_end=True, eval_strategy="steps"), "logs rewards, not a loss"),
+        (
+            dict(
+                load_best_model_at_end=True,
+                eval_strategy="epoch",
+                metric_for_best_model="reward",
+            ),
+            "save_strategy .* equal to eval_strategy",
+        ),
+        (
+            dict(
+                load_best_model_at_end=True,
+                eval_strategy="steps",
+                eval_steps=3,
+                save_steps=4,
+                metric_for_best_model="reward",
+            ),
+            "multiple of eval_steps",
+        ),
+        (dict(include_num_input_tokens_seen="some"), "include_num_input_tokens_seen"),
+        (dict(data_seed="7"), "data_seed"),
+        (dict(log_level="loud"), "log_level"),
+        (dict(dataloader_num_workers=-1), "dataloader_num_workers"),
+        (dict(dataloader_prefetch_factor=2), "dataloader_prefetch_factor"),
+        (dict(dataloader_persistent_workers=True), "dataloader_persistent_workers"),
+        (dict(dataloader_multiprocessing_context="thread"), "dataloader_multiprocessing_context"),
         (dict(lr_scheduler_type="warmup_magic"), "lr_scheduler_type"),
         (dict(max_steps=-1, num_train_epochs=0), "max_steps"),
         (dict(logging_steps=0), "logging_steps"),
@@ -114,15 +154,18 @@ def test_bad_values_name_the_field(kwargs: dict, match: str) -> None:
         GRPOConfig(**kwargs)
 
 
-def test_unknown_and_unsupported_fields_are_type_errors() -> None:
+def test_unknown_and_retired_fields_are_type_errors() -> None:
     with pytest.raises(TypeError, match=r"unknown field `num_generation`.*num_generations"):
         GRPOConfig(num_generation=4)
-    with pytest.raises(
-        TypeError, match="`vllm_server_host` is a TRL option that grpokit does not support"
-    ):
+    with pytest.raises(TypeError, match="`evaluation_strategy` was renamed eval_strategy"):
+        GRPOConfig(evaluation_strategy="steps")
+    # A TRL field set to a value grpokit cannot honour is a ValueError that says why.
+    with pytest.raises(ValueError, match=r"vllm_server_host='localhost'.*server mode"):
         GRPOConfig(vllm_server_host="localhost")
-    with pytest.raises(TypeError, match="vllm_importance_sampling_clip_max"):
-        GRPOConfig(vllm_importance_sampling_cap=2.0)  # deprecated in TRL
+    # TRL's deprecated cap still works as in TRL: it sets the clip's upper bound, with a warning.
+    with pytest.warns(FutureWarning, match="vllm_importance_sampling_clip_max"):
+        cfg = GRPOConfig(vllm_importance_sampling_cap=2.0)
+    assert cfg.vllm_importance_sampling_clip_max == 2.0
 
 
 def test_rollout_importance_sampling_fields_take_trl_names_and_defaults() -> None:
@@ -210,7 +253,12 @@ def test_use_vllm_without_vllm_says_how_to_install(monkeypatch: pytest.MonkeyPat
 def _float_fields() -> list[str]:
     import dataclasses
 
-    return [f.name for f in dataclasses.fields(GRPOConfig) if "float" in str(f.type)]
+    # Fields accepted only at TRL's default refuse any other value, NaN included (test_trl_compat).
+    return [
+        f.name
+        for f in dataclasses.fields(GRPOConfig)
+        if "float" in str(f.type) and "accepted" not in f.metadata
+    ]
 
 
 def test_every_float_field_has_a_range() -> None:

@@ -23,6 +23,7 @@ from grpokit.app.run_config import (
     SCHEMAS,
     field_defaults,
     field_help,
+    fields_by_declaring_class,
     load_config,
     parse_overrides,
 )
@@ -35,7 +36,12 @@ logger = logging.getLogger("grpokit")
 # Help and entry point
 # =================================================================================================
 def fields_help(defaults: dict[str, Any] | None = None) -> str:
-    """Every field of every section with its default and its help text (the field's metadata)."""
+    """Every field of every section with its default and its help text (the field's metadata).
+
+    The training section lists `GRPOConfig`'s own fields first, then those of its bases
+    (`TrainerSettings`, then the TRL fields accepted only at their default), each group under
+    its own heading.
+    """
     defaults = defaults or {}
     lines = []
     for section, cls in SCHEMAS.items():
@@ -44,21 +50,28 @@ def fields_help(defaults: dict[str, Any] | None = None) -> str:
         given = defaults if section == "run" else defaults.get(section) or {}
         values.update({k: v for k, v in given.items() if k in values})
         title = "run-level fields (top of the YAML)" if section == "run" else f"{section} fields"
-        lines.append(f"\n{title}:")
-        for name, value in values.items():
-            prefix = "" if section == "run" else f"{section}."
-            shown = json.dumps(value) if not isinstance(value, str) else value
-            lines.append(f"  --{prefix}{name} (default: {shown})")
-            lines.extend(
-                textwrap.wrap(
-                    docs[name],
-                    width=98,
-                    initial_indent=" " * 6,
-                    subsequent_indent=" " * 6,
-                    break_on_hyphens=False,
+        for group, names in fields_by_declaring_class(cls):
+            heading = title if group is cls else f"{title}: {_first_line(group.__doc__)}"
+            lines.append(f"\n{heading}:")
+            for name in names:
+                prefix = "" if section == "run" else f"{section}."
+                value = values[name]
+                shown = json.dumps(value) if not isinstance(value, str) else value
+                lines.append(f"  --{prefix}{name} (default: {shown})")
+                lines.extend(
+                    textwrap.wrap(
+                        docs[name],
+                        width=98,
+                        initial_indent=" " * 6,
+                        subsequent_indent=" " * 6,
+                        break_on_hyphens=False,
+                    )
                 )
-            )
     return "\n".join(lines)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0].rstrip(".") if doc else ""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -51,7 +51,7 @@ def _load_model(spec: RunSpec) -> tuple[Any, Any]:
     from grpokit.engines.models import load_causal_lm
 
     try:
-        return load_causal_lm(spec.run.model)
+        return load_causal_lm(spec.run.model, trust_remote_code=spec.training.trust_remote_code)
     except OSError as error:  # missing folder or file, an id not in the local cache, no access
         raise ConfigError(f"model {spec.run.model!r}: {error}") from error
 
@@ -289,6 +289,9 @@ def run_training(
         apply_config_changes: on resume, apply config changes that alter the optimisation
             (`resume_config_changes="apply"` for this run only; not written to config.yaml).
 
+    `resume` is `--resume` (True: the latest checkpoint) or a checkpoint path; when it is not
+    given, the training section's `resume_from_checkpoint` (TRL scripts' field) is used.
+
     Returns:
         `{"before": metrics | None, "after": metrics | None, "model_dir": str, "plot": str | None}`.
 
@@ -297,6 +300,7 @@ def run_training(
             that fails on a full disk or for lack of permission.
     """
     output_dir = Path(spec.training.output_dir)
+    resume = resume or spec.training.resume_from_checkpoint or False  # TRL scripts' field
     with output_errors(output_dir):
         return _train(
             spec,

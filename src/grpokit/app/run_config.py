@@ -20,7 +20,6 @@ The config actually used is written to `<output_dir>/config.yaml`; `grpokit trai
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import json
 import logging
@@ -36,12 +35,13 @@ import yaml
 from grpokit.errors import ConfigError
 from grpokit.train.config import (
     EVAL_STRATEGIES,
+    LOGGING_STRATEGIES,
     SAVE_STRATEGIES,
-    UNSUPPORTED_TRL_FIELDS,
     GRPOConfig,
     check_number,
-    option,
 )
+from grpokit.train.fields import did_you_mean, option
+from grpokit.train.trl_compat import RETIRED_TRL_FIELDS
 
 logger = logging.getLogger("grpokit")
 
@@ -49,7 +49,11 @@ SECTIONS = ("training", "eval")
 RUN_ARTIFACTS = ("metrics.jsonl", "completions.jsonl", "eval.jsonl", "curves.png")
 
 # String fields whose choices include "no": YAML 1.1 reads an unquoted `no` (or `off`) as False.
-NO_CHOICE_FIELDS = {"save_strategy": SAVE_STRATEGIES, "eval_strategy": EVAL_STRATEGIES}
+NO_CHOICE_FIELDS = {
+    "save_strategy": SAVE_STRATEGIES,
+    "eval_strategy": EVAL_STRATEGIES,
+    "logging_strategy": LOGGING_STRATEGIES,
+}
 
 
 # =================================================================================================
@@ -120,6 +124,21 @@ SCHEMAS: dict[str, type] = {"run": RunConfig, "training": GRPOConfig, "eval": Ev
 def field_help(cls: type) -> dict[str, str]:
     """Map each field of a config dataclass to its help text (`metadata["help"]`, see `option`)."""
     return {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if f.init}
+
+
+def fields_by_declaring_class(cls: type) -> list[tuple[type, list[str]]]:
+    """The init fields of a config dataclass grouped by the class that declares them: `cls`'s
+    own first, then each base's in method-resolution order (for `--help`)."""
+    groups: list[tuple[type, list[str]]] = []
+    seen: set[str] = set()
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for owner in cls.__mro__:
+        declared = inspect.get_annotations(owner)
+        own = [n for n in names if n in declared and n not in seen]
+        if own:
+            groups.append((owner, own))
+            seen.update(own)
+    return groups
 
 
 def field_defaults(cls: type) -> dict[str, Any]:
@@ -242,13 +261,18 @@ class RunSpec:
     """Named reward functions, resolved from `run.rewards` (None until the task's are known)."""
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        """The config actually used, in the YAML layout; loading it reproduces this spec."""
+        """The config actually used, in the YAML layout; loading it reproduces this spec.
+
+        TRL fields accepted only at their default (`train.trl_compat.AcceptedAtDefault`) are left
+        out: they can hold nothing else.
+        """
         run = dataclasses.asdict(self.run)
-        return {
-            **run,
-            "training": dict(self.training_values),
-            "eval": dataclasses.asdict(self.eval),
+        fixed = {f.name for f in dataclasses.fields(GRPOConfig) if "accepted" in f.metadata}
+        defaults = field_defaults(GRPOConfig)
+        training = {
+            k: v for k, v in self.training_values.items() if not (k in fixed and v == defaults[k])
         }
+        return {**run, "training": training, "eval": dataclasses.asdict(self.eval)}
 
 
 def _all_fields() -> dict[str, list[str]]:
@@ -262,9 +286,11 @@ def _suggest(key: str, section: str) -> str:
         if other != section and key in names:
             place = "at the top level" if other == "run" else f"under `{other}:`"
             return f" `{key}` belongs {place}."
-    close = difflib.get_close_matches(key, fields_by_section[section], n=1)
-    if close:
-        return f" Did you mean `{close[0]}`?"
+    hint = did_you_mean(key, fields_by_section[section])
+    if hint:
+        return hint
+    if section == "training":
+        return " See `grpokit train --help` for the fields."
     return f" Valid keys: {', '.join(fields_by_section[section])}."
 
 
@@ -322,8 +348,7 @@ def apply_override(config: dict[str, Any], key: str, value: Any) -> None:
                 config.setdefault(section, {})[key] = value
                 return
     every = [n for names in fields_by_section.values() for n in names]
-    close = difflib.get_close_matches(parts[-1], every, n=1)
-    hint = f" Did you mean `--{close[0]}`?" if close else ""
+    hint = did_you_mean(parts[-1], every, prefix="--")
     raise ConfigError(f"override --{key}: no such field.{hint} See `grpokit train --help`.")
 
 
@@ -339,11 +364,8 @@ def _check_section(values: Any, section: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         where = key if section == "run" else f"{section}.{key}"
-        if section == "training" and key in UNSUPPORTED_TRL_FIELDS:
-            raise ConfigError(
-                f"{where}: a TRL option grpokit does not support ({UNSUPPORTED_TRL_FIELDS[key]}); "
-                "remove it."
-            )
+        if section == "training" and key in RETIRED_TRL_FIELDS:
+            raise ConfigError(f"{where}: {RETIRED_TRL_FIELDS[key]}; use that.")
         if key not in known:
             raise ConfigError(f"unknown key `{where}`.{_suggest(str(key), section)}")
         choices = NO_CHOICE_FIELDS.get(key, ()) if section == "training" else ()
@@ -384,8 +406,7 @@ def check_accuracy_reward(cfg: EvalConfig, rewards: Sequence[Any]) -> None:
     """
     names = [reward.name for reward in rewards]
     if cfg.accuracy_reward is not None and cfg.accuracy_reward not in names:
-        close = difflib.get_close_matches(cfg.accuracy_reward, names, n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
+        hint = did_you_mean(cfg.accuracy_reward, names)
         raise ConfigError(
             f"eval.accuracy_reward {cfg.accuracy_reward!r} is not one of the run's rewards "
             f"{names}; set it to one of them, or null for the first.{hint}"
@@ -463,8 +484,7 @@ def resolve_rewards(specs: Any, training: dict[str, Any]) -> list[Any]:
         try:
             fn = get_reward_function(spec)
         except (ValueError, TypeError) as error:
-            close = difflib.get_close_matches(name, list(REWARD_FUNCTIONS), n=1)
-            hint = f" Did you mean `{close[0]}`?" if close and ":" not in name else ""
+            hint = did_you_mean(name, REWARD_FUNCTIONS) if ":" not in name else ""
             raise ConfigError(f"rewards[{i}]: {error}{hint}") from error
         built.append(CallableReward(fn, name=name.rpartition(":")[2]))
     try:

@@ -281,13 +281,17 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_causal_lm(
+    spec: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer from any model spec (see `resolve_model_path`).
 
     Args:
         spec: HF id, local folder, ``.gguf`` file or built-in name.
         dtype: weight dtype. Keep the default fp32 for training (fp32 master weights; compute can
             still run in bf16 under autocast); a bf16 model is meant for inference only.
+        trust_remote_code: let `from_pretrained` run the model's own code (only for sources you
+            trust).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode, the tokenizer has a pad token (EOS if
@@ -303,8 +307,9 @@ def load_causal_lm(spec: str, *, dtype: torch.dtype = torch.float32) -> tuple[An
             spec,
             dtype,
         )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **remote)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **remote)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     gen = model.generation_config

@@ -203,12 +203,14 @@ def model_name(model: torch.nn.Module) -> str:
     return os.path.basename(path.rstrip("/\\")) or type(model).__name__
 
 
-def _load_reward_model(path: str, tokenizer: Any, device: str | torch.device) -> RewardModel:
+def _load_reward_model(
+    path: str, tokenizer: Any, device: str | torch.device, load_kwargs: dict[str, Any]
+) -> RewardModel:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **load_kwargs)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **load_kwargs)
     return RewardModel(model, tokenizer, device=device)
 
 
@@ -218,6 +220,7 @@ def build_reward_functions(
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 16,
+    trust_remote_code: bool = False,
 ) -> list[RewardFunction]:
     """Normalise TRL's `reward_funcs` argument into named reward functions.
 
@@ -232,6 +235,8 @@ def build_reward_functions(
             `AutoTokenizer` from the model's path).
         device: Where reward models run.
         batch_size: Reward-model forward batch size.
+        trust_remote_code: Passed to `from_pretrained` of reward models and tokenizers loaded
+            from a path or id (`GRPOConfig.trust_remote_code`).
 
     Returns:
         K reward functions, each with a `name`. Duplicate names get a `_2`, `_3`, ... suffix so
@@ -256,8 +261,9 @@ def build_reward_functions(
             f"{len(funcs)}; give one per reward function (None for callables)."
         )
     built: list[RewardFunction] = []
+    load_kwargs = {"trust_remote_code": True} if trust_remote_code else {}
     for i, (fn, tokenizer) in enumerate(zip(funcs, classes, strict=True)):
-        built.append(_build_one(fn, tokenizer, i, device, batch_size))
+        built.append(_build_one(fn, tokenizer, i, device, batch_size, load_kwargs))
     seen: dict[str, int] = {}
     for reward in built:
         count = seen.get(reward.name, 0) + 1
@@ -268,7 +274,12 @@ def build_reward_functions(
 
 
 def _build_one(
-    fn: Any, tokenizer: Any, index: int, device: str | torch.device, batch_size: int
+    fn: Any,
+    tokenizer: Any,
+    index: int,
+    device: str | torch.device,
+    batch_size: int,
+    load_kwargs: dict[str, Any],
 ) -> RewardFunction:
     if isinstance(fn, (CallableReward, RewardModel)):
         return fn
@@ -277,7 +288,7 @@ def _build_one(
 
         if not os.path.exists(fn) and (fn in REWARD_FUNCTIONS or ":" in fn):
             return CallableReward(get_reward_function(fn))
-        reward = _load_reward_model(fn, tokenizer, device)
+        reward = _load_reward_model(fn, tokenizer, device, load_kwargs)
         reward.batch_size = batch_size
         return reward
     if isinstance(fn, torch.nn.Module) and hasattr(fn, "config"):
@@ -291,7 +302,7 @@ def _build_one(
                     "with no path to load its tokenizer from; pass its tokenizer in "
                     f"reward_processing_classes[{index}]."
                 )
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, **load_kwargs)
         return RewardModel(fn, tokenizer, device=device, batch_size=batch_size)
     if callable(fn):
         return CallableReward(fn)

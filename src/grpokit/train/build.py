@@ -28,7 +28,7 @@ from grpokit.tools.environments import Environments
 from grpokit.tools.parsing import resolve_parser
 from grpokit.tools.turns import ToolCalling
 from grpokit.train import checkpoint as ckpt
-from grpokit.train import resume
+from grpokit.train import optimizers, resume
 from grpokit.train.checkpoint import TrainerState
 from grpokit.train.config import GRPOConfig, resolve_steps
 
@@ -56,9 +56,10 @@ def load_policy(model: Any, processing_class: Any, args: GRPOConfig) -> tuple[An
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    remote = {"trust_remote_code": True} if args.trust_remote_code else {}
     if isinstance(model, str):
         path = resolve_model_path(model)
-        kwargs = {"dtype": torch.float32, **(args.model_init_kwargs or {})}
+        kwargs = {"dtype": torch.float32, **remote, **(args.model_init_kwargs or {})}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif args.model_init_kwargs:
         raise ValueError(
@@ -84,7 +85,7 @@ def load_policy(model: Any, processing_class: Any, args: GRPOConfig) -> tuple[An
                 "processing_class is None and the model has no path to load a tokenizer from; "
                 "pass processing_class=<its tokenizer>."
             )
-        processing_class = AutoTokenizer.from_pretrained(source)
+        processing_class = AutoTokenizer.from_pretrained(source, **remote)
     if processing_class.pad_token_id is None:
         processing_class.pad_token = processing_class.eos_token
     generation_config = getattr(model, "generation_config", None)
@@ -106,7 +107,8 @@ def prepare_model(model: Any, peft_config: Any, args: GRPOConfig, device: torch.
     if args.gradient_checkpointing:
         kwargs = {"use_reentrant": False, **(args.gradient_checkpointing_kwargs or {})}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.config.use_cache = False
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = args.use_cache  # training forwards; generation has its own cache
     if peft_config is not None:
         if args.sync_ref_model:
             raise ValueError(
@@ -151,6 +153,45 @@ def make_generation_engine(
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
         kv_cache_memory_bytes=None if torch.cuda.is_available() else 1 << 30,
     )
+
+
+def apply_process_settings(args: GRPOConfig) -> None:
+    """The process-wide settings of a run, applied before anything is built: seeds (or full
+    determinism), TF32 and the log level.
+
+    Raises:
+        ValueError: `tf32=True` without a CUDA device that has TF32 (Ampere or newer), as
+            transformers refuses it.
+    """
+    from transformers import enable_full_determinism, set_seed
+    from transformers.utils import logging as hf_logging
+
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+    if args.tf32 is not None:
+        has_tf32 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+        if args.tf32 and not has_tf32:
+            raise ValueError(
+                "tf32=True needs a CUDA GPU of the Ampere generation or newer (the CPU has no "
+                "TF32); set tf32=None."
+            )
+        if has_tf32:
+            set_tf32(args.tf32)
+    if args.log_level != "passive":
+        level = logging.getLevelName(args.log_level.upper())
+        logger.setLevel(level)
+        hf_logging.set_verbosity(level)
+
+
+def set_tf32(enable: bool) -> None:
+    """Allow (or forbid) TensorFloat-32 in CUDA float32 matmuls and convolutions."""
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9
+        torch.backends.fp32_precision = "tf32" if enable else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enable
+        torch.backends.cudnn.allow_tf32 = enable
 
 
 def retain_freed_memory() -> bool:
@@ -292,19 +333,9 @@ def resolve_max_steps(args: GRPOConfig, dataset_size: int | None) -> int:
 
 
 def make_optimizer(model: torch.nn.Module, args: GRPOConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not biases or norm weights), as transformers."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        fused=args.optim == "adamw_torch_fused" or None,
-    )
+    """The optimizer `args.optim` names (see `train.optimizers`); weight decay on matrices only
+    (not biases or norm weights), as transformers."""
+    return optimizers.make_optimizer(model, args)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: GRPOConfig, max_steps: int) -> Any:
@@ -507,8 +538,8 @@ def save_trainer_checkpoint(
 ) -> Path:
     """Write `output_dir/checkpoint-{step}` atomically, with the synced reference model and the
     merged weights inside when they exist, then drop the oldest checkpoints beyond
-    `save_total_limit` (never this one)."""
-    path = Path(args.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{state.global_step}"
+    `save_total_limit` (never this one, nor `state.best_model_checkpoint`)."""
+    path = checkpoint_path(args, state)
 
     def extra(folder: Path) -> None:
         if ref_model is not None and args.sync_ref_model:
@@ -527,6 +558,13 @@ def save_trainer_checkpoint(
         trainer_state=state.to_dict(),
         config=args.to_dict(),
         extra=extra,
+        model_only=args.save_only_model,
     )
-    ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, protect=path)
+    best = state.best_model_checkpoint  # kept too, as transformers keeps it
+    ckpt.rotate_checkpoints(args.output_dir, args.save_total_limit, protect=[path, best])
     return path
+
+
+def checkpoint_path(args: GRPOConfig, state: TrainerState) -> Path:
+    """`output_dir/checkpoint-{global_step}`: where the checkpoint of this step goes."""
+    return Path(args.output_dir) / f"{ckpt.CHECKPOINT_PREFIX}{state.global_step}"

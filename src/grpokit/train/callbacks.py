@@ -143,22 +143,74 @@ def describe_run(
 
 
 def default_flow(
-    args: GRPOConfig, state: TrainerState, control: TrainerControl, first_step: int
+    args: GRPOConfig,
+    state: TrainerState,
+    control: TrainerControl,
+    first_step: int,
+    first_epoch: float = 0.0,
 ) -> None:
     """Set `control.should_log|evaluate|save` for a generation round that went from optimizer
-    step `first_step` to `state.global_step`, as transformers' `DefaultFlowCallback` does after
-    each step: when the round crossed a multiple of `logging_steps` / `eval_steps` /
-    `save_steps`, and at the last step (`max_steps`, or `should_training_stop` from a callback).
-    Flags a callback already set stay set."""
+    step `first_step` and epoch `first_epoch` to `state.global_step` and `state.epoch`, as
+    transformers' `DefaultFlowCallback` does after each step and epoch.
+
+    A "steps" strategy acts when the round crossed a multiple of `logging_steps` / `eval_steps`
+    / `save_steps`; an "epoch" strategy when a pass over the training prompts ended in the round
+    (`state.epoch`, as `PromptSampler` counts epochs, crossed a whole number). Logging and the
+    "steps"/"epoch" evaluations and saves also act at the last step (`max_steps`, or
+    `should_training_stop` from a callback); no evaluation happens before `eval_delay` steps
+    (epochs with eval_strategy="epoch"). save_strategy="best" saves after an evaluation that
+    improves `metric_for_best_model` (`update_best_metric`). Flags a callback already set stay set.
+    """
     step, max_steps = state.global_step, state.max_steps
+    epoch = state.epoch or 0.0
     done = step >= max_steps or control.should_training_stop
+    epoch_ended = math.floor(epoch) > math.floor(first_epoch)
 
-    def crossed(every: int) -> bool:
-        return crossed_multiple(every, first_step, step, max_steps)
+    def due(strategy: str, every: int) -> bool:
+        if strategy == "steps":
+            return crossed_multiple(every, first_step, step, max_steps)
+        return strategy == "epoch" and epoch_ended
 
-    if crossed(state.logging_steps) or done or (args.logging_first_step and first_step == 0):
+    logging_on = args.logging_strategy != "no"
+    if (logging_on and due(args.logging_strategy, state.logging_steps)) or done:
         control.should_log = True
-    if args.eval_strategy == "steps" and (crossed(state.eval_steps) or done):
+    if args.logging_first_step and first_step == 0:
+        control.should_log = True
+    delay_passed = args.eval_delay <= (epoch if args.eval_strategy == "epoch" else step)
+    evaluates = args.eval_strategy != "no" and delay_passed
+    if evaluates and (due(args.eval_strategy, state.eval_steps) or done):
         control.should_evaluate = True
-    if args.save_strategy == "steps" and (crossed(state.save_steps) or done):
+    saves = args.save_strategy in ("steps", "epoch")
+    if saves and (due(args.save_strategy, state.save_steps) or done):
         control.should_save = True
+
+
+def update_best_metric(state: TrainerState, metrics: dict[str, float], args: GRPOConfig) -> bool:
+    """Record an evaluation in `state.best_metric` / `state.best_global_step` when it improves on
+    the best so far (as transformers' Trainer does); returns whether it did.
+
+    Args:
+        state: the run's state; `best_model_checkpoint` is set when the checkpoint is saved.
+        metrics: the evaluation's `eval_`-prefixed metrics.
+        args: `metric_for_best_model` (read as `eval_<name>` when not so prefixed) and
+            `greater_is_better`; with no metric, nothing is tracked.
+
+    Raises:
+        ValueError: the metric is not among the evaluation's metrics (which are listed).
+    """
+    name = args.metric_for_best_model
+    if name is None:
+        return False
+    key = name if name.startswith("eval_") else f"eval_{name}"
+    if key not in metrics:
+        raise ValueError(
+            f"metric_for_best_model={name!r}: the evaluation logs no {key!r}; it logs "
+            f"{', '.join(sorted(metrics))} (name one with or without the eval_ prefix)."
+        )
+    value, best = metrics[key], state.best_metric
+    if not math.isfinite(value):
+        return False
+    better = best is None or (value > best if args.greater_is_better else value < best)
+    if better:
+        state.best_metric, state.best_global_step = value, state.global_step
+    return better

@@ -7,6 +7,8 @@ A checkpoint is a directory `output_dir/checkpoint-{step}` holding:
 - `optimizer.pt`, `scheduler.pt`: their `state_dict()`s, loaded with `torch.load(weights_only=True)`
   (tensors and plain containers only; anything else is refused, never unpickled);
 - `rng_state.json`: Python, NumPy and torch (CPU and CUDA) generator states as plain JSON;
+  (these three are left out with `save_only_model`: such a checkpoint holds the model, verifies,
+  and cannot be resumed from);
 - `trainer_state.json`: the optimizer step, the data position and anything else the loop needs;
 - `grpo_config.json`: the run's `GRPOConfig`;
 - whatever else the trainer adds before sealing (the synced reference model, merged weights);
@@ -33,7 +35,7 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,9 @@ SCHEDULER = "scheduler.pt"
 RNG_STATE = "rng_state.json"
 FORMAT_VERSION = 1
 """Version of the checkpoint layout; a checkpoint of another version is refused, not guessed at."""
-REQUIRED_FILES = (OPTIMIZER, SCHEDULER, RNG_STATE, TRAINER_STATE, GRPO_CONFIG)
+REQUIRED_FILES = (TRAINER_STATE, GRPO_CONFIG)
+# What resuming needs besides the model: all three, or none in a `save_only_model` checkpoint.
+RESUME_FILES = (OPTIMIZER, SCHEDULER, RNG_STATE)
 
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 # Hidden siblings of a checkpoint or file being written (`tmp`) or of a checkpoint being replaced
@@ -345,6 +349,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: dict[str, Any],
     extra: Callable[[Path], None] | None = None,
+    model_only: bool = False,
 ) -> Path:
     """Write everything needed to continue training exactly into `checkpoint_dir`, atomically.
 
@@ -356,6 +361,8 @@ def save_checkpoint(
         config: the run's config as a JSON-serialisable dict.
         extra: called with the temporary folder to add files that the checkpoint must include
             (they are sealed with the rest).
+        model_only: `save_only_model`: no optimizer, scheduler or RNG state; such a checkpoint
+            verifies, but `load_checkpoint` refuses to resume from it.
 
     Returns:
         `checkpoint_dir` as a `Path`.
@@ -363,9 +370,10 @@ def save_checkpoint(
     path = Path(checkpoint_dir)
     with atomic_checkpoint(path, int(trainer_state.get("global_step", 0))) as tmp:
         save_model(model, tokenizer, tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER)
-        (tmp / RNG_STATE).write_text(json.dumps(rng_state()))
+        if not model_only:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+            (tmp / RNG_STATE).write_text(json.dumps(rng_state()))
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         (tmp / GRPO_CONFIG).write_text(json.dumps(config, indent=2, default=str))
         if extra is not None:
@@ -401,7 +409,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 def _check_listing(path: Path, files: dict[str, Any]) -> None:
     """Every listed file exists with its size and nothing unlisted is present (cheap: no reads)."""
-    for name in REQUIRED_FILES:
+    resumable = any(name in files for name in RESUME_FILES)  # else written with save_only_model
+    for name in REQUIRED_FILES + (RESUME_FILES if resumable else ()):
         if name not in files:
             raise CheckpointError(path, f"{MANIFEST} lists no {name}")
     present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
@@ -504,10 +513,17 @@ def load_checkpoint(
         The saved trainer state (`trainer_state.json`).
 
     Raises:
-        CheckpointError: the checkpoint does not verify or holds something unsafe to load.
+        CheckpointError: the checkpoint does not verify or holds something unsafe to load, or it
+            holds the model only (`save_only_model=True`): nothing to resume the optimizer from.
     """
     path = Path(checkpoint_dir)
-    verify_checkpoint(path)
+    if OPTIMIZER not in verify_checkpoint(path)["files"]:
+        raise CheckpointError(
+            path,
+            "holds the model only (saved with save_only_model=True), without the optimizer, "
+            "scheduler and RNG states that resuming needs; start a new run from its weights "
+            "(model=that folder) instead",
+        )
     load_model_weights(model, path)
     optimizer.load_state_dict(load_torch_file(path, OPTIMIZER))
     if scheduler is not None:
@@ -557,15 +573,20 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def rotate_checkpoints(
-    output_dir: str | Path, keep: int | None, *, protect: str | Path | None = None
+    output_dir: str | Path,
+    keep: int | None,
+    *,
+    protect: str | Path | Sequence[str | Path | None] | None = None,
 ) -> list[Path]:
     """Delete the oldest checkpoints so that at most `keep` remain (None = keep all).
 
     Args:
         output_dir: the folder holding `checkpoint-N` directories.
         keep: how many to keep.
-        protect: a checkpoint never deleted and counted first, e.g. the one just written (the
-            newest valid one), even when directories with higher steps exist.
+        protect: checkpoints never deleted and counted first, e.g. the one just written (the
+            newest valid one), even when directories with higher steps exist, and the best one
+            (`load_best_model_at_end`); None entries are ignored. When they alone exceed `keep`,
+            they are all kept.
 
     Returns:
         The deleted directories.
@@ -573,8 +594,9 @@ def rotate_checkpoints(
     if keep is None:
         return []
     checkpoints = list_checkpoints(output_dir)
-    protected = Path(protect).name if protect is not None else None
-    others = [p for p in checkpoints if p.name != protected]
+    given = [protect] if isinstance(protect, str | Path) else list(protect or [])
+    protected = {Path(p).name for p in given if p is not None}
+    others = [p for p in checkpoints if p.name not in protected]
     room = keep - (len(checkpoints) - len(others))
     doomed = others[: max(0, len(others) - room)]
     for old in doomed:

@@ -15,20 +15,30 @@ transformers.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
+import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from grpokit.core.losses import LossOptions
 
+from grpokit.train.fields import at_default, check_at_default, did_you_mean, option
+from grpokit.train.trl_compat import (
+    RETIRED_TRL_FIELDS,
+    AcceptedAtDefault,
+    TrainerSettings,
+    is_trl_config,
+    trl_config_kwargs,
+)
+
 PROMPT_LENGTH_POLICIES = ("truncate_left", "skip")
-SAVE_STRATEGIES = ("no", "steps")
-EVAL_STRATEGIES = ("no", "steps")
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+LOGGING_STRATEGIES = ("no", "steps", "epoch")
+SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
+INPUT_TOKEN_COUNTS = ("no", "all", "non_padding")
 RESUME_CONFIG_POLICIES = ("refuse", "apply")
 
 # transformers' `SchedulerType` values that `get_scheduler` steps without a metric. Listed here so
@@ -82,44 +92,18 @@ NUMBER_RANGES: dict[str, str] = {
     "warmup_steps": "[0, inf)",
     "max_grad_norm": "[0, inf)",
     "num_train_epochs": "[0, inf)",
+    "eval_delay": "[0, inf)",
+    "vllm_importance_sampling_cap": "(0, inf)",
 }
 
-_VLLM_SERVER = (
-    "vLLM server mode is not supported; with use_vllm=True grpokit runs vLLM inside the training "
-    "process (vllm_mode='colocate')"
+# Fields TRL types `dict | str`: a string starting with "{" is parsed as JSON, as transformers does.
+JSON_DICT_FIELDS = (
+    "model_init_kwargs",
+    "gradient_checkpointing_kwargs",
+    "generation_kwargs",
+    "chat_template_kwargs",
+    "lr_scheduler_kwargs",
 )
-# TRL / transformers.TrainingArguments options that grpokit does not implement. Passing any of them
-# is an error (never silently ignored); the value says why or what to use instead.
-UNSUPPORTED_TRL_FIELDS: dict[str, str] = {
-    "vllm_server_base_url": _VLLM_SERVER,
-    "vllm_server_host": _VLLM_SERVER,
-    "vllm_server_port": _VLLM_SERVER,
-    "vllm_importance_sampling_cap": "deprecated in TRL; use vllm_importance_sampling_clip_max",
-    "use_liger_kernel": "Liger kernels are not supported",
-    "use_liger_loss": "Liger kernels are not supported",
-    "deepspeed": "grpokit trains in one process; DeepSpeed is not supported",
-    "fsdp": "grpokit trains in one process; FSDP is not supported",
-    "ds3_gather_for_generation": "DeepSpeed is not supported",
-    "use_transformers_paged": "paged generation is not supported",
-    "cast_lm_head_to_fp32": "not supported; weights already stay in float32",
-    "log_completions_hub_repo": "uploading to the Hub is not supported; see completions.jsonl",
-    "hub_model_id": "pushing to the Hub is not supported",
-    "torch_compile": "torch.compile of the policy is not supported",
-    "label_names": "not used by GRPO",
-    "evaluation_strategy": "renamed eval_strategy in transformers",
-}
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and its help text (`metadata["help"]`, shown by `--help`).
-
-    A mutable default (dict, list) is copied for every instance.
-    """
-    if isinstance(default, dict | list):
-        return dataclasses.field(
-            default_factory=lambda: copy.deepcopy(default), metadata={"help": help}
-        )
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def _check_field_names(kwargs: dict[str, Any]) -> None:
@@ -128,23 +112,22 @@ def _check_field_names(kwargs: dict[str, Any]) -> None:
     for key in kwargs:
         if key in names:
             continue
-        if key in UNSUPPORTED_TRL_FIELDS:
-            raise TypeError(
-                f"GRPOConfig: `{key}` is a TRL option that grpokit does not support "
-                f"({UNSUPPORTED_TRL_FIELDS[key]}); remove it."
-            )
-        close = difflib.get_close_matches(key, sorted(names), n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise TypeError(f"GRPOConfig got an unknown field `{key}`.{hint}")
+        if key in RETIRED_TRL_FIELDS:
+            raise TypeError(f"GRPOConfig: `{key}` was {RETIRED_TRL_FIELDS[key]}; use that.")
+        raise TypeError(f"GRPOConfig got an unknown field `{key}`.{did_you_mean(key, names)}")
 
 
 @dataclass
-class GRPOConfig:
-    """Configuration of a GRPO run. Field names and defaults follow TRL's `GRPOConfig`.
+class GRPOConfig(TrainerSettings, AcceptedAtDefault):
+    """Configuration of a GRPO run: every field of TRL's `GRPOConfig`, with TRL's name, meaning
+    and default, plus grpokit's own (docs/TRL_COMPAT.md lists them all).
 
-    Deviations from TRL's defaults: `gradient_checkpointing` is False (on CPU it only costs time;
-    turn it on for memory), `report_to` accepts only "none" (metrics always go to the console and
-    to `output_dir/metrics.jsonl`).
+    The fields below shape training; the bases hold the rest (`train.trl_compat`):
+    `TrainerSettings` (log level, progress bar, determinism, ...) and `AcceptedAtDefault` (TRL
+    fields accepted only at their default, e.g. multi-process and Hub options, each with the
+    reason another value is refused). The declared defaults that differ from TRL's
+    (`trl_compat.DEFAULT_DIFFERENCES`) change nothing that is trained: `gradient_checkpointing`
+    only trades memory for speed, `output_dir` is the directory TRL's None resolves to.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> GRPOConfig:
@@ -154,7 +137,9 @@ class GRPOConfig:
     # ---- Output and model -------------------------------------------------------------------
     output_dir: str = option(
         "trainer_output",
-        "Directory for checkpoints, metrics.jsonl, completions.jsonl and the config used.",
+        "Directory for checkpoints, metrics.jsonl, completions.jsonl and the config used "
+        '(None, TRL\'s default, means "trainer_output" too).',
+        note='None means "trainer_output", as in TRL',
     )
     overwrite_output_dir: bool = option(
         False,
@@ -172,6 +157,12 @@ class GRPOConfig:
         None,
         "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string.",
     )
+    trust_remote_code: bool = option(
+        False,
+        "Allow models and tokenizers that ship their own Python code: passed to "
+        "`from_pretrained` of the policy, its tokenizer and reward models loaded from a path. "
+        "Runs that code; only for sources you trust.",
+    )
     disable_dropout: bool = option(
         False, "Set every dropout probability of the policy (and reference) model to 0."
     )
@@ -179,13 +170,21 @@ class GRPOConfig:
         42, "Seed for Python, NumPy and torch: data order, sampling and initialisation."
     )
     use_cpu: bool = option(False, "Train on the CPU even when a CUDA device is available.")
-    bf16: bool = option(
-        True,
+    bf16: bool | None = option(
+        None,
         "Run forward/backward under bf16 autocast when the device computes bf16 natively. "
         "Weights, gradients and optimizer state always stay float32 (a bf16 weight loses "
-        "updates below ~1/256 of its size).",
+        "updates below ~1/256 of its size). None = True unless fp16 (as TRL).",
     )
-    fp16: bool = option(False, "Not supported: must be False (use `bf16`).")
+    fp16: bool = at_default(False, "fp16 mixed precision.", "fp16 is not supported; use bf16")
+    tf32: bool | None = option(
+        None,
+        "Allow TensorFloat-32 float32 matmuls and convolutions on CUDA (Ampere or newer): "
+        "True enables, False disables, None leaves torch's setting. No effect on the CPU, which "
+        "has no TF32; True without a CUDA GPU that has it is an error, as in transformers.",
+        note="no effect on the CPU, which has no TF32; True without a CUDA GPU that has it is an "
+        "error, as in transformers",
+    )
     gradient_checkpointing: bool = option(
         False,
         "Recompute activations in the backward pass to save memory (slower). TRL defaults to True.",
@@ -193,6 +192,12 @@ class GRPOConfig:
     gradient_checkpointing_kwargs: dict[str, Any] | None = option(
         None,
         "Keyword arguments for `gradient_checkpointing_enable` (default: use_reentrant=False).",
+    )
+    use_cache: bool = option(
+        False,
+        "`model.config.use_cache` of the policy during training forward passes (as transformers' "
+        "Trainer sets it). Generation always keeps its own KV cache.",
+        note="as in TRL, generation keeps its KV cache whatever this says",
     )
     retain_freed_memory: bool = option(
         True,
@@ -217,8 +222,9 @@ class GRPOConfig:
         False, "If True, reward functions receive only the prompt and completions, no other column."
     )
     shuffle_dataset: bool = option(
-        True, "Shuffle the training prompts each epoch (seeded by `seed` and the epoch)."
+        True, "Shuffle the training prompts each epoch (seeded by `data_seed` and the epoch)."
     )
+    data_seed: int | None = option(None, "Seed of the order prompts are drawn in. None = `seed`.")
     max_prompt_length: int | None = option(
         None,
         "Longest prompt in tokens; longer prompts follow `prompt_length_policy`. None = no limit.",
@@ -242,7 +248,7 @@ class GRPOConfig:
     num_generations_eval: int | None = option(
         None, "Completions per prompt during evaluation. None = `num_generations`."
     )
-    max_completion_length: int = option(256, "Maximum number of generated tokens per completion.")
+    max_completion_length: int = option(512, "Maximum number of generated tokens per completion.")
     generation_batch_size: int | None = option(
         None,
         "Completions per generation batch. None = per_device_train_batch_size * "
@@ -279,11 +285,14 @@ class GRPOConfig:
     vllm_mode: str = option(
         "colocate",
         'Only "colocate" (vLLM in the training process); the "server" mode is not supported.',
+        limit='"server" is not yet supported',
     )
     vllm_gpu_memory_utilization: float = option(
         0.3, "Share of GPU memory vLLM may take for weights and KV cache (GPU only), in (0, 1]."
     )
-    vllm_tensor_parallel_size: int = option(1, "Only 1 (one vLLM engine in the training process).")
+    vllm_tensor_parallel_size: int = at_default(
+        1, "Tensor-parallel size of vLLM.", "one vLLM engine runs in the training process"
+    )
     vllm_max_model_length: int | None = option(
         None,
         "Longest prompt + completion vLLM must hold. None = `max_prompt_length` (else the "
@@ -346,7 +355,9 @@ class GRPOConfig:
         None, "DeepSeek-V3.2 off-policy sequence masking threshold δ. None = off."
     )
     use_bias_correction_kl: bool = option(
-        False, "Multiply the KL term by the importance ratio (DeepSeek-V3.2 unbiased KL)."
+        True,
+        "Multiply the KL term by the importance ratio (DeepSeek-V3.2 unbiased KL); only acts "
+        "when beta > 0.",
     )
     sapo_temperature_pos: float = option(
         1.0, "SAPO gate temperature for tokens with positive advantage."
@@ -386,6 +397,11 @@ class GRPOConfig:
     )
     vllm_importance_sampling_clip_max: float | None = option(
         3.0, "Upper bound of the rollout importance weight; None = no upper bound. > clip_min."
+    )
+    vllm_importance_sampling_cap: float | None = option(
+        None,
+        "Deprecated in TRL: when set, it replaces vllm_importance_sampling_clip_max (with a "
+        "warning), as in TRL.",
     )
     sync_ref_model: bool = option(
         False,
@@ -437,20 +453,34 @@ class GRPOConfig:
     gradient_accumulation_steps: int = option(
         1, "Micro-batches accumulated into one optimizer step."
     )
-    learning_rate: float = option(1e-6, "Peak learning rate of AdamW.")
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay.")
-    adam_beta1: float = option(0.9, "AdamW beta1.")
-    adam_beta2: float = option(0.999, "AdamW beta2.")
-    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    learning_rate: float = option(1e-6, "Peak learning rate of the optimizer.")
+    weight_decay: float = option(
+        0.0, "Weight decay of the optimizer (decoupled for AdamW), on matrices only."
+    )
+    adam_beta1: float = option(0.9, "beta1 of the AdamW and Lion optimizers.")
+    adam_beta2: float = option(0.999, "beta2 of the AdamW and Lion optimizers.")
+    adam_epsilon: float = option(1e-8, "epsilon of the AdamW optimizers.")
     optim: str = option(
         "adamw_torch_fused",
-        'Optimizer: "adamw_torch_fused" (one fused kernel for all parameters, the default of '
-        'transformers with torch >= 2.8) or "adamw_torch" (the per-parameter loop); others '
-        "unsupported.",
+        'Optimizer, by transformers\' name (`train.optimizers`): "adamw_torch_fused" (one fused '
+        'kernel for all parameters), "adamw_torch", "adafactor" (transformers\' Adafactor with '
+        'the learning rate given), "sgd", "adagrad", "rmsprop", and with bitsandbytes '
+        'installed "adamw_bnb_8bit" / "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", '
+        '"lion_8bit", "lion_32bit", "paged_lion_8bit", "paged_lion_32bit".',
+        limit="other transformers optimizers (GaLore, APOLLO, LOMO, schedule-free, torchao, "
+        "...) are not supported",
+    )
+    optim_args: str | None = option(
+        None,
+        'Extra optimizer arguments as "key=value,key=value", as transformers parses them: '
+        "sgd takes momentum, dampening, nesterov; adagrad lr_decay, eps; rmsprop momentum, "
+        "alpha, eps, centered (weight decay is the weight_decay field). A key the optimizer "
+        "does not take is an error.",
     )
     lr_scheduler_type: str = option(
         "linear",
         'Learning-rate schedule name for `transformers.get_scheduler` ("linear", "cosine", ...).',
+        limit='"reduce_lr_on_plateau" and "greedy" (stepped on a metric) are not supported',
     )
     lr_scheduler_kwargs: dict[str, Any] | None = option(
         None, "Extra keyword arguments for the learning-rate scheduler."
@@ -476,14 +506,33 @@ class GRPOConfig:
     )
 
     # ---- Logging, saving, evaluation --------------------------------------------------------
+    logging_strategy: str = option(
+        "steps",
+        'When metrics are logged: "steps" every `logging_steps`, "epoch" at the end of each '
+        'pass over the training prompts (as `PromptSampler` counts them), "no" never (a final '
+        "record is still written at the last step).",
+    )
     logging_steps: int | float = option(
         10,
         "Log metrics every this many optimizer steps; a float below 1 is a fraction of max_steps.",
     )
     logging_first_step: bool = option(False, "Also log after the first optimizer step.")
+    logging_nan_inf_filter: bool = option(
+        True,
+        "Leave NaN/inf step losses out of the logged `loss` (the mean of the finite ones); "
+        "False logs them. Only what is logged changes, never the gradient.",
+    )
+    include_num_input_tokens_seen: str | bool = option(
+        "no",
+        'Also log `num_input_tokens_seen`, the prompt + completion tokens processed so far: "all" '
+        'or "non_padding" (both count tokens without padding, as TRL\'s GRPOTrainer does), "no" '
+        'not. True = "all", False = "no".',
+        note='"all" counts tokens without padding too, as TRL\'s GRPOTrainer does',
+    )
     report_to: str | list[str] | None = option(
         "none",
         'Only "none" is supported; metrics always go to the console and output_dir/metrics.jsonl.',
+        limit='experiment trackers ("tensorboard", "wandb", ...) are not yet supported',
     )
     run_name: str | None = option(
         None, "Name shown in the progress bar and stored in the metrics file."
@@ -496,8 +545,14 @@ class GRPOConfig:
     num_completions_to_print: int | None = option(
         None, "Completions written per logging step when log_completions is on; None = all."
     )
+    log_unique_prompts: bool = option(
+        False, "Write each distinct prompt's completions once per logging step (the first of G)."
+    )
     save_strategy: str = option(
-        "steps", '"steps" saves a checkpoint every `save_steps` and at the end; "no" saves none.'
+        "steps",
+        '"steps" saves a checkpoint every `save_steps` and at the end; "epoch" at the end of each '
+        'pass over the training prompts; "best" whenever an evaluation improves '
+        '`metric_for_best_model`; "no" saves none.',
     )
     save_steps: int | float = option(
         500, "Optimizer steps between checkpoints; a float below 1 is a fraction of max_steps."
@@ -505,17 +560,44 @@ class GRPOConfig:
     save_total_limit: int | None = option(
         None, "Keep at most this many checkpoints in output_dir (oldest deleted first); None = all."
     )
+    save_only_model: bool = option(
+        False,
+        "Checkpoints hold the model (and tokenizer) only: no optimizer, scheduler or RNG state. "
+        "Smaller, but they cannot be resumed from (resuming one is an error).",
+    )
     save_merged: bool = option(
         False, "Under LoRA, also save the adapter merged into the base weights (output_dir/merged)."
     )
-    push_to_hub: bool = option(False, "Not supported: must be False.")
+    metric_for_best_model: str | None = option(
+        None,
+        'Evaluation metric that decides the best checkpoint (save_strategy="best", '
+        'load_best_model_at_end), e.g. "reward" (read as "eval_reward"). None = "loss" when '
+        "load_best_model_at_end, as transformers; grpokit's evaluation logs no loss, so name a "
+        "reward metric.",
+    )
+    greater_is_better: bool | None = option(
+        None,
+        "Whether a larger metric_for_best_model is better. None = True unless the metric's name "
+        'ends with "loss".',
+    )
+    load_best_model_at_end: bool = option(
+        False,
+        "At the end of training, load the weights of the best checkpoint (by "
+        "metric_for_best_model) into the model; needs evaluations that coincide with saves.",
+    )
     eval_strategy: str = option(
-        "no", '"steps" evaluates on eval_dataset every `eval_steps`; "no" never does.'
+        "no",
+        '"steps" evaluates on eval_dataset every `eval_steps`; "epoch" at the end of each pass '
+        'over the training prompts; "no" never does.',
     )
     eval_steps: int | float | None = option(
         None,
         "Optimizer steps between evaluations; None = logging_steps. The last step always "
         'evaluates when eval_strategy is "steps".',
+    )
+    eval_delay: int | float = option(
+        0,
+        'Do not evaluate before this many optimizer steps (epochs with eval_strategy="epoch").',
     )
     eval_on_start: bool = option(
         False,
@@ -526,14 +608,10 @@ class GRPOConfig:
     )
 
     def __post_init__(self) -> None:
-        # TRL's shorthands, resolved once; to_dict() then shows the values actually used.
-        self.scale_rewards = self.resolved_scale_rewards
-        self.epsilon_high = self.resolved_epsilon_high
-        if isinstance(self.report_to, str):
-            self.report_to = [] if self.report_to == "none" else [self.report_to]
-        elif self.report_to is None:
-            self.report_to = []
+        self._resolve_trl_shorthands()
+        check_at_default(self)
         self._check_numbers()
+        self._resolve_trainer_settings()
         self._check_unsupported()
         self._check_batch_sizes()
         self._check_generation()
@@ -551,30 +629,69 @@ class GRPOConfig:
         for i, weight in enumerate(self.reward_weights or []):
             check_number(f"reward_weights[{i}]", weight, "(-inf, inf)")
 
+    def _resolve_trl_shorthands(self) -> None:
+        """TRL's shorthands and derived defaults, resolved once as TRL resolves them; to_dict()
+        then shows the values actually used."""
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"
+        if self.bf16 is None:
+            self.bf16 = not self.fp16
+        for name in JSON_DICT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("{"):
+                setattr(self, name, json.loads(value))
+        self.scale_rewards = self.resolved_scale_rewards
+        self.epsilon_high = self.resolved_epsilon_high
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
+        elif self.report_to is None:
+            self.report_to = []
+        tokens_seen = self.include_num_input_tokens_seen
+        if isinstance(tokens_seen, bool):
+            self.include_num_input_tokens_seen = "all" if tokens_seen else "no"
+        if self.vllm_importance_sampling_cap is not None:
+            check_number(
+                "vllm_importance_sampling_cap", self.vllm_importance_sampling_cap, "(0, inf)"
+            )
+            warnings.warn(
+                "vllm_importance_sampling_cap is deprecated in TRL; it sets "
+                "vllm_importance_sampling_clip_max, which you should use instead.",
+                FutureWarning,
+                stacklevel=4,
+            )
+            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
+        if self.metric_for_best_model is None and self.load_best_model_at_end:
+            self.metric_for_best_model = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+
     def _check_unsupported(self) -> None:
         if self.vllm_mode != "colocate":
             raise ValueError(
-                f"vllm_mode must be 'colocate', got {self.vllm_mode!r}. {_VLLM_SERVER}."
+                f"vllm_mode must be 'colocate', got {self.vllm_mode!r}: vLLM server mode is not "
+                "yet supported; with use_vllm=True grpokit runs vLLM inside the training process."
             )
         if self.use_vllm:
             self._check_vllm()
-        if self.fp16:
-            raise ValueError("fp16=True is not supported; set fp16=False (use bf16=True).")
-        if self.push_to_hub:
-            raise ValueError("push_to_hub=True is not supported; set push_to_hub=False.")
         if self.report_to:
             raise ValueError(
                 f"report_to={self.report_to!r} is not supported; set report_to='none' (metrics are "
                 "always written to the console and to output_dir/metrics.jsonl)."
             )
-        if self.optim not in OPTIMIZERS:
-            raise ValueError(f"optim={self.optim!r} is not supported; use one of {OPTIMIZERS}.")
+        from grpokit.train.optimizers import check_optimizer
+
+        check_optimizer(self.optim, self.optim_args)
+        if self.data_seed is not None and (
+            isinstance(self.data_seed, bool) or not isinstance(self.data_seed, int)
+        ):
+            raise ValueError(f"data_seed must be an integer or None, got {self.data_seed!r}.")
+        if self.include_num_input_tokens_seen not in INPUT_TOKEN_COUNTS:
+            raise ValueError(
+                f"include_num_input_tokens_seen must be one of {INPUT_TOKEN_COUNTS} (or True/"
+                f"False), got {self.include_num_input_tokens_seen!r}."
+            )
 
     def _check_vllm(self) -> None:
-        if self.vllm_tensor_parallel_size != 1:
-            raise ValueError(
-                f"vllm_tensor_parallel_size must be 1, got {self.vllm_tensor_parallel_size}."
-            )
         if self.vllm_max_model_length is not None:
             _positive_int("vllm_max_model_length", self.vllm_max_model_length)
         import importlib.util
@@ -753,6 +870,48 @@ class GRPOConfig:
                 f"resume_config_changes must be one of {RESUME_CONFIG_POLICIES}, "
                 f"got {self.resume_config_changes!r}."
             )
+        if self.logging_strategy not in LOGGING_STRATEGIES:
+            raise ValueError(
+                f"logging_strategy must be one of {LOGGING_STRATEGIES}, got "
+                f"{self.logging_strategy!r}."
+            )
+        self._check_best_model()
+
+    def _check_best_model(self) -> None:
+        """save_strategy="best" and load_best_model_at_end need evaluations and a metric."""
+        wants_best = self.save_strategy == "best" or self.load_best_model_at_end
+        if not wants_best:
+            return
+        if self.eval_strategy == "no":
+            raise ValueError(
+                'save_strategy="best" and load_best_model_at_end compare evaluations; set '
+                'eval_strategy to "steps" or "epoch" (and pass an eval_dataset).'
+            )
+        if self.metric_for_best_model is None:
+            raise ValueError(
+                'save_strategy="best" needs metric_for_best_model, e.g. "reward" (the mean '
+                "reward on eval_dataset)."
+            )
+        if self.metric_for_best_model.removeprefix("eval_") == "loss":
+            raise ValueError(
+                f"metric_for_best_model={self.metric_for_best_model!r}: grpokit's evaluation "
+                'logs rewards, not a loss; name a reward metric such as "reward" or '
+                '"rewards/<reward function>/mean".'
+            )
+        if self.load_best_model_at_end and self.save_strategy != "best":
+            if self.save_strategy != self.eval_strategy:
+                raise ValueError(
+                    f"load_best_model_at_end needs save_strategy ({self.save_strategy!r}) equal "
+                    f'to eval_strategy ({self.eval_strategy!r}), or save_strategy="best", so that '
+                    "every evaluation has a checkpoint."
+                )
+            eval_steps = self.eval_steps if self.eval_steps is not None else self.logging_steps
+            if self.save_strategy == "steps" and not _is_multiple(self.save_steps, eval_steps):
+                raise ValueError(
+                    f"load_best_model_at_end needs save_steps ({self.save_steps}) to be a "
+                    f"multiple of eval_steps ({eval_steps}), so that every evaluation has a "
+                    "checkpoint."
+                )
 
     # ---- derived values ------------------------------------------------------------------------
     @property
@@ -803,6 +962,11 @@ class GRPOConfig:
         return self.num_iterations > 1 or self.optimizer_steps_per_generation > 1
 
     @property
+    def resolved_data_seed(self) -> int:
+        """Seed of the prompt order: `data_seed`, else `seed`."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
     def resolved_num_generations_eval(self) -> int:
         """Completions per prompt in evaluation: `num_generations_eval`, else `num_generations`."""
         return self.num_generations_eval or self.num_generations
@@ -822,6 +986,41 @@ class GRPOConfig:
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-serialisable dict (the config actually used, after derivation)."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_trl(cls, config: Any) -> GRPOConfig:
+        """The `GRPOConfig` equal, field by field, to a `trl.GRPOConfig` instance (see
+        `trl_compat.trl_config_kwargs`); TRL itself is not imported.
+
+        Raises:
+            TypeError: `config` is not a dataclass, or has a field grpokit does not know.
+            ValueError: a field set to a value grpokit refuses (the message says why).
+        """
+        kwargs = trl_config_kwargs(config)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as error:
+            source = f"{type(config).__module__}.{type(config).__name__}"
+            raise type(error)(f"converting a {source}: {error}") from error
+
+
+def as_grpo_config(args: Any) -> GRPOConfig:
+    """The trainer's `args`: a `GRPOConfig` as is, None as `GRPOConfig()`, a `trl.GRPOConfig`
+    converted (`GRPOConfig.from_trl`).
+
+    Raises:
+        TypeError: anything else.
+    """
+    if args is None:
+        return GRPOConfig()
+    if isinstance(args, GRPOConfig):
+        return args
+    if is_trl_config(args):
+        return GRPOConfig.from_trl(args)
+    raise TypeError(
+        f"args must be a grpokit.GRPOConfig (or a trl.GRPOConfig, converted field by field), got "
+        f"{type(args).__name__}."
+    )
 
 
 def check_number(name: str, value: Any, interval: str, *, or_none: bool = False) -> None:
@@ -858,6 +1057,14 @@ def check_number(name: str, value: Any, interval: str, *, or_none: bool = False)
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _is_multiple(every: int | float, of: int | float) -> bool:
+    """Whether the `*_steps` value `every` is a multiple of `of`: both optimizer steps, or both
+    fractions of max_steps (a fraction and a step count cannot be compared before training)."""
+    if every < 1 and of < 1:
+        return round(every / of, 9).is_integer()
+    return every >= 1 and of >= 1 and every % of == 0
 
 
 def _steps_value(name: str, value: Any) -> None:

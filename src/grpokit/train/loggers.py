@@ -101,8 +101,12 @@ class JsonlLogger:
 class ProgressBarLogger:
     """A tqdm bar over optimizer steps; the latest reward, loss and length in its postfix."""
 
-    def __init__(self, total: int, initial: int = 0, desc: str | None = None) -> None:
-        self.bar = tqdm(total=total, initial=initial, desc=desc or "grpo", dynamic_ncols=True)
+    def __init__(
+        self, total: int, initial: int = 0, desc: str | None = None, *, disable: bool = False
+    ) -> None:
+        self.bar = tqdm(
+            total=total, initial=initial, desc=desc or "grpo", dynamic_ncols=True, disable=disable
+        )
 
     def advance(self, step: int) -> None:
         """Move the bar to optimizer step `step`."""
@@ -127,6 +131,7 @@ class RunLogger:
             both files afresh; a resumed run drops their records past `initial_step`.
         log_completions: whether `log_completions` writes anything.
         run_name: shown in the bar.
+        disable_tqdm: hide the progress bar.
     """
 
     def __init__(
@@ -137,9 +142,10 @@ class RunLogger:
         initial_step: int = 0,
         log_completions: bool = False,
         run_name: str | None = None,
+        disable_tqdm: bool = False,
     ) -> None:
         out = Path(output_dir)
-        self.progress = ProgressBarLogger(total_steps, initial_step, run_name)
+        self.progress = ProgressBarLogger(total_steps, initial_step, run_name, disable=disable_tqdm)
         after = initial_step or None
         self.metrics_file = JsonlLogger(out / "metrics.jsonl", after)
         completions = out / "completions.jsonl"
@@ -176,10 +182,17 @@ class RunLogger:
 
 
 class MetricsBuffer:
-    """Metric values queued between logging steps; `flush` reduces them with `reduce_metrics`."""
+    """Metric values queued between logging steps; `flush` reduces them with `reduce_metrics`.
 
-    def __init__(self) -> None:
+    Args:
+        nan_inf_filter: `logging_nan_inf_filter`: the logged `loss` is the mean of the finite step
+            losses (True), or of all of them, so a NaN/inf step shows (False). Other metrics
+            always average their finite values.
+    """
+
+    def __init__(self, nan_inf_filter: bool = True) -> None:
         self.values: dict[str, list[float]] = defaultdict(list)
+        self.nan_inf_filter = nan_inf_filter
 
     def add(self, metrics: dict[str, float]) -> None:
         """Queue one value per key."""
@@ -194,6 +207,9 @@ class MetricsBuffer:
     def flush(self) -> dict[str, float]:
         """The reduced metrics queued since the last flush; empties the buffer."""
         out = reduce_metrics(self.values)
+        losses = self.values.get("loss")
+        if losses and not self.nan_inf_filter:
+            out["loss"] = sum(losses) / len(losses)
         self.values.clear()
         return out
 
@@ -285,14 +301,21 @@ def completion_rows(
     advantages: Any,
     names: list[str],
     limit: int | None = None,
+    unique_prompts: bool = False,
 ) -> list[dict[str, Any]]:
     """Records for the completions file: prompt, completion, per-function rewards (None = does not
-    apply), combined reward and advantage; at most `limit` rows (None = all)."""
+    apply), combined reward and advantage; at most `limit` rows (None = all). With
+    `unique_prompts` (`log_unique_prompts`), only the first row of each distinct prompt."""
 
     def finite(value: float) -> float | None:
         return value if math.isfinite(value) else None
 
-    count = len(prompts) if limit is None else min(limit, len(prompts))
+    rows = list(range(len(prompts)))
+    if unique_prompts:  # prompts may be chat messages (lists of dicts): compare their text
+        firsts: dict[str, int] = {}
+        for i in rows:
+            firsts.setdefault(str(prompts[i]), i)
+        rows = sorted(firsts.values())
     return [
         {
             "prompt": prompts[i],
@@ -301,5 +324,5 @@ def completion_rows(
             "reward": finite(combined[i].item()),
             "advantage": advantages[i].item(),
         }
-        for i in range(count)
+        for i in rows[:limit]
     ]

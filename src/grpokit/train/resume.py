@@ -10,6 +10,7 @@ learning-rate schedule (the restored scheduler does not override them).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from grpokit.train.checkpoint import CheckpointError
+from grpokit.train.trl_compat import AcceptedAtDefault
 
 logger = logging.getLogger("grpokit")
 
@@ -37,10 +39,22 @@ RESUME_FREE_FIELDS = frozenset(
         "save_steps",
         "save_total_limit",
         "save_merged",
+        "save_only_model",
+        "logging_strategy",
+        "logging_nan_inf_filter",
+        "include_num_input_tokens_seen",
+        "log_unique_prompts",
+        "log_multimodal",
+        "log_level",
+        "disable_tqdm",
+        "metric_for_best_model",
+        "greater_is_better",
+        "load_best_model_at_end",
         # Evaluation: runs on its own RNG state and never changes training.
         "eval_strategy",
         "eval_steps",
         "eval_on_start",
+        "eval_delay",
         "per_device_eval_batch_size",
         "num_generations_eval",
         # Limits that stop a run rather than change it; a wall-clock limit depends on the machine.
@@ -51,10 +65,27 @@ RESUME_FREE_FIELDS = frozenset(
         "gradient_checkpointing",
         "gradient_checkpointing_kwargs",
         "vllm_gpu_memory_utilization",
-        # How this very check and the output folder are handled.
+        "use_cache",
+        # How this very check, the output folder and the resume itself are handled.
         "resume_config_changes",
         "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "ignore_data_skip",
+        # Flags for the user's script, model code allowed to run, and data-loader worker settings
+        # (prompts are read in the training process): none changes the weights.
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "trust_remote_code",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_multiprocessing_context",
+        "dataloader_in_order",
     }
+    # TRL fields accepted only at their default (train.trl_compat): they cannot differ.
+    | {f.name for f in dataclasses.fields(AcceptedAtDefault)}
 )
 """`GRPOConfig` fields a resumed run may change freely."""
 
@@ -66,6 +97,8 @@ RESUME_LOCKED_FIELDS = frozenset(
         "use_cpu",
         "bf16",
         "fp16",
+        "tf32",
+        "full_determinism",
         "attention",
         "use_vllm",
         "vllm_mode",
@@ -74,6 +107,7 @@ RESUME_LOCKED_FIELDS = frozenset(
         "vllm_enforce_eager",
         # Data: which prompts, in which order, and how they are rendered.
         "seed",
+        "data_seed",
         "remove_unused_columns",
         "shuffle_dataset",
         "max_prompt_length",
@@ -122,6 +156,7 @@ RESUME_LOCKED_FIELDS = frozenset(
         "vllm_importance_sampling_mode",
         "vllm_importance_sampling_clip_min",
         "vllm_importance_sampling_clip_max",
+        "vllm_importance_sampling_cap",
         "sync_ref_model",
         "ref_model_mixup_alpha",
         "ref_model_sync_steps",
@@ -132,6 +167,7 @@ RESUME_LOCKED_FIELDS = frozenset(
         "adam_beta2",
         "adam_epsilon",
         "optim",
+        "optim_args",
         "lr_scheduler_type",
         "lr_scheduler_kwargs",
         "warmup_ratio",

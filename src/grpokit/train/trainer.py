@@ -38,9 +38,14 @@ from grpokit.engines.models import context_length
 from grpokit.rewards.scoring import build_reward_functions
 from grpokit.train import build, guards
 from grpokit.train import checkpoint as ckpt
-from grpokit.train.callbacks import CallbackHandler, default_flow, describe_run
+from grpokit.train.callbacks import (
+    CallbackHandler,
+    default_flow,
+    describe_run,
+    update_best_metric,
+)
 from grpokit.train.checkpoint import TrainerState
-from grpokit.train.config import GRPOConfig
+from grpokit.train.config import GRPOConfig, as_grpo_config
 from grpokit.train.loggers import (
     MetricsBuffer,
     RunLogger,
@@ -71,7 +76,8 @@ class GRPOTrainer:
             gradients and optimizer state stay float32; compute uses bf16 autocast (`bf16`).
         reward_funcs: One or a list of callables (sync or async), reward models (instances or
             ids/paths) or built-in reward names; see `rewards.scoring.build_reward_functions`.
-        args: The run's `GRPOConfig` (default: `GRPOConfig()`).
+        args: The run's `GRPOConfig` (default: `GRPOConfig()`), or a `trl.GRPOConfig`, converted
+            field by field (`GRPOConfig.from_trl`).
         train_dataset: A `datasets.Dataset` / `IterableDataset` (or list of dicts) with a `prompt`
             column, plain text or chat messages; other columns reach the reward functions.
         eval_dataset: Same format; scored by `evaluate()` every `eval_steps` when enabled.
@@ -111,7 +117,7 @@ class GRPOTrainer:
         self,
         model: Any,
         reward_funcs: Any,
-        args: GRPOConfig | None = None,
+        args: GRPOConfig | Any = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
@@ -123,14 +129,10 @@ class GRPOTrainer:
         rollout_func: Any = None,
         environment_factory: Any = None,
     ) -> None:
-        self.args = args if args is not None else GRPOConfig()
-        if not isinstance(self.args, GRPOConfig):
-            raise TypeError(f"args must be a grpokit.GRPOConfig, got {type(self.args).__name__}.")
+        self.args = as_grpo_config(args)  # a trl.GRPOConfig is converted field by field
         if train_dataset is None:
             raise ValueError("train_dataset is required: a dataset with a 'prompt' column.")
-        from transformers import set_seed
-
-        set_seed(self.args.seed)
+        build.apply_process_settings(self.args)  # seed, full determinism, tf32, log level
         self.device = torch.device(
             "cuda" if torch.cuda.is_available() and not self.args.use_cpu else "cpu"
         )
@@ -151,7 +153,10 @@ class GRPOTrainer:
         self.environments: list[Any] | None = None  # the batch's instances, one per rollout
         self._prompt_rows: list[dict[str, Any]] = []
         self.reward_funcs = build_reward_functions(
-            reward_funcs, reward_processing_classes, device=self.device
+            reward_funcs,
+            reward_processing_classes,
+            device=self.device,
+            trust_remote_code=self.args.trust_remote_code,
         )
         check_reward_weights(
             self.args.reward_weights, len(self.reward_funcs), [f.name for f in self.reward_funcs]
@@ -165,7 +170,7 @@ class GRPOTrainer:
                 "eval_strategy='no' and eval_on_start=False."
             )
         self.sampler = PromptSampler(
-            train_dataset, seed=self.args.seed, shuffle=self.args.shuffle_dataset
+            train_dataset, seed=self.args.resolved_data_seed, shuffle=self.args.shuffle_dataset
         )
         self.engine = generation_engine or build.make_generation_engine(
             self.model, self.processing_class, self.args
@@ -183,7 +188,8 @@ class GRPOTrainer:
         self.state = self._describe_run(
             TrainerState(model_name_or_path=build.model_name(self.model))
         )
-        self.pending = MetricsBuffer()  # metrics queued until the next logging step
+        # metrics queued until the next logging step
+        self.pending = MetricsBuffer(nan_inf_filter=self.args.logging_nan_inf_filter)
         self.control = TrainerControl()
         self.callback_handler = CallbackHandler(
             callbacks,
@@ -240,6 +246,7 @@ class GRPOTrainer:
             initial_step=self.state.global_step,
             log_completions=cfg.log_completions,
             run_name=cfg.run_name,
+            disable_tqdm=bool(cfg.disable_tqdm),
         )
         num_rounds = math.ceil(self.max_steps / cfg.steps_per_round)
         restart = guards.RoundStart.capture(self.state)  # where Ctrl-C rewinds to
@@ -252,6 +259,8 @@ class GRPOTrainer:
                     break
                 restart = guards.RoundStart.capture(self.state)
                 self._training_round(run_log)
+            if cfg.load_best_model_at_end:
+                self._load_best_model()
             self._event("on_train_end")
         except KeyboardInterrupt as interrupt:
             raise self._save_on_interrupt(restart) from interrupt
@@ -264,6 +273,7 @@ class GRPOTrainer:
         then metrics, evaluation and checkpoints."""
         cfg = self.args
         round_start, first_step = time.perf_counter(), self.state.global_step
+        first_epoch = self.state.epoch or 0.0
         timings: dict[str, float] = {}
         self.control.should_log = self.control.should_evaluate = self.control.should_save = False
         self._event("on_step_begin")  # the round's first step begins with its rollouts (as TRL)
@@ -301,7 +311,8 @@ class GRPOTrainer:
             }
         )
         self.pending.extend(train_metrics)
-        default_flow(cfg, self.state, self.control, first_step)  # when to log, evaluate, save
+        # when to log, evaluate and save
+        default_flow(cfg, self.state, self.control, first_step, first_epoch)
         if cfg.log_completions and self.control.should_log:
             names = [fn.name for fn in self.reward_funcs]
             run_log.log_completions(
@@ -314,6 +325,7 @@ class GRPOTrainer:
                     adv.advantages,
                     names,
                     cfg.num_completions_to_print,
+                    unique_prompts=cfg.log_unique_prompts,
                 ),
             )
         self._log_evaluate_save(run_log)
@@ -708,21 +720,47 @@ class GRPOTrainer:
         """
         self.state.data_epoch, self.state.data_index = self.sampler.epoch, self.sampler.index
         metrics: dict[str, float] = {}
+        cfg = self.args
         if self.control.should_log:
             metrics = {
                 **self.pending.flush(),
                 "epoch": self.state.epoch,
                 "train/nonfinite_skipped": float(self.state.nonfinite_skipped),
             }
+            if cfg.include_num_input_tokens_seen != "no":
+                metrics["num_input_tokens_seen"] = float(self.state.num_input_tokens_seen)
         if self.control.should_evaluate:
-            metrics.update(self.evaluate())
+            eval_metrics = self.evaluate()
+            metrics.update(eval_metrics)
+            if update_best_metric(self.state, eval_metrics, cfg) and cfg.save_strategy == "best":
+                self.control.should_save = True
         if metrics:
             self._log(run_log, metrics)
         else:
             run_log.advance(self.state.global_step)
         if self.control.should_save:
+            if self.state.best_global_step == self.state.global_step:  # this checkpoint is best
+                self.state.best_model_checkpoint = str(build.checkpoint_path(cfg, self.state))
             self._save_checkpoint()
             self._event("on_save")
+
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: put the best checkpoint's weights into the model (and the
+        generation engine), as transformers does before `on_train_end`."""
+        path = self.state.best_model_checkpoint
+        if path is None:
+            logger.warning("load_best_model_at_end: no evaluation was recorded; model unchanged")
+            return
+        ckpt.verify_checkpoint(path)
+        ckpt.load_model_weights(self.model, path)
+        self.engine.update_weights(self.model)
+        logger.info(
+            "loaded the best model, %s (%s = %s at step %d)",
+            path,
+            self.args.metric_for_best_model,
+            self.state.best_metric,
+            self.state.best_global_step,
+        )
 
     def _log(self, run_log: RunLogger, logs: dict[str, float]) -> None:
         """Write `logs` for the current step, add them to `state.log_history`, call `on_log`."""
@@ -788,7 +826,8 @@ class GRPOTrainer:
             max_steps=self.max_steps,
         )
         self.state = self._describe_run(state)
-        self.sampler.restore(self.state.data_epoch, self.state.data_index)
+        if not self.args.ignore_data_skip:  # else the prompts start again from the beginning
+            self.sampler.restore(self.state.data_epoch, self.state.data_index)
 
     def _describe_run(self, state: TrainerState) -> TrainerState:
         describe_run(state, self.args, max_steps=self.max_steps, dataset_size=self.sampler.size)
