@@ -1,12 +1,14 @@
-"""`GRPOConfig`: every training option in one typed dataclass, with TRL's field names.
+"""`GRPOConfig`: every training option in one typed dataclass, with every field of TRL's.
 
-Each field is written `name: type = option(default, "help")`: the help text is stored in the
-field's metadata (`dataclasses.fields(GRPOConfig)[i].metadata["help"]`, as transformers and TRL
-do) and the `grpokit` command shows it in `--help`. Derived values are computed and checked once,
-in `__post_init__` and the properties at the end of the class (`steps_per_generation`,
-`generation_batch_size`, `steps_per_round`, `resolved_epsilon_high`, ...); use sites read them
-instead of re-deriving. An unknown keyword is a `TypeError` that names it, and a TRL option
-grpokit does not implement is an error that says so rather than being ignored.
+Each field is written `name: type = option(default, "help")` (or `at_default(...)` for a TRL
+field accepted only at TRL's default; see `train.fields`): the help text is stored in the field's
+metadata (`dataclasses.fields(GRPOConfig)[i].metadata["help"]`, as transformers and TRL do), the
+`grpokit` command shows it in `--help`, and docs/TRL_COMPAT.md is generated from it. Derived
+values are computed and checked once, in `__post_init__` and the properties at the end of the
+class (`steps_per_generation`, `generation_batch_size`, `steps_per_round`,
+`resolved_epsilon_high`, ...); use sites read them instead of re-deriving. An unknown keyword is a
+`TypeError` that names it (and the field it is close to), and a TRL field set to a value grpokit
+cannot honour is a `ValueError` that says why, never accepted and then ignored.
 
 Importing this module imports neither torch nor transformers; constructing a `GRPOConfig` imports
 torch (the loss and advantage tables it validates against live in `grpokit.core`) but not
