@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from grpokit.app.run_config import (
     write_config,
 )
 from grpokit.errors import ConfigError, OutputError, output_errors
+from grpokit.train.fields import closest_names
 
 logger = logging.getLogger("grpokit")
 
@@ -73,7 +73,7 @@ def lora_config(lora: dict[str, Any] | None) -> Any:
     fields = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
     for key in lora:
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+            close = closest_names(key, fields)
             hint = f"did you mean `{close[0]}`? " if close else ""
             raise ConfigError(
                 f"lora: unknown key `{key}` ({hint}the keys are peft.LoraConfig's fields: r, "
