@@ -99,7 +99,7 @@ def render(snapshot: dict[str, Any]) -> str:
             if name in DEFAULT_DIFFERENCES:
                 note = f"Default differs: {DEFAULT_DIFFERENCES[name]}. {note}".strip()
         counts[status] += 1
-        note = note.replace("|", "\\|")
+        note = note.replace("|", "\\|").replace("<", "&lt;")  # table cell, not HTML
         rows.append(f"| `{name}` | {trl_default} | {ours_default} | {status} | {note} |")
     total = len(trl_defaults)
     summary = ", ".join(f"{counts[s]} {s}" for s in (SUPPORTED, PARTIAL, AT_DEFAULT))
