@@ -65,7 +65,8 @@ WORKED = {
     ("sequence", "padded", "dapo"): (-0.226085, [[-0.073362] * 3, [-0.03, -0.03, 0.0]]),
     ("sequence", "padded", "dr_grpo"): (-0.188404, [[-0.061135] * 3, [-0.025, -0.025, 0.0]]),
     # The remaining loss types, worked out by hand (token level, full mask, r = exp(logp + 1)):
-    # cispo: w = min(r, 1.2) = [[.818731, 1.2, .606531], [1.105171, .904837, 1.2]];
+    # cispo, capped at 1 + eps_high = 1.2 as MiniMax-M1 Eq. 5 (cispo_cap_mode="relative"):
+    #   w = min(r, 1.2) = [[.818731, 1.2, .606531], [1.105171, .904837, 1.2]];
     #   L = -sum(w A logp) / 6, dL/dlogp = -w A / 6.
     ("token", "full", "cispo"): (
         0.148923,
@@ -108,6 +109,7 @@ def test_worked_example(level: str, mask_name: str, loss_type: str) -> None:
             epsilon_low=0.1,
             epsilon_high=0.2,
             max_completion_length=3,
+            cispo_cap_mode="relative",  # the paper's cap (only cispo reads it)
         ),
     )
     loss.backward()
@@ -115,6 +117,29 @@ def test_worked_example(level: str, mask_name: str, loss_type: str) -> None:
     torch.testing.assert_close(
         logp.grad, torch.tensor(expected_grad, dtype=torch.float64), atol=1e-5, rtol=0
     )
+
+
+def test_cispo_absolute_cap_is_epsilon_high_itself() -> None:
+    # TRL's default: the weight is capped at epsilon_high, so epsilon_high = 1.2 gives the paper
+    # example's cap of 1 + 0.2, and the same value and gradient as above.
+    expected_value, expected_grad = WORKED[("token", "full", "cispo")]
+    logp = LOGP.clone().requires_grad_(True)
+    options = LossOptions(loss_type="cispo", epsilon_high=1.2)
+    assert options.cispo_cap_mode == "absolute" and options.cispo_cap == 1.2
+    loss, metrics = policy_loss(logp, OLD, A, FULL, options)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected_value, abs=1e-5)
+    torch.testing.assert_close(
+        logp.grad, torch.tensor(expected_grad, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    # capped with A > 0: only (2, 3) (r = 1.35, A = -0.4 is not; (1, 2) has A < 0): 0 of 6.
+    assert metrics["cispo_clip_ratio"].item() == 0.0
+    # epsilon_high = 0.2 read as TRL does caps every weight at 0.2: L = -0.2 sum(A logp) / 6
+    # = -0.2 * (-0.6 + 0.24 - 1.2 - 0.18 - 0.11 + 0.28) / 6 = 0.052333.
+    low_cap, metrics = policy_loss(LOGP, OLD, A, FULL, LossOptions(loss_type="cispo"))
+    assert low_cap.item() == pytest.approx(0.0523333, abs=1e-6)
+    # weights capped where r > 0.2 (all six) and A > 0 (four of them): 4/6
+    assert metrics["cispo_clip_ratio"].item() == pytest.approx(4 / 6)
 
 
 def test_worked_example_gspo_token_padded_matches_reference() -> None:
@@ -247,6 +272,7 @@ def test_matches_reference_with_padding(loss_type: str, level: str, seed: int) -
         ours, old, adv, mask, LossOptions(
             loss_type=loss_type, importance_sampling_level=level,
             epsilon_high=0.28, max_completion_length=7,
+            cispo_cap_mode="relative",  # the reference caps CISPO at 1 + eps_high (paper)
         ),
     )  # fmt: skip
     loss.backward()
@@ -302,17 +328,18 @@ def aggregation_weights(loss_type: str, mask: torch.Tensor, max_len: int) -> tor
 @pytest.mark.parametrize("old_is_none", [True, False])
 def test_reinforce_gradient_on_policy(loss_type: str, old_is_none: bool) -> None:
     # At old == new every ratio is 1 and every objective's gradient is -A grad(logp), scaled by
-    # the aggregation (SAPO's gate has slope 1 at r = 1, VESPO's phi(1) = 1, CISPO's weight 1).
+    # the aggregation (SAPO's gate has slope 1 at r = 1, VESPO's phi(1) = 1, CISPO's weight 1
+    # under a cap >= 1: TRL's recommended epsilon_high = 5).
     logp, _, adv, mask = random_batch(5)
     logp = torch.where(mask > 0, logp, torch.zeros_like(logp)).requires_grad_(True)
     old = None if old_is_none else logp.detach().clone()
-    loss, metrics = policy_loss(
-        logp, old, adv, mask, LossOptions(loss_type=loss_type, max_completion_length=7)
-    )
+    options = LossOptions(loss_type=loss_type, epsilon_high=5.0, max_completion_length=7)
+    loss, metrics = policy_loss(logp, old, adv, mask, options)
     loss.backward()
     expected = -adv[:, None] * aggregation_weights(loss_type, mask, 7)
     torch.testing.assert_close(logp.grad, expected, atol=1e-12, rtol=1e-10)
-    assert metrics["clip_ratio/region_mean"].item() == 0.0
+    assert metrics.get("clip_ratio/region_mean", 0.0) == 0.0
+    assert metrics.get("cispo_clip_ratio", 0.0) == 0.0
     assert metrics["ratio/min"].item() == metrics["ratio/max"].item() == 1.0
 
 
@@ -431,6 +458,37 @@ def test_kl_added_per_token_with_token_ratio() -> None:
         assert metrics["kl"].item() == pytest.approx(kl.item(), abs=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("level", "correction_level", "expected"),
+    [
+        # k3 per token: ref - logp = (-0.5, 0.5) -> (e^-0.5 + 0.5 - 1, e^0.5 - 0.5 - 1)
+        # = (0.1065307, 0.1487213); token ratios r = (e^0.2, e^-0.2); sequence ratio
+        # s = exp(mean(0.2, -0.2)) = 1. bnpo, A = 0, beta = 1: L = mean_t(k3_t * weight_t).
+        ("token", None, (0.1065307 * math.exp(0.2) + 0.1487213 * math.exp(-0.2)) / 2),
+        ("sequence", None, (0.1065307 + 0.1487213) / 2),  # TRL: the sequence ratio, s = 1
+        ("sequence", "token", (0.1065307 * math.exp(0.2) + 0.1487213 * math.exp(-0.2)) / 2),
+        ("token", "sequence", (0.1065307 + 0.1487213) / 2),
+    ],
+)
+def test_kl_bias_correction_level(
+    level: str, correction_level: str | None, expected: float
+) -> None:
+    logp = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    old = torch.tensor([[-1.2, -0.8]], dtype=torch.float64)
+    ref = torch.tensor([[-1.5, -0.5]], dtype=torch.float64)
+    options = LossOptions(
+        loss_type="bnpo",
+        importance_sampling_level=level,
+        beta=1.0,
+        kl_bias_correction_level=correction_level,
+    )
+    loss, metrics = policy_loss(
+        logp, old, torch.zeros(1), torch.ones(1, 2), options, ref_logprobs=ref
+    )
+    assert loss.item() == pytest.approx(expected, abs=1e-7)
+    assert metrics["kl"].item() == pytest.approx(expected, abs=1e-7)
+
+
 def test_beta_zero_ignores_reference() -> None:
     logp, old, adv, mask = random_batch(2)
     plain = policy_loss(logp, old, adv, mask)[0]
@@ -516,6 +574,23 @@ def test_rollout_is_weights_multiply_per_token_loss() -> None:
     assert weighted.item() == pytest.approx(((per_token * weights * mask).sum(-1)).mean().item())
 
 
+@pytest.mark.parametrize("per_token", [False, True])
+def test_vespo_folds_rollout_weights_into_its_sequence_ratio(per_token: bool) -> None:
+    # Worked example, vespo: log w = (-0.5, 0.3). A rollout weight pi_old / pi_rollout = e^0.5 on
+    # sequence 1 (per sequence, or on its first token) makes its w = 1, so phi = exp(lam - lam)
+    # = 1 and it is plain REINFORCE, dL/dlogp = -A / 6 = [-0.083333, 0.05, -0.133333]; sequence
+    # 2 (weight 1) keeps its phi (gradient row as in the worked example).
+    e = math.exp(0.5)
+    weights = torch.tensor([[e, 1, 1], [1, 1, 1]] if per_token else [[e], [1.0]])
+    logp = LOGP.clone().requires_grad_(True)
+    options = LossOptions(loss_type="vespo", epsilon_low=0.1, epsilon_high=0.2)
+    policy_loss(logp, OLD, A, FULL, options, rollout_is_weights=weights)[0].backward()
+    expected = [[-0.083333, 0.05, -0.133333], WORKED[("token", "full", "vespo")][1][1]]
+    torch.testing.assert_close(
+        logp.grad, torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+
+
 def test_rollout_importance_weights_modes() -> None:
     # token log gaps (old - sampling): [0, 0.5, 1.5] and [-2, 0.1, <pad>]
     old = torch.tensor([[0.0, 0.5, 1.5], [-2.0, 0.1, 9.0]])
@@ -529,11 +604,13 @@ def test_rollout_importance_weights_modes() -> None:
         old, sampling, mask, mode="token_mask", clip_min=0.5, clip_max=3.0
     )
     torch.testing.assert_close(w, torch.tensor([[1.0, e(0.5), 0.0], [0.0, e(0.1), 0.0]]))
-    # sequence ratio = exp(sum of gaps): exp(2.0) = 7.39 and exp(-1.9) = 0.150
+    # sequence ratio = exp(sum of gaps): exp(2.0) = 7.39 and exp(-1.9) = 0.150, one per row
     w, _ = rollout_importance_weights(old, sampling, mask, mode="sequence_truncate", clip_max=3.0)
-    torch.testing.assert_close(w, torch.tensor([[3.0] * 3, [e(-1.9), e(-1.9), 0.0]]))
+    torch.testing.assert_close(w, torch.tensor([[3.0], [e(-1.9)]]))
     w, m = rollout_importance_weights(old, sampling, mask, mode="sequence_mask", clip_max=3.0)
-    torch.testing.assert_close(w, torch.tensor([[0.0] * 3, [e(-1.9), e(-1.9), 0.0]]))
+    torch.testing.assert_close(w, torch.tensor([[0.0], [e(-1.9)]]))
+    # token-weighted mean over the 5 loss tokens: (3 * 0 + 2 * 0.150) / 5
+    assert m["rollout_is/mean"].item() == pytest.approx(2 * e(-1.9) / 5)
     assert m["rollout_is/max"].item() == pytest.approx(e(-1.9))
     assert m["rollout_is/min"].item() == 0.0
     assert m["rollout_is/logprob_abs_diff/max"].item() == pytest.approx(2.0)
@@ -562,6 +639,8 @@ def test_rollout_importance_weights_modes() -> None:
         ({"loss_type": "vespo", "vespo_lambda_pos": 0.0}, "VESPO"),
         ({"off_policy_mask_threshold": -1.0}, "off_policy_mask_threshold"),
         ({"max_completion_length": 0}, "max_completion_length"),
+        ({"cispo_cap_mode": "paper"}, "cispo_cap_mode must be one of"),
+        ({"kl_bias_correction_level": "sequence_token"}, "kl_bias_correction_level"),
     ],
 )
 def test_invalid_options(options: dict, message: str) -> None:

@@ -781,7 +781,7 @@ def test_rollout_importance_weights_enter_the_loss(tmp_path: Path) -> None:
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     batch = trainer.build_rollout_batch(gen, advantages)
     num_items = batch.loss_mask.sum().float()
-    loss, metrics, _ = trainer.micro_batch_loss(batch, num_items)
+    loss, metrics, *_ = trainer.micro_batch_loss(batch, num_items)
     loss.backward()
     grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters()}
     trainer.model.zero_grad()
@@ -804,7 +804,7 @@ def test_rollout_importance_weights_enter_the_loss(tmp_path: Path) -> None:
 
     # Without the correction the weight is 1: the loss is -sum(A mask) / num_items.
     trainer.args.vllm_importance_sampling_correction = False
-    plain_loss, plain_metrics, _ = trainer.micro_batch_loss(batch, num_items)
+    plain_loss, plain_metrics, *_ = trainer.micro_batch_loss(batch, num_items)
     torch.testing.assert_close(
         plain_loss.detach(), -(advantages[:, None] * mask).sum() / num_items, atol=1e-6, rtol=1e-5
     )

@@ -99,8 +99,8 @@ def test_reasons_name_what_is_missing() -> None:
         GRPOConfig(ddp_find_unused_parameters=False)
     with pytest.raises(ValueError, match=r"hub_model_id=.*Hugging Face Hub"):
         GRPOConfig(hub_model_id="me/model")
-    with pytest.raises(ValueError, match=r"entropy_coef=0.01.*entropy regularisation"):
-        GRPOConfig(entropy_coef=0.01)
+    with pytest.raises(ValueError, match=r"vllm_server_port=.*vLLM server mode"):
+        GRPOConfig(vllm_server_port=8001)
     # Values with the same effect as the default are accepted: TRL resolves 'auto' to None.
     assert GRPOConfig(pad_to_multiple_of=None).pad_to_multiple_of is None
     assert GRPOConfig(vllm_server_timeout=240).vllm_server_timeout == 240  # int == float default
@@ -133,6 +133,11 @@ CONSUMED_BY_THE_CONFIG = {
     "vllm_importance_sampling_cap": "sets vllm_importance_sampling_clip_max",
     "vllm_mode": 'only "colocate", what grpokit does',
     "report_to": 'only "none", what grpokit does',
+    "use_adaptive_entropy": "entropy_regularization() (adaptive)",
+    "entropy_coef_min": "entropy_regularization() (coef_min)",
+    "entropy_coef_max": "entropy_regularization() (coef_max)",
+    "entropy_coef_delta": "entropy_regularization() (coef_delta)",
+    "entropy_target": "entropy_regularization() (target)",
 }
 CONFIG_MODULES = {"config.py", "fields.py", "trl_compat.py"}
 

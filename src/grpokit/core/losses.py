@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 
 IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence", "sequence_token")
+CISPO_CAP_MODES: tuple[str, ...] = ("absolute", "relative")
+KL_BIAS_CORRECTION_LEVELS: tuple[str, ...] = ("token", "sequence")
 ROLLOUT_IS_MODES: tuple[str, ...] = (
     "token_truncate",
     "token_mask",
@@ -127,16 +129,16 @@ def ppo_clip_loss(
     return -torch.min(ratio * advantages, clipped_ratio * advantages)
 
 
-def cispo_loss(
-    ratio: Tensor, logprobs: Tensor, advantages: Tensor, *, epsilon_high: float
-) -> Tensor:
-    """`-sg(min(r, 1+eps_high)) A log pi`, `[N, T]`.
+def cispo_loss(ratio: Tensor, logprobs: Tensor, advantages: Tensor, *, cap: float) -> Tensor:
+    """`-sg(min(r, cap)) A log pi`, `[N, T]`.
 
     CISPO (MiniMax-M1, arXiv 2506.13585 Eq. 4-5): clip the detached importance weight instead of
-    the update, so every token keeps a gradient. The paper imposes no lower bound (its eps_low is
-    set large) and caps at `1 + eps_high`; TRL caps at `epsilon_high` itself (see docs/LOSSES.md).
+    the update, so every token keeps a gradient. No lower bound is applied (the paper sets its
+    eps_low large). The cap is `epsilon_high` itself by default (TRL, ScaleRL's eps_max, arXiv
+    2510.13786), or `1 + epsilon_high` as MiniMax-M1 writes it (`cispo_cap_mode`,
+    `LossOptions.cispo_cap`).
     """
-    weight = ratio.clamp(max=1 + epsilon_high).detach()
+    weight = ratio.clamp(max=cap).detach()
     return -weight * advantages * logprobs
 
 
@@ -167,20 +169,33 @@ def vespo_weights(
     lambda_pos: float,
     k_neg: float,
     lambda_neg: float,
+    rollout_is_weights: Tensor | None = None,
 ) -> Tensor:
     """VESPO's detached gamma-shaped sequence weight `phi(w) = exp(lambda (1 - w)) w^k`.
 
     `w = prod_t r_it` is the full sequence ratio (log clamped to [log 1e-8, 20] for safety); the
-    shape `(k, lambda)` is `(k_pos, lambda_pos)` where A >= 0 and `(k_neg, lambda_neg)` elsewhere.
-    `phi(1) = 1`, so on-policy VESPO is REINFORCE. Returns `[N, 1]` (or `[N, T]` for per-token A).
+    shape `(k, lambda)` is `(k_pos, lambda_pos)` where A >= 0 and `(k_neg, lambda_neg)` elsewhere
+    (lambda floored at 1e-4, a non-finite phi set to 0, as TRL). `phi(1) = 1`, so on-policy VESPO
+    is REINFORCE. A rollout importance weight `pi_old / pi_rollout` (`rollout_is_weights`, `[N, 1]`
+    per sequence or `[N, T]` per token, each log clamped to [log 1e-8, 20]) is folded into `w`,
+    so that `w` is the ratio to the policy that sampled. Returns `[N, 1]` (or `[N, T]` for
+    per-token A).
     """
     with torch.no_grad():
+        lower = math.log(1e-8)
         per_token = _masked(log_ratio.clamp(-20.0, 20.0), completion_mask)
-        log_w = per_token.sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)  # [N, 1]
+        log_w = per_token.sum(-1, keepdim=True)  # [N, 1]
+        if rollout_is_weights is not None:
+            log_is = torch.log(rollout_is_weights.detach().to(log_w.dtype)).clamp(lower, 20.0)
+            if log_is.shape[-1] != 1:  # per token: padding carries no weight
+                log_is = _masked(log_is, completion_mask)
+            log_w = log_w + log_is.sum(-1, keepdim=True)
+        log_w = log_w.clamp(lower, 20.0)
         nonnegative = advantages >= 0
         k = torch.where(nonnegative, k_pos, k_neg)
-        lam = torch.where(nonnegative, lambda_pos, lambda_neg)
-        return torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        lam = torch.where(nonnegative, lambda_pos, lambda_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def vespo_loss(logprobs: Tensor, advantages: Tensor, phi: Tensor) -> Tensor:
@@ -246,10 +261,11 @@ def rollout_importance_weights(
 
     Truncated IS (TIS, Yao et al. 2025; after IMPALA arXiv 1606.02647) caps the weight at
     `clip_max` (and floors it at `clip_min` when given); masked IS (MIS / IcePop) sets weights
-    outside `[clip_min, clip_max]` to 0. Token modes weight each token by its own ratio; sequence
-    modes use the product of the token ratios (the exact sequence likelihood ratio, no length
-    normalisation) broadcast to every token. Multiply the per-token loss by the result
-    (`policy_loss(rollout_is_weights=...)` does).
+    outside `[clip_min, clip_max]` to 0. Token modes weight each token by its own ratio, `[N, T]`;
+    sequence modes give one weight per sequence, `[N, 1]`: the product of its token ratios (the
+    exact sequence likelihood ratio, no length normalisation), as TRL. Multiply the per-token
+    loss by the result (`policy_loss(rollout_is_weights=...)` does; VESPO folds it into its
+    sequence ratio instead).
 
     Args:
         old_logprobs: `[N, T]` log-probs of the trained model at the sampling weights.
@@ -260,7 +276,8 @@ def rollout_importance_weights(
         clip_max: Upper bound (> 0).
 
     Returns:
-        `(weights, metrics)`: `weights` `[N, T]` float32, detached, 0 at padding; metrics
+        `(weights, metrics)`: `weights` float32, detached, `[N, T]` (0 at padding) for the token
+        modes or `[N, 1]` for the sequence modes; metrics
         `rollout_is/mean|min|max`, `rollout_is/frac_modified` (fraction of loss tokens truncated or
         masked) and `rollout_is/logprob_abs_diff/mean|max`, all 0-dim detached tensors.
 
@@ -280,7 +297,7 @@ def rollout_importance_weights(
     with torch.no_grad():
         log_gap = _masked(old_logprobs.float() - sampling_logprobs.float(), mask)  # [N, T]
         if mode.startswith("sequence"):
-            log_gap = log_gap.sum(-1, keepdim=True).expand_as(log_gap)  # [N, T]
+            log_gap = log_gap.sum(-1, keepdim=True)  # [N, 1]
         raw = torch.exp(log_gap)
         low = 0.0 if clip_min is None else clip_min
         outside = (raw > clip_max) | (raw < low)
@@ -288,7 +305,8 @@ def rollout_importance_weights(
             weights = raw.clamp(min=clip_min, max=clip_max)
         else:
             weights = torch.where(outside, torch.zeros_like(raw), raw)
-        weights = _masked(weights, mask)
+        if not mode.startswith("sequence"):
+            weights = _masked(weights, mask)
         abs_diff = (old_logprobs.float() - sampling_logprobs.float()).abs()
         metrics = {
             "rollout_is/mean": masked_mean(weights, mask),
@@ -368,7 +386,7 @@ def _check_same_shape(reference: Tensor, **tensors: Tensor | None) -> None:
 
 @dataclass(frozen=True)
 class LossInputs:
-    """What a per-token objective reads.
+    """What a per-token objective (and a loss type's metrics) reads.
 
     Attributes:
         logprobs: `[N, T]` current-policy log-probs (with grad), in the loss dtype, 0 at padding.
@@ -377,6 +395,8 @@ class LossInputs:
         advantages: `[N, 1]` or `[N, T]`, detached.
         mask: `[N, T]` bool, True = loss token.
         options: The loss options (clip bounds, gate temperatures, ...).
+        rollout_is_weights: Detached `pi_old / pi_rollout` weights, `[N, 1]` or `[N, T]`, or None;
+            for a loss type that folds them into its objective (`LossSpec.folds_rollout_weights`).
     """
 
     logprobs: Tensor
@@ -385,9 +405,45 @@ class LossInputs:
     advantages: Tensor
     mask: Tensor
     options: LossOptions
+    rollout_is_weights: Tensor | None = None
+
+    @property
+    def natural_ratio(self) -> Tensor:
+        """The ratio in TRL's shape: `[N, 1]` at the sequence levels (one per sequence), `[N, T]`
+        at the token level. Metrics average it (and what is derived from it) per sequence or per
+        loss token according to this shape (`trl_mean`)."""
+        if self.options.importance_sampling_level == "token":
+            return self.ratio
+        return self.ratio[:, :1]
 
 
 Objective = Callable[[LossInputs], Tensor]  # LossInputs -> [N, T] per-token loss (the -J)
+LossMetrics = Callable[[LossInputs], dict[str, Tensor]]  # LossInputs -> 0-dim detached metrics
+
+
+def trl_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """TRL's metric mean: over the N rows (padding-only rows included) when `values` is `[N, 1]`,
+    one value per sequence; over the loss tokens when it is `[N, T]`."""
+    values = values.to(torch.promote_types(values.dtype, torch.float32))  # bool -> float32
+    if values.shape[-1] == 1:
+        return values.mean()
+    return masked_mean(values, mask)
+
+
+def _per_sequence_extreme(
+    values: Tensor, mask: Tensor, reduce: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """TRL's `clip_ratio/low_min`, `high_max`: min or max over sequences of each sequence's mean
+    (an `[N, 1]` value is its own mean); rows without loss tokens are left out; NaN if none."""
+    values = values.to(torch.promote_types(values.dtype, torch.float32))  # bool -> float32
+    if values.shape[-1] == 1:
+        per_row = values[:, 0]
+    else:
+        counts = mask.sum(-1)
+        per_row = (_masked(values, mask).sum(-1) / counts.clamp(min=1))[counts > 0]
+    if per_row.numel() == 0:
+        return torch.full((), math.nan, device=values.device)
+    return reduce(per_row)
 
 
 def _ppo_clip(x: LossInputs) -> Tensor:
@@ -397,8 +453,31 @@ def _ppo_clip(x: LossInputs) -> Tensor:
     )
 
 
+def _ppo_clip_metrics(x: LossInputs) -> dict[str, Tensor]:
+    """TRL's `clip_ratio/*`: low = ratio < 1 - epsilon_low with A < 0, high = ratio > 1 +
+    epsilon_high with A > 0; `*_mean` by `trl_mean`, `low_min` / `high_max` per sequence."""
+    o, ratio, adv = x.options, x.natural_ratio, x.advantages
+    if o.delta is not None:
+        ratio = ratio.clamp(max=o.delta)
+    low = (ratio < 1 - o.epsilon_low) & (adv < 0)
+    high = (ratio > 1 + o.epsilon_high) & (adv > 0)
+    return {
+        "clip_ratio/low_mean": trl_mean(low, x.mask),
+        "clip_ratio/high_mean": trl_mean(high, x.mask),
+        "clip_ratio/region_mean": trl_mean(low | high, x.mask),
+        "clip_ratio/low_min": _per_sequence_extreme(low, x.mask, torch.amin),
+        "clip_ratio/high_max": _per_sequence_extreme(high, x.mask, torch.amax),
+    }
+
+
 def _cispo(x: LossInputs) -> Tensor:
-    return cispo_loss(x.ratio, x.logprobs, x.advantages, epsilon_high=x.options.epsilon_high)
+    return cispo_loss(x.ratio, x.logprobs, x.advantages, cap=x.options.cispo_cap)
+
+
+def _cispo_metrics(x: LossInputs) -> dict[str, Tensor]:
+    """TRL's `cispo_clip_ratio`: the share with the weight capped (ratio > cap) and A > 0."""
+    capped = (x.natural_ratio > x.options.cispo_cap) & (x.advantages > 0)
+    return {"cispo_clip_ratio": trl_mean(capped, x.mask)}
 
 
 def _sapo(x: LossInputs) -> Tensor:
@@ -411,9 +490,9 @@ def _sapo(x: LossInputs) -> Tensor:
     )
 
 
-def _vespo(x: LossInputs) -> Tensor:
+def _vespo_phi(x: LossInputs) -> Tensor:
     o = x.options
-    phi = vespo_weights(
+    return vespo_weights(
         x.log_ratio,
         x.advantages,
         x.mask,
@@ -421,8 +500,17 @@ def _vespo(x: LossInputs) -> Tensor:
         lambda_pos=o.vespo_lambda_pos,
         k_neg=o.vespo_k_neg,
         lambda_neg=o.vespo_lambda_neg,
+        rollout_is_weights=x.rollout_is_weights,
     )
-    return vespo_loss(x.logprobs, x.advantages, phi)
+
+
+def _vespo(x: LossInputs) -> Tensor:
+    return vespo_loss(x.logprobs, x.advantages, _vespo_phi(x))
+
+
+def _vespo_metrics(x: LossInputs) -> dict[str, Tensor]:
+    """TRL's `vespo/phi_seq_mean`: the mean of phi (per sequence, or per token for [N, T] A)."""
+    return {"vespo/phi_seq_mean": trl_mean(_vespo_phi(x), x.mask)}
 
 
 # What an aggregation divides by. It decides how micro-batch losses make an optimizer step's loss
@@ -484,6 +572,12 @@ class LossSpec:
         aggregation: A key of `AGGREGATIONS`.
         uses_ppo_clip: The objective is the PPO clip, so `delta` applies to it.
         check: Optional extra check of the options for this loss type; raises `ValueError`.
+        metrics: Optional `LossInputs -> {name: 0-dim tensor}`, the loss type's own metrics
+            (TRL's names: `clip_ratio/*` for the PPO clip, `cispo_clip_ratio`,
+            `vespo/phi_seq_mean`).
+        folds_rollout_weights: The objective applies the rollout importance weights itself
+            (`LossInputs.rollout_is_weights`; VESPO folds them into its sequence ratio), so
+            `policy_loss` does not multiply the per-token loss by them.
     """
 
     name: str
@@ -491,6 +585,8 @@ class LossSpec:
     aggregation: str
     uses_ppo_clip: bool = False
     check: Callable[[LossOptions], None] | None = None
+    metrics: LossMetrics | None = None
+    folds_rollout_weights: bool = False
 
     @property
     def sums_over_step(self) -> bool:
@@ -527,14 +623,26 @@ def _check_vespo(o: LossOptions) -> None:
 LOSS_SPECS: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
-        LossSpec("grpo", _ppo_clip, "sequence_mean", uses_ppo_clip=True),
-        LossSpec("bnpo", _ppo_clip, "local_token_mean", uses_ppo_clip=True),
-        LossSpec("dr_grpo", _ppo_clip, "constant_length", uses_ppo_clip=True),
-        LossSpec("dapo", _ppo_clip, "global_token_mean", uses_ppo_clip=True),
-        LossSpec("luspo", _ppo_clip, "sequence_sum", uses_ppo_clip=True),
-        LossSpec("cispo", _cispo, "global_token_mean"),
+        *(
+            LossSpec(name, _ppo_clip, aggregation, uses_ppo_clip=True, metrics=_ppo_clip_metrics)
+            for name, aggregation in (
+                ("grpo", "sequence_mean"),
+                ("bnpo", "local_token_mean"),
+                ("dr_grpo", "constant_length"),
+                ("dapo", "global_token_mean"),
+                ("luspo", "sequence_sum"),
+            )
+        ),
+        LossSpec("cispo", _cispo, "global_token_mean", metrics=_cispo_metrics),
         LossSpec("sapo", _sapo, "sequence_mean"),
-        LossSpec("vespo", _vespo, "global_token_mean", check=_check_vespo),
+        LossSpec(
+            "vespo",
+            _vespo,
+            "global_token_mean",
+            check=_check_vespo,
+            metrics=_vespo_metrics,
+            folds_rollout_weights=True,
+        ),
     )
 }
 LOSS_TYPES: tuple[str, ...] = tuple(LOSS_SPECS)  # the built-in loss types
@@ -547,6 +655,8 @@ def register_loss_type(
     *,
     uses_ppo_clip: bool = False,
     check: Callable[[LossOptions], None] | None = None,
+    metrics: LossMetrics | None = None,
+    folds_rollout_weights: bool = False,
 ) -> LossSpec:
     """Add a loss type: after this, `LossOptions(loss_type=name)` and
     `GRPOConfig(loss_type=name)` train with it; nothing else needs editing.
@@ -558,6 +668,9 @@ def register_loss_type(
         aggregation: A key of `AGGREGATIONS` (e.g. "global_token_mean", "sequence_mean").
         uses_ppo_clip: Whether `delta` applies (the objective is the PPO clip).
         check: Optional extra check of the `LossOptions`, raising `ValueError`.
+        metrics: Optional `LossInputs -> {name: 0-dim tensor}` of the loss type's own metrics;
+            None = TRL's `clip_ratio/*` when `uses_ppo_clip`, else none.
+        folds_rollout_weights: The objective applies `LossInputs.rollout_is_weights` itself.
 
     Returns:
         The registered `LossSpec`.
@@ -569,7 +682,17 @@ def register_loss_type(
         raise ValueError(f"loss_type {name!r} is already registered; pick another name.")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {tuple(AGGREGATIONS)}, got {aggregation!r}.")
-    spec = LossSpec(name, objective, aggregation, uses_ppo_clip=uses_ppo_clip, check=check)
+    if metrics is None and uses_ppo_clip:
+        metrics = _ppo_clip_metrics
+    spec = LossSpec(
+        name,
+        objective,
+        aggregation,
+        uses_ppo_clip=uses_ppo_clip,
+        check=check,
+        metrics=metrics,
+        folds_rollout_weights=folds_rollout_weights,
+    )
     LOSS_SPECS[name] = spec
     return spec
 
@@ -581,19 +704,27 @@ def register_loss_type(
 
 @dataclass(frozen=True)
 class LossOptions:
-    """The options of `policy_loss`, checked once when built. Defaults follow TRL's `GRPOConfig`
-    (except `use_bias_correction_kl`); `GRPOConfig.loss_options()` builds them from a config.
+    """The options of `policy_loss`, checked once when built. Defaults and meanings follow TRL's
+    `GRPOConfig`; `GRPOConfig.loss_options()` builds them from a config.
 
     Attributes:
         loss_type: A key of `LOSS_SPECS` (default "dapo", as TRL).
         importance_sampling_level: "token", "sequence" (GSPO) or "sequence_token" (GSPO-token).
         epsilon_low: Lower clip: ratios below `1 - epsilon_low` are clipped.
-        epsilon_high: Upper clip: `1 + epsilon_high` (DAPO uses 0.28). For `cispo` the IS-weight
-            cap is `1 + epsilon_high` (paper), not TRL's `epsilon_high`.
+        epsilon_high: Upper clip: `1 + epsilon_high` (DAPO uses 0.28). For `cispo` it sets the
+            IS-weight cap, per `cispo_cap_mode`.
+        cispo_cap_mode: How `cispo` caps its weight: "absolute" (default, TRL and ScaleRL's
+            eps_max, arXiv 2510.13786): at `epsilon_high` itself (TRL recommends 5.0);
+            "relative" (MiniMax-M1 Eq. 5, arXiv 2506.13585): at `1 + epsilon_high`.
         delta: INTELLECT-2 cap on the unclipped ratio (> 1 + epsilon_high), PPO-clip losses only.
         beta: KL coefficient; 0 skips the KL entirely (then `ref_logprobs` is not needed).
-        use_bias_correction_kl: Multiply the per-token k3 by the token ratio `pi_theta / pi_old`
-            (DeepSeek-V3.2), making it unbiased under samples from the old policy.
+        use_bias_correction_kl: Multiply the per-token k3 by an importance ratio `pi_theta /
+            pi_old` (DeepSeek-V3.2, arXiv 2512.02556), making it unbiased under samples from the
+            old policy; which ratio is `kl_bias_correction_level`.
+        kl_bias_correction_level: The ratio the KL is corrected with: None (default, TRL) = the
+            one of `importance_sampling_level` (at "sequence", the sequence ratio); "token" = the
+            token ratio, DeepSeek-V3.2's per-token correction of the per-token KL at every level;
+            "sequence" = the sequence ratio at every level.
         max_completion_length: `L` for `dr_grpo` (required by its aggregation).
         top_entropy_quantile: Keep only this top fraction of tokens by entropy (1 = all). As in
             TRL the normaliser is not changed (see docs/LOSSES.md).
@@ -614,9 +745,11 @@ class LossOptions:
     importance_sampling_level: str = "token"
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
+    cispo_cap_mode: str = "absolute"
     delta: float | None = None
     beta: float = 0.0
     use_bias_correction_kl: bool = True
+    kl_bias_correction_level: str | None = None
     max_completion_length: int | None = None
     top_entropy_quantile: float = 1.0
     off_policy_mask_threshold: float | None = None
@@ -647,6 +780,17 @@ class LossOptions:
         """The `LossSpec` of `loss_type`."""
         return LOSS_SPECS[self.loss_type]
 
+    @property
+    def cispo_cap(self) -> float:
+        """The cap of CISPO's importance weight: `epsilon_high` ("absolute") or `1 +
+        epsilon_high` ("relative"), per `cispo_cap_mode`."""
+        return self.epsilon_high + (1.0 if self.cispo_cap_mode == "relative" else 0.0)
+
+    @property
+    def kl_correction_level(self) -> str:
+        """The level of the ratio the KL is multiplied by (`kl_bias_correction_level`)."""
+        return self.kl_bias_correction_level or self.importance_sampling_level
+
     def _check_clipping(self) -> None:
         for name, value in (("epsilon_low", self.epsilon_low), ("epsilon_high", self.epsilon_high)):
             if not (math.isfinite(value) and value >= 0):
@@ -663,6 +807,10 @@ class LossOptions:
                     f"delta must be > 1 + epsilon_high = {1 + self.epsilon_high} (it caps ratios "
                     f"above the clip range; INTELLECT-2 uses 4); got delta={self.delta}."
                 )
+        if self.cispo_cap_mode not in CISPO_CAP_MODES:
+            raise ValueError(
+                f"cispo_cap_mode must be one of {CISPO_CAP_MODES}, got {self.cispo_cap_mode!r}."
+            )
         if not (self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0):
             raise ValueError(
                 "sapo_temperature_pos and sapo_temperature_neg must be > 0; got "
@@ -678,6 +826,12 @@ class LossOptions:
             raise ValueError(
                 f"top_entropy_quantile must be in (0, 1] (1 keeps every token; the 80/20 paper "
                 f"uses 0.2); got {self.top_entropy_quantile}."
+            )
+        level = self.kl_bias_correction_level
+        if level is not None and level not in KL_BIAS_CORRECTION_LEVELS:
+            raise ValueError(
+                f"kl_bias_correction_level must be None (the importance_sampling_level's ratio, "
+                f"as TRL) or one of {KL_BIAS_CORRECTION_LEVELS}, got {level!r}."
             )
         length = self.max_completion_length
         if length is not None and length < 1:
@@ -711,6 +865,7 @@ def _check_inputs(
     advantages: Tensor,
     completion_mask: Tensor,
     num_items_in_batch: float | Tensor | None,
+    rollout_is_weights: Tensor | None,
     **per_token: Tensor | None,
 ) -> None:
     if logprobs.dim() != 2:
@@ -721,6 +876,12 @@ def _check_inputs(
             f"advantages must be [N] = [{logprobs.shape[0]}] or [N, T] = {list(logprobs.shape)}, "
             f"got {tuple(advantages.shape)}."
         )
+    n = logprobs.shape[0]
+    if rollout_is_weights is not None and rollout_is_weights.shape not in ((n, 1), logprobs.shape):
+        raise ValueError(
+            f"rollout_is_weights must be [N, 1] = [{n}, 1] (per sequence) or [N, T] = "
+            f"{list(logprobs.shape)} (per token), got {tuple(rollout_is_weights.shape)}."
+        )
     if num_items_in_batch is not None and not float(num_items_in_batch) > 0:
         raise ValueError(
             f"num_items_in_batch must be > 0 (the loss-token count of the generation batch), "
@@ -728,34 +889,49 @@ def _check_inputs(
         )
 
 
+def loss_token_mask(
+    completion_mask: Tensor, options: LossOptions, entropies: Tensor | None = None
+) -> Tensor:
+    """The tokens the policy loss acts on after the top-entropy filter, `[N, T]` bool.
+
+    `completion_mask` (1 = loss token) restricted to the top `top_entropy_quantile` of its tokens
+    by entropy (`high_entropy_mask`) when that is < 1. TRL's entropy bonus averages over these
+    tokens (`core.entropy.entropy_bonus`).
+
+    Raises:
+        ValueError: `top_entropy_quantile < 1` without `entropies`.
+    """
+    mask = completion_mask.bool()
+    if options.top_entropy_quantile >= 1.0:
+        return mask
+    if entropies is None:
+        raise ValueError("top_entropy_quantile < 1 needs the per-token `entropies`; pass them.")
+    return high_entropy_mask(entropies, mask, options.top_entropy_quantile)
+
+
 def _token_filters(x: LossInputs, behaviour_logprobs: Tensor, entropies: Tensor | None) -> Tensor:
     """`[N, T]` float multiplier from the off-policy and entropy masks (1 = keep)."""
     o = x.options
-    keep = torch.ones_like(x.mask)
+    keep = loss_token_mask(x.mask, o, entropies)
     if o.off_policy_mask_threshold is not None:
         keep = keep & off_policy_sequence_mask(
             x.logprobs, behaviour_logprobs, x.advantages, x.mask, o.off_policy_mask_threshold
         )
-    if o.top_entropy_quantile < 1.0:
-        if entropies is None:
-            raise ValueError("top_entropy_quantile < 1 needs the per-token `entropies`; pass them.")
-        keep = keep & high_entropy_mask(entropies, x.mask, o.top_entropy_quantile)
     return keep.to(x.logprobs.dtype)
 
 
 def _metrics(x: LossInputs, kl: Tensor | None, entropies: Tensor | None) -> dict[str, Tensor]:
+    """The loss type's own metrics (`LossSpec.metrics`), then `kl`, `entropy` and `ratio/*`."""
     with torch.no_grad():
-        ratio, advantages, mask = x.ratio.detach(), x.advantages, x.mask
-        low = (ratio < 1 - x.options.epsilon_low) & (advantages < 0)
-        high = (ratio > 1 + x.options.epsilon_high) & (advantages > 0)
-        metrics = {
-            "clip_ratio/low_mean": masked_mean(low.float(), mask),
-            "clip_ratio/high_mean": masked_mean(high.float(), mask),
-            "clip_ratio/region_mean": masked_mean((low | high).float(), mask),
-            "ratio/mean": masked_mean(ratio - 1, mask) + 1,  # 1 (neutral) without loss tokens
-            "ratio/min": _masked_extreme(ratio, mask, torch.amin),
-            "ratio/max": _masked_extreme(ratio, mask, torch.amax),
-        }
+        metrics = x.options.spec.metrics(x) if x.options.spec.metrics is not None else {}
+        ratio, mask = x.ratio.detach(), x.mask  # [N, T]: grpokit's, over loss tokens
+        metrics.update(
+            {
+                "ratio/mean": masked_mean(ratio - 1, mask) + 1,  # 1 (neutral) without loss tokens
+                "ratio/min": _masked_extreme(ratio, mask, torch.amin),
+                "ratio/max": _masked_extreme(ratio, mask, torch.amax),
+            }
+        )
         if kl is not None:
             metrics["kl"] = masked_mean(kl.detach(), mask)
         if entropies is not None:
@@ -779,7 +955,7 @@ def policy_loss(
     sampling_logprobs: Tensor | None = None,
     rollout_is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The policy loss of one micro-batch, and its metrics.
+    """The policy loss of one micro-batch, and its metrics: TRL's `GRPOTrainer._compute_loss`.
 
     Per token: objective(`loss_type`) x off-policy mask x entropy mask x rollout IS weight
     + `beta` * KL, then the aggregation of `loss_type` over `completion_mask` (TRL's order). The
@@ -795,6 +971,11 @@ def policy_loss(
     | cispo | clipped detached IS weight x log pi | as dapo |
     | sapo | soft gate | as grpo |
     | vespo | detached gamma sequence weight x log pi | as dapo |
+
+    With TRL's entropy regularisation, a micro-batch's loss is `policy_loss(...) - entropy_coef *
+    core.entropy.entropy_bonus(...)`. For one micro-batch per optimizer step (TRL's
+    `gradient_accumulation_steps=1`, `num_items_in_batch` = the batch's loss tokens), loss,
+    gradient and metrics equal TRL 1.16's on the same tensors (tests/test_trl_parity.py).
 
     Micro-batching: when `options.spec.sums_over_step` (dapo, cispo, vespo) and
     `num_items_in_batch` = the loss-token count of the whole batch being accumulated, the
@@ -814,15 +995,28 @@ def policy_loss(
         entropies: `[N, T]` per-token entropies; logged, and used by `top_entropy_quantile`.
         sampling_logprobs: `[N, T]` rollout-engine log-probs; the behaviour policy for the
             off-policy mask (falls back to `old_logprobs`).
-        rollout_is_weights: `[N, T]` detached weights from `rollout_importance_weights`.
+        rollout_is_weights: Detached weights from `rollout_importance_weights`, `[N, 1]` per
+            sequence or `[N, T]` per token.
 
     Returns:
-        `(loss, metrics)`: the scalar loss (float32, differentiable w.r.t. `logprobs`) and detached
-        0-dim metrics `clip_ratio/low_mean`, `clip_ratio/high_mean`, `clip_ratio/region_mean`
-        (fractions of loss tokens: low = ratio < 1-epsilon_low with A < 0, high = ratio >
-        1+epsilon_high with A > 0), `ratio/mean|min|max` over loss tokens, `kl` (when beta != 0)
-        and `entropy` (when `entropies` is given). Keys ending in `/min` or `/max` are to be
-        min- or max-reduced across micro-batches, the rest averaged.
+        `(loss, metrics)`: the scalar loss (float32, or float64 for float64 `logprobs`;
+        differentiable w.r.t. `logprobs`) and detached 0-dim metrics with TRL's names
+        and meanings. A mean over "sequences" below is over the N rows when the value is one
+        per sequence (a sequence-level ratio with per-sequence advantages), else over loss
+        tokens (`trl_mean`):
+
+        - PPO-clip loss types: `clip_ratio/low_mean` (ratio < 1 - epsilon_low with A < 0),
+          `clip_ratio/high_mean` (ratio > 1 + epsilon_high with A > 0),
+          `clip_ratio/region_mean` (either), and the min / max over sequences of each
+          sequence's low / high fraction, `clip_ratio/low_min` / `clip_ratio/high_max`;
+        - cispo: `cispo_clip_ratio` (weight capped, A > 0); vespo: `vespo/phi_seq_mean`;
+        - `kl` (when beta != 0; over loss tokens, after the bias correction), `entropy` (when
+          `entropies` is given; over loss tokens);
+        - grpokit's `ratio/mean`, `ratio/min` and `ratio/max` over loss tokens (a sequence's
+          ratio counted once per token; 1 without loss tokens).
+
+        Keys whose last part starts or ends with `min` / `max` are to be min- or max-reduced
+        across micro-batches, the rest averaged.
 
     Raises:
         ValueError: on mismatched shapes, or a missing input the options need (ref_logprobs,
@@ -833,11 +1027,11 @@ def policy_loss(
         advantages,
         completion_mask,
         num_items_in_batch,
+        rollout_is_weights,
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
         entropies=entropies,
         sampling_logprobs=sampling_logprobs,
-        rollout_is_weights=rollout_is_weights,
     )
     if options.beta != 0 and ref_logprobs is None:
         raise ValueError("beta != 0 needs ref_logprobs (the reference model's log-probs).")
@@ -849,29 +1043,40 @@ def policy_loss(
     old = logprobs.detach() if old_logprobs is None else _constant(old_logprobs, mask, dtype)
     adv = advantages.detach().to(dtype)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [N, 1] or [N, T]
-    level = options.importance_sampling_level
+    is_weights = None
+    if rollout_is_weights is not None:  # [N, 1] or [N, T]; a per-token weight is 0 at padding
+        is_weights = rollout_is_weights.detach().to(dtype)
+        if is_weights.shape[-1] != 1:
+            is_weights = _masked(is_weights, mask)
+    spec = options.spec
     x = LossInputs(
         logprobs=logprobs,
         log_ratio=_masked(logprobs - old, mask),
-        ratio=torch.exp(log_importance_weights(logprobs, old, mask, level)),
+        ratio=torch.exp(
+            log_importance_weights(logprobs, old, mask, options.importance_sampling_level)
+        ),
         advantages=adv,
         mask=mask,
         options=options,
+        rollout_is_weights=is_weights if spec.folds_rollout_weights else None,
     )
 
-    spec = options.spec
     per_token_loss = spec.objective(x)  # [N, T]
     behaviour = old if sampling_logprobs is None else _constant(sampling_logprobs, mask, dtype)
     per_token_loss = per_token_loss * _token_filters(x, behaviour, entropies)
-    if rollout_is_weights is not None:
-        per_token_loss = per_token_loss * _constant(rollout_is_weights, mask, dtype)
+    if is_weights is not None and not spec.folds_rollout_weights:
+        per_token_loss = per_token_loss * is_weights
 
     kl = None
     if options.beta != 0:
         assert ref_logprobs is not None  # checked above
         kl = k3_kl(logprobs, _constant(ref_logprobs, mask, dtype))  # [N, T], 0 at padding
-        if options.use_bias_correction_kl:
-            kl = kl * torch.exp(x.log_ratio)  # token ratio pi_theta / pi_old (DeepSeek-V3.2)
+        if options.use_bias_correction_kl:  # times pi_theta / pi_old (DeepSeek-V3.2)
+            level = options.kl_correction_level
+            ratio = x.ratio
+            if level != options.importance_sampling_level:
+                ratio = torch.exp(log_importance_weights(logprobs, old, mask, level))
+            kl = kl * ratio
         per_token_loss = per_token_loss + options.beta * kl
 
     aggregation = AGGREGATIONS[spec.aggregation]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from grpokit.core.entropy import EntropyRegularization
     from grpokit.core.losses import LossOptions
 
 from grpokit.train.fields import at_default, check_at_default, did_you_mean, option
@@ -80,6 +81,11 @@ NUMBER_RANGES: dict[str, str] = {
     "vespo_lambda_pos": "(0, inf)",
     "vespo_k_neg": "[0, inf)",
     "vespo_lambda_neg": "(0, inf)",
+    "entropy_coef": "(-inf, inf)",
+    "entropy_coef_min": "(-inf, inf)",
+    "entropy_coef_max": "(-inf, inf)",
+    "entropy_coef_delta": "[0, inf)",
+    "entropy_target": "[0, inf)",
     "vllm_importance_sampling_clip_min": "[0, inf)",
     "vllm_importance_sampling_clip_max": "(0, inf)",
     "ref_model_mixup_alpha": "[0, 1]",
@@ -323,7 +329,15 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     )
     epsilon_high: float | None = option(
         None,
-        "Upper clipping bound: clip(ratio, ..., 1 + epsilon_high). None = `epsilon` (DAPO: 0.28).",
+        "Upper clipping bound: clip(ratio, ..., 1 + epsilon_high). None = `epsilon` (DAPO: "
+        'recommends 0.28). With loss_type="cispo" it caps the importance weight (see '
+        "`cispo_cap_mode`; TRL recommends 5.0).",
+    )
+    cispo_cap_mode: str = option(
+        "absolute",
+        'How loss_type="cispo" caps its detached importance weight: "absolute" (TRL; ScaleRL\'s '
+        'eps_max, arXiv 2510.13786) at `epsilon_high` itself; "relative" (MiniMax-M1, arXiv '
+        "2506.13585, equation 5) at 1 + `epsilon_high`.",
     )
     delta: float | None = option(
         None,
@@ -331,7 +345,8 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     )
     importance_sampling_level: str = option(
         "token",
-        'Importance ratio per "token", or per "sequence" (GSPO: geometric mean over the tokens).',
+        'Importance ratio per "token", or per "sequence" (GSPO: geometric mean over the tokens), '
+        'or "sequence_token" (GSPO-token: the sequence value, each token\'s gradient its own).',
     )
     scale_rewards: str | bool = option(
         "group",
@@ -358,8 +373,40 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     )
     use_bias_correction_kl: bool = option(
         True,
-        "Multiply the KL term by the importance ratio (DeepSeek-V3.2 unbiased KL); only acts "
-        "when beta > 0.",
+        "Multiply the KL term by the importance ratio pi_theta / pi_old (DeepSeek-V3.2 unbiased "
+        "KL); only acts when beta > 0. Which ratio: `kl_bias_correction_level`.",
+    )
+    kl_bias_correction_level: str | None = option(
+        None,
+        "The ratio `use_bias_correction_kl` multiplies the per-token KL by: None (TRL) = the one "
+        'of `importance_sampling_level` (the sequence ratio at "sequence"); "token" = the token '
+        "ratio at every level, DeepSeek-V3.2's per-token correction (arXiv 2512.02556); "
+        '"sequence" = the sequence ratio at every level.',
+    )
+    entropy_coef: float = option(
+        0.0,
+        "Entropy regularisation as TRL: subtract entropy_coef * (mean per-token entropy over the "
+        "tokens the policy loss acts on) from each micro-batch's loss; the same meaning for "
+        "every loss_type. > 0 encourages exploration. With `use_adaptive_entropy`, the initial "
+        "coefficient. 0 = off.",
+    )
+    use_adaptive_entropy: bool = option(
+        False,
+        "Adaptive entropy control (Skywork-OR1, arXiv 2505.22312): after each optimizer step "
+        "move entropy_coef by `entropy_coef_delta`, up when the step's mean entropy is <= "
+        "`entropy_target`, down otherwise (within [entropy_coef_min, entropy_coef_max]); the "
+        "bonus applies only while the previous step's entropy is <= entropy_target.",
+    )
+    entropy_coef_min: float = option(0.0, "Lower bound of the adaptive entropy coefficient.")
+    entropy_coef_max: float = option(1.0, "Upper bound of the adaptive entropy coefficient.")
+    entropy_coef_delta: float = option(
+        0.005, "Step of the adaptive entropy coefficient per optimizer step."
+    )
+    entropy_target: float = option(
+        0.2,
+        "Target mean per-token entropy (nats) of adaptive entropy control, over the same tokens "
+        "as the policy loss. Language models typically sit at 2-10 nats, so the default (as "
+        "TRL) rarely engages; set it near the `entropy` logged early in training.",
     )
     sapo_temperature_pos: float = option(
         1.0, "SAPO gate temperature for tokens with positive advantage."
@@ -428,6 +475,19 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         'What a timed-out reward call does: "error" stops training with an error naming the '
         'function; "nan" scores that batch as not applicable for that function (NaN rewards), '
         "with a warning.",
+    )
+    dynamic_sampling: bool = option(
+        False,
+        "DAPO's dynamic sampling (arXiv 2503.14476 §3.2): drop prompt groups whose G rewards "
+        "are all equal (advantage 0, no policy gradient) and draw more prompts, as many as "
+        "groups are missing, until the generation batch holds only groups with varied rewards; "
+        "at most `max_dynamic_sampling_draws` extra draws per generation batch.",
+    )
+    max_dynamic_sampling_draws: int = option(
+        10,
+        "Extra draws dynamic sampling may make per generation batch. When they are used up, the "
+        "batch is completed with equal-reward groups (advantage 0: they add no policy gradient, "
+        "as without dynamic sampling) and a warning says how many.",
     )
 
     # ---- Tools (multi-turn rollouts; GRPOTrainer(tools=...)) ----------------------------------
@@ -785,6 +845,16 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
                 f"got {self.multi_objective_aggregation!r}."
             )
         self.loss_options()  # LossOptions checks the loss options when built
+        self.entropy_regularization()  # and EntropyRegularization the entropy options
+        if (
+            not isinstance(self.max_dynamic_sampling_draws, int)
+            or isinstance(self.max_dynamic_sampling_draws, bool)
+            or self.max_dynamic_sampling_draws < 0
+        ):
+            raise ValueError(
+                "max_dynamic_sampling_draws must be an integer >= 0, got "
+                f"{self.max_dynamic_sampling_draws!r}."
+            )
         self._check_rollout_importance_sampling()
         if self.sync_ref_model and self.beta == 0:
             raise ValueError(
@@ -944,9 +1014,11 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
             importance_sampling_level=self.importance_sampling_level,
             epsilon_low=self.epsilon,
             epsilon_high=self.resolved_epsilon_high,
+            cispo_cap_mode=self.cispo_cap_mode,
             delta=self.delta,
             beta=self.beta,
             use_bias_correction_kl=self.use_bias_correction_kl,
+            kl_bias_correction_level=self.kl_bias_correction_level,
             max_completion_length=self.max_completion_length,
             top_entropy_quantile=self.top_entropy_quantile,
             off_policy_mask_threshold=self.off_policy_mask_threshold,
@@ -956,6 +1028,20 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
             vespo_lambda_pos=self.vespo_lambda_pos,
             vespo_k_neg=self.vespo_k_neg,
             vespo_lambda_neg=self.vespo_lambda_neg,
+        )
+
+    def entropy_regularization(self) -> EntropyRegularization:
+        """The run's entropy regularisation settings (`entropy_coef` and the adaptive fields),
+        checked when built."""
+        from grpokit.core.entropy import EntropyRegularization
+
+        return EntropyRegularization(
+            coef=self.entropy_coef,
+            adaptive=self.use_adaptive_entropy,
+            coef_min=self.entropy_coef_min,
+            coef_max=self.entropy_coef_max,
+            coef_delta=self.entropy_coef_delta,
+            target=self.entropy_target,
         )
 
     @property

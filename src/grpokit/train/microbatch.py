@@ -20,6 +20,13 @@ by (`LossSpec`, grpokit.core.losses):
 - `depends_on_grouping` (bnpo: divides by the micro-batch's own loss tokens): the mean of the
   plain micro-batches' losses, `size / R` each.
 
+**The entropy bonus** (`entropy_coef`, grpokit.core.entropy) is a mean over each micro-batch's
+tokens whatever the loss type, and TRL divides it by the number of micro-batches: each
+micro-batch's bonus weighs `MicroBatch.entropy_weight = n / R` (`1 /
+gradient_accumulation_steps`). It is a mean of per-micro-batch means, so it depends on which rows
+share a micro-batch, and every row has a gradient through its entropies, so with the bonus on
+neither speed-up below applies.
+
 TRL instead divides by the token count of the whole *generation* batch, counted before
 `mask_truncated_completions`: the same when steps_per_generation == gradient_accumulation_steps
 and nothing is masked, smaller steps otherwise. Counting the step's own tokens makes 1
@@ -67,11 +74,14 @@ class MicroBatch:
             `num_items_in_batch` of this micro-batch's `policy_loss`.
         loss_weight: Multiply this micro-batch's `policy_loss` by it; the weighted losses sum to
             the step's loss (module docstring).
+        entropy_weight: Multiply this micro-batch's entropy bonus by it: its share of the step's
+            rows (`1 / gradient_accumulation_steps` for a full micro-batch), as TRL.
     """
 
     rows: Tensor
     num_items_in_batch: Tensor
     loss_weight: float
+    entropy_weight: float = 0.0
 
 
 def plan_micro_batches(
@@ -84,6 +94,7 @@ def plan_micro_batches(
     *,
     skip_zero_advantage: bool = True,
     bucket_by_length: bool = True,
+    entropy_bonus: bool = False,
 ) -> list[MicroBatch]:
     """Split an optimizer step's `rows` into micro-batches, skipping and bucketing when exact.
 
@@ -98,6 +109,8 @@ def plan_micro_batches(
             (`top_entropy_quantile < 1`) couples rows, so then nothing is skipped or moved.
         skip_zero_advantage: Allow speed-up 1 (module docstring).
         bucket_by_length: Allow speed-up 2.
+        entropy_bonus: The loss has TRL's entropy bonus: every row counts and the plain
+            micro-batches are kept (module docstring).
 
     Returns:
         Micro-batches in training order; empty when every row of the step has zero advantage
@@ -106,7 +119,7 @@ def plan_micro_batches(
     spec = options.spec
     index = torch.arange(rows.start, rows.stop)  # [R]
     num_items = loss_mask[index].sum().clamp(min=1).float()  # the step's loss tokens
-    coupled = options.top_entropy_quantile < 1.0
+    coupled = options.top_entropy_quantile < 1.0 or entropy_bonus
     skip = skip_zero_advantage and options.beta == 0 and not coupled
     nonzero = (advantages[index] != 0).reshape(len(index), -1).any(-1)  # [R]
     if spec.depends_on_grouping or coupled:  # keep the plain micro-batches
@@ -120,7 +133,7 @@ def plan_micro_batches(
             if skip and spec.depends_on_grouping:  # the kept rows' share of the chunk's tokens
                 tokens = loss_mask[chunk].sum().clamp(min=1)
                 weight *= float(loss_mask[kept].sum().clamp(min=1) / tokens)
-            plan.append(MicroBatch(kept, num_items, weight))
+            plan.append(MicroBatch(kept, num_items, weight, len(kept) / len(index)))
         return plan
     kept = index[nonzero] if skip else index
     if bucket_by_length:
@@ -130,7 +143,7 @@ def plan_micro_batches(
     for start in range(0, len(kept), size):
         chunk = kept[start : start + size]
         weight = len(chunk) / len(index) if spec.divides_by_rows else 1.0
-        plan.append(MicroBatch(chunk, num_items, weight))
+        plan.append(MicroBatch(chunk, num_items, weight, len(chunk) / len(index)))
     return plan
 
 

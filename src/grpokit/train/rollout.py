@@ -19,6 +19,7 @@ module also holds `RolloutBatch`, the training batch built from a rollout.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,106 @@ class ScoredRollout:
         """`[N]` float32 completion lengths in tokens the model wrote (up to and including
         EOS; tool replies not counted)."""
         return self.gen.model_mask.sum(1).float()
+
+    def select_groups(self, groups: Tensor, num_generations: int) -> ScoredRollout:
+        """The rollout restricted to the prompt groups `groups` (`[b]` long indices), in that
+        order: `b * G` rows."""
+        g = num_generations
+        rows = (groups[:, None] * g + torch.arange(g)).reshape(-1)  # [b*G]
+        index = rows.tolist()
+        gen = self.gen
+
+        def take(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value[rows]
+
+        return ScoredRollout(
+            prompts=[self.prompts[i] for i in index],
+            columns={k: [v[i] for i in index] for k, v in self.columns.items()},
+            completions=[self.completions[i] for i in index],
+            completion_ids=[self.completion_ids[i] for i in index],
+            rewards=self.rewards[rows],
+            gen=GenerationOutput(
+                prompt_ids=gen.prompt_ids[rows],
+                prompt_mask=gen.prompt_mask[rows],
+                completion_ids=gen.completion_ids[rows],
+                completion_mask=gen.completion_mask[rows],
+                is_truncated=gen.is_truncated[rows],
+                sampling_logprobs=take(gen.sampling_logprobs),
+                tool_mask=take(gen.tool_mask),
+                turns=_join_turns([(gen.turns, index)]),
+                extra_fields={k: [v[i] for i in index] for k, v in gen.extra_fields.items()},
+            ),
+            over_length=self.over_length,
+        )
+
+
+# The per-row records of a multi-turn batch (`tools.turns.ToolTurns`) that decoding and the tool
+# metrics read after generation.
+_TURN_ROWS = ("row_tools", "replies", "calls", "errors", "dropped")
+
+
+def _join_turns(parts: list[tuple[Any, Sequence[int]]]) -> Any:
+    """The multi-turn record of the rows `(turns, rows)` of each part, in order (None when the
+    rollouts are single-turn)."""
+    if any(turns is None for turns, _ in parts):
+        return None
+    joined = copy.copy(parts[0][0])
+    for name in _TURN_ROWS:
+        setattr(joined, name, [getattr(turns, name)[i] for turns, rows in parts for i in rows])
+    return joined
+
+
+def concatenate_rollouts(parts: Sequence[ScoredRollout], pad_token_id: int) -> ScoredRollout:
+    """One rollout holding the rows of `parts` in order: prompts re-left-padded and completions
+    re-right-padded with `pad_token_id` to the widest part (masks 0 there); `over_length` summed.
+
+    Raises:
+        ValueError: no parts, or parts whose reward columns differ.
+    """
+    if not parts:
+        raise ValueError("concatenate_rollouts needs at least one rollout.")
+    gens = [p.gen for p in parts]
+    p_width = max(g.prompt_ids.shape[1] for g in gens)
+    t_width = max(g.completion_ids.shape[1] for g in gens)
+
+    def pad(t: Tensor, width: int, value: float, *, left: bool) -> Tensor:
+        extra = width - t.shape[1]
+        if extra == 0:
+            return t
+        fill = torch.full((t.shape[0], extra), value, dtype=t.dtype)
+        return torch.cat([fill, t] if left else [t, fill], dim=1)
+
+    def joined(values: list[Tensor | None], width: int) -> Tensor | None:
+        if any(v is None for v in values):
+            return None
+        return torch.cat([pad(v, width, 0, left=False) for v in values if v is not None])
+
+    gen = GenerationOutput(
+        prompt_ids=torch.cat([pad(g.prompt_ids, p_width, pad_token_id, left=True) for g in gens]),
+        prompt_mask=torch.cat([pad(g.prompt_mask, p_width, 0, left=True) for g in gens]),
+        completion_ids=torch.cat(
+            [pad(g.completion_ids, t_width, pad_token_id, left=False) for g in gens]
+        ),
+        completion_mask=torch.cat([pad(g.completion_mask, t_width, 0, left=False) for g in gens]),
+        is_truncated=torch.cat([g.is_truncated for g in gens]),
+        sampling_logprobs=joined([g.sampling_logprobs for g in gens], t_width),
+        tool_mask=joined([g.tool_mask for g in gens], t_width),
+        turns=_join_turns([(g.turns, range(g.completion_ids.shape[0])) for g in gens]),
+        extra_fields={
+            k: [x for g in gens for x in g.extra_fields[k]] for k in gens[0].extra_fields
+        },
+    )
+    if len({p.rewards.shape[1] for p in parts}) != 1:
+        raise ValueError("rollouts to concatenate must have the same reward functions.")
+    return ScoredRollout(
+        prompts=[x for p in parts for x in p.prompts],
+        columns={k: [x for p in parts for x in p.columns[k]] for k in parts[0].columns},
+        completions=[x for p in parts for x in p.completions],
+        completion_ids=[x for p in parts for x in p.completion_ids],
+        rewards=torch.cat([p.rewards for p in parts]),
+        gen=gen,
+        over_length=sum(p.over_length for p in parts),
+    )
 
 
 @dataclass

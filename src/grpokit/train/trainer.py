@@ -23,13 +23,14 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from transformers import TrainerControl
 
-from grpokit.core.advantages import check_reward_weights, group_advantages
+from grpokit.core.advantages import AdvantageOutput, check_reward_weights, group_advantages
+from grpokit.core.entropy import entropy_bonus
 from grpokit.core.logprobs import model_completion_logprobs
 from grpokit.core.losses import policy_loss, rollout_importance_weights
 from grpokit.data.prompts import prompt_token_limit
@@ -60,6 +61,8 @@ from grpokit.train.prompt_sampler import PromptSampler
 from grpokit.train.rollout import (
     RolloutBatch,
     RolloutPipeline,
+    ScoredRollout,
+    concatenate_rollouts,
     evaluate_rewards,
     reward_columns,
 )
@@ -181,6 +184,7 @@ class GRPOTrainer:
             self.args.max_prompt_length, self.context_length, self.args.max_completion_length
         )
         self.loss_options = self.args.loss_options()  # built and checked once
+        self.entropy_regularization = self.args.entropy_regularization()
         self.use_bf16 = build.resolve_precision(self.args, self.device)
         self.max_steps = build.resolve_max_steps(self.args, self.sampler.size)
         self.optimizer = build.make_optimizer(self.model, self.args)
@@ -279,20 +283,10 @@ class GRPOTrainer:
         self._event("on_step_begin")  # the round's first step begins with its rollouts (as TRL)
 
         # ---- ALGO: rollouts ----------------------------------------------------------------
-        with _timer(timings, "time/generation"):
-            prompts, prompt_ids, columns = self.sample_prompts()
-            gen = self.generate(prompt_ids)
+        rollout, sampling_metrics = self.collect_rollouts(timings)
         with _timer(timings, "time/rewards"):
-            completions, completion_id_lists = self.decode(prompts, gen)
-            columns = reward_columns(columns, gen, self.environments or [])
-            rewards = self.score(prompts, completions, completion_id_lists, columns)
-            adv = group_advantages(
-                rewards,  # [N, K]
-                cfg.num_generations,
-                reward_weights=cfg.reward_weights,
-                scale_rewards=cfg.resolved_scale_rewards,
-                multi_objective_aggregation=cfg.multi_objective_aggregation,
-            )
+            adv = self.advantages(rollout.rewards)
+        gen = rollout.gen
         with _timer(timings, "time/logprobs"):
             batch = self.build_rollout_batch(gen, adv.advantages)
 
@@ -305,6 +299,7 @@ class GRPOTrainer:
         self.pending.add(
             {
                 **self._rollout_metrics(gen, adv.metrics),
+                **sampling_metrics,
                 **timings,
                 "step_time": step_time,
                 "tokens_per_second": float(gen.completion_mask.sum()) / step_time,
@@ -318,9 +313,9 @@ class GRPOTrainer:
             run_log.log_completions(
                 self.state.global_step,
                 completion_rows(
-                    prompts,
-                    completions,
-                    rewards,
+                    rollout.prompts,
+                    rollout.completions,
+                    rollout.rewards,
                     adv.rewards,
                     adv.advantages,
                     names,
@@ -333,20 +328,113 @@ class GRPOTrainer:
     # =============================================================================================
     # Steps of the algorithm
     # =============================================================================================
-    def sample_prompts(self) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
-        """Draw B prompts, render and tokenize them, and enforce `max_prompt_length`.
+    def collect_rollouts(
+        self, timings: dict[str, float] | None = None
+    ) -> tuple[ScoredRollout, dict[str, float]]:
+        """The generation batch: B prompts, G scored completions each (N = B*G rows).
+
+        With `dynamic_sampling` (DAPO, arXiv 2503.14476 §3.2), groups whose G rewards are all
+        equal (advantage 0, no policy gradient) are dropped and more prompts are drawn, as many
+        as groups are still missing, until all B groups have varied rewards or
+        `max_dynamic_sampling_draws` extra draws are used up; then the batch is completed with
+        dropped groups (advantage 0, as without dynamic sampling) and a warning is logged.
+
+        Args:
+            timings: Seconds spent are added to its `time/generation` and `time/rewards`.
 
         Returns:
-            `(prompts, prompt_ids, columns)`: N = B*G prompts (each repeated G times, for the reward
-            functions), B token-id lists, and every other column repeated G times.
+            `(rollout, metrics)`; with dynamic sampling, `dynamic_sampling/*` metrics for the
+            round (docs/METRICS.md), else none.
+        """
+        cfg = self.args
+        timings = {} if timings is None else timings
+        b, g = cfg.prompts_per_generation, cfg.num_generations
+        rollout = self.draw_rollouts(b, timings)
+        if not cfg.dynamic_sampling:
+            return rollout, {}
+        kept: list[ScoredRollout] = []
+        dropped: list[ScoredRollout] = []
+        drawn = num_kept = extra_draws = 0
+        while True:
+            with _timer(timings, "time/rewards"):
+                equal = (self.advantages(rollout.rewards).advantages.view(-1, g) == 0).all(-1)
+            drawn += len(equal)
+            kept.append(rollout.select_groups(torch.nonzero(~equal).view(-1), g))
+            dropped.append(rollout.select_groups(torch.nonzero(equal).view(-1), g))
+            num_kept += int((~equal).sum())
+            if num_kept == b or extra_draws == cfg.max_dynamic_sampling_draws:
+                break
+            extra_draws += 1
+            rollout = self.draw_rollouts(b - num_kept, timings)
+        fill = b - num_kept
+        if fill:
+            logger.warning(
+                "dynamic sampling: after %d extra draw(s) (max_dynamic_sampling_draws) only %d of "
+                "%d prompt groups have varied rewards; the batch is completed with %d group(s) of "
+                "equal rewards, which add no policy gradient.",
+                extra_draws,
+                num_kept,
+                b,
+                fill,
+            )
+            reserve = concatenate_rollouts(dropped, self._pad_token_id)
+            kept.append(reserve.select_groups(torch.arange(fill), g))
+        metrics = {
+            "dynamic_sampling/extra_draws": float(extra_draws),
+            "dynamic_sampling/dropped_groups": float(drawn - num_kept - fill),
+            "dynamic_sampling/filled_groups": float(fill),
+            "dynamic_sampling/frac_reward_zero_std": (drawn - num_kept) / drawn,
+        }
+        return concatenate_rollouts(kept, self._pad_token_id), metrics
+
+    def draw_rollouts(
+        self, num_prompts: int, timings: dict[str, float] | None = None
+    ) -> ScoredRollout:
+        """Sample `num_prompts` prompts, generate G completions each, decode and score them
+        (seconds added to `timings`' `time/generation` and `time/rewards`)."""
+        timings = {} if timings is None else timings
+        with _timer(timings, "time/generation"):
+            prompts, prompt_ids, columns = self.sample_prompts(num_prompts)
+            gen = self.generate(prompt_ids)
+        with _timer(timings, "time/rewards"):
+            completions, completion_id_lists = self.decode(prompts, gen)
+            columns = reward_columns(columns, gen, self.environments or [])
+            rewards = self.score(prompts, completions, completion_id_lists, columns)  # [N, K]
+        return ScoredRollout(prompts, columns, completions, completion_id_lists, rewards, gen)
+
+    def advantages(self, rewards: Tensor) -> AdvantageOutput:
+        """Group advantages `[N]` (and reward metrics) of `[N, K]` rewards, per the config."""
+        cfg = self.args
+        return group_advantages(
+            rewards,
+            cfg.num_generations,
+            reward_weights=cfg.reward_weights,
+            scale_rewards=cfg.resolved_scale_rewards,
+            multi_objective_aggregation=cfg.multi_objective_aggregation,
+        )
+
+    def sample_prompts(
+        self, num_prompts: int | None = None
+    ) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
+        """Draw prompts, render and tokenize them, and enforce `max_prompt_length`.
+
+        Args:
+            num_prompts: How many (default B = `prompts_per_generation`); prompts skipped by the
+                length policy are replaced by further draws.
+
+        Returns:
+            `(prompts, prompt_ids, columns)`: `num_prompts * G` prompts (each repeated G times,
+            for the reward functions), `num_prompts` token-id lists, and every other column
+            repeated G times.
         """
         cfg, rollout = self.args, self.rollout
+        wanted = cfg.prompts_per_generation if num_prompts is None else num_prompts
         rows: list[dict[str, Any]] = []
         ids: list[list[int]] = []
         environments: list[Any] = []
         attempts = 0
-        while len(rows) < cfg.prompts_per_generation:
-            need = cfg.prompts_per_generation - len(rows)
+        while len(rows) < wanted:
+            need = wanted - len(rows)
             drawn = rollout.tokenize([self.sampler.next() for _ in range(need)])
             self.state.prompts_over_length += drawn.over_length
             rollout.warn_over_length(drawn.over_length, self.state.prompts_over_length)
@@ -488,11 +576,19 @@ class GRPOTrainer:
             capture: Optional `[N, T]` tensor the micro-batches' log-probs (detached) are
                 written into.
 
+        With entropy regularisation, each micro-batch's loss also gets `- coef *
+        entropy_weight * entropy_bonus`, where `coef` is the coefficient the previous step left
+        (`core.entropy.EntropyRegularization.applied`), and after the step the adaptive
+        coefficient moves by the step's token-weighted mean entropy (kept in `self.state`).
+
         Returns:
             The step's metrics: `loss`, `grad_norm`, `learning_rate`, the loss metrics reduced
-            over its micro-batches, `time/forward_backward` and `time/optimizer`.
+            over its micro-batches, `time/forward_backward` and `time/optimizer`; with entropy
+            regularisation also `policy_loss` (the loss without the entropy term) and
+            `entropy_coef` (the coefficient for the next step).
         """
         started = time.perf_counter()
+        entropy = self.entropy_regularization
         plan = plan_micro_batches(
             batch.advantages,
             batch.completion_mask,
@@ -502,17 +598,29 @@ class GRPOTrainer:
             self.loss_options,
             skip_zero_advantage=self.skip_zero_advantage,
             bucket_by_length=self.bucket_by_length,
+            entropy_bonus=entropy.enabled,
         )
-        step_loss = 0.0
+        # TRL's entropy regularisation (core.entropy): the coefficient set after the last step.
+        coef = self.state.entropy_coef if self.state.entropy_coef is not None else entropy.coef
+        applied_coef = entropy.applied(coef, self.state.last_step_entropy)
+        step_loss = policy_part = entropy_sum = entropy_tokens = 0.0
         micro_metrics: dict[str, list[Tensor]] = defaultdict(list)
         for micro in plan:  # step loss = sum of loss_weight * micro-batch loss (microbatch.py)
             part = select_rows(batch, micro.rows)
-            loss, metrics, logprobs = self.micro_batch_loss(part, micro.num_items_in_batch)
-            (loss * micro.loss_weight).backward()
-            step_loss += loss.item() * micro.loss_weight
+            part_loss = self.micro_batch_loss(part, micro.num_items_in_batch)
+            loss = part_loss.loss * micro.loss_weight
+            policy_part += loss.item()
+            bonus, tokens = part_loss.entropy_bonus, part_loss.entropy_tokens
+            if bonus is not None and tokens is not None:
+                loss = loss - applied_coef * micro.entropy_weight * bonus
+                entropy_sum += bonus.item() * tokens.item()
+                entropy_tokens += tokens.item()
+            loss.backward()
+            step_loss += loss.item()
             if capture is not None:
+                logprobs = part_loss.logprobs
                 capture[micro.rows, : logprobs.shape[1]] = logprobs.float().cpu()
-            for key, value in metrics.items():
+            for key, value in part_loss.metrics.items():
                 micro_metrics[key].append(value)
         if not plan:  # every row had zero advantage: a zero gradient, as the plain path gives
             for param in self.model.parameters():
@@ -534,6 +642,11 @@ class GRPOTrainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = reduce_metrics({k: [v.item() for v in vs] for k, vs in micro_metrics.items()})
+        if entropy.enabled:  # the step's token-weighted entropy moves an adaptive coefficient
+            measured = entropy_sum / max(entropy_tokens, 1.0)
+            self.state.entropy_coef = entropy.updated(coef, measured)
+            self.state.last_step_entropy = measured
+            out.update({"policy_loss": policy_part, "entropy_coef": self.state.entropy_coef})
         out.update(
             {
                 "loss": step_loss,
@@ -545,12 +658,10 @@ class GRPOTrainer:
         )
         return out
 
-    def micro_batch_loss(
-        self, batch: RolloutBatch, num_items_in_batch: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def micro_batch_loss(self, batch: RolloutBatch, num_items_in_batch: Tensor) -> MicroBatchLoss:
         """`policy_loss` of a micro-batch (all rows of `batch`, padding trimmed to its longest
-        row `T'`) with the step's `num_items_in_batch`: `(loss, metrics, log-probs [n, T']
-        detached)`."""
+        row `T'`) with the step's `num_items_in_batch`, and its entropy bonus when entropy
+        regularisation is on (`MicroBatchLoss`)."""
         cfg = self.args
         rows = slice(0, batch.size)
         input_ids, attention_mask, t = batch.trimmed(rows)  # [n, P'+T'], T'
@@ -592,7 +703,11 @@ class GRPOTrainer:
             sampling_logprobs=sampling_logprobs,
             rollout_is_weights=is_weights,
         )
-        return loss, {**metrics, **is_metrics}, logprobs.detach()
+        bonus = tokens = None
+        if self.entropy_regularization.enabled:
+            assert entropies is not None  # computed above
+            bonus, tokens = entropy_bonus(entropies, loss_mask, self.loss_options)
+        return MicroBatchLoss(loss, {**metrics, **is_metrics}, logprobs.detach(), bonus, tokens)
 
     # =============================================================================================
     # Evaluation and saving
@@ -635,6 +750,14 @@ class GRPOTrainer:
         if self.use_bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    @property
+    def _pad_token_id(self) -> int:
+        """The id padding rollouts of different widths are joined with (masked out anyway)."""
+        tokenizer = self.processing_class
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
+        return int(pad) if isinstance(pad, int) else 0
 
     @property
     def rollout(self) -> RolloutPipeline:
@@ -837,6 +960,25 @@ class GRPOTrainer:
 # =================================================================================================
 # Module helpers
 # =================================================================================================
+class MicroBatchLoss(NamedTuple):
+    """What `GRPOTrainer.micro_batch_loss` returns for one micro-batch.
+
+    Attributes:
+        loss: The 0-dim `policy_loss` (differentiable).
+        metrics: Its detached 0-dim metrics, with the rollout importance-sampling ones.
+        logprobs: `[n, T']` detached log-probs of the micro-batch's completion tokens.
+        entropy_bonus: The 0-dim differentiable entropy bonus (`core.entropy.entropy_bonus`)
+            when entropy regularisation is on, else None.
+        entropy_tokens: The number of tokens the bonus averages over (0-dim), or None.
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+    logprobs: Tensor
+    entropy_bonus: Tensor | None = None
+    entropy_tokens: Tensor | None = None
+
+
 def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
     """Clip the gradients of `model`'s trainable parameters to `max_norm` (None or 0 = no
     clipping); returns their total norm before clipping."""

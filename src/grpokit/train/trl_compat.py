@@ -48,7 +48,6 @@ _VLLM_SERVER = (
     "vLLM server mode is not yet supported; with use_vllm=True grpokit runs vLLM inside the "
     "training process (vllm_mode='colocate')"
 )
-_ENTROPY = "entropy regularisation is not yet supported"
 _OWN_GENERATION = (
     "generation runs on grpokit's own engines (TransformersEngine, or VLLMEngine with use_vllm)"
 )
@@ -310,16 +309,6 @@ class AcceptedAtDefault:
     vllm_group_port: int = at_default(
         51216, "Port of the weight-update group of a vLLM server.", _VLLM_SERVER
     )
-
-    # ---- objective ---------------------------------------------------------------------------
-    entropy_coef: float = at_default(0.0, "Weight of an entropy bonus in the loss.", _ENTROPY)
-    use_adaptive_entropy: bool = at_default(
-        False, "Adapt entropy_coef towards entropy_target (Skywork-OR1).", _ENTROPY
-    )
-    entropy_coef_min: float = at_default(0.0, "Lower bound of the adaptive coefficient.", _ENTROPY)
-    entropy_coef_max: float = at_default(1.0, "Upper bound of the adaptive coefficient.", _ENTROPY)
-    entropy_coef_delta: float = at_default(0.005, "Step of the adaptive coefficient.", _ENTROPY)
-    entropy_target: float = at_default(0.2, "Target entropy of the adaptive coefficient.", _ENTROPY)
 
     # ---- logging, evaluation, saving ---------------------------------------------------------
     log_on_each_node: bool = at_default(True, "Log on every node.", _MULTI_PROCESS)
