@@ -1,7 +1,8 @@
 """The GRPO policy-loss family as small pure functions on tensors.
 
-A loss is built in four steps, in the order of TRL's `GRPOTrainer._compute_loss`
-(see docs/LOSSES.md for every formula and where grpokit departs from TRL):
+A loss is built in four steps, in the order of TRL's `GRPOTrainer._compute_loss`, with TRL 1.16's
+meanings by default (same loss, gradient and metrics on the same tensors; the papers' variants are
+options). See docs/LOSSES.md for every formula and where grpokit departs from TRL:
 
 1. importance weights `ratio = pi_theta / pi_old` at the token, sequence (GSPO) or
    sequence_token (GSPO-token) level;
@@ -13,8 +14,9 @@ A loss is built in four steps, in the order of TRL's `GRPOTrainer._compute_loss`
 Each loss type is one `LossSpec` in the `LOSS_SPECS` table: its objective (step 2), its
 aggregation (step 4), and the facts the trainer and the micro-batch planner read from it (does the
 loss sum over the optimizer step's tokens, average over rows, depend on which rows share a
-micro-batch, use the PPO clip). `register_loss_type` adds one. The options of a loss are one
-frozen `LossOptions`, checked once when built and passed to `policy_loss`.
+micro-batch, use the PPO clip) and its own metrics. `register_loss_type` adds one. The options
+of a loss are one frozen `LossOptions`, checked once when built and passed to `policy_loss`.
+TRL's entropy bonus is `grpokit.core.entropy`.
 
 Conventions at every boundary: `N` sequences, `T` completion positions; `logprobs`,
 `old_logprobs`, `ref_logprobs`, `sampling_logprobs`, `entropies` are `[N, T]`; `advantages` is `[N]`
