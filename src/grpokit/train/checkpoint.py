@@ -99,8 +99,8 @@ class TrainerState(transformers.TrainerState):
         nonfinite_in_a_row: how many of the latest optimizer steps in a row were skipped.
         model_name_or_path: the policy's `name_or_path` when the run started ("" for a model built
             in memory); a resumed run compares it with its own.
-        entropy_coef: the entropy-bonus coefficient for the next step (it moves under
-            `use_adaptive_entropy`); None = `entropy_coef` of the config.
+        entropy_coef: the entropy-bonus coefficient for the next step under
+            `use_adaptive_entropy` (which moves it); None = `entropy_coef` of the config.
         last_step_entropy: the mean entropy the last optimizer step measured (adaptive entropy
             control); None = none measured yet.
     """

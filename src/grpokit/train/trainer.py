@@ -600,8 +600,11 @@ class GRPOTrainer:
             bucket_by_length=self.bucket_by_length,
             entropy_bonus=entropy.enabled,
         )
-        # TRL's entropy regularisation (core.entropy): the coefficient set after the last step.
-        coef = self.state.entropy_coef if self.state.entropy_coef is not None else entropy.coef
+        # TRL's entropy regularisation (core.entropy): an adaptive coefficient is the one the
+        # last step left; a fixed one is the config's.
+        coef = entropy.coef
+        if entropy.adaptive and self.state.entropy_coef is not None:
+            coef = self.state.entropy_coef
         applied_coef = entropy.applied(coef, self.state.last_step_entropy)
         step_loss = policy_part = entropy_sum = entropy_tokens = 0.0
         micro_metrics: dict[str, list[Tensor]] = defaultdict(list)
