@@ -117,6 +117,56 @@ def test_joined_rollouts_give_the_same_logprobs_as_each_draw(tmp_path: Path) -> 
         assert (whole[2 * i : 2 * i + 2, t:] == 0).all()
 
 
+def test_multi_turn_rollouts_keep_their_tool_records(tmp_path: Path) -> None:
+    # Tool calling (tests/test_multi_turn.py's scripted calculator): every answer to "1+1?" is
+    # wrong (rewards all 0: dropped); "2+3?" gets varied rewards and is drawn next. The joined
+    # rollout keeps that group's tool mask and per-row tool records: the tool metrics are the
+    # ones of its single-draw run (5 calls over 4 rows, 1 failed).
+    from grpokit import GRPOTrainer
+    from grpokit.train.loggers import tool_metrics
+    from tests.test_multi_turn import ScriptedEngine, add, calculator_script, correct
+    from tests.tiny import make_causal_lm, make_tool_tokenizer
+
+    data = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": q}], "answer": a}
+            for q, a in [("1+1?", "2"), ("2+3?", "5")]
+        ]
+    )
+    tok = make_tool_tokenizer()
+    trainer = GRPOTrainer(
+        make_causal_lm(tok, max_position_embeddings=1024),
+        correct,
+        train_dataset=data,
+        processing_class=tok,
+        args=GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=300,
+            max_steps=1,
+            bf16=False,
+            save_strategy="no",
+            shuffle_dataset=False,
+            max_tool_calling_iterations=2,
+            dynamic_sampling=True,
+        ),
+        generation_engine=ScriptedEngine(tok, calculator_script),
+        tools=[add],
+    )
+    rollout, metrics = trainer.collect_rollouts()
+    assert metrics["dynamic_sampling/extra_draws"] == 1.0
+    assert metrics["dynamic_sampling/dropped_groups"] == 1.0
+    assert rollout.columns["answer"] == ["5"] * 4
+    gen = rollout.gen
+    assert gen.tool_mask is not None and gen.turns is not None and len(gen.turns.calls) == 4
+    assert tool_metrics(gen)["tools/call_frequency"] == pytest.approx(5 / 4)
+    assert tool_metrics(gen)["tools/failure_frequency"] == pytest.approx(1 / 5)
+    assert rollout.completions[0][1] == {"role": "tool", "name": "add", "content": "5"}
+    batch = trainer.build_rollout_batch(gen, trainer.advantages(rollout.rewards).advantages)
+    assert torch.equal(batch.loss_mask, gen.completion_mask * gen.tool_mask)
+
+
 def test_training_run_logs_the_counters(tmp_path: Path) -> None:
     kinds = ["const", "varied"] * 6
     trainer = trainer_for(tmp_path, kinds, max_steps=2)
