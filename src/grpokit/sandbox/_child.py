@@ -606,7 +606,9 @@ def serve_call(request: dict[str, Any], work: str, own_pid_namespace: bool) -> d
     files = {n: tempfile.TemporaryFile(dir=work) for n in ("stdin", "stdout", "stderr")}  # noqa: SIM115
     files["stdin"].write((request.get("stdin") or "").encode())
     files["stdin"].seek(0)
-    running = _user_tasks(os.getuid()) if request["limits"]["max_processes"] is not None else 0
+    running = 0
+    if request["limits"]["max_processes"] is not None:  # the trainer's count sees other workers
+        running = max(_user_tasks(os.getuid()), int(request.get("host_user_tasks", 0)))
     expected = len(request.get("calls", []))
     read_end, write_end = os.pipe()
     start = time.monotonic()
