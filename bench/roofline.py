@@ -271,3 +271,75 @@ def memory_budget(
         "log-prob buffers [N, T] fp32": 3 * work.completions * work.completion_len * 4,
     }
     return budget
+
+
+# =================================================================================================
+# Report tables
+# =================================================================================================
+def roofline_table(
+    costs: dict[str, Cost],
+    peak_gflops: float,
+    bandwidth_gbs: float,
+    measured: dict[str, dict[str, float]],
+) -> str:
+    """Markdown table: per phase, GFLOP, MB moved, floor seconds and what bounds it, then per
+    system (`measured[system][phase]` seconds per optimizer step) the measured time and its
+    ratio to the floor."""
+    systems = list(measured)
+    head = "| phase | GFLOP | MB moved | floor s | bound |" + "".join(
+        f" {s} s | {s} / floor |" for s in systems
+    )
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for phase in ("prefill", "decode", *PHASES):
+        cost = costs[phase]
+        floor = cost.floor_seconds(peak_gflops, bandwidth_gbs)
+        compute = cost.flops / (peak_gflops * 1e9)
+        bound = "-" if floor == 0 else ("FLOPs" if compute >= floor else "bytes")
+        cells = [
+            phase if phase in PHASES else f"  ({phase})",
+            f"{cost.flops / 1e9:.2f}",
+            f"{cost.bytes / 1e6:.0f}",
+            f"{floor:.4f}",
+            bound,
+        ]
+        for system in systems:
+            seconds = measured[system].get(phase)
+            if seconds is None:
+                cells += ["", ""]
+            else:
+                ratio = f"{seconds / floor:.1f}x" if floor > 0 else "-"
+                cells += [f"{seconds:.3f}", ratio]
+        rows.append("| " + " | ".join(cells) + " |")
+    total = sum(costs[p].floor_seconds(peak_gflops, bandwidth_gbs) for p in PHASES)
+    cells = ["**step (phases above)**", "", "", f"{total:.4f}", ""]
+    for system in systems:
+        seconds = sum(measured[system].get(p, 0.0) for p in PHASES)
+        cells += [f"{seconds:.3f}", f"{seconds / total:.1f}x" if total > 0 else "-"]
+    rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+MEMORY_CUTS = {
+    "sampler copy": "the packed layout could replace it (the copy keeps only non-linear weights)",
+    "packed sampler weights": "duplicates the sampler copy's linear weights",
+    "reference model fp32": "only for beta > 0; bf16 would halve it (it is never trained)",
+    "activations (train micro-batch)": "smaller micro-batches or activation checkpointing; "
+    "the prompt is stored once per row, not once per group",
+    "logits (train micro-batch)": "a fused head + log-softmax keeps [N, T] instead of [N, T, V]",
+    "AdamW moments fp32": "LoRA trains a small fraction of the parameters",
+}
+
+
+def memory_table(budget: dict[str, int], measured_mib: dict[str, float]) -> str:
+    """Markdown table: bytes per component (MiB), their sum, and each system's measured peak RSS."""
+    mib = 2**20
+    rows = ["| component | MiB | could be cut |", "|---|---|---|"]
+    for name, size in budget.items():
+        if size:
+            rows.append(f"| {name} | {size / mib:.1f} | {MEMORY_CUTS.get(name, '')} |")
+    rows.append(f"| **sum of tensors** | **{sum(budget.values()) / mib:.1f}** | |")
+    for system, rss in measured_mib.items():
+        rows.append(
+            f"| measured peak RSS, {system} (with runtime, allocator cache) | {rss:.0f} | |"
+        )
+    return "\n".join(rows)

@@ -154,3 +154,50 @@ def test_cpuinfo_parsing_takes_the_first_cpu(tmp_path):
     path.write_text(CPUINFO.replace("avx512f\n", "avx512f amx_bf16\n", 1))
     assert machine_floor.cpu_info(str(path))["native_bf16"] is True
     assert machine_floor.cpu_info(str(tmp_path / "missing"))["flags"] == []
+
+
+def test_roofline_table_reports_floor_bound_and_ratio():
+    costs = {
+        "prefill": Cost(1e9, 1e6),
+        "decode": Cost(1e9, 1e9),
+        "generation": Cost(2e9, 1.001e9),
+        "logprobs": Cost(0, 0),
+        "train_fwd_bwd": Cost(6e9, 1e6),
+        "optimizer": Cost(1e6, 1e8),
+    }
+    # peak 10 GFLOP/s, 1 GB/s: generation floor max(0.2, 1.001) = 1.001 s (bytes); training
+    # 0.6 s (FLOPs); optimizer 0.1 s (bytes); step floor 1.701 s
+    measured = {"grpokit": {"generation": 2.002, "train_fwd_bwd": 1.2, "optimizer": 0.1}}
+    table = roofline.roofline_table(costs, 10, 1, measured)
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()}
+    assert "| 1.0010 | bytes | 2.002 | 2.0x |" in lines["generation"]
+    assert "| 0.6000 | FLOPs | 1.200 | 2.0x |" in lines["train_fwd_bwd"]
+    assert "| 0.0000 | - |" in lines["logprobs"]
+    assert "| 1.7010 |  | 3.302 | 1.9x |" in lines["**step (phases above)**"]
+
+
+def test_bench_report_builds_the_roofline_from_a_summary():
+    import bench_grpo
+
+    summary = {
+        "workload": "fixed-beta0-iter1",
+        "workload_fields": {"num_prompts": 1, "num_generations": 2, "max_completion_length": 4},
+        "system": "grpokit",
+        "mean_prompt_length": 3.0,
+        "mean_completion_length": 4.0,
+        "per_step": {"generation": 1.0, "logprobs": 0.0, "train_fwd_bwd": 1.0, "optimizer": 0.1},
+        "peak_rss_mb": 512.0,
+    }
+    work = bench_grpo.roofline_work(summary, native_bf16=False)
+    assert work == Work(1, 2, 3, 4, compute_bytes=4, sampler_bytes=4)
+    floor = {
+        "native_bf16": False,
+        "peak_gflops": 1.0,
+        "bandwidth_gbs": 1.0,
+        "compute_dtype": "fp32",
+    }
+    report = bench_grpo.format_roofline([summary], TINY, floor)
+    assert "P=3, T=4" in report
+    # no sampler copy without native bf16; measured RSS beside the sum
+    assert "sampler copy" not in report
+    assert "| measured peak RSS, grpokit (with runtime, allocator cache) | 512 | |" in report
