@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from roofline import ModelShape, Work  # bench/ is on sys.path (script, trl_runner, tests)
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 TRL_VENV = BENCH_DIR / ".venv-trl"
@@ -420,52 +422,6 @@ class LengthRecordingEngine:
 # =================================================================================================
 # FLOPs and summary (parent)
 # =================================================================================================
-@dataclass(frozen=True)
-class ModelShape:
-    """What the FLOP count needs from a Llama-style config."""
-
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-
-    @classmethod
-    def from_config(cls, path: str | Path) -> ModelShape:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        return cls(
-            layers=cfg["num_hidden_layers"],
-            hidden=cfg["hidden_size"],
-            intermediate=cfg["intermediate_size"],
-            heads=cfg["num_attention_heads"],
-            kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            head_dim=head_dim,
-            vocab=cfg["vocab_size"],
-        )
-
-    @property
-    def body_params(self) -> int:
-        """Matmul weights per token in the transformer layers (no embeddings, no head)."""
-        q = self.hidden * self.heads * self.head_dim
-        kv = 2 * self.hidden * self.kv_heads * self.head_dim
-        o = self.heads * self.head_dim * self.hidden
-        mlp = 3 * self.hidden * self.intermediate
-        return self.layers * (q + kv + o + mlp)
-
-    def forward_flops(self, tokens: float, head_tokens: float, attended: float) -> float:
-        """Forward FLOPs: `tokens` through the layers, `head_tokens` through the LM head,
-        `attended` = sum over tokens of the number of positions each attends to."""
-        attention = 4.0 * self.layers * self.heads * self.head_dim * attended  # QK^T and AV
-        return (
-            2.0 * self.body_params * tokens
-            + 2.0 * self.hidden * self.vocab * head_tokens
-            + attention
-        )
-
-
 def cycle_flops(shape: ModelShape, wl: Workload, cycle: dict[str, Any]) -> dict[str, float]:
     """Model FLOPs one cycle needs, per phase: the work itself, not what an implementation spends.
 
@@ -531,6 +487,7 @@ def summarize(result: dict[str, Any], shape: ModelShape, peak_gflops: float) -> 
         mfu[p] = f / seconds / (peak_gflops * 1e9) if seconds > 0 else float("nan")
     mfu["total"] = sum(flops.values()) / total_time / (peak_gflops * 1e9) if total_time else 0.0
     lengths = [n for c in cycles for n in (c.get("completion_lengths") or [])]
+    prompt_lengths = [n for c in cycles for n in (c.get("prompt_lengths") or [])]
     return {
         "system": result["system"],
         "workload": wl.name,
@@ -539,6 +496,8 @@ def summarize(result: dict[str, Any], shape: ModelShape, peak_gflops: float) -> 
         "steps_per_second": 1.0 / per_step["total"] if per_step["total"] else float("nan"),
         "completion_tokens_per_second": tokens / total_time if total_time else float("nan"),
         "mean_completion_length": statistics.fmean(lengths) if lengths else float("nan"),
+        "mean_prompt_length": statistics.fmean(prompt_lengths) if prompt_lengths else float("nan"),
+        "workload_fields": result["workload"],
         "mfu": mfu,
         "peak_rss_mb": result["peak_rss_mb"],
         "loadavg": [result.get("loadavg_start"), result.get("loadavg_end")],
@@ -649,18 +608,69 @@ def source_state() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"cores": os.cpu_count(), "loadavg": os.getloadavg()}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in lscpu.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "Flags"):
-                value = value.strip()
-                if key.strip() == "Flags":
-                    wanted = ("avx512_bf16", "amx_bf16", "avx512f", "avx2")
-                    value = " ".join(f for f in value.split() if f in wanted)
-                info[key.strip()] = value
-    return info
+    """CPU model, relevant flags, native-bf16 verdict (/proc/cpuinfo), cores, load average."""
+    import machine_floor
+
+    cpu = machine_floor.cpu_info()
+    return {
+        "cores": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "Model name": cpu["model"],
+        "Flags": " ".join(cpu["flags"]),
+        "native_bf16": cpu["native_bf16"],
+    }
+
+
+def roofline_work(summary: dict[str, Any], native_bf16: bool) -> Work | None:
+    """The roofline's workload for one summary: its measured mean lengths, and the precisions
+    grpokit picks on this CPU (bf16 autocast and a bf16 sampler copy only with native bf16)."""
+    from roofline import Work
+
+    p, t = summary["mean_prompt_length"], summary["mean_completion_length"]
+    if p != p or t != t:  # NaN: the worker recorded no lengths
+        return None
+    wl = Workload(**summary["workload_fields"])
+    width = 2 if native_bf16 else 4
+    return Work(
+        num_prompts=wl.num_prompts,
+        num_generations=wl.num_generations,
+        prompt_len=round(p),
+        completion_len=round(t),
+        beta=wl.beta,
+        num_iterations=wl.num_iterations,
+        compute_bytes=width,
+        sampler_bytes=width,
+    )
+
+
+def format_roofline(
+    summaries: list[dict[str, Any]], shape: ModelShape, floor: dict[str, Any]
+) -> str:
+    """Per workload: the roofline table (floor vs measured per phase) and the memory table."""
+    import roofline
+
+    native = floor["native_bf16"]
+    out = []
+    for name in dict.fromkeys(s["workload"] for s in summaries):
+        group = [s for s in summaries if s["workload"] == name]
+        work = roofline_work(group[0], native)
+        if work is None:
+            continue
+        measured = {s["system"]: s["per_step"] for s in group}
+        costs = roofline.phase_costs(shape, work)
+        out.append(
+            f"### Roofline, {name} (P={work.prompt_len}, T={work.completion_len} measured means; "
+            f"peak {floor['peak_gflops']:.0f} GFLOP/s {floor['compute_dtype']}, "
+            f"bandwidth {floor['bandwidth_gbs']:.1f} GB/s)"
+        )
+        out.append(
+            roofline.roofline_table(costs, floor["peak_gflops"], floor["bandwidth_gbs"], measured)
+        )
+        budget = roofline.memory_budget(shape, work, sampler_copy=native, packed=native)
+        out.append(f"\nMemory, {name} (grpokit's components on this CPU; tensors, exact bytes):")
+        out.append(roofline.memory_table(budget, {s["system"]: s["peak_rss_mb"] for s in group}))
+        out.append("")
+    return "\n".join(out)
 
 
 def resolve_model(spec: str) -> str:
@@ -843,6 +853,20 @@ def main(argv: list[str] | None = None) -> int:
         f"matmul peak ({args.threads} threads): bf16 {peak:.0f} GFLOP/s, "
         f"fp32 {peaks['fp32']['peak']:.0f} GFLOP/s (MFU below is against bf16)"
     )
+    import machine_floor
+
+    compute = "bf16" if machine["native_bf16"] else "fp32"
+    floor = {
+        "cpu": machine_floor.cpu_info(),
+        "threads": args.threads,
+        "matmul_peak_gflops": {k: v["peak"] for k, v in peaks.items()},
+        "compute_dtype": compute,
+        "peak_gflops": peaks[compute]["peak"],
+        "bandwidth_gbs": machine_floor.measure_bandwidth(),
+        "native_bf16": machine["native_bf16"],
+        "loadavg": os.getloadavg(),
+    }
+    print(f"roofline floor: {machine_floor.describe(floor)}")
     summaries = []
     for wl in workloads:
         k = wl.num_iterations
@@ -875,6 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "grpokit_source": source,
         "matmul_peak_gflops": peaks,
+        "roofline_floor": floor,
         "summaries": summaries,
     }
     (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
@@ -889,7 +914,11 @@ def main(argv: list[str] | None = None) -> int:
     if ratios:
         print()
         print(ratios)
-    (run_dir / "summary.md").write_text(table + "\n\n" + ratios + "\n")
+    roof = format_roofline(summaries, shape, floor)
+    print()
+    print(f"Roofline (CPU: {machine_floor.describe(floor)}):")
+    print(roof)
+    (run_dir / "summary.md").write_text(table + "\n\n" + ratios + "\n\n" + roof + "\n")
     print(f"\nload average at the end: {os.getloadavg()}; details in {run_dir}")
     return 0
 

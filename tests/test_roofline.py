@@ -1,0 +1,203 @@
+"""The benchmark's roofline and memory model (bench/roofline.py) and CPU detection
+(bench/machine_floor.py), checked against counts worked out by hand for a tiny Llama."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import machine_floor
+import roofline
+from roofline import Cost, ModelShape, Work
+
+# 2 layers, hidden 8, intermediate 16, 2 heads of 4, 1 KV head, vocabulary 10, tied embeddings.
+TINY = ModelShape(layers=2, hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4, vocab=10)
+# 1 prompt of 3 tokens, 2 completions of 4 tokens, bf16 compute and sampler.
+WORK = Work(num_prompts=1, num_generations=2, prompt_len=3, completion_len=4)
+
+
+def test_parameter_counts_by_hand():
+    # per layer: q 8*2*4=64, k+v 2*8*1*4=64, o 64, MLP 3*8*16=384 -> 576; 2 layers -> 1152
+    assert TINY.body_params == 1152
+    assert TINY.head_params == 80  # 10 * 8
+    # embeddings 80 + layers 1152 + norms (2*2+1)*8=40; tied head adds nothing
+    assert TINY.params == 1272
+    untied = ModelShape(**{**TINY.__dict__, "tied_embeddings": False})
+    assert untied.params == 1272 + 80
+    assert TINY.kv_per_token == 16  # 2 (k, v) * 2 layers * 1 head * 4
+
+
+def test_from_dict_reads_a_llama_config():
+    cfg = {
+        "num_hidden_layers": 2,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 10,
+        "tie_word_embeddings": True,
+    }
+    assert ModelShape.from_dict(cfg) == TINY  # head_dim = 8 / 2
+
+
+def test_prefill_and_decode_by_hand():
+    pre = roofline.prefill(TINY, WORK)
+    # 3 prompt tokens through the layers (2*1152*3 = 6912), head on the last one (2*80 = 160),
+    # attention over 1+2+3 = 6 positions: 4 * 2 layers * 2 heads * 4 * 6 = 384
+    assert pre.flops == 6912 + 160 + 384
+    # bf16 weights once: (1152 + 80) * 2 = 2464; KV of 3 tokens: 3 * 16 * 2 = 96
+    assert pre.bytes == 2464 + 96
+    dec = roofline.decode(TINY, WORK)
+    # 3 steps x 2 rows = 6 tokens: layers 2*1152*6 = 13824, head 2*80*6 = 960; step s attends
+    # 3 + s positions per row: 2 * (4 + 5 + 6) = 30 -> 64 * 30 = 1920
+    assert dec.flops == 13824 + 960 + 1920
+    # 3 weight reads 3 * 2464 = 7392; KV entries per step s: prompt 3 (shared) + s per row:
+    # (3 + 2*1) + (3 + 2*2) + (3 + 2*3) = 21 entries * 16 * 2 bytes = 672
+    assert dec.bytes == 7392 + 672
+
+
+def test_one_completion_is_one_causal_forward_over_the_sequence():
+    # G = 1: generation FLOPs == a plain forward over the P + T - 1 input tokens with the head on
+    # the T predicting positions (the last token is never an input).
+    work = Work(num_prompts=1, num_generations=1, prompt_len=5, completion_len=7)
+    n_inputs = 5 + 7 - 1
+    attended = sum(range(1, n_inputs + 1))
+    expected = TINY.forward_flops(n_inputs, 7, attended)
+    assert roofline.sequence_forward_flops(TINY, work) == pytest.approx(expected)
+
+
+def test_group_shares_its_prompt():
+    # G completions cost G times the completion part but the prompt part once.
+    one = Work(num_prompts=1, num_generations=1, prompt_len=5, completion_len=7)
+    four = Work(num_prompts=1, num_generations=4, prompt_len=5, completion_len=7)
+    p1, d1 = roofline.prefill(TINY, one).flops, roofline.decode(TINY, one).flops
+    assert roofline.prefill(TINY, four).flops == p1
+    assert roofline.decode(TINY, four).flops == pytest.approx(4 * d1)
+
+
+def test_phase_costs_by_hand():
+    forward = 7456 + 16704  # prefill + decode FLOPs above
+    work = Work(**{**WORK.__dict__, "beta": 0.04, "num_iterations": 2})
+    costs = roofline.phase_costs(TINY, work)
+    # generation once per round of 2 optimizer steps
+    assert costs["generation"].flops == pytest.approx(forward / 2)
+    # 2 passes (old and reference) per round -> 1 per step; fp32 weights 1272 * 4 read once each
+    assert costs["logprobs"] == Cost(forward, 4 * 1272)
+    # forward + backward = 3 forwards per optimizer step
+    assert costs["train_fwd_bwd"].flops == 3 * forward
+    # AdamW + clip: 16 FLOPs and 32 bytes per trainable parameter
+    assert costs["optimizer"] == Cost(16 * 1272, 32 * 1272)
+    assert roofline.phase_costs(TINY, WORK)["logprobs"].flops == 0
+
+
+def test_train_bytes_by_hand():
+    # activations per token: per layer 4*2*8 = 64 fp32 bytes + 2 * (16 + 8 + 8 + 8 + 64) = 208
+    # -> 272 per layer, 544 for 2 layers
+    assert roofline.activation_bytes_per_token(TINY, 2) == 544
+    # tokens: prompt 3 once + 2 rows * 4 = 11; saved 11 * 544 = 5984; logits 2*4*10*2 = 160
+    saved = 5984 + 160
+    # fp32 weights read twice 2*4*1272, gradients written 4*1272, saved written and read,
+    # sampler sync: fp32 read + bf16 write per parameter 6*1272
+    expected = 8 * 1272 + 4 * 1272 + 2 * saved + 6 * 1272
+    assert roofline.train_fwd_bwd(TINY, WORK).bytes == expected
+
+
+def test_floor_is_the_larger_of_compute_and_bandwidth():
+    cost = Cost(flops=2e9, bytes=1e9)
+    assert cost.floor_seconds(peak_gflops=100, bandwidth_gbs=10) == pytest.approx(0.1)  # bytes
+    assert cost.floor_seconds(peak_gflops=10, bandwidth_gbs=100) == pytest.approx(0.2)  # FLOPs
+
+
+def test_memory_budget_by_hand():
+    work = Work(**{**WORK.__dict__, "beta": 0.04})
+    budget = roofline.memory_budget(TINY, work, sampler_copy=True, packed=True, micro_batch=1)
+    assert budget["weights fp32"] == 4 * 1272
+    assert budget["gradients fp32"] == 4 * 1272
+    assert budget["AdamW moments fp32"] == 8 * 1272
+    assert budget["sampler copy"] == 2 * 1272
+    assert budget["packed sampler weights"] == 2 * (1152 + 80)
+    assert budget["reference model fp32"] == 4 * 1272
+    assert budget["activations (train micro-batch)"] == 1 * 7 * 544  # 1 row of 3 + 4 tokens
+    assert budget["logits (train micro-batch)"] == 1 * 4 * 10 * 2
+    assert budget["KV cache (per row)"] == 2 * 7 * 16 * 2
+    assert budget["log-prob buffers [N, T] fp32"] == 3 * 2 * 4 * 4
+    plain = roofline.memory_budget(TINY, WORK, sampler_copy=False, packed=False)
+    assert plain["sampler copy"] == plain["packed sampler weights"] == 0
+    assert plain["reference model fp32"] == 0
+    lora = Work(**{**WORK.__dict__, "trainable": 100})
+    budget = roofline.memory_budget(TINY, lora, sampler_copy=False, packed=False)
+    assert budget["AdamW moments fp32"] == 800
+
+
+CPUINFO = """processor\t: 0
+model name\t: AMD EPYC 7B12
+flags\t\t: fpu sse avx2 fma avx512f
+processor\t: 1
+model name\t: other
+flags\t\t: avx512_bf16
+"""
+
+
+def test_cpuinfo_parsing_takes_the_first_cpu(tmp_path):
+    parsed = machine_floor.parse_cpuinfo(CPUINFO)
+    assert parsed["model"] == "AMD EPYC 7B12"
+    assert parsed["flags"] == {"fpu", "sse", "avx2", "fma", "avx512f"}
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    info = machine_floor.cpu_info(str(path))
+    assert info["flags"] == ["avx2", "fma", "avx512f"]
+    assert info["native_bf16"] is False
+    path.write_text(CPUINFO.replace("avx512f\n", "avx512f amx_bf16\n", 1))
+    assert machine_floor.cpu_info(str(path))["native_bf16"] is True
+    assert machine_floor.cpu_info(str(tmp_path / "missing"))["flags"] == []
+
+
+def test_roofline_table_reports_floor_bound_and_ratio():
+    costs = {
+        "prefill": Cost(1e9, 1e6),
+        "decode": Cost(1e9, 1e9),
+        "generation": Cost(2e9, 1.001e9),
+        "logprobs": Cost(0, 0),
+        "train_fwd_bwd": Cost(6e9, 1e6),
+        "optimizer": Cost(1e6, 1e8),
+    }
+    # peak 10 GFLOP/s, 1 GB/s: generation floor max(0.2, 1.001) = 1.001 s (bytes); training
+    # 0.6 s (FLOPs); optimizer 0.1 s (bytes); step floor 1.701 s
+    measured = {"grpokit": {"generation": 2.002, "train_fwd_bwd": 1.2, "optimizer": 0.1}}
+    table = roofline.roofline_table(costs, 10, 1, measured)
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()}
+    assert "| 1.0010 | bytes | 2.002 | 2.0x |" in lines["generation"]
+    assert "| 0.6000 | FLOPs | 1.200 | 2.0x |" in lines["train_fwd_bwd"]
+    assert "| 0.0000 | - |" in lines["logprobs"]
+    assert "| 1.7010 |  | 3.302 | 1.9x |" in lines["**step (phases above)**"]
+
+
+def test_bench_report_builds_the_roofline_from_a_summary():
+    import bench_grpo
+
+    summary = {
+        "workload": "fixed-beta0-iter1",
+        "workload_fields": {"num_prompts": 1, "num_generations": 2, "max_completion_length": 4},
+        "system": "grpokit",
+        "mean_prompt_length": 3.0,
+        "mean_completion_length": 4.0,
+        "per_step": {"generation": 1.0, "logprobs": 0.0, "train_fwd_bwd": 1.0, "optimizer": 0.1},
+        "peak_rss_mb": 512.0,
+    }
+    work = bench_grpo.roofline_work(summary, native_bf16=False)
+    assert work == Work(1, 2, 3, 4, compute_bytes=4, sampler_bytes=4)
+    floor = {
+        "native_bf16": False,
+        "peak_gflops": 1.0,
+        "bandwidth_gbs": 1.0,
+        "compute_dtype": "fp32",
+    }
+    report = bench_grpo.format_roofline([summary], TINY, floor)
+    assert "P=3, T=4" in report
+    # no sampler copy without native bf16; measured RSS beside the sum
+    assert "sampler copy" not in report
+    assert "| measured peak RSS, grpokit (with runtime, allocator cache) | 512 | |" in report
