@@ -158,6 +158,20 @@ def test_update_sends_only_what_a_step_can_change(tok: Any) -> None:
         assert len(server.engine.loaded) == len(server.weights)
 
 
+def test_a_second_trainer_on_the_server_makes_the_first_resend_everything(tok: Any) -> None:
+    """B connects after A (its own group, its weights); A's next update notices and sends all of
+    its weights again, even the frozen ones B overwrote."""
+    model_a, model_b = make_causal_lm(tok, seed=0), make_causal_lm(tok, seed=1)
+    model_a.get_input_embeddings().weight.requires_grad_(False)
+    with serving(FakeEngine(model_a)) as server:
+        first = connect(model_a, tok, server)
+        connect(model_b, tok, server)
+        assert_holds(server, model_b)
+        first.update_weights(model_a)
+        assert_holds(server, model_a)
+        assert server.version == 3
+
+
 def test_a_server_with_another_model_is_refused(tok: Any) -> None:
     other = make_causal_lm(tok, hidden_size=16, intermediate_size=32)
     with (

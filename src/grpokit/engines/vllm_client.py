@@ -366,33 +366,45 @@ class VLLMServerEngine:
 
     @torch.no_grad()
     def _push(self, model: Any, *, changed_only: bool) -> None:
+        """Send `model`'s weights (only those a step changes when `changed_only` and the server
+        still holds our earlier pushes: same instance, same weight group)."""
+        health = self.connection.get("/health", what="a weight update")
+        self._check_instance(health, "/health")
+        if self.group is None or health.get("group") != self.group.prefix:
+            # First push, or another trainer opened its own group since: send everything.
+            self.group, changed_only = None, False
         with merged_weights(model, changed_only=changed_only) as weights:
             self._check_weights(weights, complete=not changed_only)
-            if not weights:
-                return
-            if self.group is None:
-                self.group = self._open_group(weights[0][1].device)
-            names = [name for name, _ in weights]
-            tensors = [w for _, w in weights]
-            payload = {"names": names, "shapes": [list(t.shape) for t in tensors]}
-            group = self.group
-            failure: list[BaseException] = []
+            if weights:
+                if self.group is None:
+                    self.group = self._open_group(weights[0][1].device)
+                self._send(self.group, weights)
 
-            def send() -> None:
-                try:
-                    group.send(tensors, self.dtype)
-                except Exception as error:  # relayed to the caller below
-                    failure.append(error)
+    def _send(self, group: WeightGroup, weights: list[tuple[str, Any]]) -> None:
+        """Broadcast `weights` over `group` while `POST /update_weights` announces them."""
+        tensors = [w for _, w in weights]
+        payload = {
+            "group": group.prefix,
+            "names": [name for name, _ in weights],
+            "shapes": [list(t.shape) for t in tensors],
+        }
+        failure: list[BaseException] = []
 
-            sender = threading.Thread(target=send, name="grpokit-weight-send", daemon=True)
-            sender.start()
+        def send() -> None:
             try:
-                reply = self.connection.post("/update_weights", payload, what="a weight update")
-            except (VLLMServerError, ValueError):
-                self.group = None  # the server will not take this group's broadcasts any more
-                sender.join(min(self.timeout, 10.0))
-                raise
-            sender.join(self.timeout)
+                group.send(tensors, self.dtype)
+            except Exception as error:  # relayed to the caller below
+                failure.append(error)
+
+        sender = threading.Thread(target=send, name="grpokit-weight-send", daemon=True)
+        sender.start()
+        try:
+            reply = self.connection.post("/update_weights", payload, what="a weight update")
+        except (VLLMServerError, ValueError):
+            self.group = None  # the server will not take this group's broadcasts any more
+            sender.join(min(self.timeout, 10.0))
+            raise
+        sender.join(self.timeout)
         if failure or sender.is_alive():
             self.group = None
             reason = failure[0] if failure else "timed out"

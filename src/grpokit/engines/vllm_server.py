@@ -3,7 +3,7 @@
 The server runs one `VLLMEngine` (vLLM in the server's process, as in colocate mode) behind a
 small JSON-over-HTTP API (protocol "grpokit-vllm-server/1", docs/VLLM_SERVER.md):
 
-    GET  /health              {"status": "ok" | "loading", "protocol", "instance"}
+    GET  /health              {"status": "ok" | "loading", "protocol", "instance", "group"}
     GET  /info                protocol, instance, model, max_model_len, dtype, device, version,
                               weights: {name: shape} (the HF checkpoint's names)
     POST /generate            token-id prompts + sampling parameters -> completion token ids and
@@ -122,7 +122,8 @@ class VLLMServer:
     # ---- endpoints --------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         status = "ok" if self.engine is not None else "loading"
-        return {"status": status, "protocol": PROTOCOL, "instance": self.instance}
+        group = None if self.group is None else self.group.prefix
+        return {"status": status, "protocol": PROTOCOL, "instance": self.instance, "group": group}
 
     def info(self) -> dict[str, Any]:
         engine = self._ready()
@@ -195,8 +196,11 @@ class VLLMServer:
             raise ValueError(f"{len(names)} names but {len(shapes)} shapes.")
 
         def receive_and_load() -> int:
-            if self.group is None:
-                raise ValueError("No weight-update group: POST /init_weight_group first.")
+            if self.group is None or self.group.prefix != request.get("group"):
+                raise ValueError(
+                    "Not this server's current weight-update group (another trainer opened one "
+                    "since, or none is open): POST /init_weight_group first."
+                )
             start = time.perf_counter()
             try:
                 tensors = self.group.receive(shapes, engine.dtype)  # drained even if refused

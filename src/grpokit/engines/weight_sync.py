@@ -126,6 +126,7 @@ class WeightGroup:
             address: This end's address for gloo's connections (ignored by NCCL).
             timeout: Seconds for the rendezvous and for each broadcast.
         """
+        self.prefix = prefix
         delta = datetime.timedelta(seconds=timeout)
         dist: Any = torch.distributed  # the process-group classes are not in torch's stubs
         scoped = dist.PrefixStore(prefix, store)
