@@ -517,7 +517,7 @@ def test_valid_server_urls(url: str) -> None:
         (dict(vllm_server_port=65536), "vllm_server_port"),
         (dict(vllm_server_port="8000"), "vllm_server_port"),
         (dict(vllm_group_port=-1), r"vllm_group_port must be a port number in \[0, 65535\]"),
-        (dict(vllm_server_timeout=0), "vllm_server_timeout must be a number of seconds > 0"),
+        (dict(vllm_server_timeout=0), "vllm_server_timeout must be a finite number > 0, got 0"),
         (dict(vllm_server_timeout="soon"), "vllm_server_timeout"),
     ],
 )
