@@ -352,7 +352,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let vLLM compile the model (slow first start)",
     )
     parser.add_argument("--seed", type=int, default=0, help="vLLM's seed")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's default)"
+    )
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -380,6 +382,7 @@ def serve(args: argparse.Namespace) -> None:
     except OSError as error:  # a missing folder or file, an id not in the local cache
         raise ConfigError(f"vllm-serve --model {args.model!r}: {error}") from error
     length = args.max_model_len or int(model.config.max_position_embeddings)
+    threads = args.threads or torch.get_num_threads()  # vLLM lowers it to 1 while building
     on_gpu = torch.cuda.is_available()
     kv_bytes = args.kv_cache_memory_bytes or (None if on_gpu else 1 << 30)
     extra = {"gpu_memory_utilization": args.gpu_memory_utilization} if on_gpu else {}
@@ -394,8 +397,7 @@ def serve(args: argparse.Namespace) -> None:
         **extra,
     )
     del model
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     server.load(engine)
     logger.info(
         "grpokit vllm-serve: serving %s on %s (protocol %s, max_model_len %d).",
