@@ -21,7 +21,8 @@ VLLMEngine restores). In-process, vLLM's kernels use torch's intra-op (OpenMP) t
 
 Engine "vllm-server" starts one `grpokit vllm-serve` process per thread count (`--threads N` of
 the server; the benchmark process only waits during generation), connects a `VLLMServerEngine`
-(the first push of all weights is not timed) and times the same calls. Its `update_weights` is
+(the first push of all weights is not timed) and times the same calls; its "cpu s" column is the
+CPU time of both processes (the server's from /proc). Its `update_weights` is
 the whole push: reading and casting the changed weights, the gloo broadcast, the server's reload
 of vLLM's weights, and the HTTP round trips. The server's log goes to `--server-log`.
 
@@ -88,14 +89,16 @@ def time_engine(
     prompt_ids: list[list[int]],
     args: argparse.Namespace,
     threads_list: list[int] | None = None,
+    cpu_clock: Any = time.process_time,
 ) -> None:
     """Print one row per mode and thread count: one warm-up call, then `args.repeats` calls.
-    `threads_list` (default `args.threads`) sets this process's torch threads for each row."""
+    `threads_list` (default `args.threads`) sets this process's torch threads for each row;
+    `cpu_clock` gives the CPU seconds of the "cpu s" column (default: this process's)."""
     for mode in args.mode:
         for threads in threads_list or args.threads:
             torch.set_num_threads(threads)
             load_before = wait_for_quiet(args)
-            walls, cpus, counts = time_calls(engine, prompt_ids, args, mode, call)
+            walls, cpus, counts = time_calls(engine, prompt_ids, args, mode, call, cpu_clock)
             tokens = sum(counts)
             wall = statistics.median(walls)
             print(
@@ -107,9 +110,11 @@ def time_engine(
 
 
 @contextlib.contextmanager
-def vllm_server(args: argparse.Namespace, max_model_len: int, threads: int) -> Iterator[str]:
+def vllm_server(
+    args: argparse.Namespace, max_model_len: int, threads: int
+) -> Iterator[tuple[str, int]]:
     """A `grpokit vllm-serve` process for `args.model` on 127.0.0.1 (a free port); yields its
-    URL and stops it afterwards."""
+    URL and process id, and stops it afterwards."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -126,10 +131,17 @@ def vllm_server(args: argparse.Namespace, max_model_len: int, threads: int) -> I
     with open(args.server_log, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", process.pid
     finally:
         process.terminate()
         process.wait(60)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def time_server(
@@ -142,12 +154,18 @@ def time_server(
     updates = {}
     longest = max(len(p) for p in prompt_ids) + args.max_new_tokens
     for threads in args.threads:
-        with vllm_server(args, longest, threads) as url:
+        with vllm_server(args, longest, threads) as (url, pid):
             start = time.perf_counter()
             engine = VLLMServerEngine(model, tokenizer, base_url=url, timeout=900, group_port=0)
             name = "server-compiled" if args.vllm_compile else "server-eager"
             print(f"({name} up and synced in {time.perf_counter() - start:.1f} s)", flush=True)
-            time_engine(name, engine, prompt_ids, args, threads_list=[threads])
+
+            def both_processes(pid: int = pid) -> float:
+                return time.process_time() + process_cpu_seconds(pid)
+
+            time_engine(
+                name, engine, prompt_ids, args, threads_list=[threads], cpu_clock=both_processes
+            )
             updates[f"{name} (server {threads} thr)"] = update_seconds(engine, model)
             print(
                 f"{name} sampling_logprobs vs trainer (autocast): "
