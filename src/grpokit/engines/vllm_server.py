@@ -216,15 +216,18 @@ class VLLMServer:
                 raise ValueError(
                     f"Weights not in this server's model or of another shape: {problems[:5]}"
                 )
+            received = time.perf_counter()
             for name, tensor in zip(names, tensors, strict=True):
                 self.weights[name].copy_(tensor)
             engine.load_weights(self.weights.items())
             self.version += 1
             logger.info(
-                "grpokit vllm-serve: weights updated (version %d, %d tensors) in %.2f s.",
+                "grpokit vllm-serve: weights updated (version %d, %d tensors): received in "
+                "%.2f s, loaded into vLLM in %.2f s.",
                 self.version,
                 len(names),
-                time.perf_counter() - start,
+                received - start,
+                time.perf_counter() - received,
             )
             return self.version
 
