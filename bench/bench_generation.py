@@ -88,18 +88,20 @@ def time_calls(
     args: argparse.Namespace,
     mode: str,
     call_fn: Callable[..., Any] | None = None,
+    cpu_clock: Callable[[], float] = time.process_time,
 ) -> tuple[list[float], list[float], list[int]]:
     """One warm-up call, then `args.repeats` timed calls of `call_fn` (default `call`):
-    `(wall s, cpu s, completion tokens)`, one entry per timed call."""
+    `(wall s, cpu s, completion tokens)`, one entry per timed call; CPU seconds by `cpu_clock`
+    (default: this process's)."""
     call_fn = call_fn or call
     walls, cpus, tokens = [], [], []
     for i in range(args.repeats + 1):
         torch.manual_seed(i)
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = time.perf_counter(), cpu_clock()
         out = call_fn(engine, prompt_ids, args, mode)
         if i > 0:  # call 0 is the warm-up
             walls.append(time.perf_counter() - wall)
-            cpus.append(time.process_time() - cpu)
+            cpus.append(cpu_clock() - cpu)
             tokens.append(int(out.completion_mask.sum()))
     return walls, cpus, tokens
 

@@ -1,5 +1,6 @@
-"""vLLM (in-process, `engines.vllm_engine.VLLMEngine`) vs grpokit's `TransformersEngine`: seconds
-per `generate` call and per `update_weights`, on the generation benchmark's workload.
+"""vLLM (in-process, `engines.vllm_engine.VLLMEngine`; or a `grpokit vllm-serve` server,
+`engines.vllm_client.VLLMServerEngine`) vs grpokit's `TransformersEngine`: seconds per `generate`
+call and per `update_weights`, on the generation benchmark's workload.
 
 Workload (as bench/bench_generation.py): SmolLM2-135M-Instruct, 2 chat prompts x 8 completions,
 at most 128 new tokens, temperature 1. Mode "fixed" forces every completion to 128 tokens
@@ -18,18 +19,30 @@ The TransformersEngine rows run first: building vLLM in this process changes pro
 VLLMEngine restores). In-process, vLLM's kernels use torch's intra-op (OpenMP) threads, so
 `--threads` applies to both engines.
 
+Engine "vllm-server" starts one `grpokit vllm-serve` process per thread count (`--threads N` of
+the server; the benchmark process only waits during generation), connects a `VLLMServerEngine`
+(the first push of all weights is not timed) and times the same calls; its "cpu s" column is the
+CPU time of both processes (the server's from /proc). Its `update_weights` is
+the whole push: reading and casting the changed weights, the gloo broadcast, the server's reload
+of vLLM's weights, and the HTTP round trips. The server's log goes to `--server-log`.
+
 Environment: bench/.venv-vllm (commands in bench/requirements-vllm.txt). Usage:
     bench/.venv-vllm/bin/python bench/bench_vllm.py --mode fixed natural --threads 1 2
     bench/.venv-vllm/bin/python bench/bench_vllm.py --engines vllm --vllm-compile  # ~100 s start
+    bench/.venv-vllm/bin/python bench/bench_vllm.py --engines vllm vllm-server --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +84,21 @@ def call(engine: Any, prompt_ids: list[list[int]], args: argparse.Namespace, mod
 
 
 def time_engine(
-    name: str, engine: Any, prompt_ids: list[list[int]], args: argparse.Namespace
+    name: str,
+    engine: Any,
+    prompt_ids: list[list[int]],
+    args: argparse.Namespace,
+    threads_list: list[int] | None = None,
+    cpu_clock: Any = time.process_time,
 ) -> None:
-    """Print one row per mode and thread count: one warm-up call, then `args.repeats` calls."""
+    """Print one row per mode and thread count: one warm-up call, then `args.repeats` calls.
+    `threads_list` (default `args.threads`) sets this process's torch threads for each row;
+    `cpu_clock` gives the CPU seconds of the "cpu s" column (default: this process's)."""
     for mode in args.mode:
-        for threads in args.threads:
+        for threads in threads_list or args.threads:
             torch.set_num_threads(threads)
             load_before = wait_for_quiet(args)
-            walls, cpus, counts = time_calls(engine, prompt_ids, args, mode, call)
+            walls, cpus, counts = time_calls(engine, prompt_ids, args, mode, call, cpu_clock)
             tokens = sum(counts)
             wall = statistics.median(walls)
             print(
@@ -87,6 +107,71 @@ def time_engine(
                 f"{load_before:.2f} -> {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
+
+
+@contextlib.contextmanager
+def vllm_server(
+    args: argparse.Namespace, max_model_len: int, threads: int
+) -> Iterator[tuple[str, int]]:
+    """A `grpokit vllm-serve` process for `args.model` on 127.0.0.1 (a free port); yields its
+    URL and process id, and stops it afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from grpokit.app.cli import main; sys.exit(main())",
+        "vllm-serve",
+        *("--model", args.model, "--host", "127.0.0.1", "--port", str(port)),
+        *("--max-model-len", str(max_model_len), "--threads", str(threads)),
+    ]
+    if args.vllm_compile:
+        command.append("--no-enforce-eager")
+    with open(args.server_log, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}", process.pid
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_server(
+    model: Any, tokenizer: Any, prompt_ids: list[list[int]], args: argparse.Namespace
+) -> dict[str, float]:
+    """Rows of the "vllm-server" engine, one server per thread count; returns the update
+    seconds by name."""
+    from grpokit.engines.vllm_client import VLLMServerEngine
+
+    updates = {}
+    longest = max(len(p) for p in prompt_ids) + args.max_new_tokens
+    for threads in args.threads:
+        with vllm_server(args, longest, threads) as (url, pid):
+            start = time.perf_counter()
+            engine = VLLMServerEngine(model, tokenizer, base_url=url, timeout=900, group_port=0)
+            name = "server-compiled" if args.vllm_compile else "server-eager"
+            print(f"({name} up and synced in {time.perf_counter() - start:.1f} s)", flush=True)
+
+            def both_processes(pid: int = pid) -> float:
+                return time.process_time() + process_cpu_seconds(pid)
+
+            time_engine(
+                name, engine, prompt_ids, args, threads_list=[threads], cpu_clock=both_processes
+            )
+            updates[f"{name} (server {threads} thr)"] = update_seconds(engine, model)
+            print(
+                f"{name} sampling_logprobs vs trainer (autocast): "
+                + logprob_gap(engine, model, prompt_ids, args)
+            )
+    return updates
 
 
 def logprob_gap(engine: Any, model: Any, prompt_ids: list[list[int]], args: Any) -> str:
@@ -107,6 +192,7 @@ def main() -> None:
     parser.add_argument("--vllm-compile", action="store_true", help="enforce_eager=False")
     parser.add_argument("--max-load", type=float, default=1.5)
     parser.add_argument("--wait", type=float, default=120, help="max seconds to wait for quiet")
+    parser.add_argument("--server-log", default="/tmp/grpokit-bench-vllm-server.log")
     args = parser.parse_args()
 
     model, tokenizer = load_causal_lm(args.model)
@@ -142,6 +228,8 @@ def main() -> None:
             f"{name} sampling_logprobs vs trainer (autocast): "
             + logprob_gap(engine, model, prompt_ids, args)
         )
+    if "vllm-server" in args.engines:
+        updates.update(time_server(model, tokenizer, prompt_ids, args))
     for name, seconds in updates.items():
         print(
             f"update_weights {name} ({min(args.threads)} thread): {seconds:.3f} s "

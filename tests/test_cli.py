@@ -292,7 +292,10 @@ ERRORS = [
         "importance_sampling_level='token'",
     ),
     ({"training": {"loss_type": "ppo"}}, "loss_type must be one of"),
-    ({"training": {"vllm_mode": "server"}}, "training: vllm_mode must be 'colocate'"),
+    (
+        {"training": {"vllm_mode": "server", "vllm_server_port": 70000}},
+        "training: vllm_server_port must be a port number in [1, 65535]",
+    ),
     ({"rewards": ["acuracy_reward"]}, "rewards[0]: Unknown reward function 'acuracy_reward'"),
     ({"rewards": ["no_such_module_xyz:fn"]}, "rewards[0]: reward 'no_such_module_xyz:fn'"),
     ({"training": {"reward_weights": [1.0]}}, "reward_weights has 1 entries but there are 2"),

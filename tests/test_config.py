@@ -83,7 +83,7 @@ def test_derived_values_are_resolved_once_in_the_config() -> None:
         (dict(sync_ref_model=True), "sync_ref_model"),
         (dict(max_prompt_length=0), "max_prompt_length"),
         (dict(prompt_length_policy="drop"), "prompt_length_policy"),
-        (dict(use_vllm=True, vllm_mode="server"), "vllm_mode"),
+        (dict(use_vllm=True, vllm_mode="remote"), "vllm_mode"),
         (dict(use_vllm=True, vllm_tensor_parallel_size=2), "vllm_tensor_parallel_size"),
         (dict(use_vllm=True, vllm_gpu_memory_utilization=0.0), "vllm_gpu_memory_utilization"),
         (dict(fp16=True), "fp16"),
@@ -160,8 +160,8 @@ def test_unknown_and_retired_fields_are_type_errors() -> None:
     with pytest.raises(TypeError, match="`evaluation_strategy` was renamed eval_strategy"):
         GRPOConfig(evaluation_strategy="steps")
     # A TRL field set to a value grpokit cannot honour is a ValueError that says why.
-    with pytest.raises(ValueError, match=r"vllm_server_host='localhost'.*server mode"):
-        GRPOConfig(vllm_server_host="localhost")
+    with pytest.raises(ValueError, match=r"vllm_model_impl='transformers'.*not yet supported"):
+        GRPOConfig(vllm_model_impl="transformers")
     # TRL's deprecated cap still works as in TRL: it sets the clip's upper bound, with a warning.
     with pytest.warns(FutureWarning, match="vllm_importance_sampling_clip_max"):
         cfg = GRPOConfig(vllm_importance_sampling_cap=2.0)

@@ -99,11 +99,10 @@ def test_reasons_name_what_is_missing() -> None:
         GRPOConfig(ddp_find_unused_parameters=False)
     with pytest.raises(ValueError, match=r"hub_model_id=.*Hugging Face Hub"):
         GRPOConfig(hub_model_id="me/model")
-    with pytest.raises(ValueError, match=r"vllm_server_port=.*vLLM server mode"):
-        GRPOConfig(vllm_server_port=8001)
+    with pytest.raises(ValueError, match=r"vllm_enable_sleep_mode=True.*not yet supported"):
+        GRPOConfig(vllm_enable_sleep_mode=True)
     # Values with the same effect as the default are accepted: TRL resolves 'auto' to None.
     assert GRPOConfig(pad_to_multiple_of=None).pad_to_multiple_of is None
-    assert GRPOConfig(vllm_server_timeout=240).vllm_server_timeout == 240  # int == float default
 
 
 # Fields the trainer has nothing to act on, by design (their metadata says so): data-loader worker
@@ -131,7 +130,6 @@ CONSUMED_BY_THE_CONFIG = {
     "epsilon": "loss_options() (epsilon_low)",
     "data_seed": "resolved_data_seed",
     "vllm_importance_sampling_cap": "sets vllm_importance_sampling_clip_max",
-    "vllm_mode": 'only "colocate", what grpokit does',
     "report_to": 'only "none", what grpokit does',
     "use_adaptive_entropy": "entropy_regularization() (adaptive)",
     "entropy_coef_min": "entropy_regularization() (coef_min)",

@@ -144,6 +144,17 @@ def _parser() -> argparse.ArgumentParser:
         description=DEMO_DESCRIPTION,
         epilog=overrides + fields_help(DEMO_CONFIG),
     )
+    from grpokit.engines.vllm_server import add_arguments as add_vllm_serve_arguments
+
+    add_vllm_serve_arguments(
+        sub.add_parser(
+            "vllm-serve",
+            parents=[common],
+            allow_abbrev=False,
+            help="serve rollouts with vLLM for training runs with vllm_mode: server",
+            description="Run vLLM in this process behind an HTTP API (docs/VLLM_SERVER.md).",
+        )
+    )
     return parser
 
 
@@ -185,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) == _NO_CONFIG:
         args.config = None
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    if args.command == "vllm-serve" and rest:
+        parser.error(f"vllm-serve: unrecognized arguments: {' '.join(rest)}")
     try:
         _run_command(args, rest)
     except UserError as error:
@@ -203,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(args: argparse.Namespace, rest: list[str]) -> None:
+    if args.command == "vllm-serve":
+        from grpokit.engines.vllm_server import serve
+
+        serve(args)
+        return
     overrides = parse_overrides(rest)
     add_import_paths(args.config if args.command != "demo" else None)
     if args.command == "train":

@@ -49,7 +49,9 @@ def _load_task(spec: RunSpec) -> tuple[Any, list[Any]]:
 
 def _load_model(spec: RunSpec) -> tuple[Any, Any]:
     from grpokit.engines.models import load_causal_lm
+    from grpokit.train.build import check_generation_server
 
+    check_generation_server(spec.training)  # a vLLM server that does not answer: before loading
     try:
         return load_causal_lm(spec.run.model, trust_remote_code=spec.training.trust_remote_code)
     except OSError as error:  # missing folder or file, an id not in the local cache, no access

@@ -151,6 +151,67 @@ def completion_mask_from_ids(
     return cleaned, completion_mask, ~has_eos
 
 
+def completions_output(
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    logprobs: Sequence[Sequence[float]] | None,
+    *,
+    num_generations: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+) -> GenerationOutput:
+    """Pad an engine's completions into a `GenerationOutput`.
+
+    Args:
+        prompt_ids: `B` unpadded prompts.
+        completions: `N = B*G` token-id lists, the G completions of a prompt consecutive (anything
+            may follow an EOS; it is masked).
+        logprobs: The sampling log-prob of each completion token (same lengths), or None.
+        num_generations: `G`.
+        eos_token_ids: Tokens that end a completion.
+        pad_token_id: Written into the padding.
+
+    Returns:
+        `GenerationOutput` with `prompt_ids`/`prompt_mask` `[N, P]` left-padded, `completion_ids`
+        `[N, T]` (`T` the longest completion, at least 1), `completion_mask` `[N, T]` 1 up to and
+        including the first EOS, `is_truncated` `[N]`, `sampling_logprobs` `[N, T]` float32 with
+        0 where `completion_mask` is 0 (None when `logprobs` is None).
+
+    Raises:
+        ValueError: there are not `B*G` completions, or a log-prob list's length differs from its
+            completion's.
+    """
+    n = len(prompt_ids) * num_generations
+    if len(completions) != n:
+        raise ValueError(
+            f"Expected {len(prompt_ids)} prompts x {num_generations} = {n} completions, got "
+            f"{len(completions)}."
+        )
+    ids, mask = left_pad(prompt_ids, pad_token_id)  # [B, P]
+    width = max(1, max(len(c) for c in completions))
+    raw = torch.full((n, width), pad_token_id, dtype=torch.long)  # [N, T]
+    values = torch.zeros((n, width), dtype=torch.float32)  # [N, T]
+    for row, tokens in enumerate(completions):
+        raw[row, : len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
+        if logprobs is not None:
+            if len(logprobs[row]) != len(tokens):
+                raise ValueError(
+                    f"Completion {row} has {len(tokens)} tokens but {len(logprobs[row])} log-probs."
+                )
+            values[row, : len(tokens)] = torch.as_tensor(list(logprobs[row]), dtype=torch.float32)
+    completion_ids, completion_mask, is_truncated = completion_mask_from_ids(
+        raw, eos_token_ids, pad_token_id
+    )
+    return GenerationOutput(
+        prompt_ids=ids.repeat_interleave(num_generations, dim=0),
+        prompt_mask=mask.repeat_interleave(num_generations, dim=0),
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        is_truncated=is_truncated,
+        sampling_logprobs=None if logprobs is None else values * completion_mask,
+    )
+
+
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """EOS token ids: those of the model's generation_config and the tokenizer's."""
     ids: set[int] = set()

