@@ -87,7 +87,7 @@ def test_derived_values_are_resolved_once_in_the_config() -> None:
         (dict(use_vllm=True, vllm_tensor_parallel_size=2), "vllm_tensor_parallel_size"),
         (dict(use_vllm=True, vllm_gpu_memory_utilization=0.0), "vllm_gpu_memory_utilization"),
         (dict(fp16=True), "fp16"),
-        (dict(report_to="wandb"), "report_to"),
+        (dict(report_to="comet_ml"), "report_to"),
         (dict(optim="lomo"), "optim"),
         (dict(optim="sgd", optim_args="momentum"), "optim_args.*key=value"),
         (dict(optim="sgd", optim_args="betas=0.9"), "does not read `betas`"),

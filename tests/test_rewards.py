@@ -84,8 +84,16 @@ def test_sync_async_and_reward_model_together() -> None:
     # Batches of 2 with right padding equal one unpadded forward per prompt + completion.
     expected = manual_scores(model, tok, [p + c for p, c in zip(PROMPTS, COMPLETIONS, strict=True)])
     torch.testing.assert_close(rewards[:, 2], torch.tensor(expected), atol=1e-5, rtol=1e-5)
-    # TRL's convention: keyword arguments, every column, trainer_state.
-    assert set(seen) == {"prompts", "completions", "completion_ids", "trainer_state", "answer"}
+    # TRL's convention: keyword arguments, every column, trainer_state, log_metric, log_extra.
+    assert set(seen) == {
+        "prompts",
+        "completions",
+        "completion_ids",
+        "trainer_state",
+        "log_metric",
+        "log_extra",
+        "answer",
+    }
     assert seen["trainer_state"] == "state"
 
 

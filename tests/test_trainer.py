@@ -139,7 +139,7 @@ def test_plain_run_logs_trl_metrics_completions_and_checkpoints(tmp_path: Path) 
     ):
         assert key in logged[-1], key
     completions = (tmp_path / "completions.jsonl").read_text().splitlines()
-    assert len(completions) == 6  # 3 per logging step
+    assert len(completions) == 8  # every completion of each logging step's round (4)
     assert {"prompt", "completion", "rewards", "advantage"} <= set(json.loads(completions[0]))
     # save_total_limit=1 keeps only the last checkpoint; it loads with from_pretrained.
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]

@@ -130,7 +130,6 @@ CONSUMED_BY_THE_CONFIG = {
     "epsilon": "loss_options() (epsilon_low)",
     "data_seed": "resolved_data_seed",
     "vllm_importance_sampling_cap": "sets vllm_importance_sampling_clip_max",
-    "report_to": 'only "none", what grpokit does',
     "use_adaptive_entropy": "entropy_regularization() (adaptive)",
     "entropy_coef_min": "entropy_regularization() (coef_min)",
     "entropy_coef_max": "entropy_regularization() (coef_max)",

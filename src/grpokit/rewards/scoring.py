@@ -12,6 +12,10 @@ Accepted return values, decided here once: `int`, `float`, `bool` (True = 1.0; T
 sample and the fix. A function that returns None for every completion of a batch is warned about
 (it adds nothing to the advantages; often a column it reads is missing).
 
+Reward functions may also log, with TRL's keyword arguments (`RewardLog`): `log_metric(name,
+value)` adds a scalar metric (averaged over the batch's calls, then over the logging window) and
+`log_extra(column, values)` adds a column of one value per completion to the completions table.
+
 Timeouts (`compute_rewards(timeout=...)`, `GRPOConfig.reward_timeout`): each call may take at most
 `timeout` seconds. A sync function then runs in a daemon worker thread; when it times out, Python
 cannot stop that thread, so it keeps running (and using CPU) in the background until it returns:
@@ -55,6 +59,67 @@ class RewardFunctionError(ValueError):
 
 class RewardTimeoutError(RewardFunctionError):
     """A reward function did not return within the timeout."""
+
+
+_NOT_PER_COMPLETION = ("trainer_state", "log_metric", "log_extra")
+"""Keyword arguments of reward functions that do not hold one value per completion."""
+
+COMPLETION_TABLE_KEYS = ("step", "prompt", "completion", "rewards", "reward", "advantage")
+"""Columns of the completions table that a `log_extra` column may not replace."""
+
+
+class RewardLog:
+    """What reward functions log through TRL's `log_metric` / `log_extra` keyword arguments
+    during one batch; `compute_rewards` passes its two methods to every function.
+
+    Attributes:
+        metrics: Every value logged per metric name.
+        extra: Per column, the values logged (one per completion once the batch is complete).
+    """
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, list[float]] = {}
+        self.extra: dict[str, list[Any]] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        """Add `value` to metric `name` (TRL's `log_metric`): the batch's values are averaged."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"log_metric: the name must be a non-empty string, got {name!r}.")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"log_metric({name!r}, {_short(value)}): the value must be a number."
+            ) from None
+        self.metrics.setdefault(name, []).append(number)
+
+    def log_extra(self, column: str, values: Sequence[Any]) -> None:
+        """Add `values` (one per completion of the batch) to column `column` of the completions
+        table (TRL's `log_extra`)."""
+        if not isinstance(column, str) or not column or column in COMPLETION_TABLE_KEYS:
+            raise ValueError(
+                f"log_extra: column {column!r} must be a non-empty string other than "
+                f"{list(COMPLETION_TABLE_KEYS)}."
+            )
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise ValueError(
+                f"log_extra({column!r}, ...): values must be a list (one per completion), got a "
+                f"{type(values).__name__}."
+            )
+        self.extra.setdefault(column, []).extend(values)
+
+    def batch_metrics(self) -> dict[str, float]:
+        """Each metric's mean over the values logged for the batch (TRL's sum / count)."""
+        return {name: sum(values) / len(values) for name, values in self.metrics.items()}
+
+    def check_extra(self, n: int) -> None:
+        """Raise a `ValueError` naming any column that does not hold exactly `n` values."""
+        for column, values in self.extra.items():
+            if len(values) != n:
+                raise ValueError(
+                    f"log_extra({column!r}, values) got {len(values)} values in all for a batch "
+                    f"of {n} completions; log exactly one value per completion, once per batch."
+                )
 
 
 class _TimedOut(Exception):
@@ -418,8 +483,9 @@ def _locate_failure(
     fn: RewardFunction, kwargs: dict[str, Any], n: int, list_keys: list[str]
 ) -> int | None:
     """Call `fn` one sample at a time to find the first sample that raises (None if none does)."""
+    scratch = RewardLog()  # what the single-sample calls log is not the batch's
     for i in range(n):
-        single = dict(kwargs)
+        single = {**kwargs, "log_metric": scratch.log_metric, "log_extra": scratch.log_extra}
         for key in list_keys:
             single[key] = kwargs[key][i : i + 1]
         try:
@@ -443,8 +509,8 @@ def _raised_error(
     if isinstance(error, TypeError) and "unexpected keyword argument" in str(error):
         return RewardFunctionError(
             f"reward function {fn.name!r} raised {problem}. Reward functions are called with "
-            "keyword arguments prompts, completions, completion_ids, trainer_state and every "
-            "dataset column; add **kwargs to its signature.",
+            "keyword arguments prompts, completions, completion_ids, trainer_state, log_metric, "
+            "log_extra and every dataset column; add **kwargs to its signature.",
             function_name=fn.name,
         )
     index = _locate_failure(fn, kwargs, n, list_keys)
@@ -535,7 +601,7 @@ def _check_inputs(
                 f"compute_rewards got {n} completions but {length} entries in {what}; every "
                 "input needs one entry per completion."
             )
-    reserved = {"prompts", "completions", "completion_ids", "trainer_state"} & set(columns)
+    reserved = {"prompts", "completions", "completion_ids", *_NOT_PER_COMPLETION} & set(columns)
     if reserved:
         raise ValueError(
             f"dataset columns {sorted(reserved)} clash with reward-function arguments; rename them."
@@ -551,7 +617,7 @@ def _call_all(
 ) -> tuple[list[Any], set[int]]:
     """Every function's raw output (sync ones in turn, then the async ones together), and the
     indices of the functions that timed out (their output: N Nones, under policy "nan")."""
-    list_keys = [key for key in kwargs if key != "trainer_state"]
+    list_keys = [key for key in kwargs if key not in _NOT_PER_COMPLETION]
     outputs: list[Any] = [None] * len(fns)
     pending: dict[int, Any] = {}
     timed_out: set[int] = set()
@@ -588,6 +654,7 @@ def compute_rewards(
     completion_ids: list[list[int]],
     columns: dict[str, list[Any]],
     trainer_state: Any = None,
+    reward_log: RewardLog | None = None,
     timeout: float | None = None,
     timeout_policy: str = "error",
 ) -> torch.Tensor:
@@ -605,6 +672,8 @@ def compute_rewards(
         completion_ids: N completion token-id lists (up to and including EOS; no padding).
         columns: Every other dataset column, N values each, passed as keyword arguments.
         trainer_state: Passed through as `trainer_state`.
+        reward_log: Receives what the functions log through their `log_metric` / `log_extra`
+            keyword arguments; None = a fresh one, discarded afterwards.
         timeout: Seconds each function call may take (module docstring); None = no limit.
         timeout_policy: A timed-out call is an error ("error") or NaN rewards for the batch
             from that function ("nan", warned about).
@@ -616,7 +685,8 @@ def compute_rewards(
         RewardFunctionError: A function raised (chained from the original error, naming the first
             sample that fails alone), returned the wrong number of values, a non-number, NaN or
             inf. `RewardTimeoutError` (a subclass): a call timed out under policy "error".
-        ValueError: Inputs of different lengths, or an unknown `timeout_policy`.
+        ValueError: Inputs of different lengths, an unknown `timeout_policy`, or a `log_extra`
+            column without one value per completion.
     """
     if timeout_policy not in REWARD_TIMEOUT_POLICIES:
         raise ValueError(
@@ -634,8 +704,11 @@ def compute_rewards(
         trainer_state=trainer_state,
         **columns,
     )
+    log = reward_log if reward_log is not None else RewardLog()
+    kwargs.update(log_metric=log.log_metric, log_extra=log.log_extra)
     outputs, timed_out = _call_all(fns, kwargs, n, timeout, timeout_policy)
     columns_k = [_validate(fn, out, completions) for fn, out in zip(fns, outputs, strict=True)]
+    log.check_extra(n)
     for k, (fn, column) in enumerate(zip(fns, columns_k, strict=True)):
         if n and k not in timed_out and all(math.isnan(v) for v in column):
             _warn_all_none(fn, n)

@@ -28,7 +28,7 @@ from grpokit.tools.environments import Environments
 from grpokit.tools.parsing import resolve_parser
 from grpokit.tools.turns import ToolCalling
 from grpokit.train import checkpoint as ckpt
-from grpokit.train import optimizers, resume
+from grpokit.train import optimizers, quantization, resume
 from grpokit.train.checkpoint import TrainerState
 from grpokit.train.config import GRPOConfig, resolve_steps
 
@@ -38,14 +38,25 @@ REF_MODEL_FILE = "ref_model.safetensors"  # the synced reference model inside a 
 
 
 # ---- model ---------------------------------------------------------------------------------------
-def load_policy(model: Any, processing_class: Any, args: GRPOConfig) -> tuple[Any, Any]:
+def load_policy(
+    model: Any,
+    processing_class: Any,
+    args: GRPOConfig,
+    *,
+    quantization_config: Any = None,
+    device: torch.device | None = None,
+) -> tuple[Any, Any]:
     """Load the policy (and tokenizer) from a string, or take an instance; keep float32 weights.
 
     Args:
         model: A Hugging Face id or path (see `engines.models.resolve_model_path`) or a causal-LM
-            instance. A bf16/fp16 instance is upcast to float32 with a warning.
+            instance. A bf16/fp16 instance is upcast to float32 with a warning (a quantized one
+            keeps its quantized weights).
         processing_class: The tokenizer, or None to load it from the model's path.
         args: The run's config (`model_init_kwargs`).
+        quantization_config: Load the model with these quantized weights (checked by
+            `quantization.resolve_quantization`), placed on `device`.
+        device: Where a quantized model is loaded (default: the CPU).
 
     Returns:
         `(model, tokenizer)`; the tokenizer has a pad token (EOS when it had none).
@@ -60,6 +71,9 @@ def load_policy(model: Any, processing_class: Any, args: GRPOConfig) -> tuple[An
     if isinstance(model, str):
         path = resolve_model_path(model)
         kwargs = {"dtype": torch.float32, **remote, **(args.model_init_kwargs or {})}
+        if quantization_config is not None:  # quantized on loading, straight onto its device
+            place = torch.device("cpu") if device is None else device
+            kwargs.update(quantization_config=quantization_config, device_map={"": place})
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     elif args.model_init_kwargs:
         raise ValueError(
@@ -71,7 +85,7 @@ def load_policy(model: Any, processing_class: Any, args: GRPOConfig) -> tuple[An
             f"model must be a model id/path or a torch module, got {type(model).__name__}."
         )
     low = {p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
-    if low:
+    if low and not quantization.is_quantized(model):
         logger.warning(
             "The model has %s weights; upcasting to float32 so that small updates are not lost "
             "(compute still uses bf16 autocast when bf16=True).",
@@ -119,6 +133,9 @@ def prepare_model(model: Any, peft_config: Any, args: GRPOConfig, device: torch.
 
         model = get_peft_model(model, peft_config)
     set_attention(model, args.attention, device)
+    if quantization.is_quantized(model):  # loaded onto its device; its weights stay frozen
+        quantization.keep_4bit_layers_differentiable(model)
+        return model
     return model.to(device)
 
 
@@ -369,6 +386,77 @@ def make_optimizer(model: torch.nn.Module, args: GRPOConfig) -> torch.optim.Opti
     """The optimizer `args.optim` names (see `train.optimizers`); weight decay on matrices only
     (not biases or norm weights), as transformers."""
     return optimizers.make_optimizer(model, args)
+
+
+def make_optimizers(
+    model: torch.nn.Module, args: GRPOConfig, max_steps: int, pair: Any = (None, None)
+) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer and learning-rate schedule: `pair` is the trainer's `optimizers=(optimizer,
+    scheduler)` argument; what it leaves None is built from `args` (`make_optimizer`,
+    `make_scheduler`), as transformers' `Trainer` does.
+
+    Raises:
+        TypeError: `optimizers` is not a pair, or its optimizer is not a `torch.optim.Optimizer`.
+        ValueError: the optimizer does not hold exactly the model's trainable parameters
+            (`check_optimizer_matches`), or a scheduler steps another optimizer than the one used.
+    """
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(
+            f"optimizers must be a pair (optimizer, scheduler), either None, got {pair!r}."
+        )
+    given, scheduler = pair
+    if given is not None:
+        check_optimizer_matches(given, model)
+    optimizer: torch.optim.Optimizer = given if given is not None else make_optimizer(model, args)
+    if scheduler is None:
+        return optimizer, make_scheduler(optimizer, args, max_steps)
+    if getattr(scheduler, "optimizer", None) is not optimizer:
+        built = " (built from args, as optimizers[0] is None)" if given is None else ""
+        raise ValueError(
+            "optimizers: the scheduler steps another optimizer than the one training uses"
+            f"{built}; pass the optimizer the scheduler was built on as optimizers[0]."
+        )
+    return optimizer, scheduler
+
+
+def check_optimizer_matches(optimizer: Any, model: torch.nn.Module) -> None:
+    """Refuse an optimizer that does not hold exactly the trainable parameters of `model` (the
+    model as trained: loaded, LoRA-wrapped and on its device).
+
+    Raises:
+        TypeError: not a `torch.optim.Optimizer`.
+        ValueError: it holds tensors that are not the model's parameters, or misses trainable
+            ones (they would get gradients and never change).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            "optimizers[0] must be a torch.optim.Optimizer or None, got "
+            f"{type(optimizer).__name__}."
+        )
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    foreign = len(held - {id(p) for p in model.parameters()})
+    if foreign:
+        raise ValueError(
+            f"optimizers: the optimizer holds {foreign} tensor(s) that are not parameters of the "
+            "model being trained: it was built for another model, or for a model GRPOTrainer "
+            "then loaded from a path or wrapped with peft_config. Build it on the model you pass "
+            "(under LoRA: wrap it with peft.get_peft_model yourself and pass that, without "
+            "peft_config), or pass optimizers=(None, None)."
+        )
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        peft = (
+            " Under peft_config the adapter is created by GRPOTrainer: wrap the model with "
+            "peft.get_peft_model yourself, build the optimizer on it and pass that model without "
+            "peft_config."
+            if ckpt.is_peft_model(model)
+            else ""
+        )
+        raise ValueError(
+            f"optimizers: {len(missing)} trainable parameter(s) of the model are not in the "
+            f"optimizer (first: {missing[0]!r}); they would get gradients and never change. Add "
+            f"them to the optimizer, or freeze them with requires_grad_(False).{peft}"
+        )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: GRPOConfig, max_steps: int) -> Any:

@@ -59,6 +59,8 @@ LR_SCHEDULERS = (
     "warmup_stable_decay",
 )
 
+_TRACKIO_ONLY = "another value without 'trackio' in report_to is refused (nothing would read it)"
+
 # The values each float field accepts ("[low, high)" interval notation, "inf" = no bound); every
 # one must be finite: `.nan` or `.inf` from YAML would otherwise train to an all-NaN model. None is
 # accepted where the field's type allows it (None = off). Ranges that depend on another field
@@ -623,19 +625,47 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     )
     report_to: str | list[str] | None = option(
         "none",
-        'Only "none" is supported; metrics always go to the console and output_dir/metrics.jsonl.',
-        limit='experiment trackers ("tensorboard", "wandb", ...) are not yet supported',
+        'Experiment trackers that also receive every logged record: "tensorboard", "wandb", '
+        '"trackio", "mlflow", a list of them, "all" (those installed) or "none" '
+        "(`train.trackers`: transformers' integration callbacks, where each writes). Metrics "
+        "always go to the console and output_dir/metrics.jsonl.",
+        limit="transformers' other integrations (comet_ml, clearml, ...) are refused: pass their "
+        "callback in GRPOTrainer(callbacks=[...])",
     )
     run_name: str | None = option(
-        None, "Name shown in the progress bar and stored in the metrics file."
+        None, "The run's name: in the progress bar, and in wandb, trackio and mlflow."
+    )
+    project: str = option(
+        "huggingface", "Trackio project the run is logged to.", limit=_TRACKIO_ONLY
+    )
+    trackio_space_id: str | None = option(
+        None,
+        "Hugging Face Space to log Trackio runs to (needs the network and a Hub login); None = a "
+        "local store only ($TRACKIO_DIR).",
+        limit=_TRACKIO_ONLY,
+    )
+    trackio_bucket_id: str | None = option(
+        None,
+        "Hugging Face Bucket for a Trackio Space; None = Trackio picks one.",
+        limit=_TRACKIO_ONLY,
+    )
+    trackio_static_space_id: str | bool | None = option(
+        None,
+        "Static Trackio Space frozen after training when `trackio_space_id` is set; False = none.",
+        limit=_TRACKIO_ONLY,
     )
     log_completions: bool = option(
         False,
-        "Write sampled prompts, completions, rewards and advantages to "
-        "output_dir/completions.jsonl every logging step.",
+        "Every logging step, write the round's prompts, completions, rewards, advantages and "
+        "`log_extra` columns to output_dir/completions.jsonl, and print a table of them to the "
+        "console.",
+        note="the table goes to output_dir/completions.jsonl (TRL: parquet files, and a table "
+        "in wandb / trackio); the console table is TRL's",
     )
     num_completions_to_print: int | None = option(
-        None, "Completions written per logging step when log_completions is on; None = all."
+        None,
+        "Completions (drawn at random) in the console table each logging step when "
+        "log_completions is on; None = all. completions.jsonl always gets all of them.",
     )
     log_unique_prompts: bool = option(
         False, "Write each distinct prompt's completions once per logging step (the first of G)."
@@ -702,6 +732,10 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     def __post_init__(self) -> None:
         self._resolve_trl_shorthands()
         check_at_default(self)
+        from grpokit.train.trackers import check_trackio_settings, resolve_report_to
+
+        self.report_to = resolve_report_to(self.report_to)  # a missing tracker fails here
+        check_trackio_settings(self)
         self._check_numbers()
         self._resolve_trainer_settings()
         self._check_unsupported()
@@ -764,11 +798,6 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
             self._check_vllm_server()
         if self.use_vllm:
             self._check_vllm()
-        if self.report_to:
-            raise ValueError(
-                f"report_to={self.report_to!r} is not supported; set report_to='none' (metrics are "
-                "always written to the console and to output_dir/metrics.jsonl)."
-            )
         from grpokit.train.optimizers import check_optimizer
 
         check_optimizer(self.optim, self.optim_args)
@@ -1117,6 +1146,24 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     def to_dict(self) -> dict[str, Any]:
         """All fields as a JSON-serialisable dict (the config actually used, after derivation)."""
         return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        """`to_dict()` as indented JSON (transformers' `TrainingArguments` method, which tracker
+        callbacks call); values JSON cannot hold are written as their `str`."""
+        import json
+
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def to_sanitized_dict(self) -> dict[str, Any]:
+        """`to_dict()` plus `train_batch_size` and `eval_batch_size`, every value that is not a
+        bool, int, float or str turned into its `str` (transformers' method, for TensorBoard's
+        hyper-parameters)."""
+        d = {
+            **self.to_dict(),
+            "train_batch_size": self.per_device_train_batch_size,
+            "eval_batch_size": self.per_device_eval_batch_size,
+        }
+        return {k: v if type(v) in (bool, int, float, str) else str(v) for k, v in d.items()}
 
     @classmethod
     def from_trl(cls, config: Any) -> GRPOConfig:

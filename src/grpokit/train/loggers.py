@@ -1,12 +1,18 @@
-"""Where metrics go: a `Logger` protocol, a console progress bar, a JSONL metrics file and a
-completions file. The trainer talks to one `RunLogger`, which fans out to these."""
+"""Where metrics go: a `Logger` protocol, a console progress bar, a JSONL metrics file, a
+completions file and the console table of completions. The trainer talks to one `RunLogger`,
+which fans out to these (the trackers of `report_to` are callbacks: `train.trackers`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import random
+import shutil
+import sys
 from collections import defaultdict
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -166,12 +172,25 @@ class RunLogger:
         for sink in self.sinks:
             sink.log(step, metrics)
 
-    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
-        """Write one record per sampled completion (prompt, completion, rewards, advantage)."""
+    def log_completions(
+        self,
+        step: int,
+        rows: list[dict[str, Any]],
+        *,
+        reward_names: Sequence[str],
+        print_count: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Write one record per completion (`completion_rows`) and print a table of
+        `print_count` of them drawn at random (None = all; 0 = no table), as TRL prints with
+        `num_completions_to_print`. Nothing when `log_completions` is off."""
         if self.completions_file is None:
             return
         for row in rows:
             self.completions_file.write({"step": step, **row})
+        shown = sample_rows(rows, print_count, seed=seed)
+        if shown:
+            tqdm.write(completions_table(shown, step, reward_names), end="")
 
     def close(self) -> None:
         """Close every sink."""
@@ -193,11 +212,15 @@ class MetricsBuffer:
     def __init__(self, nan_inf_filter: bool = True) -> None:
         self.values: dict[str, list[float]] = defaultdict(list)
         self.nan_inf_filter = nan_inf_filter
+        self.mean_keys: set[str] = set()
 
-    def add(self, metrics: dict[str, float]) -> None:
-        """Queue one value per key."""
+    def add(self, metrics: dict[str, float], *, mean: bool = False) -> None:
+        """Queue one value per key; `mean=True` reduces these keys by their mean whatever their
+        name (metrics that reward functions log, which TRL averages)."""
         for key, value in metrics.items():
             self.values[key].append(value)
+        if mean:
+            self.mean_keys.update(metrics)
 
     def extend(self, metrics: dict[str, list[float]]) -> None:
         """Queue several values per key (e.g. one per optimizer step)."""
@@ -206,24 +229,27 @@ class MetricsBuffer:
 
     def flush(self) -> dict[str, float]:
         """The reduced metrics queued since the last flush; empties the buffer."""
-        out = reduce_metrics(self.values)
+        out = reduce_metrics(self.values, means=self.mean_keys)
         losses = self.values.get("loss")
         if losses and not self.nan_inf_filter:
             out["loss"] = sum(losses) / len(losses)
         self.values.clear()
+        self.mean_keys.clear()
         return out
 
 
-def reduce_metrics(values: dict[str, list[float]]) -> dict[str, float]:
+def reduce_metrics(values: dict[str, list[float]], means: Collection[str] = ()) -> dict[str, float]:
     """Reduce lists of metric values: a key whose last part starts or ends with `min` / `max`
     (`completions/min_length`, `ratio/max`, `clip_ratio/high_max`) takes the min / max; every other
-    key the mean of its finite values (NaN when there is none)."""
+    key, and every key in `means`, the mean of its finite values (NaN when there is none)."""
     out: dict[str, float] = {}
     for key, vals in values.items():
         last = key.rsplit("/", 1)[-1]
         finite = [v for v in vals if math.isfinite(v)]
         if not finite:
             out[key] = float("nan")
+        elif key in means:
+            out[key] = sum(finite) / len(finite)
         elif last.startswith("min") or last.endswith("_min") or last == "min":
             out[key] = min(finite)
         elif last.startswith("max") or last.endswith("_max") or last == "max":
@@ -300,12 +326,13 @@ def completion_rows(
     combined: Any,
     advantages: Any,
     names: list[str],
-    limit: int | None = None,
+    extra: dict[str, list[Any]] | None = None,
     unique_prompts: bool = False,
 ) -> list[dict[str, Any]]:
-    """Records for the completions file: prompt, completion, per-function rewards (None = does not
-    apply), combined reward and advantage; at most `limit` rows (None = all). With
-    `unique_prompts` (`log_unique_prompts`), only the first row of each distinct prompt."""
+    """Records for the completions file, one per completion: prompt, completion, per-function
+    rewards (None = does not apply), combined reward, advantage, and each `extra` column (the
+    `log_extra` columns of the reward functions, N values each). With `unique_prompts`
+    (`log_unique_prompts`), only the first row of each distinct prompt."""
 
     def finite(value: float) -> float | None:
         return value if math.isfinite(value) else None
@@ -316,6 +343,7 @@ def completion_rows(
         for i in rows:
             firsts.setdefault(str(prompts[i]), i)
         rows = sorted(firsts.values())
+    columns = extra or {}
     return [
         {
             "prompt": prompts[i],
@@ -323,6 +351,86 @@ def completion_rows(
             "rewards": {name: finite(rewards[i, k].item()) for k, name in enumerate(names)},
             "reward": finite(combined[i].item()),
             "advantage": advantages[i].item(),
+            **{column: values[i] for column, values in columns.items()},
         }
-        for i in rows[:limit]
+        for i in rows
     ]
+
+
+# ---- the console table of completions ------------------------------------------------------------
+_ROW_KEYS = ("prompt", "completion", "rewards", "reward", "advantage")
+
+
+def sample_rows(rows: list[Any], count: int | None, *, seed: int) -> list[Any]:
+    """`count` of `rows` drawn at random without replacement (seeded; in their order); all of
+    them when `count` is None or not below their number, none when it is <= 0."""
+    if count is None or count >= len(rows):
+        return list(rows)
+    if count <= 0:
+        return []
+    picked = sorted(random.Random(seed).sample(range(len(rows)), count))
+    return [rows[i] for i in picked]
+
+
+def completions_table(
+    rows: list[dict[str, Any]], step: int, reward_names: Sequence[str], width: int | None = None
+) -> str:
+    """The completions of `rows` (`completion_rows` records) as the table TRL prints: columns
+    Prompt, Completion, one per reward function, Advantage, then the `log_extra` columns;
+    numbers with 2 decimals ("nan" = the reward does not apply); chat messages as their role
+    in capitals over their content. Drawn with `rich` when installed (in colour on a terminal),
+    else as plain text.
+
+    Args:
+        rows: The records to show.
+        step: The optimizer step, in the title.
+        reward_names: The reward functions, in the order of their columns.
+        width: Characters per line; None = the terminal's width.
+    """
+    extra = [key for key in rows[0] if key not in _ROW_KEYS] if rows else []
+    headers = ["Prompt", "Completion", *reward_names, "Advantage", *extra]
+    cells = [
+        [
+            _cell_text(row["prompt"]),
+            _cell_text(row["completion"]),
+            *(_number(row["rewards"].get(name)) for name in reward_names),
+            _number(row["advantage"]),
+            *(_cell_text(row.get(column)) for column in extra),
+        ]
+        for row in rows
+    ]
+    width = width or shutil.get_terminal_size().columns
+    try:
+        from rich.console import Console
+        from rich.panel import Panel
+        from rich.table import Table
+    except ImportError:
+        lines = [f"Step {step}", " | ".join(headers)]
+        lines += [" | ".join(c.replace("\n", "\\n") for c in row) for row in cells]
+        return "\n".join(lines) + "\n"
+    styles = ["bright_yellow", "bright_green"] + ["bold cyan"] * len(reward_names)
+    styles += ["bold magenta"] + ["bright_white"] * len(extra)
+    table = Table(show_header=True, header_style="bold white", expand=True)
+    numeric = range(2, 3 + len(reward_names))
+    for k, (header, style) in enumerate(zip(headers, styles, strict=True)):
+        table.add_column(header, style=style, justify="right" if k in numeric else "left")
+    for row in cells:
+        table.add_row(*row)
+        table.add_section()
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=sys.stdout.isatty(), highlight=False)
+    console.print(Panel(table, expand=False, title=f"Step {step}", border_style="bold white"))
+    return buffer.getvalue()
+
+
+def _cell_text(value: Any) -> str:
+    """A prompt, completion or extra value as text: messages as ROLE then content."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return "\n\n".join(
+            f"{str(m.get('role', '')).upper()}\n{m.get('content', '')}" for m in value
+        )
+    return str(value)
+
+
+def _number(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.2f}"

@@ -38,7 +38,7 @@ from grpokit.data.prompts import (
 from grpokit.engines.base import GenerationEngine, GenerationOutput, SamplingParams
 from grpokit.engines.multi_turn import generate_with_turns
 from grpokit.errors import DataError, MissingColumnError
-from grpokit.rewards.scoring import compute_rewards
+from grpokit.rewards.scoring import RewardLog, compute_rewards
 from grpokit.tools.environments import Environments, append_observation, rollout_output
 from grpokit.tools.turns import ToolCalling
 from grpokit.train import checkpoint as ckpt
@@ -80,6 +80,7 @@ class ScoredRollout:
         rewards: `[N, K]` float32, NaN = the reward function does not apply.
         gen: The engine's output (`[N, P]` prompt and `[N, T]` completion tensors).
         over_length: Prompts skipped or truncated by `max_prompt_length`.
+        extra: The columns reward functions logged with `log_extra`, N values each.
     """
 
     prompts: list[Any]
@@ -89,6 +90,7 @@ class ScoredRollout:
     rewards: Tensor
     gen: GenerationOutput
     over_length: int = 0
+    extra: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def lengths(self) -> Tensor:
@@ -125,6 +127,7 @@ class ScoredRollout:
                 extra_fields={k: [v[i] for i in index] for k, v in gen.extra_fields.items()},
             ),
             over_length=self.over_length,
+            extra={k: [v[i] for i in index] for k, v in self.extra.items()},
         )
 
 
@@ -194,6 +197,10 @@ def concatenate_rollouts(parts: Sequence[ScoredRollout], pad_token_id: int) -> S
         rewards=torch.cat([p.rewards for p in parts]),
         gen=gen,
         over_length=sum(p.over_length for p in parts),
+        extra={  # a column some part did not log is None there (as TRL fills it)
+            k: [x for p in parts for x in p.extra.get(k, [None] * len(p.prompts))]
+            for k in dict.fromkeys(k for p in parts for k in p.extra)
+        },
     )
 
 
@@ -433,8 +440,10 @@ class RolloutPipeline:
         columns: dict[str, list[Any]],
         *,
         trainer_state: Any = None,
+        reward_log: RewardLog | None = None,
     ) -> Tensor:
-        """`[N, K]` rewards from every reward function (NaN = does not apply)."""
+        """`[N, K]` rewards from every reward function (NaN = does not apply); what they log
+        with `log_metric` / `log_extra` goes to `reward_log`."""
         return compute_rewards(
             self.reward_funcs,
             prompts=prompts,
@@ -442,17 +451,25 @@ class RolloutPipeline:
             completion_ids=completion_ids,
             columns=columns,
             trainer_state=trainer_state,
+            reward_log=reward_log,
             timeout=self.reward_timeout,
             timeout_policy=self.reward_timeout_policy,
         )
 
     # ---- the whole path -------------------------------------------------------------------------
-    def run(self, rows: list[dict[str, Any]], *, trainer_state: Any = None) -> ScoredRollout:
+    def run(
+        self,
+        rows: list[dict[str, Any]],
+        *,
+        trainer_state: Any = None,
+        reward_log: RewardLog | None = None,
+    ) -> ScoredRollout:
         """Tokenize, generate, decode and score: G scored completions for each row kept.
 
         Args:
             rows: B dataset rows, each with a `prompt`.
             trainer_state: Passed to the reward functions as `trainer_state`.
+            reward_log: Receives what the reward functions log (`log_metric`, `log_extra`).
 
         Returns:
             The scored rollout; with no row kept (all skipped by length) an empty one (N = 0),
@@ -466,10 +483,16 @@ class RolloutPipeline:
         columns = reward_columns(columns, gen, batch.environments)
         completions, completion_ids = self.decode(prompts, gen)
         rewards = self.score(
-            prompts, completions, completion_ids, columns, trainer_state=trainer_state
+            prompts,
+            completions,
+            completion_ids,
+            columns,
+            trainer_state=trainer_state,
+            reward_log=reward_log,
         )  # [N, K]
+        extra = dict(reward_log.extra) if reward_log is not None else {}
         return ScoredRollout(
-            prompts, columns, completions, completion_ids, rewards, gen, batch.over_length
+            prompts, columns, completions, completion_ids, rewards, gen, batch.over_length, extra
         )
 
     def warn_over_length(self, over_length: int, total_so_far: int) -> None:
@@ -574,8 +597,9 @@ def evaluate_rewards(
 
     Returns:
         `eval_`-prefixed reward metrics (`eval_reward`, `eval_reward_std`,
-        `eval_rewards/<name>/mean|std`, `eval_frac_reward_zero_std`) and
-        `eval_completions/mean_length`.
+        `eval_rewards/<name>/mean|std`, `eval_frac_reward_zero_std`),
+        `eval_completions/mean_length`, and `eval_<name>` for each metric the reward functions
+        log with `log_metric` (the mean over generation calls of each call's mean, as TRL).
 
     Raises:
         DataError: the dataset yields no prompt (empty, or every prompt skipped by length).
@@ -584,12 +608,20 @@ def evaluate_rewards(
     per_call = max(1, args.per_device_eval_batch_size // g)
     rows = list(PromptSampler(dataset, seed=0, shuffle=False).iterate_once())
     rollouts = []
+    logged: dict[str, list[float]] = {}  # log_metric values: one mean per generation call
     rng = ckpt.rng_state()
     try:
         for start in range(0, len(rows), per_call):
+            reward_log = RewardLog()
             rollouts.append(
-                pipeline.run(rows[start : start + per_call], trainer_state=trainer_state)
+                pipeline.run(
+                    rows[start : start + per_call],
+                    trainer_state=trainer_state,
+                    reward_log=reward_log,
+                )
             )
+            for name, value in reward_log.batch_metrics().items():
+                logged.setdefault(name, []).append(value)
     finally:
         ckpt.set_rng_state(rng)
     over_length = sum(r.over_length for r in rollouts)
@@ -609,6 +641,7 @@ def evaluate_rewards(
     names = [fn.name for fn in pipeline.reward_funcs]
     metrics = {f"eval_{k}": v for k, v in name_reward_metrics(adv.metrics, names).items()}
     metrics["eval_completions/mean_length"] = torch.cat([r.lengths for r in rollouts]).mean().item()
+    metrics.update({f"eval_{name}": sum(v) / len(v) for name, v in logged.items()})
     return metrics
 
 

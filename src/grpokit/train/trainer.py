@@ -36,8 +36,8 @@ from grpokit.core.losses import policy_loss, rollout_importance_weights
 from grpokit.data.prompts import prompt_token_limit
 from grpokit.engines.base import GenerationEngine, GenerationOutput
 from grpokit.engines.models import context_length
-from grpokit.rewards.scoring import build_reward_functions
-from grpokit.train import build, guards
+from grpokit.rewards.scoring import RewardLog, build_reward_functions
+from grpokit.train import build, guards, quantization
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.callbacks import (
     CallbackHandler,
@@ -66,6 +66,7 @@ from grpokit.train.rollout import (
     evaluate_rewards,
     reward_columns,
 )
+from grpokit.train.trackers import tracker_callbacks
 
 logger = logging.getLogger("grpokit")
 
@@ -86,11 +87,16 @@ class GRPOTrainer:
         eval_dataset: Same format; scored by `evaluate()` every `eval_steps` when enabled.
         processing_class: The policy's tokenizer; loaded from the model's path when None.
         reward_processing_classes: Tokenizers of the reward models, aligned with `reward_funcs`.
-        peft_config: A `peft` config (e.g. `LoraConfig`) to train an adapter instead of all weights.
-        generation_engine: Optional `GenerationEngine`; default: `VLLMEngine` with `use_vllm`,
-            else `TransformersEngine`.
         callbacks: `transformers.TrainerCallback` instances or classes, called at each event of
-            the loop (grpokit.train.callbacks lists them and where they happen).
+            the loop (grpokit.train.callbacks lists them and where they happen), after the
+            trackers of `args.report_to` (grpokit.train.trackers).
+        optimizers: `(optimizer, scheduler)` to use instead of building them from `args`; either
+            may be None (it is then built, as in transformers). The optimizer must hold exactly
+            the trainable parameters of the model as trained (after `peft_config`).
+        quantization_config: A quantization config (e.g. `transformers.BitsAndBytesConfig`) to
+            load `model` (a path or id) with; needs `peft_config` (QLoRA, grpokit.train.
+            quantization).
+        peft_config: A `peft` config (e.g. `LoraConfig`) to train an adapter instead of all weights.
         tools: Callables (sync or async, type-hinted, Google-style docstrings) the model may
             call during generation (TRL's `tools`): their schemas go into the chat template,
             rollouts become multi-turn (`grpokit.tools`), and the tool replies inside a
@@ -107,6 +113,8 @@ class GRPOTrainer:
             to the prompt, its public methods are tools, and an optional `get_reward()` gives
             the rollout's reward (then `reward_funcs` may be empty). Reward functions receive
             the instances as `environments`.
+        generation_engine: Optional `GenerationEngine` (grpokit's; after TRL's 13 arguments);
+            default: `VLLMEngine` with `use_vllm`, else `TransformersEngine`.
     """
 
     # Exact speed-ups of the update (see grpokit.train.microbatch); False runs the plain path.
@@ -125,12 +133,14 @@ class GRPOTrainer:
         eval_dataset: Any = None,
         processing_class: Any = None,
         reward_processing_classes: Any = None,
-        peft_config: Any = None,
-        generation_engine: GenerationEngine | None = None,
         callbacks: list[Any] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
         tools: list[Any] | None = None,
         rollout_func: Any = None,
         environment_factory: Any = None,
+        generation_engine: GenerationEngine | None = None,
     ) -> None:
         self.args = as_grpo_config(args)  # a trl.GRPOConfig is converted field by field
         if train_dataset is None:
@@ -142,7 +152,16 @@ class GRPOTrainer:
         if self.device.type == "cpu" and self.args.retain_freed_memory:
             build.retain_freed_memory()
         build.check_generation_server(self.args)  # a wrong server address fails before loading
-        self.model, self.processing_class = build.load_policy(model, processing_class, self.args)
+        quantization_config = quantization.resolve_quantization(
+            model, quantization_config, peft_config, self.args
+        )
+        self.model, self.processing_class = build.load_policy(
+            model,
+            processing_class,
+            self.args,
+            quantization_config=quantization_config,
+            device=self.device,
+        )
         self.model = build.prepare_model(self.model, peft_config, self.args, self.device)
         self.is_peft = ckpt.is_peft_model(self.model)
         self.context_length = context_length(self.model)  # prompts are limited to fit in it
@@ -188,16 +207,17 @@ class GRPOTrainer:
         self.entropy_regularization = self.args.entropy_regularization()
         self.use_bf16 = build.resolve_precision(self.args, self.device)
         self.max_steps = build.resolve_max_steps(self.args, self.sampler.size)
-        self.optimizer = build.make_optimizer(self.model, self.args)
-        self.scheduler = build.make_scheduler(self.optimizer, self.args, self.max_steps)
+        self.optimizer, self.scheduler = build.make_optimizers(
+            self.model, self.args, self.max_steps, optimizers
+        )
         self.state = self._describe_run(
             TrainerState(model_name_or_path=build.model_name(self.model))
         )
         # metrics queued until the next logging step
         self.pending = MetricsBuffer(nan_inf_filter=self.args.logging_nan_inf_filter)
         self.control = TrainerControl()
-        self.callback_handler = CallbackHandler(
-            callbacks,
+        self.callback_handler = CallbackHandler(  # trackers first, as transformers' Trainer
+            [*tracker_callbacks(self.args.report_to), *(callbacks or [])],
             model=self.model,
             processing_class=self.processing_class,
             optimizer=self.optimizer,
@@ -311,18 +331,23 @@ class GRPOTrainer:
         default_flow(cfg, self.state, self.control, first_step, first_epoch)
         if cfg.log_completions and self.control.should_log:
             names = [fn.name for fn in self.reward_funcs]
+            step = self.state.global_step
+            rows = completion_rows(
+                rollout.prompts,
+                rollout.completions,
+                rollout.rewards,
+                adv.rewards,
+                adv.advantages,
+                names,
+                rollout.extra,
+                unique_prompts=cfg.log_unique_prompts,
+            )
             run_log.log_completions(
-                self.state.global_step,
-                completion_rows(
-                    rollout.prompts,
-                    rollout.completions,
-                    rollout.rewards,
-                    adv.rewards,
-                    adv.advantages,
-                    names,
-                    cfg.num_completions_to_print,
-                    unique_prompts=cfg.log_unique_prompts,
-                ),
+                step,
+                rows,
+                reward_names=names,
+                print_count=cfg.num_completions_to_print,
+                seed=cfg.seed + step,
             )
         self._log_evaluate_save(run_log)
 
@@ -392,7 +417,9 @@ class GRPOTrainer:
         self, num_prompts: int, timings: dict[str, float] | None = None
     ) -> ScoredRollout:
         """Sample `num_prompts` prompts, generate G completions each, decode and score them
-        (seconds added to `timings`' `time/generation` and `time/rewards`)."""
+        (seconds added to `timings`' `time/generation` and `time/rewards`). What the reward
+        functions log goes with it (`log_extra` columns) or to the next log line (`log_metric`:
+        each scoring call's mean, as TRL)."""
         timings = {} if timings is None else timings
         with _timer(timings, "time/generation"):
             prompts, prompt_ids, columns = self.sample_prompts(num_prompts)
@@ -400,8 +427,14 @@ class GRPOTrainer:
         with _timer(timings, "time/rewards"):
             completions, completion_id_lists = self.decode(prompts, gen)
             columns = reward_columns(columns, gen, self.environments or [])
-            rewards = self.score(prompts, completions, completion_id_lists, columns)  # [N, K]
-        return ScoredRollout(prompts, columns, completions, completion_id_lists, rewards, gen)
+            reward_log = RewardLog()
+            rewards = self.score(
+                prompts, completions, completion_id_lists, columns, reward_log=reward_log
+            )  # [N, K]
+        self.pending.add(reward_log.batch_metrics(), mean=True)
+        return ScoredRollout(
+            prompts, columns, completions, completion_id_lists, rewards, gen, extra=reward_log.extra
+        )
 
     def advantages(self, rewards: Tensor) -> AdvantageOutput:
         """Group advantages `[N]` (and reward metrics) of `[N, K]` rewards, per the config."""
@@ -469,10 +502,18 @@ class GRPOTrainer:
         completions: list[Any],
         completion_ids: list[list[int]],
         columns: dict[str, list[Any]],
+        *,
+        reward_log: RewardLog | None = None,
     ) -> Tensor:
-        """Rewards `[N, K]` (NaN = does not apply) from every reward function."""
+        """Rewards `[N, K]` (NaN = does not apply) from every reward function; what they log
+        with `log_metric` / `log_extra` goes to `reward_log`."""
         return self.rollout.score(
-            prompts, completions, completion_ids, columns, trainer_state=self.state
+            prompts,
+            completions,
+            completion_ids,
+            columns,
+            trainer_state=self.state,
+            reward_log=reward_log,
         )
 
     def build_rollout_batch(self, gen: GenerationOutput, advantages: Tensor) -> RolloutBatch:

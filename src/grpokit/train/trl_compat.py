@@ -37,7 +37,6 @@ _HUB = (
     "grpokit does not upload to the Hugging Face Hub; save locally (output_dir, "
     "GRPOTrainer.save_model) and upload with `hf upload`"
 )
-_TRACKIO = "used only by report_to='trackio', which is not yet supported"
 _PREDICTION = (
     "applies to transformers' prediction loop and compute_metrics; GRPO evaluation generates "
     "completions and scores them with the reward functions"
@@ -302,10 +301,6 @@ class AcceptedAtDefault:
     log_level_replica: str = at_default(
         "warning", "Log level of replica processes.", _MULTI_PROCESS
     )
-    project: str = at_default("huggingface", "Trackio project name.", _TRACKIO)
-    trackio_space_id: str | None = at_default(None, "Trackio Space to log to.", _TRACKIO)
-    trackio_bucket_id: str | None = at_default(None, "Trackio Space bucket.", _TRACKIO)
-    trackio_static_space_id: str | bool | None = at_default(None, "Static Trackio Space.", _TRACKIO)
     log_completions_hub_repo: str | None = at_default(
         None, "Hub dataset the logged completions are uploaded to.", _HUB
     )
