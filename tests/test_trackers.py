@@ -57,7 +57,7 @@ def test_a_tracker_that_is_not_installed_fails_at_config_time(
 
 
 def test_unknown_tracker_and_unsupported_wandb_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="'comet_ml' is not a supported tracker.*callbacks="):
+    with pytest.raises(ValueError, match=r"'comet_ml' is not a supported tracker.*callbacks="):
         GRPOConfig(report_to="comet_ml")
     monkeypatch.setenv("WANDB_LOG_MODEL", "end")
     with pytest.raises(ValueError, match="WANDB_LOG_MODEL=end"):

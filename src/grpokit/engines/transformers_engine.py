@@ -79,7 +79,8 @@ class TransformersEngine:
             decode: "lean" (own decode loop) or "hf" (`model.generate`).
             share_prompt_prefill: Lean path only: prefill each prompt once for its G completions.
             bf16_sampler: Sample from a bf16 copy of the policy. None = when the device computes
-                bf16 natively (`engines.models.bf16_supported`) and the policy is not already bf16.
+                bf16 natively (`engines.models.bf16_supported`) and the policy is neither bf16
+                already nor quantized.
             sampler_attention: Attention implementation of the bf16 copy (None = the policy's).
                 The default, `core.attention.grouped_attention`, computes transformers' eager
                 attention without copying the key/value heads per query head, which suits the
@@ -102,7 +103,8 @@ class TransformersEngine:
                 None = when the bf16 copy is used on a CPU whose torch has oneDNN.
 
         Raises:
-            ValueError: an unknown `decode` or a non-positive `num_threads`.
+            ValueError: an unknown `decode`, a non-positive `num_threads`, or `bf16_sampler`
+                with a quantized model.
         """
         if decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}.")
@@ -120,11 +122,14 @@ class TransformersEngine:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
+        quantized = bool(getattr(model, "is_quantized", False))  # e.g. bitsandbytes 4/8-bit
         if bf16_sampler is None:
             from grpokit.engines.models import bf16_supported
 
             dtype = next(model.parameters()).dtype
-            bf16_sampler = bf16_supported() and dtype != torch.bfloat16
+            bf16_sampler = bf16_supported() and dtype != torch.bfloat16 and not quantized
+        elif bf16_sampler and quantized:
+            raise ValueError("bf16_sampler=True cannot copy a quantized model to bf16.")
         self.sampler_model: Any = _bf16_copy(model, sampler_attention) if bf16_sampler else model
         # name -> (bf16 parameter, stamp of the source tensor it was last copied from)
         self._copies: dict[str, tuple[Tensor, tuple[int, int]]] = {}
