@@ -98,7 +98,8 @@ ROWS = [
 
 
 def test_plain_completions_table_without_rich(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "rich", None)
+    for name in ["rich", *(m for m in sys.modules if m.startswith("rich."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if rich were not installed
     assert completions_table(ROWS, 7, ["acc", "fmt"]).splitlines() == [
         "Step 7",
         "Prompt | Completion | acc | fmt | Advantage | source",
