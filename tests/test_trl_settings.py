@@ -87,10 +87,6 @@ def test_log_unique_prompts_keeps_the_first_completion_of_each_prompt() -> None:
         prompts, completions, rewards, combined, advantages, ["r"], unique_prompts=True
     )
     assert [r["completion"] for r in rows] == ["a", "c", "e"]
-    rows = completion_rows(
-        prompts, completions, rewards, combined, advantages, ["r"], 2, unique_prompts=True
-    )
-    assert [r["completion"] for r in rows] == ["a", "c"]
 
 
 def test_disable_tqdm_hides_the_bar_and_defaults_to_the_log_level(tmp_path: Path) -> None:
