@@ -12,7 +12,7 @@ import pytest
 
 from grpokit.rewards.scoring import RewardLog, compute_rewards
 from grpokit.train.loggers import completions_table, sample_rows
-from tests.test_trainer import PLAIN, make_trainer, read_metrics
+from tests.test_trainer import PLAIN, make_trainer, only_gh_varies, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,3 +144,27 @@ def test_trainer_prints_num_completions_to_print_rows(
         assert sum(f"row{i}" in table for i in range(4)) == 2  # 2 of the round's 4 completions
     # completions.jsonl still gets all 4 completions of each logged round.
     assert len((tmp_path / "completions.jsonl").read_text().splitlines()) == 8
+
+
+def test_log_extra_follows_its_rows_through_dynamic_sampling(tmp_path: Path) -> None:
+    # Only prompt "gh" gets varied rewards: the other groups are dropped and more prompts drawn,
+    # so the logged rows are selected and joined from several scoring calls.
+    def echo_reward(
+        prompts: list[str], completions: list[str], log_extra: Any, log_metric: Any, **kw: Any
+    ) -> list[float]:
+        log_extra("echo", [f"{p}|{c}" for p, c in zip(prompts, completions, strict=True)])
+        log_metric("calls", 1.0)
+        return only_gh_varies(prompts, completions)
+
+    make_trainer(
+        tmp_path,
+        echo_reward,
+        dynamic_sampling=True,
+        max_dynamic_sampling_draws=3,
+        log_completions=True,
+        num_completions_to_print=0,
+    ).train()
+    rows = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(r["echo"] == f"{r['prompt']}|{r['completion']}" for r in rows)
+    assert all(m["dynamic_sampling/extra_draws"] >= 1 for m in read_metrics(tmp_path))
+    assert all(m["calls"] == 1.0 for m in read_metrics(tmp_path))  # one mean per scoring call
