@@ -250,11 +250,17 @@ def check_config_changes(
     if policy == "apply":
         logger.warning("resuming from %s with config changes applied: %s", checkpoint, listed)
         return
+    processes = ""
+    if any(name == "generation_batch_size" for name, _, _ in changes):
+        processes = (
+            " generation_batch_size counts the completions of every process, so another number "
+            "of processes changes it: resume with as many processes as the run that saved."
+        )
     raise ResumeConfigError(
         checkpoint,
         f"this run's config changes the optimisation ({listed}). Resume with the checkpoint's "
         "values, or apply the changes from the resumed step with "
-        "resume_config_changes='apply' (CLI: --apply_config_changes).",
+        f"resume_config_changes='apply' (CLI: --apply_config_changes).{processes}",
     )
 
 

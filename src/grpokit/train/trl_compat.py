@@ -30,9 +30,12 @@ from grpokit.train.fields import at_default, option
 
 # ---- why a field is accepted only at its default -------------------------------------------------
 _MULTI_PROCESS = (
-    "multi-process (distributed) training is not yet supported; grpokit trains in one process"
+    "several processes are set up by the launcher (torchrun / accelerate launch) and its "
+    "accelerate config, not by this field (docs/DISTRIBUTED.md)"
 )
-_DEEPSPEED = "DeepSpeed is not supported; grpokit trains in one process without it"
+_DEEPSPEED = (
+    "DeepSpeed is not supported; several processes train with DDP or FSDP2 (docs/DISTRIBUTED.md)"
+)
 _HUB = (
     "grpokit does not upload to the Hugging Face Hub; save locally (output_dir, "
     "GRPOTrainer.save_model) and upload with `hf upload`"
