@@ -44,7 +44,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "eval_strategy": "steps",
         "eval_steps": 2,
     },
-    "grpo": {"loss_type": "grpo", "beta": 0.04},
+    # DDP settings from the config (ignored by one process).
+    "grpo": {
+        "loss_type": "grpo",
+        "beta": 0.04,
+        "ddp_find_unused_parameters": True,
+        "ddp_bucket_cap_mb": 1,
+        "ddp_timeout": 600,
+    },
     # 3 micro-batches per step: the second global micro-batch holds rows of both processes, so
     # its bnpo normaliser counts the tokens of both.
     "bnpo": {"loss_type": "bnpo", "gradient_accumulation_steps": 3},
@@ -176,6 +183,8 @@ def run_scenarios(out_dir: Path) -> None:
         t = trainer(out, **overrides)
         t.train()
         save_params(t.model, out)
+        unused = getattr(t.train_model, "find_unused_parameters", None)  # DDP's wrapper
+        (out / f"find_unused_parameters_{launched_process_index()}.txt").write_text(str(unused))
     # Resume: dropout makes the per-process random streams matter; checkpoints every step.
     dropout = {"attention_dropout": 0.3}
     full, resumed = out_dir / "uninterrupted", out_dir / "resumed"

@@ -134,6 +134,12 @@ def test_two_processes_train_as_one(runs: dict[str, Path], scenario: str) -> Non
                 assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
 
 
+def test_ddp_settings_of_the_config_reach_ddp(runs: dict[str, Path]) -> None:
+    assert (runs["two"] / "grpo" / "find_unused_parameters_0.txt").read_text() == "True"
+    assert (runs["two"] / "dapo" / "find_unused_parameters_0.txt").read_text() == "False"
+    assert (runs["one"] / "grpo" / "find_unused_parameters_0.txt").read_text() == "None"
+
+
 def test_two_processes_log_each_completion_and_evaluate_once(runs: dict[str, Path]) -> None:
     one, two = runs["one"] / "dapo", runs["two"] / "dapo"
     # 3 rounds x 16 completions, every process's, written once by the main process.

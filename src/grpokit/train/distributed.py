@@ -103,12 +103,15 @@ class World:
     fsdp: bool = False
 
     @classmethod
-    def from_env(cls, *, cpu: bool = False) -> World:
+    def from_env(cls, args: Any = None, *, cpu: bool = False) -> World:
         """The world the launcher set up: `World()` for one process, else join the process group
         through an `accelerate.Accelerator` (gloo on CPUs, NCCL on GPUs).
 
         Args:
-            cpu: Train on the CPU even when CUDA is available (`use_cpu`).
+            args: The run's `GRPOConfig`: `use_cpu` and the `ddp_*` settings (DDP's
+                find_unused_parameters, bucket_cap_mb, broadcast_buffers, static_graph; the
+                process group's backend and timeout). None = the defaults.
+            cpu: Train on the CPU even when CUDA is available (when `args` is None).
 
         Raises:
             ConfigError: the launcher's accelerate config asks for a backend that is not
@@ -124,8 +127,11 @@ class World:
         # FSDP2 is applied by `prepare` (`fully_shard`), on CPUs too, where accelerate would not
         # run it; the accelerator only joins the process group.
         fsdp = _asks_for("FSDP")
+        cpu = bool(args.use_cpu) if args is not None else cpu
         on_cpu = cpu or not torch.cuda.is_available()
-        accelerator = Accelerator(cpu=on_cpu, mixed_precision="no")
+        accelerator = Accelerator(
+            cpu=on_cpu, mixed_precision="no", kwargs_handlers=_ddp_settings(args)
+        )
         if accelerator.num_processes != launched_num_processes():  # never P unaware copies
             raise ConfigError(
                 f"the launcher started {launched_num_processes()} processes but accelerate joined "
@@ -261,6 +267,29 @@ class World:
         yield
         if self.is_main_process:
             self.barrier()
+
+
+def _ddp_settings(args: Any) -> list[Any]:
+    """accelerate's kwargs handlers for the config's `ddp_*` fields (none left at None)."""
+    if args is None:
+        return []
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    ddp = {
+        "find_unused_parameters": args.ddp_find_unused_parameters,
+        "bucket_cap_mb": args.ddp_bucket_cap_mb,
+        "broadcast_buffers": args.ddp_broadcast_buffers,
+        "static_graph": args.ddp_static_graph,
+    }
+    group: dict[str, Any] = {"timeout": timedelta(seconds=args.ddp_timeout)}
+    if args.ddp_backend is not None:
+        group["backend"] = args.ddp_backend
+    return [
+        DistributedDataParallelKwargs(**{k: v for k, v in ddp.items() if v is not None}),
+        InitProcessGroupKwargs(**group),
+    ]
 
 
 def seed_process(seed: int, world: World) -> None:

@@ -50,6 +50,14 @@ RESUME_FREE_FIELDS = frozenset(
         "metric_for_best_model",
         "greater_is_better",
         "load_best_model_at_end",
+        # How the processes communicate: the same updates (ddp_find_unused_parameters only
+        # decides whether DDP looks for parameters without a gradient).
+        "ddp_find_unused_parameters",
+        "ddp_bucket_cap_mb",
+        "ddp_broadcast_buffers",
+        "ddp_static_graph",
+        "ddp_backend",
+        "ddp_timeout",
         # Evaluation: runs on its own RNG state and never changes training.
         "eval_strategy",
         "eval_steps",

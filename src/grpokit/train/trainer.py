@@ -144,7 +144,7 @@ class GRPOTrainer:
         if train_dataset is None:
             raise ValueError("train_dataset is required: a dataset with a 'prompt' column.")
         # Joins the launcher's processes (or is a plain single process); refuses a missing backend.
-        self.world = dist.World.from_env(cpu=self.args.use_cpu)
+        self.world = dist.World.from_env(self.args)
         dist.check_config_world(self.args, self.world)
         several = self.world.is_distributed
         if several and (environment_factory is not None or self.args.dynamic_sampling):
