@@ -240,6 +240,27 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
             )
             (out / "engine_gap.txt").write_text(str(gap))
 
+    # Resume under FSDP2: checkpoints hold the whole states, gathered; loading scatters them.
+    dropout = {"attention_dropout": 0.3}
+    full, resumed = out_dir / "uninterrupted", out_dir / "resumed"
+    t = trainer(full, dropout, save_strategy="steps", save_steps=1)
+    t.train()
+    _save_whole(t, full)
+    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t.add_callback(StopAt(2))
+    t.train()
+    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t.train(resume_from_checkpoint=str(resumed / "checkpoint-2"))
+    _save_whole(t, resumed)
+
+
+def _save_whole(t: Any, out: Path) -> None:
+    from grpokit.train.distributed import full_state_dict
+
+    full = full_state_dict(t.model, t.world)
+    if full is not None:
+        torch.save(full, out / "params.pt")
+
 
 if __name__ == "__main__":
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":

@@ -188,6 +188,23 @@ def test_fsdp2_on_two_processes_trains_as_one(runs: dict[str, Path], scenario: s
     assert _max_diff(final, {k: _params(fsdp)[k] for k in final}) == 0.0
 
 
+def test_fsdp2_checkpoints_hold_whole_states_and_resume_exactly(runs: dict[str, Path]) -> None:
+    fsdp = runs["fsdp"]
+    assert _max_diff(_params(fsdp / "uninterrupted"), _params(fsdp / "resumed")) == 0.0
+    checkpoint = fsdp / "resumed" / "checkpoint-2"
+    assert (checkpoint / "rng_state_1.json").exists()
+    # The whole weights, loadable by one process (and the whole optimizer state, by name).
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        k: tuple(v.shape) for k, v in initial.items()
+    }
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert "model.embed_tokens.weight" in optimizer["state"]
+
+
 # ---- the pieces, on one process ------------------------------------------------------------------
 def test_chunk_loss_tokens_place_each_process_rows_in_the_global_micro_batches() -> None:
     # 6 rows per process per step, micro-batches of 2 (C = 3): the global step is 12 rows in
@@ -370,8 +387,7 @@ def test_fsdp_settings_it_cannot_run_are_refused(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
         dist.check_backend_installed()
     world = dist.World(num_processes=2, fsdp=True)
-    args = GRPOConfig(per_device_train_batch_size=4, num_generations=4)  # saves checkpoints
-    with pytest.raises(ConfigError, match="checkpoints"):
-        dist.check_fsdp_run(world, args, engine=None, is_peft=False)
-    args = GRPOConfig(per_device_train_batch_size=4, num_generations=4, save_strategy="no")
+    args = GRPOConfig(per_device_train_batch_size=4, num_generations=4)
     dist.check_fsdp_run(world, args, engine=None, is_peft=False)  # nothing to refuse
+    with pytest.raises(ConfigError, match="a LoRA adapter"):
+        dist.check_fsdp_run(world, args, engine=None, is_peft=True)

@@ -408,8 +408,8 @@ def full_tensor(tensor: Tensor) -> Tensor:
 
 
 def check_fsdp_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> None:
-    """Refuse what an FSDP2 run cannot do yet, before any step: LoRA, vLLM, checkpoints (the
-    final model is saved), and an engine that would sample from the sharded model itself.
+    """Refuse what an FSDP2 run cannot do yet, before any step: LoRA, vLLM, and an engine that
+    would sample from the sharded model itself.
 
     Raises:
         ConfigError: naming the setting and the fix.
@@ -421,8 +421,6 @@ def check_fsdp_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> No
         refused.append("a LoRA adapter (peft_config)")
     if args.use_vllm:
         refused.append("use_vllm")
-    if args.save_strategy != "no":
-        refused.append(f"checkpoints (save_strategy={args.save_strategy!r}; use 'no')")
     sampler = getattr(engine, "sampler_model", None)
     if sampler is not None and sampler is getattr(engine, "model", None):
         refused.append("a TransformersEngine without its own sampler copy (bf16_sampler)")
@@ -441,3 +439,67 @@ def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, Tensor] |
         return None
     state = {name: full_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
     return state if world.is_main_process else None
+
+
+class ShardedModelView:
+    """An FSDP2 model as the checkpoint code sees a plain one: `save_pretrained` writes the
+    whole weights gathered beforehand (`gather`, every process), `load_state_dict` takes whole
+    weights and gives each process its shards. Anything else is the model's."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+        self.full: dict[str, Tensor] | None = None
+
+    def gather(self, world: World) -> None:
+        """Gather the whole weights onto the main process (a collective)."""
+        self.full = full_state_dict(self._model, world)
+
+    def save_pretrained(self, path: Any, state_dict: Any = None, **kwargs: Any) -> None:
+        whole = self.full if state_dict is None else state_dict
+        self._model.save_pretrained(path, state_dict=whole, **kwargs)  # type: ignore[operator]
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, strict=strict)
+        return set_model_state_dict(self._model, state, options=options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class ShardedOptimizerView:
+    """An optimizer over FSDP2 shards as the checkpoint code sees a plain one: `state_dict` is
+    the whole state gathered beforehand (`gather`, every process; parameters keyed by name),
+    `load_state_dict` takes it and gives each process its shards."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._model, self._optimizer = model, optimizer
+        self.full: dict[str, Any] | None = None
+
+    def gather(self, world: World) -> None:
+        """Gather the whole optimizer state onto the main process (a collective)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(self._model, self._optimizer, options=options)
+        self.full = state if world.is_main_process else None
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.full is not None, "gather() the optimizer state first"
+        return self.full
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self._model, self._optimizer, state, options=options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)

@@ -961,7 +961,7 @@ class GRPOTrainer:
             logger.warning("load_best_model_at_end: no evaluation was recorded; model unchanged")
             return
         ckpt.verify_checkpoint(path)
-        ckpt.load_model_weights(self.model, path)
+        ckpt.load_model_weights(self._checkpoint_views()[0], path)
         self.engine.update_weights(self.model)
         logger.info(
             "loaded the best model, %s (%s = %s at step %d)",
@@ -981,23 +981,39 @@ class GRPOTrainer:
         """Write `checkpoint-{global_step}` from the main process; every process's random
         generators go in it. `collective=False` (an interrupted multi-process run, whose other
         processes may be anywhere) writes the main process's part alone."""
-        guards.check_finite_weights(self.model, f"checkpoint-{self.state.global_step}")
+        what = f"checkpoint-{self.state.global_step}"
+        model, optimizer = self._checkpoint_views()
+        if isinstance(model, dist.ShardedModelView):  # FSDP2: gather the whole states first
+            model.gather(self.world)
+            optimizer.gather(self.world)
+            if model.full is not None:
+                guards.check_finite_state(model.full, what)
+        else:
+            guards.check_finite_weights(self.model, what)
         rng_states = self.world.gather_objects(ckpt.rng_state()) if collective else []
         path = build.checkpoint_path(self.args, self.state)
         if self.world.is_main_process:
             path = build.save_trainer_checkpoint(
                 self.args,
                 self.state,
-                model=self.model,
+                model=model,
                 tokenizer=self.processing_class,
                 ref_model=self.ref_model,
-                optimizer=self.optimizer,
+                optimizer=optimizer,
                 scheduler=self.scheduler,
                 process_rng_states=rng_states[1:],
             )
         if collective:
             self.world.barrier()
         return path
+
+    def _checkpoint_views(self) -> tuple[Any, Any]:
+        """The model and optimizer as checkpoints save and load them: themselves, or under
+        FSDP2 views that gather / scatter the whole states (`distributed.ShardedModelView`)."""
+        if not self.world.fsdp:
+            return self.model, self.optimizer
+        model = dist.ShardedModelView(self.model)
+        return model, dist.ShardedOptimizerView(self.model, self.optimizer)
 
     def _save_on_interrupt(self, restart: guards.RoundStart) -> guards.TrainingInterrupted:
         """Ctrl-C: checkpoint the last completed optimizer step and say how to resume.
@@ -1033,19 +1049,18 @@ class GRPOTrainer:
 
     def _maybe_resume(self, resume_from_checkpoint: bool | str | None) -> None:
         path = build.find_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        if path is not None and self.world.fsdp:
-            raise ConfigError("resuming is not supported under FSDP2 yet; resume with DDP.")
         if path is None:
             if self.world.is_main_process:  # may delete an earlier run's checkpoints
                 build.prepare_fresh_output_dir(self.args)
             self.world.barrier()
             return
+        model, optimizer = self._checkpoint_views()
         state = build.restore_checkpoint(
             path,
             args=self.args,
-            model=self.model,
+            model=model,
             ref_model=self.ref_model,
-            optimizer=self.optimizer,
+            optimizer=optimizer,
             scheduler=self.scheduler,
             max_steps=self.max_steps,
         )
