@@ -95,8 +95,8 @@ def test_a_field_accepted_only_at_its_default_refuses_another_value_saying_why(n
 def test_reasons_name_what_is_missing() -> None:
     with pytest.raises(ValueError, match=r"deepspeed=.*DeepSpeed is not supported"):
         GRPOConfig(deepspeed={"zero_optimization": {"stage": 3}})
-    with pytest.raises(ValueError, match=r"ddp_find_unused_parameters=False.*multi-process"):
-        GRPOConfig(ddp_find_unused_parameters=False)
+    with pytest.raises(ValueError, match=r"save_on_each_node=True.*multi-process"):
+        GRPOConfig(save_on_each_node=True)
     with pytest.raises(ValueError, match=r"hub_model_id=.*Hugging Face Hub"):
         GRPOConfig(hub_model_id="me/model")
     with pytest.raises(ValueError, match=r"vllm_enable_sleep_mode=True.*not yet supported"):
@@ -231,7 +231,7 @@ def _fake_trl(monkeypatch: pytest.MonkeyPatch) -> type:
         generation_batch_size: int | None = None
         steps_per_generation: int | None = None
         per_device_train_batch_size: int = 8
-        ddp_find_unused_parameters: bool | None = None
+        save_on_each_node: bool = False
         _n_gpu: int = dataclasses.field(init=False, default=0)
 
         def __post_init__(self) -> None:  # what TRL's and transformers' __post_init__ do
@@ -279,8 +279,8 @@ def test_a_trl_config_with_a_refused_value_says_so(monkeypatch: pytest.MonkeyPat
     trl_config_cls = _fake_trl(monkeypatch)
     from grpokit.train.config import as_grpo_config
 
-    with pytest.raises(ValueError, match=r"converting a trl\.GRPOConfig: ddp_find_unused"):
-        as_grpo_config(trl_config_cls(ddp_find_unused_parameters=False))
+    with pytest.raises(ValueError, match=r"converting a trl\.GRPOConfig: save_on_each_node"):
+        as_grpo_config(trl_config_cls(save_on_each_node=True))
     with pytest.raises(TypeError, match=r"args must be a grpokit\.GRPOConfig"):
         as_grpo_config({"learning_rate": 1e-6})
     assert as_grpo_config(None) == GRPOConfig()

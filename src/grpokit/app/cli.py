@@ -118,6 +118,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard an earlier run in output_dir (each deleted checkpoint is named)",
     )
+    train.add_argument(
+        "--num_processes",
+        type=int,
+        help="train on N processes of this machine: runs `accelerate launch --num_processes N` "
+        "on this command (GPUs: one per process; CPUs: gloo)",
+    )
+    train.add_argument(
+        "--accelerate_config",
+        help="an accelerate config file for --num_processes (examples/accelerate/*.yaml)",
+    )
     ev = sub.add_parser(
         "eval",
         parents=[common],
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "vllm-serve" and rest:
         parser.error(f"vllm-serve: unrecognized arguments: {' '.join(rest)}")
     try:
-        _run_command(args, rest)
+        code = _run_command(args, rest)
     except UserError as error:
         if args.debug:
             traceback.print_exc()
@@ -212,17 +222,21 @@ def main(argv: list[str] | None = None) -> int:
         if guards is None or not isinstance(interrupt, guards.TrainingInterrupted):
             print("grpokit: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
-def _run_command(args: argparse.Namespace, rest: list[str]) -> None:
+def _run_command(args: argparse.Namespace, rest: list[str]) -> int | None:
     if args.command == "vllm-serve":
         from grpokit.engines.vllm_server import serve
 
         serve(args)
-        return
+        return None
     overrides = parse_overrides(rest)
     add_import_paths(args.config if args.command != "demo" else None)
+    if args.command == "train" and (args.num_processes is not None or args.accelerate_config):
+        from grpokit.app.launch import launch_processes
+
+        return launch_processes(args, rest)
     if args.command == "train":
         spec = load_config(args.config, overrides)
         run_training(
@@ -251,3 +265,8 @@ def _run_command(args: argparse.Namespace, rest: list[str]) -> None:
         if output is not None:
             with output_errors(output.parent):
                 output.write_text(json.dumps(metrics, indent=2))
+    return None
+
+
+if __name__ == "__main__":  # `python -m grpokit.app.cli`, as `accelerate launch` runs it
+    sys.exit(main())

@@ -321,20 +321,29 @@ def _train(
     overwrite: bool,
     apply_config_changes: bool,
 ) -> dict[str, Any]:
+    from grpokit.train.distributed import launched_process_index
+
+    # Under torchrun / accelerate launch every process trains; only the main one writes files
+    # and runs the held-out evaluations (the others wait in the trainer's first collective).
+    main = launched_process_index() == 0
     peft_config = lora_config(spec.run.lora)
     task, rewards = _load_task(spec)
-    _prepare_output_dir(output_dir, resume, overwrite)
+    if main:
+        _prepare_output_dir(output_dir, resume, overwrite)
     policy = "apply" if apply_config_changes else spec.training.resume_config_changes
     checkpoint = _resume_checkpoint(spec, resume, None, policy) if resume else None
-    check_output_dir(output_dir, spec.run.min_free_disk_gb)
+    if main:
+        check_output_dir(output_dir, spec.run.min_free_disk_gb)
     model, tokenizer = _load_model(spec)
     check_lora_targets(model, peft_config)
     if checkpoint is not None:
         _resume_checkpoint(spec, str(checkpoint), model, policy)
-    write_config(spec, output_dir / "config.yaml")
+    if main:
+        write_config(spec, output_dir / "config.yaml")
     if apply_config_changes:
         spec.training.resume_config_changes = "apply"
-    print(f"[grpokit] run config written to {output_dir / 'config.yaml'}", flush=True)
+    if main:
+        print(f"[grpokit] run config written to {output_dir / 'config.yaml'}", flush=True)
 
     from grpokit.train.trainer import GRPOTrainer
 
@@ -348,17 +357,20 @@ def _train(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    _warn_if_checkpoint_may_not_fit(trainer, output_dir)
+    if main:
+        _warn_if_checkpoint_may_not_fit(trainer, output_dir)
     # Held-out evaluation samples with the trainer's own engine (vLLM with use_vllm), which
     # follows the policy's weights after every optimizer step.
-    if spec.eval.before and not resume:
+    if spec.eval.before and not resume and main:
         result["before"] = run_eval(
             spec, trainer.model, tokenizer, task, rewards, engine=trainer.engine
         )
         _log_eval(output_dir, "before", 0, result["before"])
     state = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     result["model_dir"] = str(output_dir / "final_model")
-    trainer.save_model(result["model_dir"])
+    trainer.save_model(result["model_dir"])  # every process calls it; the main one writes
+    if not main:
+        return result
     print(f"[grpokit] trained model saved to {result['model_dir']}", flush=True)
     if spec.eval.after:
         result["after"] = run_eval(

@@ -283,9 +283,14 @@ def model_completion_logprobs(
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}.")
     _check_options(temperature, chunk_size)
 
-    model = forward_module(model)
+    # DDP's wrapper passes its keyword arguments on to the module it wraps: call the wrapper (it
+    # synchronises the gradients) with the arguments the wrapped module's forward names.
+    wrapper = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+    model = forward_module(wrapper.module if wrapper is not None else model)
     keep_logits = _accepts(model, "logits_to_keep")
     pass_positions = _accepts(model, "position_ids")
+    if wrapper is not None:
+        model = wrapper
     step = batch_size or input_ids.shape[0]
     logprob_slices, entropy_slices = [], []
     for start in range(0, input_ids.shape[0], step):

@@ -456,7 +456,9 @@ class TransformersEngine:
                 )
             now = _stamp(source[name])
             if now != stamp or (copy_trainable and source[name].requires_grad):
-                param.copy_(source[name])
+                # A sharded (FSDP2) parameter is gathered whole: every process syncs together.
+                gather = getattr(source[name], "full_tensor", None)
+                param.copy_(gather() if callable(gather) else source[name])
                 self._copies[name] = (param, now)
         for layer in self._packed:
             layer.repack_if_changed()

@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from grpokit.train import checkpoint as ckpt
 from grpokit.train import optimizers, quantization, resume
 from grpokit.train.checkpoint import TrainerState
 from grpokit.train.config import GRPOConfig, resolve_steps
+from grpokit.train.distributed import save_process_rng_states
 
 logger = logging.getLogger("grpokit")
 
@@ -656,13 +658,17 @@ def save_trainer_checkpoint(
     ref_model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    process_rng_states: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Write `output_dir/checkpoint-{step}` atomically, with the synced reference model and the
     merged weights inside when they exist, then drop the oldest checkpoints beyond
-    `save_total_limit` (never this one, nor `state.best_model_checkpoint`)."""
+    `save_total_limit` (never this one, nor `state.best_model_checkpoint`).
+    `process_rng_states`: the random generators of the other processes of a multi-process run
+    (ranks 1, 2, ...), sealed with the rest."""
     path = checkpoint_path(args, state)
 
     def extra(folder: Path) -> None:
+        save_process_rng_states(folder, process_rng_states)
         if ref_model is not None and args.sync_ref_model:
             from safetensors.torch import save_model
 

@@ -103,6 +103,7 @@ class TrainerState(transformers.TrainerState):
             `use_adaptive_entropy` (which moves it); None = `entropy_coef` of the config.
         last_step_entropy: the mean entropy the last optimizer step measured (adaptive entropy
             control); None = none measured yet.
+        num_processes: processes the run trains on (a resumed run should have as many).
     """
 
     data_epoch: int = 0
@@ -113,6 +114,7 @@ class TrainerState(transformers.TrainerState):
     model_name_or_path: str = ""
     entropy_coef: float | None = None
     last_step_entropy: float | None = None
+    num_processes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """The state as a JSON-serialisable dict."""
@@ -125,7 +127,14 @@ def is_peft_model(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
-def save_model(model: Any, tokenizer: Any, path: str | Path, *, merged: bool = False) -> None:
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    path: str | Path,
+    *,
+    merged: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Save `model` and `tokenizer` to `path` in Hugging Face format.
 
     Args:
@@ -133,6 +142,8 @@ def save_model(model: Any, tokenizer: Any, path: str | Path, *, merged: bool = F
         tokenizer: saved next to the weights when not None.
         path: target directory (created).
         merged: under LoRA, save the adapter merged into a copy of the base weights instead.
+        state_dict: the weights to save in place of the model's own (the whole weights of a
+            sharded model, `train.distributed.full_state_dict`).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -141,7 +152,7 @@ def save_model(model: Any, tokenizer: Any, path: str | Path, *, merged: bool = F
 
         copy.deepcopy(model).merge_and_unload().save_pretrained(path)
     else:
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 

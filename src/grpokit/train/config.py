@@ -264,8 +264,9 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     max_completion_length: int = option(512, "Maximum number of generated tokens per completion.")
     generation_batch_size: int | None = option(
         None,
-        "Completions per generation batch. None = per_device_train_batch_size * "
-        "steps_per_generation. Mutually exclusive with `steps_per_generation`.",
+        "Completions per generation batch, over all processes. None = "
+        "per_device_train_batch_size * processes * steps_per_generation (as TRL). Mutually "
+        "exclusive with `steps_per_generation`.",
     )
     steps_per_generation: int | None = option(
         None,
@@ -543,7 +544,9 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     )
 
     # ---- Optimisation ------------------------------------------------------------------------
-    per_device_train_batch_size: int = option(8, "Completions (not prompts) per micro-batch.")
+    per_device_train_batch_size: int = option(
+        8, "Completions (not prompts) per micro-batch, on each process (as TRL)."
+    )
     gradient_accumulation_steps: int = option(
         1, "Micro-batches accumulated into one optimizer step."
     )
@@ -726,7 +729,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         "Evaluate on eval_dataset before the first training step (logged at the starting step).",
     )
     per_device_eval_batch_size: int = option(
-        8, "Completions per generation call during evaluation."
+        8, "Completions per generation call during evaluation, on each process."
     )
 
     def __post_init__(self) -> None:
@@ -846,31 +849,47 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
                 f"num_generations must be an integer >= 2 (advantages compare the completions of a "
                 f"prompt), got {self.num_generations!r}."
             )
+        from grpokit.train.distributed import launched_num_processes
+
+        # As TRL: per_device_* sizes are per process; the generation batch spans the processes.
+        processes = launched_num_processes()
         bs = self.per_device_train_batch_size
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             raise ValueError(
                 "generation_batch_size and steps_per_generation cannot both be set; set only one "
-                "(generation_batch_size = per_device_train_batch_size * steps_per_generation)."
+                "(generation_batch_size = per_device_train_batch_size * processes * "
+                "steps_per_generation)."
             )
         if self.generation_batch_size is not None:
             _positive_int("generation_batch_size", self.generation_batch_size)
-            if self.generation_batch_size % bs:
+            if self.generation_batch_size % (bs * processes):
                 raise ValueError(
                     f"generation_batch_size ({self.generation_batch_size}) must be divisible by "
-                    f"per_device_train_batch_size ({bs})."
+                    f"per_device_train_batch_size ({bs})"
+                    + (f" x {processes} processes" if processes > 1 else "")
+                    + "."
                 )
-            self.steps_per_generation = self.generation_batch_size // bs
+            self.steps_per_generation = self.generation_batch_size // (bs * processes)
         elif self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
         _positive_int("steps_per_generation", self.steps_per_generation)
-        self.generation_batch_size = bs * self.steps_per_generation
+        self.generation_batch_size = bs * processes * self.steps_per_generation
         if self.steps_per_generation % self.gradient_accumulation_steps:
             raise ValueError(
                 f"steps_per_generation ({self.steps_per_generation}) must be a multiple of "
                 f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) so that each "
                 "optimizer step uses whole micro-batches of one generation batch."
             )
-        if self.generation_batch_size % self.num_generations:
+        per_process = bs * self.steps_per_generation
+        if per_process % self.num_generations and processes > 1:
+            raise ValueError(
+                f"Each of the {processes} processes generates per_device_train_batch_size * "
+                f"steps_per_generation = {per_process} completions, which is not a whole number "
+                f"of groups of num_generations ({self.num_generations}): a group's completions "
+                "must be generated on one process. Make per_device_train_batch_size * "
+                "steps_per_generation a multiple of num_generations."
+            )
+        if per_process % self.num_generations:
             raise ValueError(
                 f"The generation batch (per_device_train_batch_size * steps_per_generation = "
                 f"{self.generation_batch_size} completions) must be divisible by num_generations "
@@ -1072,9 +1091,15 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
 
     @property
     def prompts_per_generation(self) -> int:
-        """Unique prompts (B) per generation batch."""
+        """Unique prompts (B) per generation batch, over all processes."""
         assert self.generation_batch_size is not None
         return self.generation_batch_size // self.num_generations
+
+    @property
+    def prompts_per_process(self) -> int:
+        """Unique prompts each process generates per generation batch (whole groups)."""
+        assert self.steps_per_generation is not None
+        return self.per_device_train_batch_size * self.steps_per_generation // self.num_generations
 
     def loss_options(self) -> LossOptions:
         """The loss options of this run for `policy_loss` (`epsilon_high` resolved from

@@ -132,6 +132,21 @@ def check_finite_weights(model: torch.nn.Module, what: str) -> None:
         )
 
 
+def check_finite_state(state: dict[str, torch.Tensor], what: str) -> None:
+    """`check_finite_weights` for weights given as a state dict (a sharded model's, gathered).
+
+    Raises:
+        NonFiniteError: naming the first non-finite tensor and how many there are.
+    """
+    bad = [name for name, value in state.items() if not bool(torch.isfinite(value).all())]
+    if bad:
+        raise NonFiniteError(
+            f"refusing to save {what}: {len(bad)} parameter tensor(s) hold NaN/inf (first: "
+            f"{bad[0]!r}). Likely causes: {LIKELY_CAUSES}. Resume from an earlier checkpoint "
+            "with a lower learning_rate."
+        )
+
+
 # =================================================================================================
 # Ctrl-C
 # =================================================================================================

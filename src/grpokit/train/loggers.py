@@ -12,7 +12,7 @@ import random
 import shutil
 import sys
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -200,6 +200,30 @@ class RunLogger:
             self.completions_file.close()
 
 
+class SilentRunLogger:
+    """`RunLogger`'s interface writing nothing: the logger of every process but the main one."""
+
+    def advance(self, step: int) -> None:
+        """Nothing to move."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Nothing is written."""
+
+    def log_completions(
+        self,
+        step: int,
+        rows: list[dict[str, Any]],
+        *,
+        reward_names: Sequence[str],
+        print_count: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Nothing is written."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 class MetricsBuffer:
     """Metric values queued between logging steps; `flush` reduces them with `reduce_metrics`.
 
@@ -227,10 +251,18 @@ class MetricsBuffer:
         for key, values in metrics.items():
             self.values[key].extend(values)
 
-    def flush(self) -> dict[str, float]:
-        """The reduced metrics queued since the last flush; empties the buffer."""
-        out = reduce_metrics(self.values, means=self.mean_keys)
-        losses = self.values.get("loss")
+    def flush(
+        self, pool: Callable[[dict[str, list[float]]], dict[str, list[float]]] | None = None
+    ) -> dict[str, float]:
+        """The reduced metrics queued since the last flush; empties the buffer.
+
+        Args:
+            pool: Combines the queued values with other processes' before reducing
+                (`World.gather_lists`); None = this process's alone.
+        """
+        values = pool(self.values) if pool is not None else self.values
+        out = reduce_metrics(values, means=self.mean_keys)
+        losses = values.get("loss")
         if losses and not self.nan_inf_filter:
             out["loss"] = sum(losses) / len(losses)
         self.values.clear()
@@ -266,7 +298,13 @@ def completion_metrics(completion_mask: Any, is_truncated: Any) -> dict[str, flo
         completion_mask: `[N, T]` 1 up to and including the first EOS.
         is_truncated: `[N]` bool, True = no EOS within `max_completion_length`.
     """
-    lengths = completion_mask.sum(1).float()  # [N]
+    return length_metrics(completion_mask.sum(1), is_truncated)
+
+
+def length_metrics(lengths: Any, is_truncated: Any) -> dict[str, float]:
+    """`completion_metrics` from the completions' lengths: `lengths` `[N]` tokens up to and
+    including the first EOS, `is_truncated` `[N]` bool."""
+    lengths = lengths.float()  # [N]
     terminated = lengths[~is_truncated]
     has_terminated = len(terminated) > 0
     return {

@@ -27,6 +27,15 @@ gradient_accumulation_steps`). It is a mean of per-micro-batch means, so it depe
 share a micro-batch, and every row has a gradient through its entropies, so with the bonus on
 neither speed-up below applies.
 
+**Several processes.** With P processes the optimizer step is global: its rows are the P
+processes' step rows, in rank order, and each process plans its own rows. The planner then needs
+the loss tokens of the global step's plain micro-batches (`chunk_loss_tokens`, summed over the
+processes by the caller): `num_items_in_batch` is the global step's loss tokens, a row-normalised
+micro-batch weighs `n / (P * R)`, and a bnpo micro-batch divides by the tokens of the global plain
+micro-batch (P * size rows) it belongs to. The weights (and the entropy bonus's, `n / (P * R)`)
+are shares of the global step's loss; the trainer multiplies them by P because DDP averages the
+processes' gradients.
+
 TRL instead divides by the token count of the whole *generation* batch, counted before
 `mask_truncated_completions`: the same when steps_per_generation == gradient_accumulation_steps
 and nothing is masked, smaller steps otherwise. Counting the step's own tokens makes 1
@@ -74,14 +83,64 @@ class MicroBatch:
             `num_items_in_batch` of this micro-batch's `policy_loss`.
         loss_weight: Multiply this micro-batch's `policy_loss` by it; the weighted losses sum to
             the step's loss (module docstring).
-        entropy_weight: Multiply this micro-batch's entropy bonus by it: its share of the step's
-            rows (`1 / gradient_accumulation_steps` for a full micro-batch), as TRL.
+        entropy_weight: Multiply this micro-batch's entropy bonus by it: its share of the
+            (global) step's rows (`1 / gradient_accumulation_steps` for a full micro-batch on one
+            process), as TRL.
+        padding: A zero-weight micro-batch that only keeps the processes in step (`pad_plan`).
     """
 
     rows: Tensor
     num_items_in_batch: Tensor
     loss_weight: float
     entropy_weight: float = 0.0
+    padding: bool = False
+
+
+def pad_plan(plan: list[MicroBatch], rows: range, count: int) -> list[MicroBatch]:
+    """`plan` followed by zero-weight micro-batches of one row until it holds `count`.
+
+    With several processes every one must run as many forward/backward passes as the others
+    (their gradient synchronisation, and FSDP's weight gathering, are collective). A padding
+    micro-batch adds exactly 0 to the gradient; its metrics are not logged.
+    """
+    if len(plan) >= count:
+        return plan
+    num_items = plan[0].num_items_in_batch if plan else torch.ones(())
+    pad = MicroBatch(torch.arange(rows.start, rows.start + 1), num_items, 0.0, 0.0, padding=True)
+    return plan + [pad] * (count - len(plan))
+
+
+def chunk_loss_tokens(
+    loss_mask: Tensor,
+    rows: range,
+    size: int,
+    *,
+    num_processes: int = 1,
+    process_index: int = 0,
+) -> Tensor:
+    """Loss tokens of this process's rows in each plain micro-batch of the global step.
+
+    The global step is the P processes' `rows` in rank order, split into C = `len(rows) / size`
+    plain micro-batches of `P * size` rows; this process's local micro-batch j falls in global
+    micro-batch `(process_index * C + j) // P`. Summed over the processes, the result is each
+    global micro-batch's loss tokens (`plan_micro_batches(chunk_tokens=...)`).
+
+    Args:
+        loss_mask: `[N, T]` 1 = the token counts in the loss.
+        rows: The optimizer step's rows on this process (a multiple of `size` long).
+        size: `per_device_train_batch_size`.
+        num_processes: P.
+        process_index: This process's rank.
+
+    Returns:
+        `[C]` float64 token counts (0 for global micro-batches this process has no rows in).
+    """
+    index = torch.arange(rows.start, rows.stop)  # [R]
+    num_chunks = len(index) // size
+    out = torch.zeros(num_chunks, dtype=torch.float64)
+    per_chunk = loss_mask[index].reshape(num_chunks, -1).sum(-1).double()  # [C] local chunks
+    target = (process_index * num_chunks + torch.arange(num_chunks)) // num_processes
+    return out.index_add_(0, target, per_chunk)
 
 
 def plan_micro_batches(
@@ -95,6 +154,9 @@ def plan_micro_batches(
     skip_zero_advantage: bool = True,
     bucket_by_length: bool = True,
     entropy_bonus: bool = False,
+    chunk_tokens: Tensor | None = None,
+    num_processes: int = 1,
+    process_index: int = 0,
 ) -> list[MicroBatch]:
     """Split an optimizer step's `rows` into micro-batches, skipping and bucketing when exact.
 
@@ -111,29 +173,41 @@ def plan_micro_batches(
         bucket_by_length: Allow speed-up 2.
         entropy_bonus: The loss has TRL's entropy bonus: every row counts and the plain
             micro-batches are kept (module docstring).
+        chunk_tokens: `[C]` loss tokens of each plain micro-batch of the global step
+            (`chunk_loss_tokens` summed over the processes); None = this process alone.
+        num_processes: P, processes sharing the optimizer step.
+        process_index: This process's rank.
 
     Returns:
         Micro-batches in training order; empty when every row of the step has zero advantage
-        and may be skipped.
+        and may be skipped. Their weights are shares of the global step's loss.
     """
     spec = options.spec
     index = torch.arange(rows.start, rows.stop)  # [R]
-    num_items = loss_mask[index].sum().clamp(min=1).float()  # the step's loss tokens
+    if chunk_tokens is None:
+        chunk_tokens = chunk_loss_tokens(loss_mask, rows, size)
+    num_items = chunk_tokens.sum().clamp(min=1).float()  # the global step's loss tokens
+    global_rows = num_processes * len(index)
     coupled = options.top_entropy_quantile < 1.0 or entropy_bonus
     skip = skip_zero_advantage and options.beta == 0 and not coupled
     nonzero = (advantages[index] != 0).reshape(len(index), -1).any(-1)  # [R]
     if spec.depends_on_grouping or coupled:  # keep the plain micro-batches
         plan = []
-        for start in range(0, len(index), size):
+        num_chunks = len(index) // size
+        for j, start in enumerate(range(0, len(index), size)):
             chunk = index[start : start + size]
             kept = chunk[nonzero[start : start + size]] if skip else chunk
             if len(kept) == 0:
                 continue
-            weight = 1.0 if spec.sums_over_step else len(chunk) / len(index)
-            if skip and spec.depends_on_grouping:  # the kept rows' share of the chunk's tokens
-                tokens = loss_mask[chunk].sum().clamp(min=1)
-                weight *= float(loss_mask[kept].sum().clamp(min=1) / tokens)
-            plan.append(MicroBatch(kept, num_items, weight, len(kept) / len(index)))
+            weight = 1.0 if spec.sums_over_step else len(chunk) / global_rows * num_processes
+            if spec.depends_on_grouping:  # the kept rows' share of the global chunk's tokens
+                tokens = chunk_tokens[(process_index * num_chunks + j) // num_processes]
+                if skip or num_processes > 1:
+                    kept_tokens = loss_mask[kept].sum().clamp(min=1).float()
+                    weight *= float(kept_tokens / tokens.clamp(min=1).float())
+            elif not spec.sums_over_step:
+                weight /= num_processes
+            plan.append(MicroBatch(kept, num_items, weight, len(kept) / global_rows))
         return plan
     kept = index[nonzero] if skip else index
     if bucket_by_length:
@@ -142,8 +216,8 @@ def plan_micro_batches(
     plan = []
     for start in range(0, len(kept), size):
         chunk = kept[start : start + size]
-        weight = len(chunk) / len(index) if spec.divides_by_rows else 1.0
-        plan.append(MicroBatch(chunk, num_items, weight, len(chunk) / len(index)))
+        weight = len(chunk) / global_rows if spec.divides_by_rows else 1.0
+        plan.append(MicroBatch(chunk, num_items, weight, len(chunk) / global_rows))
     return plan
 
 

@@ -55,6 +55,14 @@ RESUME_FREE_FIELDS = frozenset(
         "metric_for_best_model",
         "greater_is_better",
         "load_best_model_at_end",
+        # How the processes communicate: the same updates (ddp_find_unused_parameters only
+        # decides whether DDP looks for parameters without a gradient).
+        "ddp_find_unused_parameters",
+        "ddp_bucket_cap_mb",
+        "ddp_broadcast_buffers",
+        "ddp_static_graph",
+        "ddp_backend",
+        "ddp_timeout",
         # Evaluation: runs on its own RNG state and never changes training.
         "eval_strategy",
         "eval_steps",
@@ -255,11 +263,17 @@ def check_config_changes(
     if policy == "apply":
         logger.warning("resuming from %s with config changes applied: %s", checkpoint, listed)
         return
+    processes = ""
+    if any(name == "generation_batch_size" for name, _, _ in changes):
+        processes = (
+            " generation_batch_size counts the completions of every process, so another number "
+            "of processes changes it: resume with as many processes as the run that saved."
+        )
     raise ResumeConfigError(
         checkpoint,
         f"this run's config changes the optimisation ({listed}). Resume with the checkpoint's "
         "values, or apply the changes from the resumed step with "
-        "resume_config_changes='apply' (CLI: --apply_config_changes).",
+        f"resume_config_changes='apply' (CLI: --apply_config_changes).{processes}",
     )
 
 

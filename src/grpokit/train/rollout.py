@@ -43,6 +43,7 @@ from grpokit.tools.environments import Environments, append_observation, rollout
 from grpokit.tools.turns import ToolCalling
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.config import GRPOConfig
+from grpokit.train.distributed import World
 from grpokit.train.loggers import name_reward_metrics
 from grpokit.train.prompt_sampler import PromptSampler
 
@@ -587,12 +588,16 @@ def evaluate_rewards(
     *,
     args: GRPOConfig,
     trainer_state: Any,
+    world: World | None = None,
 ) -> dict[str, float]:
     """Sample `pipeline.num_generations` completions for every prompt of `dataset` and score them.
 
     Prompts are taken in the dataset's order, `per_device_eval_batch_size` completions per
-    generation call. Every random generator is saved before and restored after, so evaluating
-    does not change the training run. Prompts over the pipeline's prompt limit follow
+    generation call. With several processes (`world`) each takes a contiguous share of the prompts
+    (`World.split`) and the rewards and lengths are gathered in rank order, so every process
+    returns the metrics of the whole set, as one process would compute them. Every random
+    generator is saved before and restored after, so evaluating does not change the training
+    run. Prompts over the pipeline's prompt limit follow
     `prompt_length_policy` (with a warning) but are not added to the training counter.
 
     Returns:
@@ -604,18 +609,20 @@ def evaluate_rewards(
     Raises:
         DataError: the dataset yields no prompt (empty, or every prompt skipped by length).
     """
+    world = world or World()
     g = pipeline.num_generations
     per_call = max(1, args.per_device_eval_batch_size // g)
     rows = list(PromptSampler(dataset, seed=0, shuffle=False).iterate_once())
+    own = rows[world.split(len(rows))]
     rollouts = []
     logged: dict[str, list[float]] = {}  # log_metric values: one mean per generation call
     rng = ckpt.rng_state()
     try:
-        for start in range(0, len(rows), per_call):
+        for start in range(0, len(own), per_call):
             reward_log = RewardLog()
             rollouts.append(
                 pipeline.run(
-                    rows[start : start + per_call],
+                    own[start : start + per_call],
                     trainer_state=trainer_state,
                     reward_log=reward_log,
                 )
@@ -624,9 +631,20 @@ def evaluate_rewards(
                 logged.setdefault(name, []).append(value)
     finally:
         ckpt.set_rng_state(rng)
-    over_length = sum(r.over_length for r in rollouts)
+    k = len(pipeline.reward_funcs)
+    parts = world.gather_objects(
+        (
+            sum(r.over_length for r in rollouts),
+            [r.rewards for r in rollouts],  # [n, K] each
+            [r.lengths for r in rollouts],  # [n] each
+            logged,
+        )
+    )
+    over_length = sum(part[0] for part in parts)
     pipeline.warn_over_length(over_length, over_length)
-    rewards = torch.cat([r.rewards for r in rollouts]) if rollouts else torch.zeros(0)  # [N, K]
+    reward_parts = [t for part in parts for t in part[1]]
+    lengths = [t for part in parts for t in part[2]]
+    rewards = torch.cat(reward_parts) if reward_parts else torch.zeros(0, k)  # [N, K]
     if not len(rewards):
         if not rows:
             raise DataError("eval_dataset is empty; give it at least one row with a 'prompt'.")
@@ -640,8 +658,12 @@ def evaluate_rewards(
     )
     names = [fn.name for fn in pipeline.reward_funcs]
     metrics = {f"eval_{k}": v for k, v in name_reward_metrics(adv.metrics, names).items()}
-    metrics["eval_completions/mean_length"] = torch.cat([r.lengths for r in rollouts]).mean().item()
-    metrics.update({f"eval_{name}": sum(v) / len(v) for name, v in logged.items()})
+    metrics["eval_completions/mean_length"] = torch.cat(lengths).mean().item()
+    pooled: dict[str, list[float]] = {}
+    for part in parts:
+        for name, values in part[3].items():
+            pooled.setdefault(name, []).extend(values)
+    metrics.update({f"eval_{name}": sum(v) / len(v) for name, v in pooled.items()})
     return metrics
 
 

@@ -11,6 +11,11 @@ generation batch holds `per_device_train_batch_size * steps_per_generation` comp
 `max_steps` / `global_step` count optimizer steps. Logging, evaluation and checkpoints happen at
 the end of a generation round (with the defaults, one round = one optimizer step). Callbacks
 (`transformers.TrainerCallback`, see grpokit.train.callbacks) observe every step.
+
+Under `torchrun` / `accelerate launch` the same loop runs in every process on its share of each
+generation batch (grpokit.train.distributed, docs/DISTRIBUTED.md): the batch sizes are per
+process as in TRL, rewards are gathered so advantages use the global batch, the loss normalisers
+count the global step, DDP (or FSDP2) averages the gradients, and only the main process writes.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from grpokit.core.losses import policy_loss, rollout_importance_weights
 from grpokit.data.prompts import prompt_token_limit
 from grpokit.engines.base import GenerationEngine, GenerationOutput
 from grpokit.engines.models import context_length
+from grpokit.errors import ConfigError
 from grpokit.rewards.scoring import RewardLog, build_reward_functions
 from grpokit.train import build, guards, quantization
 from grpokit.train import checkpoint as ckpt
+from grpokit.train import distributed as dist
 from grpokit.train.callbacks import (
     CallbackHandler,
     default_flow,
@@ -50,13 +57,14 @@ from grpokit.train.config import GRPOConfig, as_grpo_config
 from grpokit.train.loggers import (
     MetricsBuffer,
     RunLogger,
-    completion_metrics,
+    SilentRunLogger,
     completion_rows,
+    length_metrics,
     name_reward_metrics,
     reduce_metrics,
     tool_metrics,
 )
-from grpokit.train.microbatch import plan_micro_batches, select_rows
+from grpokit.train.microbatch import chunk_loss_tokens, pad_plan, plan_micro_batches, select_rows
 from grpokit.train.prompt_sampler import PromptSampler
 from grpokit.train.rollout import (
     RolloutBatch,
@@ -145,10 +153,18 @@ class GRPOTrainer:
         self.args = as_grpo_config(args)  # a trl.GRPOConfig is converted field by field
         if train_dataset is None:
             raise ValueError("train_dataset is required: a dataset with a 'prompt' column.")
+        # Joins the launcher's processes (or is a plain single process); refuses a missing backend.
+        self.world = dist.World.from_env(self.args)
+        dist.check_config_world(self.args, self.world)
+        several = self.world.is_distributed
+        if several and (environment_factory is not None or self.args.dynamic_sampling):
+            raise ConfigError(
+                "environment_factory and dynamic_sampling are not supported on several processes "
+                "yet (each process would reset every process's environments; the groups kept by "
+                "dynamic sampling would differ per process); train on one process."
+            )
         build.apply_process_settings(self.args)  # seed, full determinism, tf32, log level
-        self.device = torch.device(
-            "cuda" if torch.cuda.is_available() and not self.args.use_cpu else "cpu"
-        )
+        self.device = self.world.device(self.args.use_cpu)
         if self.device.type == "cpu" and self.args.retain_freed_memory:
             build.retain_freed_memory()
         build.check_generation_server(self.args)  # a wrong server address fails before loading
@@ -207,6 +223,16 @@ class GRPOTrainer:
         self.entropy_regularization = self.args.entropy_regularization()
         self.use_bf16 = build.resolve_precision(self.args, self.device)
         self.max_steps = build.resolve_max_steps(self.args, self.sampler.size)
+        # Training forwards go through `train_model` (DDP's wrapper with several processes;
+        # the model itself, sharded, under FSDP2, whose optimizer must see the shards).
+        dist.check_fsdp_run(self.world, self.args, self.engine, is_peft=self.is_peft)
+        if self.world.fsdp and isinstance(optimizers, tuple) and optimizers[:1] != (None,):
+            raise ConfigError(
+                "optimizers=(optimizer, scheduler) cannot be used with FSDP: the optimizer must be "
+                "built over the sharded parameters. Leave optimizers unset and choose the "
+                "optimizer with args.optim / args.optim_args."
+            )
+        self.train_model = self.world.prepare(self.model)
         self.optimizer, self.scheduler = build.make_optimizers(
             self.model, self.args, self.max_steps, optimizers
         )
@@ -223,6 +249,7 @@ class GRPOTrainer:
             optimizer=self.optimizer,
             lr_scheduler=self.scheduler,
         )
+        dist.seed_process(self.args.seed, self.world)  # a sampling stream per process
         self._event("on_init_end")
 
     # ---- callbacks (transformers' TrainerCallback contract) -----------------------------------
@@ -260,19 +287,21 @@ class GRPOTrainer:
         """
         cfg = self.args
         self._maybe_resume(resume_from_checkpoint)
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        ckpt.write_text_atomic(
-            Path(cfg.output_dir) / ckpt.GRPO_CONFIG,
-            json.dumps(cfg.to_dict(), indent=2, default=str),
-        )
-        run_log = RunLogger(
-            cfg.output_dir,
-            total_steps=self.max_steps,
-            initial_step=self.state.global_step,
-            log_completions=cfg.log_completions,
-            run_name=cfg.run_name,
-            disable_tqdm=bool(cfg.disable_tqdm),
-        )
+        run_log: RunLogger | SilentRunLogger = SilentRunLogger()
+        if self.world.is_main_process:  # the one process that writes
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            ckpt.write_text_atomic(
+                Path(cfg.output_dir) / ckpt.GRPO_CONFIG,
+                json.dumps(cfg.to_dict(), indent=2, default=str),
+            )
+            run_log = RunLogger(
+                cfg.output_dir,
+                total_steps=self.max_steps,
+                initial_step=self.state.global_step,
+                log_completions=cfg.log_completions,
+                run_name=cfg.run_name,
+                disable_tqdm=bool(cfg.disable_tqdm),
+            )
         num_rounds = math.ceil(self.max_steps / cfg.steps_per_round)
         restart = guards.RoundStart.capture(self.state)  # where Ctrl-C rewinds to
         self._event("on_train_begin")
@@ -293,7 +322,7 @@ class GRPOTrainer:
             run_log.close()
         return self.state
 
-    def _training_round(self, run_log: RunLogger) -> None:
+    def _training_round(self, run_log: RunLogger | SilentRunLogger) -> None:
         """One generation round: rollouts, `num_iterations` passes of optimizer steps over them,
         then metrics, evaluation and checkpoints."""
         cfg = self.args
@@ -316,14 +345,15 @@ class GRPOTrainer:
             train_metrics = self.update_policy(batch)
 
         # ---- Plumbing: metrics, evaluation, checkpoints -----------------------------------
+        rollout_metrics, completion_tokens = self._rollout_metrics(gen, adv.metrics)
         step_time = max(time.perf_counter() - round_start, 1e-9)
         self.pending.add(
             {
-                **self._rollout_metrics(gen, adv.metrics),
+                **rollout_metrics,
                 **sampling_metrics,
                 **timings,
                 "step_time": step_time,
-                "tokens_per_second": float(gen.completion_mask.sum()) / step_time,
+                "tokens_per_second": completion_tokens / step_time,
             }
         )
         self.pending.extend(train_metrics)
@@ -332,7 +362,7 @@ class GRPOTrainer:
         if cfg.log_completions and self.control.should_log:
             names = [fn.name for fn in self.reward_funcs]
             step = self.state.global_step
-            rows = completion_rows(
+            local = completion_rows(
                 rollout.prompts,
                 rollout.completions,
                 rollout.rewards,
@@ -344,7 +374,7 @@ class GRPOTrainer:
             )
             run_log.log_completions(
                 step,
-                rows,
+                [row for part in self.world.gather_objects(local) for row in part],
                 reward_names=names,
                 print_count=cfg.num_completions_to_print,
                 seed=cfg.seed + step,
@@ -437,15 +467,24 @@ class GRPOTrainer:
         )
 
     def advantages(self, rewards: Tensor) -> AdvantageOutput:
-        """Group advantages `[N]` (and reward metrics) of `[N, K]` rewards, per the config."""
+        """Group advantages `[N]` (and reward metrics) of `[N, K]` rewards, per the config.
+
+        With several processes every process's rewards are gathered first, so the group
+        statistics, `scale_rewards="batch"` and the reward metrics are those of the global
+        generation batch; the returned `advantages` and `rewards` are this process's N rows.
+        """
         cfg = self.args
-        return group_advantages(
-            rewards,
+        adv = group_advantages(
+            self.world.gather(rewards),  # [P*N, K]
             cfg.num_generations,
             reward_weights=cfg.reward_weights,
             scale_rewards=cfg.resolved_scale_rewards,
             multi_objective_aggregation=cfg.multi_objective_aggregation,
         )
+        if not self.world.is_distributed:
+            return adv
+        own = self.world.own_rows(rewards.shape[0])
+        return adv._replace(advantages=adv.advantages[own], rewards=adv.rewards[own])
 
     def sample_prompts(
         self, num_prompts: int | None = None
@@ -455,6 +494,10 @@ class GRPOTrainer:
         Args:
             num_prompts: How many (default B = `prompts_per_generation`); prompts skipped by the
                 length policy are replaced by further draws.
+
+        With several processes, every process draws the same `num_prompts` prompts (a global
+        count) and keeps its contiguous share of `num_prompts / P` (`World.own_rows`), which the
+        counts below are then.
 
         Returns:
             `(prompts, prompt_ids, columns)`: `num_prompts * G` prompts (each repeated G times,
@@ -478,6 +521,9 @@ class GRPOTrainer:
             attempts += need
             if not rows and attempts > max(1, self.sampler.size or 0) + need:
                 raise rollout.all_skipped_error()
+        if self.world.is_distributed:  # every process drew the global batch: keep its share
+            share = self.world.own_rows(wanted // self.world.num_processes)  # whole groups
+            rows, ids = rows[share], ids[share]  # (environments are refused on several)
         self._prompt_rows, self.environments = rows, environments or None
         prompts, columns = rollout.repeat(rows)
         return prompts, ids, columns
@@ -630,18 +676,26 @@ class GRPOTrainer:
             `entropy_coef` (the coefficient for the next step).
         """
         started = time.perf_counter()
-        entropy = self.entropy_regularization
+        entropy, world = self.entropy_regularization, self.world
+        size = self.args.per_device_train_batch_size
+        place = {"num_processes": world.num_processes, "process_index": world.process_index}
+        # The loss normalisers count the global step: every process's rows (microbatch.py).
+        chunk_tokens = world.sum(chunk_loss_tokens(batch.loss_mask, rows, size, **place))
         plan = plan_micro_batches(
             batch.advantages,
             batch.completion_mask,
             batch.loss_mask,
             rows,
-            self.args.per_device_train_batch_size,
+            size,
             self.loss_options,
             skip_zero_advantage=self.skip_zero_advantage,
             bucket_by_length=self.bucket_by_length,
             entropy_bonus=entropy.enabled,
+            chunk_tokens=chunk_tokens,
+            **place,
         )
+        if world.is_distributed:  # as many backward passes on every process
+            plan = pad_plan(plan, rows, world.max(len(plan)))
         # TRL's entropy regularisation (core.entropy): an adaptive coefficient is the one the
         # last step left; a fixed one is the config's.
         coef = entropy.coef
@@ -650,23 +704,31 @@ class GRPOTrainer:
         applied_coef = entropy.applied(coef, self.state.last_step_entropy)
         step_loss = policy_part = entropy_sum = entropy_tokens = 0.0
         micro_metrics: dict[str, list[Tensor]] = defaultdict(list)
-        for micro in plan:  # step loss = sum of loss_weight * micro-batch loss (microbatch.py)
+        for i, micro in enumerate(plan):  # step loss = sum of loss_weight * micro-batch loss
             part = select_rows(batch, micro.rows)
-            part_loss = self.micro_batch_loss(part, micro.num_items_in_batch)
-            loss = part_loss.loss * micro.loss_weight
-            policy_part += loss.item()
-            bonus, tokens = part_loss.entropy_bonus, part_loss.entropy_tokens
+            # Gradients are synchronised across processes by the step's last backward only.
+            with world.gradient_sync(self.train_model, sync=i == len(plan) - 1):
+                part_loss = self.micro_batch_loss(part, micro.num_items_in_batch)
+                policy = loss = part_loss.loss * micro.loss_weight
+                bonus, tokens = part_loss.entropy_bonus, part_loss.entropy_tokens
+                if bonus is not None and tokens is not None:
+                    loss = loss - applied_coef * micro.entropy_weight * bonus
+                (loss * world.gradient_scale).backward()  # DDP / FSDP2 average: see World
+            if micro.padding:
+                continue
+            policy_part += policy.item()
             if bonus is not None and tokens is not None:
-                loss = loss - applied_coef * micro.entropy_weight * bonus
                 entropy_sum += bonus.item() * tokens.item()
                 entropy_tokens += tokens.item()
-            loss.backward()
             step_loss += loss.item()
             if capture is not None:
                 logprobs = part_loss.logprobs
                 capture[micro.rows, : logprobs.shape[1]] = logprobs.float().cpu()
             for key, value in part_loss.metrics.items():
                 micro_metrics[key].append(value)
+        if world.is_distributed:  # the global step's: sums of the processes' shares
+            sums = torch.tensor([step_loss, policy_part, entropy_sum, entropy_tokens])
+            step_loss, policy_part, entropy_sum, entropy_tokens = world.sum(sums.double()).tolist()
         if not plan:  # every row had zero advantage: a zero gradient, as the plain path gives
             for param in self.model.parameters():
                 if param.requires_grad:
@@ -712,7 +774,7 @@ class GRPOTrainer:
         input_ids, attention_mask, t = batch.trimmed(rows)  # [n, P'+T'], T'
         with self.autocast():
             logprobs, entropies = model_completion_logprobs(
-                self.model,
+                self.train_model,
                 input_ids.to(self.device),
                 attention_mask.to(self.device),
                 t,
@@ -761,14 +823,20 @@ class GRPOTrainer:
         """Generate on `eval_dataset` and score it; returns `eval_`-prefixed reward metrics.
 
         The training RNG state is saved and restored, so evaluating does not change training.
-        Callbacks get `on_evaluate(metrics=...)`.
+        With several processes each evaluates its share of the prompts and the rewards are
+        gathered, so every process returns the metrics of the whole set. Callbacks get
+        `on_evaluate(metrics=...)`.
         """
         if self.eval_dataset is None:
             raise ValueError("evaluate() needs an eval_dataset; pass eval_dataset= to GRPOTrainer.")
         pipeline = self._rollout_pipeline(evaluation=True)
         with self.autocast():
             metrics = evaluate_rewards(
-                self.eval_dataset, pipeline, args=self.args, trainer_state=self.state
+                self.eval_dataset,
+                pipeline,
+                args=self.args,
+                trainer_state=self.state,
+                world=self.world,
             )
         self._event("on_evaluate", metrics=metrics)
         return metrics
@@ -780,12 +848,24 @@ class GRPOTrainer:
             output_dir: Target directory (default: `args.output_dir`).
             merged: Under LoRA, save the adapter merged into the base weights (default:
                 `args.save_merged`).
+
+        With several processes only the main one writes; every process must call it.
         """
         merged = self.args.save_merged if merged is None else merged
-        guards.check_finite_weights(self.model, "the model")
-        ckpt.save_model(
-            self.model, self.processing_class, output_dir or self.args.output_dir, merged=merged
-        )
+        full = dist.full_state_dict(self.model, self.world)  # gathered shards under FSDP2
+        if full is None:
+            guards.check_finite_weights(self.model, "the model")
+        elif self.world.is_main_process:
+            guards.check_finite_state(full, "the model")
+        if self.world.is_main_process:
+            ckpt.save_model(
+                self.model,
+                self.processing_class,
+                output_dir or self.args.output_dir,
+                merged=merged,
+                state_dict=full,
+            )
+        self.world.barrier()
 
     # =============================================================================================
     # Helpers
@@ -864,23 +944,32 @@ class GRPOTrainer:
         for ref_param, param in zip(
             self.ref_model.parameters(), self.model.parameters(), strict=True
         ):
-            ref_param.mul_(1 - alpha).add_(param.detach(), alpha=alpha)
+            whole = dist.full_tensor(param.detach())  # an FSDP2 shard is gathered
+            ref_param.mul_(1 - alpha).add_(whole, alpha=alpha)
 
     # ---- plumbing: metrics, evaluation, checkpoints --------------------------------------------
     def _rollout_metrics(
         self, gen: GenerationOutput, reward_metrics: dict[str, float]
-    ) -> dict[str, float]:
-        """Completion-length, token-count and reward metrics of one generation batch."""
-        self.state.num_input_tokens_seen += int(gen.prompt_mask.sum() + gen.model_mask.sum())
-        return {
-            **completion_metrics(gen.model_mask, gen.is_truncated),
-            **tool_metrics(gen),
+    ) -> tuple[dict[str, float], float]:
+        """Completion-length, token-count, tool and reward metrics of one generation batch (of
+        every process), and its completion tokens (tool replies included)."""
+        world = self.world
+        lengths = world.gather(gen.model_mask.sum(1))  # [P*N]
+        truncated = world.gather(gen.is_truncated.long()).bool()  # [P*N]
+        tokens = world.sum(
+            torch.stack([gen.prompt_mask.sum(), gen.model_mask.sum(), gen.completion_mask.sum()])
+        )
+        self.state.num_input_tokens_seen += int(tokens[0] + tokens[1])
+        metrics = {
+            **length_metrics(lengths, truncated),
+            **tool_metrics(gen),  # this process's; pooled over the processes when logged
             "num_tokens": float(self.state.num_input_tokens_seen),
             "prompts/over_length": float(self.state.prompts_over_length),
             **name_reward_metrics(reward_metrics, [fn.name for fn in self.reward_funcs]),
         }
+        return metrics, float(tokens[2])
 
-    def _log_evaluate_save(self, run_log: RunLogger) -> None:
+    def _log_evaluate_save(self, run_log: RunLogger | SilentRunLogger) -> None:
         """Evaluate, log and checkpoint as the control flags say (`default_flow` and callbacks).
 
         Evaluation metrics are merged into the round's record; the record goes to metrics.jsonl,
@@ -891,7 +980,7 @@ class GRPOTrainer:
         cfg = self.args
         if self.control.should_log:
             metrics = {
-                **self.pending.flush(),
+                **self.pending.flush(pool=self.world.gather_lists),
                 "epoch": self.state.epoch,
                 "train/nonfinite_skipped": float(self.state.nonfinite_skipped),
             }
@@ -920,7 +1009,7 @@ class GRPOTrainer:
             logger.warning("load_best_model_at_end: no evaluation was recorded; model unchanged")
             return
         ckpt.verify_checkpoint(path)
-        ckpt.load_model_weights(self.model, path)
+        ckpt.load_model_weights(self._checkpoint_views()[0], path)
         self.engine.update_weights(self.model)
         logger.info(
             "loaded the best model, %s (%s = %s at step %d)",
@@ -930,23 +1019,49 @@ class GRPOTrainer:
             self.state.best_global_step,
         )
 
-    def _log(self, run_log: RunLogger, logs: dict[str, float]) -> None:
+    def _log(self, run_log: RunLogger | SilentRunLogger, logs: dict[str, float]) -> None:
         """Write `logs` for the current step, add them to `state.log_history`, call `on_log`."""
         run_log.log(self.state.global_step, logs)
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self._event("on_log", logs=logs)
 
-    def _save_checkpoint(self) -> Path:
-        guards.check_finite_weights(self.model, f"checkpoint-{self.state.global_step}")
-        return build.save_trainer_checkpoint(
-            self.args,
-            self.state,
-            model=self.model,
-            tokenizer=self.processing_class,
-            ref_model=self.ref_model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-        )
+    def _save_checkpoint(self, *, collective: bool = True) -> Path:
+        """Write `checkpoint-{global_step}` from the main process; every process's random
+        generators go in it. `collective=False` (an interrupted multi-process run, whose other
+        processes may be anywhere) writes the main process's part alone."""
+        what = f"checkpoint-{self.state.global_step}"
+        model, optimizer = self._checkpoint_views()
+        if isinstance(model, dist.ShardedModelView):  # FSDP2: gather the whole states first
+            model.gather(self.world)
+            optimizer.gather(self.world)
+            if model.full is not None:
+                guards.check_finite_state(model.full, what)
+        else:
+            guards.check_finite_weights(self.model, what)
+        rng_states = self.world.gather_objects(ckpt.rng_state()) if collective else []
+        path = build.checkpoint_path(self.args, self.state)
+        if self.world.is_main_process:
+            path = build.save_trainer_checkpoint(
+                self.args,
+                self.state,
+                model=model,
+                tokenizer=self.processing_class,
+                ref_model=self.ref_model,
+                optimizer=optimizer,
+                scheduler=self.scheduler,
+                process_rng_states=rng_states[1:],
+            )
+        if collective:
+            self.world.barrier()
+        return path
+
+    def _checkpoint_views(self) -> tuple[Any, Any]:
+        """The model and optimizer as checkpoints save and load them: themselves, or under
+        FSDP2 views that gather / scatter the whole states (`distributed.ShardedModelView`)."""
+        if not self.world.fsdp:
+            return self.model, self.optimizer
+        model = dist.ShardedModelView(self.model)
+        return model, dist.ShardedOptimizerView(self.model, self.optimizer)
 
     def _save_on_interrupt(self, restart: guards.RoundStart) -> guards.TrainingInterrupted:
         """Ctrl-C: checkpoint the last completed optimizer step and say how to resume.
@@ -968,7 +1083,8 @@ class GRPOTrainer:
             # A checkpoint the previous round finished writing at this step is this state.
             latest = ckpt.latest_checkpoint(cfg.output_dir) if done_in_round == 0 else None
             same_step = latest is not None and latest.name == f"checkpoint-{state.global_step}"
-            path = latest if same_step else self._save_checkpoint()
+            collective = not self.world.is_distributed
+            path = latest if same_step else self._save_checkpoint(collective=collective)
         message = guards.interrupt_message(
             state.global_step,
             path,
@@ -982,23 +1098,30 @@ class GRPOTrainer:
     def _maybe_resume(self, resume_from_checkpoint: bool | str | None) -> None:
         path = build.find_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if path is None:
-            build.prepare_fresh_output_dir(self.args)
+            if self.world.is_main_process:  # may delete an earlier run's checkpoints
+                build.prepare_fresh_output_dir(self.args)
+            self.world.barrier()
             return
+        model, optimizer = self._checkpoint_views()
         state = build.restore_checkpoint(
             path,
             args=self.args,
-            model=self.model,
+            model=model,
             ref_model=self.ref_model,
-            optimizer=self.optimizer,
+            optimizer=optimizer,
             scheduler=self.scheduler,
             max_steps=self.max_steps,
         )
+        dist.restore_process_rng_state(path, state.num_processes, self.world, self.args.seed)
         self.state = self._describe_run(state)
         if not self.args.ignore_data_skip:  # else the prompts start again from the beginning
             self.sampler.restore(self.state.data_epoch, self.state.data_index)
 
     def _describe_run(self, state: TrainerState) -> TrainerState:
         describe_run(state, self.args, max_steps=self.max_steps, dataset_size=self.sampler.size)
+        state.num_processes = self.world.num_processes
+        state.is_world_process_zero = self.world.is_main_process
+        state.is_local_process_zero = self.world.is_local_main_process
         return state
 
 
@@ -1029,7 +1152,9 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
     clipping); returns their total norm before clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
     if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+    if any(hasattr(p, "full_tensor") for p in params):  # FSDP2 shards: the norm of the whole
+        return float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, math.inf)))
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
 

@@ -30,9 +30,12 @@ from grpokit.train.fields import at_default, option
 
 # ---- why a field is accepted only at its default -------------------------------------------------
 _MULTI_PROCESS = (
-    "multi-process (distributed) training is not yet supported; grpokit trains in one process"
+    "multi-process training is set up by the launcher (torchrun / accelerate launch) and its "
+    "accelerate config, not by this field (docs/DISTRIBUTED.md)"
 )
-_DEEPSPEED = "DeepSpeed is not supported; grpokit trains in one process without it"
+_DEEPSPEED = (
+    "DeepSpeed is not supported; several processes train with DDP or FSDP2 (docs/DISTRIBUTED.md)"
+)
 _HUB = (
     "grpokit does not upload to the Hugging Face Hub; save locally (output_dir, "
     "GRPOTrainer.save_model) and upload with `hf upload`"
@@ -90,6 +93,30 @@ class TrainerSettings:
     process).
     """
 
+    ddp_find_unused_parameters: bool | None = option(
+        None,
+        "With several processes (DDP): DistributedDataParallel's find_unused_parameters. None "
+        "= torch's default (False).",
+    )
+    ddp_bucket_cap_mb: int | None = option(
+        None, "With several processes (DDP): DistributedDataParallel's bucket_cap_mb. None = 25."
+    )
+    ddp_broadcast_buffers: bool | None = option(
+        None,
+        "With several processes (DDP): DistributedDataParallel's broadcast_buffers. None = "
+        "torch's default (True).",
+    )
+    ddp_static_graph: bool | None = option(
+        None, "With several processes (DDP): DistributedDataParallel's static_graph."
+    )
+    ddp_backend: str | None = option(
+        None,
+        'With several processes: the torch.distributed backend ("gloo", "nccl", ...). None = '
+        "NCCL on GPUs, gloo on CPUs.",
+    )
+    ddp_timeout: int = option(
+        1800, "With several processes: timeout of collective operations, in seconds."
+    )
     log_level: str = option(
         "passive",
         "Level of the `grpokit` and `transformers` loggers: 'debug', 'info', 'warning', "
@@ -364,22 +391,6 @@ class AcceptedAtDefault:
     )
     parallelism_config: Any = at_default(
         None, "Accelerate's parallelism configuration.", _MULTI_PROCESS
-    )
-    ddp_find_unused_parameters: bool | None = at_default(
-        None, "DistributedDataParallel's find_unused_parameters.", _MULTI_PROCESS
-    )
-    ddp_bucket_cap_mb: int | None = at_default(
-        None, "DistributedDataParallel's bucket_cap_mb.", _MULTI_PROCESS
-    )
-    ddp_broadcast_buffers: bool | None = at_default(
-        None, "DistributedDataParallel's broadcast_buffers.", _MULTI_PROCESS
-    )
-    ddp_static_graph: bool | None = at_default(
-        None, "DistributedDataParallel's static_graph.", _MULTI_PROCESS
-    )
-    ddp_backend: str | None = at_default(None, "torch.distributed backend.", _MULTI_PROCESS)
-    ddp_timeout: int = at_default(
-        1800, "Timeout of torch.distributed process groups, in seconds.", _MULTI_PROCESS
     )
     fsdp: str | bool | None = at_default(
         None, "Fully Sharded Data Parallel options.", _MULTI_PROCESS

@@ -1,0 +1,139 @@
+"""Step time of grpokit on 1 process (plain `python`), 1 process under `torchrun`, and 2 processes
+under `torchrun` (gloo), on the bar workload of bench_grpo.py: SmolLM2-135M-Instruct, 2 prompts x
+8 completions of 128 tokens ("fixed" mode) per optimizer step, bf16 autocast, dapo.
+
+The global batch is the same in every setting: with 2 processes each generates and trains on one
+prompt's 8 completions (`per_device_train_batch_size` 8 instead of 16), and the machine's cores
+are split between the processes (`--threads` per process = cores / processes).
+
+Usage:
+    python bench/bench_distributed.py --steps 3 --warmup 1
+    python bench/bench_distributed.py --settings torchrun2 --steps 2 --warmup 0 \
+        --max-completion-length 32                                    # a smoke run
+
+Each setting prints the median `step_time` of the measured steps (metrics.jsonl of the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import bench_grpo  # noqa: E402  (the shared workload, prompts and reward)
+
+SETTINGS = ("python1", "torchrun1", "torchrun2")
+
+
+def worker(spec: dict[str, Any]) -> None:
+    """Train the workload in this process (one of the launched ones when under torchrun)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, spec["cores"] // processes))
+    wl = bench_grpo.Workload(**spec["workload"])
+    kwargs = wl.config_kwargs(spec["output_dir"], spec["warmup"] + spec["steps"])
+    kwargs["per_device_train_batch_size"] = wl.completions_per_step // processes
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=bench_grpo.length_reward,
+        args=GRPOConfig(**kwargs),
+        train_dataset=Dataset.from_list(bench_grpo.prompt_rows(spec["prompts"])),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_setting(setting: str, spec: dict[str, Any]) -> list[float]:
+    """Run one setting in subprocesses; the step times of its measured steps."""
+    spec_file = Path(spec["output_dir"]) / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    script = [str(Path(__file__).resolve()), "--worker", str(spec_file)]
+    if setting == "python1":
+        command = [sys.executable, *script]
+    else:
+        processes = setting.removeprefix("torchrun")
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            processes,
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            *script,
+        ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR / "src"), str(BENCH_DIR)])}
+    log = Path(spec["output_dir"]) / "run.log"
+    with log.open("w") as out:
+        code = subprocess.call(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"{setting} failed (exit {code}); see {log}")
+    records = [json.loads(line) for line in (Path(spec["output_dir"]) / "metrics.jsonl").open()]
+    return [r["step_time"] for r in records if r["step"] > spec["warmup"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps (dropped)")
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--model", default=bench_grpo.DEFAULT_MODEL)
+    parser.add_argument("--max-completion-length", type=int, default=128)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(json.loads(Path(args.worker).read_text()))
+        return 0
+    from transformers import AutoTokenizer
+
+    model_path = str(bench_grpo.resolve_model(args.model))
+    prompts = bench_grpo.equal_length_prompts(AutoTokenizer.from_pretrained(model_path))
+    workload = bench_grpo.Workload(mode="fixed", max_completion_length=args.max_completion_length)
+    print(f"model {model_path}; workload {workload.name}; {args.cores} cores")
+    for setting in args.settings:
+        out = tempfile.mkdtemp(prefix=f"dist-{setting}-")
+        spec = {
+            "workload": asdict(workload),
+            "model_path": model_path,
+            "prompts": prompts,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "cores": args.cores,
+            "output_dir": out,
+        }
+        times = run_setting(setting, spec)
+        shown = ", ".join(f"{t:.2f}" for t in times)
+        print(f"{setting:10s} median step {statistics.median(times):.2f} s  (steps: {shown})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

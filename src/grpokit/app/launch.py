@@ -1,0 +1,115 @@
+"""`grpokit train --num_processes N`: hand the command to accelerate's launcher.
+
+The run config and the accelerate config are checked here first, with the sizes the N processes
+will see, so that a batch that does not split, groups that cannot stay whole or a missing
+backend are one-line errors before any process starts or any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grpokit.app.run_config import load_config, parse_overrides
+from grpokit.errors import ConfigError
+
+
+def read_accelerate_config(path: str) -> dict[str, Any]:
+    """The accelerate config file at `path`, checked for a backend grpokit can run.
+
+    Raises:
+        ConfigError: the file is missing or not a YAML mapping, or asks for DeepSpeed (naming
+            `pip install deepspeed` when it is not installed).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--accelerate_config {path!r} does not exist.")
+    config = yaml.safe_load(file.read_text())
+    if not isinstance(config, dict):
+        raise ConfigError(f"--accelerate_config {path!r} is not a YAML mapping of settings.")
+    if str(config.get("distributed_type", "")).upper() == "DEEPSPEED":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"--accelerate_config {path!r} asks for DeepSpeed, which is not installed: "
+                "`pip install deepspeed`, or use examples/accelerate/ddp.yaml or fsdp2.yaml."
+            )
+        raise ConfigError(
+            f"--accelerate_config {path!r} asks for DeepSpeed, which grpokit does not support "
+            "yet; use examples/accelerate/ddp.yaml or fsdp2.yaml."
+        )
+    return config
+
+
+@contextlib.contextmanager
+def _world_size(num_processes: int) -> Iterator[None]:
+    """Set `WORLD_SIZE` while the block runs, as the launched processes will see it."""
+    before = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(num_processes)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_command(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    """The `accelerate launch ... -m grpokit.app.cli train ...` command for `args`.
+
+    Raises:
+        ConfigError: a bad `--num_processes`, accelerate config or run config (the latter
+            checked with the launched processes' `WORLD_SIZE`).
+    """
+    accelerate_config: dict[str, Any] = {}
+    if args.accelerate_config:
+        accelerate_config = read_accelerate_config(args.accelerate_config)
+    num_processes = args.num_processes
+    if num_processes is None:
+        num_processes = accelerate_config.get("num_processes")
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ConfigError(
+            f"--num_processes must be a positive integer (or set num_processes in the accelerate "
+            f"config), got {num_processes!r}."
+        )
+    with _world_size(num_processes):
+        load_config(args.config, parse_overrides(rest))
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    command += ["--num_processes", str(num_processes)]
+    if args.accelerate_config:
+        command += ["--config_file", args.accelerate_config]
+    elif num_processes > 1:
+        # DDP: one process per GPU, or gloo processes on a machine without one.
+        command += ["--multi_gpu", "--main_process_port", str(_free_port())]
+    command += ["-m", "grpokit.app.cli", "train", args.config, *rest]
+    if args.resume:
+        command.append("--resume")
+    if args.overwrite:
+        command.append("--overwrite")
+    if args.debug:
+        command.append("--debug")
+    return command
+
+
+def launch_processes(args: argparse.Namespace, rest: list[str]) -> int:
+    """Run the training command on `--num_processes` processes through accelerate's launcher
+    and return its exit code."""
+    command = launch_command(args, rest)
+    print(f"[grpokit] launching: {' '.join(command)}", flush=True)
+    return subprocess.call(command)

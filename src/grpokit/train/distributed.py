@@ -1,0 +1,505 @@
+"""Training on several processes: this process's place among them, and the few collective
+operations the loop needs.
+
+A run launched with `torchrun` or `accelerate launch` has `WORLD_SIZE > 1` in its environment.
+`World.from_env` then creates an `accelerate.Accelerator`, which joins the process group the
+launcher describes and wraps the model for training in DDP; an accelerate config that asks for
+FSDP (version 2) gets the model sharded by `fully_shard` instead (`shard_model`), on CPUs too.
+Without a launcher (`WORLD_SIZE` unset or 1) the world is `World()`: every operation
+returns its input and accelerate is not even imported, so a single process runs exactly the code
+and the speed it always had.
+
+What the loop splits, gathers and reduces (docs/DISTRIBUTED.md):
+
+- prompts: every process draws the same global batch from the shared `PromptSampler` and keeps
+  its contiguous share (`own_rows`), whole groups of G completions each;
+- rewards: gathered (`gather`), so advantages and every batch statistic are those of the global
+  batch; each process keeps its rows' advantages;
+- loss normalisers: the loss tokens of the global optimizer step (`sum`); the gradients are
+  averaged by DDP / FSDP2, which `gradient_scale` compensates;
+- metrics: every process's values are pooled before reducing (`gather_lists`); only the main
+  process writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grpokit.errors import ConfigError
+
+logger = logging.getLogger("grpokit")
+
+
+def launched_num_processes() -> int:
+    """Processes of this run as its launcher set them (`WORLD_SIZE`; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def launched_process_index() -> int:
+    """This process's rank as its launcher set it (`RANK`; 0 without a launcher)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _asks_for(backend: str) -> bool:
+    return os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true"
+
+
+def check_backend_installed() -> None:
+    """Refuse an accelerate config for a backend grpokit cannot run, before any model loads.
+
+    `accelerate launch --config_file ...` describes the backend in environment variables
+    (`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_USE_FSDP`, `FSDP_VERSION`). grpokit trains with DDP
+    or FSDP2 (`fully_shard`).
+
+    Raises:
+        ConfigError: DeepSpeed asked for (naming `pip install deepspeed` when it is missing), or
+            FSDP version 1.
+    """
+    if _asks_for("FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(
+            "the accelerate config asks for FSDP version 1; grpokit runs FSDP2: set "
+            "fsdp_version: 2 in fsdp_config (examples/accelerate/fsdp2.yaml)."
+        )
+    if _asks_for("DEEPSPEED"):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                "the accelerate config asks for DeepSpeed, which is not installed: "
+                "`pip install deepspeed`, or launch with DDP (examples/accelerate/ddp.yaml)."
+            )
+        raise ConfigError(
+            "the accelerate config asks for DeepSpeed, which grpokit does not run yet; launch "
+            "with DDP (examples/accelerate/ddp.yaml)."
+        )
+
+
+@dataclass
+class World:
+    """The processes of a run and this one's place among them.
+
+    Attributes:
+        num_processes: P, processes training together (1 = a plain single-process run).
+        process_index: This process's rank in `[0, P)`; rank 0 is the main process.
+        local_process_index: Its rank on this machine.
+        accelerator: The `accelerate.Accelerator` when `P > 1`, else None.
+        fsdp: Shard the model with FSDP2 (`fully_shard`) instead of replicating it (DDP).
+    """
+
+    num_processes: int = 1
+    process_index: int = 0
+    local_process_index: int = 0
+    accelerator: Any = None
+    fsdp: bool = False
+
+    @classmethod
+    def from_env(cls, args: Any = None, *, cpu: bool = False) -> World:
+        """The world the launcher set up: `World()` for one process, else join the process group
+        through an `accelerate.Accelerator` (gloo on CPUs, NCCL on GPUs).
+
+        Args:
+            args: The run's `GRPOConfig`: `use_cpu` and the `ddp_*` settings (DDP's
+                find_unused_parameters, bucket_cap_mb, broadcast_buffers, static_graph; the
+                process group's backend and timeout). None = the defaults.
+            cpu: Train on the CPU even when CUDA is available (when `args` is None).
+
+        Raises:
+            ConfigError: the launcher's accelerate config asks for a backend that is not
+                installed (`check_backend_installed`).
+        """
+        check_backend_installed()
+        if launched_num_processes() <= 1:
+            return cls()
+        from accelerate import Accelerator
+
+        # grpokit applies bf16 autocast itself (`GRPOConfig.bf16`); accelerate adds none.
+        # Without `cpu=True` on a machine without CUDA, accelerate would run a single process.
+        # FSDP2 is applied by `prepare` (`fully_shard`), on CPUs too, where accelerate would not
+        # run it; the accelerator only joins the process group.
+        fsdp = _asks_for("FSDP")
+        cpu = bool(args.use_cpu) if args is not None else cpu
+        on_cpu = cpu or not torch.cuda.is_available()
+        accelerator = Accelerator(
+            cpu=on_cpu, mixed_precision="no", kwargs_handlers=_ddp_settings(args)
+        )
+        if accelerator.num_processes != launched_num_processes():  # never P unaware copies
+            raise ConfigError(
+                f"the launcher started {launched_num_processes()} processes but accelerate joined "
+                f"{accelerator.num_processes} ({accelerator.distributed_type}); check the "
+                "accelerate config and the launcher's arguments."
+            )
+        return cls(
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+            local_process_index=accelerator.local_process_index,
+            accelerator=accelerator,
+            fsdp=fsdp,
+        )
+
+    # ---- who we are -------------------------------------------------------------------------
+    @property
+    def is_distributed(self) -> bool:
+        """Several processes train together."""
+        return self.num_processes > 1
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0: the one process that writes files, logs and shows progress."""
+        return self.process_index == 0
+
+    @property
+    def is_local_main_process(self) -> bool:
+        """Rank 0 on this machine."""
+        return self.local_process_index == 0
+
+    def device(self, use_cpu: bool) -> torch.device:
+        """The device this process trains on: the accelerator's (`cuda:<local rank>`) when
+        distributed, else CUDA when available and not `use_cpu`, else the CPU."""
+        if self.accelerator is not None:
+            return torch.device(self.accelerator.device)
+        return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+
+    def own_rows(self, per_process: int) -> slice:
+        """This process's share of a global batch made of P consecutive shares of `per_process`
+        rows: rows `[rank * per_process, (rank + 1) * per_process)`."""
+        return slice(self.process_index * per_process, (self.process_index + 1) * per_process)
+
+    def split(self, count: int) -> slice:
+        """This process's contiguous share of `count` items split as evenly as possible (the
+        first `count % P` processes hold one more); shares in rank order cover `[0, count)`."""
+        base, extra = divmod(count, self.num_processes)
+        start = self.process_index * base + min(self.process_index, extra)
+        return slice(start, start + base + (self.process_index < extra))
+
+    # ---- the model ----------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module) -> Any:
+        """The module training forwards go through: `model` itself for one process; the
+        accelerator's DDP wrapper (which broadcasts rank 0's weights); or, with `fsdp`, `model`
+        sharded in place by FSDP2 (`fully_shard` on each decoder layer, then on the whole), whose
+        parameters become `DTensor` shards: build the optimizer after this."""
+        if self.accelerator is None:
+            return model
+        if self.fsdp:
+            return shard_model(model)
+        return self.accelerator.prepare(model)
+
+    @property
+    def gradient_scale(self) -> float:
+        """Multiply each process's loss by this before `backward`: DDP averages gradients over
+        the P processes, and each process's loss is its share of the global step's loss, whose
+        gradient is the sum of the shares' gradients."""
+        return float(self.num_processes)
+
+    def gradient_sync(self, model: Any, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Context for one micro-batch's backward: with `sync` False the gradients only
+        accumulate locally (DDP's `no_sync`); the step's last backward synchronises them."""
+        if self.accelerator is None or sync:
+            return contextlib.nullcontext()
+        if self.fsdp:
+            return _fsdp_no_sync(model)
+        return self.accelerator.no_sync(model)
+
+    # ---- collectives (identity for one process) ------------------------------------------------
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Every process's `tensor` (same shape on each), concatenated along dim 0 in rank
+        order."""
+        if not self.is_distributed:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.num_processes)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's picklable `obj`, in rank order."""
+        if not self.is_distributed:
+            return [obj]
+        out: list[Any] = [None] * self.num_processes
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def sum(self, values: Tensor) -> Tensor:
+        """The element-wise sum of `values` over the processes (a new tensor)."""
+        if not self.is_distributed:
+            return values
+        total = values.clone()
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        return total
+
+    def max(self, value: int) -> int:
+        """The largest `value` over the processes."""
+        if not self.is_distributed:
+            return value
+        top = torch.tensor([value], dtype=torch.long)
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+        return int(top)
+
+    def gather_lists(self, values: dict[str, list[float]]) -> dict[str, list[float]]:
+        """Metric values queued on every process, pooled per key (the keys of all processes), so
+        that reducing them gives means weighted by each process's count, and true min / max."""
+        if not self.is_distributed:
+            return values
+        pooled: dict[str, list[float]] = {}
+        for part in self.gather_objects(dict(values)):
+            for key, vals in part.items():
+                pooled.setdefault(key, []).extend(vals)
+        return pooled
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+        if self.is_distributed:
+            torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def main_process_first(self) -> Iterator[None]:
+        """Run the block on the main process, then on the others (e.g. writing then reading)."""
+        if not self.is_main_process:
+            self.barrier()
+        yield
+        if self.is_main_process:
+            self.barrier()
+
+
+def _ddp_settings(args: Any) -> list[Any]:
+    """accelerate's kwargs handlers for the config's `ddp_*` fields (none left at None)."""
+    if args is None:
+        return []
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    ddp = {
+        "find_unused_parameters": args.ddp_find_unused_parameters,
+        "bucket_cap_mb": args.ddp_bucket_cap_mb,
+        "broadcast_buffers": args.ddp_broadcast_buffers,
+        "static_graph": args.ddp_static_graph,
+    }
+    group: dict[str, Any] = {"timeout": timedelta(seconds=args.ddp_timeout)}
+    if args.ddp_backend is not None:
+        group["backend"] = args.ddp_backend
+    return [
+        DistributedDataParallelKwargs(**{k: v for k, v in ddp.items() if v is not None}),
+        InitProcessGroupKwargs(**group),
+    ]
+
+
+def seed_process(seed: int, world: World) -> None:
+    """Give each process its own sampling stream, reproducible from `seed`: `seed + rank` (as
+    TRL's `set_seed(seed, device_specific=True)`). A single process keeps the stream `seed`
+    started, so its results do not change."""
+    if world.is_distributed:
+        from transformers import set_seed
+
+        set_seed(seed + world.process_index)
+
+
+def check_config_world(args: Any, world: World) -> None:
+    """Refuse a `GRPOConfig` whose global sizes were derived for another number of processes
+    (it reads `WORLD_SIZE` when built: build it in the launched processes).
+
+    Raises:
+        ConfigError: naming both numbers.
+    """
+    expected = args.per_device_train_batch_size * args.steps_per_generation * world.num_processes
+    if args.generation_batch_size != expected:
+        built_for = args.generation_batch_size // (
+            args.per_device_train_batch_size * args.steps_per_generation
+        )
+        raise ConfigError(
+            f"the GRPOConfig was built for {built_for} process(es) (generation_batch_size="
+            f"{args.generation_batch_size}) but this run has {world.num_processes}; build the "
+            "config inside the launched processes (torchrun / accelerate launch set WORLD_SIZE)."
+        )
+
+
+def rng_state_file(process_index: int) -> str:
+    """The checkpoint file holding process `process_index`'s random generators (rank 0 keeps
+    the single-process name, `checkpoint.RNG_STATE`)."""
+    from grpokit.train.checkpoint import RNG_STATE
+
+    if process_index == 0:
+        return RNG_STATE
+    stem, _, suffix = RNG_STATE.rpartition(".")
+    return f"{stem}_{process_index}.{suffix}"
+
+
+def save_process_rng_states(folder: Path, states: Sequence[dict[str, Any]]) -> None:
+    """Write the random generators of processes 1, 2, ... (`states`, in rank order, as
+    `checkpoint.rng_state` returns them) into the checkpoint being written in `folder`; the
+    checkpoint's own `checkpoint.RNG_STATE` is the main process's."""
+    for rank, state in enumerate(states, start=1):
+        (folder / rng_state_file(rank)).write_text(json.dumps(state))
+
+
+def restore_process_rng_state(path: Path, saved_processes: int, world: World, seed: int) -> None:
+    """After a checkpoint load (which restores `rng_state.pt`, the main process's generators),
+    give every other process its own saved generators, and warn when the number of processes
+    changed.
+
+    A resumed run continues exactly when it has as many processes as the run that saved. With
+    another number the weights, optimizer and prompt position still load, but the global batch
+    (`per_device_train_batch_size` x processes) and each process's share of it change, and the
+    processes without saved generators start fresh streams from `seed + rank`: the run goes on
+    from the same prompt position but does not reproduce the uninterrupted run.
+    """
+    from grpokit.train.checkpoint import set_rng_state
+
+    if saved_processes != world.num_processes and world.is_main_process:
+        warnings.warn(
+            f"Checkpoint {path} was written by {saved_processes} process(es) and this run has "
+            f"{world.num_processes}: weights, optimizer state and the prompt position are "
+            "restored, but the global batch and each process's share of it change and the "
+            "sampling streams differ, so the run will not reproduce an uninterrupted one. "
+            f"Resume with {saved_processes} process(es) to continue exactly.",
+            stacklevel=3,
+        )
+    if world.process_index == 0:
+        return
+    file = path / rng_state_file(world.process_index)
+    if file.exists():
+        set_rng_state(json.loads(file.read_text()))
+    else:  # a process the saving run did not have: its own fresh stream
+        from transformers import set_seed
+
+        set_seed(seed + world.process_index)
+
+
+# ---- FSDP2 ---------------------------------------------------------------------------------------
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard `model` over the process group with FSDP2: each module whose class is one of the
+    model's `_no_split_modules` (its decoder layers) is one unit, the rest the root unit. Every
+    process must hold the same initial weights (they come from the same checkpoint or seed)."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    base = getattr(model, "get_base_model", None)
+    if not names and callable(base):
+        names = set(getattr(base(), "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in names:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: Any) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor of an FSDP2 shard (`DTensor`, a collective: every process must call it
+    for the same tensor), or `tensor` itself."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if callable(gather) else tensor
+
+
+def check_fsdp_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> None:
+    """Refuse what an FSDP2 run cannot do yet, before any step: LoRA, vLLM, and an engine that
+    would sample from the sharded model itself.
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    if not world.fsdp:
+        return
+    refused = []
+    if is_peft:
+        refused.append("a LoRA adapter (peft_config)")
+    if args.use_vllm:
+        refused.append("use_vllm")
+    sampler = getattr(engine, "sampler_model", None)
+    if sampler is not None and sampler is getattr(engine, "model", None):
+        refused.append("a TransformersEngine without its own sampler copy (bf16_sampler)")
+    if refused:
+        raise ConfigError(
+            "FSDP2 (the accelerate config's FSDP) does not support yet: "
+            + "; ".join(refused)
+            + ". Launch with DDP (examples/accelerate/ddp.yaml) for these."
+        )
+
+
+def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, Tensor] | None:
+    """The model's whole weights on the CPU: gathered from FSDP2 shards (a collective) and kept on
+    the main process (None elsewhere); without FSDP None (use the model itself)."""
+    if not world.fsdp:
+        return None
+    state = {name: full_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
+    return state if world.is_main_process else None
+
+
+class ShardedModelView:
+    """An FSDP2 model as the checkpoint code sees a plain one: `save_pretrained` writes the
+    whole weights gathered beforehand (`gather`, every process), `load_state_dict` takes whole
+    weights and gives each process its shards. Anything else is the model's."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+        self.full: dict[str, Tensor] | None = None
+
+    def gather(self, world: World) -> None:
+        """Gather the whole weights onto the main process (a collective)."""
+        self.full = full_state_dict(self._model, world)
+
+    def save_pretrained(self, path: Any, state_dict: Any = None, **kwargs: Any) -> None:
+        whole = self.full if state_dict is None else state_dict
+        self._model.save_pretrained(path, state_dict=whole, **kwargs)  # type: ignore[operator]
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, strict=strict)
+        return set_model_state_dict(self._model, state, options=options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+class ShardedOptimizerView:
+    """An optimizer over FSDP2 shards as the checkpoint code sees a plain one: `state_dict` is
+    the whole state gathered beforehand (`gather`, every process; parameters keyed by name),
+    `load_state_dict` takes it and gives each process its shards."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._model, self._optimizer = model, optimizer
+        self.full: dict[str, Any] | None = None
+
+    def gather(self, world: World) -> None:
+        """Gather the whole optimizer state onto the main process (a collective)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(self._model, self._optimizer, options=options)
+        self.full = state if world.is_main_process else None
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.full is not None, "gather() the optimizer state first"
+        return self.full
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self._model, self._optimizer, state, options=options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)

@@ -1,0 +1,269 @@
+"""Training scenarios run on 1 process (in the test process) and on 2 (under `torchrun`), for the
+equivalence tests of tests/test_distributed.py.
+
+Every scenario trains a tiny model for 3 optimizer steps on the same global batch with a
+deterministic `ScriptedEngine`, so that both runs see the same completions; the 2-process run
+gives each process half of every micro-batch (`per_device_train_batch_size` halves). Results go
+to `out_dir/<scenario>/`: the final parameters (`params.pt`, and `params_rank1.pt` from the
+second process), `metrics.jsonl` and the other run files.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from grpokit.engines.base import (
+    GenerationOutput,
+    SamplingParams,
+    completion_mask_from_ids,
+    left_pad,
+)
+from grpokit.train.config import GRPOConfig
+from grpokit.train.distributed import launched_num_processes, launched_process_index
+from grpokit.train.trainer import GRPOTrainer
+from tests.tiny import make_causal_lm, make_tokenizer
+
+GLOBAL_MICRO_BATCH = 8  # completions per micro-batch over all processes
+NUM_GENERATIONS = 4
+MAX_COMPLETION_LENGTH = 6
+
+# name -> GRPOConfig overrides. Each trains 3 optimizer steps of 2 micro-batches (16 completions,
+# 4 prompts) unless it says otherwise, one optimizer step per generation round.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "dapo": {
+        "loss_type": "dapo",
+        "log_completions": True,
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+    },
+    # DDP settings from the config (ignored by one process).
+    "grpo": {
+        "loss_type": "grpo",
+        "beta": 0.04,
+        "ddp_find_unused_parameters": True,
+        "ddp_bucket_cap_mb": 1,
+        "ddp_timeout": 600,
+    },
+    # 3 micro-batches per step: the second global micro-batch holds rows of both processes, so
+    # its bnpo normaliser counts the tokens of both.
+    "bnpo": {"loss_type": "bnpo", "gradient_accumulation_steps": 3},
+    "dr_grpo": {"loss_type": "dr_grpo", "scale_rewards": "batch"},
+    "dapo_batch_std": {"loss_type": "dapo", "scale_rewards": "batch", "num_iterations": 2},
+}
+
+
+class ScriptedEngine:
+    """Completions decided by the prompt's tokens and the completion's place in its group alone,
+    so that any number of processes samples exactly what one process would.
+
+    Some prompts get G identical completions (a zero-std group, whose rows the trainer skips);
+    lengths vary from 1 token to `max_new_tokens` (truncated, no EOS)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.eos = int(tokenizer.eos_token_id)
+        self.pad = int(tokenizer.pad_token_id)
+        self.letters = tokenizer.convert_tokens_to_ids(list("abcdefgh"))
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+    ) -> GenerationOutput:
+        ids, mask = left_pad(prompt_ids, self.pad)  # [B, P]
+        rows = []
+        for prompt in prompt_ids:
+            key = sum((i + 1) * t for i, t in enumerate(prompt))
+            same = key % 3 == 0  # a group of equal completions
+            for j in range(num_generations):
+                g = torch.Generator().manual_seed(key * 101 + (0 if same else j + 1))
+                length = int(torch.randint(1, max_new_tokens + 2, (1,), generator=g))
+                picks = torch.randint(0, len(self.letters), (max_new_tokens,), generator=g)
+                tokens = [self.letters[int(k)] for k in picks]
+                if length <= max_new_tokens:
+                    tokens[length - 1] = self.eos
+                rows.append(tokens)
+        raw = torch.tensor(rows, dtype=torch.long)  # [N, T]
+        completion_ids, completion_mask, truncated = completion_mask_from_ids(
+            raw, [self.eos], self.pad
+        )
+        return GenerationOutput(
+            ids.repeat_interleave(num_generations, dim=0),
+            mask.repeat_interleave(num_generations, dim=0),
+            completion_ids,
+            completion_mask,
+            truncated,
+        )
+
+    def update_weights(self, model: Any) -> None:
+        pass
+
+
+def letter_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """Share of a completion's characters in "abc" (0 for an empty one)."""
+    return [sum(c in "abc" for c in text) / max(1, len(text)) for text in completions]
+
+
+def dataset(size: int, offset: int = 0) -> list[dict[str, str]]:
+    return [{"prompt": f"q{i + offset}: {'xyz'[i % 3] * (1 + i % 4)}"} for i in range(size)]
+
+
+def config(out: Path, **overrides: Any) -> GRPOConfig:
+    processes = launched_num_processes()
+    values: dict[str, Any] = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=GLOBAL_MICRO_BATCH // processes,
+        gradient_accumulation_steps=2,
+        num_generations=NUM_GENERATIONS,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        max_steps=3,
+        learning_rate=0.05,
+        # Adam's epsilon well above float noise: a gradient entry that is rounding noise (one
+        # summation order against another) then moves its weight by ~lr * noise / eps, not ~lr.
+        adam_epsilon=1e-4,
+        logging_steps=1,
+        save_strategy="no",
+        per_device_eval_batch_size=NUM_GENERATIONS,
+        bf16=False,
+        use_cpu=True,
+        attention=None,
+        retain_freed_memory=False,
+        seed=0,
+    )
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def trainer(out: Path, model_overrides: dict[str, Any] | None = None, **overrides: Any) -> Any:
+    tok = make_tokenizer()
+    model = make_causal_lm(tok, seed=0, **(model_overrides or {})).train()
+    return GRPOTrainer(
+        model,
+        letter_reward,
+        args=config(out, **overrides),
+        train_dataset=dataset(40),
+        eval_dataset=dataset(5, offset=100),
+        processing_class=tok,
+        generation_engine=ScriptedEngine(tok),
+    )
+
+
+class StopAt(TrainerCallback):
+    """Stops training after optimizer step `step`, as an interruption would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def save_params(model: torch.nn.Module, out: Path) -> None:
+    rank = launched_process_index()
+    name = "params.pt" if rank == 0 else f"params_rank{rank}.pt"
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / name)
+
+
+def run_scenarios(out_dir: Path) -> None:
+    """Every scenario of `SCENARIOS`, then the resume scenario, into `out_dir`."""
+    torch.set_num_threads(1)
+    for name, overrides in SCENARIOS.items():
+        out = out_dir / name
+        t = trainer(out, **overrides)
+        t.train()
+        save_params(t.model, out)
+        unused = getattr(t.train_model, "find_unused_parameters", None)  # DDP's wrapper
+        (out / f"find_unused_parameters_{launched_process_index()}.txt").write_text(str(unused))
+    # Resume: dropout makes the per-process random streams matter; checkpoints every step.
+    dropout = {"attention_dropout": 0.3}
+    full, resumed = out_dir / "uninterrupted", out_dir / "resumed"
+    t = trainer(full, dropout, save_strategy="steps", save_steps=1)
+    t.train()
+    save_params(t.model, full)
+    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t.add_callback(StopAt(2))  # the same schedule as the uninterrupted run, stopped at step 2
+    t.train()
+    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t.train(resume_from_checkpoint=str(resumed / "checkpoint-2"))
+    save_params(t.model, resumed)
+    t.save_model(str(resumed / "final_model"))
+
+
+FSDP_SCENARIOS = ("dapo", "grpo", "bnpo")
+
+
+def run_fsdp_scenarios(out_dir: Path) -> None:
+    """`FSDP_SCENARIOS` with the model sharded by FSDP2 (launched with an accelerate config that
+    asks for FSDP); the final model is saved whole, and a `TransformersEngine` built on the
+    unsharded model follows the sharded one's weights (`update_weights` gathers them)."""
+    from grpokit.engines.transformers_engine import TransformersEngine
+    from grpokit.train.distributed import full_state_dict
+
+    torch.set_num_threads(1)
+    for name in FSDP_SCENARIOS:
+        out = out_dir / name
+        tok = make_tokenizer()
+        model = make_causal_lm(tok, seed=0).train()
+        probe = TransformersEngine(model, tok, bf16_sampler=True)  # a copy of the whole model
+        t = GRPOTrainer(
+            model,
+            letter_reward,
+            args=config(out, **SCENARIOS[name]),
+            train_dataset=dataset(40),
+            eval_dataset=dataset(5, offset=100),
+            processing_class=tok,
+            generation_engine=ScriptedEngine(tok),
+        )
+        t.train()
+        probe.update_weights(t.model)
+        full = full_state_dict(t.model, t.world)
+        t.save_model(str(out / "final_model"))
+        if full is not None:  # the main process
+            torch.save(full, out / "params.pt")
+            sharded = type(next(t.model.parameters())).__name__  # DTensor under FSDP2
+            (out / "parameter_type.txt").write_text(sharded)
+            copies = dict(probe.sampler_model.named_parameters())
+            gap = max(
+                (copies[k].float() - full[k].to(torch.bfloat16).float()).abs().max().item()
+                for k in copies
+            )
+            (out / "engine_gap.txt").write_text(str(gap))
+
+    # Resume under FSDP2: checkpoints hold the whole states, gathered; loading scatters them.
+    dropout = {"attention_dropout": 0.3}
+    full, resumed = out_dir / "uninterrupted", out_dir / "resumed"
+    t = trainer(full, dropout, save_strategy="steps", save_steps=1)
+    t.train()
+    _save_whole(t, full)
+    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t.add_callback(StopAt(2))
+    t.train()
+    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t.train(resume_from_checkpoint=str(resumed / "checkpoint-2"))
+    _save_whole(t, resumed)
+
+
+def _save_whole(t: Any, out: Path) -> None:
+    from grpokit.train.distributed import full_state_dict
+
+    full = full_state_dict(t.model, t.world)
+    if full is not None:
+        torch.save(full, out / "params.pt")
+
+
+if __name__ == "__main__":
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        run_fsdp_scenarios(Path(sys.argv[1]))
+    else:
+        run_scenarios(Path(sys.argv[1]))

@@ -1,0 +1,393 @@
+"""Training on several processes (grpokit.train.distributed) equals training on one.
+
+The scenarios of tests/distributed_worker.py run once on 1 process (here) and once on 2 processes
+under `torchrun` (gloo, 127.0.0.1), with the same global batch and a deterministic generation
+engine: the final parameters must agree up to float summation order, and so must the logged
+metrics that do not depend on how rows are grouped into micro-batches. The launcher, the process
+group, DDP's gradient averaging and the checkpoints are the real ones.
+
+Adam is invariant to a constant scale of the gradient, so parameters alone could not catch a
+normaliser that is off by a constant factor (e.g. DDP's averaging left uncompensated): the
+logged `loss` and `grad_norm` do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from grpokit.errors import ConfigError
+from grpokit.train import distributed as dist
+from grpokit.train.config import GRPOConfig
+from grpokit.train.microbatch import chunk_loss_tokens, plan_micro_batches
+from tests import distributed_worker as worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Metrics that are the same however the global batch is split: rollout statistics (computed on
+# the gathered batch), the global step's loss and the synchronised gradient's norm. Per
+# micro-batch means (entropy, clip ratios, kl) are averaged over differently sized micro-batches.
+EQUAL_METRICS = (
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "rewards/letter_reward/mean",
+    "rewards/letter_reward/std",
+    "completions/mean_length",
+    "completions/min_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+    "completions/mean_terminated_length",
+    "num_tokens",
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "epoch",
+    "eval_reward",
+    "eval_reward_std",
+    "eval_frac_reward_zero_std",
+    "eval_completions/mean_length",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")},
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    out = log.open("w")
+    return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Run the scenarios on 2 processes with DDP (torchrun) and with FSDP2 (accelerate launch
+    with examples/accelerate/fsdp2.yaml), both in the background, and on 1 process here."""
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    fsdp = tmp_path_factory.mktemp("fsdp")
+    script = str(ROOT / "tests" / "distributed_worker.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    accelerate += [str(ROOT / "examples" / "accelerate" / "fsdp2.yaml")]
+    accelerate += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+    launched = [
+        (_launch([*torchrun, script, str(two)], two / "launch.log"), two / "launch.log"),
+        (_launch([*accelerate, script, str(fsdp)], fsdp / "launch.log"), fsdp / "launch.log"),
+    ]
+    try:
+        worker.run_scenarios(one)
+        codes = [proc.wait(timeout=400) for proc, _ in launched]
+    finally:
+        for proc, _ in launched:
+            if proc.poll() is None:
+                proc.kill()
+    for code, (_, log) in zip(codes, launched, strict=True):
+        assert code == 0, log.read_text()[-3000:]
+    return {"one": one, "two": two, "fsdp": fsdp}
+
+
+def _params(run: Path, name: str = "params.pt") -> dict[str, torch.Tensor]:
+    return torch.load(run / name, weights_only=True)
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("scenario", sorted(worker.SCENARIOS))
+def test_two_processes_train_as_one(runs: dict[str, Path], scenario: str) -> None:
+    one, two = runs["one"] / scenario, runs["two"] / scenario
+    initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()
+    p1, p2 = _params(one), _params(two)
+    # The weights moved (lr 0.05, 3 steps) and agree to float summation order.
+    assert _max_diff(p1, initial) > 0.05
+    assert _max_diff(p1, p2) < 1e-5, _max_diff(p1, p2)
+    # DDP kept the two processes' replicas identical.
+    assert _max_diff(p2, _params(two, "params_rank1.pt")) == 0.0
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2]  # one record per step: one writer
+    for r1, r2 in zip(m1, m2, strict=True):
+        assert set(r1) == set(r2)
+        for key in EQUAL_METRICS:
+            if key in r1:
+                assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
+
+
+def test_ddp_settings_of_the_config_reach_ddp(runs: dict[str, Path]) -> None:
+    assert (runs["two"] / "grpo" / "find_unused_parameters_0.txt").read_text() == "True"
+    assert (runs["two"] / "dapo" / "find_unused_parameters_0.txt").read_text() == "False"
+    assert (runs["one"] / "grpo" / "find_unused_parameters_0.txt").read_text() == "None"
+
+
+def test_two_processes_log_each_completion_and_evaluate_once(runs: dict[str, Path]) -> None:
+    one, two = runs["one"] / "dapo", runs["two"] / "dapo"
+    # 3 rounds x 16 completions, every process's, written once by the main process.
+    rows1 = (one / "completions.jsonl").read_text().splitlines()
+    rows2 = (two / "completions.jsonl").read_text().splitlines()
+    assert len(rows1) == len(rows2) == 48
+    assert [json.loads(r)["completion"] for r in rows1] == [
+        json.loads(r)["completion"] for r in rows2
+    ]
+    # The 5 evaluation prompts, split 3 + 2 over the processes, give the 1-process metrics.
+    evals = [r for r in _metrics(two) if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [2, 3]
+
+
+def test_resume_on_two_processes_equals_uninterrupted(runs: dict[str, Path]) -> None:
+    two = runs["two"]
+    # Dropout draws from each process's own random stream, which the checkpoint restores.
+    assert _max_diff(_params(two / "uninterrupted"), _params(two / "resumed")) == 0.0
+    checkpoint = two / "resumed" / "checkpoint-2"
+    assert (checkpoint / "rng_state.json").exists() and (checkpoint / "rng_state_1.json").exists()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["global_step"] == 2
+    # The final model was written once, by the main process, and loads.
+    saved = torch.load(two / "resumed" / "params.pt", weights_only=True)
+    from safetensors.torch import load_file
+
+    final = load_file(str(two / "resumed" / "final_model" / "model.safetensors"))
+    assert _max_diff({k: final[k] for k in final}, {k: saved[k] for k in final}) == 0.0
+
+
+@pytest.mark.parametrize("scenario", worker.FSDP_SCENARIOS)
+def test_fsdp2_on_two_processes_trains_as_one(runs: dict[str, Path], scenario: str) -> None:
+    one, fsdp = runs["one"] / scenario, runs["fsdp"] / scenario
+    assert (fsdp / "parameter_type.txt").read_text() == "DTensor"  # sharded while training
+    assert _max_diff(_params(one), _params(fsdp)) < 1e-5
+    m1, m2 = _metrics(one), _metrics(fsdp)
+    for r1, r2 in zip(m1, m2, strict=True):
+        for key in ("loss", "grad_norm", "reward"):
+            assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
+    # The engine's bf16 copy gathered the shards: exactly the whole weights rounded to bf16.
+    assert float((fsdp / "engine_gap.txt").read_text()) == 0.0
+    # The final model was gathered and written whole by the main process.
+    from safetensors.torch import load_file
+
+    final = load_file(str(fsdp / "final_model" / "model.safetensors"))
+    assert _max_diff(final, {k: _params(fsdp)[k] for k in final}) == 0.0
+
+
+def test_fsdp2_checkpoints_hold_whole_states_and_resume_exactly(runs: dict[str, Path]) -> None:
+    fsdp = runs["fsdp"]
+    assert _max_diff(_params(fsdp / "uninterrupted"), _params(fsdp / "resumed")) == 0.0
+    checkpoint = fsdp / "resumed" / "checkpoint-2"
+    assert (checkpoint / "rng_state_1.json").exists()
+    # The whole weights, loadable by one process (and the whole optimizer state, by name).
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        k: tuple(v.shape) for k, v in initial.items()
+    }
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert "model.embed_tokens.weight" in optimizer["state"]
+
+
+# ---- the pieces, on one process ------------------------------------------------------------------
+def test_chunk_loss_tokens_place_each_process_rows_in_the_global_micro_batches() -> None:
+    # 6 rows per process per step, micro-batches of 2 (C = 3): the global step is 12 rows in
+    # global micro-batches of 4. Loss tokens per row: 1..6.
+    loss_mask = torch.zeros(6, 8)
+    for row in range(6):
+        loss_mask[row, : row + 1] = 1
+    rows = range(0, 6)
+    # One process: its own chunks (1+2, 3+4, 5+6).
+    assert chunk_loss_tokens(loss_mask, rows, 2).tolist() == [3, 7, 11]
+    # Rank 0 of 2: local chunks 0, 1, 2 fall in global chunks 0, 0, 1.
+    rank0 = chunk_loss_tokens(loss_mask, rows, 2, num_processes=2, process_index=0)
+    assert rank0.tolist() == [10, 11, 0]
+    # Rank 1 of 2: local chunks 0, 1, 2 are the global step's chunks 3, 4, 5 -> 1, 2, 2.
+    rank1 = chunk_loss_tokens(loss_mask, rows, 2, num_processes=2, process_index=1)
+    assert rank1.tolist() == [0, 3, 18]
+
+
+def test_plan_weights_are_shares_of_the_global_step() -> None:
+    from grpokit.core.losses import LossOptions
+
+    loss_mask = torch.ones(4, 3)
+    loss_mask[0, 2] = 0  # row 0 has 2 loss tokens, the others 3: 11 local tokens
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    rows = range(0, 4)
+    # Global micro-batch tokens as if the other process held 13 more in the same chunks.
+    totals = torch.tensor([5.0 + 6.0, 6.0 + 7.0], dtype=torch.float64)
+    place = {"chunk_tokens": totals, "num_processes": 2, "process_index": 0}
+
+    def plan(loss_type: str) -> list[Any]:
+        options = LossOptions(loss_type=loss_type, max_completion_length=3)
+        return plan_micro_batches(
+            advantages, loss_mask, loss_mask, rows, 2, options, bucket_by_length=False, **place
+        )
+
+    # dapo divides by the global step's tokens (24) and sums: weight 1.
+    dapo = plan("dapo")
+    assert [m.loss_weight for m in dapo] == [1.0, 1.0]
+    assert float(dapo[0].num_items_in_batch) == 24.0
+    # grpo: 2 rows of the global step's 8 -> 1/4 each.
+    assert [m.loss_weight for m in plan("grpo")] == [0.25, 0.25]
+    # bnpo: rank 0's two local chunks both lie in global chunk 0 (11 tokens): each weighs
+    # 1/ga * local tokens / 11 = 1/2 * 5/11 and 1/2 * 6/11.
+    weights = [m.loss_weight for m in plan("bnpo")]
+    assert weights == pytest.approx([0.5 * 5 / 11, 0.5 * 6 / 11])
+
+
+def test_world_shares_cover_the_batch_in_rank_order() -> None:
+    shares = [dist.World(num_processes=3, process_index=r).split(8) for r in range(3)]
+    assert [(s.start, s.stop) for s in shares] == [(0, 3), (3, 6), (6, 8)]
+    assert dist.World(num_processes=2, process_index=1).own_rows(4) == slice(4, 8)
+    one = dist.World()
+    tensor = torch.arange(3)
+    assert one.gather(tensor) is tensor and one.gather_objects("x") == ["x"]
+    assert one.gradient_scale == 1.0
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def test_sizes_follow_trl_and_refuse_groups_split_over_processes(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = GRPOConfig(
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, num_generations=4
+    )
+    # As TRL: the generation batch spans the processes; each generates its 8 (2 prompts).
+    assert cfg.generation_batch_size == 16 and cfg.steps_per_generation == 2
+    assert cfg.prompts_per_generation == 4 and cfg.prompts_per_process == 2
+    with pytest.raises(ValueError, match="must be generated on one process"):
+        GRPOConfig(per_device_train_batch_size=2, num_generations=4)
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size \(4\) x 2 processes"):
+        GRPOConfig(per_device_train_batch_size=4, generation_batch_size=12, num_generations=4)
+
+
+def test_a_config_built_for_another_number_of_processes_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = GRPOConfig(per_device_train_batch_size=4, num_generations=4)
+    with pytest.raises(ConfigError, match="built for 2 process"):
+        dist.check_config_world(cfg, dist.World())
+
+
+def test_deepspeed_config_without_deepspeed_fails_before_the_model_loads(monkeypatch) -> None:
+    pytest.importorskip("accelerate")
+    if __import__("importlib").util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed")
+    from grpokit.train.trainer import GRPOTrainer
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="pip install deepspeed"):
+        GRPOTrainer(
+            "no/such-model",
+            lambda completions, **kw: [0.0] * len(completions),
+            args=GRPOConfig(per_device_train_batch_size=4, num_generations=4),
+            train_dataset=[{"prompt": "x"}],
+        )
+
+
+# ---- the command line ------------------------------------------------------------------------
+def _run_config(tmp_path: Path, model: str, **training: Any) -> str:
+    import yaml
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(4)]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    config = {
+        "model": model,
+        "task": {
+            "kind": "dataset",
+            "path": str(data),
+            "columns": {"question": "prompt", "answer": "answer"},
+            "format": "plain",
+            "eval_fraction": 0.25,
+        },
+        "rewards": ["accuracy_reward", "answer_format_reward"],
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 2,
+            "num_generations": 2,
+            "per_device_train_batch_size": 2,
+            "max_completion_length": 6,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_steps": 1,
+            **training,
+        },
+        "eval": {"num_prompts": 3, "num_samples": 2, "batch_size": 8},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_grpokit_train_on_two_processes_through_accelerate(tmp_path: Path, capsys) -> None:
+    from grpokit.app.cli import main
+    from tests.tiny import save_tiny_model
+
+    model = save_tiny_model(str(tmp_path / "model"))
+    config = _run_config(tmp_path, model)
+    # `accelerate launch --multi_gpu --num_processes 2 -m grpokit.app.cli train ...`: on a
+    # machine without GPUs, two gloo processes.
+    assert main(["train", config, "--num_processes", "2"]) == 0
+    run = tmp_path / "run"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # written by one process
+    evals = [json.loads(line)["when"] for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert evals == ["before", "after"]
+    assert (run / "checkpoint-2" / "rng_state_1.json").exists()
+    assert (run / "final_model" / "model.safetensors").exists()
+
+
+def test_grpokit_train_refuses_bad_multi_process_settings_before_launching(
+    tmp_path: Path, capsys
+) -> None:
+    from grpokit.app.cli import main
+
+    config = _run_config(tmp_path, "no/such-model", per_device_train_batch_size=1)
+    assert main(["train", config, "--num_processes", "2"]) == 2
+    assert "must be generated on one process" in capsys.readouterr().err
+    zero2 = str(ROOT / "examples" / "accelerate" / "zero2.yaml")
+    config = _run_config(tmp_path, "no/such-model")
+    assert main(["train", config, "--accelerate_config", zero2]) == 2
+    err = capsys.readouterr().err
+    assert "DeepSpeed" in err and ("pip install deepspeed" in err or "not support" in err)
+    assert main(["train", config, "--num_processes", "0"]) == 2
+    assert "--num_processes must be a positive integer" in capsys.readouterr().err
+
+
+def test_resuming_with_another_number_of_processes_says_what_changes(tmp_path: Path) -> None:
+    from grpokit.train.resume import ResumeConfigError, check_config_changes
+
+    # The config check names the processes when the global batch changed with them ...
+    with pytest.raises(ResumeConfigError, match="resume with as many processes"):
+        check_config_changes(tmp_path, [("generation_batch_size", 16, 8)], "refuse")
+    # ... and a resume that applies the change warns about the data order and sampling streams.
+    with pytest.warns(UserWarning, match="written by 2 process"):
+        dist.restore_process_rng_state(tmp_path, 2, dist.World(), seed=0)
+
+
+def test_fsdp_settings_it_cannot_run_are_refused(monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        dist.check_backend_installed()
+    world = dist.World(num_processes=2, fsdp=True)
+    args = GRPOConfig(per_device_train_batch_size=4, num_generations=4)
+    dist.check_fsdp_run(world, args, engine=None, is_peft=False)  # nothing to refuse
+    with pytest.raises(ConfigError, match="a LoRA adapter"):
+        dist.check_fsdp_run(world, args, engine=None, is_peft=True)
