@@ -8,10 +8,12 @@ to `out_dir/<scenario>/`: the final parameters (`params.pt`, and `params_rank1.p
 second process), `metrics.jsonl` and the other run files.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR
+    python -m torch.distributed.run ... tests/distributed_worker.py OUT_DIR SCENARIO  # one only
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -29,7 +31,7 @@ from grpokit.engines.base import (
 from grpokit.train.config import GRPOConfig
 from grpokit.train.distributed import launched_num_processes, launched_process_index
 from grpokit.train.trainer import GRPOTrainer
-from tests.tiny import make_causal_lm, make_tokenizer
+from tests.tiny import make_causal_lm, make_tokenizer, make_tool_tokenizer
 
 GLOBAL_MICRO_BATCH = 8  # completions per micro-batch over all processes
 NUM_GENERATIONS = 4
@@ -57,6 +59,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "bnpo": {"loss_type": "bnpo", "gradient_accumulation_steps": 3},
     "dr_grpo": {"loss_type": "dr_grpo", "scale_rewards": "batch"},
     "dapo_batch_std": {"loss_type": "dapo", "scale_rewards": "batch", "num_iterations": 2},
+    # The top-entropy filter's quantile over both processes' micro-batches (TRL gathers them):
+    # with one micro-batch per step, that is the one process's micro-batch of 8 rows.
+    "entropy_quantile": {
+        "loss_type": "grpo",
+        "top_entropy_quantile": 0.2,
+        "gradient_accumulation_steps": 1,
+    },
 }
 
 
@@ -107,6 +116,125 @@ class ScriptedEngine:
 
     def update_weights(self, model: Any) -> None:
         pass
+
+
+class ToolScriptedEngine(ScriptedEngine):
+    """`ScriptedEngine` for tool conversations (one prompt per rollout, as with environments):
+    the G rollouts of a row share one prompt, told apart by their order among the call's equal
+    prompts. A first turn calls the `add` tool (by 1 to 4) or answers at once; later turns
+    answer in letters."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenizer)
+        self.tok = tokenizer
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+    ) -> GenerationOutput:
+        ids, mask = left_pad(prompt_ids, self.pad)  # [B, P]
+        rows, seen = [], {}  # seen: prompt -> how many equal prompts came before
+        for prompt in prompt_ids:
+            order = seen[tuple(prompt)] = seen.get(tuple(prompt), -1) + 1
+            key = sum((i + 1) * t for i, t in enumerate(prompt))
+            first_turn = "<|im_start|>tool" not in self.tok.decode(prompt)
+            for j in range(num_generations):
+                g = torch.Generator().manual_seed(key * 101 + order * 7 + j)
+                if first_turn and (key + order) % 3:
+                    by = (key + order) % 4 + 1
+                    call = f'<tool_call>{{"name": "add", "arguments": {{"by": {by}}}}}</tool_call>'
+                    tokens = self.tok(call, add_special_tokens=False)["input_ids"] + [self.eos]
+                else:
+                    length = int(torch.randint(1, 5, (1,), generator=g))
+                    picks = torch.randint(0, len(self.letters), (length,), generator=g)
+                    tokens = [self.letters[int(k)] for k in picks] + [self.eos]
+                rows.append(tokens[:max_new_tokens])
+        width = max(len(r) for r in rows)
+        raw = torch.full((len(rows), width), self.pad, dtype=torch.long)  # [N, T]
+        for i, r in enumerate(rows):
+            raw[i, : len(r)] = torch.as_tensor(r)
+        completion_ids, completion_mask, truncated = completion_mask_from_ids(
+            raw, [self.eos], self.pad
+        )
+        return GenerationOutput(
+            ids.repeat_interleave(num_generations, dim=0),
+            mask.repeat_interleave(num_generations, dim=0),
+            completion_ids,
+            completion_mask,
+            truncated,
+        )
+
+
+class Tally:
+    """An environment (`environment_factory`): a tally the model adds to with its `add` tool;
+    the reward (`get_reward`) is how much it added. Counts resets per process."""
+
+    made = resets = 0
+
+    def __init__(self) -> None:
+        Tally.made += 1
+        self.start = self.value = 0
+
+    def reset(self, **row: Any) -> str:
+        Tally.resets += 1
+        self.start = self.value = int(row["start"])
+        return f" Start at {self.start}."
+
+    def add(self, by: int) -> str:
+        """Add to the tally.
+
+        Args:
+            by: How much.
+        """
+        self.value += by
+        return str(self.value)
+
+    def get_reward(self) -> float:
+        return (self.value - self.start) / 4
+
+
+def chat_letter_reward(completions: list[Any], **kwargs: Any) -> list[float]:
+    """`letter_reward` of a conversation's messages, joined."""
+    return letter_reward(["".join(m.get("content") or "" for m in c) for c in completions])
+
+
+def chat_dataset(size: int) -> list[dict[str, Any]]:
+    """Conversational rows with a `start` column. Prompts i = 0 or 5 mod 8 are longer than
+    `max_prompt_length` in the environment scenario, which skips them: with the sampler's order
+    (seed 0), each of the 3 rounds skips one or two rows, on either process of 2."""
+    rows = []
+    for i in range(size):
+        long = " and more words" if i % 8 in (0, 5) else ""
+        text = f"q{i}: {'xyz'[i % 3] * (1 + i % 4)}{long}"
+        rows.append({"prompt": [{"role": "user", "content": text}], "start": i % 5})
+    return rows
+
+
+def environment_trainer(out: Path) -> Any:
+    """The environment scenario: dapo (whose update does not depend on the rows' order), long
+    prompts skipped and refilled."""
+    tok = make_tool_tokenizer()
+    model = make_causal_lm(tok, seed=0).train()
+    args = config(
+        out,
+        loss_type="dapo",
+        max_completion_length=112,
+        max_prompt_length=64,
+        prompt_length_policy="skip",
+    )
+    return GRPOTrainer(
+        model,
+        [chat_letter_reward],
+        args=args,
+        train_dataset=chat_dataset(40),
+        processing_class=tok,
+        generation_engine=ToolScriptedEngine(tok),
+        environment_factory=Tally,
+    )
 
 
 def letter_reward(completions: list[str], **kwargs: Any) -> list[float]:
@@ -185,6 +313,13 @@ def run_scenarios(out_dir: Path) -> None:
         save_params(t.model, out)
         unused = getattr(t.train_model, "find_unused_parameters", None)  # DDP's wrapper
         (out / f"find_unused_parameters_{launched_process_index()}.txt").write_text(str(unused))
+    # Environments: each process makes and resets only its own rollouts' instances.
+    out = out_dir / "environments"
+    t = environment_trainer(out)
+    t.train()
+    save_params(t.model, out)
+    counts = f"{Tally.made} {Tally.resets} {t.state.prompts_over_length}"
+    (out / f"environments_{launched_process_index()}.txt").write_text(counts)
     # Resume: dropout makes the per-process random streams matter; checkpoints every step.
     dropout = {"attention_dropout": 0.3}
     full, resumed = out_dir / "uninterrupted", out_dir / "resumed"
@@ -262,8 +397,28 @@ def _save_whole(t: Any, out: Path) -> None:
         torch.save(full, out / "params.pt")
 
 
+def run_one_scenario(out_dir: Path, name: str) -> None:
+    """The scenario `name` alone (the two-node test), and where this process ran:
+    `process_<rank>.json` with its ranks as the trainer saw them."""
+    torch.set_num_threads(1)
+    out = out_dir / name
+    t = trainer(out, **SCENARIOS[name])
+    t.train()
+    save_params(t.model, out)
+    place = {
+        "rank": t.world.process_index,
+        "local_rank": t.world.local_process_index,
+        "num_processes": t.world.num_processes,
+        "is_world_process_zero": t.state.is_world_process_zero,
+        "is_local_process_zero": t.state.is_local_process_zero,
+    }
+    (out / f"process_{t.world.process_index}.json").write_text(json.dumps(place))
+
+
 if __name__ == "__main__":
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         run_fsdp_scenarios(Path(sys.argv[1]))
+    elif len(sys.argv) > 2:
+        run_one_scenario(Path(sys.argv[1]), sys.argv[2])
     else:
         run_scenarios(Path(sys.argv[1]))

@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +68,34 @@ def _free_port() -> int:
 
 
 def _launch(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start `command` (a launcher) in its own process group, output to `log`."""
     env = {
         **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")},
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         "OMP_NUM_THREADS": "1",
     }
-    out = log.open("w")
-    return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    with log.open("w") as out:
+        return subprocess.Popen(
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+
+def _wait_all(launched: list[subprocess.Popen[bytes]], timeout: float) -> list[int]:
+    """Exit codes of the launchers, waiting `timeout` seconds in all; on any failure or timeout
+    every launcher still running is killed with its workers (its process group)."""
+    deadline = time.monotonic() + timeout
+    try:
+        return [proc.wait(timeout=max(1.0, deadline - time.monotonic())) for proc in launched]
+    finally:
+        for proc in launched:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +116,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ]
     try:
         worker.run_scenarios(one)
-        codes = [proc.wait(timeout=400) for proc, _ in launched]
-    finally:
-        for proc, _ in launched:
-            if proc.poll() is None:
-                proc.kill()
+    finally:  # an error here still ends the launched runs
+        codes = _wait_all([proc for proc, _ in launched], timeout=400)
     for code, (_, log) in zip(codes, launched, strict=True):
         assert code == 0, log.read_text()[-3000:]
     return {"one": one, "two": two, "fsdp": fsdp}
@@ -132,6 +152,59 @@ def test_two_processes_train_as_one(runs: dict[str, Path], scenario: str) -> Non
         for key in EQUAL_METRICS:
             if key in r1:
                 assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
+
+
+def test_environments_on_two_processes_train_as_one(runs: dict[str, Path]) -> None:
+    one, two = runs["one"] / "environments", runs["two"] / "environments"
+    # Tool calls change each rollout's own environment, whose get_reward() is a reward; long
+    # prompts are skipped and refilled on either process. dapo's update does not depend on the
+    # order of the rows, which refilling changes across the processes.
+    assert _max_diff(_params(one), _params(two)) < 1e-5
+    for r1, r2 in zip(_metrics(one), _metrics(two), strict=True):
+        for key in ("loss", "grad_norm", "reward", "reward_std", "rewards/Tally/mean"):
+            assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
+        assert r1["prompts/over_length"] == r2["prompts/over_length"] > 0
+        assert r1["num_tokens"] == r2["num_tokens"]
+
+    def counts(path: Path) -> list[int]:  # instances made, resets, prompts over length
+        return [int(x) for x in path.read_text().split()]
+
+    made, resets, over_length = counts(one / "environments_0.txt")
+    ranks = [counts(two / f"environments_{rank}.txt") for rank in (0, 1)]
+    # Every rollout drawn was reset once, by the process that owns it; none by both.
+    assert ranks[0][1] + ranks[1][1] == resets and 0 < ranks[0][1] < resets
+    assert max(r[0] for r in ranks) < made  # each process made only its own instances
+    assert [r[2] for r in ranks] == [over_length] * 2  # the global count, on every process
+
+
+def test_two_nodes_on_this_machine_train_as_one(runs: dict[str, Path], tmp_path: Path) -> None:
+    # Two `torchrun --nnodes 2` invocations (node ranks 0 and 1, one process each) meet at
+    # 127.0.0.1, as two machines would at the main machine's address.
+    script = [str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path), "grpo"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+    torchrun += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
+    torchrun += ["--master_port", str(_free_port())]
+    nodes = [
+        _launch([*torchrun, "--node_rank", str(rank), *script], tmp_path / f"node{rank}.log")
+        for rank in (0, 1)
+    ]
+    codes = _wait_all(nodes, timeout=300)
+    for rank, code in enumerate(codes):
+        assert code == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    run = tmp_path / "grpo"
+    assert _max_diff(_params(runs["one"] / "grpo"), _params(run)) < 1e-5
+    assert _max_diff(_params(run), _params(run, "params_rank1.pt")) == 0.0
+    # The second node's process is rank 1 of 2 and its machine's local main process.
+    second = json.loads((run / "process_1.json").read_text())
+    assert second == {
+        "rank": 1,
+        "local_rank": 0,
+        "num_processes": 2,
+        "is_world_process_zero": False,
+        "is_local_process_zero": True,
+    }
+    steps = [r["step"] for r in _metrics(run)]
+    assert steps == [1, 2, 3]  # one writer
 
 
 def test_ddp_settings_of_the_config_reach_ddp(runs: dict[str, Path]) -> None:
@@ -252,6 +325,25 @@ def test_plan_weights_are_shares_of_the_global_step() -> None:
     assert weights == pytest.approx([0.5 * 5 / 11, 0.5 * 6 / 11])
 
 
+def test_a_given_entropy_threshold_replaces_the_micro_batch_quantile() -> None:
+    from grpokit.core.losses import high_entropy_mask, top_entropy_threshold
+
+    entropies = torch.tensor([[0.1, 0.5, 0.9], [0.3, 0.7, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+    # Top 40% of the 5 loss tokens 0.1 0.3 0.5 0.7 0.9: the 0.6 quantile, at position
+    # 4 * 0.6 = 2.4 of the sorted values, 0.5 + 0.4 * (0.7 - 0.5) = 0.58 -> keeps 0.7 and 0.9.
+    own = high_entropy_mask(entropies, mask, 0.4)
+    assert own.tolist() == [[False, False, True], [False, True, False]]
+    # Another process's five tokens of entropy 0.1 pooled in lower the threshold: sorted
+    # 0.1 x 6, 0.3, 0.5, 0.7, 0.9 -> position 9 * 0.6 = 5.4, between 0.1 and 0.3: 0.18, which
+    # keeps 0.3, 0.5, 0.7 and 0.9.
+    pooled = torch.cat([torch.full((5,), 0.1), entropies[mask]])
+    threshold = top_entropy_threshold(pooled, 0.4)
+    assert float(threshold) == pytest.approx(0.18)
+    given = high_entropy_mask(entropies, mask, 0.4, threshold)
+    assert given.tolist() == [[False, True, True], [True, True, False]]
+
+
 def test_world_shares_cover_the_batch_in_rank_order() -> None:
     shares = [dist.World(num_processes=3, process_index=r).split(8) for r in range(3)]
     assert [(s.start, s.stop) for s in shares] == [(0, 3), (3, 6), (6, 8)]
@@ -298,6 +390,20 @@ def test_deepspeed_config_without_deepspeed_fails_before_the_model_loads(monkeyp
             args=GRPOConfig(per_device_train_batch_size=4, num_generations=4),
             train_dataset=[{"prompt": "x"}],
         )
+
+
+def test_deepspeed_refusal_says_what_is_missing(monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: None)
+    missing = r"DeepSpeed ZeRO-3, but the `deepspeed` package is not installed \(`pip install"
+    with pytest.raises(ConfigError, match=missing):
+        dist.check_backend_installed()
+    monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: object())
+    installed = "DeepSpeed is installed, but grpokit's training step does not drive the DeepSpeed"
+    with pytest.raises(ConfigError, match=installed) as refused:
+        dist.check_backend_installed()
+    assert "fsdp2.yaml" in str(refused.value)
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -365,7 +471,7 @@ def test_grpokit_train_refuses_bad_multi_process_settings_before_launching(
     config = _run_config(tmp_path, "no/such-model")
     assert main(["train", config, "--accelerate_config", zero2]) == 2
     err = capsys.readouterr().err
-    assert "DeepSpeed" in err and ("pip install deepspeed" in err or "not support" in err)
+    assert "asks for DeepSpeed ZeRO-2" in err and "examples/accelerate/ddp.yaml" in err
     assert main(["train", config, "--num_processes", "0"]) == 2
     assert "--num_processes must be a positive integer" in capsys.readouterr().err
 

@@ -653,6 +653,48 @@ def test_trainer_with_an_environment_factory(tmp_path: Path) -> None:
     assert metrics["tools/call_frequency"] == pytest.approx(1.0)
 
 
+def test_environments_refilled_after_a_skipped_prompt_are_fresh_instances(tmp_path: Path) -> None:
+    tok = make_tool_tokenizer()
+    seen: dict[str, Any] = {}
+
+    def spy(completions: list[Any], environments: list[Any], **kwargs: Any) -> list[float]:
+        seen["environments"] = environments
+        return [0.0] * len(completions)
+
+    # Row 1 is too long and skipped: the batch (2 prompts) is refilled with row 2, after rows 0
+    # and 1 took instances 0-1 and 2-3; row 2's rollouts must get new ones (4-5), not row 0's.
+    rows = [("count", 3), ("count " + "x" * 200, 5), ("count", 7)]
+    data = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": c}], "start": s} for c, s in rows]
+    )
+    trainer = GRPOTrainer(
+        make_causal_lm(tok, max_position_embeddings=1024),
+        [spy],
+        train_dataset=data,
+        processing_class=tok,
+        generation_engine=ScriptedEngine(tok, counter_script),
+        environment_factory=Counter,
+        args=GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=200,
+            max_prompt_length=120,
+            prompt_length_policy="skip",
+            max_steps=1,
+            bf16=False,
+            save_strategy="no",
+            shuffle_dataset=False,
+        ),
+    )
+    trainer.train()
+    envs = seen["environments"]
+    assert len({id(e) for e in envs}) == 4  # one instance per rollout
+    assert [e.start for e in envs] == [3, 3, 7, 7]
+    assert all(e.value == e.start + 2 for e in envs)  # each rollout's call hit its own instance
+    assert trainer.state.prompts_over_length == 2  # row 1's 2 rollout prompts
+
+
 def test_environment_prompts_and_bad_environments() -> None:
     from grpokit.tools.environments import Environments
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import socket
 import subprocess
@@ -22,14 +21,15 @@ import yaml
 
 from grpokit.app.run_config import load_config, parse_overrides
 from grpokit.errors import ConfigError
+from grpokit.train.distributed import deepspeed_refusal
 
 
 def read_accelerate_config(path: str) -> dict[str, Any]:
     """The accelerate config file at `path`, checked for a backend grpokit can run.
 
     Raises:
-        ConfigError: the file is missing or not a YAML mapping, or asks for DeepSpeed (naming
-            `pip install deepspeed` when it is not installed).
+        ConfigError: the file is missing or not a YAML mapping, or asks for DeepSpeed
+            (`train.distributed.deepspeed_refusal`: what is missing).
     """
     file = Path(path)
     if not file.is_file():
@@ -38,15 +38,8 @@ def read_accelerate_config(path: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"--accelerate_config {path!r} is not a YAML mapping of settings.")
     if str(config.get("distributed_type", "")).upper() == "DEEPSPEED":
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(
-                f"--accelerate_config {path!r} asks for DeepSpeed, which is not installed: "
-                "`pip install deepspeed`, or use examples/accelerate/ddp.yaml or fsdp2.yaml."
-            )
-        raise ConfigError(
-            f"--accelerate_config {path!r} asks for DeepSpeed, which grpokit does not support "
-            "yet; use examples/accelerate/ddp.yaml or fsdp2.yaml."
-        )
+        stage = (config.get("deepspeed_config") or {}).get("zero_stage")
+        raise deepspeed_refusal(f"--accelerate_config {path!r}", stage)
     return config
 
 

@@ -31,7 +31,10 @@ from grpokit.core.losses import LossOptions, loss_token_mask, masked_mean
 
 
 def entropy_bonus(
-    entropies: Tensor, completion_mask: Tensor, options: LossOptions | None = None
+    entropies: Tensor,
+    completion_mask: Tensor,
+    options: LossOptions | None = None,
+    entropy_threshold: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """TRL's entropy bonus `H` of one micro-batch, and the number of tokens it averages over.
 
@@ -41,6 +44,8 @@ def entropy_bonus(
         completion_mask: `[N, T]`; 1 = loss token (EOS counts, padding does not).
         options: The loss options; with `top_entropy_quantile < 1` only the high-entropy tokens
             count (`core.losses.loss_token_mask`), as the policy loss. None = every loss token.
+        entropy_threshold: The top-entropy filter's threshold, as `policy_loss`'s (None = the
+            micro-batch's own quantile).
 
     Returns:
         `(bonus, tokens)`: the 0-dim mean entropy over those tokens (0 when there are none;
@@ -49,7 +54,7 @@ def entropy_bonus(
     """
     mask = completion_mask.bool()
     if options is not None:
-        mask = loss_token_mask(mask, options, entropies)
+        mask = loss_token_mask(mask, options, entropies, entropy_threshold)
     dtype = torch.promote_types(entropies.dtype, torch.float32)
     return masked_mean(entropies.to(dtype), mask), mask.sum().detach()
 

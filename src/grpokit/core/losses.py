@@ -220,16 +220,27 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def high_entropy_mask(entropies: Tensor, completion_mask: Tensor, quantile: float) -> Tensor:
+def top_entropy_threshold(entropies: Tensor, quantile: float) -> Tensor:
+    """The entropy a loss token needs to pass the top-`quantile` filter: the `(1 - quantile)`
+    quantile of `entropies` (`[M]`, the loss tokens' entropies; M > 0), a 0-dim float32."""
+    return torch.quantile(entropies.float(), 1 - quantile)
+
+
+def high_entropy_mask(
+    entropies: Tensor, completion_mask: Tensor, quantile: float, threshold: Tensor | None = None
+) -> Tensor:
     """Keep the top-`quantile` fraction of loss tokens by entropy, `[N, T]` bool.
 
     "Beyond the 80/20 rule" (arXiv 2506.01939 Eq. 6): the threshold is the `(1 - quantile)`
-    quantile of the entropies of the micro-batch's loss tokens. `quantile = 1` keeps every token.
+    quantile of the entropies of the micro-batch's loss tokens (`top_entropy_threshold`), or
+    `threshold` when given (with several processes, TRL's quantile over every process's
+    micro-batch). `quantile = 1` keeps every token.
     """
-    valid = entropies.detach()[completion_mask].float()
-    if valid.numel() == 0:
-        return completion_mask
-    threshold = torch.quantile(valid, 1 - quantile)
+    if threshold is None:
+        valid = entropies.detach()[completion_mask]
+        if valid.numel() == 0:
+            return completion_mask
+        threshold = top_entropy_threshold(valid, quantile)
     return (entropies.detach() >= threshold) & completion_mask
 
 
@@ -892,13 +903,16 @@ def _check_inputs(
 
 
 def loss_token_mask(
-    completion_mask: Tensor, options: LossOptions, entropies: Tensor | None = None
+    completion_mask: Tensor,
+    options: LossOptions,
+    entropies: Tensor | None = None,
+    entropy_threshold: Tensor | None = None,
 ) -> Tensor:
     """The tokens the policy loss acts on after the top-entropy filter, `[N, T]` bool.
 
     `completion_mask` (1 = loss token) restricted to the top `top_entropy_quantile` of its tokens
-    by entropy (`high_entropy_mask`) when that is < 1. TRL's entropy bonus averages over these
-    tokens (`core.entropy.entropy_bonus`).
+    by entropy (`high_entropy_mask`, with `entropy_threshold` when given) when that is < 1. TRL's
+    entropy bonus averages over these tokens (`core.entropy.entropy_bonus`).
 
     Raises:
         ValueError: `top_entropy_quantile < 1` without `entropies`.
@@ -908,13 +922,15 @@ def loss_token_mask(
         return mask
     if entropies is None:
         raise ValueError("top_entropy_quantile < 1 needs the per-token `entropies`; pass them.")
-    return high_entropy_mask(entropies, mask, options.top_entropy_quantile)
+    return high_entropy_mask(entropies, mask, options.top_entropy_quantile, entropy_threshold)
 
 
-def _token_filters(x: LossInputs, behaviour_logprobs: Tensor, entropies: Tensor | None) -> Tensor:
+def _token_filters(
+    x: LossInputs, behaviour_logprobs: Tensor, entropies: Tensor | None, threshold: Tensor | None
+) -> Tensor:
     """`[N, T]` float multiplier from the off-policy and entropy masks (1 = keep)."""
     o = x.options
-    keep = loss_token_mask(x.mask, o, entropies)
+    keep = loss_token_mask(x.mask, o, entropies, threshold)
     if o.off_policy_mask_threshold is not None:
         keep = keep & off_policy_sequence_mask(
             x.logprobs, behaviour_logprobs, x.advantages, x.mask, o.off_policy_mask_threshold
@@ -956,6 +972,7 @@ def policy_loss(
     entropies: Tensor | None = None,
     sampling_logprobs: Tensor | None = None,
     rollout_is_weights: Tensor | None = None,
+    entropy_threshold: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The policy loss of one micro-batch, and its metrics: TRL's `GRPOTrainer._compute_loss`.
 
@@ -999,6 +1016,9 @@ def policy_loss(
             off-policy mask (falls back to `old_logprobs`).
         rollout_is_weights: Detached weights from `rollout_importance_weights`, `[N, 1]` per
             sequence or `[N, T]` per token.
+        entropy_threshold: The top-entropy filter's threshold (0-dim) instead of this
+            micro-batch's own quantile: with several processes, the quantile over every
+            process's micro-batch (`top_entropy_threshold` of their gathered entropies), as TRL.
 
     Returns:
         `(loss, metrics)`: the scalar loss (float32, or float64 for float64 `logprobs`;
@@ -1065,7 +1085,7 @@ def policy_loss(
 
     per_token_loss = spec.objective(x)  # [N, T]
     behaviour = old if sampling_logprobs is None else _constant(sampling_logprobs, mask, dtype)
-    per_token_loss = per_token_loss * _token_filters(x, behaviour, entropies)
+    per_token_loss = per_token_loss * _token_filters(x, behaviour, entropies, entropy_threshold)
     if is_weights is not None and not spec.folds_rollout_weights:
         per_token_loss = per_token_loss * is_weights
 

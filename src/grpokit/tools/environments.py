@@ -76,11 +76,12 @@ class Environments:
         self.has_reward = callable(getattr(probe, "get_reward", None))
         self._pool: list[Any] = [probe]
 
-    def take(self, n: int) -> list[Any]:
-        """`n` distinct instances (the pool grows as needed)."""
-        while len(self._pool) < n:
+    def take(self, n: int, start: int = 0) -> list[Any]:
+        """`n` distinct instances after the first `start` (those taken earlier for the batch
+        being built); the pool grows as needed."""
+        while len(self._pool) < start + n:
             self._pool.append(self.factory())
-        return self._pool[:n]
+        return self._pool[start : start + n]
 
     def tools_of(self, environment: Any) -> dict[str, Tool]:
         """The environment's methods as tools bound to this instance."""

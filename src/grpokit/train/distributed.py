@@ -56,16 +56,47 @@ def _asks_for(backend: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true"
 
 
+def deepspeed_refusal(where: str, stage: Any = None) -> ConfigError:
+    """The error for an accelerate config that asks for DeepSpeed, saying what is missing.
+
+    DeepSpeed itself runs (ZeRO-2 and ZeRO-3 train on CPUs with gloo through accelerate when the
+    process group's backend is given); what grpokit lacks is a training step driven by the
+    DeepSpeed engine (docs/DISTRIBUTED.md, Backends).
+
+    Args:
+        where: What asked for it (e.g. "the accelerate config").
+        stage: The ZeRO stage asked for, if known.
+    """
+    zero = f" ZeRO-{stage}" if stage not in (None, "") else ""
+    fix = (
+        "launch with DDP (examples/accelerate/ddp.yaml), or FSDP2 (examples/accelerate/"
+        "fsdp2.yaml), which shards parameters, gradients and optimizer state as ZeRO-3 does."
+    )
+    if importlib.util.find_spec("deepspeed") is None:
+        return ConfigError(
+            f"{where} asks for DeepSpeed{zero}, but the `deepspeed` package is not installed "
+            "(`pip install deepspeed`), and grpokit does not train with DeepSpeed yet in any "
+            f"case: {fix}"
+        )
+    return ConfigError(
+        f"{where} asks for DeepSpeed{zero}: DeepSpeed is installed, but grpokit's training step "
+        "does not drive the DeepSpeed engine yet (the engine owns gradient accumulation, "
+        "clipping and the optimizer step, and ZeRO partitions the gradients and optimizer "
+        "state that grpokit's step, non-finite guard and checkpoints read; docs/DISTRIBUTED.md, "
+        f"Backends): {fix}"
+    )
+
+
 def check_backend_installed() -> None:
     """Refuse an accelerate config for a backend grpokit cannot run, before any model loads.
 
     `accelerate launch --config_file ...` describes the backend in environment variables
-    (`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_USE_FSDP`, `FSDP_VERSION`). grpokit trains with DDP
-    or FSDP2 (`fully_shard`).
+    (`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_DEEPSPEED_ZERO_STAGE`, `ACCELERATE_USE_FSDP`,
+    `FSDP_VERSION`). grpokit trains with DDP or FSDP2 (`fully_shard`).
 
     Raises:
-        ConfigError: DeepSpeed asked for (naming `pip install deepspeed` when it is missing), or
-            FSDP version 1.
+        ConfigError: DeepSpeed asked for (`deepspeed_refusal`: what is missing), or FSDP
+            version 1.
     """
     if _asks_for("FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError(
@@ -73,15 +104,8 @@ def check_backend_installed() -> None:
             "fsdp_version: 2 in fsdp_config (examples/accelerate/fsdp2.yaml)."
         )
     if _asks_for("DEEPSPEED"):
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError(
-                "the accelerate config asks for DeepSpeed, which is not installed: "
-                "`pip install deepspeed`, or launch with DDP (examples/accelerate/ddp.yaml)."
-            )
-        raise ConfigError(
-            "the accelerate config asks for DeepSpeed, which grpokit does not run yet; launch "
-            "with DDP (examples/accelerate/ddp.yaml)."
-        )
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        raise deepspeed_refusal("the accelerate config", stage)
 
 
 @dataclass
@@ -218,6 +242,19 @@ class World:
         parts = [torch.empty_like(tensor) for _ in range(self.num_processes)]
         torch.distributed.all_gather(parts, tensor.contiguous())
         return torch.cat(parts)
+
+    def gather_ragged(self, values: Tensor) -> Tensor:
+        """Every process's 1-D `values` (lengths may differ), concatenated in rank order."""
+        if not self.is_distributed:
+            return values
+        counts = self.gather(torch.tensor([values.numel()], device=values.device)).tolist()
+        width = max(counts)
+        if width == 0:
+            return values.new_zeros(0)
+        padded = values.new_zeros(width)
+        padded[: values.numel()] = values
+        parts = self.gather(padded).view(self.num_processes, width)
+        return torch.cat([parts[rank, :count] for rank, count in enumerate(counts)])
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every process's picklable `obj`, in rank order."""

@@ -299,9 +299,16 @@ class RolloutPipeline:
         )
 
     # ---- the four steps -------------------------------------------------------------------------
-    def tokenize(self, rows: list[dict[str, Any]]) -> PromptBatch:
+    def tokenize(self, rows: list[dict[str, Any]], *, environments_taken: int = 0) -> PromptBatch:
         """Render and tokenize the rows' prompts, applying the prompt-length policy to prompts
         longer than `prompt_limit`.
+
+        Args:
+            rows: Dataset rows.
+            environments_taken: With environments, how many of the pool's instances earlier
+                calls for the same batch took (`len(rows) * G` each, skipped rows included);
+                these rows' rollouts get the next ones, so no instance serves two rollouts of a
+                batch.
 
         Raises:
             MissingColumnError: a row without a `prompt` column (a `KeyError`).
@@ -313,7 +320,7 @@ class RolloutPipeline:
                     "column holding the prompts to 'prompt'."
                 )
         if self.environments is not None:
-            return self._tokenize_with_environments(rows)
+            return self._tokenize_with_environments(rows, environments_taken)
         texts = render_prompts(
             [row["prompt"] for row in rows],
             self.tokenizer,
@@ -330,12 +337,12 @@ class RolloutPipeline:
             over_length = sum(len(a) != len(b) for a, b in zip(ids, kept_ids, strict=True))
         return PromptBatch([rows[i] for i in kept], kept_ids, over_length)
 
-    def _tokenize_with_environments(self, rows: list[dict[str, Any]]) -> PromptBatch:
+    def _tokenize_with_environments(self, rows: list[dict[str, Any]], taken: int) -> PromptBatch:
         """One environment per rollout, reset with its row; N prompts, each with its
         environment's text. A row is skipped (policy "skip") when any of its G prompts is long."""
         assert self.environments is not None
         g = self.num_generations
-        envs = self.environments.take(len(rows) * g)
+        envs = self.environments.take(len(rows) * g, start=taken)
         prompts = [
             append_observation(row["prompt"], envs[i * g + k].reset(**row))
             for i, row in enumerate(rows)

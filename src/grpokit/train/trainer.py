@@ -37,7 +37,7 @@ from transformers import TrainerControl
 from grpokit.core.advantages import AdvantageOutput, check_reward_weights, group_advantages
 from grpokit.core.entropy import entropy_bonus
 from grpokit.core.logprobs import model_completion_logprobs
-from grpokit.core.losses import policy_loss, rollout_importance_weights
+from grpokit.core.losses import policy_loss, rollout_importance_weights, top_entropy_threshold
 from grpokit.data.prompts import prompt_token_limit
 from grpokit.engines.base import GenerationEngine, GenerationOutput
 from grpokit.engines.models import context_length
@@ -156,12 +156,10 @@ class GRPOTrainer:
         # Joins the launcher's processes (or is a plain single process); refuses a missing backend.
         self.world = dist.World.from_env(self.args)
         dist.check_config_world(self.args, self.world)
-        several = self.world.is_distributed
-        if several and (environment_factory is not None or self.args.dynamic_sampling):
+        if self.world.is_distributed and self.args.dynamic_sampling:
             raise ConfigError(
-                "environment_factory and dynamic_sampling are not supported on several processes "
-                "yet (each process would reset every process's environments; the groups kept by "
-                "dynamic sampling would differ per process); train on one process."
+                "dynamic_sampling is not supported on several processes yet (the groups it keeps "
+                "would differ per process); train on one process."
             )
         build.apply_process_settings(self.args)  # seed, full determinism, tf32, log level
         self.device = self.world.device(self.args.use_cpu)
@@ -497,22 +495,41 @@ class GRPOTrainer:
 
         With several processes, every process draws the same `num_prompts` prompts (a global
         count) and keeps its contiguous share of `num_prompts / P` (`World.own_rows`), which the
-        counts below are then.
+        counts below are then; with environments, each process tokenizes only its share
+        (`_draw_own_prompts`).
 
         Returns:
             `(prompts, prompt_ids, columns)`: `num_prompts * G` prompts (each repeated G times,
-            for the reward functions), `num_prompts` token-id lists, and every other column
-            repeated G times.
+            for the reward functions), `num_prompts` token-id lists (with environments one per
+            rollout, `num_prompts * G`), and every other column repeated G times.
         """
-        cfg, rollout = self.args, self.rollout
+        cfg, rollout, world = self.args, self.rollout, self.world
         wanted = cfg.prompts_per_generation if num_prompts is None else num_prompts
+        if world.is_distributed and self.environment_pool is not None:
+            rows, ids, environments = self._draw_own_prompts(wanted // world.num_processes)
+        else:
+            rows, ids, environments = self._draw_prompts(wanted)
+        if world.is_distributed and self.environment_pool is None:
+            share = world.own_rows(wanted // world.num_processes)  # whole groups
+            rows, ids = rows[share], ids[share]  # every process drew the global batch
+        self._prompt_rows, self.environments = rows, environments or None
+        prompts, columns = rollout.repeat(rows)
+        return prompts, ids, columns
+
+    def _draw_prompts(self, wanted: int) -> tuple[list[dict[str, Any]], list[list[int]], list[Any]]:
+        """`wanted` rows tokenized, drawing more as the length policy skips some; the rows,
+        their token-id lists and (with environments) the rollouts' reset instances."""
+        rollout = self.rollout
         rows: list[dict[str, Any]] = []
         ids: list[list[int]] = []
         environments: list[Any] = []
         attempts = 0
         while len(rows) < wanted:
             need = wanted - len(rows)
-            drawn = rollout.tokenize([self.sampler.next() for _ in range(need)])
+            drawn = rollout.tokenize(
+                [self.sampler.next() for _ in range(need)],
+                environments_taken=attempts * self.args.num_generations,
+            )
             self.state.prompts_over_length += drawn.over_length
             rollout.warn_over_length(drawn.over_length, self.state.prompts_over_length)
             rows += drawn.rows
@@ -521,12 +538,51 @@ class GRPOTrainer:
             attempts += need
             if not rows and attempts > max(1, self.sampler.size or 0) + need:
                 raise rollout.all_skipped_error()
-        if self.world.is_distributed:  # every process drew the global batch: keep its share
-            share = self.world.own_rows(wanted // self.world.num_processes)  # whole groups
-            rows, ids = rows[share], ids[share]  # (environments are refused on several)
-        self._prompt_rows, self.environments = rows, environments or None
-        prompts, columns = rollout.repeat(rows)
-        return prompts, ids, columns
+        return rows, ids, environments
+
+    def _draw_own_prompts(
+        self, share: int
+    ) -> tuple[list[dict[str, Any]], list[list[int]], list[Any]]:
+        """This process's `share` rows, tokenized with their environments reset, when several
+        processes train with environments: each process resets only its own rollouts'.
+
+        Every process draws the same rows from the shared sampler and tokenizes only its part:
+        rows `[p * share, (p + 1) * share)` of the first draw. When the length policy skips some
+        of a process's rows, the next draw is the processes' shortfalls together, handed out in
+        rank order, until every process holds `share`. The rows drawn, and so the global batch's
+        rows, are those one process would draw; only their order across the processes differs
+        once a row was skipped.
+        """
+        world, rollout = self.world, self.rollout
+        rows: list[dict[str, Any]] = []
+        ids: list[list[int]] = []
+        environments: list[Any] = []
+        missing = [share] * world.num_processes  # every process's shortfall, known to all
+        attempts = taken = 0
+        while sum(missing):
+            drawn = [self.sampler.next() for _ in range(sum(missing))]
+            start = sum(missing[: world.process_index])
+            mine = drawn[start : start + missing[world.process_index]]
+            if mine:
+                batch = rollout.tokenize(mine, environments_taken=taken)
+                taken += len(mine) * self.args.num_generations
+                rows += batch.rows
+                ids += batch.prompt_ids
+                environments += batch.environments
+                over_length = batch.over_length
+            else:
+                over_length = 0
+            counts = world.gather_objects((len(rows), over_length))  # [(kept, over), ...]
+            over_length = sum(over for _, over in counts)
+            self.state.prompts_over_length += over_length
+            if world.is_main_process:
+                rollout.warn_over_length(over_length, self.state.prompts_over_length)
+            missing = [share - held for held, _ in counts]
+            attempts += len(drawn)
+            limit = max(1, self.sampler.size or 0) + len(drawn)
+            if not sum(held for held, _ in counts) and attempts > limit:
+                raise rollout.all_skipped_error()
+        return rows, ids, environments
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
         """Sample G completions per prompt with the generation engine (under autocast); with
@@ -708,7 +764,9 @@ class GRPOTrainer:
             part = select_rows(batch, micro.rows)
             # Gradients are synchronised across processes by the step's last backward only.
             with world.gradient_sync(self.train_model, sync=i == len(plan) - 1):
-                part_loss = self.micro_batch_loss(part, micro.num_items_in_batch)
+                part_loss = self.micro_batch_loss(
+                    part, micro.num_items_in_batch, padding=micro.padding
+                )
                 policy = loss = part_loss.loss * micro.loss_weight
                 bonus, tokens = part_loss.entropy_bonus, part_loss.entropy_tokens
                 if bonus is not None and tokens is not None:
@@ -765,10 +823,16 @@ class GRPOTrainer:
         )
         return out
 
-    def micro_batch_loss(self, batch: RolloutBatch, num_items_in_batch: Tensor) -> MicroBatchLoss:
+    def micro_batch_loss(
+        self, batch: RolloutBatch, num_items_in_batch: Tensor, *, padding: bool = False
+    ) -> MicroBatchLoss:
         """`policy_loss` of a micro-batch (all rows of `batch`, padding trimmed to its longest
         row `T'`) with the step's `num_items_in_batch`, and its entropy bonus when entropy
-        regularisation is on (`MicroBatchLoss`)."""
+        regularisation is on (`MicroBatchLoss`).
+
+        With several processes and `top_entropy_quantile < 1`, the entropy threshold is the
+        quantile over the loss tokens of every process's micro-batch at this place in the plan
+        (TRL gathers them); a zero-weight `padding` micro-batch (`pad_plan`) adds none."""
         cfg = self.args
         rows = slice(0, batch.size)
         input_ids, attention_mask, t = batch.trimmed(rows)  # [n, P'+T'], T'
@@ -798,6 +862,13 @@ class GRPOTrainer:
                 clip_min=cfg.vllm_importance_sampling_clip_min,
                 clip_max=_or_inf(cfg.vllm_importance_sampling_clip_max),
             )  # [n, T'] detached
+        threshold = None
+        if self.world.is_distributed and self.loss_options.top_entropy_quantile < 1:
+            assert entropies is not None  # computed above
+            valid = entropies.new_zeros(0) if padding else entropies.detach()[loss_mask.bool()]
+            pooled = self.world.gather_ragged(valid.float())  # [M] every process's loss tokens
+            if pooled.numel():
+                threshold = top_entropy_threshold(pooled, self.loss_options.top_entropy_quantile)
         loss, metrics = policy_loss(
             logprobs,
             old_logprobs,
@@ -809,11 +880,12 @@ class GRPOTrainer:
             entropies=entropies.detach() if entropies is not None else None,
             sampling_logprobs=sampling_logprobs,
             rollout_is_weights=is_weights,
+            entropy_threshold=threshold,
         )
         bonus = tokens = None
         if self.entropy_regularization.enabled:
             assert entropies is not None  # computed above
-            bonus, tokens = entropy_bonus(entropies, loss_mask, self.loss_options)
+            bonus, tokens = entropy_bonus(entropies, loss_mask, self.loss_options, threshold)
         return MicroBatchLoss(loss, {**metrics, **is_metrics}, logprobs.detach(), bonus, tokens)
 
     # =============================================================================================
