@@ -247,7 +247,7 @@ def test_generate_pads_masks_and_forwards_the_sampling_fields(tok: Any) -> None:
             top_k=5,
             min_p=0.1,
             repetition_penalty=1.1,
-            generation_kwargs={"seed": 3, "min_new_tokens": 1},
+            generation_kwargs={"seed": 3, "min_new_tokens": 1, "logit_bias": {7: -1.5}},
         )
         out = engine.generate(
             [[5, 6, 7], [8]], num_generations=3, max_new_tokens=3, sampling=sampling
@@ -262,7 +262,7 @@ def test_generate_pads_masks_and_forwards_the_sampling_fields(tok: Any) -> None:
         0.1,
         1.1,
     )
-    assert s.generation_kwargs == {}
+    assert s.generation_kwargs == {"logit_bias": {7: -1.5}}  # token-id keys again after JSON
     # prompt i seeds its G completions 3 + i*G + g (as VLLMEngine.generate)
     assert (call["seeds"], call["min_tokens"], call["max_tokens"]) == ([3, 6], [1, 1], [3, 3])
     # prompt i, completion g: [10+i]*(g+1) + [EOS], cut at 3 tokens

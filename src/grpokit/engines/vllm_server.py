@@ -207,7 +207,7 @@ class VLLMServer:
             top_k=int(request.get("top_k", 0)),
             min_p=float(request.get("min_p", 0.0)),
             repetition_penalty=float(request.get("repetition_penalty", 1.0)),
-            generation_kwargs=dict(request.get("generation_kwargs") or {}),
+            generation_kwargs=_from_json(dict(request.get("generation_kwargs") or {})),
         )
         stops = request.get("stop_token_ids")
         futures = self.on_main_thread(
@@ -323,6 +323,15 @@ def _int_lists(value: Any, field: str) -> list[list[int]]:
     if not isinstance(value, list) or not all(isinstance(row, list) for row in value):
         raise ValueError(f"{field} must be a list of token-id lists.")
     return [[int(t) for t in row] for row in value]
+
+
+def _from_json(generation_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generation_kwargs` as vLLM takes them: JSON turned `logit_bias`'s token-id keys into
+    strings."""
+    bias = generation_kwargs.get("logit_bias")
+    if isinstance(bias, dict):
+        generation_kwargs["logit_bias"] = {int(k): float(v) for k, v in bias.items()}
+    return generation_kwargs
 
 
 def _per_prompt(value: Any, count: int, field: str) -> list[Any]:
