@@ -25,6 +25,8 @@ assertion on timings.
 
 Environment: bench/.venv-vllm (bench/requirements-vllm.txt). Usage:
     PYTHONPATH=src bench/.venv-vllm/bin/python bench/bench_vllm_turns.py --threads 1
+    PYTHONPATH=src bench/.venv-vllm/bin/python bench/bench_vllm_turns.py --engines vllm \
+        --block-size 32   # vLLM's CPU default is 128 tokens: the cache reuses whole blocks only
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2, help="replies appended per row")
+    parser.add_argument(
+        "--block-size", type=int, default=None, help="vLLM's KV block size (default: vLLM's)"
+    )
     parser.add_argument("--max-load", type=float, default=1.5)
     parser.add_argument("--wait", type=float, default=120, help="max seconds to wait for quiet")
     args = parser.parse_args()
@@ -159,18 +164,19 @@ def main() -> None:
     if "transformers" in args.engines:
         time_engine("transformers", TransformersEngine(model, tokenizer), prompt_ids, args)
     longest = max(len(p) for p in prompt_ids) + args.max_new_tokens
+    blocks = {} if args.block_size is None else {"block_size": args.block_size}
     vllm_names = [n for n in ("vllm", "vllm-reprefill") if n in args.engines]
     if vllm_names or "vllm-nocache" in args.engines:
         from grpokit.engines.vllm_engine import VLLMEngine
 
         if vllm_names:
-            engine = VLLMEngine(model, tokenizer, max_model_len=longest)
+            engine = VLLMEngine(model, tokenizer, max_model_len=longest, **blocks)
             torch.set_num_threads(args.threads)
             for name in vllm_names:
                 time_engine(name, engine, prompt_ids, args)
         if "vllm-nocache" in args.engines:
             plain = VLLMEngine(
-                model, tokenizer, max_model_len=longest, enable_prefix_caching=False
+                model, tokenizer, max_model_len=longest, enable_prefix_caching=False, **blocks
             )
             torch.set_num_threads(args.threads)
             time_engine("vllm-nocache", plain, prompt_ids, args)

@@ -402,7 +402,7 @@ class VLLMEngine:
             logprobs = None
             if with_logprobs:
                 logprobs = [
-                    [float(step[t].logprob) for step, t in zip(c.logprobs, tokens, strict=True)]
+                    [float(top[t].logprob) for top, t in zip(c.logprobs, tokens, strict=True)]
                     if c.logprobs is not None
                     else [0.0] * len(tokens)
                     for c, tokens in zip(output.outputs, completions, strict=True)
