@@ -255,6 +255,14 @@ def test_engine_on_a_bf16_cpu_keeps_its_cpu_speed_ups(monkeypatch: pytest.Monkey
     assert calls == [1, before]  # set for generation, then restored
 
 
+def test_engine_on_a_cpu_without_onednn_samples_unpacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    engine = _engine_on(monkeypatch, cpu_with_native_bf16())  # pack_weights=None: no error
+    assert engine._packed == [] and _sampler_state(engine)[2] == 0
+    with pytest.raises(ValueError, match="on cpu"):
+        _engine_on(monkeypatch, cpu_with_native_bf16(), pack_weights=True)
+
+
 def test_engine_default_follows_the_policy_device_not_the_host(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

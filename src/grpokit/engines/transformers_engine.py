@@ -151,17 +151,14 @@ class TransformersEngine:
                 for name, param in self.sampler_model.named_parameters()
             }
         self._packed: list[PackedLinear] = []
-        if pack_weights is None:
-            pack_weights = bf16_sampler and self.traits.pack_sampler_weights
-        if pack_weights:
-            if bf16_sampler and self.traits.pack_sampler_weights:
-                self._packed = pack_linear_layers(self.sampler_model)
-            if not self._packed:
-                raise ValueError(
-                    "pack_weights=True, but the sampler's weights cannot be packed: packing needs "
-                    f"the bf16 copy (bf16_sampler) on a CPU whose torch has oneDNN (the model is "
-                    f"on {self.traits.type}); leave pack_weights=None."
-                )
+        if pack_weights is not False and bf16_sampler and self.traits.pack_sampler_weights:
+            self._packed = pack_linear_layers(self.sampler_model)  # [] without oneDNN
+        if pack_weights and not self._packed:
+            raise ValueError(
+                "pack_weights=True, but the sampler's weights cannot be packed: packing needs "
+                f"the bf16 copy (bf16_sampler) on a CPU whose torch has oneDNN (the model is on "
+                f"{self.traits.type}); leave pack_weights=None."
+            )
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
         """The `GenerationConfig` for one call: always sampling, never early length stopping."""

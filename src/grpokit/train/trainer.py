@@ -653,7 +653,8 @@ class GRPOTrainer:
             `[N, T]` float32 on the CPU, 0 at padding; computed `per_device_train_batch_size`
             rows at a time, each micro-batch trimmed to its own padding.
         """
-        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
+        # Filled on the device and copied back once: a copy per micro-batch would wait for it.
+        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=self.device)
         size = self.args.per_device_train_batch_size
         for start in range(0, batch.size, size):
             rows = slice(start, start + size)
@@ -666,8 +667,8 @@ class GRPOTrainer:
                     t,
                     temperature=self.args.temperature,
                 )
-            out[rows, :t] = logprobs.cpu()
-        return out
+            out[rows, :t] = logprobs
+        return out.cpu()
 
     def update_policy(self, batch: RolloutBatch) -> dict[str, list[float]]:
         """`num_iterations` passes of optimizer steps over the batch; returns per-step metrics."""
