@@ -11,6 +11,7 @@ from datasets import Dataset
 
 from grpokit.app import evaluation, run
 from grpokit.app.run_config import build_config
+from grpokit.engines import device
 from grpokit.engines.models import bf16_supported
 from grpokit.train import build
 from grpokit.train.config import GRPOConfig
@@ -18,7 +19,7 @@ from grpokit.train.config import GRPOConfig
 
 def _native(monkeypatch: pytest.MonkeyPatch, **by_device: bool) -> None:
     """Pretend the devices named in `by_device` do (True) or do not (False) compute bf16."""
-    monkeypatch.setattr(build, "bf16_supported", lambda device_type=None: by_device[device_type])
+    monkeypatch.setattr(device, "bf16_supported", lambda device_type=None: by_device[device_type])
 
 
 @pytest.mark.parametrize(

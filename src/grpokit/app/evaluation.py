@@ -32,6 +32,7 @@ import torch
 
 from grpokit.core.advantages import check_reward_weights
 from grpokit.engines.base import GenerationEngine, SamplingParams
+from grpokit.engines.device import device_traits, fork_rng, model_device
 from grpokit.engines.models import context_length
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.rewards.scoring import build_reward_functions
@@ -197,12 +198,9 @@ def evaluate(
     per_call = max(1, batch_size // num_samples)
 
     rollouts = []
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    device_type = "cpu" if model is None else next(model.parameters()).device.type
-    autocast = (
-        torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
-    with rng, autocast:
+    device = torch.device("cpu") if model is None else model_device(model)
+    rng = fork_rng() if seed is not None else contextlib.nullcontext()  # CPU and CUDA generators
+    with rng, device_traits(device).autocast(bf16):
         if seed is not None:
             torch.manual_seed(seed)
         for start in range(0, len(rows), per_call):

@@ -241,7 +241,9 @@ def bf16_supported(device_type: str | None = None) -> bool:
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda":
-        return torch.cuda.is_available() and bool(torch.cuda.is_bf16_supported())
+        # Native only (compute capability >= 8, or ROCm): torch's default also counts GPUs that
+        # emulate bf16 (e.g. T4, V100), where it is slower than float32.
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type != "cpu":
         return False
     try:

@@ -24,6 +24,7 @@ from grpokit.engines.base import (
     left_pad,
     plain_forward,
 )
+from grpokit.engines.device import DeviceTraits, device_traits, model_device
 from grpokit.engines.models import context_length
 from grpokit.engines.multi_turn import RowRecord, assemble_output, reprefill_turns
 from grpokit.engines.packed_linear import PackedLinear, pack_linear_layers
@@ -65,7 +66,7 @@ class TransformersEngine:
         decode: str = "lean",
         share_prompt_prefill: bool = True,
         bf16_sampler: bool | None = None,
-        sampler_attention: str | None = GROUPED_ATTENTION,
+        sampler_attention: str | None = "auto",
         draw: str = "inverse_cdf",
         return_logprobs: bool = False,
         num_threads: int | None = None,
@@ -78,14 +79,16 @@ class TransformersEngine:
             tokenizer: Its tokenizer (EOS and pad ids).
             decode: "lean" (own decode loop) or "hf" (`model.generate`).
             share_prompt_prefill: Lean path only: prefill each prompt once for its G completions.
-            bf16_sampler: Sample from a bf16 copy of the policy. None = when the device computes
-                bf16 natively (`engines.models.bf16_supported`) and the policy is neither bf16
-                already nor quantized.
+            bf16_sampler: Sample from a bf16 copy of the policy. None = when the policy's device
+                computes bf16 natively (`DeviceTraits.native_bf16`) and the policy is neither
+                bf16 already nor quantized.
             sampler_attention: Attention implementation of the bf16 copy (None = the policy's).
-                The default, `core.attention.grouped_attention`, computes transformers' eager
-                attention without copying the key/value heads per query head, which suits the
-                one query row per decode step better than the CPU "sdpa" kernel (timings in
-                bench/RESULTS.md). The training model's own setting is never changed here.
+                "auto" (default) = on the CPU `core.attention.grouped_attention`, which computes
+                transformers' eager attention without copying the key/value heads per query head
+                and suits the one query row per decode step better than the CPU "sdpa" kernel
+                (timings in bench/RESULTS.md); elsewhere the policy's own
+                (`DeviceTraits.grouped_attention`). The training model's own setting is never
+                changed here.
             draw: Lean path: how a token is drawn from the processed distribution.
                 "inverse_cdf" (default) = `sample_categorical`, exact, from one uniform number
                 per row; "multinomial" = `torch.multinomial`, the same distribution and the same
@@ -95,16 +98,19 @@ class TransformersEngine:
             return_logprobs: Lean path: fill `GenerationOutput.sampling_logprobs`. Off by
                 default because the trainer applies its rollout importance correction
                 (`vllm_importance_sampling_*`) whenever an engine returns them.
-            num_threads: torch intra-op threads while generating (restored afterwards); None =
-                leave torch's setting. On a busy CPU one thread can be much faster for small models.
+            num_threads: torch intra-op threads while generating on the CPU (restored
+                afterwards); None = leave torch's setting. On a busy CPU one thread can be much
+                faster for small models. Not applied on a GPU (`DeviceTraits.intra_op_threads`).
             pack_weights: Keep the bf16 copy's linear weights also in oneDNN's blocked layout
                 (`PackedLinear`), repacked after each weight update (one reorder per weight and
                 step); its matmuls then skip the per-call weight reordering (bench/RESULTS.md).
-                None = when the bf16 copy is used on a CPU whose torch has oneDNN.
+                None = when the bf16 copy is used on a CPU whose torch has oneDNN
+                (`DeviceTraits.pack_sampler_weights`).
 
         Raises:
-            ValueError: an unknown `decode`, a non-positive `num_threads`, or `bf16_sampler`
-                with a quantized model.
+            ValueError: an unknown `decode`, a non-positive `num_threads`, `bf16_sampler` with a
+                quantized model, or `pack_weights=True` where the weights cannot be packed (not
+                on a CPU, no bf16 copy, or a torch without oneDNN).
         """
         if decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}.")
@@ -123,13 +129,18 @@ class TransformersEngine:
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
         quantized = bool(getattr(model, "is_quantized", False))  # e.g. bitsandbytes 4/8-bit
+        self.traits: DeviceTraits = device_traits(model_device(model))
         if bf16_sampler is None:
-            from grpokit.engines.models import bf16_supported
-
             dtype = next(model.parameters()).dtype
-            bf16_sampler = bf16_supported() and dtype != torch.bfloat16 and not quantized
+            bf16_sampler = (
+                self.traits.sampler_dtype == torch.bfloat16
+                and dtype != torch.bfloat16
+                and not quantized
+            )
         elif bf16_sampler and quantized:
             raise ValueError("bf16_sampler=True cannot copy a quantized model to bf16.")
+        if sampler_attention == "auto":
+            sampler_attention = GROUPED_ATTENTION if self.traits.grouped_attention else None
         self.sampler_model: Any = _bf16_copy(model, sampler_attention) if bf16_sampler else model
         # name -> (bf16 parameter, stamp of the source tensor it was last copied from)
         self._copies: dict[str, tuple[Tensor, tuple[int, int]]] = {}
@@ -140,10 +151,14 @@ class TransformersEngine:
                 for name, param in self.sampler_model.named_parameters()
             }
         self._packed: list[PackedLinear] = []
-        if bf16_sampler and pack_weights is not False:
-            self._packed = pack_linear_layers(self.sampler_model)
-            if pack_weights and not self._packed:
-                raise ValueError("pack_weights=True, but this torch build cannot pack weights.")
+        if pack_weights is not False and bf16_sampler and self.traits.pack_sampler_weights:
+            self._packed = pack_linear_layers(self.sampler_model)  # [] without oneDNN
+        if pack_weights and not self._packed:
+            raise ValueError(
+                "pack_weights=True, but the sampler's weights cannot be packed: packing needs "
+                f"the bf16 copy (bf16_sampler) on a CPU whose torch has oneDNN (the model is on "
+                f"{self.traits.type}); leave pack_weights=None."
+            )
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
         """The `GenerationConfig` for one call: always sampling, never early length stopping."""
@@ -189,7 +204,7 @@ class TransformersEngine:
         was_training = model.training
         model.eval()
         try:
-            with _intra_op_threads(self.num_threads):
+            with _intra_op_threads(self.num_threads, self.traits):
                 if self.decode == "hf":
                     raw, logprobs = self._hf_generate(
                         ids, mask, num_generations, max_new_tokens, sampling, device
@@ -250,7 +265,7 @@ class TransformersEngine:
         was_training = model.training
         model.eval()
         try:
-            with _intra_op_threads(self.num_threads):
+            with _intra_op_threads(self.num_threads, self.traits):
                 rows = self._lean_turns(
                     ids.to(device),
                     mask.to(device),
@@ -581,9 +596,10 @@ def _bf16_copy(model: Any, attention: str | None) -> Any:
 
 
 @contextlib.contextmanager
-def _intra_op_threads(num_threads: int | None) -> Iterator[None]:
-    """Run the block with `num_threads` torch intra-op threads (None = unchanged)."""
-    if num_threads is None:
+def _intra_op_threads(num_threads: int | None, traits: DeviceTraits) -> Iterator[None]:
+    """Run the block with `num_threads` torch intra-op threads (None, or a device whose kernels
+    do not use them: unchanged)."""
+    if num_threads is None or not traits.intra_op_threads:
         yield
         return
     before = torch.get_num_threads()

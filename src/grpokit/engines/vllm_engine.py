@@ -33,6 +33,7 @@ from grpokit.engines.base import (
     left_pad,
     plain_forward,
 )
+from grpokit.engines.device import fork_rng
 from grpokit.engines.multi_turn import (
     Sampled,
     TurnRequest,
@@ -593,13 +594,14 @@ def _retie(ties: list[tuple[Any, list[tuple[Any, str]]]]) -> None:
 
 @contextlib.contextmanager
 def _preserved_rng() -> Iterator[None]:
-    """Restore the torch, Python and NumPy global RNG states after the block (vLLM reseeds)."""
+    """Restore the torch (CPU and CUDA), Python and NumPy global RNG states after the block
+    (vLLM reseeds them all)."""
     import numpy as np
 
-    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    states = random.getstate(), np.random.get_state()
     try:
-        yield
+        with fork_rng():
+            yield
     finally:
-        torch.random.set_rng_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
+        random.setstate(states[0])
+        np.random.set_state(states[1])

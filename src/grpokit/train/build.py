@@ -22,7 +22,8 @@ import torch
 
 from grpokit.core.attention import use_grouped_attention
 from grpokit.engines.base import GenerationEngine, SamplingParams
-from grpokit.engines.models import bf16_supported, resolve_model_path
+from grpokit.engines.device import device_traits
+from grpokit.engines.models import resolve_model_path
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.tools.chat import check_tool_template
 from grpokit.tools.environments import Environments
@@ -223,7 +224,7 @@ def apply_process_settings(args: GRPOConfig) -> None:
     else:
         set_seed(args.seed)
     if args.tf32 is not None:
-        has_tf32 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+        has_tf32 = device_traits("cuda").tf32
         if args.tf32 and not has_tf32:
             raise ValueError(
                 "tf32=True needs a CUDA GPU of the Ampere generation or newer (the CPU has no "
@@ -278,8 +279,9 @@ def retain_freed_memory() -> bool:
 
 
 def set_attention(model: Any, attention: str | None, device: torch.device) -> None:
-    """Apply the `attention` setting of `GRPOConfig` to `model` (see its docstring)."""
-    if attention is None or (attention == "auto" and device.type != "cpu"):
+    """Apply the `attention` setting of `GRPOConfig` to `model` (see its docstring): "auto" is
+    grouped attention where `DeviceTraits.grouped_attention` says so (the CPU)."""
+    if attention is None or (attention == "auto" and not device_traits(device).grouped_attention):
         return
     if attention == "auto":
         if not use_grouped_attention(model):
@@ -304,15 +306,16 @@ def resolve_precision(args: GRPOConfig, device: torch.device | str) -> bool:
     training (`GRPOTrainer`) and evaluation (`grpokit eval`, before/after `grpokit train`).
 
     Weights, gradients and optimizer state are always float32. Compute runs under bf16 autocast
-    when `args.bf16` is set and `device` computes bf16 natively (`engines.models.bf16_supported`);
-    otherwise in float32 (emulated bf16 would be slower than float32). `fp16` never gets here:
-    `GRPOConfig` refuses it.
+    when `args.bf16` is set and `device` computes bf16 natively (`DeviceTraits.native_bf16`: a
+    CPU with avx512_bf16/amx_bf16, a CUDA GPU of compute capability 8.0 or newer); otherwise in
+    float32 (emulated bf16 would be slower than float32). `fp16` never gets here: `GRPOConfig`
+    refuses it.
     """
     device = torch.device(device)
     if not args.bf16:
         logger.info("precision: float32 weights and compute (bf16=False)")
         return False
-    native = bf16_supported(device.type)
+    native = device_traits(device).native_bf16
     if native:
         logger.info("precision: float32 weights/optimizer, bf16 autocast compute")
     else:

@@ -189,7 +189,13 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         "Weights, gradients and optimizer state always stay float32 (a bf16 weight loses "
         "updates below ~1/256 of its size). None = True unless fp16 (as TRL).",
     )
-    fp16: bool = at_default(False, "fp16 mixed precision.", "fp16 is not supported; use bf16")
+    fp16: bool = at_default(
+        False,
+        "fp16 mixed precision.",
+        "fp16 is not supported: it needs loss scaling (a GradScaler), which grpokit does not do; "
+        "use bf16 (autocast where native: CUDA GPUs of compute capability 8.0 or newer, CPUs "
+        "with avx512_bf16/amx_bf16) or bf16=False (float32)",
+    )
     tf32: bool | None = option(
         None,
         "Allow TensorFloat-32 float32 matmuls and convolutions on CUDA (Ampere or newer): "

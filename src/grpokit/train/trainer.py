@@ -40,6 +40,7 @@ from grpokit.core.logprobs import model_completion_logprobs
 from grpokit.core.losses import policy_loss, rollout_importance_weights, top_entropy_threshold
 from grpokit.data.prompts import prompt_token_limit
 from grpokit.engines.base import GenerationEngine, GenerationOutput
+from grpokit.engines.device import device_traits, synchronize
 from grpokit.engines.models import context_length
 from grpokit.errors import ConfigError
 from grpokit.rewards.scoring import RewardLog, build_reward_functions
@@ -163,7 +164,8 @@ class GRPOTrainer:
             )
         build.apply_process_settings(self.args)  # seed, full determinism, tf32, log level
         self.device = self.world.device(self.args.use_cpu)
-        if self.device.type == "cpu" and self.args.retain_freed_memory:
+        self.device_traits = device_traits(self.device)  # what differs on this device type
+        if self.device_traits.retain_freed_memory and self.args.retain_freed_memory:
             build.retain_freed_memory()
         build.check_generation_server(self.args)  # a wrong server address fails before loading
         quantization_config = quantization.resolve_quantization(
@@ -332,14 +334,14 @@ class GRPOTrainer:
 
         # ---- ALGO: rollouts ----------------------------------------------------------------
         rollout, sampling_metrics = self.collect_rollouts(timings)
-        with _timer(timings, "time/rewards"):
+        with _timer(timings, "time/rewards", self.device):
             adv = self.advantages(rollout.rewards)
         gen = rollout.gen
-        with _timer(timings, "time/logprobs"):
+        with _timer(timings, "time/logprobs", self.device):
             batch = self.build_rollout_batch(gen, adv.advantages)
 
         # ---- ALGO: policy update ----------------------------------------------------------
-        with _timer(timings, "time/training"):
+        with _timer(timings, "time/training", self.device):
             train_metrics = self.update_policy(batch)
 
         # ---- Plumbing: metrics, evaluation, checkpoints -----------------------------------
@@ -410,7 +412,7 @@ class GRPOTrainer:
         dropped: list[ScoredRollout] = []
         drawn = num_kept = extra_draws = 0
         while True:
-            with _timer(timings, "time/rewards"):
+            with _timer(timings, "time/rewards", self.device):
                 equal = (self.advantages(rollout.rewards).advantages.view(-1, g) == 0).all(-1)
             drawn += len(equal)
             kept.append(rollout.select_groups(torch.nonzero(~equal).view(-1), g))
@@ -449,10 +451,10 @@ class GRPOTrainer:
         functions log goes with it (`log_extra` columns) or to the next log line (`log_metric`:
         each scoring call's mean, as TRL)."""
         timings = {} if timings is None else timings
-        with _timer(timings, "time/generation"):
+        with _timer(timings, "time/generation", self.device):
             prompts, prompt_ids, columns = self.sample_prompts(num_prompts)
             gen = self.generate(prompt_ids)
-        with _timer(timings, "time/rewards"):
+        with _timer(timings, "time/rewards", self.device):
             completions, completion_id_lists = self.decode(prompts, gen)
             columns = reward_columns(columns, gen, self.environments or [])
             reward_log = RewardLog()
@@ -651,7 +653,8 @@ class GRPOTrainer:
             `[N, T]` float32 on the CPU, 0 at padding; computed `per_device_train_batch_size`
             rows at a time, each micro-batch trimmed to its own padding.
         """
-        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
+        # Filled on the device and copied back once: a copy per micro-batch would wait for it.
+        out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=self.device)
         size = self.args.per_device_train_batch_size
         for start in range(0, batch.size, size):
             rows = slice(start, start + size)
@@ -664,8 +667,8 @@ class GRPOTrainer:
                     t,
                     temperature=self.args.temperature,
                 )
-            out[rows, :t] = logprobs.cpu()
-        return out
+            out[rows, :t] = logprobs
+        return out.cpu()
 
     def update_policy(self, batch: RolloutBatch) -> dict[str, list[float]]:
         """`num_iterations` passes of optimizer steps over the batch; returns per-step metrics."""
@@ -682,19 +685,21 @@ class GRPOTrainer:
                     self._event("on_step_begin")
                 capture = None
                 if iteration == 0 and self._old_logprobs_in_first_pass():
-                    capture = torch.zeros(batch.completion_ids.shape, dtype=torch.float32)
+                    capture = batch.completion_ids.new_zeros(
+                        batch.completion_ids.shape, dtype=torch.float32, device=self.device
+                    )  # filled on the device: no copy back per micro-batch
                 # Ctrl-C waits for the step in progress, so it is never half-applied (guards.py).
                 with guards.interrupts_deferred():
                     step_metrics = self.optimizer_step(
                         batch, range(start, start + rows_per_step), capture
                     )
                     if capture is not None:
-                        batch.old_logprobs = capture  # [N, T]; rows never trained stay 0
+                        batch.old_logprobs = capture.cpu()  # [N, T]; rows never trained stay 0
 
                     # ---- the step is taken: count it; the sampler and reference follow ----
                     self.state.global_step += 1
                     self.state.epoch = self.sampler.epochs_done
-                    with _timer(step_metrics, "time/weight_sync"):
+                    with _timer(step_metrics, "time/weight_sync", self.device):
                         self.engine.update_weights(self.model)
                     if (
                         cfg.sync_ref_model
@@ -758,7 +763,9 @@ class GRPOTrainer:
         if entropy.adaptive and self.state.entropy_coef is not None:
             coef = self.state.entropy_coef
         applied_coef = entropy.applied(coef, self.state.last_step_entropy)
-        step_loss = policy_part = entropy_sum = entropy_tokens = 0.0
+        # Each micro-batch's loss values, read back once after the last backward: reading each
+        # (`.item()`) would wait for its backward on a GPU.
+        parts: list[Tensor] = []
         micro_metrics: dict[str, list[Tensor]] = defaultdict(list)
         for i, micro in enumerate(plan):  # step loss = sum of loss_weight * micro-batch loss
             part = select_rows(batch, micro.rows)
@@ -774,16 +781,13 @@ class GRPOTrainer:
                 (loss * world.gradient_scale).backward()  # DDP / FSDP2 average: see World
             if micro.padding:
                 continue
-            policy_part += policy.item()
-            if bonus is not None and tokens is not None:
-                entropy_sum += bonus.item() * tokens.item()
-                entropy_tokens += tokens.item()
-            step_loss += loss.item()
+            parts.append(_step_values(loss, policy, bonus, tokens))
             if capture is not None:
                 logprobs = part_loss.logprobs
-                capture[micro.rows, : logprobs.shape[1]] = logprobs.float().cpu()
+                capture[micro.rows, : logprobs.shape[1]] = logprobs.float()
             for key, value in part_loss.metrics.items():
                 micro_metrics[key].append(value)
+        step_loss, policy_part, entropy_sum, entropy_tokens = _step_sums(parts)
         if world.is_distributed:  # the global step's: sums of the processes' shares
             sums = torch.tensor([step_loss, policy_part, entropy_sum, entropy_tokens])
             step_loss, policy_part, entropy_sum, entropy_tokens = world.sum(sums.double()).tolist()
@@ -806,6 +810,7 @@ class GRPOTrainer:
             self._event("on_optimizer_step")
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.device)  # the optimizer's kernels count in its time, not the next phase's
         out = reduce_metrics({k: [v.item() for v in vs] for k, vs in micro_metrics.items()})
         if entropy.enabled:  # the step's token-weighted entropy moves an adaptive coefficient
             measured = entropy_sum / max(entropy_tokens, 1.0)
@@ -943,10 +948,8 @@ class GRPOTrainer:
     # Helpers
     # =============================================================================================
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast when enabled and native on this device; otherwise a no-op."""
-        if self.use_bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """bf16 autocast on this device when enabled and native (`use_bf16`); otherwise a no-op."""
+        return self.device_traits.autocast(self.use_bf16)
 
     @property
     def _pad_token_id(self) -> int:
@@ -1231,14 +1234,38 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
+def _step_values(
+    loss: Tensor, policy: Tensor, bonus: Tensor | None, tokens: Tensor | None
+) -> Tensor:
+    """A micro-batch's `[loss, policy loss, entropy bonus, entropy tokens]`, `[4]` float64 on its
+    device, detached (bonus and tokens 0 without entropy regularisation)."""
+    if bonus is None or tokens is None:
+        bonus = tokens = loss.new_zeros(())
+    return torch.stack([v.detach().double() for v in (loss, policy, bonus, tokens)])
+
+
+def _step_sums(parts: list[Tensor]) -> tuple[float, float, float, float]:
+    """The step's loss, policy loss, entropy sum (bonus x tokens) and entropy tokens from its
+    micro-batches' `_step_values`, read back at once and summed in micro-batch order."""
+    step_loss = policy_part = entropy_sum = entropy_tokens = 0.0
+    for loss, policy, bonus, tokens in torch.stack(parts).tolist() if parts else []:
+        step_loss += loss
+        policy_part += policy
+        entropy_sum += bonus * tokens
+        entropy_tokens += tokens
+    return step_loss, policy_part, entropy_sum, entropy_tokens
+
+
 def _or_inf(bound: float | None) -> float:
     return math.inf if bound is None else bound
 
 
 @contextlib.contextmanager
-def _timer(timings: dict[str, float], key: str) -> Iterator[None]:
+def _timer(timings: dict[str, float], key: str, device: torch.device) -> Iterator[None]:
+    """Add the block's wall time to `timings[key]`, including the work it queued on `device`."""
     start = time.perf_counter()
     try:
         yield
     finally:
+        synchronize(device)
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

@@ -1,0 +1,114 @@
+"""What grpokit does differently per device: every device-dependent rule, stated once.
+
+The trainer, the generation engine and the build steps do not test `device.type` themselves: they
+ask `device_traits(device)` for the device a model sits on and read the one field that answers
+their question. Most of grpokit's speed-ups are CPU kernels and allocator settings; each is off on
+a GPU, for the reason given on its field. The random-number and timing helpers below take the
+device too, so a CUDA generator or a CUDA queue is never forgotten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from grpokit.engines.models import bf16_supported
+
+
+@dataclass(frozen=True)
+class DeviceTraits:
+    """The device-dependent decisions for one device (built by `device_traits`).
+
+    Attributes:
+        type: torch's device type ("cpu", "cuda", "meta", ...).
+        native_bf16: The device computes bf16 natively (`engines.models.bf16_supported`: a CPU
+            with ``avx512_bf16``/``amx_bf16``; a CUDA GPU of compute capability 8.0 or newer, or
+            ROCm). Then `bf16=True` runs forward/backward under bf16 autocast and the generation
+            engine samples from a bf16 copy of the policy; elsewhere bf16 would be emulated,
+            slower than float32, and both stay float32.
+        pack_sampler_weights: Keep the bf16 sampler copy's linear weights in oneDNN's blocked
+            layout (`engines.packed_linear`). CPU only: oneDNN is torch's CPU matmul library;
+            cuBLAS reads the plain layout.
+        grouped_attention: `attention="auto"` and the sampler copy use `core.attention`'s grouped
+            attention. CPU only: there torch's SDPA runs a flash kernel that is slow for one
+            query row per decode step; on a GPU SDPA's kernels are the fast path and never
+            materialise the scores.
+        retain_freed_memory: `GRPOConfig.retain_freed_memory` (glibc's `mallopt`) applies. CPU
+            only: a GPU's tensors live in torch's CUDA caching allocator, which already reuses
+            freed blocks; the setting would only keep the host's RSS at its peak.
+        intra_op_threads: torch's intra-op thread count (`TransformersEngine(num_threads=...)`)
+            is worth setting. CPU only: CUDA kernels do not run on those threads.
+        tf32: TensorFloat-32 matmuls exist (`GRPOConfig.tf32`): a CUDA GPU of compute capability
+            8.0 or newer.
+    """
+
+    type: str
+    native_bf16: bool
+    pack_sampler_weights: bool
+    grouped_attention: bool
+    retain_freed_memory: bool
+    intra_op_threads: bool
+    tf32: bool
+
+    @property
+    def sampler_dtype(self) -> torch.dtype | None:
+        """The dtype of the generation engine's sampler copy: bf16 where native, else None
+        (no copy: the engine samples from the policy itself)."""
+        return torch.bfloat16 if self.native_bf16 else None
+
+    def autocast(self, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on this device type when `enabled`, else a no-op (float32 compute).
+        Whether to enable it is `train.build.resolve_precision`'s rule (`native_bf16`)."""
+        if enabled:
+            return torch.autocast(device_type=self.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def device_traits(device: torch.device | str | None = None) -> DeviceTraits:
+    """The device-dependent decisions for `device` (see `DeviceTraits` for each rule).
+
+    Args:
+        device: A torch device or its name; None = the default device (CUDA when available).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = torch.device(device).type
+    on_cpu = kind == "cpu"
+    return DeviceTraits(
+        type=kind,
+        native_bf16=bf16_supported(kind),
+        pack_sampler_weights=on_cpu,
+        grouped_attention=on_cpu,
+        retain_freed_memory=on_cpu,
+        intra_op_threads=on_cpu,
+        tf32=kind == "cuda" and _cuda_has_tf32(),
+    )
+
+
+def _cuda_has_tf32() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of `model`'s first parameter (the CPU for a model without parameters)."""
+    param = next(iter(model.parameters()), None)
+    return torch.device("cpu") if param is None else param.device
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on `device` (CUDA runs kernels asynchronously), so that a timer
+    read next counts it; a no-op on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fork_rng() -> contextlib.AbstractContextManager[Any]:
+    """`torch.random.fork_rng` over the CPU generator and, once CUDA is in use, every visible
+    CUDA device's (`torch.manual_seed` reseeds them all): torch's random state is restored after
+    the block. A process that never touched CUDA does not start it here."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=cuda, device_type="cuda")
