@@ -87,6 +87,9 @@ def test_from_imports_of_the_old_paths_give_the_same_objects() -> None:
     code = (
         "from grpokit.losses import policy_loss\n"
         "from grpokit.core.losses import policy_loss as new\n"
+        "from grpokit.core.losses import rollout_importance_weights as old_home\n"
+        "from grpokit.core.importance import rollout_importance_weights\n"
+        "assert old_home is rollout_importance_weights\n"
         "from grpokit.trainer import GRPOTrainer\n"
         "import grpokit\n"
         "assert policy_loss is new and GRPOTrainer is grpokit.GRPOTrainer\n"

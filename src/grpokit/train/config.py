@@ -978,7 +978,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
             )
 
     def _check_rollout_importance_sampling(self) -> None:
-        from grpokit.core.losses import ROLLOUT_IS_MODES
+        from grpokit.core.importance import ROLLOUT_IS_MODES
 
         if self.vllm_importance_sampling_mode not in ROLLOUT_IS_MODES:
             raise ValueError(
