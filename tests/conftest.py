@@ -7,6 +7,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+# The shared helpers assert too: show their failures as pytest shows a test's.
+pytest.register_assert_rewrite("tests.tiny")
+
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:

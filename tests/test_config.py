@@ -211,7 +211,7 @@ def test_lr_scheduler_names_are_transformers_schedulers():
     # listed name must be one transformers' get_scheduler knows.
     from transformers import SchedulerType
 
-    from grpokit.train.config import LR_SCHEDULERS
+    from grpokit.train.config_checks import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
 
@@ -262,7 +262,7 @@ def _float_fields() -> list[str]:
 
 
 def test_every_float_field_has_a_range() -> None:
-    from grpokit.train.config import NUMBER_RANGES
+    from grpokit.train.config_checks import NUMBER_RANGES
 
     # *_steps (int or fraction) are checked by _steps_value, reward_weights element by element.
     others = {"logging_steps", "save_steps", "eval_steps", "reward_weights"}
@@ -321,7 +321,7 @@ def test_range_edges_are_accepted() -> None:
 
 
 def test_check_number_intervals() -> None:
-    from grpokit.train.config import check_number
+    from grpokit.train.config_checks import check_number
 
     check_number("x", 0.5, "(0, 1]")
     check_number("x", 1, "(0, 1]")

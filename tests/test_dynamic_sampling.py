@@ -14,7 +14,8 @@ from datasets import Dataset
 
 from grpokit import GRPOConfig
 from grpokit.train.rollout import concatenate_rollouts
-from tests.test_trainer import make_trainer, read_metrics
+from tests.test_trainer import make_trainer
+from tests.tiny import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,14 +119,19 @@ def test_joined_rollouts_give_the_same_logprobs_as_each_draw(tmp_path: Path) -> 
 
 
 def test_multi_turn_rollouts_keep_their_tool_records(tmp_path: Path) -> None:
-    # Tool calling (tests/test_multi_turn.py's scripted calculator): every answer to "1+1?" is
-    # wrong (rewards all 0: dropped); "2+3?" gets varied rewards and is drawn next. The joined
-    # rollout keeps that group's tool mask and per-row tool records: the tool metrics are the
-    # ones of its single-draw run (5 calls over 4 rows, 1 failed).
-    from grpokit import GRPOTrainer
+    # Tool calling (tests/tiny.py's scripted calculator, as in tests/test_multi_turn.py): every
+    # answer to "1+1?" is wrong (rewards all 0: dropped); "2+3?" gets varied rewards and is drawn
+    # next. The joined rollout keeps that group's tool mask and per-row tool records: the tool
+    # metrics are the ones of its single-draw run (5 calls over 4 rows, 1 failed).
     from grpokit.train.loggers import tool_metrics
-    from tests.test_multi_turn import ScriptedEngine, add, calculator_script, correct
-    from tests.tiny import make_causal_lm, make_tool_tokenizer
+    from tests.tiny import (
+        ScriptedEngine,
+        add,
+        calculator_script,
+        correct,
+        make_tool_tokenizer,
+        one_step_trainer,
+    )
 
     data = Dataset.from_list(
         [
@@ -134,25 +140,20 @@ def test_multi_turn_rollouts_keep_their_tool_records(tmp_path: Path) -> None:
         ]
     )
     tok = make_tool_tokenizer()
-    trainer = GRPOTrainer(
-        make_causal_lm(tok, max_position_embeddings=1024),
+    trainer = one_step_trainer(
+        tmp_path,
+        tok,
         correct,
-        train_dataset=data,
-        processing_class=tok,
-        args=GRPOConfig(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=4,
+        data,
+        generation_engine=ScriptedEngine(tok, calculator_script),
+        tools=[add],
+        config=dict(
             num_generations=4,
             max_completion_length=300,
-            max_steps=1,
-            bf16=False,
-            save_strategy="no",
             shuffle_dataset=False,
             max_tool_calling_iterations=2,
             dynamic_sampling=True,
         ),
-        generation_engine=ScriptedEngine(tok, calculator_script),
-        tools=[add],
     )
     rollout, metrics = trainer.collect_rollouts()
     assert metrics["dynamic_sampling/extra_draws"] == 1.0

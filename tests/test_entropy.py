@@ -13,7 +13,8 @@ import torch
 
 from grpokit.core.entropy import EntropyRegularization, entropy_bonus
 from grpokit.core.logprobs import model_completion_logprobs
-from grpokit.core.losses import LossOptions, masked_mean, policy_loss
+from grpokit.core.losses import LossOptions, policy_loss
+from grpokit.core.masking import masked_mean
 from grpokit.train.config import GRPOConfig
 from grpokit.train.microbatch import select_rows
 from tests.test_trainer import make_trainer, off_policy_batch, params, read_metrics, step_gradients

@@ -12,6 +12,8 @@ from datasets import Dataset
 
 from grpokit.app.evaluation import evaluate, pass_at_k, pass_at_k_values, summarize
 from grpokit.engines.base import SamplingParams
+from grpokit.train.config import GRPOConfig
+from grpokit.train.rollout import RolloutPipeline
 from tests.tiny import make_causal_lm, make_tokenizer
 
 
@@ -400,3 +402,29 @@ def test_trainer_evaluation_and_evaluate_share_one_path(tmp_path):
     assert in_training["eval_reward"] == held_out["reward"] == pytest.approx(4 / 12)
     assert in_training["eval_completions/mean_length"] == held_out["completion_length"] == 2.0
     assert trainer.state.prompts_over_length == 0  # evaluation does not count as training
+
+
+def test_the_pipeline_of_a_config_for_training_and_for_evaluation():
+    # Training and evaluation share RolloutPipeline.from_config; only G and the columns differ.
+    cfg = GRPOConfig(
+        num_generations=4,
+        num_generations_eval=2,
+        remove_unused_columns=True,
+        max_completion_length=7,
+        max_prompt_length=5,
+        prompt_length_policy="skip",
+        reward_timeout=3.0,
+    )
+    parts = dict(engine=None, tokenizer=None, reward_funcs=[], sampling=SamplingParams())
+    train = RolloutPipeline.from_config(cfg, **parts)
+    held_out = RolloutPipeline.from_config(cfg, evaluation=True, **parts)
+    assert (train.num_generations, train.keep_columns) == (4, False)
+    assert (held_out.num_generations, held_out.keep_columns) == (2, True)
+    for pipeline in (train, held_out):
+        assert (pipeline.max_new_tokens, pipeline.prompt_limit) == (7, 5)
+        assert (pipeline.prompt_length_policy, pipeline.reward_timeout) == ("skip", 3.0)
+    # Without num_generations_eval, evaluation samples num_generations completions too; the
+    # rows' columns reach the reward functions in training unless remove_unused_columns.
+    cfg = GRPOConfig(num_generations=4)
+    assert RolloutPipeline.from_config(cfg, evaluation=True, **parts).num_generations == 4
+    assert RolloutPipeline.from_config(cfg, **parts).keep_columns

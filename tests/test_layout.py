@@ -72,6 +72,20 @@ def test_the_lowest_layers_import_no_other_part() -> None:
     assert crossing == []
 
 
+def test_the_sandbox_worker_script_imports_the_standard_library_only() -> None:
+    # sandbox/_child.py runs as `python -I -S -c <its text>` inside the sandbox, where neither
+    # grpokit nor any other package can be imported; sandbox.worker imports its task counter from
+    # it, never the other way round.
+    tree = ast.parse((PACKAGE / "sandbox" / "_child.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+    assert imported and imported <= set(sys.stdlib_module_names) | {"__future__"}
+
+
 @pytest.mark.parametrize("old", sorted(grpokit.MOVED_MODULES))
 def test_flat_module_paths_of_grpokit_0_1_still_import(old: str) -> None:
     new = grpokit.MOVED_MODULES[old]
@@ -87,6 +101,9 @@ def test_from_imports_of_the_old_paths_give_the_same_objects() -> None:
     code = (
         "from grpokit.losses import policy_loss\n"
         "from grpokit.core.losses import policy_loss as new\n"
+        "from grpokit.core.losses import rollout_importance_weights as old_home\n"
+        "from grpokit.core.importance import rollout_importance_weights\n"
+        "assert old_home is rollout_importance_weights\n"
         "from grpokit.trainer import GRPOTrainer\n"
         "import grpokit\n"
         "assert policy_loss is new and GRPOTrainer is grpokit.GRPOTrainer\n"

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grpokit.core.advantages import group_advantages
-from grpokit.core.losses import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, LossOptions, policy_loss
+from grpokit.core.importance import IMPORTANCE_SAMPLING_LEVELS
+from grpokit.core.losses import LOSS_TYPES, LossOptions, policy_loss
 
 FRACTIONS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 

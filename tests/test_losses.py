@@ -10,14 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from grpokit.core.losses import (
-    IMPORTANCE_SAMPLING_LEVELS,
-    LOSS_TYPES,
-    LossOptions,
-    k3_kl,
-    policy_loss,
-    rollout_importance_weights,
-)
+from grpokit.core.importance import IMPORTANCE_SAMPLING_LEVELS, rollout_importance_weights
+from grpokit.core.losses import LOSS_TYPES, LossOptions, k3_kl, policy_loss
 
 # ---------------------------------------------------------------------------------------------
 # The worked example: A, logp, logp_old = -1, eps_low 0.1, eps_high 0.2, L = 3

@@ -18,18 +18,41 @@ from datasets import Dataset
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.core.logprobs import model_completion_logprobs
 from grpokit.core.losses import LossOptions, policy_loss
-from grpokit.engines.base import GenerationOutput, SamplingParams, completion_mask_from_ids
+from grpokit.engines.base import GenerationOutput, SamplingParams
 from grpokit.engines.base import left_pad as pad_left
 from grpokit.engines.multi_turn import generate_with_turns, reprefill_turns
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.errors import ConfigError, DataError
 from grpokit.tools import ToolCalling
 from grpokit.train.rollout import RolloutPipeline
-from tests.tiny import make_causal_lm, make_tokenizer, make_tool_tokenizer
+from tests.tiny import (
+    ScriptedEngine,
+    add,
+    calculator_script,
+    call,
+    correct,
+    make_causal_lm,
+    make_tokenizer,
+    make_tool_tokenizer,
+    one_step_trainer,
+    read_metrics,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPLY = "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+# The transcript of a completion that calls add(2, 3), gets 5 and answers "It is 5".
+ADD_THEN_ANSWER = [
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+        ],
+    },
+    {"role": "tool", "name": "add", "content": "5"},
+    {"role": "assistant", "content": "It is 5"},
+]
 
 
 class ScriptedTurns:
@@ -51,6 +74,30 @@ class ScriptedTurns:
         else:
             future.set_result(value)
         return future
+
+
+def tool_pipeline(
+    engine: Any,
+    tok: Any,
+    tool_calling: ToolCalling,
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    environments: Any = None,
+) -> RolloutPipeline:
+    """A multi-turn `RolloutPipeline` with `tool_calling` and no reward functions (sampling: the
+    defaults unless given)."""
+    return RolloutPipeline(
+        engine=engine,
+        tokenizer=tok,
+        reward_funcs=[],
+        sampling=sampling or SamplingParams(),
+        num_generations=num_generations,
+        max_new_tokens=max_new_tokens,
+        tool_calling=tool_calling,
+        environments=environments,
+    )
 
 
 def segments(ids: list[int], mask: list[int]) -> list[tuple[int, list[int]]]:
@@ -136,113 +183,18 @@ def test_kv_cache_turns_stop_at_the_budget_and_drop_replies_that_do_not_fit() ->
 
 
 # ---- the re-prefill path, with a scripted engine -------------------------------------------------
-class ScriptedEngine:
-    """A `GenerationEngine` that answers from a script: its n-th answer in a conversation (n =
-    the number of tool turns in the prompt so far) is `script(prompt_text, n, g)` for completion
-    g. Records every call."""
-
-    def __init__(self, tokenizer: Any, script: Any) -> None:
-        self.tok, self.script = tokenizer, script
-        self.pad_token_id = tokenizer.pad_token_id
-        self.calls: list[tuple[int, int, int]] = []  # (prompts, num_generations, max_new_tokens)
-
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        *,
-        num_generations: int,
-        max_new_tokens: int,
-        sampling: SamplingParams,
-    ) -> GenerationOutput:
-        self.calls.append((len(prompt_ids), num_generations, max_new_tokens))
-        rows = []
-        for ids in prompt_ids:
-            text = self.tok.decode(ids)
-            for g in range(num_generations):
-                answer = self.script(text, text.count("<|im_start|>tool"), g)
-                rows.append(
-                    self.tok(answer, add_special_tokens=False)["input_ids"][:max_new_tokens]
-                )
-        width = max(1, max(len(r) for r in rows))
-        raw = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            raw[i, : len(r)] = torch.as_tensor(r)
-        ids, mask, truncated = completion_mask_from_ids(
-            raw, [self.tok.eos_token_id], self.pad_token_id
-        )
-        p_ids, p_mask = pad_left(prompt_ids, self.pad_token_id)
-        return GenerationOutput(
-            p_ids.repeat_interleave(num_generations, 0),
-            p_mask.repeat_interleave(num_generations, 0),
-            ids,
-            mask,
-            truncated,
-        )
-
-    def update_weights(self, model: Any) -> None:
-        pass
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first.
-        b: The second.
-    """
-    return a + b
-
-
-def call(a: Any, b: Any, name: str = "add") -> str:
-    arguments = json.dumps({"a": a, "b": b})
-    return f'<tool_call>{{"name": "{name}", "arguments": {arguments}}}</tool_call><|im_end|>'
-
-
-def calculator_script(text: str, turn: int, g: int) -> str:
-    """g=0: one correct call then the answer; g=1: answers at once; g=2: a bad call, then a
-    good one, then the answer; g=3: never stops calling (cut by max_tool_calling_iterations).
-    Later turns are continued one row at a time (g = 0), so g is read from the first call."""
-    if turn > 0:
-        g = 2 if '"sub"' in text else 3 if '"a": 1' in text else 0
-    if g == 0:
-        return [call(2, 3), "It is 5<|im_end|>"][min(turn, 1)]
-    if g == 1:
-        return "5<|im_end|>"
-    if g == 2:
-        return [call(2, 3, name="sub"), call(2, 3), "5!<|im_end|>"][min(turn, 2)]
-    return call(1, 1)
-
-
 def test_reprefill_turns_with_any_engine() -> None:
     tok = make_tool_tokenizer()
     engine = ScriptedEngine(tok, calculator_script)
     setting = ToolCalling.from_functions([add], max_iterations=3)
-    pipeline = RolloutPipeline(
-        engine=engine,
-        tokenizer=tok,
-        reward_funcs=[],
-        sampling=SamplingParams(),
-        num_generations=4,
-        max_new_tokens=400,
-        tool_calling=setting,
-    )
+    pipeline = tool_pipeline(engine, tok, setting, num_generations=4, max_new_tokens=400)
     prompts = [[{"role": "user", "content": "2+3?"}]]
     batch = pipeline.tokenize([{"prompt": prompts[0]}])
     assert "Tools: add" in tok.decode(batch.prompt_ids[0])
     gen = pipeline.generate(batch.prompt_ids)
     completions, ids = pipeline.decode(prompts * 4, gen)
     assert gen.turns.calls == [1, 0, 2, 3] and gen.turns.errors == [0, 0, 1, 0]
-    assert completions[0] == [
-        {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [
-                {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
-            ],
-        },
-        {"role": "tool", "name": "add", "content": "5"},
-        {"role": "assistant", "content": "It is 5"},
-    ]
+    assert completions[0] == ADD_THEN_ANSWER
     assert completions[1] == [{"role": "assistant", "content": "5"}]
     assert completions[2][1]["content"] == "Error: unknown tool 'sub'; the tools are: add."
     assert [m["role"] for m in completions[2]] == [
@@ -349,14 +301,14 @@ def test_transformers_engine_runs_the_models_tool_call(tool_caller: tuple[Any, A
         return a + b
 
     engine = TransformersEngine(model, tok, bf16_sampler=False, return_logprobs=True)
-    pipeline = RolloutPipeline(
-        engine=engine,
-        tokenizer=tok,
-        reward_funcs=[],
-        sampling=SamplingParams(top_k=1),
+    setting = ToolCalling.from_functions([add], timeout=10)
+    pipeline = tool_pipeline(
+        engine,
+        tok,
+        setting,
         num_generations=2,
         max_new_tokens=120,
-        tool_calling=ToolCalling.from_functions([add], timeout=10),
+        sampling=SamplingParams(top_k=1),
     )
     prompts = [[{"role": "user", "content": "2+3?"}]]
     batch = pipeline.tokenize([{"prompt": prompts[0]}])
@@ -364,17 +316,7 @@ def test_transformers_engine_runs_the_models_tool_call(tool_caller: tuple[Any, A
     completions, ids = pipeline.decode(prompts * 2, gen)
     assert calls == [(2, 3), (2, 3)]
     for row in range(2):
-        assert completions[row] == [
-            {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [
-                    {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
-                ],
-            },
-            {"role": "tool", "name": "add", "content": "5"},
-            {"role": "assistant", "content": "It is 5"},
-        ]
+        assert completions[row] == ADD_THEN_ANSWER
         text = tok.decode(ids[row])
         assert text == CALL + "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n" + ANSWER
         model_text = tok.decode(
@@ -464,34 +406,25 @@ CALC = Dataset.from_list(
 )
 
 
-def correct(completions: list[Any], answer: list[str], **kwargs: Any) -> list[float]:
-    return [float(c[-1]["content"].startswith(a)) for c, a in zip(completions, answer, strict=True)]
-
-
 def test_trainer_with_tools_masks_tool_tokens_and_logs_turns(tmp_path: Path) -> None:
     tok = make_tool_tokenizer()
     engine = ScriptedEngine(tok, calculator_script)
-    trainer = GRPOTrainer(
-        make_causal_lm(tok, max_position_embeddings=1024),
+    trainer = one_step_trainer(
+        tmp_path,
+        tok,
         correct,
-        train_dataset=CALC,
-        processing_class=tok,
-        args=GRPOConfig(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=4,
+        CALC,
+        generation_engine=engine,
+        tools=[add],
+        config=dict(
             num_generations=4,
             max_completion_length=300,
-            max_steps=1,
             logging_steps=1,
             learning_rate=1e-2,
-            bf16=False,
-            save_strategy="no",
             seed=0,
             log_completions=True,
             max_tool_calling_iterations=2,
         ),
-        generation_engine=engine,
-        tools=[add],
     )
     seen: list[Any] = []
     build = trainer.build_rollout_batch
@@ -506,7 +439,7 @@ def test_trainer_with_tools_masks_tool_tokens_and_logs_turns(tmp_path: Path) -> 
     gen, batch = seen[0]
     assert torch.equal(batch.loss_mask, gen.completion_mask * gen.tool_mask)
     assert (batch.loss_mask.sum(1) < batch.completion_mask.sum(1)).sum() == 3  # 3 rows used tools
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(tmp_path)
     metrics = next(m for m in logged if "tools/call_frequency" in m)
     # g=0: 1 call, g=1: none, g=2: 2 (one unknown tool), g=3: 2 (cut at 2 rounds): per prompt
     assert metrics["tools/call_frequency"] == pytest.approx(5 / 4)
@@ -524,24 +457,19 @@ def test_trainer_refuses_bad_tools_and_templates(tmp_path: Path) -> None:
         return a
 
     args = GRPOConfig(output_dir=str(tmp_path), bf16=False, max_steps=1, save_strategy="no")
-    with pytest.raises(ConfigError, match="undocumented"):
-        GRPOTrainer(
-            make_causal_lm(make_tool_tokenizer()),
-            correct,
-            args=args,
-            train_dataset=CALC,
-            processing_class=make_tool_tokenizer(),
-            tools=[undocumented],
-        )
-    with pytest.raises(ConfigError, match="chat template does not render"):
-        GRPOTrainer(
-            make_causal_lm(make_tokenizer()),
-            correct,
-            args=args,
-            train_dataset=CALC,
-            processing_class=make_tokenizer(),
-            tools=[add],
-        )
+    for tok, tools, error in [
+        (make_tool_tokenizer(), [undocumented], "undocumented"),
+        (make_tokenizer(), [add], "chat template does not render"),
+    ]:
+        with pytest.raises(ConfigError, match=error):
+            GRPOTrainer(
+                make_causal_lm(tok),
+                correct,
+                args=args,
+                train_dataset=CALC,
+                processing_class=tok,
+                tools=tools,
+            )
     with pytest.raises(ValueError, match="max_tool_calling_iterations"):
         GRPOConfig(max_tool_calling_iterations=-1)
     with pytest.raises(ValueError, match="tool_call_parser"):
@@ -550,15 +478,9 @@ def test_trainer_refuses_bad_tools_and_templates(tmp_path: Path) -> None:
 
 def test_plain_prompts_with_tools_are_refused() -> None:
     tok = make_tool_tokenizer()
-    pipeline = RolloutPipeline(
-        engine=ScriptedEngine(tok, calculator_script),
-        tokenizer=tok,
-        reward_funcs=[],
-        sampling=SamplingParams(),
-        num_generations=1,
-        max_new_tokens=10,
-        tool_calling=ToolCalling.from_functions([add]),
-    )
+    engine = ScriptedEngine(tok, calculator_script)
+    setting = ToolCalling.from_functions([add])
+    pipeline = tool_pipeline(engine, tok, setting, num_generations=1, max_new_tokens=10)
     with pytest.raises(DataError, match="conversational prompts"):
         pipeline.tokenize([{"prompt": "2+3?"}])
 
@@ -631,22 +553,17 @@ def test_trainer_with_an_environment_factory(tmp_path: Path) -> None:
     data = Dataset.from_list(
         [{"prompt": [{"role": "user", "content": "count"}], "start": s} for s in (3, 7)]
     )
-    trainer = GRPOTrainer(
-        make_causal_lm(tok, max_position_embeddings=1024),
+    trainer = one_step_trainer(
+        tmp_path,
+        tok,
         [spy],
-        train_dataset=data,
-        processing_class=tok,
+        data,
         generation_engine=engine,
         environment_factory=Counter,
-        args=GRPOConfig(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=4,
+        config=dict(
             num_generations=2,
             max_completion_length=200,
-            max_steps=1,
             logging_steps=1,
-            bf16=False,
-            save_strategy="no",
             seed=0,
             shuffle_dataset=False,
         ),
@@ -657,7 +574,7 @@ def test_trainer_with_an_environment_factory(tmp_path: Path) -> None:
     assert len(envs) == 4 and len({id(e) for e in envs}) == 4  # one instance per rollout
     assert sorted(e.start for e in envs) == [3, 3, 7, 7]
     assert all(e.value == e.start + 2 for e in envs)  # each rollout's call hit its own instance
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(tmp_path)
     metrics = next(m for m in logged if "rewards/Counter/mean" in m)
     assert metrics["rewards/Counter/mean"] == pytest.approx(2.0)
     assert metrics["tools/call_frequency"] == pytest.approx(1.0)
@@ -710,14 +627,12 @@ def test_environment_prompts_and_bad_environments() -> None:
 
     tok = make_tool_tokenizer()
     engine = ScriptedEngine(tok, counter_script)
-    pipeline = RolloutPipeline(
-        engine=engine,
-        tokenizer=tok,
-        reward_funcs=[],
-        sampling=SamplingParams(),
+    pipeline = tool_pipeline(
+        engine,
+        tok,
+        ToolCalling(),
         num_generations=2,
         max_new_tokens=200,
-        tool_calling=ToolCalling(),
         environments=Environments(Counter),
     )
     batch = pipeline.tokenize([{"prompt": [{"role": "user", "content": "count"}], "start": 5}])
@@ -775,21 +690,17 @@ def test_trainer_with_a_rollout_func(tmp_path: Path) -> None:
     def by_judge(completions: list[Any], judge: list[str], **kwargs: Any) -> list[float]:
         return [float(j == "good") for j in judge]
 
-    trainer = GRPOTrainer(
-        make_causal_lm(tok),
+    trainer = one_step_trainer(
+        tmp_path,
+        tok,
         by_judge,
-        train_dataset=Dataset.from_list([{"prompt": "q1"}, {"prompt": "q2"}]),
-        processing_class=tok,
+        Dataset.from_list([{"prompt": "q1"}, {"prompt": "q2"}]),
+        model=make_causal_lm(tok),
         rollout_func=rollout,
-        args=GRPOConfig(
-            output_dir=str(tmp_path),
-            per_device_train_batch_size=4,
+        config=dict(
             num_generations=2,
             max_completion_length=8,
-            max_steps=1,
             logging_steps=1,
-            bf16=False,
-            save_strategy="no",
             seed=0,
             shuffle_dataset=False,
         ),
@@ -802,7 +713,7 @@ def test_trainer_with_a_rollout_func(tmp_path: Path) -> None:
     batch = batches[0]
     assert batch.loss_mask[0].tolist() == [1, 0, 1] and batch.loss_mask[1].tolist() == [1, 1, 1]
     assert batch.advantages.tolist()[:2] == pytest.approx([0.7071, -0.7071], abs=1e-3)
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = read_metrics(tmp_path)
     metrics = next(m for m in logged if "completions/clipped_ratio" in m)
     assert metrics["completions/clipped_ratio"] == pytest.approx(0.5)  # "xyz" has no EOS
 

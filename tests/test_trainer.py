@@ -20,7 +20,13 @@ from grpokit.rewards.scoring import RewardFunctionError
 from grpokit.train import checkpoint as ckpt
 from grpokit.train.checkpoint import CheckpointError
 from grpokit.train.resume import RESUME_FREE_FIELDS, RESUME_LOCKED_FIELDS, ResumeConfigError
-from tests.tiny import make_causal_lm, make_reward_model, make_tokenizer, save_tiny_model
+from tests.tiny import (
+    make_causal_lm,
+    make_reward_model,
+    make_tokenizer,
+    read_metrics,
+    save_tiny_model,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,10 +96,6 @@ def params(trainer: GRPOTrainer) -> dict[str, torch.Tensor]:
 
 def max_change(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
     return max((after[k] - before[k]).abs().max().item() for k in before)
-
-
-def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---- full runs ----------------------------------------------------------------------------------

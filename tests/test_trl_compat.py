@@ -136,7 +136,15 @@ CONSUMED_BY_THE_CONFIG = {
     "entropy_coef_delta": "entropy_regularization() (coef_delta)",
     "entropy_target": "entropy_regularization() (target)",
 }
-CONFIG_MODULES = {"config.py", "fields.py", "trl_compat.py"}
+CONFIG_MODULES = {
+    "config.py",
+    "config_checks.py",
+    "fields.py",
+    "objective_settings.py",
+    "rollout_settings.py",
+    "run_settings.py",
+    "trl_compat.py",
+}
 
 
 def test_no_field_is_accepted_and_then_ignored() -> None:

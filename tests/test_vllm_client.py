@@ -30,7 +30,7 @@ from grpokit.engines.vllm_client import VLLMServerEngine, VLLMServerError, serve
 from grpokit.engines.vllm_server import VLLMServer
 from grpokit.engines.weight_sync import chunk_plan, merged_weights
 from tests.test_cli import _config
-from tests.tiny import make_causal_lm, make_tokenizer
+from tests.tiny import length_trainer, make_causal_lm, make_tokenizer
 
 BF16 = torch.bfloat16
 
@@ -529,34 +529,20 @@ def test_an_http_error_reply_is_reported_with_its_status(tok: Any) -> None:
 def test_grpo_trainer_in_server_mode_keeps_the_server_in_sync(tok: Any, tmp_path: Path) -> None:
     """GRPOTrainer(use_vllm=True, vllm_mode="server") samples from the server and pushes the
     weights after each of its 2 optimizer steps: the server ends with the trained weights."""
-    from datasets import Dataset
-
-    from grpokit import GRPOTrainer
-
     model = make_causal_lm(tok)
     with serving(FakeEngine(model)) as server:
-        args = GRPOConfig(
-            output_dir=str(tmp_path),
+        # rewards differ within each group (completion lengths 1..2 differ): nonzero advantages
+        trainer = length_trainer(
+            tmp_path,
+            model,
+            tok,
             use_vllm=True,
             vllm_mode="server",
             vllm_server_base_url=server.address,
             vllm_server_timeout=10.0,
             vllm_group_port=0,
-            per_device_train_batch_size=4,
-            num_generations=2,
             max_completion_length=4,
-            max_steps=2,
             learning_rate=1e-2,
-            save_strategy="no",
-            report_to="none",
-        )
-        trainer = GRPOTrainer(
-            model=model,
-            # rewards differ within each group (completion lengths 1..2 differ): nonzero advantages
-            reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
-            args=args,
-            train_dataset=Dataset.from_list([{"prompt": p} for p in ["ab", "cd", "ef", "gh"]]),
-            processing_class=tok,
         )
         assert isinstance(trainer.engine, VLLMServerEngine)
         start = {k: v.clone() for k, v in server.weights.items()}

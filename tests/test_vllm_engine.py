@@ -6,7 +6,6 @@ Run in the vLLM environment (bench/requirements-vllm.txt):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,22 +14,20 @@ import torch
 
 pytest.importorskip("vllm")
 
-from grpokit.core.logprobs import model_completion_logprobs
 from grpokit.engines.base import SamplingParams
 from grpokit.engines.vllm_engine import VLLMEngine
-from tests.tiny import make_causal_lm, make_tokenizer
-
-# head_dim 64 (vLLM's CPU attention kernels take 32, 64, 80, 96, 112, 128, 256); tied embeddings
-# as SmolLM2, the case where vLLM's weight reload needs the LM head re-tied.
-TINY = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    tie_word_embeddings=True,
+from tests.tiny import (
+    BF16_ATOL_MAX,
+    BF16_ATOL_MEAN,
+    TINY,
+    dominated_by,
+    length_trainer,
+    logprob_gap,
+    make_causal_lm,
+    make_tokenizer,
+    prompts,
+    train_and_check_the_engine_follows,
 )
-# bf16 weights and activations in vLLM vs the fp32 model: per-token log-prob tolerance.
-BF16_ATOL_MEAN, BF16_ATOL_MAX = 0.01, 0.05
 
 
 @pytest.fixture(scope="module")
@@ -40,31 +37,6 @@ def setup() -> Iterator[tuple[Any, Any, VLLMEngine]]:
     engine = VLLMEngine(model, tok, max_model_len=128, kv_cache_memory_bytes=64 << 20)
     yield tok, model, engine
     engine.update_weights(model)
-
-
-def prompts(tok: Any) -> list[list[int]]:
-    texts = ["Hi", "Tell me a story about the sea"]  # different lengths: left padding
-    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
-def dominated_by(model: Any, token: int) -> Any:
-    """A copy of `model` whose every next-token distribution puts (almost) all mass on `token`.
-
-    Attention and MLP outputs are zeroed, so the final hidden state is the normalised embedding
-    of the current token; every embedding row is all-ones except `token`'s, all-twos, so (tied
-    head) `token`'s logit exceeds every other by `hidden_size` (128).
-    """
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in clone.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                param.zero_()
-            elif name.endswith("norm.weight"):
-                param.fill_(1.0)
-        embed = clone.get_input_embeddings().weight
-        embed.fill_(1.0)
-        embed[token] = 2.0
-    return clone
 
 
 def test_completions_masks_and_padding(setup: tuple[Any, Any, VLLMEngine]) -> None:
@@ -135,18 +107,7 @@ def test_sampling_logprobs_match_the_trainer(
     tok, model, engine = setup
     sampling = SamplingParams(temperature=temperature, top_k=20, repetition_penalty=1.2)
     out = engine.generate(prompts(tok), num_generations=4, max_new_tokens=16, sampling=sampling)
-    t = out.completion_ids.shape[1]
-    with torch.no_grad():
-        expected, _ = model_completion_logprobs(
-            model,
-            torch.cat([out.prompt_ids, out.completion_ids], 1),
-            torch.cat([out.prompt_mask, out.completion_mask], 1),
-            t,
-            temperature=temperature,
-        )
-    assert out.sampling_logprobs is not None
-    mask = out.completion_mask.bool()
-    diff = (out.sampling_logprobs - expected)[mask].abs()
+    diff = logprob_gap(model, out, temperature)
     assert float(diff.mean()) <= BF16_ATOL_MEAN, float(diff.mean())
     assert float(diff.max()) <= BF16_ATOL_MAX, float(diff.max())
 
@@ -208,47 +169,17 @@ def test_trainer_with_use_vllm_trains_and_keeps_vllm_in_sync(tmp_path: Any) -> N
     """GRPOConfig(use_vllm=True): the trainer builds a VLLMEngine, samples with it, and after
     each optimizer step vLLM's weights are the policy's (its log-probs of fresh samples match the
     policy's within the bf16 tolerance)."""
-    from datasets import Dataset
-
-    from grpokit import GRPOConfig, GRPOTrainer
-
     tok = make_tokenizer()
     model = make_causal_lm(tok, **TINY)
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
+    trainer = length_trainer(
+        tmp_path,
+        model,
+        tok,
         use_vllm=True,
         vllm_max_model_length=64,
-        per_device_train_batch_size=4,
-        num_generations=2,
         max_completion_length=8,
-        max_steps=2,
         learning_rate=5e-2,
         bf16=False,
-        save_strategy="no",
-        report_to="none",
-    )
-    dataset = Dataset.from_list([{"prompt": p} for p in ["ab", "cd", "ef", "gh"]])
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
-        args=args,
-        train_dataset=dataset,
-        processing_class=tok,
     )
     assert isinstance(trainer.engine, VLLMEngine)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer.train()
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    out = trainer.engine.generate(
-        [tok("ab", add_special_tokens=False)["input_ids"]],
-        num_generations=4,
-        max_new_tokens=8,
-        sampling=SamplingParams(),
-    )
-    assert out.sampling_logprobs is not None
-    ids = torch.cat([out.prompt_ids, out.completion_ids], dim=1)
-    mask = torch.cat([out.prompt_mask, out.completion_mask], dim=1)
-    with torch.no_grad():
-        ours, _ = model_completion_logprobs(model, ids, mask, out.completion_ids.shape[1])
-    gap = (ours - out.sampling_logprobs).abs()[out.completion_mask.bool()]
-    assert gap.mean() <= BF16_ATOL_MEAN and gap.max() <= BF16_ATOL_MAX
+    train_and_check_the_engine_follows(trainer, model, tok)

@@ -27,11 +27,20 @@ import torch
 
 pytest.importorskip("vllm")
 
-from grpokit.core.logprobs import model_completion_logprobs
 from grpokit.engines.base import SamplingParams
 from grpokit.engines.vllm_client import VLLMServerEngine, VLLMServerError
-from tests.test_vllm_engine import BF16_ATOL_MAX, BF16_ATOL_MEAN, TINY, dominated_by
-from tests.tiny import make_causal_lm, make_tokenizer
+from tests.tiny import (
+    BF16_ATOL_MAX,
+    BF16_ATOL_MEAN,
+    TINY,
+    dominated_by,
+    length_trainer,
+    logprob_gap,
+    make_causal_lm,
+    make_tokenizer,
+    prompts,
+    train_and_check_the_engine_follows,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 300.0  # seconds for the server to load (vLLM's start on a busy 2-core CPU)
@@ -102,28 +111,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         process.wait(30)
 
 
-def prompts(tok: Any) -> list[list[int]]:
-    texts = ["Hi", "Tell me a story about the sea"]  # different lengths: left padding
-    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
 def get(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=10) as reply:
         return json.loads(reply.read())
-
-
-def logprob_gap(model: Any, out: Any, temperature: float = 1.0) -> torch.Tensor:
-    """|server sampling_logprobs - the trainer's fp32 log-probs| over the completion tokens."""
-    with torch.no_grad():
-        expected, _ = model_completion_logprobs(
-            model,
-            torch.cat([out.prompt_ids, out.completion_ids], 1),
-            torch.cat([out.prompt_mask, out.completion_mask], 1),
-            out.completion_ids.shape[1],
-            temperature=temperature,
-        )
-    assert out.sampling_logprobs is not None
-    return (out.sampling_logprobs - expected)[out.completion_mask.bool()].abs()
 
 
 def test_server_describes_itself_and_a_taken_port_is_refused(
@@ -230,46 +220,22 @@ def test_a_request_timeout_is_a_clear_error_and_the_server_survives(served: Serv
 def test_grpo_run_in_server_mode(served: Served, tmp_path: Path) -> None:
     """GRPOTrainer(use_vllm=True, vllm_mode="server"): samples from the server, and after its 2
     optimizer steps the server's log-probs of fresh samples are the trained policy's."""
-    from datasets import Dataset
-
-    from grpokit import GRPOConfig, GRPOTrainer
-
     tok = served.tok
     model = make_causal_lm(tok, **TINY)
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
+    trainer = length_trainer(
+        tmp_path,
+        model,
+        tok,
         use_vllm=True,
         vllm_mode="server",
         vllm_server_base_url=served.url,
         vllm_group_port=0,
-        per_device_train_batch_size=4,
-        num_generations=2,
         max_completion_length=8,
-        max_steps=2,
         learning_rate=5e-2,
         bf16=False,
-        save_strategy="no",
-        report_to="none",
-    )
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
-        args=args,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in ["ab", "cd", "ef", "gh"]]),
-        processing_class=tok,
     )
     assert isinstance(trainer.engine, VLLMServerEngine)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer.train()
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    out = trainer.engine.generate(
-        [tok("ab", add_special_tokens=False)["input_ids"]],
-        num_generations=4,
-        max_new_tokens=8,
-        sampling=SamplingParams(),
-    )
-    gap = logprob_gap(model, out)
-    assert gap.mean() <= BF16_ATOL_MEAN and gap.max() <= BF16_ATOL_MAX
+    train_and_check_the_engine_follows(trainer, model, tok)
     # the module's engine notices that the trainer took the weight group, and resends all
     served.engine.update_weights(served.model)
     out = served.engine.generate(

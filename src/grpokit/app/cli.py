@@ -38,9 +38,9 @@ logger = logging.getLogger("grpokit")
 def fields_help(defaults: dict[str, Any] | None = None) -> str:
     """Every field of every section with its default and its help text (the field's metadata).
 
-    The training section lists `GRPOConfig`'s own fields first, then those of its bases
-    (`TrainerSettings`, then the TRL fields accepted only at their default), each group under
-    its own heading.
+    The training section lists `GRPOConfig`'s fields group by group, in the order of its bases
+    (output and model, ..., logging, saving and evaluation, then `TrainerSettings` and the TRL
+    fields accepted only at their default), each group under its own heading.
     """
     defaults = defaults or {}
     lines = []

@@ -33,11 +33,11 @@ from typing import Any
 import yaml
 
 from grpokit.errors import ConfigError
-from grpokit.train.config import (
+from grpokit.train.config import GRPOConfig
+from grpokit.train.config_checks import (
     EVAL_STRATEGIES,
     LOGGING_STRATEGIES,
     SAVE_STRATEGIES,
-    GRPOConfig,
     check_number,
 )
 from grpokit.train.fields import did_you_mean, option

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpokit.core.losses import LossOptions, loss_token_mask, masked_mean
+from grpokit.core.losses import LossOptions, loss_token_mask
+from grpokit.core.masking import masked_mean
 
 
 def entropy_bonus(

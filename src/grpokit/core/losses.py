@@ -5,10 +5,11 @@ meanings by default (same loss, gradient and metrics on the same tensors; the pa
 options). See docs/LOSSES.md for every formula and where grpokit departs from TRL:
 
 1. importance weights `ratio = pi_theta / pi_old` at the token, sequence (GSPO) or
-   sequence_token (GSPO-token) level;
+   sequence_token (GSPO-token) level (`core.importance`);
 2. a per-token objective chosen by `loss_type` (PPO clip, CISPO, SAPO, VESPO);
-3. token filters and weights: off-policy sequence mask, top-entropy mask, rollout IS weight,
-   then `+ beta * KL` (k3, optionally importance-corrected);
+3. token filters and weights: off-policy sequence mask and rollout IS weight
+   (`core.importance`), top-entropy mask, then `+ beta * KL` (k3, optionally
+   importance-corrected);
 4. an aggregation of the `[N, T]` per-token losses into a scalar, also chosen by `loss_type`.
 
 Each loss type is one `LossSpec` in the `LOSS_SPECS` table: its objective (step 2), its
@@ -16,7 +17,8 @@ aggregation (step 4), and the facts the trainer and the micro-batch planner read
 loss sum over the optimizer step's tokens, average over rows, depend on which rows share a
 micro-batch, use the PPO clip) and its own metrics. `register_loss_type` adds one. The options
 of a loss are one frozen `LossOptions`, checked once when built and passed to `policy_loss`.
-TRL's entropy bonus is `grpokit.core.entropy`.
+The metrics `policy_loss` returns are computed in `core.loss_metrics`; TRL's entropy bonus is
+`core.entropy`.
 
 Conventions at every boundary: `N` sequences, `T` completion positions; `logprobs`,
 `old_logprobs`, `ref_logprobs`, `sampling_logprobs`, `entropies` are `[N, T]`; `advantages` is `[N]`
@@ -34,76 +36,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence", "sequence_token")
+from grpokit.core.importance import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    log_importance_weights,
+    off_policy_sequence_mask,
+)
+from grpokit.core.importance import (  # its home is core.importance; kept here for old imports
+    rollout_importance_weights as rollout_importance_weights,
+)
+from grpokit.core.loss_metrics import (
+    cispo_clip_metrics,
+    clip_ratio_metrics,
+    policy_loss_metrics,
+    trl_mean,
+)
+from grpokit.core.masking import check_same_shape, zero_padding
+
 CISPO_CAP_MODES: tuple[str, ...] = ("absolute", "relative")
 KL_BIAS_CORRECTION_LEVELS: tuple[str, ...] = ("token", "sequence")
-ROLLOUT_IS_MODES: tuple[str, ...] = (
-    "token_truncate",
-    "token_mask",
-    "sequence_truncate",
-    "sequence_mask",
-)
-
-# ---------------------------------------------------------------------------------------------
-# Masked reductions
-# ---------------------------------------------------------------------------------------------
-
-
-def _masked(values: Tensor, mask: Tensor) -> Tensor:
-    """`values` with padding replaced by 0 (so inf/NaN at padding cannot leak into sums)."""
-    return torch.where(mask, values, torch.zeros_like(values))
-
-
-def _constant(values: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A detached per-token input in `dtype`, 0 at padding."""
-    return _masked(values.detach().to(dtype), mask)
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` over the positions where `mask` is True (0 when there are none)."""
-    values = values.expand_as(mask)
-    return _masked(values, mask).sum() / mask.sum().clamp(min=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Importance weights
-# ---------------------------------------------------------------------------------------------
-
-
-def log_importance_weights(
-    logprobs: Tensor, old_logprobs: Tensor, completion_mask: Tensor, level: str = "token"
-) -> Tensor:
-    """Log importance weights `log(pi_theta / pi_old)`, `[N, T]`, at the chosen level.
-
-    - `"token"` (GRPO, DeepSeekMath Eq. 3): the per-token log-ratio.
-    - `"sequence"` (GSPO, arXiv 2507.18071 Eq. 7): the length-normalised sequence log-ratio
-      `(1/|o_i|) sum_t log r_it`, broadcast to every token; its gradient reaches every token of
-      the sequence equally (TRL's form; identical to GSPO when advantages are per sequence).
-    - `"sequence_token"` (GSPO-token, Eq. 13-14): `sg[log s_i] + logprobs - sg[logprobs]`. The
-      value equals the sequence level; token t's gradient goes to token t alone.
-
-    Args:
-        logprobs: `[N, T]` log-probs under the current policy (with grad).
-        old_logprobs: `[N, T]` log-probs under the policy that sampled the completions.
-        completion_mask: `[N, T]` bool; True = loss token.
-        level: One of `IMPORTANCE_SAMPLING_LEVELS`.
-
-    Returns:
-        `[N, T]` log-weights (0 at padding for the token level).
-    """
-    log_ratio = _masked(logprobs - old_logprobs, completion_mask)  # [N, T]
-    if level == "token":
-        return log_ratio
-    lengths = completion_mask.sum(-1, keepdim=True).clamp(min=1)  # [N, 1]
-    sequence = (log_ratio.sum(-1, keepdim=True) / lengths).expand_as(log_ratio)  # [N, T]
-    if level == "sequence":
-        return sequence
-    if level == "sequence_token":
-        return sequence.detach() + logprobs - logprobs.detach()
-    raise ValueError(
-        f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {level!r}."
-    )
-
 
 # ---------------------------------------------------------------------------------------------
 # 2. Per-token objectives (losses, i.e. the negated objectives J)
@@ -185,12 +135,12 @@ def vespo_weights(
     """
     with torch.no_grad():
         lower = math.log(1e-8)
-        per_token = _masked(log_ratio.clamp(-20.0, 20.0), completion_mask)
+        per_token = zero_padding(log_ratio.clamp(-20.0, 20.0), completion_mask)
         log_w = per_token.sum(-1, keepdim=True)  # [N, 1]
         if rollout_is_weights is not None:
             log_is = torch.log(rollout_is_weights.detach().to(log_w.dtype)).clamp(lower, 20.0)
             if log_is.shape[-1] != 1:  # per token: padding carries no weight
-                log_is = _masked(log_is, completion_mask)
+                log_is = zero_padding(log_is, completion_mask)
             log_w = log_w + log_is.sum(-1, keepdim=True)
         log_w = log_w.clamp(lower, 20.0)
         nonnegative = advantages >= 0
@@ -216,7 +166,7 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Token filters
+# 3. Token filters (the off-policy mask and rollout IS weights: core.importance)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -244,94 +194,6 @@ def high_entropy_mask(
     return (entropies.detach() >= threshold) & completion_mask
 
 
-def off_policy_sequence_mask(
-    logprobs: Tensor,
-    behaviour_logprobs: Tensor,
-    advantages: Tensor,
-    completion_mask: Tensor,
-    threshold: float,
-) -> Tensor:
-    """DeepSeek-V3.2 off-policy sequence masking (arXiv 2512.02556), `[N, 1]` or `[N, T]` bool.
-
-    Drops a sequence with negative advantage when its mean per-token `log(pi_behaviour / pi_theta)`
-    exceeds `threshold`; sequences with A >= 0 are always kept.
-    """
-    log_gap = _masked(behaviour_logprobs - logprobs.detach(), completion_mask)
-    mean_gap = log_gap.sum(-1, keepdim=True) / completion_mask.sum(-1, keepdim=True).clamp(min=1)
-    return (advantages >= 0) | (mean_gap <= threshold)
-
-
-def rollout_importance_weights(
-    old_logprobs: Tensor,
-    sampling_logprobs: Tensor,
-    completion_mask: Tensor,
-    *,
-    mode: str = "sequence_mask",
-    clip_min: float | None = None,
-    clip_max: float = 3.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Detached weights `pi_train / pi_rollout` (at the sampling weights) for a rollout mismatch.
-
-    Truncated IS (TIS, Yao et al. 2025; after IMPALA arXiv 1606.02647) caps the weight at
-    `clip_max` (and floors it at `clip_min` when given); masked IS (MIS / IcePop) sets weights
-    outside `[clip_min, clip_max]` to 0. Token modes weight each token by its own ratio, `[N, T]`;
-    sequence modes give one weight per sequence, `[N, 1]`: the product of its token ratios (the
-    exact sequence likelihood ratio, no length normalisation), as TRL. Multiply the per-token
-    loss by the result (`policy_loss(rollout_is_weights=...)` does; VESPO folds it into its
-    sequence ratio instead).
-
-    Args:
-        old_logprobs: `[N, T]` log-probs of the trained model at the sampling weights.
-        sampling_logprobs: `[N, T]` log-probs reported by the rollout engine.
-        completion_mask: `[N, T]`; 1 = loss token.
-        mode: One of `ROLLOUT_IS_MODES`.
-        clip_min: Lower bound (None = no lower bound).
-        clip_max: Upper bound (> 0).
-
-    Returns:
-        `(weights, metrics)`: `weights` float32, detached, `[N, T]` (0 at padding) for the token
-        modes or `[N, 1]` for the sequence modes; metrics
-        `rollout_is/mean|min|max`, `rollout_is/frac_modified` (fraction of loss tokens truncated or
-        masked) and `rollout_is/logprob_abs_diff/mean|max`, all 0-dim detached tensors.
-
-    Raises:
-        ValueError: on an unknown mode, bounds out of order, or mismatched shapes.
-    """
-    if mode not in ROLLOUT_IS_MODES:
-        raise ValueError(f"mode must be one of {ROLLOUT_IS_MODES}, got {mode!r}.")
-    if not clip_max > 0 or (clip_min is not None and not 0 <= clip_min < clip_max):
-        raise ValueError(
-            f"need 0 <= clip_min < clip_max and clip_max > 0; got clip_min={clip_min}, "
-            f"clip_max={clip_max}."
-        )
-    _check_same_shape(old_logprobs, old_logprobs=old_logprobs, sampling_logprobs=sampling_logprobs)
-    _check_same_shape(old_logprobs, completion_mask=completion_mask)
-    mask = completion_mask.bool()
-    with torch.no_grad():
-        log_gap = _masked(old_logprobs.float() - sampling_logprobs.float(), mask)  # [N, T]
-        if mode.startswith("sequence"):
-            log_gap = log_gap.sum(-1, keepdim=True)  # [N, 1]
-        raw = torch.exp(log_gap)
-        low = 0.0 if clip_min is None else clip_min
-        outside = (raw > clip_max) | (raw < low)
-        if mode.endswith("truncate"):
-            weights = raw.clamp(min=clip_min, max=clip_max)
-        else:
-            weights = torch.where(outside, torch.zeros_like(raw), raw)
-        if not mode.startswith("sequence"):
-            weights = _masked(weights, mask)
-        abs_diff = (old_logprobs.float() - sampling_logprobs.float()).abs()
-        metrics = {
-            "rollout_is/mean": masked_mean(weights, mask),
-            "rollout_is/min": _masked_extreme(weights, mask, torch.amin),
-            "rollout_is/max": _masked_extreme(weights, mask, torch.amax),
-            "rollout_is/frac_modified": masked_mean(outside.float(), mask),
-            "rollout_is/logprob_abs_diff/mean": masked_mean(abs_diff, mask),
-            "rollout_is/logprob_abs_diff/max": _masked_extreme(abs_diff, mask, torch.amax),
-        }
-    return weights, metrics
-
-
 # ---------------------------------------------------------------------------------------------
 # 4. Aggregations: [N, T] per-token losses -> scalar
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +206,7 @@ def sequence_mean_aggregation(per_token_loss: Tensor, completion_mask: Tensor) -
     (as in TRL).
     """
     lengths = completion_mask.sum(-1).clamp(min=1)  # [N]
-    return (_masked(per_token_loss, completion_mask).sum(-1) / lengths).mean()
+    return (zero_padding(per_token_loss, completion_mask).sum(-1) / lengths).mean()
 
 
 def token_mean_aggregation(
@@ -356,7 +218,7 @@ def token_mean_aggregation(
     micro-batch's count (TRL's "bnpo"). Passing the whole generation batch's count makes the
     micro-batch losses sum to the whole-batch loss (TRL's "dapo").
     """
-    total = _masked(per_token_loss, completion_mask).sum()
+    total = zero_padding(per_token_loss, completion_mask).sum()
     if num_items is None:
         return total / completion_mask.sum().clamp(min=1)
     return total / num_items
@@ -370,29 +232,14 @@ def constant_length_aggregation(
     Dr. GRPO (arXiv 2503.20783 §3.2, Listing 1): no per-sequence 1/|o_i|, so no length bias.
     """
     n = per_token_loss.shape[0]
-    return _masked(per_token_loss, completion_mask).sum() / (n * max_completion_length)
+    return zero_padding(per_token_loss, completion_mask).sum() / (n * max_completion_length)
 
 
 def sequence_sum_aggregation(per_token_loss: Tensor, completion_mask: Tensor) -> Tensor:
     """`mean_i sum_t l_it`: LUSPO, i.e. GSPO with each sequence's loss multiplied by `|o_i|`."""
-    return _masked(per_token_loss, completion_mask).sum(-1).mean()
+    return zero_padding(per_token_loss, completion_mask).sum(-1).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_same_shape(reference: Tensor, **tensors: Tensor | None) -> None:
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.shape != reference.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)} but logprobs is {tuple(reference.shape)}; "
-                "all per-token tensors must be [N, T] with the same N and T."
-            )
-
-
-# ---------------------------------------------------------------------------------------------
 # Loss types: one spec per loss type, in one registry
 # ---------------------------------------------------------------------------------------------
 
@@ -424,7 +271,7 @@ class LossInputs:
     def natural_ratio(self) -> Tensor:
         """The ratio in TRL's shape: `[N, 1]` at the sequence levels (one per sequence), `[N, T]`
         at the token level. Metrics average it (and what is derived from it) per sequence or per
-        loss token according to this shape (`trl_mean`)."""
+        loss token according to this shape (`loss_metrics.trl_mean`)."""
         if self.options.importance_sampling_level == "token":
             return self.ratio
         return self.ratio[:, :1]
@@ -434,31 +281,6 @@ Objective = Callable[[LossInputs], Tensor]  # LossInputs -> [N, T] per-token los
 LossMetrics = Callable[[LossInputs], dict[str, Tensor]]  # LossInputs -> 0-dim detached metrics
 
 
-def trl_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """TRL's metric mean: over the N rows (padding-only rows included) when `values` is `[N, 1]`,
-    one value per sequence; over the loss tokens when it is `[N, T]`."""
-    values = values.to(torch.promote_types(values.dtype, torch.float32))  # bool -> float32
-    if values.shape[-1] == 1:
-        return values.mean()
-    return masked_mean(values, mask)
-
-
-def _per_sequence_extreme(
-    values: Tensor, mask: Tensor, reduce: Callable[[Tensor], Tensor]
-) -> Tensor:
-    """TRL's `clip_ratio/low_min`, `high_max`: min or max over sequences of each sequence's mean
-    (an `[N, 1]` value is its own mean); rows without loss tokens are left out; NaN if none."""
-    values = values.to(torch.promote_types(values.dtype, torch.float32))  # bool -> float32
-    if values.shape[-1] == 1:
-        per_row = values[:, 0]
-    else:
-        counts = mask.sum(-1)
-        per_row = (_masked(values, mask).sum(-1) / counts.clamp(min=1))[counts > 0]
-    if per_row.numel() == 0:
-        return torch.full((), math.nan, device=values.device)
-    return reduce(per_row)
-
-
 def _ppo_clip(x: LossInputs) -> Tensor:
     o = x.options
     return ppo_clip_loss(
@@ -466,31 +288,8 @@ def _ppo_clip(x: LossInputs) -> Tensor:
     )
 
 
-def _ppo_clip_metrics(x: LossInputs) -> dict[str, Tensor]:
-    """TRL's `clip_ratio/*`: low = ratio < 1 - epsilon_low with A < 0, high = ratio > 1 +
-    epsilon_high with A > 0; `*_mean` by `trl_mean`, `low_min` / `high_max` per sequence."""
-    o, ratio, adv = x.options, x.natural_ratio, x.advantages
-    if o.delta is not None:
-        ratio = ratio.clamp(max=o.delta)
-    low = (ratio < 1 - o.epsilon_low) & (adv < 0)
-    high = (ratio > 1 + o.epsilon_high) & (adv > 0)
-    return {
-        "clip_ratio/low_mean": trl_mean(low, x.mask),
-        "clip_ratio/high_mean": trl_mean(high, x.mask),
-        "clip_ratio/region_mean": trl_mean(low | high, x.mask),
-        "clip_ratio/low_min": _per_sequence_extreme(low, x.mask, torch.amin),
-        "clip_ratio/high_max": _per_sequence_extreme(high, x.mask, torch.amax),
-    }
-
-
 def _cispo(x: LossInputs) -> Tensor:
     return cispo_loss(x.ratio, x.logprobs, x.advantages, cap=x.options.cispo_cap)
-
-
-def _cispo_metrics(x: LossInputs) -> dict[str, Tensor]:
-    """TRL's `cispo_clip_ratio`: the share with the weight capped (ratio > cap) and A > 0."""
-    capped = (x.natural_ratio > x.options.cispo_cap) & (x.advantages > 0)
-    return {"cispo_clip_ratio": trl_mean(capped, x.mask)}
 
 
 def _sapo(x: LossInputs) -> Tensor:
@@ -637,7 +436,7 @@ LOSS_SPECS: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
         *(
-            LossSpec(name, _ppo_clip, aggregation, uses_ppo_clip=True, metrics=_ppo_clip_metrics)
+            LossSpec(name, _ppo_clip, aggregation, uses_ppo_clip=True, metrics=clip_ratio_metrics)
             for name, aggregation in (
                 ("grpo", "sequence_mean"),
                 ("bnpo", "local_token_mean"),
@@ -646,7 +445,7 @@ LOSS_SPECS: dict[str, LossSpec] = {
                 ("luspo", "sequence_sum"),
             )
         ),
-        LossSpec("cispo", _cispo, "global_token_mean", metrics=_cispo_metrics),
+        LossSpec("cispo", _cispo, "global_token_mean", metrics=cispo_clip_metrics),
         LossSpec("sapo", _sapo, "sequence_mean"),
         LossSpec(
             "vespo",
@@ -696,7 +495,7 @@ def register_loss_type(
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {tuple(AGGREGATIONS)}, got {aggregation!r}.")
     if metrics is None and uses_ppo_clip:
-        metrics = _ppo_clip_metrics
+        metrics = clip_ratio_metrics
     spec = LossSpec(
         name,
         objective,
@@ -867,10 +666,9 @@ class LossOptions:
 # ---------------------------------------------------------------------------------------------
 
 
-def _masked_extreme(values: Tensor, mask: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
-    """min or max of `values` over `mask`; 1.0 (a neutral ratio) when there are no loss tokens."""
-    selected = values.expand_as(mask)[mask]
-    return reduce(selected) if selected.numel() else torch.ones((), device=values.device)
+def _constant(values: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A detached per-token input in `dtype`, 0 at padding."""
+    return zero_padding(values.detach().to(dtype), mask)
 
 
 def _check_inputs(
@@ -883,7 +681,7 @@ def _check_inputs(
 ) -> None:
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [N, T], got shape {tuple(logprobs.shape)}.")
-    _check_same_shape(logprobs, completion_mask=completion_mask, **per_token)
+    check_same_shape(logprobs, completion_mask=completion_mask, **per_token)
     if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
         raise ValueError(
             f"advantages must be [N] = [{logprobs.shape[0]}] or [N, T] = {list(logprobs.shape)}, "
@@ -936,25 +734,6 @@ def _token_filters(
             x.logprobs, behaviour_logprobs, x.advantages, x.mask, o.off_policy_mask_threshold
         )
     return keep.to(x.logprobs.dtype)
-
-
-def _metrics(x: LossInputs, kl: Tensor | None, entropies: Tensor | None) -> dict[str, Tensor]:
-    """The loss type's own metrics (`LossSpec.metrics`), then `kl`, `entropy` and `ratio/*`."""
-    with torch.no_grad():
-        metrics = x.options.spec.metrics(x) if x.options.spec.metrics is not None else {}
-        ratio, mask = x.ratio.detach(), x.mask  # [N, T]: grpokit's, over loss tokens
-        metrics.update(
-            {
-                "ratio/mean": masked_mean(ratio - 1, mask) + 1,  # 1 (neutral) without loss tokens
-                "ratio/min": _masked_extreme(ratio, mask, torch.amin),
-                "ratio/max": _masked_extreme(ratio, mask, torch.amax),
-            }
-        )
-        if kl is not None:
-            metrics["kl"] = masked_mean(kl.detach(), mask)
-        if entropies is not None:
-            metrics["entropy"] = masked_mean(entropies.detach().float(), mask)
-    return metrics
 
 
 _DEFAULT_OPTIONS = LossOptions()
@@ -1061,7 +840,7 @@ def policy_loss(
     mask = completion_mask.bool()  # [N, T], True = loss token
     # Zero every per-token input at padding first: no inf/NaN there can reach a value or gradient.
     dtype = torch.promote_types(logprobs.dtype, torch.float32)  # bf16/fp16 -> fp32; fp64 stays
-    logprobs = _masked(logprobs.to(dtype), mask)  # [N, T]
+    logprobs = zero_padding(logprobs.to(dtype), mask)  # [N, T]
     old = logprobs.detach() if old_logprobs is None else _constant(old_logprobs, mask, dtype)
     adv = advantages.detach().to(dtype)
     adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv  # [N, 1] or [N, T]
@@ -1069,11 +848,11 @@ def policy_loss(
     if rollout_is_weights is not None:  # [N, 1] or [N, T]; a per-token weight is 0 at padding
         is_weights = rollout_is_weights.detach().to(dtype)
         if is_weights.shape[-1] != 1:
-            is_weights = _masked(is_weights, mask)
+            is_weights = zero_padding(is_weights, mask)
     spec = options.spec
     x = LossInputs(
         logprobs=logprobs,
-        log_ratio=_masked(logprobs - old, mask),
+        log_ratio=zero_padding(logprobs - old, mask),
         ratio=torch.exp(
             log_importance_weights(logprobs, old, mask, options.importance_sampling_level)
         ),
@@ -1103,4 +882,4 @@ def policy_loss(
 
     aggregation = AGGREGATIONS[spec.aggregation]
     loss = aggregation.reduce(per_token_loss, mask, num_items_in_batch, options)
-    return loss, _metrics(x, kl, entropies)
+    return loss, policy_loss_metrics(x, kl, entropies)

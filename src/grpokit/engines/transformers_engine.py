@@ -195,26 +195,15 @@ class TransformersEngine:
             DataError: a prompt plus `max_new_tokens` is longer than the model's context (the
                 caller truncates prompts: `data.prompts.prompt_token_limit`).
         """
-        self._check_context(prompt_ids, max_new_tokens)
-        ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
-        # Picks up weights changed outside optimizer steps, e.g. a checkpoint load on resume.
-        self._sync(self.model, copy_trainable=False)
-        model = self.sampler_model
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            with _intra_op_threads(self.num_threads, self.traits):
-                if self.decode == "hf":
-                    raw, logprobs = self._hf_generate(
-                        ids, mask, num_generations, max_new_tokens, sampling, device
-                    )
-                else:
-                    raw, logprobs = self._lean_generate(
-                        ids.to(device), mask.to(device), num_generations, max_new_tokens, sampling
-                    )
-        finally:
-            model.train(was_training)
+        with self._sampling_call(prompt_ids, max_new_tokens) as (ids, mask, device):
+            if self.decode == "hf":
+                raw, logprobs = self._hf_generate(
+                    ids, mask, num_generations, max_new_tokens, sampling, device
+                )
+            else:
+                raw, logprobs = self._lean_generate(
+                    ids.to(device), mask.to(device), num_generations, max_new_tokens, sampling
+                )
         completion_ids, completion_mask, is_truncated = completion_mask_from_ids(
             raw.cpu(), self.eos_token_ids, self.pad_token_id
         )
@@ -257,25 +246,10 @@ class TransformersEngine:
                 sampling=sampling,
                 turns=turns,
             )
-        self._check_context(prompt_ids, max_new_tokens)
-        ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
-        self._sync(self.model, copy_trainable=False)
-        model = self.sampler_model
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            with _intra_op_threads(self.num_threads, self.traits):
-                rows = self._lean_turns(
-                    ids.to(device),
-                    mask.to(device),
-                    num_generations,
-                    max_new_tokens,
-                    sampling,
-                    turns,
-                )
-        finally:
-            model.train(was_training)
+        with self._sampling_call(prompt_ids, max_new_tokens) as (ids, mask, device):
+            rows = self._lean_turns(
+                ids.to(device), mask.to(device), num_generations, max_new_tokens, sampling, turns
+            )
         return assemble_output(
             ids.repeat_interleave(num_generations, dim=0),
             mask.repeat_interleave(num_generations, dim=0),
@@ -283,6 +257,36 @@ class TransformersEngine:
             self.pad_token_id,
             with_logprobs=self.return_logprobs,
         )
+
+    @contextlib.contextmanager
+    def _sampling_call(
+        self, prompt_ids: list[list[int]], max_new_tokens: int
+    ) -> Iterator[tuple[Tensor, Tensor, torch.device]]:
+        """The set-up of one `generate` / `generate_turns` call, undone when the block ends.
+
+        Checks the prompts against the model's context, left-pads them, refreshes the sampler
+        copy, puts the sampler in eval mode (its training mode is restored afterwards) and runs
+        the block with `num_threads` intra-op threads.
+
+        Yields:
+            `(ids, mask, device)`: the left-padded prompts `[B, P]` and their mask (1 = prompt
+            token, 0 = padding), on the CPU, and the sampler's device.
+
+        Raises:
+            DataError: a prompt plus `max_new_tokens` is longer than the model's context.
+        """
+        self._check_context(prompt_ids, max_new_tokens)
+        ids, mask = left_pad(prompt_ids, self.pad_token_id)  # [B, P]
+        # Picks up weights changed outside optimizer steps, e.g. a checkpoint load on resume.
+        self._sync(self.model, copy_trainable=False)
+        model = self.sampler_model
+        was_training = model.training
+        model.eval()
+        try:
+            with _intra_op_threads(self.num_threads, self.traits):
+                yield ids, mask, next(model.parameters()).device
+        finally:
+            model.train(was_training)
 
     def _lean_turns(
         self,

@@ -1,7 +1,10 @@
 """The sandbox worker: isolation set-up, then a fork server that runs one call per child.
 
 This file runs *inside* the sandbox as `python -I -S -c <this text> <config JSON>` (see
-`grpokit.sandbox.worker`); it uses the standard library only and is never imported by the trainer.
+`grpokit.sandbox.worker`), so it uses the standard library only and imports nothing from grpokit.
+The trainer runs none of it, except `user_tasks` (with `NOBODY`), which `SandboxWorker` imports to
+count the tasks of a call's user outside the worker's PID namespace; importing this module runs
+nothing else.
 
 Life of a worker:
 
@@ -355,8 +358,10 @@ def setup(config: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _user_tasks(uid: int) -> int:
-    """Processes and threads of real user `uid` visible here (RLIMIT_NPROC counts them all)."""
+def user_tasks(uid: int) -> int:
+    """Processes and threads of real user `uid` in this process's view of /proc (RLIMIT_NPROC
+    counts them all). The worker counts them in its own PID namespace; `SandboxWorker` counts
+    them on the host, where the worker cannot see, with this same function."""
     count = 0
     try:
         names = os.listdir("/proc")
@@ -608,7 +613,7 @@ def serve_call(request: dict[str, Any], work: str, own_pid_namespace: bool) -> d
     files["stdin"].seek(0)
     running = 0
     if request["limits"]["max_processes"] is not None:  # the trainer's count sees other workers
-        running = max(_user_tasks(os.getuid()), int(request.get("host_user_tasks", 0)))
+        running = max(user_tasks(os.getuid()), int(request.get("host_user_tasks", 0)))
     expected = len(request.get("calls", []))
     read_end, write_end = os.pipe()
     start = time.monotonic()

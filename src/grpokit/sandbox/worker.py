@@ -304,7 +304,11 @@ class SandboxWorker:
             # RLIMIT_NPROC counts every task of the call's real user on the machine, and a worker
             # in its own PID namespace cannot see the others (other workers and pools): count
             # them here, so `max_processes` stays the number of *new* tasks a call may start.
-            request["host_user_tasks"] = max(_tasks_of_uid(NOBODY_UID), _tasks_of_uid(os.getuid()))
+            # The worker script's own counter; imported here, where it is needed, because the
+            # script imports POSIX-only modules (`resource`) that `import grpokit` must not need.
+            from grpokit.sandbox._child import NOBODY, user_tasks
+
+            request["host_user_tasks"] = max(user_tasks(NOBODY), user_tasks(os.getuid()))
         calls = max(1, len(request.get("calls", ())))
         start = time.monotonic()
         try:
@@ -479,26 +483,3 @@ def call_in_sandbox(
         limits=limits, packages=packages, paths=paths, isolation=isolation
     ) as worker:
         return worker.call(module, function, args, kwargs, timeout=timeout)
-
-
-NOBODY_UID = 65534  # the real user id a call runs under where the sandbox can switch users
-
-
-def _tasks_of_uid(uid: int) -> int:
-    """Processes and threads of real user `uid` in this process's view of /proc."""
-    count = 0
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return 0
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            if int(fields["Uid"].split()[0]) == uid:
-                count += int(fields["Threads"])
-        except (OSError, KeyError, ValueError):
-            continue
-    return count

@@ -32,8 +32,9 @@ from grpokit.tools.turns import ToolCalling
 from grpokit.train import checkpoint as ckpt
 from grpokit.train import optimizers, quantization, resume
 from grpokit.train.checkpoint import TrainerState
-from grpokit.train.config import GRPOConfig, resolve_steps
+from grpokit.train.config import GRPOConfig
 from grpokit.train.distributed import save_process_rng_states
+from grpokit.train.run_settings import resolve_steps
 
 logger = logging.getLogger("grpokit")
 

@@ -35,7 +35,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
-from grpokit.train.config import GRPOConfig, crossed_multiple, resolve_steps
+from grpokit.train.config import GRPOConfig
+from grpokit.train.run_settings import crossed_multiple, resolve_steps
 
 logger = logging.getLogger("grpokit")
 

@@ -265,20 +265,29 @@ class RolloutPipeline:
         cls,
         args: GRPOConfig,
         *,
+        evaluation: bool = False,
         engine: GenerationEngine,
         tokenizer: Any,
         reward_funcs: Sequence[Any],
         sampling: SamplingParams,
-        num_generations: int,
-        keep_columns: bool = True,
         context_length: int | None = None,
         tool_calling: ToolCalling | None = None,
         environments: Environments | None = None,
         rollout_func: Callable[[list[Any]], Any] | None = None,
     ) -> RolloutPipeline:
-        """The pipeline of a `GRPOConfig`: `max_completion_length`, the prompt-length policy, the
-        chat-template arguments and the reward timeout come from `args`; `context_length` is the
-        policy's."""
+        """The pipeline of a `GRPOConfig`, for training or for evaluation.
+
+        From `args`: G (`num_generations`, or `resolved_num_generations_eval` in evaluation),
+        whether the rows' other columns reach the reward functions (not under
+        `remove_unused_columns` in training; always in evaluation), `max_completion_length`, the
+        prompt-length policy, the chat-template arguments and the reward timeout.
+        `context_length` is the policy's; `tool_calling`, `environments` and `rollout_func` are
+        the trainer's (see the attributes).
+        """
+        if evaluation:
+            num_generations, keep_columns = args.resolved_num_generations_eval, True
+        else:
+            num_generations, keep_columns = args.num_generations, not args.remove_unused_columns
         return cls(
             engine=engine,
             tokenizer=tokenizer,

@@ -966,19 +966,13 @@ class GRPOTrainer:
         return self._rollout_pipeline(evaluation=False)
 
     def _rollout_pipeline(self, *, evaluation: bool) -> RolloutPipeline:
-        cfg = self.args
-        if evaluation:
-            g, keep_columns = cfg.resolved_num_generations_eval, True
-        else:
-            g, keep_columns = cfg.num_generations, not cfg.remove_unused_columns
         return RolloutPipeline.from_config(
-            cfg,
+            self.args,
+            evaluation=evaluation,
             engine=self.engine,
             tokenizer=self.processing_class,
             reward_funcs=self.reward_funcs,
             sampling=self.sampling,
-            num_generations=g,
-            keep_columns=keep_columns,
             context_length=self.context_length,
             tool_calling=self.tool_calling,
             environments=self.environment_pool,
