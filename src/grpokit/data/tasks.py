@@ -1,6 +1,6 @@
 """Built-in tasks: a train and a held-out eval dataset with a `prompt` column, plus default rewards.
 
-Two kinds, chosen by `load_task({"kind": ...})`:
+Three kinds, chosen by `load_task({"kind": ...})`:
 
 - `"reasoning_gym"`: procedurally generated problems from `reasoning-gym` (basic_arithmetic,
   chain_sum, countdown, number_sorting, ...). Each row keeps the generator's entry as JSON in
@@ -10,6 +10,8 @@ Two kinds, chosen by `load_task({"kind": ...})`:
 - `"dataset"`: local JSONL/JSON/CSV/Parquet files or a Hugging Face dataset name, with a column
   mapping onto `prompt` (and, for the accuracy rewards, `answer`); the eval split is either a
   named split or a fixed-seed random fraction, with prompts also present in train removed.
+- `"humaneval"`: HumanEval's 164 problems with their tests (`data.code_tasks`), scored by
+  `code_tests`; a seeded `eval_fraction` of them held out.
 
 Prompts are plain strings or conversations (`format`), built from the question with an optional
 `template` (containing `{prompt}`) and `system_prompt`.
@@ -344,7 +346,44 @@ def _load_dataset(spec: dict[str, Any]) -> Task:
     return Task(name=name, train_dataset=train, eval_dataset=eval_ds, default_rewards=rewards)
 
 
-TASK_KINDS = {"reasoning_gym": _load_reasoning_gym, "dataset": _load_dataset}
+# ---------------------------------------------------------------------------------------------
+# Code tasks with tests
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_humaneval(spec: dict[str, Any]) -> Task:
+    from grpokit.data.code_tasks import load_humaneval
+
+    prompt_format = spec.pop("format", "conversational")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}; use one of {PROMPT_FORMATS}.")
+    system_prompt = spec.pop("system_prompt", None)
+    limit = spec.pop("size", None)
+    train, held_out = load_humaneval(
+        eval_fraction=float(spec.pop("eval_fraction", 0.2)),
+        seed=int(spec.pop("seed", 0)),
+        conversational=prompt_format == "conversational",
+    )
+    if limit is not None:
+        train = train[: int(limit)]
+    for row in (*train, *held_out):
+        row["prompt"] = make_prompt(
+            row["prompt"], prompt_format=prompt_format, system_prompt=system_prompt
+        )
+    rewards = list(spec.pop("rewards", ["code_tests"]))
+    return Task(
+        name="humaneval",
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(held_out) if held_out else None,
+        default_rewards=rewards,
+    )
+
+
+TASK_KINDS = {
+    "reasoning_gym": _load_reasoning_gym,
+    "dataset": _load_dataset,
+    "humaneval": _load_humaneval,
+}
 _COMMON_KEYS = ("format", "template", "system_prompt", "rewards", "seed", "size")
 TASK_KEYS: dict[str, tuple[str, ...]] = {
     "reasoning_gym": ("name", "eval_size", "config", *_COMMON_KEYS),
@@ -352,6 +391,7 @@ TASK_KEYS: dict[str, tuple[str, ...]] = {
         *("path", "name", "config_name", "columns", "split", "eval_split", "eval_path"),
         *("eval_fraction", *_COMMON_KEYS),
     ),
+    "humaneval": ("eval_fraction", "format", "system_prompt", "rewards", "seed", "size"),
 }
 """The keys each task kind accepts besides `kind`."""
 
@@ -368,7 +408,8 @@ def load_task(spec: dict[str, Any]) -> Task:
             `system_prompt`, `rewards` (default reward names) and `size`. A dataset can instead
             take its eval rows from `eval_split` (HF) or `eval_path` (a file); `size` caps its
             train rows; `name` with `config_name` and `split` loads from the Hugging Face Hub.
-            Unknown keys are errors.
+            `{"kind": "humaneval", "eval_fraction": 0.2, "seed": 0}` takes `format`,
+            `system_prompt`, `rewards` and `size` too. Unknown keys are errors.
 
     Returns:
         The task.
