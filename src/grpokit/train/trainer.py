@@ -501,14 +501,15 @@ class GRPOTrainer:
 
         Returns:
             `(prompts, prompt_ids, columns)`: `num_prompts * G` prompts (each repeated G times,
-            for the reward functions), `num_prompts` token-id lists, and every other column
-            repeated G times.
+            for the reward functions; with environments, each with its environment's `reset`
+            text), `num_prompts` token-id lists, and every other column repeated G times.
         """
         cfg, rollout = self.args, self.rollout
         wanted = cfg.prompts_per_generation if num_prompts is None else num_prompts
         rows: list[dict[str, Any]] = []
         ids: list[list[int]] = []
         environments: list[Any] = []
+        environment_prompts: list[Any] = []  # N prompts with their environment's reset text
         attempts = 0
         while len(rows) < wanted:
             need = wanted - len(rows)
@@ -518,6 +519,7 @@ class GRPOTrainer:
             rows += drawn.rows
             ids += drawn.prompt_ids
             environments += drawn.environments
+            environment_prompts += drawn.prompts
             attempts += need
             if not rows and attempts > max(1, self.sampler.size or 0) + need:
                 raise rollout.all_skipped_error()
@@ -526,7 +528,7 @@ class GRPOTrainer:
             rows, ids = rows[share], ids[share]  # (environments are refused on several)
         self._prompt_rows, self.environments = rows, environments or None
         prompts, columns = rollout.repeat(rows)
-        return prompts, ids, columns
+        return environment_prompts or prompts, ids, columns
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
         """Sample G completions per prompt with the generation engine (under autocast); with
