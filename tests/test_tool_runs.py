@@ -391,3 +391,64 @@ def test_humaneval_example_trains_through_the_command(
         ("before", 1, 1.0),
         ("after", 1, 1.0),
     ]
+
+
+# ---- few-shot turns --------------------------------------------------------------------------
+FEW_SHOT = [
+    {"role": "user", "content": "What is 12 * 34?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "calculator", "arguments": {"expression": "12 * 34"}},
+            }
+        ],
+    },
+    {"role": "tool", "name": "calculator", "content": "408"},
+    {"role": "assistant", "content": "408"},
+]
+
+
+def test_few_shot_turns_go_between_the_system_prompt_and_the_question() -> None:
+    from grpokit.data.tasks import load_task
+
+    spec = {
+        "kind": "reasoning_gym",
+        "name": "products",
+        "config": {"min_digits": 2, "max_digits": 2},
+        "size": 3,
+        "eval_size": 1,
+        "template": "{prompt}",
+        "system_prompt": "Use the calculator.",
+        "few_shot": FEW_SHOT,
+    }
+    task = load_task(spec)
+    prompt = task.train_dataset[0]["prompt"]
+    assert [m["role"] for m in prompt] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+    ]
+    assert prompt[-1]["content"] == task.train_dataset[0]["question"]
+    # Rendered after the dataset's round trip (absent keys come back as None).
+    tok = make_tokenizer()
+    tok.chat_template = CHATML_TOOLS_TEMPLATE
+    schema = make_tool(calculator_tool()).schema
+    text = tok.apply_chat_template(
+        prompt, tools=[schema], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        "<|im_start|>user\nWhat is 12 * 34?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "calculator", "arguments": {"expression": "12 * 34"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n408\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n408<|im_end|>\n<|im_start|>user\n"
+    ) in text
+    with pytest.raises(ValueError, match="few_shot turns are chat messages; they need format"):
+        load_task({**spec, "format": "plain"})
+    with pytest.raises(ValueError, match="few_shot must be a list of chat messages"):
+        load_task({**spec, "few_shot": [{"content": "no role"}]})

@@ -585,7 +585,7 @@ def resolve_environment_factory(
             f"environment_factory {spec!r}: making an environment raised "
             f"{type(error).__name__}: {error} (it is called with no arguments; fix it)."
         ) from error
-    return factory  # type: ignore[no-any-return]
+    return factory
 
 
 def load_chat_template(spec: str) -> str:

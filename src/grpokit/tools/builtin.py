@@ -48,7 +48,7 @@ def get_tool(spec: str | dict[str, Any]) -> Callable[..., Any]:
         if not params:
             return function
         try:
-            return function(**params)  # type: ignore[no-any-return]
+            return function(**params)
         except TypeError as error:
             raise ValueError(
                 f"tool {name!r}: calling it with {sorted(params)} failed: {error}."

@@ -14,7 +14,7 @@ import math
 import operator
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 _BINARY: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -62,8 +62,14 @@ def evaluate_expression(expression: str, *, max_digits: int = 100) -> int | floa
     return _evaluate(tree.body, max_digits)
 
 
+def _is_number(value: object) -> TypeGuard[int | float]:
+    """An int or float literal (not a bool, not complex)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _evaluate(node: ast.AST, max_digits: int) -> int | float:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    value: int | float
+    if isinstance(node, ast.Constant) and _is_number(node.value):
         value = node.value
     elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         value = _UNARY[type(node.op)](_evaluate(node.operand, max_digits))
