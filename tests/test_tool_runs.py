@@ -370,6 +370,20 @@ def test_calculator_example_trains_through_the_command(
     assert saved["tools"] == ["calculator"] and saved["chat_template"] == "chatml_tools"
 
 
+def test_eval_command_runs_the_tools(
+    tmp_path: Path, tiny_tool_model: str, monkeypatch, capsys
+) -> None:
+    _scripted(monkeypatch, calculator_script)
+    out = tmp_path / "eval.json"
+    argv = ["eval", str(CALCULATOR), "--model", tiny_tool_model, "--task.size", "4",
+            "--task.eval_size", "3", "--eval.num_samples", "1", "--output", str(out),
+            "--max_completion_length", "400"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_prompts"] == 3 and metrics["accuracy"] == 1.0
+    assert metrics["tools/call_rate"] == 1.0 and metrics["tools/failure_frequency"] == 0.0
+
+
 @pytest.mark.slow
 def test_humaneval_example_trains_through_the_command(
     tmp_path: Path, tiny_tool_model: str, monkeypatch
