@@ -23,6 +23,7 @@ from grpokit.engines.base import left_pad as pad_left
 from grpokit.engines.multi_turn import generate_with_turns, reprefill_turns
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.errors import ConfigError, DataError
+from grpokit.rewards.scoring import build_reward_functions
 from grpokit.tools import ToolCalling
 from grpokit.train.rollout import RolloutPipeline
 from tests.tiny import (
@@ -547,7 +548,7 @@ def test_trainer_with_an_environment_factory(tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
     def spy(completions: list[Any], environments: list[Any], **kwargs: Any) -> list[float]:
-        seen["environments"] = environments
+        seen["environments"], seen["prompts"] = environments, kwargs["prompts"]
         return [0.0] * len(completions)
 
     data = Dataset.from_list(
@@ -574,6 +575,10 @@ def test_trainer_with_an_environment_factory(tmp_path: Path) -> None:
     assert len(envs) == 4 and len({id(e) for e in envs}) == 4  # one instance per rollout
     assert sorted(e.start for e in envs) == [3, 3, 7, 7]
     assert all(e.value == e.start + 2 for e in envs)  # each rollout's call hit its own instance
+    # As in TRL, the reward functions see each prompt with its environment's reset text.
+    assert seen["prompts"] == [
+        [{"role": "user", "content": f"count Start at {e.start}."}] for e in envs
+    ]
     logged = read_metrics(tmp_path)
     metrics = next(m for m in logged if "rewards/Counter/mean" in m)
     assert metrics["rewards/Counter/mean"] == pytest.approx(2.0)
@@ -642,6 +647,16 @@ def test_environment_prompts_and_bad_environments() -> None:
     gen = pipeline.generate(batch.prompt_ids, environments=batch.environments)
     assert engine.calls[0][:2] == (2, 1)  # one prompt per rollout
     assert [e.value for e in batch.environments] == [7, 7]
+    # The pipeline's own path (evaluation's) also scores the prompts with the reset text.
+    prompts_seen: list[Any] = []
+
+    def spy(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+        prompts_seen.extend(prompts)
+        return [0.0] * len(completions)
+
+    pipeline.reward_funcs = build_reward_functions([spy])
+    pipeline.run([{"prompt": [{"role": "user", "content": "count"}], "start": 4}])
+    assert prompts_seen == [[{"role": "user", "content": "count Start at 4."}]] * 2
 
     class NoReset:
         def act(self, x: int) -> int:

@@ -96,6 +96,16 @@ def test_hermes_calls_content_and_errors() -> None:
     unclosed = parse_hermes('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 1}}')
     assert unclosed.tool_calls[0].arguments == {"a": 1, "b": 1}
     assert parse_hermes("no calls here").tool_calls == []
+    # SmolLM2 writes a JSON list of calls in one block; an empty list is no call.
+    listed = parse_hermes(
+        '<tool_call>[\n{"name": "add", "arguments": {"a": 1, "b": 2}},\n'
+        '{"name": "sub", "arguments": {"a": 3, "b": 1}}\n]</tool_call>'
+    )
+    assert [(c.name, c.arguments) for c in listed.tool_calls] == [
+        ("add", {"a": 1, "b": 2}),
+        ("sub", {"a": 3, "b": 1}),
+    ]
+    assert parse_hermes("<tool_call>[]</tool_call>").tool_calls == []
 
 
 def test_json_mistral_and_auto() -> None:

@@ -120,10 +120,11 @@ def make_reward_model(tokenizer: PreTrainedTokenizerFast, seed: int = 1):
     return model.eval()
 
 
-def save_tiny_model(path: str, seed: int = 0) -> str:
-    """Save a tiny causal LM and its tokenizer to `path` (loadable with `from_pretrained`)."""
+def save_tiny_model(path: str, seed: int = 0, **overrides: object) -> str:
+    """Save a tiny causal LM (config `overrides` applied) and its tokenizer to `path` (loadable
+    with `from_pretrained`)."""
     tok = make_tokenizer()
-    make_causal_lm(tok, seed=seed).save_pretrained(path)
+    make_causal_lm(tok, seed=seed, **overrides).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

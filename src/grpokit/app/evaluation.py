@@ -16,6 +16,10 @@ same reward functions as training, and summarises. The metric definitions:
   `clipped_ratio`: fraction of completions that hit `max_completion_length` without EOS.
 - `prompts/over_length`: prompts longer than `max_prompt_length`, truncated or skipped (a skipped
   prompt is in no other metric, and not in `num_prompts`).
+- with tools (multi-turn rollouts): `tools/call_rate` (completions that made at least one tool
+  call), `tools/call_frequency` (calls per completion) and `tools/failure_frequency` (failed
+  calls / calls: unreadable, unknown tool, bad arguments, an exception or a timeout), as in
+  training (`tools.turns.call_metrics`); `completion_length` counts the model's tokens only.
 
 Prompts are tokenized, sampled, decoded and scored by the same path as in training
 (`grpokit.train.rollout.RolloutPipeline`), with any `GenerationEngine`.
@@ -36,6 +40,8 @@ from grpokit.engines.device import device_traits, fork_rng, model_device
 from grpokit.engines.models import context_length
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.rewards.scoring import build_reward_functions
+from grpokit.tools.environments import Environments
+from grpokit.tools.turns import ToolCalling, call_metrics
 from grpokit.train.rollout import RolloutPipeline
 
 GREEDY = SamplingParams(top_k=1)
@@ -120,6 +126,8 @@ def evaluate(
     seed: int | None = 0,
     bf16: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    tool_calling: ToolCalling | None = None,
+    environments: Environments | None = None,
 ) -> dict[str, float]:
     """Sample k completions per held-out prompt and summarise rewards, accuracy and pass@k.
 
@@ -155,10 +163,14 @@ def evaluate(
         bf16: run generation under bf16 autocast on the model's device (for `grpokit eval`,
             `train.build.resolve_precision` decides, as in training).
         progress: called as `progress(done_prompts, total_prompts)` after each batch.
+        tool_calling: tools the model may call (multi-turn rollouts, as in training;
+            `train.build.make_tool_calling`); None = single-turn.
+        environments: one environment per rollout (`tools.environments`), as in training.
 
     Returns:
         `{"reward", "reward_std", "rewards/<name>", "accuracy", "pass@j", "completion_length",
-        "clipped_ratio", "num_prompts", "num_samples", "prompts/over_length"}` as floats.
+        "clipped_ratio", "num_prompts", "num_samples", "prompts/over_length"}` as floats, plus
+        `tools/*` with tools.
 
     Raises:
         ValueError: `num_samples < 1`, an empty dataset or one without `prompt`, an unknown
@@ -194,6 +206,8 @@ def evaluate(
         prompt_length_policy=prompt_length_policy,
         chat_template_kwargs=chat_template_kwargs,
         context_length=None if model is None else context_length(model),
+        tool_calling=tool_calling,
+        environments=environments,
     )
     per_call = max(1, batch_size // num_samples)
 
@@ -223,6 +237,10 @@ def evaluate(
         accuracy_threshold=accuracy_threshold,
     )
     metrics["prompts/over_length"] = float(over_length)
+    turns = [r.gen.turns for r in rollouts if r.gen.turns is not None]
+    if turns:
+        calls = [c for t in turns for c in t.calls]
+        metrics.update(call_metrics(calls, [e for t in turns for e in t.errors]))
     return metrics
 
 

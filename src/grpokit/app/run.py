@@ -14,6 +14,7 @@ from grpokit.app.run_config import (
     RUN_ARTIFACTS,
     RunSpec,
     check_accuracy_reward,
+    load_chat_template,
     resolve_rewards,
     write_config,
 )
@@ -53,9 +54,14 @@ def _load_model(spec: RunSpec) -> tuple[Any, Any]:
 
     check_generation_server(spec.training)  # a vLLM server that does not answer: before loading
     try:
-        return load_causal_lm(spec.run.model, trust_remote_code=spec.training.trust_remote_code)
+        model, tokenizer = load_causal_lm(
+            spec.run.model, trust_remote_code=spec.training.trust_remote_code
+        )
     except OSError as error:  # missing folder or file, an id not in the local cache, no access
         raise ConfigError(f"model {spec.run.model!r}: {error}") from error
+    if spec.run.chat_template is not None:
+        tokenizer.chat_template = load_chat_template(spec.run.chat_template)
+    return model, tokenizer
 
 
 def lora_config(lora: dict[str, Any] | None) -> Any:
@@ -130,16 +136,19 @@ def run_eval(
     rewards: list[Any],
     *,
     engine: Any = None,
+    tools: tuple[Any, Any] | None = None,
 ) -> dict[str, float]:
     """Evaluate `model` on the task's held-out split with the `eval` section's settings.
 
     Sampling uses `engine` when given (a trainer's engine), else the engine the `training`
     section asks for (`VLLMEngine` with `use_vllm`, see `train.build.make_generation_engine`).
     Prompts follow the `training` section's `max_prompt_length` / `prompt_length_policy`.
+    With the run's tools (or environments), rollouts are multi-turn as in training: `tools` is
+    a trainer's `(tool_calling, environment_pool)`, else they are built from the spec.
     """
     from grpokit.app.evaluation import evaluate
     from grpokit.engines.base import SamplingParams
-    from grpokit.train.build import make_generation_engine, resolve_precision
+    from grpokit.train.build import make_generation_engine, make_tool_calling, resolve_precision
 
     if task.eval_dataset is None or len(task.eval_dataset) == 0:
         raise ConfigError("task: has no held-out split to evaluate on; set task.eval_size > 0.")
@@ -150,6 +159,11 @@ def run_eval(
     max_new_tokens = cfg.max_completion_length or training.max_completion_length
     if engine is None:
         engine = make_generation_engine(model, tokenizer, training, max_new_tokens=max_new_tokens)
+    if tools is None:
+        tools = make_tool_calling(spec.tools, spec.environment_factory, tokenizer, training)
+    tool_calling, environments = tools
+    if environments is not None and environments.has_reward:
+        rewards = [*rewards, environments.reward_function()]
     return evaluate(
         model,
         tokenizer,
@@ -168,13 +182,16 @@ def run_eval(
         prompt_length_policy=training.prompt_length_policy,
         seed=cfg.seed,
         bf16=resolve_precision(spec.training, next(model.parameters()).device),
+        tool_calling=tool_calling,
+        environments=environments,
     )
 
 
 def _log_eval(output_dir: Path, when: str, step: int, metrics: dict[str, float]) -> None:
     with (output_dir / "eval.jsonl").open("a") as f:
         f.write(json.dumps({"when": when, "step": step, **metrics}) + "\n")
-    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "reward", "completion_length"))
+    names = ("accuracy", "reward", "completion_length", "tools/call_rate")
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in names if k in metrics)
     print(f"[grpokit] held-out eval {when} (step {step}): {shown}", flush=True)
 
 
@@ -356,14 +373,17 @@ def _train(
         eval_dataset=task.eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        tools=spec.tools,
+        environment_factory=spec.environment_factory,
     )
+    tools = (trainer.tool_calling, trainer.environment_pool)
     if main:
         _warn_if_checkpoint_may_not_fit(trainer, output_dir)
     # Held-out evaluation samples with the trainer's own engine (vLLM with use_vllm), which
     # follows the policy's weights after every optimizer step.
     if spec.eval.before and not resume and main:
         result["before"] = run_eval(
-            spec, trainer.model, tokenizer, task, rewards, engine=trainer.engine
+            spec, trainer.model, tokenizer, task, rewards, engine=trainer.engine, tools=tools
         )
         _log_eval(output_dir, "before", 0, result["before"])
     state = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -374,7 +394,7 @@ def _train(
     print(f"[grpokit] trained model saved to {result['model_dir']}", flush=True)
     if spec.eval.after:
         result["after"] = run_eval(
-            spec, trainer.model, tokenizer, task, rewards, engine=trainer.engine
+            spec, trainer.model, tokenizer, task, rewards, engine=trainer.engine, tools=tools
         )
         _log_eval(output_dir, "after", state.global_step, result["after"])
     if spec.run.plot:

@@ -1,11 +1,13 @@
 """The `grpokit` command: `train`, `eval` and `demo`, driven by one YAML run config.
 
 A run config has five sections; every key is checked before any model, tokenizer or dataset is
-loaded (validation imports torch, for the loss and reward tables, but not transformers)::
+loaded (validation imports torch, for the loss and reward tables, but not transformers unless the
+config names tools, whose schemas transformers reads from their type hints and docstrings)::
 
     model: smollm2-135m-instruct          # HF id, local folder, .gguf file or built-in name
     task: {kind: reasoning_gym, name: chain_sum, config: {max_terms: 2}}
     rewards: [reasoning_gym_score, answer_format_reward]   # names, "module:function", or dicts
+    tools: [calculator]                   # optional: names, "module:function", or dicts
     training: {learning_rate: 1.0e-5, num_generations: 8, output_dir: runs/x}  # GRPOConfig
     eval: {num_samples: 1, num_prompts: 100}               # held-out evaluation (EvalConfig)
 
@@ -25,7 +27,7 @@ import json
 import logging
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,24 @@ class RunConfig:
     rewards: list[Any] | None = option(
         None,
         'Rewards: built-in names, "module:function" or {name: ..., params}; None = the task\'s.',
+    )
+    tools: list[Any] | None = option(
+        None,
+        "Tools the model may call during generation (multi-turn rollouts, docs/TOOLS.md): "
+        'built-in names (calculator, python), "module:function", or {name: ..., params}. '
+        "Settings: training.max_tool_calling_iterations, tool_timeout, tool_call_parser.",
+    )
+    environment_factory: str | None = option(
+        None,
+        '"module:Class" (or a zero-argument function) making one environment per rollout '
+        "(TRL's environment_factory): reset(**row) may return text appended to the prompt, its "
+        "public methods are tools, an optional get_reward() is one more reward.",
+    )
+    chat_template: str | None = option(
+        None,
+        "Replace the tokenizer's chat template: a built-in name (chatml_tools: ChatML that "
+        "renders tools, tool calls and tool replies, for models whose template has no tool "
+        "support, e.g. SmolLM2) or a .jinja file. None = the model's own.",
     )
     lora: dict[str, Any] | None = option(
         None,
@@ -259,6 +279,10 @@ class RunSpec:
     """The training section as given (defaults filled in), before GRPOConfig derives sizes."""
     rewards: list[Any] | None = None
     """Named reward functions, resolved from `run.rewards` (None until the task's are known)."""
+    tools: list[Callable[..., Any]] | None = None
+    """The tool functions `run.tools` names (checked: type hints, docstrings, unique names)."""
+    environment_factory: Callable[[], Any] | None = None
+    """What `run.environment_factory` names (checked: it makes an environment with `reset`)."""
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The config actually used, in the YAML layout; loading it reproduces this spec.
@@ -445,11 +469,15 @@ def build_config(raw: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ())
     rewards = None if reward_specs is None else resolve_rewards(reward_specs, training_values)
     if rewards is not None:
         check_accuracy_reward(eval_cfg, rewards)
+    tools = None if run.tools is None else resolve_tools(run.tools)
+    factory = resolve_environment_factory(run.environment_factory, tools or [])
+    if run.chat_template is not None:
+        load_chat_template(run.chat_template)
     try:  # ranges and consistency (GRPOConfig.__post_init__), after the cheap checks above
         training = GRPOConfig(**training_values)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"training: {error}") from error
-    return RunSpec(run, training, eval_cfg, training_values, rewards)
+    return RunSpec(run, training, eval_cfg, training_values, rewards, tools, factory)
 
 
 def resolve_rewards(specs: Any, training: dict[str, Any]) -> list[Any]:
@@ -492,6 +520,95 @@ def resolve_rewards(specs: Any, training: dict[str, Any]) -> list[Any]:
     except ValueError as error:
         raise ConfigError(f"training.{error}") from error
     return built
+
+
+def resolve_tools(specs: Any) -> list[Callable[..., Any]]:
+    """The tool functions of a run config's `tools` list, each checked as `GRPOTrainer` checks
+    it (a type hint on every argument, a Google-style docstring, no two with one name).
+
+    Raises:
+        ConfigError: not a non-empty list, an unknown built-in (with the closest name), a
+            `module:function` that does not import, bad parameters, or a tool the model cannot
+            be shown (naming the fix).
+    """
+    from grpokit.tools.builtin import TOOLS, get_tool
+    from grpokit.tools.registry import make_tools
+
+    if not isinstance(specs, list) or not specs:
+        raise ConfigError(
+            f"tools: give a non-empty list of tool names or mappings (or leave it out), got "
+            f"{specs!r}."
+        )
+    functions = []
+    for i, spec in enumerate(specs):
+        try:
+            functions.append(get_tool(spec))
+        except ValueError as error:
+            name = spec.get("name") if isinstance(spec, dict) else spec
+            hint = did_you_mean(name, TOOLS) if isinstance(name, str) and ":" not in name else ""
+            raise ConfigError(f"tools[{i}]: {error}{hint}") from error
+    make_tools(functions)
+    return functions
+
+
+def resolve_environment_factory(
+    spec: str | None, tools: list[Callable[..., Any]]
+) -> Callable[[], Any] | None:
+    """What a run config's `environment_factory` names, checked by making one environment (it
+    needs `reset`; its public methods must be valid tools not named like one of `tools`).
+
+    Raises:
+        ConfigError: it does not import, making an environment fails, or the environment is not
+            usable (naming the fix).
+    """
+    if spec is None:
+        return None
+    from grpokit.rewards.builtin import import_user_callable
+    from grpokit.tools.environments import Environments
+    from grpokit.tools.registry import make_tools
+
+    if ":" not in spec:
+        raise ConfigError(
+            f"environment_factory: {spec!r} is written 'module:Class' (a class or function in "
+            "a module next to the config, in the current folder or installed)."
+        )
+    try:
+        factory = import_user_callable(spec, what="environment_factory")
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    try:
+        Environments(factory, make_tools(tools))
+    except ConfigError:
+        raise
+    except Exception as error:  # the user's constructor raised
+        raise ConfigError(
+            f"environment_factory {spec!r}: making an environment raised "
+            f"{type(error).__name__}: {error} (it is called with no arguments; fix it)."
+        ) from error
+    return factory
+
+
+def load_chat_template(spec: str) -> str:
+    """The text of a run config's `chat_template`: a built-in name or a .jinja file.
+
+    Raises:
+        ConfigError: neither a built-in name nor a readable file (the names are listed).
+    """
+    from grpokit.tools.chat import CHAT_TEMPLATES
+
+    if spec in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[spec]
+    path = Path(spec)
+    if not path.is_file():
+        hint = did_you_mean(spec, CHAT_TEMPLATES)
+        raise ConfigError(
+            f"chat_template: {spec!r} is neither a built-in template ({sorted(CHAT_TEMPLATES)}) "
+            f"nor a file; give one of those names or the path of a .jinja file.{hint}"
+        )
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"chat_template: cannot read {spec!r} ({error}).") from error
 
 
 def load_config(

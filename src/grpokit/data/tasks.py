@@ -1,6 +1,6 @@
 """Built-in tasks: a train and a held-out eval dataset with a `prompt` column, plus default rewards.
 
-Two kinds, chosen by `load_task({"kind": ...})`:
+Three kinds, chosen by `load_task({"kind": ...})`:
 
 - `"reasoning_gym"`: procedurally generated problems from `reasoning-gym` (basic_arithmetic,
   chain_sum, countdown, number_sorting, ...). Each row keeps the generator's entry as JSON in
@@ -10,6 +10,8 @@ Two kinds, chosen by `load_task({"kind": ...})`:
 - `"dataset"`: local JSONL/JSON/CSV/Parquet files or a Hugging Face dataset name, with a column
   mapping onto `prompt` (and, for the accuracy rewards, `answer`); the eval split is either a
   named split or a fixed-seed random fraction, with prompts also present in train removed.
+- `"humaneval"`: HumanEval's 164 problems with their tests (`data.code_tasks`), scored by
+  `code_tests`; a seeded `eval_fraction` of them held out.
 
 Prompts are plain strings or conversations (`format`), built from the question with an optional
 `template` (containing `{prompt}`) and `system_prompt`.
@@ -77,6 +79,7 @@ def make_prompt(
     prompt_format: str = "conversational",
     template: str | None = None,
     system_prompt: str | None = None,
+    few_shot: list[dict[str, Any]] | None = None,
 ) -> Any:
     """Build one prompt from a question.
 
@@ -87,14 +90,21 @@ def make_prompt(
         template: Text containing `{prompt}`, replaced by the question (plain `str.replace`, so
             other braces are literal).
         system_prompt: A system message (conversational) or a leading paragraph (plain).
+        few_shot: Example turns (chat messages: `user`, `assistant` with optional
+            `tool_calls`, `tool`) placed after the system message and before the question;
+            conversational prompts only.
 
     Returns:
         A string or a list of `{"role", "content"}` messages.
     """
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"unknown prompt format {prompt_format!r}; use one of {PROMPT_FORMATS}.")
+    if few_shot and prompt_format == "plain":
+        raise ValueError("few_shot turns are chat messages; they need format: conversational.")
     if is_conversational_prompt(question):
         messages = list(question)
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        messages[head:head] = [dict(m) for m in few_shot or []]
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
         return messages
@@ -104,8 +114,29 @@ def make_prompt(
     if prompt_format == "plain":
         return f"{system_prompt}\n\n{text}" if system_prompt else text
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.extend(dict(m) for m in few_shot or [])
     messages.append({"role": "user", "content": text})
     return messages
+
+
+def _few_shot(spec: dict[str, Any], prompt_format: str) -> list[dict[str, Any]] | None:
+    """The task's `few_shot` turns, checked: a list of chat messages, for conversational
+    prompts."""
+    turns = spec.pop("few_shot", None)
+    if turns is None:
+        return None
+    if prompt_format == "plain":
+        raise ValueError("few_shot turns are chat messages; they need format: conversational.")
+    roles = ("user", "assistant", "tool", "system")
+    if not isinstance(turns, list) or not all(
+        isinstance(m, dict) and m.get("role") in roles for m in turns
+    ):
+        raise ValueError(
+            f"few_shot must be a list of chat messages with a role in {roles}, e.g. [{{role: "
+            "user, content: ...}, {role: assistant, content: ...}], got "
+            f"{json.dumps(turns, default=str)[:200]}."
+        )
+    return turns
 
 
 def _prompt_key(prompt: Any) -> str:
@@ -147,7 +178,11 @@ def _json_default(value: Any) -> Any:
 
 
 def _reasoning_gym_rows(
-    entries: list[dict[str, Any]], prompt_format: str, template: str, system_prompt: str | None
+    entries: list[dict[str, Any]],
+    prompt_format: str,
+    template: str,
+    system_prompt: str | None,
+    few_shot: list[dict[str, Any]] | None,
 ) -> dict[str, list[Any]]:
     return {
         "prompt": [
@@ -156,6 +191,7 @@ def _reasoning_gym_rows(
                 prompt_format=prompt_format,
                 template=template,
                 system_prompt=system_prompt,
+                few_shot=few_shot,
             )
             for e in entries
         ],
@@ -183,6 +219,7 @@ def _load_reasoning_gym(spec: dict[str, Any]) -> Task:
     prompt_format = spec.pop("format", "conversational")
     template = spec.pop("template", ANSWER_INSTRUCTION)
     system_prompt = spec.pop("system_prompt", None)
+    few_shot = _few_shot(spec, prompt_format)
     rewards = list(spec.pop("rewards", ["reasoning_gym_score", "answer_format_reward"]))
     _check_template(template)
     if size < 1 or eval_size < 0:
@@ -212,12 +249,9 @@ def _load_reasoning_gym(spec: dict[str, Any]) -> Task:
             f"train split (wanted eval_size={eval_size}); its question space is too small. Lower "
             "eval_size or size, or widen the generator's config."
         )
-    train_ds = Dataset.from_dict(_reasoning_gym_rows(train, prompt_format, template, system_prompt))
-    eval_ds = (
-        Dataset.from_dict(_reasoning_gym_rows(held_out, prompt_format, template, system_prompt))
-        if eval_size
-        else None
-    )
+    style = (prompt_format, template, system_prompt, few_shot)
+    train_ds = Dataset.from_dict(_reasoning_gym_rows(train, *style))
+    eval_ds = Dataset.from_dict(_reasoning_gym_rows(held_out, *style)) if eval_size else None
     return Task(name=name, train_dataset=train_ds, eval_dataset=eval_ds, default_rewards=rewards)
 
 
@@ -298,6 +332,7 @@ def _load_dataset(spec: dict[str, Any]) -> Task:
     prompt_format = spec.pop("format", "conversational")
     template = spec.pop("template", None)
     system_prompt = spec.pop("system_prompt", None)
+    few_shot = _few_shot(spec, prompt_format)
     rewards = list(spec.pop("rewards", ["accuracy_reward", "answer_format_reward"]))
     _check_template(template)
     if (path is None) == (hf_name is None):
@@ -331,6 +366,7 @@ def _load_dataset(spec: dict[str, Any]) -> Task:
             prompt_format=prompt_format,
             template=template,
             system_prompt=system_prompt,
+            few_shot=few_shot,
         )
         return {"prompt": prompt}
 
@@ -344,13 +380,57 @@ def _load_dataset(spec: dict[str, Any]) -> Task:
     return Task(name=name, train_dataset=train, eval_dataset=eval_ds, default_rewards=rewards)
 
 
-TASK_KINDS = {"reasoning_gym": _load_reasoning_gym, "dataset": _load_dataset}
-_COMMON_KEYS = ("format", "template", "system_prompt", "rewards", "seed", "size")
+# ---------------------------------------------------------------------------------------------
+# Code tasks with tests
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_humaneval(spec: dict[str, Any]) -> Task:
+    from grpokit.data.code_tasks import load_humaneval
+
+    prompt_format = spec.pop("format", "conversational")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}; use one of {PROMPT_FORMATS}.")
+    system_prompt = spec.pop("system_prompt", None)
+    few_shot = _few_shot(spec, prompt_format)
+    limit = spec.pop("size", None)
+    train, held_out = load_humaneval(
+        eval_fraction=float(spec.pop("eval_fraction", 0.2)),
+        seed=int(spec.pop("seed", 0)),
+        conversational=prompt_format == "conversational",
+    )
+    if limit is not None:
+        train = train[: int(limit)]
+    for row in (*train, *held_out):
+        row["prompt"] = make_prompt(
+            row["prompt"],
+            prompt_format=prompt_format,
+            system_prompt=system_prompt,
+            few_shot=few_shot,
+        )
+    rewards = list(spec.pop("rewards", ["code_tests"]))
+    return Task(
+        name="humaneval",
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(held_out) if held_out else None,
+        default_rewards=rewards,
+    )
+
+
+TASK_KINDS = {
+    "reasoning_gym": _load_reasoning_gym,
+    "dataset": _load_dataset,
+    "humaneval": _load_humaneval,
+}
+_COMMON_KEYS = ("format", "template", "system_prompt", "few_shot", "rewards", "seed", "size")
 TASK_KEYS: dict[str, tuple[str, ...]] = {
     "reasoning_gym": ("name", "eval_size", "config", *_COMMON_KEYS),
     "dataset": (
         *("path", "name", "config_name", "columns", "split", "eval_split", "eval_path"),
         *("eval_fraction", *_COMMON_KEYS),
+    ),
+    "humaneval": (
+        *("eval_fraction", "format", "system_prompt", "few_shot", "rewards", "seed", "size"),
     ),
 }
 """The keys each task kind accepts besides `kind`."""
@@ -365,10 +445,12 @@ def load_task(spec: dict[str, Any]) -> Task:
             "path": "data.jsonl" | "name": "hf/dataset", "columns": {"question": "prompt",
             "final": "answer"}, "eval_fraction": 0.1, "seed": 0}`. Both accept `format`
             (`"conversational"` default, or `"plain"`), `template` (with `{prompt}`),
-            `system_prompt`, `rewards` (default reward names) and `size`. A dataset can instead
+            `system_prompt`, `few_shot` (example chat turns before the question), `rewards`
+            (default reward names) and `size`. A dataset can instead
             take its eval rows from `eval_split` (HF) or `eval_path` (a file); `size` caps its
             train rows; `name` with `config_name` and `split` loads from the Hugging Face Hub.
-            Unknown keys are errors.
+            `{"kind": "humaneval", "eval_fraction": 0.2, "seed": 0}` takes `format`,
+            `system_prompt`, `rewards` and `size` too. Unknown keys are errors.
 
     Returns:
         The task.

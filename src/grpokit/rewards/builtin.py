@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.data.prompts import completion_text
+from grpokit.rewards.code import make_code_tests
 from grpokit.sandbox import SandboxLimits, SandboxPool
 
 logger = logging.getLogger("grpokit")
@@ -613,6 +614,7 @@ REWARD_FUNCTIONS: dict[str, Callable[..., RewardFn]] = {
     "repetition_penalty": get_repetition_penalty_reward,
     "cosine_scaled_reward": get_cosine_scaled_reward,
     "reasoning_gym_score": get_reasoning_gym_score,
+    "code_tests": make_code_tests,
 }
 """Built-in rewards by name: each value is a factory taking the reward's parameters."""
 
@@ -625,35 +627,45 @@ def _where(error: BaseException) -> str:
     return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
-def _import_user_function(ref: str) -> Any:
+def import_user_callable(ref: str, what: str = "reward") -> Any:
+    """The callable a `"module:function"` reference names (`function` may be dotted).
+
+    Args:
+        ref: `"package.module:function"`.
+        what: What the callable is for, named in the messages ("reward", "tool", ...).
+
+    Raises:
+        ValueError: a malformed reference, a module that is not on the import path or fails to
+            import (with where it failed and the fix), a missing attribute, or not a callable.
+    """
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"reward {ref!r}: a user function is written 'module:function'.")
+        raise ValueError(f"{what} {ref!r}: a user function is written 'module:function'.")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name is not None and f"{module_name}.".startswith(f"{error.name}."):
             raise ValueError(
-                f"reward {ref!r}: no module {module_name!r} on the import path. The grpokit "
+                f"{what} {ref!r}: no module {module_name!r} on the import path. The grpokit "
                 "command looks in the current folder and the config file's folder; otherwise "
                 "add its folder to PYTHONPATH or install it."
             ) from error
         raise ValueError(
-            f"reward {ref!r}: importing module {module_name!r} failed: {error} (install the "
+            f"{what} {ref!r}: importing module {module_name!r} failed: {error} (install the "
             "missing package or fix the import)."
         ) from error
     except Exception as error:  # the user's module raised while it was imported
         raise ValueError(
-            f"reward {ref!r}: importing module {module_name!r} failed: "
+            f"{what} {ref!r}: importing module {module_name!r} failed: "
             f"{type(error).__name__}: {error}{_where(error)} (fix the module)."
         ) from error
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"reward {ref!r}: module {module_name!r} has no attribute {attr!r}.")
+            raise ValueError(f"{what} {ref!r}: module {module_name!r} has no attribute {attr!r}.")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"reward {ref!r} is a {type(obj).__name__}, not a callable.")
+        raise ValueError(f"{what} {ref!r} is a {type(obj).__name__}, not a callable.")
     return obj
 
 
@@ -684,7 +696,7 @@ def get_reward_function(spec: str | dict[str, Any]) -> RewardFn:
             f"reward spec {spec!r} must be a name or a dict with a 'name' key and parameters."
         )
     if ":" in name:
-        obj = _import_user_function(name)
+        obj = import_user_callable(name)
         return obj(**params) if params else obj
     if name not in REWARD_FUNCTIONS:
         raise ValueError(

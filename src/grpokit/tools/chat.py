@@ -5,6 +5,12 @@ wrote as the *difference* between two renderings of a small conversation, with a
 tool messages (the same construction as TRL's). That needs a template that renders tool calls
 and tool messages at all (`check_tool_template`) and renders earlier messages the same whatever
 follows them (prefix-preserving).
+
+A model whose own template has no tool support (SmolLM2's, for one) can be given a ChatML template
+that has it: `CHATML_TOOLS_TEMPLATE` (named "chatml_tools" in `CHAT_TEMPLATES`), in the
+Hermes/Qwen2.5 layout: the tool schemas in the system turn inside `<tools></tools>`, each call as
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, the replies in a user turn inside
+`<tool_response></tool_response>`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,50 @@ from typing import Any
 from grpokit.errors import ConfigError
 
 _NAME, _KEY, _VALUE, _CONTENT = "tool_name_q7", "arg_key_x4", "arg_value_z9", "tool_output_k2"
+
+CHATML_TOOLS_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\\n'
+    "</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}"
+    "{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + (message.content or '') }}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{%- set fn = call.function if call.function is defined else call %}"
+    "{%- if message.content or not loop.first %}{{- '\\n' }}{%- endif %}"
+    '{{- \'<tool_call>\\n{"name": "\' + fn.name + \'", "arguments": \' }}'
+    "{{- fn.arguments if fn.arguments is string else fn.arguments | tojson }}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+"""ChatML with tools in the Hermes/Qwen2.5 layout (module docstring), for models whose own
+template has no tool support; prefix-preserving."""
+
+CHAT_TEMPLATES = {"chatml_tools": CHATML_TOOLS_TEMPLATE}
+"""Built-in chat templates by name (a run config's `chat_template`)."""
 
 
 def _render(
@@ -54,7 +104,8 @@ def check_tool_template(tokenizer: Any, chat_template_kwargs: dict[str, Any] | N
     fix = (
         "Use a model whose chat template supports tools (e.g. Qwen2.5/Qwen3 Instruct) or set "
         "tokenizer.chat_template to one that renders `tools`, assistant `tool_calls` and "
-        "`tool` messages."
+        "`tool` messages: grpokit.tools.chat.CHATML_TOOLS_TEMPLATE for a ChatML model (in a "
+        "run config, `chat_template: chatml_tools`)."
     )
     if getattr(tokenizer, "chat_template", None) is None:
         raise ConfigError(f"tools need a chat template, but the tokenizer has none. {fix}")

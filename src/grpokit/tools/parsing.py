@@ -5,7 +5,8 @@ needs only a new function. Built in, by name (`PARSERS`):
 
 - "hermes": `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one block per call (the
   format of Hermes, Qwen2.5/Qwen3 and the chat templates written for them; an unclosed last block
-  is read to the end of the turn);
+  is read to the end of the turn); a block may also hold a JSON list of calls (SmolLM2's
+  `<tool_call>[{...}, ...]</tool_call>`; `[]` = no call);
 - "mistral": `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`;
 - "json": the whole turn is one JSON object `{"name": ..., "parameters"|"arguments": {...}}` or a
   list of them (Llama 3.1/3.2's JSON tool calls, optionally after `<|python_tag|>`);
@@ -90,8 +91,18 @@ def call_from_object(value: Any) -> ToolCall:
 
 
 def parse_hermes(text: str) -> ParsedTurn:
-    """`<tool_call>{json}</tool_call>` blocks; the text outside them is the content."""
-    calls = [call_from_json(body.strip()) for body in _HERMES.findall(text)]
+    """`<tool_call>{json}</tool_call>` blocks (or `<tool_call>[{json}, ...]</tool_call>`); the
+    text outside them is the content."""
+    calls = []
+    for body in _HERMES.findall(text):
+        body = body.strip()
+        try:
+            value = json.loads(body)
+        except json.JSONDecodeError:
+            calls.append(call_from_json(body))  # the error says what is wrong with the JSON
+            continue
+        values = value if isinstance(value, list) else [value]
+        calls.extend(call_from_object(v) for v in values)
     return ParsedTurn(_HERMES.sub("", text).strip(), calls)
 
 

@@ -160,3 +160,18 @@ class ToolTurns:
         """Release the worker threads and the runner's event loop."""
         self._executor.shutdown(wait=True)
         self.runner.close()
+
+
+def call_metrics(calls: Sequence[int], errors: Sequence[int]) -> dict[str, float]:
+    """Tool-call metrics of N completions from their calls and failed calls per completion.
+
+    `tools/call_frequency` (calls per completion) and `tools/failure_frequency` (failed calls /
+    calls; 0 without calls) are TRL's; `tools/call_rate` is the fraction of completions that
+    made at least one call.
+    """
+    n, total = max(1, len(calls)), sum(calls)
+    return {
+        "tools/call_frequency": total / n,
+        "tools/failure_frequency": sum(errors) / total if total else 0.0,
+        "tools/call_rate": sum(c > 0 for c in calls) / n,
+    }

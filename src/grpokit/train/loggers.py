@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from grpokit.tools.turns import call_metrics
 from grpokit.train.checkpoint import write_text_atomic
 
 log = logging.getLogger("grpokit")
@@ -322,7 +323,8 @@ def tool_metrics(gen: Any) -> dict[str, float]:
     """Multi-turn metrics of one generation batch (none for a single-turn batch).
 
     `tools/call_frequency` (tool calls per completion) and `tools/failure_frequency` (failed
-    calls / calls) are TRL's; `tools/turns_mean` counts the model's turns per completion,
+    calls / calls) are TRL's, `tools/call_rate` the completions that made a call
+    (`tools.turns.call_metrics`); `tools/turns_mean` counts the model's turns per completion,
     `tools/model_tokens_mean` / `tools/tool_tokens_mean` the tokens it wrote / that were
     appended for it per completion, `tools/dropped_replies` the replies that did not fit.
     """
@@ -339,9 +341,7 @@ def tool_metrics(gen: Any) -> dict[str, float]:
     }
     turns = gen.turns
     if turns is not None:
-        calls, errors = sum(turns.calls), sum(turns.errors)
-        out["tools/call_frequency"] = calls / n
-        out["tools/failure_frequency"] = errors / calls if calls else 0.0
+        out.update(call_metrics(turns.calls, turns.errors))
         out["tools/dropped_replies"] = float(sum(turns.dropped))
     return out
 

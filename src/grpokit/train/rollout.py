@@ -60,12 +60,16 @@ class PromptBatch:
             B*G lists (each rollout's prompt holds its environment's `reset` text).
         over_length: How many of the rows given were skipped or truncated by `max_prompt_length`.
         environments: With environments, the N rollouts' instances (reset); else empty.
+        prompts: With environments, the N prompts as the model sees them (each with its
+            environment's `reset` text appended), which the reward functions receive as
+            `prompts`, as in TRL; else empty (the rows' prompts, repeated G times, are used).
     """
 
     rows: list[dict[str, Any]]
     prompt_ids: list[list[int]]
     over_length: int = 0
     environments: list[Any] = field(default_factory=list)
+    prompts: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -371,11 +375,13 @@ class RolloutPipeline:
         by_index = dict(zip(kept, kept_ids, strict=True))
         keep = [i for i in range(len(rows)) if all(i * g + k in by_index for k in range(g))]
         over_length = sum(len(ids[j]) != len(by_index.get(j, [])) for j in range(len(ids)))
+        kept_rollouts = [i * g + k for i in keep for k in range(g)]
         return PromptBatch(
             [rows[i] for i in keep],
-            [by_index[i * g + k] for i in keep for k in range(g)],
+            [by_index[j] for j in kept_rollouts],
             over_length,
-            [envs[i * g + k] for i in keep for k in range(g)],
+            [envs[j] for j in kept_rollouts],
+            [prompts[j] for j in kept_rollouts],
         )
 
     def generate(
@@ -497,6 +503,7 @@ class RolloutPipeline:
             return self._empty(batch.over_length)
         gen = self.generate(batch.prompt_ids, rows=batch.rows, environments=batch.environments)
         prompts, columns = self.repeat(batch.rows)
+        prompts = batch.prompts or prompts  # with environments, as the model saw them
         columns = reward_columns(columns, gen, batch.environments)
         completions, completion_ids = self.decode(prompts, gen)
         rewards = self.score(

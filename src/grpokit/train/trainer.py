@@ -502,29 +502,36 @@ class GRPOTrainer:
 
         Returns:
             `(prompts, prompt_ids, columns)`: `num_prompts * G` prompts (each repeated G times,
-            for the reward functions), `num_prompts` token-id lists (with environments one per
-            rollout, `num_prompts * G`), and every other column repeated G times.
+            for the reward functions; with environments, each with its environment's `reset`
+            text), `num_prompts` token-id lists (with environments one per rollout,
+            `num_prompts * G`), and every other column repeated G times.
         """
         cfg, rollout, world = self.args, self.rollout, self.world
         wanted = cfg.prompts_per_generation if num_prompts is None else num_prompts
         if world.is_distributed and self.environment_pool is not None:
-            rows, ids, environments = self._draw_own_prompts(wanted // world.num_processes)
+            rows, ids, environments, reset_prompts = self._draw_own_prompts(
+                wanted // world.num_processes
+            )
         else:
-            rows, ids, environments = self._draw_prompts(wanted)
+            rows, ids, environments, reset_prompts = self._draw_prompts(wanted)
         if world.is_distributed and self.environment_pool is None:
             share = world.own_rows(wanted // world.num_processes)  # whole groups
             rows, ids = rows[share], ids[share]  # every process drew the global batch
         self._prompt_rows, self.environments = rows, environments or None
         prompts, columns = rollout.repeat(rows)
-        return prompts, ids, columns
+        return reset_prompts or prompts, ids, columns
 
-    def _draw_prompts(self, wanted: int) -> tuple[list[dict[str, Any]], list[list[int]], list[Any]]:
+    def _draw_prompts(
+        self, wanted: int
+    ) -> tuple[list[dict[str, Any]], list[list[int]], list[Any], list[Any]]:
         """`wanted` rows tokenized, drawing more as the length policy skips some; the rows,
-        their token-id lists and (with environments) the rollouts' reset instances."""
+        their token-id lists and, with environments, the rollouts' reset instances and their
+        prompts with the reset text (else two empty lists)."""
         rollout = self.rollout
         rows: list[dict[str, Any]] = []
         ids: list[list[int]] = []
         environments: list[Any] = []
+        environment_prompts: list[Any] = []  # N prompts with their environment's reset text
         attempts = 0
         while len(rows) < wanted:
             need = wanted - len(rows)
@@ -537,14 +544,15 @@ class GRPOTrainer:
             rows += drawn.rows
             ids += drawn.prompt_ids
             environments += drawn.environments
+            environment_prompts += drawn.prompts
             attempts += need
             if not rows and attempts > max(1, self.sampler.size or 0) + need:
                 raise rollout.all_skipped_error()
-        return rows, ids, environments
+        return rows, ids, environments, environment_prompts
 
     def _draw_own_prompts(
         self, share: int
-    ) -> tuple[list[dict[str, Any]], list[list[int]], list[Any]]:
+    ) -> tuple[list[dict[str, Any]], list[list[int]], list[Any], list[Any]]:
         """This process's `share` rows, tokenized with their environments reset, when several
         processes train with environments: each process resets only its own rollouts'.
 
@@ -559,6 +567,7 @@ class GRPOTrainer:
         rows: list[dict[str, Any]] = []
         ids: list[list[int]] = []
         environments: list[Any] = []
+        environment_prompts: list[Any] = []  # prompts with their environment's reset text
         missing = [share] * world.num_processes  # every process's shortfall, known to all
         attempts = taken = 0
         while sum(missing):
@@ -571,6 +580,7 @@ class GRPOTrainer:
                 rows += batch.rows
                 ids += batch.prompt_ids
                 environments += batch.environments
+                environment_prompts += batch.prompts
                 over_length = batch.over_length
             else:
                 over_length = 0
@@ -584,7 +594,7 @@ class GRPOTrainer:
             limit = max(1, self.sampler.size or 0) + len(drawn)
             if not sum(held for held, _ in counts) and attempts > limit:
                 raise rollout.all_skipped_error()
-        return rows, ids, environments
+        return rows, ids, environments, environment_prompts
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
         """Sample G completions per prompt with the generation engine (under autocast); with
