@@ -74,7 +74,11 @@ from grpokit.train.rollout import (
     evaluate_rewards,
     reward_columns,
 )
-from grpokit.train.trackers import tracker_callbacks
+from grpokit.train.trackers import (
+    completions_table_columns,
+    log_completions_table,
+    tracker_callbacks,
+)
 
 logger = logging.getLogger("grpokit")
 
@@ -359,27 +363,14 @@ class GRPOTrainer:
         self.pending.extend(train_metrics)
         # when to log, evaluate and save
         default_flow(cfg, self.state, self.control, first_step, first_epoch)
-        if cfg.log_completions and self.control.should_log:
-            names = [fn.name for fn in self.reward_funcs]
-            step = self.state.global_step
-            local = completion_rows(
-                rollout.prompts,
-                rollout.completions,
-                rollout.rewards,
-                adv.rewards,
-                adv.advantages,
-                names,
-                rollout.extra,
-                unique_prompts=cfg.log_unique_prompts,
-            )
-            run_log.log_completions(
-                step,
-                [row for part in self.world.gather_objects(local) for row in part],
-                reward_names=names,
-                print_count=cfg.num_completions_to_print,
-                seed=cfg.seed + step,
-            )
+        rows = self._log_completions(run_log, rollout, adv)
         self._log_evaluate_save(run_log)
+        if rows and self.world.is_main_process:  # after the step's metrics, as TRL
+            names = [fn.name for fn in self.reward_funcs]
+            table = completions_table_columns(
+                self.state.global_step, rows, names, unique_prompts=cfg.log_unique_prompts
+            )
+            log_completions_table(cfg.report_to, self.state.global_step, table)
 
     # =============================================================================================
     # Steps of the algorithm
@@ -968,6 +959,37 @@ class GRPOTrainer:
             **name_reward_metrics(reward_metrics, [fn.name for fn in self.reward_funcs]),
         }
         return metrics, float(tokens[2])
+
+    def _log_completions(
+        self, run_log: RunLogger | SilentRunLogger, rollout: ScoredRollout, adv: AdvantageOutput
+    ) -> list[dict[str, Any]]:
+        """`log_completions` at a logging step: every process's `completion_rows` records,
+        gathered, written to completions.jsonl and the console table (main process). Returns
+        the records ([] when nothing is logged this round)."""
+        cfg = self.args
+        if not (cfg.log_completions and self.control.should_log):
+            return []
+        names = [fn.name for fn in self.reward_funcs]
+        step = self.state.global_step
+        local = completion_rows(
+            rollout.prompts,
+            rollout.completions,
+            rollout.rewards,
+            adv.rewards,
+            adv.advantages,
+            names,
+            rollout.extra,
+            unique_prompts=cfg.log_unique_prompts,
+        )
+        rows = [row for part in self.world.gather_objects(local) for row in part]
+        run_log.log_completions(
+            step,
+            rows,
+            reward_names=names,
+            print_count=cfg.num_completions_to_print,
+            seed=cfg.seed + step,
+        )
+        return rows
 
     def _log_evaluate_save(self, run_log: RunLogger | SilentRunLogger) -> None:
         """Evaluate, log and checkpoint as the control flags say (`default_flow` and callbacks).
