@@ -22,13 +22,20 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from grpokit.core.entropy import EntropyRegularization
     from grpokit.core.losses import LossOptions
 
-from grpokit.train.fields import at_default, check_at_default, did_you_mean, option
+from grpokit.train.fields import (
+    KwargsField,
+    accepts_none,
+    at_default,
+    check_at_default,
+    did_you_mean,
+    option,
+)
 from grpokit.train.trl_compat import (
     RETIRED_TRL_FIELDS,
     AcceptedAtDefault,
@@ -166,7 +173,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         'stops with the list of changes; "apply" applies them from the resumed step (a new '
         "learning rate or schedule takes effect).",
     )
-    model_init_kwargs: dict[str, Any] | None = option(
+    model_init_kwargs: KwargsField = option(
         None,
         "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string.",
     )
@@ -202,7 +209,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         False,
         "Recompute activations in the backward pass to save memory (slower). TRL defaults to True.",
     )
-    gradient_checkpointing_kwargs: dict[str, Any] | None = option(
+    gradient_checkpointing_kwargs: KwargsField = option(
         None,
         "Keyword arguments for `gradient_checkpointing_enable` (default: use_reentrant=False).",
     )
@@ -248,7 +255,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         'last tokens, "skip" drops it (counted in the `prompts/skipped` metric, with a '
         "warning).",
     )
-    chat_template_kwargs: dict[str, Any] | None = option(
+    chat_template_kwargs: KwargsField = option(
         None, "Extra keyword arguments for `apply_chat_template` on conversational prompts."
     )
 
@@ -286,7 +293,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     repetition_penalty: float = option(
         1.0, "Penalise tokens already in the prompt or completion (> 1) or favour them (< 1)."
     )
-    generation_kwargs: dict[str, Any] | None = option(
+    generation_kwargs: KwargsField = option(
         None, "Extra `GenerationConfig` fields; they override the sampling fields above."
     )
     use_vllm: bool = option(
@@ -381,7 +388,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         'Importance ratio per "token", or per "sequence" (GSPO: geometric mean over the tokens), '
         'or "sequence_token" (GSPO-token: the sequence value, each token\'s gradient its own).',
     )
-    scale_rewards: str | bool = option(
+    scale_rewards: str = option(
         "group",
         'Divide centred rewards by the std of the "group", the "batch", or not at all ("none"). '
         'True = "group", False = "none".',
@@ -579,13 +586,13 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         'Learning-rate schedule name for `transformers.get_scheduler` ("linear", "cosine", ...).',
         limit='"reduce_lr_on_plateau" and "greedy" (stepped on a metric) are not supported',
     )
-    lr_scheduler_kwargs: dict[str, Any] | None = option(
+    lr_scheduler_kwargs: KwargsField = option(
         None, "Extra keyword arguments for the learning-rate scheduler."
     )
     warmup_ratio: float = option(
         0.0, "Fraction of max_steps used for linear warm-up (ignored when warmup_steps > 0)."
     )
-    warmup_steps: int | float = option(
+    warmup_steps: float = option(
         0, "Warm-up optimizer steps; a float below 1 is a fraction of max_steps."
     )
     max_grad_norm: float | None = option(
@@ -609,7 +616,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         'pass over the training prompts (as `PromptSampler` counts them), "no" never (a final '
         "record is still written at the last step).",
     )
-    logging_steps: int | float = option(
+    logging_steps: float = option(
         10,
         "Log metrics every this many optimizer steps; a float below 1 is a fraction of max_steps.",
     )
@@ -626,7 +633,8 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         'not. True = "all", False = "no".',
         note='"all" counts tokens without padding too, as TRL\'s GRPOTrainer does',
     )
-    report_to: str | list[str] | None = option(
+    # None first: HfArgumentParser (TRL's TrlParser) then parses a string, as for TRL's field
+    report_to: None | str | list[str] = option(  # noqa: RUF036
         "none",
         'Experiment trackers that also receive every logged record: "tensorboard", "wandb", '
         '"trackio", "mlflow", a list of them, "all" (those installed) or "none" '
@@ -652,7 +660,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         "Hugging Face Bucket for a Trackio Space; None = Trackio picks one.",
         limit=_TRACKIO_ONLY,
     )
-    trackio_static_space_id: str | bool | None = option(
+    trackio_static_space_id: str | None | Literal[False] = option(  # noqa: RUF036 (as above)
         None,
         "Static Trackio Space frozen after training when `trackio_space_id` is set; False = none.",
         limit=_TRACKIO_ONLY,
@@ -660,10 +668,11 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     log_completions: bool = option(
         False,
         "Every logging step, write the round's prompts, completions, rewards, advantages and "
-        "`log_extra` columns to output_dir/completions.jsonl, and print a table of them to the "
-        "console.",
-        note="the table goes to output_dir/completions.jsonl (TRL: parquet files, and a table "
-        "in wandb / trackio); the console table is TRL's",
+        "`log_extra` columns to output_dir/completions.jsonl, print a table of them to the "
+        "console, and log them as the table `completions` to wandb / trackio when report_to "
+        "names them.",
+        note="the rows go to output_dir/completions.jsonl (TRL: parquet files); the console "
+        "table and the `completions` table in wandb / trackio are TRL's",
     )
     num_completions_to_print: int | None = option(
         None,
@@ -679,7 +688,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         'pass over the training prompts; "best" whenever an evaluation improves '
         '`metric_for_best_model`; "no" saves none.',
     )
-    save_steps: int | float = option(
+    save_steps: float = option(
         500, "Optimizer steps between checkpoints; a float below 1 is a fraction of max_steps."
     )
     save_total_limit: int | None = option(
@@ -715,12 +724,12 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         '"steps" evaluates on eval_dataset every `eval_steps`; "epoch" at the end of each pass '
         'over the training prompts; "no" never does.',
     )
-    eval_steps: int | float | None = option(
+    eval_steps: float | None = option(
         None,
         "Optimizer steps between evaluations; None = logging_steps. The last step always "
         'evaluates when eval_strategy is "steps".',
     )
-    eval_delay: int | float = option(
+    eval_delay: float = option(
         0,
         'Do not evaluate before this many optimizer steps (epochs with eval_strategy="epoch").',
     )
@@ -752,7 +761,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
     def _check_numbers(self) -> None:
         """Every float field finite and in its range (`NUMBER_RANGES`); None where it may be."""
         for f in dataclasses.fields(self):
-            value, or_none = getattr(self, f.name), "None" in str(f.type)
+            value, or_none = getattr(self, f.name), accepts_none(type(self), f.name)
             if f.name in NUMBER_RANGES and not (value is None and or_none):
                 check_number(f.name, value, NUMBER_RANGES[f.name], or_none=or_none)
         for i, weight in enumerate(self.reward_weights or []):
@@ -765,6 +774,8 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
             self.output_dir = "trainer_output"
         if self.bf16 is None:
             self.bf16 = not self.fp16
+        if self.debug is None:  # what HfArgumentParser passes for an unset `debug`
+            self.debug = ""
         for name in JSON_DICT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, str) and value.startswith("{"):

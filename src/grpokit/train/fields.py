@@ -12,6 +12,11 @@ Metadata keys:
 - `note`: for a TRL field, how grpokit's support reads next to TRL's (docs/TRL_COMPAT.md).
 - `accepted` and `reason`: for an `at_default` field, the values accepted (TRL's default, and
   perhaps equivalents) and why any other value is refused.
+
+The metadata is a `FieldMetadata`, so that transformers' `HfArgumentParser` (and TRL's
+`TrlParser`, which TRL's scripts build their configs with) can parse `GRPOConfig` as it parses
+TRL's: the parser hands a copy of each field's metadata to `argparse` as keyword arguments, and
+the copy holds only the help text.
 """
 
 from __future__ import annotations
@@ -19,14 +24,39 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import types
+import typing
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # How similar (difflib's ratio: twice the matching characters over both lengths) a name must be to
 # be suggested for a misspelt one: `temprature` -> `temperature` (0.95), `topp` -> `top_p` (0.89),
 # `per_device_batch_size` -> `per_device_train_batch_size` (0.88), but not `use_cache` ->
 # `use_cpu` (0.62), a different option.
 SUGGESTION_CUTOFF = 0.8
+
+
+if TYPE_CHECKING:
+    KwargsField = dict[str, Any] | None
+else:
+    KwargsField = dict[str, Any] | str | None
+"""The type of a keyword-arguments field (`model_init_kwargs`, ...): a dict, or a JSON string
+from the command line, which the config parses at init (`JSON_DICT_FIELDS`). Parsers read the
+runtime annotation, where a string makes `HfArgumentParser` pass it through as TRL's fields do;
+the type checker sees the value the config holds after init."""
+
+
+class FieldMetadata(dict[str, Any]):
+    """A field's metadata (the keys above) whose `copy()` is what `argparse.add_argument` takes.
+
+    `HfArgumentParser` passes `field.metadata.copy()` to `add_argument` as keyword arguments,
+    which refuses grpokit's own keys; its `--help` formats the help text with `%`, so a literal
+    `%` is doubled in the copy. Reading the metadata (`field.metadata["note"]`) is unaffected.
+    """
+
+    def copy(self) -> dict[str, Any]:
+        """The argparse keyword arguments: `help` alone."""
+        return {"help": self["help"].replace("%", "%%")}
 
 
 def option(default: Any, help: str, *, limit: str | None = None, note: str | None = None) -> Any:
@@ -40,7 +70,7 @@ def option(default: Any, help: str, *, limit: str | None = None, note: str | Non
         note: For a fully supported TRL field, what to know next to TRL's meaning (shown in
             docs/TRL_COMPAT.md).
     """
-    metadata: dict[str, Any] = {"help": help}
+    metadata = FieldMetadata(help=help)
     if limit is not None:
         metadata["limit"] = limit
     if note is not None:
@@ -64,14 +94,28 @@ def at_default(default: Any, meaning: str, reason: str, *, also: tuple[Any, ...]
     """
     accepted = (default, *also)
     shown = " or ".join(repr(value) for value in accepted)
-    metadata = {
-        "help": f"{meaning} Only {shown} here: {reason}.",
-        "accepted": accepted,
-        "reason": reason,
-    }
+    metadata = FieldMetadata(
+        help=f"{meaning} Only {shown} here: {reason}.", accepted=accepted, reason=reason
+    )
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+_TYPE_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def accepts_none(cls: type, name: str) -> bool:
+    """Whether the field `name` of the dataclass `cls` is declared to take None.
+
+    Read from the class's annotations, not from `Field.type`, which `HfArgumentParser`
+    overwrites with the one type it parses.
+    """
+    if cls not in _TYPE_HINTS:
+        _TYPE_HINTS[cls] = typing.get_type_hints(cls)
+    hint = _TYPE_HINTS[cls][name]
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return hint is type(None) or (is_union and type(None) in typing.get_args(hint))
 
 
 def same_value(a: Any, b: Any) -> bool:

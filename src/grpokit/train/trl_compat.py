@@ -244,7 +244,8 @@ class AcceptedAtDefault:
     """
 
     # ---- optimisation and precision ----------------------------------------------------------
-    optim_target_modules: str | list[str] | None = at_default(
+    # None first: HfArgumentParser (TRL's TrlParser) then parses a string, as for TRL's field
+    optim_target_modules: None | str | list[str] = at_default(  # noqa: RUF036
         None, "Modules GaLore / APOLLO optimizers project.", "GaLore and APOLLO are not supported"
     )
     average_tokens_across_devices: bool = at_default(
@@ -392,9 +393,7 @@ class AcceptedAtDefault:
     parallelism_config: Any = at_default(
         None, "Accelerate's parallelism configuration.", _MULTI_PROCESS
     )
-    fsdp: str | bool | None = at_default(
-        None, "Fully Sharded Data Parallel options.", _MULTI_PROCESS
-    )
+    fsdp: str | None = at_default(None, "Fully Sharded Data Parallel options.", _MULTI_PROCESS)
     fsdp_config: dict[str, Any] | str | None = at_default(
         None, "FSDP configuration.", _MULTI_PROCESS
     )
