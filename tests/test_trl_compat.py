@@ -352,17 +352,7 @@ def test_the_written_run_config_leaves_out_fields_fixed_at_their_default() -> No
 
 
 # ---- HfArgumentParser / TrlParser (how TRL's scripts build their config) ------------------------
-@pytest.fixture
-def field_types() -> Any:
-    """HfArgumentParser overwrites each `Field.type` with the one type it parses; put them back
-    so the other tests see the declared types."""
-    saved = {f.name: f.type for f in dataclasses.fields(GRPOConfig)}
-    yield
-    for f in dataclasses.fields(GRPOConfig):
-        f.type = saved[f.name]
-
-
-@pytest.mark.usefixtures("field_types")
+@pytest.mark.usefixtures("restore_field_types")
 def test_hf_argument_parser_builds_the_config_as_for_trl(tmp_path: Path) -> None:
     from transformers import HfArgumentParser
 

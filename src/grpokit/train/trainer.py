@@ -32,7 +32,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from transformers import TrainerControl
+from transformers import TrainerControl, trainer_pt_utils
+from transformers.trainer_utils import TrainOutput
 
 from grpokit.core.advantages import AdvantageOutput, check_reward_weights, group_advantages
 from grpokit.core.entropy import entropy_bonus
@@ -159,6 +160,7 @@ class GRPOTrainer:
             raise ValueError("train_dataset is required: a dataset with a 'prompt' column.")
         # Joins the launcher's processes (or is a plain single process); refuses a missing backend.
         self.world = dist.World.from_env(self.args)
+        self._accelerator: Any = None  # made by the `accelerator` property, for one process
         dist.check_config_world(self.args, self.world)
         several = self.world.is_distributed
         if several and (environment_factory is not None or self.args.dynamic_sampling):
@@ -272,7 +274,7 @@ class GRPOTrainer:
     # =============================================================================================
     # The loop
     # =============================================================================================
-    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainerState:
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         """Run GRPO until `max_steps` optimizer steps; resume from a checkpoint if asked.
 
         Args:
@@ -283,7 +285,10 @@ class GRPOTrainer:
                 optimisation is refused unless `resume_config_changes="apply"` (`train.resume`).
 
         Returns:
-            The final `TrainerState`.
+            transformers' `TrainOutput` (as TRL's trainer returns it): `global_step`,
+            `training_loss` (the mean loss of this call's optimizer steps; NaN/inf steps left
+            out) and `metrics` (`train_runtime`, `train_samples_per_second` (completions),
+            `train_steps_per_second`, `train_loss`, `epoch`). The full state is `self.state`.
 
         Raises:
             CheckpointError: no usable checkpoint, or a fresh run into another run's folder.
@@ -307,6 +312,8 @@ class GRPOTrainer:
                 disable_tqdm=bool(cfg.disable_tqdm),
             )
         num_rounds = math.ceil(self.max_steps / cfg.steps_per_round)
+        started, first_step = time.perf_counter(), self.state.global_step
+        self._step_losses: list[float] = []  # each optimizer step's loss, for the TrainOutput
         restart = guards.RoundStart.capture(self.state)  # where Ctrl-C rewinds to
         self._event("on_train_begin")
         try:
@@ -324,7 +331,7 @@ class GRPOTrainer:
             raise self._save_on_interrupt(restart) from interrupt
         finally:
             run_log.close()
-        return self.state
+        return self._train_output(first_step, time.perf_counter() - started)
 
     def _training_round(self, run_log: RunLogger | SilentRunLogger) -> None:
         """One generation round: rollouts, `num_iterations` passes of optimizer steps over them,
@@ -347,6 +354,7 @@ class GRPOTrainer:
         # ---- ALGO: policy update ----------------------------------------------------------
         with _timer(timings, "time/training"):
             train_metrics = self.update_policy(batch)
+        self._step_losses.extend(train_metrics.get("loss", []))
 
         # ---- Plumbing: metrics, evaluation, checkpoints -----------------------------------
         rollout_metrics, completion_tokens = self._rollout_metrics(gen, adv.metrics)
@@ -857,6 +865,96 @@ class GRPOTrainer:
                 state_dict=full,
             )
         self.world.barrier()
+
+    def _train_output(self, first_step: int, runtime: float) -> TrainOutput:
+        """What `train` returns: transformers' `TrainOutput` for the steps of this call."""
+        steps = self.state.global_step - first_step
+        losses = [loss for loss in self._step_losses if math.isfinite(loss)]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        cfg, runtime = self.args, max(runtime, 1e-9)
+        completions = steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        metrics = {
+            "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(completions * self.world.num_processes / runtime, 3),
+            "train_steps_per_second": round(steps / runtime, 3),
+            "train_loss": loss,
+            "epoch": self.state.epoch,
+        }
+        return TrainOutput(self.state.global_step, loss, metrics)
+
+    # ---- what transformers' Trainer offers TRL scripts beyond training ---------------------------
+    @property
+    def accelerator(self) -> Any:
+        """An `accelerate.Accelerator` for the script's own use (`trainer.accelerator.print`,
+        `.is_main_process`, `.wait_for_everyone()`, `.unwrap_model`), as TRL's scripts use it:
+        under a launcher the one that joined the process group; for a single process one made
+        on first use, on the training device. grpokit's loop does not train through it."""
+        if self.world.accelerator is not None:
+            return self.world.accelerator
+        if self._accelerator is None:
+            from accelerate import Accelerator
+
+            self._accelerator = Accelerator(cpu=self.device.type == "cpu")
+        return self._accelerator
+
+    # transformers' own helpers for a script's final metrics: `log_metrics(split, metrics)`
+    # prints them, `save_metrics` writes output_dir/{split}_results.json (and all_results.json),
+    # `save_state` writes output_dir/trainer_state.json; on the main process only.
+    log_metrics = trainer_pt_utils.log_metrics
+    save_metrics = trainer_pt_utils.save_metrics
+    save_state = trainer_pt_utils.save_state
+
+    def is_world_process_zero(self) -> bool:
+        """Whether this is the main process (the one that writes)."""
+        return self.world.is_main_process
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ) -> None:
+        """Write output_dir/README.md, a model card naming the base model, the dataset and the
+        method (TRL's `create_model_card` arguments); on the main process only."""
+        if not self.world.is_main_process:
+            return
+        base = build.model_name(self.model) or None
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        header = {
+            "base_model": base,
+            "datasets": [dataset_name] if dataset_name else None,
+            "library_name": "transformers",
+            "model_name": model_name or Path(self.args.output_dir).name,
+            "tags": ["grpokit", "grpo", *tags],
+        }
+        lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in header.items() if v), "---", ""]
+        lines.append(f"# {header['model_name']}\n")
+        lines.append(
+            f"A fine-tuned version of {base or 'a causal language model'}"
+            + (f" on {dataset_name}" if dataset_name else "")
+            + ", trained with GRPO ([DeepSeekMath](https://huggingface.co/papers/2402.03300))"
+            f" by grpokit for {self.state.global_step} optimizer steps.\n"
+        )
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(Path(self.args.output_dir) / "README.md", "\n".join(lines))
+
+    def end(self) -> None:
+        """End the run as transformers' `Trainer.end` does; call it last, after saving. The
+        trackers already closed at the end of `train`; under a launcher the process group is
+        destroyed."""
+        if self.world.accelerator is not None:
+            self.world.accelerator.end_training()
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported (no network here to test it): raises, saying what to do instead.
+
+        Raises:
+            ConfigError: always.
+        """
+        raise ConfigError(
+            "GRPOTrainer.push_to_hub: grpokit does not upload to the Hugging Face Hub; save "
+            "with trainer.save_model(path) and upload the folder with `hf upload`."
+        )
 
     # =============================================================================================
     # Helpers
