@@ -840,16 +840,34 @@ class GRPOTrainer:
         self._event("on_evaluate", metrics=metrics)
         return metrics
 
-    def save_model(self, output_dir: str | None = None, *, merged: bool | None = None) -> None:
+    def save_model(
+        self, output_dir: str | None = None, *, merged: bool | None = None, atomic: bool = False
+    ) -> None:
         """Save the model (or LoRA adapter) and tokenizer in Hugging Face format.
 
         Args:
             output_dir: Target directory (default: `args.output_dir`).
             merged: Under LoRA, save the adapter merged into the base weights (default:
                 `args.save_merged`).
+            atomic: Write into a temporary folder beside `output_dir`, seal it with a
+                manifest (`train.checkpoint.verify_checkpoint` checks it) and rename it into
+                place, replacing an existing one: a crash leaves the previous folder or none,
+                never a partial one. The folder also holds `trainer_state.json` and
+                `grpo_config.json`, as a checkpoint does. For a folder of its own (the
+                `grpokit` command's final_model), not the run's output_dir.
 
         With several processes only the main one writes; every process must call it.
+
+        Raises:
+            ConfigError: `atomic` with the run's output_dir, or a folder holding it.
         """
+        target = Path(output_dir or self.args.output_dir)
+        run_dir = Path(self.args.output_dir).resolve()
+        if atomic and (target.resolve() == run_dir or target.resolve() in run_dir.parents):
+            raise ConfigError(
+                f"save_model(atomic=True) replaces {target} as a whole, which holds the run's "
+                f"output_dir ({self.args.output_dir}); save into a folder of its own."
+            )
         merged = self.args.save_merged if merged is None else merged
         full = dist.full_state_dict(self.model, self.world)  # gathered shards under FSDP2
         if full is None:
@@ -857,13 +875,19 @@ class GRPOTrainer:
         elif self.world.is_main_process:
             guards.check_finite_state(full, "the model")
         if self.world.is_main_process:
-            ckpt.save_model(
-                self.model,
-                self.processing_class,
-                output_dir or self.args.output_dir,
-                merged=merged,
-                state_dict=full,
+            step = self.state.global_step
+            writing = (
+                ckpt.atomic_checkpoint(target, step) if atomic else contextlib.nullcontext(target)
             )
+            with writing as folder:
+                ckpt.save_model(
+                    self.model, self.processing_class, folder, merged=merged, state_dict=full
+                )
+                if atomic:  # sealed like a checkpoint, with the config and state it came from
+                    state = json.dumps(self.state.to_dict(), indent=2)
+                    (folder / ckpt.TRAINER_STATE).write_text(state)
+                    config = json.dumps(self.args.to_dict(), indent=2, default=str)
+                    (folder / ckpt.GRPO_CONFIG).write_text(config)
         self.world.barrier()
 
     def _train_output(self, first_step: int, runtime: float) -> TrainOutput:

@@ -238,7 +238,6 @@ class TrainerSettings:
                 f"{MULTIPROCESSING_CONTEXTS}, got {context!r}."
             )
 
-
     # ---- `TrainingArguments`' view of the processes, which scripts and callbacks read ---------
     @property
     def world_size(self) -> int:
