@@ -363,6 +363,9 @@ def _check_section(values: Any, section: str) -> dict[str, Any]:
         raise ConfigError(f"`{section}` must be a mapping of fields to values, got {values!r}.")
     cls = SCHEMAS[section]
     hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # a TRL shorthand: True/False for two of its strings
+        if f.metadata.get("takes_bool"):
+            hints[f.name] = hints[f.name] | bool
     known = field_defaults(cls)
     out = {}
     for key, value in values.items():

@@ -392,6 +392,7 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
         "group",
         'Divide centred rewards by the std of the "group", the "batch", or not at all ("none"). '
         'True = "group", False = "none".',
+        takes_bool=True,
     )
     reward_weights: list[float] | None = option(
         None, "One weight per reward function; None = all 1.0."
@@ -776,6 +777,10 @@ class GRPOConfig(TrainerSettings, AcceptedAtDefault):
             self.bf16 = not self.fp16
         if self.debug is None:  # what HfArgumentParser passes for an unset `debug`
             self.debug = ""
+        for name in ("warmup_steps", "logging_steps", "save_steps", "eval_steps", "eval_delay"):
+            value = getattr(self, name)  # 10.0 from a parser = 10 steps, as transformers reads it
+            if isinstance(value, float) and value >= 1 and value.is_integer():
+                setattr(self, name, int(value))
         for name in JSON_DICT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, str) and value.startswith("{"):

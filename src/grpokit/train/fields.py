@@ -10,6 +10,9 @@ Metadata keys:
 - `help`: the help text.
 - `limit`: for a TRL field grpokit supports only partly, which values are refused and why.
 - `note`: for a TRL field, how grpokit's support reads next to TRL's (docs/TRL_COMPAT.md).
+- `takes_bool`: a string field that also takes True/False as TRL's shorthand for two of its
+  values (`scale_rewards`); its annotation stays `str`, as TRL declares it, so that
+  `HfArgumentParser` parses a string.
 - `accepted` and `reason`: for an `at_default` field, the values accepted (TRL's default, and
   perhaps equivalents) and why any other value is refused.
 
@@ -59,7 +62,14 @@ class FieldMetadata(dict[str, Any]):
         return {"help": self["help"].replace("%", "%%")}
 
 
-def option(default: Any, help: str, *, limit: str | None = None, note: str | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    limit: str | None = None,
+    note: str | None = None,
+    takes_bool: bool = False,
+) -> Any:
     """A dataclass field with a default and its help text (`metadata["help"]`, shown by `--help`).
 
     Args:
@@ -69,12 +79,16 @@ def option(default: Any, help: str, *, limit: str | None = None, note: str | Non
             (shown in docs/TRL_COMPAT.md); the config's validation enforces it.
         note: For a fully supported TRL field, what to know next to TRL's meaning (shown in
             docs/TRL_COMPAT.md).
+        takes_bool: A string field that also takes True/False (a TRL shorthand); run configs
+            accept a YAML bool for it.
     """
     metadata = FieldMetadata(help=help)
     if limit is not None:
         metadata["limit"] = limit
     if note is not None:
         metadata["note"] = note
+    if takes_bool:
+        metadata["takes_bool"] = True
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
