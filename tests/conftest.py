@@ -20,3 +20,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_field_types() -> Iterator[None]:
+    """transformers' HfArgumentParser overwrites each `Field.type` of the dataclasses it parses
+    with the one type it parses; put GRPOConfig's back so later tests see the declared types."""
+    import dataclasses
+
+    from grpokit import GRPOConfig
+
+    saved = {f.name: f.type for f in dataclasses.fields(GRPOConfig)}
+    yield
+    for f in dataclasses.fields(GRPOConfig):
+        f.type = saved[f.name]

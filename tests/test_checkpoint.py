@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -313,3 +314,107 @@ def test_reduce_metrics() -> None:
     assert out["completions/min_length"] == 2.0 and out["completions/max_length"] == 5.0
     assert out["ratio/max"] == 1.3 and out["clip_ratio/low_mean"] == 0.25
     assert out["kl"] == 2.0 and out["entropy"] != out["entropy"]  # NaN when nothing finite
+
+
+# ---- save_model(atomic=True): the grpokit command's final_model ---------------------------------
+SAVE_TWICE = """if True:
+    import os, signal, sys
+    from datasets import Dataset
+    import torch
+    from grpokit import GRPOConfig, GRPOTrainer
+    from tests.tiny import make_causal_lm, make_tokenizer
+
+    tok = make_tokenizer()
+    trainer = GRPOTrainer(
+        make_causal_lm(tok), lambda completions, **kw: [0.0] * len(completions),
+        args=GRPOConfig(output_dir=sys.argv[1], bf16=False, max_completion_length=8),
+        train_dataset=Dataset.from_list([{"prompt": "ab"}]), processing_class=tok,
+    )
+    final = sys.argv[1] + "/final_model"
+    trainer.save_model(final, atomic=True)
+    with torch.no_grad():
+        next(trainer.model.parameters()).add_(1.0)
+    real = trainer.model.save_pretrained
+
+    def killed_half_way(path, **kwargs):
+        real(path, **kwargs)
+        with open(os.path.join(path, "model.safetensors"), "r+b") as f:
+            f.truncate(100)  # a torn weights file, then the process dies
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer.model.save_pretrained = killed_half_way
+    trainer.save_model(final, atomic=True)
+"""
+
+
+def _tiny_trainer(output_dir: Path) -> Any:
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    tok = make_tokenizer()
+    return GRPOTrainer(
+        make_causal_lm(tok),
+        lambda completions, **kw: [0.0] * len(completions),
+        args=GRPOConfig(output_dir=str(output_dir), bf16=False, max_completion_length=8),
+        train_dataset=Dataset.from_list([{"prompt": "ab"}]),
+        processing_class=tok,
+    )
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_an_atomic_save_model_leaves_the_previous_model_or_none(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    final = run / "final_model"
+    # A process killed while writing final_model the second time: the first one stays, whole,
+    # next to the temporary folder the killed writer left (deleted by the next save).
+    out = subprocess.run(
+        [sys.executable, "-c", SAVE_TWICE, str(run)],
+        cwd=Path(__file__).parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src") + ":."},
+        capture_output=True,
+        timeout=600,
+    )
+    assert out.returncode == -9, out.stderr[-2000:]
+    manifest = ckpt.verify_checkpoint(final)  # sealed: every file, size and hash as written
+    assert "model.safetensors" in manifest["files"]
+    leftovers = [p.name for p in run.iterdir() if p.name.startswith(".final_model.tmp-")]
+    assert len(leftovers) == 1
+    trainer = _tiny_trainer(run)
+    first = _weights(final)
+    for name, value in trainer.model.state_dict().items():  # same seed: the first save's weights
+        assert torch.equal(value, first[name]), name
+
+    # An error while writing (a full disk): the previous model stays, nothing is left behind.
+    def disk_full(path: Any, **kwargs: Any) -> None:
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with torch.no_grad():
+        next(trainer.model.parameters()).add_(1.0)
+    real = trainer.model.save_pretrained
+    trainer.model.save_pretrained = disk_full
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_model(str(final), atomic=True)
+    ckpt.verify_checkpoint(final)
+    assert all(torch.equal(v, first[k]) for k, v in _weights(final).items())
+    assert sorted(p.name for p in run.iterdir()) == ["final_model"]  # the killed one's too
+
+    # A save that completes replaces the folder whole, with the new weights.
+    trainer.model.save_pretrained = real
+    trainer.save_model(str(final), atomic=True)
+    ckpt.verify_checkpoint(final)
+    changed = _weights(final)
+    assert not all(torch.equal(v, first[k]) for k, v in changed.items())
+    assert sorted(p.name for p in run.iterdir()) == ["final_model"]
+
+    # The run's own output_dir cannot be replaced as a whole.
+    from grpokit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="folder of its own"):
+        trainer.save_model(atomic=True)
+    with pytest.raises(ConfigError, match="folder of its own"):
+        trainer.save_model(str(tmp_path), atomic=True)

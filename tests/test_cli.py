@@ -15,6 +15,7 @@ import yaml
 from grpokit.app import cli, run_config
 from grpokit.app.cli import main
 from grpokit.app.run_config import ConfigError, build_config, field_help
+from grpokit.train.checkpoint import verify_checkpoint
 from grpokit.train.config import GRPOConfig
 from tests.tiny import save_tiny_model
 
@@ -87,6 +88,8 @@ def test_train_resume_eval_end_to_end(tmp_path: Path, tiny_model: str, capsys) -
     assert {"accuracy", "pass@1", "pass@2", "reward", "completion_length"} <= set(evals[0])
     assert (run / "checkpoint-2").is_dir()
     assert (run / "final_model" / "config.json").is_file()
+    # written whole or not at all: sealed with a manifest, as a checkpoint is
+    assert verify_checkpoint(run / "final_model")["step"] == 2
     assert (run / "curves.png").stat().st_size > 1000
 
     # Starting the same run again without a flag is refused; --resume continues it. A longer
@@ -724,16 +727,62 @@ def test_output_dir_writable_and_free_disk_checked_up_front(
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=int(0.25e9)))
-    assert main(["train", config]) == 2
+    assert main(["train", config, "--min_free_disk_gb", "1"]) == 2
     assert _error_line(capsys) == (
         f"training.output_dir '{tmp_path / 'run'}': 0.25 GB free on its disk, below "
         "min_free_disk_gb=1; free some space, set another --output_dir, or lower "
         "--min_free_disk_gb."
     )
-    # Under a lower minimum the checks pass and the run goes on to load the model.
-    with pytest.raises(AssertionError, match="the model must not be loaded"):
-        main(["train", config, "--min_free_disk_gb", "0.2"])
+    # Under a lower minimum, or none set (the default: room for what the run writes, known
+    # once the model is loaded), the checks pass and the run goes on to load the model.
+    for more in (["--min_free_disk_gb", "0.2"], []):
+        with pytest.raises(AssertionError, match="the model must not be loaded"):
+            main(["train", config, *more])
     assert not list((tmp_path / "run").iterdir())  # the probe file is gone
+
+
+def test_the_default_free_disk_check_is_the_room_the_run_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+    import types
+
+    import torch
+
+    from grpokit.app.run import check_space_for_the_run
+    from grpokit.errors import OutputError
+
+    # 1,001,000 weights, all trained: the final model 4 bytes each (4.004 MB); a checkpoint
+    # also holds AdamW's two moments, 8 bytes each (12.012 MB in all): 16.016 MB for both.
+    trainer = types.SimpleNamespace(
+        model=torch.nn.Linear(1000, 1000),
+        is_peft=False,
+        args=types.SimpleNamespace(sync_ref_model=False, save_strategy="steps"),
+    )
+    usage = shutil.disk_usage(tmp_path)
+
+    def free(num_bytes: int) -> None:
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=num_bytes))
+
+    free(16_016_000)  # a low-disk machine still fits a tiny run: no error, no warning
+    check_space_for_the_run(trainer, tmp_path, None)
+    free(16_015_999)
+    with pytest.raises(
+        OutputError,
+        match=r"16.0 MB free, but a checkpoint .* about 12.0 MB and the final model 4.0",
+    ):
+        check_space_for_the_run(trainer, tmp_path, None)
+    # A minimum the user set was checked before the model loaded: here only a warning.
+    with caplog.at_level("WARNING", logger="grpokit"):
+        check_space_for_the_run(trainer, tmp_path, 0.0)
+    assert "the run may stop when it saves" in caplog.text
+    # Without checkpoints the final model alone must fit.
+    trainer.args.save_strategy = "no"
+    free(4_004_000)
+    check_space_for_the_run(trainer, tmp_path, None)
+    free(4_003_999)
+    with pytest.raises(OutputError, match="--min_free_disk_gb 0 to start anyway"):
+        check_space_for_the_run(trainer, tmp_path, None)
 
 
 def test_disk_full_while_writing_is_one_line(

@@ -357,3 +357,42 @@ def test_the_written_run_config_leaves_out_fields_fixed_at_their_default() -> No
     assert written["data_seed"] == 3 and "learning_rate" in written and "tf32" in written
     again = build_config(spec.to_yaml_dict())  # loading it reproduces the run
     assert again.training.to_dict() == spec.training.to_dict()
+
+
+# ---- HfArgumentParser / TrlParser (how TRL's scripts build their config) ------------------------
+@pytest.mark.usefixtures("restore_field_types")
+def test_hf_argument_parser_builds_the_config_as_for_trl(tmp_path: Path) -> None:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((GRPOConfig,))
+    assert "--per_device_train_batch_size" in parser.format_help()  # every field, help intact
+    out = str(tmp_path / "out")
+    # Unset fields come out at their defaults (debug: the parser gives None for TRL's "").
+    (parsed,) = parser.parse_args_into_dataclasses(["--output_dir", out])
+    assert parsed.to_dict() == GRPOConfig(output_dir=out).to_dict()
+    # Command-line values as TRL's scripts pass them: numbers, flags, lists, "none", JSON dicts,
+    # *_steps as floats (a fraction below 1), TRL's scale_rewards names.
+    argv = [
+        "--output_dir", out, "--learning_rate", "1e-5", "--lr_scheduler_type", "cosine",
+        "--logging_steps", "1", "--save_steps", "0.5", "--eval_strategy", "steps",
+        "--eval_steps", "2", "--gradient_checkpointing", "--bf16", "false", "--beta", "0.04",
+        "--reward_weights", "0.5", "1.0", "--report_to", "none", "--scale_rewards", "batch",
+        "--model_init_kwargs", '{"dtype": "float32"}', "--max_completion_length", "8",
+    ]  # fmt: skip
+    (parsed,) = parser.parse_args_into_dataclasses(argv)
+    direct = GRPOConfig(
+        output_dir=out, learning_rate=1e-5, lr_scheduler_type="cosine", logging_steps=1,
+        save_steps=0.5, eval_strategy="steps", eval_steps=2, gradient_checkpointing=True,
+        bf16=False, beta=0.04, reward_weights=[0.5, 1.0], report_to="none",
+        scale_rewards="batch", model_init_kwargs={"dtype": "float32"}, max_completion_length=8,
+    )  # fmt: skip
+    assert parsed.to_dict() == direct.to_dict()
+    # A YAML recipe (TrlParser's --config) gives values of their own types, None included.
+    (from_dict,) = parser.parse_dict(
+        {"output_dir": out, "max_grad_norm": None, "report_to": ["tensorboard"], "eval_steps": 3}
+    )
+    assert from_dict.max_grad_norm is None and from_dict.report_to == ["tensorboard"]
+    # Checks that read the declared types still hold after the parser rewrote `Field.type`.
+    with pytest.raises(ValueError, match="max_grad_norm must be"):
+        GRPOConfig(output_dir=out, max_grad_norm=float("nan"))
+    assert GRPOConfig(output_dir=out, max_grad_norm=None).max_grad_norm is None

@@ -195,12 +195,12 @@ def _log_eval(output_dir: Path, when: str, step: int, metrics: dict[str, float])
     print(f"[grpokit] held-out eval {when} (step {step}): {shown}", flush=True)
 
 
-def check_output_dir(output_dir: Path, min_free_gb: float) -> None:
+def check_output_dir(output_dir: Path, min_free_gb: float | None) -> None:
     """Create `output_dir`, write and delete a probe file in it, and check its disk's free space.
 
     Raises:
         OutputError: the folder cannot be created or written (with the reason), or its disk has
-            less than `min_free_gb` GB free (with both numbers).
+            less than `min_free_gb` GB free (with both numbers; None = no fixed minimum).
     """
     probe = output_dir / f".grpokit-write-test-{os.getpid()}"
     try:
@@ -213,7 +213,7 @@ def check_output_dir(output_dir: Path, min_free_gb: float) -> None:
             f"({error.strerror or error}); make it writable or set another --output_dir."
         ) from error
     free = shutil.disk_usage(output_dir).free
-    if free < min_free_gb * 1e9:
+    if min_free_gb is not None and free < min_free_gb * 1e9:
         raise OutputError(
             f"training.output_dir {str(output_dir)!r}: {free / 1e9:.2f} GB free on its disk, below "
             f"min_free_disk_gb={min_free_gb:g}; free some space, set another --output_dir, or "
@@ -221,11 +221,20 @@ def check_output_dir(output_dir: Path, min_free_gb: float) -> None:
         )
 
 
-def _warn_if_checkpoint_may_not_fit(trainer: Any, output_dir: Path) -> None:
-    """Warn when the disk of `output_dir` cannot hold one checkpoint plus the final model.
+def check_space_for_the_run(trainer: Any, output_dir: Path, min_free_gb: float | None) -> None:
+    """Check that the disk of `output_dir` can hold one checkpoint plus the final model.
 
     Sizes assume float32: 4 bytes per saved weight (the adapter under LoRA), 8 per trainable
     weight for AdamW's two moments, 4 per weight for a synced reference model.
+
+    Args:
+        trainer: The run's `GRPOTrainer` (its model loaded).
+        output_dir: The run's folder.
+        min_free_gb: `min_free_disk_gb`: None = too little room is an error; a number (already
+            checked before the model loaded) = only a warning.
+
+    Raises:
+        OutputError: `min_free_gb` is None and the disk has less room than the estimate.
     """
     params = list(trainer.model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -235,16 +244,27 @@ def _warn_if_checkpoint_may_not_fit(trainer: Any, output_dir: Path) -> None:
         checkpoint += 4 * saved
     need = 4 * saved + (checkpoint if trainer.args.save_strategy != "no" else 0)
     free = shutil.disk_usage(output_dir).free
-    if free < need:
-        logger.warning(
-            "training.output_dir %s: %.2f GB free, but a checkpoint of this model takes about "
-            "%.2f GB and the final model %.2f GB; the run may stop when it saves (free space, "
-            "or set --save_strategy no / another --output_dir).",
-            output_dir,
-            free / 1e9,
-            checkpoint / 1e9,
-            4 * saved / 1e9,
+    if free >= need:
+        return
+    sizes = (
+        f"training.output_dir {output_dir}: {_size(free)} free, but a checkpoint of this model "
+        f"takes about {_size(checkpoint)} and the final model {_size(4 * saved)}"
+    )
+    if min_free_gb is None:
+        raise OutputError(
+            f"{sizes}; free some space, set --save_strategy no or another --output_dir, or "
+            "--min_free_disk_gb 0 to start anyway."
         )
+    logger.warning(
+        "%s; the run may stop when it saves (free space, or set --save_strategy no / another "
+        "--output_dir).",
+        sizes,
+    )
+
+
+def _size(num_bytes: float) -> str:
+    """A disk size for a message: GB with two decimals, MB below 0.1 GB."""
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e8 else f"{num_bytes / 1e6:.1f} MB"
 
 
 def _prepare_output_dir(output_dir: Path, resume: bool | str, overwrite: bool) -> None:
@@ -378,7 +398,7 @@ def _train(
     )
     tools = (trainer.tool_calling, trainer.environment_pool)
     if main:
-        _warn_if_checkpoint_may_not_fit(trainer, output_dir)
+        check_space_for_the_run(trainer, output_dir, spec.run.min_free_disk_gb)
     # Held-out evaluation samples with the trainer's own engine (vLLM with use_vllm), which
     # follows the policy's weights after every optimizer step.
     if spec.eval.before and not resume and main:
@@ -388,7 +408,9 @@ def _train(
         _log_eval(output_dir, "before", 0, result["before"])
     state = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     result["model_dir"] = str(output_dir / "final_model")
-    trainer.save_model(result["model_dir"])  # every process calls it; the main one writes
+    # every process calls it; the main one writes it whole or not at all (a crash leaves the
+    # previous final_model or none)
+    trainer.save_model(result["model_dir"], atomic=True)
     if not main:
         return result
     print(f"[grpokit] trained model saved to {result['model_dir']}", flush=True)

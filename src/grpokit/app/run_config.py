@@ -103,10 +103,13 @@ class RunConfig:
     plot: bool = option(
         True, "Write curves.png (reward and accuracy over training) into output_dir at the end."
     )
-    min_free_disk_gb: float = option(
-        1.0,
-        "grpokit train: refuse to start when the disk of output_dir has less free space (GB); "
-        "0 = no minimum. A warning also says when a checkpoint of the loaded model may not fit.",
+    min_free_disk_gb: float | None = option(
+        None,
+        "grpokit train: refuse to start when the disk of output_dir has less free space (GB), "
+        "checked before the model loads; None = room for what the run writes (a checkpoint and "
+        "the final model, estimated from the loaded model's size: a few MB for a tiny model), "
+        "checked once it is loaded; 0 = no minimum (a warning still says when a checkpoint may "
+        "not fit).",
     )
 
 
@@ -384,6 +387,9 @@ def _check_section(values: Any, section: str) -> dict[str, Any]:
         raise ConfigError(f"`{section}` must be a mapping of fields to values, got {values!r}.")
     cls = SCHEMAS[section]
     hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):  # a TRL shorthand: True/False for two of its strings
+        if f.metadata.get("takes_bool"):
+            hints[f.name] = hints[f.name] | bool
     known = field_defaults(cls)
     out = {}
     for key, value in values.items():
@@ -453,7 +459,8 @@ def build_config(raw: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ())
         apply_override(raw, key, value)
     top = {k: v for k, v in raw.items() if k not in SECTIONS}
     run = RunConfig(**_check_section(top, "run"))
-    _check_number("min_free_disk_gb", run.min_free_disk_gb, "[0, inf)")
+    if run.min_free_disk_gb is not None:
+        _check_number("min_free_disk_gb", run.min_free_disk_gb, "[0, inf)")
     eval_cfg = EvalConfig(**_check_section(raw.get("eval"), "eval"))
     _check_eval(eval_cfg)
     training_values = {

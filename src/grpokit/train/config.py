@@ -124,6 +124,12 @@ class GRPOConfig(
             self.output_dir = "trainer_output"
         if self.bf16 is None:
             self.bf16 = not self.fp16
+        if self.debug is None:  # what HfArgumentParser passes for an unset `debug`
+            self.debug = ""
+        for name in ("warmup_steps", "logging_steps", "save_steps", "eval_steps", "eval_delay"):
+            value = getattr(self, name)  # 10.0 from a parser = 10 steps, as transformers reads it
+            if isinstance(value, float) and value >= 1 and value.is_integer():
+                setattr(self, name, int(value))
         for name in JSON_DICT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, str) and value.startswith("{"):

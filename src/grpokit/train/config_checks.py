@@ -13,6 +13,8 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
+from grpokit.train.fields import accepts_none
+
 if TYPE_CHECKING:
     from grpokit.train.config import GRPOConfig
 
@@ -91,7 +93,7 @@ VLLM_MODES = ("colocate", "server")
 def check_numbers(cfg: GRPOConfig) -> None:
     """Every float field finite and in its range (`NUMBER_RANGES`); None where it may be."""
     for f in dataclasses.fields(cfg):
-        value, or_none = getattr(cfg, f.name), "None" in str(f.type)
+        value, or_none = getattr(cfg, f.name), accepts_none(type(cfg), f.name)
         if f.name in NUMBER_RANGES and not (value is None and or_none):
             check_number(f.name, value, NUMBER_RANGES[f.name], or_none=or_none)
     for i, weight in enumerate(cfg.reward_weights or []):

@@ -10,8 +10,16 @@ Metadata keys:
 - `help`: the help text.
 - `limit`: for a TRL field grpokit supports only partly, which values are refused and why.
 - `note`: for a TRL field, how grpokit's support reads next to TRL's (docs/TRL_COMPAT.md).
+- `takes_bool`: a string field that also takes True/False as TRL's shorthand for two of its
+  values (`scale_rewards`); its annotation stays `str`, as TRL declares it, so that
+  `HfArgumentParser` parses a string.
 - `accepted` and `reason`: for an `at_default` field, the values accepted (TRL's default, and
   perhaps equivalents) and why any other value is refused.
+
+The metadata is a `FieldMetadata`, so that transformers' `HfArgumentParser` (and TRL's
+`TrlParser`, which TRL's scripts build their configs with) can parse `GRPOConfig` as it parses
+TRL's: the parser hands a copy of each field's metadata to `argparse` as keyword arguments, and
+the copy holds only the help text.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import types
+import typing
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # How similar (difflib's ratio: twice the matching characters over both lengths) a name must be to
 # be suggested for a misspelt one: `temprature` -> `temperature` (0.95), `topp` -> `top_p` (0.89),
@@ -29,7 +39,37 @@ from typing import Any
 SUGGESTION_CUTOFF = 0.8
 
 
-def option(default: Any, help: str, *, limit: str | None = None, note: str | None = None) -> Any:
+if TYPE_CHECKING:
+    KwargsField = dict[str, Any] | None
+else:
+    KwargsField = dict[str, Any] | str | None
+"""The type of a keyword-arguments field (`model_init_kwargs`, ...): a dict, or a JSON string
+from the command line, which the config parses at init (`JSON_DICT_FIELDS`). Parsers read the
+runtime annotation, where a string makes `HfArgumentParser` pass it through as TRL's fields do;
+the type checker sees the value the config holds after init."""
+
+
+class FieldMetadata(dict[str, Any]):
+    """A field's metadata (the keys above) whose `copy()` is what `argparse.add_argument` takes.
+
+    `HfArgumentParser` passes `field.metadata.copy()` to `add_argument` as keyword arguments,
+    which refuses grpokit's own keys; its `--help` formats the help text with `%`, so a literal
+    `%` is doubled in the copy. Reading the metadata (`field.metadata["note"]`) is unaffected.
+    """
+
+    def copy(self) -> dict[str, Any]:
+        """The argparse keyword arguments: `help` alone."""
+        return {"help": self["help"].replace("%", "%%")}
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    limit: str | None = None,
+    note: str | None = None,
+    takes_bool: bool = False,
+) -> Any:
     """A dataclass field with a default and its help text (`metadata["help"]`, shown by `--help`).
 
     Args:
@@ -39,12 +79,16 @@ def option(default: Any, help: str, *, limit: str | None = None, note: str | Non
             (shown in docs/TRL_COMPAT.md); the config's validation enforces it.
         note: For a fully supported TRL field, what to know next to TRL's meaning (shown in
             docs/TRL_COMPAT.md).
+        takes_bool: A string field that also takes True/False (a TRL shorthand); run configs
+            accept a YAML bool for it.
     """
-    metadata: dict[str, Any] = {"help": help}
+    metadata = FieldMetadata(help=help)
     if limit is not None:
         metadata["limit"] = limit
     if note is not None:
         metadata["note"] = note
+    if takes_bool:
+        metadata["takes_bool"] = True
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -64,14 +108,28 @@ def at_default(default: Any, meaning: str, reason: str, *, also: tuple[Any, ...]
     """
     accepted = (default, *also)
     shown = " or ".join(repr(value) for value in accepted)
-    metadata = {
-        "help": f"{meaning} Only {shown} here: {reason}.",
-        "accepted": accepted,
-        "reason": reason,
-    }
+    metadata = FieldMetadata(
+        help=f"{meaning} Only {shown} here: {reason}.", accepted=accepted, reason=reason
+    )
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+_TYPE_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def accepts_none(cls: type, name: str) -> bool:
+    """Whether the field `name` of the dataclass `cls` is declared to take None.
+
+    Read from the class's annotations, not from `Field.type`, which `HfArgumentParser`
+    overwrites with the one type it parses.
+    """
+    if cls not in _TYPE_HINTS:
+        _TYPE_HINTS[cls] = typing.get_type_hints(cls)
+    hint = _TYPE_HINTS[cls][name]
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return hint is type(None) or (is_union and type(None) in typing.get_args(hint))
 
 
 def same_value(a: Any, b: Any) -> bool:

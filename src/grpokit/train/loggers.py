@@ -396,7 +396,8 @@ def completion_rows(
 
 
 # ---- the console table of completions ------------------------------------------------------------
-_ROW_KEYS = ("prompt", "completion", "rewards", "reward", "advantage")
+ROW_KEYS = ("prompt", "completion", "rewards", "reward", "advantage")
+"""The keys of a `completion_rows` record that are not `log_extra` columns."""
 
 
 def sample_rows(rows: list[Any], count: int | None, *, seed: int) -> list[Any]:
@@ -425,7 +426,7 @@ def completions_table(
         reward_names: The reward functions, in the order of their columns.
         width: Characters per line; None = the terminal's width.
     """
-    extra = [key for key in rows[0] if key not in _ROW_KEYS] if rows else []
+    extra = [key for key in rows[0] if key not in ROW_KEYS] if rows else []
     headers = ["Prompt", "Completion", *reward_names, "Advantage", *extra]
     cells = [
         [

@@ -53,10 +53,11 @@ class ObjectiveSettings:
         'Importance ratio per "token", or per "sequence" (GSPO: geometric mean over the tokens), '
         'or "sequence_token" (GSPO-token: the sequence value, each token\'s gradient its own).',
     )
-    scale_rewards: str | bool = option(
+    scale_rewards: str = option(
         "group",
         'Divide centred rewards by the std of the "group", the "batch", or not at all ("none"). '
         'True = "group", False = "none".',
+        takes_bool=True,
     )
     reward_weights: list[float] | None = option(
         None, "One weight per reward function; None = all 1.0."

@@ -8,9 +8,8 @@ text in the field's metadata); the values each accepts are checked in `train.con
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from grpokit.train.fields import at_default, option
+from grpokit.train.fields import KwargsField, at_default, option
 
 
 @dataclass
@@ -34,7 +33,7 @@ class DataSettings:
         'last tokens, "skip" drops it (counted in the `prompts/skipped` metric, with a '
         "warning).",
     )
-    chat_template_kwargs: dict[str, Any] | None = option(
+    chat_template_kwargs: KwargsField = option(
         None, "Extra keyword arguments for `apply_chat_template` on conversational prompts."
     )
 
@@ -76,7 +75,7 @@ class GenerationSettings:
     repetition_penalty: float = option(
         1.0, "Penalise tokens already in the prompt or completion (> 1) or favour them (< 1)."
     )
-    generation_kwargs: dict[str, Any] | None = option(
+    generation_kwargs: KwargsField = option(
         None, "Extra `GenerationConfig` fields; they override the sampling fields above."
     )
     use_vllm: bool = option(

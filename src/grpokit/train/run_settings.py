@@ -8,9 +8,9 @@ Three of `GRPOConfig`'s bases (`train.config`), each a group of fields under its
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
-from grpokit.train.fields import at_default, option
+from grpokit.train.fields import KwargsField, at_default, option
 
 _TRACKIO_ONLY = "another value without 'trackio' in report_to is refused (nothing would read it)"
 
@@ -37,7 +37,7 @@ class ModelSettings:
         'stops with the list of changes; "apply" applies them from the resumed step (a new '
         "learning rate or schedule takes effect).",
     )
-    model_init_kwargs: dict[str, Any] | None = option(
+    model_init_kwargs: KwargsField = option(
         None,
         "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string.",
     )
@@ -79,7 +79,7 @@ class ModelSettings:
         False,
         "Recompute activations in the backward pass to save memory (slower). TRL defaults to True.",
     )
-    gradient_checkpointing_kwargs: dict[str, Any] | None = option(
+    gradient_checkpointing_kwargs: KwargsField = option(
         None,
         "Keyword arguments for `gradient_checkpointing_enable` (default: use_reentrant=False).",
     )
@@ -147,13 +147,13 @@ class OptimisationSettings:
         'Learning-rate schedule name for `transformers.get_scheduler` ("linear", "cosine", ...).',
         limit='"reduce_lr_on_plateau" and "greedy" (stepped on a metric) are not supported',
     )
-    lr_scheduler_kwargs: dict[str, Any] | None = option(
+    lr_scheduler_kwargs: KwargsField = option(
         None, "Extra keyword arguments for the learning-rate scheduler."
     )
     warmup_ratio: float = option(
         0.0, "Fraction of max_steps used for linear warm-up (ignored when warmup_steps > 0)."
     )
-    warmup_steps: int | float = option(
+    warmup_steps: float = option(
         0, "Warm-up optimizer steps; a float below 1 is a fraction of max_steps."
     )
     max_grad_norm: float | None = option(
@@ -181,7 +181,7 @@ class ReportingSettings:
         'pass over the training prompts (as `PromptSampler` counts them), "no" never (a final '
         "record is still written at the last step).",
     )
-    logging_steps: int | float = option(
+    logging_steps: float = option(
         10,
         "Log metrics every this many optimizer steps; a float below 1 is a fraction of max_steps.",
     )
@@ -198,7 +198,8 @@ class ReportingSettings:
         'not. True = "all", False = "no".',
         note='"all" counts tokens without padding too, as TRL\'s GRPOTrainer does',
     )
-    report_to: str | list[str] | None = option(
+    # None first: HfArgumentParser (TRL's TrlParser) then parses a string, as for TRL's field
+    report_to: None | str | list[str] = option(  # noqa: RUF036
         "none",
         'Experiment trackers that also receive every logged record: "tensorboard", "wandb", '
         '"trackio", "mlflow", a list of them, "all" (those installed) or "none" '
@@ -224,7 +225,7 @@ class ReportingSettings:
         "Hugging Face Bucket for a Trackio Space; None = Trackio picks one.",
         limit=_TRACKIO_ONLY,
     )
-    trackio_static_space_id: str | bool | None = option(
+    trackio_static_space_id: str | None | Literal[False] = option(  # noqa: RUF036 (as above)
         None,
         "Static Trackio Space frozen after training when `trackio_space_id` is set; False = none.",
         limit=_TRACKIO_ONLY,
@@ -232,10 +233,11 @@ class ReportingSettings:
     log_completions: bool = option(
         False,
         "Every logging step, write the round's prompts, completions, rewards, advantages and "
-        "`log_extra` columns to output_dir/completions.jsonl, and print a table of them to the "
-        "console.",
-        note="the table goes to output_dir/completions.jsonl (TRL: parquet files, and a table "
-        "in wandb / trackio); the console table is TRL's",
+        "`log_extra` columns to output_dir/completions.jsonl, print a table of them to the "
+        "console, and log them as the table `completions` to wandb / trackio when report_to "
+        "names them.",
+        note="the rows go to output_dir/completions.jsonl (TRL: parquet files); the console "
+        "table and the `completions` table in wandb / trackio are TRL's",
     )
     num_completions_to_print: int | None = option(
         None,
@@ -251,7 +253,7 @@ class ReportingSettings:
         'pass over the training prompts; "best" whenever an evaluation improves '
         '`metric_for_best_model`; "no" saves none.',
     )
-    save_steps: int | float = option(
+    save_steps: float = option(
         500, "Optimizer steps between checkpoints; a float below 1 is a fraction of max_steps."
     )
     save_total_limit: int | None = option(
@@ -287,12 +289,12 @@ class ReportingSettings:
         '"steps" evaluates on eval_dataset every `eval_steps`; "epoch" at the end of each pass '
         'over the training prompts; "no" never does.',
     )
-    eval_steps: int | float | None = option(
+    eval_steps: float | None = option(
         None,
         "Optimizer steps between evaluations; None = logging_steps. The last step always "
         'evaluates when eval_strategy is "steps".',
     )
-    eval_delay: int | float = option(
+    eval_delay: float = option(
         0,
         'Do not evaluate before this many optimizer steps (epochs with eval_strategy="epoch").',
     )

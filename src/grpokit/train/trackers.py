@@ -18,15 +18,20 @@ and the library's own:
 - mlflow: `$MLFLOW_TRACKING_URI` (e.g. `file:./mlruns`, a local file store), experiment
   `$MLFLOW_EXPERIMENT_NAME`, run `run_name`; the config is logged as the run's parameters.
 
+With `log_completions`, W&B and Trackio also get the `completions` table at each logging step,
+as TRL logs it (`log_completions_table`).
+
 Whether a tracker is installed is checked when the config is built (`resolve_report_to`), so a
 missing one is an error that names the `pip install` command before anything runs. This module
-imports transformers' integrations only when the trainer asks for the callbacks.
+imports transformers' integrations, and the trackers, only when they are used.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 TRACKERS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -137,3 +142,72 @@ def tracker_callbacks(report_to: str | list[str] | None) -> list[Any]:
     from transformers.integrations import get_reporting_integration_callbacks
 
     return [callback() for callback in get_reporting_integration_callbacks(report_to)]
+
+
+# ---- the completions table ---------------------------------------------------------------------
+def completions_table_columns(
+    step: int,
+    rows: Sequence[dict[str, Any]],
+    reward_names: Sequence[str],
+    *,
+    unique_prompts: bool = False,
+) -> dict[str, list[Any]]:
+    """The columns of the `completions` table, in TRL's order: `step`, `prompt`, `completion`,
+    one column per reward function (NaN = does not apply), one per `log_extra` column, then
+    `advantage`.
+
+    Args:
+        step: The optimizer step, repeated on every row.
+        rows: `completion_rows` records of every process, in order.
+        reward_names: The reward functions' names (their columns).
+        unique_prompts: `log_unique_prompts`: keep only the first row of each distinct prompt.
+
+    Prompts and completions are as the reward functions saw them: strings, or lists of chat
+    messages (as TRL logs them; distinct prompts are told apart by their text).
+    """
+    from grpokit.train.loggers import ROW_KEYS  # not at import: the config imports this module
+
+    if unique_prompts:
+        firsts: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            firsts.setdefault(str(row["prompt"]), row)
+        rows = list(firsts.values())
+    extra = [key for key in rows[0] if key not in ROW_KEYS] if rows else []
+    nan = float("nan")
+    return {
+        "step": [step] * len(rows),
+        "prompt": [row["prompt"] for row in rows],
+        "completion": [row["completion"] for row in rows],
+        **{
+            name: [nan if (r := row["rewards"].get(name)) is None else r for row in rows]
+            for name in reward_names
+        },
+        **{column: [row.get(column) for row in rows] for column in extra},
+        "advantage": [row["advantage"] for row in rows],
+    }
+
+
+def log_completions_table(
+    report_to: str | Sequence[str] | None, step: int, columns: dict[str, list[Any]]
+) -> None:
+    """Log `columns` (`completions_table_columns`) as the table `completions` to W&B
+    (`wandb.Table`, when a run is open) and to Trackio (`trackio.Table`), those of them that
+    `report_to` names, at step `step` (`train/global_step`, the step axis of the integration
+    callbacks). Call it on the main process only, after the step's metrics were logged."""
+    report_to = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    backends = []
+    if "wandb" in report_to:
+        wandb = sys.modules.get("wandb")  # imported by the callback's setup; no run, no table
+        if wandb is not None and wandb.run is not None:
+            backends.append(wandb)
+    if "trackio" in report_to:
+        import trackio
+
+        backends.append(trackio)
+    if not backends:
+        return
+    import pandas as pd
+
+    frame = pd.DataFrame(columns)
+    for backend in backends:
+        backend.log({"completions": backend.Table(dataframe=frame), "train/global_step": step})

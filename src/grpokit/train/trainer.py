@@ -32,7 +32,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from transformers import TrainerControl
+from transformers import TrainerControl, trainer_pt_utils
+from transformers.trainer_utils import TrainOutput
 
 from grpokit.core.advantages import AdvantageOutput, check_reward_weights, group_advantages
 from grpokit.core.entropy import entropy_bonus
@@ -75,7 +76,11 @@ from grpokit.train.rollout import (
     evaluate_rewards,
     reward_columns,
 )
-from grpokit.train.trackers import tracker_callbacks
+from grpokit.train.trackers import (
+    completions_table_columns,
+    log_completions_table,
+    tracker_callbacks,
+)
 
 logger = logging.getLogger("grpokit")
 
@@ -156,6 +161,7 @@ class GRPOTrainer:
             raise ValueError("train_dataset is required: a dataset with a 'prompt' column.")
         # Joins the launcher's processes (or is a plain single process); refuses a missing backend.
         self.world = dist.World.from_env(self.args)
+        self._accelerator: Any = None  # made by the `accelerator` property, for one process
         dist.check_config_world(self.args, self.world)
         if self.world.is_distributed and self.args.dynamic_sampling:
             raise ConfigError(
@@ -268,7 +274,7 @@ class GRPOTrainer:
     # =============================================================================================
     # The loop
     # =============================================================================================
-    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainerState:
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> TrainOutput:
         """Run GRPO until `max_steps` optimizer steps; resume from a checkpoint if asked.
 
         Args:
@@ -279,7 +285,10 @@ class GRPOTrainer:
                 optimisation is refused unless `resume_config_changes="apply"` (`train.resume`).
 
         Returns:
-            The final `TrainerState`.
+            transformers' `TrainOutput` (as TRL's trainer returns it): `global_step`,
+            `training_loss` (the mean loss of this call's optimizer steps; NaN/inf steps left
+            out) and `metrics` (`train_runtime`, `train_samples_per_second` (completions),
+            `train_steps_per_second`, `train_loss`, `epoch`). The full state is `self.state`.
 
         Raises:
             CheckpointError: no usable checkpoint, or a fresh run into another run's folder.
@@ -303,6 +312,8 @@ class GRPOTrainer:
                 disable_tqdm=bool(cfg.disable_tqdm),
             )
         num_rounds = math.ceil(self.max_steps / cfg.steps_per_round)
+        started, first_step = time.perf_counter(), self.state.global_step
+        self._step_losses: list[float] = []  # each optimizer step's loss, for the TrainOutput
         restart = guards.RoundStart.capture(self.state)  # where Ctrl-C rewinds to
         self._event("on_train_begin")
         try:
@@ -320,7 +331,7 @@ class GRPOTrainer:
             raise self._save_on_interrupt(restart) from interrupt
         finally:
             run_log.close()
-        return self.state
+        return self._train_output(first_step, time.perf_counter() - started)
 
     def _training_round(self, run_log: RunLogger | SilentRunLogger) -> None:
         """One generation round: rollouts, `num_iterations` passes of optimizer steps over them,
@@ -343,6 +354,7 @@ class GRPOTrainer:
         # ---- ALGO: policy update ----------------------------------------------------------
         with _timer(timings, "time/training", self.device):
             train_metrics = self.update_policy(batch)
+        self._step_losses.extend(train_metrics.get("loss", []))
 
         # ---- Plumbing: metrics, evaluation, checkpoints -----------------------------------
         rollout_metrics, completion_tokens = self._rollout_metrics(gen, adv.metrics)
@@ -359,27 +371,14 @@ class GRPOTrainer:
         self.pending.extend(train_metrics)
         # when to log, evaluate and save
         default_flow(cfg, self.state, self.control, first_step, first_epoch)
-        if cfg.log_completions and self.control.should_log:
-            names = [fn.name for fn in self.reward_funcs]
-            step = self.state.global_step
-            local = completion_rows(
-                rollout.prompts,
-                rollout.completions,
-                rollout.rewards,
-                adv.rewards,
-                adv.advantages,
-                names,
-                rollout.extra,
-                unique_prompts=cfg.log_unique_prompts,
-            )
-            run_log.log_completions(
-                step,
-                [row for part in self.world.gather_objects(local) for row in part],
-                reward_names=names,
-                print_count=cfg.num_completions_to_print,
-                seed=cfg.seed + step,
-            )
+        rows = self._log_completions(run_log, rollout, adv)
         self._log_evaluate_save(run_log)
+        if rows and self.world.is_main_process:  # after the step's metrics, as TRL
+            names = [fn.name for fn in self.reward_funcs]
+            table = completions_table_columns(
+                self.state.global_step, rows, names, unique_prompts=cfg.log_unique_prompts
+            )
+            log_completions_table(cfg.report_to, self.state.global_step, table)
 
     # =============================================================================================
     # Steps of the algorithm
@@ -928,16 +927,34 @@ class GRPOTrainer:
         self._event("on_evaluate", metrics=metrics)
         return metrics
 
-    def save_model(self, output_dir: str | None = None, *, merged: bool | None = None) -> None:
+    def save_model(
+        self, output_dir: str | None = None, *, merged: bool | None = None, atomic: bool = False
+    ) -> None:
         """Save the model (or LoRA adapter) and tokenizer in Hugging Face format.
 
         Args:
             output_dir: Target directory (default: `args.output_dir`).
             merged: Under LoRA, save the adapter merged into the base weights (default:
                 `args.save_merged`).
+            atomic: Write into a temporary folder beside `output_dir`, seal it with a
+                manifest (`train.checkpoint.verify_checkpoint` checks it) and rename it into
+                place, replacing an existing one: a crash leaves the previous folder or none,
+                never a partial one. The folder also holds `trainer_state.json` and
+                `grpo_config.json`, as a checkpoint does. For a folder of its own (the
+                `grpokit` command's final_model), not the run's output_dir.
 
         With several processes only the main one writes; every process must call it.
+
+        Raises:
+            ConfigError: `atomic` with the run's output_dir, or a folder holding it.
         """
+        target = Path(output_dir or self.args.output_dir)
+        run_dir = Path(self.args.output_dir).resolve()
+        if atomic and (target.resolve() == run_dir or target.resolve() in run_dir.parents):
+            raise ConfigError(
+                f"save_model(atomic=True) replaces {target} as a whole, which holds the run's "
+                f"output_dir ({self.args.output_dir}); save into a folder of its own."
+            )
         merged = self.args.save_merged if merged is None else merged
         full = dist.full_state_dict(self.model, self.world)  # gathered shards under FSDP2
         if full is None:
@@ -945,14 +962,110 @@ class GRPOTrainer:
         elif self.world.is_main_process:
             guards.check_finite_state(full, "the model")
         if self.world.is_main_process:
-            ckpt.save_model(
-                self.model,
-                self.processing_class,
-                output_dir or self.args.output_dir,
-                merged=merged,
-                state_dict=full,
+            step = self.state.global_step
+            writing = (
+                ckpt.atomic_checkpoint(target, step) if atomic else contextlib.nullcontext(target)
             )
+            with writing as folder:
+                ckpt.save_model(
+                    self.model, self.processing_class, folder, merged=merged, state_dict=full
+                )
+                if atomic:  # sealed like a checkpoint, with the config and state it came from
+                    state = json.dumps(self.state.to_dict(), indent=2)
+                    (folder / ckpt.TRAINER_STATE).write_text(state)
+                    config = json.dumps(self.args.to_dict(), indent=2, default=str)
+                    (folder / ckpt.GRPO_CONFIG).write_text(config)
         self.world.barrier()
+
+    def _train_output(self, first_step: int, runtime: float) -> TrainOutput:
+        """What `train` returns: transformers' `TrainOutput` for the steps of this call."""
+        steps = self.state.global_step - first_step
+        losses = [loss for loss in self._step_losses if math.isfinite(loss)]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        cfg, runtime = self.args, max(runtime, 1e-9)
+        completions = steps * cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        metrics = {
+            "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(completions * self.world.num_processes / runtime, 3),
+            "train_steps_per_second": round(steps / runtime, 3),
+            "train_loss": loss,
+            "epoch": self.state.epoch,
+        }
+        return TrainOutput(self.state.global_step, loss, metrics)
+
+    # ---- what transformers' Trainer offers TRL scripts beyond training ---------------------------
+    @property
+    def accelerator(self) -> Any:
+        """An `accelerate.Accelerator` for the script's own use (`trainer.accelerator.print`,
+        `.is_main_process`, `.wait_for_everyone()`, `.unwrap_model`), as TRL's scripts use it:
+        under a launcher the one that joined the process group; for a single process one made
+        on first use, on the training device. grpokit's loop does not train through it."""
+        if self.world.accelerator is not None:
+            return self.world.accelerator
+        if self._accelerator is None:
+            from accelerate import Accelerator
+
+            self._accelerator = Accelerator(cpu=self.device.type == "cpu")
+        return self._accelerator
+
+    # transformers' own helpers for a script's final metrics: `log_metrics(split, metrics)`
+    # prints them, `save_metrics` writes output_dir/{split}_results.json (and all_results.json),
+    # `save_state` writes output_dir/trainer_state.json; on the main process only.
+    log_metrics = trainer_pt_utils.log_metrics
+    save_metrics = trainer_pt_utils.save_metrics
+    save_state = trainer_pt_utils.save_state
+
+    def is_world_process_zero(self) -> bool:
+        """Whether this is the main process (the one that writes)."""
+        return self.world.is_main_process
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ) -> None:
+        """Write output_dir/README.md, a model card naming the base model, the dataset and the
+        method (TRL's `create_model_card` arguments); on the main process only."""
+        if not self.world.is_main_process:
+            return
+        base = build.model_name(self.model) or None
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        header = {
+            "base_model": base,
+            "datasets": [dataset_name] if dataset_name else None,
+            "library_name": "transformers",
+            "model_name": model_name or Path(self.args.output_dir).name,
+            "tags": ["grpokit", "grpo", *tags],
+        }
+        lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in header.items() if v), "---", ""]
+        lines.append(f"# {header['model_name']}\n")
+        lines.append(
+            f"A fine-tuned version of {base or 'a causal language model'}"
+            + (f" on {dataset_name}" if dataset_name else "")
+            + ", trained with GRPO ([DeepSeekMath](https://huggingface.co/papers/2402.03300))"
+            f" by grpokit for {self.state.global_step} optimizer steps.\n"
+        )
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(Path(self.args.output_dir) / "README.md", "\n".join(lines))
+
+    def end(self) -> None:
+        """End the run as transformers' `Trainer.end` does; call it last, after saving. The
+        trackers already closed at the end of `train`; under a launcher the process group is
+        destroyed."""
+        if self.world.accelerator is not None:
+            self.world.accelerator.end_training()
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported (no network here to test it): raises, saying what to do instead.
+
+        Raises:
+            ConfigError: always.
+        """
+        raise ConfigError(
+            "GRPOTrainer.push_to_hub: grpokit does not upload to the Hugging Face Hub; save "
+            "with trainer.save_model(path) and upload the folder with `hf upload`."
+        )
 
     # =============================================================================================
     # Helpers
@@ -1047,6 +1160,37 @@ class GRPOTrainer:
             **name_reward_metrics(reward_metrics, [fn.name for fn in self.reward_funcs]),
         }
         return metrics, float(tokens[2])
+
+    def _log_completions(
+        self, run_log: RunLogger | SilentRunLogger, rollout: ScoredRollout, adv: AdvantageOutput
+    ) -> list[dict[str, Any]]:
+        """`log_completions` at a logging step: every process's `completion_rows` records,
+        gathered, written to completions.jsonl and the console table (main process). Returns
+        the records ([] when nothing is logged this round)."""
+        cfg = self.args
+        if not (cfg.log_completions and self.control.should_log):
+            return []
+        names = [fn.name for fn in self.reward_funcs]
+        step = self.state.global_step
+        local = completion_rows(
+            rollout.prompts,
+            rollout.completions,
+            rollout.rewards,
+            adv.rewards,
+            adv.advantages,
+            names,
+            rollout.extra,
+            unique_prompts=cfg.log_unique_prompts,
+        )
+        rows = [row for part in self.world.gather_objects(local) for row in part]
+        run_log.log_completions(
+            step,
+            rows,
+            reward_names=names,
+            print_count=cfg.num_completions_to_print,
+            seed=cfg.seed + step,
+        )
+        return rows
 
     def _log_evaluate_save(self, run_log: RunLogger | SilentRunLogger) -> None:
         """Evaluate, log and checkpoint as the control flags say (`default_flow` and callbacks).

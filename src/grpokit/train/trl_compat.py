@@ -20,9 +20,12 @@ importing TRL (`GRPOConfig.from_trl`, and `GRPOTrainer(args=trl.GRPOConfig(...))
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,6 +238,72 @@ class TrainerSettings:
                 f"{MULTIPROCESSING_CONTEXTS}, got {context!r}."
             )
 
+    # ---- `TrainingArguments`' view of the processes, which scripts and callbacks read ---------
+    @property
+    def world_size(self) -> int:
+        """Processes training together (the launcher's `WORLD_SIZE`; 1 without one)."""
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+    @property
+    def process_index(self) -> int:
+        """This process's rank (the launcher's `RANK`; 0 without one)."""
+        return int(os.environ.get("RANK", "0") or 0)
+
+    @property
+    def local_process_index(self) -> int:
+        """This process's rank on its machine (`LOCAL_RANK`; 0 without a launcher)."""
+        return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+    @property
+    def should_log(self) -> bool:
+        """Whether this process logs: the main process only, as grpokit's loop does."""
+        return self.process_index == 0
+
+    @property
+    def should_save(self) -> bool:
+        """Whether this process writes checkpoints and models: the main process only."""
+        return self.process_index == 0
+
+    @property
+    def device(self) -> Any:
+        """The `torch.device` this process trains on (`train.distributed.World.device`)."""
+        from grpokit.train.distributed import World
+
+        local = self.local_process_index
+        return World(self.world_size, self.process_index, local).device(
+            bool(getattr(self, "use_cpu", False))
+        )
+
+    @property
+    def n_gpu(self) -> int:
+        """GPUs this process uses: 1 on CUDA, else 0 (as `TrainingArguments` counts them)."""
+        return int(self.device.type == "cuda")
+
+    def get_process_log_level(self) -> int:
+        """The `logging` level for this process, as `TrainingArguments` chooses it: `log_level`
+        on the main process, `log_level_replica` on the others; "passive" = transformers'
+        current verbosity."""
+        name = self.log_level if self.should_log else getattr(self, "log_level_replica", "warning")
+        if name == "passive":
+            import transformers
+
+            return transformers.logging.get_verbosity()
+        return int(logging.getLevelName(name.upper()))
+
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work") -> Iterator[None]:
+        """Run the block on the main process first, then on the others (e.g. a dataset `map`
+        whose cache the others then read), as `TrainingArguments.main_process_first`."""
+        import torch.distributed as torch_dist
+
+        wait = self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
+        main = (self.local_process_index if local else self.process_index) == 0
+        if wait and not main:
+            torch_dist.barrier()
+        yield
+        if wait and main:
+            torch_dist.barrier()
+
 
 @dataclass(kw_only=True)
 class AcceptedAtDefault:
@@ -244,7 +313,8 @@ class AcceptedAtDefault:
     """
 
     # ---- optimisation and precision ----------------------------------------------------------
-    optim_target_modules: str | list[str] | None = at_default(
+    # None first: HfArgumentParser (TRL's TrlParser) then parses a string, as for TRL's field
+    optim_target_modules: None | str | list[str] = at_default(  # noqa: RUF036
         None, "Modules GaLore / APOLLO optimizers project.", "GaLore and APOLLO are not supported"
     )
     average_tokens_across_devices: bool = at_default(
@@ -392,9 +462,7 @@ class AcceptedAtDefault:
     parallelism_config: Any = at_default(
         None, "Accelerate's parallelism configuration.", _MULTI_PROCESS
     )
-    fsdp: str | bool | None = at_default(
-        None, "Fully Sharded Data Parallel options.", _MULTI_PROCESS
-    )
+    fsdp: str | None = at_default(None, "Fully Sharded Data Parallel options.", _MULTI_PROCESS)
     fsdp_config: dict[str, Any] | str | None = at_default(
         None, "FSDP configuration.", _MULTI_PROCESS
     )
