@@ -205,7 +205,7 @@ def test_dataset_errors(tmp_path: Path) -> None:
 
 def test_unknown_kind_and_keys() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown task kind 'gym'.*\['dataset', 'reasoning_gym'\]"
+        ValueError, match=r"unknown task kind 'gym'.*\['dataset', 'humaneval', 'reasoning_gym'\]"
     ):
         load_task({"kind": "gym"})
     with pytest.raises(ValueError, match=r"needs a 'kind'"):
