@@ -253,7 +253,9 @@ def test_grpo_run_in_server_mode(served: Served, tmp_path: Path) -> None:
     )
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
+        # the first character's code: two completions of a prompt almost never tie (a length
+        # reward does whenever both run to max_completion_length, and the step learns nothing)
+        reward_funcs=lambda completions, **_: [float(ord(c[0])) if c else 0.0 for c in completions],
         args=args,
         train_dataset=Dataset.from_list([{"prompt": p} for p in ["ab", "cd", "ef", "gh"]]),
         processing_class=tok,
