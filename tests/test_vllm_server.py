@@ -233,6 +233,9 @@ def test_grpo_run_in_server_mode(served: Served, tmp_path: Path) -> None:
         max_completion_length=8,
         learning_rate=5e-2,
         bf16=False,
+        # the first character's code: two completions of a prompt almost never tie (a length
+        # reward does whenever both run to max_completion_length, and the step learns nothing)
+        reward=lambda completions, **_: [float(ord(c[0])) if c else 0.0 for c in completions],
     )
     assert isinstance(trainer.engine, VLLMServerEngine)
     train_and_check_the_engine_follows(trainer, model, tok)

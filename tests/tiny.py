@@ -305,10 +305,13 @@ def dominated_by(model: Any, token: int) -> Any:
     return clone
 
 
-def length_trainer(tmp_path: Path, model: Any, tokenizer: Any, **config: Any) -> GRPOTrainer:
+def length_trainer(
+    tmp_path: Path, model: Any, tokenizer: Any, reward: Any = None, **config: Any
+) -> GRPOTrainer:
     """A `GRPOTrainer` for 2 optimizer steps of 4 completions (G = 2) on four two-letter prompts,
-    rewarded by completion length (so rewards differ within a group), nothing saved, no tracker;
-    `config` holds the other `GRPOConfig` fields (the engine's: `use_vllm`, `vllm_mode`, ...)."""
+    rewarded by completion length (so rewards differ within a group) or by `reward`, nothing
+    saved, no tracker; `config` holds the other `GRPOConfig` fields (the engine's: `use_vllm`,
+    `vllm_mode`, ...)."""
     from datasets import Dataset
 
     from grpokit import GRPOConfig, GRPOTrainer
@@ -324,7 +327,7 @@ def length_trainer(tmp_path: Path, model: Any, tokenizer: Any, **config: Any) ->
     )
     return GRPOTrainer(
         model=model,
-        reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
+        reward_funcs=reward or (lambda completions, **_: [float(len(c)) for c in completions]),
         args=args,
         train_dataset=Dataset.from_list([{"prompt": p} for p in ["ab", "cd", "ef", "gh"]]),
         processing_class=tokenizer,
