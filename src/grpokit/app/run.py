@@ -406,7 +406,7 @@ def _train(
             spec, trainer.model, tokenizer, task, rewards, engine=trainer.engine, tools=tools
         )
         _log_eval(output_dir, "before", 0, result["before"])
-    state = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trained = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     result["model_dir"] = str(output_dir / "final_model")
     # every process calls it; the main one writes it whole or not at all (a crash leaves the
     # previous final_model or none)
@@ -418,7 +418,7 @@ def _train(
         result["after"] = run_eval(
             spec, trainer.model, tokenizer, task, rewards, engine=trainer.engine, tools=tools
         )
-        _log_eval(output_dir, "after", state.global_step, result["after"])
+        _log_eval(output_dir, "after", trained.global_step, result["after"])
     if spec.run.plot:
         from grpokit.app.plotting import plot_run
 
