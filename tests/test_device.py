@@ -332,6 +332,29 @@ def test_trainer_on_the_cpu_retains_freed_memory(
     assert applied == []
 
 
+# ---- which device ------------------------------------------------------------------------------
+def test_the_training_device_as_transformers_picks_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from grpokit.train.distributed import World
+
+    assert World().device(use_cpu=False) == torch.device("cpu")  # no GPU here
+    fake_cuda(monkeypatch)
+    assert World().device(use_cpu=False) == torch.device("cuda")
+    assert World().device(use_cpu=True) == torch.device("cpu")
+    # One of several processes (the config's view, before accelerate joins them): its GPU.
+    assert World(4, 3, 1).device(use_cpu=False) == torch.device("cuda", 1)
+    assert World(4, 3, 1).device(use_cpu=True) == torch.device("cpu")
+
+
+def test_the_config_reports_the_local_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cuda(monkeypatch)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    config = GRPOConfig(output_dir="unused", num_generations=2, per_device_train_batch_size=2)
+    assert (config.device, config.n_gpu) == (torch.device("cuda", 1), 1)
+    config.use_cpu = True
+    assert (config.device, config.n_gpu) == (torch.device("cpu"), 0)
+
+
 # ---- random state and timing ------------------------------------------------------------------
 def test_fork_rng_covers_every_cuda_device_once_cuda_is_in_use(
     monkeypatch: pytest.MonkeyPatch,

@@ -188,10 +188,17 @@ class World:
 
     def device(self, use_cpu: bool) -> torch.device:
         """The device this process trains on: the accelerator's (`cuda:<local rank>`) when
-        distributed, else CUDA when available and not `use_cpu`, else the CPU."""
+        distributed, else CUDA when available and not `use_cpu` (`cuda:<local rank>` for one of
+        several processes, as `TrainingArguments.device`), else the CPU."""
         if self.accelerator is not None:
             return torch.device(self.accelerator.device)
-        return torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+        if use_cpu or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return (
+            torch.device("cuda", self.local_process_index)
+            if self.is_distributed
+            else torch.device("cuda")
+        )
 
     def own_rows(self, per_process: int) -> slice:
         """This process's share of a global batch made of P consecutive shares of `per_process`
