@@ -67,6 +67,7 @@ from grpokit.train.loggers import (
     tool_metrics,
 )
 from grpokit.train.microbatch import chunk_loss_tokens, pad_plan, plan_micro_batches, select_rows
+from grpokit.train.prompt_drawer import PromptDrawer, with_environment_reward
 from grpokit.train.prompt_sampler import PromptSampler
 from grpokit.train.rollout import (
     RolloutBatch,
@@ -192,8 +193,7 @@ class GRPOTrainer:
         self.tool_calling, self.environment_pool = build.make_tool_calling(
             tools, environment_factory, self.processing_class, self.args
         )
-        if self.environment_pool is not None and self.environment_pool.has_reward:
-            reward_funcs = [*build.as_list(reward_funcs), self.environment_pool.reward_function()]
+        reward_funcs = with_environment_reward(reward_funcs, self.environment_pool)
         self.rollout_func = rollout_func
         self.environments: list[Any] | None = None  # the batch's instances, one per rollout
         self._prompt_rows: list[dict[str, Any]] = []
@@ -217,6 +217,7 @@ class GRPOTrainer:
         self.sampler = PromptSampler(
             train_dataset, seed=self.args.resolved_data_seed, shuffle=self.args.shuffle_dataset
         )
+        self.prompt_drawer = PromptDrawer(self.sampler, self.world)  # this process's prompts
         self.engine = generation_engine or build.make_generation_engine(
             self.model, self.processing_class, self.args
         )
@@ -494,10 +495,8 @@ class GRPOTrainer:
             num_prompts: How many (default B = `prompts_per_generation`); prompts skipped by the
                 length policy are replaced by further draws.
 
-        With several processes, every process draws the same `num_prompts` prompts (a global
-        count) and keeps its contiguous share of `num_prompts / P` (`World.own_rows`), which the
-        counts below are then; with environments, each process tokenizes only its share
-        (`_draw_own_prompts`).
+        With several processes `num_prompts` is a global count: this process gets its share of
+        `num_prompts / P` (`train.prompt_drawer`), which the counts below are then.
 
         Returns:
             `(prompts, prompt_ids, columns)`: `num_prompts * G` prompts (each repeated G times,
@@ -505,95 +504,12 @@ class GRPOTrainer:
             text), `num_prompts` token-id lists (with environments one per rollout,
             `num_prompts * G`), and every other column repeated G times.
         """
-        cfg, rollout, world = self.args, self.rollout, self.world
-        wanted = cfg.prompts_per_generation if num_prompts is None else num_prompts
-        if world.is_distributed and self.environment_pool is not None:
-            rows, ids, environments, reset_prompts = self._draw_own_prompts(
-                wanted // world.num_processes
-            )
-        else:
-            rows, ids, environments, reset_prompts = self._draw_prompts(wanted)
-        if world.is_distributed and self.environment_pool is None:
-            share = world.own_rows(wanted // world.num_processes)  # whole groups
-            rows, ids = rows[share], ids[share]  # every process drew the global batch
-        self._prompt_rows, self.environments = rows, environments or None
-        prompts, columns = rollout.repeat(rows)
-        return reset_prompts or prompts, ids, columns
-
-    def _draw_prompts(
-        self, wanted: int
-    ) -> tuple[list[dict[str, Any]], list[list[int]], list[Any], list[Any]]:
-        """`wanted` rows tokenized, drawing more as the length policy skips some; the rows,
-        their token-id lists and, with environments, the rollouts' reset instances and their
-        prompts with the reset text (else two empty lists)."""
-        rollout = self.rollout
-        rows: list[dict[str, Any]] = []
-        ids: list[list[int]] = []
-        environments: list[Any] = []
-        environment_prompts: list[Any] = []  # N prompts with their environment's reset text
-        attempts = 0
-        while len(rows) < wanted:
-            need = wanted - len(rows)
-            drawn = rollout.tokenize(
-                [self.sampler.next() for _ in range(need)],
-                environments_taken=attempts * self.args.num_generations,
-            )
-            self.state.prompts_over_length += drawn.over_length
-            rollout.warn_over_length(drawn.over_length, self.state.prompts_over_length)
-            rows += drawn.rows
-            ids += drawn.prompt_ids
-            environments += drawn.environments
-            environment_prompts += drawn.prompts
-            attempts += need
-            if not rows and attempts > max(1, self.sampler.size or 0) + need:
-                raise rollout.all_skipped_error()
-        return rows, ids, environments, environment_prompts
-
-    def _draw_own_prompts(
-        self, share: int
-    ) -> tuple[list[dict[str, Any]], list[list[int]], list[Any], list[Any]]:
-        """This process's `share` rows, tokenized with their environments reset, when several
-        processes train with environments: each process resets only its own rollouts'.
-
-        Every process draws the same rows from the shared sampler and tokenizes only its part:
-        rows `[p * share, (p + 1) * share)` of the first draw. When the length policy skips some
-        of a process's rows, the next draw is the processes' shortfalls together, handed out in
-        rank order, until every process holds `share`. The rows drawn, and so the global batch's
-        rows, are those one process would draw; only their order across the processes differs
-        once a row was skipped.
-        """
-        world, rollout = self.world, self.rollout
-        rows: list[dict[str, Any]] = []
-        ids: list[list[int]] = []
-        environments: list[Any] = []
-        environment_prompts: list[Any] = []  # prompts with their environment's reset text
-        missing = [share] * world.num_processes  # every process's shortfall, known to all
-        attempts = taken = 0
-        while sum(missing):
-            drawn = [self.sampler.next() for _ in range(sum(missing))]
-            start = sum(missing[: world.process_index])
-            mine = drawn[start : start + missing[world.process_index]]
-            if mine:
-                batch = rollout.tokenize(mine, environments_taken=taken)
-                taken += len(mine) * self.args.num_generations
-                rows += batch.rows
-                ids += batch.prompt_ids
-                environments += batch.environments
-                environment_prompts += batch.prompts
-                over_length = batch.over_length
-            else:
-                over_length = 0
-            counts = world.gather_objects((len(rows), over_length))  # [(kept, over), ...]
-            over_length = sum(over for _, over in counts)
-            self.state.prompts_over_length += over_length
-            if world.is_main_process:
-                rollout.warn_over_length(over_length, self.state.prompts_over_length)
-            missing = [share - held for held, _ in counts]
-            attempts += len(drawn)
-            limit = max(1, self.sampler.size or 0) + len(drawn)
-            if not sum(held for held, _ in counts) and attempts > limit:
-                raise rollout.all_skipped_error()
-        return rows, ids, environments, environment_prompts
+        wanted = self.args.prompts_per_generation if num_prompts is None else num_prompts
+        pipeline = self.rollout
+        batch = self.prompt_drawer.draw(pipeline, self.state, wanted)
+        self._prompt_rows, self.environments = batch.rows, batch.environments or None
+        prompts, columns = pipeline.repeat(batch.rows)
+        return batch.prompts or prompts, batch.prompt_ids, columns
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
         """Sample G completions per prompt with the generation engine (under autocast); with
