@@ -8,7 +8,8 @@ policy (`prompt_length_policy="skip"`) drops some, the processes' shortfalls are
 and handed out in rank order again, until each holds its share; the rows drawn are then the ones a
 single process would draw (their order across the processes differs once a row was skipped).
 Each process tokenizes only its own rows, so with `environment_factory` it makes and resets only
-its own rollouts' environments.
+its own rollouts' environments. Dynamic sampling's extra draws for a batch (`draw_shares`) give
+their rollouts instances after those the batch's earlier rollouts hold.
 
 Without environments, a draw of an even split (`draw`) is made whole by every process instead:
 each tokenizes the global batch, refills it as one process would and keeps its contiguous share,
@@ -37,6 +38,9 @@ class PromptDrawer:
     def __init__(self, sampler: PromptSampler, world: World) -> None:
         self.sampler = sampler
         self.world = world
+        # Environment instances the current batch's rollouts hold (this process's): a further
+        # draw for the same batch takes the next ones, so no instance serves two of its rollouts.
+        self.environments_taken = 0
 
     def draw(self, pipeline: RolloutPipeline, state: Any, num_prompts: int) -> PromptBatch:
         """This process's share of `num_prompts` prompts (a global count split evenly).
@@ -53,8 +57,9 @@ class PromptDrawer:
         """
         world = self.world
         share = num_prompts // world.num_processes
+        self.environments_taken = 0  # a new batch
         if world.is_distributed and pipeline.environments is not None:
-            return self.draw_shares(pipeline, state, [share] * world.num_processes)
+            return self._fill(pipeline, state, [share] * world.num_processes, sharing=world)
         whole = self._fill(pipeline, state, [num_prompts], sharing=None)
         if not world.is_distributed:
             return whole
@@ -64,8 +69,10 @@ class PromptDrawer:
     def draw_shares(
         self, pipeline: RolloutPipeline, state: Any, shares: Sequence[int]
     ) -> PromptBatch:
-        """This process's `shares[rank]` prompts of a draw of `sum(shares)` (a collective: every
-        process calls it with the same `shares`; a share may be 0). See `draw` for the rest."""
+        """More prompts for the batch the last `draw` began (dynamic sampling's extra draws):
+        this process's `shares[rank]` of a draw of `sum(shares)`, rank by rank. A collective:
+        every process calls it with the same `shares`; a share may be 0. With environments, its
+        rollouts take instances after those the batch's earlier rollouts hold. See `draw`."""
         return self._fill(pipeline, state, shares, sharing=self.world)
 
     def _fill(
@@ -84,15 +91,15 @@ class PromptDrawer:
         index = sharing.process_index if sharing is not None else 0
         missing = list(shares)  # every process's shortfall, known to all
         parts: list[PromptBatch] = []
-        held = attempts = taken = 0
+        held = attempts = 0
         while sum(missing):
             drawn = [self.sampler.next() for _ in range(sum(missing))]
             start = sum(missing[:index])
             mine = drawn[start : start + missing[index]]
             batch = PromptBatch([], [])
             if mine:
-                batch = pipeline.tokenize(mine, environments_taken=taken)
-                taken += len(mine) * pipeline.num_generations
+                batch = pipeline.tokenize(mine, environments_taken=self.environments_taken)
+                self.environments_taken += len(mine) * pipeline.num_generations
             parts.append(batch)
             held += len(batch.rows)
             counts = [(held, batch.over_length)]  # [(kept, over length), ...] per process

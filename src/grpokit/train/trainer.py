@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -164,11 +164,6 @@ class GRPOTrainer:
         self.world = dist.World.from_env(self.args)
         self._accelerator: Any = None  # made by the `accelerator` property, for one process
         dist.check_config_world(self.args, self.world)
-        if self.world.is_distributed and self.args.dynamic_sampling:
-            raise ConfigError(
-                "dynamic_sampling is not supported on several processes yet (the groups it keeps "
-                "would differ per process); train on one process."
-            )
         build.apply_process_settings(self.args)  # seed, full determinism, tf32, log level
         self.device = self.world.device(self.args.use_cpu)
         self.device_traits = device_traits(self.device)  # what differs on this device type
@@ -395,64 +390,71 @@ class GRPOTrainer:
         `max_dynamic_sampling_draws` extra draws are used up; then the batch is completed with
         dropped groups (advantage 0, as without dynamic sampling) and a warning is logged.
 
+        With several processes each fills its own share of `B / P` groups: an extra draw reads
+        every process's shortfall from the shared prompt order and hands it out in rank order
+        (`PromptDrawer.draw_shares`), so a process whose share is full takes no prompts but
+        still draws with the others. Whether to draw again is decided on the shortfalls of all
+        (gathered once per draw), so every process makes the same number of draws and
+        collective calls; a process still short when the cap is reached completes its share
+        with its own dropped groups. The global draws are those one process would make.
+
         Args:
             timings: Seconds spent are added to its `time/generation` and `time/rewards`.
 
         Returns:
-            `(rollout, metrics)`; with dynamic sampling, `dynamic_sampling/*` metrics for the
-            round (docs/METRICS.md), else none.
+            `(rollout, metrics)`: this process's rows; with dynamic sampling, `dynamic_sampling/*`
+            metrics for the round (docs/METRICS.md), counts summed over the processes, else none.
         """
-        cfg = self.args
+        cfg, world = self.args, self.world
         timings = {} if timings is None else timings
-        b, g = cfg.prompts_per_generation, cfg.num_generations
-        rollout = self.draw_rollouts(b, timings)
+        g, share = cfg.num_generations, cfg.prompts_per_process
+        rollout = self.draw_rollouts(cfg.prompts_per_generation, timings)
         if not cfg.dynamic_sampling:
             return rollout, {}
         kept: list[ScoredRollout] = []
         dropped: list[ScoredRollout] = []
         drawn = num_kept = extra_draws = 0
         while True:
-            with _timer(timings, "time/rewards", self.device):
-                equal = (self.advantages(rollout.rewards).advantages.view(-1, g) == 0).all(-1)
-            drawn += len(equal)
-            kept.append(rollout.select_groups(torch.nonzero(~equal).view(-1), g))
-            dropped.append(rollout.select_groups(torch.nonzero(equal).view(-1), g))
-            num_kept += int((~equal).sum())
-            if num_kept == b or extra_draws == cfg.max_dynamic_sampling_draws:
+            if rollout.rewards.shape[0]:  # none when this process's share was already full
+                with _timer(timings, "time/rewards", self.device):
+                    equal = self.equal_reward_groups(rollout.rewards)  # [b]
+                drawn += len(equal)
+                kept.append(rollout.select_groups(torch.nonzero(~equal).view(-1), g))
+                dropped.append(rollout.select_groups(torch.nonzero(equal).view(-1), g))
+                num_kept += int((~equal).sum())
+            missing = [share - held for held in world.gather_objects(num_kept)]  # per process
+            if not sum(missing) or extra_draws == cfg.max_dynamic_sampling_draws:
                 break
             extra_draws += 1
-            rollout = self.draw_rollouts(b - num_kept, timings)
-        fill = b - num_kept
+            rollout = self.draw_rollouts(sum(missing), timings, shares=missing)
+        fill = share - num_kept
         if fill:
-            logger.warning(
-                "dynamic sampling: after %d extra draw(s) (max_dynamic_sampling_draws) only %d of "
-                "%d prompt groups have varied rewards; the batch is completed with %d group(s) of "
-                "equal rewards, which add no policy gradient.",
-                extra_draws,
-                num_kept,
-                b,
-                fill,
-            )
             reserve = concatenate_rollouts(dropped, self._pad_token_id)
             kept.append(reserve.select_groups(torch.arange(fill), g))
-        metrics = {
-            "dynamic_sampling/extra_draws": float(extra_draws),
-            "dynamic_sampling/dropped_groups": float(drawn - num_kept - fill),
-            "dynamic_sampling/filled_groups": float(fill),
-            "dynamic_sampling/frac_reward_zero_std": (drawn - num_kept) / drawn,
-        }
+        counts = world.gather(torch.tensor([[drawn, num_kept, fill]]))  # [P, 3] per process
+        metrics = _dynamic_sampling_report(counts, extra_draws, share, world)
         return concatenate_rollouts(kept, self._pad_token_id), metrics
 
     def draw_rollouts(
-        self, num_prompts: int, timings: dict[str, float] | None = None
+        self,
+        num_prompts: int,
+        timings: dict[str, float] | None = None,
+        *,
+        shares: Sequence[int] | None = None,
     ) -> ScoredRollout:
         """Sample `num_prompts` prompts, generate G completions each, decode and score them
         (seconds added to `timings`' `time/generation` and `time/rewards`). What the reward
         functions log goes with it (`log_extra` columns) or to the next log line (`log_metric`:
-        each scoring call's mean, as TRL)."""
+        each scoring call's mean, as TRL).
+
+        With several processes `num_prompts` is split evenly, or as `shares` says (every
+        process's count, summing to `num_prompts`; see `sample_prompts`). A process whose share
+        is 0 gets an empty rollout (N = 0)."""
         timings = {} if timings is None else timings
         with _timer(timings, "time/generation", self.device):
-            prompts, prompt_ids, columns = self.sample_prompts(num_prompts)
+            prompts, prompt_ids, columns = self.sample_prompts(num_prompts, shares=shares)
+            if not prompt_ids:
+                return self.rollout.empty()
             gen = self.generate(prompt_ids)
         with _timer(timings, "time/rewards", self.device):
             completions, completion_id_lists = self.decode(prompts, gen)
@@ -465,6 +467,24 @@ class GRPOTrainer:
         return ScoredRollout(
             prompts, columns, completions, completion_id_lists, rewards, gen, extra=reward_log.extra
         )
+
+    def equal_reward_groups(self, rewards: Tensor) -> Tensor:
+        """`[b]` bool: which of the b groups of `rewards` (`[b*G, K]`, this process's) have
+        advantage 0 throughout, i.e. equal rewards, the groups dynamic sampling drops.
+
+        Decided on this process's rows alone (a group is whole on one process, and whether its
+        advantages are 0 does not depend on the other groups), with no collective call, so the
+        processes may hold different numbers of groups while they draw.
+        """
+        cfg = self.args
+        adv = group_advantages(
+            rewards,
+            cfg.num_generations,
+            reward_weights=cfg.reward_weights,
+            scale_rewards=cfg.resolved_scale_rewards,
+            multi_objective_aggregation=cfg.multi_objective_aggregation,
+        )
+        return (adv.advantages.view(-1, cfg.num_generations) == 0).all(-1)
 
     def advantages(self, rewards: Tensor) -> AdvantageOutput:
         """Group advantages `[N]` (and reward metrics) of `[N, K]` rewards, per the config.
@@ -487,16 +507,19 @@ class GRPOTrainer:
         return adv._replace(advantages=adv.advantages[own], rewards=adv.rewards[own])
 
     def sample_prompts(
-        self, num_prompts: int | None = None
+        self, num_prompts: int | None = None, *, shares: Sequence[int] | None = None
     ) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
         """Draw prompts, render and tokenize them, and enforce `max_prompt_length`.
 
         Args:
             num_prompts: How many (default B = `prompts_per_generation`); prompts skipped by the
                 length policy are replaced by further draws.
+            shares: With several processes, every process's count of an uneven draw (the same
+                list on every process, summing to `num_prompts`; dynamic sampling's
+                shortfalls); a collective call. None = `num_prompts` split evenly.
 
-        With several processes `num_prompts` is a global count: this process gets its share of
-        `num_prompts / P` (`train.prompt_drawer`), which the counts below are then.
+        With several processes `num_prompts` is a global count: this process gets its share
+        (`train.prompt_drawer`), which the counts below are then.
 
         Returns:
             `(prompts, prompt_ids, columns)`: `num_prompts * G` prompts (each repeated G times,
@@ -506,7 +529,10 @@ class GRPOTrainer:
         """
         wanted = self.args.prompts_per_generation if num_prompts is None else num_prompts
         pipeline = self.rollout
-        batch = self.prompt_drawer.draw(pipeline, self.state, wanted)
+        if shares is None:
+            batch = self.prompt_drawer.draw(pipeline, self.state, wanted)
+        else:
+            batch = self.prompt_drawer.draw_shares(pipeline, self.state, shares)
         self._prompt_rows, self.environments = batch.rows, batch.environments or None
         prompts, columns = pipeline.repeat(batch.rows)
         return batch.prompts or prompts, batch.prompt_ids, columns
@@ -1318,6 +1344,37 @@ def _step_sums(parts: list[Tensor]) -> tuple[float, float, float, float]:
         entropy_sum += bonus * tokens
         entropy_tokens += tokens
     return step_loss, policy_part, entropy_sum, entropy_tokens
+
+
+def _dynamic_sampling_report(
+    counts: Tensor, extra_draws: int, share: int, world: dist.World
+) -> dict[str, float]:
+    """The round's `dynamic_sampling/*` metrics from every process's `[drawn, kept, filled]`
+    group counts (`counts`, `[P, 3]` in rank order; `share` groups per process), summed; the
+    main process warns when groups were filled, naming the processes that filled them."""
+    total_drawn, total_kept, total_fill = counts.sum(0).tolist()
+    if total_fill and world.is_main_process:
+        short = [
+            f"process {rank}: {filled} of {share}"
+            for rank, (_, _, filled) in enumerate(counts.tolist())
+            if filled
+        ]
+        logger.warning(
+            "dynamic sampling: after %d extra draw(s) (max_dynamic_sampling_draws) only %d of "
+            "%d prompt groups have varied rewards; the batch is completed with %d group(s) of "
+            "equal rewards, which add no policy gradient%s.",
+            extra_draws,
+            total_kept,
+            share * world.num_processes,
+            total_fill,
+            f" (filled on {', '.join(short)})" if world.is_distributed else "",
+        )
+    return {
+        "dynamic_sampling/extra_draws": float(extra_draws),
+        "dynamic_sampling/dropped_groups": float(total_drawn - total_kept - total_fill),
+        "dynamic_sampling/filled_groups": float(total_fill),
+        "dynamic_sampling/frac_reward_zero_std": (total_drawn - total_kept) / total_drawn,
+    }
 
 
 def _or_inf(bound: float | None) -> float:
