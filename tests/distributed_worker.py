@@ -9,15 +9,17 @@ second process), `metrics.jsonl` and the other run files.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR
     python -m torch.distributed.run ... tests/distributed_worker.py OUT_DIR SCENARIO  # one only
+    python -m torch.distributed.run ... tests/distributed_worker.py OUT_DIR dynamic  # DAPO's
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import TrainerCallback
@@ -335,6 +337,112 @@ def run_scenarios(out_dir: Path) -> None:
     t.save_model(str(resumed / "final_model"))
 
 
+class DynamicScenario(NamedTuple):
+    """A dynamic-sampling scenario (tests/test_distributed_dynamic.py works them out).
+
+    Attributes:
+        kinds: Each dataset row's kind: "c" = its group's rewards are all equal (dropped), "v" =
+            they vary. The rows are read in order, 4 per generation batch, 2 per process.
+        overrides: GRPOConfig overrides.
+        trained: The rows 2 processes train, 4 per step, in rank order (process 0's first);
+            a 1-process run without dynamic sampling on these rows is the replay.
+    """
+
+    kinds: str
+    overrides: dict[str, Any]
+    trained: tuple[int, ...]
+
+
+DYNAMIC_SCENARIOS: dict[str, DynamicScenario] = {
+    # Each round both processes are short and draw more; the third round wraps the epoch.
+    "dynamic_both": DynamicScenario(
+        "cvcvvcvvcccvvvcv", {"scale_rewards": "batch"}, (1, 4, 3, 6, 7, 11, 12, 13, 15, 4, 1, 3)
+    ),
+    # Each round one process is short: the other takes no prompts in the extra draws.
+    "dynamic_one": DynamicScenario(
+        "vvcvcvcvvvvvvvcc", {}, (0, 1, 3, 5, 7, 10, 8, 9, 11, 12, 13, 0)
+    ),
+    # One extra draw at most: rounds 1 and 3 end with one process still short.
+    "dynamic_cap": DynamicScenario(
+        "vvcvccvvvvccvvvc",
+        {"max_dynamic_sampling_draws": 1},
+        (0, 1, 3, 2, 6, 9, 7, 8, 14, 10, 12, 13),
+    ),
+}
+
+
+def kind_reward(completions: list[str], kind: list[str], **kwargs: Any) -> list[float]:
+    """For a "v" row, `letter_reward` plus 0.5 on every other completion (a group's G = 4
+    completions are consecutive, so its rewards vary); 1.0 for a "c" row."""
+    letters = letter_reward(completions)
+    return [
+        score + 0.5 * (i % 2) if k == "v" else 1.0
+        for i, (score, k) in enumerate(zip(letters, kind, strict=True))
+    ]
+
+
+def kind_dataset(kinds: str) -> list[dict[str, str]]:
+    rows = dataset(len(kinds))
+    return [{**row, "kind": kind} for row, kind in zip(rows, kinds, strict=True)]
+
+
+def run_dynamic_scenarios(out_dir: Path) -> None:
+    """Every scenario of `DYNAMIC_SCENARIOS` (dapo, dynamic sampling, completions logged) into
+    `out_dir/<scenario>/`; this process's grpokit warnings go to `<scenario>_warnings_<rank>.txt`
+    in `out_dir`. On one process, also each scenario's replay into `out_dir/<scenario>_replay/`:
+    its `trained` rows, without dynamic sampling."""
+    torch.set_num_threads(1)
+    rank = launched_process_index()
+    for name, scenario in DYNAMIC_SCENARIOS.items():
+        out = out_dir / name
+        t = dynamic_trainer(out, kind_dataset(scenario.kinds), **scenario.overrides)
+        handler = logging.FileHandler(out_dir / f"{name}_warnings_{rank}.txt")
+        handler.setLevel(logging.WARNING)
+        grpokit_logger = logging.getLogger("grpokit")
+        grpokit_logger.addHandler(handler)
+        try:
+            t.train()
+        finally:
+            grpokit_logger.removeHandler(handler)
+            handler.close()
+        save_params(t.model, out)
+        if launched_num_processes() == 1:
+            rows = kind_dataset(scenario.kinds)
+            replay = out_dir / f"{name}_replay"
+            overrides = {**scenario.overrides, "dynamic_sampling": False}
+            t = dynamic_trainer(replay, [rows[i] for i in scenario.trained], **overrides)
+            t.train()
+            save_params(t.model, replay)
+
+
+def dynamic_trainer(out: Path, rows: list[dict[str, str]], **overrides: Any) -> Any:
+    """dapo with dynamic sampling on `rows` read in order, completions logged."""
+    tok = make_tokenizer()
+    args = config(
+        out,
+        **{
+            "loss_type": "dapo",
+            "dynamic_sampling": True,
+            "shuffle_dataset": False,
+            "log_completions": True,
+            "num_completions_to_print": 0,
+            # Rows joined from several draws sum in another order than one draw's; Adam turns
+            # that float noise into ~lr * noise / eps at weights whose gradient is near 0 (an
+            # embedding row the step barely uses): an epsilon 10x the other scenarios' damps it.
+            "adam_epsilon": 1e-3,
+            **overrides,
+        },
+    )
+    return GRPOTrainer(
+        make_causal_lm(tok, seed=0).train(),
+        kind_reward,
+        args=args,
+        train_dataset=rows,
+        processing_class=tok,
+        generation_engine=ScriptedEngine(tok),
+    )
+
+
 FSDP_SCENARIOS = ("dapo", "grpo", "bnpo")
 
 
@@ -418,6 +526,8 @@ def run_one_scenario(out_dir: Path, name: str) -> None:
 if __name__ == "__main__":
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         run_fsdp_scenarios(Path(sys.argv[1]))
+    elif len(sys.argv) > 2 and sys.argv[2] == "dynamic":
+        run_dynamic_scenarios(Path(sys.argv[1]))
     elif len(sys.argv) > 2:
         run_one_scenario(Path(sys.argv[1]), sys.argv[2])
     else:

@@ -187,3 +187,61 @@ def test_config_checks_the_cap() -> None:
     with pytest.raises(ValueError, match="max_dynamic_sampling_draws"):
         GRPOConfig(max_dynamic_sampling_draws=-1)
     assert GRPOConfig().dynamic_sampling is False
+
+
+class Ledger:
+    """An environment (`environment_factory`) remembering the row it was reset with."""
+
+    def __init__(self) -> None:
+        self.start = self.value = -1
+
+    def reset(self, **row: Any) -> None:
+        self.start = self.value = int(row["start"])
+
+    def add(self, by: int) -> str:
+        """Add to the ledger.
+
+        Args:
+            by: How much.
+        """
+        self.value += by
+        return str(self.value)
+
+
+def test_extra_draws_reset_environments_no_kept_rollout_holds(tmp_path: Path) -> None:
+    # G = 2, B = 2 prompts. Draw 1: row 0 (varied, kept: the pool's instances 0 and 1) and row 1
+    # (const, dropped: instances 2 and 3); the extra draw's row 2 takes instances 4 and 5, not 0
+    # and 1 again, whose reset would move the kept rollouts' environments to row 2.
+    from grpokit.train.trainer import GRPOTrainer
+    from tests.distributed_worker import ToolScriptedEngine, config
+    from tests.tiny import make_causal_lm, make_tool_tokenizer
+
+    tok = make_tool_tokenizer()
+    rows = [
+        {"prompt": [{"role": "user", "content": f"q{i}"}], "start": i, "kind": kind}
+        for i, kind in enumerate(["varied", "const", "varied"])
+    ]
+    args = config(
+        tmp_path,
+        num_generations=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_completion_length=112,
+        dynamic_sampling=True,
+        shuffle_dataset=False,
+    )
+    trainer = GRPOTrainer(
+        make_causal_lm(tok, seed=0),
+        [by_kind],
+        args=args,
+        train_dataset=rows,
+        processing_class=tok,
+        generation_engine=ToolScriptedEngine(tok),
+        environment_factory=Ledger,
+    )
+    rollout, metrics = trainer.collect_rollouts()
+    assert metrics["dynamic_sampling/extra_draws"] == 1.0
+    assert rollout.columns["kind"] == ["varied"] * 4
+    environments = rollout.columns["environments"]
+    assert len({id(env) for env in environments}) == 4
+    assert [env.start for env in environments] == [0, 0, 2, 2]

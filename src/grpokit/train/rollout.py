@@ -500,7 +500,7 @@ class RolloutPipeline:
         """
         batch = self.tokenize(rows)
         if not batch.rows:
-            return self._empty(batch.over_length)
+            return self.empty(batch.over_length)
         gen = self.generate(batch.prompt_ids, rows=batch.rows, environments=batch.environments)
         prompts, columns = self.repeat(batch.rows)
         prompts = batch.prompts or prompts  # with environments, as the model saw them
@@ -550,7 +550,8 @@ class RolloutPipeline:
             "prompt_length_policy='truncate_left'."
         )
 
-    def _empty(self, over_length: int) -> ScoredRollout:
+    def empty(self, over_length: int = 0) -> ScoredRollout:
+        """A rollout of no rows (N = 0), counting `over_length` prompts over the limit."""
         none = torch.zeros((0, 0), dtype=torch.long)
         gen = GenerationOutput(none, none, none, none, torch.zeros(0, dtype=torch.bool))
         rewards = torch.zeros((0, len(self.reward_funcs)), dtype=torch.float32)

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -67,6 +67,7 @@ from grpokit.train.loggers import (
     tool_metrics,
 )
 from grpokit.train.microbatch import chunk_loss_tokens, pad_plan, plan_micro_batches, select_rows
+from grpokit.train.prompt_drawer import PromptDrawer, with_environment_reward
 from grpokit.train.prompt_sampler import PromptSampler
 from grpokit.train.rollout import (
     RolloutBatch,
@@ -163,11 +164,6 @@ class GRPOTrainer:
         self.world = dist.World.from_env(self.args)
         self._accelerator: Any = None  # made by the `accelerator` property, for one process
         dist.check_config_world(self.args, self.world)
-        if self.world.is_distributed and self.args.dynamic_sampling:
-            raise ConfigError(
-                "dynamic_sampling is not supported on several processes yet (the groups it keeps "
-                "would differ per process); train on one process."
-            )
         build.apply_process_settings(self.args)  # seed, full determinism, tf32, log level
         self.device = self.world.device(self.args.use_cpu)
         self.device_traits = device_traits(self.device)  # what differs on this device type
@@ -192,8 +188,7 @@ class GRPOTrainer:
         self.tool_calling, self.environment_pool = build.make_tool_calling(
             tools, environment_factory, self.processing_class, self.args
         )
-        if self.environment_pool is not None and self.environment_pool.has_reward:
-            reward_funcs = [*build.as_list(reward_funcs), self.environment_pool.reward_function()]
+        reward_funcs = with_environment_reward(reward_funcs, self.environment_pool)
         self.rollout_func = rollout_func
         self.environments: list[Any] | None = None  # the batch's instances, one per rollout
         self._prompt_rows: list[dict[str, Any]] = []
@@ -217,6 +212,7 @@ class GRPOTrainer:
         self.sampler = PromptSampler(
             train_dataset, seed=self.args.resolved_data_seed, shuffle=self.args.shuffle_dataset
         )
+        self.prompt_drawer = PromptDrawer(self.sampler, self.world)  # this process's prompts
         self.engine = generation_engine or build.make_generation_engine(
             self.model, self.processing_class, self.args
         )
@@ -394,64 +390,71 @@ class GRPOTrainer:
         `max_dynamic_sampling_draws` extra draws are used up; then the batch is completed with
         dropped groups (advantage 0, as without dynamic sampling) and a warning is logged.
 
+        With several processes each fills its own share of `B / P` groups: an extra draw reads
+        every process's shortfall from the shared prompt order and hands it out in rank order
+        (`PromptDrawer.draw_shares`), so a process whose share is full takes no prompts but
+        still draws with the others. Whether to draw again is decided on the shortfalls of all
+        (gathered once per draw), so every process makes the same number of draws and
+        collective calls; a process still short when the cap is reached completes its share
+        with its own dropped groups. The global draws are those one process would make.
+
         Args:
             timings: Seconds spent are added to its `time/generation` and `time/rewards`.
 
         Returns:
-            `(rollout, metrics)`; with dynamic sampling, `dynamic_sampling/*` metrics for the
-            round (docs/METRICS.md), else none.
+            `(rollout, metrics)`: this process's rows; with dynamic sampling, `dynamic_sampling/*`
+            metrics for the round (docs/METRICS.md), counts summed over the processes, else none.
         """
-        cfg = self.args
+        cfg, world = self.args, self.world
         timings = {} if timings is None else timings
-        b, g = cfg.prompts_per_generation, cfg.num_generations
-        rollout = self.draw_rollouts(b, timings)
+        g, share = cfg.num_generations, cfg.prompts_per_process
+        rollout = self.draw_rollouts(cfg.prompts_per_generation, timings)
         if not cfg.dynamic_sampling:
             return rollout, {}
         kept: list[ScoredRollout] = []
         dropped: list[ScoredRollout] = []
         drawn = num_kept = extra_draws = 0
         while True:
-            with _timer(timings, "time/rewards", self.device):
-                equal = (self.advantages(rollout.rewards).advantages.view(-1, g) == 0).all(-1)
-            drawn += len(equal)
-            kept.append(rollout.select_groups(torch.nonzero(~equal).view(-1), g))
-            dropped.append(rollout.select_groups(torch.nonzero(equal).view(-1), g))
-            num_kept += int((~equal).sum())
-            if num_kept == b or extra_draws == cfg.max_dynamic_sampling_draws:
+            if rollout.rewards.shape[0]:  # none when this process's share was already full
+                with _timer(timings, "time/rewards", self.device):
+                    equal = self.equal_reward_groups(rollout.rewards)  # [b]
+                drawn += len(equal)
+                kept.append(rollout.select_groups(torch.nonzero(~equal).view(-1), g))
+                dropped.append(rollout.select_groups(torch.nonzero(equal).view(-1), g))
+                num_kept += int((~equal).sum())
+            missing = [share - held for held in world.gather_objects(num_kept)]  # per process
+            if not sum(missing) or extra_draws == cfg.max_dynamic_sampling_draws:
                 break
             extra_draws += 1
-            rollout = self.draw_rollouts(b - num_kept, timings)
-        fill = b - num_kept
+            rollout = self.draw_rollouts(sum(missing), timings, shares=missing)
+        fill = share - num_kept
         if fill:
-            logger.warning(
-                "dynamic sampling: after %d extra draw(s) (max_dynamic_sampling_draws) only %d of "
-                "%d prompt groups have varied rewards; the batch is completed with %d group(s) of "
-                "equal rewards, which add no policy gradient.",
-                extra_draws,
-                num_kept,
-                b,
-                fill,
-            )
             reserve = concatenate_rollouts(dropped, self._pad_token_id)
             kept.append(reserve.select_groups(torch.arange(fill), g))
-        metrics = {
-            "dynamic_sampling/extra_draws": float(extra_draws),
-            "dynamic_sampling/dropped_groups": float(drawn - num_kept - fill),
-            "dynamic_sampling/filled_groups": float(fill),
-            "dynamic_sampling/frac_reward_zero_std": (drawn - num_kept) / drawn,
-        }
+        counts = world.gather(torch.tensor([[drawn, num_kept, fill]]))  # [P, 3] per process
+        metrics = _dynamic_sampling_report(counts, extra_draws, share, world)
         return concatenate_rollouts(kept, self._pad_token_id), metrics
 
     def draw_rollouts(
-        self, num_prompts: int, timings: dict[str, float] | None = None
+        self,
+        num_prompts: int,
+        timings: dict[str, float] | None = None,
+        *,
+        shares: Sequence[int] | None = None,
     ) -> ScoredRollout:
         """Sample `num_prompts` prompts, generate G completions each, decode and score them
         (seconds added to `timings`' `time/generation` and `time/rewards`). What the reward
         functions log goes with it (`log_extra` columns) or to the next log line (`log_metric`:
-        each scoring call's mean, as TRL)."""
+        each scoring call's mean, as TRL).
+
+        With several processes `num_prompts` is split evenly, or as `shares` says (every
+        process's count, summing to `num_prompts`; see `sample_prompts`). A process whose share
+        is 0 gets an empty rollout (N = 0)."""
         timings = {} if timings is None else timings
         with _timer(timings, "time/generation", self.device):
-            prompts, prompt_ids, columns = self.sample_prompts(num_prompts)
+            prompts, prompt_ids, columns = self.sample_prompts(num_prompts, shares=shares)
+            if not prompt_ids:
+                return self.rollout.empty()
             gen = self.generate(prompt_ids)
         with _timer(timings, "time/rewards", self.device):
             completions, completion_id_lists = self.decode(prompts, gen)
@@ -464,6 +467,24 @@ class GRPOTrainer:
         return ScoredRollout(
             prompts, columns, completions, completion_id_lists, rewards, gen, extra=reward_log.extra
         )
+
+    def equal_reward_groups(self, rewards: Tensor) -> Tensor:
+        """`[b]` bool: which of the b groups of `rewards` (`[b*G, K]`, this process's) have
+        advantage 0 throughout, i.e. equal rewards, the groups dynamic sampling drops.
+
+        Decided on this process's rows alone (a group is whole on one process, and whether its
+        advantages are 0 does not depend on the other groups), with no collective call, so the
+        processes may hold different numbers of groups while they draw.
+        """
+        cfg = self.args
+        adv = group_advantages(
+            rewards,
+            cfg.num_generations,
+            reward_weights=cfg.reward_weights,
+            scale_rewards=cfg.resolved_scale_rewards,
+            multi_objective_aggregation=cfg.multi_objective_aggregation,
+        )
+        return (adv.advantages.view(-1, cfg.num_generations) == 0).all(-1)
 
     def advantages(self, rewards: Tensor) -> AdvantageOutput:
         """Group advantages `[N]` (and reward metrics) of `[N, K]` rewards, per the config.
@@ -486,18 +507,19 @@ class GRPOTrainer:
         return adv._replace(advantages=adv.advantages[own], rewards=adv.rewards[own])
 
     def sample_prompts(
-        self, num_prompts: int | None = None
+        self, num_prompts: int | None = None, *, shares: Sequence[int] | None = None
     ) -> tuple[list[Any], list[list[int]], dict[str, list[Any]]]:
         """Draw prompts, render and tokenize them, and enforce `max_prompt_length`.
 
         Args:
             num_prompts: How many (default B = `prompts_per_generation`); prompts skipped by the
                 length policy are replaced by further draws.
+            shares: With several processes, every process's count of an uneven draw (the same
+                list on every process, summing to `num_prompts`; dynamic sampling's
+                shortfalls); a collective call. None = `num_prompts` split evenly.
 
-        With several processes, every process draws the same `num_prompts` prompts (a global
-        count) and keeps its contiguous share of `num_prompts / P` (`World.own_rows`), which the
-        counts below are then; with environments, each process tokenizes only its share
-        (`_draw_own_prompts`).
+        With several processes `num_prompts` is a global count: this process gets its share
+        (`train.prompt_drawer`), which the counts below are then.
 
         Returns:
             `(prompts, prompt_ids, columns)`: `num_prompts * G` prompts (each repeated G times,
@@ -505,95 +527,15 @@ class GRPOTrainer:
             text), `num_prompts` token-id lists (with environments one per rollout,
             `num_prompts * G`), and every other column repeated G times.
         """
-        cfg, rollout, world = self.args, self.rollout, self.world
-        wanted = cfg.prompts_per_generation if num_prompts is None else num_prompts
-        if world.is_distributed and self.environment_pool is not None:
-            rows, ids, environments, reset_prompts = self._draw_own_prompts(
-                wanted // world.num_processes
-            )
+        wanted = self.args.prompts_per_generation if num_prompts is None else num_prompts
+        pipeline = self.rollout
+        if shares is None:
+            batch = self.prompt_drawer.draw(pipeline, self.state, wanted)
         else:
-            rows, ids, environments, reset_prompts = self._draw_prompts(wanted)
-        if world.is_distributed and self.environment_pool is None:
-            share = world.own_rows(wanted // world.num_processes)  # whole groups
-            rows, ids = rows[share], ids[share]  # every process drew the global batch
-        self._prompt_rows, self.environments = rows, environments or None
-        prompts, columns = rollout.repeat(rows)
-        return reset_prompts or prompts, ids, columns
-
-    def _draw_prompts(
-        self, wanted: int
-    ) -> tuple[list[dict[str, Any]], list[list[int]], list[Any], list[Any]]:
-        """`wanted` rows tokenized, drawing more as the length policy skips some; the rows,
-        their token-id lists and, with environments, the rollouts' reset instances and their
-        prompts with the reset text (else two empty lists)."""
-        rollout = self.rollout
-        rows: list[dict[str, Any]] = []
-        ids: list[list[int]] = []
-        environments: list[Any] = []
-        environment_prompts: list[Any] = []  # N prompts with their environment's reset text
-        attempts = 0
-        while len(rows) < wanted:
-            need = wanted - len(rows)
-            drawn = rollout.tokenize(
-                [self.sampler.next() for _ in range(need)],
-                environments_taken=attempts * self.args.num_generations,
-            )
-            self.state.prompts_over_length += drawn.over_length
-            rollout.warn_over_length(drawn.over_length, self.state.prompts_over_length)
-            rows += drawn.rows
-            ids += drawn.prompt_ids
-            environments += drawn.environments
-            environment_prompts += drawn.prompts
-            attempts += need
-            if not rows and attempts > max(1, self.sampler.size or 0) + need:
-                raise rollout.all_skipped_error()
-        return rows, ids, environments, environment_prompts
-
-    def _draw_own_prompts(
-        self, share: int
-    ) -> tuple[list[dict[str, Any]], list[list[int]], list[Any], list[Any]]:
-        """This process's `share` rows, tokenized with their environments reset, when several
-        processes train with environments: each process resets only its own rollouts'.
-
-        Every process draws the same rows from the shared sampler and tokenizes only its part:
-        rows `[p * share, (p + 1) * share)` of the first draw. When the length policy skips some
-        of a process's rows, the next draw is the processes' shortfalls together, handed out in
-        rank order, until every process holds `share`. The rows drawn, and so the global batch's
-        rows, are those one process would draw; only their order across the processes differs
-        once a row was skipped.
-        """
-        world, rollout = self.world, self.rollout
-        rows: list[dict[str, Any]] = []
-        ids: list[list[int]] = []
-        environments: list[Any] = []
-        environment_prompts: list[Any] = []  # prompts with their environment's reset text
-        missing = [share] * world.num_processes  # every process's shortfall, known to all
-        attempts = taken = 0
-        while sum(missing):
-            drawn = [self.sampler.next() for _ in range(sum(missing))]
-            start = sum(missing[: world.process_index])
-            mine = drawn[start : start + missing[world.process_index]]
-            if mine:
-                batch = rollout.tokenize(mine, environments_taken=taken)
-                taken += len(mine) * self.args.num_generations
-                rows += batch.rows
-                ids += batch.prompt_ids
-                environments += batch.environments
-                environment_prompts += batch.prompts
-                over_length = batch.over_length
-            else:
-                over_length = 0
-            counts = world.gather_objects((len(rows), over_length))  # [(kept, over), ...]
-            over_length = sum(over for _, over in counts)
-            self.state.prompts_over_length += over_length
-            if world.is_main_process:
-                rollout.warn_over_length(over_length, self.state.prompts_over_length)
-            missing = [share - held for held, _ in counts]
-            attempts += len(drawn)
-            limit = max(1, self.sampler.size or 0) + len(drawn)
-            if not sum(held for held, _ in counts) and attempts > limit:
-                raise rollout.all_skipped_error()
-        return rows, ids, environments, environment_prompts
+            batch = self.prompt_drawer.draw_shares(pipeline, self.state, shares)
+        self._prompt_rows, self.environments = batch.rows, batch.environments or None
+        prompts, columns = pipeline.repeat(batch.rows)
+        return batch.prompts or prompts, batch.prompt_ids, columns
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationOutput:
         """Sample G completions per prompt with the generation engine (under autocast); with
@@ -1402,6 +1344,37 @@ def _step_sums(parts: list[Tensor]) -> tuple[float, float, float, float]:
         entropy_sum += bonus * tokens
         entropy_tokens += tokens
     return step_loss, policy_part, entropy_sum, entropy_tokens
+
+
+def _dynamic_sampling_report(
+    counts: Tensor, extra_draws: int, share: int, world: dist.World
+) -> dict[str, float]:
+    """The round's `dynamic_sampling/*` metrics from every process's `[drawn, kept, filled]`
+    group counts (`counts`, `[P, 3]` in rank order; `share` groups per process), summed; the
+    main process warns when groups were filled, naming the processes that filled them."""
+    total_drawn, total_kept, total_fill = counts.sum(0).tolist()
+    if total_fill and world.is_main_process:
+        short = [
+            f"process {rank}: {filled} of {share}"
+            for rank, (_, _, filled) in enumerate(counts.tolist())
+            if filled
+        ]
+        logger.warning(
+            "dynamic sampling: after %d extra draw(s) (max_dynamic_sampling_draws) only %d of "
+            "%d prompt groups have varied rewards; the batch is completed with %d group(s) of "
+            "equal rewards, which add no policy gradient%s.",
+            extra_draws,
+            total_kept,
+            share * world.num_processes,
+            total_fill,
+            f" (filled on {', '.join(short)})" if world.is_distributed else "",
+        )
+    return {
+        "dynamic_sampling/extra_draws": float(extra_draws),
+        "dynamic_sampling/dropped_groups": float(total_drawn - total_kept - total_fill),
+        "dynamic_sampling/filled_groups": float(total_fill),
+        "dynamic_sampling/frac_reward_zero_std": (total_drawn - total_kept) / total_drawn,
+    }
 
 
 def _or_inf(bound: float | None) -> float:
