@@ -11,7 +11,8 @@ Usage:
     python bench/bench_distributed.py --settings torchrun2 --steps 2 --warmup 0 \
         --max-completion-length 32                                    # a smoke run
 
-Each setting prints the median `step_time` of the measured steps (metrics.jsonl of the run).
+Each setting prints the median `step_time` of the measured steps and the main process's median
+phase times (metrics.jsonl of the run).
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_setting(setting: str, spec: dict[str, Any]) -> list[float]:
-    """Run one setting in subprocesses; the step times of its measured steps."""
+PHASES = ("time/generation", "time/forward_backward", "time/optimizer", "time/weight_sync")
+"""The phase timers printed beside the step time (the main process's, from metrics.jsonl)."""
+
+
+def run_setting(setting: str, spec: dict[str, Any]) -> list[dict[str, float]]:
+    """Run one setting in subprocesses; the metrics records of its measured steps."""
     spec_file = Path(spec["output_dir"]) / "spec.json"
     spec_file.write_text(json.dumps(spec))
     script = [str(Path(__file__).resolve()), "--worker", str(spec_file)]
@@ -96,7 +101,7 @@ def run_setting(setting: str, spec: dict[str, Any]) -> list[float]:
     if code != 0:
         raise SystemExit(f"{setting} failed (exit {code}); see {log}")
     records = [json.loads(line) for line in (Path(spec["output_dir"]) / "metrics.jsonl").open()]
-    return [r["step_time"] for r in records if r["step"] > spec["warmup"]]
+    return [r for r in records if r["step"] > spec["warmup"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             "cores": args.cores,
             "output_dir": out,
         }
-        times = run_setting(setting, spec)
+        records = run_setting(setting, spec)
+        times = [r["step_time"] for r in records]
         shown = ", ".join(f"{t:.2f}" for t in times)
+        medians = {name: statistics.median(r.get(name, 0.0) for r in records) for name in PHASES}
+        phases = ", ".join(f"{n.removeprefix('time/')} {t:.2f}" for n, t in medians.items())
         print(f"{setting:10s} median step {statistics.median(times):.2f} s  (steps: {shown})")
+        print(f"{'':10s} median phases (main process, s): {phases}")
     return 0
 
 
