@@ -756,3 +756,20 @@ def test_rollout_func_output_errors() -> None:
     bad = {**good, "logprobs": [[0.0], [0.0]]}
     with pytest.raises(ValueError, match="completion 0 has 2 tokens but 1 logprobs"):
         rollout_output(bad, expected=2, pad_token_id=0, eos_token_ids=[])
+
+
+def test_model_turns_counts_runs_of_the_models_tokens() -> None:
+    # completion_mask 1 = a token of the completion; tool_mask 0 = appended for a tool.
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0, 0], [0] * 7])
+    tool_mask = torch.tensor([[1, 0, 0, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1], [1] * 7])
+    gen = GenerationOutput(
+        prompt_ids=torch.zeros(3, 1, dtype=torch.long),
+        prompt_mask=torch.ones(3, 1, dtype=torch.long),
+        completion_ids=torch.zeros(3, 7, dtype=torch.long),
+        completion_mask=completion_mask,
+        is_truncated=torch.zeros(3, dtype=torch.bool),
+        tool_mask=tool_mask,
+    )
+    # row 0: model mask 1 0 0 1 0 1 0 = three runs (a call, a call, the answer); row 1: one turn
+    # (the padding after it is not a turn); row 2: an empty completion has none.
+    assert gen.model_turns.tolist() == [3, 1, 0]

@@ -382,6 +382,7 @@ def test_eval_command_runs_the_tools(
     metrics = json.loads(out.read_text())
     assert metrics["num_prompts"] == 3 and metrics["accuracy"] == 1.0
     assert metrics["tools/call_rate"] == 1.0 and metrics["tools/failure_frequency"] == 0.0
+    assert metrics["tools/turns_mean"] == 2.0  # the call, then the answer with its result
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ same reward functions as training, and summarises. The metric definitions:
 - with tools (multi-turn rollouts): `tools/call_rate` (completions that made at least one tool
   call), `tools/call_frequency` (calls per completion) and `tools/failure_frequency` (failed
   calls / calls: unreadable, unknown tool, bad arguments, an exception or a timeout), as in
-  training (`tools.turns.call_metrics`); `completion_length` counts the model's tokens only.
+  training (`tools.turns.call_metrics`), and `tools/turns_mean` (the model's turns per
+  completion, 1 = answered without a tool); `completion_length` counts the model's tokens only.
 
 Prompts are tokenized, sampled, decoded and scored by the same path as in training
 (`grpokit.train.rollout.RolloutPipeline`), with any `GenerationEngine`.
@@ -241,6 +242,8 @@ def evaluate(
     if turns:
         calls = [c for t in turns for c in t.calls]
         metrics.update(call_metrics(calls, [e for t in turns for e in t.errors]))
+        model_turns = sum(int(r.gen.model_turns.sum()) for r in rollouts)
+        metrics["tools/turns_mean"] = model_turns / max(1, len(calls))
     return metrics
 
 

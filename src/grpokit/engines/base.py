@@ -68,6 +68,14 @@ class GenerationOutput:
             return self.completion_mask
         return self.completion_mask * self.tool_mask
 
+    @property
+    def model_turns(self) -> Tensor:
+        """`[N]` the model's turns per completion: the runs of `model_mask` ones (1 = it
+        answered without a tool; an empty completion has 0)."""
+        model = self.model_mask  # [N, T]
+        starts = (model[:, 1:] == 1) & (model[:, :-1] == 0)  # [N, T-1] a run begins after a gap
+        return (model[:, :1] == 1).sum(dim=1) + starts.sum(dim=1)
+
 
 class GenerationEngine(Protocol):
     """Anything that samples completions for token-id prompts."""

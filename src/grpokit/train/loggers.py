@@ -332,10 +332,9 @@ def tool_metrics(gen: Any) -> dict[str, float]:
         return {}
     model = gen.model_mask  # [N, T]
     appended = gen.completion_mask * (1 - gen.tool_mask)  # [N, T]
-    starts = model[:, :1].sum() + ((model[:, 1:] == 1) & (model[:, :-1] == 0)).sum()
     n = max(1, model.shape[0])
     out = {
-        "tools/turns_mean": float(starts) / n,
+        "tools/turns_mean": float(gen.model_turns.sum()) / n,
         "tools/model_tokens_mean": float(model.sum()) / n,
         "tools/tool_tokens_mean": float(appended.sum()) / n,
     }
