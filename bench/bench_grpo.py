@@ -608,7 +608,8 @@ def source_state() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, relevant flags, native-bf16 verdict (/proc/cpuinfo), cores, load average."""
+    """CPU model, relevant flags, ISA caps set in the environment (the workers inherit them),
+    native-bf16 verdict (/proc/cpuinfo less the caps), cores, load average."""
     import machine_floor
 
     cpu = machine_floor.cpu_info()
@@ -617,7 +618,9 @@ def machine_info() -> dict[str, Any]:
         "loadavg": os.getloadavg(),
         "Model name": cpu["model"],
         "Flags": " ".join(cpu["flags"]),
+        "ISA caps": " ".join(f"{k}={v}" for k, v in cpu["isa_caps"].items()) or "-",
         "native_bf16": cpu["native_bf16"],
+        "bf16_reason": cpu["bf16_reason"],
     }
 
 
@@ -835,7 +838,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     print(
         f"machine: {machine.get('Model name', '?')}, {machine['cores']} cores, "
-        f"flags {machine.get('Flags', '?')}; load average {machine['loadavg']}"
+        f"flags {machine.get('Flags', '?')}, ISA caps {machine.get('ISA caps', '-')} "
+        f"(native bf16: {'yes' if machine['native_bf16'] else 'no'}, "
+        f"{machine.get('bf16_reason', '?')}); load average {machine['loadavg']}"
     )
     source = source_state()
     print(f"grpokit source: {source}")

@@ -84,27 +84,39 @@ DEMO_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "target_modules": "all-l
 
 
 def demo_config(
-    native_bf16: bool | None = None, cores: int | None = None
+    native_bf16: bool | None = None, cores: int | None = None, bf16_reason: str | None = None
 ) -> tuple[dict[str, Any], str]:
     """The demo's run config for this machine, and a sentence saying what was chosen and why.
 
     Args:
         native_bf16: Whether the device computes bf16 natively; None = detect
-            (`grpokit.engines.models.bf16_supported`).
+            (`grpokit.engines.models.bf16_supported`: a CUDA GPU with bf16, or a CPU with
+            `avx512_bf16`/`amx_bf16` whose ISA is not capped below it by `ONEDNN_MAX_CPU_ISA` or
+            `ATEN_CPU_CAPABILITY`).
         cores: CPU cores; None = `os.cpu_count()`.
+        bf16_reason: What the verdict rests on, printed in brackets (e.g. "avx512_bf16 capped by
+            ONEDNN_MAX_CPU_ISA=AVX2"); None = detected with the verdict, or nothing when
+            `native_bf16` is given.
 
     Returns:
         A new config dict (`DEMO_CONFIG` with the changes applied) and the reason to print.
     """
     if native_bf16 is None:
+        import torch
+
         from grpokit.engines import models
 
         native_bf16 = models.bf16_supported()
+        if bf16_reason is None:
+            on_gpu = torch.cuda.is_available()
+            bf16_reason = "CUDA GPU" if on_gpu else models.cpu_bf16().reason
     cores = cores if cores is not None else (os.cpu_count() or 1)
     config = json.loads(json.dumps(DEMO_CONFIG))  # deep copy
     found = f"{cores} core{'s' if cores != 1 else ''}, " + (
-        "native bf16" if native_bf16 else "no native bf16 (no avx512_bf16/amx_bf16)"
+        "native bf16" if native_bf16 else "no native bf16"
     )
+    if bf16_reason:
+        found += f" ({bf16_reason})"
     changes = []
     if not native_bf16:
         config["lora"] = dict(DEMO_LORA)

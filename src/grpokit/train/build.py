@@ -23,7 +23,7 @@ import torch
 from grpokit.core.attention import use_grouped_attention
 from grpokit.engines.base import GenerationEngine, SamplingParams
 from grpokit.engines.device import device_traits
-from grpokit.engines.models import resolve_model_path
+from grpokit.engines.models import cpu_bf16, resolve_model_path
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.tools.chat import check_tool_template
 from grpokit.tools.environments import Environments
@@ -320,7 +320,8 @@ def resolve_precision(args: GRPOConfig, device: torch.device | str) -> bool:
     if native:
         logger.info("precision: float32 weights/optimizer, bf16 autocast compute")
     else:
-        logger.info("precision: float32 (this %s has no native bf16)", device.type)
+        why = f": {cpu_bf16().reason}" if device.type == "cpu" else ""
+        logger.info("precision: float32 (this %s has no native bf16%s)", device.type, why)
     return native
 
 
