@@ -285,7 +285,10 @@ def peak_rss_mb() -> float:
 
 
 def worker_environment(threads: int) -> dict[str, Any]:
+    """What a worker runs with, from inside it: versions, threads, load, and the ISA caps it
+    inherited with the CPU capability ATen chose under them (the parent checks both workers)."""
     import torch
+    from machine_floor import ISA_VARIABLES
 
     return {
         "python": platform.python_version(),
@@ -293,6 +296,8 @@ def worker_environment(threads: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "requested_threads": threads,
         "loadavg_start": os.getloadavg(),
+        "isa_caps": {k: os.environ[k] for k in ISA_VARIABLES if os.environ.get(k)},
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
@@ -669,7 +674,9 @@ def format_roofline(
         out.append(
             roofline.roofline_table(costs, floor["peak_gflops"], floor["bandwidth_gbs"], measured)
         )
-        budget = roofline.memory_budget(shape, work, sampler_copy=native, packed=native)
+        # packed linear weights on every CPU: of the bf16 copy (native bf16) or of the fp32
+        # policy while it decodes (`engines.packed_linear`)
+        budget = roofline.memory_budget(shape, work, sampler_copy=native, packed=True)
         out.append(f"\nMemory, {name} (grpokit's components on this CPU; tensors, exact bytes):")
         out.append(roofline.memory_table(budget, {s["system"]: s["peak_rss_mb"] for s in group}))
         out.append("")
@@ -895,7 +902,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {wl.name:24s} {system:8s} step {ps['total']:.3f} s "
                 f"({summary['measured_steps']} steps, load {result['loadavg_end'][0]:.2f}, "
-                f"wall {result['wall_seconds']:.0f} s)",
+                f"wall {result['wall_seconds']:.0f} s; in the worker: ATen "
+                f"{result.get('aten_cpu_capability', '?')}, ISA caps "
+                f"{' '.join(f'{k}={v}' for k, v in result.get('isa_caps', {}).items()) or '-'})",
                 flush=True,
             )
     report = {
