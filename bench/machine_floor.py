@@ -88,9 +88,9 @@ def measure_floor(peak_seconds: float = 0.3) -> dict[str, Any]:
     import torch
 
     cpu = cpu_info()
-    peaks = matmul_peak.measure_peaks(peak_seconds)
-    bandwidth = measure_bandwidth()
     compute = "bf16" if cpu["native_bf16"] else "fp32"
+    peaks = matmul_peak.measure_peaks(peak_seconds, quick=() if cpu["native_bf16"] else ("bf16",))
+    bandwidth = measure_bandwidth()
     return {
         "cpu": cpu,
         "threads": torch.get_num_threads(),

@@ -216,6 +216,8 @@ def test_bench_report_builds_the_roofline_from_a_summary():
     }
     report = bench_grpo.format_roofline([summary], TINY, floor)
     assert "P=3, T=4" in report
-    # no sampler copy without native bf16; measured RSS beside the sum
-    assert "sampler copy" not in report
+    # no sampler copy without native bf16, but the fp32 policy's packed weights for decoding;
+    # measured RSS beside the sum
+    assert "| sampler copy |" not in report
+    assert "| packed sampler weights |" in report
     assert "| measured peak RSS, grpokit (with runtime, allocator cache) | 512 | |" in report
