@@ -20,21 +20,30 @@ def test_native_bf16_keeps_the_standard_settings() -> None:
     assert reason == "demo settings: 2 cores, native bf16: the standard settings."
 
 
-def test_without_bf16_lora_higher_lr_fewer_steps_shorter_eval() -> None:
+def test_without_bf16_lora_higher_lr_half_batch_fewer_steps_shorter_eval() -> None:
     config, reason = demo.demo_config(native_bf16=False, cores=2)
     assert config["lora"] == {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
     training, standard = config["training"], demo.DEMO_CONFIG["training"]
-    assert training["learning_rate"] == 10 * standard["learning_rate"] == 1e-4
+    assert training["learning_rate"] == 20 * standard["learning_rate"] == 2e-4
     assert training["max_steps"] == 30 < standard["max_steps"]
+    assert (
+        training["per_device_train_batch_size"]
+        == 16
+        == standard["per_device_train_batch_size"] // 2
+    )
     assert config["eval"]["num_prompts"] == 100 < demo.DEMO_CONFIG["eval"]["num_prompts"]
     # the rest of the workload is unchanged; DEMO_CONFIG itself is not modified
-    assert training["per_device_train_batch_size"] == standard["per_device_train_batch_size"]
+    assert training["num_generations"] == standard["num_generations"] == 8
+    assert training["max_completion_length"] == standard["max_completion_length"]
     assert "lora" not in demo.DEMO_CONFIG
     assert reason.startswith("demo settings: 2 cores, no native bf16: ")
-    assert "LoRA r=16 on all linear layers, learning_rate 0.0001, max_steps 30" in reason
-    assert "fp32 at about half the bf16 rate" in reason
+    assert (
+        "LoRA r=16 on all linear layers, learning_rate 0.0002, max_steps 30, "
+        "batch 16 completions (2 prompts x 8), 100 held-out prompts (every matmul runs in fp32"
+    ) in reason
     spec = build_config(config)  # a valid run config
     assert spec.run.lora == config["lora"]
+    assert spec.training.per_device_train_batch_size == 16
 
 
 def test_one_core_halves_the_batch() -> None:
@@ -80,5 +89,6 @@ def test_run_demo_detects_the_cpu_prints_the_choice_and_overrides_win(
     else:
         assert "2 cores, no native bf16 (no avx512_bf16/amx_bf16): LoRA r=16" in out
         assert spec.run.lora == demo.DEMO_LORA
-        assert spec.training.learning_rate == 1e-4
+        assert spec.training.learning_rate == 2e-4
+        assert spec.training.per_device_train_batch_size == 16
         assert spec.eval.num_prompts == 100
