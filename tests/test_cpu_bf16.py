@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from grpokit import GRPOConfig
 from grpokit.app import demo
 from grpokit.engines import models
+from grpokit.engines.device import device_traits
 from grpokit.engines.models import bf16_isa_caps, bf16_supported, cpu_bf16, cpu_flags
+from grpokit.train.build import resolve_precision
 
 # Two CPUs listed: only the first one's flags count.
 CPUINFO = """processor\t: 0
@@ -130,3 +133,29 @@ def test_the_demo_banner_says_the_cpu_is_capped(
     config, reason = demo.demo_config(cores=2)
     assert reason == "demo settings: 2 cores, native bf16 (avx512_bf16): the standard settings."
     assert config == demo.DEMO_CONFIG
+
+
+def test_device_traits_and_the_precision_rule_follow_the_caps(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    fresh_probe: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO)
+    monkeypatch.setattr(models, "CPUINFO", cpuinfo)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    traits = device_traits("cpu")
+    assert traits.native_bf16 is False and traits.sampler_dtype is None
+    assert traits.bf16_reason == "avx512_bf16 capped by ATEN_CPU_CAPABILITY=avx2"
+    caplog.set_level("INFO", logger="grpokit")
+    assert resolve_precision(GRPOConfig(bf16=True), "cpu") is False  # float32 compute
+    assert "no native bf16: avx512_bf16 capped by ATEN_CPU_CAPABILITY=avx2" in caplog.text
+    bf16_supported.cache_clear()
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    traits = device_traits("cpu")
+    assert (traits.native_bf16, traits.bf16_reason) == (True, "avx512_bf16")
+    assert traits.sampler_dtype == torch.bfloat16
+    assert resolve_precision(GRPOConfig(bf16=True), "cpu") is True

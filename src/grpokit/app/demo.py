@@ -101,9 +101,9 @@ def demo_config(
 
     Args:
         native_bf16: Whether the device computes bf16 natively; None = detect
-            (`grpokit.engines.models.bf16_supported`: a CUDA GPU with bf16, or a CPU with
-            `avx512_bf16`/`amx_bf16` whose ISA is not capped below it by `ONEDNN_MAX_CPU_ISA` or
-            `ATEN_CPU_CAPABILITY`).
+            (`grpokit.engines.device.DeviceTraits.native_bf16` of the default device: a CUDA GPU
+            with native bf16, or a CPU with `avx512_bf16`/`amx_bf16` whose ISA is not capped
+            below it by `ONEDNN_MAX_CPU_ISA` or `ATEN_CPU_CAPABILITY`).
         cores: CPU cores; None = `os.cpu_count()`.
         bf16_reason: What the verdict rests on, printed in brackets (e.g. "avx512_bf16 capped by
             ONEDNN_MAX_CPU_ISA=AVX2"); None = detected with the verdict, or nothing when
@@ -113,14 +113,12 @@ def demo_config(
         A new config dict (`DEMO_CONFIG` with the changes applied) and the reason to print.
     """
     if native_bf16 is None:
-        import torch
+        from grpokit.engines.device import device_traits
 
-        from grpokit.engines import models
-
-        native_bf16 = models.bf16_supported()
+        traits = device_traits()
+        native_bf16 = traits.native_bf16
         if bf16_reason is None:
-            on_gpu = torch.cuda.is_available()
-            bf16_reason = "CUDA GPU" if on_gpu else models.cpu_bf16().reason
+            bf16_reason = traits.bf16_reason
     cores = cores if cores is not None else (os.cpu_count() or 1)
     config = json.loads(json.dumps(DEMO_CONFIG))  # deep copy
     found = f"{cores} core{'s' if cores != 1 else ''}, " + (

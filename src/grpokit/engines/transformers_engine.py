@@ -159,7 +159,6 @@ class TransformersEngine:
                 for name, param in self.sampler_model.named_parameters()
             }
         self._packed: list[PackedLinear] = []
-        self._packed: list[PackedLinear] = []
         self._decode_packs: DecodePacks | None = None
         if pack_weights is not False and self.traits.pack_sampler_weights:
             if bf16_sampler:
