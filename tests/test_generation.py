@@ -525,3 +525,116 @@ def test_packed_sampler_decodes_the_same_tokens() -> None:
         for pack in (False, None)
     ]
     assert torch.equal(outs[0].completion_ids, outs[1].completion_ids)
+
+
+def test_fp32_decode_packs_give_the_same_tokens_and_leave_the_model_alone() -> None:
+    from grpokit.engines.packed_linear import decode_packs
+
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    if decode_packs(make_causal_lm(tok)) is None:
+        pytest.skip("this torch build has no oneDNN")
+    greedy = SamplingParams(top_k=1, generation_kwargs={"min_new_tokens": 6})
+    kwargs = dict(num_generations=2, max_new_tokens=8, sampling=greedy)
+    prompts = [[5, 6, 7], [9, 8, 7, 6]]
+    plain = TransformersEngine(model, tok, bf16_sampler=False, pack_weights=False)
+    packed = TransformersEngine(model, tok, bf16_sampler=False)  # default: packs on the CPU
+    assert plain._decode_packs is None and packed._decode_packs is not None
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert len(packed._decode_packs.layers) == len(linears)  # every projection and lm_head
+    assert torch.equal(
+        packed.generate(prompts, **kwargs).completion_ids,
+        plain.generate(prompts, **kwargs).completion_ids,
+    )
+    # Outside generate the model is untouched: no forward override, gradients reach weights.
+    assert not any("forward" in m.__dict__ for m in linears)
+    model.train()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(input_ids=ids).logits.sum().backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
+    model.zero_grad()
+    # A weight written in place (as an optimizer step does) is re-packed before the next
+    # decode: the packed engine follows the new weights exactly as the unpacked one does.
+    with torch.no_grad():
+        for m in linears:
+            m.weight.mul_(-1.5)
+    assert torch.equal(
+        packed.generate(prompts, **kwargs).completion_ids,
+        plain.generate(prompts, **kwargs).completion_ids,
+    )
+
+
+def test_fp32_decode_packs_repack_trainable_and_moved_weights_only() -> None:
+    from grpokit.engines.packed_linear import decode_packs
+
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    layers[0].requires_grad_(False)  # frozen, e.g. a LoRA base layer
+    packs = decode_packs(layers)
+    if packs is None:
+        pytest.skip("this torch build has no oneDNN")
+    frozen, trainable = (layer.packed for layer in packs.layers)
+    packs.refresh()
+    assert packs.layers[0].packed is frozen  # unchanged: kept
+    assert packs.layers[1].packed is not trainable  # trainable: always re-packed (fused AdamW)
+    with torch.no_grad():
+        layers[0].weight.add_(1.0)  # bumps the version counter
+    packs.refresh()
+    assert packs.layers[0].packed is not frozen
+    x = torch.randn(3, 8)
+    with packs.active():
+        out = layers(x)
+    # the same float32 product up to summation order
+    torch.testing.assert_close(out, layers(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_decode_packs_merge_lora_adapters() -> None:
+    peft = pytest.importorskip("peft")
+    from grpokit.engines.packed_linear import decode_packs
+
+    tok = make_tokenizer()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    model = peft.get_peft_model(make_causal_lm(tok), lora)
+    with torch.no_grad():  # B starts at 0: give the adapters an effect
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    packs = decode_packs(model)
+    if packs is None:
+        pytest.skip("this torch build has no oneDNN")
+    lora_layers = [m for m in model.modules() if hasattr(m, "base_layer")]
+    merged = [layer for layer in packs.layers if layer.adapters]
+    assert [layer.module for layer in merged] == lora_layers
+    assert all(layer.adapters == ("default",) for layer in merged)
+    # lm_head is not a LoRA target: packed alone; no adapter matrix is packed on its own
+    assert [layer.module for layer in packs.layers if not layer.adapters] == [
+        model.get_base_model().lm_head
+    ]
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with packs.active():
+            packed = model(input_ids=ids).logits
+        # adapters switched off while packed: those layers run their own forward (the base)
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+            with packs.active():
+                packed_base = model(input_ids=ids).logits
+    torch.testing.assert_close(packed, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(base, expected, atol=1e-2)  # the adapters matter
+    torch.testing.assert_close(packed_base, base, rtol=1e-4, atol=1e-4)
+    # the engine samples the same tokens with and without the packs, before and after an
+    # adapter update (refreshed at each generate call)
+    greedy = SamplingParams(top_k=1, generation_kwargs={"min_new_tokens": 6})
+    kwargs = dict(num_generations=2, max_new_tokens=8, sampling=greedy)
+    engines = [
+        TransformersEngine(model, tok, bf16_sampler=False, pack_weights=pack)
+        for pack in (False, True)
+    ]
+    for _ in range(2):
+        a, b = (e.generate([[5, 6, 7], [9, 8, 7, 6]], **kwargs) for e in engines)
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_A" in name:
+                    param.mul_(-1.0)

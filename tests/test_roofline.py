@@ -148,12 +148,30 @@ def test_cpuinfo_parsing_takes_the_first_cpu(tmp_path):
     assert parsed["flags"] == {"fpu", "sse", "avx2", "fma", "avx512f"}
     path = tmp_path / "cpuinfo"
     path.write_text(CPUINFO)
-    info = machine_floor.cpu_info(str(path))
+    info = machine_floor.cpu_info(str(path), environ={})
     assert info["flags"] == ["avx2", "fma", "avx512f"]
     assert info["native_bf16"] is False
+    assert (info["isa_caps"], info["bf16_reason"]) == ({}, "no avx512_bf16/amx_bf16")
     path.write_text(CPUINFO.replace("avx512f\n", "avx512f amx_bf16\n", 1))
-    assert machine_floor.cpu_info(str(path))["native_bf16"] is True
+    assert machine_floor.cpu_info(str(path), environ={})["native_bf16"] is True
     assert machine_floor.cpu_info(str(tmp_path / "missing"))["flags"] == []
+    # The ISA caps of an emulated AVX2 CPU: no native bf16, and the machine line says why.
+    caps = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "HOME": "/x"}
+    capped = machine_floor.cpu_info(str(path), environ=caps)
+    assert capped["native_bf16"] is False
+    assert capped["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert capped["bf16_reason"] == "amx_bf16 capped by ONEDNN_MAX_CPU_ISA=AVX2"
+    floor = {
+        "cpu": capped,
+        "threads": 2,
+        "matmul_peak_gflops": {"bf16": 20.0, "fp32": 100.0},
+        "compute_dtype": "fp32",
+        "bandwidth_gbs": 10.0,
+        "loadavg": (0.5, 0.5, 0.5),
+    }
+    line = machine_floor.describe(floor)
+    assert "flags avx2 fma avx512f amx_bf16, ISA caps ONEDNN_MAX_CPU_ISA=AVX2 " in line
+    assert "MKL_ENABLE_INSTRUCTIONS=AVX2 (native bf16: no, amx_bf16 capped by" in line
 
 
 def test_roofline_table_reports_floor_bound_and_ratio():
@@ -198,6 +216,8 @@ def test_bench_report_builds_the_roofline_from_a_summary():
     }
     report = bench_grpo.format_roofline([summary], TINY, floor)
     assert "P=3, T=4" in report
-    # no sampler copy without native bf16; measured RSS beside the sum
-    assert "sampler copy" not in report
+    # no sampler copy without native bf16, but the fp32 policy's packed weights for decoding;
+    # measured RSS beside the sum
+    assert "| sampler copy |" not in report
+    assert "| packed sampler weights |" in report
     assert "| measured peak RSS, grpokit (with runtime, allocator cache) | 512 | |" in report

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from grpokit.engines.models import bf16_supported
+from grpokit.engines.models import bf16_supported, cpu_bf16
 
 
 @dataclass(frozen=True)
@@ -25,13 +25,19 @@ class DeviceTraits:
     Attributes:
         type: torch's device type ("cpu", "cuda", "meta", ...).
         native_bf16: The device computes bf16 natively (`engines.models.bf16_supported`: a CPU
-            with ``avx512_bf16``/``amx_bf16``; a CUDA GPU of compute capability 8.0 or newer, or
-            ROCm). Then `bf16=True` runs forward/backward under bf16 autocast and the generation
-            engine samples from a bf16 copy of the policy; elsewhere bf16 would be emulated,
-            slower than float32, and both stay float32.
-        pack_sampler_weights: Keep the bf16 sampler copy's linear weights in oneDNN's blocked
-            layout (`engines.packed_linear`). CPU only: oneDNN is torch's CPU matmul library;
-            cuBLAS reads the plain layout.
+            with ``avx512_bf16``/``amx_bf16`` whose ISA no ``ONEDNN_MAX_CPU_ISA`` /
+            ``ATEN_CPU_CAPABILITY`` setting caps below it (`engines.models.cpu_bf16`); a CUDA GPU
+            of compute capability 8.0 or newer, or ROCm). Then `bf16=True` runs forward/backward
+            under bf16 autocast and the generation engine samples from a bf16 copy of the
+            policy; elsewhere bf16 would be emulated, slower than float32, and both stay
+            float32.
+        bf16_reason: What `native_bf16` rests on, for messages: the CPU's flag and caps
+            (``avx512_bf16``, ``avx512_bf16 capped by ONEDNN_MAX_CPU_ISA=AVX2``,
+            ``no avx512_bf16/amx_bf16``), the GPU's compute capability, or the device type.
+        pack_sampler_weights: Keep the sampler's linear weights in oneDNN's blocked layout
+            (`engines.packed_linear`): the bf16 copy's (`PackedLinear`) where bf16 is native,
+            else the float32 policy's while it decodes (`DecodePacks`). CPU only: oneDNN is
+            torch's CPU matmul library; cuBLAS reads the plain layout.
         grouped_attention: `attention="auto"` and the sampler copy use `core.attention`'s grouped
             attention. CPU only: there torch's SDPA runs a flash kernel that is slow for one
             query row per decode step; on a GPU SDPA's kernels are the fast path and never
@@ -47,6 +53,7 @@ class DeviceTraits:
 
     type: str
     native_bf16: bool
+    bf16_reason: str
     pack_sampler_weights: bool
     grouped_attention: bool
     retain_freed_memory: bool
@@ -80,12 +87,22 @@ def device_traits(device: torch.device | str | None = None) -> DeviceTraits:
     return DeviceTraits(
         type=kind,
         native_bf16=bf16_supported(kind),
+        bf16_reason=_bf16_reason(kind),
         pack_sampler_weights=on_cpu,
         grouped_attention=on_cpu,
         retain_freed_memory=on_cpu,
         intra_op_threads=on_cpu,
         tf32=kind == "cuda" and _cuda_has_tf32(),
     )
+
+
+def _bf16_reason(kind: str) -> str:
+    if kind == "cpu":
+        return cpu_bf16().reason
+    if kind == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"CUDA compute capability {major}.{minor}"
+    return f"a {kind} device"
 
 
 def _cuda_has_tf32() -> bool:

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,110 @@ def convert_gguf(gguf: str | os.PathLike[str], out_dir: str | os.PathLike[str]) 
     tokenizer.save_pretrained(out_dir)
 
 
+CPUINFO = Path("/proc/cpuinfo")
+"""Where Linux lists the CPU's flags."""
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""`/proc/cpuinfo` flags of a CPU that computes bf16 natively (AVX-512 BF16 dot products, AMX)."""
+
+ONEDNN_ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+"""oneDNN's ISA cap (`DNNL_` is its older spelling); oneDNN runs torch's bf16 matmuls on CPU."""
+
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+)
+"""`ONEDNN_MAX_CPU_ISA` values below `AVX512_CORE_BF16` (oneDNN's ISA order; `AVX2_VNNI_2`
+converts bf16 but has no bf16 dot product). Higher values, `DEFAULT` and values oneDNN does not
+know leave bf16 alone."""
+
+ATEN_CAPABILITIES_WITHOUT_BF16 = frozenset({"default", "avx2"})
+"""`ATEN_CPU_CAPABILITY` values below ATen's AVX-512 kernels on x86 (`default` < `avx2` <
+`avx512`): the setting of a user emulating, or running on, a CPU without AVX-512."""
+
+
+def bf16_isa_caps(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The environment settings that cap torch's CPU kernels below AVX-512 BF16.
+
+    Args:
+        environ: The environment to read; None = `os.environ`.
+
+    Returns:
+        ``"NAME=value"`` for each capping setting of `ONEDNN_ISA_VARIABLES` and
+        ``ATEN_CPU_CAPABILITY``, in that order; empty when none caps.
+    """
+    env = os.environ if environ is None else environ
+    caps = []
+    for name in ONEDNN_ISA_VARIABLES:
+        value = env.get(name, "")
+        if value.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16:
+            caps.append(f"{name}={value}")
+    aten = env.get("ATEN_CPU_CAPABILITY", "")
+    if aten.strip().lower() in ATEN_CAPABILITIES_WITHOUT_BF16:
+        caps.append(f"ATEN_CPU_CAPABILITY={aten}")
+    return caps
+
+
+@dataclass(frozen=True)
+class CpuBf16:
+    """Whether this CPU computes bf16 natively for torch, and why.
+
+    Attributes:
+        native: True when the CPU has a `NATIVE_BF16_FLAGS` flag and no `bf16_isa_caps` setting
+            caps torch below it.
+        flags: The `NATIVE_BF16_FLAGS` the CPU has (empty off Linux: no `/proc/cpuinfo`).
+        caps: The capping settings (`bf16_isa_caps`), whether or not the CPU has the flags.
+    """
+
+    native: bool
+    flags: tuple[str, ...]
+    caps: tuple[str, ...]
+
+    @property
+    def reason(self) -> str:
+        """Why, in a few words: ``avx512_bf16``, ``no avx512_bf16/amx_bf16``, or
+        ``avx512_bf16 capped by ONEDNN_MAX_CPU_ISA=AVX2``."""
+        if not self.flags:
+            return "no " + "/".join(NATIVE_BF16_FLAGS)
+        found = "/".join(self.flags)
+        return f"{found} capped by {', '.join(self.caps)}" if self.caps else found
+
+    def describe(self) -> str:
+        """``native bf16 (avx512_bf16)`` or ``no native bf16 (<reason>)``."""
+        return f"{'native' if self.native else 'no native'} bf16 ({self.reason})"
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The flags of the first CPU listed in the text of `/proc/cpuinfo`."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def cpu_bf16(cpuinfo: str | None = None, environ: Mapping[str, str] | None = None) -> CpuBf16:
+    """This CPU's native-bf16 verdict: its `/proc/cpuinfo` flags, less the user's ISA caps.
+
+    A user caps the ISA to emulate an older CPU or to avoid a slow kernel
+    (``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``); torch then runs bf16 without the
+    AVX-512 BF16 instructions, slower than float32, so grpokit must treat the CPU as one without
+    native bf16.
+
+    Args:
+        cpuinfo: The text of `/proc/cpuinfo`; None = read it (no flags where it is missing).
+        environ: The environment; None = `os.environ`.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = CPUINFO.read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = cpu_flags(cpuinfo)
+    found = tuple(f for f in NATIVE_BF16_FLAGS if f in flags)
+    caps = tuple(bf16_isa_caps(environ))
+    return CpuBf16(native=bool(found) and not caps, flags=found, caps=caps)
+
+
 @functools.cache
 def bf16_supported(device_type: str | None = None) -> bool:
     """Whether a device computes bf16 natively (then bf16 autocast speeds compute up).
@@ -235,8 +340,10 @@ def bf16_supported(device_type: str | None = None) -> bool:
     Args:
         device_type: "cuda" or "cpu"; None = the default device (CUDA when available).
 
-    On CUDA: `torch.cuda.is_bf16_supported()`. On CPU: the ``avx512_bf16`` or ``amx_bf16`` flag in
-    ``/proc/cpuinfo`` (Linux; elsewhere False). Any other device type: False.
+    On CUDA: `torch.cuda.is_bf16_supported()`. On CPU: `cpu_bf16` (an ``avx512_bf16`` or
+    ``amx_bf16`` flag in ``/proc/cpuinfo``, not capped by ``ONEDNN_MAX_CPU_ISA`` or
+    ``ATEN_CPU_CAPABILITY``; off Linux False). Any other device type: False. The answer is
+    cached: torch reads the caps once, when it starts.
     """
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,15 +353,7 @@ def bf16_supported(device_type: str | None = None) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type != "cpu":
         return False
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return cpu_bf16().native
 
 
 CONTEXT_LENGTH_KEYS = (

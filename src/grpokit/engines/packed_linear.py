@@ -1,6 +1,16 @@
-"""CPU kernels for the sampler copy: linear layers kept packed in oneDNN's blocked layout."""
+"""CPU kernels for sampling: linear weights kept packed in oneDNN's blocked layout.
+
+`PackedLinear` for the bf16 sampler copy (CPUs with native bf16), `DecodePacks` for the float32
+policy that samples itself (CPUs without).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,10 +58,23 @@ def pack_linear_layers(model: torch.nn.Module) -> list[PackedLinear]:
         and m.weight.dtype == torch.bfloat16
         and m.weight.device.type == "cpu"
     ]
-    if not layers or not torch.backends.mkldnn.is_available():
+    if not layers or not _can_pack(layers[0].weight):  # a private operator: check it works
         return []
-    try:  # a private operator: check it works here before converting anything
-        probe = layers[0].weight.detach()[:2]
+    packed = []
+    for layer in layers:
+        layer.__class__ = PackedLinear
+        assert isinstance(layer, PackedLinear)
+        layer.pack()
+        packed.append(layer)
+    return packed
+
+
+def _can_pack(weight: Tensor) -> bool:
+    """Whether this torch packs and multiplies a weight like `weight` (a private operator)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        probe = weight.detach()[:2]
         torch.ops.mkldnn._linear_pointwise(
             probe.new_zeros(1, probe.shape[1]),
             torch.ops.mkldnn._reorder_linear_weight(probe),
@@ -61,11 +84,131 @@ def pack_linear_layers(model: torch.nn.Module) -> list[PackedLinear]:
             "",
         )
     except (RuntimeError, AttributeError):
-        return []
-    packed = []
-    for layer in layers:
-        layer.__class__ = PackedLinear
-        assert isinstance(layer, PackedLinear)
-        layer.pack()
-        packed.append(layer)
-    return packed
+        return False
+    return True
+
+
+@dataclass
+class _DecodeLayer:
+    """One packed product: `module`'s forward while decoding is `x @ packed.T + linear.bias`."""
+
+    module: torch.nn.Module  # the module whose forward is replaced (a LoRA layer, or `linear`)
+    linear: torch.nn.Linear  # the plain layer holding the weight (the base layer under LoRA)
+    adapters: tuple[str, ...] = ()  # LoRA adapters merged into the packed weight
+    packed: Tensor | None = None
+    stamp: tuple[int, int] = (0, -1)  # (storage address, version counter) when last packed
+
+
+class DecodePacks:
+    """Packed copies of a float32 model's linear weights, multiplied by only while it decodes.
+
+    Without native bf16 the engine samples from the policy itself, in float32. Its linear layers
+    go through MKL, which re-blocks the weight on every call; with a few rows per decode step
+    that costs more than the product (most for the `[V, D]` output layer). These packed copies
+    (oneDNN's blocked layout) skip that. A PEFT LoRA layer is packed with its adapters merged in
+    (`W + scaling * B @ A`), so a decode step runs one product per layer instead of three plus
+    the sum. Unlike `PackedLinear` the model is left as it is (class, parameters, training
+    forward): only inside `active()` does each packed layer's forward multiply by its packed
+    copy, the same float32 product up to summation order. `refresh()` re-packs what may have
+    changed before a decode.
+    """
+
+    def __init__(self, layers: list[_DecodeLayer]) -> None:
+        self.layers = layers
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-pack every trainable weight (fused optimizers write in place without bumping the
+        version counter), every LoRA layer (its adapters train) and every frozen weight whose
+        storage or version counter moved."""
+        for layer in self.layers:
+            weight = layer.linear.weight
+            stamp = (weight.data_ptr(), weight._version)
+            if (
+                layer.packed is not None
+                and not layer.adapters
+                and not weight.requires_grad
+                and stamp == layer.stamp
+            ):
+                continue
+            layer.packed = None  # free the old copy first: one copy at a time
+            merged = weight.detach()
+            for name in layer.adapters:
+                merged = merged + layer.module.get_delta_weight(name)  # type: ignore[operator]
+            layer.packed = torch.ops.mkldnn._reorder_linear_weight(merged)
+            layer.stamp = stamp
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the block every packed layer multiplies by its packed copy. A LoRA layer whose
+        adapters were disabled, merged or switched since `refresh` keeps its own forward."""
+        for layer in self.layers:
+            if layer.packed is not None and _adapters_unchanged(layer):
+                forward = functools.partial(_packed_linear, layer.packed, layer.linear.bias)
+                layer.module.__dict__["forward"] = forward
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.module.__dict__.pop("forward", None)
+
+
+def _lora_adapters(module: torch.nn.Module) -> tuple[str, ...] | None:
+    """The active adapters of a PEFT LoRA `Linear` layer over a plain `nn.Linear` when they can
+    be merged into one weight (plain LoRA: no DoRA or other variant, no adapter bias, not merged
+    already, not disabled); None for any other module."""
+    base = getattr(module, "base_layer", None)
+    if type(base) is not torch.nn.Linear or not callable(getattr(module, "get_delta_weight", None)):
+        return None
+    if getattr(module, "merged", True) or getattr(module, "disable_adapters", True):
+        return None
+    lora_a: Any = getattr(module, "lora_A", {})
+    names = tuple(a for a in getattr(module, "active_adapters", ()) if a in lora_a)
+    variants = getattr(module, "lora_variant", {})
+    biased = getattr(module, "lora_bias", {})
+    if not names or any(a in variants or biased.get(a, False) for a in names):
+        return None
+    return names
+
+
+def _adapters_unchanged(layer: _DecodeLayer) -> bool:
+    return not layer.adapters or _lora_adapters(layer.module) == layer.adapters
+
+
+def _packed_linear(packed: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """`x` `[..., in]` times a packed `[out, in]` weight, plus `bias` -> `[..., out]`."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def decode_packs(model: torch.nn.Module) -> DecodePacks | None:
+    """`DecodePacks` for every plain float32 CPU `nn.Linear` of `model` and every PEFT LoRA layer
+    over one (adapters merged), packed now; None when it has none, when its weights are sharded
+    (FSDP2 `DTensor`s: the forward gathers them) or when this torch cannot pack."""
+
+    def plain(m: torch.nn.Module) -> bool:
+        return (
+            type(m) is torch.nn.Linear
+            and m.weight.dtype == torch.float32
+            and m.weight.device.type == "cpu"
+        )
+
+    layers: list[_DecodeLayer] = []
+    inside_lora: set[int] = set()
+    for module in model.modules():
+        adapters = _lora_adapters(module)
+        base: Any = getattr(module, "base_layer", None)
+        if adapters is not None and plain(base):
+            layers.append(_DecodeLayer(module, base, adapters))
+            inside_lora.update(id(m) for m in module.modules())
+    for module in model.modules():
+        if id(module) not in inside_lora and plain(module):
+            layers.append(_DecodeLayer(module, module))  # type: ignore[arg-type]
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return None
+    if not layers or not _can_pack(layers[0].linear.weight):
+        return None
+    packs = DecodePacks(layers)
+    packs.refresh()
+    return packs

@@ -27,7 +27,12 @@ from grpokit.engines.base import (
 from grpokit.engines.device import DeviceTraits, device_traits, model_device
 from grpokit.engines.models import context_length
 from grpokit.engines.multi_turn import RowRecord, assemble_output, reprefill_turns
-from grpokit.engines.packed_linear import PackedLinear, pack_linear_layers
+from grpokit.engines.packed_linear import (
+    DecodePacks,
+    PackedLinear,
+    decode_packs,
+    pack_linear_layers,
+)
 from grpokit.engines.sampling import DRAWS, TokenSampler
 from grpokit.errors import DataError
 
@@ -101,16 +106,19 @@ class TransformersEngine:
             num_threads: torch intra-op threads while generating on the CPU (restored
                 afterwards); None = leave torch's setting. On a busy CPU one thread can be much
                 faster for small models. Not applied on a GPU (`DeviceTraits.intra_op_threads`).
-            pack_weights: Keep the bf16 copy's linear weights also in oneDNN's blocked layout
-                (`PackedLinear`), repacked after each weight update (one reorder per weight and
-                step); its matmuls then skip the per-call weight reordering (bench/RESULTS.md).
-                None = when the bf16 copy is used on a CPU whose torch has oneDNN
-                (`DeviceTraits.pack_sampler_weights`).
+            pack_weights: Keep the sampler's linear weights also in oneDNN's blocked layout, so
+                its matmuls skip the per-call weight reordering (bench/RESULTS.md). With the bf16
+                copy: `PackedLinear`, repacked after each weight update (one reorder per weight
+                and step). Without it, a float32 policy that samples itself: `DecodePacks`, used
+                only while decoding and repacked at the start of each generate call (trainable
+                weights and any weight written since). None = where the device allows it
+                (`DeviceTraits.pack_sampler_weights`: a CPU) and its torch has oneDNN, for a bf16
+                copy or a float32 policy (not for a quantized one).
 
         Raises:
             ValueError: an unknown `decode`, a non-positive `num_threads`, `bf16_sampler` with a
                 quantized model, or `pack_weights=True` where the weights cannot be packed (not
-                on a CPU, no bf16 copy, or a torch without oneDNN).
+                on a CPU, a quantized or bf16 policy without a copy, or a torch without oneDNN).
         """
         if decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}.")
@@ -151,13 +159,18 @@ class TransformersEngine:
                 for name, param in self.sampler_model.named_parameters()
             }
         self._packed: list[PackedLinear] = []
-        if pack_weights is not False and bf16_sampler and self.traits.pack_sampler_weights:
-            self._packed = pack_linear_layers(self.sampler_model)  # [] without oneDNN
-        if pack_weights and not self._packed:
+        self._decode_packs: DecodePacks | None = None
+        if pack_weights is not False and self.traits.pack_sampler_weights:
+            if bf16_sampler:
+                self._packed = pack_linear_layers(self.sampler_model)  # [] without oneDNN
+            elif not quantized:
+                self._decode_packs = decode_packs(self.sampler_model)  # None without oneDNN
+        if pack_weights and not self._packed and self._decode_packs is None:
             raise ValueError(
                 "pack_weights=True, but the sampler's weights cannot be packed: packing needs "
-                f"the bf16 copy (bf16_sampler) on a CPU whose torch has oneDNN (the model is on "
-                f"{self.traits.type}); leave pack_weights=None."
+                "a CPU whose torch has oneDNN and either the bf16 copy (bf16_sampler) or a "
+                f"float32 policy that is not quantized (the model is on {self.traits.type}); "
+                "leave pack_weights=None."
             )
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
@@ -265,8 +278,9 @@ class TransformersEngine:
         """The set-up of one `generate` / `generate_turns` call, undone when the block ends.
 
         Checks the prompts against the model's context, left-pads them, refreshes the sampler
-        copy, puts the sampler in eval mode (its training mode is restored afterwards) and runs
-        the block with `num_threads` intra-op threads.
+        copy (or re-packs the float32 policy's `DecodePacks`), puts the sampler in eval mode (its
+        training mode is restored afterwards) and runs the block with `num_threads` intra-op
+        threads and, with `DecodePacks`, the packed weights in use.
 
         Yields:
             `(ids, mask, device)`: the left-padded prompts `[B, P]` and their mask (1 = prompt
@@ -283,7 +297,10 @@ class TransformersEngine:
         was_training = model.training
         model.eval()
         try:
-            with _intra_op_threads(self.num_threads, self.traits):
+            with _intra_op_threads(self.num_threads, self.traits), contextlib.ExitStack() as stack:
+                if self._decode_packs is not None:
+                    self._decode_packs.refresh()
+                    stack.enter_context(self._decode_packs.active())
                 yield ids, mask, next(model.parameters()).device
         finally:
             model.train(was_training)

@@ -308,7 +308,8 @@ def resolve_precision(args: GRPOConfig, device: torch.device | str) -> bool:
 
     Weights, gradients and optimizer state are always float32. Compute runs under bf16 autocast
     when `args.bf16` is set and `device` computes bf16 natively (`DeviceTraits.native_bf16`: a
-    CPU with avx512_bf16/amx_bf16, a CUDA GPU of compute capability 8.0 or newer); otherwise in
+    CPU with avx512_bf16/amx_bf16 not capped below it by `ONEDNN_MAX_CPU_ISA` /
+    `ATEN_CPU_CAPABILITY`, a CUDA GPU of compute capability 8.0 or newer); otherwise in
     float32 (emulated bf16 would be slower than float32). `fp16` never gets here: `GRPOConfig`
     refuses it.
     """
@@ -316,12 +317,14 @@ def resolve_precision(args: GRPOConfig, device: torch.device | str) -> bool:
     if not args.bf16:
         logger.info("precision: float32 weights and compute (bf16=False)")
         return False
-    native = device_traits(device).native_bf16
-    if native:
+    traits = device_traits(device)
+    if traits.native_bf16:
         logger.info("precision: float32 weights/optimizer, bf16 autocast compute")
     else:
-        logger.info("precision: float32 (this %s has no native bf16)", device.type)
-    return native
+        logger.info(
+            "precision: float32 (this %s has no native bf16: %s)", device.type, traits.bf16_reason
+        )
+    return traits.native_bf16
 
 
 def sampling_params(args: GRPOConfig) -> SamplingParams:
