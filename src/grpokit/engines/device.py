@@ -30,8 +30,9 @@ class DeviceTraits:
             engine samples from a bf16 copy of the policy; elsewhere bf16 would be emulated,
             slower than float32, and both stay float32.
         pack_sampler_weights: Keep the bf16 sampler copy's linear weights in oneDNN's blocked
-            layout (`engines.packed_linear`). CPU only: oneDNN is torch's CPU matmul library;
-            cuBLAS reads the plain layout.
+            layout (`engines.packed_linear`), held only packed where no other module reads them
+            (`PackedLinear.release_weight`: the sampler's weights are then held once). CPU only:
+            oneDNN is torch's CPU matmul library; cuBLAS reads the plain layout.
         grouped_attention: `attention="auto"` and the sampler copy use `core.attention`'s grouped
             attention. CPU only: there torch's SDPA runs a flash kernel that is slow for one
             query row per decode step; on a GPU SDPA's kernels are the fast path and never

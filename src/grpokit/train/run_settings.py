@@ -97,6 +97,14 @@ class ModelSettings:
         "spent in the kernel each step). Process-wide and never undone; the RSS then stays at "
         "its peak. Effect on step time: bench/RESULTS.md.",
     )
+    max_forward_tokens: int | None = option(
+        None,
+        "Split a training micro-batch into parts of at most this many tokens (rows x trimmed "
+        "width), each forwarded and backpropagated alone: the same update, the activations of "
+        "one part at a time (`train.microbatch`). Applies when the loss does not depend on "
+        "which rows share a micro-batch (not bnpo, the top-entropy filter or the entropy "
+        "bonus). None = one forward per micro-batch.",
+    )
     attention: str | None = option(
         "auto",
         "Attention implementation of the policy (and reference) model in training and log-prob "

@@ -704,6 +704,8 @@ class GRPOTrainer:
             bucket_by_length=self.bucket_by_length,
             entropy_bonus=entropy.enabled,
             chunk_tokens=chunk_tokens,
+            max_tokens=self.args.max_forward_tokens,
+            prompt_mask=batch.prompt_mask,
             **place,
         )
         if world.is_distributed:  # as many backward passes on every process
