@@ -16,7 +16,9 @@ moments, the sampler copy and its packed weights). The peak column never include
 Usage:
     python bench/memory_phases.py [--steps 2] [--set gradient_checkpointing=true ...]
 
-`--set FIELD=VALUE` overrides a `GRPOConfig` field of the workload (VALUE is JSON, else a string).
+`--set FIELD=VALUE` overrides a `GRPOConfig` field of the workload (VALUE is JSON, else a string):
+e.g. `--set max_forward_tokens=null` for one forward per micro-batch instead of the CPU's default
+bound.
 Measures memory only: it needs no quiet machine.
 """
 

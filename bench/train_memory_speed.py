@@ -110,7 +110,7 @@ def build(setting: str, threads: int) -> tuple[Any, Any]:
 def apply_setting(trainer: Any, setting: str) -> None:
     """Switch a built trainer to `setting` (for interleaved timing)."""
     overrides = setting_overrides(setting)
-    trainer.args.max_forward_tokens = overrides["max_forward_tokens"]
+    trainer.max_forward_tokens = overrides["max_forward_tokens"]
     if overrides["gradient_checkpointing"]:
         trainer.model.gradient_checkpointing_enable({"use_reentrant": False})
     else:

@@ -3,6 +3,7 @@ learning, resume, precision and errors. Every run is a few steps of max 6 comple
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers import TrainerCallback
 
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.core.losses import LOSS_TYPES
+from grpokit.engines.device import device_traits
 from grpokit.engines.models import bf16_supported
 from grpokit.rewards.scoring import RewardFunctionError
 from grpokit.train import checkpoint as ckpt
@@ -960,6 +962,20 @@ def test_max_forward_tokens_splits_the_forward_and_keeps_the_update(
     assert max(g.abs().max().item() for g in whole.values()) > 1e-3
     for name, grad in whole.items():
         torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_max_forward_tokens_auto_is_the_devices_bound(tmp_path: Path) -> None:
+    from grpokit.train.build import resolve_max_forward_tokens
+
+    # The default "auto" is the CPU's bound (512 tokens); None and a number are taken as given.
+    assert make_trainer(tmp_path / "auto").max_forward_tokens == 512
+    assert make_trainer(tmp_path / "none", max_forward_tokens=None).max_forward_tokens is None
+    assert make_trainer(tmp_path / "n", max_forward_tokens=64).max_forward_tokens == 64
+    gpu = dataclasses.replace(device_traits("cpu"), type="cuda", max_forward_tokens=None)
+    assert resolve_max_forward_tokens(GRPOConfig(), gpu) is None
+    for bad in (0, -3, "512", 1.5, True):
+        with pytest.raises(ValueError, match=r"^max_forward_tokens must be a positive integer"):
+            GRPOConfig(max_forward_tokens=bad)
 
 
 def test_all_zero_advantages_step_like_the_plain_path(tmp_path: Path) -> None:

@@ -253,8 +253,13 @@ def check_optimisation(cfg: GRPOConfig) -> None:
             f"attention must be 'auto', None or an attention implementation name such as "
             f"'sdpa'; got {cfg.attention!r}."
         )
-    if cfg.max_forward_tokens is not None:
-        positive_int("max_forward_tokens", cfg.max_forward_tokens)
+    tokens = cfg.max_forward_tokens
+    if tokens not in (None, "auto") and (
+        isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
+    ):
+        raise ValueError(
+            f"max_forward_tokens must be a positive integer, 'auto' or None; got {tokens!r}."
+        )
     if cfg.max_consecutive_nonfinite_steps is not None:
         positive_int("max_consecutive_nonfinite_steps", cfg.max_consecutive_nonfinite_steps)
     if cfg.lr_scheduler_type not in LR_SCHEDULERS:

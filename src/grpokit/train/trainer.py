@@ -167,6 +167,7 @@ class GRPOTrainer:
         build.apply_process_settings(self.args)  # seed, full determinism, tf32, log level
         self.device = self.world.device(self.args.use_cpu)
         self.device_traits = device_traits(self.device)  # what differs on this device type
+        self.max_forward_tokens = build.resolve_max_forward_tokens(self.args, self.device_traits)
         if self.device_traits.retain_freed_memory and self.args.retain_freed_memory:
             build.retain_freed_memory()
         build.check_generation_server(self.args)  # a wrong server address fails before loading
@@ -704,7 +705,7 @@ class GRPOTrainer:
             bucket_by_length=self.bucket_by_length,
             entropy_bonus=entropy.enabled,
             chunk_tokens=chunk_tokens,
-            max_tokens=self.args.max_forward_tokens,
+            max_tokens=self.max_forward_tokens,
             prompt_mask=batch.prompt_mask,
             **place,
         )
