@@ -643,6 +643,24 @@ def roofline_work(summary: dict[str, Any], native_bf16: bool) -> Work | None:
     )
 
 
+def rows_per_forward(work: Any) -> int:
+    """Completions in grpokit's largest training forward on this CPU: the micro-batch split by
+    `max_forward_tokens="auto"` (`DeviceTraits.max_forward_tokens`, `train.microbatch`)."""
+    import torch
+
+    from grpokit.engines.device import device_traits
+    from grpokit.train.microbatch import split_by_tokens
+
+    n = work.completions
+    parts = split_by_tokens(
+        torch.arange(n),
+        device_traits("cpu").max_forward_tokens,
+        torch.full((n,), work.completion_len),
+        torch.full((n,), work.prompt_len),
+    )
+    return max(len(part) for part in parts)
+
+
 def format_roofline(
     summaries: list[dict[str, Any]], shape: ModelShape, floor: dict[str, Any]
 ) -> str:
@@ -666,8 +684,14 @@ def format_roofline(
         out.append(
             roofline.roofline_table(costs, floor["peak_gflops"], floor["bandwidth_gbs"], measured)
         )
-        budget = roofline.memory_budget(shape, work, sampler_copy=native, packed=native)
-        out.append(f"\nMemory, {name} (grpokit's components on this CPU; tensors, exact bytes):")
+        rows = rows_per_forward(work)
+        budget = roofline.memory_budget(
+            shape, work, sampler_copy=native, packed=native, micro_batch=rows
+        )
+        out.append(
+            f"\nMemory, {name} (grpokit's components on this CPU, training forwards of {rows} "
+            "rows; tensors, exact bytes):"
+        )
         out.append(roofline.memory_table(budget, {s["system"]: s["peak_rss_mb"] for s in group}))
         out.append("")
     return "\n".join(out)
