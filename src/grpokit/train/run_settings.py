@@ -95,9 +95,8 @@ class ModelSettings:
         "process for reuse (`train.build.retain_freed_memory`) instead of returning large "
         "blocks to the OS, which the next step must then page-fault in again (system time "
         "spent in the kernel each step). Process-wide and never undone; the RSS then stays at "
-        "its peak. Gradients then stay allocated between steps (zeroed, not freed), so they do "
-        "not leave holes among the next step's activations. Effect on step time and memory: "
-        "bench/RESULTS.md.",
+        "its peak. Gradients then stay allocated between steps (zeroed, not freed: freeing them "
+        "would return nothing to the OS). Effect on step time and memory: bench/RESULTS.md.",
     )
     max_forward_tokens: int | str | None = option(
         "auto",

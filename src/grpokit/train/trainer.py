@@ -169,8 +169,8 @@ class GRPOTrainer:
         self.device_traits = device_traits(self.device)  # what differs on this device type
         self.max_forward_tokens = build.resolve_max_forward_tokens(self.args, self.device_traits)
         # Where freed memory stays in the process anyway, gradients stay allocated between
-        # steps (zeroed, not freed): reallocated each backward among the activations, they
-        # leave holes the next step's tensors fit badly, and the resident memory grows.
+        # steps (zeroed, not freed): freeing them returns nothing to the OS, and the next
+        # backward would allocate them afresh among the activations.
         self.keep_gradients = (
             self.device_traits.retain_freed_memory and self.args.retain_freed_memory
         )
