@@ -659,6 +659,24 @@ def roofline_work(summary: dict[str, Any], native_bf16: bool) -> Work | None:
     )
 
 
+def rows_per_forward(work: Any) -> int:
+    """Completions in grpokit's largest training forward on this CPU: the micro-batch split by
+    `max_forward_tokens="auto"` (`DeviceTraits.max_forward_tokens`, `train.microbatch`)."""
+    import torch
+
+    from grpokit.engines.device import device_traits
+    from grpokit.train.microbatch import split_by_tokens
+
+    n = work.completions
+    parts = split_by_tokens(
+        torch.arange(n),
+        device_traits("cpu").max_forward_tokens,
+        torch.full((n,), work.completion_len),
+        torch.full((n,), work.prompt_len),
+    )
+    return max(len(part) for part in parts)
+
+
 def format_roofline(
     summaries: list[dict[str, Any]], shape: ModelShape, floor: dict[str, Any]
 ) -> str:
@@ -682,10 +700,16 @@ def format_roofline(
         out.append(
             roofline.roofline_table(costs, floor["peak_gflops"], floor["bandwidth_gbs"], measured)
         )
-        # packed linear weights on every CPU: of the bf16 copy (native bf16) or of the fp32
-        # policy while it decodes (`engines.packed_linear`)
-        budget = roofline.memory_budget(shape, work, sampler_copy=native, packed=True)
-        out.append(f"\nMemory, {name} (grpokit's components on this CPU; tensors, exact bytes):")
+        # packed linear weights on every CPU: the bf16 copy's, held only packed (native bf16),
+        # or the fp32 policy's while it decodes, beside its weights (`engines.packed_linear`)
+        rows = rows_per_forward(work)
+        budget = roofline.memory_budget(
+            shape, work, sampler_copy=native, packed=True, micro_batch=rows
+        )
+        out.append(
+            f"\nMemory, {name} (grpokit's components on this CPU, training forwards of {rows} "
+            "rows; tensors, exact bytes):"
+        )
         out.append(roofline.memory_table(budget, {s["system"]: s["peak_rss_mb"] for s in group}))
         out.append("")
     return "\n".join(out)

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         check(traits.sampler_dtype is None, "the sampler is the policy itself (no native bf16)")
     else:
         check(traits.sampler_dtype is not None, "a sampler copy only where bf16 is native")
-        copies = dict(sampler.named_parameters())
+        copies = engine.sampler_weights()  # linear weights held only packed come unpacked
         dtypes = {p.dtype for p in copies.values()}
         check(dtypes == {traits.sampler_dtype}, f"sampler copy dtype {dtypes}")
         stale = [n for n, p in copies.items() if not torch.equal(p, after[n].detach().to(p.dtype))]

@@ -248,17 +248,22 @@ def memory_budget(
         shape: The model.
         work: The workload; `beta > 0` adds an fp32 reference model.
         sampler_copy: A separate sampler copy of the weights in `work.sampler_bytes`.
-        packed: The sampler's linear weights also kept in a packed (blocked) layout.
+        packed: The sampler's linear weights kept in a packed (blocked) layout: with a sampler
+            copy only there (`PackedLinear.release_weight`), except a head tied to the
+            embeddings; without one (the fp32 policy decodes itself, `DecodePacks`) beside the
+            policy's own weights.
         micro_batch: Completions per training forward (None = all `N`).
     """
     trainable = shape.params if work.trainable is None else work.trainable
     rows = work.completions if micro_batch is None else micro_batch
     seq = work.prompt_len + work.completion_len
+    released = shape.body_params + (0 if shape.tied_embeddings else shape.head_params)
+    released = released if packed else 0
     budget = {
         "weights fp32": 4 * shape.params,
         "gradients fp32": 4 * trainable,
         "AdamW moments fp32": 8 * trainable,
-        "sampler copy": work.sampler_bytes * shape.params if sampler_copy else 0,
+        "sampler copy": work.sampler_bytes * (shape.params - released) if sampler_copy else 0,
         "packed sampler weights": (
             work.sampler_bytes * (shape.body_params + shape.head_params) if packed else 0
         ),
@@ -320,8 +325,9 @@ def roofline_table(
 
 
 MEMORY_CUTS = {
-    "sampler copy": "the packed layout could replace it (the copy keeps only non-linear weights)",
-    "packed sampler weights": "duplicates the sampler's linear weights (bf16 copy or fp32 policy)",
+    "sampler copy": "embeddings and norms (the linear weights are held only packed)",
+    "packed sampler weights": "a head tied to the embeddings is held both ways; without native "
+    "bf16 the fp32 policy's packs are a second copy of its linear weights",
     "reference model fp32": "only for beta > 0; bf16 would halve it (it is never trained)",
     "activations (train micro-batch)": "smaller micro-batches or activation checkpointing; "
     "the prompt is stored once per row, not once per group",

@@ -476,7 +476,7 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
             torch.save(full, out / "params.pt")
             sharded = type(next(t.model.parameters())).__name__  # DTensor under FSDP2
             (out / "parameter_type.txt").write_text(sharded)
-            copies = dict(probe.sampler_model.named_parameters())
+            copies = probe.sampler_weights()  # linear weights held packed: unpacked
             gap = max(
                 (copies[k].float() - full[k].to(torch.bfloat16).float()).abs().max().item()
                 for k in copies

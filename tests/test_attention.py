@@ -67,6 +67,35 @@ def test_sdpa_hand_over_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -
     torch.testing.assert_close(large, small, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_keeps_only_the_cast_probabilities(dtype: torch.dtype) -> None:
+    """With gradients on, no float32 copy of the probabilities is saved for backward when the
+    query is bf16 (only the bf16 ones), and the gradients are those of autograd through
+    transformers' eager math: equal in float32, within bf16 rounding in bf16."""
+    torch.manual_seed(2)
+    inputs = [torch.randn(2, heads, 6, 8).to(dtype) for heads in (4, 2, 2)]
+    mask = padded_causal_mask([6, 4], 6, 6)  # float32, as transformers' mask under autocast
+    upstream = torch.randn(2, 6, 4, 8).to(dtype)
+    grads, saved = [], []
+    for ours in (True, False):
+        q, key, value = (t.clone().requires_grad_(True) for t in inputs)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            if ours:
+                out, _ = grouped_attention(_Module(), q, key, value, mask, scaling=0.3)
+            else:
+                out = reference_attention(q, key, value, mask, 0.3)
+        (out.float() * upstream.float()).sum().backward()
+        grads.append([t.grad.float() for t in (q, key, value)])
+        if ours:
+            scores = 2 * 4 * 6 * 6
+            kept = {t.data_ptr(): t.dtype for t in saved if t.numel() == scores}
+            assert list(kept.values()) == [dtype]  # one tensor of probabilities, query's dtype
+    exact = dtype == torch.float32
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if exact else {"rtol": 0.0, "atol": 0.05}
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference, **tolerance)
+
+
 def _batch(tok):
     """Two left-padded prompts of lengths 3 and 5 followed by 4 completion tokens."""
     ids = torch.tensor([[0, 0, 5, 6, 7, 11, 12, 13, 14], [9, 8, 7, 6, 5, 21, 22, 23, 24]])

@@ -24,7 +24,13 @@ from grpokit.core import attention
 from grpokit.engines import device as device_module
 from grpokit.engines import transformers_engine
 from grpokit.engines.base import SamplingParams
-from grpokit.engines.device import DeviceTraits, device_traits, fork_rng, synchronize
+from grpokit.engines.device import (
+    CPU_MAX_FORWARD_TOKENS,
+    DeviceTraits,
+    device_traits,
+    fork_rng,
+    synchronize,
+)
 from grpokit.engines.models import bf16_supported, cpu_bf16
 from grpokit.engines.packed_linear import PackedLinear
 from grpokit.engines.transformers_engine import TransformersEngine
@@ -74,6 +80,7 @@ def test_cpu_rules() -> None:
     assert traits.native_bf16 is bf16_supported("cpu")  # the /proc/cpuinfo verdict, less caps
     assert traits.bf16_reason == cpu_bf16().reason
     assert traits.sampler_dtype == (torch.bfloat16 if traits.native_bf16 else None)
+    assert traits.max_forward_tokens == CPU_MAX_FORWARD_TOKENS == 512
 
 
 def test_an_ampere_gpu_gets_bf16_and_tf32_and_no_cpu_speed_up(
@@ -86,6 +93,7 @@ def test_an_ampere_gpu_gets_bf16_and_tf32_and_no_cpu_speed_up(
     assert traits.native_bf16 is True and traits.tf32 is True
     assert traits.bf16_reason == "CUDA compute capability 8.0"
     assert traits.sampler_dtype == torch.bfloat16
+    assert traits.max_forward_tokens is None  # max_forward_tokens="auto": no bound on a GPU
     assert device_traits() == traits  # the default device is the GPU when there is one
 
 

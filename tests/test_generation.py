@@ -365,9 +365,11 @@ def test_bf16_copy_tracks_weights_in_place_after_update() -> None:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # an optimizer step, larger than bf16 rounding
     engine.update_weights(model)
+    weights = engine.sampler_weights()
     for name, p in model.named_parameters():
-        assert torch.equal(copy_params[name], p.to(torch.bfloat16)), name
-        assert copy_params[name].data_ptr() == pointers[name], f"{name} was re-allocated"
+        assert torch.equal(weights[name], p.to(torch.bfloat16)), name
+        if 0 not in copy_params[name].stride():  # held unpacked: updated in place
+            assert copy_params[name].data_ptr() == pointers[name], f"{name} was re-allocated"
     # the copy samples like a bf16 model: greedy tokens equal model.generate on a bf16 cast
     reference = make_causal_lm(tok)
     reference.load_state_dict(model.state_dict())
@@ -388,9 +390,9 @@ def test_bf16_copy_follows_a_fused_adamw_step() -> None:
     model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
     optimizer.step()
     engine.update_weights(model)
-    copy_params = dict(engine.sampler_model.named_parameters())
+    weights = engine.sampler_weights()
     for name, p in model.named_parameters():
-        assert torch.equal(copy_params[name], p.detach().to(torch.bfloat16)), name
+        assert torch.equal(weights[name], p.detach().to(torch.bfloat16)), name
 
 
 def test_bf16_copy_under_peft_syncs_only_the_adapter() -> None:
@@ -407,9 +409,9 @@ def test_bf16_copy_under_peft_syncs_only_the_adapter() -> None:
     engine.update_weights(model)
     copied = {name for name, (_, stamp) in engine._copies.items() if stamp != stamps[name]}
     assert copied and all("lora_" in name for name in copied)  # the frozen base was not copied
-    copy_params = dict(engine.sampler_model.named_parameters())
+    weights = engine.sampler_weights()
     for name, p in model.named_parameters():
-        assert torch.equal(copy_params[name], p.to(torch.bfloat16)), name
+        assert torch.equal(weights[name], p.to(torch.bfloat16)), name
     out = engine.generate(PROMPTS, num_generations=2, max_new_tokens=4, sampling=SamplingParams())
     assert out.completion_ids.shape[0] == 6
 
@@ -431,9 +433,9 @@ def test_bf16_copy_picks_up_a_checkpoint_load_before_generating() -> None:
     greedy = SamplingParams(top_k=1)
     kwargs = dict(num_generations=1, max_new_tokens=8, sampling=greedy)
     out = engine.generate(PROMPTS, **kwargs)
-    copy_params = dict(engine.sampler_model.named_parameters())
+    weights = engine.sampler_weights()
     for name, p in model.named_parameters():
-        assert torch.equal(copy_params[name], p.to(torch.bfloat16)), name
+        assert torch.equal(weights[name], p.to(torch.bfloat16)), name
     fresh = _engine(tok, model, bf16_sampler=True).generate(PROMPTS, **kwargs)
     assert torch.equal(out.completion_ids, fresh.completion_ids)
 
@@ -638,3 +640,56 @@ def test_fp32_decode_packs_merge_lora_adapters() -> None:
             for name, param in model.named_parameters():
                 if "lora_A" in name:
                     param.mul_(-1.0)
+
+
+def test_packed_sampler_holds_linear_weights_once() -> None:
+    """The packed layers keep no plain bf16 weight (a tied one excepted), and still follow the
+    policy: after an update they decode what an unpacked bf16 copy decodes."""
+    from grpokit.engines.packed_linear import PackedLinear
+
+    tok = make_tokenizer()
+    untied = make_causal_lm(tok, tie_word_embeddings=False)
+    tied = make_causal_lm(tok, tie_word_embeddings=True)
+    for model in (untied, tied):
+        engine = TransformersEngine(model, tok, bf16_sampler=True)
+        layers = {n: m for n, m in engine.sampler_model.named_modules() if type(m) is PackedLinear}
+        if not layers:
+            pytest.skip("this torch build has no oneDNN")
+        for name, layer in layers.items():
+            shared = model is tied and name == "lm_head"  # the embedding reads it
+            assert layer.weight_released is not shared, name
+            held = layer.weight.untyped_storage().nbytes()
+            assert held == (layer.weight.numel() * 2 if shared else 2), name  # bf16: 2 bytes
+            assert layer.weight.shape == (layer.out_features, layer.in_features)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        engine.update_weights(model)
+        plain = TransformersEngine(model, tok, bf16_sampler=True, pack_weights=False)
+        greedy = SamplingParams(top_k=1, generation_kwargs={"min_new_tokens": 6})
+        kwargs = dict(num_generations=2, max_new_tokens=8, sampling=greedy)
+        assert torch.equal(
+            engine.generate(PROMPTS, **kwargs).completion_ids,
+            plain.generate(PROMPTS, **kwargs).completion_ids,
+        )
+
+
+def test_bf16_copy_never_copies_the_float32_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler copy is built from bf16 casts of the parameters (no float32 parameter is
+    deep-copied): its parameters are new bf16 tensors, a tied weight stays one parameter,
+    buffers are copied."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok, tie_word_embeddings=True)
+
+    def refuse(self: torch.nn.Parameter, memo: dict[int, object]) -> None:
+        raise AssertionError("a float32 parameter was deep-copied")
+
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", refuse)
+    engine = TransformersEngine(model, tok, bf16_sampler=True, pack_weights=False)
+    copy = engine.sampler_model
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight
+    for (name, p), q in zip(model.named_parameters(), copy.parameters(), strict=True):
+        assert q.dtype == torch.bfloat16 and not q.requires_grad, name
+        assert torch.equal(q, p.detach().to(torch.bfloat16)), name
+    for (name, b), c in zip(model.named_buffers(), copy.buffers(), strict=True):
+        assert torch.equal(b, c) and b.data_ptr() != c.data_ptr(), name

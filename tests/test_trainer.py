@@ -3,6 +3,7 @@ learning, resume, precision and errors. Every run is a few steps of max 6 comple
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers import TrainerCallback
 
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.core.losses import LOSS_TYPES
+from grpokit.engines.device import device_traits
 from grpokit.engines.models import bf16_supported
 from grpokit.rewards.scoring import RewardFunctionError
 from grpokit.train import checkpoint as ckpt
@@ -848,6 +850,17 @@ def step_gradients(trainer: GRPOTrainer, batch: Any) -> tuple[float, dict[str, t
     return out["loss"], take.grads
 
 
+def count_grad_calls(module: torch.nn.Module) -> list[int]:
+    """A list that grows by one at each call of `module` with gradients on. A pre-hook: a
+    checkpointed recomputation stops once it has what backward needs (torch's early stop),
+    before forward hooks would run."""
+    calls: list[int] = []
+    module.register_forward_pre_hook(
+        lambda *a: calls.append(1) if torch.is_grad_enabled() else None
+    )
+    return calls
+
+
 def off_policy_batch(trainer: GRPOTrainer, advantages: torch.Tensor) -> Any:
     """A rollout batch of varied lengths with old log-probs 0.1-ish away (ratios clip)."""
     _, prompt_ids, _ = trainer.sample_prompts()
@@ -893,6 +906,94 @@ def test_skipping_zero_advantages_and_buckets_equal_the_plain_step(
     assert max(g.abs().max().item() for g in plain_grads.values()) > 1e-3
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tmp_path: Path) -> None:
+    # One optimizer step of 2 micro-batches of 4 rows. Checkpointed, each decoder layer runs a
+    # second time in the backward pass (calls with gradients on: 2 -> 4), and the update is
+    # the plain one up to float summation order (the recomputed forward is the same arithmetic).
+    overrides = dict(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_completion_length=8,
+        max_steps=1,
+    )
+    runs = {}
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        trainer = make_trainer(tmp_path / name, gradient_checkpointing=checkpointing, **overrides)
+        calls = count_grad_calls(trainer.model.model.layers[0])
+        start = params(trainer)
+        trainer.train()
+        update = {k: v - start[k] for k, v in params(trainer).items()}
+        runs[name] = (update, len(calls), read_metrics(tmp_path / name)[0]["loss"])
+    (plain, plain_calls, plain_loss), (ckpt_update, ckpt_calls, ckpt_loss) = runs.values()
+    assert (plain_calls, ckpt_calls) == (2, 4)
+    assert max(u.abs().max().item() for u in plain.values()) > 1e-3  # a real update
+    assert ckpt_loss == pytest.approx(plain_loss, abs=1e-6)
+    for key, value in plain.items():
+        torch.testing.assert_close(ckpt_update[key], value, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo", "cispo"])
+def test_max_forward_tokens_splits_the_forward_and_keeps_the_update(
+    tmp_path: Path, loss_type: str
+) -> None:
+    # One optimizer step over 8 rows in micro-batches of 4. A limit of one row's width makes
+    # every row its own forward (decoder-layer calls with gradients on: 2 -> 8); the loss and
+    # gradients are the unsplit step's up to float summation order.
+    overrides = dict(
+        loss_type=loss_type,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_completion_length=8,
+        max_grad_norm=None,
+    )
+    advantages = torch.tensor([1.0, -0.5, 0.3, -1.0, 0.5, -0.5, 0.7, -0.2])
+    runs = {}
+    for name, limit in (("whole", None), ("split", 1)):
+        trainer = make_trainer(tmp_path / name, max_forward_tokens=limit, **overrides)
+        batch = off_policy_batch(trainer, advantages)
+        calls = count_grad_calls(trainer.model.model.layers[0])
+        loss, grads = step_gradients(trainer, batch)
+        runs[name] = (loss, grads, len(calls))
+    (whole_loss, whole, whole_calls), (split_loss, split, split_calls) = runs.values()
+    assert (whole_calls, split_calls) == (2, 8)
+    assert abs(split_loss - whole_loss) < 1e-6
+    assert max(g.abs().max().item() for g in whole.values()) > 1e-3
+    for name, grad in whole.items():
+        torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_max_forward_tokens_auto_is_the_devices_bound(tmp_path: Path) -> None:
+    from grpokit.train.build import resolve_max_forward_tokens
+
+    # The default "auto" is the CPU's bound (512 tokens); None and a number are taken as given.
+    assert make_trainer(tmp_path / "auto").max_forward_tokens == 512
+    assert make_trainer(tmp_path / "none", max_forward_tokens=None).max_forward_tokens is None
+    assert make_trainer(tmp_path / "n", max_forward_tokens=64).max_forward_tokens == 64
+    gpu = dataclasses.replace(device_traits("cpu"), type="cuda", max_forward_tokens=None)
+    assert resolve_max_forward_tokens(GRPOConfig(), gpu) is None
+    for bad in (0, -3, "512", 1.5, True):
+        with pytest.raises(ValueError, match=r"^max_forward_tokens must be a positive integer"):
+            GRPOConfig(max_forward_tokens=bad)
+
+
+def test_gradients_kept_between_steps_give_the_same_updates(tmp_path: Path) -> None:
+    # On the CPU with retain_freed_memory the gradients are zeroed, not freed, after each step
+    # (no reallocation among the activations); two steps then match the run that frees them.
+    advantages = torch.tensor([1.0, -0.5, 0.3, -1.0])
+    runs = {}
+    for name, retain in (("kept", True), ("freed", False)):
+        trainer = make_trainer(tmp_path / name, retain_freed_memory=retain, max_grad_norm=None)
+        assert trainer.keep_gradients is retain
+        batch = off_policy_batch(trainer, advantages)
+        for _ in range(2):
+            trainer.optimizer_step(batch, range(0, batch.size))
+        grads = [p.grad for p in trainer.model.parameters()]
+        assert all(g is not None and not g.any() for g in grads) if retain else grads[0] is None
+        runs[name] = params(trainer)
+    for key, value in runs["freed"].items():
+        torch.testing.assert_close(runs["kept"][key], value, atol=0, rtol=0)
 
 
 def test_all_zero_advantages_step_like_the_plain_path(tmp_path: Path) -> None:
@@ -943,6 +1044,34 @@ def test_plan_micro_batches_by_hand() -> None:
     ]  # fmt: skip
     third = pytest.approx(1 / 3)
     assert plan("grpo", q=0.5) == [([0, 1], third), ([2, 3], third), ([4, 5], third)]
+    # max_tokens: [5, 4] is 2 rows x 2 tokens (its longest completion) = 4 tokens; a limit of 3
+    # splits it into single rows, a limit of 4 keeps it. grpo's rows keep weighing 1/6 each.
+    sixth = pytest.approx(1 / 6)
+    assert plan("dapo", max_tokens=3) == [([5], 1.0), ([4], 1.0), ([1], 1.0)]
+    assert plan("dapo", max_tokens=4) == [([5, 4], 1.0), ([1], 1.0)]
+    assert plan("grpo", max_tokens=3) == [([5], sixth), ([4], sixth), ([1], sixth)]
+    # With prompts of 1 token, [5, 4] holds 2 x (1 + 2) = 6 tokens: a limit of 4 splits it.
+    prompts = torch.ones(6, 1, dtype=torch.long)
+    assert plan("dapo", max_tokens=4, prompt_mask=prompts) == [([5], 1.0), ([4], 1.0), ([1], 1.0)]
+    # bnpo keeps its plain micro-batches whatever the limit.
+    assert plan("bnpo", max_tokens=1) == plan("bnpo")
+
+
+def test_split_by_tokens_by_hand() -> None:
+    from grpokit.train.microbatch import split_by_tokens
+
+    rows = torch.arange(5)
+    completions = torch.tensor([3, 1, 4, 2, 2])
+    prompts = torch.tensor([2, 1, 1, 1, 2])
+    # width = longest prompt 2 + longest completion 4 = 6; 12 tokens hold 2 rows: 3 parts 2/2/1.
+    parts = split_by_tokens(rows, 12, completions, prompts)
+    assert [p.tolist() for p in parts] == [[0, 1], [2, 3], [4]]
+    assert [p.tolist() for p in split_by_tokens(rows, 30, completions, prompts)] == [rows.tolist()]
+    # A limit below one row's width: one row per part. None: no split.
+    assert len(split_by_tokens(rows, 2, completions, prompts)) == 5
+    assert split_by_tokens(rows, None, completions)[0] is rows
+    # Completions only: width 4, 8 tokens hold 2 rows.
+    assert [len(p) for p in split_by_tokens(rows, 8, completions)] == [2, 2, 1]
 
 
 def test_trimmed_micro_batch_equals_the_full_width_forward(

@@ -6,7 +6,8 @@ CPU runs a flash kernel that is slow for the short sequences of RL fine-tuning (
 decode step; profiles and timings in bench/RESULTS.md). `grouped_attention` computes the same
 softmax attention without the copy: the query heads of a group are stacked along the row dimension
 and multiplied by their shared key/value head. Scores use the same scaling, additive mask, float32
-softmax and cast back to the query dtype as transformers' eager attention.
+softmax and cast back to the query dtype as transformers' eager attention; for backward only the
+cast probabilities are kept (`_SoftmaxAs`), not their float32 version as well.
 
 When the score tensor of one call would be large (long sequences), the function hands over to
 `torch.nn.functional.scaled_dot_product_attention`, which never materialises it. `register()`
@@ -22,7 +23,8 @@ from torch import Tensor
 
 NAME = "grpokit_grouped"
 # Above this many attention scores (batch * heads * queries * keys) in one call, use SDPA: the
-# scores of every layer are kept for backward, so this bounds that memory (16 MB float32 a layer).
+# probabilities of every layer are kept for backward, so this bounds that memory (8 MB a layer in
+# bf16, 16 MB in float32).
 MAX_MATERIALIZED_SCORES = 1 << 22
 
 
@@ -72,10 +74,40 @@ def grouped_attention(
     scores = torch.matmul(q, key.transpose(2, 3)) * scale  # [B, Hkv, g*S, K]
     if mask is not None:
         scores = (scores.view(b, hkv, g, s, k) + mask.unsqueeze(2)).view(b, hkv, g * s, k)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if torch.is_grad_enabled() and scores.requires_grad:
+        probs = _SoftmaxAs.apply(scores, query.dtype)  # keeps only the cast probabilities
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value)  # [B, Hkv, g*S, D]
     return out.view(b, h, s, d).transpose(1, 2).contiguous(), None
+
+
+class _SoftmaxAs(torch.autograd.Function):
+    """`softmax(scores, -1)` computed in float32 and returned in `dtype`, saving for backward
+    only that returned tensor.
+
+    Autograd through `torch.softmax(scores, dtype=float32).to(dtype)` keeps the float32
+    probabilities for the softmax backward next to the `dtype` ones the value product keeps:
+    under bf16 autocast that is 6 bytes per attention score in every layer, 2 here. The
+    backward is softmax's, `dscores = p * (dp - sum(p * dp))`, in float32 from the saved `p`
+    (so rounded to bf16 under autocast, as the forward's product used it).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor, dtype: torch.dtype) -> Tensor:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        ctx.save_for_backward(probs)
+        ctx.scores_dtype = scores.dtype
+        return probs
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (probs,) = ctx.saved_tensors
+        p = probs.float()
+        dp = grad.float()
+        dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)
+        return dp.to(ctx.scores_dtype), None
 
 
 def register() -> str:

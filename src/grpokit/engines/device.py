@@ -17,6 +17,9 @@ import torch
 
 from grpokit.engines.models import bf16_supported, cpu_bf16
 
+# Tokens (rows x padded width) of one training forward on the CPU under max_forward_tokens="auto".
+CPU_MAX_FORWARD_TOKENS = 512
+
 
 @dataclass(frozen=True)
 class DeviceTraits:
@@ -35,8 +38,10 @@ class DeviceTraits:
             (``avx512_bf16``, ``avx512_bf16 capped by ONEDNN_MAX_CPU_ISA=AVX2``,
             ``no avx512_bf16/amx_bf16``), the GPU's compute capability, or the device type.
         pack_sampler_weights: Keep the sampler's linear weights in oneDNN's blocked layout
-            (`engines.packed_linear`): the bf16 copy's (`PackedLinear`) where bf16 is native,
-            else the float32 policy's while it decodes (`DecodePacks`). CPU only: oneDNN is
+            (`engines.packed_linear`): the bf16 copy's (`PackedLinear`, held only packed where
+            no other module reads them: `PackedLinear.release_weight`, so the sampler's weights
+            are held once) where bf16 is native, else the float32 policy's while it decodes
+            (`DecodePacks`, a second copy beside the trained weights). CPU only: oneDNN is
             torch's CPU matmul library; cuBLAS reads the plain layout.
         grouped_attention: `attention="auto"` and the sampler copy use `core.attention`'s grouped
             attention. CPU only: there torch's SDPA runs a flash kernel that is slow for one
@@ -49,6 +54,12 @@ class DeviceTraits:
             is worth setting. CPU only: CUDA kernels do not run on those threads.
         tf32: TensorFloat-32 matmuls exist (`GRPOConfig.tf32`): a CUDA GPU of compute capability
             8.0 or newer.
+        max_forward_tokens: What `GRPOConfig.max_forward_tokens="auto"` bounds one training
+            forward to (`train.microbatch`; None = no bound). CPU: `CPU_MAX_FORWARD_TOKENS`.
+            There activations of the whole micro-batch, kept for backward, are most of the
+            process's peak memory, while matmuls of a few hundred rows already run at the CPU's
+            matmul rate: smaller forwards cost little time (bench/RESULTS.md). A GPU needs large
+            forwards to be kept busy; its micro-batch size is left to the user.
     """
 
     type: str
@@ -59,6 +70,7 @@ class DeviceTraits:
     retain_freed_memory: bool
     intra_op_threads: bool
     tf32: bool
+    max_forward_tokens: int | None
 
     @property
     def sampler_dtype(self) -> torch.dtype | None:
@@ -93,6 +105,7 @@ def device_traits(device: torch.device | str | None = None) -> DeviceTraits:
         retain_freed_memory=on_cpu,
         intra_op_threads=on_cpu,
         tf32=kind == "cuda" and _cuda_has_tf32(),
+        max_forward_tokens=CPU_MAX_FORWARD_TOKENS if on_cpu else None,
     )
 
 

@@ -50,11 +50,12 @@ class TransformersEngine:
 
     With `bf16_sampler` the engine samples from its own bf16 copy of the policy (parameters only;
     buffers such as rotary frequencies stay as they are), refreshed by an in-place copy in
-    `update_weights`. Its matmuls round the weights to bf16 exactly as bf16 autocast does; the
-    residual stream and norms then run in bf16 too, so the sampler differs from the autocast
-    trainer by bf16 rounding (`sampling_logprobs` makes that gap measurable). Only parameters that
-    changed are copied, so under PEFT the copy keeps the adapters unmerged and refreshes just them
-    (no merge/unmerge of the base weights per step).
+    `update_weights` (linear weights held packed are re-packed from the policy's). Its matmuls
+    round the weights to bf16 exactly as bf16 autocast does; the residual stream and norms then
+    run in bf16 too, so the sampler differs from the autocast trainer by bf16 rounding
+    (`sampling_logprobs` makes that gap measurable). Only parameters that changed are copied, so
+    under PEFT the copy keeps the adapters unmerged and refreshes just them (no merge/unmerge of
+    the base weights per step).
 
     `sampling_logprobs[n, t]` is `log_softmax(logits / temperature)` of the sampled token under the
     sampler's weights: after temperature, before repetition penalty, sequence bias, min_new_tokens
@@ -109,9 +110,12 @@ class TransformersEngine:
             pack_weights: Keep the sampler's linear weights also in oneDNN's blocked layout, so
                 its matmuls skip the per-call weight reordering (bench/RESULTS.md). With the bf16
                 copy: `PackedLinear`, repacked after each weight update (one reorder per weight
-                and step). Without it, a float32 policy that samples itself: `DecodePacks`, used
-                only while decoding and repacked at the start of each generate call (trainable
-                weights and any weight written since). None = where the device allows it
+                and step); a weight only linear layers use is then held packed only (its plain
+                bf16 copy is released: the weights are held once), while one tied to the
+                embeddings, and every weight of a PEFT model, is held both ways. Without it, a
+                float32 policy that samples itself: `DecodePacks`, used only while decoding and
+                repacked at the start of each generate call (trainable weights and any weight
+                written since). None = where the device allows it
                 (`DeviceTraits.pack_sampler_weights`: a CPU) and its torch has oneDNN, for a bf16
                 copy or a float32 policy (not for a quantized one).
 
@@ -162,7 +166,10 @@ class TransformersEngine:
         self._decode_packs: DecodePacks | None = None
         if pack_weights is not False and self.traits.pack_sampler_weights:
             if bf16_sampler:
-                self._packed = pack_linear_layers(self.sampler_model)  # [] without oneDNN
+                # Under PEFT the weights stay unpacked too: adapter layers may read a base weight.
+                release = getattr(model, "peft_config", None) is None
+                # [] without oneDNN
+                self._packed = pack_linear_layers(self.sampler_model, release=release)
             elif not quantized:
                 self._decode_packs = decode_packs(self.sampler_model)  # None without oneDNN
         if pack_weights and not self._packed and self._decode_packs is None:
@@ -172,6 +179,12 @@ class TransformersEngine:
                 f"float32 policy that is not quantized (the model is on {self.traits.type}); "
                 "leave pack_weights=None."
             )
+        # name -> packed layer that holds its weight only packed (`PackedLinear.release_weight`)
+        self._packed_only: dict[str, PackedLinear] = {
+            f"{name}.weight": module
+            for name, module in self.sampler_model.named_modules()
+            if isinstance(module, PackedLinear) and module.weight_released
+        }
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
         """The `GenerationConfig` for one call: always sampling, never early length stopping."""
@@ -463,8 +476,9 @@ class TransformersEngine:
         return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
 
     def update_weights(self, model: Any) -> None:
-        """Copy `model`'s weights into the bf16 sampler after an optimizer step, in place (no
-        allocation). Without a bf16 sampler this only records `model`.
+        """Copy `model`'s weights into the bf16 sampler after an optimizer step: in place, and
+        linear weights held packed are re-packed from `model`'s. Without a bf16 sampler this
+        only records `model`.
 
         Every trainable parameter is copied (under PEFT only the adapters): fused optimizer
         kernels (AdamW with fused=True) write in place without bumping a tensor's version
@@ -475,6 +489,16 @@ class TransformersEngine:
             KeyError: `model` lacks a parameter the sampler copy has (a different architecture).
         """
         self._sync(model, copy_trainable=True)
+
+    def sampler_weights(self) -> dict[str, Tensor]:
+        """The sampler's parameters by name, as it computes with them: the bf16 copy's values
+        (linear weights held only packed are unpacked, a new tensor), or the policy's own
+        parameters without a copy."""
+        out = {}
+        for name, param in self.sampler_model.named_parameters():
+            layer = self._packed_only.get(name)
+            out[name] = layer.dense_weight() if layer is not None else param.detach()
+        return out
 
     @torch.no_grad()
     def _sync(self, model: Any, *, copy_trainable: bool) -> None:
@@ -494,7 +518,12 @@ class TransformersEngine:
             if now != stamp or (copy_trainable and source[name].requires_grad):
                 # A sharded (FSDP2) parameter is gathered whole: every process syncs together.
                 gather = getattr(source[name], "full_tensor", None)
-                param.copy_(gather() if callable(gather) else source[name])
+                value = gather() if callable(gather) else source[name]
+                layer = self._packed_only.get(name)
+                if layer is not None:
+                    layer.pack(value)
+                else:
+                    param.copy_(value)
                 self._copies[name] = (param, now)
         for layer in self._packed:
             layer.repack_if_changed()
@@ -605,10 +634,13 @@ def _stamp(tensor: Tensor) -> tuple[int, int]:
 def _bf16_copy(model: Any, attention: str | None) -> Any:
     """A frozen eval-mode copy of `model` whose parameters are bf16 (buffers keep their dtype),
     using the `attention` implementation (None = the model's)."""
-    clone = copy.deepcopy(model)
-    for param in clone.parameters():
-        param.data = param.data.to(torch.bfloat16)
-        param.requires_grad_(False)
+    # The bf16 parameters are made first and handed to deepcopy, so the float32 weights are
+    # never copied (a tied weight is one parameter, so it stays tied in the copy).
+    memo: dict[int, Any] = {
+        id(param): torch.nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False)
+        for param in model.parameters()
+    }
+    clone = copy.deepcopy(model, memo)
     if attention == GROUPED_ATTENTION:
         use_grouped_attention(clone)
     elif attention is not None:

@@ -22,7 +22,7 @@ import torch
 
 from grpokit.core.attention import use_grouped_attention
 from grpokit.engines.base import GenerationEngine, SamplingParams
-from grpokit.engines.device import device_traits
+from grpokit.engines.device import DeviceTraits, device_traits
 from grpokit.engines.models import resolve_model_path
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.tools.chat import check_tool_template
@@ -290,6 +290,16 @@ def set_attention(model: Any, attention: str | None, device: torch.device) -> No
         return
     base = model.get_base_model() if ckpt.is_peft_model(model) else model
     base.set_attn_implementation(attention)
+
+
+def resolve_max_forward_tokens(args: GRPOConfig, traits: DeviceTraits) -> int | None:
+    """The bound on the tokens of one training forward (`GRPOConfig.max_forward_tokens`):
+    "auto" is the device's (`DeviceTraits.max_forward_tokens`: 512 on the CPU, None elsewhere)."""
+    tokens = args.max_forward_tokens
+    if tokens == "auto":
+        return traits.max_forward_tokens
+    assert tokens is None or isinstance(tokens, int)  # GRPOConfig checked it
+    return tokens
 
 
 def make_ref_model(model: Any, args: GRPOConfig) -> Any:

@@ -245,12 +245,20 @@ def _check_rollout_importance_sampling(cfg: GRPOConfig) -> None:
 
 
 def check_optimisation(cfg: GRPOConfig) -> None:
-    """`attention`, the non-finite step limit, the scheduler, and that the run has a length."""
+    """`attention`, `max_forward_tokens`, the non-finite step limit, the scheduler, and that the
+    run has a length."""
     attention = cfg.attention
     if attention is not None and (not isinstance(attention, str) or not attention):
         raise ValueError(
             f"attention must be 'auto', None or an attention implementation name such as "
             f"'sdpa'; got {cfg.attention!r}."
+        )
+    tokens = cfg.max_forward_tokens
+    if tokens not in (None, "auto") and (
+        isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1
+    ):
+        raise ValueError(
+            f"max_forward_tokens must be a positive integer, 'auto' or None; got {tokens!r}."
         )
     if cfg.max_consecutive_nonfinite_steps is not None:
         positive_int("max_consecutive_nonfinite_steps", cfg.max_consecutive_nonfinite_steps)

@@ -58,6 +58,13 @@ forward/backward work:
    depend on which rows share a micro-batch: every aggregation but bnpo's, and no top-entropy
    filter.
 
+**A bound on the tokens of one forward pass** (`max_tokens`, `GRPOConfig.max_forward_tokens`).
+Autograd keeps a forward's activations until its backward, so their memory grows with the rows x
+tokens of one forward. Under the same condition as bucketing, a micro-batch larger than the bound
+is split into near-equal parts, each forwarded and backpropagated on its own, with the weights
+above (a part of n rows weighs `n / R` when the loss divides by rows): the same update, the
+activations of one part at a time.
+
 Logged per-micro-batch metrics (entropy, clip ratios) are then averaged over different groupings
 and exclude skipped rows; the update is unchanged.
 """
@@ -157,6 +164,8 @@ def plan_micro_batches(
     chunk_tokens: Tensor | None = None,
     num_processes: int = 1,
     process_index: int = 0,
+    max_tokens: int | None = None,
+    prompt_mask: Tensor | None = None,
 ) -> list[MicroBatch]:
     """Split an optimizer step's `rows` into micro-batches, skipping and bucketing when exact.
 
@@ -177,6 +186,11 @@ def plan_micro_batches(
             (`chunk_loss_tokens` summed over the processes); None = this process alone.
         num_processes: P, processes sharing the optimizer step.
         process_index: This process's rank.
+        max_tokens: Split a micro-batch whose trimmed size (rows x (longest prompt + longest
+            completion)) exceeds it into as few near-equal parts as fit, when the plain
+            micro-batches need not be kept (module docstring). None = no limit.
+        prompt_mask: `[N, P]` 1 = real prompt token (the prompt widths `max_tokens` counts);
+            None = count completions only.
 
     Returns:
         Micro-batches in training order; empty when every row of the step has zero advantage
@@ -213,12 +227,41 @@ def plan_micro_batches(
     if bucket_by_length:
         lengths = completion_mask[kept].sum(-1)  # [R']
         kept = kept[torch.argsort(lengths, stable=True)]
+    completion_lengths = completion_mask.sum(-1)  # [N]
+    prompt_lengths = None if prompt_mask is None else prompt_mask.sum(-1)  # [N]
     plan = []
     for start in range(0, len(kept), size):
         chunk = kept[start : start + size]
-        weight = len(chunk) / global_rows if spec.divides_by_rows else 1.0
-        plan.append(MicroBatch(chunk, num_items, weight, len(chunk) / global_rows))
+        for part in split_by_tokens(chunk, max_tokens, completion_lengths, prompt_lengths):
+            weight = len(part) / global_rows if spec.divides_by_rows else 1.0
+            plan.append(MicroBatch(part, num_items, weight, len(part) / global_rows))
     return plan
+
+
+def split_by_tokens(
+    rows: Tensor,
+    max_tokens: int | None,
+    completion_lengths: Tensor,
+    prompt_lengths: Tensor | None = None,
+) -> list[Tensor]:
+    """`rows` (`[n]` indices) in the fewest near-equal consecutive parts of at most `max_tokens`
+    tokens each, counting a part as the trimmed forward holds it: its rows x (the longest prompt
+    + the longest completion among `rows`). A row longer than `max_tokens` forms a part alone.
+
+    Args:
+        rows: `[n]` indices into the rollout batch.
+        max_tokens: The limit; None = no limit (`[rows]`).
+        completion_lengths: `[N]` completion tokens of each row.
+        prompt_lengths: `[N]` prompt tokens of each row; None = count completions only.
+    """
+    if max_tokens is None or len(rows) <= 1:
+        return [rows]
+    width = int(completion_lengths[rows].max())
+    if prompt_lengths is not None:
+        width += int(prompt_lengths[rows].max())
+    rows_per_part = max(1, max_tokens // max(1, width))
+    parts = -(-len(rows) // rows_per_part)  # ceil
+    return list(torch.tensor_split(rows, parts))
 
 
 def select_rows(batch: RolloutBatch, rows: Tensor) -> RolloutBatch:

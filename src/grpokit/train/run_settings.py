@@ -95,7 +95,18 @@ class ModelSettings:
         "process for reuse (`train.build.retain_freed_memory`) instead of returning large "
         "blocks to the OS, which the next step must then page-fault in again (system time "
         "spent in the kernel each step). Process-wide and never undone; the RSS then stays at "
-        "its peak. Effect on step time: bench/RESULTS.md.",
+        "its peak. Gradients then stay allocated between steps (zeroed, not freed: freeing them "
+        "would return nothing to the OS). Effect on step time and memory: bench/RESULTS.md.",
+    )
+    max_forward_tokens: int | str | None = option(
+        "auto",
+        "Split a training micro-batch into parts of at most this many tokens (rows x trimmed "
+        "width), each forwarded and backpropagated alone: the same update, the activations of "
+        "one part at a time (`train.microbatch`). Applies when the loss does not depend on "
+        "which rows share a micro-batch (not bnpo, the top-entropy filter or the entropy "
+        'bonus). "auto" = on the CPU 512 tokens (`DeviceTraits.max_forward_tokens`; memory '
+        "and speed in bench/RESULTS.md), elsewhere no bound; None = one forward per "
+        "micro-batch.",
     )
     attention: str | None = option(
         "auto",

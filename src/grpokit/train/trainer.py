@@ -167,7 +167,14 @@ class GRPOTrainer:
         build.apply_process_settings(self.args)  # seed, full determinism, tf32, log level
         self.device = self.world.device(self.args.use_cpu)
         self.device_traits = device_traits(self.device)  # what differs on this device type
-        if self.device_traits.retain_freed_memory and self.args.retain_freed_memory:
+        self.max_forward_tokens = build.resolve_max_forward_tokens(self.args, self.device_traits)
+        # Where freed memory stays in the process anyway, gradients stay allocated between
+        # steps (zeroed, not freed): freeing them returns nothing to the OS, and the next
+        # backward would allocate them afresh among the activations.
+        self.keep_gradients = (
+            self.device_traits.retain_freed_memory and self.args.retain_freed_memory
+        )
+        if self.keep_gradients:
             build.retain_freed_memory()
         build.check_generation_server(self.args)  # a wrong server address fails before loading
         quantization_config = quantization.resolve_quantization(
@@ -704,6 +711,8 @@ class GRPOTrainer:
             bucket_by_length=self.bucket_by_length,
             entropy_bonus=entropy.enabled,
             chunk_tokens=chunk_tokens,
+            max_tokens=self.max_forward_tokens,
+            prompt_mask=batch.prompt_mask,
             **place,
         )
         if world.is_distributed:  # as many backward passes on every process
@@ -744,7 +753,7 @@ class GRPOTrainer:
             step_loss, policy_part, entropy_sum, entropy_tokens = world.sum(sums.double()).tolist()
         if not plan:  # every row had zero advantage: a zero gradient, as the plain path gives
             for param in self.model.parameters():
-                if param.requires_grad:
+                if param.requires_grad and param.grad is None:
                     param.grad = torch.zeros_like(param)
         backward_done = time.perf_counter()
         grad_norm = clip_grad_norm(self.model, self.args.max_grad_norm)
@@ -760,7 +769,7 @@ class GRPOTrainer:
             self.optimizer.step()
             self._event("on_optimizer_step")
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.keep_gradients)
         synchronize(self.device)  # the optimizer's kernels count in its time, not the next phase's
         out = reduce_metrics({k: [v.item() for v in vs] for k, vs in micro_metrics.items()})
         if entropy.enabled:  # the step's token-weighted entropy moves an adaptive coefficient
