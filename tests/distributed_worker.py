@@ -505,6 +505,60 @@ def _save_whole(t: Any, out: Path) -> None:
         torch.save(full, out / "params.pt")
 
 
+DEEPSPEED_SCENARIOS = ("dapo", "grpo", "bnpo")
+
+
+def _whole_weights(t: Any) -> dict[str, torch.Tensor] | None:
+    """The trained model's whole weights on the main process (gathered under ZeRO-3), else
+    None."""
+    from grpokit.train.distributed import full_state_dict
+
+    full = full_state_dict(t.model, t.world)
+    if full is None and t.world.is_main_process:
+        full = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+    return full
+
+
+def run_deepspeed_scenarios(out_dir: Path) -> None:
+    """`DEEPSPEED_SCENARIOS` trained by the DeepSpeed engine (launched with an accelerate config
+    that asks for ZeRO-2 or ZeRO-3); a `TransformersEngine` built on the whole model follows the
+    trained weights (`update_weights`, gathered under ZeRO-3). Each scenario also records the
+    number of elements the first parameter holds on this process during training (0 for a
+    ZeRO-3 partition), and the final model is saved."""
+    from grpokit.engines.transformers_engine import TransformersEngine
+
+    torch.set_num_threads(1)
+    for name in DEEPSPEED_SCENARIOS:
+        out = out_dir / name
+        tok = make_tokenizer()
+        model = make_causal_lm(tok, seed=0).train()
+        probe = TransformersEngine(model, tok, bf16_sampler=True)  # a copy of the whole model
+        t = GRPOTrainer(
+            model,
+            letter_reward,
+            args=config(out, **SCENARIOS[name]),
+            train_dataset=dataset(40),
+            eval_dataset=dataset(5, offset=100),
+            processing_class=tok,
+            generation_engine=ScriptedEngine(tok),
+        )
+        t.train()
+        numel = next(t.model.parameters()).numel()  # outside any gathering
+        with t.world.whole_parameters(t.model):
+            probe.update_weights(t.model)
+        full = _whole_weights(t)
+        t.save_model(str(out / "final_model"))
+        (out / f"local_numel_{t.world.process_index}.txt").write_text(str(numel))
+        if full is not None:  # the main process
+            torch.save(full, out / "params.pt")
+            copies = dict(probe.sampler_model.named_parameters())
+            gap = max(
+                (copies[k].float() - full[k].to(torch.bfloat16).float()).abs().max().item()
+                for k in copies
+            )
+            (out / "engine_gap.txt").write_text(str(gap))
+
+
 def run_one_scenario(out_dir: Path, name: str) -> None:
     """The scenario `name` alone (the two-node test), and where this process ran:
     `process_<rank>.json` with its ranks as the trainer saw them."""
@@ -524,7 +578,9 @@ def run_one_scenario(out_dir: Path, name: str) -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        run_deepspeed_scenarios(Path(sys.argv[1]))
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         run_fsdp_scenarios(Path(sys.argv[1]))
     elif len(sys.argv) > 2 and sys.argv[2] == "dynamic":
         run_dynamic_scenarios(Path(sys.argv[1]))

@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -56,47 +57,49 @@ def _asks_for(backend: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true"
 
 
-def deepspeed_refusal(where: str, stage: Any = None) -> ConfigError:
-    """The error for an accelerate config that asks for DeepSpeed, saying what is missing.
+DEEPSPEED_STAGES = (2, 3)  # the ZeRO stages grpokit trains with
 
-    DeepSpeed itself runs (ZeRO-2 and ZeRO-3 train on CPUs with gloo through accelerate when the
-    process group's backend is given); what grpokit lacks is a training step driven by the
-    DeepSpeed engine (docs/DISTRIBUTED.md, Backends).
+
+def check_deepspeed(where: str, stage: Any = None) -> int:
+    """The ZeRO stage `where` asks for, after checking that grpokit can run it.
 
     Args:
-        where: What asked for it (e.g. "the accelerate config").
-        stage: The ZeRO stage asked for, if known.
+        where: What asked for DeepSpeed (e.g. "the accelerate config").
+        stage: The ZeRO stage asked for (accelerate's default, 2, when None or "").
+
+    Raises:
+        ConfigError: the `deepspeed` package is not installed (`pip install deepspeed`), or a
+            ZeRO stage other than 2 or 3.
     """
-    zero = f" ZeRO-{stage}" if stage not in (None, "") else ""
-    fix = (
-        "launch with DDP (examples/accelerate/ddp.yaml), or FSDP2 (examples/accelerate/"
-        "fsdp2.yaml), which shards parameters, gradients and optimizer state as ZeRO-3 does."
-    )
+    stage = 2 if stage in (None, "") else stage
     if importlib.util.find_spec("deepspeed") is None:
-        return ConfigError(
-            f"{where} asks for DeepSpeed{zero}, but the `deepspeed` package is not installed "
-            "(`pip install deepspeed`), and grpokit does not train with DeepSpeed yet in any "
-            f"case: {fix}"
+        raise ConfigError(
+            f"{where} asks for DeepSpeed ZeRO-{stage}, but the `deepspeed` package is not "
+            "installed: `pip install deepspeed` (or launch with DDP, examples/accelerate/"
+            "ddp.yaml, or FSDP2, examples/accelerate/fsdp2.yaml)."
         )
-    return ConfigError(
-        f"{where} asks for DeepSpeed{zero}: DeepSpeed is installed, but grpokit's training step "
-        "does not drive the DeepSpeed engine yet (the engine owns gradient accumulation, "
-        "clipping and the optimizer step, and ZeRO partitions the gradients and optimizer "
-        "state that grpokit's step, non-finite guard and checkpoints read; docs/DISTRIBUTED.md, "
-        f"Backends): {fix}"
-    )
+    if str(stage) not in {str(s) for s in DEEPSPEED_STAGES}:
+        raise ConfigError(
+            f"{where} asks for DeepSpeed ZeRO stage {stage!r}; grpokit trains with ZeRO stage 2 "
+            "or 3 (examples/accelerate/zero2.yaml, zero3.yaml); for no sharding launch with DDP "
+            "(examples/accelerate/ddp.yaml)."
+        )
+    return int(stage)
 
 
-def check_backend_installed() -> None:
+def check_backend_installed() -> int:
     """Refuse an accelerate config for a backend grpokit cannot run, before any model loads.
 
     `accelerate launch --config_file ...` describes the backend in environment variables
     (`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_DEEPSPEED_ZERO_STAGE`, `ACCELERATE_USE_FSDP`,
-    `FSDP_VERSION`). grpokit trains with DDP or FSDP2 (`fully_shard`).
+    `FSDP_VERSION`). grpokit trains with DDP, FSDP2 (`fully_shard`) or DeepSpeed ZeRO-2/3.
+
+    Returns:
+        The DeepSpeed ZeRO stage asked for, 0 without DeepSpeed.
 
     Raises:
-        ConfigError: DeepSpeed asked for (`deepspeed_refusal`: what is missing), or FSDP
-            version 1.
+        ConfigError: FSDP version 1, or DeepSpeed missing or at a stage grpokit does not run
+            (`check_deepspeed`).
     """
     if _asks_for("FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError(
@@ -105,7 +108,8 @@ def check_backend_installed() -> None:
         )
     if _asks_for("DEEPSPEED"):
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        raise deepspeed_refusal("the accelerate config", stage)
+        return check_deepspeed("the accelerate config", stage)
+    return 0
 
 
 @dataclass
@@ -118,6 +122,8 @@ class World:
         local_process_index: Its rank on this machine.
         accelerator: The `accelerate.Accelerator` when `P > 1`, else None.
         fsdp: Shard the model with FSDP2 (`fully_shard`) instead of replicating it (DDP).
+        zero_stage: The DeepSpeed ZeRO stage (2: gradients and optimizer state sharded; 3:
+            parameters too) when the accelerate config asks for DeepSpeed, else 0.
     """
 
     num_processes: int = 1
@@ -125,6 +131,7 @@ class World:
     local_process_index: int = 0
     accelerator: Any = None
     fsdp: bool = False
+    zero_stage: int = 0
 
     @classmethod
     def from_env(cls, args: Any = None, *, cpu: bool = False) -> World:
@@ -141,7 +148,7 @@ class World:
             ConfigError: the launcher's accelerate config asks for a backend that is not
                 installed (`check_backend_installed`).
         """
-        check_backend_installed()
+        zero_stage = check_backend_installed()
         if launched_num_processes() <= 1:
             return cls()
         from accelerate import Accelerator
@@ -149,25 +156,29 @@ class World:
         # grpokit applies bf16 autocast itself (`GRPOConfig.bf16`); accelerate adds none.
         # Without `cpu=True` on a machine without CUDA, accelerate would run a single process.
         # FSDP2 is applied by `prepare` (`fully_shard`), on CPUs too, where accelerate would not
-        # run it; the accelerator only joins the process group.
+        # run it; the accelerator only joins the process group. DeepSpeed needs `cpu=False`
+        # (accelerate would otherwise drop it for DDP); without CUDA it runs on its CPU
+        # accelerator, over gloo.
         fsdp = _asks_for("FSDP")
         cpu = bool(args.use_cpu) if args is not None else cpu
-        on_cpu = cpu or not torch.cuda.is_available()
-        accelerator = Accelerator(
-            cpu=on_cpu, mixed_precision="no", kwargs_handlers=_ddp_settings(args)
-        )
+        on_cpu = (cpu or not torch.cuda.is_available()) and not zero_stage
+        handlers = _ddp_settings(args, gloo=bool(zero_stage) and not torch.cuda.is_available())
+        accelerator = Accelerator(cpu=on_cpu, mixed_precision="no", kwargs_handlers=handlers)
         if accelerator.num_processes != launched_num_processes():  # never P unaware copies
             raise ConfigError(
                 f"the launcher started {launched_num_processes()} processes but accelerate joined "
                 f"{accelerator.num_processes} ({accelerator.distributed_type}); check the "
                 "accelerate config and the launcher's arguments."
             )
+        if zero_stage:
+            configure_deepspeed(accelerator, args)
         return cls(
             num_processes=accelerator.num_processes,
             process_index=accelerator.process_index,
             local_process_index=accelerator.local_process_index,
             accelerator=accelerator,
             fsdp=fsdp,
+            zero_stage=zero_stage,
         )
 
     # ---- who we are -------------------------------------------------------------------------
@@ -213,15 +224,30 @@ class World:
         return slice(start, start + base + (self.process_index < extra))
 
     # ---- the model ----------------------------------------------------------------------------
-    def prepare(self, model: torch.nn.Module) -> Any:
+    @property
+    def deepspeed(self) -> bool:
+        """The DeepSpeed engine trains the model (ZeRO stage `zero_stage`)."""
+        return self.zero_stage > 0
+
+    def prepare(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
         """The module training forwards go through: `model` itself for one process; the
-        accelerator's DDP wrapper (which broadcasts rank 0's weights); or, with `fsdp`, `model`
+        accelerator's DDP wrapper (which broadcasts rank 0's weights); with `fsdp`, `model`
         sharded in place by FSDP2 (`fully_shard` on each decoder layer, then on the whole), whose
-        parameters become `DTensor` shards: build the optimizer after this."""
+        parameters become `DTensor` shards: build the optimizer after this; with `deepspeed`,
+        the DeepSpeed engine built over `model` and its `optimizer` (build it before this; the
+        engine configured by `configure_deepspeed`), which under ZeRO-3 partitions `model`'s
+        parameters in place."""
         if self.accelerator is None:
             return model
         if self.fsdp:
             return shard_model(model)
+        if self.deepspeed:
+            if optimizer is None:
+                raise ValueError("DeepSpeed's engine is built over the model and its optimizer.")
+            engine, _ = self.accelerator.prepare(model, optimizer)
+            return engine
         return self.accelerator.prepare(model)
 
     @property
@@ -234,11 +260,33 @@ class World:
     def gradient_sync(self, model: Any, sync: bool) -> contextlib.AbstractContextManager[Any]:
         """Context for one micro-batch's backward: with `sync` False the gradients only
         accumulate locally (DDP's `no_sync`); the step's last backward synchronises them."""
-        if self.accelerator is None or sync:
+        if self.accelerator is None or sync or self.deepspeed:  # DeepSpeed: see `backward`
             return contextlib.nullcontext()
         if self.fsdp:
             return _fsdp_no_sync(model)
         return self.accelerator.no_sync(model)
+
+    def backward(self, loss: Tensor, train_model: Any, *, last: bool) -> None:
+        """Backward of this process's share of the step's loss (times `gradient_scale`), one
+        micro-batch of the step; `last` for the step's last one, whose gradients are
+        synchronised. Under DeepSpeed the engine accumulates them (`last` is its gradient
+        accumulation boundary) and `loss` is not divided by its accumulation steps: grpokit's
+        loss weights already make the step's loss a sum over its micro-batches."""
+        if self.deepspeed:
+            train_model.set_gradient_accumulation_boundary(last)
+            train_model.backward(loss * self.gradient_scale, scale_wrt_gas=False)
+        else:
+            (loss * self.gradient_scale).backward()
+
+    def whole_parameters(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """Context in which `model`'s parameters hold their whole values (read only): under
+        ZeRO-3 they are gathered from their partitions (a collective: every process enters it
+        together), otherwise they already do."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
     # ---- collectives (identity for one process) ------------------------------------------------
     def gather(self, tensor: Tensor) -> Tensor:
@@ -313,10 +361,15 @@ class World:
             self.barrier()
 
 
-def _ddp_settings(args: Any) -> list[Any]:
-    """accelerate's kwargs handlers for the config's `ddp_*` fields (none left at None)."""
+def _ddp_settings(args: Any, *, gloo: bool = False) -> list[Any]:
+    """accelerate's kwargs handlers for the config's `ddp_*` fields (none left at None); `gloo`:
+    the process group's backend when `ddp_backend` does not name one (DeepSpeed on CPUs)."""
     if args is None:
-        return []
+        if not gloo:
+            return []
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return [InitProcessGroupKwargs(backend="gloo")]
     from datetime import timedelta
 
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -330,6 +383,8 @@ def _ddp_settings(args: Any) -> list[Any]:
     group: dict[str, Any] = {"timeout": timedelta(seconds=args.ddp_timeout)}
     if args.ddp_backend is not None:
         group["backend"] = args.ddp_backend
+    elif gloo:
+        group["backend"] = "gloo"
     return [
         DistributedDataParallelKwargs(**{k: v for k, v in ddp.items() if v is not None}),
         InitProcessGroupKwargs(**group),
@@ -477,8 +532,14 @@ def check_fsdp_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> No
 
 
 def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, Tensor] | None:
-    """The model's whole weights on the CPU: gathered from FSDP2 shards (a collective) and kept on
-    the main process (None elsewhere); without FSDP None (use the model itself)."""
+    """The model's whole weights on the CPU: gathered from FSDP2 shards or ZeRO-3 partitions (a
+    collective) and kept on the main process (None elsewhere); else None (use the model
+    itself)."""
+    if world.zero_stage == 3:
+        with world.whole_parameters(model):
+            if not world.is_main_process:
+                return None
+            return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
     if not world.fsdp:
         return None
     state = {name: full_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
@@ -547,3 +608,105 @@ class ShardedOptimizerView:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._optimizer, name)
+
+
+# ---- DeepSpeed ZeRO ------------------------------------------------------------------------------
+def configure_deepspeed(accelerator: Any, args: Any) -> None:
+    """Fill the DeepSpeed config of the accelerate config from the run's `GRPOConfig` (as
+    transformers' Trainer fills its "auto" values), before the engine is built.
+
+    - `train_micro_batch_size_per_gpu` = `per_device_train_batch_size`, `gradient_accumulation_
+      steps` and `train_batch_size` (their product with the processes): DeepSpeed's bookkeeping.
+      grpokit still decides each step's micro-batches and sets the accumulation boundary itself
+      (`World.backward`).
+    - `gradient_clipping` = `max_grad_norm` (0 = none): the engine clips the global norm of the
+      sharded gradients.
+    - The model is loaded whole on every process and partitioned when the engine is built:
+      transformers is not told about ZeRO-3, so `from_pretrained` does not partition while
+      loading (`zero3_init_flag`), and the reference model and the generation engine's copy
+      are whole models.
+
+    Raises:
+        ConfigError: the DeepSpeed config sets `train_micro_batch_size_per_gpu` or
+            `gradient_clipping` to another value than the GRPOConfig's, or enables fp16 / bf16
+            (grpokit trains fp32 weights, with bf16 autocast when `bf16`).
+    """
+    if args is None:
+        raise ValueError("configure_deepspeed needs the run's GRPOConfig.")
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    micro, steps = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    clip = float(args.max_grad_norm or 0.0)
+    for key, value, field in (
+        ("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size"),
+        ("gradient_clipping", clip, "max_grad_norm"),
+    ):
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={given!r} but the GRPOConfig's {field} is "
+                f"{value!r}; set it to \"auto\" (or leave it out) so grpokit fills it in."
+            )
+    for precision in ("fp16", "bf16"):
+        if str((config.get(precision) or {}).get("enabled", False)).lower() == "true":
+            raise ConfigError(
+                f"the DeepSpeed config enables {precision}: grpokit keeps float32 weights and "
+                "applies bf16 autocast itself (GRPOConfig.bf16); set mixed_precision: \"no\" in "
+                "the accelerate config and leave fp16 / bf16 out of the DeepSpeed config."
+            )
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_accumulation_steps"] = steps
+    config["train_batch_size"] = micro * steps * accelerator.num_processes
+    config["gradient_clipping"] = clip
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def deepspeed_update(engine: Any) -> tuple[float, bool]:
+    """The optimizer step of a DeepSpeed engine whose gradients the step's backward passes left
+    (`World.backward`): clipping to `gradient_clipping`, the step, zeroing the gradients.
+
+    DeepSpeed checks the global gradient norm first: when it is NaN or inf the engine applies
+    no update and drops the gradients (its `skipped_steps`), which is what grpokit's
+    non-finite guard asks for.
+
+    Returns:
+        The global gradient norm before clipping (inf for a skipped step), and whether the
+        update was applied.
+    """
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    applied = bool(engine.was_step_applied())
+    norm = float(norm.item() if hasattr(norm, "item") else norm) if norm is not None else math.nan
+    return (norm if applied else math.inf), applied
+
+
+def check_deepspeed_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> None:
+    """Refuse what a DeepSpeed run cannot do yet, before any step: under ZeRO-3, LoRA, vLLM and
+    an engine that would sample from the partitioned model itself; at any stage, a scheduler or
+    optimizer named in the DeepSpeed config (grpokit builds them from the GRPOConfig).
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    if not world.deepspeed:
+        return
+    config = world.accelerator.state.deepspeed_plugin.deepspeed_config
+    refused = [f"the DeepSpeed config's {key!r}" for key in ("optimizer", "scheduler") if key in config]
+    if world.zero_stage == 3:
+        if is_peft:
+            refused.append("a LoRA adapter (peft_config) under ZeRO-3")
+        if args.use_vllm:
+            refused.append("use_vllm under ZeRO-3")
+        sampler = getattr(engine, "sampler_model", None)
+        if sampler is not None and sampler is getattr(engine, "model", None):
+            refused.append(
+                "a TransformersEngine without its own sampler copy (bf16_sampler) under ZeRO-3"
+            )
+    if refused:
+        raise ConfigError(
+            "DeepSpeed does not support yet: "
+            + "; ".join(refused)
+            + ". The optimizer and schedule come from the GRPOConfig (optim, lr_scheduler_type); "
+            "for the others launch with ZeRO-2 (examples/accelerate/zero2.yaml) or DDP."
+        )
