@@ -498,9 +498,7 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
 
 
 def _save_whole(t: Any, out: Path) -> None:
-    from grpokit.train.distributed import full_state_dict
-
-    full = full_state_dict(t.model, t.world)
+    full = _whole_weights(t)
     if full is not None:
         torch.save(full, out / "params.pt")
 
@@ -557,6 +555,20 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
                 for k in copies
             )
             (out / "engine_gap.txt").write_text(str(gap))
+
+    # Resume: checkpoints hold the whole weights and optimizer state, gathered from the
+    # partitions; loading puts each process's partitions back.
+    dropout = {"attention_dropout": 0.3}
+    full, resumed = out_dir / "uninterrupted", out_dir / "resumed"
+    t = trainer(full, dropout, save_strategy="steps", save_steps=1)
+    t.train()
+    _save_whole(t, full)
+    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t.add_callback(StopAt(2))
+    t.train()
+    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t.train(resume_from_checkpoint=str(resumed / "checkpoint-2"))
+    _save_whole(t, resumed)
 
 
 def run_one_scenario(out_dir: Path, name: str) -> None:

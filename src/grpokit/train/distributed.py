@@ -31,7 +31,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,8 @@ class World:
         fsdp: Shard the model with FSDP2 (`fully_shard`) instead of replicating it (DDP).
         zero_stage: The DeepSpeed ZeRO stage (2: gradients and optimizer state sharded; 3:
             parameters too) when the accelerate config asks for DeepSpeed, else 0.
+        optimizer_groups: Under DeepSpeed, the parameters of each of the optimizer's groups as
+            they were before the engine flattened them (set by `prepare`).
     """
 
     num_processes: int = 1
@@ -132,6 +134,7 @@ class World:
     accelerator: Any = None
     fsdp: bool = False
     zero_stage: int = 0
+    optimizer_groups: list[list[Any]] | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, args: Any = None, *, cpu: bool = False) -> World:
@@ -163,7 +166,15 @@ class World:
         cpu = bool(args.use_cpu) if args is not None else cpu
         on_cpu = (cpu or not torch.cuda.is_available()) and not zero_stage
         handlers = _ddp_settings(args, gloo=bool(zero_stage) and not torch.cuda.is_available())
-        accelerator = Accelerator(cpu=on_cpu, mixed_precision="no", kwargs_handlers=handlers)
+        # DeepSpeed's accumulation steps are the GRPOConfig's (`configure_deepspeed`).
+        steps = (
+            {"gradient_accumulation_steps": args.gradient_accumulation_steps}
+            if (zero_stage and args is not None)
+            else {}
+        )
+        accelerator = Accelerator(
+            cpu=on_cpu, mixed_precision="no", kwargs_handlers=handlers, **steps
+        )
         if accelerator.num_processes != launched_num_processes():  # never P unaware copies
             raise ConfigError(
                 f"the launcher started {launched_num_processes()} processes but accelerate joined "
@@ -246,6 +257,8 @@ class World:
         if self.deepspeed:
             if optimizer is None:
                 raise ValueError("DeepSpeed's engine is built over the model and its optimizer.")
+            # the parameters of each group, before the engine flattens them (checkpoints)
+            self.optimizer_groups = [list(group["params"]) for group in optimizer.param_groups]
             engine, _ = self.accelerator.prepare(model, optimizer)
             return engine
         return self.accelerator.prepare(model)
@@ -539,7 +552,9 @@ def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, Tensor] |
         with world.whole_parameters(model):
             if not world.is_main_process:
                 return None
-            return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+            return {
+                name: value.detach().cpu().clone() for name, value in model.state_dict().items()
+            }
     if not world.fsdp:
         return None
     state = {name: full_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
@@ -636,21 +651,21 @@ def configure_deepspeed(accelerator: Any, args: Any) -> None:
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     micro, steps = args.per_device_train_batch_size, args.gradient_accumulation_steps
     clip = float(args.max_grad_norm or 0.0)
-    for key, value, field in (
+    for key, value, name in (
         ("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size"),
         ("gradient_clipping", clip, "max_grad_norm"),
     ):
         given = config.get(key, "auto")
         if given != "auto" and given != value:
             raise ConfigError(
-                f"the DeepSpeed config sets {key}={given!r} but the GRPOConfig's {field} is "
-                f"{value!r}; set it to \"auto\" (or leave it out) so grpokit fills it in."
+                f"the DeepSpeed config sets {key}={given!r} but the GRPOConfig's {name} is "
+                f'{value!r}; set it to "auto" (or leave it out) so grpokit fills it in.'
             )
     for precision in ("fp16", "bf16"):
         if str((config.get(precision) or {}).get("enabled", False)).lower() == "true":
             raise ConfigError(
                 f"the DeepSpeed config enables {precision}: grpokit keeps float32 weights and "
-                "applies bf16 autocast itself (GRPOConfig.bf16); set mixed_precision: \"no\" in "
+                'applies bf16 autocast itself (GRPOConfig.bf16); set mixed_precision: "no" in '
                 "the accelerate config and leave fp16 / bf16 out of the DeepSpeed config."
             )
     config["train_micro_batch_size_per_gpu"] = micro
@@ -692,10 +707,12 @@ def check_deepspeed_run(world: World, args: Any, engine: Any, *, is_peft: bool) 
     if not world.deepspeed:
         return
     config = world.accelerator.state.deepspeed_plugin.deepspeed_config
-    refused = [f"the DeepSpeed config's {key!r}" for key in ("optimizer", "scheduler") if key in config]
+    refused = [
+        f"the DeepSpeed config's {key!r}" for key in ("optimizer", "scheduler") if key in config
+    ]
+    if is_peft:
+        refused.append("a LoRA adapter (peft_config)")
     if world.zero_stage == 3:
-        if is_peft:
-            refused.append("a LoRA adapter (peft_config) under ZeRO-3")
         if args.use_vllm:
             refused.append("use_vllm under ZeRO-3")
         sampler = getattr(engine, "sampler_model", None)
@@ -708,5 +725,127 @@ def check_deepspeed_run(world: World, args: Any, engine: Any, *, is_peft: bool) 
             "DeepSpeed does not support yet: "
             + "; ".join(refused)
             + ". The optimizer and schedule come from the GRPOConfig (optim, lr_scheduler_type); "
-            "for the others launch with ZeRO-2 (examples/accelerate/zero2.yaml) or DDP."
+            "for the others launch with DDP (examples/accelerate/ddp.yaml), or ZeRO-2 "
+            "(examples/accelerate/zero2.yaml) for use_vllm and a sampler without its own copy."
         )
+
+
+class DeepSpeedModelView(ShardedModelView):
+    """A model trained by the DeepSpeed engine as the checkpoint code sees a plain one:
+    `save_pretrained` writes the whole weights (gathered from ZeRO-3 partitions by `gather`,
+    every process), `load_state_dict` takes whole weights and puts them both in the model and in
+    the optimizer's float32 master partitions, from which the engine's next step starts."""
+
+    def __init__(self, model: torch.nn.Module, world: World) -> None:
+        super().__init__(model)
+        self._world = world
+
+    def gather(self, world: World) -> None:
+        """The whole weights on the main process (a collective under ZeRO-3)."""
+        self.full = full_state_dict(self._model, world)
+        if self.full is None and world.is_main_process:  # ZeRO-2: every process holds them
+            self.full = {k: v.detach() for k, v in self._model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        params = dict(self._model.named_parameters())
+        for name, param in params.items():
+            if name in state:
+                safe_set_full_fp32_param(param, state[name])  # the master copy (a partition)
+        if self._world.zero_stage == 3:  # every process loads the same weights
+            import deepspeed
+
+            rank0 = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0)
+        else:
+            rank0 = contextlib.nullcontext()
+        with rank0:
+            return self._model.load_state_dict(state, strict=strict)
+
+
+class DeepSpeedOptimizerView:
+    """The optimizer under the DeepSpeed engine as the checkpoint code sees a plain one: its
+    state, partitioned by ZeRO, gathered whole (`gather`, every process) in the format of the
+    optimizer's own `state_dict()` on one process (parameters by index, in the order of
+    `param_groups` before the engine flattened them), and `load_state_dict` giving each process
+    its partitions back. A DeepSpeed checkpoint thus holds what a single-process one holds."""
+
+    def __init__(self, engine: Any, optimizer: torch.optim.Optimizer, groups: list[list[Any]]):
+        self._engine, self._optimizer, self._groups = engine, optimizer, groups
+        self.full: dict[str, Any] | None = None
+
+    def _link_states(self) -> None:
+        """ZeRO-1/2 link each parameter to its optimizer state once, after the first step of
+        the first parameter group, before the later groups have any state: link again."""
+        zero = self._engine.optimizer
+        if hasattr(zero, "_hp_optimizer_states_linked"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _flat_partitions(self) -> list[Tensor]:
+        """This process's flat float32 partitions, the tensors the wrapped optimizer steps and
+        keys its state by (ZeRO-1/2: one per parameter group; ZeRO-3: one per sub-group)."""
+        zero = self._engine.optimizer
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+            flats = getattr(zero, name, None)
+            if flats is not None:
+                return list(flats)
+        raise TypeError(f"unknown DeepSpeed optimizer {type(zero).__name__}")
+
+    def _partition_state(self) -> tuple[list[str], dict[str, Any]]:
+        """The names of the per-element state tensors (e.g. exp_avg) and the scalar state
+        (e.g. step) the flat partitions share: one step count for all."""
+        self._link_states()
+        flat = self._optimizer.state[self._flat_partitions()[0]]
+        keys = [k for k, v in flat.items() if torch.is_tensor(v) and v.dim() > 0]
+        return keys, {k: v for k, v in flat.items() if k not in keys}
+
+    def gather(self, world: World) -> None:
+        """Gather the whole optimizer state onto the main process (a collective)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        keys, scalars = self._partition_state()
+        state: dict[int, dict[str, Any]] = {}
+        index = 0
+        for params in self._groups:
+            for param in params:
+                entry = {k: safe_get_full_optimizer_state(param, k) for k in keys}
+                state[index] = {**scalars, **{k: v.detach().cpu() for k, v in entry.items()}}
+                index += 1
+        groups, start = [], 0
+        for params, group in zip(self._groups, self._optimizer.param_groups, strict=True):
+            settings = {k: v for k, v in group.items() if k != "params"}
+            groups.append({**settings, "params": list(range(start, start + len(params)))})
+            start += len(params)
+        self.full = {"state": state, "param_groups": groups} if world.is_main_process else None
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.full is not None, "gather() the optimizer state first"
+        return self.full
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        params = [param for group in self._groups for param in group]
+        saved = state["state"].get(0, {})
+        keys = [k for k, v in saved.items() if torch.is_tensor(v) and v.dim() > 0]
+        # The flat partitions' state, made here when the optimizer has not stepped yet (torch
+        # optimizers make it at their first step); the scalar state (Adam's step) as saved.
+        for flat in self._flat_partitions():
+            entry = self._optimizer.state[flat]
+            for key, value in saved.items():
+                if key in keys:
+                    entry.setdefault(key, torch.zeros_like(flat))
+                else:
+                    entry[key] = value.clone() if torch.is_tensor(value) else value
+        self._link_states()
+        for index, param in enumerate(params):
+            for key in keys:
+                safe_set_full_optimizer_state(param, state["state"][index][key], key)
+        for group, saved_group in zip(
+            self._optimizer.param_groups, state["param_groups"], strict=True
+        ):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)

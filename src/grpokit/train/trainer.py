@@ -1204,7 +1204,8 @@ class GRPOTrainer:
             return
         ckpt.verify_checkpoint(path)
         ckpt.load_model_weights(self._checkpoint_views()[0], path)
-        self.engine.update_weights(self.model)
+        with self.world.whole_parameters(self.model):  # ZeRO-3: gathered
+            self.engine.update_weights(self.model)
         logger.info(
             "loaded the best model, %s (%s = %s at step %d)",
             path,
@@ -1251,7 +1252,13 @@ class GRPOTrainer:
 
     def _checkpoint_views(self) -> tuple[Any, Any]:
         """The model and optimizer as checkpoints save and load them: themselves, or under
-        FSDP2 views that gather / scatter the whole states (`distributed.ShardedModelView`)."""
+        FSDP2 / DeepSpeed views that gather / scatter the whole states
+        (`distributed.ShardedModelView`, `distributed.DeepSpeedModelView`)."""
+        if self.world.deepspeed:
+            assert self.world.optimizer_groups is not None  # set by `prepare`
+            return dist.DeepSpeedModelView(self.model, self.world), dist.DeepSpeedOptimizerView(
+                self.train_model, self.optimizer, self.world.optimizer_groups
+            )
         if not self.world.fsdp:
             return self.model, self.optimizer
         model = dist.ShardedModelView(self.model)
