@@ -504,6 +504,35 @@ def _save_whole(t: Any, out: Path) -> None:
 
 
 DEEPSPEED_SCENARIOS = ("dapo", "grpo", "bnpo")
+POISONED_STEP = 2  # the optimizer step of the "nonfinite" scenario whose forwards are NaN
+
+
+def poisoned_trainer(out: Path) -> Any:
+    """The dapo scenario with the training forwards of step `POISONED_STEP` made NaN: that step
+    must apply no update (the non-finite guard, or DeepSpeed's own check)."""
+    t = trainer(out, **SCENARIOS["dapo"])
+
+    def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if torch.is_grad_enabled() and t.state.global_step + 1 == POISONED_STEP:
+            return output * float("nan")
+        return None
+
+    t.model.get_input_embeddings().register_forward_hook(hook)
+    return t
+
+
+def run_deepspeed_references(out_dir: Path) -> None:
+    """`DEEPSPEED_SCENARIOS` and the "nonfinite" one on a single process (the reference the
+    DeepSpeed runs must equal)."""
+    torch.set_num_threads(1)
+    for name in DEEPSPEED_SCENARIOS:
+        t = trainer(out_dir / name, **SCENARIOS[name])
+        t.train()
+        save_params(t.model, out_dir / name)
+    t = poisoned_trainer(out_dir / "nonfinite")
+    t.train()
+    save_params(t.model, out_dir / "nonfinite")
+    (out_dir / "nonfinite" / "skipped.txt").write_text(str(t.state.nonfinite_skipped))
 
 
 def _whole_weights(t: Any) -> dict[str, torch.Tensor] | None:
@@ -555,6 +584,14 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
                 for k in copies
             )
             (out / "engine_gap.txt").write_text(str(gap))
+
+    # A NaN step: DeepSpeed skips the update (and the schedule's step), the guard counts it.
+    t = poisoned_trainer(out_dir / "nonfinite")
+    t.train()
+    _save_whole(t, out_dir / "nonfinite")
+    if t.world.is_main_process:
+        skipped = f"{t.state.nonfinite_skipped} {t.train_model.skipped_steps}"
+        (out_dir / "nonfinite" / "skipped.txt").write_text(skipped)
 
     # Resume: checkpoints hold the whole weights and optimizer state, gathered from the
     # partitions; loading puts each process's partitions back.

@@ -80,7 +80,7 @@ def check_deepspeed(where: str, stage: Any = None) -> int:
         )
     if str(stage) not in {str(s) for s in DEEPSPEED_STAGES}:
         raise ConfigError(
-            f"{where} asks for DeepSpeed ZeRO stage {stage!r}; grpokit trains with ZeRO stage 2 "
+            f"{where} asks for DeepSpeed ZeRO stage {stage}; grpokit trains with ZeRO stage 2 "
             "or 3 (examples/accelerate/zero2.yaml, zero3.yaml); for no sharding launch with DDP "
             "(examples/accelerate/ddp.yaml)."
         )
