@@ -209,3 +209,30 @@ def test_deepspeed_settings_it_cannot_run_are_refused() -> None:
     plugin.deepspeed_config["scheduler"] = {"type": "WarmupLR"}
     with pytest.raises(ConfigError, match="the DeepSpeed config's 'scheduler'"):
         dist.check_deepspeed_run(world, args, engine=None, is_peft=False)
+
+
+def test_grpokit_train_under_zero3_through_accelerate(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from grpokit.app.cli import main
+    from tests.test_distributed import _run_config
+    from tests.tiny import save_tiny_model
+
+    model = save_tiny_model(str(tmp_path / "model"))
+    config = _run_config(tmp_path, model)
+    zero3 = str(ROOT / "examples" / "accelerate" / "zero3.yaml")
+    # `accelerate launch --config_file zero3.yaml -m grpokit.app.cli train ...`: the
+    # TransformersEngine samples from its whole bf16 copy (evaluations before and after, every
+    # rollout) while the policy is partitioned; no reward is earned, so every step's plan is
+    # empty and the engine steps on the zero gradient of one padding micro-batch per process.
+    assert main(["train", config, "--accelerate_config", zero3]) == 0
+    run = tmp_path / "run"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # written by one process
+    evals = [json.loads(line)["when"] for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert evals == ["before", "after"]
+    assert (run / "checkpoint-2" / "rng_state_1.json").exists()
+    # The final model holds the whole weights (gathered from the partitions).
+    saved = load_file(str(Path(model) / "model.safetensors"))
+    final = load_file(str(run / "final_model" / "model.safetensors"))
+    assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in saved.items()}
