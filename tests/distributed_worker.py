@@ -503,7 +503,13 @@ def _save_whole(t: Any, out: Path) -> None:
         torch.save(full, out / "params.pt")
 
 
-DEEPSPEED_SCENARIOS = ("dapo", "grpo", "bnpo")
+# Two optimizer steps per generation round: the old log-probs come from a separate no-grad
+# pass over the policy (under ZeRO-3, its partitions gathered by DeepSpeed's module hooks).
+# Each process then trains its own slice of its share per step (docs/DISTRIBUTED.md), so the
+# reference is DDP on as many processes, not one process.
+SCENARIOS_DEEPSPEED_ONLY = {"old_logprobs": {"loss_type": "dapo", "steps_per_generation": 4}}
+ALL_SCENARIOS = {**SCENARIOS, **SCENARIOS_DEEPSPEED_ONLY}
+DEEPSPEED_SCENARIOS = ("dapo", "grpo", "bnpo", "old_logprobs")
 POISONED_STEP = 2  # the optimizer step of the "nonfinite" scenario whose forwards are NaN
 
 
@@ -522,10 +528,12 @@ def poisoned_trainer(out: Path) -> Any:
 
 
 def run_deepspeed_references(out_dir: Path) -> None:
-    """`DEEPSPEED_SCENARIOS` and the "nonfinite" one on a single process (the reference the
-    DeepSpeed runs must equal)."""
+    """`DEEPSPEED_SCENARIOS` (but those of `SCENARIOS_DEEPSPEED_ONLY`) and the "nonfinite" one
+    on a single process (the reference the DeepSpeed runs must equal)."""
     torch.set_num_threads(1)
     for name in DEEPSPEED_SCENARIOS:
+        if name in SCENARIOS_DEEPSPEED_ONLY:
+            continue
         t = trainer(out_dir / name, **SCENARIOS[name])
         t.train()
         save_params(t.model, out_dir / name)
@@ -563,7 +571,7 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
         t = GRPOTrainer(
             model,
             letter_reward,
-            args=config(out, **SCENARIOS[name]),
+            args=config(out, **ALL_SCENARIOS[name]),
             train_dataset=dataset(40),
             eval_dataset=dataset(5, offset=100),
             processing_class=tok,
@@ -613,7 +621,7 @@ def run_one_scenario(out_dir: Path, name: str) -> None:
     `process_<rank>.json` with its ranks as the trainer saw them."""
     torch.set_num_threads(1)
     out = out_dir / name
-    t = trainer(out, **SCENARIOS[name])
+    t = trainer(out, **ALL_SCENARIOS[name])
     t.train()
     save_params(t.model, out)
     place = {

@@ -2,11 +2,13 @@
 
 The scenarios of tests/distributed_worker.py (`run_deepspeed_scenarios`) run on 2 processes under
 `accelerate launch --config_file examples/accelerate/zero{2,3}.yaml` (DeepSpeed's CPU accelerator,
-gloo, 127.0.0.1), and on 1 process here, with the same global batch and a deterministic
-generation engine. The DeepSpeed engine accumulates the micro-batches' gradients, averages them
-over the processes, clips them to `max_grad_norm` and steps; the final parameters must agree with
-one process up to float summation order, and so must the logged loss and gradient norm (the
-first step's norm, 1.10, is above `max_grad_norm` = 1: clipped by the engine, as by one process).
+gloo, 127.0.0.1), and on 1 process here (on 2 DDP processes for the scenario with two optimizer
+steps per generation round, where each process trains its own slice of its share per step), with
+the same global batch and a deterministic generation engine. The DeepSpeed engine accumulates
+the micro-batches' gradients, averages them over the processes, clips them to `max_grad_norm`
+and steps; the final parameters must agree with the reference up to float summation order, and
+so must the logged loss and gradient norm (the first step's norm, 1.10, is above
+`max_grad_norm` = 1: clipped by the engine, as by one process).
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ STAGES = (2, 3)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The DeepSpeed scenarios under ZeRO-2 and ZeRO-3 on 2 processes each, in the background,
-    and their single-process references here."""
-    one = tmp_path_factory.mktemp("one")
+    """The DeepSpeed scenarios under ZeRO-2 and ZeRO-3 on 2 processes each, and the DDP reference
+    of the old_logprobs scenario, in the background; the single-process references here."""
+    one, ddp = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("ddp")
     script = str(ROOT / "tests" / "distributed_worker.py")
-    launched = []
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    command = [*torchrun, script, str(ddp), "old_logprobs"]
+    launched = [(_launch(command, ddp / "launch.log"), ddp)]
     for stage in STAGES:
         out = tmp_path_factory.mktemp(f"zero{stage}")
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
@@ -59,8 +64,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         codes = _wait_all([proc for proc, _ in launched], timeout=500)
     for code, (_, out) in zip(codes, launched, strict=True):
         assert code == 0, (out / "launch.log").read_text()[-3000:]
-    zero = {f"zero{stage}": out for stage, (_, out) in zip(STAGES, launched, strict=True)}
-    return {"one": one, **zero}
+    zero = {f"zero{stage}": out for stage, (_, out) in zip(STAGES, launched[1:], strict=True)}
+    return {"one": one, "ddp": ddp, **zero}
 
 
 def _whole_numel(name: str = "model.embed_tokens.weight") -> int:
@@ -72,13 +77,15 @@ def _whole_numel(name: str = "model.embed_tokens.weight") -> int:
 def test_zero_on_two_processes_trains_as_one(
     runs: dict[str, Path], stage: int, scenario: str
 ) -> None:
-    one, zero = runs["one"] / scenario, runs[f"zero{stage}"] / scenario
+    reference = "ddp" if scenario in worker.SCENARIOS_DEEPSPEED_ONLY else "one"
+    one, zero = runs[reference] / scenario, runs[f"zero{stage}"] / scenario
     initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()
     assert _max_diff(_params(one), initial) > 0.05  # the weights moved (lr 0.05, 3 steps)
     # Measured: at most 3.6e-6 (ZeRO-3, dapo); float summation order only.
     assert _max_diff(_params(one), _params(zero)) < 1e-5
     m1, m2 = _metrics(one), _metrics(zero)
-    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3]  # one writer
+    assert [r["step"] for r in m1] == [r["step"] for r in m2]  # one writer
+    assert [r["step"] for r in m2] == ([2, 3] if reference == "ddp" else [1, 2, 3])
     for r1, r2 in zip(m1, m2, strict=True):
         for key in ("loss", "grad_norm", "learning_rate", "reward", "num_tokens"):
             assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
@@ -193,6 +200,15 @@ def test_deepspeed_missing_or_at_another_stage_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"ZeRO-1, but the `deepspeed` package is not installed"):
         dist.check_backend_installed()
+
+
+def test_deepspeed_with_use_cpu_on_a_cuda_machine_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = GRPOConfig(per_device_train_batch_size=4, num_generations=4, use_cpu=True)
+    with pytest.raises(ConfigError, match="use_cpu=True with DeepSpeed on a machine with CUDA"):
+        dist.World.from_env(args)  # before any process group is joined
 
 
 def test_deepspeed_settings_it_cannot_run_are_refused() -> None:

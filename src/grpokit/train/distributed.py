@@ -164,6 +164,12 @@ class World:
         # accelerator, over gloo.
         fsdp = _asks_for("FSDP")
         cpu = bool(args.use_cpu) if args is not None else cpu
+        if zero_stage and cpu and torch.cuda.is_available():
+            raise ConfigError(
+                "use_cpu=True with DeepSpeed on a machine with CUDA: DeepSpeed trains on the "
+                "device it finds (CUDA here) whatever accelerate is told; unset use_cpu, or "
+                "launch with DDP (examples/accelerate/ddp.yaml) to train on the CPU."
+            )
         on_cpu = (cpu or not torch.cuda.is_available()) and not zero_stage
         handlers = _ddp_settings(args, gloo=bool(zero_stage) and not torch.cuda.is_available())
         # DeepSpeed's accumulation steps are the GRPOConfig's (`configure_deepspeed`).
