@@ -4,10 +4,12 @@ operations the loop needs.
 A run launched with `torchrun` or `accelerate launch` has `WORLD_SIZE > 1` in its environment.
 `World.from_env` then creates an `accelerate.Accelerator`, which joins the process group the
 launcher describes and wraps the model for training in DDP; an accelerate config that asks for
-FSDP (version 2) gets the model sharded by `fully_shard` instead (`shard_model`), on CPUs too.
-Without a launcher (`WORLD_SIZE` unset or 1) the world is `World()`: every operation
-returns its input and accelerate is not even imported, so a single process runs exactly the code
-and the speed it always had.
+FSDP (version 2) gets the model sharded by `fully_shard` instead (`shard_model`), on CPUs too;
+one that asks for DeepSpeed ZeRO-2/3 gets the DeepSpeed engine, configured from the GRPOConfig
+(`configure_deepspeed`), which accumulates, clips and steps (`World.backward`,
+`deepspeed_update`). Without a launcher (`WORLD_SIZE` unset or 1) the world is `World()`: every
+operation returns its input and accelerate is not even imported, so a single process runs
+exactly the code and the speed it always had.
 
 What the loop splits, gathers and reduces (docs/DISTRIBUTED.md):
 
@@ -149,7 +151,9 @@ class World:
 
         Raises:
             ConfigError: the launcher's accelerate config asks for a backend that is not
-                installed (`check_backend_installed`).
+                installed (`check_backend_installed`), or for DeepSpeed with `use_cpu` on a
+                machine with CUDA, or a DeepSpeed config that contradicts the GRPOConfig
+                (`configure_deepspeed`).
         """
         zero_stage = check_backend_installed()
         if launched_num_processes() <= 1:
