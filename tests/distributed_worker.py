@@ -498,11 +498,122 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
 
 
 def _save_whole(t: Any, out: Path) -> None:
+    full = _whole_weights(t)
+    if full is not None:
+        torch.save(full, out / "params.pt")
+
+
+# Two optimizer steps per generation round: the old log-probs come from a separate no-grad
+# pass over the policy (under ZeRO-3, its partitions gathered by DeepSpeed's module hooks).
+# Each process then trains its own slice of its share per step (docs/DISTRIBUTED.md), so the
+# reference is DDP on as many processes, not one process.
+SCENARIOS_DEEPSPEED_ONLY = {"old_logprobs": {"loss_type": "dapo", "steps_per_generation": 4}}
+ALL_SCENARIOS = {**SCENARIOS, **SCENARIOS_DEEPSPEED_ONLY}
+DEEPSPEED_SCENARIOS = ("dapo", "grpo", "bnpo", "old_logprobs")
+POISONED_STEP = 2  # the optimizer step of the "nonfinite" scenario whose forwards are NaN
+
+
+def poisoned_trainer(out: Path) -> Any:
+    """The dapo scenario with the training forwards of step `POISONED_STEP` made NaN: that step
+    must apply no update (the non-finite guard, or DeepSpeed's own check)."""
+    t = trainer(out, **SCENARIOS["dapo"])
+
+    def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if torch.is_grad_enabled() and t.state.global_step + 1 == POISONED_STEP:
+            return output * float("nan")
+        return None
+
+    t.model.get_input_embeddings().register_forward_hook(hook)
+    return t
+
+
+def run_deepspeed_references(out_dir: Path) -> None:
+    """`DEEPSPEED_SCENARIOS` (but those of `SCENARIOS_DEEPSPEED_ONLY`) and the "nonfinite" one
+    on a single process (the reference the DeepSpeed runs must equal)."""
+    torch.set_num_threads(1)
+    for name in DEEPSPEED_SCENARIOS:
+        if name in SCENARIOS_DEEPSPEED_ONLY:
+            continue
+        t = trainer(out_dir / name, **SCENARIOS[name])
+        t.train()
+        save_params(t.model, out_dir / name)
+    t = poisoned_trainer(out_dir / "nonfinite")
+    t.train()
+    save_params(t.model, out_dir / "nonfinite")
+    (out_dir / "nonfinite" / "skipped.txt").write_text(str(t.state.nonfinite_skipped))
+
+
+def _whole_weights(t: Any) -> dict[str, torch.Tensor] | None:
+    """The trained model's whole weights on the main process (gathered under ZeRO-3), else
+    None."""
     from grpokit.train.distributed import full_state_dict
 
     full = full_state_dict(t.model, t.world)
-    if full is not None:
-        torch.save(full, out / "params.pt")
+    if full is None and t.world.is_main_process:
+        full = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+    return full
+
+
+def run_deepspeed_scenarios(out_dir: Path) -> None:
+    """`DEEPSPEED_SCENARIOS` trained by the DeepSpeed engine (launched with an accelerate config
+    that asks for ZeRO-2 or ZeRO-3); a `TransformersEngine` built on the whole model follows the
+    trained weights (`update_weights`, gathered under ZeRO-3). Each scenario also records the
+    number of elements the first parameter holds on this process during training (0 for a
+    ZeRO-3 partition), and the final model is saved."""
+    from grpokit.engines.transformers_engine import TransformersEngine
+
+    torch.set_num_threads(1)
+    for name in DEEPSPEED_SCENARIOS:
+        out = out_dir / name
+        tok = make_tokenizer()
+        model = make_causal_lm(tok, seed=0).train()
+        probe = TransformersEngine(model, tok, bf16_sampler=True)  # a copy of the whole model
+        t = GRPOTrainer(
+            model,
+            letter_reward,
+            args=config(out, **ALL_SCENARIOS[name]),
+            train_dataset=dataset(40),
+            eval_dataset=dataset(5, offset=100),
+            processing_class=tok,
+            generation_engine=ScriptedEngine(tok),
+        )
+        t.train()
+        numel = next(t.model.parameters()).numel()  # outside any gathering
+        with t.world.whole_parameters(t.model):
+            probe.update_weights(t.model)
+        full = _whole_weights(t)
+        t.save_model(str(out / "final_model"))
+        (out / f"local_numel_{t.world.process_index}.txt").write_text(str(numel))
+        if full is not None:  # the main process
+            torch.save(full, out / "params.pt")
+            copies = dict(probe.sampler_model.named_parameters())
+            gap = max(
+                (copies[k].float() - full[k].to(torch.bfloat16).float()).abs().max().item()
+                for k in copies
+            )
+            (out / "engine_gap.txt").write_text(str(gap))
+
+    # A NaN step: DeepSpeed skips the update (and the schedule's step), the guard counts it.
+    t = poisoned_trainer(out_dir / "nonfinite")
+    t.train()
+    _save_whole(t, out_dir / "nonfinite")
+    if t.world.is_main_process:
+        skipped = f"{t.state.nonfinite_skipped} {t.train_model.skipped_steps}"
+        (out_dir / "nonfinite" / "skipped.txt").write_text(skipped)
+
+    # Resume: checkpoints hold the whole weights and optimizer state, gathered from the
+    # partitions; loading puts each process's partitions back.
+    dropout = {"attention_dropout": 0.3}
+    full, resumed = out_dir / "uninterrupted", out_dir / "resumed"
+    t = trainer(full, dropout, save_strategy="steps", save_steps=1)
+    t.train()
+    _save_whole(t, full)
+    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t.add_callback(StopAt(2))
+    t.train()
+    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t.train(resume_from_checkpoint=str(resumed / "checkpoint-2"))
+    _save_whole(t, resumed)
 
 
 def run_one_scenario(out_dir: Path, name: str) -> None:
@@ -510,7 +621,7 @@ def run_one_scenario(out_dir: Path, name: str) -> None:
     `process_<rank>.json` with its ranks as the trainer saw them."""
     torch.set_num_threads(1)
     out = out_dir / name
-    t = trainer(out, **SCENARIOS[name])
+    t = trainer(out, **ALL_SCENARIOS[name])
     t.train()
     save_params(t.model, out)
     place = {
@@ -524,7 +635,9 @@ def run_one_scenario(out_dir: Path, name: str) -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        run_deepspeed_scenarios(Path(sys.argv[1]))
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         run_fsdp_scenarios(Path(sys.argv[1]))
     elif len(sys.argv) > 2 and sys.argv[2] == "dynamic":
         run_dynamic_scenarios(Path(sys.argv[1]))

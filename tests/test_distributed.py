@@ -378,32 +378,17 @@ def test_a_config_built_for_another_number_of_processes_is_refused(monkeypatch) 
 
 def test_deepspeed_config_without_deepspeed_fails_before_the_model_loads(monkeypatch) -> None:
     pytest.importorskip("accelerate")
-    if __import__("importlib").util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed is installed")
     from grpokit.train.trainer import GRPOTrainer
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match="pip install deepspeed"):
+    monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"ZeRO-2, but the `deepspeed` package .*pip install"):
         GRPOTrainer(
             "no/such-model",
             lambda completions, **kw: [0.0] * len(completions),
             args=GRPOConfig(per_device_train_batch_size=4, num_generations=4),
             train_dataset=[{"prompt": "x"}],
         )
-
-
-def test_deepspeed_refusal_says_what_is_missing(monkeypatch) -> None:
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: None)
-    missing = r"DeepSpeed ZeRO-3, but the `deepspeed` package is not installed \(`pip install"
-    with pytest.raises(ConfigError, match=missing):
-        dist.check_backend_installed()
-    monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: object())
-    installed = "DeepSpeed is installed, but grpokit's training step does not drive the DeepSpeed"
-    with pytest.raises(ConfigError, match=installed) as refused:
-        dist.check_backend_installed()
-    assert "fsdp2.yaml" in str(refused.value)
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -467,11 +452,13 @@ def test_grpokit_train_refuses_bad_multi_process_settings_before_launching(
     config = _run_config(tmp_path, "no/such-model", per_device_train_batch_size=1)
     assert main(["train", config, "--num_processes", "2"]) == 2
     assert "must be generated on one process" in capsys.readouterr().err
-    zero2 = str(ROOT / "examples" / "accelerate" / "zero2.yaml")
+    zero1 = tmp_path / "zero1.yaml"
+    zero2 = ROOT / "examples" / "accelerate" / "zero2.yaml"
+    zero1.write_text(zero2.read_text().replace("zero_stage: 2", "zero_stage: 1"))
     config = _run_config(tmp_path, "no/such-model")
-    assert main(["train", config, "--accelerate_config", zero2]) == 2
+    assert main(["train", config, "--accelerate_config", str(zero1)]) == 2
     err = capsys.readouterr().err
-    assert "asks for DeepSpeed ZeRO-2" in err and "examples/accelerate/ddp.yaml" in err
+    assert "asks for DeepSpeed ZeRO stage 1" in err and "examples/accelerate/ddp.yaml" in err
     assert main(["train", config, "--num_processes", "0"]) == 2
     assert "--num_processes must be a positive integer" in capsys.readouterr().err
 

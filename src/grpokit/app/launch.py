@@ -21,15 +21,16 @@ import yaml
 
 from grpokit.app.run_config import load_config, parse_overrides
 from grpokit.errors import ConfigError
-from grpokit.train.distributed import deepspeed_refusal
+from grpokit.train.distributed import check_deepspeed
 
 
 def read_accelerate_config(path: str) -> dict[str, Any]:
     """The accelerate config file at `path`, checked for a backend grpokit can run.
 
     Raises:
-        ConfigError: the file is missing or not a YAML mapping, or asks for DeepSpeed
-            (`train.distributed.deepspeed_refusal`: what is missing).
+        ConfigError: the file is missing or not a YAML mapping, or asks for DeepSpeed that is
+            not installed or at a ZeRO stage grpokit does not run
+            (`train.distributed.check_deepspeed`).
     """
     file = Path(path)
     if not file.is_file():
@@ -39,7 +40,7 @@ def read_accelerate_config(path: str) -> dict[str, Any]:
         raise ConfigError(f"--accelerate_config {path!r} is not a YAML mapping of settings.")
     if str(config.get("distributed_type", "")).upper() == "DEEPSPEED":
         stage = (config.get("deepspeed_config") or {}).get("zero_stage")
-        raise deepspeed_refusal(f"--accelerate_config {path!r}", stage)
+        check_deepspeed(f"--accelerate_config {path!r}", stage)
     return config
 
 

@@ -514,6 +514,10 @@ class TransformersEngine:
                     f"update_weights: the model has no parameter {name!r}; pass the same model "
                     f"the engine was built with."
                 )
+            if _partitioned(source[name]):
+                # A DeepSpeed ZeRO-3 partition: its whole value comes with `update_weights`,
+                # which the trainer calls with the parameters gathered (every process together).
+                continue
             now = _stamp(source[name])
             if now != stamp or (copy_trainable and source[name].requires_grad):
                 # A sharded (FSDP2) parameter is gathered whole: every process syncs together.
@@ -624,6 +628,13 @@ class _TurnRows:
         if not self.forced[row]:
             self.mode[row] = "sample"
         return token
+
+
+def _partitioned(param: Tensor) -> bool:
+    """Whether `param` holds only this process's ZeRO-3 partition (DeepSpeed keeps the whole
+    parameter's size in `ds_numel`), not its whole value."""
+    whole = getattr(param, "ds_numel", None)
+    return whole is not None and param.numel() != whole
 
 
 def _stamp(tensor: Tensor) -> tuple[int, int]:

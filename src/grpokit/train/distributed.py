@@ -4,10 +4,12 @@ operations the loop needs.
 A run launched with `torchrun` or `accelerate launch` has `WORLD_SIZE > 1` in its environment.
 `World.from_env` then creates an `accelerate.Accelerator`, which joins the process group the
 launcher describes and wraps the model for training in DDP; an accelerate config that asks for
-FSDP (version 2) gets the model sharded by `fully_shard` instead (`shard_model`), on CPUs too.
-Without a launcher (`WORLD_SIZE` unset or 1) the world is `World()`: every operation
-returns its input and accelerate is not even imported, so a single process runs exactly the code
-and the speed it always had.
+FSDP (version 2) gets the model sharded by `fully_shard` instead (`shard_model`), on CPUs too;
+one that asks for DeepSpeed ZeRO-2/3 gets the DeepSpeed engine, configured from the GRPOConfig
+(`configure_deepspeed`), which accumulates, clips and steps (`World.backward`,
+`deepspeed_update`). Without a launcher (`WORLD_SIZE` unset or 1) the world is `World()`: every
+operation returns its input and accelerate is not even imported, so a single process runs
+exactly the code and the speed it always had.
 
 What the loop splits, gathers and reduces (docs/DISTRIBUTED.md):
 
@@ -27,10 +29,11 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,47 +59,49 @@ def _asks_for(backend: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true"
 
 
-def deepspeed_refusal(where: str, stage: Any = None) -> ConfigError:
-    """The error for an accelerate config that asks for DeepSpeed, saying what is missing.
+DEEPSPEED_STAGES = (2, 3)  # the ZeRO stages grpokit trains with
 
-    DeepSpeed itself runs (ZeRO-2 and ZeRO-3 train on CPUs with gloo through accelerate when the
-    process group's backend is given); what grpokit lacks is a training step driven by the
-    DeepSpeed engine (docs/DISTRIBUTED.md, Backends).
+
+def check_deepspeed(where: str, stage: Any = None) -> int:
+    """The ZeRO stage `where` asks for, after checking that grpokit can run it.
 
     Args:
-        where: What asked for it (e.g. "the accelerate config").
-        stage: The ZeRO stage asked for, if known.
+        where: What asked for DeepSpeed (e.g. "the accelerate config").
+        stage: The ZeRO stage asked for (accelerate's default, 2, when None or "").
+
+    Raises:
+        ConfigError: the `deepspeed` package is not installed (`pip install deepspeed`), or a
+            ZeRO stage other than 2 or 3.
     """
-    zero = f" ZeRO-{stage}" if stage not in (None, "") else ""
-    fix = (
-        "launch with DDP (examples/accelerate/ddp.yaml), or FSDP2 (examples/accelerate/"
-        "fsdp2.yaml), which shards parameters, gradients and optimizer state as ZeRO-3 does."
-    )
+    stage = 2 if stage in (None, "") else stage
     if importlib.util.find_spec("deepspeed") is None:
-        return ConfigError(
-            f"{where} asks for DeepSpeed{zero}, but the `deepspeed` package is not installed "
-            "(`pip install deepspeed`), and grpokit does not train with DeepSpeed yet in any "
-            f"case: {fix}"
+        raise ConfigError(
+            f"{where} asks for DeepSpeed ZeRO-{stage}, but the `deepspeed` package is not "
+            "installed: `pip install deepspeed` (or launch with DDP, examples/accelerate/"
+            "ddp.yaml, or FSDP2, examples/accelerate/fsdp2.yaml)."
         )
-    return ConfigError(
-        f"{where} asks for DeepSpeed{zero}: DeepSpeed is installed, but grpokit's training step "
-        "does not drive the DeepSpeed engine yet (the engine owns gradient accumulation, "
-        "clipping and the optimizer step, and ZeRO partitions the gradients and optimizer "
-        "state that grpokit's step, non-finite guard and checkpoints read; docs/DISTRIBUTED.md, "
-        f"Backends): {fix}"
-    )
+    if str(stage) not in {str(s) for s in DEEPSPEED_STAGES}:
+        raise ConfigError(
+            f"{where} asks for DeepSpeed ZeRO stage {stage}; grpokit trains with ZeRO stage 2 "
+            "or 3 (examples/accelerate/zero2.yaml, zero3.yaml); for no sharding launch with DDP "
+            "(examples/accelerate/ddp.yaml)."
+        )
+    return int(stage)
 
 
-def check_backend_installed() -> None:
+def check_backend_installed() -> int:
     """Refuse an accelerate config for a backend grpokit cannot run, before any model loads.
 
     `accelerate launch --config_file ...` describes the backend in environment variables
     (`ACCELERATE_USE_DEEPSPEED`, `ACCELERATE_DEEPSPEED_ZERO_STAGE`, `ACCELERATE_USE_FSDP`,
-    `FSDP_VERSION`). grpokit trains with DDP or FSDP2 (`fully_shard`).
+    `FSDP_VERSION`). grpokit trains with DDP, FSDP2 (`fully_shard`) or DeepSpeed ZeRO-2/3.
+
+    Returns:
+        The DeepSpeed ZeRO stage asked for, 0 without DeepSpeed.
 
     Raises:
-        ConfigError: DeepSpeed asked for (`deepspeed_refusal`: what is missing), or FSDP
-            version 1.
+        ConfigError: FSDP version 1, or DeepSpeed missing or at a stage grpokit does not run
+            (`check_deepspeed`).
     """
     if _asks_for("FSDP") and os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError(
@@ -105,7 +110,8 @@ def check_backend_installed() -> None:
         )
     if _asks_for("DEEPSPEED"):
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        raise deepspeed_refusal("the accelerate config", stage)
+        return check_deepspeed("the accelerate config", stage)
+    return 0
 
 
 @dataclass
@@ -118,6 +124,10 @@ class World:
         local_process_index: Its rank on this machine.
         accelerator: The `accelerate.Accelerator` when `P > 1`, else None.
         fsdp: Shard the model with FSDP2 (`fully_shard`) instead of replicating it (DDP).
+        zero_stage: The DeepSpeed ZeRO stage (2: gradients and optimizer state sharded; 3:
+            parameters too) when the accelerate config asks for DeepSpeed, else 0.
+        optimizer_groups: Under DeepSpeed, the parameters of each of the optimizer's groups as
+            they were before the engine flattened them (set by `prepare`).
     """
 
     num_processes: int = 1
@@ -125,6 +135,8 @@ class World:
     local_process_index: int = 0
     accelerator: Any = None
     fsdp: bool = False
+    zero_stage: int = 0
+    optimizer_groups: list[list[Any]] | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, args: Any = None, *, cpu: bool = False) -> World:
@@ -139,9 +151,11 @@ class World:
 
         Raises:
             ConfigError: the launcher's accelerate config asks for a backend that is not
-                installed (`check_backend_installed`).
+                installed (`check_backend_installed`), or for DeepSpeed with `use_cpu` on a
+                machine with CUDA, or a DeepSpeed config that contradicts the GRPOConfig
+                (`configure_deepspeed`).
         """
-        check_backend_installed()
+        zero_stage = check_backend_installed()
         if launched_num_processes() <= 1:
             return cls()
         from accelerate import Accelerator
@@ -149,12 +163,27 @@ class World:
         # grpokit applies bf16 autocast itself (`GRPOConfig.bf16`); accelerate adds none.
         # Without `cpu=True` on a machine without CUDA, accelerate would run a single process.
         # FSDP2 is applied by `prepare` (`fully_shard`), on CPUs too, where accelerate would not
-        # run it; the accelerator only joins the process group.
+        # run it; the accelerator only joins the process group. DeepSpeed needs `cpu=False`
+        # (accelerate would otherwise drop it for DDP); without CUDA it runs on its CPU
+        # accelerator, over gloo.
         fsdp = _asks_for("FSDP")
         cpu = bool(args.use_cpu) if args is not None else cpu
-        on_cpu = cpu or not torch.cuda.is_available()
+        if zero_stage and cpu and torch.cuda.is_available():
+            raise ConfigError(
+                "use_cpu=True with DeepSpeed on a machine with CUDA: DeepSpeed trains on the "
+                "device it finds (CUDA here) whatever accelerate is told; unset use_cpu, or "
+                "launch with DDP (examples/accelerate/ddp.yaml) to train on the CPU."
+            )
+        on_cpu = (cpu or not torch.cuda.is_available()) and not zero_stage
+        handlers = _ddp_settings(args, gloo=bool(zero_stage) and not torch.cuda.is_available())
+        # DeepSpeed's accumulation steps are the GRPOConfig's (`configure_deepspeed`).
+        steps = (
+            {"gradient_accumulation_steps": args.gradient_accumulation_steps}
+            if (zero_stage and args is not None)
+            else {}
+        )
         accelerator = Accelerator(
-            cpu=on_cpu, mixed_precision="no", kwargs_handlers=_ddp_settings(args)
+            cpu=on_cpu, mixed_precision="no", kwargs_handlers=handlers, **steps
         )
         if accelerator.num_processes != launched_num_processes():  # never P unaware copies
             raise ConfigError(
@@ -162,12 +191,15 @@ class World:
                 f"{accelerator.num_processes} ({accelerator.distributed_type}); check the "
                 "accelerate config and the launcher's arguments."
             )
+        if zero_stage:
+            configure_deepspeed(accelerator, args)
         return cls(
             num_processes=accelerator.num_processes,
             process_index=accelerator.process_index,
             local_process_index=accelerator.local_process_index,
             accelerator=accelerator,
             fsdp=fsdp,
+            zero_stage=zero_stage,
         )
 
     # ---- who we are -------------------------------------------------------------------------
@@ -213,15 +245,32 @@ class World:
         return slice(start, start + base + (self.process_index < extra))
 
     # ---- the model ----------------------------------------------------------------------------
-    def prepare(self, model: torch.nn.Module) -> Any:
+    @property
+    def deepspeed(self) -> bool:
+        """The DeepSpeed engine trains the model (ZeRO stage `zero_stage`)."""
+        return self.zero_stage > 0
+
+    def prepare(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
         """The module training forwards go through: `model` itself for one process; the
-        accelerator's DDP wrapper (which broadcasts rank 0's weights); or, with `fsdp`, `model`
+        accelerator's DDP wrapper (which broadcasts rank 0's weights); with `fsdp`, `model`
         sharded in place by FSDP2 (`fully_shard` on each decoder layer, then on the whole), whose
-        parameters become `DTensor` shards: build the optimizer after this."""
+        parameters become `DTensor` shards: build the optimizer after this; with `deepspeed`,
+        the DeepSpeed engine built over `model` and its `optimizer` (build it before this; the
+        engine configured by `configure_deepspeed`), which under ZeRO-3 partitions `model`'s
+        parameters in place."""
         if self.accelerator is None:
             return model
         if self.fsdp:
             return shard_model(model)
+        if self.deepspeed:
+            if optimizer is None:
+                raise ValueError("DeepSpeed's engine is built over the model and its optimizer.")
+            # the parameters of each group, before the engine flattens them (checkpoints)
+            self.optimizer_groups = [list(group["params"]) for group in optimizer.param_groups]
+            engine, _ = self.accelerator.prepare(model, optimizer)
+            return engine
         return self.accelerator.prepare(model)
 
     @property
@@ -234,11 +283,33 @@ class World:
     def gradient_sync(self, model: Any, sync: bool) -> contextlib.AbstractContextManager[Any]:
         """Context for one micro-batch's backward: with `sync` False the gradients only
         accumulate locally (DDP's `no_sync`); the step's last backward synchronises them."""
-        if self.accelerator is None or sync:
+        if self.accelerator is None or sync or self.deepspeed:  # DeepSpeed: see `backward`
             return contextlib.nullcontext()
         if self.fsdp:
             return _fsdp_no_sync(model)
         return self.accelerator.no_sync(model)
+
+    def backward(self, loss: Tensor, train_model: Any, *, last: bool) -> None:
+        """Backward of this process's share of the step's loss (times `gradient_scale`), one
+        micro-batch of the step; `last` for the step's last one, whose gradients are
+        synchronised. Under DeepSpeed the engine accumulates them (`last` is its gradient
+        accumulation boundary) and `loss` is not divided by its accumulation steps: grpokit's
+        loss weights already make the step's loss a sum over its micro-batches."""
+        if self.deepspeed:
+            train_model.set_gradient_accumulation_boundary(last)
+            train_model.backward(loss * self.gradient_scale, scale_wrt_gas=False)
+        else:
+            (loss * self.gradient_scale).backward()
+
+    def whole_parameters(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """Context in which `model`'s parameters hold their whole values (read only): under
+        ZeRO-3 they are gathered from their partitions (a collective: every process enters it
+        together), otherwise they already do."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
     # ---- collectives (identity for one process) ------------------------------------------------
     def gather(self, tensor: Tensor) -> Tensor:
@@ -313,10 +384,15 @@ class World:
             self.barrier()
 
 
-def _ddp_settings(args: Any) -> list[Any]:
-    """accelerate's kwargs handlers for the config's `ddp_*` fields (none left at None)."""
+def _ddp_settings(args: Any, *, gloo: bool = False) -> list[Any]:
+    """accelerate's kwargs handlers for the config's `ddp_*` fields (none left at None); `gloo`:
+    the process group's backend when `ddp_backend` does not name one (DeepSpeed on CPUs)."""
     if args is None:
-        return []
+        if not gloo:
+            return []
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return [InitProcessGroupKwargs(backend="gloo")]
     from datetime import timedelta
 
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -330,6 +406,8 @@ def _ddp_settings(args: Any) -> list[Any]:
     group: dict[str, Any] = {"timeout": timedelta(seconds=args.ddp_timeout)}
     if args.ddp_backend is not None:
         group["backend"] = args.ddp_backend
+    elif gloo:
+        group["backend"] = "gloo"
     return [
         DistributedDataParallelKwargs(**{k: v for k, v in ddp.items() if v is not None}),
         InitProcessGroupKwargs(**group),
@@ -477,8 +555,16 @@ def check_fsdp_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> No
 
 
 def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, Tensor] | None:
-    """The model's whole weights on the CPU: gathered from FSDP2 shards (a collective) and kept on
-    the main process (None elsewhere); without FSDP None (use the model itself)."""
+    """The model's whole weights on the CPU: gathered from FSDP2 shards or ZeRO-3 partitions (a
+    collective) and kept on the main process (None elsewhere); else None (use the model
+    itself)."""
+    if world.zero_stage == 3:
+        with world.whole_parameters(model):
+            if not world.is_main_process:
+                return None
+            return {
+                name: value.detach().cpu().clone() for name, value in model.state_dict().items()
+            }
     if not world.fsdp:
         return None
     state = {name: full_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
@@ -544,6 +630,232 @@ class ShardedOptimizerView:
 
         options = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(self._model, self._optimizer, state, options=options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._optimizer, name)
+
+
+# ---- DeepSpeed ZeRO ------------------------------------------------------------------------------
+def configure_deepspeed(accelerator: Any, args: Any) -> None:
+    """Fill the DeepSpeed config of the accelerate config from the run's `GRPOConfig` (as
+    transformers' Trainer fills its "auto" values), before the engine is built.
+
+    - `train_micro_batch_size_per_gpu` = `per_device_train_batch_size`, `gradient_accumulation_
+      steps` and `train_batch_size` (their product with the processes): DeepSpeed's bookkeeping.
+      grpokit still decides each step's micro-batches and sets the accumulation boundary itself
+      (`World.backward`).
+    - `gradient_clipping` = `max_grad_norm` (0 = none): the engine clips the global norm of the
+      sharded gradients.
+    - The model is loaded whole on every process and partitioned when the engine is built:
+      transformers is not told about ZeRO-3, so `from_pretrained` does not partition while
+      loading (`zero3_init_flag`), and the reference model and the generation engine's copy
+      are whole models.
+
+    Raises:
+        ConfigError: the DeepSpeed config sets `train_micro_batch_size_per_gpu` or
+            `gradient_clipping` to another value than the GRPOConfig's, or enables fp16 / bf16
+            (grpokit trains fp32 weights, with bf16 autocast when `bf16`).
+    """
+    if args is None:
+        raise ValueError("configure_deepspeed needs the run's GRPOConfig.")
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    micro, steps = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    clip = float(args.max_grad_norm or 0.0)
+    for key, value, name in (
+        ("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size"),
+        ("gradient_clipping", clip, "max_grad_norm"),
+    ):
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={given!r} but the GRPOConfig's {name} is "
+                f'{value!r}; set it to "auto" (or leave it out) so grpokit fills it in.'
+            )
+    for precision in ("fp16", "bf16"):
+        if str((config.get(precision) or {}).get("enabled", False)).lower() == "true":
+            raise ConfigError(
+                f"the DeepSpeed config enables {precision}: grpokit keeps float32 weights and "
+                'applies bf16 autocast itself (GRPOConfig.bf16); set mixed_precision: "no" in '
+                "the accelerate config and leave fp16 / bf16 out of the DeepSpeed config."
+            )
+    config["train_micro_batch_size_per_gpu"] = micro
+    config["gradient_accumulation_steps"] = steps
+    config["train_batch_size"] = micro * steps * accelerator.num_processes
+    config["gradient_clipping"] = clip
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+def deepspeed_update(engine: Any) -> tuple[float, bool]:
+    """The optimizer step of a DeepSpeed engine whose gradients the step's backward passes left
+    (`World.backward`): clipping to `gradient_clipping`, the step, zeroing the gradients.
+
+    DeepSpeed checks the global gradient norm first: when it is NaN or inf the engine applies
+    no update and drops the gradients (its `skipped_steps`), which is what grpokit's
+    non-finite guard asks for.
+
+    Returns:
+        The global gradient norm before clipping (inf for a skipped step), and whether the
+        update was applied.
+    """
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    applied = bool(engine.was_step_applied())
+    norm = float(norm.item() if hasattr(norm, "item") else norm) if norm is not None else math.nan
+    return (norm if applied else math.inf), applied
+
+
+def check_deepspeed_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> None:
+    """Refuse what a DeepSpeed run cannot do yet, before any step: under ZeRO-3, LoRA, vLLM and
+    an engine that would sample from the partitioned model itself; at any stage, a scheduler or
+    optimizer named in the DeepSpeed config (grpokit builds them from the GRPOConfig).
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    if not world.deepspeed:
+        return
+    config = world.accelerator.state.deepspeed_plugin.deepspeed_config
+    refused = [
+        f"the DeepSpeed config's {key!r}" for key in ("optimizer", "scheduler") if key in config
+    ]
+    if is_peft:
+        refused.append("a LoRA adapter (peft_config)")
+    if world.zero_stage == 3:
+        if args.use_vllm:
+            refused.append("use_vllm under ZeRO-3")
+        sampler = getattr(engine, "sampler_model", None)
+        if sampler is not None and sampler is getattr(engine, "model", None):
+            refused.append(
+                "a TransformersEngine without its own sampler copy (bf16_sampler) under ZeRO-3"
+            )
+    if refused:
+        raise ConfigError(
+            "DeepSpeed does not support yet: "
+            + "; ".join(refused)
+            + ". The optimizer and schedule come from the GRPOConfig (optim, lr_scheduler_type); "
+            "for the others launch with DDP (examples/accelerate/ddp.yaml), or ZeRO-2 "
+            "(examples/accelerate/zero2.yaml) for use_vllm and a sampler without its own copy."
+        )
+
+
+class DeepSpeedModelView(ShardedModelView):
+    """A model trained by the DeepSpeed engine as the checkpoint code sees a plain one:
+    `save_pretrained` writes the whole weights (gathered from ZeRO-3 partitions by `gather`,
+    every process), `load_state_dict` takes whole weights and puts them both in the model and in
+    the optimizer's float32 master partitions, from which the engine's next step starts."""
+
+    def __init__(self, model: torch.nn.Module, world: World) -> None:
+        super().__init__(model)
+        self._world = world
+
+    def gather(self, world: World) -> None:
+        """The whole weights on the main process (a collective under ZeRO-3)."""
+        self.full = full_state_dict(self._model, world)
+        if self.full is None and world.is_main_process:  # ZeRO-2: every process holds them
+            self.full = {k: v.detach() for k, v in self._model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        params = dict(self._model.named_parameters())
+        for name, param in params.items():
+            if name in state:
+                safe_set_full_fp32_param(param, state[name])  # the master copy (a partition)
+        if self._world.zero_stage == 3:  # every process loads the same weights
+            import deepspeed
+
+            rank0 = deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0)
+        else:
+            rank0 = contextlib.nullcontext()
+        with rank0:
+            return self._model.load_state_dict(state, strict=strict)
+
+
+class DeepSpeedOptimizerView:
+    """The optimizer under the DeepSpeed engine as the checkpoint code sees a plain one: its
+    state, partitioned by ZeRO, gathered whole (`gather`, every process) in the format of the
+    optimizer's own `state_dict()` on one process (parameters by index, in the order of
+    `param_groups` before the engine flattened them), and `load_state_dict` giving each process
+    its partitions back. A DeepSpeed checkpoint thus holds what a single-process one holds."""
+
+    def __init__(self, engine: Any, optimizer: torch.optim.Optimizer, groups: list[list[Any]]):
+        self._engine, self._optimizer, self._groups = engine, optimizer, groups
+        self.full: dict[str, Any] | None = None
+
+    def _link_states(self) -> None:
+        """ZeRO-1/2 link each parameter to its optimizer state once, after the first step of
+        the first parameter group, before the later groups have any state: link again."""
+        zero = self._engine.optimizer
+        if hasattr(zero, "_hp_optimizer_states_linked"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _flat_partitions(self) -> list[Tensor]:
+        """This process's flat float32 partitions, the tensors the wrapped optimizer steps and
+        keys its state by (ZeRO-1/2: one per parameter group; ZeRO-3: one per sub-group)."""
+        zero = self._engine.optimizer
+        for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+            flats = getattr(zero, name, None)
+            if flats is not None:
+                return list(flats)
+        raise TypeError(f"unknown DeepSpeed optimizer {type(zero).__name__}")
+
+    def _partition_state(self) -> tuple[list[str], dict[str, Any]]:
+        """The names of the per-element state tensors (e.g. exp_avg) and the scalar state
+        (e.g. step) the flat partitions share: one step count for all."""
+        self._link_states()
+        flat = self._optimizer.state[self._flat_partitions()[0]]
+        keys = [k for k, v in flat.items() if torch.is_tensor(v) and v.dim() > 0]
+        return keys, {k: v for k, v in flat.items() if k not in keys}
+
+    def gather(self, world: World) -> None:
+        """Gather the whole optimizer state onto the main process (a collective)."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        keys, scalars = self._partition_state()
+        state: dict[int, dict[str, Any]] = {}
+        index = 0
+        for params in self._groups:
+            for param in params:
+                entry = {k: safe_get_full_optimizer_state(param, k) for k in keys}
+                state[index] = {**scalars, **{k: v.detach().cpu() for k, v in entry.items()}}
+                index += 1
+        groups, start = [], 0
+        for params, group in zip(self._groups, self._optimizer.param_groups, strict=True):
+            settings = {k: v for k, v in group.items() if k != "params"}
+            groups.append({**settings, "params": list(range(start, start + len(params)))})
+            start += len(params)
+        self.full = {"state": state, "param_groups": groups} if world.is_main_process else None
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.full is not None, "gather() the optimizer state first"
+        return self.full
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        params = [param for group in self._groups for param in group]
+        saved = state["state"].get(0, {})
+        keys = [k for k, v in saved.items() if torch.is_tensor(v) and v.dim() > 0]
+        # The flat partitions' state, made here when the optimizer has not stepped yet (torch
+        # optimizers make it at their first step); the scalar state (Adam's step) as saved.
+        for flat in self._flat_partitions():
+            entry = self._optimizer.state[flat]
+            for key, value in saved.items():
+                if key in keys:
+                    entry.setdefault(key, torch.zeros_like(flat))
+                else:
+                    entry[key] = value.clone() if torch.is_tensor(value) else value
+        self._link_states()
+        for index, param in enumerate(params):
+            for key in keys:
+                safe_set_full_optimizer_state(param, state["state"][index][key], key)
+        for group, saved_group in zip(
+            self._optimizer.param_groups, state["param_groups"], strict=True
+        ):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._optimizer, name)

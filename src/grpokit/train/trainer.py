@@ -233,18 +233,23 @@ class GRPOTrainer:
         self.use_bf16 = build.resolve_precision(self.args, self.device)
         self.max_steps = build.resolve_max_steps(self.args, self.sampler.size)
         # Training forwards go through `train_model` (DDP's wrapper with several processes;
-        # the model itself, sharded, under FSDP2, whose optimizer must see the shards).
+        # the model itself, sharded, under FSDP2, whose optimizer must see the shards; the
+        # DeepSpeed engine, built over the model and its optimizer).
         dist.check_fsdp_run(self.world, self.args, self.engine, is_peft=self.is_peft)
+        dist.check_deepspeed_run(self.world, self.args, self.engine, is_peft=self.is_peft)
         if self.world.fsdp and isinstance(optimizers, tuple) and optimizers[:1] != (None,):
             raise ConfigError(
                 "optimizers=(optimizer, scheduler) cannot be used with FSDP: the optimizer must be "
                 "built over the sharded parameters. Leave optimizers unset and choose the "
                 "optimizer with args.optim / args.optim_args."
             )
-        self.train_model = self.world.prepare(self.model)
+        if not self.world.deepspeed:
+            self.train_model = self.world.prepare(self.model)
         self.optimizer, self.scheduler = build.make_optimizers(
             self.model, self.args, self.max_steps, optimizers
         )
+        if self.world.deepspeed:
+            self.train_model = self.world.prepare(self.model, self.optimizer)
         self.state = self._describe_run(
             TrainerState(model_name_or_path=build.model_name(self.model))
         )
@@ -657,7 +662,10 @@ class GRPOTrainer:
                     # ---- the step is taken: count it; the sampler and reference follow ----
                     self.state.global_step += 1
                     self.state.epoch = self.sampler.epochs_done
-                    with _timer(step_metrics, "time/weight_sync", self.device):
+                    with (
+                        _timer(step_metrics, "time/weight_sync", self.device),
+                        self.world.whole_parameters(self.model),  # ZeRO-3: gathered
+                    ):
                         self.engine.update_weights(self.model)
                     if (
                         cfg.sync_ref_model
@@ -716,7 +724,9 @@ class GRPOTrainer:
             **place,
         )
         if world.is_distributed:  # as many backward passes on every process
-            plan = pad_plan(plan, rows, world.max(len(plan)))
+            # DeepSpeed's engine steps on the gradients of at least one backward pass: with no
+            # row to train, a zero-weight one gives the zero gradient the plain path steps on.
+            plan = pad_plan(plan, rows, max(world.max(len(plan)), int(world.deepspeed)))
         # TRL's entropy regularisation (core.entropy): an adaptive coefficient is the one the
         # last step left; a fixed one is the config's.
         coef = entropy.coef
@@ -730,7 +740,8 @@ class GRPOTrainer:
         for i, micro in enumerate(plan):  # step loss = sum of loss_weight * micro-batch loss
             part = select_rows(batch, micro.rows)
             # Gradients are synchronised across processes by the step's last backward only.
-            with world.gradient_sync(self.train_model, sync=i == len(plan) - 1):
+            last = i == len(plan) - 1
+            with world.gradient_sync(self.train_model, sync=last):
                 part_loss = self.micro_batch_loss(
                     part, micro.num_items_in_batch, padding=micro.padding
                 )
@@ -738,7 +749,7 @@ class GRPOTrainer:
                 bonus, tokens = part_loss.entropy_bonus, part_loss.entropy_tokens
                 if bonus is not None and tokens is not None:
                     loss = loss - applied_coef * micro.entropy_weight * bonus
-                (loss * world.gradient_scale).backward()  # DDP / FSDP2 average: see World
+                world.backward(loss, self.train_model, last=last)  # DDP / FSDP2 / ZeRO average
             if micro.padding:
                 continue
             parts.append(_step_values(loss, policy, bonus, tokens))
@@ -756,20 +767,7 @@ class GRPOTrainer:
                 if param.requires_grad and param.grad is None:
                     param.grad = torch.zeros_like(param)
         backward_done = time.perf_counter()
-        grad_norm = clip_grad_norm(self.model, self.args.max_grad_norm)
-        skip = guards.skip_nonfinite_update(  # a NaN/inf step applies no update (guards.py)
-            self.state,
-            loss=step_loss,
-            grad_norm=grad_norm,
-            max_consecutive=self.args.max_consecutive_nonfinite_steps,
-            model=self.model,
-        )
-        if not skip:
-            self._event("on_pre_optimizer_step")
-            self.optimizer.step()
-            self._event("on_optimizer_step")
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=not self.keep_gradients)
+        grad_norm = self._update(step_loss)
         synchronize(self.device)  # the optimizer's kernels count in its time, not the next phase's
         out = reduce_metrics({k: [v.item() for v in vs] for k, vs in micro_metrics.items()})
         if entropy.enabled:  # the step's token-weighted entropy moves an adaptive coefficient
@@ -787,6 +785,36 @@ class GRPOTrainer:
             }
         )
         return out
+
+    def _update(self, step_loss: float) -> float:
+        """Clip the step's gradient, step the optimizer and the schedule unless the step is
+        non-finite (guards.py), zero the gradients; returns the gradient norm before clipping.
+
+        Under DeepSpeed the engine clips (`gradient_clipping` = `max_grad_norm`), steps and
+        zeroes, and itself skips an update whose gradient norm is NaN/inf; the guard then
+        counts and reports that skip (and a NaN/inf loss, whose gradient is NaN too) as for
+        one process. `on_pre_optimizer_step` comes before the engine's step, skipped or not.
+        """
+        guard = {"max_consecutive": self.args.max_consecutive_nonfinite_steps, "model": self.model}
+        if self.world.deepspeed:
+            self._event("on_pre_optimizer_step")
+            grad_norm, applied = dist.deepspeed_update(self.train_model)
+            guards.skip_nonfinite_update(self.state, loss=step_loss, grad_norm=grad_norm, **guard)
+            if applied:
+                self._event("on_optimizer_step")
+                self.scheduler.step()
+            return grad_norm
+        grad_norm = clip_grad_norm(self.model, self.args.max_grad_norm)
+        skip = guards.skip_nonfinite_update(  # a NaN/inf step applies no update (guards.py)
+            self.state, loss=step_loss, grad_norm=grad_norm, **guard
+        )
+        if not skip:
+            self._event("on_pre_optimizer_step")
+            self.optimizer.step()
+            self._event("on_optimizer_step")
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=not self.keep_gradients)
+        return grad_norm
 
     def micro_batch_loss(
         self, batch: RolloutBatch, num_items_in_batch: Tensor, *, padding: bool = False
@@ -1084,11 +1112,12 @@ class GRPOTrainer:
     def _sync_ref_model(self) -> None:
         """TR-DPO mix-up: ref = alpha * policy + (1 - alpha) * ref."""
         alpha = self.args.ref_model_mixup_alpha
-        for ref_param, param in zip(
-            self.ref_model.parameters(), self.model.parameters(), strict=True
-        ):
-            whole = dist.full_tensor(param.detach())  # an FSDP2 shard is gathered
-            ref_param.mul_(1 - alpha).add_(whole, alpha=alpha)
+        with self.world.whole_parameters(self.model):  # ZeRO-3 partitions are gathered
+            for ref_param, param in zip(
+                self.ref_model.parameters(), self.model.parameters(), strict=True
+            ):
+                whole = dist.full_tensor(param.detach())  # an FSDP2 shard is gathered
+                ref_param.mul_(1 - alpha).add_(whole, alpha=alpha)
 
     # ---- plumbing: metrics, evaluation, checkpoints --------------------------------------------
     def _rollout_metrics(
@@ -1184,7 +1213,8 @@ class GRPOTrainer:
             return
         ckpt.verify_checkpoint(path)
         ckpt.load_model_weights(self._checkpoint_views()[0], path)
-        self.engine.update_weights(self.model)
+        with self.world.whole_parameters(self.model):  # ZeRO-3: gathered
+            self.engine.update_weights(self.model)
         logger.info(
             "loaded the best model, %s (%s = %s at step %d)",
             path,
@@ -1231,7 +1261,13 @@ class GRPOTrainer:
 
     def _checkpoint_views(self) -> tuple[Any, Any]:
         """The model and optimizer as checkpoints save and load them: themselves, or under
-        FSDP2 views that gather / scatter the whole states (`distributed.ShardedModelView`)."""
+        FSDP2 / DeepSpeed views that gather / scatter the whole states
+        (`distributed.ShardedModelView`, `distributed.DeepSpeedModelView`)."""
+        if self.world.deepspeed:
+            assert self.world.optimizer_groups is not None  # set by `prepare`
+            return dist.DeepSpeedModelView(self.model, self.world), dist.DeepSpeedOptimizerView(
+                self.train_model, self.optimizer, self.world.optimizer_groups
+            )
         if not self.world.fsdp:
             return self.model, self.optimizer
         model = dist.ShardedModelView(self.model)

@@ -37,7 +37,9 @@ _MULTI_PROCESS = (
     "accelerate config, not by this field (docs/DISTRIBUTED.md)"
 )
 _DEEPSPEED = (
-    "DeepSpeed is not supported; several processes train with DDP or FSDP2 (docs/DISTRIBUTED.md)"
+    "DeepSpeed ZeRO-2/3 is set up by the accelerate config (`accelerate launch --config_file "
+    "examples/accelerate/zero2.yaml`, whose deepspeed_config_file may name a DeepSpeed JSON "
+    "config), not by this field (docs/DISTRIBUTED.md)"
 )
 _HUB = (
     "grpokit does not upload to the Hugging Face Hub; save locally (output_dir, "
@@ -470,7 +472,11 @@ class AcceptedAtDefault:
         None, "DeepSpeed configuration.", _DEEPSPEED
     )
     ds3_gather_for_generation: bool = at_default(
-        True, "Gather ZeRO-3 weights for generation.", _DEEPSPEED
+        True,
+        "Gather ZeRO-3 weights for generation.",
+        "under ZeRO-3 grpokit gathers the whole model into the generation engine's own copy "
+        "after each optimizer step; generating from the partitioned model (False) is not "
+        "supported",
     )
     debug: str | list[str] = at_default(
         "",

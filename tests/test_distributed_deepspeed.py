@@ -1,0 +1,254 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 (through accelerate) train as one process does.
+
+The scenarios of tests/distributed_worker.py (`run_deepspeed_scenarios`) run on 2 processes under
+`accelerate launch --config_file examples/accelerate/zero{2,3}.yaml` (DeepSpeed's CPU accelerator,
+gloo, 127.0.0.1), and on 1 process here (on 2 DDP processes for the scenario with two optimizer
+steps per generation round, where each process trains its own slice of its share per step), with
+the same global batch and a deterministic generation engine. The DeepSpeed engine accumulates
+the micro-batches' gradients, averages them over the processes, clips them to `max_grad_norm`
+and steps; the final parameters must agree with the reference up to float summation order, and
+so must the logged loss and gradient norm (the first step's norm, 1.10, is above
+`max_grad_norm` = 1: clipped by the engine, as by one process).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from grpokit.errors import ConfigError
+from grpokit.train import distributed as dist
+from grpokit.train.config import GRPOConfig
+from tests import distributed_worker as worker
+from tests.test_distributed import (
+    ROOT,
+    _free_port,
+    _launch,
+    _max_diff,
+    _metrics,
+    _params,
+    _wait_all,
+)
+
+pytest.importorskip("deepspeed")
+
+STAGES = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The DeepSpeed scenarios under ZeRO-2 and ZeRO-3 on 2 processes each, and the DDP reference
+    of the old_logprobs scenario, in the background; the single-process references here."""
+    one, ddp = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("ddp")
+    script = str(ROOT / "tests" / "distributed_worker.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    command = [*torchrun, script, str(ddp), "old_logprobs"]
+    launched = [(_launch(command, ddp / "launch.log"), ddp)]
+    for stage in STAGES:
+        out = tmp_path_factory.mktemp(f"zero{stage}")
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        command += [str(ROOT / "examples" / "accelerate" / f"zero{stage}.yaml")]
+        command += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+        launched.append((_launch([*command, script, str(out)], out / "launch.log"), out))
+    try:
+        worker.run_deepspeed_references(one)
+    finally:  # an error here still ends the launched runs
+        codes = _wait_all([proc for proc, _ in launched], timeout=500)
+    for code, (_, out) in zip(codes, launched, strict=True):
+        assert code == 0, (out / "launch.log").read_text()[-3000:]
+    zero = {f"zero{stage}": out for stage, (_, out) in zip(STAGES, launched[1:], strict=True)}
+    return {"one": one, "ddp": ddp, **zero}
+
+
+def _whole_numel(name: str = "model.embed_tokens.weight") -> int:
+    return worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()[name].numel()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("scenario", worker.DEEPSPEED_SCENARIOS)
+def test_zero_on_two_processes_trains_as_one(
+    runs: dict[str, Path], stage: int, scenario: str
+) -> None:
+    reference = "ddp" if scenario in worker.SCENARIOS_DEEPSPEED_ONLY else "one"
+    one, zero = runs[reference] / scenario, runs[f"zero{stage}"] / scenario
+    initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()
+    assert _max_diff(_params(one), initial) > 0.05  # the weights moved (lr 0.05, 3 steps)
+    # Measured: at most 3.6e-6 (ZeRO-3, dapo); float summation order only.
+    assert _max_diff(_params(one), _params(zero)) < 1e-5
+    m1, m2 = _metrics(one), _metrics(zero)
+    assert [r["step"] for r in m1] == [r["step"] for r in m2]  # one writer
+    assert [r["step"] for r in m2] == ([2, 3] if reference == "ddp" else [1, 2, 3])
+    for r1, r2 in zip(m1, m2, strict=True):
+        for key in ("loss", "grad_norm", "learning_rate", "reward", "num_tokens"):
+            assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
+    # ZeRO-3 partitions the parameters (each process holds none of the first one's elements
+    # outside a gathering); under ZeRO-2 every process holds the whole weights.
+    local = {int((zero / f"local_numel_{rank}.txt").read_text()) for rank in (0, 1)}
+    assert local == ({0} if stage == 3 else {_whole_numel()})
+    # The generation engine's bf16 copy got the whole trained weights (gathered under ZeRO-3):
+    # exactly the weights rounded to bf16.
+    assert float((zero / "engine_gap.txt").read_text()) == 0.0
+    # The final model was written whole by the main process.
+    from safetensors.torch import load_file
+
+    final = load_file(str(zero / "final_model" / "model.safetensors"))
+    assert _max_diff(final, {k: _params(zero)[k] for k in final}) == 0.0
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_skips_a_nonfinite_step_as_one_process(runs: dict[str, Path], stage: int) -> None:
+    one, zero = runs["one"] / "nonfinite", runs[f"zero{stage}"] / "nonfinite"
+    # Step 2's forwards are NaN: DeepSpeed finds its gradient norm non-finite and applies no
+    # update (skipped_steps 1); grpokit's guard counts it (nonfinite_skipped 1). Steps 1 and 3
+    # update as on one process, whose guard skipped step 2 too.
+    assert (one / "skipped.txt").read_text() == "1"
+    assert (zero / "skipped.txt").read_text() == "1 1"
+    assert _max_diff(_params(one), _params(zero)) < 1e-5
+    m1, m2 = _metrics(one), _metrics(zero)
+    assert [r["loss"] is None for r in m2] == [False, True, False]  # NaN is written null
+    assert [r["train/nonfinite_skipped"] for r in m2] == [0, 1, 1]
+    # The schedule (linear, 3 steps from 0.05) did not advance on the skipped step: 0.05 x 2/3
+    # after steps 1 and 2, 0.05 x 1/3 after step 3, as on one process.
+    assert [r["learning_rate"] for r in m2] == [r["learning_rate"] for r in m1]
+    assert [r["learning_rate"] for r in m2] == pytest.approx([0.05 * 2 / 3] * 2 + [0.05 / 3])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_checkpoints_hold_whole_states_and_resume_exactly(
+    runs: dict[str, Path], stage: int
+) -> None:
+    zero = runs[f"zero{stage}"]
+    assert _max_diff(_params(zero / "uninterrupted"), _params(zero / "resumed")) == 0.0
+    checkpoint = zero / "resumed" / "checkpoint-2"
+    assert (checkpoint / "rng_state_1.json").exists()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["global_step"] == 2
+    # The whole weights and the whole optimizer state, in a single process's format: Adam's
+    # moments by parameter index with the parameters' shapes, its step count, the groups.
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0)
+    assert {k: v.shape for k, v in weights.items()} == {
+        k: v.shape for k, v in initial.state_dict().items()
+    }
+    from grpokit.train.build import make_optimizer
+
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    plain = make_optimizer(initial, worker.config(zero / "plain"))  # one process's optimizer
+    groups = [[p.shape for p in group["params"]] for group in plain.param_groups]
+    shapes = [shape for group in groups for shape in group]
+    assert [optimizer["state"][i]["exp_avg"].shape for i in range(len(shapes))] == shapes
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {2.0}
+    assert [len(g["params"]) for g in optimizer["param_groups"]] == [len(g) for g in groups]
+    # It loads into a single process's optimizer as that process's own state would.
+    plain.load_state_dict(optimizer)
+
+
+def test_zero2_and_zero3_checkpoints_agree(runs: dict[str, Path]) -> None:
+    # The same training on the same processes, partitioned two ways: the gathered optimizer
+    # states agree up to float summation order (measured: 6.5e-9).
+    path = "resumed/checkpoint-2/optimizer.pt"
+    two = torch.load(runs["zero2"] / path, weights_only=True)["state"]
+    three = torch.load(runs["zero3"] / path, weights_only=True)["state"]
+    for i in two:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(two[i][key], three[i][key], atol=1e-7, rtol=0), (i, key)
+
+
+# ---- the pieces, on one process ------------------------------------------------------------------
+def _accelerator(config: dict[str, Any]) -> Any:
+    """A stand-in for a 2-process `Accelerator` with DeepSpeed config `config`."""
+    plugin = SimpleNamespace(deepspeed_config=config)
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2)
+
+
+def test_the_deepspeed_config_is_filled_from_the_grpo_config(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = GRPOConfig(
+        per_device_train_batch_size=4, gradient_accumulation_steps=3, num_generations=4
+    )
+    config: dict[str, Any] = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
+    dist.configure_deepspeed(_accelerator(config), args)
+    # 4 completions per micro-batch x 3 micro-batches x 2 processes = 24 per optimizer step.
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 3
+    assert config["train_batch_size"] == 24
+    assert config["gradient_clipping"] == args.max_grad_norm == 1.0
+    # A value of the DeepSpeed config that contradicts the GRPOConfig is refused.
+    with pytest.raises(ConfigError, match=r"gradient_clipping=0\.5 but the GRPOConfig's max_grad"):
+        dist.configure_deepspeed(_accelerator({"gradient_clipping": 0.5}), args)
+    with pytest.raises(ConfigError, match="enables bf16"):
+        dist.configure_deepspeed(_accelerator({"bf16": {"enabled": True}}), args)
+
+
+def test_deepspeed_missing_or_at_another_stage_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert dist.check_backend_installed() == 3
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    with pytest.raises(ConfigError, match="ZeRO stage 1; grpokit trains with ZeRO stage 2 or 3"):
+        dist.check_backend_installed()
+    monkeypatch.setattr(dist.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"ZeRO-1, but the `deepspeed` package is not installed"):
+        dist.check_backend_installed()
+
+
+def test_deepspeed_with_use_cpu_on_a_cuda_machine_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = GRPOConfig(per_device_train_batch_size=4, num_generations=4, use_cpu=True)
+    with pytest.raises(ConfigError, match="use_cpu=True with DeepSpeed on a machine with CUDA"):
+        dist.World.from_env(args)  # before any process group is joined
+
+
+def test_deepspeed_settings_it_cannot_run_are_refused() -> None:
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
+    world = dist.World(num_processes=2, accelerator=accelerator, zero_stage=3)
+    args = GRPOConfig(per_device_train_batch_size=4, num_generations=4)
+    dist.check_deepspeed_run(world, args, engine=None, is_peft=False)  # nothing to refuse
+    with pytest.raises(ConfigError, match="a LoRA adapter"):
+        dist.check_deepspeed_run(world, args, engine=None, is_peft=True)
+    sampling_from_the_model = SimpleNamespace(model="m", sampler_model="m")
+    with pytest.raises(ConfigError, match="without its own sampler copy"):
+        dist.check_deepspeed_run(world, args, engine=sampling_from_the_model, is_peft=False)
+    plugin.deepspeed_config["scheduler"] = {"type": "WarmupLR"}
+    with pytest.raises(ConfigError, match="the DeepSpeed config's 'scheduler'"):
+        dist.check_deepspeed_run(world, args, engine=None, is_peft=False)
+
+
+def test_grpokit_train_under_zero3_through_accelerate(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from grpokit.app.cli import main
+    from tests.test_distributed import _run_config
+    from tests.tiny import save_tiny_model
+
+    model = save_tiny_model(str(tmp_path / "model"))
+    config = _run_config(tmp_path, model)
+    zero3 = str(ROOT / "examples" / "accelerate" / "zero3.yaml")
+    # `accelerate launch --config_file zero3.yaml -m grpokit.app.cli train ...`: the
+    # TransformersEngine samples from its whole bf16 copy (evaluations before and after, every
+    # rollout) while the policy is partitioned; no reward is earned, so every step's plan is
+    # empty and the engine steps on the zero gradient of one padding micro-batch per process.
+    assert main(["train", config, "--accelerate_config", zero3]) == 0
+    run = tmp_path / "run"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # written by one process
+    evals = [json.loads(line)["when"] for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert evals == ["before", "after"]
+    assert (run / "checkpoint-2" / "rng_state_1.json").exists()
+    # The final model holds the whole weights (gathered from the partitions).
+    saved = load_file(str(Path(model) / "model.safetensors"))
+    final = load_file(str(run / "final_model" / "model.safetensors"))
+    assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in saved.items()}
