@@ -586,7 +586,7 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
         (out / f"local_numel_{t.world.process_index}.txt").write_text(str(numel))
         if full is not None:  # the main process
             torch.save(full, out / "params.pt")
-            copies = dict(probe.sampler_model.named_parameters())
+            copies = probe.sampler_weights()  # linear weights held packed: unpacked
             gap = max(
                 (copies[k].float() - full[k].to(torch.bfloat16).float()).abs().max().item()
                 for k in copies

@@ -168,13 +168,7 @@ class GRPOTrainer:
         self.device = self.world.device(self.args.use_cpu)
         self.device_traits = device_traits(self.device)  # what differs on this device type
         self.max_forward_tokens = build.resolve_max_forward_tokens(self.args, self.device_traits)
-        # Where freed memory stays in the process anyway, gradients stay allocated between
-        # steps (zeroed, not freed): freeing them returns nothing to the OS, and the next
-        # backward would allocate them afresh among the activations.
-        self.keep_gradients = (
-            self.device_traits.retain_freed_memory and self.args.retain_freed_memory
-        )
-        if self.keep_gradients:
+        if self.device_traits.retain_freed_memory and self.args.retain_freed_memory:
             build.retain_freed_memory()
         build.check_generation_server(self.args)  # a wrong server address fails before loading
         quantization_config = quantization.resolve_quantization(
@@ -813,7 +807,7 @@ class GRPOTrainer:
             self.optimizer.step()
             self._event("on_optimizer_step")
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=not self.keep_gradients)
+        self.optimizer.zero_grad(set_to_none=True)  # None between steps, as transformers
         return grad_norm
 
     def micro_batch_loss(
