@@ -443,6 +443,36 @@ def dynamic_trainer(out: Path, rows: list[dict[str, str]], **overrides: Any) -> 
     )
 
 
+def _probed_trainer(out: Path, scenario: dict[str, Any]) -> tuple[GRPOTrainer, Any]:
+    """A scenario's trainer on a fresh tiny model, with a `TransformersEngine` (bf16 copy) built
+    on the whole model before the trainer shards or partitions it."""
+    from grpokit.engines.transformers_engine import TransformersEngine
+
+    tok = make_tokenizer()
+    model = make_causal_lm(tok, seed=0).train()
+    probe = TransformersEngine(model, tok, bf16_sampler=True)  # a copy of the whole model
+    trainer = GRPOTrainer(
+        model,
+        letter_reward,
+        args=config(out, **scenario),
+        train_dataset=dataset(40),
+        eval_dataset=dataset(5, offset=100),
+        processing_class=tok,
+        generation_engine=ScriptedEngine(tok),
+    )
+    return trainer, probe
+
+
+def _write_engine_gap(probe: Any, full: dict[str, torch.Tensor], out: Path) -> None:
+    """engine_gap.txt: the largest difference between the probe engine's weights (as it computes
+    with them) and the whole trained weights `full` rounded to bf16."""
+    copies = probe.sampler_weights()  # linear weights held packed: unpacked
+    gap = max(
+        (copies[k].float() - full[k].to(torch.bfloat16).float()).abs().max().item() for k in copies
+    )
+    (out / "engine_gap.txt").write_text(str(gap))
+
+
 FSDP_SCENARIOS = ("dapo", "grpo", "bnpo")
 
 
@@ -450,24 +480,12 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
     """`FSDP_SCENARIOS` with the model sharded by FSDP2 (launched with an accelerate config that
     asks for FSDP); the final model is saved whole, and a `TransformersEngine` built on the
     unsharded model follows the sharded one's weights (`update_weights` gathers them)."""
-    from grpokit.engines.transformers_engine import TransformersEngine
     from grpokit.train.distributed import full_state_dict
 
     torch.set_num_threads(1)
     for name in FSDP_SCENARIOS:
         out = out_dir / name
-        tok = make_tokenizer()
-        model = make_causal_lm(tok, seed=0).train()
-        probe = TransformersEngine(model, tok, bf16_sampler=True)  # a copy of the whole model
-        t = GRPOTrainer(
-            model,
-            letter_reward,
-            args=config(out, **SCENARIOS[name]),
-            train_dataset=dataset(40),
-            eval_dataset=dataset(5, offset=100),
-            processing_class=tok,
-            generation_engine=ScriptedEngine(tok),
-        )
+        t, probe = _probed_trainer(out, SCENARIOS[name])
         t.train()
         probe.update_weights(t.model)
         full = full_state_dict(t.model, t.world)
@@ -476,12 +494,7 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
             torch.save(full, out / "params.pt")
             sharded = type(next(t.model.parameters())).__name__  # DTensor under FSDP2
             (out / "parameter_type.txt").write_text(sharded)
-            copies = probe.sampler_weights()  # linear weights held packed: unpacked
-            gap = max(
-                (copies[k].float() - full[k].to(torch.bfloat16).float()).abs().max().item()
-                for k in copies
-            )
-            (out / "engine_gap.txt").write_text(str(gap))
+            _write_engine_gap(probe, full, out)
 
     # Resume under FSDP2: checkpoints hold the whole states, gathered; loading scatters them.
     dropout = {"attention_dropout": 0.3}
@@ -560,23 +573,11 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
     trained weights (`update_weights`, gathered under ZeRO-3). Each scenario also records the
     number of elements the first parameter holds on this process during training (0 for a
     ZeRO-3 partition), and the final model is saved."""
-    from grpokit.engines.transformers_engine import TransformersEngine
 
     torch.set_num_threads(1)
     for name in DEEPSPEED_SCENARIOS:
         out = out_dir / name
-        tok = make_tokenizer()
-        model = make_causal_lm(tok, seed=0).train()
-        probe = TransformersEngine(model, tok, bf16_sampler=True)  # a copy of the whole model
-        t = GRPOTrainer(
-            model,
-            letter_reward,
-            args=config(out, **ALL_SCENARIOS[name]),
-            train_dataset=dataset(40),
-            eval_dataset=dataset(5, offset=100),
-            processing_class=tok,
-            generation_engine=ScriptedEngine(tok),
-        )
+        t, probe = _probed_trainer(out, ALL_SCENARIOS[name])
         t.train()
         numel = next(t.model.parameters()).numel()  # outside any gathering
         with t.world.whole_parameters(t.model):
@@ -586,12 +587,7 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
         (out / f"local_numel_{t.world.process_index}.txt").write_text(str(numel))
         if full is not None:  # the main process
             torch.save(full, out / "params.pt")
-            copies = probe.sampler_weights()  # linear weights held packed: unpacked
-            gap = max(
-                (copies[k].float() - full[k].to(torch.bfloat16).float()).abs().max().item()
-                for k in copies
-            )
-            (out / "engine_gap.txt").write_text(str(gap))
+            _write_engine_gap(probe, full, out)
 
     # A NaN step: DeepSpeed skips the update (and the schedule's step), the guard counts it.
     t = poisoned_trainer(out_dir / "nonfinite")
