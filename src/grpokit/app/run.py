@@ -412,6 +412,10 @@ def _train(
     # previous final_model or none)
     trainer.save_model(result["model_dir"], atomic=True)
     if not main:
+        # The evaluations after training run on the main process alone (no collective), so
+        # the others leave the process group now: a process that exits with its group (and
+        # DeepSpeed's communication threads) still alive can abort at interpreter exit.
+        trainer.end()
         return result
     print(f"[grpokit] trained model saved to {result['model_dir']}", flush=True)
     if spec.eval.after:
@@ -425,4 +429,5 @@ def _train(
         accuracy_name = spec.eval.accuracy_reward or rewards[0].name
         result["plot"] = str(plot_run(output_dir, accuracy_reward=accuracy_name))
         print(f"[grpokit] curves written to {result['plot']}", flush=True)
+    trainer.end()
     return result
