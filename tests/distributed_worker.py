@@ -57,8 +57,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "ddp_timeout": 600,
     },
     # 3 micro-batches per step: the second global micro-batch holds rows of both processes, so
-    # its bnpo normaliser counts the tokens of both.
-    "bnpo": {"loss_type": "bnpo", "gradient_accumulation_steps": 3},
+    # its bnpo normaliser counts the tokens of both. The decoder layers recompute their
+    # activations (gradient checkpointing, as max_forward_tokens="auto" on a CPU with bf16
+    # matmuls on AMX), under DDP, FSDP2 and DeepSpeed.
+    "bnpo": {"loss_type": "bnpo", "gradient_accumulation_steps": 3, "gradient_checkpointing": True},
     "dr_grpo": {"loss_type": "dr_grpo", "scale_rewards": "batch"},
     "dapo_batch_std": {"loss_type": "dapo", "scale_rewards": "batch", "num_iterations": 2},
     # The top-entropy filter's quantile over both processes' micro-batches (TRL gathers them):
@@ -299,6 +301,13 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+def write_recompute(t: Any, out: Path) -> None:
+    """`gradient_checkpointing_<rank>.txt`: whether the trained model recomputed its decoder
+    layers' activations ("True" / "False")."""
+    rank = launched_process_index()
+    (out / f"gradient_checkpointing_{rank}.txt").write_text(str(t.model.is_gradient_checkpointing))
+
+
 def save_params(model: torch.nn.Module, out: Path) -> None:
     rank = launched_process_index()
     name = "params.pt" if rank == 0 else f"params_rank{rank}.pt"
@@ -315,6 +324,7 @@ def run_scenarios(out_dir: Path) -> None:
         save_params(t.model, out)
         unused = getattr(t.train_model, "find_unused_parameters", None)  # DDP's wrapper
         (out / f"find_unused_parameters_{launched_process_index()}.txt").write_text(str(unused))
+        write_recompute(t, out)
     # Environments: each process makes and resets only its own rollouts' instances.
     out = out_dir / "environments"
     t = environment_trainer(out)
@@ -487,6 +497,7 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
         out = out_dir / name
         t, probe = _probed_trainer(out, SCENARIOS[name])
         t.train()
+        write_recompute(t, out)
         probe.update_weights(t.model)
         full = full_state_dict(t.model, t.world)
         t.save_model(str(out / "final_model"))
@@ -579,6 +590,7 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
         out = out_dir / name
         t, probe = _probed_trainer(out, ALL_SCENARIOS[name])
         t.train()
+        write_recompute(t, out)
         numel = next(t.model.parameters()).numel()  # outside any gathering
         with t.world.whole_parameters(t.model):
             probe.update_weights(t.model)

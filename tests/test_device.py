@@ -22,7 +22,7 @@ import torch
 from grpokit import GRPOConfig, GRPOTrainer
 from grpokit.core import attention
 from grpokit.engines import device as device_module
-from grpokit.engines import transformers_engine
+from grpokit.engines import models, transformers_engine
 from grpokit.engines.base import SamplingParams
 from grpokit.engines.device import (
     CPU_MAX_FORWARD_TOKENS,
@@ -81,6 +81,60 @@ def test_cpu_rules() -> None:
     assert traits.bf16_reason == cpu_bf16().reason
     assert traits.sampler_dtype == (torch.bfloat16 if traits.native_bf16 else None)
     assert traits.max_forward_tokens == CPU_MAX_FORWARD_TOKENS == 512
+    assert traits.recompute_activations is cpu_bf16().amx  # bf16 matmuls on AMX
+    assert traits.activation_bound(bf16=False) == (512, False)  # float32: never AMX
+
+
+AMX_CPUINFO = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+AVX512_BF16_CPUINFO = AMX_CPUINFO.replace(" amx_bf16 amx_tile", "")
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "environ", "recompute"),
+    [
+        (AMX_CPUINFO, {}, True),
+        (AMX_CPUINFO, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
+        (AMX_CPUINFO, {"ONEDNN_MAX_CPU_ISA": "DEFAULT"}, True),
+        (AMX_CPUINFO, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, False),  # AMX capped
+        (AMX_CPUINFO, {"DNNL_MAX_CPU_ISA": "AVX10_1_512"}, False),
+        (AMX_CPUINFO, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),  # no native bf16 at all
+        (AMX_CPUINFO, {"ATEN_CPU_CAPABILITY": "avx2"}, False),
+        (AVX512_BF16_CPUINFO, {}, False),  # native bf16 without AMX
+        ("", {}, False),  # no /proc/cpuinfo
+    ],
+)
+def test_auto_recomputes_activations_on_a_cpu_with_amx_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    cpuinfo: str,
+    environ: dict[str, str],
+    recompute: bool,
+) -> None:
+    # max_forward_tokens="auto" under bf16 autocast: no token bound and recomputed activations
+    # where bf16 matmuls run on AMX, else 512-token forwards; in float32 always 512 tokens.
+    path = tmp_path / "cpuinfo"
+    path.write_text(cpuinfo)
+    monkeypatch.setattr(models, "CPUINFO", path)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    traits = device_traits("cpu")
+    assert traits.recompute_activations is recompute
+    assert traits.max_forward_tokens == 512
+    assert traits.activation_bound(bf16=True) == ((None, True) if recompute else (512, False))
+    assert traits.activation_bound(bf16=False) == (512, False)
+
+
+def test_a_gpu_never_recomputes_for_auto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "cpuinfo"
+    path.write_text(AMX_CPUINFO)  # the host CPU has AMX: it does not decide for the GPU
+    monkeypatch.setattr(models, "CPUINFO", path)
+    fake_cuda(monkeypatch, AMPERE)
+    traits = device_traits("cuda")
+    assert traits.recompute_activations is False
+    assert traits.activation_bound(bf16=True) == (None, False)
+    assert traits.activation_bound(bf16=False) == (None, False)
 
 
 def test_an_ampere_gpu_gets_bf16_and_tf32_and_no_cpu_speed_up(

@@ -131,6 +131,12 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def recomputed(run: Path) -> bool:
+    """Whether both processes' models recomputed their activations (the same answer on each)."""
+    (answer,) = {(run / f"gradient_checkpointing_{rank}.txt").read_text() for rank in (0, 1)}
+    return {"True": True, "False": False}[answer]
+
+
 def _metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -145,6 +151,7 @@ def test_two_processes_train_as_one(runs: dict[str, Path], scenario: str) -> Non
     assert _max_diff(p1, p2) < 1e-5, _max_diff(p1, p2)
     # DDP kept the two processes' replicas identical.
     assert _max_diff(p2, _params(two, "params_rank1.pt")) == 0.0
+    assert recomputed(two) == worker.SCENARIOS[scenario].get("gradient_checkpointing", False)
     m1, m2 = _metrics(one), _metrics(two)
     assert [r["step"] for r in m1] == [r["step"] for r in m2]  # one record per step: one writer
     for r1, r2 in zip(m1, m2, strict=True):
@@ -247,6 +254,7 @@ def test_resume_on_two_processes_equals_uninterrupted(runs: dict[str, Path]) -> 
 def test_fsdp2_on_two_processes_trains_as_one(runs: dict[str, Path], scenario: str) -> None:
     one, fsdp = runs["one"] / scenario, runs["fsdp"] / scenario
     assert (fsdp / "parameter_type.txt").read_text() == "DTensor"  # sharded while training
+    assert recomputed(fsdp) == worker.SCENARIOS[scenario].get("gradient_checkpointing", False)
     assert _max_diff(_params(one), _params(fsdp)) < 1e-5
     m1, m2 = _metrics(one), _metrics(fsdp)
     for r1, r2 in zip(m1, m2, strict=True):

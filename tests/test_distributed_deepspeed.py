@@ -35,6 +35,7 @@ from tests.test_distributed import (
     _metrics,
     _params,
     _wait_all,
+    recomputed,
 )
 
 pytest.importorskip("deepspeed")
@@ -93,6 +94,9 @@ def test_zero_on_two_processes_trains_as_one(
     # outside a gathering); under ZeRO-2 every process holds the whole weights.
     local = {int((zero / f"local_numel_{rank}.txt").read_text()) for rank in (0, 1)}
     assert local == ({0} if stage == 3 else {_whole_numel()})
+    # The decoder layers recomputed their activations where the scenario asks.
+    checkpointing = worker.ALL_SCENARIOS[scenario].get("gradient_checkpointing", False)
+    assert recomputed(zero) == checkpointing
     # The generation engine's bf16 copy got the whole trained weights (gathered under ZeRO-3):
     # exactly the weights rounded to bf16.
     assert float((zero / "engine_gap.txt").read_text()) == 0.0

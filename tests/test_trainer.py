@@ -965,17 +965,163 @@ def test_max_forward_tokens_splits_the_forward_and_keeps_the_update(
 
 
 def test_max_forward_tokens_auto_is_the_devices_bound(tmp_path: Path) -> None:
-    from grpokit.train.build import resolve_max_forward_tokens
+    from grpokit.train.build import ActivationBound, resolve_activation_bound
 
-    # The default "auto" is the CPU's bound (512 tokens); None and a number are taken as given.
-    assert make_trainer(tmp_path / "auto").max_forward_tokens == 512
+    # The default "auto" with float32 compute is the CPU's bound (512 tokens), on any CPU (AMX
+    # runs bf16 only); None and a number are taken as given.
+    auto = make_trainer(tmp_path / "auto")
+    assert auto.max_forward_tokens == 512
+    assert auto.activation_bound.recompute is False
+    assert auto.model.is_gradient_checkpointing is False
     assert make_trainer(tmp_path / "none", max_forward_tokens=None).max_forward_tokens is None
     assert make_trainer(tmp_path / "n", max_forward_tokens=64).max_forward_tokens == 64
-    gpu = dataclasses.replace(device_traits("cpu"), type="cuda", max_forward_tokens=None)
-    assert resolve_max_forward_tokens(GRPOConfig(), gpu) is None
+    gpu = dataclasses.replace(
+        device_traits("cpu"), type="cuda", max_forward_tokens=None, recompute_activations=False
+    )
+    for bf16 in (True, False):
+        bound = resolve_activation_bound(GRPOConfig(), gpu, bf16=bf16)
+        assert (bound.max_forward_tokens, bound.recompute) == (None, False)
+    given = resolve_activation_bound(GRPOConfig(max_forward_tokens=64), amx_cpu(), bf16=True)
+    assert given == ActivationBound(64, False, "max_forward_tokens=64")
     for bad in (0, -3, "512", 1.5, True):
         with pytest.raises(ValueError, match=r"^max_forward_tokens must be a positive integer"):
             GRPOConfig(max_forward_tokens=bad)
+
+
+def amx_cpu(amx: bool = True) -> Any:
+    """This CPU's rules, as on a CPU with native bf16 whose bf16 matmuls run on AMX or not
+    (whatever this one has)."""
+    return dataclasses.replace(device_traits("cpu"), native_bf16=True, recompute_activations=amx)
+
+
+def on_amx_cpu(monkeypatch: pytest.MonkeyPatch, amx: bool = True) -> None:
+    """Trainers built next take their CPU to have native bf16 (bf16 autocast) and, with `amx`,
+    bf16 matmuls on AMX."""
+    from grpokit.train import build
+    from grpokit.train import trainer as trainer_module
+
+    traits = amx_cpu(amx)
+    monkeypatch.setattr(trainer_module, "device_traits", lambda device: traits)
+    monkeypatch.setattr(build, "device_traits", lambda device=None: traits)
+
+
+def test_auto_on_an_amx_cpu_recomputes_only_where_it_pays(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from grpokit.train.build import resolve_activation_bound
+
+    traits = amx_cpu()
+    assert traits.max_forward_tokens == 512
+    with caplog.at_level(logging.INFO, logger="grpokit"):
+        bound = resolve_activation_bound(GRPOConfig(), traits, bf16=True)
+    assert (bound.max_forward_tokens, bound.recompute) == (None, True)
+    logged = [r.getMessage() for r in caplog.records if "training forwards" in r.getMessage()]
+    assert logged == [f"training forwards: {bound.describe()}"]
+    assert logged[0].startswith("training forwards: recomputed activations, one forward per")
+    # Each case that keeps the 512-token bound without recomputing: (bound, recompute).
+    cases = {
+        "float32 compute": (GRPOConfig(), dict(bf16=False)),
+        "no checkpointing": (GRPOConfig(), dict(bf16=True, model=torch.nn.Linear(2, 2))),
+    }
+    for name, (args, kwargs) in cases.items():
+        bound = resolve_activation_bound(args, traits, **kwargs)
+        assert (bound.max_forward_tokens, bound.recompute) == (512, False), name
+    # The user's gradient_checkpointing=True: as on any CPU, 512 tokens and checkpointing.
+    user = GRPOConfig(gradient_checkpointing=True)
+    no_amx = dataclasses.replace(traits, recompute_activations=False)
+    for device in (traits, no_amx):
+        bound = resolve_activation_bound(user, device, bf16=True)
+        assert (bound.max_forward_tokens, bound.recompute) == (512, True)
+
+
+def test_auto_on_an_amx_cpu_checkpoints_and_gives_the_plain_update(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # One optimizer step of 2 micro-batches of 4 rows under bf16 autocast. "auto" on an AMX CPU
+    # forwards each micro-batch whole and checkpoints the decoder layers (calls with gradients
+    # on: 2 -> 4); the update is the plain path's (one forward per micro-batch, nothing
+    # recomputed) up to float summation order: the recomputed forward is the same arithmetic.
+    on_amx_cpu(monkeypatch)
+    overrides = dict(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_completion_length=8,
+        max_steps=1,
+        bf16=True,
+    )
+    runs = {}
+    for name, tokens in (("plain", None), ("auto", "auto")):
+        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **overrides)
+        assert trainer.use_bf16 is True
+        assert trainer.max_forward_tokens is None
+        assert trainer.activation_bound.recompute is (name == "auto")
+        assert trainer.model.is_gradient_checkpointing is (name == "auto")
+        calls = count_grad_calls(trainer.model.model.layers[0])
+        start = params(trainer)
+        trainer.train()
+        update = {k: v - start[k] for k, v in params(trainer).items()}
+        runs[name] = (update, len(calls), read_metrics(tmp_path / name)[0]["loss"])
+    (plain, plain_calls, plain_loss), (auto, auto_calls, auto_loss) = runs.values()
+    assert (plain_calls, auto_calls) == (2, 4)
+    assert max(u.abs().max().item() for u in plain.values()) > 1e-3  # a real update
+    assert auto_loss == pytest.approx(plain_loss, abs=1e-6)
+    for key, value in plain.items():
+        torch.testing.assert_close(auto[key], value, atol=1e-6, rtol=1e-4)
+
+
+def test_auto_on_an_amx_cpu_leaves_a_users_gradient_checkpointing_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # gradient_checkpointing=True decides as on a CPU without AMX: 512-token forwards,
+    # checkpointed, as many decoder-layer calls with gradients on.
+    calls = {}
+    for amx in (False, True):
+        on_amx_cpu(monkeypatch, amx)
+        trainer = make_trainer(
+            tmp_path / str(amx), gradient_checkpointing=True, bf16=True, max_steps=1
+        )
+        assert trainer.use_bf16 is True
+        assert trainer.max_forward_tokens == 512
+        assert trainer.activation_bound.recompute is True
+        assert trainer.model.is_gradient_checkpointing is True
+        counted = count_grad_calls(trainer.model.model.layers[0])
+        trainer.train()
+        calls[amx] = len(counted)
+    assert calls[True] == calls[False] > 0
+
+
+def test_auto_on_an_amx_cpu_recomputes_under_lora(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The adapter trains through checkpointed layers whose embedding is frozen: the same
+    # adapter update as without recomputation, and only the adapter changes.
+    from peft import LoraConfig
+
+    on_amx_cpu(monkeypatch)
+    runs = {}
+    for name, tokens in (("plain", None), ("auto", "auto")):
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        trainer = make_trainer(
+            tmp_path / name,
+            max_forward_tokens=tokens,
+            max_steps=1,
+            bf16=True,
+            trainer_kwargs=dict(peft_config=lora),
+        )
+        assert trainer.is_peft
+        base = trainer.model.get_base_model()
+        assert base.is_gradient_checkpointing is (name == "auto")
+        calls = count_grad_calls(base.model.layers[0])
+        start = params(trainer)
+        trainer.train()
+        runs[name] = ({k: v - start[k] for k, v in params(trainer).items()}, len(calls))
+    (plain, plain_calls), (auto, auto_calls) = runs.values()
+    assert auto_calls == 2 * plain_calls > 0
+    changed = {k for k, u in auto.items() if u.abs().max().item() > 0}
+    assert changed and all("lora_" in k for k in changed)
+    assert max(u.abs().max().item() for u in plain.values()) > 1e-3
+    for key, value in plain.items():
+        torch.testing.assert_close(auto[key], value, atol=1e-6, rtol=1e-4)
 
 
 def test_all_zero_advantages_step_like_the_plain_path(tmp_path: Path) -> None:

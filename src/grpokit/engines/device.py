@@ -55,11 +55,23 @@ class DeviceTraits:
         tf32: TensorFloat-32 matmuls exist (`GRPOConfig.tf32`): a CUDA GPU of compute capability
             8.0 or newer.
         max_forward_tokens: What `GRPOConfig.max_forward_tokens="auto"` bounds one training
-            forward to (`train.microbatch`; None = no bound). CPU: `CPU_MAX_FORWARD_TOKENS`.
-            There activations of the whole micro-batch, kept for backward, are most of the
-            process's peak memory, while matmuls of a few hundred rows already run at the CPU's
-            matmul rate: smaller forwards cost little time (bench/RESULTS.md). A GPU needs large
+            forward to (`train.microbatch`; None = no bound) where it does not recompute
+            activations instead (`activation_bound`). CPU: `CPU_MAX_FORWARD_TOKENS`. There
+            activations of the whole micro-batch, kept for backward, are most of the process's
+            peak memory, while matmuls of a few hundred rows already run at the CPU's matmul
+            rate: smaller forwards cost little time (bench/RESULTS.md). A GPU needs large
             forwards to be kept busy; its micro-batch size is left to the user.
+        recompute_activations: Under bf16 autocast, `max_forward_tokens="auto"` bounds the
+            training activations by recomputing them in the backward pass (non-reentrant
+            gradient checkpointing of the decoder layers) over the whole micro-batch, instead
+            of splitting it into forwards of `max_forward_tokens`. A CPU whose bf16 matmuls run
+            on AMX (`engines.models.CpuBf16.amx`): each extra forward of a split micro-batch
+            costs a pass over all the gradients (accumulation, weight casts, the tied
+            embedding's dense gradient), which is most of its cost once AMX makes the matmuls
+            fast, while recomputing a forward costs little there; measured on a Xeon with AMX,
+            recomputing is faster than 512-token forwards and holds less memory, and with AMX
+            capped (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) it is the slower of the two
+            (bench/RESULTS.md). False elsewhere, and float32 compute never runs on AMX.
     """
 
     type: str
@@ -71,6 +83,19 @@ class DeviceTraits:
     intra_op_threads: bool
     tf32: bool
     max_forward_tokens: int | None
+    recompute_activations: bool
+
+    def activation_bound(self, bf16: bool) -> tuple[int | None, bool]:
+        """How `GRPOConfig.max_forward_tokens="auto"` bounds the activations of training
+        forwards on this device, for compute under bf16 autocast (`bf16`) or in float32.
+
+        Returns:
+            ``(max_tokens, recompute)``: the bound on the tokens of one training forward (None
+            = one forward per micro-batch) and whether the decoder layers recompute their
+            activations in the backward pass (`recompute_activations`, bf16 only).
+        """
+        recompute = bf16 and self.recompute_activations
+        return (None if recompute else self.max_forward_tokens), recompute
 
     @property
     def sampler_dtype(self) -> torch.dtype | None:
@@ -96,9 +121,10 @@ def device_traits(device: torch.device | str | None = None) -> DeviceTraits:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kind = torch.device(device).type
     on_cpu = kind == "cpu"
+    native_bf16 = bf16_supported(kind)
     return DeviceTraits(
         type=kind,
-        native_bf16=bf16_supported(kind),
+        native_bf16=native_bf16,
         bf16_reason=_bf16_reason(kind),
         pack_sampler_weights=on_cpu,
         grouped_attention=on_cpu,
@@ -106,6 +132,7 @@ def device_traits(device: torch.device | str | None = None) -> DeviceTraits:
         intra_op_threads=on_cpu,
         tf32=kind == "cuda" and _cuda_has_tf32(),
         max_forward_tokens=CPU_MAX_FORWARD_TOKENS if on_cpu else None,
+        recompute_activations=on_cpu and native_bf16 and cpu_bf16().amx,
     )
 
 

@@ -112,8 +112,22 @@ def load_policy(
     return model, processing_class
 
 
-def prepare_model(model: Any, peft_config: Any, args: GRPOConfig, device: torch.device) -> Any:
+def prepare_model(
+    model: Any,
+    peft_config: Any,
+    args: GRPOConfig,
+    device: torch.device,
+    *,
+    recompute: bool = False,
+) -> Any:
     """Dropout, gradient checkpointing and the LoRA adapter; move to `device`.
+
+    Args:
+        recompute: Enable gradient checkpointing even without `args.gradient_checkpointing`
+            (`ActivationBound.recompute`: `max_forward_tokens="auto"` chose it). Enabled before
+            the adapter is added: transformers then makes the input embeddings' output require
+            gradients, so a frozen embedding under LoRA still passes gradients through the
+            checkpointed layers.
 
     Raises:
         ValueError: `sync_ref_model` together with `peft_config`.
@@ -122,7 +136,7 @@ def prepare_model(model: Any, peft_config: Any, args: GRPOConfig, device: torch.
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing or recompute:
         kwargs = {"use_reentrant": False, **(args.gradient_checkpointing_kwargs or {})}
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if getattr(model, "config", None) is not None:
@@ -292,14 +306,76 @@ def set_attention(model: Any, attention: str | None, device: torch.device) -> No
     base.set_attn_implementation(attention)
 
 
-def resolve_max_forward_tokens(args: GRPOConfig, traits: DeviceTraits) -> int | None:
-    """The bound on the tokens of one training forward (`GRPOConfig.max_forward_tokens`):
-    "auto" is the device's (`DeviceTraits.max_forward_tokens`: 512 on the CPU, None elsewhere)."""
-    tokens = args.max_forward_tokens
-    if tokens == "auto":
-        return traits.max_forward_tokens
-    assert tokens is None or isinstance(tokens, int)  # GRPOConfig checked it
-    return tokens
+@dataclasses.dataclass(frozen=True)
+class ActivationBound:
+    """How a run bounds the activations its training forwards keep for the backward pass
+    (`resolve_activation_bound`); log-prob and evaluation passes run without gradients and keep
+    none.
+
+    Attributes:
+        max_forward_tokens: The bound on the tokens (rows x trimmed width) of one training
+            forward (`train.microbatch`); None = one forward per micro-batch.
+        recompute: The decoder layers recompute their activations in the backward pass
+            (non-reentrant gradient checkpointing): the user's `gradient_checkpointing`, or
+            `max_forward_tokens="auto"` on a device whose `DeviceTraits.recompute_activations`
+            says so.
+        reason: What decided, in a few words, for the log.
+    """
+
+    max_forward_tokens: int | None
+    recompute: bool
+    reason: str
+
+    def describe(self) -> str:
+        """E.g. ``recomputed activations, one forward per micro-batch (<reason>)``."""
+        bound = self.max_forward_tokens
+        forwards = "one forward per micro-batch" if bound is None else f"at most {bound} tokens"
+        kept = "recomputed activations" if self.recompute else "activations kept"
+        return f"{kept}, {forwards} ({self.reason})"
+
+
+def resolve_activation_bound(
+    args: GRPOConfig, traits: DeviceTraits, *, bf16: bool, model: Any = None
+) -> ActivationBound:
+    """How the run's training forwards bound their activations (`GRPOConfig.max_forward_tokens`
+    and `gradient_checkpointing`); logged once.
+
+    A number or None is taken as given. "auto" is the device's choice
+    (`DeviceTraits.activation_bound`): on a CPU whose bf16 matmuls run on AMX, with bf16
+    autocast, recomputed activations and no token bound; elsewhere on the CPU 512 tokens per
+    forward; on a GPU no bound. "auto" keeps the device's token bound without recomputing when
+    the user set `gradient_checkpointing` (that setting then decides: 512 tokens and recomputed
+    activations on any CPU) or when `model` cannot checkpoint its layers. Recomputation works
+    under DDP, FSDP2 and DeepSpeed ZeRO-2/3 alike (tests/test_distributed*.py, scenario bnpo).
+
+    Args:
+        args: The run's config.
+        traits: The training device's rules.
+        bf16: Training computes under bf16 autocast (`resolve_precision`).
+        model: The policy (before LoRA); None = assume it supports gradient checkpointing.
+    """
+    tokens, user_recompute = args.max_forward_tokens, args.gradient_checkpointing
+    if tokens != "auto":
+        assert tokens is None or isinstance(tokens, int)  # GRPOConfig checked it
+        bound = ActivationBound(tokens, user_recompute, f"max_forward_tokens={tokens}")
+    else:
+        max_tokens, recompute = traits.activation_bound(bf16)
+        reason = f'max_forward_tokens="auto" on {traits.type}'
+        if traits.recompute_activations and not bf16:
+            reason += " computing in float32 (AMX runs bf16 only)"
+        if recompute:
+            reason += " with bf16 matmuls on AMX"
+            fallback = ""
+            if user_recompute:
+                fallback = "gradient_checkpointing set"
+            elif model is not None and not getattr(model, "supports_gradient_checkpointing", False):
+                fallback = "the model cannot checkpoint its layers"
+            if fallback:
+                max_tokens, recompute = traits.max_forward_tokens, False
+                reason += f", {fallback}: the token bound instead"
+        bound = ActivationBound(max_tokens, recompute or user_recompute, reason)
+    logger.info("training forwards: %s", bound.describe())
+    return bound
 
 
 def make_ref_model(model: Any, args: GRPOConfig) -> Any:

@@ -77,7 +77,9 @@ class ModelSettings:
     )
     gradient_checkpointing: bool = option(
         False,
-        "Recompute activations in the backward pass to save memory (slower). TRL defaults to True.",
+        "Recompute activations in the backward pass to save memory (slower). TRL defaults to "
+        'True. Left False, max_forward_tokens="auto" may still recompute them (on a CPU with '
+        "bf16 matmuls on AMX).",
     )
     gradient_checkpointing_kwargs: KwargsField = option(
         None,
@@ -104,8 +106,11 @@ class ModelSettings:
         "width), each forwarded and backpropagated alone: the same update, the activations of "
         "one part at a time (`train.microbatch`). Applies when the loss does not depend on "
         "which rows share a micro-batch (not bnpo, the top-entropy filter or the entropy "
-        'bonus). "auto" = on the CPU 512 tokens (`DeviceTraits.max_forward_tokens`; memory '
-        "and speed in bench/RESULTS.md), elsewhere no bound; None = one forward per "
+        'bonus). "auto" = as the device decides (`DeviceTraits.activation_bound`; memory and '
+        "speed in bench/RESULTS.md): on a CPU whose bf16 matmuls run on AMX, under bf16 "
+        "autocast, no bound and the decoder layers recompute their activations in the backward "
+        "pass (gradient checkpointing; gradient_checkpointing=True keeps 512 tokens); "
+        "elsewhere on the CPU 512 tokens; on a GPU no bound. None = one forward per "
         "micro-batch.",
     )
     attention: str | None = option(

@@ -167,7 +167,7 @@ class GRPOTrainer:
         build.apply_process_settings(self.args)  # seed, full determinism, tf32, log level
         self.device = self.world.device(self.args.use_cpu)
         self.device_traits = device_traits(self.device)  # what differs on this device type
-        self.max_forward_tokens = build.resolve_max_forward_tokens(self.args, self.device_traits)
+        self.use_bf16 = build.resolve_precision(self.args, self.device)
         if self.device_traits.retain_freed_memory and self.args.retain_freed_memory:
             build.retain_freed_memory()
         build.check_generation_server(self.args)  # a wrong server address fails before loading
@@ -181,7 +181,18 @@ class GRPOTrainer:
             quantization_config=quantization_config,
             device=self.device,
         )
-        self.model = build.prepare_model(self.model, peft_config, self.args, self.device)
+        # Training forwards bound their activations by a token limit or by recomputing them.
+        self.activation_bound = build.resolve_activation_bound(
+            self.args, self.device_traits, bf16=self.use_bf16, model=self.model
+        )
+        self.max_forward_tokens = self.activation_bound.max_forward_tokens
+        self.model = build.prepare_model(
+            self.model,
+            peft_config,
+            self.args,
+            self.device,
+            recompute=self.activation_bound.recompute,
+        )
         self.is_peft = ckpt.is_peft_model(self.model)
         self.context_length = context_length(self.model)  # prompts are limited to fit in it
         self.ref_model = build.make_ref_model(self.model, self.args)
@@ -224,7 +235,6 @@ class GRPOTrainer:
         )
         self.loss_options = self.args.loss_options()  # built and checked once
         self.entropy_regularization = self.args.entropy_regularization()
-        self.use_bf16 = build.resolve_precision(self.args, self.device)
         self.max_steps = build.resolve_max_steps(self.args, self.sampler.size)
         # Training forwards go through `train_model` (DDP's wrapper with several processes;
         # the model itself, sharded, under FSDP2, whose optimizer must see the shards; the

@@ -83,8 +83,9 @@ DEFAULT_DIFFERENCES: dict[str, str] = {
         "declares that value (and also takes None)"
     ),
     "gradient_checkpointing": (
-        "only trades memory for speed (the same gradients); on the CPU memory is rarely the limit, "
-        "so grpokit leaves it off"
+        "only trades memory for speed (the same gradients); grpokit leaves it off and bounds "
+        'training activations with max_forward_tokens="auto" (on a CPU with bf16 matmuls on AMX '
+        "that recomputes them too)"
     ),
 }
 
