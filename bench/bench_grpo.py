@@ -105,15 +105,30 @@ class Workload:
     top_k: int = 0
     seed: int = 0
     bf16: bool = True
+    micro_batch: int | None = None  # rows per micro-batch; None = the whole step in one
 
     @property
     def name(self) -> str:
         name = f"{self.mode}-beta{self.beta:g}-iter{self.num_iterations}"
         if self.num_generations != 8 or self.max_completion_length != 128:
             name += f"-G{self.num_generations}-T{self.max_completion_length}"
+        if self.micro_batch is not None:
+            name += f"-mb{self.micro_batch}"
         if not self.bf16:
             name += "-fp32"
         return name
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step (one generation round per step for both)."""
+        if self.micro_batch is None:
+            return 1
+        if self.completions_per_step % self.micro_batch:
+            raise SystemExit(
+                f"--micro-batch {self.micro_batch} must divide the {self.completions_per_step} "
+                "completions of a step"
+            )
+        return self.completions_per_step // self.micro_batch
 
     @property
     def completions_per_step(self) -> int:
@@ -129,8 +144,8 @@ class Workload:
         """Keyword arguments for GRPOConfig, valid for both grpokit's and TRL's."""
         return dict(
             output_dir=output_dir,
-            per_device_train_batch_size=self.completions_per_step,
-            gradient_accumulation_steps=1,
+            per_device_train_batch_size=self.micro_batch or self.completions_per_step,
+            gradient_accumulation_steps=self.accumulation_steps,
             num_generations=self.num_generations,
             max_completion_length=self.max_completion_length,
             loss_type=self.loss_type,
@@ -659,22 +674,24 @@ def roofline_work(summary: dict[str, Any], native_bf16: bool) -> Work | None:
     )
 
 
-def rows_per_forward(work: Any) -> int:
-    """Completions in grpokit's largest training forward on this CPU: the micro-batch split by
-    `max_forward_tokens="auto"` (`DeviceTraits.max_forward_tokens`, `train.microbatch`)."""
+def rows_per_forward(work: Any, micro_batch: int | None, bf16: bool) -> tuple[int, bool]:
+    """(completions in grpokit's largest training forward on this CPU, whether its decoder
+    layers recompute activations): the micro-batch as `max_forward_tokens="auto"` bounds it
+    (`DeviceTraits.activation_bound`, `train.microbatch`)."""
     import torch
 
     from grpokit.engines.device import device_traits
     from grpokit.train.microbatch import split_by_tokens
 
-    n = work.completions
+    n = micro_batch or work.completions
+    max_tokens, recompute = device_traits("cpu").activation_bound(bf16)
     parts = split_by_tokens(
         torch.arange(n),
-        device_traits("cpu").max_forward_tokens,
+        max_tokens,
         torch.full((n,), work.completion_len),
         torch.full((n,), work.prompt_len),
     )
-    return max(len(part) for part in parts)
+    return max(len(part) for part in parts), recompute
 
 
 def format_roofline(
@@ -702,13 +719,21 @@ def format_roofline(
         )
         # packed linear weights on every CPU: the bf16 copy's, held only packed (native bf16),
         # or the fp32 policy's while it decodes, beside its weights (`engines.packed_linear`)
-        rows = rows_per_forward(work)
+        fields = group[0].get("workload_fields", {})
+        rows, recompute = rows_per_forward(
+            work, fields.get("micro_batch"), bool(fields.get("bf16", True)) and native
+        )
         budget = roofline.memory_budget(
             shape, work, sampler_copy=native, packed=True, micro_batch=rows
         )
+        kept = (
+            "activations recomputed in backward, so the activations row is an upper bound"
+            if recompute
+            else "activations kept"
+        )
         out.append(
             f"\nMemory, {name} (grpokit's components on this CPU, training forwards of {rows} "
-            "rows; tensors, exact bytes):"
+            f"rows, {kept}; tensors, exact bytes):"
         )
         out.append(roofline.memory_table(budget, {s["system"]: s["peak_rss_mb"] for s in group}))
         out.append("")
@@ -820,6 +845,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-completion-length", nargs="+", type=int, default=[128], help="tokens per completion"
     )
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="rows per micro-batch (per_device_train_batch_size, with gradient accumulation up "
+        "to the step's completions; default: the whole step in one micro-batch)",
+    )
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up optimizer steps (dropped)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -869,6 +901,7 @@ def main(argv: list[str] | None = None) -> int:
             max_completion_length=t,
             seed=args.seed,
             bf16=not args.no_bf16,
+            micro_batch=args.micro_batch,
         )
         for m, b, k, g, t in itertools.product(
             args.mode,
