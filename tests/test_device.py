@@ -186,6 +186,21 @@ def test_autocast_is_bf16_on_the_device_type_asked_for(monkeypatch: pytest.Monke
     assert isinstance(device_traits("cuda").autocast(False), contextlib.nullcontext)
 
 
+def test_autocast_keeps_no_cast_cache_for_recomputed_forwards() -> None:
+    # A recomputing training forward: no cache of weight casts (DeviceTraits.autocast); the
+    # weights' bf16 casts are the same either way.
+    traits = device_traits("cpu")
+    weight = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(2, 4)
+    outs = {}
+    for recompute in (False, True):
+        with traits.autocast(True, recompute=recompute):
+            assert torch.is_autocast_cache_enabled() is (not recompute)
+            outs[recompute] = x @ weight
+    assert outs[True].dtype == outs[False].dtype == torch.bfloat16
+    assert torch.equal(outs[True], outs[False])
+
+
 # ---- precision and TF32 -----------------------------------------------------------------------
 @pytest.mark.parametrize(("capability", "expected"), [(AMPERE, True), (TURING, False)])
 def test_precision_on_a_gpu_follows_native_bf16(

@@ -103,11 +103,22 @@ class DeviceTraits:
         (no copy: the engine samples from the policy itself)."""
         return torch.bfloat16 if self.native_bf16 else None
 
-    def autocast(self, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    def autocast(
+        self, enabled: bool, *, recompute: bool = False
+    ) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast on this device type when `enabled`, else a no-op (float32 compute).
-        Whether to enable it is `train.build.resolve_precision`'s rule (`native_bf16`)."""
+        Whether to enable it is `train.build.resolve_precision`'s rule (`native_bf16`).
+
+        With `recompute` (a training forward whose decoder layers recompute their activations,
+        `train.build.ActivationBound`) autocast keeps no cache of its weight casts: the cache
+        would hold a bf16 copy of every weight until the forward ends, while each layer casts
+        its weights again when it is recomputed in the backward pass anyway. The same casts
+        and values; measured, one forward of 16 rows with recomputed layers: peak RSS 3624
+        instead of 4014 MiB (bench/RESULTS.md)."""
         if enabled:
-            return torch.autocast(device_type=self.type, dtype=torch.bfloat16)
+            return torch.autocast(
+                device_type=self.type, dtype=torch.bfloat16, cache_enabled=not recompute
+            )
         return contextlib.nullcontext()
 
 

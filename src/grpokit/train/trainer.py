@@ -833,7 +833,7 @@ class GRPOTrainer:
         cfg = self.args
         rows = slice(0, batch.size)
         input_ids, attention_mask, t = batch.trimmed(rows)  # [n, P'+T'], T'
-        with self.autocast():
+        with self.autocast(training=True):
             logprobs, entropies = model_completion_logprobs(
                 self.train_model,
                 input_ids.to(self.device),
@@ -1053,9 +1053,12 @@ class GRPOTrainer:
     # =============================================================================================
     # Helpers
     # =============================================================================================
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast on this device when enabled and native (`use_bf16`); otherwise a no-op."""
-        return self.device_traits.autocast(self.use_bf16)
+    def autocast(self, *, training: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on this device when enabled and native (`use_bf16`); otherwise a no-op.
+        `training`: for a training forward, which keeps no cache of weight casts when its layers
+        recompute their activations (`DeviceTraits.autocast`)."""
+        recompute = training and self.activation_bound.recompute
+        return self.device_traits.autocast(self.use_bf16, recompute=recompute)
 
     @property
     def _pad_token_id(self) -> int:
