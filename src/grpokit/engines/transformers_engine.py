@@ -25,6 +25,7 @@ from grpokit.engines.base import (
     plain_forward,
 )
 from grpokit.engines.device import DeviceTraits, device_traits, model_device
+from grpokit.engines.kv_cache import reserve_positions
 from grpokit.engines.models import context_length
 from grpokit.engines.multi_turn import RowRecord, assemble_output, reprefill_turns
 from grpokit.engines.packed_linear import (
@@ -346,7 +347,15 @@ class TransformersEngine:
             vocab_size=int(forward.get_output_embeddings().weight.shape[0]),
             draw=self.draw,
         )
-        cache, logits = prefill(forward, ids, mask, positions, g, share=self.share_prompt_prefill)
+        cache, logits = prefill(
+            forward,
+            ids,
+            mask,
+            positions,
+            g,
+            share=self.share_prompt_prefill,
+            reserve=p + max_new_tokens,
+        )
         next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1  # [N, 1]
         state = _TurnRows(n, turns, max_new_tokens, set(self.eos_token_ids))
         column, step = p, 0
@@ -450,7 +459,15 @@ class TransformersEngine:
             vocab_size=int(forward.get_output_embeddings().weight.shape[0]),
             draw=self.draw,
         )
-        cache, logits = prefill(forward, ids, mask, positions, g, share=self.share_prompt_prefill)
+        cache, logits = prefill(
+            forward,
+            ids,
+            mask,
+            positions,
+            g,
+            share=self.share_prompt_prefill,
+            reserve=mask.shape[1] + max_new_tokens,
+        )
         next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1  # [N, 1]
         finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
         tokens, logprobs = [], []
@@ -534,7 +551,14 @@ class TransformersEngine:
 
 
 def prefill(
-    forward: Any, ids: Tensor, mask: Tensor, positions: Tensor, g: int, *, share: bool
+    forward: Any,
+    ids: Tensor,
+    mask: Tensor,
+    positions: Tensor,
+    g: int,
+    *,
+    share: bool,
+    reserve: int | None = None,
 ) -> tuple[Any, Tensor]:
     """Run the prompts through the model once and return the KV cache of the N = B*G rows.
 
@@ -549,6 +573,8 @@ def prefill(
         positions: `[B, P]` position ids (0 at padding).
         g: completions per prompt (G).
         share: prefill B rows instead of N.
+        reserve: Positions (prompt + new tokens) the cache reserves for the decode steps
+            (`kv_cache.reserve_positions`); None = transformers' own growing cache.
 
     Returns:
         `(cache, logits)`: the model's cache object holding N rows, and the next-token logits
@@ -567,6 +593,8 @@ def prefill(
     if share and g > 1:
         cache.batch_repeat_interleave(g)
         logits = logits.repeat_interleave(g, dim=0)  # [N, V]
+    if reserve is not None:
+        reserve_positions(cache, reserve)
     return cache, logits
 
 
