@@ -336,7 +336,6 @@ class TransformersEngine:
         forward = plain_forward(self.sampler_model)
         n, p = ids.shape[0] * g, mask.shape[1]
         device = ids.device
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P]
         attention = mask.new_ones((n, p + max_new_tokens))  # [N, columns], grown on demand
         attention[:, :p] = mask.repeat_interleave(g, dim=0)
         sampler = TokenSampler(
@@ -347,16 +346,7 @@ class TransformersEngine:
             vocab_size=int(forward.get_output_embeddings().weight.shape[0]),
             draw=self.draw,
         )
-        cache, logits = prefill(
-            forward,
-            ids,
-            mask,
-            positions,
-            g,
-            share=self.share_prompt_prefill,
-            reserve=p + max_new_tokens,
-        )
-        next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1  # [N, 1]
+        cache, logits, next_position = self._prefilled(forward, ids, mask, g, max_new_tokens)
         state = _TurnRows(n, turns, max_new_tokens, set(self.eos_token_ids))
         column, step = p, 0
         while True:
@@ -405,6 +395,24 @@ class TransformersEngine:
             logits = out.logits[:, -1].float()  # [N, V]
         return state.rows
 
+    def _prefilled(
+        self, forward: Any, ids: Tensor, mask: Tensor, g: int, max_new_tokens: int
+    ) -> tuple[Any, Tensor, Tensor]:
+        """The start of a decode loop: `prefill` of the `[B, P]` prompts for their N = B*G rows
+        (shared per group as the engine is set), the cache reserved for `max_new_tokens` more
+        positions. Returns `(cache, logits [N, V] float32, next position ids [N, 1])`."""
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P]
+        cache, logits = prefill(
+            forward,
+            ids,
+            mask,
+            positions,
+            g,
+            share=self.share_prompt_prefill,
+            reserve=mask.shape[1] + max_new_tokens,
+        )
+        return cache, logits, positions[:, -1:].repeat_interleave(g, dim=0) + 1
+
     def _check_context(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
         limit = context_length(self.model)
         longest = max((len(ids) for ids in prompt_ids), default=0)
@@ -448,7 +456,6 @@ class TransformersEngine:
         """
         forward = plain_forward(self.sampler_model)
         n = ids.shape[0] * g
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P]
         full_mask = mask.new_ones((n, mask.shape[1] + max_new_tokens))  # [N, P + T]
         full_mask[:, : mask.shape[1]] = mask.repeat_interleave(g, dim=0)
         sampler = TokenSampler(
@@ -459,16 +466,7 @@ class TransformersEngine:
             vocab_size=int(forward.get_output_embeddings().weight.shape[0]),
             draw=self.draw,
         )
-        cache, logits = prefill(
-            forward,
-            ids,
-            mask,
-            positions,
-            g,
-            share=self.share_prompt_prefill,
-            reserve=mask.shape[1] + max_new_tokens,
-        )
-        next_position = positions[:, -1:].repeat_interleave(g, dim=0) + 1  # [N, 1]
+        cache, logits, next_position = self._prefilled(forward, ids, mask, g, max_new_tokens)
         finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
         tokens, logprobs = [], []
         for step in range(max_new_tokens):
