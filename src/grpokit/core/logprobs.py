@@ -306,8 +306,7 @@ def model_completion_logprobs(
         logits = model(**kwargs).logits  # [n, T+1, V] when the model kept only those
         if logits.shape[1] != completion_len + 1:
             # Sliced only when needed: the gradient of a slice, even of every position, is a
-            # zero-filled full-size tensor plus a copy ([n, T+1, V], ~0.3 s a step in
-            # bench/RESULTS.md).
+            # zero-filled full-size tensor plus a copy ([n, T+1, V]).
             logits = logits[:, -(completion_len + 1) :, :]  # [n, T+1, V]
         completion_ids = ids[:, -completion_len:]  # [n, T]
         # Position t of the logits scores completion token t; the last position is unused. The

@@ -113,8 +113,8 @@ class DeviceTraits:
         `train.build.ActivationBound`) autocast keeps no cache of its weight casts: the cache
         would hold a bf16 copy of every weight until the forward ends, while each layer casts
         its weights again when it is recomputed in the backward pass anyway. The same casts
-        and values; measured, one forward of 16 rows with recomputed layers: peak RSS 3624
-        instead of 4014 MiB (bench/RESULTS.md)."""
+        and values; measured, one forward of 16 rows with recomputed layers: peak RSS
+        3485-3737 instead of 3684-4014 MiB (bench/RESULTS.md)."""
         if enabled:
             return torch.autocast(
                 device_type=self.type, dtype=torch.bfloat16, cache_enabled=not recompute
