@@ -112,8 +112,10 @@ class TransformersEngine:
                 its matmuls skip the per-call weight reordering (bench/RESULTS.md). With the bf16
                 copy: `PackedLinear`, repacked after each weight update (one reorder per weight
                 and step); a weight only linear layers use is then held packed only (its plain
-                bf16 copy is released: the weights are held once), while one tied to the
-                embeddings, and every weight of a PEFT model, is held both ways. Without it, a
+                bf16 copy is released: the weights are held once; sibling projections, an
+                attention's q/k/v and an MLP's gate/up, are then held as one packed weight each,
+                `FusedGroup`), while one tied to the embeddings, and every weight of a PEFT model,
+                is held both ways. Without it, a
                 float32 policy that samples itself: `DecodePacks`, used only while decoding and
                 repacked at the start of each generate call (trainable weights and any weight
                 written since). None = where the device allows it
@@ -170,7 +172,7 @@ class TransformersEngine:
                 # Under PEFT the weights stay unpacked too: adapter layers may read a base weight.
                 release = getattr(model, "peft_config", None) is None
                 # [] without oneDNN
-                self._packed = pack_linear_layers(self.sampler_model, release=release)
+                self._packed = pack_linear_layers(self.sampler_model, release=release, fuse=release)
             elif not quantized:
                 self._decode_packs = decode_packs(self.sampler_model)  # None without oneDNN
         if pack_weights and not self._packed and self._decode_packs is None:
