@@ -776,3 +776,72 @@ def test_fused_group_members_called_on_other_inputs_compute_their_own_product() 
         for name in names:
             assert torch.equal(getattr(attention, name)(y), expected(name, y)), name
             assert torch.equal(getattr(attention, name).dense_weight(), weights[name]), name
+
+
+def _reference_sample(sampler: TokenSampler, logits: torch.Tensor, step: int) -> torch.Tensor:
+    """`TokenSampler.sample` spelt out with out-of-place ops on a float32 copy and an
+    elementwise NaN test, as a reference for the in-place fills and the row-sum test."""
+    s = sampler.sampling
+    scores = logits.float().clone()
+    if step < sampler.min_new_tokens:
+        scores = scores.index_fill(1, sampler.eos, float("-inf"))
+    if sampler.suppressed.numel():
+        scores = scores.index_fill(1, sampler.suppressed, float("-inf"))
+    scores = scores / s.temperature
+    if s.top_p < 1.0:
+        scores = top_p_filter(scores, s.top_p)
+    probs = torch.softmax(scores, dim=-1)
+    assert not torch.isnan(probs).any()
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_sampler_draws_what_the_out_of_place_reference_draws(dtype: torch.dtype) -> None:
+    """The in-place fills change no draw (same seed, same tokens) and leave the caller's logits
+    alone, for float32 logits (no copy of them is made first) and bf16 ones (cast to a copy)."""
+    torch.manual_seed(0)
+    n, v = 6, 300
+    logits = (torch.randn(n, v) * 3).to(dtype)
+    before = logits.clone()
+    for sampling in (
+        SamplingParams(generation_kwargs={"min_new_tokens": 2, "suppress_tokens": [4, 5]}),
+        SamplingParams(temperature=0.7, top_p=0.9, generation_kwargs={"min_new_tokens": 2}),
+        SamplingParams(temperature=0.7),
+    ):
+        kwargs = dict(eos_token_ids=[EOS, 3], vocab_size=v)
+        prompts = dict(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1))
+        sampler = TokenSampler(sampling, **kwargs, **prompts)
+        for step in (0, 3):
+            torch.manual_seed(step)
+            expected = _reference_sample(sampler, logits, step)
+            torch.manual_seed(step)
+            assert torch.equal(sampler.sample(logits, step), expected), (sampling, step)
+            assert torch.equal(logits, before)
+
+
+def test_token_sampler_names_exactly_the_rows_without_a_distribution() -> None:
+    """The row-sum NaN test flags the rows whose softmax holds a NaN: a NaN logit, a +inf logit,
+    every token filtered out (here by suppress_tokens); a row with some -inf logits, or with
+    huge finite ones, still has a distribution."""
+    from grpokit.engines.sampling import NonFiniteLogitsError
+
+    v = 8
+    logits = torch.zeros(6, v)
+    logits[1, 2] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3, :] = float("-inf")
+    logits[4, 1:] = float("-inf")  # only token 0 left: a distribution
+    logits[5, :] = 3e38  # finite: exp(x - max) is 1 everywhere
+    prompts = dict(prompt_ids=torch.zeros(6, 1, dtype=torch.long), prompt_mask=torch.ones(6, 1))
+    sampler = TokenSampler(SamplingParams(), eos_token_ids=[EOS], vocab_size=v, **prompts)
+    probs = torch.softmax(logits, -1)
+    expected = torch.isnan(probs).any(-1)  # the elementwise test
+    assert expected.tolist() == [False, True, True, True, False, False]
+    assert torch.equal(torch.isnan(probs.sum(-1)), expected)
+    with pytest.raises(NonFiniteLogitsError, match=r"logits of 3 of 6 rows are NaN or inf"):
+        sampler.sample(logits, 0)
+    assert sampler.sample(logits[[0, 4, 5]], 0)[1] == 0
+    suppress_all = SamplingParams(generation_kwargs={"suppress_tokens": list(range(v))})
+    sampler = TokenSampler(suppress_all, eos_token_ids=[EOS], vocab_size=v, **prompts)
+    with pytest.raises(NonFiniteLogitsError, match=r"logits of 6 of 6 rows"):
+        sampler.sample(torch.zeros(6, v), 0)

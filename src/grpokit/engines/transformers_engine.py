@@ -474,7 +474,7 @@ class TransformersEngine:
         for step in range(max_new_tokens):
             token = sampler.sample(logits, step)  # [N]
             if self.return_logprobs:
-                scaled = logits / sampling.temperature  # [N, V]
+                scaled = logits.float() / sampling.temperature  # [N, V]
                 logprobs.append(torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1))
             token = token.masked_fill(finished, self.pad_token_id)
             tokens.append(token)
@@ -489,7 +489,7 @@ class TransformersEngine:
                 use_cache=True,
             )
             next_position = next_position + 1
-            logits = out.logits[:, -1].float()  # [N, V]
+            logits = out.logits[:, -1]  # [N, V] the model's dtype; the sampler casts a copy
         return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
 
     def update_weights(self, model: Any) -> None:
