@@ -776,6 +776,15 @@ def test_fused_group_members_called_on_other_inputs_compute_their_own_product() 
         for name in names:
             assert torch.equal(getattr(attention, name)(y), expected(name, y)), name
             assert torch.equal(getattr(attention, name).dense_weight(), weights[name]), name
+    # New values for every member: the group re-packs at the last one, keeping none staged
+    group = attention.q_proj.group
+    for name in names:
+        weights[name] = weights[name] * 3
+        getattr(attention, name).pack(weights[name])
+    assert not group.staged
+    with torch.no_grad():
+        for name in names:
+            assert torch.equal(getattr(attention, name)(y), expected(name, y)), name
 
 
 def _reference_sample(sampler: TokenSampler, logits: torch.Tensor, step: int) -> torch.Tensor:

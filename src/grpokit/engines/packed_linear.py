@@ -200,8 +200,12 @@ class FusedGroup:
         return output
 
     def stage(self, member: PackedLinear, values: Tensor) -> None:
-        """Record new `[out, in]` values of `member`, packed by the next `flush()`."""
+        """Record new `[out, in]` values of `member`, packed by the next `flush()`, or at once
+        when every member has new values (so an update of every weight keeps at most one
+        group's new values unpacked at a time, not a copy of all of them)."""
         self.staged[id(member)] = values
+        if len(self.staged) == len(self.members):
+            self.flush()
 
     def flush(self) -> None:
         """Re-pack the group once if any member has staged values, and re-stack the biases if
@@ -211,11 +215,14 @@ class FusedGroup:
         self._refresh_bias()
         if not self.staged:
             return
-        dense = self.packed.to_dense()  # [sum of out, in], one group at a time
-        for member in self.members:
-            values = self.staged.get(id(member))
-            if values is not None:
-                dense[self.columns[id(member)]] = values
+        if len(self.staged) == len(self.members):
+            dense = torch.cat([self.staged[id(member)] for member in self.members])
+        else:
+            dense = self.packed.to_dense()  # [sum of out, in], one group at a time
+            for member in self.members:
+                values = self.staged.get(id(member))
+                if values is not None:
+                    dense[self.columns[id(member)]] = values
         self.staged = {}
         self.packed = None  # free the old copy before the new one is built
         self.packed = torch.ops.mkldnn._reorder_linear_weight(dense)
