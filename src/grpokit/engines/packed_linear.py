@@ -60,7 +60,7 @@ class PackedLinear(torch.nn.Linear):
 
     def release_weight(self) -> None:
         """Keep the weight only in the packed layout (see the class docstring)."""
-        if self.packed is None:
+        if self.packed is None and self.group is None:
             raise ValueError("release_weight(): pack() the layer first.")
         placeholder = self.weight.new_zeros(()).expand(self.weight.shape)
         self.weight.data = placeholder
@@ -105,8 +105,8 @@ def pack_linear_layers(
         model: The module to convert.
         release: Also `release_weight()` of every packed layer whose weight no other module
             uses (a weight tied to the input embeddings stays, the embedding reads it).
-        fuse: Also hold sibling projections as one packed weight (`fuse_projections`; only
-            released layers are fused, so this needs `release`).
+        fuse: Hold sibling projections as one packed weight instead (`fuse_projections`:
+            their weights are released too).
     """
     layers = [
         m
@@ -117,17 +117,18 @@ def pack_linear_layers(
     ]
     if not layers or not _can_pack(layers[0].weight):  # a private operator: check it works
         return []
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    packed = []
     for layer in layers:
         layer.__class__ = PackedLinear
-        assert isinstance(layer, PackedLinear)
+    packed: list[PackedLinear] = layers  # type: ignore[assignment]
+    # Groups first, packed from the plain weights: no member is packed on its own before.
+    grouped = {id(m) for g in fuse_projections(model) for m in g.members} if fuse else set()
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for layer in packed:
+        if id(layer) in grouped:
+            continue
         layer.pack()
         if release and uses[id(layer.weight)] == 1:
             layer.release_weight()
-        packed.append(layer)
-    if fuse:
-        fuse_projections(model)
     return packed
 
 
@@ -150,9 +151,10 @@ class FusedGroup:
     once every member has taken its columns. Each column of the stacked product equals the
     member's own product bit for bit (checked in tests/test_generation.py).
 
-    The members hold no weight of their own (they are released, `PackedLinear.release_weight`),
-    so the weights are still held once. New values arrive through a member's `pack(source)`,
-    are staged, and `flush()` (the members' `repack_if_changed()`) re-packs the group once.
+    The members hold no weight of their own (the group releases them,
+    `PackedLinear.release_weight`), so the weights are still held once. New values arrive
+    through a member's `pack(source)`, are staged, and `flush()` (the members'
+    `repack_if_changed()`) re-packs the group once.
     """
 
     def __init__(self, members: list[PackedLinear]) -> None:
@@ -176,6 +178,8 @@ class FusedGroup:
         for member in members:
             member.group = self
             member.packed = None  # the group holds the weight now
+            if not member.weight_released:
+                member.release_weight()
 
     def forward(self, member: PackedLinear, x: Tensor) -> Tensor:
         """`member`'s product: `x` `[..., in]` -> `[..., member.out_features]`."""
@@ -246,21 +250,28 @@ class FusedGroup:
 
 def fuse_projections(model: torch.nn.Module) -> list[FusedGroup]:
     """Group the sibling projections of `model` (`FUSABLE_PROJECTIONS`) into `FusedGroup`s
-    where that is exact: every member a released `PackedLinear` (so not wrapped by a PEFT
-    adapter and not tied), not yet grouped, all with the same input width and dtype and all with
-    or all without a bias. Returns the groups."""
+    where that is exact: every member a `PackedLinear` (so not wrapped by a PEFT adapter) whose
+    weight no other module uses (not tied), not yet grouped, all with the same input width and
+    dtype and all with or all without a bias. The members' own weights are released. Returns
+    the groups."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     groups = []
     for module in model.modules():
         for names in FUSABLE_PROJECTIONS:
             members = [getattr(module, name, None) for name in names]
-            if _fusable(members):
+            if _fusable(members, uses):
                 groups.append(FusedGroup(members))  # type: ignore[arg-type]
     return groups
 
 
-def _fusable(members: list[Any]) -> bool:
+def _fusable(members: list[Any], uses: Counter[int]) -> bool:
     first = members[0]
-    if not all(type(m) is PackedLinear and m.weight_released and m.group is None for m in members):
+    if not all(
+        type(m) is PackedLinear
+        and m.group is None
+        and (m.weight_released or uses[id(m.weight)] == 1)
+        for m in members
+    ):
         return False
     if len({id(m) for m in members}) != len(members):
         return False
