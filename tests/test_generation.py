@@ -693,3 +693,164 @@ def test_bf16_copy_never_copies_the_float32_weights(monkeypatch: pytest.MonkeyPa
         assert torch.equal(q, p.detach().to(torch.bfloat16)), name
     for (name, b), c in zip(model.named_buffers(), copy.buffers(), strict=True):
         assert torch.equal(b, c) and b.data_ptr() != c.data_ptr(), name
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_projections_sample_what_separate_packs_sample(
+    bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Holding q/k/v and gate/up as one packed weight each changes no bit: the same seed gives
+    the same tokens and sampling log-probs as separately packed layers, before and after an
+    update of every weight (and bias)."""
+    from grpokit.engines import packed_linear
+
+    tok = make_tokenizer()
+    model = make_causal_lm(tok, attention_bias=bias)
+    fused = TransformersEngine(model, tok, bf16_sampler=True, return_logprobs=True)
+    groups = {id(m.group) for m in fused.sampler_model.modules() if getattr(m, "group", None)}
+    if not groups:
+        pytest.skip("this torch build has no oneDNN")
+    assert len(groups) == 2 * 2  # 2 layers x (q/k/v, gate/up)
+    with monkeypatch.context() as patch:
+        patch.setattr(packed_linear, "FUSABLE_PROJECTIONS", ())
+        separate = TransformersEngine(model, tok, bf16_sampler=True, return_logprobs=True)
+    assert not any(getattr(m, "group", None) for m in separate.sampler_model.modules())
+    sampling = SamplingParams(temperature=0.9, generation_kwargs={"min_new_tokens": 6})
+    kwargs = dict(num_generations=3, max_new_tokens=8, sampling=sampling)
+    for _ in range(2):
+        outs = []
+        for engine in (fused, separate):
+            torch.manual_seed(3)
+            outs.append(engine.generate(PROMPTS, **kwargs))
+        assert torch.equal(outs[0].completion_ids, outs[1].completion_ids)
+        assert torch.equal(outs[0].sampling_logprobs, outs[1].sampling_logprobs)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        for engine in (fused, separate):
+            engine.update_weights(model)
+    weights = fused.sampler_weights()
+    for name, p in model.named_parameters():
+        assert torch.equal(weights[name], p.detach().to(torch.bfloat16)), name
+
+
+def test_fused_group_members_called_on_other_inputs_compute_their_own_product() -> None:
+    """A member reuses the group's product only for the same, unchanged input tensor; on any
+    other input (a new tensor, one written in place, an inference-mode tensor, a member called
+    alone or twice) it still returns exactly its own product."""
+    from grpokit.engines.packed_linear import FusedGroup, pack_linear_layers
+
+    torch.manual_seed(0)
+    attention = torch.nn.Module()
+    attention.q_proj = torch.nn.Linear(32, 32, bias=False)
+    attention.k_proj = torch.nn.Linear(32, 16, bias=False)
+    attention.v_proj = torch.nn.Linear(32, 16, bias=False)
+    attention.to(torch.bfloat16)
+    names = ("q_proj", "k_proj", "v_proj")
+    weights = {n: getattr(attention, n).weight.detach().clone() for n in names}
+
+    def expected(name: str, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weights[name])
+
+    if not pack_linear_layers(attention, release=True, fuse=True):
+        pytest.skip("this torch build has no oneDNN")
+    assert isinstance(attention.q_proj.group, FusedGroup)
+    assert attention.q_proj.packed is None  # the group holds the weights, once
+    x, y = torch.randn(2, 3, 32, dtype=torch.bfloat16), torch.randn(4, 32, dtype=torch.bfloat16)
+    calls = [("k_proj", x), ("q_proj", y), ("q_proj", x), ("v_proj", x), ("v_proj", x)]
+    with torch.no_grad():
+        for name, inp in calls:
+            assert torch.equal(getattr(attention, name)(inp), expected(name, inp)), name
+        assert torch.equal(attention.q_proj(x), expected("q_proj", x))
+        x.mul_(2.0)  # written in place between two members' calls
+        assert torch.equal(attention.k_proj(x), expected("k_proj", x))
+    with torch.inference_mode():
+        z = torch.randn(5, 32, dtype=torch.bfloat16)
+        for name in names:
+            assert torch.equal(getattr(attention, name)(z), expected(name, z)), name
+    attention.k_proj.pack(weights["k_proj"] * 2)  # staged until the group is flushed
+    assert torch.equal(attention.k_proj.dense_weight(), weights["k_proj"] * 2)
+    attention.k_proj.repack_if_changed()
+    weights["k_proj"] = weights["k_proj"] * 2
+    with torch.no_grad():
+        for name in names:
+            assert torch.equal(getattr(attention, name)(y), expected(name, y)), name
+            assert torch.equal(getattr(attention, name).dense_weight(), weights[name]), name
+    # New values for every member: the group re-packs at the last one, keeping none staged
+    group = attention.q_proj.group
+    for name in names:
+        weights[name] = weights[name] * 3
+        getattr(attention, name).pack(weights[name])
+    assert not group.staged
+    with torch.no_grad():
+        for name in names:
+            assert torch.equal(getattr(attention, name)(y), expected(name, y)), name
+
+
+def _reference_sample(sampler: TokenSampler, logits: torch.Tensor, step: int) -> torch.Tensor:
+    """`TokenSampler.sample` spelt out with out-of-place ops on a float32 copy and an
+    elementwise NaN test, as a reference for the in-place fills and the row-sum test."""
+    s = sampler.sampling
+    scores = logits.float().clone()
+    if step < sampler.min_new_tokens:
+        scores = scores.index_fill(1, sampler.eos, float("-inf"))
+    if sampler.suppressed.numel():
+        scores = scores.index_fill(1, sampler.suppressed, float("-inf"))
+    scores = scores / s.temperature
+    if s.top_p < 1.0:
+        scores = top_p_filter(scores, s.top_p)
+    probs = torch.softmax(scores, dim=-1)
+    assert not torch.isnan(probs).any()
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_sampler_draws_what_the_out_of_place_reference_draws(dtype: torch.dtype) -> None:
+    """The in-place fills change no draw (same seed, same tokens) and leave the caller's logits
+    alone, for float32 logits (no copy of them is made first) and bf16 ones (cast to a copy)."""
+    torch.manual_seed(0)
+    n, v = 6, 300
+    logits = (torch.randn(n, v) * 3).to(dtype)
+    before = logits.clone()
+    for sampling in (
+        SamplingParams(generation_kwargs={"min_new_tokens": 2, "suppress_tokens": [4, 5]}),
+        SamplingParams(temperature=0.7, top_p=0.9, generation_kwargs={"min_new_tokens": 2}),
+        SamplingParams(temperature=0.7),
+    ):
+        kwargs = dict(eos_token_ids=[EOS, 3], vocab_size=v)
+        prompts = dict(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1))
+        sampler = TokenSampler(sampling, **kwargs, **prompts)
+        for step in (0, 3):
+            torch.manual_seed(step)
+            expected = _reference_sample(sampler, logits, step)
+            torch.manual_seed(step)
+            assert torch.equal(sampler.sample(logits, step), expected), (sampling, step)
+            assert torch.equal(logits, before)
+
+
+def test_token_sampler_names_exactly_the_rows_without_a_distribution() -> None:
+    """The row-sum NaN test flags the rows whose softmax holds a NaN: a NaN logit, a +inf logit,
+    every token filtered out (here by suppress_tokens); a row with some -inf logits, or with
+    huge finite ones, still has a distribution."""
+    from grpokit.engines.sampling import NonFiniteLogitsError
+
+    v = 8
+    logits = torch.zeros(6, v)
+    logits[1, 2] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3, :] = float("-inf")
+    logits[4, 1:] = float("-inf")  # only token 0 left: a distribution
+    logits[5, :] = 3e38  # finite: exp(x - max) is 1 everywhere
+    prompts = dict(prompt_ids=torch.zeros(6, 1, dtype=torch.long), prompt_mask=torch.ones(6, 1))
+    sampler = TokenSampler(SamplingParams(), eos_token_ids=[EOS], vocab_size=v, **prompts)
+    probs = torch.softmax(logits, -1)
+    expected = torch.isnan(probs).any(-1)  # the elementwise test
+    assert expected.tolist() == [False, True, True, True, False, False]
+    assert torch.equal(torch.isnan(probs.sum(-1)), expected)
+    with pytest.raises(NonFiniteLogitsError, match=r"logits of 3 of 6 rows are NaN or inf"):
+        sampler.sample(logits, 0)
+    assert sampler.sample(logits[[0, 4, 5]], 0)[1] == 0
+    suppress_all = SamplingParams(generation_kwargs={"suppress_tokens": list(range(v))})
+    sampler = TokenSampler(suppress_all, eos_token_ids=[EOS], vocab_size=v, **prompts)
+    with pytest.raises(NonFiniteLogitsError, match=r"logits of 6 of 6 rows"):
+        sampler.sample(torch.zeros(6, v), 0)

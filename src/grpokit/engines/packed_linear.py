@@ -37,10 +37,11 @@ class PackedLinear(torch.nn.Linear):
     packed: Tensor | None = None
     packed_version: int = -1
     weight_released: bool = False
+    group: FusedGroup | None = None  # set by `fuse_projections`: the group holds the weight
 
     def pack(self, source: Tensor | None = None) -> None:
         """(Re)build the packed copy from `source` `[out, in]` (cast to the layer's dtype), or
-        from `weight` when None.
+        from `weight` when None. In a `FusedGroup` the values go to the group's packed weight.
 
         Raises:
             ValueError: `source` is None after `release_weight()` (there is nothing to pack).
@@ -49,6 +50,9 @@ class PackedLinear(torch.nn.Linear):
             if self.weight_released:
                 raise ValueError("pack(): the weight was released; pass the new values.")
             source = self.weight
+        if self.group is not None:
+            self.group.stage(self, source.detach().to(self.weight.dtype))
+            return
         self.packed = None  # free the old copy before the new one is built
         bf16 = source.detach().to(self.weight.dtype)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(bf16)
@@ -56,7 +60,7 @@ class PackedLinear(torch.nn.Linear):
 
     def release_weight(self) -> None:
         """Keep the weight only in the packed layout (see the class docstring)."""
-        if self.packed is None:
+        if self.packed is None and self.group is None:
             raise ValueError("release_weight(): pack() the layer first.")
         placeholder = self.weight.new_zeros(()).expand(self.weight.shape)
         self.weight.data = placeholder
@@ -64,17 +68,25 @@ class PackedLinear(torch.nn.Linear):
 
     def dense_weight(self) -> Tensor:
         """The `[out, in]` weight the layer multiplies by (unpacked when released)."""
+        if self.group is not None:
+            return self.group.dense_weight(self)
         if self.weight_released:
             assert self.packed is not None
             return self.packed.to_dense()
         return self.weight
 
     def repack_if_changed(self) -> None:
-        if not self.weight_released and self.weight._version != self.packed_version:
+        """Re-pack after the plain weight was written in place; in a `FusedGroup`, apply the
+        values `pack(source)` staged and follow in-place writes to the biases."""
+        if self.group is not None:
+            self.group.flush()
+        elif not self.weight_released and self.weight._version != self.packed_version:
             self.pack()
 
     def forward(self, x: Tensor) -> Tensor:
         """`x` `[..., in]` -> `[..., out]`."""
+        if self.group is not None:
+            return self.group.forward(self, x)
         if self.packed is None or (x.dtype != self.weight.dtype and not self.weight_released):
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
@@ -82,7 +94,9 @@ class PackedLinear(torch.nn.Linear):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def pack_linear_layers(model: torch.nn.Module, *, release: bool = False) -> list[PackedLinear]:
+def pack_linear_layers(
+    model: torch.nn.Module, *, release: bool = False, fuse: bool = False
+) -> list[PackedLinear]:
     """Turn every plain bf16 CPU `nn.Linear` of `model` into a `PackedLinear` in place (same
     parameters, so tied weights stay tied) and pack it. Returns them; empty (model unchanged)
     when this torch cannot pack (no oneDNN).
@@ -91,6 +105,8 @@ def pack_linear_layers(model: torch.nn.Module, *, release: bool = False) -> list
         model: The module to convert.
         release: Also `release_weight()` of every packed layer whose weight no other module
             uses (a weight tied to the input embeddings stays, the embedding reads it).
+        fuse: Hold sibling projections as one packed weight instead (`fuse_projections`:
+            their weights are released too).
     """
     layers = [
         m
@@ -101,16 +117,171 @@ def pack_linear_layers(model: torch.nn.Module, *, release: bool = False) -> list
     ]
     if not layers or not _can_pack(layers[0].weight):  # a private operator: check it works
         return []
-    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    packed = []
     for layer in layers:
         layer.__class__ = PackedLinear
-        assert isinstance(layer, PackedLinear)
+    packed: list[PackedLinear] = layers  # type: ignore[assignment]
+    # Groups first, packed from the plain weights: no member is packed on its own before.
+    grouped = {id(m) for g in fuse_projections(model) for m in g.members} if fuse else set()
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for layer in packed:
+        if id(layer) in grouped:
+            continue
         layer.pack()
         if release and uses[id(layer.weight)] == 1:
             layer.release_weight()
-        packed.append(layer)
     return packed
+
+
+# Sibling projections that read the same input, by attribute name: a Llama-style attention's
+# query/key/value projections and its gated MLP's gate/up projections (Llama, Mistral, Qwen2/3).
+FUSABLE_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class FusedGroup:
+    """Sibling `PackedLinear`s that read the same input, held as one packed weight
+    `[sum of out, in]`: a Llama attention's q, k and v projections, or its MLP's gate and up.
+
+    transformers calls each projection on its own (`q_proj(x)`, then `k_proj(x)`, ...); with a
+    few rows per decode step one oneDNN product over the stacked weight costs less than one per
+    member (timings in bench/RESULTS.md). So the first member called on an input computes the
+    whole product and the group keeps it; each member returns its own columns of it, as long as
+    it is called on that same tensor object, unchanged since (its version counter). A member
+    called on any other input (or on an inference-mode tensor, which has no version counter)
+    computes the whole product afresh: the same values, only slower. The product is dropped
+    once every member has taken its columns. Each column of the stacked product equals the
+    member's own product bit for bit (checked in tests/test_generation.py).
+
+    The members hold no weight of their own (the group releases them,
+    `PackedLinear.release_weight`), so the weights are still held once. New values arrive
+    through a member's `pack(source)`, are staged, and `flush()` (the members'
+    `repack_if_changed()`) re-packs the group once.
+    """
+
+    def __init__(self, members: list[PackedLinear]) -> None:
+        self.members = members
+        self.columns: dict[int, slice] = {}  # id(member) -> its columns of the product
+        start = 0
+        for member in members:
+            self.columns[id(member)] = slice(start, start + member.out_features)
+            start += member.out_features
+        self.staged: dict[int, Tensor] = {}  # id(member) -> new `[out, in]` values
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(
+            torch.cat([member.dense_weight() for member in members])
+        )
+        self.bias: Tensor | None = None
+        self.bias_versions: tuple[int, ...] = ()
+        self._refresh_bias()
+        self._input: Tensor | None = None  # the input of the kept product
+        self._input_version = -1
+        self._output: Tensor | None = None  # [..., sum of out]
+        self._waiting = 0  # members that have not yet taken their columns of `_output`
+        for member in members:
+            member.group = self
+            member.packed = None  # the group holds the weight now
+            if not member.weight_released:
+                member.release_weight()
+
+    def forward(self, member: PackedLinear, x: Tensor) -> Tensor:
+        """`member`'s product: `x` `[..., in]` -> `[..., member.out_features]`."""
+        reuse = (
+            self._waiting > 0
+            and x is self._input
+            and not x.is_inference()
+            and x._version == self._input_version
+        )
+        if not reuse:
+            flat = x.reshape(-1, x.shape[-1]).to(member.weight.dtype)
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+            self._output = out.view(*x.shape[:-1], out.shape[-1])
+            self._input = x
+            self._input_version = -1 if x.is_inference() else x._version
+            self._waiting = len(self.members)
+        assert self._output is not None
+        output = self._output[..., self.columns[id(member)]]
+        self._waiting -= 1
+        if self._waiting == 0:
+            self._input = self._output = None
+        return output
+
+    def stage(self, member: PackedLinear, values: Tensor) -> None:
+        """Record new `[out, in]` values of `member`, packed by the next `flush()`, or at once
+        when every member has new values (so an update of every weight keeps at most one
+        group's new values unpacked at a time, not a copy of all of them)."""
+        self.staged[id(member)] = values
+        if len(self.staged) == len(self.members):
+            self.flush()
+
+    def flush(self) -> None:
+        """Re-pack the group once if any member has staged values, and re-stack the biases if
+        any was written in place."""
+        self._input = self._output = None
+        self._waiting = 0
+        self._refresh_bias()
+        if not self.staged:
+            return
+        if len(self.staged) == len(self.members):
+            dense = torch.cat([self.staged[id(member)] for member in self.members])
+        else:
+            dense = self.packed.to_dense()  # [sum of out, in], one group at a time
+            for member in self.members:
+                values = self.staged.get(id(member))
+                if values is not None:
+                    dense[self.columns[id(member)]] = values
+        self.staged = {}
+        self.packed = None  # free the old copy before the new one is built
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(dense)
+
+    def dense_weight(self, member: PackedLinear) -> Tensor:
+        """`member`'s `[out, in]` weight (a new tensor)."""
+        staged = self.staged.get(id(member))
+        if staged is not None:
+            return staged
+        return self.packed.to_dense()[self.columns[id(member)]].clone()
+
+    def _refresh_bias(self) -> None:
+        biases = [member.bias for member in self.members]
+        if biases[0] is None:
+            return
+        versions = tuple(bias._version for bias in biases if bias is not None)
+        if versions != self.bias_versions:
+            self.bias = torch.cat([bias.detach() for bias in biases if bias is not None])
+            self.bias_versions = versions
+
+
+def fuse_projections(model: torch.nn.Module) -> list[FusedGroup]:
+    """Group the sibling projections of `model` (`FUSABLE_PROJECTIONS`) into `FusedGroup`s
+    where that is exact: every member a `PackedLinear` (so not wrapped by a PEFT adapter) whose
+    weight no other module uses (not tied), not yet grouped, all with the same input width and
+    dtype and all with or all without a bias. The members' own weights are released. Returns
+    the groups."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    groups = []
+    for module in model.modules():
+        for names in FUSABLE_PROJECTIONS:
+            members = [getattr(module, name, None) for name in names]
+            if _fusable(members, uses):
+                groups.append(FusedGroup(members))  # type: ignore[arg-type]
+    return groups
+
+
+def _fusable(members: list[Any], uses: Counter[int]) -> bool:
+    first = members[0]
+    if not all(
+        type(m) is PackedLinear
+        and m.group is None
+        and (m.weight_released or uses[id(m.weight)] == 1)
+        for m in members
+    ):
+        return False
+    if len({id(m) for m in members}) != len(members):
+        return False
+    return all(
+        m.in_features == first.in_features
+        and m.weight.dtype == first.weight.dtype
+        and (m.bias is None) == (first.bias is None)
+        and (m.bias is None or m.bias.dtype == first.bias.dtype)
+        for m in members
+    )
 
 
 def _can_pack(weight: Tensor) -> bool:

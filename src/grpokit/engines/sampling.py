@@ -137,12 +137,14 @@ class TokenSampler:
         if self.seen is not None:
             seen = self.seen if rows is None else self.seen[rows]
             scores = repetition_penalty(scores, seen, s.repetition_penalty)
-        if step < self.min_new_tokens:
-            scores = scores.index_fill(1, self.eos, float("-inf"))
-        if self.suppressed.numel():
-            scores = scores.index_fill(1, self.suppressed, float("-inf"))
+        # Forbidden tokens are filled in place when `scores` is already a new tensor (a bf16
+        # `logits` cast, or a processor's output): one [n, V] copy fewer, the same values.
+        for forbidden in (self.eos if step < self.min_new_tokens else None, self.suppressed):
+            if forbidden is not None and forbidden.numel():
+                fill = scores.index_fill_ if scores is not logits else scores.index_fill
+                scores = fill(1, forbidden, float("-inf"))
         if s.temperature != 1.0:
-            scores = scores / s.temperature
+            scores = scores.div_(s.temperature) if scores is not logits else scores / s.temperature
         if s.top_k > 0:
             scores = top_k_filter(scores, s.top_k)
         if s.top_p < 1.0:
@@ -155,12 +157,18 @@ class TokenSampler:
         """Draw one token per row: `[n]` long from raw `logits` `[n, V]`, for all N rows (`rows`
         None) or for the rows `rows` (`[n]` indices; the others' repetition state is untouched).
 
+        A row is broken when its softmax holds a NaN, which is tested on the row's sum: a sum is
+        NaN exactly when a term is NaN or the terms hold both +inf and -inf, and a softmax
+        output is never infinite (each term `exp(x - max) / sum`, with `sum >= 1` from the
+        maximum's own term, lies in [0, 1]; a NaN, +inf or all -inf row gives NaN throughout).
+        So the sum is NaN exactly when the row holds a NaN, without a NaN test per element.
+
         Raises:
             NonFiniteLogitsError: a row's logits hold NaN or +inf (or every token was filtered
                 out), so it has no distribution to draw from.
         """
         probs = torch.softmax(self.scores(logits, step, rows), dim=-1)  # [n, V]
-        broken = torch.isnan(probs).any(-1)  # [N]
+        broken = torch.isnan(probs.sum(-1))  # [n]: the row holds a NaN (see below)
         if bool(broken.any()):
             raise NonFiniteLogitsError(
                 f"sampling completion token {step}: the logits of {int(broken.sum())} of "

@@ -112,8 +112,10 @@ class TransformersEngine:
                 its matmuls skip the per-call weight reordering (bench/RESULTS.md). With the bf16
                 copy: `PackedLinear`, repacked after each weight update (one reorder per weight
                 and step); a weight only linear layers use is then held packed only (its plain
-                bf16 copy is released: the weights are held once), while one tied to the
-                embeddings, and every weight of a PEFT model, is held both ways. Without it, a
+                bf16 copy is released: the weights are held once; sibling projections, an
+                attention's q/k/v and an MLP's gate/up, are then held as one packed weight each,
+                `FusedGroup`), while one tied to the embeddings, and every weight of a PEFT model,
+                is held both ways. Without it, a
                 float32 policy that samples itself: `DecodePacks`, used only while decoding and
                 repacked at the start of each generate call (trainable weights and any weight
                 written since). None = where the device allows it
@@ -170,7 +172,7 @@ class TransformersEngine:
                 # Under PEFT the weights stay unpacked too: adapter layers may read a base weight.
                 release = getattr(model, "peft_config", None) is None
                 # [] without oneDNN
-                self._packed = pack_linear_layers(self.sampler_model, release=release)
+                self._packed = pack_linear_layers(self.sampler_model, release=release, fuse=release)
             elif not quantized:
                 self._decode_packs = decode_packs(self.sampler_model)  # None without oneDNN
         if pack_weights and not self._packed and self._decode_packs is None:
@@ -472,7 +474,7 @@ class TransformersEngine:
         for step in range(max_new_tokens):
             token = sampler.sample(logits, step)  # [N]
             if self.return_logprobs:
-                scaled = logits / sampling.temperature  # [N, V]
+                scaled = logits.float() / sampling.temperature  # [N, V]
                 logprobs.append(torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1))
             token = token.masked_fill(finished, self.pad_token_id)
             tokens.append(token)
@@ -487,7 +489,7 @@ class TransformersEngine:
                 use_cache=True,
             )
             next_position = next_position + 1
-            logits = out.logits[:, -1].float()  # [N, V]
+            logits = out.logits[:, -1]  # [N, V] the model's dtype; the sampler casts a copy
         return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
 
     def update_weights(self, model: Any) -> None:
