@@ -443,6 +443,40 @@ def test_trainer_on_the_cpu_retains_freed_memory(
     assert applied == []
 
 
+@pytest.mark.parametrize(
+    ("traits", "retain", "expected"),
+    [
+        # per step: before generation, before each of the 2 micro-batches, before the optimizer
+        ("cpu", True, ["release"] * 4 * 2),
+        ("cpu", False, []),
+        ("cuda", True, []),
+    ],
+)
+def test_trainer_releases_kept_memory_between_phases(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, traits: str, retain: bool, expected: list[str]
+) -> None:
+    """Where glibc keeps freed memory (the CPU, `retain_freed_memory`), the trainer hands it
+    back before each phase: generation, each training micro-batch, the optimizer step."""
+    on = device_traits("cpu") if traits == "cpu" else _cuda()
+    trainer, applied = _trainer(
+        monkeypatch,
+        tmp_path,
+        on,
+        retain_freed_memory=retain,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        num_generations=2,
+        max_steps=2,
+    )
+    applied.clear()
+    released: list[str] = []
+    monkeypatch.setattr(build, "release_freed_memory", lambda: released.append("release") or True)
+    trainer.device_traits = device_traits("cpu")  # the rule was read at construction
+    trainer.skip_zero_advantage = False  # the reward is constant: keep the rows to train
+    trainer.train()
+    assert released == expected
+
+
 # ---- which device ------------------------------------------------------------------------------
 def test_the_training_device_as_transformers_picks_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from grpokit.train.distributed import World

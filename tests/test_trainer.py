@@ -1308,3 +1308,42 @@ print(drop_after_free())
     assert before > 200  # default glibc: the block was unmapped on free
     assert applied == "True"
     assert after < 20  # retained
+
+
+def test_release_freed_memory_returns_a_kept_block_to_the_os() -> None:
+    """In a fresh process with `retain_freed_memory()`: a freed 256 MB block below a live one
+    (a hole inside the heap, not its top) stays resident until `release_freed_memory()`, which
+    returns its pages; the live block keeps its values."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux":
+        pytest.skip("glibc malloc_trim is Linux-only")
+    script = """
+import resource, torch
+from grpokit.train.build import release_freed_memory, retain_freed_memory
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+print(retain_freed_memory())
+hole = torch.ones(64 * 2**20)  # 256 MB
+live = torch.full((2**20,), 3.0)  # 4 MB above it
+before_free = rss_mb()
+del hole
+kept = rss_mb()
+print(before_free - kept)
+print(release_freed_memory())
+print(kept - rss_mb())
+print(bool((live == 3.0).all()))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == "True"
+    assert float(out[1]) < 20  # freed but kept
+    assert out[2] == "True"
+    assert float(out[3]) > 200  # returned
+    assert out[4] == "True"

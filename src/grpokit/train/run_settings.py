@@ -95,10 +95,11 @@ class ModelSettings:
         True,
         "On the CPU, under Linux with glibc: keep memory that finished tensors free inside the "
         "process for reuse (`train.build.retain_freed_memory`) instead of returning large "
-        "blocks to the OS, which the next step must then page-fault in again (system time "
-        "spent in the kernel each step). Process-wide and never undone; the RSS then stays at "
-        "its peak. Gradients then stay allocated between steps (zeroed, not freed: freeing them "
-        "would return nothing to the OS). Effect on step time and memory: bench/RESULTS.md.",
+        "blocks to the OS, which the next micro-batch must then page-fault in again (system "
+        "time spent in the kernel). Process-wide and never undone. What a phase kept is "
+        "returned to the OS before the next one (generation, each training micro-batch, the "
+        "optimizer step: `train.build.release_freed_memory`), as they allocate different "
+        "sizes. Effect on step time and memory: bench/RESULTS.md.",
     )
     max_forward_tokens: int | str | None = option(
         "auto",
