@@ -446,6 +446,11 @@ class LengthRecordingEngine:
     def update_weights(self, model: Any) -> None:
         self.engine.update_weights(model)
 
+    def discard_trainable_copies(self, model: Any) -> None:
+        discard = getattr(self.engine, "discard_trainable_copies", None)
+        if callable(discard):
+            discard(model)
+
 
 # =================================================================================================
 # FLOPs and summary (parent)

@@ -158,9 +158,10 @@ def tensor_bytes(trainer: Any) -> dict[str, float]:
     sampler = getattr(trainer.engine, "sampler_model", None)
     if sampler is not None and sampler is not model:
         out["sampler copy parameters"] = size(sampler.parameters())
+        layers = [m for m in sampler.modules() if isinstance(m, PackedLinear)]
         out["sampler packed weights"] = size(
-            m.packed for m in sampler.modules() if isinstance(m, PackedLinear)
-        )
+            [m.packed for m in layers] + [m.group.packed for m in layers if m.group is not None]
+        )  # a fused group's weight once (`size` counts each tensor once)
     if trainer.ref_model is not None:
         out["reference model"] = size(trainer.ref_model.parameters())
     return out
@@ -218,6 +219,11 @@ class PhaseEngine:
         self.log.mark("scheduler, zero_grad")
         self.engine.update_weights(model)
         self.log.mark("sampler weight sync")
+
+    def discard_trainable_copies(self, model: Any) -> None:
+        discard = getattr(self.engine, "discard_trainable_copies", None)
+        if callable(discard):
+            discard(model)
 
 
 def parse_value(text: str) -> Any:

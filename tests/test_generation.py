@@ -854,3 +854,50 @@ def test_token_sampler_names_exactly_the_rows_without_a_distribution() -> None:
     sampler = TokenSampler(suppress_all, eos_token_ids=[EOS], vocab_size=v, **prompts)
     with pytest.raises(NonFiniteLogitsError, match=r"logits of 6 of 6 rows"):
         sampler.sample(torch.zeros(6, v), 0)
+
+
+def test_discarded_trainable_copies_come_back_before_sampling() -> None:
+    """`discard_trainable_copies` frees the packed weights of trainable parameters (a fused
+    group only when all its members are trainable) and keeps the others; `update_weights`, or
+    without it the next `generate`, packs them again from the model, so the engine samples
+    exactly what an engine that never discarded samples."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    frozen_layer = model.model.layers[1]
+    frozen_layer.mlp.down_proj.weight.requires_grad_(False)
+    frozen_layer.self_attn.q_proj.weight.requires_grad_(False)  # its group (q/k/v) stays
+    discarding = TransformersEngine(model, tok, bf16_sampler=True, return_logprobs=True)
+    plain = TransformersEngine(model, tok, bf16_sampler=True, return_logprobs=True)
+    packed = discarding._packed_only
+    if not packed:
+        pytest.skip("this torch build has no oneDNN")
+    discarding.discard_trainable_copies(model)
+    kept = {
+        "model.layers.1.mlp.down_proj.weight",
+        *(f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"),
+    }
+    assert {name for name, layer in packed.items() if not layer.discarded} == kept
+    assert all(layer.packed is None for name, layer in packed.items() if name not in kept)
+    with pytest.raises(RuntimeError, match="discarded"), torch.no_grad():
+        packed["model.layers.0.mlp.down_proj.weight"](torch.zeros(1, 64, dtype=torch.bfloat16))
+    sampling = SamplingParams(temperature=0.9, generation_kwargs={"min_new_tokens": 6})
+    kwargs = dict(num_generations=3, max_new_tokens=8, sampling=sampling)
+    for refill in ("update_weights", "generate"):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        plain.update_weights(model)
+        if refill == "update_weights":
+            discarding.update_weights(model)
+            assert not any(layer.discarded for layer in packed.values())
+        outs = []
+        for engine in (discarding, plain):
+            torch.manual_seed(5)
+            outs.append(engine.generate(PROMPTS, **kwargs))
+        assert torch.equal(outs[0].completion_ids, outs[1].completion_ids), refill
+        assert torch.equal(outs[0].sampling_logprobs, outs[1].sampling_logprobs), refill
+        discarding.discard_trainable_copies(model)
+    weights = discarding.sampler_weights()  # packs what was discarded first
+    for name, p in model.named_parameters():
+        assert torch.equal(weights[name], p.detach().to(torch.bfloat16)), name

@@ -78,7 +78,12 @@ class GenerationOutput:
 
 
 class GenerationEngine(Protocol):
-    """Anything that samples completions for token-id prompts."""
+    """Anything that samples completions for token-id prompts.
+
+    An engine may also define `discard_trainable_copies(model)`, which the trainer calls before
+    each optimizer step: it may free its copies of `model`'s trainable weights, since
+    `update_weights` follows the step (`TransformersEngine` frees its packed bf16 weights).
+    """
 
     def generate(
         self,

@@ -68,12 +68,41 @@ class PackedLinear(torch.nn.Linear):
 
     def dense_weight(self) -> Tensor:
         """The `[out, in]` weight the layer multiplies by (unpacked when released)."""
+        self._check_not_discarded()
         if self.group is not None:
             return self.group.dense_weight(self)
         if self.weight_released:
             assert self.packed is not None
             return self.packed.to_dense()
         return self.weight
+
+    @property
+    def discarded(self) -> bool:
+        """Whether the weight is held nowhere (`discard()`) until the next `pack(source)`."""
+        if self.group is not None:
+            return self.group.packed is None
+        return self.weight_released and self.packed is None
+
+    def discard(self) -> None:
+        """Free the packed weight of a layer that holds it only packed (in a group: the group's)
+        when new values are due anyway; `pack(source)` of every member brings it back.
+
+        Raises:
+            ValueError: the layer's weight is not released (it would then have two states).
+        """
+        if not self.weight_released:
+            raise ValueError("discard(): only a layer whose weight is held packed only.")
+        if self.group is not None:
+            self.group.discard()
+        else:
+            self.packed = None
+
+    def _check_not_discarded(self) -> None:
+        if self.discarded:
+            raise RuntimeError(
+                "This packed layer's weight was discarded (`discard()`, before an optimizer "
+                "step); pack() its new values first (the engine's update_weights does)."
+            )
 
     def repack_if_changed(self) -> None:
         """Re-pack after the plain weight was written in place; in a `FusedGroup`, apply the
@@ -85,6 +114,7 @@ class PackedLinear(torch.nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """`x` `[..., in]` -> `[..., out]`."""
+        self._check_not_discarded()
         if self.group is not None:
             return self.group.forward(self, x)
         if self.packed is None or (x.dtype != self.weight.dtype and not self.weight_released):
@@ -221,6 +251,8 @@ class FusedGroup:
             return
         if len(self.staged) == len(self.members):
             dense = torch.cat([self.staged[id(member)] for member in self.members])
+        elif self.packed is None:  # discarded: only new values of every member can refill it
+            return
         else:
             dense = self.packed.to_dense()  # [sum of out, in], one group at a time
             for member in self.members:
@@ -230,6 +262,13 @@ class FusedGroup:
         self.staged = {}
         self.packed = None  # free the old copy before the new one is built
         self.packed = torch.ops.mkldnn._reorder_linear_weight(dense)
+
+    def discard(self) -> None:
+        """Free the packed weight until every member has new values (`PackedLinear.discard`)."""
+        self._input = self._output = None
+        self._waiting = 0
+        self.staged = {}
+        self.packed = None
 
     def dense_weight(self, member: PackedLinear) -> Tensor:
         """`member`'s `[out, in]` weight (a new tensor)."""

@@ -188,6 +188,7 @@ class TransformersEngine:
             for name, module in self.sampler_model.named_modules()
             if isinstance(module, PackedLinear) and module.weight_released
         }
+        self._packed_name = {id(layer): name for name, layer in self._packed_only.items()}
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
         """The `GenerationConfig` for one call: always sampling, never early length stopping."""
@@ -507,10 +508,33 @@ class TransformersEngine:
         """
         self._sync(model, copy_trainable=True)
 
+    def discard_trainable_copies(self, model: Any) -> None:
+        """Free the sampler's packed copies of `model`'s trainable weights before an optimizer
+        step changes them: `update_weights` after the step packs every one of them afresh in any
+        case, so during the policy update they would only take memory (the bf16 linear weights
+        of a full fine-tune: 257 MiB for SmolLM2-135M). A fused group goes only when all its
+        members are trainable; frozen, partitioned (ZeRO-3) and unpacked weights stay. Whatever
+        is still missing when sampling starts (no `update_weights` came) is packed again from
+        `model` first."""
+        source = dict(model.named_parameters())
+        trainable = {
+            name
+            for name in self._packed_only
+            if name in source and source[name].requires_grad and not _partitioned(source[name])
+        }
+        for layer in self._packed_only.values():
+            group = layer.group
+            members = group.members if group is not None else [layer]
+            names = {self._packed_name[id(member)] for member in members}
+            if names <= trainable and not layer.discarded:
+                layer.discard()
+
     def sampler_weights(self) -> dict[str, Tensor]:
         """The sampler's parameters by name, as it computes with them: the bf16 copy's values
         (linear weights held only packed are unpacked, a new tensor), or the policy's own
         parameters without a copy."""
+        if any(layer.discarded for layer in self._packed_only.values()):
+            self._sync(self.model, copy_trainable=False)  # packs what was discarded
         out = {}
         for name, param in self.sampler_model.named_parameters():
             layer = self._packed_only.get(name)
@@ -536,11 +560,12 @@ class TransformersEngine:
                 # which the trainer calls with the parameters gathered (every process together).
                 continue
             now = _stamp(source[name])
-            if now != stamp or (copy_trainable and source[name].requires_grad):
+            layer = self._packed_only.get(name)
+            refill = layer is not None and layer.discarded
+            if now != stamp or refill or (copy_trainable and source[name].requires_grad):
                 # A sharded (FSDP2) parameter is gathered whole: every process syncs together.
                 gather = getattr(source[name], "full_tensor", None)
                 value = gather() if callable(gather) else source[name]
-                layer = self._packed_only.get(name)
                 if layer is not None:
                     layer.pack(value)
                 else:

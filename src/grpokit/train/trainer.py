@@ -660,6 +660,10 @@ class GRPOTrainer:
                     capture = batch.completion_ids.new_zeros(
                         batch.completion_ids.shape, dtype=torch.float32, device=self.device
                     )  # filled on the device: no copy back per micro-batch
+                # The sampler's copies of the weights this step changes are re-made after it.
+                discard = getattr(self.engine, "discard_trainable_copies", None)
+                if callable(discard):
+                    discard(self.model)
                 # Ctrl-C waits for the step in progress, so it is never half-applied (guards.py).
                 with guards.interrupts_deferred():
                     step_metrics = self.optimizer_step(
