@@ -89,9 +89,11 @@ class _SoftmaxAs(torch.autograd.Function):
 
     Autograd through `torch.softmax(scores, dtype=float32).to(dtype)` keeps the float32
     probabilities for the softmax backward next to the `dtype` ones the value product keeps:
-    under bf16 autocast that is 6 bytes per attention score in every layer, 2 here. The
-    backward is softmax's, `dscores = p * (dp - sum(p * dp))`, in float32 from the saved `p`
-    (so rounded to bf16 under autocast, as the forward's product used it).
+    with a bf16 query (a bf16 model) that is 6 bytes per attention score in every layer, 2 here.
+    Under bf16 autocast with a float32 model the query arrives in float32 (transformers' rotary
+    embedding returns it so), `dtype` is float32 and autocast's product keeps its own bf16 copy:
+    6 bytes either way. The backward is softmax's, `dscores = p * (dp - sum(p * dp))`, in
+    float32 from the saved `p`.
     """
 
     @staticmethod
