@@ -861,6 +861,8 @@ def test_discarded_trainable_copies_come_back_before_sampling() -> None:
     group only when all its members are trainable) and keeps the others; `update_weights`, or
     without it the next `generate`, packs them again from the model, so the engine samples
     exactly what an engine that never discarded samples."""
+    from grpokit.engines.packed_linear import PackedLinear
+
     tok = make_tokenizer()
     model = make_causal_lm(tok)
     frozen_layer = model.model.layers[1]
@@ -868,7 +870,11 @@ def test_discarded_trainable_copies_come_back_before_sampling() -> None:
     frozen_layer.self_attn.q_proj.weight.requires_grad_(False)  # its group (q/k/v) stays
     discarding = TransformersEngine(model, tok, bf16_sampler=True, return_logprobs=True)
     plain = TransformersEngine(model, tok, bf16_sampler=True, return_logprobs=True)
-    packed = discarding._packed_only
+    packed = {  # the layers that hold their weight only packed, by parameter name
+        f"{name}.weight": module
+        for name, module in discarding.sampler_model.named_modules()
+        if isinstance(module, PackedLinear) and module.weight_released
+    }
     if not packed:
         pytest.skip("this torch build has no oneDNN")
     discarding.discard_trainable_copies(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import shutil
@@ -289,10 +290,11 @@ def retain_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Return the freed memory glibc keeps (`retain_freed_memory`) to the OS (Linux only).
 
-    Kept blocks are reused only where the next tensor fits; the rest stays resident. A
-    generation round and a policy update allocate different tensor sizes, so the trainer calls
-    this between them (`malloc_trim(0)`: the kept pages are dropped, the address space stays;
-    each phase then page-faults in only what it uses). Peak RSS and cost: bench/RESULTS.md.
+    Kept blocks are reused only where the next tensor fits; the rest stays resident. Generation,
+    each training micro-batch and the optimizer step allocate different tensor sizes, so the
+    trainer calls this before each of them (`malloc_trim(0)`: the kept pages are dropped, the
+    address space stays; each phase then page-faults in only what it uses). Peak RSS and cost:
+    bench/RESULTS.md.
 
     Returns:
         True when glibc's `malloc_trim` ran (whether or not it released anything); False
@@ -305,9 +307,10 @@ def release_freed_memory() -> bool:
     return True
 
 
+@functools.cache
 def _glibc() -> Any:
-    """glibc loaded through ctypes, or None (not Linux, or another C library: musl has a
-    `mallopt` that does nothing and no `gnu_get_libc_version`)."""
+    """glibc loaded through ctypes (once per process), or None (not Linux, or another C
+    library: musl has a `mallopt` that does nothing and no `gnu_get_libc_version`)."""
     import ctypes
     import platform
 
