@@ -57,6 +57,53 @@ def test_equals_eager_attention(heads: int, kv_heads: int, s: int, k: int) -> No
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_reads_cache_views_and_matches_float32_math(dtype: torch.dtype) -> None:
+    """A decode step (one query per row, no gradient) on keys/values that are views of larger
+    cache buffers (as `kv_cache.ReservedLayer` hands them over), with left padding: equal to
+    transformers' eager math in float32, and in bf16 no farther from the float32 result than
+    the eager math in bf16 is (the kernel accumulates in float32 and keeps the probabilities
+    unrounded)."""
+    torch.manual_seed(3)
+    heads, kv_heads, k, capacity = 6, 2, 11, 16
+    q32 = torch.randn(3, heads, 1, 8)
+    buffers = [torch.randn(3, kv_heads, capacity, 8) for _ in range(2)]
+    mask32 = padded_causal_mask([k, k - 3, 2], 1, k)
+    exact = reference_attention(q32, buffers[0][:, :, :k], buffers[1][:, :, :k], mask32, 0.3)
+    q, key_buffer, value_buffer = (t.to(dtype) for t in (q32, *buffers))
+    key, value = key_buffer[:, :, :k], value_buffer[:, :, :k]
+    assert not key.is_contiguous()
+    with torch.no_grad():
+        ours, _ = grouped_attention(_Module(), q, key, value, mask32.to(dtype), scaling=0.3)
+    assert ours.shape == (3, 1, heads, 8) and ours.dtype == dtype and ours.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, exact, rtol=1e-5, atol=1e-6)
+    else:
+        eager = reference_attention(q, key, value, mask32.to(dtype), 0.3).float()
+        ours_error = (ours.float() - exact).abs().max()
+        assert ours_error <= (eager - exact).abs().max()
+        assert ours_error < 0.02
+
+
+def test_decode_step_with_gradients_keeps_the_eager_math() -> None:
+    """A one-query call that needs gradients (not a decode step) takes the eager path: its
+    gradients equal autograd through transformers' eager math."""
+    torch.manual_seed(4)
+    inputs = [torch.randn(2, heads, n, 8) for heads, n in ((4, 1), (2, 5), (2, 5))]
+    mask = padded_causal_mask([5, 3], 1, 5)
+    grads = []
+    for ours in (True, False):
+        q, key, value = (t.clone().requires_grad_(True) for t in inputs)
+        if ours:
+            out, _ = grouped_attention(_Module(), q, key, value, mask, scaling=0.3)
+        else:
+            out = reference_attention(q, key, value, mask, 0.3)
+        (out * torch.arange(out.numel()).view(out.shape).sin()).sum().backward()
+        grads.append([t.grad for t in (q, key, value)])
+    for ours_grad, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours_grad, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_sdpa_hand_over_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(1)
     q, key, value = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)

@@ -2,16 +2,23 @@
 
 transformers' "eager" attention repeats each key/value head once per query head of its group
 (`repeat_kv`, a full copy of K and V in every layer and every decode step) and its "sdpa" path on
-CPU runs a flash kernel that is slow for the short sequences of RL fine-tuning (one query row per
-decode step; profiles and timings in bench/RESULTS.md). `grouped_attention` computes the same
+CPU runs a flash kernel that is slow for the short sequences of RL fine-tuning: in the training
+backward, and in decoding where each query head is a problem of one row (profiles and timings in
+bench/RESULTS.md). `grouped_attention` computes the same
 softmax attention without the copy: the query heads of a group are stacked along the row dimension
 and multiplied by their shared key/value head. Scores use the same scaling, additive mask, float32
 softmax and cast back to the query dtype as transformers' eager attention; for backward only the
 cast probabilities are kept (`_SoftmaxAs`), not their float32 version as well.
 
-When the score tensor of one call would be large (long sequences), the function hands over to
-`torch.nn.functional.scaled_dot_product_attention`, which never materialises it. `register()`
-makes the function available to any transformers model as `attn_implementation=NAME`.
+Two calls go to `torch.nn.functional.scaled_dot_product_attention` instead:
+
+- a decode step (one query per row, no gradient): the stacked query rows of a group share one
+  `[B, 1, 1, K]` mask, so SDPA's kernel runs on them directly. It reads the cache's strided views
+  without copying them (the matrix product copies a transposed key view every step), keeps the
+  probabilities in float32, and took a third of the eager math's time per bf16 step;
+- a call whose score tensor would be large (long sequences), since SDPA never materialises it.
+
+`register()` makes the function available to any transformers model as `attn_implementation=NAME`.
 """
 
 from __future__ import annotations
@@ -56,6 +63,21 @@ def grouped_attention(
     hkv, k = key.shape[1], key.shape[2]
     scale = d**-0.5 if scaling is None else scaling
     mask = None if attention_mask is None else attention_mask[..., :k]
+    if s == 1 and not (torch.is_grad_enabled() and query.requires_grad):
+        # A decode step: the query heads of a group, stacked as rows, share the [B, 1, 1, K]
+        # mask, so SDPA's kernel takes them as they are (module docstring).
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(query.dtype)
+        rows = query.reshape(b, hkv, h // hkv, d)  # [B, Hkv, g, D]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            rows,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=dropout if module.training else 0.0,
+            scale=scale,
+        )
+        return out.view(b, 1, h, d), None  # [B, Hkv, g, D] is [B, H, D] in memory
     if b * h * s * k > MAX_MATERIALIZED_SCORES:
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(query.dtype)  # additive, so fully masked rows match the path below
