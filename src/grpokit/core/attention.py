@@ -63,12 +63,14 @@ def grouped_attention(
     hkv, k = key.shape[1], key.shape[2]
     scale = d**-0.5 if scaling is None else scaling
     mask = None if attention_mask is None else attention_mask[..., :k]
-    if s == 1 and not (torch.is_grad_enabled() and query.requires_grad):
-        # A decode step: the query heads of a group, stacked as rows, share the [B, 1, 1, K]
-        # mask, so SDPA's kernel takes them as they are (module docstring).
+    decode = s == 1 and not (torch.is_grad_enabled() and query.requires_grad)
+    if decode or b * h * s * k > MAX_MATERIALIZED_SCORES:
         if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(query.dtype)
-        rows = query.reshape(b, hkv, h // hkv, d)  # [B, Hkv, g, D]
+            mask = mask.to(query.dtype)  # additive, so fully masked rows match the path below
+        # In a decode step the query heads of a group, stacked as rows, share the [B, 1, 1, K]
+        # mask: SDPA takes them as rows of their key/value head (module docstring). Otherwise
+        # SDPA pairs the heads itself (`enable_gqa`).
+        rows = query.reshape(b, hkv, h // hkv, d) if decode else query  # [B, Hkv, g, D]
         out = torch.nn.functional.scaled_dot_product_attention(
             rows,
             key,
@@ -76,20 +78,10 @@ def grouped_attention(
             attn_mask=mask,
             dropout_p=dropout if module.training else 0.0,
             scale=scale,
+            enable_gqa=not decode and h != hkv,
         )
-        return out.view(b, 1, h, d), None  # [B, Hkv, g, D] is [B, H, D] in memory
-    if b * h * s * k > MAX_MATERIALIZED_SCORES:
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask.to(query.dtype)  # additive, so fully masked rows match the path below
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=mask,
-            dropout_p=dropout if module.training else 0.0,
-            scale=scale,
-            enable_gqa=h != hkv,
-        )
+        if decode:
+            return out.view(b, 1, h, d), None  # [B, Hkv, g, D] is [B, H, D] in memory
         return out.transpose(1, 2).contiguous(), None
     g = h // hkv
     q = query.reshape(b, hkv, g * s, d)  # the g query heads of a group stacked as rows
