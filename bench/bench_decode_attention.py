@@ -3,8 +3,8 @@
 `core.attention.grouped_attention` sends a decode step (one query per row, no gradient) to
 `scaled_dot_product_attention` with the query heads of each key/value group stacked as rows. The
 variant it replaced computes the same step with two matrix products and a float32 softmax
-(`eager_decode` below, transformers' eager math without repeated key/value heads); on the cache's
-strided key view the first product copies the transposed keys every step.
+(`attention.grouped_matmul_attention`, transformers' eager math without repeated key/value
+heads); on the cache's strided key view the first product copies the transposed keys every step.
 
 Two measurements, the variants alternated in one process:
 
@@ -50,21 +50,13 @@ def eager_decode(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The matrix-product math on grouped rows for every call (the variant replaced in decode):
-    `query [B, H, S, D]`, `key`/`value` `[B, Hkv, K, D]`, additive mask `[B, 1, S, >=K]` ->
-    `([B, S, H, D], None)`."""
-    b, h, s, d = query.shape
-    hkv, k = key.shape[1], key.shape[2]
-    g = h // hkv
-    scale = d**-0.5 if scaling is None else scaling
-    q = query.reshape(b, hkv, g * s, d)
-    scores = torch.matmul(q, key.transpose(2, 3)) * scale  # [B, Hkv, g*S, K]
-    if attention_mask is not None:
-        mask = attention_mask[..., :k].unsqueeze(2)
-        scores = (scores.view(b, hkv, g, s, k) + mask).view(b, hkv, g * s, k)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs, value)  # [B, Hkv, g*S, D]
-    return out.view(b, h, s, d).transpose(1, 2).contiguous(), None
+    """The variant replaced in decode: `attention.grouped_matmul_attention` for every call (the
+    prefill's and the decode steps' score tensors here are far below the SDPA hand-over)."""
+    k = key.shape[2]
+    mask = None if attention_mask is None else attention_mask[..., :k]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = attention.grouped_matmul_attention(module, query, key, value, mask, scale, dropout)
+    return out, None
 
 
 VARIANTS = {"eager math": eager_decode, "sdpa grouped rows": attention.grouped_attention}

@@ -85,7 +85,7 @@ def test_decode_step_reads_cache_views_and_matches_float32_math(dtype: torch.dty
         assert ours_error < 0.02
 
 
-def test_decode_step_with_gradients_keeps_the_eager_math() -> None:
+def test_one_query_call_with_gradients_has_the_eager_gradients() -> None:
     """A one-query call that needs gradients (not a decode step) takes the eager path: its
     gradients equal autograd through transformers' eager math."""
     torch.manual_seed(4)

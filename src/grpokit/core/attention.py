@@ -15,7 +15,7 @@ Two calls go to `torch.nn.functional.scaled_dot_product_attention` instead:
 - a decode step (one query per row, no gradient): the stacked query rows of a group share one
   `[B, 1, 1, K]` mask, so SDPA's kernel runs on them directly. It reads the cache's strided views
   without copying them (the matrix product copies a transposed key view every step), keeps the
-  probabilities in float32, and took a third of the eager math's time per bf16 step;
+  probabilities in float32, and in bf16 takes about a third of the eager math's time per call;
 - a call whose score tensor would be large (long sequences), since SDPA never materialises it.
 
 `register()` makes the function available to any transformers model as `attn_implementation=NAME`.
@@ -83,6 +83,24 @@ def grouped_attention(
         if decode:
             return out.view(b, 1, h, d), None  # [B, Hkv, g, D] is [B, H, D] in memory
         return out.transpose(1, 2).contiguous(), None
+    return grouped_matmul_attention(module, query, key, value, mask, scale, dropout), None
+
+
+def grouped_matmul_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    dropout: float = 0.0,
+) -> Tensor:
+    """`grouped_attention`'s matrix-product math, for any call: the query heads of a group
+    stacked as rows, scores `[B, Hkv, g*S, K]` materialised (with `mask` `[B, 1, S, K]` added),
+    float32 softmax cast to the query dtype. Shapes as `grouped_attention`; returns the output
+    `[B, S, H, D]` contiguous."""
+    b, h, s, d = query.shape
+    hkv, k = key.shape[1], key.shape[2]
     g = h // hkv
     q = query.reshape(b, hkv, g * s, d)  # the g query heads of a group stacked as rows
     scores = torch.matmul(q, key.transpose(2, 3)) * scale  # [B, Hkv, g*S, K]
@@ -94,7 +112,7 @@ def grouped_attention(
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value)  # [B, Hkv, g*S, D]
-    return out.view(b, h, s, d).transpose(1, 2).contiguous(), None
+    return out.view(b, h, s, d).transpose(1, 2).contiguous()
 
 
 class _SoftmaxAs(torch.autograd.Function):
