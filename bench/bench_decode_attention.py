@@ -31,11 +31,10 @@ from typing import Any
 import machine_floor
 import torch
 import torch.utils.benchmark as benchmark
-from bench_generation import chat_prompt_ids
+from bench_generation import call, chat_prompt_ids
 from transformers import AttentionInterface
 
 from grpokit.core import attention
-from grpokit.engines.base import SamplingParams
 from grpokit.engines.models import load_causal_lm
 from grpokit.engines.transformers_engine import TransformersEngine
 
@@ -99,20 +98,13 @@ def time_generate(args: argparse.Namespace) -> None:
     model, tokenizer = load_causal_lm(args.model)
     engine = TransformersEngine(model, tokenizer)
     prompt_ids = chat_prompt_ids(tokenizer)
-    sampling = SamplingParams(generation_kwargs={"min_new_tokens": args.max_new_tokens})
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for round_index in range(args.repeats + 1):
         for name, fn in VARIANTS.items():
             AttentionInterface.register(attention.NAME, fn)
             torch.manual_seed(round_index)
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                engine.generate(
-                    prompt_ids,
-                    num_generations=args.num_generations,
-                    max_new_tokens=args.max_new_tokens,
-                    sampling=sampling,
-                )
+            call(engine, prompt_ids, args, "fixed")  # as bench_generation times it
             if round_index > 0:
                 seconds[name].append(time.perf_counter() - start)
     attention.register()
