@@ -143,6 +143,38 @@ def test_training_keeps_only_the_cast_probabilities(dtype: torch.dtype) -> None:
         torch.testing.assert_close(ours, reference, **tolerance)
 
 
+def test_bf16_autocast_keeps_bf16_probabilities_and_padding_rows_finite() -> None:
+    """Under bf16 autocast with float32 query and keys (a float32 model's training forward) and
+    float32's most negative value in the mask (as transformers builds it): the only score-sized
+    tensor saved for backward is the bf16 probabilities, the queries of left padding (every key
+    masked) give finite outputs and gradients, and the rest is eager float32 math within bf16
+    rounding."""
+    torch.manual_seed(6)
+    inputs = [torch.randn(2, heads, 6, 8) for heads in (4, 2, 2)]
+    mask = padded_causal_mask([6, 3], 6, 6)  # row 1: queries 0-2 see no key
+    upstream = torch.randn(2, 6, 4, 8)
+    grads, outs, saved = [], [], []
+    for ours in (True, False):
+        q, key, value = (t.clone().requires_grad_(True) for t in inputs)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            if ours:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out, _ = grouped_attention(_Module(), q, key, value, mask, scaling=0.25)
+            else:
+                out = reference_attention(q, key, value, mask, 0.25)
+        (out.float() * upstream).sum().backward()
+        outs.append(out.float().detach())
+        grads.append([t.grad for t in (q, key, value)])
+        if ours:
+            assert out.dtype == torch.bfloat16
+            kept = {t.data_ptr(): t.dtype for t in saved if t.numel() == 2 * 4 * 6 * 6}
+            assert list(kept.values()) == [torch.bfloat16]
+    assert torch.isfinite(outs[0]).all() and all(torch.isfinite(g).all() for g in grads[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0.0, atol=0.03)
+    for ours_grad, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours_grad, reference, rtol=0.0, atol=0.05)
+
+
 def _batch(tok):
     """Two left-padded prompts of lengths 3 and 5 followed by 4 completion tokens."""
     ids = torch.tensor([[0, 0, 5, 6, 7, 11, 12, 13, 14], [9, 8, 7, 6, 5, 21, 22, 23, 24]])

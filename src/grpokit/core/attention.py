@@ -6,9 +6,11 @@ CPU runs a flash kernel that is slow for the short sequences of RL fine-tuning: 
 backward, and in decoding where each query head is a problem of one row (profiles and timings in
 bench/RESULTS.md). `grouped_attention` computes the same
 softmax attention without the copy: the query heads of a group are stacked along the row dimension
-and multiplied by their shared key/value head. Scores use the same scaling, additive mask, float32
-softmax and cast back to the query dtype as transformers' eager attention; for backward only the
-cast probabilities are kept (`_SoftmaxAs`), not their float32 version as well.
+and multiplied by their shared key/value head. Scores use the same scaling, additive mask and
+float32 softmax arithmetic as transformers' eager attention, but every score-sized tensor stays in
+the dtype the products run in (autocast's, else the query's): under bf16 autocast eager attention
+writes the scores and probabilities in float32 and keeps a float32 and a bf16 copy of the
+probabilities for backward, 6 bytes a score against 2 here (`grouped_matmul_attention`).
 
 Two calls go to `torch.nn.functional.scaled_dot_product_attention` instead:
 
@@ -97,51 +99,34 @@ def grouped_matmul_attention(
 ) -> Tensor:
     """`grouped_attention`'s matrix-product math, for any call: the query heads of a group
     stacked as rows, scores `[B, Hkv, g*S, K]` materialised (with `mask` `[B, 1, S, K]` added),
-    float32 softmax cast to the query dtype. Shapes as `grouped_attention`; returns the output
-    `[B, S, H, D]` contiguous."""
+    softmax with float32 arithmetic. Shapes as `grouped_attention`; returns the output
+    `[B, S, H, D]` contiguous, in the compute dtype.
+
+    The compute dtype is autocast's when autocast is on for the query's device (the dtype its
+    products would run in anyway), else the query's. Every score-sized tensor is held in it:
+    the scale is applied to the query before the product (exact when it is a power of two, as
+    for head size 64), the mask is added in place, and softmax runs on the compute-dtype
+    scores (its CPU kernel reads and writes that dtype and does its arithmetic in float32).
+    Autograd then keeps one score-sized tensor per call for backward, the probabilities in the
+    compute dtype (2 bytes a score under bf16 autocast), and softmax's own backward kernel.
+    """
     b, h, s, d = query.shape
     hkv, k = key.shape[1], key.shape[2]
     g = h // hkv
-    q = query.reshape(b, hkv, g * s, d)  # the g query heads of a group stacked as rows
-    scores = torch.matmul(q, key.transpose(2, 3)) * scale  # [B, Hkv, g*S, K]
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    q = (query * scale).to(dtype).reshape(b, hkv, g * s, d)  # a group's query heads as rows
+    scores = torch.matmul(q, key.to(dtype).transpose(2, 3))  # [B, Hkv, g*S, K]
     if mask is not None:
-        scores = (scores.view(b, hkv, g, s, k) + mask.unsqueeze(2)).view(b, hkv, g * s, k)
-    if torch.is_grad_enabled() and scores.requires_grad:
-        probs = _SoftmaxAs.apply(scores, query.dtype)  # keeps only the cast probabilities
-    else:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        if torch.finfo(mask.dtype).min < torch.finfo(dtype).min:
+            # float32's most negative value is -inf in bf16: a fully masked row (a padding
+            # query) would give NaN probabilities instead of uniform ones
+            mask = mask.clamp(min=torch.finfo(dtype).min)
+        scores.view(b, hkv, g, s, k).add_(mask.to(dtype).unsqueeze(2))
+    probs = torch.softmax(scores, dim=-1)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, value)  # [B, Hkv, g*S, D]
+    out = torch.matmul(probs, value.to(dtype))  # [B, Hkv, g*S, D]
     return out.view(b, h, s, d).transpose(1, 2).contiguous()
-
-
-class _SoftmaxAs(torch.autograd.Function):
-    """`softmax(scores, -1)` computed in float32 and returned in `dtype`, saving for backward
-    only that returned tensor.
-
-    Autograd through `torch.softmax(scores, dtype=float32).to(dtype)` keeps the float32
-    probabilities for the softmax backward next to the `dtype` ones the value product keeps:
-    with a bf16 query (a bf16 model) that is 6 bytes per attention score in every layer, 2 here.
-    Under bf16 autocast with a float32 model the query arrives in float32 (transformers' rotary
-    embedding returns it so), `dtype` is float32 and autocast's product keeps its own bf16 copy:
-    6 bytes either way. The backward is softmax's, `dscores = p * (dp - sum(p * dp))`, in
-    float32 from the saved `p`.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, scores: Tensor, dtype: torch.dtype) -> Tensor:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-        ctx.save_for_backward(probs)
-        ctx.scores_dtype = scores.dtype
-        return probs
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (probs,) = ctx.saved_tensors
-        p = probs.float()
-        dp = grad.float()
-        dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)
-        return dp.to(ctx.scores_dtype), None
 
 
 def register() -> str:
