@@ -26,6 +26,7 @@ from grpokit.engines.base import (
 )
 from grpokit.engines.device import DeviceTraits, device_traits, model_device
 from grpokit.engines.kv_cache import reserve_positions
+from grpokit.engines.llama_decode import LlamaDecodeStep
 from grpokit.engines.models import context_length
 from grpokit.engines.multi_turn import RowRecord, assemble_output, reprefill_turns
 from grpokit.engines.packed_linear import (
@@ -78,6 +79,7 @@ class TransformersEngine:
         return_logprobs: bool = False,
         num_threads: int | None = None,
         pack_weights: bool | None = None,
+        decode_step: bool | None = None,
     ) -> None:
         """Wrap `model` (the policy being trained) and its tokenizer.
 
@@ -121,11 +123,18 @@ class TransformersEngine:
                 written since). None = where the device allows it
                 (`DeviceTraits.pack_sampler_weights`: a CPU) and its torch has oneDNN, for a bf16
                 copy or a float32 policy (not for a quantized one).
+            decode_step: Lean path: run the decode steps through `LlamaDecodeStep`, transformers'
+                forward written out for Llama-style models (the same logits bit for bit, less
+                time per step; `engines.llama_decode`). None = whenever the sampler has the
+                structure it was written for (a bf16 copy with packed fused projections and
+                grouped attention of a "llama", "qwen2" or "mistral" model), False = always
+                transformers' forward, True = the same as None but refused where it cannot run.
 
         Raises:
             ValueError: an unknown `decode`, a non-positive `num_threads`, `bf16_sampler` with a
                 quantized model, or `pack_weights=True` where the weights cannot be packed (not
-                on a CPU, a quantized or bf16 policy without a copy, or a torch without oneDNN).
+                on a CPU, a quantized or bf16 policy without a copy, or a torch without oneDNN),
+                or `decode_step=True` for a sampler the step was not written for.
         """
         if decode not in DECODE_PATHS:
             raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}.")
@@ -189,6 +198,15 @@ class TransformersEngine:
             if isinstance(module, PackedLinear) and module.weight_released
         }
         self._packed_name = {id(layer): name for name, layer in self._packed_only.items()}
+        self.decode_step: LlamaDecodeStep | None = None
+        if decode_step is not False and decode == "lean":
+            self.decode_step = LlamaDecodeStep.build(plain_forward(self.sampler_model))
+        if decode_step and self.decode_step is None:
+            raise ValueError(
+                "decode_step=True, but the sampler is not a model LlamaDecodeStep was written for "
+                "(a bf16 copy with packed fused projections and grouped attention of a llama, "
+                "qwen2 or mistral model, decode='lean'); leave decode_step=None."
+            )
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
         """The `GenerationConfig` for one call: always sampling, never early length stopping."""
@@ -470,6 +488,9 @@ class TransformersEngine:
             draw=self.draw,
         )
         cache, logits, next_position = self._prefilled(forward, ids, mask, g, max_new_tokens)
+        step_fn = self.decode_step
+        if step_fn is not None and not step_fn.accepts(cache):
+            step_fn = None
         finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
         tokens, logprobs = [], []
         for step in range(max_new_tokens):
@@ -482,15 +503,20 @@ class TransformersEngine:
             finished |= torch.isin(token, sampler.eos)
             if step + 1 == max_new_tokens or bool(finished.all()):
                 break
-            out = forward(
-                input_ids=token[:, None],
-                attention_mask=full_mask[:, : mask.shape[1] + step + 1],
-                position_ids=next_position,
-                past_key_values=cache,
-                use_cache=True,
-            )
+            step_mask = full_mask[:, : mask.shape[1] + step + 1]
+            if step_fn is not None:
+                logits = step_fn(token, step_mask, next_position, cache)
+            else:
+                out = forward(
+                    input_ids=token[:, None],
+                    attention_mask=step_mask,
+                    position_ids=next_position,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits = out.logits[:, -1]
             next_position = next_position + 1
-            logits = out.logits[:, -1]  # [N, V] the model's dtype; the sampler casts a copy
+            # logits: [N, V] in the model's dtype; the sampler casts a copy
         return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
 
     def update_weights(self, model: Any) -> None:

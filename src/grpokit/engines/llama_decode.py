@@ -1,0 +1,172 @@
+"""One decode step of a Llama-style decoder written out, for the bf16 sampler copy's decode loop.
+
+A decode step runs one token per row through every layer. transformers' forward for it makes about
+130 small operations a layer besides the products (module calls, the mask built anew, the rotary
+embedding applied to queries and keys separately, each sibling projection called on its own), and
+at the 16 rows of a typical GRPO step those cost about as much as streaming the weights does.
+`LlamaDecodeStep` makes the same operations on the same tensors in the same order, so its logits are
+transformers' bit for bit (tests/test_llama_decode.py), with about 35 operations a layer: each
+`FusedGroup` (q/k/v, gate/up) multiplied once by its packed weight, the rotary embedding applied to
+the queries and keys together, the norms inlined, and the additive mask made once per step.
+
+It is used only where it was written for (`LlamaDecodeStep.build` returns None otherwise, and the
+loop keeps transformers' forward): a "llama", "qwen2" or "mistral" model without sliding-window
+attention, SiLU MLP and Llama's RMSNorm, whose sampler copy holds the q/k/v and gate/up products as
+fused packed groups (`pack_linear_layers(fuse=True)`: a bf16 copy on a CPU with oneDNN, no PEFT)
+and uses `core.attention.grouped_attention`; and only on a cache of `kv_cache.ReservedLayer`s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from grpokit.core import attention
+from grpokit.engines.kv_cache import ReservedLayer
+from grpokit.engines.packed_linear import FusedGroup, PackedLinear
+
+# transformers model types whose decoder layer is Llama's (pre-norm, RMSNorm, rotary, grouped
+# attention, gated SiLU MLP); biases on the projections (Qwen2) are part of the packed products.
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+
+
+class LlamaDecodeStep:
+    """The decode step of one sampler model (see the module docstring); build with `build`."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        config = model.config
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        attn = model.model.layers[0].self_attn
+        self.head_dim = int(attn.head_dim)
+        self.scaling = float(attn.scaling)
+
+    @classmethod
+    def build(cls, model: Any) -> LlamaDecodeStep | None:
+        """The step for `model` (a transformers causal LM, not a PEFT wrapper), or None when
+        `model` is not exactly the structure the step was written for."""
+        config = getattr(model, "config", None)
+        inner = getattr(model, "model", None)
+        if config is None or inner is None or config.model_type not in MODEL_TYPES:
+            return None
+        if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
+            return None  # its mask would be a sliding window's
+        if getattr(config, "use_sliding_window", False) or any(
+            kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()
+        ):
+            return None
+        if config.hidden_act != "silu" or config._attn_implementation != attention.NAME:
+            return None
+        if getattr(config, "pretraining_tp", 1) != 1:
+            return None
+        parts = ("embed_tokens", "rotary_emb", "layers", "norm")
+        if not all(hasattr(inner, name) for name in parts) or not _is_norm(inner.norm):
+            return None
+        if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
+            return None
+        return cls(model) if all(_layer_fits(layer) for layer in inner.layers) else None
+
+    def accepts(self, cache: Any) -> bool:
+        """Whether the step can run on `cache`: one `ReservedLayer` per decoder layer, and every
+        packed weight present (a discarded one is refilled by the engine's sync first)."""
+        layers = getattr(cache, "layers", None)
+        decoder = self.model.model.layers
+        if not isinstance(layers, list) or len(layers) != len(decoder):
+            return False
+        if not all(type(layer) is ReservedLayer for layer in layers):
+            return False
+        return not any(
+            layer.self_attn.q_proj.discarded or layer.mlp.gate_proj.discarded for layer in decoder
+        )
+
+    def __call__(self, tokens: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> Tensor:
+        """Run one token per row and return the next-token logits.
+
+        Args:
+            tokens: `[N]` the tokens of this step.
+            mask: `[N, K]` 1 = attend, for the K positions after this step (cached + this one).
+            positions: `[N, 1]` this step's position ids.
+            cache: transformers' cache of `ReservedLayer`s (`accepts`); this step's keys and
+                values are written into it.
+
+        Returns:
+            `[N, V]` logits in the model's dtype.
+        """
+        inner = self.model.model
+        n = tokens.shape[0]
+        h, hkv, d = self.heads, self.kv_heads, self.head_dim
+        x = inner.embed_tokens(tokens[:, None])  # [N, 1, hidden]
+        cos, sin = inner.rotary_emb(x, positions)  # [N, 1, D], x's dtype
+        # transformers' eager mask: 0 = attend, the dtype's lowest value = masked; [N, 1, 1, K]
+        additive = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        additive = additive.masked_fill_(mask == 0, torch.finfo(x.dtype).min)[:, None, None, :]
+        half = d // 2
+        for layer, kv in zip(inner.layers, cache.layers, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = _group_product(attn.q_proj.group, _rms_norm(layer.input_layernorm, x))
+            qk = qkv[:, : (h + hkv) * d].view(n, h + hkv, d)  # query heads, then key heads
+            # transformers' apply_rotary_pos_emb on queries and keys at once (elementwise alike)
+            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + rotated * sin
+            keys, values = kv.update(qk[:, h:, None], qkv[:, (h + hkv) * d :].view(n, hkv, 1, d))
+            rows = qk[:, :h].reshape(n, hkv, h // hkv, d)  # grouped_attention's decode rows
+            out = torch.nn.functional.scaled_dot_product_attention(
+                rows, keys, values, attn_mask=additive, scale=self.scaling
+            )
+            x = x + _product(attn.o_proj, out.view(n, h * d))[:, None]
+            gate_up = _group_product(
+                mlp.gate_proj.group, _rms_norm(layer.post_attention_layernorm, x)
+            )
+            inter = gate_up.shape[-1] // 2
+            act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            x = x + _product(mlp.down_proj, act)[:, None]
+        return self.model.lm_head(_rms_norm(inner.norm, x))  # [N, V]
+
+
+def _is_norm(module: Any) -> bool:
+    return type(module).__name__ in NORMS and hasattr(module, "variance_epsilon")
+
+
+def _layer_fits(layer: Any) -> bool:
+    """A decoder layer made of exactly the parts `LlamaDecodeStep` computes."""
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None:
+        return False
+    if not (_is_norm(layer.input_layernorm) and _is_norm(layer.post_attention_layernorm)):
+        return False
+    if getattr(attn, "sliding_window", None) is not None or hasattr(attn, "q_norm"):
+        return False
+    qkv = getattr(getattr(attn, "q_proj", None), "group", None)
+    gate_up = getattr(getattr(mlp, "gate_proj", None), "group", None)
+    return (
+        isinstance(qkv, FusedGroup)
+        and qkv.members == [attn.q_proj, attn.k_proj, attn.v_proj]
+        and isinstance(gate_up, FusedGroup)
+        and gate_up.members == [mlp.gate_proj, mlp.up_proj]
+        and mlp.gate_proj.out_features == mlp.up_proj.out_features
+        and isinstance(attn.o_proj, torch.nn.Linear)
+        and isinstance(mlp.down_proj, torch.nn.Linear)
+    )
+
+
+def _rms_norm(norm: Any, x: Tensor) -> Tensor:
+    """transformers' Llama RMSNorm, operation for operation: `[N, 1, hidden]` -> `[N, hidden]`."""
+    h = x.view(x.shape[0], -1).to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def _group_product(group: FusedGroup, x: Tensor) -> Tensor:
+    """`x` `[N, in]` times a group's stacked packed weight: `[N, sum of the members' out]`."""
+    return torch.ops.mkldnn._linear_pointwise(x, group.packed, group.bias, "none", [], "")
+
+
+def _product(layer: torch.nn.Linear, x: Tensor) -> Tensor:
+    """`layer(x)` for `x` `[N, in]`: the packed product when the layer holds one."""
+    if isinstance(layer, PackedLinear) and layer.group is None and layer.packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+    return layer(x)

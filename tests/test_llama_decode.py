@@ -1,0 +1,149 @@
+"""engines.llama_decode: the written-out decode step gives transformers' logits bit for bit
+(Llama with GQA, Qwen2 with projection biases, Mistral without a sliding window), the engine's
+generations are the same with and without it, and it is refused where it was not written for."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.cache_utils import DynamicCache
+
+from grpokit.engines.base import SamplingParams, left_pad, plain_forward
+from grpokit.engines.llama_decode import LlamaDecodeStep
+from grpokit.engines.transformers_engine import TransformersEngine
+from tests.tiny import make_causal_lm, make_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = [[5, 6, 7, 8], [9], [10, 11]]  # left padding of 3 and 2 positions
+
+
+def _small(tok) -> dict[str, object]:
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def _model(kind: str, tok, **overrides):
+    torch.manual_seed(0)
+    if kind == "llama":
+        return make_causal_lm(tok, **overrides)
+    if kind == "qwen2":  # biases on q/k/v, as Qwen2 has
+        return Qwen2ForCausalLM(Qwen2Config(**{**_small(tok), **overrides})).eval()
+    return MistralForCausalLM(MistralConfig(**{**_small(tok), **overrides})).eval()
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides"),
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
+        ("qwen2", {}),
+        ("mistral", {"sliding_window": None}),
+    ],
+)
+def test_step_logits_are_transformers_forward_bit_for_bit(kind: str, overrides: dict) -> None:
+    """After the same prefill, six decode steps through the step and through transformers'
+    forward (each on its own copy of the cache) give identical logits, with left padding."""
+    tok = make_tokenizer()
+    engine = TransformersEngine(_model(kind, tok, **overrides), tok, bf16_sampler=True)
+    step = engine.decode_step
+    assert step is not None
+    forward = plain_forward(engine.sampler_model)
+    ids, mask = left_pad(PROMPTS, tok.pad_token_id)
+    g, steps = 2, 6
+    with torch.no_grad():
+        cache, _, positions = engine._prefilled(forward, ids, mask, g, steps)
+        assert step.accepts(cache)
+        full_mask = torch.cat([mask.repeat_interleave(g, 0), mask.new_ones(6, steps)], dim=1)
+        caches = {"step": cache, "forward": copy.deepcopy(cache)}
+        tokens = torch.tensor([3, 17, 4, 9, 12, 20])  # [N]
+        for t in range(steps):
+            step_mask = full_mask[:, : mask.shape[1] + t + 1]
+            ours = step(tokens, step_mask, positions, caches["step"])
+            theirs = forward(
+                input_ids=tokens[:, None],
+                attention_mask=step_mask,
+                position_ids=positions,
+                past_key_values=caches["forward"],
+                use_cache=True,
+            ).logits[:, -1]
+            assert ours.dtype == torch.bfloat16 and ours.shape == theirs.shape
+            assert torch.equal(ours, theirs), f"step {t}"
+            tokens = (tokens * 7 + t) % len(tok)
+            positions = positions + 1
+
+
+class _Counting:
+    """A decode step that counts its calls."""
+
+    def __init__(self, step: LlamaDecodeStep) -> None:
+        self.step, self.calls = step, 0
+
+    def accepts(self, cache) -> bool:
+        return self.step.accepts(cache)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.step(*args)
+
+
+def test_generations_are_the_same_with_and_without_the_step() -> None:
+    """The same seed gives the same tokens and sampling log-probs, and the step is used."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    sampling = SamplingParams(temperature=0.9, generation_kwargs={"min_new_tokens": 5})
+    outs, counted = [], []
+    for decode_step in (None, False):
+        engine = TransformersEngine(
+            model, tok, bf16_sampler=True, decode_step=decode_step, return_logprobs=True
+        )
+        if engine.decode_step is not None:
+            engine.decode_step = _Counting(engine.decode_step)  # type: ignore[assignment]
+            counted.append(engine.decode_step)
+        torch.manual_seed(11)
+        outs.append(
+            engine.generate(PROMPTS, num_generations=2, max_new_tokens=9, sampling=sampling)
+        )
+    assert len(counted) == 1 and counted[0].calls >= 5  # at least min_new_tokens steps
+    assert torch.equal(outs[0].completion_ids, outs[1].completion_ids)
+    assert torch.equal(outs[0].sampling_logprobs, outs[1].sampling_logprobs)
+
+
+def test_not_built_where_it_was_not_written_for() -> None:
+    tok = make_tokenizer()
+    llama = make_causal_lm(tok)
+    cases = {
+        "float32 policy sampling itself": dict(model=llama, bf16_sampler=False),
+        "transformers' eager attention": dict(
+            model=llama, bf16_sampler=True, sampler_attention="eager"
+        ),
+        "unpacked weights": dict(model=llama, bf16_sampler=True, pack_weights=False),
+        "model.generate": dict(model=llama, bf16_sampler=True, decode="hf"),
+        "a sliding window": dict(model=_model("mistral", tok, sliding_window=4), bf16_sampler=True),
+        "no SiLU": dict(model=make_causal_lm(tok, hidden_act="gelu"), bf16_sampler=True),
+    }
+    for name, kwargs in cases.items():
+        model = kwargs.pop("model")
+        assert TransformersEngine(model, tok, **kwargs).decode_step is None, name
+        with pytest.raises(ValueError, match="decode_step=True"):
+            TransformersEngine(model, tok, decode_step=True, **kwargs)
+
+
+def test_a_cache_without_reserved_layers_is_not_accepted() -> None:
+    tok = make_tokenizer()
+    engine = TransformersEngine(make_causal_lm(tok), tok, bf16_sampler=True)
+    assert engine.decode_step is not None
+    assert not engine.decode_step.accepts(DynamicCache())
