@@ -11,8 +11,14 @@ except "plain" and "hf+bf16"):
     lean         own decode loop, no prefill sharing, fp32 weights under autocast
     lean+share   ... each prompt prefilled once for its G completions
     +bf16        ... sampling from the bf16 copy (sdpa attention, as the policy)
-    +eager       ... eager attention in the copy: the default engine on a bf16-native CPU
+    +eager       ... grouped attention in the copy (`core.attention`)
     +icdf        ... drawing by inverse CDF instead of torch.multinomial
+    +step        ... decode steps through `engines.llama_decode` instead of transformers'
+                 forward: the default engine on a bf16-native CPU
+
+With --interleave the variants' engines are built once and called in turn, round after round
+(slow drifts of a shared machine then hit every variant alike), and whether every variant drew the
+same tokens in each round is printed too.
 
 Printed per variant and thread count: median wall seconds per call, median CPU seconds per call
 (process time; steadier than wall time on a shared machine when running one thread), completion
@@ -24,6 +30,7 @@ log-probs (fp32 weights under bf16 autocast) on the same completions.
 
 Usage:
     python bench/bench_generation.py --mode fixed natural --threads 1 --repeats 3 --extras
+    python bench/bench_generation.py --mode fixed --variants +icdf +step --threads 2 --interleave
 """
 
 from __future__ import annotations
@@ -52,8 +59,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lean": dict(share_prompt_prefill=False, bf16_sampler=False),
     "lean+share": dict(bf16_sampler=False),
     "+bf16": dict(bf16_sampler=True, sampler_attention=None),
-    "+eager": dict(bf16_sampler=True),
-    "+icdf": dict(bf16_sampler=True, draw="inverse_cdf"),
+    "+eager": dict(bf16_sampler=True, decode_step=False),
+    "+icdf": dict(bf16_sampler=True, draw="inverse_cdf", decode_step=False),
+    "+step": dict(bf16_sampler=True, draw="inverse_cdf"),
 }
 
 
@@ -104,6 +112,26 @@ def time_calls(
             cpus.append(cpu_clock() - cpu)
             tokens.append(int(out.completion_mask.sum()))
     return walls, cpus, tokens
+
+
+def time_interleaved(
+    engines: dict[str, Any], prompt_ids: list[list[int]], args: argparse.Namespace, mode: str
+) -> tuple[dict[str, list[float]], list[bool]]:
+    """One warm-up round, then `args.repeats` rounds calling each engine once (same seed per
+    round): `(wall s per call by variant, whether all variants drew the same tokens, by round)`."""
+    walls: dict[str, list[float]] = {name: [] for name in engines}
+    same = []
+    for i in range(args.repeats + 1):
+        outs = []
+        for name, engine in engines.items():
+            torch.manual_seed(i)
+            wall = time.perf_counter()
+            outs.append(call(engine, prompt_ids, args, mode).completion_ids)
+            if i > 0:
+                walls[name].append(time.perf_counter() - wall)
+        if i > 0:
+            same.append(all(torch.equal(outs[0], out) for out in outs[1:]))
+    return walls, same
 
 
 def update_seconds(engine: Any, model: Any) -> float:
@@ -170,6 +198,7 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--extras", action="store_true", help="update cost and log-prob gap")
+    parser.add_argument("--interleave", action="store_true", help="variants called in turn")
     args = parser.parse_args()
 
     model, tokenizer = load_causal_lm(args.model)
@@ -179,6 +208,18 @@ def main() -> None:
         f"{args.model}: {len(prompt_ids)} prompts x {args.num_generations} completions, "
         f"max {args.max_new_tokens} new tokens, prompt lengths {[len(p) for p in prompt_ids]}"
     )
+    if args.interleave:
+        torch.set_num_threads(args.threads[0])
+        engines = {
+            name: TransformersEngine(model, tokenizer, **VARIANTS[name]) for name in args.variants
+        }
+        for mode in args.mode:
+            walls, same = time_interleaved(engines, prompt_ids, args, mode)
+            for name, values in walls.items():
+                runs = " ".join(f"{v:.2f}" for v in values)
+                print(f"{mode:8} {name:11} wall s {runs}; median {statistics.median(values):.2f}")
+            print(f"{mode:8} same tokens in every round: {same}; load {os.getloadavg()[0]:.1f}")
+        return
     print(f"{'mode':8} {'variant':11} {'thr':>3} {'wall s':>7} {'cpu s':>7} {'tok/s':>6}  load")
     for mode in args.mode:
         for name in args.variants:

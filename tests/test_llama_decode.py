@@ -14,26 +14,11 @@ from transformers.cache_utils import DynamicCache
 from grpokit.engines.base import SamplingParams, left_pad, plain_forward
 from grpokit.engines.llama_decode import LlamaDecodeStep
 from grpokit.engines.transformers_engine import TransformersEngine
-from tests.tiny import make_causal_lm, make_tokenizer
+from tests.tiny import config_kwargs, make_causal_lm, make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = [[5, 6, 7, 8], [9], [10, 11]]  # left padding of 3 and 2 positions
-
-
-def _small(tok) -> dict[str, object]:
-    return dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
 
 
 def _model(kind: str, tok, **overrides):
@@ -41,8 +26,8 @@ def _model(kind: str, tok, **overrides):
     if kind == "llama":
         return make_causal_lm(tok, **overrides)
     if kind == "qwen2":  # biases on q/k/v, as Qwen2 has
-        return Qwen2ForCausalLM(Qwen2Config(**{**_small(tok), **overrides})).eval()
-    return MistralForCausalLM(MistralConfig(**{**_small(tok), **overrides})).eval()
+        return Qwen2ForCausalLM(Qwen2Config(**{**config_kwargs(tok), **overrides})).eval()
+    return MistralForCausalLM(MistralConfig(**{**config_kwargs(tok), **overrides})).eval()
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,13 @@ def make_tool_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _config(tokenizer: PreTrainedTokenizerFast, **overrides: object) -> LlamaConfig:
-    kwargs: dict[str, object] = dict(
+    return LlamaConfig(**{**config_kwargs(tokenizer), **overrides})
+
+
+def config_kwargs(tokenizer: PreTrainedTokenizerFast) -> dict[str, object]:
+    """The tiny models' config fields (2 layers, hidden 32, 4 query / 2 key-value heads), for any
+    Llama-style config class."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -100,8 +106,6 @@ def _config(tokenizer: PreTrainedTokenizerFast, **overrides: object) -> LlamaCon
         bos_token_id=None,
         tie_word_embeddings=False,
     )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
 
 
 def make_causal_lm(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides: object):
