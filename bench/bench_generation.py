@@ -31,6 +31,7 @@ log-probs (fp32 weights under bf16 autocast) on the same completions.
 Usage:
     python bench/bench_generation.py --mode fixed natural --threads 1 --repeats 3 --extras
     python bench/bench_generation.py --mode fixed --variants +icdf +step --threads 2 --interleave
+    python bench/bench_generation.py --count-ops   # tensor operations of one decode step
 """
 
 from __future__ import annotations
@@ -134,6 +135,47 @@ def time_interleaved(
     return walls, same
 
 
+def count_step_ops(model: Any, tokenizer: Any, prompt_ids: list[list[int]]) -> tuple[int, int]:
+    """Tensor operations dispatched by one decode step of the default engine's sampler (16 rows,
+    right after the prefill): `(through LlamaDecodeStep, through transformers' forward)`."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from grpokit.engines.base import left_pad, plain_forward
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    engine = TransformersEngine(model, tokenizer, bf16_sampler=True)
+    if engine.decode_step is None:
+        raise SystemExit("this model's sampler has no LlamaDecodeStep")
+    forward = plain_forward(engine.sampler_model)
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache, _, positions = engine._prefilled(forward, ids, mask, 8, 8)
+        tokens = torch.arange(ids.shape[0] * 8)  # [N]
+        step_mask = torch.cat([mask.repeat_interleave(8, 0), mask.new_ones(len(tokens), 1)], 1)
+        other = copy.deepcopy(cache)
+        with Count() as ours:
+            engine.decode_step(tokens, step_mask, positions, cache)
+        with Count() as theirs:
+            forward(
+                input_ids=tokens[:, None],
+                attention_mask=step_mask,
+                position_ids=positions,
+                past_key_values=other,
+                use_cache=True,
+            )
+    return ours.ops, theirs.ops
+
+
 def update_seconds(engine: Any, model: Any) -> float:
     """Median seconds of `engine.update_weights` (3 calls) after every parameter changed, as in
     a full fine-tuning step."""
@@ -199,6 +241,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--extras", action="store_true", help="update cost and log-prob gap")
     parser.add_argument("--interleave", action="store_true", help="variants called in turn")
+    parser.add_argument("--count-ops", action="store_true", help="operations of one decode step")
     args = parser.parse_args()
 
     model, tokenizer = load_causal_lm(args.model)
@@ -208,6 +251,14 @@ def main() -> None:
         f"{args.model}: {len(prompt_ids)} prompts x {args.num_generations} completions, "
         f"max {args.max_new_tokens} new tokens, prompt lengths {[len(p) for p in prompt_ids]}"
     )
+    if args.count_ops:
+        ours, theirs = count_step_ops(model, tokenizer, prompt_ids)
+        layers = model.config.num_hidden_layers
+        print(
+            f"one decode step: {ours} operations through LlamaDecodeStep ({ours / layers:.0f} a "
+            f"layer), {theirs} through transformers' forward ({theirs / layers:.0f} a layer)"
+        )
+        return
     if args.interleave:
         torch.set_num_threads(args.threads[0])
         engines = {

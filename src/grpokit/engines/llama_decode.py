@@ -1,13 +1,14 @@
 """One decode step of a Llama-style decoder written out, for the bf16 sampler copy's decode loop.
 
-A decode step runs one token per row through every layer. transformers' forward for it makes about
-130 small operations a layer besides the products (module calls, the mask built anew, the rotary
-embedding applied to queries and keys separately, each sibling projection called on its own), and
-at the 16 rows of a typical GRPO step those cost about as much as streaming the weights does.
-`LlamaDecodeStep` makes the same operations on the same tensors in the same order, so its logits are
-transformers' bit for bit (tests/test_llama_decode.py), with about 35 operations a layer: each
-`FusedGroup` (q/k/v, gate/up) multiplied once by its packed weight, the rotary embedding applied to
-the queries and keys together, the norms inlined, and the additive mask made once per step.
+A decode step runs one token per row through every layer. At the 16 rows of a typical GRPO step
+transformers' forward spends a large part of each step around the products: Python module calls,
+the mask built anew, the rotary embedding applied to queries and keys separately, each sibling
+projection called on its own (the fused group computes once and slices). `LlamaDecodeStep` makes
+the same operations on the same tensors in the same order, so its logits are transformers' bit
+for bit (tests/test_llama_decode.py), with little Python around them: each `FusedGroup` (q/k/v,
+gate/up) multiplied once by its packed weight, the rotary embedding applied to queries and keys
+together, the norms inlined and the additive mask made once per step (for SmolLM2-135M, 60
+dispatched tensor operations a layer against 78; bench/RESULTS.md for the time).
 
 It is used only where it was written for (`LlamaDecodeStep.build` returns None otherwise, and the
 loop keeps transformers' forward): a "llama", "qwen2" or "mistral" model without sliding-window
