@@ -653,3 +653,9 @@ if __name__ == "__main__":
         run_one_scenario(Path(sys.argv[1]), sys.argv[2])
     else:
         run_scenarios(Path(sys.argv[1]))
+    # Leave the process group together, as `GRPOTrainer.end` does at the end of a run: a process
+    # that exits with it (and DeepSpeed's communication threads) alive can abort at interpreter
+    # exit ("terminate called without an active exception", exit -6).
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
