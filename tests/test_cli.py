@@ -769,7 +769,8 @@ def test_the_default_free_disk_check_is_the_room_the_run_needs(
     free(16_015_999)
     with pytest.raises(
         OutputError,
-        match=r"16.0 MB free, but a checkpoint .* about 12.0 MB and the final model 4.0",
+        match=r"16.0 MB free, but a checkpoint .* about 12.0 MB \(1 on disk at once .*\) and "
+        r"the final model 4.0",
     ):
         check_space_for_the_run(trainer, tmp_path, None)
     # A minimum the user set was checked before the model loaded: here only a warning.
@@ -783,6 +784,45 @@ def test_the_default_free_disk_check_is_the_room_the_run_needs(
     free(4_003_999)
     with pytest.raises(OutputError, match="--min_free_disk_gb 0 to start anyway"):
         check_space_for_the_run(trainer, tmp_path, None)
+    # 50 steps saved every 10: five checkpoints stay (4.004 + 5 * 12.012 MB); a limit of 1
+    # keeps two at once (the new one is written before the old one goes).
+    trainer.args = types.SimpleNamespace(
+        sync_ref_model=False, save_strategy="steps", max_steps=50, save_steps=10
+    )
+    free(64_064_000)
+    check_space_for_the_run(trainer, tmp_path, None)
+    free(64_063_999)
+    with pytest.raises(OutputError, match=r"\(5 on disk at once .*--save_total_limit"):
+        check_space_for_the_run(trainer, tmp_path, None)
+    trainer.args.save_total_limit = 1
+    free(28_028_000)
+    check_space_for_the_run(trainer, tmp_path, None)
+    free(28_027_999)
+    with pytest.raises(OutputError, match=r"\(2 on disk at once"):
+        check_space_for_the_run(trainer, tmp_path, None)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"save_strategy": "no", "max_steps": 50, "save_steps": 10}, 0),
+        ({"save_strategy": "steps", "max_steps": 50, "save_steps": 10}, 5),
+        ({"save_strategy": "steps", "max_steps": 55, "save_steps": 10}, 5),
+        ({"save_strategy": "steps", "max_steps": 50, "save_steps": 0.25}, 3),  # every 13 steps
+        ({"save_strategy": "steps", "max_steps": -1, "save_steps": 10}, 1),  # length unknown
+        ({"save_strategy": "epoch", "max_steps": 50, "save_steps": 10}, 1),
+        ({"save_strategy": "steps", "max_steps": 50, "save_steps": 10, "save_total_limit": 2}, 3),
+    ],
+)
+def test_checkpoints_on_disk(fields: dict, expected: int) -> None:
+    import types
+
+    from grpokit.app.run import checkpoints_on_disk
+
+    assert (
+        checkpoints_on_disk(types.SimpleNamespace(**{"save_total_limit": None, **fields}))
+        == expected
+    )
 
 
 def test_disk_full_while_writing_is_one_line(

@@ -55,6 +55,7 @@ DEMO_CONFIG: dict[str, Any] = {
         "beta": 0.0,
         "logging_steps": 1,
         "save_steps": 10,
+        "save_total_limit": 1,
         "seed": 0,
     },
     "eval": {"num_prompts": 200, "batch_size": 64},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -221,8 +222,27 @@ def check_output_dir(output_dir: Path, min_free_gb: float | None) -> None:
         )
 
 
+def checkpoints_on_disk(args: Any) -> int:
+    """The most checkpoints a run holds on disk at once: none without saving; with
+    `save_strategy="steps"` and a known `max_steps`, one per `save_steps` interval (a fraction
+    below 1 is that share of `max_steps`, as transformers reads it); otherwise at least one.
+    `save_total_limit` caps it at the limit plus the new checkpoint, which is written before the
+    oldest is deleted."""
+    if args.save_strategy == "no":
+        return 0
+    count = 1
+    max_steps = getattr(args, "max_steps", -1) or -1
+    save_steps = getattr(args, "save_steps", None)
+    if args.save_strategy == "steps" and max_steps > 0 and save_steps:
+        interval = save_steps if save_steps >= 1 else math.ceil(save_steps * max_steps)
+        count = max(1, int(max_steps // interval))
+    limit = getattr(args, "save_total_limit", None)
+    return count if limit is None else min(count, limit + 1)
+
+
 def check_space_for_the_run(trainer: Any, output_dir: Path, min_free_gb: float | None) -> None:
-    """Check that the disk of `output_dir` can hold one checkpoint plus the final model.
+    """Check that the disk of `output_dir` can hold the run's checkpoints (`checkpoints_on_disk`)
+    plus the final model.
 
     Sizes assume float32: 4 bytes per saved weight (the adapter under LoRA), 8 per trainable
     weight for AdamW's two moments, 4 per weight for a synced reference model.
@@ -242,17 +262,20 @@ def check_space_for_the_run(trainer: Any, output_dir: Path, min_free_gb: float |
     checkpoint = 4 * saved + 8 * trainable
     if trainer.args.sync_ref_model:
         checkpoint += 4 * saved
-    need = 4 * saved + (checkpoint if trainer.args.save_strategy != "no" else 0)
+    kept = checkpoints_on_disk(trainer.args)
+    need = 4 * saved + kept * checkpoint
     free = shutil.disk_usage(output_dir).free
     if free >= need:
         return
     sizes = (
         f"training.output_dir {output_dir}: {_size(free)} free, but a checkpoint of this model "
-        f"takes about {_size(checkpoint)} and the final model {_size(4 * saved)}"
+        f"takes about {_size(checkpoint)} ({kept} on disk at once with these save settings) "
+        f"and the final model {_size(4 * saved)}"
     )
     if min_free_gb is None:
         raise OutputError(
-            f"{sizes}; free some space, set --save_strategy no or another --output_dir, or "
+            f"{sizes}; free some space, keep fewer checkpoints (--save_total_limit, "
+            "--save_steps), set --save_strategy no or another --output_dir, or "
             "--min_free_disk_gb 0 to start anyway."
         )
     logger.warning(
