@@ -301,6 +301,7 @@ def test_engine_on_an_ampere_gpu_copies_to_bf16_and_nothing_cpu_specific(
     assert copy and dtypes == {torch.bfloat16}  # bf16 sampler copy on a bf16 GPU
     assert packed == 0 and engine._packed == []  # no oneDNN layout
     assert impl == engine.model.config._attn_implementation != attention.NAME  # its own
+    assert engine.decode_step is None  # transformers' forward: the step needs the packed copy
     calls: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     _generate(engine)
@@ -332,6 +333,7 @@ def test_engine_on_a_cpu_without_bf16_packs_the_float32_policy_while_decoding(
     engine = _engine_on(monkeypatch, traits)
     assert engine.sampler_model is engine.model and engine._packed == []  # no bf16 copy
     assert engine._decode_packs is not None
+    assert engine.decode_step is None  # written for the bf16 copy's fused products only
     linear = [m for m in engine.model.modules() if type(m) is torch.nn.Linear]
     assert [layer.module for layer in engine._decode_packs.layers] == linear  # every one
     # The packed forwards are installed by the sampling call only: inside it, never after it.
@@ -357,6 +359,7 @@ def test_engine_on_a_bf16_cpu_keeps_its_cpu_speed_ups(monkeypatch: pytest.Monkey
     if torch.backends.mkldnn.is_available():
         linear = sum(type(m) is torch.nn.Linear for m in engine.model.modules())
         assert packed == len(engine._packed) == linear > 0  # every linear layer packed
+        assert engine.decode_step is not None  # the written-out Llama step
     assert impl == attention.NAME
     calls: list[int] = []
     real = torch.set_num_threads
@@ -370,6 +373,7 @@ def test_engine_on_a_cpu_without_onednn_samples_unpacked(monkeypatch: pytest.Mon
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     engine = _engine_on(monkeypatch, cpu_with_native_bf16())  # pack_weights=None: no error
     assert engine._packed == [] and _sampler_state(engine)[2] == 0
+    assert engine.decode_step is None  # no fused packed products to multiply by
     with pytest.raises(ValueError, match="on cpu"):
         _engine_on(monkeypatch, cpu_with_native_bf16(), pack_weights=True)
 
