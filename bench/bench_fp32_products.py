@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from grpokit.engines.packed_linear import packed_product
+
 SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))  # [out, in]: q/o, k/v, gate/up, down
 LAYERS, ROWS = 30, 16
 
@@ -42,9 +44,7 @@ def time_shape(out_features: int, in_features: int) -> tuple[float, float, float
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
     x = torch.randn(ROWS, in_features)
     mkl = per_call_us(lambda i: torch.nn.functional.linear(x, weights[i]))
-    onednn = per_call_us(
-        lambda i: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], "")
-    )
+    onednn = per_call_us(lambda i: packed_product(packed[i], None, x))
     return mkl, onednn, per_call_us(lambda i: weights[i].sum())
 
 

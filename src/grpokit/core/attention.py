@@ -9,8 +9,8 @@ softmax attention without the copy: the query heads of a group are stacked along
 and multiplied by their shared key/value head. Scores use the same scaling, additive mask and
 float32 softmax arithmetic as transformers' eager attention, but every score-sized tensor stays in
 the dtype the products run in (autocast's, else the query's): under bf16 autocast eager attention
-writes the scores and probabilities in float32 and keeps a float32 and a bf16 copy of the
-probabilities for backward, 6 bytes a score against 2 here (`grouped_matmul_attention`).
+writes the masked scores and the probabilities in float32 and keeps a float32 and a bf16 copy of
+the probabilities for backward, 6 bytes a score against 2 here (`grouped_matmul_attention`).
 
 Two calls go to `torch.nn.functional.scaled_dot_product_attention` instead:
 

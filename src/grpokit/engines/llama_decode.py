@@ -26,7 +26,7 @@ from torch import Tensor
 
 from grpokit.core import attention
 from grpokit.engines.kv_cache import ReservedLayer
-from grpokit.engines.packed_linear import FusedGroup, PackedLinear
+from grpokit.engines.packed_linear import FusedGroup, PackedLinear, packed_product
 
 # transformers model types whose decoder layer is Llama's (pre-norm, RMSNorm, rotary, grouped
 # attention, gated SiLU MLP); biases on the projections (Qwen2) are part of the packed products.
@@ -108,7 +108,7 @@ class LlamaDecodeStep:
         half = d // 2
         for layer, kv in zip(inner.layers, cache.layers, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = _group_product(attn.q_proj.group, _rms_norm(layer.input_layernorm, x))
+            qkv = _fused_product(attn.q_proj.group, _rms_norm(layer.input_layernorm, x))
             qk = qkv[:, : (h + hkv) * d].view(n, h + hkv, d)  # query heads, then key heads
             # transformers' apply_rotary_pos_emb on queries and keys at once (elementwise alike)
             rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
@@ -119,7 +119,7 @@ class LlamaDecodeStep:
                 rows, keys, values, attn_mask=additive, scale=self.scaling
             )
             x = x + _product(attn.o_proj, out.view(n, h * d))[:, None]
-            gate_up = _group_product(
+            gate_up = _fused_product(
                 mlp.gate_proj.group, _rms_norm(layer.post_attention_layernorm, x)
             )
             inter = gate_up.shape[-1] // 2
@@ -161,13 +161,13 @@ def _rms_norm(norm: Any, x: Tensor) -> Tensor:
     return norm.weight * h.to(x.dtype)
 
 
-def _group_product(group: FusedGroup, x: Tensor) -> Tensor:
+def _fused_product(group: FusedGroup, x: Tensor) -> Tensor:
     """`x` `[N, in]` times a group's stacked packed weight: `[N, sum of the members' out]`."""
-    return torch.ops.mkldnn._linear_pointwise(x, group.packed, group.bias, "none", [], "")
+    return packed_product(group.packed, group.bias, x)
 
 
 def _product(layer: torch.nn.Linear, x: Tensor) -> Tensor:
     """`layer(x)` for `x` `[N, in]`: the packed product when the layer holds one."""
     if isinstance(layer, PackedLinear) and layer.group is None and layer.packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, layer.packed, layer.bias, "none", [], "")
+        return packed_product(layer.packed, layer.bias, x)
     return layer(x)

@@ -119,9 +119,7 @@ class PackedLinear(torch.nn.Linear):
             return self.group.forward(self, x)
         if self.packed is None or (x.dtype != self.weight.dtype and not self.weight_released):
             return super().forward(x)
-        flat = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return packed_product(self.packed, self.bias, x.to(self.weight.dtype))
 
 
 def pack_linear_layers(
@@ -220,9 +218,7 @@ class FusedGroup:
             and x._version == self._input_version
         )
         if not reuse:
-            flat = x.reshape(-1, x.shape[-1]).to(member.weight.dtype)
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-            self._output = out.view(*x.shape[:-1], out.shape[-1])
+            self._output = packed_product(self.packed, self.bias, x.to(member.weight.dtype))
             self._input = x
             self._input_version = -1 if x.is_inference() else x._version
             self._waiting = len(self.members)
@@ -398,7 +394,7 @@ class DecodePacks:
         adapters were disabled, merged or switched since `refresh` keeps its own forward."""
         for layer in self.layers:
             if layer.packed is not None and _adapters_unchanged(layer):
-                forward = functools.partial(_packed_linear, layer.packed, layer.linear.bias)
+                forward = functools.partial(packed_product, layer.packed, layer.linear.bias)
                 layer.module.__dict__["forward"] = forward
         try:
             yield
@@ -429,10 +425,14 @@ def _adapters_unchanged(layer: _DecodeLayer) -> bool:
     return not layer.adapters or _lora_adapters(layer.module) == layer.adapters
 
 
-def _packed_linear(packed: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
-    """`x` `[..., in]` times a packed `[out, in]` weight, plus `bias` -> `[..., out]`."""
-    flat = x.reshape(-1, x.shape[-1])
-    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+def packed_product(packed: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    """`x` `[..., in]` times a packed `[out, in]` weight (`_reorder_linear_weight`), plus `bias`
+    -> `[..., out]`, in the weight's dtype (`x` must have it)."""
+    if x.dim() == 2:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    out = torch.ops.mkldnn._linear_pointwise(
+        x.reshape(-1, x.shape[-1]), packed, bias, "none", [], ""
+    )
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
