@@ -34,7 +34,7 @@ from grpokit.engines.device import (
 from grpokit.engines.models import bf16_supported, cpu_bf16
 from grpokit.engines.packed_linear import PackedLinear
 from grpokit.engines.transformers_engine import TransformersEngine
-from grpokit.train import build
+from grpokit.train import build, host_memory
 from grpokit.train import trainer as trainer_module
 from tests.tiny import make_causal_lm, make_tokenizer
 
@@ -402,7 +402,9 @@ def _trainer(
 
     applied: list[str] = []
     monkeypatch.setattr(trainer_module, "device_traits", lambda device: traits)
-    monkeypatch.setattr(build, "retain_freed_memory", lambda: applied.append("retain") or True)
+    monkeypatch.setattr(
+        host_memory, "retain_freed_memory", lambda: applied.append("retain") or True
+    )
     tok = make_tokenizer()
     config = dict(
         output_dir=str(tmp_path),
@@ -474,7 +476,9 @@ def test_trainer_releases_kept_memory_between_phases(
     )
     applied.clear()
     released: list[str] = []
-    monkeypatch.setattr(build, "release_freed_memory", lambda: released.append("release") or True)
+    monkeypatch.setattr(
+        host_memory, "release_freed_memory", lambda: released.append("release") or True
+    )
     trainer.device_traits = device_traits("cpu")  # the rule was read at construction
     trainer.skip_zero_advantage = False  # the reward is constant: keep the rows to train
     trainer.train()

@@ -1285,7 +1285,7 @@ def test_retain_freed_memory_keeps_a_freed_block_resident() -> None:
         pytest.skip("glibc mallopt is Linux-only")
     script = """
 import resource, torch
-from grpokit.train.build import retain_freed_memory
+from grpokit.train.host_memory import retain_freed_memory
 
 def rss_mb():
     with open("/proc/self/statm") as f:
@@ -1322,7 +1322,7 @@ def test_release_freed_memory_returns_a_kept_block_to_the_os() -> None:
         pytest.skip("glibc malloc_trim is Linux-only")
     script = """
 import resource, torch
-from grpokit.train.build import release_freed_memory, retain_freed_memory
+from grpokit.train.host_memory import release_freed_memory, retain_freed_memory
 
 def rss_mb():
     with open("/proc/self/statm") as f:

@@ -94,11 +94,11 @@ class ModelSettings:
     retain_freed_memory: bool = option(
         True,
         "On the CPU, under Linux with glibc: keep memory that finished tensors free inside the "
-        "process for reuse (`train.build.retain_freed_memory`) instead of returning large "
+        "process for reuse (`train.host_memory.retain_freed_memory`) instead of returning large "
         "blocks to the OS, which the next micro-batch must then page-fault in again (system "
         "time spent in the kernel). Process-wide and never undone. What a phase kept is "
         "returned to the OS before the next one (generation, each training micro-batch, the "
-        "optimizer step: `train.build.release_freed_memory`), as they allocate different "
+        "optimizer step: `train.host_memory.release_freed_memory`), as they allocate different "
         "sizes. Effect on step time and memory: bench/RESULTS.md.",
     )
     max_forward_tokens: int | str | None = option(

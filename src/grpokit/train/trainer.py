@@ -45,7 +45,7 @@ from grpokit.engines.device import device_traits, synchronize
 from grpokit.engines.models import context_length
 from grpokit.errors import ConfigError
 from grpokit.rewards.scoring import RewardLog, build_reward_functions
-from grpokit.train import build, guards, quantization
+from grpokit.train import build, guards, host_memory, quantization
 from grpokit.train import checkpoint as ckpt
 from grpokit.train import distributed as dist
 from grpokit.train.callbacks import (
@@ -172,7 +172,7 @@ class GRPOTrainer:
         self._release_between_phases = (
             self.device_traits.retain_freed_memory
             and self.args.retain_freed_memory
-            and build.retain_freed_memory()
+            and host_memory.retain_freed_memory()
         )
         build.check_generation_server(self.args)  # a wrong server address fails before loading
         quantization_config = quantization.resolve_quantization(
@@ -1105,11 +1105,11 @@ class GRPOTrainer:
 
     def _release_freed_memory(self) -> None:
         """Return the freed memory glibc kept in the last phase to the OS, where
-        `retain_freed_memory` applies (`build.release_freed_memory`). Called before generation,
-        before each training micro-batch and before the optimizer step: each allocates
-        different sizes, so what one phase freed mostly stays unused in the next."""
+        `retain_freed_memory` applies (`host_memory.release_freed_memory`). Called before
+        generation, before each training micro-batch and before the optimizer step: each
+        allocates different sizes, so what one phase freed mostly stays unused in the next."""
         if self._release_between_phases:
-            build.release_freed_memory()
+            host_memory.release_freed_memory()
 
     def _event(self, event: str, **kwargs: Any) -> None:
         """Call `event` on every callback (they may replace `self.control`)."""
