@@ -51,6 +51,11 @@ from typing import Any
 
 from roofline import ModelShape, Work  # bench/ is on sys.path (script, trl_runner, tests)
 
+# torch's huge-page allocation as the user set it, before this process imports grpokit (which
+# sets it for itself: `grpokit.prefer_huge_pages`). Each worker starts from the user's setting,
+# so TRL runs as it would outside this benchmark and grpokit as it would anywhere.
+USER_THP_SETTING = os.environ.get("THP_MEM_ALLOC_ENABLE")
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 TRL_VENV = BENCH_DIR / ".venv-trl"
@@ -321,6 +326,7 @@ def worker_environment(threads: int) -> dict[str, Any]:
         "loadavg_start": os.getloadavg(),
         "isa_caps": {k: os.environ[k] for k in ISA_VARIABLES if os.environ.get(k)},
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
 
 
@@ -372,18 +378,21 @@ def run_grpokit_worker(spec: WorkerSpec) -> dict[str, Any]:
     subtracted from `time/training` to give the forward+backward phase. The completion lengths
     come from a wrapper around the trainer's generation engine.
     """
+    # grpokit first, as at the top of a training script: its import sets torch's huge-page
+    # allocation (`grpokit.prefer_huge_pages`), which torch reads at its first CPU allocation
+    # (importing transformers' Trainer makes one).
+    import grpokit
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    grpokit_version = getattr(grpokit, "__version__", "?")
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from grpokit import GRPOConfig, GRPOTrainer
-
     torch.set_num_threads(spec.threads)
     wl = spec.wl
     info = worker_environment(spec.threads)
-    import grpokit
-
-    info["grpokit"] = getattr(grpokit, "__version__", "?")
+    info["grpokit"] = grpokit_version
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
     config = GRPOConfig(**wl.config_kwargs(spec.output_dir, spec.max_steps))
@@ -821,6 +830,9 @@ def run_worker(spec: WorkerSpec, run_dir: Path) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "_worker", str(spec_path), str(result_path)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    if USER_THP_SETTING is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = USER_THP_SETTING
     start = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
@@ -986,7 +998,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({summary['measured_steps']} steps, load {result['loadavg_end'][0]:.2f}, "
                 f"wall {result['wall_seconds']:.0f} s; in the worker: ATen "
                 f"{result.get('aten_cpu_capability', '?')}, ISA caps "
-                f"{' '.join(f'{k}={v}' for k, v in result.get('isa_caps', {}).items()) or '-'})",
+                f"{' '.join(f'{k}={v}' for k, v in result.get('isa_caps', {}).items()) or '-'}, "
+                f"THP_MEM_ALLOC_ENABLE={result.get('thp_mem_alloc_enable') or '-'})",
                 flush=True,
             )
     report = {

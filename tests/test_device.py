@@ -450,25 +450,33 @@ def test_trainer_on_the_cpu_retains_freed_memory(
 
 
 @pytest.mark.parametrize(
-    ("traits", "retain", "expected"),
+    ("traits", "retain", "release", "expected"),
     [
         # per step: before generation, before each of the 2 micro-batches, before the optimizer
-        ("cpu", True, ["release"] * 4 * 2),
-        ("cpu", False, []),
-        ("cuda", True, []),
+        ("cpu", True, True, ["release"] * 4 * 2),
+        ("cpu", True, False, []),  # the default: glibc keeps what it freed
+        ("cpu", False, True, []),
+        ("cuda", True, True, []),
     ],
 )
-def test_trainer_releases_kept_memory_between_phases(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, traits: str, retain: bool, expected: list[str]
+def test_trainer_releases_kept_memory_between_phases_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    traits: str,
+    retain: bool,
+    release: bool,
+    expected: list[str],
 ) -> None:
-    """Where glibc keeps freed memory (the CPU, `retain_freed_memory`), the trainer hands it
-    back before each phase: generation, each training micro-batch, the optimizer step."""
+    """Where glibc keeps freed memory (the CPU, `retain_freed_memory`) and
+    `release_freed_memory` asks for it, the trainer hands it back before each phase:
+    generation, each training micro-batch, the optimizer step."""
     on = device_traits("cpu") if traits == "cpu" else _cuda()
     trainer, applied = _trainer(
         monkeypatch,
         tmp_path,
         on,
         retain_freed_memory=retain,
+        release_freed_memory=release,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         num_generations=2,

@@ -42,10 +42,8 @@ def retain_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Return the freed memory glibc keeps (`retain_freed_memory`) to the OS (Linux only).
 
-    Kept blocks are reused only where the next tensor fits; the rest stays resident. Generation,
-    each training micro-batch and the optimizer step allocate different tensor sizes, so the
-    trainer calls this before each of them (`malloc_trim(0)`: the kept pages are dropped, the
-    address space stays; each phase then page-faults in only what it uses). Peak RSS and cost:
+    `malloc_trim(0)`: the kept pages are dropped, the address space stays; what is used again
+    is page-faulted in again. When the trainer calls it: `KeptMemory`. Peak RSS and cost:
     bench/RESULTS.md.
 
     Returns:
@@ -75,3 +73,88 @@ def _glibc() -> Any:
     except (OSError, AttributeError):
         return None
     return libc
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory in bytes (Linux `/proc/self/statm`), or None elsewhere."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class KeptMemory:
+    """When the trainer hands what glibc keeps (`retain_freed_memory`) back to the OS.
+
+    Kept blocks are reused only where a later tensor fits them. Each release makes the next
+    phases page-fault their memory in again (about 1 s a step on the benchmark workload:
+    bench/RESULTS.md), so by default it happens only when kept memory is piling up: before a
+    generation, when the process's resident memory is more than `growth` above its reference,
+    what it was before the generation that followed two full steps (the run's third, or the
+    second after a release: the first step allocates the optimizer's state, the second shows the
+    working set with the blocks glibc keeps). Completions of changing lengths leave kept blocks
+    unused, and without this the resident memory would creep up over a long run. With
+    `every_phase` (`GRPOConfig.release_freed_memory`) it happens before every phase instead:
+    generation, each training micro-batch, the optimizer step (the lowest peak, for more step
+    time).
+
+    Args:
+        active: whether glibc keeps freed memory here (`retain_freed_memory` applied); if not,
+            nothing is ever released.
+        every_phase: release before every phase rather than on growth.
+        growth: the fraction of resident memory above the reference that triggers a release.
+        resident: reads the resident bytes (None where unknown: then only `every_phase`
+            releases).
+    """
+
+    def __init__(
+        self,
+        active: bool,
+        every_phase: bool,
+        growth: float = 0.25,
+        resident: Any = resident_bytes,
+    ) -> None:
+        self.active, self.every_phase, self.growth = active, every_phase, growth
+        self._resident = resident
+        self._generations = 0
+        self._reference: int | None = None
+        self.releases = 0
+
+    def before_generation(self) -> bool:
+        """Called before each generation; True when kept memory was released."""
+        if not self.active:
+            return False
+        if self.every_phase:
+            return self._release()
+        self._generations += 1
+        rss = self._resident()
+        if rss is None:
+            return False
+        if self._reference is None:
+            if self._generations >= 3:  # two full steps have run since the start or a release
+                self._reference = rss
+            return False
+        if rss <= self._reference * (1 + self.growth):
+            return False
+        logger.info(
+            "returning glibc's kept memory to the OS: resident %.0f MiB, more than %.0f%% above "
+            "the %.0f MiB after two full steps",
+            rss / 2**20,
+            100 * self.growth,
+            self._reference / 2**20,
+        )
+        self._reference, self._generations = None, 1  # set again two full steps on
+        return self._release()
+
+    def before_phase(self) -> bool:
+        """Called before each training micro-batch and before the optimizer step; True when kept
+        memory was released (only with `every_phase`)."""
+        return self.active and self.every_phase and self._release()
+
+    def _release(self) -> bool:
+        released = release_freed_memory()
+        self.releases += int(released)
+        return released

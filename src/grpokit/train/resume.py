@@ -75,6 +75,7 @@ RESUME_FREE_FIELDS = frozenset(
         "reward_timeout",
         # Memory settings that compute the same values.
         "retain_freed_memory",
+        "release_freed_memory",
         "max_forward_tokens",
         "gradient_checkpointing",
         "gradient_checkpointing_kwargs",

@@ -96,10 +96,17 @@ class ModelSettings:
         "On the CPU, under Linux with glibc: keep memory that finished tensors free inside the "
         "process for reuse (`train.host_memory.retain_freed_memory`) instead of returning large "
         "blocks to the OS, which the next micro-batch must then page-fault in again (system "
-        "time spent in the kernel). Process-wide and never undone. What a phase kept is "
-        "returned to the OS before the next one (generation, each training micro-batch, the "
-        "optimizer step: `train.host_memory.release_freed_memory`), as they allocate different "
-        "sizes. Effect on step time and memory: bench/RESULTS.md.",
+        "time spent in the kernel). Process-wide and never undone. Effect on step time and "
+        "memory: bench/RESULTS.md.",
+    )
+    release_freed_memory: bool = option(
+        False,
+        "Where `retain_freed_memory` applies: return what glibc kept to the OS before every "
+        "phase (generation, each training micro-batch, the optimizer step), not only before a "
+        "generation that finds the resident memory grown by a quarter since the second full step "
+        "(`train.host_memory.KeptMemory`). A lower peak RSS where the phases' tensor sizes "
+        "leave kept blocks unused, for more step time (each phase page-faults its memory in "
+        "again). Effect on step time and memory: bench/RESULTS.md.",
     )
     max_forward_tokens: int | str | None = option(
         "auto",

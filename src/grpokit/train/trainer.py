@@ -168,11 +168,12 @@ class GRPOTrainer:
         self.device = self.world.device(self.args.use_cpu)
         self.device_traits = device_traits(self.device)  # what differs on this device type
         self.use_bf16 = build.resolve_precision(self.args, self.device)
-        # glibc keeps freed blocks within a phase; they go back to the OS between phases.
-        self._release_between_phases = (
-            self.device_traits.retain_freed_memory
+        # glibc keeps freed blocks for reuse; `kept_memory` says when they go back to the OS.
+        self.kept_memory = host_memory.KeptMemory(
+            active=self.device_traits.retain_freed_memory
             and self.args.retain_freed_memory
-            and host_memory.retain_freed_memory()
+            and host_memory.retain_freed_memory(),
+            every_phase=self.args.release_freed_memory,
         )
         build.check_generation_server(self.args)  # a wrong server address fails before loading
         quantization_config = quantization.resolve_quantization(
@@ -360,7 +361,7 @@ class GRPOTrainer:
         self._event("on_step_begin")  # the round's first step begins with its rollouts (as TRL)
 
         # ---- ALGO: rollouts ----------------------------------------------------------------
-        self._release_freed_memory()
+        self.kept_memory.before_generation()
         rollout, sampling_metrics = self.collect_rollouts(timings)
         with _timer(timings, "time/rewards", self.device):
             adv = self.advantages(rollout.rewards)
@@ -751,7 +752,7 @@ class GRPOTrainer:
         parts: list[Tensor] = []
         micro_metrics: dict[str, list[Tensor]] = defaultdict(list)
         for i, micro in enumerate(plan):  # step loss = sum of loss_weight * micro-batch loss
-            self._release_freed_memory()  # what the last phase or micro-batch kept
+            self.kept_memory.before_phase()  # what the last phase or micro-batch kept
             part = select_rows(batch, micro.rows)
             # Gradients are synchronised across processes by the step's last backward only.
             last = i == len(plan) - 1
@@ -781,7 +782,7 @@ class GRPOTrainer:
                 if param.requires_grad and param.grad is None:
                     param.grad = torch.zeros_like(param)
         backward_done = time.perf_counter()
-        self._release_freed_memory()  # the activations' blocks, before the optimizer's state
+        self.kept_memory.before_phase()  # the activations' blocks, before the optimizer's state
         grad_norm = self._update(step_loss)
         synchronize(self.device)  # the optimizer's kernels count in its time, not the next phase's
         out = reduce_metrics({k: [v.item() for v in vs] for k, vs in micro_metrics.items()})
@@ -1102,14 +1103,6 @@ class GRPOTrainer:
     def _call_rollout_func(self, prompts: list[Any]) -> Any:
         """TRL's signature: `rollout_func(prompts, trainer)`."""
         return self.rollout_func(prompts, self)
-
-    def _release_freed_memory(self) -> None:
-        """Return the freed memory glibc kept in the last phase to the OS, where
-        `retain_freed_memory` applies (`host_memory.release_freed_memory`). Called before
-        generation, before each training micro-batch and before the optimizer step: each
-        allocates different sizes, so what one phase freed mostly stays unused in the next."""
-        if self._release_between_phases:
-            host_memory.release_freed_memory()
 
     def _event(self, event: str, **kwargs: Any) -> None:
         """Call `event` on every callback (they may replace `self.control`)."""
