@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger("grpokit")
@@ -77,8 +79,6 @@ def _glibc() -> Any:
 
 def resident_bytes() -> int | None:
     """This process's resident memory in bytes (Linux `/proc/self/statm`), or None elsewhere."""
-    import os
-
     try:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -115,7 +115,7 @@ class KeptMemory:
         active: bool,
         every_phase: bool,
         growth: float = 0.25,
-        resident: Any = resident_bytes,
+        resident: Callable[[], int | None] = resident_bytes,
     ) -> None:
         self.active, self.every_phase, self.growth = active, every_phase, growth
         self._resident = resident
