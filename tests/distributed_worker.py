@@ -659,3 +659,6 @@ if __name__ == "__main__":
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    from grpokit.train.distributed import exit_launched_process
+
+    exit_launched_process(0)

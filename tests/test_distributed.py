@@ -492,3 +492,31 @@ def test_fsdp_settings_it_cannot_run_are_refused(monkeypatch) -> None:
     dist.check_fsdp_run(world, args, engine=None, is_peft=False)  # nothing to refuse
     with pytest.raises(ConfigError, match="a LoRA adapter"):
         dist.check_fsdp_run(world, args, engine=None, is_peft=True)
+
+
+@pytest.mark.parametrize("world_size", [None, "2"])
+def test_a_launched_process_exits_without_finalization(world_size: str | None) -> None:
+    """`exit_launched_process(3)` under a launcher (`WORLD_SIZE=2`) ends the process with code 3
+    after flushing what was printed and logged, and runs no `atexit` handler (finalization is
+    where DeepSpeed's and gloo's threads can abort a finished run); without a launcher it
+    returns and the process exits as usual."""
+    script = """
+import atexit, logging, sys
+from grpokit.train.distributed import exit_launched_process
+
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+atexit.register(lambda: print("finalized", flush=True))
+print("printed", end="")
+logging.getLogger("grpokit").info("logged")
+exit_launched_process(3)
+print(" returned")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    if world_size is not None:
+        env["WORLD_SIZE"] = world_size
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert "logged" in out.stderr
+    if world_size is None:
+        assert (out.returncode, out.stdout) == (0, "printed returned\nfinalized\n")
+    else:
+        assert (out.returncode, out.stdout) == (3, "printed")

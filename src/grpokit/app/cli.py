@@ -269,4 +269,8 @@ def _run_command(args: argparse.Namespace, rest: list[str]) -> int | None:
 
 
 if __name__ == "__main__":  # `python -m grpokit.app.cli`, as `accelerate launch` runs it
-    sys.exit(main())
+    code = main()
+    from grpokit.train.distributed import exit_launched_process
+
+    exit_launched_process(code)  # a launched process ends here, without finalization
+    sys.exit(code)

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,26 @@ def launched_num_processes() -> int:
 def launched_process_index() -> int:
     """This process's rank as its launcher set it (`RANK`; 0 without a launcher)."""
     return int(os.environ.get("RANK", "0") or 0)
+
+
+def exit_launched_process(code: int) -> None:
+    """End a process that a launcher started (`WORLD_SIZE` > 1) with `code` once its work is
+    done and its files are closed, skipping interpreter finalization; without a launcher, return.
+
+    At finalization, threads that DeepSpeed and gloo started may still be alive and try to take
+    the interpreter lock, which Python ends with `pthread_exit`; inside C++ code that cannot
+    unwind this aborts the process ("terminate called without an active exception", exit -6)
+    after a successful run, and the launcher then kills the other processes. Logging handlers,
+    stdout and stderr are flushed first; `atexit` handlers do not run, so every tracker and
+    file must be closed before (the trainer closes its trackers at the end of `train`).
+    """
+    if launched_num_processes() <= 1:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _asks_for(backend: str) -> bool:
