@@ -405,6 +405,7 @@ def _trainer(
     monkeypatch.setattr(
         host_memory, "retain_freed_memory", lambda: applied.append("retain") or True
     )
+    monkeypatch.setattr(host_memory, "log_huge_pages", lambda: applied.append("huge pages"))
     tok = make_tokenizer()
     config = dict(
         output_dir=str(tmp_path),
@@ -443,10 +444,12 @@ def test_trainer_on_a_gpu_leaves_the_allocator_alone(
 def test_trainer_on_the_cpu_retains_freed_memory(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """On the CPU the trainer keeps freed memory (unless told not to) and says whether torch put
+    large tensors on huge pages (`host_memory.log_huge_pages`)."""
     _, applied = _trainer(monkeypatch, tmp_path, device_traits("cpu"))
-    assert applied == ["retain"]
+    assert applied == ["retain", "huge pages"]
     _, applied = _trainer(monkeypatch, tmp_path, device_traits("cpu"), retain_freed_memory=False)
-    assert applied == []
+    assert applied == ["huge pages"]
 
 
 @pytest.mark.parametrize(

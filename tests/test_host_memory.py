@@ -157,6 +157,53 @@ print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge_kb)
         assert int(huge_kb) == 0
 
 
+@pytest.mark.parametrize(
+    ("first", "user_setting", "expected"),
+    [
+        ("import grpokit", None, "applied"),
+        ("import torch; torch.ones(3); import grpokit", None, "missed"),
+        ("import grpokit", "0", "off"),
+    ],
+)
+def test_huge_pages_tells_whether_torch_applied_them(
+    first: str, user_setting: str | None, expected: str
+) -> None:
+    """`huge_pages()` in a fresh process: "applied" when grpokit was imported before torch's
+    first CPU allocation, "missed" (and `log_huge_pages` warns, naming the fix) when a tensor
+    was made before, "off" with the user's `THP_MEM_ALLOC_ENABLE=0`; where the kernel never
+    gives huge pages, "unavailable" whatever the order."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux":
+        pytest.skip("transparent huge pages are Linux-only")
+    script = f"""
+import logging, sys
+{first}
+from grpokit.train.host_memory import huge_pages, log_huge_pages, retain_freed_memory
+
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(message)s")
+retain_freed_memory()  # large blocks from the heap, as in training
+print(huge_pages(), log_huge_pages())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if user_setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user_setting
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
+    )
+    mode_file = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode_file.exists() or "[never]" in mode_file.read_text():
+        expected = "unavailable"
+    assert out.stdout.split() == [expected, expected]
+    warned = "WARNING huge pages: not applied" in out.stderr
+    assert warned == (expected == "missed")
+    if warned:
+        assert "Import grpokit before transformers" in out.stderr
+
+
 def test_release_freed_memory_returns_a_kept_block_to_the_os() -> None:
     """In a fresh process with `retain_freed_memory()`: a freed 256 MB block below a live one
     (a hole inside the heap, not its top) stays resident until `release_freed_memory()`, which

@@ -86,6 +86,64 @@ def resident_bytes() -> int | None:
         return None
 
 
+def huge_pages() -> str:
+    """Whether torch's CPU allocator puts large tensors on transparent huge pages in this process
+    (`grpokit.prefer_huge_pages`; its effect on step time and peak RSS: bench/RESULTS.md).
+
+    Probes a fresh 4 MiB tensor: torch marks such a block `madvise(MADV_HUGEPAGE)` (the `hg`
+    flag of its mapping in `/proc/self/smaps`) only if `THP_MEM_ALLOC_ENABLE=1` was set when it
+    made its first CPU allocation, the one moment it reads the variable.
+
+    Returns:
+        "applied"; "off" (the user set `THP_MEM_ALLOC_ENABLE` to something other than 1);
+        "missed" (the variable is 1 but torch read it before: something allocated a CPU tensor
+        before grpokit was imported); "unavailable" (not Linux, or the kernel's THP mode is
+        `never`).
+    """
+    import torch
+
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as mode_file:
+            mode = mode_file.read()
+    except OSError:
+        return "unavailable"
+    if "[never]" in mode:
+        return "unavailable"
+    if os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+        return "off"
+    probe = torch.empty(4 * 2**20, dtype=torch.uint8)
+    return "applied" if "hg" in _mapping_flags(probe.data_ptr()) else "missed"
+
+
+def _mapping_flags(address: int) -> list[str]:
+    """The `VmFlags` of the mapping that holds `address` in `/proc/self/smaps` ([] if none)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=1)[0] if line.strip() else ""
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(part, 16) for part in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return []
+
+
+def log_huge_pages() -> str:
+    """Log `huge_pages()` once per trainer: a warning naming the fix when it was missed."""
+    state = huge_pages()
+    if state == "missed":
+        logger.warning(
+            "huge pages: not applied. torch made its first CPU allocation before grpokit was "
+            "imported and keeps 4 KiB pages for large tensors (slower steps, higher peak RSS: "
+            "bench/RESULTS.md). Import grpokit before transformers, trl or any code that makes "
+            "tensors, or set THP_MEM_ALLOC_ENABLE=1 in the environment."
+        )
+    else:
+        logger.info("huge pages for large CPU tensors: %s", state)
+    return state
+
+
 class KeptMemory:
     """When the trainer hands what glibc keeps (`retain_freed_memory`) back to the OS.
 

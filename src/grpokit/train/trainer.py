@@ -175,6 +175,8 @@ class GRPOTrainer:
             and host_memory.retain_freed_memory(),
             every_phase=self.args.release_freed_memory,
         )
+        if self.device_traits.retain_freed_memory:  # the CPU's allocator
+            host_memory.log_huge_pages()
         build.check_generation_server(self.args)  # a wrong server address fails before loading
         quantization_config = quantization.resolve_quantization(
             model, quantization_config, peft_config, self.args
