@@ -971,16 +971,20 @@ def test_max_forward_tokens_splits_the_forward_and_keeps_the_update(
 def test_max_forward_tokens_auto_is_the_devices_bound(tmp_path: Path) -> None:
     from grpokit.train.build import ActivationBound, resolve_activation_bound
 
-    # The default "auto" with float32 compute is the CPU's bound (512 tokens), on any CPU (AMX
-    # runs bf16 only); None and a number are taken as given.
+    # The default "auto" with float32 compute is the CPU's float32 bound (384 tokens), on any
+    # CPU (AMX runs bf16 only); None and a number are taken as given.
     auto = make_trainer(tmp_path / "auto")
-    assert auto.max_forward_tokens == 512
+    assert auto.max_forward_tokens == 384
     assert auto.activation_bound.recompute is False
     assert auto.model.is_gradient_checkpointing is False
     assert make_trainer(tmp_path / "none", max_forward_tokens=None).max_forward_tokens is None
     assert make_trainer(tmp_path / "n", max_forward_tokens=64).max_forward_tokens == 64
     gpu = dataclasses.replace(
-        device_traits("cpu"), type="cuda", max_forward_tokens=None, recompute_activations=False
+        device_traits("cpu"),
+        type="cuda",
+        max_forward_tokens=None,
+        float32_forward_tokens=None,
+        recompute_activations=False,
     )
     for bf16 in (True, False):
         bound = resolve_activation_bound(GRPOConfig(), gpu, bf16=bf16)
@@ -1022,14 +1026,14 @@ def test_auto_on_an_amx_cpu_recomputes_only_where_it_pays(
     logged = [r.getMessage() for r in caplog.records if "training forwards" in r.getMessage()]
     assert logged == [f"training forwards: {bound.describe()}"]
     assert logged[0].startswith("training forwards: recomputed activations, one forward per")
-    # Each case that keeps the 512-token bound without recomputing: (bound, recompute).
+    # Each case that keeps a token bound without recomputing: (bound, recompute).
     cases = {
-        "float32 compute": (GRPOConfig(), dict(bf16=False)),
-        "no checkpointing": (GRPOConfig(), dict(bf16=True, model=torch.nn.Linear(2, 2))),
+        "float32 compute": (GRPOConfig(), dict(bf16=False), 384),
+        "no checkpointing": (GRPOConfig(), dict(bf16=True, model=torch.nn.Linear(2, 2)), 512),
     }
-    for name, (args, kwargs) in cases.items():
+    for name, (args, kwargs, tokens) in cases.items():
         bound = resolve_activation_bound(args, traits, **kwargs)
-        assert (bound.max_forward_tokens, bound.recompute) == (512, False), name
+        assert (bound.max_forward_tokens, bound.recompute) == (tokens, False), name
     # The user's gradient_checkpointing=True: as on any CPU, 512 tokens and checkpointing.
     user = GRPOConfig(gradient_checkpointing=True)
     no_amx = dataclasses.replace(traits, recompute_activations=False)

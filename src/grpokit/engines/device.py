@@ -17,8 +17,10 @@ import torch
 
 from grpokit.engines.models import bf16_supported, cpu_bf16
 
-# Tokens (rows x padded width) of one training forward on the CPU under max_forward_tokens="auto".
+# Tokens (rows x padded width) of one training forward on the CPU under max_forward_tokens="auto",
+# computing under bf16 autocast and in float32 (whose activations take twice the bytes).
 CPU_MAX_FORWARD_TOKENS = 512
+CPU_FLOAT32_FORWARD_TOKENS = 384
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,18 @@ class DeviceTraits:
         tf32: TensorFloat-32 matmuls exist (`GRPOConfig.tf32`): a CUDA GPU of compute capability
             8.0 or newer.
         max_forward_tokens: What `GRPOConfig.max_forward_tokens="auto"` bounds one training
-            forward to (`train.microbatch`; None = no bound) where it does not recompute
-            activations instead (`activation_bound`). CPU: `CPU_MAX_FORWARD_TOKENS`. There
-            activations of the whole micro-batch, kept for backward, are most of the process's
-            peak memory, while matmuls of a few hundred rows already run at the CPU's matmul
-            rate: smaller forwards cost little time (bench/RESULTS.md). A GPU needs large
-            forwards to be kept busy; its micro-batch size is left to the user.
+            forward to under bf16 autocast (`train.microbatch`; None = no bound) where it does
+            not recompute activations instead (`activation_bound`). CPU:
+            `CPU_MAX_FORWARD_TOKENS`. There activations of the whole micro-batch, kept for
+            backward, are most of the process's peak memory, while matmuls of a few hundred rows
+            already run at the CPU's matmul rate: smaller forwards cost little time
+            (bench/RESULTS.md). A GPU needs large forwards to be kept busy; its micro-batch size
+            is left to the user.
+        float32_forward_tokens: The same bound for float32 compute. CPU:
+            `CPU_FLOAT32_FORWARD_TOKENS`, lower, as float32 activations take twice the bytes:
+            on the bar workload 384 tokens instead of 512 lower the peak RSS by about 480 MiB
+            for about 1% more training time (256 tokens: 14% more; bench/RESULTS.md). None on
+            a GPU.
         recompute_activations: Under bf16 autocast, `max_forward_tokens="auto"` bounds the
             training activations by recomputing them in the backward pass (non-reentrant
             gradient checkpointing of the decoder layers) over the whole micro-batch, instead
@@ -83,6 +91,7 @@ class DeviceTraits:
     intra_op_threads: bool
     tf32: bool
     max_forward_tokens: int | None
+    float32_forward_tokens: int | None
     recompute_activations: bool
 
     def activation_bound(self, bf16: bool) -> tuple[int | None, bool]:
@@ -94,8 +103,9 @@ class DeviceTraits:
             = one forward per micro-batch) and whether the decoder layers recompute their
             activations in the backward pass (`recompute_activations`, bf16 only).
         """
-        recompute = bf16 and self.recompute_activations
-        return (None if recompute else self.max_forward_tokens), recompute
+        if bf16 and self.recompute_activations:
+            return None, True
+        return (self.max_forward_tokens if bf16 else self.float32_forward_tokens), False
 
     @property
     def sampler_dtype(self) -> torch.dtype | None:
@@ -143,6 +153,7 @@ def device_traits(device: torch.device | str | None = None) -> DeviceTraits:
         intra_op_threads=on_cpu,
         tf32=kind == "cuda" and _cuda_has_tf32(),
         max_forward_tokens=CPU_MAX_FORWARD_TOKENS if on_cpu else None,
+        float32_forward_tokens=CPU_FLOAT32_FORWARD_TOKENS if on_cpu else None,
         recompute_activations=on_cpu and native_bf16 and cpu_bf16().amx,
     )
 
