@@ -315,8 +315,8 @@ def resolve_activation_bound(
     forward under bf16 autocast and 384 in float32; on a GPU no bound. "auto" keeps the
     device's token bound without recomputing when the user set `gradient_checkpointing` (that
     setting then decides: the token bound and recomputed activations on any CPU) or when
-    `model` cannot checkpoint its layers. Recomputation works
-    under DDP, FSDP2 and DeepSpeed ZeRO-2/3 alike (tests/test_distributed*.py, scenario bnpo).
+    `model` cannot checkpoint its layers. Recomputation works under DDP, FSDP2 and DeepSpeed
+    ZeRO-2/3 alike (tests/test_distributed*.py, scenario bnpo).
 
     Args:
         args: The run's config.
