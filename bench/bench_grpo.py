@@ -393,6 +393,9 @@ def run_grpokit_worker(spec: WorkerSpec) -> dict[str, Any]:
     wl = spec.wl
     info = worker_environment(spec.threads)
     info["grpokit"] = grpokit_version
+    from grpokit.train.host_memory import huge_pages
+
+    info["huge_pages"] = huge_pages()  # whether torch applied the setting in this worker
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
     config = GRPOConfig(**wl.config_kwargs(spec.output_dir, spec.max_steps))
@@ -999,7 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"wall {result['wall_seconds']:.0f} s; in the worker: ATen "
                 f"{result.get('aten_cpu_capability', '?')}, ISA caps "
                 f"{' '.join(f'{k}={v}' for k, v in result.get('isa_caps', {}).items()) or '-'}, "
-                f"THP_MEM_ALLOC_ENABLE={result.get('thp_mem_alloc_enable') or '-'})",
+                f"THP_MEM_ALLOC_ENABLE={result.get('thp_mem_alloc_enable') or '-'}"
+                f"{', huge pages ' + result['huge_pages'] if 'huge_pages' in result else ''})",
                 flush=True,
             )
     report = {
