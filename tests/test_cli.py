@@ -872,3 +872,17 @@ def test_internal_errors_keep_their_traceback(tmp_path: Path, monkeypatch) -> No
     config = _write_yaml(tmp_path / "c.yaml", _config(tmp_path, "some/model"))
     with pytest.raises(RuntimeError, match="a bug, not a user error"):
         main(["train", config])
+
+
+def test_the_grpokit_command_exits_with_mains_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `grpokit` console script is `cli.run`: `main()`'s code becomes the exit status (and a
+    launched process would leave without finalization: tests/test_distributed.py)."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="grpokit")
+    assert script.value == "grpokit.app.cli:run"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cli, "main", lambda: 2)
+    with pytest.raises(SystemExit) as exited:
+        cli.run()
+    assert exited.value.code == 2

@@ -16,7 +16,7 @@ import sys
 import textwrap
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from grpokit.app.run import _load_everything, run_eval, run_training
 from grpokit.app.run_config import (
@@ -268,9 +268,16 @@ def _run_command(args: argparse.Namespace, rest: list[str]) -> int | None:
     return None
 
 
-if __name__ == "__main__":  # `python -m grpokit.app.cli`, as `accelerate launch` runs it
+def run() -> NoReturn:
+    """The `grpokit` command and `python -m grpokit.app.cli`: `main()`, then exit with its
+    code. A process that a launcher started (`torchrun`, `accelerate launch`) exits without
+    interpreter finalization (`train.distributed.exit_launched_process`)."""
     code = main()
     from grpokit.train.distributed import exit_launched_process
 
-    exit_launched_process(code)  # a launched process ends here, without finalization
+    exit_launched_process(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":  # `python -m grpokit.app.cli`, as `accelerate launch` runs it
+    run()
