@@ -65,10 +65,8 @@ class DeviceTraits:
             (bench/RESULTS.md). A GPU needs large forwards to be kept busy; its micro-batch size
             is left to the user.
         float32_forward_tokens: The same bound for float32 compute. CPU:
-            `CPU_FLOAT32_FORWARD_TOKENS`, lower, as float32 activations take twice the bytes:
-            on the bar workload 384 tokens instead of 512 lower the peak RSS by about 480 MiB
-            for about 1% more training time (256 tokens: 14% more; bench/RESULTS.md). None on
-            a GPU.
+            `CPU_FLOAT32_FORWARD_TOKENS`, lower, as float32 activations take twice the bytes
+            (the peak RSS it saves and the time it costs: bench/RESULTS.md). None on a GPU.
         recompute_activations: Under bf16 autocast, `max_forward_tokens="auto"` bounds the
             training activations by recomputing them in the backward pass (non-reentrant
             gradient checkpointing of the decoder layers) over the whole micro-batch, instead
