@@ -603,6 +603,38 @@ def format_ratios(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_pairs(summaries: list[dict[str, Any]]) -> str:
+    """Per workload with more than one pair of workers (`--pairs`): each pair's TRL and grpokit
+    step seconds, the order they ran in and the ratio, then the median ratio over the pairs."""
+    lines = []
+    for w in dict.fromkeys(s["workload"] for s in summaries):
+        runs = [s for s in summaries if s["workload"] == w]
+        pairs = sorted({s.get("pair", 0) for s in runs})
+        if len(pairs) < 2:
+            continue
+        ratios = []
+        lines.append(f"{w}:")
+        lines.append("| pair | order | TRL step s | grpokit step s | speed-up |")
+        lines.append("|---|---|---|---|---|")
+        for pair in pairs:
+            both = [s for s in runs if s.get("pair", 0) == pair]
+            steps = {s["system"]: s["per_step"]["total"] for s in both}
+            if set(steps) != {"trl", "grpokit"}:
+                continue
+            ratios.append(steps["trl"] / steps["grpokit"])
+            order = " then ".join(s["system"] for s in both)
+            lines.append(
+                f"| {pair + 1} | {order} | {steps['trl']:.3f} | {steps['grpokit']:.3f} | "
+                f"{ratios[-1]:.2f}x |"
+            )
+        if ratios:
+            lines.append(
+                f"median speed-up over {len(ratios)} pairs: {statistics.median(ratios):.2f}x "
+                f"(range {min(ratios):.2f}x-{max(ratios):.2f}x)"
+            )
+    return "\n".join(lines)
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None or value != value else f"{100 * value:.1f}%"
 
@@ -872,6 +904,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rows per micro-batch (per_device_train_batch_size, with gradient accumulation up "
         "to the step's completions; default: the whole step in one micro-batch)",
     )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="with --system both: run the two workers this many times per workload, the order "
+        "alternating (TRL first, then grpokit first, ...), so that a drift in the machine's "
+        "speed moves both; the report's tables are the first pair's, then every pair's ratio",
+    )
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up optimizer steps (dropped)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -977,9 +1017,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"roofline floor: {machine_floor.describe(floor)}")
     summaries = []
-    for wl in workloads:
+    pairs = max(args.pairs, 1) if len(systems) == 2 else 1
+    for wl, pair in itertools.product(workloads, range(pairs)):
         k = wl.num_iterations
-        for system in systems:
+        for system in systems if pair % 2 == 0 else systems[::-1]:
             out_dir = tempfile.mkdtemp(prefix=f"{system}-{wl.name}-", dir=run_dir)
             spec = WorkerSpec(
                 system=system,
@@ -994,6 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             result = run_worker(spec, run_dir)
             summary = summarize(result, shape, peak)
+            summary["pair"] = pair
             summaries.append(summary)
             ps = summary["per_step"]
             print(
@@ -1016,8 +1058,10 @@ def main(argv: list[str] | None = None) -> int:
         "summaries": summaries,
     }
     (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
-    table = format_table(summaries)
-    ratios = format_ratios(summaries)
+    first = [s for s in summaries if s["pair"] == 0]
+    table = format_table(first)
+    ratios = format_ratios(first)
+    paired = format_pairs(summaries)
     print()
     print(
         f"Seconds per optimizer step (median over {args.steps} measured steps, "
@@ -1027,7 +1071,11 @@ def main(argv: list[str] | None = None) -> int:
     if ratios:
         print()
         print(ratios)
-    roof = format_roofline(summaries, shape, floor)
+    if paired:
+        print()
+        print(paired)
+        ratios += "\n\n" + paired
+    roof = format_roofline(first, shape, floor)
     print()
     print(f"Roofline (CPU: {machine_floor.describe(floor)}):")
     print(roof)
