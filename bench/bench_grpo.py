@@ -605,7 +605,8 @@ def format_ratios(summaries: list[dict[str, Any]]) -> str:
 
 def format_pairs(summaries: list[dict[str, Any]]) -> str:
     """Per workload with more than one pair of workers (`--pairs`): each pair's TRL and grpokit
-    step seconds, the order they ran in and the ratio, then the median ratio over the pairs."""
+    step seconds and peak RSS, the order they ran in and the speed-up, then the median speed-up
+    over the pairs."""
     lines = []
     for w in dict.fromkeys(s["workload"] for s in summaries):
         runs = [s for s in summaries if s["workload"] == w]
@@ -614,18 +615,22 @@ def format_pairs(summaries: list[dict[str, Any]]) -> str:
             continue
         ratios = []
         lines.append(f"{w}:")
-        lines.append("| pair | order | TRL step s | grpokit step s | speed-up |")
-        lines.append("|---|---|---|---|---|")
+        lines.append(
+            "| pair | order | TRL step s | grpokit step s | speed-up | peak RSS MiB TRL / grpokit |"
+        )
+        lines.append("|---|---|---|---|---|---|")
         for pair in pairs:
             both = [s for s in runs if s.get("pair", 0) == pair]
             steps = {s["system"]: s["per_step"]["total"] for s in both}
             if set(steps) != {"trl", "grpokit"}:
                 continue
+            rss = {s["system"]: s["peak_rss_mb"] for s in both}
             ratios.append(steps["trl"] / steps["grpokit"])
             order = " then ".join(s["system"] for s in both)
             lines.append(
                 f"| {pair + 1} | {order} | {steps['trl']:.3f} | {steps['grpokit']:.3f} | "
-                f"{ratios[-1]:.2f}x |"
+                f"{ratios[-1]:.2f}x | {rss['trl']:.0f} / {rss['grpokit']:.0f} "
+                f"({rss['grpokit'] / rss['trl']:.2f}x) |"
             )
         if ratios:
             lines.append(

@@ -226,25 +226,33 @@ def test_bench_report_builds_the_roofline_from_a_summary():
 
 def test_bench_report_gives_each_pair_of_workers_its_ratio():
     """`bench_grpo.py --pairs 3`: the workers ran TRL first, then grpokit first, then TRL first;
-    each pair's speed-up is TRL's step over grpokit's, in the order they ran, and the median."""
+    each pair's speed-up is TRL's step over grpokit's, in the order they ran, its peak RSS
+    grpokit's over TRL's, and the median speed-up closes the table."""
     import bench_grpo
 
-    def run(system: str, pair: int, step: float) -> dict[str, Any]:
-        return {"workload": "w", "system": system, "pair": pair, "per_step": {"total": step}}
+    def run(system: str, pair: int, step: float, rss: float) -> dict[str, Any]:
+        per_step = {"total": step}
+        return {
+            "workload": "w",
+            "system": system,
+            "pair": pair,
+            "per_step": per_step,
+            "peak_rss_mb": rss,
+        }
 
     summaries = [
-        run("trl", 0, 30.0),
-        run("grpokit", 0, 10.0),
-        run("grpokit", 1, 8.0),
-        run("trl", 1, 32.0),
-        run("trl", 2, 27.0),
-        run("grpokit", 2, 9.0),
+        run("trl", 0, 30.0, 8000.0),
+        run("grpokit", 0, 10.0, 4000.0),
+        run("grpokit", 1, 8.0, 3600.0),
+        run("trl", 1, 32.0, 9000.0),
+        run("trl", 2, 27.0, 8000.0),
+        run("grpokit", 2, 9.0, 4400.0),
     ]
     lines = bench_grpo.format_pairs(summaries).splitlines()
     assert lines[3:] == [
-        "| 1 | trl then grpokit | 30.000 | 10.000 | 3.00x |",
-        "| 2 | grpokit then trl | 32.000 | 8.000 | 4.00x |",
-        "| 3 | trl then grpokit | 27.000 | 9.000 | 3.00x |",
+        "| 1 | trl then grpokit | 30.000 | 10.000 | 3.00x | 8000 / 4000 (0.50x) |",
+        "| 2 | grpokit then trl | 32.000 | 8.000 | 4.00x | 9000 / 3600 (0.40x) |",
+        "| 3 | trl then grpokit | 27.000 | 9.000 | 3.00x | 8000 / 4400 (0.55x) |",
         "median speed-up over 3 pairs: 3.00x (range 3.00x-4.00x)",
     ]
     assert bench_grpo.format_pairs(summaries[:2]) == ""  # one pair: the main tables say it all
