@@ -126,18 +126,10 @@ def test_importing_grpokit_puts_large_cpu_tensors_on_huge_pages(user_setting: st
 import os
 import grpokit
 import torch
+from grpokit.train.host_memory import mapping_fields
 
 x = torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
-start = x.data_ptr()
-vma = None
-huge_kb = 0
-for line in open("/proc/self/smaps"):
-    head = line.split()[0]
-    if "-" in head and not head.endswith(":"):
-        low, high = (int(part, 16) for part in head.split("-"))
-        vma = low <= start < high
-    elif vma and head == "AnonHugePages:":
-        huge_kb += int(line.split()[1])
+huge_kb = mapping_fields(x.data_ptr())["AnonHugePages"][0]
 print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge_kb)
 """
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}

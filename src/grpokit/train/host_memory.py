@@ -112,21 +112,32 @@ def huge_pages() -> str:
     if os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         return "off"
     probe = torch.empty(4 * 2**20, dtype=torch.uint8)
-    return "applied" if "hg" in _mapping_flags(probe.data_ptr()) else "missed"
+    return "applied" if "hg" in mapping_fields(probe.data_ptr()).get("VmFlags", []) else "missed"
 
 
-def _mapping_flags(address: int) -> list[str]:
-    """The `VmFlags` of the mapping that holds `address` in `/proc/self/smaps` ([] if none)."""
+def mapping_fields(address: int) -> dict[str, list[str]]:
+    """The fields of the mapping that holds `address`, as `/proc/self/smaps` lists them: e.g.
+    `{"AnonHugePages": ["2048", "kB"], "VmFlags": ["rd", "wr", ..., "hg"], ...}` ({} if no
+    mapping holds it, or not Linux)."""
+    fields: dict[str, list[str]] = {}
     inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split(maxsplit=1)[0] if line.strip() else ""
-            if "-" in head and not head.endswith(":"):
-                low, high = (int(part, 16) for part in head.split("-"))
-                inside = low <= address < high
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    return []
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                parts = line.split()
+                if not parts:
+                    continue
+                head = parts[0]
+                if "-" in head and not head.endswith(":"):
+                    if inside:
+                        break  # the mapping that held it has ended
+                    low, high = (int(part, 16) for part in head.split("-"))
+                    inside = low <= address < high
+                elif inside:
+                    fields[head.rstrip(":")] = parts[1:]
+    except OSError:
+        return {}
+    return fields
 
 
 def log_huge_pages() -> str:
