@@ -45,7 +45,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,7 @@ class Workload:
     seed: int = 0
     bf16: bool = True
     micro_batch: int | None = None  # rows per micro-batch; None = the whole step in one
+    torch_compile: bool = False  # GRPOConfig.torch_compile (`--torch-compile`: one side or both)
 
     @property
     def name(self) -> str:
@@ -169,6 +170,7 @@ class Workload:
             save_strategy="no",
             report_to="none",
             seed=self.seed,
+            torch_compile=self.torch_compile,
         )
 
 
@@ -917,6 +919,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "alternating (TRL first, then grpokit first, ...), so that a drift in the machine's "
         "speed moves both; the report's tables are the first pair's, then every pair's ratio",
     )
+    parser.add_argument(
+        "--torch-compile",
+        default="none",
+        choices=("none", "grpokit", "trl", "both"),
+        help="torch_compile=True for these systems (compiled in their warm-up steps; the "
+        "workload's name stays the same, the summary records each worker's setting)",
+    )
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up optimizer steps (dropped)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -1029,7 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir = tempfile.mkdtemp(prefix=f"{system}-{wl.name}-", dir=run_dir)
             spec = WorkerSpec(
                 system=system,
-                workload=asdict(wl),
+                workload=asdict(replace(wl, torch_compile=args.torch_compile in (system, "both"))),
                 model_path=model_path,
                 prompts=prompts,
                 warmup_steps=round_up(max(args.warmup, 0), k),
@@ -1050,7 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result.get('aten_cpu_capability', '?')}, ISA caps "
                 f"{' '.join(f'{k}={v}' for k, v in result.get('isa_caps', {}).items()) or '-'}, "
                 f"THP_MEM_ALLOC_ENABLE={result.get('thp_mem_alloc_enable') or '-'}"
-                f"{', huge pages ' + result['huge_pages'] if 'huge_pages' in result else ''})",
+                f"{', huge pages ' + result['huge_pages'] if 'huge_pages' in result else ''}"
+                f"{', torch_compile' if spec.wl.torch_compile else ''})",
                 flush=True,
             )
     report = {

@@ -492,6 +492,9 @@ def test_fsdp_settings_it_cannot_run_are_refused(monkeypatch) -> None:
     dist.check_fsdp_run(world, args, engine=None, is_peft=False)  # nothing to refuse
     with pytest.raises(ConfigError, match="a LoRA adapter"):
         dist.check_fsdp_run(world, args, engine=None, is_peft=True)
+    compiled = GRPOConfig(per_device_train_batch_size=4, num_generations=4, torch_compile=True)
+    with pytest.raises(ConfigError, match="does not support yet: torch_compile"):
+        dist.check_fsdp_run(world, compiled, engine=None, is_peft=False)
 
 
 @pytest.mark.parametrize("world_size", [None, "2"])

@@ -223,6 +223,9 @@ def test_deepspeed_settings_it_cannot_run_are_refused() -> None:
     dist.check_deepspeed_run(world, args, engine=None, is_peft=False)  # nothing to refuse
     with pytest.raises(ConfigError, match="a LoRA adapter"):
         dist.check_deepspeed_run(world, args, engine=None, is_peft=True)
+    compiled = GRPOConfig(per_device_train_batch_size=4, num_generations=4, torch_compile=True)
+    with pytest.raises(ConfigError, match="does not support yet: torch_compile"):
+        dist.check_deepspeed_run(world, compiled, engine=None, is_peft=False)
     sampling_from_the_model = SimpleNamespace(model="m", sampler_model="m")
     with pytest.raises(ConfigError, match="without its own sampler copy"):
         dist.check_deepspeed_run(world, args, engine=sampling_from_the_model, is_peft=False)

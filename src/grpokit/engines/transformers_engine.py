@@ -315,7 +315,9 @@ class TransformersEngine:
         Checks the prompts against the model's context, left-pads them, refreshes the sampler
         copy (or re-packs the float32 policy's `DecodePacks`), puts the sampler in eval mode (its
         training mode is restored afterwards) and runs the block with `num_threads` intra-op
-        threads and, with `DecodePacks`, the packed weights in use.
+        threads, with `DecodePacks` the packed weights in use, and eagerly: modules compiled by
+        `torch.compile` (`GRPOConfig.torch_compile`, which the bf16 copy inherits) run
+        uncompiled, as a decode loop's shapes change at every step.
 
         Yields:
             `(ids, mask, device)`: the left-padded prompts `[B, P]` and their mask (1 = prompt
@@ -333,6 +335,7 @@ class TransformersEngine:
         model.eval()
         try:
             with _intra_op_threads(self.num_threads, self.traits), contextlib.ExitStack() as stack:
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
                 if self._decode_packs is not None:
                     self._decode_packs.refresh()
                     stack.enter_context(self._decode_packs.active())

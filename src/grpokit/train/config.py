@@ -102,6 +102,7 @@ class GRPOConfig(
 
     def __post_init__(self) -> None:
         self._resolve_trl_shorthands()
+        self._resolve_compile_settings()
         check_at_default(self)
         from grpokit.train.trackers import check_trackio_settings, resolve_report_to
 
@@ -158,6 +159,14 @@ class GRPOConfig(
             self.metric_for_best_model = "loss"
         if self.greater_is_better is None and self.metric_for_best_model is not None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+
+    def _resolve_compile_settings(self) -> None:
+        """A backend or mode turns `torch_compile` on; compiling defaults to inductor (as
+        transformers' `TrainingArguments` resolve them)."""
+        if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
+            self.torch_compile = True
+        if self.torch_compile and self.torch_compile_backend is None:
+            self.torch_compile_backend = "inductor"
 
     def _resolve_batch_sizes(self) -> None:
         """`steps_per_generation` and `generation_batch_size` derived from each other (as TRL),

@@ -24,6 +24,8 @@ SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 INPUT_TOKEN_COUNTS = ("no", "all", "non_padding")
 RESUME_CONFIG_POLICIES = ("refuse", "apply")
+# torch.compile's modes (`torch._inductor.list_mode_options()`, and None for the default).
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # transformers' `SchedulerType` values that `get_scheduler` steps without a metric. Listed here so
 # that validating a config does not import transformers (a test keeps this in sync).
@@ -101,8 +103,8 @@ def check_numbers(cfg: GRPOConfig) -> None:
 
 
 def check_unsupported(cfg: GRPOConfig) -> None:
-    """The vLLM mode and server address, the optimizer and its arguments, `data_seed` and
-    `include_num_input_tokens_seen`."""
+    """The vLLM mode and server address, the optimizer and its arguments, `data_seed`,
+    `torch_compile_mode` and `include_num_input_tokens_seen`."""
     if cfg.vllm_mode not in VLLM_MODES:
         raise ValueError(f"vllm_mode must be one of {VLLM_MODES}, got {cfg.vllm_mode!r}.")
     if cfg.vllm_mode == "server":
@@ -116,6 +118,10 @@ def check_unsupported(cfg: GRPOConfig) -> None:
         isinstance(cfg.data_seed, bool) or not isinstance(cfg.data_seed, int)
     ):
         raise ValueError(f"data_seed must be an integer or None, got {cfg.data_seed!r}.")
+    if cfg.torch_compile_mode not in COMPILE_MODES:
+        raise ValueError(
+            f"torch_compile_mode must be one of {COMPILE_MODES}, got {cfg.torch_compile_mode!r}."
+        )
     if cfg.include_num_input_tokens_seen not in INPUT_TOKEN_COUNTS:
         raise ValueError(
             f"include_num_input_tokens_seen must be one of {INPUT_TOKEN_COUNTS} (or True/"

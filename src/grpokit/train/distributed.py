@@ -551,8 +551,8 @@ def full_tensor(tensor: Tensor) -> Tensor:
 
 
 def check_fsdp_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> None:
-    """Refuse what an FSDP2 run cannot do yet, before any step: LoRA, vLLM, and an engine that
-    would sample from the sharded model itself.
+    """Refuse what an FSDP2 run cannot do yet, before any step: LoRA, vLLM, torch_compile, and an
+    engine that would sample from the sharded model itself.
 
     Raises:
         ConfigError: naming the setting and the fix.
@@ -564,6 +564,8 @@ def check_fsdp_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> No
         refused.append("a LoRA adapter (peft_config)")
     if args.use_vllm:
         refused.append("use_vllm")
+    if args.torch_compile:
+        refused.append("torch_compile")
     sampler = getattr(engine, "sampler_model", None)
     if sampler is not None and sampler is getattr(engine, "model", None):
         refused.append("a TransformersEngine without its own sampler copy (bf16_sampler)")
@@ -728,9 +730,10 @@ def deepspeed_update(engine: Any) -> tuple[float, bool]:
 
 
 def check_deepspeed_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> None:
-    """Refuse what a DeepSpeed run cannot do yet, before any step: under ZeRO-3, LoRA, vLLM and
-    an engine that would sample from the partitioned model itself; at any stage, a scheduler or
-    optimizer named in the DeepSpeed config (grpokit builds them from the GRPOConfig).
+    """Refuse what a DeepSpeed run cannot do yet, before any step: LoRA, torch_compile; under
+    ZeRO-3, vLLM and an engine that would sample from the partitioned model itself; at any
+    stage, a scheduler or optimizer named in the DeepSpeed config (grpokit builds them from the
+    GRPOConfig).
 
     Raises:
         ConfigError: naming the setting and the fix.
@@ -743,6 +746,8 @@ def check_deepspeed_run(world: World, args: Any, engine: Any, *, is_peft: bool) 
     ]
     if is_peft:
         refused.append("a LoRA adapter (peft_config)")
+    if args.torch_compile:
+        refused.append("torch_compile")
     if world.zero_stage == 3:
         if args.use_vllm:
             refused.append("use_vllm under ZeRO-3")

@@ -131,6 +131,29 @@ class ModelSettings:
         "elsewhere the model's own; None = keep the model's. Any other name "
         '("sdpa", "eager", ...) is set with `set_attn_implementation`.',
     )
+    torch_compile: bool = option(
+        False,
+        "Compile the policy (and reference) model with `torch.compile` for its training and "
+        "log-prob forwards (`train.build.compile_policy`): each repeated decoder block is "
+        "compiled (the model's `_no_split_modules`; the whole model if it names none), so one "
+        "compilation serves every layer. The first forwards compile (tens of seconds on a CPU; "
+        "a new width or grad mode compiles again), later ones run faster; the same update up "
+        "to float rounding. Generation is not compiled. Set by torch_compile_backend or "
+        "torch_compile_mode too, as in transformers. Effect on step time: bench/RESULTS.md.",
+        limit="refused under FSDP and DeepSpeed (not yet supported); TRL compiles the whole "
+        "model, grpokit each decoder block (the same forwards, compiled once for all layers), "
+        "and leaves generation eager",
+    )
+    torch_compile_backend: str | None = option(
+        None,
+        'The `torch.compile` backend ("inductor", "aot_eager", ... `torch._dynamo.'
+        'list_backends()`). Setting it sets torch_compile. None = "inductor" when compiling.',
+    )
+    torch_compile_mode: str | None = option(
+        None,
+        'The `torch.compile` mode ("default", "reduce-overhead", "max-autotune", '
+        '"max-autotune-no-cudagraphs"). Setting it sets torch_compile. None = the default mode.',
+    )
 
 
 @dataclass

@@ -203,6 +203,7 @@ class GRPOTrainer:
         self.is_peft = ckpt.is_peft_model(self.model)
         self.context_length = context_length(self.model)  # prompts are limited to fit in it
         self.ref_model = build.make_ref_model(self.model, self.args)
+        build.compile_policy(self.model, self.args, ref_model=self.ref_model)
         # Tools and environments first: an environment may own a reward (`get_reward`).
         self.tool_calling, self.environment_pool = build.make_tool_calling(
             tools, environment_factory, self.processing_class, self.args

@@ -50,7 +50,6 @@ _PREDICTION = (
     "completions and scores them with the reward functions"
 )
 _LIGER = "Liger kernels are not supported (TRL's GRPOTrainer deprecates them too)"
-_COMPILE = "torch.compile of the policy is not yet supported"
 _OWN_GENERATION = (
     "generation runs on grpokit's own engines (TransformersEngine, or VLLMEngine with use_vllm)"
 )
@@ -337,9 +336,6 @@ class AcceptedAtDefault:
     fp16_full_eval: bool = at_default(
         False, "Evaluate with the weights cast to fp16.", "fp16 is not supported"
     )
-    torch_compile: bool = at_default(False, "Compile the model with torch.compile.", _COMPILE)
-    torch_compile_backend: str | None = at_default(None, "torch.compile backend.", _COMPILE)
-    torch_compile_mode: str | None = at_default(None, "torch.compile mode.", _COMPILE)
     use_liger_kernel: bool = at_default(False, "Patch the model with Liger kernels.", _LIGER)
     liger_kernel_config: dict[str, bool] | None = at_default(
         None, "Options of the Liger kernels.", _LIGER
