@@ -81,6 +81,10 @@ RESUME_FREE_FIELDS = frozenset(
         "gradient_checkpointing_kwargs",
         "vllm_gpu_memory_utilization",
         "use_cache",
+        # Compiling computes the same values (up to float rounding), faster.
+        "torch_compile",
+        "torch_compile_backend",
+        "torch_compile_mode",
         # Where the vLLM server is (a restarted server may have moved) and how long to wait for
         # it: a resumed run pushes all its weights to the server before sampling.
         "vllm_server_base_url",
