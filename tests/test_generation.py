@@ -163,6 +163,14 @@ def test_sampling_logprobs_are_the_models_temperature_logprobs() -> None:
     assert out.sampling_logprobs is not None
     mask = out.completion_mask.bool()
     torch.testing.assert_close(out.sampling_logprobs[mask], expected[mask], rtol=0, atol=1e-4)
+    # Sampled in inference mode, returned as ordinary tensors: a training forward (with
+    # gradients) takes the tokens, and the log-probs enter a loss.
+    assert not any(
+        t.is_inference() for t in (out.completion_ids, out.completion_mask, out.sampling_logprobs)
+    )
+    trained, _ = model_completion_logprobs(model, input_ids, attention_mask, t, temperature=0.7)
+    (trained - out.sampling_logprobs).exp().sum().backward()
+    assert model.lm_head.weight.grad is not None
 
 
 def _reference_processors(sampling: SamplingParams, eos: int, min_new: int, prompt_len: int):

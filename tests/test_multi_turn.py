@@ -63,9 +63,11 @@ class ScriptedTurns:
     def __init__(self, reply: list[int], rounds: int, slow: tuple[int, ...] = ()) -> None:
         self.reply, self.rounds, self.slow = reply, rounds, slow
         self.turns: dict[int, list[list[int]]] = defaultdict(list)
+        self.inference_mode: list[bool] = []  # at each call
 
     def end_turn(self, row: int, turn_ids: list[int], room: int) -> Future[list[int] | None] | None:
         self.turns[row].append(list(turn_ids))
+        self.inference_mode.append(torch.is_inference_mode_enabled())
         if len(self.turns[row]) > self.rounds:
             return None
         future: Future[list[int] | None] = Future()
@@ -151,6 +153,10 @@ def test_kv_cache_turns_match_a_fresh_forward(share: bool) -> None:
         n_model_turns += len(model_parts)
         assert (gen.sampling_logprobs[row, :length][gen.tool_mask[row, :length] == 0] == 0).all()
     assert n_model_turns > 4  # the script did run several turns
+    # The decode loop runs in inference mode; the handler (the user's tools) and the returned
+    # tensors do not.
+    assert handler.inference_mode and not any(handler.inference_mode)
+    assert not any(t.is_inference() for t in (gen.completion_ids, gen.sampling_logprobs))
     input_ids = torch.cat([gen.prompt_ids, gen.completion_ids], dim=1)
     attention = torch.cat([gen.prompt_mask, gen.completion_mask], dim=1)
     fresh, _ = model_completion_logprobs(model, input_ids, attention, gen.completion_ids.shape[1])

@@ -339,6 +339,10 @@ class TransformersEngine:
                 if self._decode_packs is not None:
                     self._decode_packs.refresh()
                     stack.enter_context(self._decode_packs.active())
+                # No autograd bookkeeping at all (version counters, views): 5% off a `generate`
+                # call (bench/RESULTS.md). What the block makes is an inference tensor; the
+                # callers return new tensors computed from it outside the block.
+                stack.enter_context(torch.inference_mode())
                 yield ids, mask, next(model.parameters()).device
         finally:
             model.train(was_training)
@@ -695,7 +699,8 @@ class _TurnRows:
         record.add([token], model=True, logprobs=[logprob])
         if token in self.eos:
             room = self.max_new_tokens - len(record.tokens)
-            reply = self.turns.end_turn(row, record.tokens[self.turn_start[row] :], room)
+            with torch.inference_mode(False):  # the user's parser and tools, as anywhere else
+                reply = self.turns.end_turn(row, record.tokens[self.turn_start[row] :], room)
             if reply is None:
                 self.mode[row] = "done"
             else:
