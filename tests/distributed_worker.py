@@ -63,6 +63,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "bnpo": {"loss_type": "bnpo", "gradient_accumulation_steps": 3, "gradient_checkpointing": True},
     "dr_grpo": {"loss_type": "dr_grpo", "scale_rewards": "batch"},
     "dapo_batch_std": {"loss_type": "dapo", "scale_rewards": "batch", "num_iterations": 2},
+    # Compiled decoder blocks (policy and reference) inside DDP's wrapper.
+    "compiled": {"loss_type": "dapo", "beta": 0.04, "torch_compile_backend": "aot_eager"},
     # The top-entropy filter's quantile over both processes' micro-batches (TRL gathers them):
     # with one micro-batch per step, that is the one process's micro-batch of 8 rows.
     "entropy_quantile": {
