@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch._inductor
 
 from grpokit import GRPOConfig
 from grpokit.core.logprobs import model_completion_logprobs
@@ -16,6 +17,7 @@ from grpokit.engines.base import SamplingParams
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.errors import ConfigError
 from grpokit.train import build
+from grpokit.train.config_checks import COMPILE_MODES
 from tests.test_trainer import make_trainer, params
 from tests.tiny import make_causal_lm, make_tokenizer, read_metrics
 
@@ -49,6 +51,8 @@ def test_the_compile_fields_resolve_as_in_transformers() -> None:
     assert (by_backend.torch_compile, by_backend.torch_compile_backend) == (True, "aot_eager")
     with pytest.raises(ValueError, match="torch_compile_mode must be one of"):
         GRPOConfig(torch_compile_mode="fastest")
+    # Every mode torch knows, and no other.
+    assert set(COMPILE_MODES) == {None, *torch._inductor.list_mode_options()}
 
 
 def test_each_decoder_block_is_compiled_and_one_graph_serves_every_layer(

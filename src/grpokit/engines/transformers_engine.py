@@ -316,7 +316,7 @@ class TransformersEngine:
         copy (or re-packs the float32 policy's `DecodePacks`), puts the sampler in eval mode (its
         training mode is restored afterwards) and runs the block with `num_threads` intra-op
         threads, with `DecodePacks` the packed weights in use, and eagerly: modules compiled by
-        `torch.compile` (`GRPOConfig.torch_compile`, which the bf16 copy inherits) run
+        `torch.compile` (`GRPOConfig.torch_compile`; the sampler may be the policy itself) run
         uncompiled, as a decode loop's shapes change at every step.
 
         Yields:

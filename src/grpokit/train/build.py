@@ -166,8 +166,8 @@ def compile_policy(model: Any, args: GRPOConfig, *, ref_model: Any = None) -> st
     Each repeated decoder block (a module whose class the model names in `_no_split_modules`,
     e.g. `LlamaDecoderLayer`) is compiled on its own: the blocks share their code, so one
     compilation serves every layer, where compiling the whole model traces all of them
-    (SmolLM2-135M on a 2-core CPU: about 30 s against 100 s, and the same step time after;
-    bench/RESULTS.md). A model that names no blocks is compiled whole. `Module.compile` keeps
+    (SmolLM2-135M on a 2-core CPU: about 26 s of compiling against 95 s, and the same step time
+    after; bench/RESULTS.md). A model that names no blocks is compiled whole. `Module.compile` keeps
     the parameters' names, so checkpoints and weight syncs are unchanged. A copy of a compiled
     module (`copy.deepcopy`) is not compiled, hence the reference model's own call here;
     generation runs eagerly anyway (`TransformersEngine`).
@@ -192,10 +192,9 @@ def compile_policy(model: Any, args: GRPOConfig, *, ref_model: Any = None) -> st
             "C++ compiler was found (set CXX, or install one: `apt install g++`); or set "
             'torch_compile_backend="aot_eager" (no kernels built), or torch_compile=False.'
         )
-    what = ""
-    for compiled in (model, ref_model):
-        if compiled is not None:
-            what = _compile_blocks(compiled, backend, args.torch_compile_mode)
+    what = _compile_blocks(model, backend, args.torch_compile_mode)
+    if ref_model is not None:
+        _compile_blocks(ref_model, backend, args.torch_compile_mode)
     mode = args.torch_compile_mode or "default"
     whose = "policy and reference" if ref_model is not None else "policy"
     logger.info("torch.compile of the %s: %s, backend %s, mode %s", whose, what, backend, mode)

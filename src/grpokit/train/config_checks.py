@@ -25,7 +25,14 @@ EVAL_STRATEGIES = ("no", "steps", "epoch")
 INPUT_TOKEN_COUNTS = ("no", "all", "non_padding")
 RESUME_CONFIG_POLICIES = ("refuse", "apply")
 # torch.compile's modes (`torch._inductor.list_mode_options()`, and None for the default).
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = (
+    None,
+    "default",
+    "lite",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)
 
 # transformers' `SchedulerType` values that `get_scheduler` steps without a metric. Listed here so
 # that validating a config does not import transformers (a test keeps this in sync).

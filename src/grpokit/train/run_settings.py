@@ -151,7 +151,7 @@ class ModelSettings:
     )
     torch_compile_mode: str | None = option(
         None,
-        'The `torch.compile` mode ("default", "reduce-overhead", "max-autotune", '
+        'The `torch.compile` mode ("default", "lite", "reduce-overhead", "max-autotune", '
         '"max-autotune-no-cudagraphs"). Setting it sets torch_compile. None = the default mode.',
     )
 
