@@ -91,13 +91,29 @@ def test_a_model_that_names_no_blocks_is_compiled_whole() -> None:
     assert build.compile_policy(model, GRPOConfig()) is None  # torch_compile off
 
 
-def test_an_unknown_backend_and_a_missing_cxx_compiler_fail_naming_the_fix(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def no_cxx_compiler() -> Any:
+    """Inductor's compiler search (`cpp.cxx`) pointed at a compiler that does not exist."""
+    from torch._inductor import cpp_builder
+
+    cpp_builder.cpp_compiler_search.cache_clear()
+    try:
+        with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+            yield
+    finally:
+        cpp_builder.cpp_compiler_search.cache_clear()
+
+
+def test_an_unknown_backend_fails_naming_the_known_ones() -> None:
     model = make_causal_lm(make_tokenizer())
-    with pytest.raises(ConfigError, match=r"'no_such' is not a torch\.compile backend"):
+    with pytest.raises(ConfigError, match=r"'no_such' is not a torch\.compile backend.*inductor"):
         build.compile_policy(model, GRPOConfig(torch_compile_backend="no_such"))
-    monkeypatch.setattr(build, "_cxx_compiler", lambda: None)
+
+
+@pytest.mark.usefixtures("no_cxx_compiler")
+def test_inductor_without_a_cxx_compiler_fails_naming_the_fix() -> None:
+    assert build._cxx_compiler() is None
+    model = make_causal_lm(make_tokenizer())
     with pytest.raises(ConfigError, match=r"no C\+\+ compiler was found.*aot_eager"):
         build.compile_policy(model, GRPOConfig(torch_compile=True))
     # Other backends build no kernels.
@@ -108,12 +124,6 @@ def test_the_cxx_compiler_is_found_where_inductor_looks() -> None:
     from torch._inductor import cpp_builder
 
     assert build._cxx_compiler() == cpp_builder.get_cpp_compiler()  # g++ here
-    cpp_builder.cpp_compiler_search.cache_clear()
-    try:
-        with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
-            assert build._cxx_compiler() is None
-    finally:
-        cpp_builder.cpp_compiler_search.cache_clear()
 
 
 def test_generation_runs_eagerly_on_a_compiled_policy() -> None:

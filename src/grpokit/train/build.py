@@ -22,7 +22,7 @@ import torch
 
 from grpokit.core.attention import use_grouped_attention
 from grpokit.engines.base import GenerationEngine, SamplingParams
-from grpokit.engines.device import DeviceTraits, device_traits
+from grpokit.engines.device import DeviceTraits, device_traits, model_device
 from grpokit.engines.models import resolve_model_path
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.errors import ConfigError
@@ -185,8 +185,7 @@ def compile_policy(model: Any, args: GRPOConfig, *, ref_model: Any = None) -> st
             f"torch_compile_backend={backend!r} is not a torch.compile backend; use one of "
             f"{sorted(known)}."
         )
-    device = next(model.parameters()).device
-    if backend == "inductor" and device.type == "cpu" and not _cxx_compiler():
+    if backend == "inductor" and model_device(model).type == "cpu" and not _cxx_compiler():
         raise ConfigError(
             "torch_compile=True with the inductor backend builds C++ kernels on the CPU, and no "
             "C++ compiler was found (set CXX, or install one: `apt install g++`); or set "
