@@ -11,6 +11,20 @@ import torch
 pytest.register_assert_rewrite("tests.tiny")
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip a `bf16_kernels` test on a CPU without native bf16. Such a test fakes a bf16 CPU's
+    device rules (bf16 sampler copy, packed bf16 weights, the written-out decode step), and
+    oneDNN builds no bf16 product kernels without avx512_bf16/amx_bf16 ("could not create a
+    primitive descriptor"); grpokit itself never takes those paths there (`engines.device`)."""
+    if item.get_closest_marker("bf16_kernels") is None:
+        return
+    from grpokit.engines.models import cpu_bf16
+
+    verdict = cpu_bf16()
+    if not verdict.native:
+        pytest.skip(f"needs a CPU with native bf16 for oneDNN's bf16 products ({verdict.reason})")
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Run torch on one thread for the module: tiny models are dominated by per-op overhead, and

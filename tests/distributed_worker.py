@@ -281,14 +281,16 @@ def config(out: Path, **overrides: Any) -> GRPOConfig:
 def trainer(out: Path, model_overrides: dict[str, Any] | None = None, **overrides: Any) -> Any:
     tok = make_tokenizer()
     model = make_causal_lm(tok, seed=0, **(model_overrides or {})).train()
-    return GRPOTrainer(
-        model,
-        letter_reward,
-        args=config(out, **overrides),
-        train_dataset=dataset(40),
-        eval_dataset=dataset(5, offset=100),
-        processing_class=tok,
-        generation_engine=ScriptedEngine(tok),
+    return one_forward_per_row(
+        GRPOTrainer(
+            model,
+            letter_reward,
+            args=config(out, **overrides),
+            train_dataset=dataset(40),
+            eval_dataset=dataset(5, offset=100),
+            processing_class=tok,
+            generation_engine=ScriptedEngine(tok),
+        )
     )
 
 
@@ -445,14 +447,24 @@ def dynamic_trainer(out: Path, rows: list[dict[str, str]], **overrides: Any) -> 
             **overrides,
         },
     )
-    return GRPOTrainer(
-        make_causal_lm(tok, seed=0).train(),
-        kind_reward,
-        args=args,
-        train_dataset=rows,
-        processing_class=tok,
-        generation_engine=ScriptedEngine(tok),
+    return one_forward_per_row(
+        GRPOTrainer(
+            make_causal_lm(tok, seed=0).train(),
+            kind_reward,
+            args=args,
+            train_dataset=rows,
+            processing_class=tok,
+            generation_engine=ScriptedEngine(tok),
+        )
     )
+
+
+def one_forward_per_row(trainer: GRPOTrainer) -> GRPOTrainer:
+    """`trainer` with every row forwarding its own prompt, as on several processes (where
+    `GRPOTrainer.share_prompts` does not apply): a one-process run then sums the same products
+    in the same order, and its weights can be held to the multi-process run's within 1e-5."""
+    trainer.share_prompts = False
+    return trainer
 
 
 def _probed_trainer(out: Path, scenario: dict[str, Any]) -> tuple[GRPOTrainer, Any]:

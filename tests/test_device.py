@@ -354,6 +354,7 @@ def test_engine_on_a_cpu_without_bf16_packs_the_float32_policy_while_decoding(
     assert _engine_on(monkeypatch, traits, pack_weights=False)._decode_packs is None
 
 
+@pytest.mark.bf16_kernels
 def test_engine_on_a_bf16_cpu_keeps_its_cpu_speed_ups(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = _engine_on(monkeypatch, cpu_with_native_bf16(), num_threads=1)
     copy, dtypes, packed, impl = _sampler_state(engine)

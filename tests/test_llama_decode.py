@@ -39,6 +39,7 @@ def _model(kind: str, tok, **overrides):
         ("mistral", {"sliding_window": None}),
     ],
 )
+@pytest.mark.bf16_kernels
 def test_step_logits_are_transformers_forward_bit_for_bit(kind: str, overrides: dict) -> None:
     """After the same prefill, six decode steps through the step and through transformers'
     forward (each on its own copy of the cache) give identical logits, with left padding."""
@@ -85,6 +86,7 @@ class _Counting:
         return self.step(*args)
 
 
+@pytest.mark.bf16_kernels
 def test_generations_are_the_same_with_and_without_the_step() -> None:
     """The same seed gives the same tokens and sampling log-probs, and the step is used."""
     tok = make_tokenizer()
@@ -127,6 +129,7 @@ def test_not_built_where_it_was_not_written_for() -> None:
             TransformersEngine(model, tok, decode_step=True, **kwargs)
 
 
+@pytest.mark.bf16_kernels
 def test_a_cache_without_reserved_layers_is_not_accepted() -> None:
     tok = make_tokenizer()
     engine = TransformersEngine(make_causal_lm(tok), tok, bf16_sampler=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grpokit.core.logprobs import model_completion_logprobs, selective_logprobs_and_entropy
-from tests.tiny import make_causal_lm, make_tokenizer
+from tests.tiny import config_kwargs, make_causal_lm, make_tokenizer
 
 
 def naive(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
@@ -269,3 +269,145 @@ def test_unscored_trailing_positions_get_zero_gradient() -> None:
     assert full.grad is not None and sliced.grad is not None
     assert torch.equal(full.grad[:, 5], torch.zeros(2, 50))
     torch.testing.assert_close(full.grad[:, :5], sliced.grad, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# share_prompts: a prompt shared by several rows is forwarded once
+# ---------------------------------------------------------------------------------------------
+
+
+def shared_batch(tokenizer):
+    """5 rows, 2 distinct prompts (rows 0, 2, 4 and rows 1, 3), 2 extra pad columns."""
+    prompts = ["2+2=", "hello there, ", "2+2=", "hello there, ", "2+2="]
+    completions = ["4<|im_end|>", "general kenobi", "5", "gen", "four"]
+    return encode(tokenizer, prompts, completions, prompt_pad=2)
+
+
+def test_shared_prompt_rows_groups_rows_by_prompt_in_row_order(tiny) -> None:
+    from grpokit.core.logprobs import shared_prompt_rows
+
+    tokenizer, _ = tiny
+    ids, mask, t = shared_batch(tokenizer)
+    first, inverse = shared_prompt_rows(ids, mask, t)
+    assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1, 0, 1, 0]
+    # Reordered rows: prompts numbered by their first row.
+    order = torch.tensor([3, 0, 1, 4, 2])
+    first, inverse = shared_prompt_rows(ids[order], mask[order], t)
+    assert first.tolist() == [0, 1] and inverse.tolist() == [0, 1, 0, 1, 1]
+    # Every prompt distinct: nothing to share.
+    ids, mask, t = encode(tokenizer, ["ab", "cd"], ["x", "y"])
+    assert shared_prompt_rows(ids, mask, t) is None
+
+
+def batch_sizes_seen(model) -> tuple[list[tuple[int, int]], object]:
+    """`(shapes, handle)`: the `[rows, tokens]` of each forward of `model`'s embedding."""
+    shapes: list[tuple[int, int]] = []
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: shapes.append(tuple(args[0].shape))
+    )
+    return shapes, handle
+
+
+def logprobs_and_grads(model, ids, mask, t, **kwargs):
+    """Completion-token log-probs and entropies (real tokens only) and the gradients of
+    `sum(logprobs) + 0.3 * sum(entropies)` over the trainable parameters."""
+    model.zero_grad()
+    logp, entropy = model_completion_logprobs(model, ids, mask, t, compute_entropy=True, **kwargs)
+    real = mask[:, -t:].bool()
+    (logp[real].sum() + 0.3 * entropy[real].sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return logp.detach()[real], entropy.detach()[real], grads
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompts_give_the_plain_logprobs_and_gradients(temperature: float) -> None:
+    tokenizer = make_tokenizer()
+    model = make_causal_lm(tokenizer, seed=0).train()
+    ids, mask, t = shared_batch(tokenizer)
+    plain = logprobs_and_grads(model, ids, mask, t, temperature=temperature)
+    shapes, handle = batch_sizes_seen(model)
+    try:
+        shared = logprobs_and_grads(
+            model, ids, mask, t, temperature=temperature, share_prompts=True
+        )
+    finally:
+        handle.remove()
+    p = ids.shape[1] - t
+    # The 2 distinct prompts once (their common left padding trimmed: both have the 2 extra
+    # columns), then the 5 completions on the prompts' cache.
+    assert shapes == [(2, p - 2), (5, t)]
+    torch.testing.assert_close(shared[0], plain[0], atol=2e-6, rtol=0)
+    torch.testing.assert_close(shared[1], plain[1], atol=2e-6, rtol=0)
+    assert plain[2].keys() == shared[2].keys() and len(plain[2]) > 5
+    for name, grad in plain[2].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(shared[2][name], grad, atol=2e-6, rtol=1e-4)
+
+
+def test_shared_prompts_with_one_completion_token_and_in_slices() -> None:
+    tokenizer = make_tokenizer()
+    model = make_causal_lm(tokenizer, seed=0).train()
+    ids, mask, t = encode(tokenizer, ["abc", "abc", "de", "abc"], ["x", "y", "z", "w"])
+    assert t == 1  # the prompts' last logits score every token: no completion forward
+    shapes, handle = batch_sizes_seen(model)
+    try:
+        shared = logprobs_and_grads(model, ids, mask, t, share_prompts=True, batch_size=3)
+    finally:
+        handle.remove()
+    assert shapes == [(2, 3), (1, 4)]  # slice 1: 2 distinct prompts; slice 2: one row, plain
+    plain = logprobs_and_grads(model, ids, mask, t)
+    torch.testing.assert_close(shared[0], plain[0], atol=2e-6, rtol=0)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(shared[2][name], grad, atol=2e-6, rtol=1e-4)
+
+
+def test_shared_prompts_under_lora_train_the_adapter_as_the_plain_forward(tiny) -> None:
+    tokenizer, _ = tiny
+    model = lora_model(tokenizer).train()
+    ids, mask, t = shared_batch(tokenizer)
+    plain = logprobs_and_grads(model, ids, mask, t)
+    shared = logprobs_and_grads(model, ids, mask, t, share_prompts=True)
+    assert plain[2] and all("lora" in name for name in plain[2])  # only the adapter trains
+    torch.testing.assert_close(shared[0], plain[0], atol=2e-6, rtol=0)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(shared[2][name], grad, atol=2e-6, rtol=1e-4)
+    with model.disable_adapter(), torch.no_grad():  # the reference: the adapter off
+        on, _ = model_completion_logprobs(model, ids, mask, t, share_prompts=True)
+        off, _ = model_completion_logprobs(model, ids, mask, t)
+    real = mask[:, -t:].bool()
+    torch.testing.assert_close(on[real], off[real], atol=2e-6, rtol=0)
+
+
+def test_prompt_sharing_is_declined_where_the_cache_would_not_hold_the_prompt() -> None:
+    from peft import PromptTuningConfig, get_peft_model
+
+    from grpokit.core.logprobs import forward_module, prompt_sharing_supported
+
+    tokenizer = make_tokenizer()
+    model = make_causal_lm(tokenizer).train()
+    assert prompt_sharing_supported(model)
+    # transformers' gradient checkpointing drops the cache in training mode (not in eval).
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not prompt_sharing_supported(model)
+    assert prompt_sharing_supported(model.eval())
+    ids, mask, t = shared_batch(tokenizer)
+    model.train()
+    shapes, handle = batch_sizes_seen(model)
+    try:
+        logprobs_and_grads(model, ids, mask, t, share_prompts=True)
+    finally:
+        handle.remove()
+    assert shapes[0] == tuple(ids.shape)  # the plain forward: every row with its prompt
+    # A sliding-window attention keeps only the window in its cache.
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(**config_kwargs(tokenizer), sliding_window=4))
+    assert not prompt_sharing_supported(mistral)
+    unbounded = MistralForCausalLM(MistralConfig(**config_kwargs(tokenizer), sliding_window=None))
+    assert prompt_sharing_supported(unbounded)
+    # Prompt-learning adapters add virtual tokens in the wrapper's forward.
+    tuned = get_peft_model(
+        make_causal_lm(tokenizer), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    )
+    assert not prompt_sharing_supported(forward_module(tuned))

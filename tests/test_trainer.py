@@ -925,6 +925,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_update(tmp_path: P
     runs = {}
     for name, checkpointing in (("plain", False), ("checkpointed", True)):
         trainer = make_trainer(tmp_path / name, gradient_checkpointing=checkpointing, **overrides)
+        trainer.share_prompts = False  # one forward per micro-batch in both runs
         calls = count_grad_calls(trainer.model.model.layers[0])
         start = params(trainer)
         trainer.train()
@@ -1042,6 +1043,7 @@ def test_auto_on_an_amx_cpu_recomputes_only_where_it_pays(
         assert (bound.max_forward_tokens, bound.recompute) == (512, True)
 
 
+@pytest.mark.bf16_kernels
 def test_auto_on_an_amx_cpu_checkpoints_and_gives_the_plain_update(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -1078,6 +1080,7 @@ def test_auto_on_an_amx_cpu_checkpoints_and_gives_the_plain_update(
         torch.testing.assert_close(auto[key], value, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.bf16_kernels
 def test_auto_on_an_amx_cpu_leaves_a_users_gradient_checkpointing_alone(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -1099,6 +1102,7 @@ def test_auto_on_an_amx_cpu_leaves_a_users_gradient_checkpointing_alone(
     assert calls[True] == calls[False] > 0
 
 
+@pytest.mark.bf16_kernels
 def test_auto_on_an_amx_cpu_recomputes_under_lora(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -1209,6 +1213,104 @@ def test_split_by_tokens_by_hand() -> None:
     assert split_by_tokens(rows, None, completions)[0] is rows
     # Completions only: width 4, 8 tokens hold 2 rows.
     assert [len(p) for p in split_by_tokens(rows, 8, completions)] == [2, 2, 1]
+
+
+def test_split_by_tokens_counts_a_shared_prompt_once() -> None:
+    from grpokit.train.microbatch import split_by_tokens
+
+    rows = torch.arange(6)
+    completions = torch.tensor([2, 3, 1, 2, 4, 1])
+    prompts = torch.tensor([10, 10, 10, 8, 8, 8])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    # Every row with its prompt: width 10 + 4 = 14, so 28 tokens hold 2 rows: 3 parts.
+    assert [len(p) for p in split_by_tokens(rows, 28, completions, prompts)] == [2, 2, 2]
+    # Shared: the whole step is 2 prompts x 10 + 6 rows x 4 = 44 tokens; halves are one
+    # prompt each, 10 + 3 x 3 = 19 and 8 + 3 x 4 = 20.
+    assert [p.tolist() for p in split_by_tokens(rows, 44, completions, prompts, groups)] == [
+        rows.tolist()
+    ]
+    parts = split_by_tokens(rows, 20, completions, prompts, groups)
+    assert [p.tolist() for p in parts] == [[0, 1, 2], [3, 4, 5]]
+    # 19 tokens: the second half no longer fits (8 + 3 x 4 = 20); three or four near-equal parts
+    # put rows 2 and 3 together (two prompts: 2 x 10 + 2 x 2 = 24); five parts fit.
+    parts = split_by_tokens(rows, 19, completions, prompts, groups)
+    assert [p.tolist() for p in parts] == [[0, 1], [2], [3], [4], [5]]
+    # Below one row's width: one row per part.
+    assert len(split_by_tokens(rows, 3, completions, prompts, groups)) == 6
+
+
+def test_buckets_keep_a_prompts_rows_together_when_that_forwards_fewer_tokens() -> None:
+    from grpokit.core.losses import LossOptions
+    from grpokit.train.microbatch import plan_micro_batches
+
+    # 4 rows, 2 prompts (rows 0, 2 and 1, 3), micro-batches of 2; completion lengths 1, 2, 8, 9.
+    lengths = torch.tensor([1, 2, 8, 9])
+    completion_mask = (torch.arange(9)[None, :] < lengths[:, None]).long()  # [4, 9]
+    groups = torch.tensor([0, 1, 0, 1])
+    options = LossOptions(loss_type="dapo")
+
+    def plan(prompt_length: int, **kw: Any) -> list[list[int]]:
+        prompt_mask = torch.ones(4, prompt_length, dtype=torch.long)
+        out = plan_micro_batches(
+            torch.ones(4), completion_mask, completion_mask, range(0, 4), 2, options,
+            prompt_mask=prompt_mask, **kw,
+        )  # fmt: skip
+        return [m.rows.tolist() for m in out]
+
+    # Short prompts (1 token): by length, [0, 1] and [2, 3] forward 2 + 2x2 + 2 + 2x9 = 26
+    # tokens, by prompt [0, 2] and [1, 3] 1 + 2x8 + 1 + 2x9 = 36.
+    assert plan(1, prompt_groups=groups) == [[0, 1], [2, 3]]
+    # Long prompts (20 tokens): by length 2x20 + 4 + 2x20 + 18 = 102, by prompt 20 + 16 + 20 +
+    # 18 = 74: each micro-batch holds one prompt.
+    assert plan(20, prompt_groups=groups) == [[0, 2], [1, 3]]
+    assert plan(20) == [[0, 1], [2, 3]]  # every row forwards its prompt: by length
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(loss_type="dapo"),
+        dict(loss_type="grpo", beta=0.04, max_forward_tokens=40),
+        dict(loss_type="bnpo", num_iterations=2),
+    ],
+    ids=["dapo", "grpo-kl-bounded", "bnpo-two-passes"],
+)
+def test_shared_prompts_give_the_plain_step(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    # One optimizer step of 8 rows (4 prompts x 2) with and without forwarding each prompt once;
+    # with beta the reference pass shares too, and a token bound splits micro-batches by
+    # the shared count (more rows per forward than without).
+    config = dict(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_completion_length=8,
+        max_grad_norm=None,
+        **overrides,
+    )
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.25, -0.25, 2.0, -2.0])
+    # Prompts of 16 characters and completions of at most 8: keeping a prompt's rows together
+    # forwards fewer tokens than sorting them by completion length (microbatch._bucketed).
+    long_prompts = Dataset.from_list([{"prompt": p * 8, "target": p[-1]} for p in PLAIN["prompt"]])
+    runs = {}
+    for share in (True, False):
+        trainer = make_trainer(tmp_path / str(share), dataset=long_prompts, **config)
+        trainer.share_prompts = share
+        assert trainer._shares_prompts() is share
+        batch = off_policy_batch(trainer, advantages)  # reference log-probs with beta
+        shapes: list[tuple[int, ...]] = []
+        trainer.model.get_input_embeddings().register_forward_hook(
+            lambda module, args, out, seen=shapes: seen.append(tuple(args[0].shape))
+        )
+        runs[share] = (*step_gradients(trainer, batch), batch.ref_logprobs, shapes)
+    (shared_loss, shared_grads, shared_ref, shapes), (plain_loss, plain_grads, plain_ref, _) = (
+        runs.values()
+    )
+    assert any(rows < 4 for rows, _ in shapes)  # prompts forwarded once per micro-batch
+    assert abs(shared_loss - plain_loss) < 1e-6
+    if plain_ref is not None:
+        torch.testing.assert_close(shared_ref, plain_ref, atol=2e-6, rtol=0)
+    assert max(g.abs().max().item() for g in plain_grads.values()) > 1e-3
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-6, rtol=1e-4)
 
 
 def test_trimmed_micro_batch_equals_the_full_width_forward(

@@ -239,6 +239,7 @@ def model_completion_logprobs(
     compute_entropy: bool = False,
     batch_size: int | None = None,
     chunk_size: int | None = None,
+    share_prompts: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probabilities of the completion tokens under a causal LM.
 
@@ -261,6 +262,12 @@ def model_completion_logprobs(
         compute_entropy: Also return per-token entropies.
         batch_size: Run the forward in slices of this many rows (None = all rows at once).
         chunk_size: Positions per float32 chunk (see `selective_logprobs_and_entropy`).
+        share_prompts: Forward a prompt that several rows of a slice share once and feed its
+            keys and values to each of those rows' completions (`shared_prompt_rows`,
+            `prompt_sharing_supported`): the same log-probs and gradients up to float rounding,
+            with `U * P + n * T` tokens forwarded instead of `n * (P + T)` for `U` distinct
+            prompts. Rows whose prompts all differ, and models it does not support, take the
+            plain path.
 
     Returns:
         `(logprobs, entropies)`, each `[N, T]` float32 (entropies None unless requested). Values at
@@ -291,6 +298,7 @@ def model_completion_logprobs(
     model = forward_module(wrapper.module if wrapper is not None else model)
     keep_logits = _accepts(model, "logits_to_keep")
     pass_positions = _accepts(model, "position_ids")
+    share = share_prompts and wrapper is None and keep_logits and prompt_sharing_supported(model)
     if wrapper is not None:
         model = wrapper
     step = batch_size or input_ids.shape[0]
@@ -298,6 +306,15 @@ def model_completion_logprobs(
     for start in range(0, input_ids.shape[0], step):
         ids = input_ids[start : start + step]  # [n, P+T]
         mask = attention_mask[start : start + step]  # [n, P+T]
+        groups = shared_prompt_rows(ids, mask, completion_len) if share else None
+        if groups is not None:
+            logprobs, entropies = _shared_prompt_forward(
+                model, ids, mask, completion_len, groups, temperature, compute_entropy, chunk_size
+            )
+            logprob_slices.append(logprobs)
+            if entropies is not None:
+                entropy_slices.append(entropies)
+            continue
         kwargs: dict[str, object] = {"input_ids": ids, "attention_mask": mask}
         if keep_logits:
             kwargs["logits_to_keep"] = completion_len + 1
@@ -320,4 +337,120 @@ def model_completion_logprobs(
 
     logprobs = torch.cat(logprob_slices)  # [N, T]
     entropies = torch.cat(entropy_slices) if compute_entropy else None
+    return logprobs, entropies
+
+
+def prompt_sharing_supported(model: torch.nn.Module) -> bool:
+    """Whether `model` (the module `forward_module` returns) can forward a prompt once for
+    several completions (`model_completion_logprobs(share_prompts=True)`).
+
+    It needs a forward that takes `past_key_values`, `position_ids` and `logits_to_keep`, a
+    cache whose every layer keeps all past positions (transformers' `DynamicLayer`: no sliding
+    window, no recurrent state), and its decoder layers must not drop the cache: transformers'
+    gradient checkpointing does so in training mode.
+    """
+    if not all(_accepts(model, name) for name in SHARED_FORWARD_ARGUMENTS):
+        return False
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(model, "is_gradient_checkpointing", False) and model.training:
+        return False
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        layers = DynamicCache(config=config).layers
+    except Exception:  # a config the cache cannot read: keep the plain forward
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+SHARED_FORWARD_ARGUMENTS = ("past_key_values", "position_ids", "logits_to_keep")
+"""The forward arguments `prompt_sharing_supported` requires."""
+
+
+def shared_prompt_rows(
+    input_ids: Tensor, attention_mask: Tensor, completion_len: int
+) -> tuple[Tensor, Tensor] | None:
+    """Which rows of `input_ids` `[n, P+T]` share their prompt (the first `P` columns, padding
+    included, with `attention_mask` `[n, P+T]`).
+
+    Returns:
+        `(first, inverse)`: `first` `[U]` the first row of each distinct prompt, in row order,
+        and `inverse` `[n]` the index into `first` of each row's prompt; None when every row's
+        prompt differs (sharing would save nothing).
+    """
+    p = input_ids.shape[1] - completion_len
+    prompts = input_ids[:, :p].masked_fill(attention_mask[:, :p] == 0, -1)  # [n, P]
+    _, inverse = torch.unique(prompts, dim=0, return_inverse=True)  # [n] sorted order
+    n = prompts.shape[0]
+    count = int(inverse.max()) + 1 if n else 0
+    if count == n:
+        return None
+    rows = torch.arange(n, device=inverse.device)
+    first = torch.full((count,), n, dtype=torch.long, device=inverse.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")  # [U] in sorted-prompt order
+    order = torch.argsort(first)  # renumber the prompts by their first row
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(count, device=order.device)
+    return first[order], rank[inverse]
+
+
+def _shared_prompt_forward(
+    model: torch.nn.Module,
+    ids: Tensor,
+    mask: Tensor,
+    completion_len: int,
+    groups: tuple[Tensor, Tensor],
+    temperature: float,
+    compute_entropy: bool,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor | None]:
+    """`model_completion_logprobs` of one slice with each distinct prompt forwarded once.
+
+    The distinct prompts `[U, P]` go through the model with a cache; the logits of their last
+    position score each row's first completion token. The cache, indexed to the `n` rows, then
+    serves as the past of the completions `[n, T]`, whose logits at positions `0..T-2` score
+    tokens `1..T-1`. Gradients reach the prompt's activations from every row through the
+    indexing.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    first, inverse = groups  # [U], [n]
+    p = ids.shape[1] - completion_len
+    columns = (mask[first, :p] > 0).any(0).nonzero()  # the distinct prompts' shared padding
+    lead = int(columns[0]) if columns.numel() else 0
+    ids, mask, p = ids[:, lead:], mask[:, lead:], p - lead  # [n, P'+T]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [n, P'+T]
+    cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
+    prefix = model(
+        input_ids=ids[first, :p],  # [U, P']
+        attention_mask=mask[first, :p],
+        position_ids=positions[first, :p],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    completion_ids = ids[:, p:]  # [n, T]
+    head = prefix.logits[:, -1:, :].index_select(0, inverse)  # [n, 1, V]
+    logprobs, entropies = _selective(
+        head, completion_ids[:, :1], temperature, compute_entropy, chunk_size
+    )  # [n, 1]
+    if completion_len == 1:
+        return logprobs, entropies
+    cache.batch_select_indices(inverse)  # [U, ...] -> [n, ...] per layer, differentiable
+    rest = model(
+        input_ids=completion_ids,  # [n, T]
+        attention_mask=mask,  # [n, P'+T]
+        position_ids=positions[:, p:],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=completion_len,
+    ).logits  # [n, T, V]; position t scores token t + 1, the last one nothing
+    tail, tail_entropies = _selective(
+        rest, completion_ids[:, 1:], temperature, compute_entropy, chunk_size
+    )  # [n, T-1]
+    logprobs = torch.cat([logprobs, tail], dim=1)  # [n, T]
+    if entropies is not None and tail_entropies is not None:
+        entropies = torch.cat([entropies, tail_entropies], dim=1)
     return logprobs, entropies

@@ -166,6 +166,7 @@ def plan_micro_batches(
     process_index: int = 0,
     max_tokens: int | None = None,
     prompt_mask: Tensor | None = None,
+    prompt_groups: Tensor | None = None,
 ) -> list[MicroBatch]:
     """Split an optimizer step's `rows` into micro-batches, skipping and bucketing when exact.
 
@@ -191,6 +192,10 @@ def plan_micro_batches(
             micro-batches need not be kept (module docstring). None = no limit.
         prompt_mask: `[N, P]` 1 = real prompt token (the prompt widths `max_tokens` counts);
             None = count completions only.
+        prompt_groups: `[N]` the prompt of each row (`RolloutBatch.prompt_groups`) when the
+            forward passes a prompt once for the rows sharing it
+            (`model_completion_logprobs(share_prompts=True)`): `max_tokens` then counts each
+            distinct prompt of a part once. None = every row forwards its own prompt.
 
     Returns:
         Micro-batches in training order; empty when every row of the step has zero advantage
@@ -224,15 +229,17 @@ def plan_micro_batches(
             plan.append(MicroBatch(kept, num_items, weight, len(kept) / global_rows))
         return plan
     kept = index[nonzero] if skip else index
-    if bucket_by_length:
-        lengths = completion_mask[kept].sum(-1)  # [R']
-        kept = kept[torch.argsort(lengths, stable=True)]
     completion_lengths = completion_mask.sum(-1)  # [N]
     prompt_lengths = None if prompt_mask is None else prompt_mask.sum(-1)  # [N]
+    if bucket_by_length:
+        kept = _bucketed(kept, size, completion_lengths, prompt_lengths, prompt_groups)
     plan = []
     for start in range(0, len(kept), size):
         chunk = kept[start : start + size]
-        for part in split_by_tokens(chunk, max_tokens, completion_lengths, prompt_lengths):
+        parts = split_by_tokens(
+            chunk, max_tokens, completion_lengths, prompt_lengths, prompt_groups
+        )
+        for part in parts:
             weight = len(part) / global_rows if spec.divides_by_rows else 1.0
             plan.append(MicroBatch(part, num_items, weight, len(part) / global_rows))
     return plan
@@ -243,25 +250,91 @@ def split_by_tokens(
     max_tokens: int | None,
     completion_lengths: Tensor,
     prompt_lengths: Tensor | None = None,
+    prompt_groups: Tensor | None = None,
 ) -> list[Tensor]:
     """`rows` (`[n]` indices) in the fewest near-equal consecutive parts of at most `max_tokens`
     tokens each, counting a part as the trimmed forward holds it: its rows x (the longest prompt
     + the longest completion among `rows`). A row longer than `max_tokens` forms a part alone.
+
+    With `prompt_groups` a part's prompts are forwarded once each, so a part counts its distinct
+    prompts x its longest prompt + its rows x its longest completion.
 
     Args:
         rows: `[n]` indices into the rollout batch.
         max_tokens: The limit; None = no limit (`[rows]`).
         completion_lengths: `[N]` completion tokens of each row.
         prompt_lengths: `[N]` prompt tokens of each row; None = count completions only.
+        prompt_groups: `[N]` the prompt of each row (rows sharing a prompt share the number);
+            None = every row forwards its own prompt.
     """
     if max_tokens is None or len(rows) <= 1:
         return [rows]
+    if prompt_groups is not None and prompt_lengths is not None:
+        return _split_shared_prompts(
+            rows, max_tokens, completion_lengths, prompt_lengths, prompt_groups
+        )
     width = int(completion_lengths[rows].max())
     if prompt_lengths is not None:
         width += int(prompt_lengths[rows].max())
     rows_per_part = max(1, max_tokens // max(1, width))
     parts = -(-len(rows) // rows_per_part)  # ceil
     return list(torch.tensor_split(rows, parts))
+
+
+def _bucketed(
+    rows: Tensor,
+    size: int,
+    completion_lengths: Tensor,
+    prompt_lengths: Tensor | None,
+    prompt_groups: Tensor | None,
+) -> Tensor:
+    """`rows` sorted by completion length (speed-up 2). When prompts are forwarded once per
+    micro-batch (`prompt_groups`), sorting by length splits a prompt's rows over micro-batches,
+    so the rows may instead stay with their prompt (sorted by length within it): whichever
+    order forwards fewer tokens in micro-batches of `size` rows (`_forward_tokens`)."""
+    by_length = rows[torch.argsort(completion_lengths[rows], stable=True)]
+    if prompt_groups is None or prompt_lengths is None:
+        return by_length
+    by_prompt = by_length[torch.argsort(prompt_groups[by_length], stable=True)]
+
+    def tokens(order: Tensor) -> int:
+        chunks = (order[start : start + size] for start in range(0, len(order), size))
+        return sum(
+            _forward_tokens(chunk, completion_lengths, prompt_lengths, prompt_groups)
+            for chunk in chunks
+        )
+
+    return by_prompt if tokens(by_prompt) < tokens(by_length) else by_length
+
+
+def _forward_tokens(
+    part: Tensor, completion_lengths: Tensor, prompt_lengths: Tensor, prompt_groups: Tensor
+) -> int:
+    """Tokens one forward of `part` holds with each distinct prompt forwarded once: distinct
+    prompts x the longest prompt + rows x the longest completion."""
+    prompts = int(prompt_groups[part].unique().numel())
+    longest_prompt = int(prompt_lengths[part].max())
+    return prompts * longest_prompt + len(part) * int(completion_lengths[part].max())
+
+
+def _split_shared_prompts(
+    rows: Tensor,
+    max_tokens: int,
+    completion_lengths: Tensor,
+    prompt_lengths: Tensor,
+    prompt_groups: Tensor,
+) -> list[Tensor]:
+    """`split_by_tokens` counting each distinct prompt of a part once: the fewest near-equal
+    consecutive parts that all fit, down to one row per part."""
+
+    for count in range(1, len(rows) + 1):
+        parts = list(torch.tensor_split(rows, count))
+        if all(
+            _forward_tokens(part, completion_lengths, prompt_lengths, prompt_groups) <= max_tokens
+            for part in parts
+        ):
+            return parts
+    return parts
 
 
 def select_rows(batch: RolloutBatch, rows: Tensor) -> RolloutBatch:

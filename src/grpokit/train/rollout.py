@@ -731,6 +731,11 @@ class RolloutBatch:
         attention_mask = torch.cat([prompt_mask[:, first:], completion_mask[:, :t]], dim=1)
         return input_ids, attention_mask, t
 
+    def prompt_groups(self) -> Tensor:
+        """`[N]` long: rows with the same prompt (ids and padding) get the same number."""
+        prompts = self.prompt_ids.masked_fill(self.prompt_mask == 0, -1)  # [N, P]
+        return torch.unique(prompts, dim=0, return_inverse=True)[1]
+
     def sliced(self, name: str, rows: slice, t: int, device: torch.device) -> Tensor | None:
         """`[n, t]` rows of the per-token tensor `name`, or None when it was not computed."""
         value: Tensor | None = getattr(self, name)

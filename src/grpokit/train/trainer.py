@@ -37,7 +37,11 @@ from transformers.trainer_utils import TrainOutput
 
 from grpokit.core.advantages import AdvantageOutput, check_reward_weights, group_advantages
 from grpokit.core.entropy import entropy_bonus
-from grpokit.core.logprobs import model_completion_logprobs
+from grpokit.core.logprobs import (
+    forward_module,
+    model_completion_logprobs,
+    prompt_sharing_supported,
+)
 from grpokit.core.losses import policy_loss, rollout_importance_weights, top_entropy_threshold
 from grpokit.data.prompts import prompt_token_limit
 from grpokit.engines.base import GenerationEngine, GenerationOutput
@@ -135,6 +139,9 @@ class GRPOTrainer:
     # Exact speed-ups of the update (see grpokit.train.microbatch); False runs the plain path.
     skip_zero_advantage: bool = True
     bucket_by_length: bool = True
+    # Forward a prompt once for the rows of a micro-batch that share it (the same log-probs and
+    # gradients; grpokit.core.logprobs.model_completion_logprobs). On one process only.
+    share_prompts: bool = True
     # With num_iterations > 1 and one optimizer step per generation, that step's first pass runs
     # on the sampling-time weights, so its forward gives the old log-probs: no separate pass.
     old_logprobs_from_first_pass: bool = True
@@ -642,6 +649,7 @@ class GRPOTrainer:
                     attention_mask.to(self.device),
                     t,
                     temperature=self.args.temperature,
+                    share_prompts=self.share_prompts and not self.world.is_distributed,
                 )
             out[rows, :t] = logprobs
         return out.cpu()
@@ -738,6 +746,7 @@ class GRPOTrainer:
             chunk_tokens=chunk_tokens,
             max_tokens=self.max_forward_tokens,
             prompt_mask=batch.prompt_mask,
+            prompt_groups=batch.prompt_groups() if self._shares_prompts() else None,
             **place,
         )
         if world.is_distributed:  # as many backward passes on every process
@@ -856,6 +865,7 @@ class GRPOTrainer:
                 t,
                 temperature=cfg.temperature,
                 compute_entropy=True,
+                share_prompts=self._shares_prompts(),
             )  # [n, T'] float32 each
         old_logprobs = batch.sliced("old_logprobs", rows, t, self.device)  # [n, T'] or None
         loss_mask = batch.loss_mask[rows, :t].to(self.device)  # [n, T'] 1 = counts in the loss
@@ -1118,6 +1128,17 @@ class GRPOTrainer:
             with self.model.disable_adapter():
                 return self.compute_logprobs(self.model, batch)
         return self.compute_logprobs(self.ref_model, batch)
+
+    def _shares_prompts(self) -> bool:
+        """Whether the training forwards pass each prompt once for the rows sharing it: on one
+        process (a distributed wrapper expects one forward per backward) and where the policy
+        supports it (`core.logprobs.prompt_sharing_supported`: e.g. not under transformers'
+        gradient checkpointing, which drops the cache in training)."""
+        return (
+            self.share_prompts
+            and not self.world.is_distributed
+            and prompt_sharing_supported(forward_module(self.train_model))
+        )
 
     def _old_logprobs_in_first_pass(self) -> bool:
         """Whether the old log-probs come from the first optimizer step's own forward: off-policy
