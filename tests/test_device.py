@@ -82,9 +82,9 @@ def test_cpu_rules() -> None:
     assert traits.bf16_reason == cpu_bf16().reason
     assert traits.sampler_dtype == (torch.bfloat16 if traits.native_bf16 else None)
     assert traits.max_forward_tokens == CPU_MAX_FORWARD_TOKENS == 512
-    assert traits.float32_forward_tokens == CPU_FLOAT32_FORWARD_TOKENS == 384
+    assert traits.float32_forward_tokens == CPU_FLOAT32_FORWARD_TOKENS == 768
     assert traits.recompute_activations is cpu_bf16().amx  # bf16 matmuls on AMX
-    assert traits.activation_bound(bf16=False) == (384, False)  # float32: never AMX
+    assert traits.activation_bound(bf16=False) == (768, False)  # float32: never AMX
 
 
 AMX_CPUINFO = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -113,7 +113,7 @@ def test_auto_recomputes_activations_on_a_cpu_with_amx_bf16(
     recompute: bool,
 ) -> None:
     # max_forward_tokens="auto" under bf16 autocast: no token bound and recomputed activations
-    # where bf16 matmuls run on AMX, else 512-token forwards; in float32 always 384 tokens.
+    # where bf16 matmuls run on AMX, else 512-token forwards; in float32 always 768 tokens.
     path = tmp_path / "cpuinfo"
     path.write_text(cpuinfo)
     monkeypatch.setattr(models, "CPUINFO", path)
@@ -125,7 +125,7 @@ def test_auto_recomputes_activations_on_a_cpu_with_amx_bf16(
     assert traits.recompute_activations is recompute
     assert traits.max_forward_tokens == 512
     assert traits.activation_bound(bf16=True) == ((None, True) if recompute else (512, False))
-    assert traits.activation_bound(bf16=False) == (384, False)
+    assert traits.activation_bound(bf16=False) == (768, False)
 
 
 def test_a_gpu_never_recomputes_for_auto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -562,8 +562,11 @@ def test_fp32_decode_packs_give_the_same_tokens_and_leave_the_model_alone() -> N
     model(input_ids=ids).logits.sum().backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
     model.zero_grad()
-    # A weight written in place (as an optimizer step does) is re-packed before the next
+    # Before an optimizer step the packs of trainable weights are freed (every weight here
+    # trains); a weight written in place (as the step does) is re-packed before the next
     # decode: the packed engine follows the new weights exactly as the unpacked one does.
+    packed.discard_trainable_copies(model)
+    assert [layer.packed for layer in packed._decode_packs.layers] == [None] * len(linears)
     with torch.no_grad():
         for m in linears:
             m.weight.mul_(-1.5)
@@ -571,6 +574,7 @@ def test_fp32_decode_packs_give_the_same_tokens_and_leave_the_model_alone() -> N
         packed.generate(prompts, **kwargs).completion_ids,
         plain.generate(prompts, **kwargs).completion_ids,
     )
+    assert all(layer.packed is not None for layer in packed._decode_packs.layers)
 
 
 def test_fp32_decode_packs_repack_trainable_and_moved_weights_only() -> None:
@@ -582,6 +586,8 @@ def test_fp32_decode_packs_repack_trainable_and_moved_weights_only() -> None:
     if packs is None:
         pytest.skip("this torch build has no oneDNN")
     frozen, trainable = (layer.packed for layer in packs.layers)
+    assert packs.discard_trainable() == 1  # the trainable layer's pack goes, the frozen stays
+    assert packs.layers[0].packed is frozen and packs.layers[1].packed is None
     packs.refresh()
     assert packs.layers[0].packed is frozen  # unchanged: kept
     assert packs.layers[1].packed is not trainable  # trainable: always re-packed (fused AdamW)

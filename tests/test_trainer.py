@@ -972,10 +972,10 @@ def test_max_forward_tokens_splits_the_forward_and_keeps_the_update(
 def test_max_forward_tokens_auto_is_the_devices_bound(tmp_path: Path) -> None:
     from grpokit.train.build import ActivationBound, resolve_activation_bound
 
-    # The default "auto" with float32 compute is the CPU's float32 bound (384 tokens), on any
+    # The default "auto" with float32 compute is the CPU's float32 bound (768 tokens), on any
     # CPU (AMX runs bf16 only); None and a number are taken as given.
     auto = make_trainer(tmp_path / "auto")
-    assert auto.max_forward_tokens == 384
+    assert auto.max_forward_tokens == 768
     assert auto.activation_bound.recompute is False
     assert auto.model.is_gradient_checkpointing is False
     assert make_trainer(tmp_path / "none", max_forward_tokens=None).max_forward_tokens is None
@@ -1029,7 +1029,7 @@ def test_auto_on_an_amx_cpu_recomputes_only_where_it_pays(
     assert logged[0].startswith("training forwards: recomputed activations, one forward per")
     # Each case that keeps a token bound without recomputing: (bound, recompute).
     cases = {
-        "float32 compute": (GRPOConfig(), dict(bf16=False), 384),
+        "float32 compute": (GRPOConfig(), dict(bf16=False), 768),
         "no checkpointing": (GRPOConfig(), dict(bf16=True, model=torch.nn.Linear(2, 2)), 512),
     }
     for name, (args, kwargs, tokens) in cases.items():

@@ -18,9 +18,10 @@ import torch
 from grpokit.engines.models import bf16_supported, cpu_bf16
 
 # Tokens (rows x padded width) of one training forward on the CPU under max_forward_tokens="auto",
-# computing under bf16 autocast and in float32 (whose activations take twice the bytes).
+# computing under bf16 autocast and in float32 (where each extra forward costs more: measured on
+# an AVX2 CPU, bench/RESULTS.md).
 CPU_MAX_FORWARD_TOKENS = 512
-CPU_FLOAT32_FORWARD_TOKENS = 384
+CPU_FLOAT32_FORWARD_TOKENS = 768
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,11 @@ class DeviceTraits:
             (bench/RESULTS.md). A GPU needs large forwards to be kept busy; its micro-batch size
             is left to the user.
         float32_forward_tokens: The same bound for float32 compute. CPU:
-            `CPU_FLOAT32_FORWARD_TOKENS`, lower, as float32 activations take twice the bytes
-            (the peak RSS it saves and the time it costs: bench/RESULTS.md). None on a GPU.
+            `CPU_FLOAT32_FORWARD_TOKENS`, higher: on a CPU without native bf16 (an AVX2 EPYC)
+            384-token forwards cost 25% more update time than one forward per micro-batch and
+            768-token ones about as much as 660 (1.03x), while the sampler's float32 packs are
+            freed during the update (`DecodePacks.discard_trainable`) to make room
+            (bench/RESULTS.md). None on a GPU.
         recompute_activations: Under bf16 autocast, `max_forward_tokens="auto"` bounds the
             training activations by recomputing them in the backward pass (non-reentrant
             gradient checkpointing of the decoder layers) over the whole micro-batch, instead

@@ -548,7 +548,8 @@ class TransformersEngine:
         of a full fine-tune: 257 MiB for SmolLM2-135M). A fused group goes only when all its
         members are trainable; frozen, partitioned (ZeRO-3) and unpacked weights stay. Whatever
         is still missing when sampling starts (no `update_weights` came) is packed again from
-        `model` first."""
+        `model` first. Without a copy, the float32 policy's packs of trainable and LoRA layers go
+        too (`DecodePacks.discard_trainable`): each sampling call re-packs them anyway."""
         source = dict(model.named_parameters())
         trainable = {
             name
@@ -561,6 +562,8 @@ class TransformersEngine:
             names = {self._packed_name[id(member)] for member in members}
             if names <= trainable and not layer.discarded:
                 layer.discard()
+        if self._decode_packs is not None:  # the float32 policy's packs: re-packed at sampling
+            self._decode_packs.discard_trainable()
 
     def sampler_weights(self) -> dict[str, Tensor]:
         """The sampler's parameters by name, as it computes with them: the bf16 copy's values

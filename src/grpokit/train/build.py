@@ -376,7 +376,7 @@ def resolve_activation_bound(
     A number or None is taken as given. "auto" is the device's choice
     (`DeviceTraits.activation_bound`): on a CPU whose bf16 matmuls run on AMX, with bf16
     autocast, recomputed activations and no token bound; elsewhere on the CPU 512 tokens per
-    forward under bf16 autocast and 384 in float32; on a GPU no bound. "auto" keeps the
+    forward under bf16 autocast and 768 in float32; on a GPU no bound. "auto" keeps the
     device's token bound without recomputing when the user set `gradient_checkpointing` (that
     setting then decides: the token bound and recomputed activations on any CPU) or when
     `model` cannot checkpoint its layers. Recomputation works under DDP, FSDP2 and DeepSpeed

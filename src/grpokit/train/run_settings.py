@@ -118,7 +118,7 @@ class ModelSettings:
         "speed in bench/RESULTS.md): on a CPU whose bf16 matmuls run on AMX, under bf16 "
         "autocast, no bound and the decoder layers recompute their activations in the backward "
         "pass (gradient checkpointing; gradient_checkpointing=True keeps the token bound); "
-        "elsewhere on the CPU 512 tokens under bf16 autocast and 384 in float32; on a GPU no "
+        "elsewhere on the CPU 512 tokens under bf16 autocast and 768 in float32; on a GPU no "
         "bound. None = one forward per "
         "micro-batch.",
     )
