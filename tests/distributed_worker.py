@@ -278,9 +278,13 @@ def config(out: Path, **overrides: Any) -> GRPOConfig:
     return GRPOConfig(**values)
 
 
-def trainer(out: Path, model_overrides: dict[str, Any] | None = None, **overrides: Any) -> Any:
+def trainer(
+    out: Path, model_overrides: dict[str, Any] | None = None, model: Any = None, **overrides: Any
+) -> Any:
+    """The scenarios' trainer, on `model` or a fresh tiny model (`model_overrides` applied)."""
     tok = make_tokenizer()
-    model = make_causal_lm(tok, seed=0, **(model_overrides or {})).train()
+    if model is None:
+        model = make_causal_lm(tok, seed=0, **(model_overrides or {})).train()
     return one_forward_per_row(
         GRPOTrainer(
             model,
@@ -475,16 +479,7 @@ def _probed_trainer(out: Path, scenario: dict[str, Any]) -> tuple[GRPOTrainer, A
     tok = make_tokenizer()
     model = make_causal_lm(tok, seed=0).train()
     probe = TransformersEngine(model, tok, bf16_sampler=True)  # a copy of the whole model
-    trainer = GRPOTrainer(
-        model,
-        letter_reward,
-        args=config(out, **scenario),
-        train_dataset=dataset(40),
-        eval_dataset=dataset(5, offset=100),
-        processing_class=tok,
-        generation_engine=ScriptedEngine(tok),
-    )
-    return trainer, probe
+    return trainer(out, model=model, **scenario), probe
 
 
 def _write_engine_gap(probe: Any, full: dict[str, torch.Tensor], out: Path) -> None:

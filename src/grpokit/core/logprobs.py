@@ -369,6 +369,13 @@ SHARED_FORWARD_ARGUMENTS = ("past_key_values", "position_ids", "logits_to_keep")
 """The forward arguments `prompt_sharing_supported` requires."""
 
 
+def prompt_numbers(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+    """`[n]` long: one number per distinct prompt row of `prompt_ids` `[n, P]` (its ids and its
+    padding, `prompt_mask` `[n, P]` 1 = real token), the same for rows with the same prompt."""
+    prompts = prompt_ids.masked_fill(prompt_mask == 0, -1)  # [n, P]
+    return torch.unique(prompts, dim=0, return_inverse=True)[1]
+
+
 def shared_prompt_rows(
     input_ids: Tensor, attention_mask: Tensor, completion_len: int
 ) -> tuple[Tensor, Tensor] | None:
@@ -381,9 +388,8 @@ def shared_prompt_rows(
         prompt differs (sharing would save nothing).
     """
     p = input_ids.shape[1] - completion_len
-    prompts = input_ids[:, :p].masked_fill(attention_mask[:, :p] == 0, -1)  # [n, P]
-    _, inverse = torch.unique(prompts, dim=0, return_inverse=True)  # [n] sorted order
-    n = prompts.shape[0]
+    inverse = prompt_numbers(input_ids[:, :p], attention_mask[:, :p])  # [n] sorted order
+    n = inverse.shape[0]
     count = int(inverse.max()) + 1 if n else 0
     if count == n:
         return None

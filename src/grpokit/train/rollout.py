@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from grpokit.core.advantages import group_advantages
+from grpokit.core.logprobs import prompt_numbers
 from grpokit.data.prompts import (
     apply_prompt_length_policy,
     format_completions,
@@ -733,8 +734,7 @@ class RolloutBatch:
 
     def prompt_groups(self) -> Tensor:
         """`[N]` long: rows with the same prompt (ids and padding) get the same number."""
-        prompts = self.prompt_ids.masked_fill(self.prompt_mask == 0, -1)  # [N, P]
-        return torch.unique(prompts, dim=0, return_inverse=True)[1]
+        return prompt_numbers(self.prompt_ids, self.prompt_mask)
 
     def sliced(self, name: str, rows: slice, t: int, device: torch.device) -> Tensor | None:
         """`[n, t]` rows of the per-token tensor `name`, or None when it was not computed."""
