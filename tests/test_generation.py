@@ -920,3 +920,69 @@ def test_discarded_trainable_copies_come_back_before_sampling() -> None:
     weights = discarding.sampler_weights()  # packs what was discarded first
     for name, p in model.named_parameters():
         assert torch.equal(weights[name], p.detach().to(torch.bfloat16)), name
+
+
+def _batch_sizes(model) -> list[int]:
+    """Rows of every forward `model` runs from now on (a forward pre-hook's record)."""
+    sizes: list[int] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    return sizes
+
+
+def _draw_from_history(probs: torch.Tensor) -> torch.Tensor:
+    """A stand-in for a random draw that depends only on each row's own distribution `[N, V]`
+    (so on its history), never on which rows share the batch: the inverse CDF at a number
+    spread over [0, 1) by the row's probabilities. `[N]` long."""
+    weights = torch.linspace(0.1, 0.9, probs.shape[1], dtype=torch.float64)
+    u = ((probs.double() @ weights) * 97) % 1  # [N]
+    cdf = probs.double().cumsum(-1)  # [N, V]
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
+    return token.clamp(max=probs.shape[1] - 1)
+
+
+def test_dropping_ended_rows_keeps_every_token_and_logprob() -> None:
+    """Prompts whose completions end at different steps: the rows that ended leave the decode
+    batch (the forwards shrink), and every row's tokens, mask and sampling log-probs are those
+    of the loop that keeps all N rows to the end (a draw that depends only on each row's own
+    distribution, so that both loops draw the same tokens)."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    prompts = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15], [16, 17]]
+    sampling = SamplingParams(generation_kwargs={"sequence_bias": {(tok.eos_token_id,): 3.0}})
+    outs, sizes = {}, {}
+    for drop in (False, True):
+        engine = _engine(
+            tok, model, bf16_sampler=False, return_logprobs=True, drop_finished_rows=drop
+        )
+        engine.draw = _draw_from_history
+        sizes[drop] = _batch_sizes(model)
+        outs[drop] = engine.generate(
+            prompts, num_generations=2, max_new_tokens=16, sampling=sampling
+        )
+        model._forward_pre_hooks.clear()
+    lengths = outs[False].completion_mask.sum(1)  # [12]
+    assert len(set(lengths.tolist())) >= 4  # rows end at several different steps
+    assert torch.equal(outs[True].completion_ids, outs[False].completion_ids)
+    assert torch.equal(outs[True].completion_mask, outs[False].completion_mask)
+    assert torch.equal(outs[True].is_truncated, outs[False].is_truncated)
+    torch.testing.assert_close(outs[True].sampling_logprobs, outs[False].sampling_logprobs)
+    assert sizes[False][0] == 6  # the shared prefill: each prompt once
+    assert sizes[False][1:] == [12] * (len(sizes[False]) - 1)
+    steps = sizes[True][1:]  # the decode forwards, the k-th computing completion token k
+    assert len(steps) == len(sizes[False]) - 1 == int(lengths.max()) - 1
+    assert steps == sorted(steps, reverse=True) and steps[-1] < 12
+    for k, rows in enumerate(steps, start=1):
+        going = int((lengths > k).sum())  # rows whose completion has not ended by token k - 1
+        # every row still going is there; ended rows linger only while under an eighth
+        assert going <= rows and (rows - going) * 8 < rows
+
+
+def test_draw_multinomial_keeps_every_row_to_the_end() -> None:
+    """draw="multinomial" reproduces model.generate's random stream, which samples every row
+    at every step: there rows are not dropped unless asked for."""
+    tok = make_tokenizer()
+    assert not _engine(tok, draw="multinomial").drop_finished_rows
+    assert _engine(tok, draw="multinomial", drop_finished_rows=True).drop_finished_rows
+    assert _engine(tok).drop_finished_rows

@@ -47,6 +47,23 @@ def test_reserved_layer_follows_the_cache_methods_that_replace_its_tensors() -> 
     assert reserved.get_seq_length() == 6
 
 
+def test_reserved_layer_drops_rows_in_place() -> None:
+    """Dropping rows (a decode loop's ended completions) keeps the others' keys and values in
+    the same buffer, rows moving up over dropped ones, and later steps append after them."""
+    plain, reserved = DynamicLayer(), ReservedLayer(capacity=10)
+    for layer in (plain, reserved):
+        layer.update(*_states(6, 4, 0))
+    start = reserved.keys.data_ptr()
+    for seed, keep in enumerate(([1, 2, 4, 5], [0, 3], [1]), start=1):
+        for layer in (plain, reserved):
+            layer.batch_select_indices(torch.tensor(keep))
+            layer.update(*_states(len(keep), 1, seed))
+        assert torch.equal(plain.keys, reserved.keys)
+        assert torch.equal(plain.values, reserved.values)
+        assert reserved.keys.data_ptr() == start  # no new buffer
+    assert reserved.keys.shape == (1, 2, 7, 4)
+
+
 def test_reserve_positions_swaps_only_plain_layers() -> None:
     cache = DynamicCache()
     cache.update(*_states(2, 3, 0), layer_idx=0)

@@ -24,10 +24,11 @@ class ReservedLayer(DynamicLayer):
 
     `keys` / `values` are the views `[B, Hkv, L, D]` of the filled part (`L` positions) of the
     buffers `[B, Hkv, capacity, D]`, so every `DynamicLayer` method that reads them works
-    unchanged. A method that replaces them (`crop`, `batch_repeat_interleave`,
-    `batch_select_indices`, `reset`) leaves tensors that are not views of the buffers; the next
-    `update` copies them into new buffers. An update that would pass `capacity` (a multi-turn
-    call that grew) reallocates the buffers at twice the positions needed.
+    unchanged. A method that replaces them (`crop`, `batch_repeat_interleave`, `reset`) leaves
+    tensors that are not views of the buffers; the next `update` copies them into new buffers.
+    `batch_select_indices` keeps the selected rows in the buffers. An update that would pass
+    `capacity` (a multi-turn call that grew) reallocates the buffers at twice the positions
+    needed.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -59,6 +60,29 @@ class ReservedLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, :end]
         self._views = (self.keys, self.values)
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep only the rows `indices` (`[B']` long, ascending) of the cache, in place: they
+        move to the first `B'` rows of the same buffers, so the cache stays reserved (no new
+        allocation) and the rows dropped simply end. Without adopted buffers (nothing cached
+        yet, or tensors a replacing method left), `DynamicLayer`'s own selection."""
+        adopted = self._views is not None and (
+            self._views[0] is self.keys and self._views[1] is self.values
+        )
+        if not adopted:
+            super().batch_select_indices(indices)
+            return
+        assert self._key_buffer is not None and self._value_buffer is not None  # adopted
+        length, kept = self.get_seq_length(), int(indices.numel())
+        buffers = []
+        for buffer in (self._key_buffer, self._value_buffer):
+            # the gather copies first, so rows moving up never read a row already overwritten
+            buffer[:kept, :, :length] = buffer[indices, :, :length]
+            buffers.append(buffer[:kept])
+        self._key_buffer, self._value_buffer = buffers
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
+        self._views = (self.keys, self.values)
 
     def _reserve(
         self, key_states: Tensor, value_states: Tensor, length: int, capacity: int

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicLayer
 
 from grpokit.core.attention import NAME as GROUPED_ATTENTION
 from grpokit.core.attention import use_grouped_attention
@@ -80,6 +81,7 @@ class TransformersEngine:
         num_threads: int | None = None,
         pack_weights: bool | None = None,
         decode_step: bool | None = None,
+        drop_finished_rows: bool | None = None,
     ) -> None:
         """Wrap `model` (the policy being trained) and its tokenizer.
 
@@ -129,6 +131,13 @@ class TransformersEngine:
                 structure it was written for (a bf16 copy with packed fused projections and
                 grouped attention of a "llama", "qwen2" or "mistral" model), False = always
                 transformers' forward, True = the same as None but refused where it cannot run.
+            drop_finished_rows: Lean path, one-turn `generate`: take the rows that ended (EOS)
+                out of the decode batch, so the steps after run only the rows still going
+                (their keys/values kept in place: `kv_cache.ReservedLayer.batch_select_indices`).
+                A row is dropped once the ended rows are at least an eighth of the batch. The
+                tokens drawn are the same in distribution; the random stream differs, as fewer
+                rows draw. None = on, except with draw="multinomial", whose point is
+                `model.generate`'s random stream (which samples every row at every step).
 
         Raises:
             ValueError: an unknown `decode`, a non-positive `num_threads`, `bf16_sampler` with a
@@ -148,6 +157,9 @@ class TransformersEngine:
         self.draw = DRAWS[draw]
         self.return_logprobs = return_logprobs
         self.share_prompt_prefill = share_prompt_prefill
+        self.drop_finished_rows = (
+            draw != "multinomial" if drop_finished_rows is None else drop_finished_rows
+        )
         self.num_threads = num_threads
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
@@ -498,19 +510,35 @@ class TransformersEngine:
         step_fn = self.decode_step
         if step_fn is not None and not step_fn.accepts(cache):
             step_fn = None
-        finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
-        tokens, logprobs = [], []
+        drop = self.drop_finished_rows and _rows_can_be_dropped(cache)
+        device = ids.device
+        tokens = torch.full((n, max_new_tokens), self.pad_token_id, device=device)  # [N, T]
+        logprobs = torch.zeros((n, max_new_tokens), device=device) if self.return_logprobs else None
+        rows: Tensor | None = None  # [n] the rows of N still in the batch (None = all N)
+        row_mask = full_mask  # [n, P + T] their attention mask
+        going = torch.ones(n, dtype=torch.bool, device=device)  # [n] not ended
+        steps = max_new_tokens
         for step in range(max_new_tokens):
-            token = sampler.sample(logits, step)  # [N]
-            if self.return_logprobs:
-                scaled = logits.float() / sampling.temperature  # [N, V]
-                logprobs.append(torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1))
-            token = token.masked_fill(finished, self.pad_token_id)
-            tokens.append(token)
-            finished |= torch.isin(token, sampler.eos)
-            if step + 1 == max_new_tokens or bool(finished.all()):
+            token = sampler.sample(logits, step, rows)  # [n]
+            token = token.masked_fill(~going, self.pad_token_id)
+            at = slice(None) if rows is None else rows
+            tokens[at, step] = token
+            if logprobs is not None:
+                scaled = logits.float() / sampling.temperature  # [n, V]
+                chosen = torch.log_softmax(scaled, -1).gather(1, token[:, None]).squeeze(1)
+                logprobs[at, step] = chosen
+            going &= ~torch.isin(token, sampler.eos)
+            ended = int(going.numel() - going.sum())
+            if step + 1 == max_new_tokens or ended == going.numel():
+                steps = step + 1
                 break
-            step_mask = full_mask[:, : mask.shape[1] + step + 1]
+            if drop and ended * 8 >= going.numel():
+                keep = going.nonzero().squeeze(1)  # [n'] ascending
+                cache.batch_select_indices(keep)
+                rows = keep if rows is None else rows[keep]
+                token, next_position = token[keep], next_position[keep]
+                row_mask, going = full_mask[rows], going[keep]
+            step_mask = row_mask[:, : mask.shape[1] + step + 1]
             if step_fn is not None:
                 logits = step_fn(token, step_mask, next_position, cache)
             else:
@@ -523,8 +551,8 @@ class TransformersEngine:
                 )
                 logits = out.logits[:, -1]
             next_position = next_position + 1
-            # logits: [N, V] in the model's dtype; the sampler casts a copy
-        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1) if logprobs else None
+            # logits: [n, V] in the model's dtype; the sampler casts a copy
+        return tokens[:, :steps], None if logprobs is None else logprobs[:, :steps]
 
     def update_weights(self, model: Any) -> None:
         """Copy `model`'s weights into the bf16 sampler after an optimizer step: in place, and
@@ -660,6 +688,18 @@ def prefill(
 
 
 DECODE_PATHS = ("lean", "hf")
+
+
+def _rows_can_be_dropped(cache: Any) -> bool:
+    """Whether rows can leave `cache` mid-call (`batch_select_indices`): a transformers cache
+    whose layers all hold plain per-row keys and values (`DynamicLayer` and its subclasses:
+    `kv_cache.ReservedLayer`, sliding windows); not a cache of another kind of state."""
+    layers = getattr(cache, "layers", None)
+    return (
+        callable(getattr(cache, "batch_select_indices", None))
+        and isinstance(layers, list)
+        and all(isinstance(layer, DynamicLayer) for layer in layers)
+    )
 
 
 class _TurnRows:
