@@ -6,7 +6,7 @@ import torch
 from grpokit.core.logprobs import model_completion_logprobs
 from grpokit.engines.base import SamplingParams, completion_mask_from_ids, left_pad
 from grpokit.engines.sampling import TokenSampler, sample_categorical, top_p_filter
-from grpokit.engines.transformers_engine import TransformersEngine, prefill
+from grpokit.engines.transformers_engine import TransformersEngine, common_prefix_first, prefill
 from grpokit.train.rollout import RolloutBatch
 from tests.tiny import make_causal_lm, make_tokenizer
 
@@ -986,3 +986,60 @@ def test_draw_multinomial_keeps_every_row_to_the_end() -> None:
     assert not _engine(tok, draw="multinomial").drop_finished_rows
     assert _engine(tok, draw="multinomial", drop_finished_rows=True).drop_finished_rows
     assert _engine(tok).drop_finished_rows
+
+
+def test_common_prefix_first_moves_padding_after_the_shared_tokens() -> None:
+    """Hand-built rows: the 3 tokens all prompts begin with come first, the padding after them,
+    each row's own tokens stay in place; a row keeps at least one token of its own."""
+    ids, mask = left_pad([[4, 5, 6, 7, 8], [4, 5, 6, 9], [4, 5, 6, 7]], PAD)
+    order, common = common_prefix_first(ids, mask, min_saved=1)
+    assert common == 3
+    assert ids.gather(1, order).tolist() == [[4, 5, 6, 7, 8], [4, 5, 6, PAD, 9], [4, 5, 6, PAD, 7]]
+    assert mask.gather(1, order).tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 1], [1, 1, 1, 0, 1]]
+    # the shortest prompt bounds the run; one forward saved per row beyond the first
+    ids, mask = left_pad([[4, 5, 6, 7], [4, 5]], PAD)
+    assert common_prefix_first(ids, mask, min_saved=1)[1] == 1
+    assert common_prefix_first(ids, mask, min_saved=2)[1] == 0  # (2 - 1) * 1 < 2: not worth it
+    ids, mask = left_pad([[4, 5, 6], [7, 5, 6]], PAD)
+    order, common = common_prefix_first(ids, mask, min_saved=0)
+    assert common == 0 and torch.equal(order, torch.arange(3).expand(2, 3))
+
+
+def test_shared_common_prefix_samples_what_separate_prompts_sample() -> None:
+    """Prompts that share a long head (a system prompt) of different lengths: the shared head is
+    prefilled once (a forward of one row, then one of the prompts' own tokens only), and the
+    tokens, masks and sampling log-probs are those of the plain left-padded prefill."""
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)
+    head = [20 + i % 30 for i in range(24)]
+    prompts = [[*head, 5, 6, 7], [*head, 8], [*head, 9, 10, 11, 12, 13]]
+    sampling = SamplingParams(generation_kwargs={"sequence_bias": {(tok.eos_token_id,): 3.0}})
+    outs, sizes = {}, {}
+    for share in (False, True):
+        engine = _engine(
+            tok, model, bf16_sampler=False, return_logprobs=True, share_common_prefix=share
+        )
+        engine.draw = _draw_from_history
+        sizes[share] = _token_counts(model)
+        outs[share] = engine.generate(
+            prompts, num_generations=2, max_new_tokens=12, sampling=sampling
+        )
+        model._forward_pre_hooks.clear()
+    assert torch.equal(outs[True].completion_ids, outs[False].completion_ids)
+    assert torch.equal(outs[True].completion_mask, outs[False].completion_mask)
+    torch.testing.assert_close(outs[True].sampling_logprobs, outs[False].sampling_logprobs)
+    assert torch.equal(outs[True].prompt_ids, outs[False].prompt_ids)  # left-padded as given
+    assert torch.equal(outs[True].prompt_mask, outs[False].prompt_mask)
+    assert sizes[False][0] == (3, 29)  # the prompts, left-padded to the longest
+    assert sizes[True][:2] == [(1, 24), (3, 5)]  # the head once, then 29 - 24 columns each
+    assert sizes[True][2:] == sizes[False][1:]  # the decode steps
+
+
+def _token_counts(model) -> list[tuple[int, int]]:
+    """`(rows, columns)` of every forward's `input_ids` from now on."""
+    shapes: list[tuple[int, int]] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    return shapes

@@ -82,6 +82,7 @@ class TransformersEngine:
         pack_weights: bool | None = None,
         decode_step: bool | None = None,
         drop_finished_rows: bool | None = None,
+        share_common_prefix: bool = True,
     ) -> None:
         """Wrap `model` (the policy being trained) and its tokenizer.
 
@@ -138,6 +139,10 @@ class TransformersEngine:
                 tokens drawn are the same in distribution; the random stream differs, as fewer
                 rows draw. None = on, except with draw="multinomial", whose point is
                 `model.generate`'s random stream (which samples every row at every step).
+            share_common_prefix: Lean path, one-turn `generate`: prefill the leading tokens
+                that every prompt of the call shares (a system prompt, a chat template's
+                header) once for all of them (`common_prefix_first`), when that saves at least
+                16 token forwards.
 
         Raises:
             ValueError: an unknown `decode`, a non-positive `num_threads`, `bf16_sampler` with a
@@ -157,6 +162,7 @@ class TransformersEngine:
         self.draw = DRAWS[draw]
         self.return_logprobs = return_logprobs
         self.share_prompt_prefill = share_prompt_prefill
+        self.share_common_prefix = share_common_prefix
         self.drop_finished_rows = (
             draw != "multinomial" if drop_finished_rows is None else drop_finished_rows
         )
@@ -436,11 +442,18 @@ class TransformersEngine:
         return state.rows
 
     def _prefilled(
-        self, forward: Any, ids: Tensor, mask: Tensor, g: int, max_new_tokens: int
+        self,
+        forward: Any,
+        ids: Tensor,
+        mask: Tensor,
+        g: int,
+        max_new_tokens: int,
+        common: int = 0,
     ) -> tuple[Any, Tensor, Tensor]:
         """The start of a decode loop: `prefill` of the `[B, P]` prompts for their N = B*G rows
-        (shared per group as the engine is set), the cache reserved for `max_new_tokens` more
-        positions. Returns `(cache, logits [N, V] float32, next position ids [N, 1])`."""
+        (shared per group as the engine is set; the first `common` columns once for all), the
+        cache reserved for `max_new_tokens` more positions. Returns `(cache, logits [N, V]
+        float32, next position ids [N, 1])`."""
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P]
         cache, logits = prefill(
             forward,
@@ -450,6 +463,7 @@ class TransformersEngine:
             g,
             share=self.share_prompt_prefill,
             reserve=mask.shape[1] + max_new_tokens,
+            common=common,
         )
         return cache, logits, positions[:, -1:].repeat_interleave(g, dim=0) + 1
 
@@ -496,17 +510,23 @@ class TransformersEngine:
         """
         forward = plain_forward(self.sampler_model)
         n = ids.shape[0] * g
-        full_mask = mask.new_ones((n, mask.shape[1] + max_new_tokens))  # [N, P + T]
-        full_mask[:, : mask.shape[1]] = mask.repeat_interleave(g, dim=0)
         sampler = TokenSampler(
             sampling,
             eos_token_ids=self.eos_token_ids,
             prompt_ids=ids.repeat_interleave(g, dim=0),
-            prompt_mask=full_mask[:, : mask.shape[1]],
+            prompt_mask=mask.repeat_interleave(g, dim=0),
             vocab_size=int(forward.get_output_embeddings().weight.shape[0]),
             draw=self.draw,
         )
-        cache, logits, next_position = self._prefilled(forward, ids, mask, g, max_new_tokens)
+        common = 0
+        if self.share_common_prefix:  # the cache's columns: shared tokens first
+            order, common = common_prefix_first(ids, mask)
+            ids, mask = ids.gather(1, order), mask.gather(1, order)
+        full_mask = mask.new_ones((n, mask.shape[1] + max_new_tokens))  # [N, P + T]
+        full_mask[:, : mask.shape[1]] = mask.repeat_interleave(g, dim=0)
+        cache, logits, next_position = self._prefilled(
+            forward, ids, mask, g, max_new_tokens, common
+        )
         step_fn = self.decode_step
         if step_fn is not None and not step_fn.accepts(cache):
             step_fn = None
@@ -648,6 +668,7 @@ def prefill(
     *,
     share: bool,
     reserve: int | None = None,
+    common: int = 0,
 ) -> tuple[Any, Tensor]:
     """Run the prompts through the model once and return the KV cache of the N = B*G rows.
 
@@ -655,6 +676,11 @@ def prefill(
     the batch (the G completions of a prompt attend to the same prompt keys and values); without,
     the G-times-repeated prompts are prefilled as N rows. Both give the same cache and logits up
     to floating-point summation order.
+
+    With `common = c > 0` the first c columns of every row hold the same real tokens (a shared
+    system prompt or template: `common_prefix_first`): they are prefilled once, as one row, and
+    their cache is repeated for the B rows before the rest of the prompts runs on it. The same
+    cache and logits again, up to summation order.
 
     Args:
         forward: A causal LM taking `position_ids`, `logits_to_keep` and `use_cache`.
@@ -664,18 +690,32 @@ def prefill(
         share: prefill B rows instead of N.
         reserve: Positions (prompt + new tokens) the cache reserves for the decode steps
             (`kv_cache.reserve_positions`); None = transformers' own growing cache.
+        common: c, the leading columns that are the same real tokens in every row (0 = none;
+            at most P - 1).
 
     Returns:
         `(cache, logits)`: the model's cache object holding N rows, and the next-token logits
         `[N, V]` float32.
     """
     repeats = 1 if share else g
+    past: dict[str, Any] = {}
+    if common > 0:
+        head = forward(
+            input_ids=ids[:1, :common],
+            attention_mask=mask[:1, :common],
+            position_ids=positions[:1, :common],
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+        head.batch_repeat_interleave(ids.shape[0] * repeats)
+        past = {"past_key_values": head}
     out = forward(
-        input_ids=ids.repeat_interleave(repeats, dim=0),
-        attention_mask=mask.repeat_interleave(repeats, dim=0),
-        position_ids=positions.repeat_interleave(repeats, dim=0),
+        input_ids=ids[:, common:].repeat_interleave(repeats, dim=0),
+        attention_mask=mask.repeat_interleave(repeats, dim=0),  # [rows, P]: cached + these
+        position_ids=positions[:, common:].repeat_interleave(repeats, dim=0),
         use_cache=True,
         logits_to_keep=1,
+        **past,
     )
     cache = out.past_key_values
     logits = out.logits[:, -1].float()  # [B or N, V]
@@ -685,6 +725,47 @@ def prefill(
     if reserve is not None:
         reserve_positions(cache, reserve)
     return cache, logits
+
+
+def common_prefix_first(ids: Tensor, mask: Tensor, *, min_saved: int = 16) -> tuple[Tensor, int]:
+    """The prompts laid out for a shared prefill of their common leading tokens.
+
+    Left-padded prompts `[B, P]` put a prefix that all of them share (a system prompt, a chat
+    template's header) at different columns. This moves each row's padding to just after the
+    first c tokens, the longest run that every row begins with (at most the shortest prompt's
+    length minus 1, so every row keeps a token of its own), which puts the shared tokens in
+    the same columns of every row: `prefill(common=c)` then runs them once. Positions follow
+    the mask (`cumsum - 1`), so every token keeps its position and attends to the same tokens;
+    only the column order of the cache changes.
+
+    Args:
+        ids: `[B, P]` left-padded prompts. mask: `[B, P]` 1 = real token.
+        min_saved: Do nothing (c = 0) unless the shared prefill saves at least this many token
+            forwards, `(B - 1) * c`: it costs a forward call of its own.
+
+    Returns:
+        `(order, c)`: `order` `[B, P]` long, the column of `ids`/`mask` each new column takes
+        (gather along dim 1), and c; `(arange, 0)` when nothing is shared.
+    """
+    b, p = ids.shape
+    columns = torch.arange(p, device=ids.device).expand(b, p)
+    lengths = mask.sum(1)  # [B]
+    shortest = int(lengths.min()) if b else 0
+    if b < 2 or shortest < 2:
+        return columns, 0
+    start = p - lengths  # [B] first real column of each row
+    span = shortest - 1
+    heads = ids.gather(1, start[:, None] + torch.arange(span, device=ids.device))  # [B, span]
+    same = (heads == heads[:1]).all(0)  # [span]
+    c = int(same.long().cumprod(0).sum())
+    if (b - 1) * c < min_saved:
+        return columns, 0
+    # new column j < c: old column start + j; c <= j < p - len + c: padding (old column
+    # j - c); the rest: old column j (the row's own tokens stay where they were)
+    j = columns
+    order = torch.where(j < c, start[:, None] + j, j - c)
+    order = torch.where(j >= (p - lengths + c)[:, None], j, order)
+    return order, c
 
 
 DECODE_PATHS = ("lean", "hf")
