@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from grpokit.core.logprobs import model_completion_logprobs
+from grpokit.core.logprobs import common_prefix_first, model_completion_logprobs
 from grpokit.engines.base import SamplingParams, completion_mask_from_ids, left_pad
 from grpokit.engines.sampling import TokenSampler, sample_categorical, top_p_filter
-from grpokit.engines.transformers_engine import TransformersEngine, common_prefix_first, prefill
+from grpokit.engines.transformers_engine import TransformersEngine, prefill
 from grpokit.train.rollout import RolloutBatch
 from tests.tiny import make_causal_lm, make_tokenizer
 

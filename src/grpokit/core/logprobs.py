@@ -402,6 +402,48 @@ def shared_prompt_rows(
     return first[order], rank[inverse]
 
 
+def common_prefix_first(ids: Tensor, mask: Tensor, *, min_saved: int = 16) -> tuple[Tensor, int]:
+    """The prompts laid out for a shared prefill of their common leading tokens.
+
+    Left-padded prompts `[B, P]` put a prefix that all of them share (a system prompt, a chat
+    template's header) at different columns. This moves each row's padding to just after the
+    first c tokens, the longest run that every row begins with (at most the shortest prompt's
+    length minus 1, so every row keeps a token of its own), which puts the shared tokens in
+    the same columns of every row, where one forward can serve them all (the sampler's
+    `engines.transformers_engine.prefill(common=c)`, the training forwards'
+    `_shared_prompt_forward`). Positions follow the mask (`cumsum - 1`), so every token keeps
+    its position and attends to the same tokens; only the column order of the cache changes.
+
+    Args:
+        ids: `[B, P]` left-padded prompts. mask: `[B, P]` 1 = real token.
+        min_saved: Do nothing (c = 0) unless the shared prefill saves at least this many token
+            forwards, `(B - 1) * c`: it costs a forward call of its own.
+
+    Returns:
+        `(order, c)`: `order` `[B, P]` long, the column of `ids`/`mask` each new column takes
+        (gather along dim 1), and c; `(arange, 0)` when nothing is shared.
+    """
+    b, p = ids.shape
+    columns = torch.arange(p, device=ids.device).expand(b, p)
+    lengths = mask.sum(1)  # [B]
+    shortest = int(lengths.min()) if b else 0
+    if b < 2 or shortest < 2:
+        return columns, 0
+    start = p - lengths  # [B] first real column of each row
+    span = shortest - 1
+    heads = ids.gather(1, start[:, None] + torch.arange(span, device=ids.device))  # [B, span]
+    same = (heads == heads[:1]).all(0)  # [span]
+    c = int(same.long().cumprod(0).sum())
+    if (b - 1) * c < min_saved:
+        return columns, 0
+    # new column j < c: old column start + j; c <= j < p - len + c: padding (old column
+    # j - c); the rest: old column j (the row's own tokens stay where they were)
+    j = columns
+    order = torch.where(j < c, start[:, None] + j, j - c)
+    order = torch.where(j >= (p - lengths + c)[:, None], j, order)
+    return order, c
+
+
 def _shared_prompt_forward(
     model: torch.nn.Module,
     ids: Tensor,
@@ -414,8 +456,9 @@ def _shared_prompt_forward(
 ) -> tuple[Tensor, Tensor | None]:
     """`model_completion_logprobs` of one slice with each distinct prompt forwarded once.
 
-    The distinct prompts `[U, P]` go through the model with a cache; the logits of their last
-    position score each row's first completion token. The cache, indexed to the `n` rows, then
+    The distinct prompts `[U, P]` go through the model with a cache (the head they all share
+    first, once: `common_prefix_first`); the logits of their last position score each row's
+    first completion token. The cache, indexed to the `n` rows, then
     serves as the past of the completions `[n, T]`, whose logits at positions `0..T-2` score
     tokens `1..T-1`. Gradients reach the prompt's activations from every row through the
     indexing.
@@ -427,12 +470,27 @@ def _shared_prompt_forward(
     columns = (mask[first, :p] > 0).any(0).nonzero()  # the distinct prompts' shared padding
     lead = int(columns[0]) if columns.numel() else 0
     ids, mask, p = ids[:, lead:], mask[:, lead:], p - lead  # [n, P'+T]
+    order, common = common_prefix_first(ids[first, :p], mask[first, :p])  # [U, P'], c
+    if common:  # the head all prompts share first (each row's prompt is its prompt's)
+        rows = order.index_select(0, inverse)  # [n, P']
+        ids = torch.cat([ids[:, :p].gather(1, rows), ids[:, p:]], dim=1)
+        mask = torch.cat([mask[:, :p].gather(1, rows), mask[:, p:]], dim=1)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [n, P'+T]
     cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
+    if common:
+        model(
+            input_ids=ids[first[:1], :common],  # [1, c]
+            attention_mask=mask[first[:1], :common],
+            position_ids=positions[first[:1], :common],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_repeat_interleave(first.numel())  # [1, ...] -> [U, ...], differentiable
     prefix = model(
-        input_ids=ids[first, :p],  # [U, P']
+        input_ids=ids[first, common:p],  # [U, P' - c]
         attention_mask=mask[first, :p],
-        position_ids=positions[first, :p],
+        position_ids=positions[first, common:p],
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,

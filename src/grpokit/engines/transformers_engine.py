@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicLayer
 
 from grpokit.core.attention import NAME as GROUPED_ATTENTION
 from grpokit.core.attention import use_grouped_attention
+from grpokit.core.logprobs import common_prefix_first
 from grpokit.engines.base import (
     GenerationOutput,
     SamplingParams,
@@ -725,47 +726,6 @@ def prefill(
     if reserve is not None:
         reserve_positions(cache, reserve)
     return cache, logits
-
-
-def common_prefix_first(ids: Tensor, mask: Tensor, *, min_saved: int = 16) -> tuple[Tensor, int]:
-    """The prompts laid out for a shared prefill of their common leading tokens.
-
-    Left-padded prompts `[B, P]` put a prefix that all of them share (a system prompt, a chat
-    template's header) at different columns. This moves each row's padding to just after the
-    first c tokens, the longest run that every row begins with (at most the shortest prompt's
-    length minus 1, so every row keeps a token of its own), which puts the shared tokens in
-    the same columns of every row: `prefill(common=c)` then runs them once. Positions follow
-    the mask (`cumsum - 1`), so every token keeps its position and attends to the same tokens;
-    only the column order of the cache changes.
-
-    Args:
-        ids: `[B, P]` left-padded prompts. mask: `[B, P]` 1 = real token.
-        min_saved: Do nothing (c = 0) unless the shared prefill saves at least this many token
-            forwards, `(B - 1) * c`: it costs a forward call of its own.
-
-    Returns:
-        `(order, c)`: `order` `[B, P]` long, the column of `ids`/`mask` each new column takes
-        (gather along dim 1), and c; `(arange, 0)` when nothing is shared.
-    """
-    b, p = ids.shape
-    columns = torch.arange(p, device=ids.device).expand(b, p)
-    lengths = mask.sum(1)  # [B]
-    shortest = int(lengths.min()) if b else 0
-    if b < 2 or shortest < 2:
-        return columns, 0
-    start = p - lengths  # [B] first real column of each row
-    span = shortest - 1
-    heads = ids.gather(1, start[:, None] + torch.arange(span, device=ids.device))  # [B, span]
-    same = (heads == heads[:1]).all(0)  # [span]
-    c = int(same.long().cumprod(0).sum())
-    if (b - 1) * c < min_saved:
-        return columns, 0
-    # new column j < c: old column start + j; c <= j < p - len + c: padding (old column
-    # j - c); the rest: old column j (the row's own tokens stay where they were)
-    j = columns
-    order = torch.where(j < c, start[:, None] + j, j - c)
-    order = torch.where(j >= (p - lengths + c)[:, None], j, order)
-    return order, c
 
 
 DECODE_PATHS = ("lean", "hf")
