@@ -922,15 +922,6 @@ def test_discarded_trainable_copies_come_back_before_sampling() -> None:
         assert torch.equal(weights[name], p.detach().to(torch.bfloat16)), name
 
 
-def _batch_sizes(model) -> list[int]:
-    """Rows of every forward `model` runs from now on (a forward pre-hook's record)."""
-    sizes: list[int] = []
-    model.register_forward_pre_hook(
-        lambda module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
-    )
-    return sizes
-
-
 def _draw_from_history(probs: torch.Tensor) -> torch.Tensor:
     """A stand-in for a random draw that depends only on each row's own distribution `[N, V]`
     (so on its history), never on which rows share the batch: the inverse CDF at a number
@@ -942,6 +933,34 @@ def _draw_from_history(probs: torch.Tensor) -> torch.Tensor:
     return token.clamp(max=probs.shape[1] - 1)
 
 
+def _token_counts(model) -> list[tuple[int, int]]:
+    """`(rows, columns)` of every forward's `input_ids` from now on."""
+    shapes: list[tuple[int, int]] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    return shapes
+
+
+def _off_and_on(tok, model, option: str, prompts, max_new_tokens: int):
+    """`generate` with the engine `option` False, then True (EOS-biased sampling through
+    `_draw_from_history`, sampling log-probs kept): `({False: out, True: out}, {False: shapes,
+    True: shapes})`, the shapes `(rows, columns)` of each forward's `input_ids`."""
+    eos_bias = {(tok.eos_token_id,): 3.0}
+    sampling = SamplingParams(generation_kwargs={"sequence_bias": eos_bias})
+    outs, shapes = {}, {}
+    for on in (False, True):
+        engine = _engine(tok, model, bf16_sampler=False, return_logprobs=True, **{option: on})
+        engine.draw = _draw_from_history
+        shapes[on] = _token_counts(model)
+        outs[on] = engine.generate(
+            prompts, num_generations=2, max_new_tokens=max_new_tokens, sampling=sampling
+        )
+        model._forward_pre_hooks.clear()
+    return outs, shapes
+
+
 def test_dropping_ended_rows_keeps_every_token_and_logprob() -> None:
     """Prompts whose completions end at different steps: the rows that ended leave the decode
     batch (the forwards shrink), and every row's tokens, mask and sampling log-probs are those
@@ -950,18 +969,8 @@ def test_dropping_ended_rows_keeps_every_token_and_logprob() -> None:
     tok = make_tokenizer()
     model = make_causal_lm(tok)
     prompts = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14], [15], [16, 17]]
-    sampling = SamplingParams(generation_kwargs={"sequence_bias": {(tok.eos_token_id,): 3.0}})
-    outs, sizes = {}, {}
-    for drop in (False, True):
-        engine = _engine(
-            tok, model, bf16_sampler=False, return_logprobs=True, drop_finished_rows=drop
-        )
-        engine.draw = _draw_from_history
-        sizes[drop] = _batch_sizes(model)
-        outs[drop] = engine.generate(
-            prompts, num_generations=2, max_new_tokens=16, sampling=sampling
-        )
-        model._forward_pre_hooks.clear()
+    outs, shapes = _off_and_on(tok, model, "drop_finished_rows", prompts, 16)
+    sizes = {on: [rows for rows, _ in shapes[on]] for on in shapes}
     lengths = outs[False].completion_mask.sum(1)  # [12]
     assert len(set(lengths.tolist())) >= 4  # rows end at several different steps
     assert torch.equal(outs[True].completion_ids, outs[False].completion_ids)
@@ -1013,18 +1022,7 @@ def test_shared_common_prefix_samples_what_separate_prompts_sample() -> None:
     model = make_causal_lm(tok)
     head = [20 + i % 30 for i in range(24)]
     prompts = [[*head, 5, 6, 7], [*head, 8], [*head, 9, 10, 11, 12, 13]]
-    sampling = SamplingParams(generation_kwargs={"sequence_bias": {(tok.eos_token_id,): 3.0}})
-    outs, sizes = {}, {}
-    for share in (False, True):
-        engine = _engine(
-            tok, model, bf16_sampler=False, return_logprobs=True, share_common_prefix=share
-        )
-        engine.draw = _draw_from_history
-        sizes[share] = _token_counts(model)
-        outs[share] = engine.generate(
-            prompts, num_generations=2, max_new_tokens=12, sampling=sampling
-        )
-        model._forward_pre_hooks.clear()
+    outs, sizes = _off_and_on(tok, model, "share_common_prefix", prompts, 12)
     assert torch.equal(outs[True].completion_ids, outs[False].completion_ids)
     assert torch.equal(outs[True].completion_mask, outs[False].completion_mask)
     torch.testing.assert_close(outs[True].sampling_logprobs, outs[False].sampling_logprobs)
@@ -1033,13 +1031,3 @@ def test_shared_common_prefix_samples_what_separate_prompts_sample() -> None:
     assert sizes[False][0] == (3, 29)  # the prompts, left-padded to the longest
     assert sizes[True][:2] == [(1, 24), (3, 5)]  # the head once, then 29 - 24 columns each
     assert sizes[True][2:] == sizes[False][1:]  # the decode steps
-
-
-def _token_counts(model) -> list[tuple[int, int]]:
-    """`(rows, columns)` of every forward's `input_ids` from now on."""
-    shapes: list[tuple[int, int]] = []
-    model.register_forward_pre_hook(
-        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
-        with_kwargs=True,
-    )
-    return shapes
