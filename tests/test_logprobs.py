@@ -379,40 +379,6 @@ def test_shared_prompts_under_lora_train_the_adapter_as_the_plain_forward(tiny) 
     torch.testing.assert_close(on[real], off[real], atol=2e-6, rtol=0)
 
 
-def test_a_head_all_prompts_share_is_forwarded_once_with_the_plain_gradients() -> None:
-    """3 distinct prompts that begin with the same system text (the tiny tokenizer's tokens):
-    the shared head goes through the model once as one row, then the prompts' own tokens, then
-    the completions; log-probs, entropies and gradients are the plain forward's."""
-    tokenizer = make_tokenizer()
-    model = make_causal_lm(tokenizer, seed=1).train()
-    system = "you are a helpful assistant that adds numbers. "
-    prompts = [
-        system + "2+2=",
-        system + "hi",
-        system + "2+2=",
-        system + "ten plus one is ",
-        system + "hi",
-    ]
-    completions = ["4<|im_end|>", "hello", "5", "eleven", "hey there"]
-    ids, mask, t = encode(tokenizer, prompts, completions)
-    head = len(tokenizer(system, add_special_tokens=False)["input_ids"])
-    assert head >= 16  # (3 - 1) * head >= 16 token forwards saved: the head is shared
-    plain = logprobs_and_grads(model, ids, mask, t)
-    shapes, handle = batch_sizes_seen(model)
-    try:
-        shared = logprobs_and_grads(model, ids, mask, t, share_prompts=True)
-    finally:
-        handle.remove()
-    p = ids.shape[1] - t
-    assert shapes == [(1, head), (3, p - head), (5, t)]
-    torch.testing.assert_close(shared[0], plain[0], atol=2e-6, rtol=0)
-    torch.testing.assert_close(shared[1], plain[1], atol=2e-6, rtol=0)
-    assert plain[2].keys() == shared[2].keys()
-    for name, grad in plain[2].items():
-        assert grad.abs().max() > 0, name
-        torch.testing.assert_close(shared[2][name], grad, atol=2e-6, rtol=1e-4)
-
-
 def test_prompt_sharing_is_declined_where_the_cache_would_not_hold_the_prompt() -> None:
     from peft import PromptTuningConfig, get_peft_model
 

@@ -410,9 +410,10 @@ def common_prefix_first(ids: Tensor, mask: Tensor, *, min_saved: int = 16) -> tu
     first c tokens, the longest run that every row begins with (at most the shortest prompt's
     length minus 1, so every row keeps a token of its own), which puts the shared tokens in
     the same columns of every row, where one forward can serve them all (the sampler's
-    `engines.transformers_engine.prefill(common=c)`, the training forwards'
-    `_shared_prompt_forward`). Positions follow the mask (`cumsum - 1`), so every token keeps
-    its position and attends to the same tokens; only the column order of the cache changes.
+    `engines.transformers_engine.prefill(common=c)`). Positions follow the mask (`cumsum - 1`),
+    so every token keeps its position and attends to the same tokens; only the column order of
+    the cache changes. Not used in training forwards: there the extra forward and backward of
+    the head cost more than they saved (bench/RESULTS.md).
 
     Args:
         ids: `[B, P]` left-padded prompts. mask: `[B, P]` 1 = real token.
@@ -456,9 +457,8 @@ def _shared_prompt_forward(
 ) -> tuple[Tensor, Tensor | None]:
     """`model_completion_logprobs` of one slice with each distinct prompt forwarded once.
 
-    The distinct prompts `[U, P]` go through the model with a cache (the head they all share
-    first, once: `common_prefix_first`); the logits of their last position score each row's
-    first completion token. The cache, indexed to the `n` rows, then
+    The distinct prompts `[U, P]` go through the model with a cache; the logits of their last
+    position score each row's first completion token. The cache, indexed to the `n` rows, then
     serves as the past of the completions `[n, T]`, whose logits at positions `0..T-2` score
     tokens `1..T-1`. Gradients reach the prompt's activations from every row through the
     indexing.
@@ -470,27 +470,12 @@ def _shared_prompt_forward(
     columns = (mask[first, :p] > 0).any(0).nonzero()  # the distinct prompts' shared padding
     lead = int(columns[0]) if columns.numel() else 0
     ids, mask, p = ids[:, lead:], mask[:, lead:], p - lead  # [n, P'+T]
-    order, common = common_prefix_first(ids[first, :p], mask[first, :p])  # [U, P'], c
-    if common:  # the head all prompts share first (each row's prompt is its prompt's)
-        rows = order.index_select(0, inverse)  # [n, P']
-        ids = torch.cat([ids[:, :p].gather(1, rows), ids[:, p:]], dim=1)
-        mask = torch.cat([mask[:, :p].gather(1, rows), mask[:, p:]], dim=1)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [n, P'+T]
     cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
-    if common:
-        model(
-            input_ids=ids[first[:1], :common],  # [1, c]
-            attention_mask=mask[first[:1], :common],
-            position_ids=positions[first[:1], :common],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache.batch_repeat_interleave(first.numel())  # [1, ...] -> [U, ...], differentiable
     prefix = model(
-        input_ids=ids[first, common:p],  # [U, P' - c]
+        input_ids=ids[first, :p],  # [U, P']
         attention_mask=mask[first, :p],
-        position_ids=positions[first, common:p],
+        position_ids=positions[first, :p],
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
