@@ -8,7 +8,7 @@ from grpokit.engines.base import SamplingParams, completion_mask_from_ids, left_
 from grpokit.engines.sampling import TokenSampler, sample_categorical, top_p_filter
 from grpokit.engines.transformers_engine import TransformersEngine, prefill
 from grpokit.train.rollout import RolloutBatch
-from tests.tiny import make_causal_lm, make_tokenizer
+from tests.tiny import batch_sizes_seen, make_causal_lm, make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -933,31 +933,23 @@ def _draw_from_history(probs: torch.Tensor) -> torch.Tensor:
     return token.clamp(max=probs.shape[1] - 1)
 
 
-def _token_counts(model) -> list[tuple[int, int]]:
-    """`(rows, columns)` of every forward's `input_ids` from now on."""
-    shapes: list[tuple[int, int]] = []
-    model.register_forward_pre_hook(
-        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
-        with_kwargs=True,
-    )
-    return shapes
-
-
 def _off_and_on(tok, model, option: str, prompts, max_new_tokens: int):
     """`generate` with the engine `option` False, then True (EOS-biased sampling through
     `_draw_from_history`, sampling log-probs kept): `({False: out, True: out}, {False: shapes,
-    True: shapes})`, the shapes `(rows, columns)` of each forward's `input_ids`."""
+    True: shapes})`, the `(rows, tokens)` of each forward (`batch_sizes_seen`)."""
     eos_bias = {(tok.eos_token_id,): 3.0}
     sampling = SamplingParams(generation_kwargs={"sequence_bias": eos_bias})
     outs, shapes = {}, {}
     for on in (False, True):
         engine = _engine(tok, model, bf16_sampler=False, return_logprobs=True, **{option: on})
         engine.draw = _draw_from_history
-        shapes[on] = _token_counts(model)
-        outs[on] = engine.generate(
-            prompts, num_generations=2, max_new_tokens=max_new_tokens, sampling=sampling
-        )
-        model._forward_pre_hooks.clear()
+        shapes[on], handle = batch_sizes_seen(model)
+        try:
+            outs[on] = engine.generate(
+                prompts, num_generations=2, max_new_tokens=max_new_tokens, sampling=sampling
+            )
+        finally:
+            handle.remove()
     return outs, shapes
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grpokit.core.logprobs import model_completion_logprobs, selective_logprobs_and_entropy
-from tests.tiny import config_kwargs, make_causal_lm, make_tokenizer
+from tests.tiny import batch_sizes_seen, config_kwargs, make_causal_lm, make_tokenizer
 
 
 def naive(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
@@ -297,15 +297,6 @@ def test_shared_prompt_rows_groups_rows_by_prompt_in_row_order(tiny) -> None:
     # Every prompt distinct: nothing to share.
     ids, mask, t = encode(tokenizer, ["ab", "cd"], ["x", "y"])
     assert shared_prompt_rows(ids, mask, t) is None
-
-
-def batch_sizes_seen(model) -> tuple[list[tuple[int, int]], object]:
-    """`(shapes, handle)`: the `[rows, tokens]` of each forward of `model`'s embedding."""
-    shapes: list[tuple[int, int]] = []
-    handle = model.get_input_embeddings().register_forward_hook(
-        lambda module, args, out: shapes.append(tuple(args[0].shape))
-    )
-    return shapes, handle
 
 
 def logprobs_and_grads(model, ids, mask, t, **kwargs):

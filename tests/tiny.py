@@ -134,6 +134,15 @@ def save_tiny_model(path: str, seed: int = 0, **overrides: object) -> str:
 
 
 # ---- runs ---------------------------------------------------------------------------------------
+def batch_sizes_seen(model) -> tuple[list[tuple[int, int]], object]:
+    """`(shapes, handle)`: the `[rows, tokens]` of each forward of `model`'s embedding."""
+    shapes: list[tuple[int, int]] = []
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: shapes.append(tuple(args[0].shape))
+    )
+    return shapes, handle
+
+
 def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     """The records of a run's `metrics.jsonl`, in order."""
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
