@@ -133,7 +133,6 @@ def save_tiny_model(path: str, seed: int = 0, **overrides: object) -> str:
     return path
 
 
-# ---- runs ---------------------------------------------------------------------------------------
 def batch_sizes_seen(model) -> tuple[list[tuple[int, int]], object]:
     """`(shapes, handle)`: the `[rows, tokens]` of each forward of `model`'s embedding."""
     shapes: list[tuple[int, int]] = []
@@ -143,6 +142,7 @@ def batch_sizes_seen(model) -> tuple[list[tuple[int, int]], object]:
     return shapes, handle
 
 
+# ---- runs ---------------------------------------------------------------------------------------
 def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     """The records of a run's `metrics.jsonl`, in order."""
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]

@@ -437,11 +437,10 @@ def common_prefix_first(ids: Tensor, mask: Tensor, *, min_saved: int = 16) -> tu
     c = int(same.long().cumprod(0).sum())
     if (b - 1) * c < min_saved:
         return columns, 0
-    # new column j < c: old column start + j; c <= j < p - len + c: padding (old column
-    # j - c); the rest: old column j (the row's own tokens stay where they were)
-    j = columns
-    order = torch.where(j < c, start[:, None] + j, j - c)
-    order = torch.where(j >= (p - lengths + c)[:, None], j, order)
+    # new column j < c: old column start + j; c <= j < start + c: padding (old column j - c);
+    # the rest: old column j (the row's own tokens stay where they were)
+    order = torch.where(columns < c, start[:, None] + columns, columns - c)
+    order = torch.where(columns >= (start + c)[:, None], columns, order)
     return order, c
 
 
