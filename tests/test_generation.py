@@ -1023,3 +1023,42 @@ def test_shared_common_prefix_samples_what_separate_prompts_sample() -> None:
     assert sizes[False][0] == (3, 29)  # the prompts, left-padded to the longest
     assert sizes[True][:2] == [(1, 24), (3, 5)]  # the head once, then 29 - 24 columns each
     assert sizes[True][2:] == sizes[False][1:]  # the decode steps
+
+
+@pytest.mark.parametrize("bf16_sampler", [False, True])
+def test_prompt_tuning_adapter_samples_with_its_virtual_tokens(bf16_sampler: bool) -> None:
+    """A prompt-learning adapter's virtual tokens exist only in the PEFT model's own forward and
+    generate: the engine samples through them (decode="hf"), and refuses the lean loop."""
+    peft = pytest.importorskip("peft")
+    tok = make_tokenizer()
+    base = make_causal_lm(tok)
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model.prompt_encoder["default"].embedding.weight.normal_(0, 3)
+    dtype = torch.bfloat16 if bf16_sampler else torch.float32
+
+    def first_token(forward, prompt: list[int]) -> int:
+        with torch.no_grad(), torch.autocast("cpu", dtype, enabled=bf16_sampler):
+            logits = forward(input_ids=torch.tensor([prompt])).logits
+        return int(logits[0, -1].argmax())
+
+    engine = TransformersEngine(model, tok, bf16_sampler=bf16_sampler)
+    assert engine.decode == "hf"
+    greedy = SamplingParams(top_k=1)
+    drawn = [
+        int(
+            engine.generate(
+                [p], num_generations=1, max_new_tokens=1, sampling=greedy
+            ).completion_ids[0, 0]
+        )
+        for p in PROMPTS
+    ]
+    with_adapter = [first_token(engine.sampler_model, p) for p in PROMPTS]
+    with model.disable_adapter():
+        without = [first_token(model, p) for p in PROMPTS]
+    assert drawn == with_adapter
+    assert drawn != without  # the virtual tokens change what is drawn: the check has teeth
+    with pytest.raises(ValueError, match="prompt-learning"):
+        TransformersEngine(model, tok, decode="lean")

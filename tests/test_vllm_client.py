@@ -228,6 +228,18 @@ def test_merged_weights_changed_only_plain_and_peft(tok: Any) -> None:
         assert len(weights) == len(list(make_causal_lm(tok).named_parameters()))
 
 
+def test_prompt_learning_adapter_is_refused_before_any_connection(tok: Any) -> None:
+    """Virtual tokens are not weights: no merged checkpoint carries them to vLLM."""
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    model = peft.get_peft_model(make_causal_lm(tok), config)
+    with pytest.raises(ValueError, match="use_vllm=False"):
+        # nothing listens on port 9: without the early refusal this would wait and time out
+        VLLMServerEngine(model, tok, base_url="http://127.0.0.1:9", timeout=0.5, group_port=0)
+    with pytest.raises(ValueError, match="prompt-learning"), merged_weights(model):
+        pass
+
+
 def test_chunk_plan_packs_consecutive_tensors_under_the_limit() -> None:
     # bytes with 2-byte elements: 4, 4, 12, 2, 2 ; limit 8 -> [0, 1] (8), [2] alone (12 > 8),
     # [3, 4] (4)

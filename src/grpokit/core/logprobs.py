@@ -213,14 +213,21 @@ def forward_module(model: torch.nn.Module) -> torch.nn.Module:
     adapters (prompt / prefix / p-tuning) add virtual tokens in the wrapper's forward, so those
     keep the wrapper.
     """
-    config = getattr(model, "active_peft_config", None)
     get_base_model = getattr(model, "get_base_model", None)
-    if config is None or not callable(get_base_model):
+    if getattr(model, "active_peft_config", None) is None or not callable(get_base_model):
         return model
-    if getattr(config, "is_prompt_learning", False):
+    if is_prompt_learning(model):
         return model
     base: torch.nn.Module = get_base_model()
     return base
+
+
+def is_prompt_learning(model: Any) -> bool:
+    """Whether `model` is a PEFT model whose active adapter is a prompt-learning one (prompt
+    tuning, prefix tuning, p-tuning): virtual tokens or a learned key/value prefix that only the
+    PEFT wrapper's own `forward`/`generate` add, not any weight of the base model."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
 
 
 def _accepts(model: torch.nn.Module, argument: str) -> bool:

@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicLayer
 
 from grpokit.core.attention import NAME as GROUPED_ATTENTION
 from grpokit.core.attention import use_grouped_attention
-from grpokit.core.logprobs import common_prefix_first
+from grpokit.core.logprobs import common_prefix_first, is_prompt_learning
 from grpokit.engines.base import (
     GenerationOutput,
     SamplingParams,
@@ -46,9 +46,10 @@ class TransformersEngine:
 
     Two decode paths give the same distribution:
 
-    - `decode="lean"` (default): each distinct prompt is prefilled once and its KV cache is repeated
-      for its G completions; then a plain loop of one-token forwards with `TokenSampler`, stopping
-      as soon as every row has produced an EOS. Can return `sampling_logprobs`.
+    - `decode="lean"` (default, except for a prompt-learning PEFT adapter): each distinct prompt
+      is prefilled once and its KV cache is repeated for its G completions; then a plain loop
+      of one-token forwards with `TokenSampler`, stopping as soon as every row has produced an
+      EOS. Can return `sampling_logprobs`.
     - `decode="hf"`: `model.generate` on the G-times-repeated prompts (the reference path; takes
       any `generation_kwargs` that transformers knows; no `sampling_logprobs`).
 
@@ -73,7 +74,7 @@ class TransformersEngine:
         model: Any,
         tokenizer: Any,
         *,
-        decode: str = "lean",
+        decode: str | None = None,
         share_prompt_prefill: bool = True,
         bf16_sampler: bool | None = None,
         sampler_attention: str | None = "auto",
@@ -90,7 +91,10 @@ class TransformersEngine:
         Args:
             model: A transformers causal LM (optionally a PEFT model).
             tokenizer: Its tokenizer (EOS and pad ids).
-            decode: "lean" (own decode loop) or "hf" (`model.generate`).
+            decode: "lean" (own decode loop) or "hf" (`model.generate`). None = "lean", except
+                for a PEFT model with a prompt-learning adapter (prompt tuning, prefix tuning,
+                p-tuning): its virtual tokens are added only by the PEFT model's own
+                `generate`, so it samples through "hf".
             share_prompt_prefill: Lean path only: prefill each prompt once for its G completions.
             bf16_sampler: Sample from a bf16 copy of the policy. None = when the policy's device
                 computes bf16 natively (`DeviceTraits.native_bf16`) and the policy is neither
@@ -146,13 +150,13 @@ class TransformersEngine:
                 16 token forwards.
 
         Raises:
-            ValueError: an unknown `decode`, a non-positive `num_threads`, `bf16_sampler` with a
-                quantized model, or `pack_weights=True` where the weights cannot be packed (not
-                on a CPU, a quantized or bf16 policy without a copy, or a torch without oneDNN),
-                or `decode_step=True` for a sampler the step was not written for.
+            ValueError: an unknown `decode` (or "lean" for a prompt-learning adapter), a
+                non-positive `num_threads`, `bf16_sampler` with a quantized model, or
+                `pack_weights=True` where the weights cannot be packed (not on a CPU, a
+                quantized or bf16 policy without a copy, or a torch without oneDNN), or
+                `decode_step=True` for a sampler the step was not written for.
         """
-        if decode not in DECODE_PATHS:
-            raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}.")
+        decode = _decode_path(decode, model)
         if draw not in DRAWS:
             raise ValueError(f"draw must be one of {sorted(DRAWS)}, got {draw!r}.")
         if num_threads is not None and num_threads < 1:
@@ -799,6 +803,21 @@ class _TurnRows:
         if not self.forced[row]:
             self.mode[row] = "sample"
         return token
+
+
+def _decode_path(decode: str | None, model: Any) -> str:
+    """`TransformersEngine`'s `decode` argument resolved for `model` (see there)."""
+    if decode is None:
+        return "hf" if is_prompt_learning(model) else "lean"
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"decode must be one of {DECODE_PATHS}, got {decode!r}.")
+    if decode == "lean" and is_prompt_learning(model):
+        raise ValueError(
+            "decode='lean' cannot sample from a prompt-learning PEFT adapter: its virtual "
+            "tokens are added only by the PEFT model's own generate. Leave decode=None "
+            "(it then uses decode='hf')."
+        )
+    return decode
 
 
 def _partitioned(param: Tensor) -> bool:

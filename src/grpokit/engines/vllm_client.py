@@ -47,6 +47,7 @@ from grpokit.engines.weight_sync import (
     WeightGroup,
     local_address_towards,
     merged_weights,
+    refuse_prompt_learning,
 )
 from grpokit.errors import UserError
 
@@ -279,7 +280,9 @@ class VLLMServerEngine:
         Raises:
             VLLMServerError: no server answers within `timeout`, or it serves a model whose
                 weights do not match `model`'s names and shapes.
+            ValueError: `model` has a prompt-learning adapter (`refuse_prompt_learning`).
         """
+        refuse_prompt_learning(model)  # on every process, before any waits for another
         self.connection = ServerConnection(base_url, timeout)
         self.url, self.timeout, self.group_port = base_url, timeout, group_port
         self.eos_token_ids = eos_token_ids(model, tokenizer)

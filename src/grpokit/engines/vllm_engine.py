@@ -41,7 +41,7 @@ from grpokit.engines.multi_turn import (
     overlapped_turns,
     wait_for_any,
 )
-from grpokit.engines.weight_sync import merged_weights
+from grpokit.engines.weight_sync import merged_weights, refuse_prompt_learning
 
 INSTALL_HINT = (
     "VLLMEngine needs vLLM: `pip install grpokit[vllm]` (GPU), or on a CPU-only machine the "
@@ -113,8 +113,10 @@ class VLLMEngine:
 
         Raises:
             ImportError: vLLM is not installed.
-            ValueError: `VLLM_ENABLE_V1_MULTIPROCESSING` is set to something other than 0.
+            ValueError: `VLLM_ENABLE_V1_MULTIPROCESSING` is set to something other than 0, or
+                `model` has a prompt-learning adapter (`refuse_prompt_learning`).
         """
+        refuse_prompt_learning(model)
         multiprocessing = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if multiprocessing != "0":
             raise ValueError(

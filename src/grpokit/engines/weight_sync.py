@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from grpokit.core.logprobs import is_prompt_learning
+
 CHUNK_BYTES = 256 << 20  # largest flat buffer of one broadcast (a larger tensor goes alone)
 SENDER, RECEIVER = 0, 1  # ranks in the group: the trainer sends, the server receives
 
@@ -39,6 +41,7 @@ def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[list[t
             `requires_grad`, and under PEFT the base weights that adapters merge into and
             `modules_to_save`.
     """
+    refuse_prompt_learning(model)
     if not callable(getattr(model, "get_base_model", None)):
         yield [
             (name, w) for name, w in model.named_parameters() if not changed_only or w.requires_grad
@@ -60,6 +63,22 @@ def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[list[t
         ]
     finally:
         model.unmerge_adapter()
+
+
+def refuse_prompt_learning(model: Any) -> None:
+    """Raise if `model`'s adapter is a prompt-learning one (prompt/prefix tuning, p-tuning):
+    its virtual tokens are not weights, so no merged checkpoint carries them to vLLM.
+
+    Raises:
+        ValueError: naming the ways out (a LoRA-style adapter, or sampling without vLLM).
+    """
+    if is_prompt_learning(model):
+        raise ValueError(
+            "vLLM samples from the policy's (merged) weights, and a prompt-learning PEFT adapter "
+            "(prompt tuning, prefix tuning, p-tuning) adds virtual tokens that no weight "
+            "carries: train a LoRA-style adapter with use_vllm=True, or set use_vllm=False to "
+            "sample through the PEFT model's own generate."
+        )
 
 
 def chunk_plan(numels: Sequence[int], element_bytes: int, limit: int = CHUNK_BYTES) -> list[range]:
