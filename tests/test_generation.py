@@ -1,5 +1,10 @@
 """Generation engine: completion masks and truncation on hand-built ids, then on a tiny model."""
 
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
 
@@ -582,7 +587,7 @@ def test_fp32_decode_packs_repack_trainable_and_moved_weights_only() -> None:
 
     layers = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
     layers[0].requires_grad_(False)  # frozen, e.g. a LoRA base layer
-    packs = decode_packs(layers)
+    packs = decode_packs(layers, fp16_frozen=False)
     if packs is None:
         pytest.skip("this torch build has no oneDNN")
     frozen, trainable = (layer.packed for layer in packs.layers)
@@ -602,9 +607,82 @@ def test_fp32_decode_packs_repack_trainable_and_moved_weights_only() -> None:
     torch.testing.assert_close(out, layers(x), rtol=1e-5, atol=1e-5)
 
 
-def test_fp32_decode_packs_merge_lora_adapters() -> None:
+def _fp16_or_skip() -> None:
+    from grpokit.engines.packed_linear import _can_pack_fp16
+
+    if not _can_pack_fp16():
+        pytest.skip("this torch build has no fbgemm float16 products")
+
+
+@contextlib.contextmanager
+def _frozen_weights_rounded_to_fp16(packs: Any) -> Iterator[None]:
+    """The model's own forward, but every layer `packs` holds in float16 multiplies by its
+    weight rounded to float16 (in float32): what the float16 packs should compute."""
+    for layer in packs.layers:
+        if layer.half:
+            rounded = layer.linear.weight.detach().half().float()
+            layer.linear.__dict__["forward"] = functools.partial(
+                torch.nn.functional.linear, weight=rounded, bias=layer.linear.bias
+            )
+    try:
+        yield
+    finally:
+        for layer in packs.layers:
+            layer.linear.__dict__.pop("forward", None)
+
+
+def test_fp16_decode_packs_hold_frozen_weights_once_rounded_to_float16() -> None:
+    from grpokit.engines.packed_linear import decode_packs
+
+    _fp16_or_skip()
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    layers[0].requires_grad_(False)  # frozen, e.g. a LoRA base layer
+    packs = decode_packs(layers, fp16_frozen=True)
+    assert packs is not None
+    assert [layer.half for layer in packs.layers] == [True, False]  # the trainable stays fp32
+    frozen = packs.layers[0].packed
+    assert packs.discard_trainable() == 1 and packs.layers[0].packed is frozen
+    packs.refresh()
+    assert packs.layers[0].packed is frozen  # packed once
+    x = torch.randn(3, 5, 8)
+    with packs.active():
+        out = layers(x)
+    with _frozen_weights_rounded_to_fp16(packs):
+        expected = layers(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(out, layers(x))  # the rounding is there: float32 weights differ
+    with torch.no_grad():
+        layers[0].weight.add_(1.0)  # a frozen weight written (a checkpoint load): re-packed
+    packs.refresh()
+    assert packs.layers[0].packed is not frozen and packs.layers[0].half
+    with packs.active():
+        out = layers(x)
+    with _frozen_weights_rounded_to_fp16(packs):
+        torch.testing.assert_close(out, layers(x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        layers[0].weight[0, 0] = 1e5  # beyond float16's range: this weight stays float32
+    packs.refresh()
+    assert not packs.layers[0].half
+    with packs.active():
+        torch.testing.assert_close(layers(x), layers[1](layers[0](x)), rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_frozen_weights_refused_where_there_are_no_decode_packs() -> None:
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match="fp16_frozen_weights=True applies only"):
+        TransformersEngine(make_causal_lm(tok), tok, pack_weights=False, fp16_frozen_weights=True)
+
+
+@pytest.mark.parametrize("fp16_frozen", [False, True])
+def test_fp32_decode_packs_merge_lora_adapters(fp16_frozen: bool) -> None:
+    """Without `fp16_frozen` a LoRA layer is packed with its adapters merged; with it, its frozen
+    base is held in float16 and the adapters are applied apart in float32."""
     peft = pytest.importorskip("peft")
     from grpokit.engines.packed_linear import decode_packs
+
+    if fp16_frozen:
+        _fp16_or_skip()
 
     tok = make_tokenizer()
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
@@ -613,9 +691,11 @@ def test_fp32_decode_packs_merge_lora_adapters() -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    packs = decode_packs(model)
+    packs = decode_packs(model, fp16_frozen=fp16_frozen)
     if packs is None:
         pytest.skip("this torch build has no oneDNN")
+    # under LoRA every base weight (and the untargeted lm_head) is frozen
+    assert [layer.half for layer in packs.layers] == [fp16_frozen] * len(packs.layers)
     lora_layers = [m for m in model.modules() if hasattr(m, "base_layer")]
     merged = [layer for layer in packs.layers if layer.adapters]
     assert [layer.module for layer in merged] == lora_layers
@@ -626,28 +706,43 @@ def test_fp32_decode_packs_merge_lora_adapters() -> None:
     ]
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     model.eval()
+
+    def rounded() -> contextlib.AbstractContextManager[None]:
+        return _frozen_weights_rounded_to_fp16(packs) if fp16_frozen else contextlib.nullcontext()
+
     with torch.no_grad():
-        expected = model(input_ids=ids).logits
+        with rounded():
+            expected = model(input_ids=ids).logits
+            with model.disable_adapter():
+                base = model(input_ids=ids).logits
         with packs.active():
             packed = model(input_ids=ids).logits
         # adapters switched off while packed: those layers run their own forward (the base)
-        with model.disable_adapter():
-            base = model(input_ids=ids).logits
-            with packs.active():
-                packed_base = model(input_ids=ids).logits
-    torch.testing.assert_close(packed, expected, rtol=1e-4, atol=1e-4)
+        with model.disable_adapter(), packs.active():
+            packed_base = model(input_ids=ids).logits
+    # merged: float32 up to summation order; float16 base: as its rounded weights compute
+    tolerance = 1e-5 if fp16_frozen else 1e-4
+    torch.testing.assert_close(packed, expected, rtol=tolerance, atol=tolerance)
     assert not torch.allclose(base, expected, atol=1e-2)  # the adapters matter
-    torch.testing.assert_close(packed_base, base, rtol=1e-4, atol=1e-4)
-    # the engine samples the same tokens with and without the packs, before and after an
-    # adapter update (refreshed at each generate call)
+    if not fp16_frozen:
+        torch.testing.assert_close(packed_base, base, rtol=1e-4, atol=1e-4)
+    else:  # lm_head (not a LoRA target) still multiplies by its float16 pack
+        torch.testing.assert_close(packed_base, base, rtol=1e-3, atol=1e-3)
+        with torch.no_grad():
+            float32 = model(input_ids=ids).logits
+        assert not torch.allclose(packed, float32, rtol=1e-5, atol=1e-5)  # rounded indeed
+    # the engine samples the same tokens with and without the packs (the float16 ones against
+    # the weights they round to), before and after an adapter update (refreshed at each call)
     greedy = SamplingParams(top_k=1, generation_kwargs={"min_new_tokens": 6})
     kwargs = dict(num_generations=2, max_new_tokens=8, sampling=greedy)
-    engines = [
-        TransformersEngine(model, tok, bf16_sampler=False, pack_weights=pack)
-        for pack in (False, True)
-    ]
+    plain = TransformersEngine(model, tok, bf16_sampler=False, pack_weights=False)
+    packed_engine = TransformersEngine(
+        model, tok, bf16_sampler=False, pack_weights=True, fp16_frozen_weights=fp16_frozen
+    )
     for _ in range(2):
-        a, b = (e.generate([[5, 6, 7], [9, 8, 7, 6]], **kwargs) for e in engines)
+        with rounded():
+            a = plain.generate([[5, 6, 7], [9, 8, 7, 6]], **kwargs)
+        b = packed_engine.generate([[5, 6, 7], [9, 8, 7, 6]], **kwargs)
         assert torch.equal(a.completion_ids, b.completion_ids)
         with torch.no_grad():
             for name, param in model.named_parameters():

@@ -1,4 +1,5 @@
-"""CPU kernels for sampling: linear weights kept packed in oneDNN's blocked layout.
+"""CPU kernels for sampling: linear weights kept packed in oneDNN's blocked layout (or, frozen
+float32 weights, as fbgemm's float16 panels).
 
 `PackedLinear` for the bf16 sampler copy (CPUs with native bf16), `DecodePacks` for the float32
 policy that samples itself (CPUs without).
@@ -340,62 +341,86 @@ def _can_pack(weight: Tensor) -> bool:
 
 @dataclass
 class _DecodeLayer:
-    """One packed product: `module`'s forward while decoding is `x @ packed.T + linear.bias`."""
+    """One packed product: `module`'s forward while decoding is `x @ packed.T + linear.bias`
+    (`half`: plus each adapter's `(x @ a_t) @ b_t`)."""
 
     module: torch.nn.Module  # the module whose forward is replaced (a LoRA layer, or `linear`)
     linear: torch.nn.Linear  # the plain layer holding the weight (the base layer under LoRA)
-    adapters: tuple[str, ...] = ()  # LoRA adapters merged into the packed weight
-    packed: Tensor | None = None
+    adapters: tuple[str, ...] = ()  # active LoRA adapters
+    # oneDNN float32 weight with the adapters merged in, or (`half`) fbgemm float16 base weight
+    packed: Any = None
+    half: bool = False
+    # with `half`: (A.T [in, r], scaling * B.T [r, out]) per adapter, float32
+    low_rank: tuple[tuple[Tensor, Tensor], ...] = ()
     stamp: tuple[int, int] = (0, -1)  # (storage address, version counter) when last packed
 
 
 class DecodePacks:
     """Packed copies of a float32 model's linear weights, multiplied by only while it decodes.
 
-    Without native bf16 the engine samples from the policy itself, in float32. Its linear layers
-    go through MKL, which re-blocks the weight on every call; with a few rows per decode step
-    that costs more than the product (most for the `[V, D]` output layer). These packed copies
-    (oneDNN's blocked layout) skip that. A PEFT LoRA layer is packed with its adapters merged in
-    (`W + scaling * B @ A`), so a decode step runs one product per layer instead of three plus
-    the sum. Unlike `PackedLinear` the model is left as it is (class, parameters, training
-    forward): only inside `active()` does each packed layer's forward multiply by its packed
-    copy, the same float32 product up to summation order. `refresh()` re-packs what may have
-    changed before a decode.
+    Without native bf16 the engine samples from the policy itself. Its linear layers go through
+    MKL, which re-blocks the weight on every call; with a few rows per decode step that costs
+    more than the product (most for the `[V, D]` output layer). These packed copies skip that.
+
+    - A trainable weight is packed in float32 (oneDNN's blocked layout) at every `refresh`, the
+      same float32 product up to summation order. A PEFT LoRA layer whose base weight is
+      trainable too is packed with its adapters merged in (`W + scaling * B @ A`).
+    - With `fp16_frozen`, a frozen weight (a LoRA layer's base, a frozen embedding) is packed
+      once as fbgemm's float16 panels (`linear_prepack_fp16`): it is rounded to float16, the
+      activations stay float32 and the products accumulate in float32 (`half_product`). A
+      decode step's products read half the bytes and run 1.2-1.4x faster on an AVX2 CPU
+      (bench/RESULTS.md). The adapters of a LoRA layer over it are applied apart, as
+      `(x @ A.T) @ (scaling * B.T)` in float32, so a training step re-packs nothing.
+      Frozen weights beyond float16's range stay float32.
+    - Without it, a frozen weight is packed in float32 once, a LoRA layer with its adapters
+      merged at every `refresh`.
+
+    Unlike `PackedLinear` the model is left as it is (class, parameters, training forward): only
+    inside `active()` does each packed layer's forward multiply by its packed copy. `refresh()`
+    re-packs what may have changed before a decode.
     """
 
-    def __init__(self, layers: list[_DecodeLayer]) -> None:
+    def __init__(self, layers: list[_DecodeLayer], *, fp16_frozen: bool = False) -> None:
         self.layers = layers
+        self.fp16_frozen = fp16_frozen
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Re-pack every trainable weight (fused optimizers write in place without bumping the
-        version counter), every LoRA layer (its adapters train) and every frozen weight whose
-        storage or version counter moved."""
+        version counter), every LoRA layer's adapters (they train) and every frozen weight
+        whose storage or version counter moved."""
         for layer in self.layers:
             weight = layer.linear.weight
             stamp = (weight.data_ptr(), weight._version)
-            if (
-                layer.packed is not None
-                and not layer.adapters
-                and not weight.requires_grad
-                and stamp == layer.stamp
-            ):
+            frozen = not weight.requires_grad
+            if layer.half:  # the adapters may have moved, the base weight may not have
+                layer.low_rank = tuple(_low_rank(layer.module, a) for a in layer.adapters)
+            unchanged = layer.packed is not None and frozen and stamp == layer.stamp
+            if unchanged and (layer.half or not layer.adapters):
                 continue
             layer.packed = None  # free the old copy first: one copy at a time
-            merged = weight.detach()
-            for name in layer.adapters:
-                merged = merged + layer.module.get_delta_weight(name)  # type: ignore[operator]
-            layer.packed = torch.ops.mkldnn._reorder_linear_weight(merged)
+            layer.half = self.fp16_frozen and frozen and _fits_float16(weight)
+            if layer.half:
+                layer.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None)
+                layer.low_rank = tuple(_low_rank(layer.module, a) for a in layer.adapters)
+            else:
+                merged = weight.detach()
+                for name in layer.adapters:
+                    merged = merged + layer.module.get_delta_weight(name)  # type: ignore[operator]
+                layer.packed = torch.ops.mkldnn._reorder_linear_weight(merged)
+                layer.low_rank = ()
             layer.stamp = stamp
 
     def discard_trainable(self) -> int:
-        """Free the packed copies `refresh` would re-pack anyway (trainable weights and LoRA
-        layers), e.g. before an optimizer step: during the update they would only take memory
-        (a full fine-tune's float32 linear weights again: 513 MiB for SmolLM2-135M). Returns
-        how many were freed."""
+        """Free the packed copies `refresh` would re-pack anyway (trainable weights and merged
+        LoRA layers), e.g. before an optimizer step: during the update they would only take
+        memory (a full fine-tune's float32 linear weights again: 513 MiB for SmolLM2-135M).
+        Returns how many were freed."""
         freed = 0
         for layer in self.layers:
-            if layer.packed is not None and (layer.adapters or layer.linear.weight.requires_grad):
+            layer.low_rank = ()  # a float16 layer's adapters, copied again at `refresh`
+            moves = bool(layer.adapters) or layer.linear.weight.requires_grad
+            if layer.packed is not None and not layer.half and moves:
                 layer.packed = None
                 freed += 1
         return freed
@@ -405,8 +430,14 @@ class DecodePacks:
         """Within the block every packed layer multiplies by its packed copy. A LoRA layer whose
         adapters were disabled, merged or switched since `refresh` keeps its own forward."""
         for layer in self.layers:
-            if layer.packed is not None and _adapters_unchanged(layer):
-                forward = functools.partial(packed_product, layer.packed, layer.linear.bias)
+            ready = not layer.half or len(layer.low_rank) == len(layer.adapters)
+            if layer.packed is not None and ready and _adapters_unchanged(layer):
+                if layer.half:
+                    forward = functools.partial(
+                        half_product, layer.packed, layer.linear.bias, layer.low_rank
+                    )
+                else:
+                    forward = functools.partial(packed_product, layer.packed, layer.linear.bias)
                 layer.module.__dict__["forward"] = forward
         try:
             yield
@@ -437,6 +468,43 @@ def _adapters_unchanged(layer: _DecodeLayer) -> bool:
     return not layer.adapters or _lora_adapters(layer.module) == layer.adapters
 
 
+def _low_rank(module: Any, adapter: str) -> tuple[Tensor, Tensor]:
+    """`(A.T [in, r], scaling * B.T [r, out])` of a LoRA layer's `adapter`, float32 copies."""
+    a = module.lora_A[adapter].weight.detach()
+    b = module.lora_B[adapter].weight.detach() * module.scaling[adapter]
+    return a.t().contiguous(), b.t().contiguous()
+
+
+def _fits_float16(weight: Tensor) -> bool:
+    """Whether every value of `weight` is within float16's finite range."""
+    return bool(weight.detach().abs().max() <= torch.finfo(torch.float16).max)
+
+
+def half_product(
+    packed: Any, bias: Tensor | None, low_rank: tuple[tuple[Tensor, Tensor], ...], x: Tensor
+) -> Tensor:
+    """`x` `[..., in]` float32 times a float16 `[out, in]` weight packed by
+    `linear_prepack_fp16` (float32 accumulation), plus `bias`, plus `(x @ a_t) @ b_t` for each
+    `(a_t, b_t)` of `low_rank` -> `[..., out]` float32."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.quantized.linear_dynamic_fp16(rows, packed)
+    if bias is not None:
+        out = out.add_(bias)
+    for a_t, b_t in low_rank:
+        out = torch.addmm(out, rows @ a_t, b_t)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _can_pack_fp16() -> bool:
+    """Whether this torch has fbgemm's float16 products (x86 builds; a private operator)."""
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(2, 2), None)
+        torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 2), packed)
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
 def packed_product(packed: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     """`x` `[..., in]` times a packed `[out, in]` weight (`_reorder_linear_weight`), plus `bias`
     -> `[..., out]`, in the weight's dtype (`x` must have it)."""
@@ -448,10 +516,18 @@ def packed_product(packed: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def decode_packs(model: torch.nn.Module) -> DecodePacks | None:
+def decode_packs(model: torch.nn.Module, *, fp16_frozen: bool | None = None) -> DecodePacks | None:
     """`DecodePacks` for every plain float32 CPU `nn.Linear` of `model` and every PEFT LoRA layer
-    over one (adapters merged), packed now; None when it has none, when its weights are sharded
-    (FSDP2 `DTensor`s: the forward gathers them) or when this torch cannot pack."""
+    over one, packed now; None when it has none, when its weights are sharded (FSDP2
+    `DTensor`s: the forward gathers them) or when this torch cannot pack.
+
+    Args:
+        fp16_frozen: Hold frozen weights as float16 panels (see `DecodePacks`). None = when this
+            torch has fbgemm's float16 products.
+
+    Raises:
+        ValueError: `fp16_frozen=True` and this torch has no fbgemm float16 products.
+    """
 
     def plain(m: torch.nn.Module) -> bool:
         return (
@@ -475,6 +551,13 @@ def decode_packs(model: torch.nn.Module) -> DecodePacks | None:
         return None
     if not layers or not _can_pack(layers[0].linear.weight):
         return None
-    packs = DecodePacks(layers)
+    if fp16_frozen is None:
+        fp16_frozen = _can_pack_fp16()
+    elif fp16_frozen and not _can_pack_fp16():
+        raise ValueError(
+            "fp16_frozen_weights=True, but this torch has no fbgemm float16 products "
+            "(quantized::linear_prepack_fp16); leave it None."
+        )
+    packs = DecodePacks(layers, fp16_frozen=fp16_frozen)
     packs.refresh()
     return packs
