@@ -305,7 +305,7 @@ def model_completion_logprobs(
     model = forward_module(wrapper.module if wrapper is not None else model)
     keep_logits = _accepts(model, "logits_to_keep")
     pass_positions = _accepts(model, "position_ids")
-    share = share_prompts and wrapper is None and keep_logits and prompt_sharing_supported(model)
+    share = share_prompts and wrapper is None and prompt_sharing_supported(model)
     if wrapper is not None:
         model = wrapper
     step = batch_size or input_ids.shape[0]
