@@ -368,10 +368,10 @@ class DecodePacks:
     - With `fp16_frozen`, a frozen weight (a LoRA layer's base, a frozen embedding) is packed
       once as fbgemm's float16 panels (`linear_prepack_fp16`): it is rounded to float16, the
       activations stay float32 and the products accumulate in float32 (`half_product`). A
-      decode step's products read half the bytes and run 1.2-1.4x faster on an AVX2 CPU
-      (bench/RESULTS.md). The adapters of a LoRA layer over it are applied apart, as
-      `(x @ A.T) @ (scaling * B.T)` in float32, so a training step re-packs nothing.
-      Frozen weights beyond float16's range stay float32.
+      decode step's products read half the bytes: 1.5-1.8x faster for SmolLM2-135M's larger
+      weights on an AVX2 CPU, no faster for the smallest (bench/RESULTS.md). The adapters of a
+      LoRA layer over it are applied apart, as `(x @ A.T) @ (scaling * B.T)` in float32, so a
+      training step re-packs nothing. Frozen weights beyond float16's range stay float32.
     - Without it, a frozen weight is packed in float32 once, a LoRA layer with its adapters
       merged at every `refresh`.
 

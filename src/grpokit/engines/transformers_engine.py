@@ -153,10 +153,10 @@ class TransformersEngine:
                 bf16): hold its frozen linear weights (a LoRA adapter's base, frozen layers) as
                 fbgemm float16 panels, packed once, and apply LoRA adapters apart in float32.
                 Sampling then uses weights rounded to float16 (relative error about 2e-4 per
-                product; activations and sums stay float32), 20-26% faster per `generate` call
-                on an AVX2 CPU (bench/RESULTS.md); the sampling log-probs
-                (`return_logprobs`) are those of the weights sampled from, so the trainer's
-                importance correction sees the gap. None = where this torch has fbgemm's
+                product; activations and sums stay float32), 18-26% faster per `generate` call
+                on an AVX2 CPU (bench/RESULTS.md). With `return_logprobs` the sampling
+                log-probs are those of the weights sampled from, so the trainer's importance
+                correction sees the gap. None = where this torch has fbgemm's
                 float16 products; False = the float32 weights.
 
         Raises:
