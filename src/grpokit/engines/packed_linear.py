@@ -393,23 +393,22 @@ class DecodePacks:
             weight = layer.linear.weight
             stamp = (weight.data_ptr(), weight._version)
             frozen = not weight.requires_grad
-            if layer.half:  # the adapters may have moved, the base weight may not have
-                layer.low_rank = tuple(_low_rank(layer.module, a) for a in layer.adapters)
             unchanged = layer.packed is not None and frozen and stamp == layer.stamp
-            if unchanged and (layer.half or not layer.adapters):
-                continue
-            layer.packed = None  # free the old copy first: one copy at a time
-            layer.half = self.fp16_frozen and frozen and _fits_float16(weight)
-            if layer.half:
-                layer.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None)
-                layer.low_rank = tuple(_low_rank(layer.module, a) for a in layer.adapters)
-            else:
-                merged = weight.detach()
-                for name in layer.adapters:
-                    merged = merged + layer.module.get_delta_weight(name)  # type: ignore[operator]
-                layer.packed = torch.ops.mkldnn._reorder_linear_weight(merged)
-                layer.low_rank = ()
-            layer.stamp = stamp
+            if not (unchanged and (layer.half or not layer.adapters)):
+                layer.packed = None  # free the old copy first: one copy at a time
+                layer.half = self.fp16_frozen and frozen and _fits_float16(weight)
+                if layer.half:
+                    layer.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None)
+                else:
+                    merged = weight.detach()
+                    for name in layer.adapters:
+                        merged = merged + layer.module.get_delta_weight(name)  # type: ignore[operator]
+                    layer.packed = torch.ops.mkldnn._reorder_linear_weight(merged)
+                layer.stamp = stamp
+            # a float16 layer's adapters are applied apart: copied at every refresh (they train)
+            layer.low_rank = (
+                tuple(_low_rank(layer.module, a) for a in layer.adapters) if layer.half else ()
+            )
 
     def discard_trainable(self) -> int:
         """Free the packed copies `refresh` would re-pack anyway (trainable weights and merged
