@@ -668,10 +668,70 @@ def test_fp16_decode_packs_hold_frozen_weights_once_rounded_to_float16() -> None
         torch.testing.assert_close(layers(x), layers[1](layers[0](x)), rtol=1e-5, atol=1e-5)
 
 
-def test_fp16_frozen_weights_refused_where_there_are_no_decode_packs() -> None:
+def test_fp16_trainable_weights_packed_per_call_rounded_to_float16() -> None:
+    from grpokit.engines.packed_linear import decode_packs
+
+    _fp16_or_skip()
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    layers[0].requires_grad_(False)  # frozen, packed in float32 here (fp16_frozen=False)
+    packs = decode_packs(layers, fp16_frozen=False)
+    assert packs is not None and packs.fp16
+    frozen = packs.layers[0].packed
+    packs.refresh(fp16_trainable=True)
+    assert [layer.half for layer in packs.layers] == [False, True]
+    assert packs.layers[0].packed is frozen
+    x = torch.randn(3, 5, 8)
+    with packs.active():
+        out = layers(x)
+    with _frozen_weights_rounded_to_fp16(packs):  # rounds every layer held in float16
+        torch.testing.assert_close(out, layers(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, layers(x), rtol=1e-6, atol=1e-7)
+    # freed before an optimizer step like any trainable pack; the next call chooses again
+    assert packs.discard_trainable() == 1 and packs.layers[1].packed is None
+    packs.refresh(fp16_trainable=False)
+    assert [layer.half for layer in packs.layers] == [False, False]
+    with packs.active():
+        torch.testing.assert_close(layers(x), layers[1](layers[0](x)), rtol=1e-5, atol=1e-5)
+
+
+def test_engine_packs_trainable_weights_in_float16_for_long_calls_only() -> None:
+    from grpokit.engines.transformers_engine import FP16_TRAINABLE_MIN_TOKENS
+
+    _fp16_or_skip()
     tok = make_tokenizer()
-    with pytest.raises(ValueError, match="fp16_frozen_weights=True applies only"):
-        TransformersEngine(make_causal_lm(tok), tok, pack_weights=False, fp16_frozen_weights=True)
+    model = make_causal_lm(tok)  # every weight trains: a full fine-tune
+    auto = TransformersEngine(model, tok, bf16_sampler=False, pack_weights=True)
+    if auto._decode_packs is None:
+        pytest.skip("this torch build has no oneDNN")
+    assert not auto._fp16_trainable(FP16_TRAINABLE_MIN_TOKENS - 1)
+    assert auto._fp16_trainable(FP16_TRAINABLE_MIN_TOKENS)
+    never = TransformersEngine(model, tok, bf16_sampler=False, fp16_trainable_weights=False)
+    assert not never._fp16_trainable(10 * FP16_TRAINABLE_MIN_TOKENS)
+    always = TransformersEngine(model, tok, bf16_sampler=False, fp16_trainable_weights=True)
+    assert always._fp16_trainable(1)
+    # the tokens drawn are those of the weights rounded to float16, and a call after a weight
+    # update packs the new weights (the first call packed them in float16: 8 new tokens)
+    greedy = SamplingParams(top_k=1, generation_kwargs={"min_new_tokens": 6})
+    kwargs = dict(num_generations=2, max_new_tokens=8, sampling=greedy)
+    plain = TransformersEngine(model, tok, bf16_sampler=False, pack_weights=False)
+    for _ in range(2):
+        b = always.generate(PROMPTS, **kwargs)
+        packs = always._decode_packs
+        assert packs is not None and all(layer.half for layer in packs.layers)
+        with _frozen_weights_rounded_to_fp16(packs):
+            a = plain.generate(PROMPTS, **kwargs)
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+
+
+@pytest.mark.parametrize("name", ["fp16_frozen_weights", "fp16_trainable_weights"])
+def test_fp16_weights_refused_where_there_are_no_decode_packs(name: str) -> None:
+    tok = make_tokenizer()
+    with pytest.raises(ValueError, match=f"{name}=True applies only"):
+        TransformersEngine(make_causal_lm(tok), tok, pack_weights=False, **{name: True})
 
 
 @pytest.mark.parametrize("fp16_frozen", [False, True])

@@ -7,6 +7,7 @@ policy that samples itself (CPUs without).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 from collections import Counter
@@ -374,21 +375,42 @@ class DecodePacks:
       training step re-packs nothing. Frozen weights beyond float16's range stay float32.
     - Without it, a frozen weight is packed in float32 once, a LoRA layer with its adapters
       merged at every `refresh`.
+    - `refresh(fp16_trainable=True)` packs the trainable weights as float16 panels too, for
+      that call: the float16 packing costs several times the float32 one (0.8-1.3 s on two
+      threads against 0.15-0.35 s for SmolLM2-135M's 211 weights on an AVX2 CPU), which a
+      long decode pays back (bench/RESULTS.md) and a short one does not.
 
     Unlike `PackedLinear` the model is left as it is (class, parameters, training forward): only
     inside `active()` does each packed layer's forward multiply by its packed copy. `refresh()`
     re-packs what may have changed before a decode.
     """
 
-    def __init__(self, layers: list[_DecodeLayer], *, fp16_frozen: bool = False) -> None:
+    def __init__(
+        self, layers: list[_DecodeLayer], *, fp16_frozen: bool = False, fp16: bool = False
+    ) -> None:
+        """`fp16`: this torch has fbgemm's float16 products (`fp16_frozen` needs it)."""
+        if fp16_frozen and not fp16:
+            raise ValueError("fp16_frozen needs fbgemm's float16 products (fp16=True).")
         self.layers = layers
         self.fp16_frozen = fp16_frozen
+        self.fp16 = fp16
 
     @torch.no_grad()
-    def refresh(self) -> None:
+    def refresh(self, *, fp16_trainable: bool = False) -> None:
         """Re-pack every trainable weight (fused optimizers write in place without bumping the
         version counter), every LoRA layer's adapters (they train) and every frozen weight
-        whose storage or version counter moved."""
+        whose storage or version counter moved.
+
+        Args:
+            fp16_trainable: Pack the trainable weights as float16 panels (see the class
+                docstring) instead of float32.
+
+        Raises:
+            ValueError: `fp16_trainable` and this torch has no fbgemm float16 products.
+        """
+        if fp16_trainable and not self.fp16:
+            raise ValueError("fp16_trainable needs fbgemm's float16 products (fp16=True).")
+        halves: list[_DecodeLayer] = []  # to pack as float16 panels
         for layer in self.layers:
             weight = layer.linear.weight
             stamp = (weight.data_ptr(), weight._version)
@@ -396,9 +418,10 @@ class DecodePacks:
             unchanged = layer.packed is not None and frozen and stamp == layer.stamp
             if not (unchanged and (layer.half or not layer.adapters)):
                 layer.packed = None  # free the old copy first: one copy at a time
-                layer.half = self.fp16_frozen and frozen and _fits_float16(weight)
+                wanted = self.fp16_frozen if frozen else fp16_trainable
+                layer.half = wanted and _fits_float16(weight)
                 if layer.half:
-                    layer.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None)
+                    halves.append(layer)
                 else:
                     merged = weight.detach()
                     for name in layer.adapters:
@@ -409,6 +432,7 @@ class DecodePacks:
             layer.low_rank = (
                 tuple(_low_rank(layer.module, a) for a in layer.adapters) if layer.half else ()
             )
+        _pack_fp16(halves)
 
     def discard_trainable(self) -> int:
         """Free the packed copies `refresh` would re-pack anyway (trainable weights and merged
@@ -418,8 +442,9 @@ class DecodePacks:
         freed = 0
         for layer in self.layers:
             layer.low_rank = ()  # a float16 layer's adapters, copied again at `refresh`
-            moves = bool(layer.adapters) or layer.linear.weight.requires_grad
-            if layer.packed is not None and not layer.half and moves:
+            # a merged copy moves with its adapters; a float16 base under them does not
+            merged = bool(layer.adapters) and not layer.half
+            if layer.packed is not None and (merged or layer.linear.weight.requires_grad):
                 layer.packed = None
                 freed += 1
         return freed
@@ -494,6 +519,25 @@ def half_product(
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def _pack_fp16(layers: list[_DecodeLayer]) -> None:
+    """Pack each layer's weight as fbgemm float16 panels. fbgemm packs on one thread (about
+    10 ns a weight on an AVX2 CPU), so the layers are spread over torch's intra-op threads,
+    the largest first."""
+
+    def pack(layer: _DecodeLayer) -> Any:
+        return torch.ops.quantized.linear_prepack_fp16(layer.linear.weight.detach(), None)
+
+    layers = sorted(layers, key=lambda layer: -layer.linear.weight.numel())
+    workers = min(torch.get_num_threads(), len(layers))
+    if workers <= 1:
+        packed = [pack(layer) for layer in layers]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            packed = list(pool.map(pack, layers))
+    for layer, panels in zip(layers, packed, strict=True):
+        layer.packed = panels
+
+
 def _can_pack_fp16() -> bool:
     """Whether this torch has fbgemm's float16 products (x86 builds; a private operator)."""
     try:
@@ -550,13 +594,14 @@ def decode_packs(model: torch.nn.Module, *, fp16_frozen: bool | None = None) -> 
         return None
     if not layers or not _can_pack(layers[0].linear.weight):
         return None
+    fp16 = _can_pack_fp16()
     if fp16_frozen is None:
-        fp16_frozen = _can_pack_fp16()
-    elif fp16_frozen and not _can_pack_fp16():
+        fp16_frozen = fp16
+    elif fp16_frozen and not fp16:
         raise ValueError(
             "fp16_frozen_weights=True, but this torch has no fbgemm float16 products "
             "(quantized::linear_prepack_fp16); leave it None."
         )
-    packs = DecodePacks(layers, fp16_frozen=fp16_frozen)
+    packs = DecodePacks(layers, fp16_frozen=fp16_frozen, fp16=fp16)
     packs.refresh()
     return packs

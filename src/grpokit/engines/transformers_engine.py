@@ -40,6 +40,12 @@ from grpokit.engines.packed_linear import (
 from grpokit.engines.sampling import DRAWS, TokenSampler
 from grpokit.errors import DataError
 
+# `fp16_trainable_weights=None` packs the trainable weights as float16 panels for calls of at
+# least this many new tokens. For a full fine-tune of SmolLM2-135M on an AVX2 CPU, 16 rows: the
+# float16 packing costs about 0.8 s more a call; a call of 32 tokens then takes 12% longer, one
+# of 64 as long, one of 128 16% less (bench/RESULTS.md).
+FP16_TRAINABLE_MIN_TOKENS = 128
+
 
 class TransformersEngine:
     """Samples with a transformers causal LM in this process.
@@ -86,6 +92,7 @@ class TransformersEngine:
         drop_finished_rows: bool | None = None,
         share_common_prefix: bool = True,
         fp16_frozen_weights: bool | None = None,
+        fp16_trainable_weights: bool | None = None,
     ) -> None:
         """Wrap `model` (the policy being trained) and its tokenizer.
 
@@ -158,6 +165,13 @@ class TransformersEngine:
                 log-probs are those of the weights sampled from, so the trainer's importance
                 correction sees the gap. None = where this torch has fbgemm's
                 float16 products; False = the float32 weights.
+            fp16_trainable_weights: The same for the trainable weights (a full fine-tune),
+                packed afresh as float16 panels at each call instead of float32. The packing
+                costs more (0.8-1.3 s against 0.15-0.35 s a call for SmolLM2-135M on an AVX2
+                CPU) and each decode step less (bench/RESULTS.md), so it pays only for long
+                decodes.
+                None = for calls of at least `FP16_TRAINABLE_MIN_TOKENS` new tokens, where this
+                torch has fbgemm's float16 products; False = never; True = every call.
 
         Raises:
             ValueError: an unknown `decode` (or "lean" for a prompt-learning adapter), a
@@ -165,7 +179,8 @@ class TransformersEngine:
                 `pack_weights=True` where the weights cannot be packed (not on a CPU, a
                 quantized or bf16 policy without a copy, or a torch without oneDNN), or
                 `decode_step=True` for a sampler the step was not written for, or
-                `fp16_frozen_weights=True` where there are no `DecodePacks` or no fbgemm.
+                `fp16_frozen_weights=True` or `fp16_trainable_weights=True` where there are no
+                `DecodePacks` or no fbgemm.
         """
         decode = _decode_path(decode, model)
         if draw not in DRAWS:
@@ -221,12 +236,8 @@ class TransformersEngine:
                 self._decode_packs = decode_packs(
                     self.sampler_model, fp16_frozen=fp16_frozen_weights
                 )
-        if fp16_frozen_weights and self._decode_packs is None:
-            raise ValueError(
-                "fp16_frozen_weights=True applies only to a float32, unquantized policy that "
-                "samples itself on a CPU with weights packed (no bf16 sampler copy, "
-                "pack_weights not False); leave it None."
-            )
+        _check_fp16_weights(self._decode_packs, fp16_frozen_weights, fp16_trainable_weights)
+        self.fp16_trainable_weights = fp16_trainable_weights
         if pack_weights and not self._packed and self._decode_packs is None:
             raise ValueError(
                 "pack_weights=True, but the sampler's weights cannot be packed: packing needs "
@@ -380,7 +391,7 @@ class TransformersEngine:
             with _intra_op_threads(self.num_threads, self.traits), contextlib.ExitStack() as stack:
                 stack.enter_context(torch.compiler.set_stance("force_eager"))
                 if self._decode_packs is not None:
-                    self._decode_packs.refresh()
+                    self._decode_packs.refresh(fp16_trainable=self._fp16_trainable(max_new_tokens))
                     stack.enter_context(self._decode_packs.active())
                 # No autograd bookkeeping at all (version counters, views): 5% off a `generate`
                 # call (bench/RESULTS.md). What the block makes is an inference tensor; the
@@ -389,6 +400,15 @@ class TransformersEngine:
                 yield ids, mask, next(model.parameters()).device
         finally:
             model.train(was_training)
+
+    def _fp16_trainable(self, max_new_tokens: int) -> bool:
+        """Whether a call of `max_new_tokens` packs the trainable weights as float16 panels
+        (`fp16_trainable_weights`)."""
+        if self._decode_packs is None or not self._decode_packs.fp16:
+            return False
+        if self.fp16_trainable_weights is None:
+            return max_new_tokens >= FP16_TRAINABLE_MIN_TOKENS
+        return self.fp16_trainable_weights
 
     def _lean_turns(
         self,
@@ -750,6 +770,25 @@ def prefill(
     if reserve is not None:
         reserve_positions(cache, reserve)
     return cache, logits
+
+
+def _check_fp16_weights(
+    packs: DecodePacks | None, frozen: bool | None, trainable: bool | None
+) -> None:
+    """Refuse `fp16_frozen_weights=True` / `fp16_trainable_weights=True` where they cannot
+    apply (no `DecodePacks`, or no fbgemm float16 products)."""
+    for name, value in (("fp16_frozen_weights", frozen), ("fp16_trainable_weights", trainable)):
+        if value and packs is None:
+            raise ValueError(
+                f"{name}=True applies only to a float32, unquantized policy that samples itself "
+                "on a CPU with weights packed (no bf16 sampler copy, pack_weights not False); "
+                "leave it None."
+            )
+    if trainable and packs is not None and not packs.fp16:
+        raise ValueError(
+            "fp16_trainable_weights=True, but this torch has no fbgemm float16 products "
+            "(quantized::linear_prepack_fp16); leave it None."
+        )
 
 
 DECODE_PATHS = ("lean", "hf")
