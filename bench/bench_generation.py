@@ -15,6 +15,16 @@ except "plain" and "hf+bf16"):
     +icdf        ... drawing by inverse CDF instead of torch.multinomial
     +step        ... decode steps through `engines.llama_decode` instead of transformers'
                  forward: the default engine on a bf16-native CPU
+    fp32         the float32 policy samples itself, as on a CPU without native bf16: no
+                 autocast, grouped attention, linear weights in oneDNN float32 packs
+                 (`DecodePacks`, float16 panels off)
+    fp32+fp16    ... frozen and trainable weights as fbgemm float16 panels (`DecodePacks`
+                 repacks the trainable ones at each call, as after an optimizer step)
+
+The fp32 variants run apart from the others (the trainer's float32 set-up: glibc keeps freed
+memory, grouped attention in the policy). With --lora R the policy is wrapped in a LoRA adapter
+of rank R on every linear layer (B drawn, so the adapters count): its base weights are frozen,
+as in the demo on a CPU without native bf16; without it every weight trains.
 
 With --interleave the variants' engines are built once and called in turn, round after round
 (slow drifts of a shared machine then hit every variant alike), and whether every variant drew the
@@ -32,6 +42,8 @@ Usage:
     python bench/bench_generation.py --mode fixed natural --threads 1 --repeats 3 --extras
     python bench/bench_generation.py --mode fixed --variants +icdf +step --threads 2 --interleave
     python bench/bench_generation.py --count-ops   # tensor operations of one decode step
+    python bench/bench_generation.py --mode fixed --variants fp32 fp32+fp16 --threads 2 \
+        --interleave --max-new-tokens 128 [--lora 16]
 """
 
 from __future__ import annotations
@@ -63,7 +75,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+eager": dict(bf16_sampler=True, decode_step=False),
     "+icdf": dict(bf16_sampler=True, draw="inverse_cdf", decode_step=False),
     "+step": dict(bf16_sampler=True, draw="inverse_cdf"),
+    "fp32": dict(bf16_sampler=False, fp16_frozen_weights=False, fp16_trainable_weights=False),
+    "fp32+fp16": dict(bf16_sampler=False, fp16_frozen_weights=True, fp16_trainable_weights=True),
 }
+FP32_VARIANTS = ("fp32", "fp32+fp16")
 
 
 def chat_prompt_ids(tokenizer: Any) -> list[list[int]]:
@@ -80,9 +95,10 @@ def chat_prompt_ids(tokenizer: Any) -> list[list[int]]:
 def call(
     engine: TransformersEngine, prompt_ids: list[list[int]], args: argparse.Namespace, mode: str
 ) -> Any:
-    """One `generate` call under bf16 autocast, as the trainer makes it."""
+    """One `generate` call under bf16 autocast (none for the fp32 variants), as the trainer
+    makes it."""
     kwargs = {"min_new_tokens": args.max_new_tokens} if mode == "fixed" else {}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
         return engine.generate(
             prompt_ids,
             num_generations=args.num_generations,
@@ -230,6 +246,27 @@ def logprob_gap_summary(model: Any, out: Any) -> str:
     )
 
 
+def float32_policy(model: Any, lora_rank: int) -> Any:
+    """The trainer's float32 set-up on a CPU without native bf16: glibc keeps freed memory,
+    grouped attention; with `lora_rank` a LoRA adapter on every linear layer, B drawn small."""
+    from grpokit.core.attention import use_grouped_attention
+    from grpokit.train.host_memory import retain_freed_memory
+
+    retain_freed_memory()
+    use_grouped_attention(model)
+    if not lora_rank:
+        return model
+    import peft
+
+    config = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear")
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -242,9 +279,19 @@ def main() -> None:
     parser.add_argument("--extras", action="store_true", help="update cost and log-prob gap")
     parser.add_argument("--interleave", action="store_true", help="variants called in turn")
     parser.add_argument("--count-ops", action="store_true", help="operations of one decode step")
+    parser.add_argument("--lora", type=int, default=0, help="fp32 variants: LoRA rank (0 = none)")
     args = parser.parse_args()
+    args.fp32 = any(name in FP32_VARIANTS for name in args.variants)
+    if args.fp32 and not set(args.variants) <= set(FP32_VARIANTS):
+        parser.error(f"run the variants {FP32_VARIANTS} apart from the others")
+    if args.lora and not args.fp32:
+        parser.error("--lora applies to the fp32 variants")
+    if args.fp32 and (args.extras or args.count_ops):
+        parser.error("--extras and --count-ops measure the bf16 sampler copy")
 
     model, tokenizer = load_causal_lm(args.model)
+    if args.fp32:
+        model = float32_policy(model, args.lora)
     model.eval()
     prompt_ids = chat_prompt_ids(tokenizer)
     print(

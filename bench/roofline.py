@@ -115,7 +115,10 @@ class Work:
 
     `compute_bytes`: bytes per element of the training/log-prob matmuls (2 under bf16 autocast,
     4 in fp32). `sampler_bytes`: bytes per weight of the model that decodes (2 for a bf16 sampler
-    copy, 4 when the fp32 policy samples). `trainable`: trainable parameters (None = all).
+    copy, 4 when the fp32 policy samples) and per element of its KV cache. `weight_bytes`: bytes
+    per linear weight as the decode reads them, when they differ (None = `sampler_bytes`; 2 for
+    the fp32 policy's float16 panels, `DecodePacks`). `trainable`: trainable parameters (None =
+    all).
     """
 
     num_prompts: int
@@ -126,11 +129,17 @@ class Work:
     num_iterations: int = 1
     compute_bytes: int = 2
     sampler_bytes: int = 2
+    weight_bytes: int | None = None
     trainable: int | None = None
 
     @property
     def completions(self) -> int:
         return self.num_prompts * self.num_generations
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes per linear weight as the decode reads them."""
+        return self.sampler_bytes if self.weight_bytes is None else self.weight_bytes
 
 
 @dataclass(frozen=True)
@@ -155,7 +164,7 @@ def prefill(shape: ModelShape, work: Work) -> Cost:
     """Each distinct prompt once: weights read once in the sampler dtype, its KV written."""
     b, p = work.num_prompts, work.prompt_len
     flops = shape.forward_flops(b * p, b, b * p * (p + 1) / 2)
-    weights = (shape.body_params + shape.head_params) * work.sampler_bytes
+    weights = (shape.body_params + shape.head_params) * work.read_bytes
     kv_written = b * p * shape.kv_per_token * work.sampler_bytes
     return Cost(flops, weights + kv_written)
 
@@ -166,7 +175,7 @@ def decode(shape: ModelShape, work: Work) -> Cost:
     steps = max(t - 1, 0)
     attended = n * (steps * p + steps * (steps + 1) / 2)  # step s: P + s positions per row
     flops = shape.forward_flops(n * steps, n * steps, attended)
-    weights = (shape.body_params + shape.head_params) * work.sampler_bytes
+    weights = (shape.body_params + shape.head_params) * work.read_bytes
     kv = shape.kv_per_token * work.sampler_bytes
     # step s (1..T-1): the prompt's KV read once per group (B*P entries); per row, the s-1
     # completion entries written so far read and the new one written (s entries)
@@ -265,7 +274,7 @@ def memory_budget(
         "AdamW moments fp32": 8 * trainable,
         "sampler copy": work.sampler_bytes * (shape.params - released) if sampler_copy else 0,
         "packed sampler weights": (
-            work.sampler_bytes * (shape.body_params + shape.head_params) if packed else 0
+            work.read_bytes * (shape.body_params + shape.head_params) if packed else 0
         ),
         "reference model fp32": 4 * shape.params if work.beta != 0 else 0,
         "activations (train micro-batch)": rows

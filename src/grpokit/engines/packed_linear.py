@@ -7,7 +7,6 @@ policy that samples itself (CPUs without).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 from collections import Counter
@@ -376,9 +375,11 @@ class DecodePacks:
     - Without it, a frozen weight is packed in float32 once, a LoRA layer with its adapters
       merged at every `refresh`.
     - `refresh(fp16_trainable=True)` packs the trainable weights as float16 panels too, for
-      that call: the float16 packing costs several times the float32 one (0.8-1.3 s on two
-      threads against 0.15-0.35 s for SmolLM2-135M's 211 weights on an AVX2 CPU), which a
-      long decode pays back (bench/RESULTS.md) and a short one does not.
+      that call: the float16 packing costs several times the float32 one (1.3-1.9 s against
+      0.15-0.35 s for SmolLM2-135M's 211 weights on an AVX2 CPU), which a long decode pays
+      back (bench/RESULTS.md) and a short one does not. fbgemm packs on one thread; packing
+      on two threads took a third less time but raised the trainer's peak RSS by about 330
+      MiB (glibc kept the freed float16 panels in the worker threads' own arenas).
 
     Unlike `PackedLinear` the model is left as it is (class, parameters, training forward): only
     inside `active()` does each packed layer's forward multiply by its packed copy. `refresh()`
@@ -410,7 +411,6 @@ class DecodePacks:
         """
         if fp16_trainable and not self.fp16:
             raise ValueError("fp16_trainable needs fbgemm's float16 products (fp16=True).")
-        halves: list[_DecodeLayer] = []  # to pack as float16 panels
         for layer in self.layers:
             weight = layer.linear.weight
             stamp = (weight.data_ptr(), weight._version)
@@ -421,7 +421,7 @@ class DecodePacks:
                 wanted = self.fp16_frozen if frozen else fp16_trainable
                 layer.half = wanted and _fits_float16(weight)
                 if layer.half:
-                    halves.append(layer)
+                    layer.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None)
                 else:
                     merged = weight.detach()
                     for name in layer.adapters:
@@ -432,7 +432,6 @@ class DecodePacks:
             layer.low_rank = (
                 tuple(_low_rank(layer.module, a) for a in layer.adapters) if layer.half else ()
             )
-        _pack_fp16(halves)
 
     def discard_trainable(self) -> int:
         """Free the packed copies `refresh` would re-pack anyway (trainable weights and merged
@@ -517,25 +516,6 @@ def half_product(
     for a_t, b_t in low_rank:
         out = torch.addmm(out, rows @ a_t, b_t)
     return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _pack_fp16(layers: list[_DecodeLayer]) -> None:
-    """Pack each layer's weight as fbgemm float16 panels. fbgemm packs on one thread (about
-    10 ns a weight on an AVX2 CPU), so the layers are spread over torch's intra-op threads,
-    the largest first."""
-
-    def pack(layer: _DecodeLayer) -> Any:
-        return torch.ops.quantized.linear_prepack_fp16(layer.linear.weight.detach(), None)
-
-    layers = sorted(layers, key=lambda layer: -layer.linear.weight.numel())
-    workers = min(torch.get_num_threads(), len(layers))
-    if workers <= 1:
-        packed = [pack(layer) for layer in layers]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            packed = list(pool.map(pack, layers))
-    for layer, panels in zip(layers, packed, strict=True):
-        layer.packed = panels
 
 
 def _can_pack_fp16() -> bool:

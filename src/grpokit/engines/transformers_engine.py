@@ -42,8 +42,8 @@ from grpokit.errors import DataError
 
 # `fp16_trainable_weights=None` packs the trainable weights as float16 panels for calls of at
 # least this many new tokens. For a full fine-tune of SmolLM2-135M on an AVX2 CPU, 16 rows: the
-# float16 packing costs about 0.8 s more a call; a call of 32 tokens then takes 12% longer, one
-# of 64 as long, one of 128 16% less (bench/RESULTS.md).
+# float16 packing costs 1.1-1.7 s more a call, and each decode step about 25 ms less
+# (bench/RESULTS.md).
 FP16_TRAINABLE_MIN_TOKENS = 128
 
 
@@ -167,7 +167,7 @@ class TransformersEngine:
                 float16 products; False = the float32 weights.
             fp16_trainable_weights: The same for the trainable weights (a full fine-tune),
                 packed afresh as float16 panels at each call instead of float32. The packing
-                costs more (0.8-1.3 s against 0.15-0.35 s a call for SmolLM2-135M on an AVX2
+                costs more (1.3-1.9 s against 0.15-0.35 s a call for SmolLM2-135M on an AVX2
                 CPU) and each decode step less (bench/RESULTS.md), so it pays only for long
                 decodes.
                 None = for calls of at least `FP16_TRAINABLE_MIN_TOKENS` new tokens, where this
