@@ -42,7 +42,7 @@ from grpokit.errors import DataError
 
 # `fp16_trainable_weights=None` packs the trainable weights as float16 panels for calls of at
 # least this many new tokens. For a full fine-tune of SmolLM2-135M on an AVX2 CPU, 16 rows: the
-# float16 packing costs 1.1-1.7 s more a call, and each decode step about 25 ms less
+# float16 packing costs 1.1-1.6 s more a call, and each decode step 25-30 ms less
 # (bench/RESULTS.md).
 FP16_TRAINABLE_MIN_TOKENS = 128
 
