@@ -17,9 +17,12 @@ except "plain" and "hf+bf16"):
                  forward: the default engine on a bf16-native CPU
     fp32         the float32 policy samples itself, as on a CPU without native bf16: no
                  autocast, grouped attention, linear weights in oneDNN float32 packs
-                 (`DecodePacks`, float16 panels off)
+                 (`DecodePacks`, float16 panels off), decode steps through transformers'
+                 forward
     fp32+fp16    ... frozen and trainable weights as fbgemm float16 panels (`DecodePacks`
                  repacks the trainable ones at each call, as after an optimizer step)
+    fp32+fp16+step ... decode steps through `engines.llama_decode`: the default engine on a
+                 CPU without native bf16
 
 The fp32 variants run apart from the others (the trainer's float32 set-up: glibc keeps freed
 memory, grouped attention in the policy). With --lora R the policy is wrapped in a LoRA adapter
@@ -42,8 +45,8 @@ Usage:
     python bench/bench_generation.py --mode fixed natural --threads 1 --repeats 3 --extras
     python bench/bench_generation.py --mode fixed --variants +icdf +step --threads 2 --interleave
     python bench/bench_generation.py --count-ops   # tensor operations of one decode step
-    python bench/bench_generation.py --mode fixed --variants fp32 fp32+fp16 --threads 2 \
-        --interleave --max-new-tokens 128 [--lora 16]
+    python bench/bench_generation.py --mode fixed --variants fp32 fp32+fp16 fp32+fp16+step \
+        --threads 2 --interleave --max-new-tokens 128 [--lora 16]
 """
 
 from __future__ import annotations
@@ -75,10 +78,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+eager": dict(bf16_sampler=True, decode_step=False),
     "+icdf": dict(bf16_sampler=True, draw="inverse_cdf", decode_step=False),
     "+step": dict(bf16_sampler=True, draw="inverse_cdf"),
-    "fp32": dict(bf16_sampler=False, fp16_frozen_weights=False, fp16_trainable_weights=False),
-    "fp32+fp16": dict(bf16_sampler=False, fp16_frozen_weights=True, fp16_trainable_weights=True),
+    "fp32": dict(
+        bf16_sampler=False,
+        fp16_frozen_weights=False,
+        fp16_trainable_weights=False,
+        decode_step=False,
+    ),
+    "fp32+fp16": dict(
+        bf16_sampler=False,
+        fp16_frozen_weights=True,
+        fp16_trainable_weights=True,
+        decode_step=False,
+    ),
+    "fp32+fp16+step": dict(
+        bf16_sampler=False, fp16_frozen_weights=True, fp16_trainable_weights=True
+    ),
 }
-FP32_VARIANTS = ("fp32", "fp32+fp16")
+FP32_VARIANTS = ("fp32", "fp32+fp16", "fp32+fp16+step")
 
 
 def chat_prompt_ids(tokenizer: Any) -> list[list[int]]:
@@ -315,7 +331,7 @@ def main() -> None:
             walls, same = time_interleaved(engines, prompt_ids, args, mode)
             for name, values in walls.items():
                 runs = " ".join(f"{v:.2f}" for v in values)
-                print(f"{mode:8} {name:11} wall s {runs}; median {statistics.median(values):.2f}")
+                print(f"{mode:8} {name:14} wall s {runs}; median {statistics.median(values):.2f}")
             print(f"{mode:8} same tokens in every round: {same}; load {os.getloadavg()[0]:.1f}")
         return
     print(f"{'mode':8} {'variant':11} {'thr':>3} {'wall s':>7} {'cpu s':>7} {'tok/s':>6}  load")

@@ -541,6 +541,11 @@ def test_packed_sampler_decodes_the_same_tokens() -> None:
     assert torch.equal(outs[0].completion_ids, outs[1].completion_ids)
 
 
+def _held(layer: Any) -> Any:
+    """A `DecodePacks` layer's packed weight: its group's when it is in one."""
+    return layer.packed if layer.group is None else layer.group.packed
+
+
 def test_fp32_decode_packs_give_the_same_tokens_and_leave_the_model_alone() -> None:
     from grpokit.engines.packed_linear import decode_packs
 
@@ -571,7 +576,7 @@ def test_fp32_decode_packs_give_the_same_tokens_and_leave_the_model_alone() -> N
     # trains); a weight written in place (as the step does) is re-packed before the next
     # decode: the packed engine follows the new weights exactly as the unpacked one does.
     packed.discard_trainable_copies(model)
-    assert [layer.packed for layer in packed._decode_packs.layers] == [None] * len(linears)
+    assert [_held(layer) for layer in packed._decode_packs.layers] == [None] * len(linears)
     with torch.no_grad():
         for m in linears:
             m.weight.mul_(-1.5)
@@ -579,7 +584,7 @@ def test_fp32_decode_packs_give_the_same_tokens_and_leave_the_model_alone() -> N
         packed.generate(prompts, **kwargs).completion_ids,
         plain.generate(prompts, **kwargs).completion_ids,
     )
-    assert all(layer.packed is not None for layer in packed._decode_packs.layers)
+    assert all(_held(layer) is not None for layer in packed._decode_packs.layers)
 
 
 def test_fp32_decode_packs_repack_trainable_and_moved_weights_only() -> None:

@@ -45,31 +45,41 @@ def test_step_logits_are_transformers_forward_bit_for_bit(kind: str, overrides: 
     forward (each on its own copy of the cache) give identical logits, with left padding."""
     tok = make_tokenizer()
     engine = TransformersEngine(_model(kind, tok, **overrides), tok, bf16_sampler=True)
+    with torch.no_grad():
+        _step_against_forward(engine, tok, 6, torch.bfloat16)
+
+
+def _step_against_forward(engine, tok, steps: int, dtype: torch.dtype, between=None):
+    """After one prefill, `steps` decode steps through the engine's step and through
+    transformers' forward, each on its own copy of the cache: the same logits bit for bit.
+    `between()` runs before each forward (after the step). Returns the step's cache."""
     step = engine.decode_step
     assert step is not None
     forward = plain_forward(engine.sampler_model)
     ids, mask = left_pad(PROMPTS, tok.pad_token_id)
-    g, steps = 2, 6
-    with torch.no_grad():
-        cache, _, positions = engine._prefilled(forward, ids, mask, g, steps)
-        assert step.accepts(cache)
-        full_mask = torch.cat([mask.repeat_interleave(g, 0), mask.new_ones(6, steps)], dim=1)
-        caches = {"step": cache, "forward": copy.deepcopy(cache)}
-        tokens = torch.tensor([3, 17, 4, 9, 12, 20])  # [N]
-        for t in range(steps):
-            step_mask = full_mask[:, : mask.shape[1] + t + 1]
-            ours = step(tokens, step_mask, positions, caches["step"])
-            theirs = forward(
-                input_ids=tokens[:, None],
-                attention_mask=step_mask,
-                position_ids=positions,
-                past_key_values=caches["forward"],
-                use_cache=True,
-            ).logits[:, -1]
-            assert ours.dtype == torch.bfloat16 and ours.shape == theirs.shape
-            assert torch.equal(ours, theirs), f"step {t}"
-            tokens = (tokens * 7 + t) % len(tok)
-            positions = positions + 1
+    g = 2
+    cache, _, positions = engine._prefilled(forward, ids, mask, g, steps)
+    assert step.accepts(cache)
+    full_mask = torch.cat([mask.repeat_interleave(g, 0), mask.new_ones(6, steps)], dim=1)
+    caches = {"step": cache, "forward": copy.deepcopy(cache)}
+    tokens = torch.tensor([3, 17, 4, 9, 12, 20])  # [N]
+    for t in range(steps):
+        step_mask = full_mask[:, : mask.shape[1] + t + 1]
+        ours = step(tokens, step_mask, positions, caches["step"])
+        if between is not None:
+            between()
+        theirs = forward(
+            input_ids=tokens[:, None],
+            attention_mask=step_mask,
+            position_ids=positions,
+            past_key_values=caches["forward"],
+            use_cache=True,
+        ).logits[:, -1]
+        assert ours.dtype == dtype and ours.shape == theirs.shape
+        assert torch.equal(ours, theirs), f"step {t}"
+        tokens = (tokens * 7 + t) % len(tok)
+        positions = positions + 1
+    return cache
 
 
 class _Counting:
@@ -91,12 +101,20 @@ def test_generations_are_the_same_with_and_without_the_step() -> None:
     """The same seed gives the same tokens and sampling log-probs, and the step is used."""
     tok = make_tokenizer()
     model = make_causal_lm(tok)
+    _same_generations(
+        lambda step: TransformersEngine(
+            model, tok, bf16_sampler=True, decode_step=step, return_logprobs=True
+        )
+    )
+
+
+def _same_generations(make_engine) -> None:
+    """Engines made by `make_engine(decode_step)` with the step (None) and without (False)
+    draw the same tokens with the same sampling log-probs from one seed; the step is used."""
     sampling = SamplingParams(temperature=0.9, generation_kwargs={"min_new_tokens": 5})
     outs, counted = [], []
     for decode_step in (None, False):
-        engine = TransformersEngine(
-            model, tok, bf16_sampler=True, decode_step=decode_step, return_logprobs=True
-        )
+        engine = make_engine(decode_step)
         if engine.decode_step is not None:
             engine.decode_step = _Counting(engine.decode_step)  # type: ignore[assignment]
             counted.append(engine.decode_step)
@@ -109,11 +127,108 @@ def test_generations_are_the_same_with_and_without_the_step() -> None:
     assert torch.equal(outs[0].sampling_logprobs, outs[1].sampling_logprobs)
 
 
+def _grouped(model):
+    from grpokit.core.attention import use_grouped_attention
+
+    use_grouped_attention(model)
+    return model
+
+
+def _with_lora(model):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")
+    model = peft.get_peft_model(model, lora)
+    with torch.no_grad():  # B starts at 0: give the adapters an effect
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    return model
+
+
+def _fp32_engine(model, tok, fp16: bool, **kwargs) -> TransformersEngine:
+    from grpokit.engines.packed_linear import _can_pack_fp16
+
+    if fp16 and not _can_pack_fp16():
+        pytest.skip("this torch build has no fbgemm float16 products")
+    engine = TransformersEngine(
+        model,
+        tok,
+        bf16_sampler=False,
+        fp16_frozen_weights=fp16,
+        fp16_trainable_weights=fp16,
+        **kwargs,
+    )
+    if engine._decode_packs is None:
+        pytest.skip("this torch build has no oneDNN")
+    return engine
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize(
+    ("kind", "lora"), [("llama", False), ("qwen2", False), ("mistral", False), ("llama", True)]
+)
+def test_float32_policy_step_is_its_packed_forward_bit_for_bit(
+    kind: str, lora: bool, fp16: bool, monkeypatch
+) -> None:
+    """The float32 policy's step multiplies by the same `DecodePacks` (q/k/v and gate/up as
+    one product each, LoRA adapters at once) as transformers' forward within `active()`: the
+    same logits bit for bit; and that forward computes each group's product once per input."""
+    from grpokit.engines import packed_linear
+
+    tok = make_tokenizer()
+    overrides = {"sliding_window": None} if kind == "mistral" else {}
+    model = _grouped(_model(kind, tok, **overrides))
+    if lora:
+        model = _with_lora(model)
+    engine = _fp32_engine(model, tok, fp16)
+    step, packs = engine.decode_step, engine._decode_packs
+    assert step is not None and packs is not None
+    layers = plain_forward(model).model.layers
+    assert len(packs.groups) == 2 * len(layers)
+    calls = []
+    product = packed_linear.group_product
+    monkeypatch.setattr(
+        packed_linear, "group_product", lambda group, x: calls.append(x.shape) or product(group, x)
+    )
+    packs.refresh(fp16_trainable=fp16)
+    assert all(layer.half == fp16 for layer in packs.layers)
+    counts = []
+
+    def count_forward_products() -> None:
+        counts.append(len(calls))
+        calls.clear()
+
+    with torch.no_grad(), packs.active():
+        cache = _step_against_forward(engine, tok, 4, torch.float32, count_forward_products)
+        count_forward_products()
+    # transformers' forward computed each group's product once a step, for all its rows (the
+    # step holds the function itself, so only the forward's calls are counted)
+    assert counts[1:] == [2 * len(layers)] * 4
+    # the adapters (or weights) switched off: the step declines, transformers' forward runs
+    if lora:
+        with model.disable_adapter():
+            assert not step.accepts(cache)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_float32_policy_generations_are_the_same_with_and_without_the_step(lora: bool) -> None:
+    tok = make_tokenizer()
+    model = _grouped(make_causal_lm(tok))
+    if lora:
+        model = _with_lora(model)
+    _same_generations(
+        lambda step: _fp32_engine(model, tok, fp16=False, decode_step=step, return_logprobs=True)
+    )
+
+
 def test_not_built_where_it_was_not_written_for() -> None:
     tok = make_tokenizer()
     llama = make_causal_lm(tok)
     cases = {
-        "float32 policy sampling itself": dict(model=llama, bf16_sampler=False),
+        "float32 policy without grouped attention": dict(model=llama, bf16_sampler=False),
+        "float32 policy, weights unpacked": dict(
+            model=_grouped(make_causal_lm(tok)), bf16_sampler=False, pack_weights=False
+        ),
         "transformers' eager attention": dict(
             model=llama, bf16_sampler=True, sampler_attention="eager"
         ),

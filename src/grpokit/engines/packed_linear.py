@@ -11,7 +11,7 @@ import contextlib
 import functools
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -349,10 +349,33 @@ class _DecodeLayer:
     adapters: tuple[str, ...] = ()  # active LoRA adapters
     # oneDNN float32 weight with the adapters merged in, or (`half`) fbgemm float16 base weight
     packed: Any = None
-    half: bool = False
+    half: bool = False  # in a group: the group's
     # with `half`: (A.T [in, r], scaling * B.T [r, out]) per adapter, float32
     low_rank: tuple[tuple[Tensor, Tensor], ...] = ()
     stamp: tuple[int, int] = (0, -1)  # (storage address, version counter) when last packed
+    # sibling layers packed as one weight (then `packed` stays None)
+    group: _DecodeGroup | None = field(default=None, repr=False)
+
+
+@dataclass
+class _DecodeGroup:
+    """Sibling `_DecodeLayer`s that read the same input (a Llama attention's q/k/v, its MLP's
+    gate/up), packed as one weight `[sum of out, in]`: one product a decode step instead of one
+    per member. Its product (`group_product`) is `x @ packed.T + bias`, plus under `half` the
+    members' adapters at once, `(x @ a_t) @ b_t` with `a_t` `[in, R]` the members' `A.T` side by
+    side and `b_t` `[R, sum of out]` their `scaling * B.T` on the block diagonal."""
+
+    members: list[_DecodeLayer]
+    columns: list[slice]  # each member's columns of the product
+    packed: Any = None
+    half: bool = False
+    bias: Tensor | None = None
+    low_rank: tuple[Tensor, Tensor] | None = None
+    stamps: tuple[tuple[int, int], ...] = ()
+    # the last product, kept for the members not yet called on the same input
+    kept_input: Tensor | None = None
+    kept_output: Tensor | None = None
+    waiting: int = 0
 
 
 class DecodePacks:
@@ -381,9 +404,15 @@ class DecodePacks:
       on two threads took a third less time but raised the trainer's peak RSS by about 330
       MiB (glibc kept the freed float16 panels in the worker threads' own arenas).
 
+    In a Llama-style decoder layer the sibling projections (q/k/v, gate/up) are packed as one
+    weight each (`_DecodeGroup`: the same input width and bias layout, the same adapters, all
+    trainable or all frozen): one product a decode step instead of two or three, and the
+    written-out decode step (`engines.llama_decode`) multiplies by them.
+
     Unlike `PackedLinear` the model is left as it is (class, parameters, training forward): only
-    inside `active()` does each packed layer's forward multiply by its packed copy. `refresh()`
-    re-packs what may have changed before a decode.
+    inside `active()` does each packed layer's forward multiply by its packed copy (a grouped
+    layer's: its columns of the group's product, computed once for the siblings called on the
+    same input). `refresh()` re-packs what may have changed before a decode.
     """
 
     def __init__(
@@ -411,7 +440,11 @@ class DecodePacks:
         """
         if fp16_trainable and not self.fp16:
             raise ValueError("fp16_trainable needs fbgemm's float16 products (fp16=True).")
+        for group in self.groups:
+            self._refresh_group(group, fp16_trainable)
         for layer in self.layers:
+            if layer.group is not None:
+                continue
             weight = layer.linear.weight
             stamp = (weight.data_ptr(), weight._version)
             frozen = not weight.requires_grad
@@ -433,12 +466,52 @@ class DecodePacks:
                 tuple(_low_rank(layer.module, a) for a in layer.adapters) if layer.half else ()
             )
 
+    def _refresh_group(self, group: _DecodeGroup, fp16_trainable: bool) -> None:
+        """`refresh` for one group: the same rules, applied to all its members at once."""
+        weights = [member.linear.weight for member in group.members]
+        stamps = tuple((w.data_ptr(), w._version) for w in weights)
+        frozen = not any(w.requires_grad for w in weights)
+        adapters = group.members[0].adapters
+        unchanged = group.packed is not None and frozen and stamps == group.stamps
+        group.kept_input = group.kept_output = None
+        group.waiting = 0
+        if not (unchanged and (group.half or not adapters)):
+            group.packed = None  # free the old copy first
+            wanted = self.fp16_frozen if frozen else fp16_trainable
+            group.half = wanted and all(_fits_float16(w) for w in weights)
+            parts = []
+            for member in group.members:
+                part = member.linear.weight.detach()
+                if not group.half:
+                    for name in member.adapters:
+                        part = part + member.module.get_delta_weight(name)  # type: ignore[operator]
+                parts.append(part)
+            dense = torch.cat(parts)  # [sum of out, in]
+            if group.half:
+                group.packed = torch.ops.quantized.linear_prepack_fp16(dense, None)
+            else:
+                group.packed = torch.ops.mkldnn._reorder_linear_weight(dense)
+            group.stamps = stamps
+        biases = [member.linear.bias for member in group.members]
+        group.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        group.low_rank = _group_low_rank(group) if group.half and adapters else None
+        for member in group.members:
+            member.half = group.half
+
     def discard_trainable(self) -> int:
         """Free the packed copies `refresh` would re-pack anyway (trainable weights and merged
         LoRA layers), e.g. before an optimizer step: during the update they would only take
         memory (a full fine-tune's float32 linear weights again: 513 MiB for SmolLM2-135M).
         Returns how many were freed."""
         freed = 0
+        for group in self.groups:
+            group.low_rank = None
+            group.kept_input = group.kept_output = None
+            merged = bool(group.members[0].adapters) and not group.half
+            trainable = any(m.linear.weight.requires_grad for m in group.members)
+            if group.packed is not None and (merged or trainable):
+                group.packed = None
+                freed += 1
         for layer in self.layers:
             layer.low_rank = ()  # a float16 layer's adapters, copied again at `refresh`
             # a merged copy moves with its adapters; a float16 base under them does not
@@ -448,13 +521,48 @@ class DecodePacks:
                 freed += 1
         return freed
 
+    @property
+    def groups(self) -> list[_DecodeGroup]:
+        """The sibling groups, in the order of their first member."""
+        seen: dict[int, _DecodeGroup] = {}
+        for layer in self.layers:
+            if layer.group is not None:
+                seen.setdefault(id(layer.group), layer.group)
+        return list(seen.values())
+
+    def ready(self, layer: _DecodeLayer) -> bool:
+        """Whether `layer` multiplies by its packed copy within `active()` (its group's, if in
+        one): packed since the last discard, and its adapters as they were then."""
+        group = layer.group
+        if group is not None:
+            adapters = bool(layer.adapters)
+            return (
+                group.packed is not None
+                and (not group.half or not adapters or group.low_rank is not None)
+                and all(_adapters_unchanged(member) for member in group.members)
+            )
+        complete = not layer.half or len(layer.low_rank) == len(layer.adapters)
+        return layer.packed is not None and complete and _adapters_unchanged(layer)
+
+    def layer_of(self, module: torch.nn.Module) -> _DecodeLayer | None:
+        """The `_DecodeLayer` whose forward `module`'s is, or None."""
+        for layer in self.layers:
+            if layer.module is module:
+                return layer
+        return None
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Within the block every packed layer multiplies by its packed copy. A LoRA layer whose
         adapters were disabled, merged or switched since `refresh` keeps its own forward."""
         for layer in self.layers:
-            ready = not layer.half or len(layer.low_rank) == len(layer.adapters)
-            if layer.packed is not None and ready and _adapters_unchanged(layer):
+            if layer.group is not None:
+                if self.ready(layer):
+                    index = next(i for i, m in enumerate(layer.group.members) if m is layer)
+                    forward = functools.partial(_member_product, layer.group, index)
+                    layer.module.__dict__["forward"] = forward
+                continue
+            if self.ready(layer):
                 if layer.half:
                     forward = functools.partial(
                         half_product, layer.packed, layer.linear.bias, layer.low_rank
@@ -467,6 +575,111 @@ class DecodePacks:
         finally:
             for layer in self.layers:
                 layer.module.__dict__.pop("forward", None)
+
+
+def group_product(group: _DecodeGroup, x: Tensor) -> Tensor:
+    """`x` `[N, in]` float32 times a group's stacked weight -> `[N, sum of out]` float32."""
+    if group.half:
+        out = torch.ops.quantized.linear_dynamic_fp16(x, group.packed)
+        if group.bias is not None:
+            out = out.add_(group.bias)
+        if group.low_rank is not None:
+            out = torch.addmm(out, x @ group.low_rank[0], group.low_rank[1])
+        return out
+    return torch.ops.mkldnn._linear_pointwise(x, group.packed, group.bias, "none", [], "")
+
+
+def layer_product(layer: _DecodeLayer, x: Tensor) -> Tensor:
+    """`x` `[N, in]` times an ungrouped layer's packed weight (and adapters) -> `[N, out]`."""
+    if layer.half:
+        return half_product(layer.packed, layer.linear.bias, layer.low_rank, x)
+    return packed_product(layer.packed, layer.linear.bias, x)
+
+
+def _member_product(group: _DecodeGroup, index: int, x: Tensor) -> Tensor:
+    """Member `index`'s forward within `active()`: its columns of the group's product of `x`
+    `[..., in]`. The first member called on an input computes the whole product; the members
+    called after it on the same tensor object take their columns of it. transformers' Llama
+    attention and MLP call the siblings one after another on the same, unchanged input; any
+    other input is computed afresh (the same values)."""
+    if not (group.waiting > 0 and x is group.kept_input):
+        rows = x.reshape(-1, x.shape[-1])
+        group.kept_output = group_product(group, rows).view(*x.shape[:-1], -1)
+        group.kept_input = x
+        group.waiting = len(group.members)
+    assert group.kept_output is not None
+    out = group.kept_output[..., group.columns[index]]
+    group.waiting -= 1
+    if group.waiting == 0:
+        group.kept_input = group.kept_output = None
+    return out
+
+
+def _group_low_rank(group: _DecodeGroup) -> tuple[Tensor, Tensor]:
+    """`(a_t [in, R], b_t [R, sum of out])`: every member's adapters side by side, float32."""
+    a_parts, b_blocks = [], []
+    for member, columns in zip(group.members, group.columns, strict=True):
+        for name in member.adapters:
+            a_t, b_t = _low_rank(member.module, name)  # [in, r], [r, out]
+            a_parts.append(a_t)
+            b_blocks.append((b_t, columns))
+    a_t = torch.cat(a_parts, dim=1)
+    b_t = a_t.new_zeros((a_t.shape[1], group.columns[-1].stop))
+    row = 0
+    for block, columns in b_blocks:
+        b_t[row : row + block.shape[0], columns] = block
+        row += block.shape[0]
+    return a_t, b_t
+
+
+def _form_groups(model: torch.nn.Module, layers: list[_DecodeLayer]) -> None:
+    """Group the `_DecodeLayer`s of sibling projections (`FUSABLE_PROJECTIONS`) of every Llama-
+    style decoder layer (`is_llama_block`): the same input width, all with or all without a
+    bias, the same adapters, all trainable or all frozen, each weight used by that layer only."""
+    by_module = {id(layer.module): layer for layer in layers}
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for parent in model.modules():
+        if not is_llama_block(parent):
+            continue
+        for owner, names in (
+            (parent.self_attn, FUSABLE_PROJECTIONS[0]),
+            (parent.mlp, FUSABLE_PROJECTIONS[1]),
+        ):
+            members = [by_module.get(id(getattr(owner, name, None))) for name in names]
+            if any(m is None or m.group is not None for m in members):
+                continue
+            first = members[0]
+            assert first is not None
+            if not all(
+                m is not None
+                and m.linear.in_features == first.linear.in_features
+                and (m.linear.bias is None) == (first.linear.bias is None)
+                and m.adapters == first.adapters
+                and m.linear.weight.requires_grad == first.linear.weight.requires_grad
+                and uses[id(m.linear.weight)] == 1
+                for m in members
+            ):
+                continue
+            columns, start = [], 0
+            for m in members:
+                assert m is not None
+                columns.append(slice(start, start + m.linear.out_features))
+                start += m.linear.out_features
+            group = _DecodeGroup(members, columns)  # type: ignore[arg-type]
+            for m in members:
+                assert m is not None
+                m.group = group
+
+
+def is_llama_block(module: torch.nn.Module) -> bool:
+    """A transformers decoder layer of the Llama family (`LlamaDecoderLayer`,
+    `Qwen2DecoderLayer`, `MistralDecoderLayer`), whose attention and MLP call their sibling
+    projections one after another on the same input."""
+    return type(module).__name__ in (
+        "LlamaDecoderLayer",
+        "Qwen2DecoderLayer",
+        "MistralDecoderLayer",
+    )
 
 
 def _lora_adapters(module: torch.nn.Module) -> tuple[str, ...] | None:
@@ -582,6 +795,7 @@ def decode_packs(model: torch.nn.Module, *, fp16_frozen: bool | None = None) -> 
             "fp16_frozen_weights=True, but this torch has no fbgemm float16 products "
             "(quantized::linear_prepack_fp16); leave it None."
         )
+    _form_groups(model, layers)
     packs = DecodePacks(layers, fp16_frozen=fp16_frozen, fp16=fp16)
     packs.refresh()
     return packs

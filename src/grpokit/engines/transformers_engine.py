@@ -142,8 +142,9 @@ class TransformersEngine:
             decode_step: Lean path: run the decode steps through `LlamaDecodeStep`, transformers'
                 forward written out for Llama-style models (the same logits bit for bit, less
                 time per step; `engines.llama_decode`). None = whenever the sampler has the
-                structure it was written for (a bf16 copy with packed fused projections and
-                grouped attention of a "llama", "qwen2" or "mistral" model), False = always
+                structure it was written for (a "llama", "qwen2" or "mistral" model with grouped
+                attention whose projections are packed: a bf16 copy with fused projections, or
+                the float32 policy's `DecodePacks`, with q/k/v and gate/up grouped), False = always
                 transformers' forward, True = the same as None but refused where it cannot run.
             drop_finished_rows: Lean path, one-turn `generate`: take the rows that ended (EOS)
                 out of the decode batch, so the steps after run only the rows still going
@@ -254,12 +255,15 @@ class TransformersEngine:
         self._packed_name = {id(layer): name for name, layer in self._packed_only.items()}
         self.decode_step: LlamaDecodeStep | None = None
         if decode_step is not False and decode == "lean":
-            self.decode_step = LlamaDecodeStep.build(plain_forward(self.sampler_model))
+            self.decode_step = LlamaDecodeStep.build(
+                plain_forward(self.sampler_model), packs=self._decode_packs
+            )
         if decode_step and self.decode_step is None:
             raise ValueError(
                 "decode_step=True, but the sampler is not a model LlamaDecodeStep was written for "
-                "(a bf16 copy with packed fused projections and grouped attention of a llama, "
-                "qwen2 or mistral model, decode='lean'); leave decode_step=None."
+                "(a llama, qwen2 or mistral model with grouped attention whose projections are "
+                "packed: a bf16 copy, or the float32 policy's DecodePacks; decode='lean'); leave "
+                "decode_step=None."
             )
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
