@@ -205,8 +205,17 @@ def _layer_fits(layer: Any, packs: DecodePacks | None = None) -> bool:
         return False
     if getattr(attn, "sliding_window", None) is not None or hasattr(attn, "q_norm"):
         return False
-    siblings = ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj])
-    if not all(isinstance(m, torch.nn.Module) for m in (*siblings[0], *siblings[1])):
+    siblings = (
+        [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")],
+        [getattr(mlp, name, None) for name in ("gate_proj", "up_proj")],
+    )
+    parts = (
+        *siblings[0],
+        *siblings[1],
+        getattr(attn, "o_proj", None),
+        getattr(mlp, "down_proj", None),
+    )
+    if not all(isinstance(m, torch.nn.Module) for m in parts):
         return False
     if packs is None:
         qkv = getattr(attn.q_proj, "group", None)
