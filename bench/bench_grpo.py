@@ -735,11 +735,11 @@ def fp32_policy_weight_bytes(wl: Workload) -> int:
     """Bytes per linear weight the float32 policy decodes from (a full fine-tune): float16
     panels for calls of `FP16_TRAINABLE_MIN_TOKENS` new tokens or more where torch has fbgemm's
     float16 products, else the float32 packs (`TransformersEngine(fp16_trainable_weights=)`)."""
-    from grpokit.engines.packed_linear import _can_pack_fp16
+    from grpokit.engines.packed_linear import can_pack_fp16
     from grpokit.engines.transformers_engine import FP16_TRAINABLE_MIN_TOKENS
 
     long_calls = wl.max_completion_length >= FP16_TRAINABLE_MIN_TOKENS
-    return 2 if long_calls and _can_pack_fp16() else 4
+    return 2 if long_calls and can_pack_fp16() else 4
 
 
 def rows_per_forward(work: Any, micro_batch: int | None, bf16: bool) -> tuple[int, bool]:

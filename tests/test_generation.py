@@ -613,9 +613,9 @@ def test_fp32_decode_packs_repack_trainable_and_moved_weights_only() -> None:
 
 
 def _fp16_or_skip() -> None:
-    from grpokit.engines.packed_linear import _can_pack_fp16
+    from grpokit.engines.packed_linear import can_pack_fp16
 
-    if not _can_pack_fp16():
+    if not can_pack_fp16():
         pytest.skip("this torch build has no fbgemm float16 products")
 
 
@@ -634,6 +634,57 @@ def _frozen_weights_rounded_to_fp16(packs: Any) -> Iterator[None]:
     finally:
         for layer in packs.layers:
             layer.linear.__dict__.pop("forward", None)
+
+
+def test_half_block_rows_split_only_weights_beyond_the_limit() -> None:
+    from grpokit.engines.packed_linear import half_block_rows
+
+    assert half_block_rows(49152, 576) == 3584  # SmolLM2-135M's output layer: 14 blocks
+    assert half_block_rows(3072, 576) is None  # its gate/up group: one panel set
+    assert half_block_rows(151936, 896) == 2304  # Qwen2-0.5B's output layer
+    assert half_block_rows(100000, 40000) == 64  # never fewer than 64 rows
+
+
+def test_pack_half_blocks_give_the_products_of_one_panel_set(monkeypatch: Any) -> None:
+    from grpokit.engines import packed_linear
+
+    _fp16_or_skip()
+    torch.manual_seed(0)
+    weight = torch.randn(300, 16)
+    whole = packed_linear.pack_half(weight)
+    assert not isinstance(whole, tuple)
+    monkeypatch.setattr(packed_linear, "HALF_BLOCK_LIMIT", 1000)  # 300 x 16 x 2 bytes beyond
+    monkeypatch.setattr(packed_linear, "HALF_BLOCK_BYTES", 64 * 16 * 2)  # blocks of 64 rows
+    blocks = packed_linear.pack_half(weight)
+    assert isinstance(blocks, tuple) and len(blocks) == 5  # 4 x 64 rows + 44
+    bias = torch.randn(300)
+    x = torch.randn(2, 3, 16)
+    out = packed_linear.half_product(blocks, bias, (), x)
+    assert out.shape == (2, 3, 300)
+    assert torch.equal(out, packed_linear.half_product(whole, bias, (), x))
+    rounded = torch.nn.functional.linear(x, weight.half().float(), bias)
+    torch.testing.assert_close(out, rounded, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, torch.nn.functional.linear(x, weight, bias))
+
+
+def test_decode_packs_multiply_by_a_blocked_float16_layer(monkeypatch: Any) -> None:
+    from grpokit.engines import packed_linear
+
+    _fp16_or_skip()
+    monkeypatch.setattr(packed_linear, "HALF_BLOCK_LIMIT", 1000)
+    monkeypatch.setattr(packed_linear, "HALF_BLOCK_BYTES", 64 * 8 * 2)
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 200), torch.nn.Linear(200, 4))
+    layers[0].requires_grad_(False)
+    packs = packed_linear.decode_packs(layers, fp16_frozen=True)
+    assert packs is not None and packs.layers[0].half
+    assert isinstance(packs.layers[0].packed, tuple) and len(packs.layers[0].packed) == 4
+    x = torch.randn(3, 8)
+    with packs.active():
+        out = layers(x)
+    with _frozen_weights_rounded_to_fp16(packs):
+        expected = layers(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_fp16_decode_packs_hold_frozen_weights_once_rounded_to_float16() -> None:

@@ -146,9 +146,9 @@ def _with_lora(model):
 
 
 def _fp32_engine(model, tok, fp16: bool, **kwargs) -> TransformersEngine:
-    from grpokit.engines.packed_linear import _can_pack_fp16
+    from grpokit.engines.packed_linear import can_pack_fp16
 
-    if fp16 and not _can_pack_fp16():
+    if fp16 and not can_pack_fp16():
         pytest.skip("this torch build has no fbgemm float16 products")
     engine = TransformersEngine(
         model,

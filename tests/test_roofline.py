@@ -210,12 +210,12 @@ def test_bench_report_builds_the_roofline_from_a_summary():
     work = bench_grpo.roofline_work(summary, native_bf16=False)
     assert work == Work(1, 2, 3, 4, compute_bytes=4, sampler_bytes=4, weight_bytes=4)
     # calls of FP16_TRAINABLE_MIN_TOKENS new tokens decode from float16 panels (where fbgemm is)
-    from grpokit.engines.packed_linear import _can_pack_fp16
+    from grpokit.engines.packed_linear import can_pack_fp16
     from grpokit.engines.transformers_engine import FP16_TRAINABLE_MIN_TOKENS
 
     long = dict(summary, workload_fields=dict(max_completion_length=FP16_TRAINABLE_MIN_TOKENS))
     long_work = bench_grpo.roofline_work(long, native_bf16=False)
-    assert long_work is not None and long_work.read_bytes == (2 if _can_pack_fp16() else 4)
+    assert long_work is not None and long_work.read_bytes == (2 if can_pack_fp16() else 4)
     assert long_work.sampler_bytes == 4  # the KV cache stays float32
     halves = roofline.decode(TINY, Work(1, 2, 3, 4, sampler_bytes=4, weight_bytes=2))
     full = roofline.decode(TINY, Work(1, 2, 3, 4, sampler_bytes=4))
