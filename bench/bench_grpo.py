@@ -17,6 +17,11 @@ per second, model FLOPs utilisation (MFU) against the measured matmul peak of th
 memory of the worker process; with ``--system both``, the TRL/grpokit ratio. See bench/README.md
 for what each phase covers in each system.
 
+The roofline's floor uses the matmul peak measured at the start of the run. These machines'
+speed drifts by up to a third within minutes, so each worker also times one model-shaped product
+after every step (`matmul_probe`, outside the step's time), and the report gives each system's
+generation, training and step time against the floor at the speed its own run saw as well.
+
 Usage:
     python bench/bench_grpo.py setup                      # create bench/.venv-trl (TRL side)
     python bench/bench_grpo.py --system both --steps 4 --warmup 1
@@ -187,6 +192,7 @@ class WorkerSpec:
     threads: int
     output_dir: str
     profile: bool = False
+    probe_dtype: str | None = None  # `matmul_probe` after each cycle in this dtype; None = none
 
     @property
     def wl(self) -> Workload:
@@ -237,9 +243,14 @@ class PhaseClock:
     A *cycle* is one generation batch and the `num_iterations` optimizer steps trained on it; the
     worker calls `start_cycle`/`end_cycle` around it and phases are added with `phase(...)`
     (nested phases are not allowed: a phase already open is not timed twice).
+
+    `probe` (optional) is called after each cycle has ended, outside its time: its value is
+    recorded as the cycle's `probe_gflops` (`matmul_probe`: how fast the machine multiplies
+    just then).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, probe: Callable[[], float] | None = None) -> None:
+        self.probe = probe
         self.cycles: list[dict[str, float]] = []
         self.current: dict[str, float] | None = None
         self._open: str | None = None
@@ -255,8 +266,10 @@ class PhaseClock:
         record = dict(self.current)
         record["total"] = time.perf_counter() - self._start
         record.update(extra)
-        self.cycles.append(record)
         self.current = None
+        if self.probe is not None:
+            record["probe_gflops"] = self.probe()
+        self.cycles.append(record)
 
     def add(self, name: str, seconds: float) -> None:
         if self.current is not None:
@@ -306,6 +319,36 @@ class PhaseClock:
             return result
 
         setattr(owner, attr, timed)
+
+
+# The product timed after every cycle in the workers (`matmul_probe`): SmolLM2-135M's MLP at
+# 2048 tokens, one of `matmul_peak.SHAPES`, so the parent times it at the start of the run too.
+PROBE_SHAPE = (2048, 576, 1536)
+
+
+def matmul_probe(dtype: str, seconds: float = 0.1) -> Callable[[], float]:
+    """A function returning the GFLOP/s of one `PROBE_SHAPE` product in `dtype` ("fp32" or
+    "bf16") right now (`matmul_peak.time_matmul`, about 0.6 s a call). The speed of these
+    shared machines drifts by up to a third within minutes; a worker calls it after each cycle,
+    so each system's time is judged against the machine's speed during its own run."""
+    import matmul_peak  # bench/ is on sys.path in both workers
+
+    def probe() -> float:
+        return matmul_peak.time_matmul(*PROBE_SHAPE, matmul_peak.DTYPES[dtype], seconds)
+
+    return probe
+
+
+def probe_drift(summary: dict[str, Any], floor: dict[str, Any]) -> float | None:
+    """The median `probe_gflops` of a worker's measured cycles over the parent's rate for
+    `PROBE_SHAPE` at the start of the run: how much faster (> 1) or slower the machine
+    multiplied during that worker than when the floor's peak was measured. None without
+    probes."""
+    probes = summary.get("probe_gflops") or []
+    start = floor.get("probe_start_gflops")
+    if not probes or not start:
+        return None
+    return float(statistics.median(probes)) / float(start)
 
 
 def peak_rss_mb() -> float:
@@ -401,7 +444,7 @@ def run_grpokit_worker(spec: WorkerSpec) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
     config = GRPOConfig(**wl.config_kwargs(spec.output_dir, spec.max_steps))
-    clock = PhaseClock()
+    clock = PhaseClock(matmul_probe(spec.probe_dtype) if spec.probe_dtype else None)
     counts: dict[str, Any] = {}
 
     class Timing(TrainerCallback):  # type: ignore[misc]
@@ -535,6 +578,7 @@ def summarize(result: dict[str, Any], shape: ModelShape, peak_gflops: float) -> 
     mfu["total"] = sum(flops.values()) / total_time / (peak_gflops * 1e9) if total_time else 0.0
     lengths = [n for c in cycles for n in (c.get("completion_lengths") or [])]
     prompt_lengths = [n for c in cycles for n in (c.get("prompt_lengths") or [])]
+    probes = [c["probe_gflops"] for c in cycles if "probe_gflops" in c]
     return {
         "system": result["system"],
         "workload": wl.name,
@@ -547,6 +591,7 @@ def summarize(result: dict[str, Any], shape: ModelShape, peak_gflops: float) -> 
         "workload_fields": result["workload"],
         "mfu": mfu,
         "peak_rss_mb": result["peak_rss_mb"],
+        "probe_gflops": probes,
         "loadavg": [result.get("loadavg_start"), result.get("loadavg_end")],
         "versions": {k2: result.get(k2) for k2 in ("torch", "trl", "transformers", "grpokit")},
         "threads": result.get("threads"),
@@ -762,6 +807,40 @@ def rows_per_forward(work: Any, micro_batch: int | None, bf16: bool) -> tuple[in
     return max(len(part) for part in parts), recompute
 
 
+def format_drift(
+    summaries: list[dict[str, Any]], costs: dict[str, Any], floor: dict[str, Any]
+) -> str:
+    """Per system with probes: the machine's matmul speed during its run against the start of
+    the run (`probe_drift`), and its generation, training and step time against the floor at
+    that speed (the peak scaled by the drift; the bandwidth as measured at the start)."""
+    import roofline
+
+    lines = []
+    for s in summaries:
+        drift = probe_drift(s, floor)
+        if drift is None:
+            continue
+        peak = floor["peak_gflops"] * drift
+        bandwidth = floor["bandwidth_gbs"]
+        ratios = []
+        for phase in ("generation", "train_fwd_bwd"):
+            seconds = s["per_step"].get(phase, 0.0)
+            floor_s = costs[phase].floor_seconds(peak, bandwidth)
+            if floor_s > 0:
+                ratios.append(f"{phase} {seconds / floor_s:.1f}x")
+        total = sum(costs[p].floor_seconds(peak, bandwidth) for p in roofline.PHASES)
+        step = sum(s["per_step"].get(p, 0.0) for p in roofline.PHASES)
+        if total > 0:
+            ratios.append(f"step {step / total:.1f}x")
+        rates = ", ".join(f"{g:.0f}" for g in s["probe_gflops"])
+        lines.append(
+            f"- {s['system']}: `{'x'.join(map(str, PROBE_SHAPE))}` products after each measured "
+            f"step at {rates} GFLOP/s, {drift:.2f}x the start of the run; against the floor at "
+            f"{peak:.0f} GFLOP/s: {', '.join(ratios)}"
+        )
+    return "\n".join(lines)
+
+
 def format_roofline(
     summaries: list[dict[str, Any]], shape: ModelShape, floor: dict[str, Any]
 ) -> str:
@@ -785,6 +864,10 @@ def format_roofline(
         out.append(
             roofline.roofline_table(costs, floor["peak_gflops"], floor["bandwidth_gbs"], measured)
         )
+        drifts = format_drift(group, costs, floor)
+        if drifts:
+            out.append("")
+            out.append(drifts)
         # packed linear weights on every CPU: the bf16 copy's, held only packed (native bf16),
         # or the fp32 policy's while it decodes, beside its weights (`engines.packed_linear`)
         fields = group[0].get("workload_fields", {})
@@ -1037,6 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_gflops": {k: v["peak"] for k, v in peaks.items()},
         "compute_dtype": compute,
         "peak_gflops": peaks[compute]["peak"],
+        "probe_start_gflops": peaks[compute].get("x".join(map(str, PROBE_SHAPE))),
         "bandwidth_gbs": machine_floor.measure_bandwidth(),
         "native_bf16": machine["native_bf16"],
         "loadavg": os.getloadavg(),
@@ -1058,6 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
                 threads=args.threads,
                 output_dir=out_dir,
                 profile=args.profile,
+                probe_dtype=compute,
             )
             result = run_worker(spec, run_dir)
             summary = summarize(result, shape, peak)

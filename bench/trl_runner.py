@@ -32,6 +32,7 @@ from bench_grpo import (
     WorkerSpec,
     finish_result,
     length_reward,
+    matmul_probe,
     maybe_profile,
     peak_rss_mb,
     prompt_rows,
@@ -55,7 +56,7 @@ def run_trl_worker(spec: WorkerSpec) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     model = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=torch.float32)
     config = GRPOConfig(**wl.config_kwargs(spec.output_dir, spec.max_steps))
-    clock = PhaseClock()
+    clock = PhaseClock(matmul_probe(spec.probe_dtype) if spec.probe_dtype else None)
     marks: dict[str, float] = {}
     counts: dict[str, Any] = {}
     k = wl.num_iterations

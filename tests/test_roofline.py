@@ -268,3 +268,66 @@ def test_bench_report_gives_each_pair_of_workers_its_ratio():
         "median speed-up over 3 pairs: 3.00x (range 3.00x-4.00x)",
     ]
     assert bench_grpo.format_pairs(summaries[:2]) == ""  # one pair: the main tables say it all
+
+
+def test_phase_clock_probes_after_each_cycle_outside_its_time():
+    import bench_grpo
+
+    calls = []
+
+    def probe() -> float:
+        calls.append(clock.current)  # the cycle has ended when the probe runs
+        return 90.0 + len(calls)
+
+    clock = bench_grpo.PhaseClock(probe)
+    for _ in range(2):
+        clock.start_cycle()
+        clock.add("generation", 1.0)
+        clock.end_cycle()
+    assert calls == [None, None]
+    assert [c["probe_gflops"] for c in clock.cycles] == [91.0, 92.0]
+    plain = bench_grpo.PhaseClock()
+    plain.start_cycle()
+    plain.end_cycle()
+    assert "probe_gflops" not in plain.cycles[0]
+
+
+def test_matmul_probe_times_the_shape_the_parent_times_at_the_start():
+    import bench_grpo
+    import matmul_peak
+
+    m, k, n = bench_grpo.PROBE_SHAPE
+    assert (m, k, n) in matmul_peak.SHAPES  # so `probe_start_gflops` exists in every run
+    rate = bench_grpo.matmul_probe("fp32", seconds=0.01)()
+    assert rate > 0
+
+
+def test_bench_report_judges_each_system_at_the_speed_of_its_own_run():
+    """The machine multiplied at 100 GFLOP/s at the start; the worker's probes read 40, 50 and
+    60 (median 50: 0.5x), so its floor is that of a 50 GFLOP/s peak (the bandwidth as at the
+    start)."""
+    import bench_grpo
+
+    costs = {
+        "prefill": Cost(0, 0),
+        "decode": Cost(0, 0),
+        "generation": Cost(100e9, 1e6),  # 1 s at 100 GFLOP/s, 2 s at 50
+        "logprobs": Cost(0, 0),
+        "train_fwd_bwd": Cost(300e9, 1e6),  # 3 s at 100 GFLOP/s, 6 s at 50
+        "optimizer": Cost(0, 1e9),  # 1 s at 1 GB/s either way
+    }
+    floor = {"peak_gflops": 200.0, "probe_start_gflops": 100.0, "bandwidth_gbs": 1.0}
+    summary = {
+        "system": "grpokit",
+        "per_step": {"generation": 4.0, "train_fwd_bwd": 9.0, "optimizer": 1.0},
+        "probe_gflops": [60.0, 40.0, 50.0],
+    }
+    assert bench_grpo.probe_drift(summary, floor) == 0.5
+    # peak 200 x 0.5 = 100 GFLOP/s: generation floor 1 s, training 3 s, step 1 + 3 + 1 = 5 s
+    line = bench_grpo.format_drift([summary], costs, floor)
+    assert line == (
+        "- grpokit: `2048x576x1536` products after each measured step at 60, 40, 50 GFLOP/s, "
+        "0.50x the start of the run; against the floor at 100 GFLOP/s: generation 4.0x, "
+        "train_fwd_bwd 3.0x, step 2.8x"
+    )
+    assert bench_grpo.format_drift([dict(summary, probe_gflops=[])], costs, floor) == ""
