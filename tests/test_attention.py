@@ -114,6 +114,88 @@ def test_sdpa_hand_over_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -
     torch.testing.assert_close(large, small, rtol=1e-5, atol=1e-6)
 
 
+def test_causal_query_blocks_only_where_every_later_key_is_masked() -> None:
+    from grpokit.core.attention import CAUSAL_QUERY_BLOCK, causal_query_blocks
+
+    n = 2 * CAUSAL_QUERY_BLOCK + 10
+    mask = padded_causal_mask([n, n - 3], n, n)
+    c = CAUSAL_QUERY_BLOCK
+    assert causal_query_blocks(mask, n, n) == [(0, c), (c, 2 * c), (2 * c, n)]
+    assert causal_query_blocks(mask == 0, n, n) == [(0, c), (c, 2 * c), (2 * c, n)]  # bool
+    assert causal_query_blocks(mask[..., :c, :c], c, c) == []  # one block's worth: one call
+    assert causal_query_blocks(None, n, n) == []
+    assert causal_query_blocks(mask[..., -1:, :], 1, n) == []  # fewer queries than keys
+    open_ahead = mask.clone()
+    open_ahead[1, 0, 5, c + 1] = 0.0  # query 5 of row 1 sees a key after its block
+    assert causal_query_blocks(open_ahead, n, n) == []
+    assert causal_query_blocks(open_ahead == 0, n, n) == []
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_causal_blocks_give_the_attention_and_gradients_of_one_call(
+    monkeypatch: pytest.MonkeyPatch, sdpa: bool
+) -> None:
+    """Split into blocks of 4 queries: the same outputs at every query with a key to attend,
+    and the same gradients of a loss over them (left padding: a padding query has none)."""
+    torch.manual_seed(0)
+    lengths = [11, 8]
+    mask = padded_causal_mask(lengths, 11, 11)
+    real = torch.zeros(2, 11, dtype=torch.bool)
+    for b, length in enumerate(lengths):
+        real[b, 11 - length :] = True
+    weights = torch.randn(2, 11, 6, 8)
+    results = []
+    for block in (1000, 4):
+        monkeypatch.setattr(attention, "CAUSAL_QUERY_BLOCK", block)
+        if sdpa:
+            monkeypatch.setattr(attention, "MAX_MATERIALIZED_SCORES", 10)
+        torch.manual_seed(1)
+        q = torch.randn(2, 6, 11, 8, requires_grad=True)
+        key = torch.randn(2, 2, 11, 8, requires_grad=True)
+        value = torch.randn(2, 2, 11, 8, requires_grad=True)
+        out, _ = grouped_attention(_Module(), q, key, value, mask, scaling=0.35)
+        assert out.shape == (2, 11, 6, 8) and out.is_contiguous()
+        (out[real] * weights[real]).sum().backward()
+        results.append((out.detach()[real], q.grad, key.grad, value.grad))
+    assert attention.causal_query_blocks(mask, 11, 11) == [(0, 4), (4, 8), (8, 11)]
+    for blocked, whole in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
+    expected = reference_attention(q, key, value, mask, 0.35)[real]
+    torch.testing.assert_close(results[1][0], expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_model_logprobs_and_gradients_equal_with_causal_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tiny Llama's completion log-probs and parameter gradients (left-padded batch) are the
+    same with its attention split into blocks of 3 queries as in one call."""
+    tok = make_tokenizer()
+    results = []
+    split: list[int] = []  # blocks per call
+    blocks_of = attention.causal_query_blocks
+
+    def counted(*args: object) -> list[tuple[int, int]]:
+        blocks = blocks_of(*args)  # type: ignore[arg-type]
+        split.append(len(blocks))
+        return blocks
+
+    monkeypatch.setattr(attention, "causal_query_blocks", counted)
+    for block in (1000, 3):
+        monkeypatch.setattr(attention, "CAUSAL_QUERY_BLOCK", block)
+        model = make_causal_lm(tok)
+        assert use_grouped_attention(model)
+        ids, mask = _batch(tok)
+        logprobs, _ = model_completion_logprobs(model, ids, mask, 4)
+        (logprobs * torch.tensor([[1.0], [-0.5]])).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((logprobs.detach(), grads))
+    layers = make_causal_lm(tok).config.num_hidden_layers
+    assert split[:layers] == [0] * layers  # one call a layer
+    assert split[layers:] == [3, 0, 0, 0] * layers  # 9 positions in 3 blocks (each: one call)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_training_keeps_only_the_cast_probabilities(dtype: torch.dtype) -> None:
     """With gradients on, no float32 copy of the probabilities is saved for backward when the

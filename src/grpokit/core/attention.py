@@ -20,6 +20,13 @@ Two calls go to `torch.nn.functional.scaled_dot_product_attention` instead:
   probabilities in float32, and in bf16 takes about a third of the eager math's time per call;
 - a call whose score tensor would be large (long sequences), since SDPA never materialises it.
 
+A causal call over a whole sequence (a training forward or a prefill: as many keys as queries,
+every key after a query masked for it) is split into blocks of `CAUSAL_QUERY_BLOCK` queries, each
+against only the keys up to its last query: the scores above the diagonal that the mask would
+discard are never computed (in the backward pass neither). For 549-token rows this took 47% less
+time per layer forward and backward (bench/RESULTS.md). The same attention, summed over fewer
+exact zeros.
+
 `register()` makes the function available to any transformers model as `attn_implementation=NAME`.
 """
 
@@ -35,6 +42,9 @@ NAME = "grpokit_grouped"
 # probabilities of every layer are kept for backward, so this bounds that memory (8 MB a layer in
 # bf16, 16 MB in float32).
 MAX_MATERIALIZED_SCORES = 1 << 22
+# Queries per block of a causal call over a whole sequence (module docstring); longer sequences
+# are split.
+CAUSAL_QUERY_BLOCK = 128
 
 
 def grouped_attention(
@@ -65,6 +75,22 @@ def grouped_attention(
     hkv, k = key.shape[1], key.shape[2]
     scale = d**-0.5 if scaling is None else scaling
     mask = None if attention_mask is None else attention_mask[..., :k]
+    blocks = causal_query_blocks(mask, s, k)
+    if blocks:
+        assert mask is not None
+        outs = [
+            grouped_attention(
+                module,
+                query[:, :, a:z],
+                key[:, :, :z],
+                value[:, :, :z],
+                mask[..., a:z, :z],
+                scale,
+                dropout,
+            )[0]
+            for a, z in blocks
+        ]
+        return torch.cat(outs, dim=1), None  # [B, S, H, D]
     decode = s == 1 and not (torch.is_grad_enabled() and query.requires_grad)
     if decode or b * h * s * k > MAX_MATERIALIZED_SCORES:
         if mask is not None and mask.dtype != torch.bool:
@@ -86,6 +112,26 @@ def grouped_attention(
             return out.view(b, 1, h, d), None  # [B, Hkv, g, D] is [B, H, D] in memory
         return out.transpose(1, 2).contiguous(), None
     return grouped_matmul_attention(module, query, key, value, mask, scale, dropout), None
+
+
+def causal_query_blocks(mask: Tensor | None, s: int, k: int) -> list[tuple[int, int]]:
+    """The query blocks `[(start, end), ...]` a call of `s` queries over `k` keys with `mask`
+    `[B, 1, S, K]` (additive: masked = at most half the dtype's lowest value; or bool: True =
+    attend) is split into: blocks of `CAUSAL_QUERY_BLOCK` queries when `s == k` exceeds it and
+    the mask masks every key after each block's last query for the block's queries (checked);
+    else `[]`, one call."""
+    if mask is None or s != k or s <= CAUSAL_QUERY_BLOCK or mask.shape[-2] != s:
+        return []
+    blocks = [(a, min(s, a + CAUSAL_QUERY_BLOCK)) for a in range(0, s, CAUSAL_QUERY_BLOCK)]
+    for a, z in blocks[:-1]:
+        later = mask[..., a:z, z:]  # the keys after the block, for its queries
+        if mask.dtype == torch.bool:
+            attended = bool(later.any())
+        else:
+            attended = bool((later > torch.finfo(mask.dtype).min / 2).any())
+        if attended:
+            return []
+    return blocks
 
 
 def grouped_matmul_attention(
