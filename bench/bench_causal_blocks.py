@@ -1,16 +1,18 @@
-"""Causal attention over a whole sequence in query blocks (`core.attention.CAUSAL_QUERY_BLOCK`).
+"""Causal attention in query blocks (`core.attention.CAUSAL_QUERY_BLOCK`): time and difference.
 
-A training forward's attention (as many keys as queries, causal) is split into blocks of
-`CAUSAL_QUERY_BLOCK` queries, each against the keys up to its last query, so the scores above the
-diagonal are never computed. Two measurements, the block sizes alternated in one process (slow
-drifts of a shared machine hit each alike), "one call" = no split:
+A training forward's causal attention (over the whole sequence, or over the completion after
+the cached prompt) is split into blocks of `CAUSAL_QUERY_BLOCK` queries, each against the keys up
+to its last query, so the scores above the diagonal are never computed. Two measurements, the
+block sizes alternated in one process (slow drifts of a shared machine hit each alike), "one
+call" = no split:
 
 - default: one layer's `grouped_attention` forward and backward (SmolLM2-135M's 9 query and 3
   key/value heads of 64, float32, a causal mask) for each `--shapes ROWSxLENGTH`: median
   milliseconds, and the largest difference of the output and of the query gradient from one call;
 - `--update`: the trainer's forward+backward of one optimizer step on a fixed batch
   (`train_memory_speed.build`: SmolLM2-135M-Instruct, 2 prompts x G completions of T random tokens,
-  dapo, float32 as on a CPU without native bf16): median seconds.
+  dapo, float32 as on a CPU without native bf16, `max_forward_tokens` as `--forwards` sets it):
+  median seconds.
 
 No assertion on timings.
 
@@ -99,7 +101,7 @@ def time_update(args: argparse.Namespace) -> None:
         bf16=False,
     )
     bench_grpo.Workload = lambda: workload  # type: ignore[assignment,misc]
-    trainer, batch = train_memory_speed.build("none", args.threads)
+    trainer, batch = train_memory_speed.build(args.forwards, args.threads)
     times: dict[int, list[float]] = {b: [] for b in args.blocks}
     for r in range(args.repeats + 1):  # the first round warms up
         for b in args.blocks:
@@ -128,6 +130,12 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument(
+        "--forwards",
+        default="auto",
+        help="--update: the training forwards' bound, a `train_memory_speed.py` setting (auto = "
+        "the default max_forward_tokens; none = one forward per micro-batch)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.update:

@@ -12,8 +12,9 @@ Usage:
     python bench/train_memory_speed.py [--repeats 3] [--settings none 990 660 ckpt]
     python bench/train_memory_speed.py --interleave --repeats 5   # timing only, one process
 
-A setting is `none` (one forward per micro-batch), a number (`max_forward_tokens`), or `ckpt`
-(`gradient_checkpointing=True`); `ckpt:N` combines both. Time it on a quiet machine.
+A setting is `none` (one forward per micro-batch), a number (`max_forward_tokens`), `auto` (the
+default: the bound the device sets), or `ckpt` (`gradient_checkpointing=True`); `ckpt:N` combines
+both. Time it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 
 def setting_overrides(setting: str) -> dict[str, Any]:
-    """`none`, `N`, `ckpt` or `ckpt:N` -> the GRPOConfig fields it sets."""
+    """`none`, `N`, `ckpt`, `ckpt:N` or `auto` (the default bound) -> the GRPOConfig fields it
+    sets."""
+    if setting == "auto":
+        return {"gradient_checkpointing": False, "max_forward_tokens": "auto"}
     checkpointing = setting.startswith("ckpt")
     tokens = setting.partition(":")[2] if checkpointing else setting.replace("none", "")
     return {

@@ -124,7 +124,12 @@ def test_causal_query_blocks_only_where_every_later_key_is_masked() -> None:
     assert causal_query_blocks(mask == 0, n, n) == [(0, c), (c, 2 * c), (2 * c, n)]  # bool
     assert causal_query_blocks(mask[..., :c, :c], c, c) == []  # one block's worth: one call
     assert causal_query_blocks(None, n, n) == []
-    assert causal_query_blocks(mask[..., -1:, :], 1, n) == []  # fewer queries than keys
+    assert causal_query_blocks(mask[..., -1:, :], 1, n) == []  # a decode step
+    # after 5 cached keys: block (a, z) attends keys [0, 5 + z)
+    cached = padded_causal_mask([n + 5, n], n, n + 5)
+    assert causal_query_blocks(cached, n, n + 5) == [(0, c), (c, 2 * c), (2 * c, n)]
+    cached[0, 0, c - 1, c + 5] = 0.0  # a key one past its block's keys, attended
+    assert causal_query_blocks(cached, n, n + 5) == []
     open_ahead = mask.clone()
     open_ahead[1, 0, 5, c + 1] = 0.0  # query 5 of row 1 sees a key after its block
     assert causal_query_blocks(open_ahead, n, n) == []
@@ -132,17 +137,19 @@ def test_causal_query_blocks_only_where_every_later_key_is_masked() -> None:
 
 
 @pytest.mark.parametrize("sdpa", [False, True])
+@pytest.mark.parametrize("cached", [0, 3])
 def test_causal_blocks_give_the_attention_and_gradients_of_one_call(
-    monkeypatch: pytest.MonkeyPatch, sdpa: bool
+    monkeypatch: pytest.MonkeyPatch, sdpa: bool, cached: int
 ) -> None:
-    """Split into blocks of 4 queries: the same outputs at every query with a key to attend,
-    and the same gradients of a loss over them (left padding: a padding query has none)."""
+    """Split into blocks of 4 queries (11 queries after `cached` keys, as after a cached
+    prompt): the same outputs at every query with a key to attend, and the same gradients of a
+    loss over them (left padding: a padding query has none)."""
     torch.manual_seed(0)
-    lengths = [11, 8]
-    mask = padded_causal_mask(lengths, 11, 11)
-    real = torch.zeros(2, 11, dtype=torch.bool)
-    for b, length in enumerate(lengths):
-        real[b, 11 - length :] = True
+    k = 11 + cached
+    lengths = [k, 8]
+    mask = padded_causal_mask(lengths, 11, k)
+    real = (mask > torch.finfo(torch.float32).min).any(-1)[:, 0]  # [2, 11] a key to attend
+    assert int(real.sum()) == 11 + 8
     weights = torch.randn(2, 11, 6, 8)
     results = []
     for block in (1000, 4):
@@ -151,13 +158,13 @@ def test_causal_blocks_give_the_attention_and_gradients_of_one_call(
             monkeypatch.setattr(attention, "MAX_MATERIALIZED_SCORES", 10)
         torch.manual_seed(1)
         q = torch.randn(2, 6, 11, 8, requires_grad=True)
-        key = torch.randn(2, 2, 11, 8, requires_grad=True)
-        value = torch.randn(2, 2, 11, 8, requires_grad=True)
+        key = torch.randn(2, 2, k, 8, requires_grad=True)
+        value = torch.randn(2, 2, k, 8, requires_grad=True)
         out, _ = grouped_attention(_Module(), q, key, value, mask, scaling=0.35)
         assert out.shape == (2, 11, 6, 8) and out.is_contiguous()
         (out[real] * weights[real]).sum().backward()
         results.append((out.detach()[real], q.grad, key.grad, value.grad))
-    assert attention.causal_query_blocks(mask, 11, 11) == [(0, 4), (4, 8), (8, 11)]
+    assert attention.causal_query_blocks(mask, 11, k) == [(0, 4), (4, 8), (8, 11)]
     for blocked, whole in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6)
     expected = reference_attention(q, key, value, mask, 0.35)[real]

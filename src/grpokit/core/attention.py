@@ -20,12 +20,12 @@ Two calls go to `torch.nn.functional.scaled_dot_product_attention` instead:
   probabilities in float32, and in bf16 takes about a third of the eager math's time per call;
 - a call whose score tensor would be large (long sequences), since SDPA never materialises it.
 
-A causal call over a whole sequence (a training forward or a prefill: as many keys as queries,
-every key after a query masked for it) is split into blocks of `CAUSAL_QUERY_BLOCK` queries, each
-against only the keys up to its last query: the scores above the diagonal that the mask would
-discard are never computed (in the backward pass neither). For 549-token rows this took 47% less
-time per layer forward and backward (bench/RESULTS.md). The same attention, summed over fewer
-exact zeros.
+A causal call of many queries (a training forward or a prefill, over the whole sequence or after
+a cached prompt: the queries are the last keys' positions, every key after a query masked for
+it) is split into blocks of `CAUSAL_QUERY_BLOCK` queries, each against only the keys up to its
+last query: the scores above the diagonal that the mask would discard are never computed (in
+the backward pass neither). For 549-token rows this took 47% less time per layer forward and
+backward (bench/RESULTS.md). The same attention, summed over fewer exact zeros.
 
 `register()` makes the function available to any transformers model as `attn_implementation=NAME`.
 """
@@ -78,13 +78,14 @@ def grouped_attention(
     blocks = causal_query_blocks(mask, s, k)
     if blocks:
         assert mask is not None
+        past = k - s  # cached keys before the first query's own
         outs = [
             grouped_attention(
                 module,
                 query[:, :, a:z],
-                key[:, :, :z],
-                value[:, :, :z],
-                mask[..., a:z, :z],
+                key[:, :, : past + z],
+                value[:, :, : past + z],
+                mask[..., a:z, : past + z],
                 scale,
                 dropout,
             )[0]
@@ -115,16 +116,17 @@ def grouped_attention(
 
 
 def causal_query_blocks(mask: Tensor | None, s: int, k: int) -> list[tuple[int, int]]:
-    """The query blocks `[(start, end), ...]` a call of `s` queries over `k` keys with `mask`
-    `[B, 1, S, K]` (additive: masked = at most half the dtype's lowest value; or bool: True =
-    attend) is split into: blocks of `CAUSAL_QUERY_BLOCK` queries when `s == k` exceeds it and
-    the mask masks every key after each block's last query for the block's queries (checked);
-    else `[]`, one call."""
-    if mask is None or s != k or s <= CAUSAL_QUERY_BLOCK or mask.shape[-2] != s:
+    """The query blocks `[(start, end), ...]` a call of `s` queries over `k >= s` keys with
+    `mask` `[B, 1, S, K]` (additive: masked = at most half the dtype's lowest value; or bool:
+    True = attend) is split into, query `i` being at key position `k - s + i`: blocks of
+    `CAUSAL_QUERY_BLOCK` queries when `s` exceeds it and the mask masks every key after each
+    block's last query for the block's queries (checked); else `[]`, one call. Block
+    `(a, z)` attends the keys `[0, k - s + z)`."""
+    if mask is None or s > k or s <= CAUSAL_QUERY_BLOCK or mask.shape[-2] != s:
         return []
     blocks = [(a, min(s, a + CAUSAL_QUERY_BLOCK)) for a in range(0, s, CAUSAL_QUERY_BLOCK)]
     for a, z in blocks[:-1]:
-        later = mask[..., a:z, z:]  # the keys after the block, for its queries
+        later = mask[..., a:z, k - s + z :]  # the keys after the block, for its queries
         if mask.dtype == torch.bool:
             attended = bool(later.any())
         else:
