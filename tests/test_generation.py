@@ -958,6 +958,76 @@ def test_fused_projections_sample_what_separate_packs_sample(
         assert torch.equal(weights[name], p.detach().to(torch.bfloat16)), name
 
 
+def test_kept_product_computed_once_per_input_for_the_members_in_turn() -> None:
+    """`KeptProduct`: three members called on one tensor share one product; a new tensor, one
+    written in place since, or a member called again after all took theirs computes afresh;
+    an inference-mode tensor (no version counter) is matched by identity."""
+    from grpokit.engines.packed_linear import KeptProduct
+
+    calls: list[torch.Tensor] = []
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x)
+        return torch.cat([x, 2 * x, 3 * x], dim=-1)  # [..., 3 * in]: members' columns
+
+    kept = KeptProduct(3)
+    cols = [slice(0, 4), slice(4, 8), slice(8, 12)]
+    x = torch.randn(2, 4)
+    outs = [kept.columns(x, c, product) for c in cols]
+    assert len(calls) == 1 and kept.input is None and kept.waiting == 0  # dropped after all 3
+    for i, out in enumerate(outs):
+        assert torch.equal(out, (i + 1) * x)
+    kept.columns(x, cols[0], product)
+    assert len(calls) == 2  # a new round on the same tensor: computed again
+    x.mul_(2.0)  # written in place before the other members' calls
+    assert torch.equal(kept.columns(x, cols[1], product), 2 * x) and len(calls) == 3
+    assert torch.equal(kept.columns(torch.ones(2, 4), cols[2], product), 3 * torch.ones(2, 4))
+    assert len(calls) == 4  # another tensor
+    kept.clear()
+    with torch.inference_mode():
+        z = torch.randn(3, 4)
+        outs = [kept.columns(z, c, product) for c in cols]
+    assert len(calls) == 5 and torch.equal(outs[2], 3 * z)
+
+
+def test_fused_group_in_float32_computes_one_product_per_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The q/k/v `FusedGroup` (here over float32 `PackedLinear`s, so on every CPU with oneDNN):
+    each member's own product, one stacked product for the three called on one input."""
+    from grpokit.engines import packed_linear
+
+    torch.manual_seed(0)
+    attention = torch.nn.Module()
+    attention.q_proj = torch.nn.Linear(32, 32, bias=False)
+    attention.k_proj = torch.nn.Linear(32, 16, bias=False)
+    attention.v_proj = torch.nn.Linear(32, 16, bias=False)
+    names = ("q_proj", "k_proj", "v_proj")
+    weights = {n: getattr(attention, n).weight.detach().clone() for n in names}
+    if not packed_linear._can_pack(attention.q_proj.weight):
+        pytest.skip("this torch build has no oneDNN")
+    for name in names:
+        getattr(attention, name).__class__ = packed_linear.PackedLinear
+    assert len(packed_linear.fuse_projections(attention)) == 1
+    products = []
+    real = packed_linear.packed_product
+
+    def counted(*args: Any) -> torch.Tensor:
+        products.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(packed_linear, "packed_product", counted)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            x = torch.randn(3, 32)
+            for name in names:
+                out = getattr(attention, name)(x)
+                expected = torch.nn.functional.linear(x, weights[name])
+                torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        assert len(products) == 1
+        products.clear()
+
+
 def test_fused_group_members_called_on_other_inputs_compute_their_own_product() -> None:
     """A member reuses the group's product only for the same, unchanged input tensor; on any
     other input (a new tensor, one written in place, an inference-mode tensor, a member called

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +166,43 @@ def pack_linear_layers(
 FUSABLE_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+class KeptProduct:
+    """A sibling group's last product, kept for the members called after the first one on the
+    same input (transformers' Llama attention and MLP call their sibling projections one after
+    another on one unchanged tensor).
+
+    The first member called on an input computes the group's whole product; each member takes
+    its columns of it, and the product is dropped once every member has. It is reused only for
+    the same tensor object, unchanged since: its version counter, or for an inference-mode
+    tensor (which has none) its identity alone. Any other input is computed afresh: the same
+    values, only slower.
+    """
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+        self.clear()
+
+    def clear(self) -> None:
+        self.input: Tensor | None = None
+        self.version = -1
+        self.output: Tensor | None = None  # [..., sum of out]
+        self.waiting = 0  # members that have not yet taken their columns of `output`
+
+    def columns(self, x: Tensor, columns: slice, product: Callable[[Tensor], Tensor]) -> Tensor:
+        """One member's `columns` of `product(x)` (`[..., in]` -> `[..., sum of out]`), computed
+        once for the group's members called on `x` in turn."""
+        version = -1 if x.is_inference() else x._version
+        if not (self.waiting > 0 and x is self.input and version == self.version):
+            self.output = product(x)
+            self.input, self.version, self.waiting = x, version, self.members
+        assert self.output is not None
+        out = self.output[..., columns]
+        self.waiting -= 1
+        if self.waiting == 0:
+            self.clear()
+        return out
+
+
 class FusedGroup:
     """Sibling `PackedLinear`s that read the same input, held as one packed weight
     `[sum of out, in]`: a Llama attention's q, k and v projections, or its MLP's gate and up.
@@ -173,12 +210,9 @@ class FusedGroup:
     transformers calls each projection on its own (`q_proj(x)`, then `k_proj(x)`, ...); with a
     few rows per decode step one oneDNN product over the stacked weight costs less than one per
     member (timings in bench/RESULTS.md). So the first member called on an input computes the
-    whole product and the group keeps it; each member returns its own columns of it, as long as
-    it is called on that same tensor object, unchanged since (its version counter). A member
-    called on any other input (or on an inference-mode tensor, which has no version counter)
-    computes the whole product afresh: the same values, only slower. The product is dropped
-    once every member has taken its columns. Each column of the stacked product equals the
-    member's own product bit for bit (checked in tests/test_generation.py).
+    whole product and the group keeps it for the others called on the same input
+    (`KeptProduct`); each member returns its own columns of it. Each column of the stacked
+    product equals the member's own product bit for bit (checked in tests/test_generation.py).
 
     The members hold no weight of their own (the group releases them,
     `PackedLinear.release_weight`), so the weights are still held once. New values arrive
@@ -200,10 +234,7 @@ class FusedGroup:
         self.bias: Tensor | None = None
         self.bias_versions: tuple[int, ...] = ()
         self._refresh_bias()
-        self._input: Tensor | None = None  # the input of the kept product
-        self._input_version = -1
-        self._output: Tensor | None = None  # [..., sum of out]
-        self._waiting = 0  # members that have not yet taken their columns of `_output`
+        self.kept = KeptProduct(len(members))
         for member in members:
             member.group = self
             member.packed = None  # the group holds the weight now
@@ -212,23 +243,12 @@ class FusedGroup:
 
     def forward(self, member: PackedLinear, x: Tensor) -> Tensor:
         """`member`'s product: `x` `[..., in]` -> `[..., member.out_features]`."""
-        reuse = (
-            self._waiting > 0
-            and x is self._input
-            and not x.is_inference()
-            and x._version == self._input_version
+        dtype = member.weight.dtype
+        return self.kept.columns(
+            x,
+            self.columns[id(member)],
+            lambda rows: packed_product(self.packed, self.bias, rows.to(dtype)),
         )
-        if not reuse:
-            self._output = packed_product(self.packed, self.bias, x.to(member.weight.dtype))
-            self._input = x
-            self._input_version = -1 if x.is_inference() else x._version
-            self._waiting = len(self.members)
-        assert self._output is not None
-        output = self._output[..., self.columns[id(member)]]
-        self._waiting -= 1
-        if self._waiting == 0:
-            self._input = self._output = None
-        return output
 
     def stage(self, member: PackedLinear, values: Tensor) -> None:
         """Record new `[out, in]` values of `member`, packed by the next `flush()`, or at once
@@ -241,8 +261,7 @@ class FusedGroup:
     def flush(self) -> None:
         """Re-pack the group once if any member has staged values, and re-stack the biases if
         any was written in place."""
-        self._input = self._output = None
-        self._waiting = 0
+        self.kept.clear()
         self._refresh_bias()
         if not self.staged:
             return
@@ -262,8 +281,7 @@ class FusedGroup:
 
     def discard(self) -> None:
         """Free the packed weight until every member has new values (`PackedLinear.discard`)."""
-        self._input = self._output = None
-        self._waiting = 0
+        self.kept.clear()
         self.staged = {}
         self.packed = None
 
@@ -373,9 +391,10 @@ class _DecodeGroup:
     low_rank: tuple[Tensor, Tensor] | None = None
     stamps: tuple[tuple[int, int], ...] = ()
     # the last product, kept for the members not yet called on the same input
-    kept_input: Tensor | None = None
-    kept_output: Tensor | None = None
-    waiting: int = 0
+    kept: KeptProduct = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.kept = KeptProduct(len(self.members))
 
 
 class DecodePacks:
@@ -476,8 +495,7 @@ class DecodePacks:
         frozen = not any(w.requires_grad for w in weights)
         adapters = group.members[0].adapters
         unchanged = group.packed is not None and frozen and stamps == group.stamps
-        group.kept_input = group.kept_output = None
-        group.waiting = 0
+        group.kept.clear()
         if not (unchanged and (group.half or not adapters)):
             group.packed = None  # free the old copy first
             wanted = self.fp16_frozen if frozen else fp16_trainable
@@ -509,7 +527,7 @@ class DecodePacks:
         freed = 0
         for group in self.groups:
             group.low_rank = None
-            group.kept_input = group.kept_output = None
+            group.kept.clear()
             merged = bool(group.members[0].adapters) and not group.half
             trainable = any(m.linear.weight.requires_grad for m in group.members)
             if group.packed is not None and (merged or trainable):
@@ -601,21 +619,12 @@ def layer_product(layer: _DecodeLayer, x: Tensor) -> Tensor:
 
 def _member_product(group: _DecodeGroup, index: int, x: Tensor) -> Tensor:
     """Member `index`'s forward within `active()`: its columns of the group's product of `x`
-    `[..., in]`. The first member called on an input computes the whole product; the members
-    called after it on the same tensor object take their columns of it. transformers' Llama
-    attention and MLP call the siblings one after another on the same, unchanged input; any
-    other input is computed afresh (the same values)."""
-    if not (group.waiting > 0 and x is group.kept_input):
-        rows = x.reshape(-1, x.shape[-1])
-        group.kept_output = group_product(group, rows).view(*x.shape[:-1], -1)
-        group.kept_input = x
-        group.waiting = len(group.members)
-    assert group.kept_output is not None
-    out = group.kept_output[..., group.columns[index]]
-    group.waiting -= 1
-    if group.waiting == 0:
-        group.kept_input = group.kept_output = None
-    return out
+    `[..., in]`, computed once for the members called on `x` in turn (`KeptProduct`)."""
+
+    def product(x: Tensor) -> Tensor:
+        return group_product(group, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+    return group.kept.columns(x, group.columns[index], product)
 
 
 def _group_low_rank(group: _DecodeGroup) -> tuple[Tensor, Tensor]:
