@@ -144,7 +144,7 @@ def pack_linear_layers(
         and m.weight.dtype == torch.bfloat16
         and m.weight.device.type == "cpu"
     ]
-    if not layers or not _can_pack(layers[0].weight):  # a private operator: check it works
+    if not layers or not can_pack(layers[0].weight):  # a private operator: check it works
         return []
     for layer in layers:
         layer.__class__ = PackedLinear
@@ -338,7 +338,7 @@ def _fusable(members: list[Any], uses: Counter[int]) -> bool:
     )
 
 
-def _can_pack(weight: Tensor) -> bool:
+def can_pack(weight: Tensor) -> bool:
     """Whether this torch packs and multiplies a weight like `weight` (a private operator)."""
     if not torch.backends.mkldnn.is_available():
         return False
@@ -832,7 +832,7 @@ def decode_packs(model: torch.nn.Module, *, fp16_frozen: bool | None = None) -> 
             layers.append(_DecodeLayer(module, module))  # type: ignore[arg-type]
     if any(hasattr(p, "full_tensor") for p in model.parameters()):
         return None
-    if not layers or not _can_pack(layers[0].linear.weight):
+    if not layers or not can_pack(layers[0].linear.weight):
         return None
     fp16 = can_pack_fp16()
     if fp16_frozen is None:
