@@ -744,10 +744,11 @@ def half_product(
 
 
 # A float16 weight larger than this is packed as blocks of output rows of about HALF_BLOCK_BYTES
-# each. For SmolLM2-135M's [49152, 576] output layer on a 2-core AVX2 CPU (bench/RESULTS.md), 14
-# blocks of 3584 rows took half the packing time of one panel set (0.32 s against 0.67 s) and a
-# 16-row product 14% less time (7.6 ms against 8.8 ms, with the concatenation); its decoder
-# weights (at most 3.4 MiB) were no faster in blocks.
+# each. For SmolLM2-135M's [49152, 576] output layer on a 2-core AVX2 CPU (bench/RESULTS.md),
+# blocks of 4096 rows (4.5 MiB) took half the packing time of one panel set (0.32 s against
+# 0.67 s) and a 16-row product 14% less time (7.6 ms against 8.8 ms, with the concatenation);
+# blocks of 2048 and 8192 rows were about as fast; its decoder weights (at most 3.4 MiB) were no
+# faster in blocks.
 HALF_BLOCK_LIMIT = 8 << 20
 HALF_BLOCK_BYTES = 4 << 20
 
