@@ -1062,6 +1062,7 @@ def test_auto_on_an_amx_cpu_checkpoints_and_gives_the_plain_update(
     runs = {}
     for name, tokens in (("plain", None), ("auto", "auto")):
         trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **overrides)
+        trainer.share_prompts = False  # one forward per micro-batch (checkpointing shares none)
         assert trainer.use_bf16 is True
         assert trainer.max_forward_tokens is None
         assert trainer.activation_bound.recompute is (name == "auto")
@@ -1122,6 +1123,7 @@ def test_auto_on_an_amx_cpu_recomputes_under_lora(
             trainer_kwargs=dict(peft_config=lora),
         )
         assert trainer.is_peft
+        trainer.share_prompts = False  # one forward per micro-batch (checkpointing shares none)
         base = trainer.model.get_base_model()
         assert base.is_gradient_checkpointing is (name == "auto")
         calls = count_grad_calls(base.model.layers[0])
