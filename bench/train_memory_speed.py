@@ -112,10 +112,21 @@ def build(setting: str, threads: int) -> tuple[Any, Any]:
 
 
 def apply_setting(trainer: Any, setting: str) -> None:
-    """Switch a built trainer to `setting` (for interleaved timing)."""
-    overrides = setting_overrides(setting)
-    trainer.max_forward_tokens = overrides["max_forward_tokens"]
-    if overrides["gradient_checkpointing"]:
+    """Switch a built trainer to `setting` (for interleaved timing): its activation bound as the
+    trainer resolves it for that config (`auto` = the device's choice)."""
+    import copy
+
+    from grpokit.train import build as train_build
+
+    args = copy.copy(trainer.args)  # the resolved config, without checking it again
+    for name, value in setting_overrides(setting).items():
+        setattr(args, name, value)
+    bound = train_build.resolve_activation_bound(
+        args, trainer.device_traits, bf16=trainer.use_bf16, model=trainer.model
+    )
+    trainer.activation_bound = bound
+    trainer.max_forward_tokens = bound.max_forward_tokens
+    if bound.recompute:
         trainer.model.gradient_checkpointing_enable({"use_reentrant": False})
     else:
         trainer.model.gradient_checkpointing_disable()
