@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from grpokit.core import attention
+from grpokit.core.norms import MODEL_TYPES, is_llama_norm
 from grpokit.engines.kv_cache import ReservedLayer
 from grpokit.engines.packed_linear import (
     DecodePacks,
@@ -41,11 +42,6 @@ from grpokit.engines.packed_linear import (
 )
 
 Product = Callable[[Tensor], Tensor]
-
-# transformers model types whose decoder layer is Llama's (pre-norm, RMSNorm, rotary, grouped
-# attention, gated SiLU MLP); biases on the projections (Qwen2) are part of the packed products.
-MODEL_TYPES = ("llama", "qwen2", "mistral")
-NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 
 
 class LlamaDecodeStep:
@@ -109,6 +105,8 @@ class LlamaDecodeStep:
         """
         config = getattr(model, "config", None)
         inner = getattr(model, "model", None)
+        # MODEL_TYPES: decoder layers like Llama's (pre-norm RMSNorm, rotary, grouped attention,
+        # gated SiLU MLP); biases on the projections (Qwen2) are part of the packed products
         if config is None or inner is None or config.model_type not in MODEL_TYPES:
             return None
         if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
@@ -122,7 +120,7 @@ class LlamaDecodeStep:
         if getattr(config, "pretraining_tp", 1) != 1:
             return None
         parts = ("embed_tokens", "rotary_emb", "layers", "norm")
-        if not all(hasattr(inner, name) for name in parts) or not _is_norm(inner.norm):
+        if not all(hasattr(inner, name) for name in parts) or not is_llama_norm(inner.norm):
             return None
         if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
             return None
@@ -190,10 +188,6 @@ class LlamaDecodeStep:
         return self.head(_rms_norm(inner.norm, x))  # [N, V]
 
 
-def _is_norm(module: Any) -> bool:
-    return type(module).__name__ in NORMS and hasattr(module, "variance_epsilon")
-
-
 def _layer_fits(layer: Any, packs: DecodePacks | None = None) -> bool:
     """A decoder layer made of exactly the parts `LlamaDecodeStep` computes, its q/k/v and
     gate/up packed as one group each (with `packs`, its groups; else the bf16 copy's
@@ -201,7 +195,8 @@ def _layer_fits(layer: Any, packs: DecodePacks | None = None) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None:
         return False
-    if not (_is_norm(layer.input_layernorm) and _is_norm(layer.post_attention_layernorm)):
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not all(is_llama_norm(norm) for norm in norms):
         return False
     if getattr(attn, "sliding_window", None) is not None or hasattr(attn, "q_norm"):
         return False

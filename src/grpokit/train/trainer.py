@@ -35,6 +35,7 @@ from torch import Tensor
 from transformers import TrainerControl, trainer_pt_utils
 from transformers.trainer_utils import TrainOutput
 
+from grpokit.core import norms
 from grpokit.core.advantages import AdvantageOutput, check_reward_weights, group_advantages
 from grpokit.core.entropy import entropy_bonus
 from grpokit.core.logprobs import (
@@ -207,6 +208,9 @@ class GRPOTrainer:
             self.device,
             recompute=self.activation_bound.recompute,
         )
+        if self.use_bf16:  # one cast of each norm's output for the linear layers reading it
+            cast = norms.cast_norm_outputs(self.model)
+            logger.info("norms casting their output once under autocast: %d", cast)
         self.is_peft = ckpt.is_peft_model(self.model)
         self.context_length = context_length(self.model)  # prompts are limited to fit in it
         self.ref_model = build.make_ref_model(self.model, self.args)
