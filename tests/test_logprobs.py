@@ -95,6 +95,36 @@ def test_bf16_gradient_is_the_float32_gradient_rounded() -> None:
     torch.testing.assert_close(ours.grad, ref.grad.to(torch.bfloat16), atol=1e-7, rtol=2**-8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gradient_written_over_the_logits_is_the_same_gradient(dtype: torch.dtype) -> None:
+    """`overwrite=True` (model_completion_logprobs' own logits): the backward pass returns the
+    same gradient, held in the logits' own storage; the public function leaves a caller's
+    logits as they were."""
+    from grpokit.core.logprobs import _selective
+
+    logits, ids = random_logits(dtype, n=3, t=9, v=301)
+    weights = torch.randn(3, 8)
+    grads = {}
+    for overwrite in (False, True):
+        leaf = logits.clone().requires_grad_(True)
+        scaled = leaf * 1.5  # a non-leaf, as a model's output is
+        seen = []
+        scaled.register_hook(lambda g, seen=seen: seen.append(g))
+        logp, entropy = _selective(scaled, ids[:, :8], 0.8, True, 4, overwrite=overwrite)
+        assert entropy is not None
+        ((logp * weights).sum() + entropy.sum()).backward()
+        grads[overwrite] = leaf.grad
+        assert (seen[0].data_ptr() == scaled.data_ptr()) is overwrite
+        changed = not torch.equal(scaled.detach(), (logits * 1.5).to(dtype))
+        assert changed is overwrite
+    assert grads[False] is not None and grads[True] is not None
+    assert grads[False].abs().max() > 0
+    assert torch.equal(grads[True], grads[False])
+    ours = logits.clone().requires_grad_(True)
+    (selective_logprobs_and_entropy(ours, ids)[0] * torch.randn(ids.shape)).sum().backward()
+    assert torch.equal(ours.detach(), logits)
+
+
 def test_invalid_inputs() -> None:
     logits, ids = random_logits(torch.float32)
     with pytest.raises(ValueError, match="token_ids"):

@@ -46,7 +46,11 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     Forward and backward each make a few passes over one float32 buffer reused across chunks and
     sized to stay in cache, instead of the several full-size float32 tensors that autograd through
     `logsumexp`, `gather` and `softmax` creates. Saved for backward: the logits (the caller holds
-    them anyway), the ids and the per-position log-normalizer and entropy `[N, T]`.
+    them anyway), the ids and the per-position log-normalizer and entropy `[N, T]`. With
+    `overwrite`, for logits nothing reads after this backward (a model's output that
+    `model_completion_logprobs` holds alone), the backward pass writes their gradient over them:
+    the logits and a gradient of their size are then never held at once. A second backward
+    through them would find them changed and raise.
 
     With `z = logits / temperature`, `p = softmax(z)`, `H = -sum p log p`:
     `d logprob / dz = onehot(token) - p` and `d H / dz = -p * (log p + H)`.
@@ -60,6 +64,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         temperature: float,
         chunk: int,
         compute_entropy: bool,
+        overwrite: bool,
     ) -> tuple[Tensor, Tensor]:
         n, t = token_ids.shape
         v = logits.shape[-1]
@@ -93,6 +98,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         ctx.save_for_backward(logits, token_ids, log_normalizer, entropy)
         ctx.temperature = temperature
         ctx.chunk = chunk
+        ctx.overwrite = overwrite
         ctx.set_materialize_grads(False)
         if not compute_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -101,14 +107,15 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: Any, grad_logprobs: Tensor | None, grad_entropy: Tensor | None
-    ) -> tuple[Tensor | None, None, None, None, None]:
+    ) -> tuple[Tensor | None, None, None, None, None, None]:
         logits, token_ids, log_normalizer, entropy = ctx.saved_tensors
         if grad_logprobs is None and (grad_entropy is None or entropy.numel() == 0):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if entropy.numel() == 0:
             grad_entropy = None
         n, t = token_ids.shape
-        grad = torch.empty_like(logits)
+        # with `overwrite`, chunk by chunk: each chunk is read before its gradient is written
+        grad = logits if ctx.overwrite else torch.empty_like(logits)
         grad[:, t:].zero_()  # positions T..L-1 score nothing
         buffer = torch.empty((ctx.chunk, logits.shape[-1]), dtype=torch.float32, device=grad.device)
         probs = torch.empty_like(buffer) if grad_entropy is not None else buffer
@@ -136,7 +143,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 if ctx.temperature != 1.0:
                     z.div_(ctx.temperature)
                 grad[row, first:stop].copy_(z)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _selective(
@@ -145,13 +152,16 @@ def _selective(
     temperature: float,
     compute_entropy: bool,
     chunk_size: int | None,
+    overwrite: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """`_SelectiveLogSoftmax` on `logits` `[N, L, V]` scoring `token_ids` `[N, T]`, `T <= L`."""
+    """`_SelectiveLogSoftmax` on `logits` `[N, L, V]` scoring `token_ids` `[N, T]`, `T <= L`;
+    `overwrite`: the backward pass writes the gradient over `logits` (only for logits the caller
+    alone holds and never reads again)."""
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     chunk = _positions_per_chunk(logits.shape[-1], token_ids.shape[1], chunk_size)
     logprobs, entropy = _SelectiveLogSoftmax.apply(
-        logits, token_ids.long(), temperature, chunk, compute_entropy
+        logits, token_ids.long(), temperature, chunk, compute_entropy, overwrite
     )
     return logprobs, (entropy if compute_entropy else None)
 
@@ -336,7 +346,7 @@ def model_completion_logprobs(
         # Position t of the logits scores completion token t; the last position is unused. The
         # logits are passed whole (not sliced) so their gradient needs no extra full-size copy.
         logprobs, entropies = _selective(
-            logits, completion_ids, temperature, compute_entropy, chunk_size
+            logits, completion_ids, temperature, compute_entropy, chunk_size, overwrite=True
         )
         logprob_slices.append(logprobs)
         if entropies is not None:
@@ -489,7 +499,7 @@ def _shared_prompt_forward(
     completion_ids = ids[:, p:]  # [n, T]
     head = prefix.logits[:, -1:, :].index_select(0, inverse)  # [n, 1, V]
     logprobs, entropies = _selective(
-        head, completion_ids[:, :1], temperature, compute_entropy, chunk_size
+        head, completion_ids[:, :1], temperature, compute_entropy, chunk_size, overwrite=True
     )  # [n, 1]
     if completion_len == 1:
         return logprobs, entropies
@@ -503,7 +513,7 @@ def _shared_prompt_forward(
         logits_to_keep=completion_len,
     ).logits  # [n, T, V]; position t scores token t + 1, the last one nothing
     tail, tail_entropies = _selective(
-        rest, completion_ids[:, 1:], temperature, compute_entropy, chunk_size
+        rest, completion_ids[:, 1:], temperature, compute_entropy, chunk_size, overwrite=True
     )  # [n, T-1]
     logprobs = torch.cat([logprobs, tail], dim=1)  # [n, T]
     if entropies is not None and tail_entropies is not None:
