@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from grpokit import GRPOConfig
-from grpokit.train.optimizers import make_optimizer, parse_optim_args
+from grpokit.train.optimizers import allocate_state, make_optimizer, parse_optim_args
 
 
 class TwoParams(torch.nn.Module):
@@ -131,3 +131,65 @@ def importlib_spec(name: str) -> Any:
     import importlib.machinery
 
     return importlib.machinery.ModuleSpec(name, None)
+
+
+def _three_steps(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=gen) if param.requires_grad else None
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (torch.optim.AdamW, {"fused": True}),
+        (torch.optim.AdamW, {"foreach": True}),
+        (torch.optim.AdamW, {"foreach": False, "amsgrad": True}),
+        (torch.optim.Adam, {"weight_decay": 0.1}),
+    ],
+)
+def test_allocated_state_is_torchs_first_step_state(cls: type, kwargs: dict) -> None:
+    """The state created before the first step has the keys, dtypes, devices and (zero) values
+    torch's first step creates, so three steps give the same parameters and state bit for bit;
+    a frozen parameter gets none."""
+
+    def params() -> list[torch.nn.Parameter]:
+        gen = torch.Generator().manual_seed(0)
+        made = [torch.nn.Parameter(torch.randn(4, 3, generator=gen)) for _ in range(3)]
+        made[1].requires_grad_(False)
+        return made
+
+    lazy_params, eager_params = params(), params()
+    lazy = cls([{"params": lazy_params[:2]}, {"params": lazy_params[2:], "weight_decay": 0.0}],
+               lr=0.1, **kwargs)  # fmt: skip
+    eager = cls([{"params": eager_params[:2]}, {"params": eager_params[2:], "weight_decay": 0.0}],
+                lr=0.1, **kwargs)  # fmt: skip
+    assert allocate_state(eager)
+    assert eager_params[1] not in eager.state and eager.state[eager_params[0]]["step"].item() == 0
+    assert eager.state[eager_params[0]]["exp_avg"].abs().sum().item() == 0.0
+    assert not allocate_state(eager)  # state already there: left alone
+    _three_steps(lazy, lazy_params)
+    _three_steps(eager, eager_params)
+    for a, b in zip(lazy_params, eager_params, strict=True):
+        assert torch.equal(a, b)
+    lazy_state, eager_state = lazy.state_dict()["state"], eager.state_dict()["state"]
+    assert lazy_state.keys() == eager_state.keys() and len(lazy_state) == 2
+    for index, entries in lazy_state.items():
+        assert entries.keys() == eager_state[index].keys()
+        for name, value in entries.items():
+            other = eager_state[index][name]
+            assert (value.dtype, value.device) == (other.dtype, other.device)
+            assert torch.equal(value, other), name
+
+
+def test_allocate_state_leaves_other_optimizers_alone() -> None:
+    param = torch.nn.Parameter(torch.ones(2))
+
+    class MyAdam(torch.optim.AdamW):
+        pass
+
+    for optimizer in (torch.optim.SGD([param], lr=0.1, momentum=0.9), MyAdam([param], lr=0.1)):
+        assert not allocate_state(optimizer)
+        assert len(optimizer.state) == 0

@@ -396,6 +396,28 @@ def test_reward_rises_on_a_learnable_task(tmp_path: Path) -> None:
     assert sum(rewards[-3:]) / 3 > 0.5
 
 
+def test_adam_state_exists_before_the_first_step_and_resume_keeps_the_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """The moments are created when training begins (`optimizers.allocate_state`), zero, for
+    each trainable parameter; a resumed run starts from the checkpoint's moments instead."""
+    seen: list[tuple[int, int, float]] = []
+
+    class AtBegin(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            opt = kwargs["optimizer"]
+            moments = [s["exp_avg_sq"] for s in opt.state.values()]
+            steps = sum(int(s["step"].item()) for s in opt.state.values())
+            seen.append((len(moments), steps, sum(m.abs().sum().item() for m in moments)))
+
+    trainable = sum(1 for p in make_causal_lm(make_tokenizer()).parameters() if p.requires_grad)
+    kwargs = {"trainer_kwargs": {"callbacks": [AtBegin()]}, "max_steps": 2}
+    make_trainer(tmp_path / "a", save_strategy="steps", save_steps=1, **kwargs).train()
+    make_trainer(tmp_path / "b", **kwargs).train(str(tmp_path / "a" / "checkpoint-1"))
+    assert seen[0] == (trainable, 0, 0.0)
+    assert seen[1][:2] == (trainable, trainable) and seen[1][2] > 0
+
+
 def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     full = make_trainer(tmp_path / "full", max_steps=4, save_strategy="steps", save_steps=2)
     full.train()

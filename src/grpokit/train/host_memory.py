@@ -163,8 +163,8 @@ class KeptMemory:
     bench/RESULTS.md), so by default it happens only when kept memory is piling up: before a
     generation, when the process's resident memory is more than `growth` above its reference,
     what it was before the generation that followed two full steps (the run's third, or the
-    second after a release: the first step allocates the optimizer's state, the second shows the
-    working set with the blocks glibc keeps). Completions of changing lengths leave kept blocks
+    second after a release: the first step writes memory for the first time (the gradients, the
+    parameters themselves), the second shows the working set with the blocks glibc keeps). Completions of changing lengths leave kept blocks
     unused, and without this the resident memory would creep up over a long run. With
     `every_phase` (`GRPOConfig.release_freed_memory`) it happens before every phase instead:
     generation, each training micro-batch, the optimizer step (the lowest peak, for more step

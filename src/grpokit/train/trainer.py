@@ -50,7 +50,7 @@ from grpokit.engines.device import device_traits, synchronize
 from grpokit.engines.models import context_length
 from grpokit.errors import ConfigError
 from grpokit.rewards.scoring import RewardLog, build_reward_functions
-from grpokit.train import build, guards, host_memory, quantization
+from grpokit.train import build, guards, host_memory, optimizers, quantization
 from grpokit.train import checkpoint as ckpt
 from grpokit.train import distributed as dist
 from grpokit.train.callbacks import (
@@ -327,6 +327,8 @@ class GRPOTrainer:
         """
         cfg = self.args
         self._maybe_resume(resume_from_checkpoint)
+        if not self.world.deepspeed:  # the engine holds its own state
+            optimizers.allocate_state(self.optimizer)
         run_log: RunLogger | SilentRunLogger = SilentRunLogger()
         if self.world.is_main_process:  # the one process that writes
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
