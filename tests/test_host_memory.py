@@ -233,3 +233,32 @@ print(bool((live == 3.0).all()))
     assert out[2] == "True"
     assert float(out[3]) > 200  # returned
     assert out[4] == "True"
+
+
+def test_parameters_loaded_from_safetensors_get_memory_of_their_own(tmp_path: Path) -> None:
+    """A model loaded from safetensors in the file's dtype is a private mapping of the file
+    (found by `private_file_mappings`); `own_file_mapped` copies exactly those tensors out of it,
+    values, `Parameter` objects and the tied head kept, and finds nothing to copy a second time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import make_causal_lm, make_tokenizer
+
+    make_causal_lm(make_tokenizer(), tie_word_embeddings=True).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    params = list(model.parameters())
+    mapped = host_memory.private_file_mappings()
+
+    def in_a_mapping(tensor: torch.Tensor) -> bool:
+        address = tensor.untyped_storage().data_ptr()
+        return any(low <= address < high for low, high in mapped)
+
+    assert all(in_a_mapping(p) for p in params)  # safetensors maps the file; nothing copied yet
+    before = [p.detach().clone() for p in params]
+    anonymous = torch.nn.Parameter(torch.ones(3))
+    assert host_memory.own_file_mapped([*params, anonymous]) == len(params)
+    mapped = host_memory.private_file_mappings()
+    assert not any(in_a_mapping(p) for p in params)
+    assert list(model.parameters()) == params and model.lm_head.weight is params[0]
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert host_memory.own_file_mapped(params) == 0

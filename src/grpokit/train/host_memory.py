@@ -8,10 +8,11 @@ change nothing. Effects on step time and peak RSS: bench/RESULTS.md.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 logger = logging.getLogger("grpokit")
@@ -84,6 +85,53 @@ def resident_bytes() -> int | None:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def private_file_mappings() -> list[tuple[int, int]]:
+    """The `[start, end)` address ranges of this process's private mappings of files (Linux
+    `/proc/self/maps`: a path, and `p` in the permissions), sorted; [] elsewhere."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6 or not parts[1].endswith("p") or parts[5].startswith("["):
+                    continue  # anonymous, shared, or the heap / stack / vdso
+                low, high = (int(part, 16) for part in parts[0].split("-"))
+                ranges.append((low, high))
+    except OSError:
+        return []
+    return sorted(ranges)
+
+
+def own_file_mapped(tensors: Iterable[Any]) -> int:
+    """Give each CPU tensor that is a view of a file mapping memory of its own (`tensor.data` =
+    a copy; the values, the `Parameter` objects and the ties between them stay).
+
+    A safetensors checkpoint loaded in its own dtype stays a private mapping of the file, so
+    the first write to a parameter, in the first optimizer step, copies each of its 4 KiB pages
+    on a fault of its own (about 3 s of that step for SmolLM2-135M's 513 MiB on a 2-core
+    virtual machine; bench/RESULTS.md). A copy made now is written once, in large pages where
+    torch asks for them (`huge_pages`). For the parameters the optimizer writes; frozen ones
+    are best left mapped (the page cache holds them, shared).
+
+    Returns:
+        How many tensors were copied (0 where nothing is file-mapped, or not Linux).
+    """
+    ranges = private_file_mappings()
+    if not ranges:
+        return 0
+    starts = [low for low, _ in ranges]
+    copied = 0
+    for tensor in tensors:
+        if tensor.device.type != "cpu" or tensor.untyped_storage().nbytes() == 0:
+            continue
+        address = tensor.untyped_storage().data_ptr()
+        index = bisect.bisect_right(starts, address) - 1
+        if index >= 0 and address < ranges[index][1]:
+            tensor.data = tensor.detach().clone()
+            copied += 1
+    return copied
 
 
 def huge_pages() -> str:
@@ -163,9 +211,9 @@ class KeptMemory:
     bench/RESULTS.md), so by default it happens only when kept memory is piling up: before a
     generation, when the process's resident memory is more than `growth` above its reference,
     what it was before the generation that followed two full steps (the run's third, or the
-    second after a release: the first step writes memory for the first time (the gradients, the
-    parameters themselves), the second shows the working set with the blocks glibc keeps). Completions of changing lengths leave kept blocks
-    unused, and without this the resident memory would creep up over a long run. With
+    second after a release: the first step faults its activations and gradients in, the second
+    shows the working set with the blocks glibc keeps). Completions of changing lengths leave
+    kept blocks unused, and without this the resident memory would creep up over a long run. With
     `every_phase` (`GRPOConfig.release_freed_memory`) it happens before every phase instead:
     generation, each training micro-batch, the optimizer step (the lowest peak, for more step
     time).
