@@ -20,7 +20,8 @@ decay is the `weight_decay` field, applied to matrices only (not biases or norm 
 two parameter groups; transformers' groups override a `weight_decay` in `optim_args` the same
 way, so there it is refused.
 bitsandbytes is imported only when one of its optimizers is built; without it, validating the
-config is an error that says how to install it.
+config is an error that says how to install it. `allocate_state` makes torch Adam's zero state
+when training begins instead of in the first step.
 """
 
 from __future__ import annotations
