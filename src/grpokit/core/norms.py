@@ -33,6 +33,15 @@ MODEL_TYPES = ("llama", "qwen2", "mistral")
 NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 
 
+def llama_rms_norm(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """transformers' LlamaRMSNorm of `x` `[..., D]` with `weight` `[D]`, operation for operation
+    (so its values bit for bit): `(weight * (x * r).to(x.dtype), r)`, `r` the float32 inverse
+    RMS `[..., 1]`, `rsqrt(mean(x^2) + eps)` of `x` in float32."""
+    h = x.to(torch.float32)
+    inverse_rms = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (h * inverse_rms).to(x.dtype), inverse_rms
+
+
 class _RMSNormCast(torch.autograd.Function):
     """`(weight * (x * rsqrt(mean(x^2) + eps))).to(dtype)` for float32 `x` `[..., D]` and
     `weight` `[D]`; keeps `x`, `weight` and the inverse RMS `[..., 1]` for backward.
@@ -44,10 +53,7 @@ class _RMSNormCast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-        # transformers' LlamaRMSNorm operation for operation, then the consumers' cast
-        h = x.to(torch.float32)
-        inverse_rms = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
-        out = weight * (h * inverse_rms).to(x.dtype)
+        out, inverse_rms = llama_rms_norm(x, weight, eps)  # then the consumers' cast
         ctx.save_for_backward(x, weight, inverse_rms)
         return out.to(dtype)
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from grpokit.core import attention
-from grpokit.core.norms import MODEL_TYPES, is_llama_norm
+from grpokit.core.norms import MODEL_TYPES, is_llama_norm, llama_rms_norm
 from grpokit.engines.kv_cache import ReservedLayer
 from grpokit.engines.packed_linear import (
     DecodePacks,
@@ -239,10 +239,9 @@ def _layer_fits(layer: Any, packs: DecodePacks | None = None) -> bool:
 
 
 def _rms_norm(norm: Any, x: Tensor) -> Tensor:
-    """transformers' Llama RMSNorm, operation for operation: `[N, 1, hidden]` -> `[N, hidden]`."""
-    h = x.view(x.shape[0], -1).to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
+    """transformers' Llama RMSNorm, operation for operation (`core.norms.llama_rms_norm`):
+    `[N, 1, hidden]` -> `[N, hidden]`."""
+    return llama_rms_norm(x.view(x.shape[0], -1), norm.weight, norm.variance_epsilon)[0]
 
 
 def _fused_product(group: FusedGroup, x: Tensor) -> Tensor:
