@@ -208,10 +208,10 @@ class GRPOTrainer:
             self.device,
             recompute=self.activation_bound.recompute,
         )
-        if self.device_traits.retain_freed_memory:  # the CPU's: written in step 1 otherwise
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            copied = host_memory.own_file_mapped(trainable)
-            logger.info("trainable parameters copied out of their checkpoint's mapping: %d", copied)
+        # CPU parameters still mapped from the checkpoint file, else copied page by page in step 1
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        copied = host_memory.own_file_mapped(trainable)
+        logger.info("trainable parameters copied out of their checkpoint's mapping: %d", copied)
         if self.use_bf16:  # one cast of each norm's output for the linear layers reading it
             cast = norms.cast_norm_outputs(self.model)
             logger.info("norms casting their output once under autocast: %d", cast)
