@@ -26,6 +26,7 @@ from grpokit.engines import models, transformers_engine
 from grpokit.engines.base import SamplingParams
 from grpokit.engines.device import (
     CPU_FLOAT32_FORWARD_TOKENS,
+    CPU_KEPT_ACTIVATION_SIZE,
     CPU_MAX_FORWARD_TOKENS,
     DeviceTraits,
     device_traits,
@@ -85,6 +86,8 @@ def test_cpu_rules() -> None:
     assert traits.float32_forward_tokens == CPU_FLOAT32_FORWARD_TOKENS == 768
     assert traits.recompute_activations is cpu_bf16().amx  # bf16 matmuls on AMX
     assert traits.activation_bound(bf16=False) == (768, False)  # float32: never AMX
+    # SmolLM2-135M (30 layers, hidden 576, MLP 1536) keeps the activations of 1024 tokens
+    assert traits.kept_activation_size == CPU_KEPT_ACTIVATION_SIZE == 1024 * 30 * (576 + 1536)
 
 
 AMX_CPUINFO = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -137,6 +140,7 @@ def test_a_gpu_never_recomputes_for_auto(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert traits.recompute_activations is False
     assert traits.activation_bound(bf16=True) == (None, False)
     assert traits.activation_bound(bf16=False) == (None, False)
+    assert traits.kept_activation_size is None
 
 
 def test_an_ampere_gpu_gets_bf16_and_tf32_and_no_cpu_speed_up(

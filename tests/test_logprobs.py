@@ -329,6 +329,20 @@ def test_shared_prompt_rows_groups_rows_by_prompt_in_row_order(tiny) -> None:
     assert shared_prompt_rows(ids, mask, t) is None
 
 
+def test_forward_tokens_counts_each_shared_prompt_once() -> None:
+    from grpokit.core.logprobs import forward_tokens
+
+    # 4 rows of a 3-column prompt + 2 completion columns; rows 0 and 2 share their prompt
+    # (padding included), rows 1 and 3 differ: 3 distinct prompts.
+    ids = torch.tensor([[0, 5, 6, 7, 8], [4, 5, 6, 7, 8], [0, 5, 6, 9, 9], [1, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert forward_tokens(ids, mask, 2, share_prompts=True) == 3 * 3 + 4 * 2
+    assert forward_tokens(ids, mask, 2, share_prompts=False) == 4 * 5
+    # every prompt distinct: each row forwards its own
+    assert forward_tokens(ids[1:2], mask[1:2], 2, share_prompts=True) == 5
+    assert forward_tokens(ids[[0, 1, 3]], mask[[0, 1, 3]], 2, share_prompts=True) == 15
+
+
 def logprobs_and_grads(model, ids, mask, t, **kwargs):
     """Completion-token log-probs and entropies (real tokens only) and the gradients of
     `sum(logprobs) + 0.3 * sum(entropies)` over the trainable parameters."""

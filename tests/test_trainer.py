@@ -1019,19 +1019,33 @@ def test_max_forward_tokens_auto_is_the_devices_bound(tmp_path: Path) -> None:
             GRPOConfig(max_forward_tokens=bad)
 
 
-def amx_cpu(amx: bool = True) -> Any:
+# One optimizer step of 2 micro-batches of 4 rows under bf16 autocast.
+AMX_STEP: dict[str, Any] = dict(
+    per_device_train_batch_size=4,
+    gradient_accumulation_steps=2,
+    max_completion_length=8,
+    max_steps=1,
+    bf16=True,
+)
+
+
+def amx_cpu(amx: bool = True, kept: int = 0) -> Any:
     """This CPU's rules, as on a CPU with native bf16 whose bf16 matmuls run on AMX or not
-    (whatever this one has)."""
-    return dataclasses.replace(device_traits("cpu"), native_bf16=True, recompute_activations=amx)
+    (whatever this one has); `kept`: its `kept_activation_size` (0 = every forward recomputes
+    under "auto")."""
+    traits = device_traits("cpu")
+    return dataclasses.replace(
+        traits, native_bf16=True, recompute_activations=amx, kept_activation_size=kept
+    )
 
 
-def on_amx_cpu(monkeypatch: pytest.MonkeyPatch, amx: bool = True) -> None:
+def on_amx_cpu(monkeypatch: pytest.MonkeyPatch, amx: bool = True, kept: int = 0) -> None:
     """Trainers built next take their CPU to have native bf16 (bf16 autocast) and, with `amx`,
-    bf16 matmuls on AMX."""
+    bf16 matmuls on AMX (`kept`: see `amx_cpu`)."""
     from grpokit.train import build
     from grpokit.train import trainer as trainer_module
 
-    traits = amx_cpu(amx)
+    traits = amx_cpu(amx, kept)
     monkeypatch.setattr(trainer_module, "device_traits", lambda device: traits)
     monkeypatch.setattr(build, "device_traits", lambda device=None: traits)
 
@@ -1065,6 +1079,107 @@ def test_auto_on_an_amx_cpu_recomputes_only_where_it_pays(
         assert (bound.max_forward_tokens, bound.recompute) == (512, True)
 
 
+def test_auto_on_an_amx_cpu_keeps_the_activations_of_forwards_up_to_a_size(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from grpokit.train.build import ActivationBound, activation_width, resolve_activation_bound
+
+    tok = make_tokenizer()
+    model = make_causal_lm(tok)  # 2 layers, hidden 32, MLP 64
+    assert activation_width(model) == 2 * (32 + 64)
+    assert activation_width(torch.nn.Linear(2, 2)) is None  # no config
+    traits = amx_cpu(kept=1000)
+    with caplog.at_level(logging.INFO, logger="grpokit"):
+        bound = resolve_activation_bound(GRPOConfig(), traits, bf16=True, model=model)
+    assert (bound.max_forward_tokens, bound.recompute, bound.keep_up_to) == (None, True, 5)
+    # 1000 // 192 tokens
+    assert "activations kept by forwards of at most 5 tokens, recomputed above" in caplog.text
+    assert [bound.recomputes(n) for n in (1, 5, 6, 500)] == [False, False, True, True]
+    # Every forward recomputes: several processes, no model to size, no kept size, and the
+    # user's gradient_checkpointing (its token bound, as on any CPU).
+    cases = {
+        "distributed": (GRPOConfig(), dict(model=model, distributed=True), traits),
+        "no model": (GRPOConfig(), {}, traits),
+        "no kept size": (GRPOConfig(), dict(model=model), amx_cpu(kept=0)),
+        "user": (GRPOConfig(gradient_checkpointing=True), dict(model=model), traits),
+    }
+    for name, (args, kwargs, device) in cases.items():
+        bound = resolve_activation_bound(args, device, bf16=True, **kwargs)
+        assert bound.recompute and bound.keep_up_to is None, name
+        assert bound.recomputes(1), name
+    # A bound without recomputation keeps every forward's activations; a number is as given.
+    assert not ActivationBound(None, False, "given").recomputes(10**9)
+    given = resolve_activation_bound(GRPOConfig(max_forward_tokens=64), traits, bf16=True)
+    assert given == ActivationBound(64, False, "max_forward_tokens=64")
+
+
+@pytest.mark.bf16_kernels
+def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # One optimizer step of 2 micro-batches of 4 rows (2 prompts x 2 completions each) under
+    # bf16 autocast. With every forward within `keep_up_to`, "auto" on an AMX CPU forwards each
+    # micro-batch as the plain path does: no recomputation, autocast's cache of weight casts
+    # on, each prompt forwarded once (2 calls per micro-batch: the prompts, then the
+    # completions); the same update. With `keep_up_to` below the forwards' size every layer
+    # recomputes (one forward per micro-batch, then its recomputation: 4 calls, no cache).
+    # Either way the layers are left checkpointed between forwards.
+    from grpokit.train import trainer as trainer_module
+    from grpokit.train.build import LayerRecompute
+
+    on_amx_cpu(monkeypatch, kept=10**9)
+    real = trainer_module.model_completion_logprobs
+    runs = {}
+    for name, tokens, keep_up_to in (
+        ("plain", None, None),
+        ("kept", "auto", None),
+        ("big", "auto", 0),
+    ):
+        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **AMX_STEP)
+        bound = trainer.activation_bound
+        assert bound.recompute is (name != "plain")
+        if keep_up_to is not None:
+            trainer.activation_bound = dataclasses.replace(bound, keep_up_to=keep_up_to)
+        elif name == "kept":
+            assert bound.keep_up_to == 10**9 // (2 * (32 + 64))
+        assert trainer.model.is_gradient_checkpointing is (name != "plain")
+        shared: list[bool] = []
+
+        def spy(*args: Any, shared: list = shared, **kwargs: Any) -> Any:
+            # whether this training forward could share prompts, as the trainer asked
+            shared.append(kwargs["share_prompts"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(trainer_module, "model_completion_logprobs", spy)
+        calls = count_grad_calls(trainer.model.model.layers[0])
+        start = params(trainer)
+        trainer.train()
+        assert trainer.model.is_gradient_checkpointing is (name != "plain")
+        update = {k: v - start[k] for k, v in params(trainer).items()}
+        runs[name] = (update, calls, shared, read_metrics(tmp_path / name)[0]["loss"])
+    monkeypatch.undo()
+    (plain, plain_calls, plain_shared, plain_loss) = runs["plain"]
+    (kept, kept_calls, kept_shared, kept_loss) = runs["kept"]
+    (_, big_calls, big_shared, big_loss) = runs["big"]
+    assert (plain_calls, kept_calls, big_calls) == ([1] * 4, [1] * 4, [0] * 4)
+    assert (plain_shared, kept_shared, big_shared) == ([True] * 2, [True] * 2, [False] * 2)
+    assert max(u.abs().max().item() for u in plain.values()) > 1e-3  # a real update
+    assert kept_loss == pytest.approx(plain_loss, abs=1e-6)
+    assert big_loss == pytest.approx(plain_loss, abs=1e-6)
+    for key, value in plain.items():
+        torch.testing.assert_close(kept[key], value, atol=1e-6, rtol=1e-4)
+    # the switch itself: off within the block, restored after, a no-op when not asked
+    model = make_causal_lm(make_tokenizer())
+    model.gradient_checkpointing_enable()
+    switch = LayerRecompute(model)
+    assert len(switch.layers) >= 2
+    with switch.off():
+        assert model.is_gradient_checkpointing is False
+    with switch.off(False):
+        assert model.is_gradient_checkpointing is True
+    assert model.is_gradient_checkpointing is True
+
+
 @pytest.mark.bf16_kernels
 def test_auto_on_an_amx_cpu_checkpoints_and_gives_the_plain_update(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -1074,16 +1189,9 @@ def test_auto_on_an_amx_cpu_checkpoints_and_gives_the_plain_update(
     # on: 2 -> 4); the update is the plain path's (one forward per micro-batch, nothing
     # recomputed) up to float summation order: the recomputed forward is the same arithmetic.
     on_amx_cpu(monkeypatch)
-    overrides = dict(
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        max_completion_length=8,
-        max_steps=1,
-        bf16=True,
-    )
     runs = {}
     for name, tokens in (("plain", None), ("auto", "auto")):
-        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **overrides)
+        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **AMX_STEP)
         trainer.share_prompts = False  # one forward per micro-batch (checkpointing shares none)
         assert trainer.use_bf16 is True
         assert trainer.max_forward_tokens is None

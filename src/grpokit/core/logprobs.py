@@ -393,6 +393,22 @@ def prompt_numbers(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
     return torch.unique(prompts, dim=0, return_inverse=True)[1]
 
 
+def forward_tokens(
+    input_ids: Tensor, attention_mask: Tensor, completion_len: int, *, share_prompts: bool
+) -> int:
+    """The tokens `model_completion_logprobs` forwards for `input_ids` `[n, P+T]` (with
+    `attention_mask` `[n, P+T]`, `T` = `completion_len`) in one slice: `n * (P + T)`, or with
+    `share_prompts` and rows that share their prompt (`shared_prompt_rows`) `U * P + n * T`
+    for `U` distinct prompts."""
+    n, width = input_ids.shape
+    if not share_prompts:
+        return n * width
+    groups = shared_prompt_rows(input_ids, attention_mask, completion_len)
+    if groups is None:
+        return n * width
+    return len(groups[0]) * (width - completion_len) + n * completion_len
+
+
 def shared_prompt_rows(
     input_ids: Tensor, attention_mask: Tensor, completion_len: int
 ) -> tuple[Tensor, Tensor] | None:

@@ -22,6 +22,11 @@ from grpokit.engines.models import bf16_supported, cpu_bf16
 # an AVX2 CPU, bench/RESULTS.md).
 CPU_MAX_FORWARD_TOKENS = 512
 CPU_FLOAT32_FORWARD_TOKENS = 768
+# Where bf16 matmuls run on AMX and activations are recomputed, a training forward at most this
+# large keeps its activations instead (and forwards each shared prompt once): its tokens x
+# decoder layers x (hidden + MLP intermediate width). SmolLM2-135M's size at 1024 tokens: a kept
+# forward of it holds about 0.85 MiB a token, so at most about 0.9 GiB (bench/RESULTS.md).
+CPU_KEPT_ACTIVATION_SIZE = 1024 * 30 * (576 + 1536)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,13 @@ class DeviceTraits:
             recomputing is faster than 512-token forwards and holds less memory, and with AMX
             capped (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) it is the slower of the two
             (bench/RESULTS.md). False elsewhere, and float32 compute never runs on AMX.
+        kept_activation_size: Under `recompute_activations`, a training forward whose tokens x
+            decoder layers x (hidden + MLP intermediate width) is at most this keeps its
+            activations instead of recomputing them (`train.build.ActivationBound.keep_up_to`):
+            recomputing costs a forward's time, while a small forward's activations are a
+            bounded amount of memory (measured for SmolLM2-135M: about 0.85 MiB a token).
+            CPU: `CPU_KEPT_ACTIVATION_SIZE`; None on a GPU (never used there: no
+            recomputation by default).
     """
 
     type: str
@@ -95,6 +107,7 @@ class DeviceTraits:
     max_forward_tokens: int | None
     float32_forward_tokens: int | None
     recompute_activations: bool
+    kept_activation_size: int | None
 
     def activation_bound(self, bf16: bool) -> tuple[int | None, bool]:
         """How `GRPOConfig.max_forward_tokens="auto"` bounds the activations of training
@@ -157,6 +170,7 @@ def device_traits(device: torch.device | str | None = None) -> DeviceTraits:
         max_forward_tokens=CPU_MAX_FORWARD_TOKENS if on_cpu else None,
         float32_forward_tokens=CPU_FLOAT32_FORWARD_TOKENS if on_cpu else None,
         recompute_activations=on_cpu and native_bf16 and cpu_bf16().amx,
+        kept_activation_size=CPU_KEPT_ACTIVATION_SIZE if on_cpu else None,
     )
 
 

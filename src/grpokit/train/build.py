@@ -8,13 +8,14 @@ returns what it builds; none keeps state, so the trainer's `__init__` reads as a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import math
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -353,42 +354,80 @@ class ActivationBound:
             `max_forward_tokens="auto"` on a device whose `DeviceTraits.recompute_activations`
             says so.
         reason: What decided, in a few words, for the log.
+        keep_up_to: With `recompute`, a training forward of at most this many tokens (with
+            each shared prompt counted once, `core.logprobs.forward_tokens`) keeps its
+            activations and shares its prompts instead (`recomputes`); None = every forward
+            recomputes. Set by "auto" only (`DeviceTraits.kept_activation_size`).
     """
 
     max_forward_tokens: int | None
     recompute: bool
     reason: str
+    keep_up_to: int | None = None
+
+    def recomputes(self, tokens: int) -> bool:
+        """Whether a training forward of `tokens` tokens recomputes its activations."""
+        return self.recompute and (self.keep_up_to is None or tokens > self.keep_up_to)
 
     def describe(self) -> str:
-        """E.g. ``recomputed activations, one forward per micro-batch (<reason>)``."""
+        """E.g. ``recomputed activations, one forward per micro-batch (<reason>)``, or with
+        `keep_up_to` ``activations kept by forwards of at most 1024 tokens, recomputed above,
+        ...``."""
         bound = self.max_forward_tokens
         forwards = "one forward per micro-batch" if bound is None else f"at most {bound} tokens"
         kept = "recomputed activations" if self.recompute else "activations kept"
+        if self.recompute and self.keep_up_to is not None:
+            size = self.keep_up_to
+            kept = f"activations kept by forwards of at most {size} tokens, recomputed above"
         return f"{kept}, {forwards} ({self.reason})"
 
 
+def activation_width(model: Any) -> int | None:
+    """Decoder layers x (hidden + MLP intermediate width) of `model`'s config: what the
+    activations a training forward keeps grow with per token; None when the config lacks one."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    names = ("num_hidden_layers", "hidden_size", "intermediate_size")
+    sizes = [getattr(config, name, None) for name in names]
+    if not all(isinstance(v, int) and v > 0 for v in sizes):
+        return None
+    layers, hidden, intermediate = (int(v) for v in sizes)  # type: ignore[arg-type]
+    return layers * (hidden + intermediate)
+
+
 def resolve_activation_bound(
-    args: GRPOConfig, traits: DeviceTraits, *, bf16: bool, model: Any = None
+    args: GRPOConfig,
+    traits: DeviceTraits,
+    *,
+    bf16: bool,
+    model: Any = None,
+    distributed: bool = False,
 ) -> ActivationBound:
     """How the run's training forwards bound their activations (`GRPOConfig.max_forward_tokens`
     and `gradient_checkpointing`); logged once.
 
     A number or None is taken as given. "auto" is the device's choice
     (`DeviceTraits.activation_bound`): on a CPU whose bf16 matmuls run on AMX, with bf16
-    autocast, recomputed activations and no token bound; elsewhere on the CPU 512 tokens per
-    forward under bf16 autocast and 768 in float32; on a GPU no bound. "auto" keeps the
-    device's token bound without recomputing when the user set `gradient_checkpointing` (that
-    setting then decides: the token bound and recomputed activations on any CPU) or when
-    `model` cannot checkpoint its layers. Recomputation works under DDP, FSDP2 and DeepSpeed
-    ZeRO-2/3 alike (tests/test_distributed*.py, scenario bnpo).
+    autocast, recomputed activations and no token bound, except in forwards small enough to keep
+    theirs (`ActivationBound.keep_up_to`: `DeviceTraits.kept_activation_size` over the model's
+    `activation_width`; on one process only); elsewhere on the CPU 512 tokens per forward under
+    bf16 autocast and 768 in float32; on a GPU no bound. "auto" keeps the device's token bound
+    without recomputing when the user set `gradient_checkpointing` (that setting then decides:
+    the token bound and recomputed activations on any CPU) or when `model` cannot checkpoint its
+    layers. Recomputation works under DDP, FSDP2 and DeepSpeed ZeRO-2/3 alike
+    (tests/test_distributed*.py, scenario bnpo).
 
     Args:
         args: The run's config.
         traits: The training device's rules.
         bf16: Training computes under bf16 autocast (`resolve_precision`).
-        model: The policy (before LoRA); None = assume it supports gradient checkpointing.
+        model: The policy (before LoRA); None = assume it supports gradient checkpointing (and
+            recompute every forward).
+        distributed: The run has several processes: every forward recomputes (a distributed
+            wrapper expects the same graph in every backward).
     """
     tokens, user_recompute = args.max_forward_tokens, args.gradient_checkpointing
+    keep_up_to = None
     if tokens != "auto":
         assert tokens is None or isinstance(tokens, int)  # GRPOConfig checked it
         bound = ActivationBound(tokens, user_recompute, f"max_forward_tokens={tokens}")
@@ -407,9 +446,40 @@ def resolve_activation_bound(
             if fallback:
                 max_tokens, recompute = traits.max_forward_tokens, False
                 reason += f", {fallback}: the token bound instead"
-        bound = ActivationBound(max_tokens, recompute or user_recompute, reason)
+            width = activation_width(model)
+            if recompute and not distributed and width and traits.kept_activation_size:
+                keep_up_to = traits.kept_activation_size // width
+        bound = ActivationBound(max_tokens, recompute or user_recompute, reason, keep_up_to)
     logger.info("training forwards: %s", bound.describe())
     return bound
+
+
+class LayerRecompute:
+    """Turns the recomputation `prepare_model` enabled on `model`'s decoder layers off and on
+    again around one training forward (`ActivationBound.keep_up_to`).
+
+    transformers checkpoints a layer whose `gradient_checkpointing` flag is set when it is
+    called in training mode; the flag is read at call time, and a forward that ran with it off
+    keeps its activations for its own backward. With it off the layers also keep the key/value
+    cache, so the forward can share prompts (`core.logprobs.prompt_sharing_supported`).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+
+    @contextlib.contextmanager
+    def off(self, off: bool = True) -> Iterator[None]:
+        """Within the block, with `off`, no layer recomputes; the flags are restored after."""
+        if not off:
+            yield
+            return
+        for layer in self.layers:
+            setattr(layer, "gradient_checkpointing", False)  # noqa: B010
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                setattr(layer, "gradient_checkpointing", True)  # noqa: B010
 
 
 def make_ref_model(model: Any, args: GRPOConfig) -> Any:

@@ -117,7 +117,8 @@ class ModelSettings:
         'bonus). "auto" = as the device decides (`DeviceTraits.activation_bound`; memory and '
         "speed in bench/RESULTS.md): on a CPU whose bf16 matmuls run on AMX, under bf16 "
         "autocast, no bound and the decoder layers recompute their activations in the backward "
-        "pass (gradient checkpointing; gradient_checkpointing=True keeps the token bound); "
+        "pass (gradient checkpointing; gradient_checkpointing=True keeps the token bound), "
+        "except in forwards small enough to keep them (`ActivationBound.keep_up_to`); "
         "elsewhere on the CPU 512 tokens under bf16 autocast and 768 in float32; on a GPU no "
         "bound. None = one forward per "
         "micro-batch.",

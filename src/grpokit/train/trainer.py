@@ -40,6 +40,7 @@ from grpokit.core.advantages import AdvantageOutput, check_reward_weights, group
 from grpokit.core.entropy import entropy_bonus
 from grpokit.core.logprobs import (
     forward_module,
+    forward_tokens,
     model_completion_logprobs,
     prompt_sharing_supported,
 )
@@ -198,7 +199,11 @@ class GRPOTrainer:
         )
         # Training forwards bound their activations by a token limit or by recomputing them.
         self.activation_bound = build.resolve_activation_bound(
-            self.args, self.device_traits, bf16=self.use_bf16, model=self.model
+            self.args,
+            self.device_traits,
+            bf16=self.use_bf16,
+            model=self.model,
+            distributed=self.world.is_distributed,
         )
         self.max_forward_tokens = self.activation_bound.max_forward_tokens
         self.model = build.prepare_model(
@@ -208,6 +213,8 @@ class GRPOTrainer:
             self.device,
             recompute=self.activation_bound.recompute,
         )
+        # Small training forwards keep their activations (ActivationBound.keep_up_to).
+        self.layer_recompute = build.LayerRecompute(self.model)
         # CPU parameters still mapped from the checkpoint file, else copied page by page in step 1
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         copied = host_memory.own_file_mapped(trainable)
@@ -756,7 +763,7 @@ class GRPOTrainer:
             chunk_tokens=chunk_tokens,
             max_tokens=self.max_forward_tokens,
             prompt_mask=batch.prompt_mask,
-            prompt_groups=batch.prompt_groups() if self._shares_prompts() else None,
+            prompt_groups=batch.prompt_groups() if self._plans_shared_prompts() else None,
             **place,
         )
         if world.is_distributed:  # as many backward passes on every process
@@ -867,7 +874,11 @@ class GRPOTrainer:
         cfg = self.args
         rows = slice(0, batch.size)
         input_ids, attention_mask, t = batch.trimmed(rows)  # [n, P'+T'], T'
-        with self.autocast(training=True):
+        share = self.share_prompts and not self.world.is_distributed
+        size = forward_tokens(input_ids, attention_mask, t, share_prompts=share)
+        recompute = self.activation_bound.recomputes(size)
+        keep = self.activation_bound.recompute and not recompute
+        with self.layer_recompute.off(keep), self.autocast(recompute=recompute):
             logprobs, entropies = model_completion_logprobs(
                 self.train_model,
                 input_ids.to(self.device),
@@ -1088,11 +1099,10 @@ class GRPOTrainer:
     # =============================================================================================
     # Helpers
     # =============================================================================================
-    def autocast(self, *, training: bool = False) -> contextlib.AbstractContextManager[Any]:
+    def autocast(self, *, recompute: bool = False) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast on this device when enabled and native (`use_bf16`); otherwise a no-op.
-        `training`: for a training forward, which keeps no cache of weight casts when its layers
-        recompute their activations (`DeviceTraits.autocast`)."""
-        recompute = training and self.activation_bound.recompute
+        `recompute`: for a training forward whose layers recompute their activations, which keeps
+        no cache of weight casts (`DeviceTraits.autocast`)."""
         return self.device_traits.autocast(self.use_bf16, recompute=recompute)
 
     @property
@@ -1148,6 +1158,15 @@ class GRPOTrainer:
             self.share_prompts
             and not self.world.is_distributed
             and prompt_sharing_supported(forward_module(self.train_model))
+        )
+
+    def _plans_shared_prompts(self) -> bool:
+        """Whether training forwards may share prompts, for planning micro-batches: all of them
+        (`_shares_prompts`), or those small enough to keep their activations, which run with
+        recomputation off (`ActivationBound.keep_up_to`)."""
+        kept = self.activation_bound.keep_up_to is not None
+        return self._shares_prompts() or (
+            kept and self.share_prompts and not self.world.is_distributed
         )
 
     def _old_logprobs_in_first_pass(self) -> bool:
