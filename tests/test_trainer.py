@@ -1180,6 +1180,41 @@ def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
     assert model.is_gradient_checkpointing is True
 
 
+def test_log_prob_passes_run_the_layers_unchecked_and_share_prompts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The old log-probs of an off-policy update come from the policy without gradients: a
+    # checkpointed policy (AMX "auto" here) runs its layers unchecked there, so its prompts
+    # are shared, and the layers are checkpointed again after; the log-probs are those of
+    # a policy that never checkpoints.
+    from grpokit.core.logprobs import prompt_sharing_supported
+    from grpokit.train import trainer as trainer_module
+
+    on_amx_cpu(monkeypatch)
+    real = trainer_module.model_completion_logprobs
+    seen: list[tuple[bool, bool]] = []
+
+    def spy(model: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append((model.is_gradient_checkpointing, kwargs["share_prompts"]))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "model_completion_logprobs", spy)
+    out = {}
+    for name, tokens in (("plain", None), ("auto", "auto")):
+        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **AMX_STEP)
+        trainer.model.train()
+        batch = trainer.build_rollout_batch(
+            trainer.generate(trainer.sample_prompts()[1]), torch.ones(8)
+        )
+        seen.clear()
+        out[name] = trainer.compute_logprobs(trainer.model, batch)
+        assert seen == [(False, True)] * 2, name  # 2 micro-batches of 4 rows
+        assert trainer.model.is_gradient_checkpointing is (name == "auto")
+        assert prompt_sharing_supported(trainer.model) is (name == "plain")
+    assert out["plain"].abs().sum() > 0
+    torch.testing.assert_close(out["auto"], out["plain"], atol=0, rtol=0)
+
+
 @pytest.mark.bf16_kernels
 def test_auto_on_an_amx_cpu_checkpoints_and_gives_the_plain_update(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path

@@ -656,19 +656,22 @@ class GRPOTrainer:
         # Filled on the device and copied back once: a copy per micro-batch would wait for it.
         out = torch.zeros(batch.completion_ids.shape, dtype=torch.float32, device=self.device)
         size = self.args.per_device_train_batch_size
-        for start in range(0, batch.size, size):
-            rows = slice(start, start + size)
-            input_ids, attention_mask, t = batch.trimmed(rows)
-            with self.autocast():
-                logprobs, _ = model_completion_logprobs(
-                    model,
-                    input_ids.to(self.device),
-                    attention_mask.to(self.device),
-                    t,
-                    temperature=self.args.temperature,
-                    share_prompts=self.share_prompts and not self.world.is_distributed,
-                )
-            out[rows, :t] = logprobs
+        # Without gradients nothing is recomputed: the policy's layers run unchecked, which
+        # keeps the key/value cache the shared prompts need (prompt_sharing_supported).
+        with self.layer_recompute.off(model is self.model):
+            for start in range(0, batch.size, size):
+                rows = slice(start, start + size)
+                input_ids, attention_mask, t = batch.trimmed(rows)
+                with self.autocast():
+                    logprobs, _ = model_completion_logprobs(
+                        model,
+                        input_ids.to(self.device),
+                        attention_mask.to(self.device),
+                        t,
+                        temperature=self.args.temperature,
+                        share_prompts=self.share_prompts and not self.world.is_distributed,
+                    )
+                out[rows, :t] = logprobs
         return out.cpu()
 
     def update_policy(self, batch: RolloutBatch) -> dict[str, list[float]]:
