@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,28 @@ def test_save_and_load_checkpoint_round_trip(tmp_path: Path) -> None:
     assert fresh_opt.state_dict()["state"][0]["step"] == 1
     draws = (random.random(), np.random.standard_normal(), *torch.rand(3).tolist())
     assert draws == expected_draws
+
+
+def test_torch_files_carry_no_zip_crc_and_the_manifest_still_catches_a_flipped_byte(
+    tmp_path: Path,
+) -> None:
+    # optimizer.pt and scheduler.pt are written without torch's per-record CRC-32 (the
+    # manifest's SHA-256 verifies them); torch's own setting is left as it was.
+    from torch.utils.serialization import config
+
+    assert config.save.compute_crc32 is True
+    path = _save(tmp_path / "checkpoint-1")
+    assert config.save.compute_crc32 is True
+    for name in (ckpt.OPTIMIZER, ckpt.SCHEDULER):
+        with zipfile.ZipFile(path / name) as archive:
+            entries = archive.infolist()
+        assert entries and all(e.CRC == 0 for e in entries if e.file_size > 0), name
+    assert _load(path) == {"global_step": 1, "data_index": 3}
+    data = bytearray((path / ckpt.OPTIMIZER).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a tensor's bytes
+    (path / ckpt.OPTIMIZER).write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=f"hash mismatch in {ckpt.OPTIMIZER}"):
+        _load(path)
 
 
 def test_manifest_lists_every_file_and_nothing_is_pickled_but_optimizer_state(
