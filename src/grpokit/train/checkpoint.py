@@ -5,7 +5,8 @@ A checkpoint is a directory `output_dir/checkpoint-{step}` holding:
 - the model (or, under LoRA, the adapter) and the tokenizer in Hugging Face format, loadable with
   `from_pretrained` (weights as safetensors);
 - `optimizer.pt`, `scheduler.pt`: their `state_dict()`s, loaded with `torch.load(weights_only=True)`
-  (tensors and plain containers only; anything else is refused, never unpickled);
+  (tensors and plain containers only; anything else is refused, never unpickled), written without
+  torch's zip CRC-32 (the manifest's hash verifies them);
 - `rng_state.json`: Python, NumPy and torch (CPU and CUDA) generator states as plain JSON;
   (these three are left out with `save_only_model`: such a checkpoint holds the model, verifies,
   and cannot be resumed from);
