@@ -877,10 +877,13 @@ class GRPOTrainer:
         cfg = self.args
         rows = slice(0, batch.size)
         input_ids, attention_mask, t = batch.trimmed(rows)  # [n, P'+T'], T'
-        share = self.share_prompts and not self.world.is_distributed
-        size = forward_tokens(input_ids, attention_mask, t, share_prompts=share)
-        recompute = self.activation_bound.recomputes(size)
-        keep = self.activation_bound.recompute and not recompute
+        bound = self.activation_bound
+        recompute = bound.recompute
+        if bound.keep_up_to is not None:  # counted only where a forward's size decides
+            share = self.share_prompts and not self.world.is_distributed
+            size = forward_tokens(input_ids, attention_mask, t, share_prompts=share)
+            recompute = bound.recomputes(size)
+        keep = bound.recompute and not recompute
         with self.layer_recompute.off(keep), self.autocast(recompute=recompute):
             logprobs, entropies = model_completion_logprobs(
                 self.train_model,
