@@ -669,7 +669,7 @@ class GRPOTrainer:
                         attention_mask.to(self.device),
                         t,
                         temperature=self.args.temperature,
-                        share_prompts=self.share_prompts and not self.world.is_distributed,
+                        share_prompts=self._may_share_prompts,
                     )
                 out[rows, :t] = logprobs
         return out.cpu()
@@ -880,7 +880,7 @@ class GRPOTrainer:
         bound = self.activation_bound
         recompute = bound.recompute
         if bound.keep_up_to is not None:  # counted only where a forward's size decides
-            share = self.share_prompts and not self.world.is_distributed
+            share = self._may_share_prompts
             size = forward_tokens(input_ids, attention_mask, t, share_prompts=share)
             recompute = bound.recomputes(size)
         keep = bound.recompute and not recompute
@@ -1155,15 +1155,19 @@ class GRPOTrainer:
                 return self.compute_logprobs(self.model, batch)
         return self.compute_logprobs(self.ref_model, batch)
 
+    @property
+    def _may_share_prompts(self) -> bool:
+        """Prompt sharing is on (`share_prompts`) and the run has one process: a distributed
+        wrapper expects one forward per backward."""
+        return self.share_prompts and not self.world.is_distributed
+
     def _shares_prompts(self) -> bool:
-        """Whether the training forwards pass each prompt once for the rows sharing it: on one
-        process (a distributed wrapper expects one forward per backward) and where the policy
-        supports it (`core.logprobs.prompt_sharing_supported`: e.g. not under transformers'
-        gradient checkpointing, which drops the cache in training)."""
-        return (
-            self.share_prompts
-            and not self.world.is_distributed
-            and prompt_sharing_supported(forward_module(self.train_model))
+        """Whether the training forwards pass each prompt once for the rows sharing it: where
+        `_may_share_prompts` and the policy supports it (`core.logprobs.prompt_sharing_supported`:
+        e.g. not under transformers' gradient checkpointing, which drops the cache in
+        training)."""
+        return self._may_share_prompts and prompt_sharing_supported(
+            forward_module(self.train_model)
         )
 
     def _plans_shared_prompts(self) -> bool:
@@ -1171,9 +1175,7 @@ class GRPOTrainer:
         (`_shares_prompts`), or those small enough to keep their activations, which run with
         recomputation off (`ActivationBound.keep_up_to`)."""
         kept = self.activation_bound.keep_up_to is not None
-        return self._shares_prompts() or (
-            kept and self.share_prompts and not self.world.is_distributed
-        )
+        return self._shares_prompts() or (kept and self._may_share_prompts)
 
     def _old_logprobs_in_first_pass(self) -> bool:
         """Whether the old log-probs come from the first optimizer step's own forward: off-policy
