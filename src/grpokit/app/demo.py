@@ -54,8 +54,8 @@ DEMO_CONFIG: dict[str, Any] = {
         "loss_type": "dapo",
         "beta": 0.0,
         "logging_steps": 1,
-        # Each checkpoint (1.6 GB) takes 3-9 s of a 4-minute run on a 2-core VM; Ctrl-C saves one
-        # at the last step anyway (bench/RESULTS.md).
+        # Each checkpoint (1.6 GB) stalled a 4-minute run about 10 s on a 2-core VM (2.5-9.4 s
+        # saved alone); Ctrl-C saves one at the last step anyway (bench/RESULTS.md).
         "save_steps": 25,
         "save_total_limit": 1,
         "seed": 0,
