@@ -65,6 +65,23 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "dapo_batch_std": {"loss_type": "dapo", "scale_rewards": "batch", "num_iterations": 2},
     # Compiled decoder blocks (policy and reference) inside DDP's wrapper.
     "compiled": {"loss_type": "dapo", "beta": 0.04, "torch_compile_backend": "aot_eager"},
+    # Each prompt forwarded once for its rows (`GRPOTrainer.share_prompts`; the other scenarios
+    # forward it with every row): under DDP the prompt pass runs on the wrapped model and the
+    # completion pass through the wrapper. With the reference model's and the old log-probs'
+    # passes (2 iterations, 2 optimizer steps a generation); DDP's settings as by default, and
+    # with its search for unused parameters (which walks the graph from the wrapper's outputs).
+    "shared_prompts": {
+        "share_prompts": True,
+        "loss_type": "dapo",
+        "beta": 0.04,
+        "num_iterations": 2,
+        "steps_per_generation": 2,
+    },
+    "shared_prompts_unused": {
+        "share_prompts": True,
+        "loss_type": "grpo",
+        "ddp_find_unused_parameters": True,
+    },
     # The top-entropy filter's quantile over both processes' micro-batches (TRL gathers them):
     # with one micro-batch per step, that is the one process's micro-batch of 8 rows.
     "entropy_quantile": {
@@ -281,21 +298,47 @@ def config(out: Path, **overrides: Any) -> GRPOConfig:
 def trainer(
     out: Path, model_overrides: dict[str, Any] | None = None, model: Any = None, **overrides: Any
 ) -> Any:
-    """The scenarios' trainer, on `model` or a fresh tiny model (`model_overrides` applied)."""
+    """The scenarios' trainer, on `model` or a fresh tiny model (`model_overrides` applied);
+    `share_prompts=True` among `overrides` keeps `GRPOTrainer.share_prompts` on."""
     tok = make_tokenizer()
     if model is None:
         model = make_causal_lm(tok, seed=0, **(model_overrides or {})).train()
-    return one_forward_per_row(
-        GRPOTrainer(
-            model,
-            letter_reward,
-            args=config(out, **overrides),
-            train_dataset=dataset(40),
-            eval_dataset=dataset(5, offset=100),
-            processing_class=tok,
-            generation_engine=ScriptedEngine(tok),
-        )
+    share = overrides.pop("share_prompts", False)
+    t = GRPOTrainer(
+        model,
+        letter_reward,
+        args=config(out, **overrides),
+        train_dataset=dataset(40),
+        eval_dataset=dataset(5, offset=100),
+        processing_class=tok,
+        generation_engine=ScriptedEngine(tok),
     )
+    return t if share else one_forward_per_row(t)
+
+
+class SharedForwards:
+    """Counts the forwards that passed a shared prompt once (`core.logprobs`' shared path), with
+    and without gradients, while installed."""
+
+    def __init__(self) -> None:
+        self.counts = {"training": 0, "no_grad": 0}
+
+    def __enter__(self) -> SharedForwards:
+        from grpokit.core import logprobs
+
+        self.original = logprobs._shared_prompt_forward
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.counts["training" if torch.is_grad_enabled() else "no_grad"] += 1
+            return self.original(*args, **kwargs)
+
+        logprobs._shared_prompt_forward = counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from grpokit.core import logprobs
+
+        logprobs._shared_prompt_forward = self.original
 
 
 class StopAt(TrainerCallback):
@@ -328,7 +371,10 @@ def run_scenarios(out_dir: Path) -> None:
     for name, overrides in SCENARIOS.items():
         out = out_dir / name
         t = trainer(out, **overrides)
-        t.train()
+        with SharedForwards() as shared:
+            t.train()
+        rank = launched_process_index()
+        (out / f"shared_forwards_{rank}.json").write_text(json.dumps(shared.counts))
         save_params(t.model, out)
         unused = getattr(t.train_model, "find_unused_parameters", None)  # DDP's wrapper
         (out / f"find_unused_parameters_{launched_process_index()}.txt").write_text(str(unused))

@@ -161,6 +161,30 @@ def test_two_processes_train_as_one(runs: dict[str, Path], scenario: str) -> Non
                 assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
 
 
+def test_ddp_forwards_each_shared_prompt_once(runs: dict[str, Path]) -> None:
+    # The shared_prompts scenario trained as one process did (test_two_processes_train_as_one),
+    # its replicas identical, through forwards that passed each prompt once: the training
+    # forwards (DDP's wrapper took their completion passes) and the reference and old
+    # log-probs' passes without gradients, on both processes.
+    def counts(run: Path, scenario: str, rank: int) -> dict[str, int]:
+        return json.loads((run / scenario / f"shared_forwards_{rank}.json").read_text())
+
+    one = counts(runs["one"], "shared_prompts", 0)
+    assert one["training"] > 0 and one["no_grad"] > 0
+    assert counts(runs["one"], "shared_prompts_unused", 0)["training"] > 0
+    for rank in (0, 1):
+        # (how many depends on the process's rows: a micro-batch of one group whose advantages
+        # are all 0 is skipped, or padded in, on its own process)
+        two = counts(runs["two"], "shared_prompts", rank)
+        assert two["training"] > 0 and two["no_grad"] > 0, (rank, two)
+        assert counts(runs["two"], "shared_prompts_unused", rank)["training"] > 0
+        # the other scenarios forward each prompt with every row
+        assert counts(runs["two"], "dapo", rank) == {"training": 0, "no_grad": 0}
+    assert (runs["two"] / "shared_prompts_unused" / "find_unused_parameters_0.txt").read_text() == (
+        "True"
+    )
+
+
 def test_environments_on_two_processes_train_as_one(runs: dict[str, Path]) -> None:
     one, two = runs["one"] / "environments", runs["two"] / "environments"
     # Tool calls change each rollout's own environment, whose get_reward() is a reward; long

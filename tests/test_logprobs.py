@@ -397,6 +397,53 @@ def test_shared_prompts_with_one_completion_token_and_in_slices() -> None:
         torch.testing.assert_close(shared[2][name], grad, atol=2e-6, rtol=1e-4)
 
 
+@pytest.fixture
+def ddp_wrap(tmp_path):
+    """Wrap a model in a real `DistributedDataParallel` over a one-process gloo group (a file
+    store; no network), destroyed after the test."""
+    import torch.distributed as td
+
+    td.init_process_group(
+        "gloo", store=td.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1
+    )
+    try:
+        yield torch.nn.parallel.DistributedDataParallel
+    finally:
+        td.destroy_process_group()
+
+
+def test_ddp_wrapper_takes_the_completion_pass_of_a_shared_prompt(ddp_wrap) -> None:
+    tokenizer = make_tokenizer()
+    model = make_causal_lm(tokenizer, seed=0).train()
+    ids, mask, t = shared_batch(tokenizer)
+    plain = logprobs_and_grads(model, ids, mask, t)
+    wrapper = ddp_wrap(model)
+    through_wrapper: list[tuple[int, ...]] = []
+    wrapper.register_forward_pre_hook(
+        lambda _, args, kwargs: through_wrapper.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    shapes, handle = batch_sizes_seen(model)
+    try:
+        shared = logprobs_and_grads(wrapper, ids, mask, t, share_prompts=True)
+    finally:
+        handle.remove()
+    p = ids.shape[1] - t
+    # The prompts on the wrapped model, the completions through the wrapper (its forward readies
+    # the gradients' averaging for the backward both passes feed).
+    assert shapes == [(2, p - 2), (5, t)] and through_wrapper == [(5, t)]
+    torch.testing.assert_close(shared[0], plain[0], atol=2e-6, rtol=0)
+    grads = {name.removeprefix("module."): grad for name, grad in shared[2].items()}
+    assert plain[2].keys() == grads.keys()
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(grads[name], grad, atol=2e-6, rtol=1e-4)
+    # One completion token: no completion pass to carry DDP's forward, so the plain path.
+    ids, mask, t = encode(tokenizer, ["abc", "abc", "de", "abc"], ["x", "y", "z", "w"])
+    through_wrapper.clear()
+    logprobs_and_grads(wrapper, ids, mask, t, share_prompts=True)
+    assert through_wrapper == [tuple(ids.shape)]
+
+
 def test_shared_prompts_under_lora_train_the_adapter_as_the_plain_forward(tiny) -> None:
     tokenizer, _ = tiny
     model = lora_model(tokenizer).train()

@@ -283,8 +283,8 @@ def model_completion_logprobs(
             keys and values to each of those rows' completions (`shared_prompt_rows`,
             `prompt_sharing_supported`): the same log-probs and gradients up to float rounding,
             with `U * P + n * T` tokens forwarded instead of `n * (P + T)` for `U` distinct
-            prompts. Rows whose prompts all differ, and models it does not support, take the
-            plain path.
+            prompts. Rows whose prompts all differ, models it does not support, and a DDP
+            wrapper's slice of one completion position take the plain path.
 
     Returns:
         `(logprobs, entropies)`, each `[N, T]` float32 (entropies None unless requested). Values at
@@ -310,14 +310,16 @@ def model_completion_logprobs(
     _check_options(temperature, chunk_size)
 
     # DDP's wrapper passes its keyword arguments on to the module it wraps: call the wrapper (it
-    # synchronises the gradients) with the arguments the wrapped module's forward names.
+    # readies the averaging of the gradients) with the arguments the wrapped module's forward
+    # names. A shared prompt's own pass runs on the wrapped module (`_shared_prompt_forward`).
     wrapper = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
-    model = forward_module(wrapper.module if wrapper is not None else model)
-    keep_logits = _accepts(model, "logits_to_keep")
-    pass_positions = _accepts(model, "position_ids")
-    share = share_prompts and wrapper is None and prompt_sharing_supported(model)
-    if wrapper is not None:
-        model = wrapper
+    inner = forward_module(wrapper.module if wrapper is not None else model)
+    keep_logits = _accepts(inner, "logits_to_keep")
+    pass_positions = _accepts(inner, "position_ids")
+    # Under DDP a shared forward needs a completion pass (T > 1) to go through the wrapper.
+    share = share_prompts and prompt_sharing_supported(inner)
+    share = share and (wrapper is None or completion_len > 1)
+    model = wrapper if wrapper is not None else inner
     step = batch_size or input_ids.shape[0]
     logprob_slices, entropy_slices = [], []
     for start in range(0, input_ids.shape[0], step):
@@ -326,7 +328,15 @@ def model_completion_logprobs(
         groups = shared_prompt_rows(ids, mask, completion_len) if share else None
         if groups is not None:
             logprobs, entropies = _shared_prompt_forward(
-                model, ids, mask, completion_len, groups, temperature, compute_entropy, chunk_size
+                inner,
+                ids,
+                mask,
+                completion_len,
+                groups,
+                temperature,
+                compute_entropy,
+                chunk_size,
+                completions=model,
             )
             logprob_slices.append(logprobs)
             if entropies is not None:
@@ -486,14 +496,22 @@ def _shared_prompt_forward(
     temperature: float,
     compute_entropy: bool,
     chunk_size: int | None,
+    *,
+    completions: torch.nn.Module | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """`model_completion_logprobs` of one slice with each distinct prompt forwarded once.
 
-    The distinct prompts `[U, P]` go through the model with a cache; the logits of their last
+    The distinct prompts `[U, P]` go through `model` with a cache; the logits of their last
     position score each row's first completion token. The cache, indexed to the `n` rows, then
     serves as the past of the completions `[n, T]`, whose logits at positions `0..T-2` score
     tokens `1..T-1`. Gradients reach the prompt's activations from every row through the
     indexing.
+
+    Args:
+        completions: The module the completion pass is called through: `model` (None), or the
+            DDP wrapper around it. DDP readies its gradient averaging in its own forward, once
+            per backward; the prompt pass's gradients reach the same parameters in that
+            backward, each parameter's summed before its averaging hook runs.
     """
     from transformers.cache_utils import DynamicCache
 
@@ -520,7 +538,7 @@ def _shared_prompt_forward(
     if completion_len == 1:
         return logprobs, entropies
     cache.batch_select_indices(inverse)  # [U, ...] -> [n, ...] per layer, differentiable
-    rest = model(
+    rest = (completions or model)(
         input_ids=completion_ids,  # [n, T]
         attention_mask=mask,  # [n, P'+T]
         position_ids=positions[:, p:],

@@ -142,7 +142,7 @@ class GRPOTrainer:
     skip_zero_advantage: bool = True
     bucket_by_length: bool = True
     # Forward a prompt once for the rows of a micro-batch that share it (the same log-probs and
-    # gradients; grpokit.core.logprobs.model_completion_logprobs). On one process only.
+    # gradients; grpokit.core.logprobs.model_completion_logprobs). On one process or under DDP.
     share_prompts: bool = True
     # With num_iterations > 1 and one optimizer step per generation, that step's first pass runs
     # on the sampling-time weights, so its forward gives the old log-probs: no separate pass.
@@ -1157,18 +1157,21 @@ class GRPOTrainer:
 
     @property
     def _may_share_prompts(self) -> bool:
-        """Prompt sharing is on (`share_prompts`) and the run has one process: a distributed
-        wrapper expects one forward per backward."""
-        return self.share_prompts and not self.world.is_distributed
+        """Prompt sharing is on (`share_prompts`) and the model is whole on every process: one
+        process, or DDP (whose wrapper takes the completion pass). A sharded model (FSDP2,
+        DeepSpeed ZeRO) forwards each prompt with its rows: its engine gathers the parameters
+        around each forward call and is not run with the two calls a shared prompt takes."""
+        return self.share_prompts and not (self.world.fsdp or self.world.deepspeed)
 
     def _shares_prompts(self) -> bool:
         """Whether the training forwards pass each prompt once for the rows sharing it: where
         `_may_share_prompts` and the policy supports it (`core.logprobs.prompt_sharing_supported`:
         e.g. not under transformers' gradient checkpointing, which drops the cache in
         training)."""
-        return self._may_share_prompts and prompt_sharing_supported(
-            forward_module(self.train_model)
-        )
+        model = self.train_model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        return self._may_share_prompts and prompt_sharing_supported(forward_module(model))
 
     def _plans_shared_prompts(self) -> bool:
         """Whether training forwards may share prompts, for planning micro-batches: all of them
