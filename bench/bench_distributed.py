@@ -11,6 +11,9 @@ Usage:
     python bench/bench_distributed.py --settings torchrun2 --steps 2 --warmup 0 \
         --max-completion-length 32                                    # a smoke run
 
+`--set FIELD=VALUE` overrides GRPOConfig fields (e.g. `beta=0.04`, `max_forward_tokens=null`);
+`--no-share-prompts` forwards each prompt with every row (`GRPOTrainer.share_prompts` off).
+
 Each setting prints the median `step_time` of the measured steps and the main process's median
 phase times (metrics.jsonl of the run).
 """
@@ -51,6 +54,7 @@ def worker(spec: dict[str, Any]) -> None:
     wl = bench_grpo.Workload(**spec["workload"])
     kwargs = wl.config_kwargs(spec["output_dir"], spec["warmup"] + spec["steps"])
     kwargs["per_device_train_batch_size"] = wl.completions_per_step // processes
+    kwargs.update(spec["overrides"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
     trainer = GRPOTrainer(
@@ -60,6 +64,7 @@ def worker(spec: dict[str, Any]) -> None:
         train_dataset=Dataset.from_list(bench_grpo.prompt_rows(spec["prompts"])),
         processing_class=tokenizer,
     )
+    trainer.share_prompts = spec["share_prompts"]
     trainer.train()
 
 
@@ -112,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--model", default=bench_grpo.DEFAULT_MODEL)
     parser.add_argument("--max-completion-length", type=int, default=128)
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="GRPOConfig overrides (VALUE read as JSON), e.g. beta=0.04",
+    )
+    parser.add_argument(
+        "--no-share-prompts",
+        action="store_true",
+        help="forward each prompt with every row (GRPOTrainer.share_prompts)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -122,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     model_path = str(bench_grpo.resolve_model(args.model))
     prompts = bench_grpo.equal_length_prompts(AutoTokenizer.from_pretrained(model_path))
     workload = bench_grpo.Workload(mode="fixed", max_completion_length=args.max_completion_length)
-    print(f"model {model_path}; workload {workload.name}; {args.cores} cores")
+    overrides = bench_grpo.config_overrides(args.set)
+    share = not args.no_share_prompts
+    print(
+        f"model {model_path}; workload {workload.name}; {args.cores} cores; overrides "
+        f"{overrides or 'none'}; share_prompts {share}"
+    )
     for setting in args.settings:
         out = tempfile.mkdtemp(prefix=f"dist-{setting}-")
         spec = {
@@ -133,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "cores": args.cores,
             "output_dir": out,
+            "overrides": overrides,
+            "share_prompts": share,
         }
         records = run_setting(setting, spec)
         times = [r["step_time"] for r in records]

@@ -203,6 +203,18 @@ class WorkerSpec:
         return self.warmup_steps + self.steps
 
 
+def config_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set FIELD=VALUE` items -> GRPOConfig overrides (VALUE read as JSON, else a string)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def length_reward(completions: list[Any], **kwargs: Any) -> list[float]:
     """Trivial reward: completion length in characters / 100 (costs microseconds)."""
     del kwargs

@@ -226,13 +226,6 @@ class PhaseEngine:
             discard(model)
 
 
-def parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2)
@@ -267,9 +260,7 @@ def main() -> None:
     log.mark("model load")
     workload = bench_grpo.Workload()
     kwargs = workload.config_kwargs(tempfile.mkdtemp(prefix="memory-phases-"), args.steps)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        kwargs[key] = parse_value(value)
+    kwargs.update(bench_grpo.config_overrides(args.set))
     config = GRPOConfig(**kwargs)
 
     class Marks(TrainerCallback):  # type: ignore[misc]
