@@ -69,7 +69,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # forward it with every row): under DDP the prompt pass runs on the wrapped model and the
     # completion pass through the wrapper. With the reference model's and the old log-probs'
     # passes (2 iterations, 2 optimizer steps a generation); DDP's settings as by default, and
-    # with its search for unused parameters (which walks the graph from the wrapper's outputs).
+    # with its search for unused parameters (which walks the graph from the wrapper's outputs),
+    # and with a static graph (below; it counts each parameter's gradient hooks in a first step).
     "shared_prompts": {
         "share_prompts": True,
         "loss_type": "dapo",
@@ -82,6 +83,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "loss_type": "grpo",
         "ddp_find_unused_parameters": True,
     },
+    # DDP's static graph, which fails under no_sync (an internal assertion, pytorch#143580):
+    # every backward averages the gradients instead (`World.gradient_sync`).
+    "static_graph": {"share_prompts": True, "loss_type": "dapo", "ddp_static_graph": True},
     # The top-entropy filter's quantile over both processes' micro-batches (TRL gathers them):
     # with one micro-batch per step, that is the one process's micro-batch of 8 rows.
     "entropy_quantile": {
@@ -378,6 +382,8 @@ def run_scenarios(out_dir: Path) -> None:
         save_params(t.model, out)
         unused = getattr(t.train_model, "find_unused_parameters", None)  # DDP's wrapper
         (out / f"find_unused_parameters_{launched_process_index()}.txt").write_text(str(unused))
+        static = getattr(t.train_model, "static_graph", None)
+        (out / f"static_graph_{launched_process_index()}.txt").write_text(str(static))
         write_recompute(t, out)
     # Environments: each process makes and resets only its own rollouts' instances.
     out = out_dir / "environments"

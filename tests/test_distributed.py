@@ -177,7 +177,8 @@ def test_ddp_forwards_each_shared_prompt_once(runs: dict[str, Path]) -> None:
         # are all 0 is skipped, or padded in, on its own process)
         two = counts(runs["two"], "shared_prompts", rank)
         assert two["training"] > 0 and two["no_grad"] > 0, (rank, two)
-        assert counts(runs["two"], "shared_prompts_unused", rank)["training"] > 0
+        for scenario in ("shared_prompts_unused", "static_graph"):
+            assert counts(runs["two"], scenario, rank)["training"] > 0, (scenario, rank)
         # the other scenarios forward each prompt with every row
         assert counts(runs["two"], "dapo", rank) == {"training": 0, "no_grad": 0}
     assert (runs["two"] / "shared_prompts_unused" / "find_unused_parameters_0.txt").read_text() == (
@@ -242,6 +243,18 @@ def test_ddp_settings_of_the_config_reach_ddp(runs: dict[str, Path]) -> None:
     assert (runs["two"] / "grpo" / "find_unused_parameters_0.txt").read_text() == "True"
     assert (runs["two"] / "dapo" / "find_unused_parameters_0.txt").read_text() == "False"
     assert (runs["one"] / "grpo" / "find_unused_parameters_0.txt").read_text() == "None"
+
+
+def test_ddp_static_graph_averages_at_every_backward(runs: dict[str, Path]) -> None:
+    # The static_graph scenario trained as one process did, its replicas identical
+    # (test_two_processes_train_as_one), over optimizer steps of 2 micro-batches each: under
+    # no_sync, torch's DDP with a static graph stops at an internal assertion in the first
+    # backward, so every backward averaged the gradients, as the main process warned once.
+    for rank in (0, 1):
+        assert (runs["two"] / "static_graph" / f"static_graph_{rank}.txt").read_text() == "True"
+    assert (runs["two"] / "dapo" / "static_graph_0.txt").read_text() == "False"
+    log = (runs["two"] / "launch.log").read_text()
+    assert log.count(dist.STATIC_GRAPH_SYNC.split(" (")[0]) == 1
 
 
 def test_two_processes_log_each_completion_and_evaluate_once(runs: dict[str, Path]) -> None:

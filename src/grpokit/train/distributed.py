@@ -292,7 +292,10 @@ class World:
             self.optimizer_groups = [list(group["params"]) for group in optimizer.param_groups]
             engine, _ = self.accelerator.prepare(model, optimizer)
             return engine
-        return self.accelerator.prepare(model)
+        wrapper = self.accelerator.prepare(model)
+        if getattr(wrapper, "static_graph", False) and self.is_main_process:
+            logger.warning(STATIC_GRAPH_SYNC)
+        return wrapper
 
     @property
     def gradient_scale(self) -> float:
@@ -303,11 +306,14 @@ class World:
 
     def gradient_sync(self, model: Any, sync: bool) -> contextlib.AbstractContextManager[Any]:
         """Context for one micro-batch's backward: with `sync` False the gradients only
-        accumulate locally (DDP's `no_sync`); the step's last backward synchronises them."""
+        accumulate locally (DDP's `no_sync`); the step's last backward synchronises them. A DDP
+        wrapper with a static graph synchronises every backward (`STATIC_GRAPH_SYNC`)."""
         if self.accelerator is None or sync or self.deepspeed:  # DeepSpeed: see `backward`
             return contextlib.nullcontext()
         if self.fsdp:
             return _fsdp_no_sync(model)
+        if getattr(model, "static_graph", False):  # DDP's `ddp_static_graph` (see `prepare`)
+            return contextlib.nullcontext()
         return self.accelerator.no_sync(model)
 
     def backward(self, loss: Tensor, train_model: Any, *, last: bool) -> None:
@@ -403,6 +409,19 @@ class World:
         yield
         if self.is_main_process:
             self.barrier()
+
+
+STATIC_GRAPH_SYNC = (
+    "ddp_static_graph=True: every backward pass averages the gradients (no no_sync between "
+    "the micro-batches of an optimizer step). torch's DDP with a static graph fails under "
+    "no_sync: an internal assertion in the first backward, and no averaging after it once "
+    "that is passed (pytorch/pytorch#143580). Averaging at each backward accumulates the same "
+    "gradient, with one all-reduce per micro-batch. Unset, ddp_static_graph costs none of "
+    "them; DDP needs it only for reentrant recomputation (gradient_checkpointing_kwargs "
+    "use_reentrant=True; grpokit's default is non-reentrant)."
+)
+"""Warned once, by the main process, when DDP's wrapper has a static graph
+(`World.gradient_sync` then synchronises every backward)."""
 
 
 def _ddp_settings(args: Any, *, gloo: bool = False) -> list[Any]:

@@ -112,7 +112,10 @@ class TrainerSettings:
         "torch's default (True).",
     )
     ddp_static_graph: bool | None = option(
-        None, "With several processes (DDP): DistributedDataParallel's static_graph."
+        None,
+        "With several processes (DDP): DistributedDataParallel's static_graph. When True, every "
+        "backward pass averages the gradients (no no_sync between micro-batches; torch's DDP "
+        "with a static graph fails under no_sync, pytorch/pytorch#143580).",
     )
     ddp_backend: str | None = option(
         None,
