@@ -83,6 +83,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "loss_type": "grpo",
         "ddp_find_unused_parameters": True,
     },
+    # A LoRA adapter trained under DDP, its reference log-probs with the adapter off, each
+    # shared prompt forwarded once (through the PEFT model's base model and DDP's wrapper).
+    "lora": {"lora": True, "share_prompts": True, "loss_type": "dapo", "beta": 0.04},
     # DDP's static graph, which fails under no_sync (an internal assertion, pytorch#143580):
     # every backward averages the gradients instead (`World.gradient_sync`).
     "static_graph": {"share_prompts": True, "loss_type": "dapo", "ddp_static_graph": True},
@@ -303,15 +306,23 @@ def trainer(
     out: Path, model_overrides: dict[str, Any] | None = None, model: Any = None, **overrides: Any
 ) -> Any:
     """The scenarios' trainer, on `model` or a fresh tiny model (`model_overrides` applied);
-    `share_prompts=True` among `overrides` keeps `GRPOTrainer.share_prompts` on."""
+    `share_prompts=True` among `overrides` keeps `GRPOTrainer.share_prompts` on, `lora=True`
+    trains a LoRA adapter."""
     tok = make_tokenizer()
     if model is None:
         model = make_causal_lm(tok, seed=0, **(model_overrides or {})).train()
     share = overrides.pop("share_prompts", False)
+    peft_config = None
+    if overrides.pop("lora", False):
+        from peft import LoraConfig
+
+        targets = ["q_proj", "v_proj", "gate_proj"]
+        peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
     t = GRPOTrainer(
         model,
         letter_reward,
         args=config(out, **overrides),
+        peft_config=peft_config,
         train_dataset=dataset(40),
         eval_dataset=dataset(5, offset=100),
         processing_class=tok,
