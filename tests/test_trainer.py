@@ -1129,7 +1129,9 @@ def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
 
     on_amx_cpu(monkeypatch, kept=10**9)
     real = trainer_module.model_completion_logprobs
+    real_plan = trainer_module.plan_micro_batches
     runs = {}
+    planned: dict[str, list[Any]] = {}
     for name, tokens, keep_up_to in (
         ("plain", None, None),
         ("kept", "auto", None),
@@ -1150,7 +1152,15 @@ def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
             shared.append(kwargs["share_prompts"])
             return real(*args, **kwargs)
 
+        planned[name] = []
+
+        def plan_spy(*args: Any, seen: list = planned[name], **kwargs: Any) -> Any:
+            # the token count up to which the plan takes a micro-batch to share its prompts
+            seen.append(kwargs["share_up_to"])
+            return real_plan(*args, **kwargs)
+
         monkeypatch.setattr(trainer_module, "model_completion_logprobs", spy)
+        monkeypatch.setattr(trainer_module, "plan_micro_batches", plan_spy)
         calls = count_grad_calls(trainer.model.model.layers[0])
         start = params(trainer)
         trainer.train()
@@ -1163,6 +1173,8 @@ def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
     (_, big_calls, big_shared, big_loss) = runs["big"]
     assert (plain_calls, kept_calls, big_calls) == ([1] * 4, [1] * 4, [0] * 4)
     assert (plain_shared, kept_shared, big_shared) == ([True] * 2, [True] * 2, [False] * 2)
+    # every forward shares (None), or those within keep_up_to do
+    assert planned == {"plain": [None], "kept": [10**9 // (2 * (32 + 64))], "big": [0]}
     assert max(u.abs().max().item() for u in plain.values()) > 1e-3  # a real update
     assert kept_loss == pytest.approx(plain_loss, abs=1e-6)
     assert big_loss == pytest.approx(plain_loss, abs=1e-6)
@@ -1431,6 +1443,12 @@ def test_buckets_keep_a_prompts_rows_together_when_that_forwards_fewer_tokens() 
     # 18 = 74: each micro-batch holds one prompt.
     assert plan(20, prompt_groups=groups) == [[0, 2], [1, 3]]
     assert plan(20) == [[0, 1], [2, 3]]  # every row forwards its prompt: by length
+    # Only forwards of at most `share_up_to` tokens share (those that keep their activations).
+    # 37: [0, 2] shares (36), [1, 3] does not (38 -> 2 x 29): by prompt 36 + 58 = 94 against
+    # by length 44 + 58 = 102 (two prompts each: nothing shared).
+    assert plan(20, prompt_groups=groups, share_up_to=37) == [[0, 2], [1, 3]]
+    # 30: no micro-batch shares, by prompt 2 x 28 + 2 x 29 = 114 against 102: by length.
+    assert plan(20, prompt_groups=groups, share_up_to=30) == [[0, 1], [2, 3]]
 
 
 @pytest.mark.parametrize(

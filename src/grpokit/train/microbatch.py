@@ -167,6 +167,7 @@ def plan_micro_batches(
     max_tokens: int | None = None,
     prompt_mask: Tensor | None = None,
     prompt_groups: Tensor | None = None,
+    share_up_to: int | None = None,
 ) -> list[MicroBatch]:
     """Split an optimizer step's `rows` into micro-batches, skipping and bucketing when exact.
 
@@ -196,6 +197,11 @@ def plan_micro_batches(
             forward passes a prompt once for the rows sharing it
             (`model_completion_logprobs(share_prompts=True)`): `max_tokens` then counts each
             distinct prompt of a part once. None = every row forwards its own prompt.
+        share_up_to: With `prompt_groups`, only a forward of at most this many tokens (its
+            prompts counted once) shares them, a larger one forwards each row's prompt
+            (`ActivationBound.keep_up_to`: only forwards that keep their activations share
+            prompts); bucketing counts each micro-batch's tokens accordingly. None = every
+            forward shares.
 
     Returns:
         Micro-batches in training order; empty when every row of the step has zero advantage
@@ -232,7 +238,7 @@ def plan_micro_batches(
     completion_lengths = completion_mask.sum(-1)  # [N]
     prompt_lengths = None if prompt_mask is None else prompt_mask.sum(-1)  # [N]
     if bucket_by_length:
-        kept = _bucketed(kept, size, completion_lengths, prompt_lengths, prompt_groups)
+        kept = _bucketed(kept, size, completion_lengths, prompt_lengths, prompt_groups, share_up_to)
     plan = []
     for start in range(0, len(kept), size):
         chunk = kept[start : start + size]
@@ -287,11 +293,13 @@ def _bucketed(
     completion_lengths: Tensor,
     prompt_lengths: Tensor | None,
     prompt_groups: Tensor | None,
+    share_up_to: int | None = None,
 ) -> Tensor:
     """`rows` sorted by completion length (speed-up 2). When prompts are forwarded once per
     micro-batch (`prompt_groups`), sorting by length splits a prompt's rows over micro-batches,
     so the rows may instead stay with their prompt (sorted by length within it): whichever
-    order forwards fewer tokens in micro-batches of `size` rows (`_forward_tokens`)."""
+    order forwards fewer tokens in micro-batches of `size` rows (`_forward_tokens`; a
+    micro-batch above `share_up_to` counted with every row's prompt)."""
     by_length = rows[torch.argsort(completion_lengths[rows], stable=True)]
     if prompt_groups is None or prompt_lengths is None:
         return by_length
@@ -300,7 +308,7 @@ def _bucketed(
     def tokens(order: Tensor) -> int:
         chunks = (order[start : start + size] for start in range(0, len(order), size))
         return sum(
-            _forward_tokens(chunk, completion_lengths, prompt_lengths, prompt_groups)
+            _forward_tokens(chunk, completion_lengths, prompt_lengths, prompt_groups, share_up_to)
             for chunk in chunks
         )
 
@@ -308,13 +316,22 @@ def _bucketed(
 
 
 def _forward_tokens(
-    part: Tensor, completion_lengths: Tensor, prompt_lengths: Tensor, prompt_groups: Tensor
+    part: Tensor,
+    completion_lengths: Tensor,
+    prompt_lengths: Tensor,
+    prompt_groups: Tensor,
+    share_up_to: int | None = None,
 ) -> int:
     """Tokens one forward of `part` holds with each distinct prompt forwarded once: distinct
-    prompts x the longest prompt + rows x the longest completion."""
+    prompts x the longest prompt + rows x the longest completion; above `share_up_to` (a
+    forward that does not share), rows x (the longest prompt + the longest completion)."""
     prompts = int(prompt_groups[part].unique().numel())
     longest_prompt = int(prompt_lengths[part].max())
-    return prompts * longest_prompt + len(part) * int(completion_lengths[part].max())
+    longest_completion = int(completion_lengths[part].max())
+    shared = prompts * longest_prompt + len(part) * longest_completion
+    if share_up_to is not None and shared > share_up_to:
+        return len(part) * (longest_prompt + longest_completion)
+    return shared
 
 
 def _split_shared_prompts(

@@ -767,6 +767,7 @@ class GRPOTrainer:
             max_tokens=self.max_forward_tokens,
             prompt_mask=batch.prompt_mask,
             prompt_groups=batch.prompt_groups() if self._plans_shared_prompts() else None,
+            share_up_to=None if self._shares_prompts() else self.activation_bound.keep_up_to,
             **place,
         )
         if world.is_distributed:  # as many backward passes on every process
@@ -1176,7 +1177,7 @@ class GRPOTrainer:
     def _plans_shared_prompts(self) -> bool:
         """Whether training forwards may share prompts, for planning micro-batches: all of them
         (`_shares_prompts`), or those small enough to keep their activations, which run with
-        recomputation off (`ActivationBound.keep_up_to`)."""
+        recomputation off (`ActivationBound.keep_up_to`, the plan's `share_up_to`)."""
         kept = self.activation_bound.keep_up_to is not None
         return self._shares_prompts() or (kept and self._may_share_prompts)
 
