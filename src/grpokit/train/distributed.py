@@ -413,12 +413,10 @@ class World:
 
 STATIC_GRAPH_SYNC = (
     "ddp_static_graph=True: every backward pass averages the gradients (no no_sync between "
-    "the micro-batches of an optimizer step). torch's DDP with a static graph fails under "
-    "no_sync: an internal assertion in the first backward, and no averaging after it once "
-    "that is passed (pytorch/pytorch#143580). Averaging at each backward accumulates the same "
-    "gradient, with one all-reduce per micro-batch. Unset, ddp_static_graph costs none of "
-    "them; DDP needs it only for reentrant recomputation (gradient_checkpointing_kwargs "
-    "use_reentrant=True; grpokit's default is non-reentrant)."
+    "the micro-batches of an optimizer step): torch's DDP with a static graph stops at an "
+    "internal assertion in a backward under no_sync (pytorch/pytorch#143580). Averaging at "
+    "each backward accumulates the same gradient, with one all-reduce per micro-batch instead "
+    "of one per optimizer step; leave ddp_static_graph unset to avoid them."
 )
 """Warned once, by the main process, when DDP's wrapper has a static graph
 (`World.gradient_sync` then synchronises every backward)."""
