@@ -332,28 +332,32 @@ def trainer(
 
 
 class SharedForwards:
-    """Counts the forwards that passed a shared prompt once (`core.logprobs`' shared path), with
-    and without gradients, while installed."""
+    """Counts the prompt passes of forwards that pass each shared prompt once (a call with a
+    cache that keeps one position's logits: `core.logprobs.model_completion_logprobs` with
+    `share_prompts`), on the policy and the reference model, with and without gradients, while
+    installed."""
 
-    def __init__(self) -> None:
+    def __init__(self, trainer: GRPOTrainer) -> None:
+        from grpokit.core.logprobs import forward_module
+
         self.counts = {"training": 0, "no_grad": 0}
+        self.models = [forward_module(trainer.model), trainer.ref_model]
+
+    def count(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs.get("past_key_values") is not None and kwargs.get("logits_to_keep") == 1:
+            self.counts["training" if torch.is_grad_enabled() else "no_grad"] += 1
 
     def __enter__(self) -> SharedForwards:
-        from grpokit.core import logprobs
-
-        self.original = logprobs._shared_prompt_forward
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.counts["training" if torch.is_grad_enabled() else "no_grad"] += 1
-            return self.original(*args, **kwargs)
-
-        logprobs._shared_prompt_forward = counted
+        self.handles = [
+            m.register_forward_pre_hook(self.count, with_kwargs=True)
+            for m in self.models
+            if m is not None
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from grpokit.core import logprobs
-
-        logprobs._shared_prompt_forward = self.original
+        for handle in self.handles:
+            handle.remove()
 
 
 class StopAt(TrainerCallback):
@@ -386,7 +390,7 @@ def run_scenarios(out_dir: Path) -> None:
     for name, overrides in SCENARIOS.items():
         out = out_dir / name
         t = trainer(out, **overrides)
-        with SharedForwards() as shared:
+        with SharedForwards(t) as shared:
             t.train()
         rank = launched_process_index()
         (out / f"shared_forwards_{rank}.json").write_text(json.dumps(shared.counts))
