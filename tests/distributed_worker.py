@@ -395,10 +395,9 @@ def run_scenarios(out_dir: Path) -> None:
         rank = launched_process_index()
         (out / f"shared_forwards_{rank}.json").write_text(json.dumps(shared.counts))
         save_params(t.model, out)
-        unused = getattr(t.train_model, "find_unused_parameters", None)  # DDP's wrapper
-        (out / f"find_unused_parameters_{launched_process_index()}.txt").write_text(str(unused))
-        static = getattr(t.train_model, "static_graph", None)
-        (out / f"static_graph_{launched_process_index()}.txt").write_text(str(static))
+        for setting in ("find_unused_parameters", "static_graph"):  # DDP's wrapper's
+            value = getattr(t.train_model, setting, None)
+            (out / f"{setting}_{rank}.txt").write_text(str(value))
         write_recompute(t, out)
     # Environments: each process makes and resets only its own rollouts' instances.
     out = out_dir / "environments"
