@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpokit.core.logprobs import model_completion_logprobs, selective_logprobs_and_entropy
+from grpokit.core.logprobs import (
+    forward_module,
+    model_completion_logprobs,
+    selective_logprobs_and_entropy,
+)
 from tests.tiny import batch_sizes_seen, config_kwargs, make_causal_lm, make_tokenizer
 
 
@@ -418,6 +422,7 @@ def test_ddp_wrapper_takes_the_completion_pass_of_a_shared_prompt(ddp_wrap) -> N
     ids, mask, t = shared_batch(tokenizer)
     plain = logprobs_and_grads(model, ids, mask, t)
     wrapper = ddp_wrap(model)
+    assert forward_module(wrapper) is model  # the forward with the full signature
     through_wrapper: list[tuple[int, ...]] = []
     wrapper.register_forward_pre_hook(
         lambda _, args, kwargs: through_wrapper.append(tuple(kwargs["input_ids"].shape)),

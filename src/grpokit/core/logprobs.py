@@ -221,8 +221,12 @@ def forward_module(model: torch.nn.Module) -> torch.nn.Module:
     (LoRA and the other injected tuners) the base model computes exactly the same logits, adapters
     included and `disable_adapter()` respected, so it is called directly. Prompt-learning
     adapters (prompt / prefix / p-tuning) add virtual tokens in the wrapper's forward, so those
-    keep the wrapper.
+    keep the wrapper. A DDP wrapper's `forward(*inputs, **kwargs)` hides them too: the module it
+    wraps, itself resolved so (a caller that trains calls the wrapper for one pass a backward,
+    which readies DDP's gradient averaging).
     """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     get_base_model = getattr(model, "get_base_model", None)
     if getattr(model, "active_peft_config", None) is None or not callable(get_base_model):
         return model
@@ -313,7 +317,7 @@ def model_completion_logprobs(
     # readies the averaging of the gradients) with the arguments the wrapped module's forward
     # names. A shared prompt's own pass runs on the wrapped module (`_shared_prompt_forward`).
     wrapper = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
-    inner = forward_module(wrapper.module if wrapper is not None else model)
+    inner = forward_module(model)
     keep_logits = _accepts(inner, "logits_to_keep")
     pass_positions = _accepts(inner, "position_ids")
     # Under DDP a shared forward needs a completion pass (T > 1) to go through the wrapper.

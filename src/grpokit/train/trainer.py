@@ -1169,10 +1169,9 @@ class GRPOTrainer:
         `_may_share_prompts` and the policy supports it (`core.logprobs.prompt_sharing_supported`:
         e.g. not under transformers' gradient checkpointing, which drops the cache in
         training)."""
-        model = self.train_model
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        return self._may_share_prompts and prompt_sharing_supported(forward_module(model))
+        return self._may_share_prompts and prompt_sharing_supported(
+            forward_module(self.train_model)
+        )
 
     def _plans_shared_prompts(self) -> bool:
         """Whether training forwards may share prompts, for planning micro-batches: all of them
