@@ -14,6 +14,8 @@ second process), `metrics.jsonl` and the other run files.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +40,10 @@ from tests.tiny import make_causal_lm, make_tokenizer, make_tool_tokenizer
 GLOBAL_MICRO_BATCH = 8  # completions per micro-batch over all processes
 NUM_GENERATIONS = 4
 MAX_COMPLETION_LENGTH = 6
+
+# The `keep_up_to` of the kept_activations scenario: between the sizes of its processes'
+# training forwards, so that some keep their activations and others recompute them.
+KEEP_UP_TO = 30
 
 # name -> GRPOConfig overrides. Each trains 3 optimizer steps of 2 micro-batches (16 completions,
 # 4 prompts) unless it says otherwise, one optimizer step per generation round.
@@ -86,6 +92,16 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # A LoRA adapter trained under DDP, its reference log-probs with the adapter off, each
     # shared prompt forwarded once (through the PEFT model's base model and DDP's wrapper).
     "lora": {"lora": True, "share_prompts": True, "loss_type": "dapo", "beta": 0.04},
+    # Activations recomputed in backward (as max_forward_tokens="auto" on a CPU with bf16 matmuls
+    # on AMX), but kept by training forwards of at most `keep_up_to` tokens
+    # (`ActivationBound.keep_up_to`), which share their prompts: each process decides by its
+    # own forwards' sizes, so kept and recomputed forwards meet in one backward's averaging.
+    "kept_activations": {
+        "share_prompts": True,
+        "keep_up_to": KEEP_UP_TO,
+        "loss_type": "dapo",
+        "gradient_checkpointing": True,
+    },
     # DDP's static graph, which fails under no_sync (an internal assertion, pytorch#143580):
     # every backward averages the gradients instead (`World.gradient_sync`).
     "static_graph": {"share_prompts": True, "loss_type": "dapo", "ddp_static_graph": True},
@@ -307,11 +323,13 @@ def trainer(
 ) -> Any:
     """The scenarios' trainer, on `model` or a fresh tiny model (`model_overrides` applied);
     `share_prompts=True` among `overrides` keeps `GRPOTrainer.share_prompts` on, `lora=True`
-    trains a LoRA adapter."""
+    trains a LoRA adapter, `keep_up_to=K` (with `gradient_checkpointing`) has training forwards
+    of at most K tokens keep their activations, as "auto" does on an AMX CPU."""
     tok = make_tokenizer()
     if model is None:
         model = make_causal_lm(tok, seed=0, **(model_overrides or {})).train()
     share = overrides.pop("share_prompts", False)
+    keep_up_to = overrides.pop("keep_up_to", None)
     peft_config = None
     if overrides.pop("lora", False):
         from peft import LoraConfig
@@ -328,6 +346,8 @@ def trainer(
         processing_class=tok,
         generation_engine=ScriptedEngine(tok),
     )
+    if keep_up_to is not None:
+        t.activation_bound = dataclasses.replace(t.activation_bound, keep_up_to=keep_up_to)
     return t if share else one_forward_per_row(t)
 
 
@@ -360,6 +380,29 @@ class SharedForwards:
             handle.remove()
 
 
+class KeptForwards:
+    """Counts the training forwards whose decoder layers keep their activations and those
+    that recompute them (the first layer's calls with gradients, by its `gradient_checkpointing`
+    flag at the call: a recomputed forward counts its recomputation too), while installed."""
+
+    def __init__(self, trainer: GRPOTrainer) -> None:
+        from grpokit.core.logprobs import forward_module
+
+        self.counts = {"kept": 0, "recomputed": 0}
+        self.layer = forward_module(trainer.model).model.layers[0]
+
+    def count(self, module: Any, args: Any) -> None:
+        if torch.is_grad_enabled():
+            self.counts["recomputed" if module.gradient_checkpointing else "kept"] += 1
+
+    def __enter__(self) -> KeptForwards:
+        self.handle = self.layer.register_forward_pre_hook(self.count)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
 class StopAt(TrainerCallback):
     """Stops training after optimizer step `step`, as an interruption would."""
 
@@ -390,10 +433,13 @@ def run_scenarios(out_dir: Path) -> None:
     for name, overrides in SCENARIOS.items():
         out = out_dir / name
         t = trainer(out, **overrides)
-        with SharedForwards(t) as shared:
+        kept = KeptForwards(t) if "keep_up_to" in overrides else contextlib.nullcontext()
+        with SharedForwards(t) as shared, kept:
             t.train()
         rank = launched_process_index()
         (out / f"shared_forwards_{rank}.json").write_text(json.dumps(shared.counts))
+        if isinstance(kept, KeptForwards):
+            (out / f"kept_forwards_{rank}.json").write_text(json.dumps(kept.counts))
         save_params(t.model, out)
         for setting in ("find_unused_parameters", "static_graph"):  # DDP's wrapper's
             value = getattr(t.train_model, setting, None)

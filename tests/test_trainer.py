@@ -1095,10 +1095,10 @@ def test_auto_on_an_amx_cpu_keeps_the_activations_of_forwards_up_to_a_size(
     # 1000 // 192 tokens
     assert "activations kept by forwards of at most 5 tokens, recomputed above" in caplog.text
     assert [bound.recomputes(n) for n in (1, 5, 6, 500)] == [False, False, True, True]
-    # Every forward recomputes: several processes, no model to size, no kept size, and the
-    # user's gradient_checkpointing (its token bound, as on any CPU).
+    # Every forward recomputes: a sharded model (FSDP2, DeepSpeed), no model to size, no kept
+    # size, and the user's gradient_checkpointing (its token bound, as on any CPU).
     cases = {
-        "distributed": (GRPOConfig(), dict(model=model, distributed=True), traits),
+        "sharded": (GRPOConfig(), dict(model=model, sharded=True), traits),
         "no model": (GRPOConfig(), {}, traits),
         "no kept size": (GRPOConfig(), dict(model=model), amx_cpu(kept=0)),
         "user": (GRPOConfig(gradient_checkpointing=True), dict(model=model), traits),

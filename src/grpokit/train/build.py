@@ -401,7 +401,7 @@ def resolve_activation_bound(
     *,
     bf16: bool,
     model: Any = None,
-    distributed: bool = False,
+    sharded: bool = False,
 ) -> ActivationBound:
     """How the run's training forwards bound their activations (`GRPOConfig.max_forward_tokens`
     and `gradient_checkpointing`); logged once.
@@ -410,12 +410,12 @@ def resolve_activation_bound(
     (`DeviceTraits.activation_bound`): on a CPU whose bf16 matmuls run on AMX, with bf16
     autocast, recomputed activations and no token bound, except in forwards small enough to keep
     theirs (`ActivationBound.keep_up_to`: `DeviceTraits.kept_activation_size` over the model's
-    `activation_width`; on one process only); elsewhere on the CPU 512 tokens per forward under
-    bf16 autocast and 768 in float32; on a GPU no bound. "auto" keeps the device's token bound
-    without recomputing when the user set `gradient_checkpointing` (that setting then decides:
-    the token bound and recomputed activations on any CPU) or when `model` cannot checkpoint its
-    layers. Recomputation works under DDP, FSDP2 and DeepSpeed ZeRO-2/3 alike
-    (tests/test_distributed*.py, scenario bnpo).
+    `activation_width`; on one process or under DDP, not on a `sharded` model); elsewhere on the
+    CPU 512 tokens per forward under bf16 autocast and 768 in float32; on a GPU no bound. "auto"
+    keeps the device's token bound without recomputing when the user set
+    `gradient_checkpointing` (that setting then decides: the token bound and recomputed
+    activations on any CPU) or when `model` cannot checkpoint its layers. Recomputation works
+    under DDP, FSDP2 and DeepSpeed ZeRO-2/3 alike (tests/test_distributed*.py, scenario bnpo).
 
     Args:
         args: The run's config.
@@ -423,8 +423,13 @@ def resolve_activation_bound(
         bf16: Training computes under bf16 autocast (`resolve_precision`).
         model: The policy (before LoRA); None = assume it supports gradient checkpointing (and
             recompute every forward).
-        distributed: The run has several processes: every forward recomputes (a distributed
-            wrapper expects the same graph in every backward).
+        sharded: The model is sharded over processes or run by an engine (FSDP2, DeepSpeed):
+            every forward recomputes. Their parameters are gathered by collectives around the
+            layers' forwards and backwards, which recomputation moves, and a process keeping a
+            forward while another recomputes its own is not tested there. DDP's wrapper only
+            averages the gradients, in buckets launched in an order fixed across processes, so
+            under DDP each process keeps or recomputes as its own forward's size says
+            (tests/test_distributed.py, scenario kept_activations).
     """
     tokens, user_recompute = args.max_forward_tokens, args.gradient_checkpointing
     keep_up_to = None
@@ -447,7 +452,7 @@ def resolve_activation_bound(
                 max_tokens, recompute = traits.max_forward_tokens, False
                 reason += f", {fallback}: the token bound instead"
             width = activation_width(model)
-            if recompute and not distributed and width and traits.kept_activation_size:
+            if recompute and not sharded and width and traits.kept_activation_size:
                 keep_up_to = traits.kept_activation_size // width
         bound = ActivationBound(max_tokens, recompute or user_recompute, reason, keep_up_to)
     logger.info("training forwards: %s", bound.describe())

@@ -203,7 +203,7 @@ class GRPOTrainer:
             self.device_traits,
             bf16=self.use_bf16,
             model=self.model,
-            distributed=self.world.is_distributed,
+            sharded=self.world.fsdp or self.world.deepspeed,
         )
         self.max_forward_tokens = self.activation_bound.max_forward_tokens
         self.model = build.prepare_model(
