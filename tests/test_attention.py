@@ -114,6 +114,142 @@ def test_sdpa_hand_over_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -
     torch.testing.assert_close(large, small, rtol=1e-5, atol=1e-6)
 
 
+def _sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows at each call of torch's SDPA (where grouped attention hands over)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls: list[int] = []
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return sdpa(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    return calls
+
+
+def test_recomputed_layers_materialise_larger_bf16_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within `recomputed_layers`, a bf16 call of more than `MAX_MATERIALIZED_SCORES` scores
+    and at most `MAX_RECOMPUTED_SCORES` materialises its probabilities instead of going to SDPA,
+    with the same result to bf16 rounding (at every query with a key to attend); a float32
+    call, a larger one and one outside still go to SDPA. The setting nests and is restored on
+    exit."""
+    torch.manual_seed(2)
+    q, key, value = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = padded_causal_mask([5, 3], 5, 5)
+    scores = 2 * 4 * 5 * 5  # b * h * s * k
+    monkeypatch.setattr(attention, "MAX_MATERIALIZED_SCORES", 10)
+    monkeypatch.setattr(attention, "MAX_RECOMPUTED_SCORES", scores)
+    calls = _sdpa_calls(monkeypatch)
+
+    def run(recomputed: bool, bf16: bool) -> tuple[torch.Tensor, int]:
+        calls.clear()
+        with (
+            attention.recomputed_layers(recomputed),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+        ):
+            out, _ = grouped_attention(_Module(), q, key, value, mask, scaling=0.35)
+        return out, len(calls)
+
+    materialised, n = run(True, True)
+    assert n == 0 and materialised.dtype == torch.bfloat16
+    handed_over, n = run(False, True)
+    assert n == 1
+    real = (mask > torch.finfo(torch.float32).min).any(-1)[:, 0]  # [2, 5] a key to attend
+    torch.testing.assert_close(
+        materialised[real].float(), handed_over[real].float(), rtol=0.02, atol=0.02
+    )
+    assert run(True, False)[1] == 1  # float32
+    monkeypatch.setattr(attention, "MAX_RECOMPUTED_SCORES", scores - 1)
+    assert run(True, True)[1] == 1  # above the bound
+    with attention.recomputed_layers():
+        with attention.recomputed_layers(False):
+            assert not attention.in_recomputed_layers()
+        assert attention.in_recomputed_layers()
+    assert not attention.in_recomputed_layers()
+
+
+def test_a_recomputed_layer_takes_its_forwards_path_only_within_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tiny Llama checkpointing its layers (non-reentrant), under bf16 autocast, with calls
+    above `MAX_MATERIALIZED_SCORES`: forward and backward within `recomputed_layers` materialise
+    every call (the recomputation too) and give the gradients of the same forward without
+    checkpointing. A backward outside the setting recomputes through SDPA, and torch's checkpoint
+    refuses it: what the recomputation saves differs from what the forward did, hence the
+    trainer's backward within the setting its forward had."""
+    monkeypatch.setattr(attention, "MAX_MATERIALIZED_SCORES", 10)
+    calls = _sdpa_calls(monkeypatch)
+    tok = make_tokenizer()
+    ids, mask = _batch(tok)
+    grads = []
+    for checkpointed in (False, True):
+        model = make_causal_lm(tok).train()
+        assert use_grouped_attention(model)
+        if checkpointed:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        with attention.recomputed_layers(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logprobs, _ = model_completion_logprobs(model, ids, mask, 4)
+        with attention.recomputed_layers():
+            (logprobs * torch.tensor([[1.0], [-0.5]])).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert calls == []
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    with attention.recomputed_layers(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs, _ = model_completion_logprobs(model, ids, mask, 4)
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        logprobs.sum().backward()
+
+
+def test_the_mask_is_prepared_once_for_the_calls_that_pass_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls passing the same mask tensor (the layers of one forward) reuse its blocks and its
+    conversion to the compute dtype; another tensor, an in-place change, other sizes, another
+    compute dtype or an inference-mode mask prepare it again, and so the results equal those of
+    a fresh preparation. Once the mask is freed the prepared one is dropped."""
+    checks: list[int] = []
+    blocks_of = attention.causal_query_blocks
+
+    def counted(*args: object) -> list[tuple[int, int]]:
+        checks.append(1)
+        return blocks_of(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention, "causal_query_blocks", counted)
+    monkeypatch.setattr(attention, "CAUSAL_QUERY_BLOCK", 4)
+    torch.manual_seed(5)
+    q, key, value = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = padded_causal_mask([9, 6], 9, 9)
+
+    def call(m: torch.Tensor, bf16: bool = False, keys: int = 9) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out, _ = grouped_attention(
+                _Module(), q[:, :, 9 - keys :], key[:, :, :keys], value[:, :, :keys], m, 0.35
+            )
+        return out
+
+    first = call(mask)
+    assert torch.equal(call(mask), first) and len(checks) == 1  # reused
+    assert torch.equal(call(mask.clone()), first) and len(checks) == 2  # another tensor
+    changed = mask.clone()
+    call(changed)
+    changed[1, 0, 8, 5] = torch.finfo(torch.float32).min  # row 1's last query loses a key
+    again = call(changed)
+    assert len(checks) == 4 and not torch.equal(again[1, 8], first[1, 8])
+    torch.testing.assert_close(again, call(changed.clone()), rtol=0, atol=0)
+    call(mask, bf16=True)
+    call(mask[..., 3:, :], keys=6)  # the last 6 queries over 6 keys (a new view)
+    assert len(checks) == 7
+    with torch.inference_mode():
+        frozen = mask.clone()
+        call(frozen)
+        call(frozen)
+    assert len(checks) == 9
+    call(changed)
+    assert attention._last_layer_mask is not None
+    del changed
+    assert attention._last_layer_mask is None
+
+
 def test_causal_query_blocks_only_where_every_later_key_is_masked() -> None:
     from grpokit.core.attention import CAUSAL_QUERY_BLOCK, causal_query_blocks
 
@@ -175,10 +311,11 @@ def test_model_logprobs_and_gradients_equal_with_causal_blocks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A tiny Llama's completion log-probs and parameter gradients (left-padded batch) are the
-    same with its attention split into blocks of 3 queries as in one call."""
+    same with its attention split into blocks of 3 queries as in one call. The blocks are
+    checked once per forward: every layer gets the same mask tensor (`_layer_mask`)."""
     tok = make_tokenizer()
     results = []
-    split: list[int] = []  # blocks per call
+    split: list[int] = []  # blocks per check
     blocks_of = attention.causal_query_blocks
 
     def counted(*args: object) -> list[tuple[int, int]]:
@@ -196,9 +333,8 @@ def test_model_logprobs_and_gradients_equal_with_causal_blocks(
         (logprobs * torch.tensor([[1.0], [-0.5]])).sum().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         results.append((logprobs.detach(), grads))
-    layers = make_causal_lm(tok).config.num_hidden_layers
-    assert split[:layers] == [0] * layers  # one call a layer
-    assert split[layers:] == [3, 0, 0, 0] * layers  # 9 positions in 3 blocks (each: one call)
+    assert make_causal_lm(tok).config.num_hidden_layers > 1
+    assert split == [0, 3]  # one call a layer; then 9 positions in 3 blocks
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
 

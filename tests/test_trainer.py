@@ -1113,6 +1113,46 @@ def test_auto_on_an_amx_cpu_keeps_the_activations_of_forwards_up_to_a_size(
     assert given == ActivationBound(64, False, "max_forward_tokens=64")
 
 
+def test_recomputed_forwards_and_their_backward_run_within_recomputed_layers(
+    tmp_path: Path,
+) -> None:
+    # With the decoder layers recomputing their activations (gradient_checkpointing), every
+    # attention call with gradients, in a training forward and in its recomputation during
+    # backward, runs within `core.attention.recomputed_layers` (which may take the
+    # materialised path where SDPA would run: the two must agree); without recomputation none.
+    from transformers import AttentionInterface
+
+    from grpokit.core import attention
+
+    seen: dict[bool, list[tuple[bool, bool]]] = {}
+    try:
+        for checkpointing in (False, True):
+            calls: list[tuple[bool, bool]] = []
+
+            def spy(*args: Any, calls: list = calls, **kwargs: Any) -> Any:
+                if torch.is_grad_enabled():  # (within the setting, within a backward pass)
+                    in_backward = torch._C._current_graph_task_id() >= 0
+                    calls.append((attention.in_recomputed_layers(), in_backward))
+                return attention.grouped_attention(*args, **kwargs)
+
+            trainer = make_trainer(
+                tmp_path / str(checkpointing),
+                gradient_checkpointing=checkpointing,
+                max_forward_tokens=None,
+                max_steps=1,
+            )
+            assert trainer.activation_bound.recompute is checkpointing
+            # what the layers call (the trainer registered grouped_attention when built)
+            AttentionInterface.register(attention.NAME, spy)
+            trainer.train()
+            seen[checkpointing] = calls
+    finally:
+        attention.register()  # grouped_attention itself again
+    assert seen[False] and not any(within for within, _ in seen[False])
+    assert {in_backward for _, in_backward in seen[True]} == {False, True}
+    assert all(within for within, _ in seen[True])
+
+
 @pytest.mark.bf16_kernels
 def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path

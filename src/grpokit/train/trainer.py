@@ -35,7 +35,7 @@ from torch import Tensor
 from transformers import TrainerControl, trainer_pt_utils
 from transformers.trainer_utils import TrainOutput
 
-from grpokit.core import norms
+from grpokit.core import attention, norms
 from grpokit.core.advantages import AdvantageOutput, check_reward_weights, group_advantages
 from grpokit.core.entropy import entropy_bonus
 from grpokit.core.logprobs import (
@@ -797,7 +797,8 @@ class GRPOTrainer:
                 bonus, tokens = part_loss.entropy_bonus, part_loss.entropy_tokens
                 if bonus is not None and tokens is not None:
                     loss = loss - applied_coef * micro.entropy_weight * bonus
-                world.backward(loss, self.train_model, last=last)  # DDP / FSDP2 / ZeRO average
+                with attention.recomputed_layers(part_loss.recomputed):  # as its forward
+                    world.backward(loss, self.train_model, last=last)  # DDP / FSDP2 / ZeRO average
             if micro.padding:
                 continue
             parts.append(_step_values(loss, policy, bonus, tokens))
@@ -885,7 +886,11 @@ class GRPOTrainer:
             size = forward_tokens(input_ids, attention_mask, t, share_prompts=share)
             recompute = bound.recomputes(size)
         keep = bound.recompute and not recompute
-        with self.layer_recompute.off(keep), self.autocast(recompute=recompute):
+        with (
+            self.layer_recompute.off(keep),
+            self.autocast(recompute=recompute),
+            attention.recomputed_layers(recompute),
+        ):
             logprobs, entropies = model_completion_logprobs(
                 self.train_model,
                 input_ids.to(self.device),
@@ -936,7 +941,9 @@ class GRPOTrainer:
         if self.entropy_regularization.enabled:
             assert entropies is not None  # computed above
             bonus, tokens = entropy_bonus(entropies, loss_mask, self.loss_options, threshold)
-        return MicroBatchLoss(loss, {**metrics, **is_metrics}, logprobs.detach(), bonus, tokens)
+        return MicroBatchLoss(
+            loss, {**metrics, **is_metrics}, logprobs.detach(), bonus, tokens, recompute
+        )
 
     # =============================================================================================
     # Evaluation and saving
@@ -1431,6 +1438,8 @@ class MicroBatchLoss(NamedTuple):
         entropy_bonus: The 0-dim differentiable entropy bonus (`core.entropy.entropy_bonus`)
             when entropy regularisation is on, else None.
         entropy_tokens: The number of tokens the bonus averages over (0-dim), or None.
+        recomputed: The forward's decoder layers recompute their activations in the backward
+            pass, which then runs within `core.attention.recomputed_layers` as the forward did.
     """
 
     loss: Tensor
@@ -1438,6 +1447,7 @@ class MicroBatchLoss(NamedTuple):
     logprobs: Tensor
     entropy_bonus: Tensor | None = None
     entropy_tokens: Tensor | None = None
+    recomputed: bool = False
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
