@@ -64,8 +64,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     # 3 micro-batches per step: the second global micro-batch holds rows of both processes, so
     # its bnpo normaliser counts the tokens of both. The decoder layers recompute their
-    # activations (gradient checkpointing, as max_forward_tokens="auto" on a CPU with bf16
-    # matmuls on AMX), under DDP, FSDP2 and DeepSpeed.
+    # activations (gradient checkpointing, as max_forward_tokens="auto" on a CPU with native
+    # bf16), under DDP, FSDP2 and DeepSpeed.
     "bnpo": {"loss_type": "bnpo", "gradient_accumulation_steps": 3, "gradient_checkpointing": True},
     "dr_grpo": {"loss_type": "dr_grpo", "scale_rewards": "batch"},
     "dapo_batch_std": {"loss_type": "dapo", "scale_rewards": "batch", "num_iterations": 2},
@@ -92,10 +92,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # A LoRA adapter trained under DDP, its reference log-probs with the adapter off, each
     # shared prompt forwarded once (through the PEFT model's base model and DDP's wrapper).
     "lora": {"lora": True, "share_prompts": True, "loss_type": "dapo", "beta": 0.04},
-    # Activations recomputed in backward (as max_forward_tokens="auto" on a CPU with bf16 matmuls
-    # on AMX), but kept by training forwards of at most `keep_up_to` tokens
-    # (`ActivationBound.keep_up_to`), which share their prompts: each process decides by its
-    # own forwards' sizes, so kept and recomputed forwards meet in one backward's averaging.
+    # Activations recomputed in backward (as max_forward_tokens="auto" on a CPU with native
+    # bf16), but kept by training forwards of at most `keep_up_to` tokens
+    # (`ActivationBound.keep_up_to`), which share their prompts, and by the last layers of
+    # somewhat larger ones (`ActivationBound.kept_layers`): each process decides by its own
+    # forwards' sizes, so kept and recomputed forwards meet in one backward's averaging.
     "kept_activations": {
         "share_prompts": True,
         "keep_up_to": KEEP_UP_TO,

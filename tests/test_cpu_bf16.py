@@ -14,7 +14,6 @@ from grpokit.app import demo
 from grpokit.engines import models
 from grpokit.engines.device import device_traits
 from grpokit.engines.models import (
-    amx_isa_caps,
     bf16_isa_caps,
     bf16_supported,
     cpu_bf16,
@@ -76,44 +75,6 @@ def test_which_settings_cap_below_avx512_bf16(environ: dict[str, str], caps: lis
     assert verdict.native is (not caps)
     assert verdict.flags == ("avx512_bf16",)
     assert verdict.caps == tuple(caps)
-
-
-AMX = CPUINFO.replace(" avx512_bf16\n", " avx512_bf16 amx_bf16\n", 1)  # first CPU: AMX too
-
-
-@pytest.mark.parametrize(
-    ("environ", "caps", "native", "amx"),
-    [
-        ({}, [], True, True),
-        ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, [], True, True),
-        ({"ONEDNN_MAX_CPU_ISA": "avx10_1_512_amx_fp16"}, [], True, True),  # any case
-        ({"ONEDNN_MAX_CPU_ISA": "DEFAULT"}, [], True, True),
-        (
-            {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},  # bf16 on AVX-512, without AMX
-            ["ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16"],
-            True,
-            False,
-        ),
-        (
-            {"DNNL_MAX_CPU_ISA": "AVX512_CORE_FP16"},
-            ["DNNL_MAX_CPU_ISA=AVX512_CORE_FP16"],
-            True,
-            False,
-        ),
-        ({"ONEDNN_MAX_CPU_ISA": "AVX10_1_512"}, ["ONEDNN_MAX_CPU_ISA=AVX10_1_512"], True, False),
-        ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, ["ONEDNN_MAX_CPU_ISA=AVX2"], False, False),
-        ({"ATEN_CPU_CAPABILITY": "avx2"}, [], False, False),  # not native: no AMX either
-    ],
-)
-def test_which_settings_cap_below_amx(
-    environ: dict[str, str], caps: list[str], native: bool, amx: bool
-) -> None:
-    assert amx_isa_caps(environ) == caps
-    verdict = cpu_bf16(AMX, environ)
-    assert verdict.flags == ("avx512_bf16", "amx_bf16")
-    assert (verdict.native, verdict.amx) == (native, amx)
-    # Without the amx_bf16 flag no setting gives AMX.
-    assert cpu_bf16(CPUINFO, environ).amx is False
 
 
 def test_the_reason_names_the_flag_and_the_caps() -> None:

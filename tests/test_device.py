@@ -84,7 +84,7 @@ def test_cpu_rules() -> None:
     assert traits.sampler_dtype == (torch.bfloat16 if traits.native_bf16 else None)
     assert traits.max_forward_tokens == CPU_MAX_FORWARD_TOKENS == 512
     assert traits.float32_forward_tokens == CPU_FLOAT32_FORWARD_TOKENS == 768
-    assert traits.recompute_activations is cpu_bf16().amx  # bf16 matmuls on AMX
+    assert traits.recompute_activations is traits.native_bf16  # under bf16 autocast
     assert traits.activation_bound(bf16=False) == (768, False)  # float32: never AMX
     # SmolLM2-135M (30 layers, hidden 576, MLP 1536) keeps the activations of 1024 tokens
     assert traits.kept_activation_size == CPU_KEPT_ACTIVATION_SIZE == 1024 * 30 * (576 + 1536)
@@ -100,15 +100,16 @@ AVX512_BF16_CPUINFO = AMX_CPUINFO.replace(" amx_bf16 amx_tile", "")
         (AMX_CPUINFO, {}, True),
         (AMX_CPUINFO, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
         (AMX_CPUINFO, {"ONEDNN_MAX_CPU_ISA": "DEFAULT"}, True),
-        (AMX_CPUINFO, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, False),  # AMX capped
-        (AMX_CPUINFO, {"DNNL_MAX_CPU_ISA": "AVX10_1_512"}, False),
+        (AMX_CPUINFO, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True),  # AMX capped
+        (AMX_CPUINFO, {"DNNL_MAX_CPU_ISA": "AVX10_1_512"}, True),
         (AMX_CPUINFO, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),  # no native bf16 at all
         (AMX_CPUINFO, {"ATEN_CPU_CAPABILITY": "avx2"}, False),
-        (AVX512_BF16_CPUINFO, {}, False),  # native bf16 without AMX
+        (AVX512_BF16_CPUINFO, {}, True),  # native bf16 without AMX
+        (AVX512_BF16_CPUINFO, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
         ("", {}, False),  # no /proc/cpuinfo
     ],
 )
-def test_auto_recomputes_activations_on_a_cpu_with_amx_bf16(
+def test_auto_recomputes_activations_on_a_cpu_with_native_bf16(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     cpuinfo: str,
@@ -116,7 +117,8 @@ def test_auto_recomputes_activations_on_a_cpu_with_amx_bf16(
     recompute: bool,
 ) -> None:
     # max_forward_tokens="auto" under bf16 autocast: no token bound and recomputed activations
-    # where bf16 matmuls run on AMX, else 512-token forwards; in float32 always 768 tokens.
+    # where the CPU computes bf16 natively (with AMX or without), else 512-token forwards; in
+    # float32 always 768 tokens.
     path = tmp_path / "cpuinfo"
     path.write_text(cpuinfo)
     monkeypatch.setattr(models, "CPUINFO", path)

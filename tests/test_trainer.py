@@ -995,7 +995,7 @@ def test_max_forward_tokens_auto_is_the_devices_bound(tmp_path: Path) -> None:
     from grpokit.train.build import ActivationBound, resolve_activation_bound
 
     # The default "auto" with float32 compute is the CPU's float32 bound (768 tokens), on any
-    # CPU (AMX runs bf16 only); None and a number are taken as given.
+    # CPU (recomputing pays under bf16 autocast only); None and a number are taken as given.
     auto = make_trainer(tmp_path / "auto")
     assert auto.max_forward_tokens == 768
     assert auto.activation_bound.recompute is False
@@ -1086,15 +1086,18 @@ def test_auto_on_an_amx_cpu_keeps_the_activations_of_forwards_up_to_a_size(
 
     tok = make_tokenizer()
     model = make_causal_lm(tok)  # 2 layers, hidden 32, MLP 64
-    assert activation_width(model) == 2 * (32 + 64)
+    assert activation_width(model) == (2, 32 + 64)
     assert activation_width(torch.nn.Linear(2, 2)) is None  # no config
     traits = amx_cpu(kept=1000)
     with caplog.at_level(logging.INFO, logger="grpokit"):
         bound = resolve_activation_bound(GRPOConfig(), traits, bf16=True, model=model)
-    assert (bound.max_forward_tokens, bound.recompute, bound.keep_up_to) == (None, True, 5)
-    # 1000 // 192 tokens
-    assert "activations kept by forwards of at most 5 tokens, recomputed above" in caplog.text
+    assert (bound.max_forward_tokens, bound.recompute) == (None, True)
+    assert (bound.keep_up_to, bound.layers) == (5, 2)  # 1000 // (2 * 96) tokens, 2 layers
+    assert "activations kept by forwards of at most 5 tokens, above that by as many" in caplog.text
     assert [bound.recomputes(n) for n in (1, 5, 6, 500)] == [False, False, True, True]
+    # Above 5 tokens the last layers keep 10 token-layers' worth: 1 layer up to 10 tokens.
+    assert [bound.kept_layers(n) for n in (5, 6, 10, 11, 500)] == [2, 1, 1, 0, 0]
+    assert ActivationBound(None, True, "no size").kept_layers(6) == 0
     # Every forward recomputes: a sharded model (FSDP2, DeepSpeed), no model to size, no kept
     # size, and the user's gradient_checkpointing (its token bound, as on any CPU).
     cases = {
@@ -1106,7 +1109,7 @@ def test_auto_on_an_amx_cpu_keeps_the_activations_of_forwards_up_to_a_size(
     for name, (args, kwargs, device) in cases.items():
         bound = resolve_activation_bound(args, device, bf16=True, **kwargs)
         assert bound.recompute and bound.keep_up_to is None, name
-        assert bound.recomputes(1), name
+        assert bound.recomputes(1) and bound.kept_layers(1) == 0, name
     # A bound without recomputation keeps every forward's activations; a number is as given.
     assert not ActivationBound(None, False, "given").recomputes(10**9)
     given = resolve_activation_bound(GRPOConfig(max_forward_tokens=64), traits, bf16=True)
@@ -1158,24 +1161,30 @@ def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # One optimizer step of 2 micro-batches of 4 rows (2 prompts x 2 completions each) under
-    # bf16 autocast. With every forward within `keep_up_to`, "auto" on an AMX CPU forwards each
-    # micro-batch as the plain path does: no recomputation, autocast's cache of weight casts
-    # on, each prompt forwarded once (2 calls per micro-batch: the prompts, then the
-    # completions); the same update. With `keep_up_to` below the forwards' size every layer
-    # recomputes (one forward per micro-batch, then its recomputation: 4 calls, no cache).
-    # Either way the layers are left checkpointed between forwards.
+    # bf16 autocast. With every forward within `keep_up_to`, "auto" on a CPU with native bf16
+    # forwards each micro-batch as the plain path does: no recomputation, autocast's cache of
+    # weight casts on, each prompt forwarded once (2 calls per micro-batch: the prompts, then
+    # the completions); the same update. With `keep_up_to` below the forwards' size every layer
+    # recomputes (one forward per micro-batch, then its recomputation: 4 calls, no cache), or
+    # with one layer's worth of activations (`kept_layers`) the last of the 2 layers keeps its
+    # activations (2 calls, no cache) and the first recomputes; its attention calls run outside
+    # `core.attention.recomputed_layers`, the first layer's within. Either way the layers are
+    # left checkpointed between forwards.
+    from grpokit.core import attention
     from grpokit.train import trainer as trainer_module
-    from grpokit.train.build import LayerRecompute
+    from grpokit.train.build import ActivationBound, LayerRecompute
 
     on_amx_cpu(monkeypatch, kept=10**9)
     real = trainer_module.model_completion_logprobs
     real_plan = trainer_module.plan_micro_batches
     runs = {}
     planned: dict[str, list[Any]] = {}
+    within: dict[str, tuple[set[bool], set[bool]]] = {}
     for name, tokens, keep_up_to in (
         ("plain", None, None),
         ("kept", "auto", None),
         ("big", "auto", 0),
+        ("partial", "auto", 0),
     ):
         trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **AMX_STEP)
         bound = trainer.activation_bound
@@ -1183,7 +1192,9 @@ def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
         if keep_up_to is not None:
             trainer.activation_bound = dataclasses.replace(bound, keep_up_to=keep_up_to)
         elif name == "kept":
-            assert bound.keep_up_to == 10**9 // (2 * (32 + 64))
+            assert (bound.keep_up_to, bound.layers) == (10**9 // (2 * (32 + 64)), 2)
+        if name == "partial":
+            monkeypatch.setattr(ActivationBound, "kept_layers", lambda self, tokens: 1)
         assert trainer.model.is_gradient_checkpointing is (name != "plain")
         shared: list[bool] = []
 
@@ -1201,35 +1212,62 @@ def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
 
         monkeypatch.setattr(trainer_module, "model_completion_logprobs", spy)
         monkeypatch.setattr(trainer_module, "plan_micro_batches", plan_spy)
-        calls = count_grad_calls(trainer.model.model.layers[0])
+        first, last = trainer.model.model.layers
+        calls = (count_grad_calls(first), count_grad_calls(last))
+        flags: tuple[set[bool], set[bool]] = (set(), set())
+        for layer, seen in zip((first, last), flags, strict=True):  # within recomputed_layers
+            layer.self_attn.register_forward_pre_hook(
+                lambda *a, seen=seen: (
+                    seen.add(attention.in_recomputed_layers()) if torch.is_grad_enabled() else None
+                )
+            )
         start = params(trainer)
         trainer.train()
         assert trainer.model.is_gradient_checkpointing is (name != "plain")
         update = {k: v - start[k] for k, v in params(trainer).items()}
         runs[name] = (update, calls, shared, read_metrics(tmp_path / name)[0]["loss"])
+        within[name] = flags
     monkeypatch.undo()
     (plain, plain_calls, plain_shared, plain_loss) = runs["plain"]
     (kept, kept_calls, kept_shared, kept_loss) = runs["kept"]
-    (_, big_calls, big_shared, big_loss) = runs["big"]
-    assert (plain_calls, kept_calls, big_calls) == ([1] * 4, [1] * 4, [0] * 4)
-    assert (plain_shared, kept_shared, big_shared) == ([True] * 2, [True] * 2, [False] * 2)
+    (big, big_calls, big_shared, big_loss) = runs["big"]
+    (partial, partial_calls, partial_shared, partial_loss) = runs["partial"]
+    assert plain_calls == kept_calls == ([1] * 4, [1] * 4)
+    assert big_calls == ([0] * 4, [0] * 4)
+    assert partial_calls == ([0] * 4, [0] * 2)
+    assert (plain_shared, kept_shared) == ([True] * 2, [True] * 2)
+    assert big_shared == partial_shared == [False] * 2
+    assert within["plain"] == within["kept"] == ({False}, {False})
+    assert within["big"] == ({True}, {True})
+    assert within["partial"] == ({True}, {False})
     # every forward shares (None), or those within keep_up_to do
-    assert planned == {"plain": [None], "kept": [10**9 // (2 * (32 + 64))], "big": [0]}
+    kept_size = 10**9 // (2 * (32 + 64))
+    assert planned == {"plain": [None], "kept": [kept_size], "big": [0], "partial": [0]}
     assert max(u.abs().max().item() for u in plain.values()) > 1e-3  # a real update
-    assert kept_loss == pytest.approx(plain_loss, abs=1e-6)
-    assert big_loss == pytest.approx(plain_loss, abs=1e-6)
-    for key, value in plain.items():
-        torch.testing.assert_close(kept[key], value, atol=1e-6, rtol=1e-4)
-    # the switch itself: off within the block, restored after, a no-op when not asked
+    for loss in (kept_loss, big_loss, partial_loss):
+        assert loss == pytest.approx(plain_loss, abs=1e-6)
+    # the same update as the plain path where the prompts are shared alike, and as the forwards
+    # that recompute in every layer where none shares them
+    for update, same in ((kept, plain), (partial, big)):
+        for key, value in same.items():
+            torch.testing.assert_close(update[key], value, atol=1e-6, rtol=1e-4)
+    # the switch itself: off within the block (or for the last layers only), restored after, a
+    # no-op when not asked
     model = make_causal_lm(make_tokenizer())
     model.gradient_checkpointing_enable()
     switch = LayerRecompute(model)
-    assert len(switch.layers) >= 2
+    assert len(switch.layers) == 2
     with switch.off():
         assert model.is_gradient_checkpointing is False
+        assert not any(layer.gradient_checkpointing for layer in switch.layers)
+    for layers, flagged in ((0, [True, True]), (1, [True, False]), (2, [False, False])):
+        with switch.keep(layers):
+            assert [layer.gradient_checkpointing for layer in switch.layers] == flagged
+            assert model.model.gradient_checkpointing is True  # the model's own flag stays
     with switch.off(False):
         assert model.is_gradient_checkpointing is True
     assert model.is_gradient_checkpointing is True
+    assert all(layer.gradient_checkpointing for layer in switch.layers)
 
 
 def test_log_prob_passes_run_the_layers_unchecked_and_share_prompts(

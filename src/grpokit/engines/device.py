@@ -22,10 +22,11 @@ from grpokit.engines.models import bf16_supported, cpu_bf16
 # an AVX2 CPU, bench/RESULTS.md).
 CPU_MAX_FORWARD_TOKENS = 512
 CPU_FLOAT32_FORWARD_TOKENS = 768
-# Where bf16 matmuls run on AMX and activations are recomputed, a training forward at most this
-# large keeps its activations instead (and forwards each shared prompt once): its tokens x
-# decoder layers x (hidden + MLP intermediate width). SmolLM2-135M's size at 1024 tokens: a kept
-# forward of it holds about 0.85 MiB a token, so at most about 0.9 GiB (bench/RESULTS.md).
+# Where activations are recomputed (native bf16), a training forward at most this large keeps
+# its activations instead (and forwards each shared prompt once), a larger one those of as many
+# of its last layers as this holds: its tokens x decoder layers x (hidden + MLP intermediate
+# width). SmolLM2-135M's size at 1024 tokens: a kept forward of it holds about 0.85 MiB a
+# token, so at most about 0.9 GiB (bench/RESULTS.md).
 CPU_KEPT_ACTIVATION_SIZE = 1024 * 30 * (576 + 1536)
 
 
@@ -79,21 +80,24 @@ class DeviceTraits:
         recompute_activations: Under bf16 autocast, `max_forward_tokens="auto"` bounds the
             training activations by recomputing them in the backward pass (non-reentrant
             gradient checkpointing of the decoder layers) over the whole micro-batch, instead
-            of splitting it into forwards of `max_forward_tokens`. A CPU whose bf16 matmuls run
-            on AMX (`engines.models.CpuBf16.amx`): each extra forward of a split micro-batch
-            costs a pass over all the gradients (accumulation, weight casts, the tied
-            embedding's dense gradient), which is most of its cost once AMX makes the matmuls
-            fast, while recomputing a forward costs little there; measured on a Xeon with AMX,
-            recomputing is faster than 512-token forwards and holds less memory, and with AMX
-            capped (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) it is the slower of the two
-            (bench/RESULTS.md). False elsewhere, and float32 compute never runs on AMX.
+            of splitting it into forwards of `max_forward_tokens`, except in the layers a
+            forward's `kept_activation_size` lets it keep. A CPU with native bf16, whether its
+            bf16 matmuls run on AMX or on AVX-512 BF16: each extra forward of a split
+            micro-batch costs a pass over all the gradients (accumulation, weight casts, the
+            tied embedding's dense gradient), which is most of its cost once the matmuls run in
+            bf16, while recomputing a layer costs one more forward of it. Measured on a Xeon
+            with AMX and on a Zen 5 EPYC without AMX, recomputing (keeping what
+            `kept_activation_size` allows) is faster than 512-token forwards and holds less
+            memory (bench/RESULTS.md). False elsewhere: in float32 the matmuls dominate, and
+            on a GPU.
         kept_activation_size: Under `recompute_activations`, a training forward whose tokens x
             decoder layers x (hidden + MLP intermediate width) is at most this keeps its
-            activations instead of recomputing them (`train.build.ActivationBound.keep_up_to`):
-            recomputing costs a forward's time, while a small forward's activations are a
-            bounded amount of memory (measured for SmolLM2-135M: about 0.85 MiB a token).
-            CPU: `CPU_KEPT_ACTIVATION_SIZE`; None on a GPU (never used there: no
-            recomputation by default).
+            activations instead of recomputing them (`train.build.ActivationBound.keep_up_to`),
+            and a larger one keeps those of as many of its last layers as fit in it
+            (`ActivationBound.kept_layers`): recomputing costs a layer's forward time, while
+            the kept activations stay a bounded amount of memory (measured for SmolLM2-135M:
+            about 0.85 MiB a token in all 30 layers). CPU: `CPU_KEPT_ACTIVATION_SIZE`; None on a
+            GPU (never used there: no recomputation by default).
     """
 
     type: str
@@ -169,7 +173,7 @@ def device_traits(device: torch.device | str | None = None) -> DeviceTraits:
         tf32=kind == "cuda" and _cuda_has_tf32(),
         max_forward_tokens=CPU_MAX_FORWARD_TOKENS if on_cpu else None,
         float32_forward_tokens=CPU_FLOAT32_FORWARD_TOKENS if on_cpu else None,
-        recompute_activations=on_cpu and native_bf16 and cpu_bf16().amx,
+        recompute_activations=on_cpu and native_bf16,
         kept_activation_size=CPU_KEPT_ACTIVATION_SIZE if on_cpu else None,
     )
 

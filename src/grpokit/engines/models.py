@@ -245,13 +245,6 @@ ONEDNN_ISAS_WITHOUT_BF16 = frozenset(
 converts bf16 but has no bf16 dot product). Higher values, `DEFAULT` and values oneDNN does not
 know leave bf16 alone."""
 
-ONEDNN_ISAS_WITHOUT_AMX = ONEDNN_ISAS_WITHOUT_BF16 | frozenset(
-    {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX10_2_512"}
-)
-"""`ONEDNN_MAX_CPU_ISA` values below `AVX512_CORE_AMX` (= `AVX10_1_512_AMX`): oneDNN then runs
-bf16 matmuls without AMX tiles, on AVX-512 BF16 at best. Higher values, `DEFAULT` and values
-oneDNN does not know leave AMX alone."""
-
 ATEN_CAPABILITIES_WITHOUT_BF16 = frozenset({"default", "avx2"})
 """`ATEN_CPU_CAPABILITY` values below ATen's AVX-512 kernels on x86 (`default` < `avx2` <
 `avx512`): the setting of a user emulating, or running on, a CPU without AVX-512."""
@@ -279,24 +272,6 @@ def bf16_isa_caps(environ: Mapping[str, str] | None = None) -> list[str]:
     return caps
 
 
-def amx_isa_caps(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The environment settings that cap oneDNN (torch's CPU matmul library) below AMX.
-
-    Args:
-        environ: The environment to read; None = `os.environ`.
-
-    Returns:
-        ``"NAME=value"`` for each setting of `ONEDNN_ISA_VARIABLES` in `ONEDNN_ISAS_WITHOUT_AMX`,
-        in that order; empty when none caps.
-    """
-    env = os.environ if environ is None else environ
-    return [
-        f"{name}={env[name]}"
-        for name in ONEDNN_ISA_VARIABLES
-        if env.get(name, "").strip().upper() in ONEDNN_ISAS_WITHOUT_AMX
-    ]
-
-
 @dataclass(frozen=True)
 class CpuBf16:
     """Whether this CPU computes bf16 natively for torch, and why.
@@ -306,14 +281,11 @@ class CpuBf16:
             caps torch below it.
         flags: The `NATIVE_BF16_FLAGS` the CPU has (empty off Linux: no `/proc/cpuinfo`).
         caps: The capping settings (`bf16_isa_caps`), whether or not the CPU has the flags.
-        amx: torch's bf16 matmuls run on AMX tiles: `native`, the ``amx_bf16`` flag, and no
-            ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below AMX (`amx_isa_caps`).
     """
 
     native: bool
     flags: tuple[str, ...]
     caps: tuple[str, ...]
-    amx: bool
 
     @property
     def reason(self) -> str:
@@ -344,8 +316,6 @@ def cpu_bf16(cpuinfo: str | None = None, environ: Mapping[str, str] | None = Non
     A user caps the ISA to emulate an older CPU or to avoid a slow kernel
     (``ONEDNN_MAX_CPU_ISA=AVX2``, ``ATEN_CPU_CAPABILITY=avx2``); torch then runs bf16 without the
     AVX-512 BF16 instructions, slower than float32, so grpokit must treat the CPU as one without
-    native bf16. Whether its bf16 matmuls also run on AMX (`CpuBf16.amx`) follows from the
-    same flags and ``ONEDNN_MAX_CPU_ISA`` (`amx_isa_caps`).
 
     Args:
         cpuinfo: The text of `/proc/cpuinfo`; None = read it (no flags where it is missing).
@@ -359,9 +329,7 @@ def cpu_bf16(cpuinfo: str | None = None, environ: Mapping[str, str] | None = Non
     flags = cpu_flags(cpuinfo)
     found = tuple(f for f in NATIVE_BF16_FLAGS if f in flags)
     caps = tuple(bf16_isa_caps(environ))
-    native = bool(found) and not caps
-    amx = native and "amx_bf16" in found and not amx_isa_caps(environ)
-    return CpuBf16(native=native, flags=found, caps=caps, amx=amx)
+    return CpuBf16(native=bool(found) and not caps, flags=found, caps=caps)
 
 
 @functools.cache

@@ -15,12 +15,14 @@ import logging
 import math
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from grpokit.core import attention
 from grpokit.core.attention import use_grouped_attention
 from grpokit.engines.base import GenerationEngine, SamplingParams
 from grpokit.engines.device import DeviceTraits, device_traits, model_device
@@ -356,35 +358,55 @@ class ActivationBound:
         reason: What decided, in a few words, for the log.
         keep_up_to: With `recompute`, a training forward of at most this many tokens (with
             each shared prompt counted once, `core.logprobs.forward_tokens`) keeps its
-            activations and shares its prompts instead (`recomputes`); None = every forward
-            recomputes. Set by "auto" only (`DeviceTraits.kept_activation_size`).
+            activations and shares its prompts instead (`recomputes`); a larger one keeps those
+            of as many of its last decoder layers as the activations of `keep_up_to` tokens
+            take (`kept_layers`). None = every forward recomputes in every layer. Set by "auto"
+            only (`DeviceTraits.kept_activation_size`).
+        layers: The model's decoder layers, with `keep_up_to` (`kept_layers`).
     """
 
     max_forward_tokens: int | None
     recompute: bool
     reason: str
     keep_up_to: int | None = None
+    layers: int | None = None
 
     def recomputes(self, tokens: int) -> bool:
-        """Whether a training forward of `tokens` tokens recomputes its activations."""
+        """Whether a training forward of `tokens` tokens recomputes its activations (in some of
+        its layers at least: `kept_layers`)."""
         return self.recompute and (self.keep_up_to is None or tokens > self.keep_up_to)
+
+    def kept_layers(self, tokens: int) -> int:
+        """How many decoder layers of a training forward of `tokens` tokens (every row's
+        prompt counted) that `recomputes` keep their activations, the last ones; the others
+        recompute theirs. The activations of `keep_up_to` tokens in all `layers` are those of
+        `keep_up_to * layers // tokens` layers of this forward: a forward's kept activations
+        stay within the same bound whatever its size, and the recomputation it pays for
+        shrinks as it does. 0 without `keep_up_to` or `layers`."""
+        if self.keep_up_to is None or not self.layers:
+            return 0
+        return min(self.layers, self.keep_up_to * self.layers // max(tokens, 1))
 
     def describe(self) -> str:
         """E.g. ``recomputed activations, one forward per micro-batch (<reason>)``, or with
-        `keep_up_to` ``activations kept by forwards of at most 1024 tokens, recomputed above,
-        ...``."""
+        `keep_up_to` ``activations kept by forwards of at most 1024 tokens, above that by as
+        many of their last layers as the same memory holds, ...``."""
         bound = self.max_forward_tokens
         forwards = "one forward per micro-batch" if bound is None else f"at most {bound} tokens"
         kept = "recomputed activations" if self.recompute else "activations kept"
         if self.recompute and self.keep_up_to is not None:
             size = self.keep_up_to
-            kept = f"activations kept by forwards of at most {size} tokens, recomputed above"
+            kept = (
+                f"activations kept by forwards of at most {size} tokens, above that by as many "
+                "of their last layers as the same memory holds, recomputed in the others"
+            )
         return f"{kept}, {forwards} ({self.reason})"
 
 
-def activation_width(model: Any) -> int | None:
-    """Decoder layers x (hidden + MLP intermediate width) of `model`'s config: what the
-    activations a training forward keeps grow with per token; None when the config lacks one."""
+def activation_width(model: Any) -> tuple[int, int] | None:
+    """`(decoder layers, hidden + MLP intermediate width)` of `model`'s config: the activations
+    a training forward keeps grow with their product per token, those of one layer with the
+    width; None when the config lacks one."""
     config = getattr(model, "config", None)
     config = getattr(config, "text_config", None) or config
     names = ("num_hidden_layers", "hidden_size", "intermediate_size")
@@ -392,7 +414,7 @@ def activation_width(model: Any) -> int | None:
     if not all(isinstance(v, int) and v > 0 for v in sizes):
         return None
     layers, hidden, intermediate = (int(v) for v in sizes)  # type: ignore[arg-type]
-    return layers * (hidden + intermediate)
+    return layers, hidden + intermediate
 
 
 def resolve_activation_bound(
@@ -407,11 +429,13 @@ def resolve_activation_bound(
     and `gradient_checkpointing`); logged once.
 
     A number or None is taken as given. "auto" is the device's choice
-    (`DeviceTraits.activation_bound`): on a CPU whose bf16 matmuls run on AMX, with bf16
-    autocast, recomputed activations and no token bound, except in forwards small enough to keep
-    theirs (`ActivationBound.keep_up_to`: `DeviceTraits.kept_activation_size` over the model's
-    `activation_width`; on one process or under DDP, not on a `sharded` model); elsewhere on the
-    CPU 512 tokens per forward under bf16 autocast and 768 in float32; on a GPU no bound. "auto"
+    (`DeviceTraits.activation_bound`): on a CPU with native bf16, with bf16 autocast, recomputed
+    activations and no token bound, except in forwards small enough to keep theirs and in the
+    last layers of larger ones (`ActivationBound.keep_up_to` and `kept_layers`:
+    `DeviceTraits.kept_activation_size` over the model's `activation_width`; on one process or
+    under DDP, not on a `sharded` model); elsewhere on the CPU 512 tokens per forward under
+    bf16 autocast (where bf16 is not native, or a model that cannot checkpoint its layers) and
+    768 in float32; on a GPU no bound. "auto"
     keeps the device's token bound without recomputing when the user set
     `gradient_checkpointing` (that setting then decides: the token bound and recomputed
     activations on any CPU) or when `model` cannot checkpoint its layers. Recomputation works
@@ -432,7 +456,8 @@ def resolve_activation_bound(
             (tests/test_distributed.py, scenario kept_activations).
     """
     tokens, user_recompute = args.max_forward_tokens, args.gradient_checkpointing
-    keep_up_to = None
+    keep_up_to: int | None = None
+    layers: int | None = None
     if tokens != "auto":
         assert tokens is None or isinstance(tokens, int)  # GRPOConfig checked it
         bound = ActivationBound(tokens, user_recompute, f"max_forward_tokens={tokens}")
@@ -440,9 +465,9 @@ def resolve_activation_bound(
         max_tokens, recompute = traits.activation_bound(bf16)
         reason = f'max_forward_tokens="auto" on {traits.type}'
         if traits.recompute_activations and not bf16:
-            reason += " computing in float32 (AMX runs bf16 only)"
+            reason += " computing in float32 (recomputing pays under bf16 autocast only)"
         if recompute:
-            reason += " with bf16 matmuls on AMX"
+            reason += " with native bf16"
             fallback = ""
             if user_recompute:
                 fallback = "gradient_checkpointing set"
@@ -451,40 +476,79 @@ def resolve_activation_bound(
             if fallback:
                 max_tokens, recompute = traits.max_forward_tokens, False
                 reason += f", {fallback}: the token bound instead"
-            width = activation_width(model)
-            if recompute and not sharded and width and traits.kept_activation_size:
-                keep_up_to = traits.kept_activation_size // width
-        bound = ActivationBound(max_tokens, recompute or user_recompute, reason, keep_up_to)
+            sizes = activation_width(model)
+            if recompute and not sharded and sizes and traits.kept_activation_size:
+                layers, width = sizes
+                keep_up_to = traits.kept_activation_size // (layers * width)
+        bound = ActivationBound(max_tokens, recompute or user_recompute, reason, keep_up_to, layers)
     logger.info("training forwards: %s", bound.describe())
     return bound
 
 
 class LayerRecompute:
     """Turns the recomputation `prepare_model` enabled on `model`'s decoder layers off and on
-    again around one training forward (`ActivationBound.keep_up_to`).
+    again around one training forward or log-prob pass (`ActivationBound.keep_up_to`,
+    `ActivationBound.kept_layers`), and runs every layer's checkpointed calls within
+    `core.attention.recomputed_layers`.
 
     transformers checkpoints a layer whose `gradient_checkpointing` flag is set when it is
-    called in training mode; the flag is read at call time, and a forward that ran with it off
-    keeps its activations for its own backward. With it off the layers also keep the key/value
-    cache, so the forward can share prompts (`core.logprobs.prompt_sharing_supported`).
+    called in training mode; the flag is read at call time, and a layer that ran with it off
+    keeps its activations for its own backward. With every flag off (the model's own too) the
+    layers also keep the key/value cache, so the forward can share prompts
+    (`core.logprobs.prompt_sharing_supported`).
+
+    A checkpointed layer's call, and its recomputation in the backward pass, run through the
+    function transformers stores on the layer (`_gradient_checkpointing_func`); wrapped here,
+    both run within `core.attention.recomputed_layers`, so they take the same attention path
+    (torch's checkpoint compares the tensors each saves), while a layer that keeps its
+    activations in the same forward does not: its attention keeps the usual bound on the
+    probabilities it holds until the backward pass.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        self.flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        # the decoder layers, in order (the model's own flag is not a layer's)
+        self.layers = [m for m in self.flagged if isinstance(m, GradientCheckpointingLayer)]
+        for layer in self.layers:
+            run = getattr(layer, "_gradient_checkpointing_func", None)
+            if run is not None and not getattr(run, "within_recomputed_layers", False):
+                wrapped = _within_recomputed_layers(run)
+                setattr(layer, "_gradient_checkpointing_func", wrapped)  # noqa: B010
 
     @contextlib.contextmanager
-    def off(self, off: bool = True) -> Iterator[None]:
-        """Within the block, with `off`, no layer recomputes; the flags are restored after."""
-        if not off:
-            yield
-            return
-        for layer in self.layers:
-            setattr(layer, "gradient_checkpointing", False)  # noqa: B010
+    def keep(self, layers: int | None = None) -> Iterator[None]:
+        """Within the block the last `layers` decoder layers keep their activations (none with
+        0); None = every layer and the model (no recomputation, the cache kept). The flags are
+        restored after."""
+        kept: list[torch.nn.Module] = self.flagged
+        if layers is not None:
+            kept = list(self.layers[max(len(self.layers) - layers, 0) :]) if layers > 0 else []
+        for module in kept:
+            setattr(module, "gradient_checkpointing", False)  # noqa: B010
         try:
             yield
         finally:
-            for layer in self.layers:
-                setattr(layer, "gradient_checkpointing", True)  # noqa: B010
+            for module in kept:
+                setattr(module, "gradient_checkpointing", True)  # noqa: B010
+
+    def off(self, off: bool = True) -> contextlib.AbstractContextManager[None]:
+        """Within the block, with `off`, no layer recomputes (`keep(None)`); else a no-op."""
+        return self.keep(None if off else 0)
+
+
+def _within_recomputed_layers(checkpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """A layer's gradient checkpointing function that runs the layer's call, in the forward
+    and when the backward pass recomputes it, within `core.attention.recomputed_layers`."""
+
+    def run(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def layer(*layer_args: Any, **layer_kwargs: Any) -> Any:
+            with attention.recomputed_layers():
+                return function(*layer_args, **layer_kwargs)
+
+        return checkpoint(layer, *args, **kwargs)
+
+    run.within_recomputed_layers = True  # type: ignore[attr-defined]
+    return run
 
 
 def make_ref_model(model: Any, args: GRPOConfig) -> Any:

@@ -79,7 +79,7 @@ class ModelSettings:
         False,
         "Recompute activations in the backward pass to save memory (slower). TRL defaults to "
         'True. Left False, max_forward_tokens="auto" may still recompute them (on a CPU with '
-        "bf16 matmuls on AMX).",
+        "native bf16).",
     )
     gradient_checkpointing_kwargs: KwargsField = option(
         None,
@@ -115,10 +115,11 @@ class ModelSettings:
         "one part at a time (`train.microbatch`). Applies when the loss does not depend on "
         "which rows share a micro-batch (not bnpo, the top-entropy filter or the entropy "
         'bonus). "auto" = as the device decides (`DeviceTraits.activation_bound`; memory and '
-        "speed in bench/RESULTS.md): on a CPU whose bf16 matmuls run on AMX, under bf16 "
-        "autocast, no bound and the decoder layers recompute their activations in the backward "
-        "pass (gradient checkpointing; gradient_checkpointing=True keeps the token bound), "
-        "except in forwards small enough to keep them (`ActivationBound.keep_up_to`); "
+        "speed in bench/RESULTS.md): on a CPU with native bf16, under bf16 autocast, no bound "
+        "and the decoder layers recompute their activations in the backward pass (gradient "
+        "checkpointing; gradient_checkpointing=True keeps the token bound), except in forwards "
+        "small enough to keep them (`ActivationBound.keep_up_to`) and in as many of a larger "
+        "forward's last layers as the same memory holds (`ActivationBound.kept_layers`); "
         "elsewhere on the CPU 512 tokens under bf16 autocast and 768 in float32; on a GPU no "
         "bound. None = one forward per "
         "micro-batch.",

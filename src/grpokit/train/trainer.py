@@ -35,7 +35,7 @@ from torch import Tensor
 from transformers import TrainerControl, trainer_pt_utils
 from transformers.trainer_utils import TrainOutput
 
-from grpokit.core import attention, norms
+from grpokit.core import norms
 from grpokit.core.advantages import AdvantageOutput, check_reward_weights, group_advantages
 from grpokit.core.entropy import entropy_bonus
 from grpokit.core.logprobs import (
@@ -797,8 +797,7 @@ class GRPOTrainer:
                 bonus, tokens = part_loss.entropy_bonus, part_loss.entropy_tokens
                 if bonus is not None and tokens is not None:
                     loss = loss - applied_coef * micro.entropy_weight * bonus
-                with attention.recomputed_layers(part_loss.recomputed):  # as its forward
-                    world.backward(loss, self.train_model, last=last)  # DDP / FSDP2 / ZeRO average
+                world.backward(loss, self.train_model, last=last)  # DDP / FSDP2 / ZeRO average
             if micro.padding:
                 continue
             parts.append(_step_values(loss, policy, bonus, tokens))
@@ -880,16 +879,18 @@ class GRPOTrainer:
         rows = slice(0, batch.size)
         input_ids, attention_mask, t = batch.trimmed(rows)  # [n, P'+T'], T'
         bound = self.activation_bound
-        recompute = bound.recompute
+        recompute, kept = bound.recompute, 0  # kept: decoder layers keeping their activations
         if bound.keep_up_to is not None:  # counted only where a forward's size decides
             share = self._may_share_prompts
             size = forward_tokens(input_ids, attention_mask, t, share_prompts=share)
             recompute = bound.recomputes(size)
-        keep = bound.recompute and not recompute
+            if recompute:  # the last layers keep theirs, as many as keep_up_to tokens' worth
+                if share:  # every row's prompt, as the forward will not share them
+                    size = forward_tokens(input_ids, attention_mask, t, share_prompts=False)
+                kept = bound.kept_layers(size)
         with (
-            self.layer_recompute.off(keep),
+            self.layer_recompute.keep(kept if recompute else None),
             self.autocast(recompute=recompute),
-            attention.recomputed_layers(recompute),
         ):
             logprobs, entropies = model_completion_logprobs(
                 self.train_model,
@@ -941,9 +942,7 @@ class GRPOTrainer:
         if self.entropy_regularization.enabled:
             assert entropies is not None  # computed above
             bonus, tokens = entropy_bonus(entropies, loss_mask, self.loss_options, threshold)
-        return MicroBatchLoss(
-            loss, {**metrics, **is_metrics}, logprobs.detach(), bonus, tokens, recompute
-        )
+        return MicroBatchLoss(loss, {**metrics, **is_metrics}, logprobs.detach(), bonus, tokens)
 
     # =============================================================================================
     # Evaluation and saving
@@ -1438,8 +1437,6 @@ class MicroBatchLoss(NamedTuple):
         entropy_bonus: The 0-dim differentiable entropy bonus (`core.entropy.entropy_bonus`)
             when entropy regularisation is on, else None.
         entropy_tokens: The number of tokens the bonus averages over (0-dim), or None.
-        recomputed: The forward's decoder layers recompute their activations in the backward
-            pass, which then runs within `core.attention.recomputed_layers` as the forward did.
     """
 
     loss: Tensor
@@ -1447,7 +1444,6 @@ class MicroBatchLoss(NamedTuple):
     logprobs: Tensor
     entropy_bonus: Tensor | None = None
     entropy_tokens: Tensor | None = None
-    recomputed: bool = False
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:

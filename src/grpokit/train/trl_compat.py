@@ -83,8 +83,8 @@ DEFAULT_DIFFERENCES: dict[str, str] = {
     ),
     "gradient_checkpointing": (
         "only trades memory for speed (the same gradients); grpokit leaves it off and bounds "
-        'training activations with max_forward_tokens="auto" (on a CPU with bf16 matmuls on AMX '
-        "that recomputes them too)"
+        'training activations with max_forward_tokens="auto" (on a CPU with native bf16 that '
+        "recomputes them too)"
     ),
 }
 
