@@ -156,7 +156,8 @@ def recomputed_layers(on: bool = True) -> Iterator[None]:
     call keeps for backward are held for one layer at a time: in bf16, calls of up to
     `MAX_RECOMPUTED_SCORES` scores materialise their probabilities instead of going to SDPA.
 
-    Enter it around a training forward and around the backward pass that recomputes it: the
+    Enter it around a checkpointed layer's call and around its recomputation in the backward
+    pass (`train.build.LayerRecompute` wraps each layer's checkpoint function so): the
     recomputation must take the path the forward took (torch's checkpoint compares the tensors
     each saves). A process-wide setting, restored on exit; the autograd engine's threads see it.
     """
