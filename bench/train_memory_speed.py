@@ -84,6 +84,7 @@ def build(setting: str, threads: int) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpokit import GRPOConfig, GRPOTrainer
+    from grpokit.train import optimizers
 
     torch.set_num_threads(threads)
     path = bench_grpo.resolve_model(bench_grpo.DEFAULT_MODEL)
@@ -108,6 +109,10 @@ def build(setting: str, threads: int) -> tuple[Any, Any]:
     advantages = torch.randn(gen.completion_ids.shape[0], generator=generator)  # [N], non-zero
     batch = trainer.build_rollout_batch(gen, advantages)
     trainer.model.train()
+    # AdamW's state made before the first step, as `GRPOTrainer.train` makes it: made by that
+    # step instead, it lands in the memory the step's activations freed, and the next step's
+    # activations page-fault about 1 GB in afresh (bench/RESULTS.md)
+    optimizers.allocate_state(trainer.optimizer)
     return trainer, batch
 
 
