@@ -1012,7 +1012,7 @@ def test_max_forward_tokens_auto_is_the_devices_bound(tmp_path: Path) -> None:
     for bf16 in (True, False):
         bound = resolve_activation_bound(GRPOConfig(), gpu, bf16=bf16)
         assert (bound.max_forward_tokens, bound.recompute) == (None, False)
-    given = resolve_activation_bound(GRPOConfig(max_forward_tokens=64), amx_cpu(), bf16=True)
+    given = resolve_activation_bound(GRPOConfig(max_forward_tokens=64), bf16_cpu(), bf16=True)
     assert given == ActivationBound(64, False, "max_forward_tokens=64")
     for bad in (0, -3, "512", 1.5, True):
         with pytest.raises(ValueError, match=r"^max_forward_tokens must be a positive integer"):
@@ -1020,7 +1020,7 @@ def test_max_forward_tokens_auto_is_the_devices_bound(tmp_path: Path) -> None:
 
 
 # One optimizer step of 2 micro-batches of 4 rows under bf16 autocast.
-AMX_STEP: dict[str, Any] = dict(
+BF16_STEP: dict[str, Any] = dict(
     per_device_train_batch_size=4,
     gradient_accumulation_steps=2,
     max_completion_length=8,
@@ -1029,33 +1029,33 @@ AMX_STEP: dict[str, Any] = dict(
 )
 
 
-def amx_cpu(amx: bool = True, kept: int = 0) -> Any:
-    """This CPU's rules, as on a CPU with native bf16 whose bf16 matmuls run on AMX or not
-    (whatever this one has); `kept`: its `kept_activation_size` (0 = every forward recomputes
-    under "auto")."""
+def bf16_cpu(recompute: bool = True, kept: int = 0) -> Any:
+    """This CPU's rules, as on a CPU with native bf16 (whatever this one has), whose "auto"
+    recomputes activations (`DeviceTraits.recompute_activations`) or not; `kept`: its
+    `kept_activation_size` (0 = every forward recomputes in every layer under "auto")."""
     traits = device_traits("cpu")
     return dataclasses.replace(
-        traits, native_bf16=True, recompute_activations=amx, kept_activation_size=kept
+        traits, native_bf16=True, recompute_activations=recompute, kept_activation_size=kept
     )
 
 
-def on_amx_cpu(monkeypatch: pytest.MonkeyPatch, amx: bool = True, kept: int = 0) -> None:
-    """Trainers built next take their CPU to have native bf16 (bf16 autocast) and, with `amx`,
-    bf16 matmuls on AMX (`kept`: see `amx_cpu`)."""
+def on_bf16_cpu(monkeypatch: pytest.MonkeyPatch, recompute: bool = True, kept: int = 0) -> None:
+    """Trainers built next take their CPU to have native bf16 (bf16 autocast) and "auto" to
+    recompute activations there or not (`kept`: see `bf16_cpu`)."""
     from grpokit.train import build
     from grpokit.train import trainer as trainer_module
 
-    traits = amx_cpu(amx, kept)
+    traits = bf16_cpu(recompute, kept)
     monkeypatch.setattr(trainer_module, "device_traits", lambda device: traits)
     monkeypatch.setattr(build, "device_traits", lambda device=None: traits)
 
 
-def test_auto_on_an_amx_cpu_recomputes_only_where_it_pays(
+def test_auto_with_native_bf16_recomputes_only_where_it_pays(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     from grpokit.train.build import resolve_activation_bound
 
-    traits = amx_cpu()
+    traits = bf16_cpu()
     assert traits.max_forward_tokens == 512
     with caplog.at_level(logging.INFO, logger="grpokit"):
         bound = resolve_activation_bound(GRPOConfig(), traits, bf16=True)
@@ -1073,13 +1073,13 @@ def test_auto_on_an_amx_cpu_recomputes_only_where_it_pays(
         assert (bound.max_forward_tokens, bound.recompute) == (tokens, False), name
     # The user's gradient_checkpointing=True: as on any CPU, 512 tokens and checkpointing.
     user = GRPOConfig(gradient_checkpointing=True)
-    no_amx = dataclasses.replace(traits, recompute_activations=False)
-    for device in (traits, no_amx):
+    no_recompute = dataclasses.replace(traits, recompute_activations=False)
+    for device in (traits, no_recompute):
         bound = resolve_activation_bound(user, device, bf16=True)
         assert (bound.max_forward_tokens, bound.recompute) == (512, True)
 
 
-def test_auto_on_an_amx_cpu_keeps_the_activations_of_forwards_up_to_a_size(
+def test_auto_with_native_bf16_keeps_the_activations_of_forwards_up_to_a_size(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from grpokit.train.build import ActivationBound, activation_width, resolve_activation_bound
@@ -1088,7 +1088,7 @@ def test_auto_on_an_amx_cpu_keeps_the_activations_of_forwards_up_to_a_size(
     model = make_causal_lm(tok)  # 2 layers, hidden 32, MLP 64
     assert activation_width(model) == (2, 32 + 64)
     assert activation_width(torch.nn.Linear(2, 2)) is None  # no config
-    traits = amx_cpu(kept=1000)
+    traits = bf16_cpu(kept=1000)
     with caplog.at_level(logging.INFO, logger="grpokit"):
         bound = resolve_activation_bound(GRPOConfig(), traits, bf16=True, model=model)
     assert (bound.max_forward_tokens, bound.recompute) == (None, True)
@@ -1103,7 +1103,7 @@ def test_auto_on_an_amx_cpu_keeps_the_activations_of_forwards_up_to_a_size(
     cases = {
         "sharded": (GRPOConfig(), dict(model=model, sharded=True), traits),
         "no model": (GRPOConfig(), {}, traits),
-        "no kept size": (GRPOConfig(), dict(model=model), amx_cpu(kept=0)),
+        "no kept size": (GRPOConfig(), dict(model=model), bf16_cpu(kept=0)),
         "user": (GRPOConfig(gradient_checkpointing=True), dict(model=model), traits),
     }
     for name, (args, kwargs, device) in cases.items():
@@ -1157,7 +1157,7 @@ def test_recomputed_forwards_and_their_backward_run_within_recomputed_layers(
 
 
 @pytest.mark.bf16_kernels
-def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
+def test_auto_with_native_bf16_keeps_small_forwards_and_shares_their_prompts(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # One optimizer step of 2 micro-batches of 4 rows (2 prompts x 2 completions each) under
@@ -1174,7 +1174,7 @@ def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
     from grpokit.train import trainer as trainer_module
     from grpokit.train.build import ActivationBound, LayerRecompute
 
-    on_amx_cpu(monkeypatch, kept=10**9)
+    on_bf16_cpu(monkeypatch, kept=10**9)
     real = trainer_module.model_completion_logprobs
     real_plan = trainer_module.plan_micro_batches
     runs = {}
@@ -1186,7 +1186,7 @@ def test_auto_on_an_amx_cpu_keeps_small_forwards_and_shares_their_prompts(
         ("big", "auto", 0),
         ("partial", "auto", 0),
     ):
-        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **AMX_STEP)
+        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **BF16_STEP)
         bound = trainer.activation_bound
         assert bound.recompute is (name != "plain")
         if keep_up_to is not None:
@@ -1274,13 +1274,13 @@ def test_log_prob_passes_run_the_layers_unchecked_and_share_prompts(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # The old log-probs of an off-policy update come from the policy without gradients: a
-    # checkpointed policy (AMX "auto" here) runs its layers unchecked there, so its prompts
-    # are shared, and the layers are checkpointed again after; the log-probs are those of
-    # a policy that never checkpoints.
+    # checkpointed policy ("auto" with native bf16 here) runs its layers unchecked there, so
+    # its prompts are shared, and the layers are checkpointed again after; the log-probs are
+    # those of a policy that never checkpoints.
     from grpokit.core.logprobs import prompt_sharing_supported
     from grpokit.train import trainer as trainer_module
 
-    on_amx_cpu(monkeypatch)
+    on_bf16_cpu(monkeypatch)
     real = trainer_module.model_completion_logprobs
     seen: list[tuple[bool, bool]] = []
 
@@ -1291,7 +1291,7 @@ def test_log_prob_passes_run_the_layers_unchecked_and_share_prompts(
     monkeypatch.setattr(trainer_module, "model_completion_logprobs", spy)
     out = {}
     for name, tokens in (("plain", None), ("auto", "auto")):
-        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **AMX_STEP)
+        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **BF16_STEP)
         trainer.model.train()
         batch = trainer.build_rollout_batch(
             trainer.generate(trainer.sample_prompts()[1]), torch.ones(8)
@@ -1306,17 +1306,17 @@ def test_log_prob_passes_run_the_layers_unchecked_and_share_prompts(
 
 
 @pytest.mark.bf16_kernels
-def test_auto_on_an_amx_cpu_checkpoints_and_gives_the_plain_update(
+def test_auto_with_native_bf16_checkpoints_and_gives_the_plain_update(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # One optimizer step of 2 micro-batches of 4 rows under bf16 autocast. "auto" on an AMX CPU
-    # forwards each micro-batch whole and checkpoints the decoder layers (calls with gradients
+    # One optimizer step of 2 micro-batches of 4 rows under bf16 autocast. "auto" with native
+    # bf16 forwards each micro-batch whole and checkpoints the decoder layers (calls with gradients
     # on: 2 -> 4); the update is the plain path's (one forward per micro-batch, nothing
     # recomputed) up to float summation order: the recomputed forward is the same arithmetic.
-    on_amx_cpu(monkeypatch)
+    on_bf16_cpu(monkeypatch)
     runs = {}
     for name, tokens in (("plain", None), ("auto", "auto")):
-        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **AMX_STEP)
+        trainer = make_trainer(tmp_path / name, max_forward_tokens=tokens, **BF16_STEP)
         trainer.share_prompts = False  # one forward per micro-batch (checkpointing shares none)
         assert trainer.use_bf16 is True
         assert trainer.max_forward_tokens is None
@@ -1337,16 +1337,16 @@ def test_auto_on_an_amx_cpu_checkpoints_and_gives_the_plain_update(
 
 
 @pytest.mark.bf16_kernels
-def test_auto_on_an_amx_cpu_leaves_a_users_gradient_checkpointing_alone(
+def test_auto_with_native_bf16_leaves_a_users_gradient_checkpointing_alone(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # gradient_checkpointing=True decides as on a CPU without AMX: 512-token forwards,
-    # checkpointed, as many decoder-layer calls with gradients on.
+    # gradient_checkpointing=True decides as on a CPU where "auto" would not recompute:
+    # 512-token forwards, checkpointed, as many decoder-layer calls with gradients on.
     calls = {}
-    for amx in (False, True):
-        on_amx_cpu(monkeypatch, amx)
+    for recompute in (False, True):
+        on_bf16_cpu(monkeypatch, recompute)
         trainer = make_trainer(
-            tmp_path / str(amx), gradient_checkpointing=True, bf16=True, max_steps=1
+            tmp_path / str(recompute), gradient_checkpointing=True, bf16=True, max_steps=1
         )
         assert trainer.use_bf16 is True
         assert trainer.max_forward_tokens == 512
@@ -1354,19 +1354,19 @@ def test_auto_on_an_amx_cpu_leaves_a_users_gradient_checkpointing_alone(
         assert trainer.model.is_gradient_checkpointing is True
         counted = count_grad_calls(trainer.model.model.layers[0])
         trainer.train()
-        calls[amx] = len(counted)
+        calls[recompute] = len(counted)
     assert calls[True] == calls[False] > 0
 
 
 @pytest.mark.bf16_kernels
-def test_auto_on_an_amx_cpu_recomputes_under_lora(
+def test_auto_with_native_bf16_recomputes_under_lora(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # The adapter trains through checkpointed layers whose embedding is frozen: the same
     # adapter update as without recomputation, and only the adapter changes.
     from peft import LoraConfig
 
-    on_amx_cpu(monkeypatch)
+    on_bf16_cpu(monkeypatch)
     runs = {}
     for name, tokens in (("plain", None), ("auto", "auto")):
         lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
