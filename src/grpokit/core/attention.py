@@ -170,6 +170,11 @@ def recomputed_layers(on: bool = True) -> Iterator[None]:
         _recomputed_layers = before
 
 
+def in_recomputed_layers() -> bool:
+    """Whether the calls run within `recomputed_layers` now."""
+    return _recomputed_layers
+
+
 class _LayerMask(NamedTuple):
     """What `_layer_mask` derived from one mask tensor, for the calls that pass it again."""
 
@@ -181,11 +186,6 @@ class _LayerMask(NamedTuple):
 
 
 _last_layer_mask: _LayerMask | None = None
-
-
-def in_recomputed_layers() -> bool:
-    """Whether the calls run within `recomputed_layers` now."""
-    return _recomputed_layers
 
 
 def _layer_mask(
