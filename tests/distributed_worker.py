@@ -94,9 +94,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "lora": {"lora": True, "share_prompts": True, "loss_type": "dapo", "beta": 0.04},
     # Activations recomputed in backward (as max_forward_tokens="auto" on a CPU with native
     # bf16), but kept by training forwards of at most `keep_up_to` tokens
-    # (`ActivationBound.keep_up_to`), which share their prompts, and by the last layers of
-    # somewhat larger ones (`ActivationBound.kept_layers`): each process decides by its own
-    # forwards' sizes, so kept and recomputed forwards meet in one backward's averaging.
+    # (`ActivationBound.keep_up_to`), which share their prompts (not under FSDP2), and by the
+    # last layers of somewhat larger ones (`ActivationBound.kept_layers`): each process decides
+    # by its own forwards' sizes, so kept and recomputed forwards meet in one backward's
+    # averaging (DDP) or reduce-scatter (FSDP2).
     "kept_activations": {
         "share_prompts": True,
         "keep_up_to": KEEP_UP_TO,
@@ -605,7 +606,7 @@ def _write_engine_gap(probe: Any, full: dict[str, torch.Tensor], out: Path) -> N
     (out / "engine_gap.txt").write_text(str(gap))
 
 
-FSDP_SCENARIOS = ("dapo", "grpo", "bnpo")
+FSDP_SCENARIOS = ("dapo", "grpo", "bnpo", "kept_activations")
 
 
 def run_fsdp_scenarios(out_dir: Path) -> None:
@@ -618,7 +619,12 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
     for name in FSDP_SCENARIOS:
         out = out_dir / name
         t, probe = _probed_trainer(out, SCENARIOS[name])
-        t.train()
+        kept = KeptForwards(t) if "keep_up_to" in SCENARIOS[name] else contextlib.nullcontext()
+        with kept:
+            t.train()
+        if isinstance(kept, KeptForwards):
+            rank = launched_process_index()
+            (out / f"kept_forwards_{rank}.json").write_text(json.dumps(kept.counts))
         write_recompute(t, out)
         probe.update_weights(t.model)
         full = full_state_dict(t.model, t.world)

@@ -198,18 +198,21 @@ def test_ddp_forwards_each_shared_prompt_once(runs: dict[str, Path]) -> None:
     )
 
 
-def test_ddp_processes_keep_or_recompute_each_forward_by_its_own_size(
-    runs: dict[str, Path],
+@pytest.mark.parametrize("launch", ["two", "fsdp"])
+def test_processes_keep_or_recompute_each_forward_by_its_own_size(
+    runs: dict[str, Path], launch: str
 ) -> None:
-    # The kept_activations scenario trained as one process did (test_two_processes_train_as_one)
-    # with both kinds of training forward on each process: those of at most `keep_up_to` tokens
-    # kept their activations and shared their prompts, larger ones recomputed in backward.
-    run = runs["two"] / "kept_activations"
+    # The kept_activations scenario trained as one process did (test_two_processes_train_as_one,
+    # test_fsdp2_on_two_processes_trains_as_one) with both kinds of training forward on each
+    # process: those of at most `keep_up_to` tokens kept their activations (and under DDP shared
+    # their prompts), larger ones recomputed in backward.
+    run = runs[launch] / "kept_activations"
     for rank in (0, 1):
         kept = json.loads((run / f"kept_forwards_{rank}.json").read_text())
         assert kept["kept"] > 0 and kept["recomputed"] > 0, (rank, kept)
-        shared = json.loads((run / f"shared_forwards_{rank}.json").read_text())
-        assert shared["training"] > 0, (rank, shared)
+        if launch == "two":
+            shared = json.loads((run / f"shared_forwards_{rank}.json").read_text())
+            assert shared["training"] > 0, (rank, shared)
 
 
 def test_environments_on_two_processes_train_as_one(runs: dict[str, Path]) -> None:

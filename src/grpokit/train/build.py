@@ -423,7 +423,7 @@ def resolve_activation_bound(
     *,
     bf16: bool,
     model: Any = None,
-    sharded: bool = False,
+    engine_gathers: bool = False,
 ) -> ActivationBound:
     """How the run's training forwards bound their activations (`GRPOConfig.max_forward_tokens`
     and `gradient_checkpointing`); logged once.
@@ -432,11 +432,11 @@ def resolve_activation_bound(
     (`DeviceTraits.activation_bound`): on a CPU with native bf16, with bf16 autocast, recomputed
     activations and no token bound, except in forwards small enough to keep theirs and in the
     last layers of larger ones (`ActivationBound.keep_up_to` and `kept_layers`:
-    `DeviceTraits.kept_activation_size` over the model's `activation_width`; on one process or
-    under DDP, not on a `sharded` model); elsewhere on the CPU 512 tokens per forward under
-    bf16 autocast (where bf16 is not native, or a model that cannot checkpoint its layers) and
-    768 in float32; on a GPU no bound. "auto"
-    keeps the device's token bound without recomputing when the user set
+    `DeviceTraits.kept_activation_size` over the model's `activation_width`; on one process,
+    under DDP and under FSDP2, not under DeepSpeed: `engine_gathers`); elsewhere on the CPU 512
+    tokens per forward under bf16 autocast (where bf16 is not native, or a model that cannot
+    checkpoint its layers) and 768 in float32; on a GPU no bound. "auto" keeps the device's
+    token bound without recomputing when the user set
     `gradient_checkpointing` (that setting then decides: the token bound and recomputed
     activations on any CPU) or when `model` cannot checkpoint its layers. Recomputation works
     under DDP, FSDP2 and DeepSpeed ZeRO-2/3 alike (tests/test_distributed*.py, scenario bnpo).
@@ -447,13 +447,16 @@ def resolve_activation_bound(
         bf16: Training computes under bf16 autocast (`resolve_precision`).
         model: The policy (before LoRA); None = assume it supports gradient checkpointing (and
             recompute every forward).
-        sharded: The model is sharded over processes or run by an engine (FSDP2, DeepSpeed):
-            every forward recomputes. Their parameters are gathered by collectives around the
-            layers' forwards and backwards, which recomputation moves, and a process keeping a
-            forward while another recomputes its own is not tested there. DDP's wrapper only
-            averages the gradients, in buckets launched in an order fixed across processes, so
-            under DDP each process keeps or recomputes as its own forward's size says
-            (tests/test_distributed.py, scenario kept_activations).
+        engine_gathers: The model is run by DeepSpeed, whose ZeRO-3 gathers a layer's parameters
+            in hooks around its forward, a recomputation's too: every forward recomputes, since
+            a process recomputing a layer another process keeps would gather it alone. DDP's
+            wrapper only averages the gradients, in buckets launched in an order fixed across
+            processes, and FSDP2 gathers each layer once before its forward and once before its
+            backward, where the recomputation runs on the gathered parameters: under either,
+            each process keeps or recomputes as its own forward's size says, so on one step
+            one process may keep a forward's activations while another recomputes its own
+            (tests/test_distributed.py, scenario kept_activations: both kinds of forward on
+            each process, and the 1-process weights).
     """
     tokens, user_recompute = args.max_forward_tokens, args.gradient_checkpointing
     keep_up_to: int | None = None
@@ -477,7 +480,7 @@ def resolve_activation_bound(
                 max_tokens, recompute = traits.max_forward_tokens, False
                 reason += f", {fallback}: the token bound instead"
             sizes = activation_width(model)
-            if recompute and not sharded and sizes and traits.kept_activation_size:
+            if recompute and not engine_gathers and sizes and traits.kept_activation_size:
                 layers, width = sizes
                 keep_up_to = traits.kept_activation_size // (layers * width)
         bound = ActivationBound(max_tokens, recompute or user_recompute, reason, keep_up_to, layers)
