@@ -326,7 +326,9 @@ def trainer(
     """The scenarios' trainer, on `model` or a fresh tiny model (`model_overrides` applied);
     `share_prompts=True` among `overrides` keeps `GRPOTrainer.share_prompts` on, `lora=True`
     trains a LoRA adapter, `keep_up_to=K` (with `gradient_checkpointing`) has training forwards
-    of at most K tokens keep their activations, as "auto" does on an AMX CPU."""
+    of at most K tokens keep their activations and larger ones keep them in their last layers,
+    as many as K tokens' worth (`ActivationBound.kept_layers`), as "auto" does on a CPU with
+    native bf16."""
     tok = make_tokenizer()
     if model is None:
         model = make_causal_lm(tok, seed=0, **(model_overrides or {})).train()
@@ -349,7 +351,9 @@ def trainer(
         generation_engine=ScriptedEngine(tok),
     )
     if keep_up_to is not None:
-        t.activation_bound = dataclasses.replace(t.activation_bound, keep_up_to=keep_up_to)
+        layers = model.config.num_hidden_layers
+        bound = dataclasses.replace(t.activation_bound, keep_up_to=keep_up_to, layers=layers)
+        t.activation_bound = bound
     return t if share else one_forward_per_row(t)
 
 
@@ -383,26 +387,36 @@ class SharedForwards:
 
 
 class KeptForwards:
-    """Counts the training forwards whose decoder layers keep their activations and those
-    that recompute them (the first layer's calls with gradients, by its `gradient_checkpointing`
-    flag at the call: a recomputed forward counts its recomputation too), while installed."""
+    """Counts, while installed, the training forwards whose first decoder layer keeps its
+    activations (`kept`) and recomputes them (`recomputed`: a recomputed forward counts its
+    recomputation too), by the layer's `gradient_checkpointing` flag at each call with
+    gradients; and the calls of the last decoder layer that keep theirs (`last_kept`), more than
+    `kept` when larger forwards keep their last layers only."""
 
     def __init__(self, trainer: GRPOTrainer) -> None:
         from grpokit.core.logprobs import forward_module
 
-        self.counts = {"kept": 0, "recomputed": 0}
-        self.layer = forward_module(trainer.model).model.layers[0]
+        self.counts = {"kept": 0, "recomputed": 0, "last_kept": 0}
+        self.layers = forward_module(trainer.model).model.layers
 
     def count(self, module: Any, args: Any) -> None:
         if torch.is_grad_enabled():
             self.counts["recomputed" if module.gradient_checkpointing else "kept"] += 1
 
+    def count_last(self, module: Any, args: Any) -> None:
+        if torch.is_grad_enabled() and not module.gradient_checkpointing:
+            self.counts["last_kept"] += 1
+
     def __enter__(self) -> KeptForwards:
-        self.handle = self.layer.register_forward_pre_hook(self.count)
+        self.handles = [
+            self.layers[0].register_forward_pre_hook(self.count),
+            self.layers[-1].register_forward_pre_hook(self.count_last),
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 class StopAt(TrainerCallback):

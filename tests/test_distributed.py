@@ -205,11 +205,13 @@ def test_processes_keep_or_recompute_each_forward_by_its_own_size(
     # The kept_activations scenario trained as one process did (test_two_processes_train_as_one,
     # test_fsdp2_on_two_processes_trains_as_one) with both kinds of training forward on each
     # process: those of at most `keep_up_to` tokens kept their activations (and under DDP shared
-    # their prompts), larger ones recomputed in backward.
+    # their prompts), larger ones recomputed them in backward, some of those but in their last
+    # layer (`ActivationBound.kept_layers`).
     run = runs[launch] / "kept_activations"
     for rank in (0, 1):
         kept = json.loads((run / f"kept_forwards_{rank}.json").read_text())
         assert kept["kept"] > 0 and kept["recomputed"] > 0, (rank, kept)
+        assert kept["last_kept"] > kept["kept"], (rank, kept)
         if launch == "two":
             shared = json.loads((run / f"shared_forwards_{rank}.json").read_text())
             assert shared["training"] > 0, (rank, shared)
