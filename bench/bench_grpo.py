@@ -351,6 +351,20 @@ def matmul_probe(dtype: str, seconds: float = 0.1) -> Callable[[], float]:
     return probe
 
 
+def start_probe(peaks: dict[str, dict[str, float]], dtype: str, seconds: float) -> float | None:
+    """The machine's `PROBE_SHAPE` rate at the start of the run, against which `probe_drift`
+    judges each worker's: the higher of its reading in the peak sweep (`peaks[dtype]`) and one
+    more taken now. A single reading from a moment the machine ran slow (once 515 against 1046
+    GFLOP/s) made the workers seem to run on a machine twice as fast, and `format_drift` judged
+    them against that machine's floor. None when the sweep did not time the shape."""
+    swept = peaks.get(dtype, {}).get("x".join(map(str, PROBE_SHAPE)))
+    if swept is None:
+        return None
+    import matmul_peak
+
+    return max(swept, matmul_peak.time_matmul(*PROBE_SHAPE, matmul_peak.DTYPES[dtype], seconds))
+
+
 def probe_drift(summary: dict[str, Any], floor: dict[str, Any]) -> float | None:
     """The median `probe_gflops` of a worker's measured cycles over the parent's rate for
     `PROBE_SHAPE` at the start of the run: how much faster (> 1) or slower the machine
@@ -1132,7 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_gflops": {k: v["peak"] for k, v in peaks.items()},
         "compute_dtype": compute,
         "peak_gflops": peaks[compute]["peak"],
-        "probe_start_gflops": peaks[compute].get("x".join(map(str, PROBE_SHAPE))),
+        "probe_start_gflops": start_probe(peaks, compute, args.peak_seconds),
         "bandwidth_gbs": machine_floor.measure_bandwidth(),
         "native_bf16": machine["native_bf16"],
         "loadavg": os.getloadavg(),

@@ -302,6 +302,27 @@ def test_matmul_probe_times_the_shape_the_parent_times_at_the_start():
     assert rate > 0
 
 
+def test_the_start_probe_is_the_higher_of_two_readings(monkeypatch):
+    # A slow moment during the peak sweep (515 GFLOP/s) does not become the start rate when the
+    # reading taken after it is higher, nor does a slow second reading replace the sweep's.
+    import bench_grpo
+    import matmul_peak
+
+    key = "x".join(map(str, bench_grpo.PROBE_SHAPE))
+    calls = []
+
+    def now(m, k, n, dtype, seconds):
+        calls.append(((m, k, n), dtype, seconds))
+        return 1046.0
+
+    monkeypatch.setattr(matmul_peak, "time_matmul", now)
+    assert bench_grpo.start_probe({"bf16": {key: 515.0}}, "bf16", 0.3) == 1046.0
+    assert calls == [(bench_grpo.PROBE_SHAPE, matmul_peak.DTYPES["bf16"], 0.3)]
+    monkeypatch.setattr(matmul_peak, "time_matmul", lambda *a: 500.0)
+    assert bench_grpo.start_probe({"fp32": {key: 980.0}}, "fp32", 0.3) == 980.0
+    assert bench_grpo.start_probe({"fp32": {"peak": 980.0}}, "fp32", 0.3) is None
+
+
 def test_bench_report_judges_each_system_at_the_speed_of_its_own_run():
     """The machine multiplied at 100 GFLOP/s at the start; the worker's probes read 40, 50 and
     60 (median 50: 0.5x), so its floor is that of a 50 GFLOP/s peak (the bandwidth as at the
