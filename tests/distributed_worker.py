@@ -419,6 +419,17 @@ class KeptForwards:
             handle.remove()
 
 
+def train_counting_kept(t: GRPOTrainer, out: Path, scenario: dict[str, Any]) -> None:
+    """`t.train()`; for a scenario with `keep_up_to`, this process's `KeptForwards` counts
+    written to `out/kept_forwards_<rank>.json`."""
+    if "keep_up_to" not in scenario:
+        t.train()
+        return
+    with KeptForwards(t) as kept:
+        t.train()
+    (out / f"kept_forwards_{launched_process_index()}.json").write_text(json.dumps(kept.counts))
+
+
 class StopAt(TrainerCallback):
     """Stops training after optimizer step `step`, as an interruption would."""
 
@@ -633,12 +644,7 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
     for name in FSDP_SCENARIOS:
         out = out_dir / name
         t, probe = _probed_trainer(out, SCENARIOS[name])
-        kept = KeptForwards(t) if "keep_up_to" in SCENARIOS[name] else contextlib.nullcontext()
-        with kept:
-            t.train()
-        if isinstance(kept, KeptForwards):
-            rank = launched_process_index()
-            (out / f"kept_forwards_{rank}.json").write_text(json.dumps(kept.counts))
+        train_counting_kept(t, out, SCENARIOS[name])
         write_recompute(t, out)
         probe.update_weights(t.model)
         full = full_state_dict(t.model, t.world)
@@ -676,6 +682,9 @@ def _save_whole(t: Any, out: Path) -> None:
 SCENARIOS_DEEPSPEED_ONLY = {"old_logprobs": {"loss_type": "dapo", "steps_per_generation": 4}}
 ALL_SCENARIOS = {**SCENARIOS, **SCENARIOS_DEEPSPEED_ONLY}
 DEEPSPEED_SCENARIOS = ("dapo", "grpo", "bnpo", "old_logprobs")
+# Under ZeRO-2 only: ZeRO-3 gathers a layer around its recomputation too, so there every forward
+# recomputes (`train.build.resolve_activation_bound`, `engine_gathers`).
+ZERO2_SCENARIOS = (*DEEPSPEED_SCENARIOS, "kept_activations")
 POISONED_STEP = 2  # the optimizer step of the "nonfinite" scenario whose forwards are NaN
 
 
@@ -694,10 +703,10 @@ def poisoned_trainer(out: Path) -> Any:
 
 
 def run_deepspeed_references(out_dir: Path) -> None:
-    """`DEEPSPEED_SCENARIOS` (but those of `SCENARIOS_DEEPSPEED_ONLY`) and the "nonfinite" one
-    on a single process (the reference the DeepSpeed runs must equal)."""
+    """`ZERO2_SCENARIOS` (but those of `SCENARIOS_DEEPSPEED_ONLY`) and the "nonfinite" one on a
+    single process (the reference the DeepSpeed runs must equal)."""
     torch.set_num_threads(1)
-    for name in DEEPSPEED_SCENARIOS:
+    for name in ZERO2_SCENARIOS:
         if name in SCENARIOS_DEEPSPEED_ONLY:
             continue
         t = trainer(out_dir / name, **SCENARIOS[name])
@@ -721,17 +730,19 @@ def _whole_weights(t: Any) -> dict[str, torch.Tensor] | None:
 
 
 def run_deepspeed_scenarios(out_dir: Path) -> None:
-    """`DEEPSPEED_SCENARIOS` trained by the DeepSpeed engine (launched with an accelerate config
-    that asks for ZeRO-2 or ZeRO-3); a `TransformersEngine` built on the whole model follows the
-    trained weights (`update_weights`, gathered under ZeRO-3). Each scenario also records the
+    """`DEEPSPEED_SCENARIOS` (under ZeRO-2 `ZERO2_SCENARIOS`) trained by the DeepSpeed engine
+    (launched with an accelerate config that asks for ZeRO-2 or ZeRO-3); a `TransformersEngine`
+    built on the whole model follows the trained weights (`update_weights`, gathered under
+    ZeRO-3). Each scenario also records the
     number of elements the first parameter holds on this process during training (0 for a
     ZeRO-3 partition), and the final model is saved."""
 
     torch.set_num_threads(1)
-    for name in DEEPSPEED_SCENARIOS:
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))
+    for name in ZERO2_SCENARIOS if stage == 2 else DEEPSPEED_SCENARIOS:
         out = out_dir / name
         t, probe = _probed_trainer(out, ALL_SCENARIOS[name])
-        t.train()
+        train_counting_kept(t, out, ALL_SCENARIOS[name])
         write_recompute(t, out)
         numel = next(t.model.parameters()).numel()  # outside any gathering
         with t.world.whole_parameters(t.model):

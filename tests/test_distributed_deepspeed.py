@@ -108,6 +108,26 @@ def test_zero_on_two_processes_trains_as_one(
     assert _max_diff(final, {k: _params(zero)[k] for k in final}) == 0.0
 
 
+def test_zero2_processes_keep_or_recompute_each_forward_by_its_own_size(
+    runs: dict[str, Path],
+) -> None:
+    # Under ZeRO-2 (as under DDP and FSDP2) each process keeps the activations of its small
+    # training forwards and of the last layer of somewhat larger ones, and recomputes the rest,
+    # and the two processes still train as one.
+    one, zero = runs["one"] / "kept_activations", runs["zero2"] / "kept_activations"
+    assert _max_diff(_params(one), _params(zero)) < 1e-5
+    for r1, r2 in zip(_metrics(one), _metrics(zero), strict=True):
+        for key in ("loss", "grad_norm", "reward"):
+            assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
+    for rank in (0, 1):
+        kept = json.loads((zero / f"kept_forwards_{rank}.json").read_text())
+        assert kept["kept"] > 0 and kept["recomputed"] > 0, (rank, kept)
+        assert kept["last_kept"] > kept["kept"], (rank, kept)
+    # ZeRO-3 does not run the scenario: there every forward recomputes (a process recomputing
+    # a layer that another keeps would gather its partitions alone).
+    assert not (runs["zero3"] / "kept_activations").exists()
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_zero_skips_a_nonfinite_step_as_one_process(runs: dict[str, Path], stage: int) -> None:
     one, zero = runs["one"] / "nonfinite", runs[f"zero{stage}"] / "nonfinite"

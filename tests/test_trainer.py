@@ -1098,10 +1098,10 @@ def test_auto_with_native_bf16_keeps_the_activations_of_forwards_up_to_a_size(
     # Above 5 tokens the last layers keep 10 token-layers' worth: 1 layer up to 10 tokens.
     assert [bound.kept_layers(n) for n in (5, 6, 10, 11, 500)] == [2, 1, 1, 0, 0]
     assert ActivationBound(None, True, "no size").kept_layers(6) == 0
-    # Every forward recomputes: a model DeepSpeed runs (its gathers), no model to size, no kept
+    # Every forward recomputes: a model ZeRO-3 runs (its gathers), no model to size, no kept
     # size, and the user's gradient_checkpointing (its token bound, as on any CPU).
     cases = {
-        "deepspeed": (GRPOConfig(), dict(model=model, engine_gathers=True), traits),
+        "zero3": (GRPOConfig(), dict(model=model, engine_gathers=True), traits),
         "no model": (GRPOConfig(), {}, traits),
         "no kept size": (GRPOConfig(), dict(model=model), bf16_cpu(kept=0)),
         "user": (GRPOConfig(gradient_checkpointing=True), dict(model=model), traits),

@@ -433,11 +433,11 @@ def resolve_activation_bound(
     activations and no token bound, except in forwards small enough to keep theirs and in the
     last layers of larger ones (`ActivationBound.keep_up_to` and `kept_layers`:
     `DeviceTraits.kept_activation_size` over the model's `activation_width`; on one process,
-    under DDP and under FSDP2, not under DeepSpeed: `engine_gathers`); elsewhere on the CPU 512
-    tokens per forward under bf16 autocast (where bf16 is not native, or a model that cannot
-    checkpoint its layers) and 768 in float32; on a GPU no bound. "auto" keeps the device's
-    token bound without recomputing when the user set
-    `gradient_checkpointing` (that setting then decides: the token bound and recomputed
+    under DDP, FSDP2 and DeepSpeed ZeRO-2, not under ZeRO-3: `engine_gathers`); elsewhere on
+    the CPU 512 tokens per forward under bf16 autocast (where bf16 is not native, or a model
+    that cannot checkpoint its layers) and 768 in float32; on a GPU no bound. "auto" keeps the
+    device's token bound without recomputing when the user set `gradient_checkpointing` (that
+    setting then decides: the token bound and recomputed
     activations on any CPU) or when `model` cannot checkpoint its layers. Recomputation works
     under DDP, FSDP2 and DeepSpeed ZeRO-2/3 alike (tests/test_distributed*.py, scenario bnpo).
 
@@ -447,16 +447,18 @@ def resolve_activation_bound(
         bf16: Training computes under bf16 autocast (`resolve_precision`).
         model: The policy (before LoRA); None = assume it supports gradient checkpointing (and
             recompute every forward).
-        engine_gathers: The model is run by DeepSpeed, whose ZeRO-3 gathers a layer's parameters
-            in hooks around its forward, a recomputation's too: every forward recomputes, since
-            a process recomputing a layer another process keeps would gather it alone. DDP's
-            wrapper only averages the gradients, in buckets launched in an order fixed across
-            processes, and FSDP2 gathers each layer once before its forward and once before its
-            backward, where the recomputation runs on the gathered parameters: under either,
-            each process keeps or recomputes as its own forward's size says, so on one step
-            one process may keep a forward's activations while another recomputes its own
-            (tests/test_distributed.py, scenario kept_activations: both kinds of forward on
-            each process, and the 1-process weights).
+        engine_gathers: The model is run by DeepSpeed ZeRO-3, which gathers a layer's
+            partitions in hooks around its forward, a recomputation's too: every forward
+            recomputes, since a process recomputing a layer another process keeps would gather
+            it alone (two ZeRO-3 processes doing so hung; bench/RESULTS.md). DDP's wrapper and
+            ZeRO-2 only reduce the gradients (DDP in buckets launched in an order fixed across
+            processes, ZeRO-2 as the backward readies them), and FSDP2 gathers each layer once
+            before its forward and once before its backward, where the recomputation runs on
+            the gathered parameters: under these each process keeps or
+            recomputes as its own forward's size says, so on one step one process may keep a
+            forward's activations while another recomputes its own (tests/test_distributed.py
+            and test_distributed_deepspeed.py, scenario kept_activations: both kinds of forward
+            on each process, and the 1-process weights).
     """
     tokens, user_recompute = args.max_forward_tokens, args.gradient_checkpointing
     keep_up_to: int | None = None

@@ -203,7 +203,7 @@ class GRPOTrainer:
             self.device_traits,
             bf16=self.use_bf16,
             model=self.model,
-            engine_gathers=self.world.deepspeed,
+            engine_gathers=self.world.zero_stage == 3,
         )
         self.max_forward_tokens = self.activation_bound.max_forward_tokens
         self.model = build.prepare_model(
