@@ -94,10 +94,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "lora": {"lora": True, "share_prompts": True, "loss_type": "dapo", "beta": 0.04},
     # Activations recomputed in backward (as max_forward_tokens="auto" on a CPU with native
     # bf16), but kept by training forwards of at most `keep_up_to` tokens
-    # (`ActivationBound.keep_up_to`), which share their prompts (not under FSDP2), and by the
-    # last layers of somewhat larger ones (`ActivationBound.kept_layers`): each process decides
-    # by its own forwards' sizes, so kept and recomputed forwards meet in one backward's
-    # averaging (DDP) or reduce-scatter (FSDP2).
+    # (`ActivationBound.keep_up_to`), which share their prompts (under DDP), and by the last
+    # layers of somewhat larger ones (`ActivationBound.kept_layers`): each process decides by
+    # its own forwards' sizes, so kept and recomputed forwards meet in one backward's gradient
+    # reduction (DDP, FSDP2, DeepSpeed ZeRO-2).
     "kept_activations": {
         "share_prompts": True,
         "keep_up_to": KEEP_UP_TO,
@@ -733,9 +733,8 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
     """`DEEPSPEED_SCENARIOS` (under ZeRO-2 `ZERO2_SCENARIOS`) trained by the DeepSpeed engine
     (launched with an accelerate config that asks for ZeRO-2 or ZeRO-3); a `TransformersEngine`
     built on the whole model follows the trained weights (`update_weights`, gathered under
-    ZeRO-3). Each scenario also records the
-    number of elements the first parameter holds on this process during training (0 for a
-    ZeRO-3 partition), and the final model is saved."""
+    ZeRO-3). Each scenario also records the number of elements the first parameter holds on
+    this process during training (0 for a ZeRO-3 partition), and the final model is saved."""
 
     torch.set_num_threads(1)
     stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))

@@ -437,9 +437,9 @@ def resolve_activation_bound(
     the CPU 512 tokens per forward under bf16 autocast (where bf16 is not native, or a model
     that cannot checkpoint its layers) and 768 in float32; on a GPU no bound. "auto" keeps the
     device's token bound without recomputing when the user set `gradient_checkpointing` (that
-    setting then decides: the token bound and recomputed
-    activations on any CPU) or when `model` cannot checkpoint its layers. Recomputation works
-    under DDP, FSDP2 and DeepSpeed ZeRO-2/3 alike (tests/test_distributed*.py, scenario bnpo).
+    setting then decides: the token bound and recomputed activations on any CPU) or when
+    `model` cannot checkpoint its layers. Recomputation works under DDP, FSDP2 and DeepSpeed
+    ZeRO-2/3 alike (tests/test_distributed*.py, scenario bnpo).
 
     Args:
         args: The run's config.
@@ -454,11 +454,11 @@ def resolve_activation_bound(
             ZeRO-2 only reduce the gradients (DDP in buckets launched in an order fixed across
             processes, ZeRO-2 as the backward readies them), and FSDP2 gathers each layer once
             before its forward and once before its backward, where the recomputation runs on
-            the gathered parameters: under these each process keeps or
-            recomputes as its own forward's size says, so on one step one process may keep a
-            forward's activations while another recomputes its own (tests/test_distributed.py
-            and test_distributed_deepspeed.py, scenario kept_activations: both kinds of forward
-            on each process, and the 1-process weights).
+            the gathered parameters: under these each process keeps or recomputes as its own
+            forward's size says, so on one step one process may keep a forward's activations
+            while another recomputes its own (tests/test_distributed.py and
+            test_distributed_deepspeed.py, scenario kept_activations: both kinds of forward on
+            each process, and the 1-process weights).
     """
     tokens, user_recompute = args.max_forward_tokens, args.gradient_checkpointing
     keep_up_to: int | None = None
