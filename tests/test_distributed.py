@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -428,6 +429,54 @@ def test_world_shares_cover_the_batch_in_rank_order() -> None:
     tensor = torch.arange(3)
     assert one.gather(tensor) is tensor and one.gather_objects("x") == ["x"]
     assert one.gradient_scale == 1.0
+
+
+def test_collectives_take_tensors_on_the_device_their_backend_reduces() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 1)
+    # NCCL reduces CUDA tensors only: the loop's CPU counts and masks travel on the GPU.
+    assert dist.collective_device("nccl", gpu) == gpu
+    assert dist.collective_device("nccl", gpu, held_on=cpu) == gpu
+    assert dist.collective_device("xccl", torch.device("xpu", 0)) == torch.device("xpu", 0)
+    # gloo and MPI reduce CPU tensors, whatever device the process trains on.
+    assert dist.collective_device("gloo", gpu, held_on=gpu) == cpu
+    assert dist.collective_device("mpi", cpu) == cpu
+    # A group mapping device types to backends leaves a tensor where it is if it is mapped.
+    mapped = "cpu:gloo,cuda:nccl"
+    assert dist.collective_device(mapped, gpu, held_on=cpu) == cpu
+    assert dist.collective_device(mapped, gpu, held_on=gpu) == gpu
+    assert dist.collective_device("cuda:nccl", gpu, held_on=cpu) == gpu
+    assert dist.collective_device("cuda:nccl", cpu, held_on=cpu) == cpu
+
+
+def test_world_collectives_send_tensors_to_the_group_device_and_return_them(monkeypatch) -> None:
+    # Two processes holding the same tensors, simulated: each collective records the device of
+    # what it was given, and the results come back on the caller's device with both shares.
+    seen: list[torch.device] = []
+
+    def all_gather(parts: list[torch.Tensor], tensor: torch.Tensor) -> None:
+        seen.append(tensor.device)
+        assert tensor.is_contiguous()
+        for part in parts:
+            part.copy_(tensor)
+
+    def all_reduce(tensor: torch.Tensor, op: Any = None) -> None:
+        seen.append(tensor.device)
+        if op == torch.distributed.ReduceOp.SUM:
+            tensor.mul_(2)
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    world = dist.World(num_processes=2, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    assert world.collective_device(torch.device("cpu")) == torch.device("cpu")
+    columns = torch.arange(6).view(2, 3).t()  # not contiguous
+    assert world.gather(columns).tolist() == [[0, 3], [1, 4], [2, 5]] * 2
+    assert world.gather_ragged(torch.tensor([1.0, 2.0])).tolist() == [1.0, 2.0, 1.0, 2.0]
+    counts = torch.tensor([3, 4])
+    assert world.sum(counts).tolist() == [6, 8] and counts.tolist() == [3, 4]  # a new tensor
+    assert world.max(7) == 7
+    assert seen and set(seen) == {torch.device("cpu")}
 
 
 # ---- bad input -------------------------------------------------------------------------------

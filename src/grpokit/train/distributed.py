@@ -339,14 +339,30 @@ class World:
         return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
     # ---- collectives (identity for one process) ------------------------------------------------
+    # Each takes and returns tensors on the caller's device; they travel on the device the
+    # process group takes (`collective_device`: NCCL reduces CUDA tensors only).
+    def collective_device(self, held_on: torch.device | None = None) -> torch.device:
+        """The device the process group's collectives take a tensor held on `held_on` on (None =
+        the CPU; `collective_device(backend, device, held_on)`); the CPU for one process."""
+        if not self.is_distributed or not torch.distributed.is_initialized():
+            return torch.device("cpu")
+        device = self.accelerator.device if self.accelerator is not None else "cpu"
+        backend = str(torch.distributed.get_backend())
+        return collective_device(backend, torch.device(device), held_on)
+
+    def _sent(self, tensor: Tensor) -> Tensor:
+        """`tensor` on its `collective_device`, contiguous (a copy when it moves)."""
+        return tensor.to(self.collective_device(tensor.device)).contiguous()
+
     def gather(self, tensor: Tensor) -> Tensor:
         """Every process's `tensor` (same shape on each), concatenated along dim 0 in rank
         order."""
         if not self.is_distributed:
             return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.num_processes)]
-        torch.distributed.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        sent = self._sent(tensor)
+        parts = [torch.empty_like(sent) for _ in range(self.num_processes)]
+        torch.distributed.all_gather(parts, sent)
+        return torch.cat(parts).to(tensor.device)
 
     def gather_ragged(self, values: Tensor) -> Tensor:
         """Every process's 1-D `values` (lengths may differ), concatenated in rank order."""
@@ -373,15 +389,15 @@ class World:
         """The element-wise sum of `values` over the processes (a new tensor)."""
         if not self.is_distributed:
             return values
-        total = values.clone()
+        total = self._sent(values).clone()
         torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
-        return total
+        return total.to(values.device)
 
     def max(self, value: int) -> int:
         """The largest `value` over the processes."""
         if not self.is_distributed:
             return value
-        top = torch.tensor([value], dtype=torch.long)
+        top = torch.tensor([value], dtype=torch.long, device=self.collective_device())
         torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
         return int(top)
 
@@ -420,6 +436,30 @@ STATIC_GRAPH_SYNC = (
 )
 """Warned once, by the main process, when DDP's wrapper has a static graph
 (`World.gradient_sync` then synchronises every backward)."""
+
+
+def collective_device(
+    backend: str, device: torch.device, held_on: torch.device | None = None
+) -> torch.device:
+    """Where a process group of `backend` (`torch.distributed.get_backend()`) takes a tensor
+    held on `held_on` (None = the CPU), for a process training on `device`.
+
+    NCCL (and the other accelerator libraries) reduce only the accelerator's tensors, while the
+    loop's counts, rewards and masks are often CPU tensors: they travel on `device`. gloo and
+    MPI: the CPU. A group that maps device types to backends (e.g. ``"cpu:gloo,cuda:nccl"``,
+    which accelerate sets up for some FSDP runs) leaves a tensor where it is when its device
+    type is mapped, else sends it to `device`, or to the CPU when that is not mapped either."""
+    held_on = held_on if held_on is not None else torch.device("cpu")
+    parts = [part.strip().lower() for part in backend.split(",") if part.strip()]
+    if any(":" in part for part in parts):
+        served = {part.split(":")[0] for part in parts}
+        for candidate in (held_on, device):
+            if candidate.type in served:
+                return candidate
+        return torch.device("cpu")
+    if any(part in ("gloo", "mpi") for part in parts):
+        return torch.device("cpu")
+    return device
 
 
 def _ddp_settings(args: Any, *, gloo: bool = False) -> list[Any]:
