@@ -1,8 +1,8 @@
 """Step time of grpokit on 1 process (plain `python`), 1 process under `torchrun`, 2 processes
-under `torchrun` (gloo, DDP), and 2 processes under FSDP2 or DeepSpeed ZeRO-2 (`accelerate
-launch` with examples/accelerate/fsdp2.yaml or zero2.yaml), on the bar workload of
-bench_grpo.py: SmolLM2-135M-Instruct, 2 prompts x 8 completions of 128 tokens ("fixed" mode)
-per optimizer step, bf16 autocast, dapo.
+under `torchrun` (gloo, DDP), and 2 processes under FSDP2 or DeepSpeed ZeRO-2 / ZeRO-3
+(`accelerate launch` with examples/accelerate/fsdp2.yaml, zero2.yaml or zero3.yaml), on the bar
+workload of bench_grpo.py: SmolLM2-135M-Instruct, 2 prompts x 8 completions of 128 tokens
+("fixed" mode) per optimizer step, bf16 autocast, dapo.
 
 The global batch is the same in every setting: with 2 processes each generates and trains on one
 prompt's 8 completions (`per_device_train_batch_size` 8 instead of 16), and the machine's cores
@@ -40,7 +40,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import bench_grpo  # noqa: E402  (the shared workload, prompts and reward)
 
-SETTINGS = ("python1", "torchrun1", "torchrun2", "fsdp2", "zero2")
+SETTINGS = ("python1", "torchrun1", "torchrun2", "fsdp2", "zero2", "zero3")
 
 
 def worker(spec: dict[str, Any]) -> None:
@@ -87,7 +87,7 @@ def run_setting(setting: str, spec: dict[str, Any]) -> list[dict[str, float]]:
     script = [str(Path(__file__).resolve()), "--worker", str(spec_file)]
     if setting == "python1":
         command = [sys.executable, *script]
-    elif setting in ("fsdp2", "zero2"):
+    elif setting in ("fsdp2", "zero2", "zero3"):
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
         command += [str(REPO_DIR / "examples" / "accelerate" / f"{setting}.yaml")]
         command += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]

@@ -97,7 +97,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # (`ActivationBound.keep_up_to`), which share their prompts (under DDP), and by the last
     # layers of somewhat larger ones (`ActivationBound.kept_layers`): each process decides by
     # its own forwards' sizes, so kept and recomputed forwards meet in one backward's gradient
-    # reduction (DDP, FSDP2, DeepSpeed ZeRO-2).
+    # reduction (DDP, FSDP2, DeepSpeed ZeRO-2); under ZeRO-3 by the processes' largest size.
     "kept_activations": {
         "share_prompts": True,
         "keep_up_to": KEEP_UP_TO,
@@ -352,7 +352,11 @@ def trainer(
     )
     if keep_up_to is not None:
         layers = model.config.num_hidden_layers
-        bound = dataclasses.replace(t.activation_bound, keep_up_to=keep_up_to, layers=layers)
+        # agreed under ZeRO-3, as `resolve_activation_bound` sets it (`engine_gathers`)
+        agreed = t.world.zero_stage == 3
+        bound = dataclasses.replace(
+            t.activation_bound, keep_up_to=keep_up_to, layers=layers, agreed=agreed
+        )
         t.activation_bound = bound
     return t if share else one_forward_per_row(t)
 
@@ -682,9 +686,9 @@ def _save_whole(t: Any, out: Path) -> None:
 SCENARIOS_DEEPSPEED_ONLY = {"old_logprobs": {"loss_type": "dapo", "steps_per_generation": 4}}
 ALL_SCENARIOS = {**SCENARIOS, **SCENARIOS_DEEPSPEED_ONLY}
 DEEPSPEED_SCENARIOS = ("dapo", "grpo", "bnpo", "old_logprobs")
-# Under ZeRO-2 only: ZeRO-3 gathers a layer around its recomputation too, so there every forward
-# recomputes (`train.build.resolve_activation_bound`, `engine_gathers`).
-ZERO2_SCENARIOS = (*DEEPSPEED_SCENARIOS, "kept_activations")
+# With kept_activations: under ZeRO-3, which gathers a layer around its recomputation too, the
+# processes judge each forward by their largest size (`ActivationBound.agreed`).
+ZERO_SCENARIOS = (*DEEPSPEED_SCENARIOS, "kept_activations")
 POISONED_STEP = 2  # the optimizer step of the "nonfinite" scenario whose forwards are NaN
 
 
@@ -703,10 +707,10 @@ def poisoned_trainer(out: Path) -> Any:
 
 
 def run_deepspeed_references(out_dir: Path) -> None:
-    """`ZERO2_SCENARIOS` (but those of `SCENARIOS_DEEPSPEED_ONLY`) and the "nonfinite" one on a
+    """`ZERO_SCENARIOS` (but those of `SCENARIOS_DEEPSPEED_ONLY`) and the "nonfinite" one on a
     single process (the reference the DeepSpeed runs must equal)."""
     torch.set_num_threads(1)
-    for name in ZERO2_SCENARIOS:
+    for name in ZERO_SCENARIOS:
         if name in SCENARIOS_DEEPSPEED_ONLY:
             continue
         t = trainer(out_dir / name, **SCENARIOS[name])
@@ -730,15 +734,13 @@ def _whole_weights(t: Any) -> dict[str, torch.Tensor] | None:
 
 
 def run_deepspeed_scenarios(out_dir: Path) -> None:
-    """`DEEPSPEED_SCENARIOS` (under ZeRO-2 `ZERO2_SCENARIOS`) trained by the DeepSpeed engine
-    (launched with an accelerate config that asks for ZeRO-2 or ZeRO-3); a `TransformersEngine`
-    built on the whole model follows the trained weights (`update_weights`, gathered under
-    ZeRO-3). Each scenario also records the number of elements the first parameter holds on
+    """`ZERO_SCENARIOS` trained by the DeepSpeed engine (launched with an accelerate config
+    that asks for ZeRO-2 or ZeRO-3); a `TransformersEngine` built on the whole model follows the
+    trained weights (`update_weights`, gathered under ZeRO-3). Each scenario also records the number of elements the first parameter holds on
     this process during training (0 for a ZeRO-3 partition), and the final model is saved."""
 
     torch.set_num_threads(1)
-    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))
-    for name in ZERO2_SCENARIOS if stage == 2 else DEEPSPEED_SCENARIOS:
+    for name in ZERO_SCENARIOS:
         out = out_dir / name
         t, probe = _probed_trainer(out, ALL_SCENARIOS[name])
         train_counting_kept(t, out, ALL_SCENARIOS[name])

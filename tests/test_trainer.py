@@ -1098,18 +1098,30 @@ def test_auto_with_native_bf16_keeps_the_activations_of_forwards_up_to_a_size(
     # Above 5 tokens the last layers keep 10 token-layers' worth: 1 layer up to 10 tokens.
     assert [bound.kept_layers(n) for n in (5, 6, 10, 11, 500)] == [2, 1, 1, 0, 0]
     assert ActivationBound(None, True, "no size").kept_layers(6) == 0
-    # Every forward recomputes: a model ZeRO-3 runs (its gathers), no model to size, no kept
-    # size, and the user's gradient_checkpointing (its token bound, as on any CPU).
+    assert not bound.agreed  # each process by its own forward's size
+    # Under ZeRO-3 (its gathers) the same bound, judged by the processes' largest size.
+    with caplog.at_level(logging.INFO, logger="grpokit"):
+        zero3 = resolve_activation_bound(
+            GRPOConfig(), traits, bf16=True, model=model, engine_gathers=True
+        )
+    assert zero3 == dataclasses.replace(bound, agreed=True)
+    assert "sized by the largest of the processes' sizes" in caplog.text
+    # Every forward recomputes: no model to size, no kept size, and the user's
+    # gradient_checkpointing (its token bound, as on any CPU), with or without ZeRO-3.
     cases = {
-        "zero3": (GRPOConfig(), dict(model=model, engine_gathers=True), traits),
+        "zero3 user": (
+            GRPOConfig(gradient_checkpointing=True),
+            dict(model=model, engine_gathers=True),
+            traits,
+        ),
         "no model": (GRPOConfig(), {}, traits),
         "no kept size": (GRPOConfig(), dict(model=model), bf16_cpu(kept=0)),
         "user": (GRPOConfig(gradient_checkpointing=True), dict(model=model), traits),
     }
     for name, (args, kwargs, device) in cases.items():
-        bound = resolve_activation_bound(args, device, bf16=True, **kwargs)
-        assert bound.recompute and bound.keep_up_to is None, name
-        assert bound.recomputes(1) and bound.kept_layers(1) == 0, name
+        other = resolve_activation_bound(args, device, bf16=True, **kwargs)
+        assert other.recompute and other.keep_up_to is None and not other.agreed, name
+        assert other.recomputes(1) and other.kept_layers(1) == 0, name
     # A bound without recomputation keeps every forward's activations; a number is as given.
     assert not ActivationBound(None, False, "given").recomputes(10**9)
     given = resolve_activation_bound(GRPOConfig(max_forward_tokens=64), traits, bf16=True)

@@ -363,6 +363,11 @@ class ActivationBound:
             take (`kept_layers`). None = every forward recomputes in every layer. Set by "auto"
             only (`DeviceTraits.kept_activation_size`).
         layers: The model's decoder layers, with `keep_up_to` (`kept_layers`).
+        agreed: With `keep_up_to` on several processes, each training forward is judged by
+            the largest of the processes' sizes for it (`GRPOTrainer.micro_batch_loss`), so
+            every process keeps and recomputes the same layers in it: where the engine gathers
+            a layer's partitions around its recomputation too (DeepSpeed ZeRO-3,
+            `resolve_activation_bound`'s `engine_gathers`).
     """
 
     max_forward_tokens: int | None
@@ -370,6 +375,7 @@ class ActivationBound:
     reason: str
     keep_up_to: int | None = None
     layers: int | None = None
+    agreed: bool = False
 
     def recomputes(self, tokens: int) -> bool:
         """Whether a training forward of `tokens` tokens recomputes its activations (in some of
@@ -400,6 +406,8 @@ class ActivationBound:
                 f"activations kept by forwards of at most {size} tokens, above that by as many "
                 "of their last layers as the same memory holds, recomputed in the others"
             )
+            if self.agreed:
+                kept += ", each forward sized by the largest of the processes' sizes for it"
         return f"{kept}, {forwards} ({self.reason})"
 
 
@@ -432,8 +440,8 @@ def resolve_activation_bound(
     (`DeviceTraits.activation_bound`): on a CPU with native bf16, with bf16 autocast, recomputed
     activations and no token bound, except in forwards small enough to keep theirs and in the
     last layers of larger ones (`ActivationBound.keep_up_to` and `kept_layers`:
-    `DeviceTraits.kept_activation_size` over the model's `activation_width`; on one process,
-    under DDP, FSDP2 and DeepSpeed ZeRO-2, not under ZeRO-3: `engine_gathers`); elsewhere on
+    `DeviceTraits.kept_activation_size` over the model's `activation_width`; under DeepSpeed
+    ZeRO-3 by the sizes the processes agree on: `engine_gathers`); elsewhere on
     the CPU 512 tokens per forward under bf16 autocast (where bf16 is not native, or a model
     that cannot checkpoint its layers) and 768 in float32; on a GPU no bound. "auto" keeps the
     device's token bound without recomputing when the user set `gradient_checkpointing` (that
@@ -448,17 +456,18 @@ def resolve_activation_bound(
         model: The policy (before LoRA); None = assume it supports gradient checkpointing (and
             recompute every forward).
         engine_gathers: The model is run by DeepSpeed ZeRO-3, which gathers a layer's
-            partitions in hooks around its forward, a recomputation's too: every forward
-            recomputes, since a process recomputing a layer another process keeps would gather
-            it alone (two ZeRO-3 processes doing so hung; bench/RESULTS.md). DDP's wrapper and
-            ZeRO-2 only reduce the gradients (DDP in buckets launched in an order fixed across
-            processes, ZeRO-2 as the backward readies them), and FSDP2 gathers each layer once
-            before its forward and once before its backward, where the recomputation runs on
-            the gathered parameters: under these each process keeps or recomputes as its own
-            forward's size says, so on one step one process may keep a forward's activations
-            while another recomputes its own (tests/test_distributed.py and
-            test_distributed_deepspeed.py, scenario kept_activations: both kinds of forward on
-            each process, and the 1-process weights).
+            partitions in hooks around its forward, a recomputation's too: a process
+            recomputing a layer that another process keeps would gather it alone (two ZeRO-3
+            processes deciding by their own sizes hung; bench/RESULTS.md), so the processes
+            decide each forward by the largest of their sizes (`ActivationBound.agreed`). DDP's
+            wrapper and ZeRO-2 only reduce the gradients (DDP in buckets launched in an order
+            fixed across processes, ZeRO-2 as the backward readies them), and FSDP2 gathers
+            each layer once before its forward and once before its backward, where the
+            recomputation runs on the gathered parameters: under these each process keeps or
+            recomputes as its own forward's size says, so on one step one process may keep a
+            forward's activations while another recomputes its own (tests/test_distributed.py
+            and test_distributed_deepspeed.py, scenario kept_activations: both kinds of forward
+            on each process, and the 1-process weights).
     """
     tokens, user_recompute = args.max_forward_tokens, args.gradient_checkpointing
     keep_up_to: int | None = None
@@ -482,10 +491,12 @@ def resolve_activation_bound(
                 max_tokens, recompute = traits.max_forward_tokens, False
                 reason += f", {fallback}: the token bound instead"
             sizes = activation_width(model)
-            if recompute and not engine_gathers and sizes and traits.kept_activation_size:
+            if recompute and sizes and traits.kept_activation_size:
                 layers, width = sizes
                 keep_up_to = traits.kept_activation_size // (layers * width)
-        bound = ActivationBound(max_tokens, recompute or user_recompute, reason, keep_up_to, layers)
+        recomputes = recompute or user_recompute
+        agreed = engine_gathers and keep_up_to is not None
+        bound = ActivationBound(max_tokens, recomputes, reason, keep_up_to, layers, agreed)
     logger.info("training forwards: %s", bound.describe())
     return bound
 

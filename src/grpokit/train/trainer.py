@@ -881,12 +881,14 @@ class GRPOTrainer:
         bound = self.activation_bound
         recompute, kept = bound.recompute, 0  # kept: decoder layers keeping their activations
         if bound.keep_up_to is not None:  # counted only where a forward's size decides
+            # agreed: every process takes the largest size (all make this call, or none)
+            judged = self.world.max if bound.agreed else int
             share = self._may_share_prompts
-            size = forward_tokens(input_ids, attention_mask, t, share_prompts=share)
+            size = judged(forward_tokens(input_ids, attention_mask, t, share_prompts=share))
             recompute = bound.recomputes(size)
             if recompute:  # the last layers keep theirs, as many as keep_up_to tokens' worth
                 if share:  # every row's prompt, as the forward will not share them
-                    size = forward_tokens(input_ids, attention_mask, t, share_prompts=False)
+                    size = judged(forward_tokens(input_ids, attention_mask, t, share_prompts=False))
                 kept = bound.kept_layers(size)
         with (
             self.layer_recompute.keep(kept if recompute else None),
