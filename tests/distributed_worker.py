@@ -635,7 +635,7 @@ def _write_engine_gap(probe: Any, full: dict[str, torch.Tensor], out: Path) -> N
     (out / "engine_gap.txt").write_text(str(gap))
 
 
-FSDP_SCENARIOS = ("dapo", "grpo", "bnpo", "kept_activations")
+FSDP_SCENARIOS = ("dapo", "grpo", "bnpo", "kept_activations", "shared_prompts")
 
 
 def run_fsdp_scenarios(out_dir: Path) -> None:
@@ -648,7 +648,10 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
     for name in FSDP_SCENARIOS:
         out = out_dir / name
         t, probe = _probed_trainer(out, SCENARIOS[name])
-        train_counting_kept(t, out, SCENARIOS[name])
+        with SharedForwards(t) as shared:
+            train_counting_kept(t, out, SCENARIOS[name])
+        rank = launched_process_index()
+        (out / f"shared_forwards_{rank}.json").write_text(json.dumps(shared.counts))
         write_recompute(t, out)
         probe.update_weights(t.model)
         full = full_state_dict(t.model, t.world)
@@ -736,8 +739,9 @@ def _whole_weights(t: Any) -> dict[str, torch.Tensor] | None:
 def run_deepspeed_scenarios(out_dir: Path) -> None:
     """`ZERO_SCENARIOS` trained by the DeepSpeed engine (launched with an accelerate config
     that asks for ZeRO-2 or ZeRO-3); a `TransformersEngine` built on the whole model follows the
-    trained weights (`update_weights`, gathered under ZeRO-3). Each scenario also records the number of elements the first parameter holds on
-    this process during training (0 for a ZeRO-3 partition), and the final model is saved."""
+    trained weights (`update_weights`, gathered under ZeRO-3). Each scenario also records the
+    number of elements the first parameter holds on this process during training (0 for a
+    ZeRO-3 partition), and the final model is saved."""
 
     torch.set_num_threads(1)
     for name in ZERO_SCENARIOS:

@@ -338,6 +338,25 @@ def test_fsdp2_on_two_processes_trains_as_one(runs: dict[str, Path], scenario: s
     assert _max_diff(final, {k: _params(fsdp)[k] for k in final}) == 0.0
 
 
+def test_fsdp2_processes_share_prompts_only_where_every_process_does(
+    runs: dict[str, Path],
+) -> None:
+    # Under FSDP2 (which gathers each layer around every call) a forward shares its prompts
+    # only where the other process's does too, so both make the same calls (the scenarios
+    # trained as one process did: test_fsdp2_on_two_processes_trains_as_one). In the
+    # shared_prompts scenario the training forwards and the reference and old log-probs'
+    # passes shared. In kept_activations none did (only a forward that keeps its activations
+    # may share); both processes still made the same calls.
+    def counts(scenario: str, rank: int) -> dict[str, int]:
+        return json.loads((runs["fsdp"] / scenario / f"shared_forwards_{rank}.json").read_text())
+
+    for scenario in ("shared_prompts", "kept_activations", "dapo"):
+        assert counts(scenario, 0) == counts(scenario, 1), scenario
+    shared = counts("shared_prompts", 0)
+    assert shared["training"] > 0 and shared["no_grad"] > 0, shared
+    assert counts("dapo", 0) == {"training": 0, "no_grad": 0}
+
+
 def test_fsdp2_checkpoints_hold_whole_states_and_resume_exactly(runs: dict[str, Path]) -> None:
     fsdp = runs["fsdp"]
     assert _max_diff(_params(fsdp / "uninterrupted"), _params(fsdp / "resumed")) == 0.0

@@ -401,6 +401,40 @@ def test_shared_prompts_with_one_completion_token_and_in_slices() -> None:
         torch.testing.assert_close(shared[2][name], grad, atol=2e-6, rtol=1e-4)
 
 
+def test_shared_prompts_only_where_the_processes_agree() -> None:
+    # `agree` hears each slice's own verdict (slice 1 shares, slice 2 is one row) and decides:
+    # saying no to slice 1 (another process's slice would not share) makes it take the plain
+    # path; saying yes shares it. A process with sharing off still asks, with False.
+    tokenizer = make_tokenizer()
+    model = make_causal_lm(tokenizer, seed=0).train()
+    ids, mask, t = encode(tokenizer, ["abc", "abc", "de", "abc"], ["xy", "yz", "z", "wx"])
+    width = ids.shape[1]
+    plain = logprobs_and_grads(model, ids, mask, t)
+    for answer, share, expected_shapes in [
+        (False, True, [(3, width), (1, width)]),
+        (True, True, [(2, 3), (3, t), (1, width)]),
+        (False, False, [(3, width), (1, width)]),
+    ]:
+        heard: list[bool] = []
+
+        def agree(verdict: bool, answer: bool = answer, heard: list[bool] = heard) -> bool:
+            heard.append(verdict)
+            return answer and verdict
+
+        shapes, handle = batch_sizes_seen(model)
+        try:
+            out = logprobs_and_grads(
+                model, ids, mask, t, share_prompts=share, batch_size=3, agree=agree
+            )
+        finally:
+            handle.remove()
+        assert heard == ([True, False] if share else [False, False])
+        assert shapes == expected_shapes, (answer, share)
+        torch.testing.assert_close(out[0], plain[0], atol=2e-6, rtol=0)
+        for name, grad in plain[2].items():
+            torch.testing.assert_close(out[2][name], grad, atol=2e-6, rtol=1e-4)
+
+
 @pytest.fixture
 def ddp_wrap(tmp_path):
     """Wrap a model in a real `DistributedDataParallel` over a one-process gloo group (a file

@@ -11,7 +11,7 @@ log-normalizers, so no float32 copy of the logits is held for backward either.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -261,6 +261,7 @@ def model_completion_logprobs(
     batch_size: int | None = None,
     chunk_size: int | None = None,
     share_prompts: bool = False,
+    agree: Callable[[bool], bool] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probabilities of the completion tokens under a causal LM.
 
@@ -289,6 +290,11 @@ def model_completion_logprobs(
             with `U * P + n * T` tokens forwarded instead of `n * (P + T)` for `U` distinct
             prompts. Rows whose prompts all differ, models it does not support, and a DDP
             wrapper's slice of one completion position take the plain path.
+        agree: For processes whose engine gathers the weights around every call (FSDP2), which
+            must all make the same calls: called once per slice on every process with whether
+            this process's slice would share its prompts (False where `share_prompts` is off),
+            it returns whether every process's would; the slice shares only then. None = each
+            process decides alone.
 
     Returns:
         `(logprobs, entropies)`, each `[N, T]` float32 (entropies None unless requested). Values at
@@ -330,6 +336,8 @@ def model_completion_logprobs(
         ids = input_ids[start : start + step]  # [n, P+T]
         mask = attention_mask[start : start + step]  # [n, P+T]
         groups = shared_prompt_rows(ids, mask, completion_len) if share else None
+        if agree is not None and not agree(groups is not None):
+            groups = None  # another process's slice takes the plain path
         if groups is not None:
             logprobs, entropies = _shared_prompt_forward(
                 inner,

@@ -401,6 +401,10 @@ class World:
         torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
         return int(top)
 
+    def every(self, flag: bool) -> bool:
+        """Whether `flag` holds on every process."""
+        return self.max(int(not flag)) == 0
+
     def gather_lists(self, values: dict[str, list[float]]) -> dict[str, list[float]]:
         """Metric values queued on every process, pooled per key (the keys of all processes), so
         that reducing them gives means weighted by each process's count, and true min / max."""

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -142,7 +142,8 @@ class GRPOTrainer:
     skip_zero_advantage: bool = True
     bucket_by_length: bool = True
     # Forward a prompt once for the rows of a micro-batch that share it (the same log-probs and
-    # gradients; grpokit.core.logprobs.model_completion_logprobs). On one process or under DDP.
+    # gradients; grpokit.core.logprobs.model_completion_logprobs). On one process, under DDP
+    # and, where every process's forward shares, FSDP2.
     share_prompts: bool = True
     # With num_iterations > 1 and one optimizer step per generation, that step's first pass runs
     # on the sampling-time weights, so its forward gives the old log-probs: no separate pass.
@@ -670,6 +671,7 @@ class GRPOTrainer:
                         t,
                         temperature=self.args.temperature,
                         share_prompts=self._may_share_prompts,
+                        agree=self._prompt_agreement,
                     )
                 out[rows, :t] = logprobs
         return out.cpu()
@@ -883,7 +885,8 @@ class GRPOTrainer:
         if bound.keep_up_to is not None:  # counted only where a forward's size decides
             # agreed: every process takes the largest size (all make this call, or none)
             judged = self.world.max if bound.agreed else int
-            share = self._may_share_prompts
+            # counted shared only where the forward shares them whatever the other processes'
+            share = self._may_share_prompts and self._prompt_agreement is None
             size = judged(forward_tokens(input_ids, attention_mask, t, share_prompts=share))
             recompute = bound.recomputes(size)
             if recompute:  # the last layers keep theirs, as many as keep_up_to tokens' worth
@@ -902,6 +905,7 @@ class GRPOTrainer:
                 temperature=cfg.temperature,
                 compute_entropy=True,
                 share_prompts=self._shares_prompts(),
+                agree=self._prompt_agreement,
             )  # [n, T'] float32 each
         old_logprobs = batch.sliced("old_logprobs", rows, t, self.device)  # [n, T'] or None
         loss_mask = batch.loss_mask[rows, :t].to(self.device)  # [n, T'] 1 = counts in the loss
@@ -1166,11 +1170,19 @@ class GRPOTrainer:
 
     @property
     def _may_share_prompts(self) -> bool:
-        """Prompt sharing is on (`share_prompts`) and the model is whole on every process: one
-        process, or DDP (whose wrapper takes the completion pass). A sharded model (FSDP2,
-        DeepSpeed ZeRO) forwards each prompt with its rows: its engine gathers the parameters
-        around each forward call and is not run with the two calls a shared prompt takes."""
-        return self.share_prompts and not (self.world.fsdp or self.world.deepspeed)
+        """Prompt sharing is on (`share_prompts`) and the model is called as a module: one
+        process, DDP (whose wrapper takes the completion pass) or FSDP2 (`_prompt_agreement`).
+        Under DeepSpeed the engine's own forward runs the model, and forwards each prompt with
+        its rows."""
+        return self.share_prompts and not self.world.deepspeed
+
+    @property
+    def _prompt_agreement(self) -> Callable[[bool], bool] | None:
+        """Under FSDP2, which gathers each layer's weights around every call, a forward shares
+        its prompts only where every process's does (`World.every`, one all-reduce per forward):
+        a shared prompt takes two calls where a plain forward takes one, and processes making
+        different calls would wait for each other's gathers forever. None elsewhere."""
+        return self.world.every if self.world.fsdp and self._may_share_prompts else None
 
     def _shares_prompts(self) -> bool:
         """Whether the training forwards pass each prompt once for the rows sharing it: where
