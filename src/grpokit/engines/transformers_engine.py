@@ -696,9 +696,12 @@ class TransformersEngine:
             layer = self._packed_only.get(name)
             refill = layer is not None and layer.discarded
             if now != stamp or refill or (copy_trainable and source[name].requires_grad):
-                # A sharded (FSDP2) parameter is gathered whole: every process syncs together.
-                gather = getattr(source[name], "full_tensor", None)
-                value = gather() if callable(gather) else source[name]
+                value = source[name]
+                if callable(getattr(value, "full_tensor", None)):
+                    # A sharded (FSDP2) parameter is gathered whole (every process syncs
+                    # together), cast to the copy's dtype first: the values of a cast after the
+                    # gather, with the copy's bytes on the wire (half of float32's for bf16).
+                    value = value.to(param.dtype).full_tensor()
                 if layer is not None:
                     layer.pack(value)
                 else:
