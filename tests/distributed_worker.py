@@ -747,7 +747,17 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
     for name in ZERO_SCENARIOS:
         out = out_dir / name
         t, probe = _probed_trainer(out, ALL_SCENARIOS[name])
+        named: set[str] = set()  # the keywords the engine's training forwards gave the model
+
+        def record(module: Any, args: Any, kwargs: dict[str, Any], named: set[str] = named) -> None:
+            if torch.is_grad_enabled():
+                named.update(kwargs)
+
+        handle = t.model.register_forward_pre_hook(record, with_kwargs=True)
         train_counting_kept(t, out, ALL_SCENARIOS[name])
+        handle.remove()
+        rank = launched_process_index()
+        (out / f"forward_arguments_{rank}.json").write_text(json.dumps(sorted(named)))
         write_recompute(t, out)
         numel = next(t.model.parameters()).numel()  # outside any gathering
         with t.world.whole_parameters(t.model):

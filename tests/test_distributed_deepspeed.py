@@ -95,6 +95,11 @@ def test_zero_on_two_processes_trains_as_one(
     # outside a gathering); under ZeRO-2 every process holds the whole weights.
     local = {int((zero / f"local_numel_{rank}.txt").read_text()) for rank in (0, 1)}
     assert local == ({0} if stage == 3 else {_whole_numel()})
+    # The engine's training forwards passed on the position ids and kept only the completion
+    # positions' logits (`core.logprobs.training_wrapper`).
+    for rank in (0, 1):
+        named = json.loads((zero / f"forward_arguments_{rank}.json").read_text())
+        assert {"logits_to_keep", "position_ids", "input_ids"} <= set(named), (rank, named)
     # The decoder layers recomputed their activations where the scenario asks.
     checkpointing = worker.ALL_SCENARIOS[scenario].get("gradient_checkpointing", False)
     assert recomputed(zero) == checkpointing

@@ -3,6 +3,8 @@ entropy, gradients, and the model forward on a tiny Llama (left padding does not
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -433,6 +435,50 @@ def test_shared_prompts_only_where_the_processes_agree() -> None:
         torch.testing.assert_close(out[0], plain[0], atol=2e-6, rtol=0)
         for name, grad in plain[2].items():
             torch.testing.assert_close(out[2][name], grad, atol=2e-6, rtol=1e-4)
+
+
+class EngineLike(torch.nn.Module):
+    """A training engine as DeepSpeed's: holds the model as `module`, runs it in a forward that
+    names no argument, and records the keywords each call got."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.calls: list[list[str]] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append(sorted(kwargs))
+        return self.module(*args, **kwargs)
+
+
+def test_a_training_engine_is_called_with_the_arguments_its_model_names() -> None:
+    # Called through the engine (whose own bookkeeping runs in its forward), the model still
+    # gets its position ids and keeps only the completion positions' logits: the same log-probs
+    # and gradients as called alone.
+    from grpokit.core.logprobs import training_wrapper
+
+    tokenizer = make_tokenizer()
+    model = make_causal_lm(tokenizer, seed=0).train()
+    engine = EngineLike(model)
+    assert training_wrapper(engine) is engine and forward_module(engine) is model
+    assert training_wrapper(model) is None and forward_module(model) is model
+    ids, mask, t = encode(tokenizer, ["abc", "de"], ["xyz", "w"])
+    plain = logprobs_and_grads(model, ids, mask, t)
+    shapes: list[tuple[int, ...]] = []
+    handle = model.lm_head.register_forward_hook(
+        lambda module, args, out: shapes.append(tuple(args[0].shape[:2]))
+    )
+    try:
+        wrapped = logprobs_and_grads(engine, ids, mask, t)
+    finally:
+        handle.remove()
+    expected = ["attention_mask", "input_ids", "logits_to_keep", "position_ids"]
+    assert engine.calls == [expected]
+    assert shapes == [(2, t + 1)]  # the head saw the T + 1 positions only
+    torch.testing.assert_close(wrapped[0], plain[0], atol=0, rtol=0)
+    assert wrapped[2].keys() == {f"module.{name}" for name in plain[2]}
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(wrapped[2][f"module.{name}"], grad, atol=0, rtol=0)
 
 
 @pytest.fixture

@@ -221,12 +221,16 @@ def forward_module(model: torch.nn.Module) -> torch.nn.Module:
     (LoRA and the other injected tuners) the base model computes exactly the same logits, adapters
     included and `disable_adapter()` respected, so it is called directly. Prompt-learning
     adapters (prompt / prefix / p-tuning) add virtual tokens in the wrapper's forward, so those
-    keep the wrapper. A DDP wrapper's `forward(*inputs, **kwargs)` hides them too: the module it
-    wraps, itself resolved so (a caller that trains calls the wrapper for one pass a backward,
-    which readies DDP's gradient averaging).
+    keep the wrapper. A training wrapper's `forward(*inputs, **kwargs)` (DDP's, DeepSpeed's
+    engine: `training_wrapper`) hides them too: the module it wraps, itself resolved so (a
+    caller that trains calls the wrapper, with the arguments the wrapped module names: DDP
+    readies its gradient averaging there, the engine its own bookkeeping).
     """
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
+    wrapper = training_wrapper(model)
+    if wrapper is not None:
+        inner = wrapper.module
+        assert isinstance(inner, torch.nn.Module)  # training_wrapper checked it
+        model = inner
     get_base_model = getattr(model, "get_base_model", None)
     if getattr(model, "active_peft_config", None) is None or not callable(get_base_model):
         return model
@@ -234,6 +238,20 @@ def forward_module(model: torch.nn.Module) -> torch.nn.Module:
         return model
     base: torch.nn.Module = get_base_model()
     return base
+
+
+def training_wrapper(model: torch.nn.Module) -> torch.nn.Module | None:
+    """`model` when it is a wrapper that runs the model it holds as `module` in its own forward,
+    whose signature is only `(*args, **kwargs)`: DDP's wrapper, DeepSpeed's engine (its
+    `forward` passes every keyword on to the module); None for anything else."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model
+    inner = getattr(model, "module", None)
+    if not isinstance(inner, torch.nn.Module) or inner is model:
+        return None
+    kinds = {p.kind for p in inspect.signature(model.forward).parameters.values()}
+    hidden = {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+    return model if kinds and kinds <= hidden else None
 
 
 def is_prompt_learning(model: Any) -> bool:
@@ -319,14 +337,16 @@ def model_completion_logprobs(
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}.")
     _check_options(temperature, chunk_size)
 
-    # DDP's wrapper passes its keyword arguments on to the module it wraps: call the wrapper (it
-    # readies the averaging of the gradients) with the arguments the wrapped module's forward
-    # names. A shared prompt's own pass runs on the wrapped module (`_shared_prompt_forward`).
-    wrapper = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+    # A training wrapper (DDP's, DeepSpeed's engine) passes its keyword arguments on to the
+    # module it wraps: call the wrapper (DDP readies the averaging of the gradients there) with
+    # the arguments the wrapped module's forward names (`logits_to_keep`: only the completion
+    # positions' logits). A shared prompt's own pass runs on the wrapped module
+    # (`_shared_prompt_forward`).
+    wrapper = training_wrapper(model)
     inner = forward_module(model)
     keep_logits = _accepts(inner, "logits_to_keep")
     pass_positions = _accepts(inner, "position_ids")
-    # Under DDP a shared forward needs a completion pass (T > 1) to go through the wrapper.
+    # Under a wrapper a shared forward needs a completion pass (T > 1) to go through it.
     share = share_prompts and prompt_sharing_supported(inner)
     share = share and (wrapper is None or completion_len > 1)
     model = wrapper if wrapper is not None else inner
