@@ -687,8 +687,12 @@ def _save_whole(t: Any, out: Path) -> None:
 # Each process then trains its own slice of its share per step (docs/DISTRIBUTED.md), so the
 # reference is DDP on as many processes, not one process.
 SCENARIOS_DEEPSPEED_ONLY = {"old_logprobs": {"loss_type": "dapo", "steps_per_generation": 4}}
-ALL_SCENARIOS = {**SCENARIOS, **SCENARIOS_DEEPSPEED_ONLY}
-DEEPSPEED_SCENARIOS = ("dapo", "grpo", "bnpo", "old_logprobs")
+# Each shared prompt forwarded once in the training forwards (the model's module forward, then
+# the engine's for the completions) and in the reference log-probs' pass; under ZeRO-3 where
+# both processes' forwards share (`GRPOTrainer._prompt_agreement`).
+SCENARIOS_ZERO = {"shared_reference": {"share_prompts": True, "loss_type": "dapo", "beta": 0.04}}
+ALL_SCENARIOS = {**SCENARIOS, **SCENARIOS_DEEPSPEED_ONLY, **SCENARIOS_ZERO}
+DEEPSPEED_SCENARIOS = ("dapo", "grpo", "bnpo", "old_logprobs", "shared_reference")
 # With kept_activations: under ZeRO-3, which gathers a layer around its recomputation too, the
 # processes judge each forward by their largest size (`ActivationBound.agreed`).
 ZERO_SCENARIOS = (*DEEPSPEED_SCENARIOS, "kept_activations")
@@ -716,7 +720,7 @@ def run_deepspeed_references(out_dir: Path) -> None:
     for name in ZERO_SCENARIOS:
         if name in SCENARIOS_DEEPSPEED_ONLY:
             continue
-        t = trainer(out_dir / name, **SCENARIOS[name])
+        t = trainer(out_dir / name, **ALL_SCENARIOS[name])
         t.train()
         save_params(t.model, out_dir / name)
     t = poisoned_trainer(out_dir / "nonfinite")
@@ -754,10 +758,12 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
                 named.update(kwargs)
 
         handle = t.model.register_forward_pre_hook(record, with_kwargs=True)
-        train_counting_kept(t, out, ALL_SCENARIOS[name])
+        with SharedForwards(t) as shared:
+            train_counting_kept(t, out, ALL_SCENARIOS[name])
         handle.remove()
         rank = launched_process_index()
         (out / f"forward_arguments_{rank}.json").write_text(json.dumps(sorted(named)))
+        (out / f"shared_forwards_{rank}.json").write_text(json.dumps(shared.counts))
         write_recompute(t, out)
         numel = next(t.model.parameters()).numel()  # outside any gathering
         with t.world.whole_parameters(t.model):

@@ -139,6 +139,25 @@ def test_zero_processes_keep_or_recompute_forwards_as_one_process(
 
 
 @pytest.mark.parametrize("stage", STAGES)
+def test_zero_forwards_each_shared_prompt_once(runs: dict[str, Path], stage: int) -> None:
+    # The shared_reference scenario trained as one process did
+    # (test_zero_on_two_processes_trains_as_one): its training forwards (the prompt pass on the
+    # engine's module, the completions through the engine) and its reference log-probs' passes
+    # forwarded each shared prompt once on both processes; under ZeRO-3, which gathers each
+    # layer around every call, the two processes made the same shared passes.
+    def counts(scenario: str, rank: int) -> dict[str, int]:
+        path = runs[f"zero{stage}"] / scenario / f"shared_forwards_{rank}.json"
+        return json.loads(path.read_text())
+
+    for rank in (0, 1):
+        shared = counts("shared_reference", rank)
+        assert shared["training"] > 0 and shared["no_grad"] > 0, (rank, shared)
+        assert counts("dapo", rank) == {"training": 0, "no_grad": 0}
+    if stage == 3:
+        assert counts("shared_reference", 0) == counts("shared_reference", 1)
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_zero_skips_a_nonfinite_step_as_one_process(runs: dict[str, Path], stage: int) -> None:
     one, zero = runs["one"] / "nonfinite", runs[f"zero{stage}"] / "nonfinite"
     # Step 2's forwards are NaN: DeepSpeed finds its gradient norm non-finite and applies no

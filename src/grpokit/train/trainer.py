@@ -143,7 +143,7 @@ class GRPOTrainer:
     bucket_by_length: bool = True
     # Forward a prompt once for the rows of a micro-batch that share it (the same log-probs and
     # gradients; grpokit.core.logprobs.model_completion_logprobs). On one process, under DDP
-    # and, where every process's forward shares, FSDP2.
+    # and ZeRO-2 and, where every process's forward shares, FSDP2 and ZeRO-3.
     share_prompts: bool = True
     # With num_iterations > 1 and one optimizer step per generation, that step's first pass runs
     # on the sampling-time weights, so its forward gives the old log-probs: no separate pass.
@@ -1170,19 +1170,20 @@ class GRPOTrainer:
 
     @property
     def _may_share_prompts(self) -> bool:
-        """Prompt sharing is on (`share_prompts`) and the model is called as a module: one
-        process, DDP (whose wrapper takes the completion pass) or FSDP2 (`_prompt_agreement`).
-        Under DeepSpeed the engine's own forward runs the model, and forwards each prompt with
-        its rows."""
-        return self.share_prompts and not self.world.deepspeed
+        """Prompt sharing is on (`share_prompts`): on one process and under every engine (a
+        training wrapper, DDP's or DeepSpeed's, takes the completion pass: `core.logprobs`),
+        where the processes agree if their engine gathers weights (`_prompt_agreement`)."""
+        return self.share_prompts
 
     @property
     def _prompt_agreement(self) -> Callable[[bool], bool] | None:
-        """Under FSDP2, which gathers each layer's weights around every call, a forward shares
-        its prompts only where every process's does (`World.every`, one all-reduce per forward):
-        a shared prompt takes two calls where a plain forward takes one, and processes making
-        different calls would wait for each other's gathers forever. None elsewhere."""
-        return self.world.every if self.world.fsdp and self._may_share_prompts else None
+        """Under FSDP2 and DeepSpeed ZeRO-3, which gather each layer's weights around every
+        call, a forward shares its prompts only where every process's does (`World.every`, one
+        all-reduce per forward): a shared prompt takes two calls where a plain forward takes
+        one, and processes making different calls would wait for each other's gathers forever.
+        None elsewhere (DDP and ZeRO-2 only reduce gradients, once per backward)."""
+        gathers = self.world.fsdp or self.world.zero_stage == 3
+        return self.world.every if gathers and self._may_share_prompts else None
 
     def _shares_prompts(self) -> bool:
         """Whether the training forwards pass each prompt once for the rows sharing it: where
