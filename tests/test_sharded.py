@@ -116,12 +116,11 @@ def test_whole_values_of_unevenly_split_shards_by_buckets(monkeypatch, bucket_by
 def test_a_shard_holding_other_rows_than_torch_chunk_gives_is_refused(monkeypatch):
     class Shifted(FakeShard):
         def to_local(self) -> torch.Tensor:
-            return self.full[:1]  # one row on every rank
+            return self.full[:2]  # torch.chunk gives each of 3 ranks one of the 3 rows
 
-    monkeypatch.setattr(sharded, "_rows_per_rank", lambda n, size: n)  # still 1-row shards
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda g=None: SIZE)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda g=None: 1)
-    with pytest.raises(RuntimeError, match="holds 1 on rank 1 of 3, not the 0"):
+    with pytest.raises(RuntimeError, match="of 3 rows holds 2 on rank 1 of 3, not the 1"):
         list(sharded.whole_values([Shifted(torch.ones(3, 2), 1)], torch.bfloat16))
 
 
