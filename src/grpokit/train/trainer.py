@@ -142,8 +142,9 @@ class GRPOTrainer:
     skip_zero_advantage: bool = True
     bucket_by_length: bool = True
     # Forward a prompt once for the rows of a micro-batch that share it (the same log-probs and
-    # gradients; grpokit.core.logprobs.model_completion_logprobs). On one process, under DDP
-    # and ZeRO-2 and, where every process's forward shares, FSDP2 and ZeRO-3.
+    # gradients; grpokit.core.logprobs.model_completion_logprobs; a training wrapper, DDP's or
+    # DeepSpeed's engine, takes the completion pass). On one process, under DDP and ZeRO-2 and,
+    # where every process's forward shares (`_prompt_agreement`), FSDP2 and ZeRO-3.
     share_prompts: bool = True
     # With num_iterations > 1 and one optimizer step per generation, that step's first pass runs
     # on the sampling-time weights, so its forward gives the old log-probs: no separate pass.
@@ -670,7 +671,7 @@ class GRPOTrainer:
                         attention_mask.to(self.device),
                         t,
                         temperature=self.args.temperature,
-                        share_prompts=self._may_share_prompts,
+                        share_prompts=self.share_prompts,
                         agree=self._prompt_agreement,
                     )
                 out[rows, :t] = logprobs
@@ -886,7 +887,7 @@ class GRPOTrainer:
             # agreed: every process takes the largest size (all make this call, or none)
             judged = self.world.max if bound.agreed else int
             # counted shared only where the forward shares them whatever the other processes'
-            share = self._may_share_prompts and self._prompt_agreement is None
+            share = self.share_prompts and self._prompt_agreement is None
             size = judged(forward_tokens(input_ids, attention_mask, t, share_prompts=share))
             recompute = bound.recomputes(size)
             if recompute:  # the last layers keep theirs, as many as keep_up_to tokens' worth
@@ -1169,13 +1170,6 @@ class GRPOTrainer:
         return self.compute_logprobs(self.ref_model, batch)
 
     @property
-    def _may_share_prompts(self) -> bool:
-        """Prompt sharing is on (`share_prompts`): on one process and under every engine (a
-        training wrapper, DDP's or DeepSpeed's, takes the completion pass: `core.logprobs`),
-        where the processes agree if their engine gathers weights (`_prompt_agreement`)."""
-        return self.share_prompts
-
-    @property
     def _prompt_agreement(self) -> Callable[[bool], bool] | None:
         """Under FSDP2 and DeepSpeed ZeRO-3, which gather each layer's weights around every
         call, a forward shares its prompts only where every process's does (`World.every`, one
@@ -1183,23 +1177,21 @@ class GRPOTrainer:
         one, and processes making different calls would wait for each other's gathers forever.
         None elsewhere (DDP and ZeRO-2 only reduce gradients, once per backward)."""
         gathers = self.world.fsdp or self.world.zero_stage == 3
-        return self.world.every if gathers and self._may_share_prompts else None
+        return self.world.every if gathers and self.share_prompts else None
 
     def _shares_prompts(self) -> bool:
         """Whether the training forwards pass each prompt once for the rows sharing it: where
-        `_may_share_prompts` and the policy supports it (`core.logprobs.prompt_sharing_supported`:
+        `share_prompts` and the policy supports it (`core.logprobs.prompt_sharing_supported`:
         e.g. not under transformers' gradient checkpointing, which drops the cache in
         training)."""
-        return self._may_share_prompts and prompt_sharing_supported(
-            forward_module(self.train_model)
-        )
+        return self.share_prompts and prompt_sharing_supported(forward_module(self.train_model))
 
     def _plans_shared_prompts(self) -> bool:
         """Whether training forwards may share prompts, for planning micro-batches: all of them
         (`_shares_prompts`), or those small enough to keep their activations, which run with
         recomputation off (`ActivationBound.keep_up_to`, the plan's `share_up_to`)."""
         kept = self.activation_bound.keep_up_to is not None
-        return self._shares_prompts() or (kept and self._may_share_prompts)
+        return self._shares_prompts() or (kept and self.share_prompts)
 
     def _old_logprobs_in_first_pass(self) -> bool:
         """Whether the old log-probs come from the first optimizer step's own forward: off-policy
