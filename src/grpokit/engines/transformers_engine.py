@@ -38,7 +38,6 @@ from grpokit.engines.packed_linear import (
     pack_linear_layers,
 )
 from grpokit.engines.sampling import DRAWS, TokenSampler
-from grpokit.engines.sharded import is_sharded, whole_values
 from grpokit.errors import DataError
 
 # `fp16_trainable_weights=None` packs the trainable weights as float16 panels for calls of at
@@ -663,17 +662,6 @@ class TransformersEngine:
         if self._decode_packs is not None:  # the float32 policy's packs: re-packed at sampling
             self._decode_packs.discard_trainable()
 
-    def _refill(self, name: str, value: Tensor, stamp: tuple[int, int]) -> None:
-        """Put `value` (the whole parameter `name`) in the sampler copy: packed where the copy
-        holds that weight packed only, else copied in; `stamp` is the source's now."""
-        param = self._copies[name][0]
-        layer = self._packed_only.get(name)
-        if layer is not None:
-            layer.pack(value)
-        else:
-            param.copy_(value)
-        self._copies[name] = (param, stamp)
-
     def sampler_weights(self) -> dict[str, Tensor]:
         """The sampler's parameters by name, as it computes with them: the bf16 copy's values
         (linear weights held only packed are unpacked, a new tensor), or the policy's own
@@ -694,8 +682,7 @@ class TransformersEngine:
         if not self._copies:
             return
         source = dict(model.named_parameters())
-        changed: list[tuple[str, tuple[int, int]]] = []  # (name, its new stamp)
-        for name, (_, stamp) in self._copies.items():
+        for name, (param, stamp) in self._copies.items():
             if name not in source:
                 raise KeyError(
                     f"update_weights: the model has no parameter {name!r}; pass the same model "
@@ -709,19 +696,17 @@ class TransformersEngine:
             layer = self._packed_only.get(name)
             refill = layer is not None and layer.discarded
             if now != stamp or refill or (copy_trainable and source[name].requires_grad):
-                changed.append((name, now))
-        # Sharded (FSDP2) parameters are gathered whole, a bucket at a time in the copy's dtype
-        # (`engines.sharded`): every process syncs together, the same parameters in order.
-        by_dtype: dict[torch.dtype, list[tuple[str, tuple[int, int]]]] = {}
-        for name, now in changed:
-            if is_sharded(source[name]):
-                by_dtype.setdefault(self._copies[name][0].dtype, []).append((name, now))
-            else:
-                self._refill(name, source[name], now)
-        for dtype, entries in by_dtype.items():
-            wholes = whole_values([source[name] for name, _ in entries], dtype)
-            for i, value in wholes:
-                self._refill(entries[i][0], value, entries[i][1])
+                value = source[name]
+                if callable(getattr(value, "full_tensor", None)):
+                    # A sharded (FSDP2) parameter is gathered whole (every process syncs
+                    # together), cast to the copy's dtype first: the values of a cast after the
+                    # gather, with the copy's bytes on the wire (half of float32's for bf16).
+                    value = value.to(param.dtype).full_tensor()
+                if layer is not None:
+                    layer.pack(value)
+                else:
+                    param.copy_(value)
+                self._copies[name] = (param, now)
         for layer in self._packed:
             layer.repack_if_changed()
 
