@@ -306,13 +306,13 @@ def model_completion_logprobs(
             keys and values to each of those rows' completions (`shared_prompt_rows`,
             `prompt_sharing_supported`): the same log-probs and gradients up to float rounding,
             with `U * P + n * T` tokens forwarded instead of `n * (P + T)` for `U` distinct
-            prompts. Rows whose prompts all differ, models it does not support, and a DDP
-            wrapper's slice of one completion position take the plain path.
-        agree: For processes whose engine gathers the weights around every call (FSDP2), which
-            must all make the same calls: called once per slice on every process with whether
-            this process's slice would share its prompts (False where `share_prompts` is off),
-            it returns whether every process's would; the slice shares only then. None = each
-            process decides alone.
+            prompts. Rows whose prompts all differ, models it does not support, and a
+            training wrapper's slice of one completion position take the plain path.
+        agree: For processes whose engine gathers the weights around every call (FSDP2,
+            DeepSpeed ZeRO-3), which must all make the same calls: called once per slice on
+            every process with whether this process's slice would share its prompts (False
+            where `share_prompts` is off), it returns whether every process's would; the slice
+            shares only then. None = each process decides alone.
 
     Returns:
         `(logprobs, entropies)`, each `[N, T]` float32 (entropies None unless requested). Values at
