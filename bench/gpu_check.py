@@ -4,6 +4,8 @@ device decisions, the loss, the weights and the sampler copy.
     python bench/gpu_check.py                                  # a tiny model built in-process
     python bench/gpu_check.py --model smollm2-135m-instruct    # or an HF id / local folder
     python bench/gpu_check.py --device cpu                     # the same checks on the CPU
+    torchrun --nproc_per_node 2 bench/gpu_check.py             # 2 GPUs (NCCL), or 2 CPU
+                                                               # processes with --device cpu
 
 Without a CUDA device it says so and exits 0 without running anything (skipped). Otherwise it
 trains `--steps` optimizer steps (default 2) with `bf16=True` and checks:
@@ -15,7 +17,11 @@ trains `--steps` optimizer steps (default 2) with `bf16=True` and checks:
   holds the policy's weights rounded to bf16 (or, without native bf16, it is the policy itself);
 - the CPU-only speed-ups follow the device rules: packed oneDNN weights in the sampler copy and
   grouped attention only where `DeviceTraits` allows them (never on a GPU), and training never
-  changes torch's intra-op thread count.
+  changes torch's intra-op thread count;
+- launched on several processes, the loop's collectives (`World.sum`, `max`, `gather`) take the
+  CPU tensors the loop holds and give the sums, maxima and gathers of every process, on the
+  caller's device, under NCCL as under gloo (checked before training, while the process group
+  is up).
 
 It prints each step's time and the peak memory (CUDA: allocated and reserved by torch's caching
 allocator; CPU: the process's peak RSS). Exit status: 0 = passed or skipped, 1 = a check failed.
@@ -85,6 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
+def collective_checks(world: Any) -> list[tuple[bool, str]]:
+    """`(passed, what)` for the loop's collectives on CPU tensors (none for one process)."""
+    if not world.is_distributed:
+        return []
+    p, rank = world.num_processes, world.process_index
+    backend = torch.distributed.get_backend()
+    total = world.sum(torch.ones(2))
+    ranks = world.gather(torch.tensor([rank]))
+    return [
+        (
+            total.tolist() == [p, p] and total.device.type == "cpu",
+            f"World.sum of CPU ones over {p} processes ({backend}): {total.tolist()} on "
+            f"{total.device}",
+        ),
+        (world.max(rank) == p - 1, f"World.max of the ranks: {p - 1}"),
+        (ranks.tolist() == list(range(p)), f"World.gather of the ranks: {ranks.tolist()}"),
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     from datasets import Dataset
 
@@ -125,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
             processing_class=tokenizer,
         )
         policy = trainer.model
+        collectives = collective_checks(trainer.world)
         traits = device_traits(trainer.device)
         name = torch.cuda.get_device_name(trainer.device) if traits.type == "cuda" else "CPU"
         print(f"gpu_check: {name}, torch {torch.__version__}; device rules: {traits}")
@@ -151,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
 
     check = Checks()
     print("checks:")
+    for ok, what in collectives:
+        check(ok, what)
     check(trainer.device.type == args.device, f"trains on {args.device} ({trainer.device})")
     check(
         trainer.use_bf16 is traits.native_bf16,

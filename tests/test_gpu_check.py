@@ -57,3 +57,32 @@ def test_a_stale_sampler_copy_fails_the_check(
     failed = [line for line in out.splitlines() if "[FAIL]" in line]
     assert len(failed) == 1 and "sampler copy equals the policy after the sync" in failed[0]
     assert out.rstrip().endswith("gpu_check: FAILED 1 check(s)")
+
+
+def test_collective_checks_on_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two processes simulated: rank 1 of 2 over gloo, where every collective sees both
+    # processes' values (the other process holds rank 0 and the same ones).
+    import torch
+
+    from grpokit.train.distributed import World
+
+    def all_reduce(tensor: torch.Tensor, op: object = None) -> None:
+        if op == torch.distributed.ReduceOp.SUM:
+            tensor.mul_(2)  # the other process's equal share
+
+    def all_gather(parts: list[torch.Tensor], tensor: torch.Tensor) -> None:
+        parts[0].copy_(tensor - 1)  # rank 0's
+        parts[1].copy_(tensor)
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
+    assert gpu_check.collective_checks(World()) == []  # one process: nothing to check
+    checks = gpu_check.collective_checks(World(num_processes=2, process_index=1))
+    assert [ok for ok, _ in checks] == [True, True, True], checks
+    assert "over 2 processes (gloo): [2.0, 2.0] on cpu" in checks[0][1]
+    # A sum that comes back wrong fails its check.
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op=None: None)
+    checks = gpu_check.collective_checks(World(num_processes=2, process_index=1))
+    assert [ok for ok, _ in checks] == [False, True, True], checks
