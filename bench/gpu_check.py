@@ -98,6 +98,7 @@ def collective_checks(world: Any) -> list[tuple[bool, str]]:
     p, rank = world.num_processes, world.process_index
     backend = torch.distributed.get_backend()
     total = world.sum(torch.ones(2))
+    top = world.max(rank)
     ranks = world.gather(torch.tensor([rank]))
     return [
         (
@@ -105,7 +106,7 @@ def collective_checks(world: Any) -> list[tuple[bool, str]]:
             f"World.sum of CPU ones over {p} processes ({backend}): {total.tolist()} on "
             f"{total.device}",
         ),
-        (world.max(rank) == p - 1, f"World.max of the ranks: {p - 1}"),
+        (top == p - 1, f"World.max of the ranks: {top}"),
         (ranks.tolist() == list(range(p)), f"World.gather of the ranks: {ranks.tolist()}"),
     ]
 

@@ -423,15 +423,17 @@ class KeptForwards:
             handle.remove()
 
 
-def train_counting_kept(t: GRPOTrainer, out: Path, scenario: dict[str, Any]) -> None:
-    """`t.train()`; for a scenario with `keep_up_to`, this process's `KeptForwards` counts
-    written to `out/kept_forwards_<rank>.json`."""
-    if "keep_up_to" not in scenario:
+def train_counting(t: GRPOTrainer, out: Path, scenario: dict[str, Any]) -> None:
+    """`t.train()`, this process's `SharedForwards` counts written to
+    `out/shared_forwards_<rank>.json` and, for a scenario with `keep_up_to`, its `KeptForwards`
+    counts to `out/kept_forwards_<rank>.json`."""
+    rank = launched_process_index()
+    kept = KeptForwards(t) if "keep_up_to" in scenario else contextlib.nullcontext()
+    with SharedForwards(t) as shared, kept:
         t.train()
-        return
-    with KeptForwards(t) as kept:
-        t.train()
-    (out / f"kept_forwards_{launched_process_index()}.json").write_text(json.dumps(kept.counts))
+    (out / f"shared_forwards_{rank}.json").write_text(json.dumps(shared.counts))
+    if isinstance(kept, KeptForwards):
+        (out / f"kept_forwards_{rank}.json").write_text(json.dumps(kept.counts))
 
 
 class StopAt(TrainerCallback):
@@ -464,13 +466,8 @@ def run_scenarios(out_dir: Path) -> None:
     for name, overrides in SCENARIOS.items():
         out = out_dir / name
         t = trainer(out, **overrides)
-        kept = KeptForwards(t) if "keep_up_to" in overrides else contextlib.nullcontext()
-        with SharedForwards(t) as shared, kept:
-            t.train()
+        train_counting(t, out, overrides)
         rank = launched_process_index()
-        (out / f"shared_forwards_{rank}.json").write_text(json.dumps(shared.counts))
-        if isinstance(kept, KeptForwards):
-            (out / f"kept_forwards_{rank}.json").write_text(json.dumps(kept.counts))
         save_params(t.model, out)
         for setting in ("find_unused_parameters", "static_graph"):  # DDP's wrapper's
             value = getattr(t.train_model, setting, None)
@@ -648,10 +645,7 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
     for name in FSDP_SCENARIOS:
         out = out_dir / name
         t, probe = _probed_trainer(out, SCENARIOS[name])
-        with SharedForwards(t) as shared:
-            train_counting_kept(t, out, SCENARIOS[name])
-        rank = launched_process_index()
-        (out / f"shared_forwards_{rank}.json").write_text(json.dumps(shared.counts))
+        train_counting(t, out, SCENARIOS[name])
         write_recompute(t, out)
         probe.update_weights(t.model)
         full = full_state_dict(t.model, t.world)
@@ -758,12 +752,10 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
                 named.update(kwargs)
 
         handle = t.model.register_forward_pre_hook(record, with_kwargs=True)
-        with SharedForwards(t) as shared:
-            train_counting_kept(t, out, ALL_SCENARIOS[name])
+        train_counting(t, out, ALL_SCENARIOS[name])
         handle.remove()
         rank = launched_process_index()
         (out / f"forward_arguments_{rank}.json").write_text(json.dumps(sorted(named)))
-        (out / f"shared_forwards_{rank}.json").write_text(json.dumps(shared.counts))
         write_recompute(t, out)
         numel = next(t.model.parameters()).numel()  # outside any gathering
         with t.world.whole_parameters(t.model):
