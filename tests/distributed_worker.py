@@ -334,12 +334,7 @@ def trainer(
         model = make_causal_lm(tok, seed=0, **(model_overrides or {})).train()
     share = overrides.pop("share_prompts", False)
     keep_up_to = overrides.pop("keep_up_to", None)
-    peft_config = None
-    if overrides.pop("lora", False):
-        from peft import LoraConfig
-
-        targets = ["q_proj", "v_proj", "gate_proj"]
-        peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    peft_config = lora_config() if overrides.pop("lora", False) else None
     t = GRPOTrainer(
         model,
         letter_reward,
@@ -359,6 +354,24 @@ def trainer(
         )
         t.activation_bound = bound
     return t if share else one_forward_per_row(t)
+
+
+def lora_config() -> Any:
+    """The LoRA adapter of the scenarios with `lora=True`."""
+    from peft import LoraConfig
+
+    targets = ["q_proj", "v_proj", "gate_proj"]
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+
+
+def lora_model(model: Any) -> Any:
+    """`model` wrapped with the scenarios' LoRA adapter, initialised as `GRPOTrainer` initialises
+    it under `peft_config=lora_config()` (the run's seed set, then the adapter made)."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(0)  # the scenarios' seed
+    return get_peft_model(model, lora_config())
 
 
 class SharedForwards:
@@ -469,6 +482,7 @@ def run_scenarios(out_dir: Path) -> None:
         train_counting(t, out, overrides)
         rank = launched_process_index()
         save_params(t.model, out)
+        save_merged(t, out)
         for setting in ("find_unused_parameters", "static_graph"):  # DDP's wrapper's
             value = getattr(t.train_model, setting, None)
             (out / f"{setting}_{rank}.txt").write_text(str(value))
@@ -480,19 +494,38 @@ def run_scenarios(out_dir: Path) -> None:
     save_params(t.model, out)
     counts = f"{Tally.made} {Tally.resets} {t.state.prompts_over_length}"
     (out / f"environments_{launched_process_index()}.txt").write_text(counts)
-    # Resume: dropout makes the per-process random streams matter; checkpoints every step.
+    train_resumed(out_dir)
+
+
+def train_resumed(out_dir: Path, prefix: str = "", **overrides: Any) -> None:
+    """The resume scenario (dapo, `overrides` applied), checkpoints every step, dropout making
+    each process's random stream matter: `out_dir/<prefix>uninterrupted` trains 3 steps;
+    `<prefix>resumed` stops after step 2 (the same schedule), then a new trainer resumes from
+    its checkpoint-2. Each holds the final whole weights (`params.pt`); the resumed run also
+    its final model (`final_model`)."""
     dropout = {"attention_dropout": 0.3}
-    full, resumed = out_dir / "uninterrupted", out_dir / "resumed"
-    t = trainer(full, dropout, save_strategy="steps", save_steps=1)
+    settings = {"save_strategy": "steps", "save_steps": 1, **overrides}
+    full, resumed = out_dir / f"{prefix}uninterrupted", out_dir / f"{prefix}resumed"
+    t = trainer(full, dropout, **settings)
     t.train()
-    save_params(t.model, full)
-    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
-    t.add_callback(StopAt(2))  # the same schedule as the uninterrupted run, stopped at step 2
+    _save_whole(t, full)
+    t = trainer(resumed, dropout, **settings)
+    t.add_callback(StopAt(2))
     t.train()
-    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
+    t = trainer(resumed, dropout, **settings)
     t.train(resume_from_checkpoint=str(resumed / "checkpoint-2"))
-    save_params(t.model, resumed)
+    _save_whole(t, resumed)
     t.save_model(str(resumed / "final_model"))
+
+
+# The LoRA resume scenario: the adapter's checkpoints (and the merged weights inside them).
+LORA_RESUME = {"lora": True, "loss_type": "dapo", "beta": 0.04, "save_merged": True}
+
+
+def save_merged(t: Any, out: Path) -> None:
+    """Under LoRA, the final model merged (`out/merged`, whole weights, one writer)."""
+    if t.is_peft:
+        t.save_model(str(out / "merged"), merged=True)
 
 
 class DynamicScenario(NamedTuple):
@@ -618,6 +651,9 @@ def _probed_trainer(out: Path, scenario: dict[str, Any]) -> tuple[GRPOTrainer, A
 
     tok = make_tokenizer()
     model = make_causal_lm(tok, seed=0).train()
+    scenario = dict(scenario)
+    if scenario.pop("lora", False):  # the adapter made here, for the probe to copy it too
+        model = lora_model(model)
     probe = TransformersEngine(model, tok, bf16_sampler=True)  # a copy of the whole model
     return trainer(out, model=model, **scenario), probe
 
@@ -632,7 +668,7 @@ def _write_engine_gap(probe: Any, full: dict[str, torch.Tensor], out: Path) -> N
     (out / "engine_gap.txt").write_text(str(gap))
 
 
-FSDP_SCENARIOS = ("dapo", "grpo", "bnpo", "kept_activations", "shared_prompts")
+FSDP_SCENARIOS = ("dapo", "grpo", "bnpo", "kept_activations", "shared_prompts", "lora")
 
 
 def run_fsdp_scenarios(out_dir: Path) -> None:
@@ -650,6 +686,7 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
         probe.update_weights(t.model)
         full = full_state_dict(t.model, t.world)
         t.save_model(str(out / "final_model"))
+        save_merged(t, out)
         if full is not None:  # the main process
             torch.save(full, out / "params.pt")
             sharded = type(next(t.model.parameters())).__name__  # DTensor under FSDP2
@@ -657,17 +694,8 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
             _write_engine_gap(probe, full, out)
 
     # Resume under FSDP2: checkpoints hold the whole states, gathered; loading scatters them.
-    dropout = {"attention_dropout": 0.3}
-    full, resumed = out_dir / "uninterrupted", out_dir / "resumed"
-    t = trainer(full, dropout, save_strategy="steps", save_steps=1)
-    t.train()
-    _save_whole(t, full)
-    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
-    t.add_callback(StopAt(2))
-    t.train()
-    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
-    t.train(resume_from_checkpoint=str(resumed / "checkpoint-2"))
-    _save_whole(t, resumed)
+    train_resumed(out_dir)
+    train_resumed(out_dir, "lora_", **LORA_RESUME)
 
 
 def _save_whole(t: Any, out: Path) -> None:
@@ -689,7 +717,9 @@ ALL_SCENARIOS = {**SCENARIOS, **SCENARIOS_DEEPSPEED_ONLY, **SCENARIOS_ZERO}
 DEEPSPEED_SCENARIOS = ("dapo", "grpo", "bnpo", "old_logprobs", "shared_reference")
 # With kept_activations: under ZeRO-3, which gathers a layer around its recomputation too, the
 # processes judge each forward by their largest size (`ActivationBound.agreed`).
-ZERO_SCENARIOS = (*DEEPSPEED_SCENARIOS, "kept_activations")
+# With a LoRA adapter (each shared prompt forwarded once, the reference pass with the adapter
+# off): tests/test_distributed_deepspeed.py checks it on its own.
+ZERO_SCENARIOS = (*DEEPSPEED_SCENARIOS, "kept_activations", "lora")
 POISONED_STEP = 2  # the optimizer step of the "nonfinite" scenario whose forwards are NaN
 
 
@@ -717,6 +747,7 @@ def run_deepspeed_references(out_dir: Path) -> None:
         t = trainer(out_dir / name, **ALL_SCENARIOS[name])
         t.train()
         save_params(t.model, out_dir / name)
+        save_merged(t, out_dir / name)
     t = poisoned_trainer(out_dir / "nonfinite")
     t.train()
     save_params(t.model, out_dir / "nonfinite")
@@ -762,6 +793,7 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
             probe.update_weights(t.model)
         full = _whole_weights(t)
         t.save_model(str(out / "final_model"))
+        save_merged(t, out)
         (out / f"local_numel_{t.world.process_index}.txt").write_text(str(numel))
         if full is not None:  # the main process
             torch.save(full, out / "params.pt")
@@ -777,17 +809,8 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
 
     # Resume: checkpoints hold the whole weights and optimizer state, gathered from the
     # partitions; loading puts each process's partitions back.
-    dropout = {"attention_dropout": 0.3}
-    full, resumed = out_dir / "uninterrupted", out_dir / "resumed"
-    t = trainer(full, dropout, save_strategy="steps", save_steps=1)
-    t.train()
-    _save_whole(t, full)
-    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
-    t.add_callback(StopAt(2))
-    t.train()
-    t = trainer(resumed, dropout, save_strategy="steps", save_steps=1)
-    t.train(resume_from_checkpoint=str(resumed / "checkpoint-2"))
-    _save_whole(t, resumed)
+    train_resumed(out_dir)
+    train_resumed(out_dir, "lora_", **LORA_RESUME)
 
 
 def run_one_scenario(out_dir: Path, name: str) -> None:

@@ -441,3 +441,41 @@ def test_an_atomic_save_model_leaves_the_previous_model_or_none(tmp_path: Path) 
         trainer.save_model(atomic=True)
     with pytest.raises(ConfigError, match="folder of its own"):
         trainer.save_model(str(tmp_path), atomic=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_merged_copy_is_peft_merge_built_from_the_given_weights(tied: bool) -> None:
+    # `merged_copy` merges the adapter as PEFT's own merge_and_unload does on a copy of the
+    # model, but from a state dict alone (the whole weights of a sharded model): the same
+    # tensors, the output layer still tied to the embeddings where it was, and the model and
+    # the state left as they were.
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base = make_causal_lm(make_tokenizer(), seed=0, tie_word_embeddings=tied)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(base, config)
+    with torch.no_grad():  # trained adapters: B away from its initial 0
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    state = model.state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+
+    merged = ckpt.merged_copy(model, state)
+    got = merged.state_dict()
+    assert set(got) == set(expected) and not any("lora" in k for k in got)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert (merged.lm_head.weight is merged.model.embed_tokens.weight) == tied
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(
+        got[q_proj], before[f"base_model.model.{q_proj}".replace(".q_proj.", ".q_proj.base_layer.")]
+    )  # the adapter was merged in
+    # neither the model nor the state changed, nor share storage with the copy
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    ours = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert not ours & {t.untyped_storage().data_ptr() for t in got.values()}

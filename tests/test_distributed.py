@@ -132,6 +132,61 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+LORA_SCALE = 2.0  # lora_alpha / r of the scenarios' adapter (distributed_worker.lora_config)
+
+
+def base_weights(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PEFT model's weights but its adapters', under the base model's names."""
+    return {
+        k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v
+        for k, v in params.items()
+        if "lora_" not in k
+    }
+
+
+def assert_lora_trained(params: dict[str, torch.Tensor], initial: dict[str, Any]) -> None:
+    """The adapters trained (B starts at 0) and the base weights did not."""
+    assert max(v.abs().max().item() for k, v in params.items() if "lora_B" in k) > 0.05
+    assert _max_diff(base_weights(params), initial) == 0.0
+
+
+def merged_by_hand(adapter: dict[str, torch.Tensor], initial: dict[str, Any]) -> dict[str, Any]:
+    """The base weights `initial` with W + scale * B @ A at each layer the adapter targets
+    (`adapter`: its tensors, as the PEFT model names them or as its file does)."""
+    merged = dict(initial)
+    for key, a in adapter.items():
+        if ".lora_A." in key:
+            b = adapter[key.replace(".lora_A.", ".lora_B.")]
+            name = key.split(".lora_A.")[0].replace("base_model.model.", "", 1) + ".weight"
+            merged[name] = initial[name] + LORA_SCALE * b @ a
+    return merged
+
+
+def assert_merged_saved(folder: Path, adapter: dict[str, torch.Tensor]) -> None:
+    """`folder/model.safetensors` holds the whole base model with `adapter` merged into it."""
+    from safetensors.torch import load_file
+
+    initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()
+    merged = load_file(str(folder / "model.safetensors"))
+    expected = merged_by_hand(adapter, initial)
+    assert set(merged) == set(initial)
+    assert {k: v.shape for k, v in merged.items()} == {k: initial[k].shape for k in merged}
+    assert _max_diff(merged, expected) < 1e-6
+    assert _max_diff(merged, initial) > 0.01  # the adapter changed some weights
+
+
+def assert_adapter_saved(folder: Path, params: dict[str, torch.Tensor]) -> None:
+    """`folder/adapter_model.safetensors` holds exactly the adapters of `params` (the PEFT
+    model's weights): only they were saved, whole."""
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(folder / "adapter_model.safetensors"))
+    lora = {k: v for k, v in params.items() if "lora_" in k}
+    assert len(adapter) == len(lora) > 0
+    for key, value in adapter.items():
+        assert torch.equal(value, lora[key.replace(".weight", ".default.weight")]), key
+
+
 def recomputed(run: Path) -> bool:
     """Whether both processes' models recomputed their activations (the same answer on each)."""
     (answer,) = {(run / f"gradient_checkpointing_{rank}.txt").read_text() for rank in (0, 1)}
@@ -148,14 +203,9 @@ def test_two_processes_train_as_one(runs: dict[str, Path], scenario: str) -> Non
     initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()
     p1, p2 = _params(one), _params(two)
     # The weights moved (lr 0.05, 3 steps) and agree to float summation order.
-    if worker.SCENARIOS[scenario].get("lora"):  # the adapters trained (B starts at 0)
-        assert max(v.abs().max().item() for k, v in p1.items() if "lora_B" in k) > 0.05
-        frozen = {
-            k.replace("base_model.model.", "").replace(".base_layer", ""): v
-            for k, v in p1.items()
-            if "lora_" not in k
-        }
-        assert _max_diff(frozen, initial) == 0.0  # the base weights did not
+    if worker.SCENARIOS[scenario].get("lora"):
+        assert_lora_trained(p1, initial)
+        assert_merged_saved(two / "merged", p2)  # written by the main process
     else:
         assert _max_diff(p1, initial) > 0.05
     assert _max_diff(p1, p2) < 1e-5, _max_diff(p1, p2)
@@ -329,11 +379,19 @@ def test_fsdp2_on_two_processes_trains_as_one(runs: dict[str, Path], scenario: s
     for r1, r2 in zip(m1, m2, strict=True):
         for key in ("loss", "grad_norm", "reward"):
             assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
-    # The engine's bf16 copy gathered the shards: exactly the whole weights rounded to bf16.
+    # The engine's bf16 copy gathered the shards: exactly the whole weights rounded to bf16
+    # (under LoRA: the adapters, refreshed unmerged, and the frozen base weights).
     assert float((fsdp / "engine_gap.txt").read_text()) == 0.0
-    # The final model was gathered and written whole by the main process.
+    # The final model was gathered and written whole by the main process: under LoRA the
+    # adapter, and merged into the base weights on request (`save_model(merged=True)`).
     from safetensors.torch import load_file
 
+    if worker.SCENARIOS[scenario].get("lora"):
+        initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()
+        assert_lora_trained(_params(fsdp), initial)
+        assert_adapter_saved(fsdp / "final_model", _params(fsdp))
+        assert_merged_saved(fsdp / "merged", _params(fsdp))
+        return
     final = load_file(str(fsdp / "final_model" / "model.safetensors"))
     assert _max_diff(final, {k: _params(fsdp)[k] for k in final}) == 0.0
 
@@ -350,10 +408,12 @@ def test_fsdp2_processes_share_prompts_only_where_every_process_does(
     def counts(scenario: str, rank: int) -> dict[str, int]:
         return json.loads((runs["fsdp"] / scenario / f"shared_forwards_{rank}.json").read_text())
 
-    for scenario in ("shared_prompts", "kept_activations", "dapo"):
+    for scenario in ("shared_prompts", "kept_activations", "dapo", "lora"):
         assert counts(scenario, 0) == counts(scenario, 1), scenario
-    shared = counts("shared_prompts", 0)
-    assert shared["training"] > 0 and shared["no_grad"] > 0, shared
+    # and under LoRA, the base model a unit of its own, so did the reference pass (adapter off)
+    for scenario in ("shared_prompts", "lora"):
+        shared = counts(scenario, 0)
+        assert shared["training"] > 0 and shared["no_grad"] > 0, (scenario, shared)
     assert counts("dapo", 0) == {"training": 0, "no_grad": 0}
 
 
@@ -372,6 +432,30 @@ def test_fsdp2_checkpoints_hold_whole_states_and_resume_exactly(runs: dict[str, 
     }
     optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert "model.embed_tokens.weight" in optimizer["state"]
+
+
+def test_fsdp2_lora_checkpoints_hold_the_whole_adapter_and_resume_exactly(
+    runs: dict[str, Path],
+) -> None:
+    assert_lora_checkpoints(runs["fsdp"])
+
+
+def assert_lora_checkpoints(run: Path) -> None:
+    """The LoRA resume scenario (`worker.LORA_RESUME`) of a sharded run: resumed exactly; its
+    checkpoints hold the whole adapter, its optimizer state (Adam's moments of the adapters
+    alone) and, with `save_merged`, the base model with the adapter merged, from the gathered
+    weights; so does its final model."""
+    from safetensors.torch import load_file
+
+    resumed = _params(run / "lora_resumed")
+    assert _max_diff(_params(run / "lora_uninterrupted"), resumed) == 0.0
+    assert_merged_saved(run / "lora_resumed" / "final_model", resumed)  # save_merged's default
+    checkpoint = run / "lora_resumed" / "checkpoint-2"
+    adapter = load_file(str(checkpoint / "adapter_model.safetensors"))
+    assert_merged_saved(checkpoint / "merged", adapter)
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    moments = [state["exp_avg"].shape for state in optimizer["state"].values()]
+    assert sorted(moments) == sorted(value.shape for value in adapter.values())
 
 
 # ---- the pieces, on one process ------------------------------------------------------------------
@@ -625,12 +709,12 @@ def test_fsdp_settings_it_cannot_run_are_refused(monkeypatch) -> None:
         dist.check_backend_installed()
     world = dist.World(num_processes=2, fsdp=True)
     args = GRPOConfig(per_device_train_batch_size=4, num_generations=4)
-    dist.check_fsdp_run(world, args, engine=None, is_peft=False)  # nothing to refuse
-    with pytest.raises(ConfigError, match="a LoRA adapter"):
-        dist.check_fsdp_run(world, args, engine=None, is_peft=True)
+    dist.check_fsdp_run(world, args, engine=None, prompt_learning=False)  # nothing to refuse
+    with pytest.raises(ConfigError, match="a prompt-learning PEFT adapter"):
+        dist.check_fsdp_run(world, args, engine=None, prompt_learning=True)
     compiled = GRPOConfig(per_device_train_batch_size=4, num_generations=4, torch_compile=True)
     with pytest.raises(ConfigError, match="does not support yet: torch_compile"):
-        dist.check_fsdp_run(world, compiled, engine=None, is_peft=False)
+        dist.check_fsdp_run(world, compiled, engine=None, prompt_learning=False)
 
 
 @pytest.mark.parametrize("world_size", [None, "2"])

@@ -36,6 +36,10 @@ from tests.test_distributed import (
     _metrics,
     _params,
     _wait_all,
+    assert_adapter_saved,
+    assert_lora_checkpoints,
+    assert_lora_trained,
+    assert_merged_saved,
     recomputed,
 )
 
@@ -158,6 +162,37 @@ def test_zero_forwards_each_shared_prompt_once(runs: dict[str, Path], stage: int
 
 
 @pytest.mark.parametrize("stage", STAGES)
+def test_zero_trains_a_lora_adapter_as_one_process(runs: dict[str, Path], stage: int) -> None:
+    # The adapter trained by the engine (only its weights in the optimizer; under ZeRO-3 the
+    # frozen base weights partitioned too), its reference log-probs with the adapter off, each
+    # shared prompt forwarded once: as one process trained it.
+    one, zero = runs["one"] / "lora", runs[f"zero{stage}"] / "lora"
+    initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()
+    trained = _params(zero)
+    assert_lora_trained(trained, initial)
+    assert _max_diff(_params(one), trained) < 1e-5
+    for r1, r2 in zip(_metrics(one), _metrics(zero), strict=True):
+        for key in ("loss", "grad_norm", "reward", "learning_rate"):
+            assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
+    # The engine's bf16 copy got the trained adapters (gathered under ZeRO-3).
+    assert float((zero / "engine_gap.txt").read_text()) == 0.0
+    counts = [json.loads((zero / f"shared_forwards_{r}.json").read_text()) for r in (0, 1)]
+    assert all(c["training"] > 0 and c["no_grad"] > 0 for c in counts), counts
+    if stage == 3:
+        assert counts[0] == counts[1]
+    # The final adapter, whole, and the merged model built from the gathered weights.
+    assert_adapter_saved(zero / "final_model", trained)
+    assert_merged_saved(zero / "merged", trained)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_lora_checkpoints_hold_the_whole_adapter_and_resume_exactly(
+    runs: dict[str, Path], stage: int
+) -> None:
+    assert_lora_checkpoints(runs[f"zero{stage}"])
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_zero_skips_a_nonfinite_step_as_one_process(runs: dict[str, Path], stage: int) -> None:
     one, zero = runs["one"] / "nonfinite", runs[f"zero{stage}"] / "nonfinite"
     # Step 2's forwards are NaN: DeepSpeed finds its gradient norm non-finite and applies no
@@ -270,18 +305,18 @@ def test_deepspeed_settings_it_cannot_run_are_refused() -> None:
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
     world = dist.World(num_processes=2, accelerator=accelerator, zero_stage=3)
     args = GRPOConfig(per_device_train_batch_size=4, num_generations=4)
-    dist.check_deepspeed_run(world, args, engine=None, is_peft=False)  # nothing to refuse
-    with pytest.raises(ConfigError, match="a LoRA adapter"):
-        dist.check_deepspeed_run(world, args, engine=None, is_peft=True)
+    dist.check_deepspeed_run(world, args, engine=None, prompt_learning=False)  # nothing to refuse
+    with pytest.raises(ConfigError, match="a prompt-learning PEFT adapter"):
+        dist.check_deepspeed_run(world, args, engine=None, prompt_learning=True)
     compiled = GRPOConfig(per_device_train_batch_size=4, num_generations=4, torch_compile=True)
     with pytest.raises(ConfigError, match="does not support yet: torch_compile"):
-        dist.check_deepspeed_run(world, compiled, engine=None, is_peft=False)
+        dist.check_deepspeed_run(world, compiled, engine=None, prompt_learning=False)
     sampling_from_the_model = SimpleNamespace(model="m", sampler_model="m")
     with pytest.raises(ConfigError, match="without its own sampler copy"):
-        dist.check_deepspeed_run(world, args, engine=sampling_from_the_model, is_peft=False)
+        dist.check_deepspeed_run(world, args, engine=sampling_from_the_model, prompt_learning=False)
     plugin.deepspeed_config["scheduler"] = {"type": "WarmupLR"}
     with pytest.raises(ConfigError, match="the DeepSpeed config's 'scheduler'"):
-        dist.check_deepspeed_run(world, args, engine=None, is_peft=False)
+        dist.check_deepspeed_run(world, args, engine=None, prompt_learning=False)
 
 
 @pytest.mark.skipif(

@@ -956,7 +956,10 @@ def save_trainer_checkpoint(
 
             save_model(ref_model, str(folder / REF_MODEL_FILE))
         if args.save_merged and ckpt.is_peft_model(model):
-            ckpt.save_model(model, tokenizer, folder / "merged", merged=True)
+            # a sharded model's view holds its whole weights, gathered (`distributed.
+            # ShardedModelView.full`); a plain model's are its own
+            whole = getattr(model, "full", None)
+            ckpt.save_model(model, tokenizer, folder / "merged", merged=True, state_dict=whole)
 
     ckpt.save_checkpoint(
         path,

@@ -149,13 +149,51 @@ def save_model(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if merged and is_peft_model(model):
-        import copy
-
-        copy.deepcopy(model).merge_and_unload().save_pretrained(path)
+        whole = model.state_dict() if state_dict is None else state_dict
+        merged_copy(model, whole).save_pretrained(path)
     else:
         model.save_pretrained(path, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def merged_copy(model: Any, state: dict[str, torch.Tensor]) -> Any:
+    """A copy of the PEFT model `model` holding the weights `state` (its `state_dict()`, or the
+    whole weights gathered from shards or partitions), with its adapters merged into the base
+    weights by PEFT (`merge_and_unload`): the plain model the adapter trained. `model` and the
+    tensors of `state` are left as they are.
+
+    The copy is laid out on the meta device from the base model's class and config, wrapped with
+    the same adapter configs, and given copies of `state`'s tensors (their dtypes kept; tensors
+    shared by several names stay shared), so `model`'s own parameters are never read: under
+    ZeRO-3 or FSDP2 they hold only this process's part.
+    """
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    configs = dict(model.peft_config)
+    first = model.active_adapter if isinstance(model.active_adapter, str) else next(iter(configs))
+    with torch.device("meta"):
+        clone = get_peft_model(type(base)(base.config), configs.pop(first), adapter_name=first)
+        for name, config in configs.items():
+            clone.add_adapter(name, config)
+    owned: dict[int, torch.Tensor] = {}  # each tensor copied once
+    cloned = {
+        key: owned.setdefault(id(value), value.detach().to("cpu", copy=True))
+        for key, value in state.items()
+    }
+    missing, unexpected = clone.load_state_dict(cloned, strict=False, assign=True)
+    # tied weights (the output layer sharing the embeddings) are one tensor under one name
+    tied = set(getattr(base, "all_tied_weights_keys", None) or {})
+    missing = [k for k in missing if not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise ValueError(
+            f"the weights do not match the model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; pass the whole state_dict() of this PEFT model."
+        )
+    merged_base: Any = clone.get_base_model()
+    merged_base.tie_weights()
+    return clone.merge_and_unload()
 
 
 def load_model_weights(model: Any, checkpoint_dir: str | Path) -> None:

@@ -580,7 +580,8 @@ def restore_process_rng_state(path: Path, saved_processes: int, world: World, se
 # ---- FSDP2 ---------------------------------------------------------------------------------------
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """Shard `model` over the process group with FSDP2: each module whose class is one of the
-    model's `_no_split_modules` (its decoder layers) is one unit, the rest the root unit. Every
+    model's `_no_split_modules` (its decoder layers) is one unit, the rest the root unit (under
+    PEFT the base model, the wrapper around it the root). Every
     process must hold the same initial weights (they come from the same checkpoint or seed)."""
     from torch.distributed.fsdp import fully_shard
 
@@ -591,6 +592,11 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         if type(module).__name__ in names:
             fully_shard(module)
+    if callable(base) and base() is not model:
+        # A PEFT model's forward calls its base model, and so does a forward that passes the
+        # shared prompts once (`core.logprobs`): as a unit of its own the base model gathers
+        # its weights (embeddings, final norm, output layer) on either path.
+        fully_shard(base())
     fully_shard(model)
     return model
 
@@ -611,18 +617,20 @@ def full_tensor(tensor: Tensor) -> Tensor:
     return gather() if callable(gather) else tensor
 
 
-def check_fsdp_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> None:
-    """Refuse what an FSDP2 run cannot do yet, before any step: LoRA, vLLM, torch_compile, and an
-    engine that would sample from the sharded model itself.
+PROMPT_LEARNING = "a prompt-learning PEFT adapter (prompt tuning, prefix tuning, p-tuning)"
+
+
+def check_fsdp_run(world: World, args: Any, engine: Any, *, prompt_learning: bool) -> None:
+    """Refuse what an FSDP2 run cannot do yet, before any step: a prompt-learning PEFT adapter
+    (LoRA-style adapters train), vLLM, torch_compile, and an engine that would sample from the
+    sharded model itself.
 
     Raises:
         ConfigError: naming the setting and the fix.
     """
     if not world.fsdp:
         return
-    refused = []
-    if is_peft:
-        refused.append("a LoRA adapter (peft_config)")
+    refused = [PROMPT_LEARNING] if prompt_learning else []
     if args.use_vllm:
         refused.append("use_vllm")
     if args.torch_compile:
@@ -790,8 +798,9 @@ def deepspeed_update(engine: Any) -> tuple[float, bool]:
     return (norm if applied else math.inf), applied
 
 
-def check_deepspeed_run(world: World, args: Any, engine: Any, *, is_peft: bool) -> None:
-    """Refuse what a DeepSpeed run cannot do yet, before any step: LoRA, torch_compile; under
+def check_deepspeed_run(world: World, args: Any, engine: Any, *, prompt_learning: bool) -> None:
+    """Refuse what a DeepSpeed run cannot do yet, before any step: a prompt-learning PEFT adapter
+    (LoRA-style adapters train), torch_compile; under
     ZeRO-3, vLLM and an engine that would sample from the partitioned model itself; at any
     stage, a scheduler or optimizer named in the DeepSpeed config (grpokit builds them from the
     GRPOConfig).
@@ -805,8 +814,8 @@ def check_deepspeed_run(world: World, args: Any, engine: Any, *, is_peft: bool) 
     refused = [
         f"the DeepSpeed config's {key!r}" for key in ("optimizer", "scheduler") if key in config
     ]
-    if is_peft:
-        refused.append("a LoRA adapter (peft_config)")
+    if prompt_learning:
+        refused.append(PROMPT_LEARNING)
     if args.torch_compile:
         refused.append("torch_compile")
     if world.zero_stage == 3:

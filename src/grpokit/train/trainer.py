@@ -41,6 +41,7 @@ from grpokit.core.entropy import entropy_bonus
 from grpokit.core.logprobs import (
     forward_module,
     forward_tokens,
+    is_prompt_learning,
     model_completion_logprobs,
     prompt_sharing_supported,
 )
@@ -271,8 +272,11 @@ class GRPOTrainer:
         # Training forwards go through `train_model` (DDP's wrapper with several processes;
         # the model itself, sharded, under FSDP2, whose optimizer must see the shards; the
         # DeepSpeed engine, built over the model and its optimizer).
-        dist.check_fsdp_run(self.world, self.args, self.engine, is_peft=self.is_peft)
-        dist.check_deepspeed_run(self.world, self.args, self.engine, is_peft=self.is_peft)
+        prompt_learning = is_prompt_learning(self.model)
+        dist.check_fsdp_run(self.world, self.args, self.engine, prompt_learning=prompt_learning)
+        dist.check_deepspeed_run(
+            self.world, self.args, self.engine, prompt_learning=prompt_learning
+        )
         if self.world.fsdp and isinstance(optimizers, tuple) and optimizers[:1] != (None,):
             raise ConfigError(
                 "optimizers=(optimizer, scheduler) cannot be used with FSDP: the optimizer must be "
