@@ -14,7 +14,8 @@ Usage:
         --max-completion-length 32                                    # a smoke run
 
 `--set FIELD=VALUE` overrides GRPOConfig fields (e.g. `beta=0.04`, `max_forward_tokens=null`);
-`--no-share-prompts` forwards each prompt with every row (`GRPOTrainer.share_prompts` off).
+`--no-share-prompts` forwards each prompt with every row (`GRPOTrainer.share_prompts` off);
+`--lora R` trains a LoRA adapter of rank R on every linear layer (alpha 2R) instead of all weights.
 
 Each setting prints the median `step_time` of the measured steps and the main process's median
 phase times (metrics.jsonl of the run).
@@ -59,12 +60,19 @@ def worker(spec: dict[str, Any]) -> None:
     kwargs.update(spec["overrides"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
+    peft_config = None
+    if spec.get("lora"):
+        from peft import LoraConfig
+
+        rank = spec["lora"]
+        peft_config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=bench_grpo.length_reward,
         args=GRPOConfig(**kwargs),
         train_dataset=Dataset.from_list(bench_grpo.prompt_rows(spec["prompts"])),
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
     trainer.share_prompts = spec["share_prompts"]
     trainer.train()
@@ -136,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="forward each prompt with every row (GRPOTrainer.share_prompts)",
     )
+    parser.add_argument(
+        "--lora", type=int, default=0, metavar="R", help="train a LoRA adapter of rank R"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -150,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     share = not args.no_share_prompts
     print(
         f"model {model_path}; workload {workload.name}; {args.cores} cores; overrides "
-        f"{overrides or 'none'}; share_prompts {share}"
+        f"{overrides or 'none'}; share_prompts {share}; LoRA rank {args.lora or 'none'}"
     )
     for setting in args.settings:
         out = tempfile.mkdtemp(prefix=f"dist-{setting}-")
@@ -164,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "output_dir": out,
             "overrides": overrides,
             "share_prompts": share,
+            "lora": args.lora,
         }
         records = run_setting(setting, spec)
         times = [r["step_time"] for r in records]

@@ -328,15 +328,20 @@ class World:
         else:
             (loss * self.gradient_scale).backward()
 
-    def whole_parameters(self, model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+    def whole_parameters(
+        self, model: torch.nn.Module, *, trainable_only: bool = False
+    ) -> contextlib.AbstractContextManager[Any]:
         """Context in which `model`'s parameters hold their whole values (read only): under
         ZeRO-3 they are gathered from their partitions (a collective: every process enters it
-        together), otherwise they already do."""
+        together), otherwise they already do. `trainable_only`: only those with
+        `requires_grad` (what an optimizer step changes: under LoRA the adapters, a small part
+        of the weights); frozen ones stay partitioned."""
         if self.zero_stage != 3:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     # ---- collectives (identity for one process) ------------------------------------------------
     # Each takes and returns tensors on the caller's device; they travel on the device the

@@ -716,7 +716,9 @@ class GRPOTrainer:
                     self.state.epoch = self.sampler.epochs_done
                     with (
                         _timer(step_metrics, "time/weight_sync", self.device),
-                        self.world.whole_parameters(self.model),  # ZeRO-3: gathered
+                        # ZeRO-3: what the step changed is gathered (the engine's copy keeps
+                        # the frozen weights it was built with)
+                        self.world.whole_parameters(self.model, trainable_only=True),
                     ):
                         self.engine.update_weights(self.model)
                     if (
