@@ -14,7 +14,10 @@ except "plain" and "hf+bf16"):
     +eager       ... grouped attention in the copy (`core.attention`)
     +icdf        ... drawing by inverse CDF instead of torch.multinomial
     +step        ... decode steps through `engines.llama_decode` instead of transformers'
-                 forward: the default engine on a bf16-native CPU
+                 forward: the default engine on a bf16-native CPU (under --lora the copy holds
+                 the adapters merged)
+    +step-apart  ... under --lora, the copy keeps the PEFT layers, adapters apart
+                 (`merge_adapters=False`, as under FSDP2 and ZeRO-3)
     fp32         the float32 policy samples itself, as on a CPU without native bf16: no
                  autocast, grouped attention, linear weights in oneDNN float32 packs
                  (`DecodePacks`, float16 panels off), decode steps through transformers'
@@ -78,6 +81,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+eager": dict(bf16_sampler=True, decode_step=False),
     "+icdf": dict(bf16_sampler=True, draw="inverse_cdf", decode_step=False),
     "+step": dict(bf16_sampler=True, draw="inverse_cdf"),
+    "+step-apart": dict(bf16_sampler=True, draw="inverse_cdf", merge_adapters=False),
     "fp32": dict(
         bf16_sampler=False,
         fp16_frozen_weights=False,
@@ -232,12 +236,15 @@ def report_update_cost(model: Any, tokenizer: Any) -> None:
 def report_logprob_gap(
     model: Any, tokenizer: Any, prompt_ids: list[list[int]], args: argparse.Namespace
 ) -> None:
-    """|sampler - trainer| log-prob statistics over the completion tokens of one natural call."""
-    for bf16 in (True, False):
-        engine = TransformersEngine(model, tokenizer, bf16_sampler=bf16, return_logprobs=True)
+    """|sampler - trainer| log-prob statistics over the completion tokens of one natural call
+    (under --lora also for the bf16 copy holding the adapters apart)."""
+    samplers = {"bf16 copy": {"bf16_sampler": True}, "fp32+autocast": {"bf16_sampler": False}}
+    if args.lora:
+        samplers["bf16 copy, adapters apart"] = {"bf16_sampler": True, "merge_adapters": False}
+    for name, settings in samplers.items():
+        engine = TransformersEngine(model, tokenizer, return_logprobs=True, **settings)
         torch.manual_seed(0)
         out = call(engine, prompt_ids, args, "natural")
-        name = "bf16 copy" if bf16 else "fp32+autocast"
         print(f"{name} sampler vs fp32+autocast trainer, {logprob_gap_summary(model, out)}")
 
 
@@ -262,16 +269,19 @@ def logprob_gap_summary(model: Any, out: Any) -> str:
     )
 
 
-def float32_policy(model: Any, lora_rank: int) -> Any:
+def float32_policy(model: Any) -> Any:
     """The trainer's float32 set-up on a CPU without native bf16: glibc keeps freed memory,
-    grouped attention; with `lora_rank` a LoRA adapter on every linear layer, B drawn small."""
+    grouped attention."""
     from grpokit.core.attention import use_grouped_attention
     from grpokit.train.host_memory import retain_freed_memory
 
     retain_freed_memory()
     use_grouped_attention(model)
-    if not lora_rank:
-        return model
+    return model
+
+
+def with_lora(model: Any, lora_rank: int) -> Any:
+    """`model` with a LoRA adapter of rank `lora_rank` on every linear layer, B drawn small."""
     import peft
 
     config = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear")
@@ -295,19 +305,19 @@ def main() -> None:
     parser.add_argument("--extras", action="store_true", help="update cost and log-prob gap")
     parser.add_argument("--interleave", action="store_true", help="variants called in turn")
     parser.add_argument("--count-ops", action="store_true", help="operations of one decode step")
-    parser.add_argument("--lora", type=int, default=0, help="fp32 variants: LoRA rank (0 = none)")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = none)")
     args = parser.parse_args()
     args.fp32 = any(name in FP32_VARIANTS for name in args.variants)
     if args.fp32 and not set(args.variants) <= set(FP32_VARIANTS):
         parser.error(f"run the variants {FP32_VARIANTS} apart from the others")
-    if args.lora and not args.fp32:
-        parser.error("--lora applies to the fp32 variants")
     if args.fp32 and (args.extras or args.count_ops):
         parser.error("--extras and --count-ops measure the bf16 sampler copy")
 
     model, tokenizer = load_causal_lm(args.model)
     if args.fp32:
-        model = float32_policy(model, args.lora)
+        model = float32_policy(model)
+    if args.lora:
+        model = with_lora(model, args.lora)
     model.eval()
     prompt_ids = chat_prompt_ids(tokenizer)
     print(

@@ -654,7 +654,9 @@ def _probed_trainer(out: Path, scenario: dict[str, Any]) -> tuple[GRPOTrainer, A
     scenario = dict(scenario)
     if scenario.pop("lora", False):  # the adapter made here, for the probe to copy it too
         model = lora_model(model)
-    probe = TransformersEngine(model, tok, bf16_sampler=True)  # a copy of the whole model
+    # a copy of the whole model (under LoRA the adapters apart, as the trainer's own engine
+    # keeps them under FSDP2 and ZeRO-3)
+    probe = TransformersEngine(model, tok, bf16_sampler=True, merge_adapters=False)
     return trainer(out, model=model, **scenario), probe
 
 

@@ -408,11 +408,13 @@ def test_bf16_copy_follows_a_fused_adamw_step() -> None:
 
 
 def test_bf16_copy_under_peft_syncs_only_the_adapter() -> None:
+    # merge_adapters=False: the copy keeps the PEFT layers, the adapters apart.
     peft = pytest.importorskip("peft")
     tok = make_tokenizer()
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model = peft.get_peft_model(make_causal_lm(tok), config)
-    engine = _engine(tok, model, bf16_sampler=True)
+    engine = _engine(tok, model, bf16_sampler=True, merge_adapters=False)
+    assert engine.sampler_model is not model and not engine._merged
     stamps = {name: stamp for name, (_, stamp) in engine._copies.items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -426,6 +428,110 @@ def test_bf16_copy_under_peft_syncs_only_the_adapter() -> None:
         assert torch.equal(weights[name], p.to(torch.bfloat16)), name
     out = engine.generate(PROMPTS, num_generations=2, max_new_tokens=4, sampling=SamplingParams())
     assert out.completion_ids.shape[0] == 6
+
+
+LORA_SCALE = 2.0  # lora_alpha 8 / r 4
+
+
+def _lora_model(tok: Any, **config: Any) -> Any:
+    """A tiny model with a LoRA adapter on q_proj and v_proj (r 4, alpha 8), B drawn."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **config)
+    model = peft.get_peft_model(make_causal_lm(tok), lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def _merged_by_hand(model: Any) -> dict[str, torch.Tensor]:
+    """The base model's weights with W + scale * B @ A at each LoRA layer, in float32."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        out[name.replace("base_model.model.", "", 1).replace(".base_layer", "")] = p.detach()
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            b = dict(model.named_parameters())[name.replace(".lora_A.", ".lora_B.")]
+            layer = name.split(".lora_A.")[0].replace("base_model.model.", "", 1)
+            out[f"{layer}.weight"] = out[f"{layer}.weight"] + LORA_SCALE * b.detach() @ p.detach()
+    return out
+
+
+def test_bf16_copy_holds_lora_layers_merged_and_merges_again_after_a_step() -> None:
+    # By default the bf16 copy of a LoRA model is a plain copy of its base model whose adapted
+    # layers hold bf16(W + scale * B @ A): no PEFT layer in the sampler, the frozen weights
+    # copied once, the merged ones again after each step.
+    tok = make_tokenizer()
+    model = _lora_model(tok)
+    engine = _engine(tok, model, bf16_sampler=True)
+    assert type(engine.sampler_model).__name__ == "LlamaForCausalLM"
+    layers = {
+        f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1) for p in ("q_proj", "v_proj")
+    }
+    assert set(engine._merged) == layers
+
+    def check() -> None:
+        weights = engine.sampler_weights()
+        expected = _merged_by_hand(model)
+        assert set(weights) == set(expected)
+        for name, value in expected.items():
+            assert torch.equal(weights[name], value.to(torch.bfloat16)), name
+        assert any(  # the adapters count (bf16 rounding would not hide them)
+            not torch.equal(
+                weights[n],
+                dict(model.named_parameters())[
+                    "base_model.model." + n.replace(".weight", ".base_layer.weight")
+                ].to(torch.bfloat16),
+            )
+            for n in layers
+        )
+
+    check()
+    stamps = {name: stamp for name, (_, stamp) in engine._copies.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    engine.update_weights(model)
+    check()
+    copied = {name for name, (_, stamp) in engine._copies.items() if stamp != stamps[name]}
+    assert copied == layers  # the frozen weights were not copied again
+    out = engine.generate(PROMPTS, num_generations=2, max_new_tokens=4, sampling=SamplingParams())
+    assert out.completion_ids.shape[0] == 6
+
+
+def test_merged_lora_sampler_computes_what_the_merged_model_does() -> None:
+    # The merged bf16 copy's logits against the float32 merged model's (PEFT's own
+    # merge_and_unload): within bf16 rounding, and as close as the copy holding the adapters
+    # apart.
+    import copy
+
+    tok = make_tokenizer()
+    model = _lora_model(tok)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        exact = copy.deepcopy(model).merge_and_unload()(ids).logits
+        merged = _engine(tok, model, bf16_sampler=True).sampler_model(ids).logits.float()
+        apart = _engine(tok, model, bf16_sampler=True, merge_adapters=False)
+        unmerged = apart.sampler_model(ids).logits.float()
+    gap, gap_apart = (merged - exact).abs().max().item(), (unmerged - exact).abs().max().item()
+    assert gap < 0.05 and gap_apart < 0.05, (gap, gap_apart)
+    assert (merged - exact).abs().mean() <= 2 * (unmerged - exact).abs().mean()
+
+
+@pytest.mark.parametrize("config", [{"use_dora": True}, {"lora_bias": True}])
+def test_adapters_that_do_not_merge_plainly_keep_their_layers(config: dict[str, Any]) -> None:
+    tok = make_tokenizer()
+    model = _lora_model(tok, **config)
+    engine = _engine(tok, model, bf16_sampler=True)
+    assert not engine._merged and hasattr(engine.sampler_model, "peft_config")
+    with pytest.raises(ValueError, match="merge_adapters=True"):
+        _engine(tok, model, bf16_sampler=True, merge_adapters=True)
+    with pytest.raises(ValueError, match="merge_adapters=True"):  # no bf16 copy to merge into
+        _engine(tok, _lora_model(tok), bf16_sampler=False, merge_adapters=True)
 
 
 def test_num_threads_is_restored() -> None:
@@ -1343,3 +1449,4 @@ def test_prompt_tuning_adapter_samples_with_its_virtual_tokens(bf16_sampler: boo
     assert drawn != without  # the virtual tokens change what is drawn: the check has teeth
     with pytest.raises(ValueError, match="prompt-learning"):
         TransformersEngine(model, tok, decode="lean")
+

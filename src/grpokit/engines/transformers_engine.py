@@ -38,6 +38,7 @@ from grpokit.engines.packed_linear import (
     pack_linear_layers,
 )
 from grpokit.engines.sampling import DRAWS, TokenSampler
+from grpokit.engines.weight_sync import mergeable_lora_layers, merged_lora_weight
 from grpokit.errors import DataError
 
 # `fp16_trainable_weights=None` packs the trainable weights as float16 panels for calls of at
@@ -93,6 +94,7 @@ class TransformersEngine:
         share_common_prefix: bool = True,
         fp16_frozen_weights: bool | None = None,
         fp16_trainable_weights: bool | None = None,
+        merge_adapters: bool | None = None,
     ) -> None:
         """Wrap `model` (the policy being trained) and its tokenizer.
 
@@ -173,9 +175,20 @@ class TransformersEngine:
                 decodes.
                 None = for calls of at least `FP16_TRAINABLE_MIN_TOKENS` new tokens, where this
                 torch has fbgemm's float16 products; False = never; True = every call.
+            merge_adapters: With the bf16 copy of a PEFT model: hold each LoRA layer merged,
+                `bf16(W + scaling * B @ A)`, in a plain copy of the base model (packed and fused
+                as a full fine-tune's, sampled through the decode step), and merge again from
+                the policy's weights in `update_weights`, instead of the PEFT layers with their
+                adapters apart (bf16(W) x + scaling * B(A x)). The two round differently, both
+                within bf16 of the trainer's products (`sampling_logprobs` measures the gap);
+                merged samples at about a full fine-tune's speed (bench/RESULTS.md). None =
+                where every adapter layer is plain LoRA on a linear layer
+                (`weight_sync.mergeable_lora_layers`); False = keep the PEFT layers (a sharded
+                policy, whose frozen base weights a merge would have to gather every step).
 
         Raises:
-            ValueError: an unknown `decode` (or "lean" for a prompt-learning adapter), a
+            ValueError: `merge_adapters=True` where the adapters cannot be held merged, an
+                unknown `decode` (or "lean" for a prompt-learning adapter), a
                 non-positive `num_threads`, `bf16_sampler` with a quantized model, or
                 `pack_weights=True` where the weights cannot be packed (not on a CPU, a
                 quantized or bf16 policy without a copy, or a torch without oneDNN), or
@@ -215,21 +228,22 @@ class TransformersEngine:
             raise ValueError("bf16_sampler=True cannot copy a quantized model to bf16.")
         if sampler_attention == "auto":
             sampler_attention = GROUPED_ATTENTION if self.traits.grouped_attention else None
-        self.sampler_model: Any = _bf16_copy(model, sampler_attention) if bf16_sampler else model
-        # name -> (bf16 parameter, stamp of the source tensor it was last copied from)
-        self._copies: dict[str, tuple[Tensor, tuple[int, int]]] = {}
+        # the sampler: the policy itself, or its bf16 copy (`_copy_policy`)
+        self.sampler_model: Any = model
+        self._source_name: dict[str, str] = {}
+        self._merged: dict[str, str] = {}
+        self._copies: dict[str, tuple[Tensor, Any]] = {}
         if bf16_sampler:
-            source = dict(model.named_parameters())
-            self._copies = {
-                name: (param, _stamp(source[name]))
-                for name, param in self.sampler_model.named_parameters()
-            }
+            self._copy_policy(model, sampler_attention, merge_adapters)
+        elif merge_adapters:
+            raise ValueError(MERGE_REFUSED)
         self._packed: list[PackedLinear] = []
         self._decode_packs: DecodePacks | None = None
         if pack_weights is not False and self.traits.pack_sampler_weights:
             if bf16_sampler:
-                # Under PEFT the weights stay unpacked too: adapter layers may read a base weight.
-                release = getattr(model, "peft_config", None) is None
+                # Under PEFT the weights stay unpacked too: adapter layers may read a base weight
+                # (the copy holds none where it holds the adapters merged).
+                release = getattr(model, "peft_config", None) is None or bool(self._merged)
                 # [] without oneDNN
                 self._packed = pack_linear_layers(self.sampler_model, release=release, fuse=release)
             elif not quantized:
@@ -265,6 +279,24 @@ class TransformersEngine:
                 "packed: a bf16 copy, or the float32 policy's DecodePacks; decode='lean'); leave "
                 "decode_step=None."
             )
+
+    def _copy_policy(self, model: Any, attention: str | None, merge_adapters: bool | None) -> None:
+        """Make the bf16 copy the engine samples from (`_bf16_copy`), LoRA layers merged as
+        `merge_adapters` asks, and record what each of its parameters is copied from."""
+        lora_layers = None if merge_adapters is False else mergeable_lora_layers(model)
+        if merge_adapters and lora_layers is None:
+            raise ValueError(MERGE_REFUSED)
+        # sampler parameter name -> the policy's parameter it copies (where the names differ);
+        # sampler weight name -> name of the policy's LoRA layer it holds merged (in the base)
+        self.sampler_model, self._source_name, self._merged = _bf16_copy(
+            model, attention, lora_layers
+        )
+        # name -> (bf16 parameter, stamp of the source tensors it was last copied from)
+        source = dict(model.named_parameters())
+        self._copies = {
+            name: (param, self._source_stamp(model, source, name))
+            for name, param in self.sampler_model.named_parameters()
+        }
 
     def generation_config(self, max_new_tokens: int, sampling: SamplingParams) -> Any:
         """The `GenerationConfig` for one call: always sampling, never early length stopping."""
@@ -648,11 +680,11 @@ class TransformersEngine:
         `model` first. Without a copy, the float32 policy's packs of trainable and LoRA layers go
         too (`DecodePacks.discard_trainable`): each sampling call re-packs them anyway."""
         source = dict(model.named_parameters())
-        trainable = {
-            name
-            for name in self._packed_only
-            if name in source and source[name].requires_grad and not _partitioned(source[name])
-        }
+        trainable = set(self._merged) & set(self._packed_only)  # the adapters train
+        for name in self._packed_only.keys() - trainable:
+            param = source.get(self._source_name.get(name, name))
+            if param is not None and param.requires_grad and not _partitioned(param):
+                trainable.add(name)
         for layer in self._packed_only.values():
             group = layer.group
             members = group.members if group is not None else [layer]
@@ -683,20 +715,32 @@ class TransformersEngine:
             return
         source = dict(model.named_parameters())
         for name, (param, stamp) in self._copies.items():
-            if name not in source:
+            layer = self._packed_only.get(name)
+            refill = layer is not None and layer.discarded
+            if name in self._merged:  # a LoRA layer held merged: its adapters train
+                now = self._source_stamp(model, source, name)
+                if now != stamp or refill or copy_trainable:
+                    lora = model.get_base_model().get_submodule(self._merged[name])
+                    merged = merged_lora_weight(lora)
+                    if layer is not None:
+                        layer.pack(merged)
+                    else:
+                        param.copy_(merged)
+                    self._copies[name] = (param, now)
+                continue
+            origin = self._source_name.get(name, name)
+            if origin not in source:
                 raise KeyError(
-                    f"update_weights: the model has no parameter {name!r}; pass the same model "
+                    f"update_weights: the model has no parameter {origin!r}; pass the same model "
                     f"the engine was built with."
                 )
-            if _partitioned(source[name]):
+            if _partitioned(source[origin]):
                 # A DeepSpeed ZeRO-3 partition: its whole value comes with `update_weights`,
                 # which the trainer calls with the parameters gathered (every process together).
                 continue
-            now = _stamp(source[name])
-            layer = self._packed_only.get(name)
-            refill = layer is not None and layer.discarded
-            if now != stamp or refill or (copy_trainable and source[name].requires_grad):
-                value = source[name]
+            now = _stamp(source[origin])
+            if now != stamp or refill or (copy_trainable and source[origin].requires_grad):
+                value = source[origin]
                 if callable(getattr(value, "full_tensor", None)):
                     # A sharded (FSDP2) parameter is gathered whole (every process syncs
                     # together), cast to the copy's dtype first: the values of a cast after the
@@ -709,6 +753,17 @@ class TransformersEngine:
                 self._copies[name] = (param, now)
         for layer in self._packed:
             layer.repack_if_changed()
+
+    def _source_stamp(self, model: Any, source: dict[str, Tensor], name: str) -> Any:
+        """The stamp of what the sampler's parameter `name` is made from: the policy's
+        parameter, or for a LoRA layer held merged its base weight and adapters."""
+        if name not in self._merged:
+            origin = self._source_name.get(name, name)
+            return _stamp(source[origin]) if origin in source else None
+        lora = model.get_base_model().get_submodule(self._merged[name])
+        (adapter,) = lora.active_adapters
+        parts = (lora.base_layer.weight, lora.lora_A[adapter].weight, lora.lora_B[adapter].weight)
+        return tuple(_stamp(part) for part in parts)
 
 
 def prefill(
@@ -871,6 +926,14 @@ class _TurnRows:
         return token
 
 
+MERGE_REFUSED = (
+    "merge_adapters=True, but the sampler cannot hold the adapters merged: that needs the bf16 "
+    "copy (bf16_sampler) of a PEFT model whose adapter layers are all plain LoRA on linear "
+    "layers (no DoRA, adapter bias, modules_to_save or prompt learning); leave "
+    "merge_adapters=None."
+)
+
+
 def _decode_path(decode: str | None, model: Any) -> str:
     """`TransformersEngine`'s `decode` argument resolved for `model` (see there)."""
     if decode is None:
@@ -898,21 +961,57 @@ def _stamp(tensor: Tensor) -> tuple[int, int]:
     return tensor.data_ptr(), tensor._version
 
 
-def _bf16_copy(model: Any, attention: str | None) -> Any:
+def _bf16_copy(
+    model: Any, attention: str | None, lora_layers: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, str], dict[str, str]]:
     """A frozen eval-mode copy of `model` whose parameters are bf16 (buffers keep their dtype),
-    using the `attention` implementation (None = the model's)."""
+    using the `attention` implementation (None = the model's).
+
+    With `lora_layers` (`weight_sync.mergeable_lora_layers(model)`) the copy is of the PEFT
+    model's base model, each of those layers a `torch.nn.Linear` holding `W + scaling * B @ A`
+    in bf16: a plain model, sampled at a full fine-tune's speed.
+
+    Returns:
+        The copy; the policy's parameter name of each copied parameter whose name differs;
+        the LoRA layer's name (in the base model) of each merged weight, by its name.
+    """
+    lora_layers = lora_layers or {}
+    root = model.get_base_model() if lora_layers else model
+    # Parameters of the merged layers are not copied but their base's bias.
+    skipped = {
+        id(p)
+        for layer in lora_layers.values()
+        for p in layer.parameters()
+        if p is not layer.base_layer.bias
+    }
     # The bf16 parameters are made first and handed to deepcopy, so the float32 weights are
     # never copied (a tied weight is one parameter, so it stays tied in the copy).
     memo: dict[int, Any] = {
         id(param): torch.nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False)
         for param in model.parameters()
+        if id(param) not in skipped
     }
-    clone = copy.deepcopy(model, memo)
+    copied_from = {id(memo[id(p)]): name for name, p in model.named_parameters() if id(p) in memo}
+    for layer in lora_layers.values():
+        base = layer.base_layer
+        linear = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+        weight = merged_lora_weight(layer).to(torch.bfloat16)
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if base.bias is not None:
+            linear.bias = memo[id(base.bias)]
+        memo[id(layer)] = linear  # the copy holds this layer in the LoRA layer's place
+    clone = copy.deepcopy(root, memo)
     if attention == GROUPED_ATTENTION:
         use_grouped_attention(clone)
     elif attention is not None:
         plain_forward(clone).set_attn_implementation(attention)
-    return clone.eval()
+    names: dict[str, str] = {}
+    for name, param in clone.named_parameters():
+        origin = copied_from.get(id(param))
+        if origin is not None and origin != name:
+            names[name] = origin
+    merged = {f"{name}.weight": name for name in lora_layers}
+    return clone.eval(), names, merged
 
 
 @contextlib.contextmanager

@@ -65,6 +65,49 @@ def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[list[t
         model.unmerge_adapter()
 
 
+def mergeable_lora_layers(model: Any) -> dict[str, Any] | None:
+    """The adapter layers of a PEFT model by their names in its base model, where each is a
+    plain LoRA layer a sampler may hold merged, `W + scaling * B @ A`: a `torch.nn.Linear`
+    base, one active adapter, no DoRA or other variant, no adapter bias, not transposed
+    (`fan_in_fan_out`), not merged in place, adapters on. None for any other model (not PEFT,
+    a prompt-learning adapter, another tuner, `modules_to_save`, or no adapter layer), whose
+    sampler keeps the PEFT layers."""
+    if not callable(getattr(model, "get_base_model", None)) or is_prompt_learning(model):
+        return None
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    layers: dict[str, Any] = {}
+    for name, module in model.get_base_model().named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            return None
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if not isinstance(module, LoraLinear) or type(module.base_layer) is not torch.nn.Linear:
+            return None
+        active = list(module.active_adapters)
+        if len(active) != 1 or module.merged or module.disable_adapters or module.fan_in_fan_out:
+            return None
+        (adapter,) = active
+        plain = not module.use_dora.get(adapter, False)
+        plain = plain and not getattr(module, "lora_bias", {}).get(adapter, False)
+        plain = plain and getattr(module, "lora_variant", {}).get(adapter) is None
+        if not plain:
+            return None
+        layers[name] = module
+    return layers or None
+
+
+def merged_lora_weight(layer: Any) -> Tensor:
+    """`W + scaling * B @ A` of a layer `mergeable_lora_layers` gave (a new tensor, in the base
+    weight's dtype; the layer is left as it is)."""
+    (adapter,) = layer.active_adapters
+    with torch.no_grad():
+        base = layer.base_layer.weight
+        return base + layer.get_delta_weight(adapter).to(base.dtype)
+
+
 def refuse_prompt_learning(model: Any) -> None:
     """Raise if `model`'s adapter is a prompt-learning one (prompt/prefix tuning, p-tuning):
     its virtual tokens are not weights, so no merged checkpoint carries them to vLLM.
