@@ -1450,3 +1450,21 @@ def test_prompt_tuning_adapter_samples_with_its_virtual_tokens(bf16_sampler: boo
     with pytest.raises(ValueError, match="prompt-learning"):
         TransformersEngine(model, tok, decode="lean")
 
+
+def test_float32_policy_with_float16_panels_samples_under_bf16_autocast() -> None:
+    # The float32 policy sampling itself (bf16_sampler=False) under the trainer's bf16 autocast
+    # on a CPU with native bf16: the LoRA layers' frozen weights are float16 panels, which take
+    # float32 rows only; their products get the autocast's bf16 activations as float32 (before,
+    # fbgemm refused them: "expected scalar type Float but found BFloat16").
+    _fp16_or_skip()
+    tok = make_tokenizer()
+    model = _lora_model(tok)
+    engine = _engine(tok, model, bf16_sampler=False, fp16_frozen_weights=True, return_logprobs=True)
+    assert any(layer.half for layer in engine._decode_packs.layers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = engine.generate(
+            PROMPTS, num_generations=2, max_new_tokens=4, sampling=SamplingParams()
+        )
+    mask = out.completion_mask.bool()
+    assert mask.any() and torch.isfinite(out.sampling_logprobs[mask]).all()
+    assert (out.sampling_logprobs[mask] <= 0).all()

@@ -601,6 +601,7 @@ class DecodePacks:
 def group_product(group: _DecodeGroup, x: Tensor) -> Tensor:
     """`x` `[N, in]` float32 times a group's stacked weight -> `[N, sum of out]` float32."""
     if group.half:
+        x = x.float()  # bf16 under autocast: the panels multiply float32 rows only
         out = _half_rows(group.packed, x)
         if group.bias is not None:
             out = out.add_(group.bias)
@@ -733,8 +734,9 @@ def half_product(
 ) -> Tensor:
     """`x` `[..., in]` float32 times a float16 `[out, in]` weight packed by `pack_half`
     (float32 accumulation), plus `bias`, plus `(x @ a_t) @ b_t` for each
-    `(a_t, b_t)` of `low_rank` -> `[..., out]` float32."""
-    rows = x.reshape(-1, x.shape[-1])
+    `(a_t, b_t)` of `low_rank` -> `[..., out]` float32. A bf16 `x` (under autocast) is
+    multiplied as float32."""
+    rows = x.reshape(-1, x.shape[-1]).float()
     out = _half_rows(packed, rows)
     if bias is not None:
         out = out.add_(bias)
