@@ -27,6 +27,7 @@ Usage:
     python bench/bench_grpo.py --system both --steps 4 --warmup 1
     python bench/bench_grpo.py --system both --mode fixed natural --beta 0 0.04 \\
         --num-iterations 1 2                              # the full matrix of the issue
+    python bench/bench_grpo.py --system both --mode fixed --lora 16  # both train a LoRA adapter
 
 This module holds everything both sides share (workload, prompts, reward, FLOPs, timing and
 summary); it imports neither grpokit nor TRL at module level, so ``trl_runner.py`` imports it
@@ -117,6 +118,7 @@ class Workload:
     bf16: bool = True
     micro_batch: int | None = None  # rows per micro-batch; None = the whole step in one
     torch_compile: bool = False  # GRPOConfig.torch_compile (`--torch-compile`: one side or both)
+    lora_rank: int = 0  # a LoRA adapter of this rank on every linear layer (alpha 2r); 0 = none
 
     @property
     def name(self) -> str:
@@ -127,6 +129,8 @@ class Workload:
             name += f"-mb{self.micro_batch}"
         if not self.bf16:
             name += "-fp32"
+        if self.lora_rank:
+            name += f"-lora{self.lora_rank}"
         return name
 
     @property
@@ -150,6 +154,15 @@ class Workload:
         if self.mode == "fixed":
             return {"min_new_tokens": self.max_completion_length}
         return {}
+
+    def peft_config(self) -> Any:
+        """The trainer's `peft_config` (both systems take PEFT's `LoraConfig`), or None."""
+        if not self.lora_rank:
+            return None
+        from peft import LoraConfig
+
+        r = self.lora_rank
+        return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
 
     def config_kwargs(self, output_dir: str, max_steps: int) -> dict[str, Any]:
         """Keyword arguments for GRPOConfig, valid for both grpokit's and TRL's."""
@@ -505,6 +518,7 @@ def run_grpokit_worker(spec: WorkerSpec) -> dict[str, Any]:
         train_dataset=Dataset.from_list(prompt_rows(spec.prompts)),
         processing_class=tokenizer,
         callbacks=[Timing()],
+        peft_config=wl.peft_config(),
     )
     info["rss_after_init_mb"] = peak_rss_mb()
     trainer.engine = LengthRecordingEngine(trainer.engine, counts)
@@ -1047,6 +1061,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch_compile=True for these systems (compiled in their warm-up steps; the "
         "workload's name stays the same, the summary records each worker's setting)",
     )
+    parser.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="R",
+        help="both systems train a LoRA adapter of rank R on every linear layer (alpha 2R); the "
+        "roofline's training floor and the memory table still count a full fine-tune",
+    )
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up optimizer steps (dropped)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -1097,6 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             bf16=not args.no_bf16,
             micro_batch=args.micro_batch,
+            lora_rank=args.lora,
         )
         for m, b, k, g, t in itertools.product(
             args.mode,

@@ -77,6 +77,7 @@ def run_trl_worker(spec: WorkerSpec) -> dict[str, Any]:
         train_dataset=Dataset.from_list(prompt_rows(spec.prompts)),
         processing_class=tokenizer,
         callbacks=[Timing()],
+        peft_config=wl.peft_config(),
     )
     info["rss_after_init_mb"] = peak_rss_mb()
 
