@@ -14,7 +14,7 @@ exact tensor bytes of the components that live across steps (policy weights, gra
 moments, the sampler copy and its packed weights). The peak column never includes another phase.
 
 Usage:
-    python bench/memory_phases.py [--steps 2] [--set gradient_checkpointing=true ...]
+    python bench/memory_phases.py [--steps 2] [--set gradient_checkpointing=true ...] [--lora R]
 
 `--set FIELD=VALUE` overrides a `GRPOConfig` field of the workload (VALUE is JSON, else a string):
 e.g. `--set max_forward_tokens=null` for one forward per micro-batch instead of the CPU's default
@@ -232,6 +232,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank (0 = none)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument(
         "--fake-generation",
@@ -258,7 +259,7 @@ def main() -> None:
     prompts = bench_grpo.equal_length_prompts(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     log.mark("model load")
-    workload = bench_grpo.Workload()
+    workload = bench_grpo.Workload(lora_rank=args.lora)
     kwargs = workload.config_kwargs(tempfile.mkdtemp(prefix="memory-phases-"), args.steps)
     kwargs.update(bench_grpo.config_overrides(args.set))
     config = GRPOConfig(**kwargs)
@@ -281,6 +282,7 @@ def main() -> None:
         train_dataset=Dataset.from_list(bench_grpo.prompt_rows(prompts)),
         processing_class=tokenizer,
         callbacks=[Marks()],
+        peft_config=workload.peft_config(),
     )
     log.mark("trainer init (sampler copy, packing, optimizer)")
     trainer.engine = PhaseEngine(trainer.engine, log, fake=args.fake_generation)
@@ -293,7 +295,7 @@ def main() -> None:
     fake = ", random completions" if args.fake_generation else ""
     print(
         f"grpokit memory by phase: {args.model}, bar workload, {args.steps} steps, "
-        f"overrides {args.set or 'none'}{fake}; torch {torch.__version__}, "
+        f"overrides {args.set or 'none'}{fake}; LoRA rank {args.lora or 'none'}; torch {torch.__version__}, "
         f"{args.threads} threads"
     )
     print(log.table())
