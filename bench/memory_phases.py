@@ -295,8 +295,8 @@ def main() -> None:
     fake = ", random completions" if args.fake_generation else ""
     print(
         f"grpokit memory by phase: {args.model}, bar workload, {args.steps} steps, "
-        f"overrides {args.set or 'none'}{fake}; LoRA rank {args.lora or 'none'}; torch {torch.__version__}, "
-        f"{args.threads} threads"
+        f"overrides {args.set or 'none'}{fake}; LoRA rank {args.lora or 'none'}; "
+        f"torch {torch.__version__}, {args.threads} threads"
     )
     print(log.table())
     print("\ncomponents alive now (MiB, exact tensor bytes):")
