@@ -654,9 +654,8 @@ def _probed_trainer(out: Path, scenario: dict[str, Any]) -> tuple[GRPOTrainer, A
     scenario = dict(scenario)
     if scenario.pop("lora", False):  # the adapter made here, for the probe to copy it too
         model = lora_model(model)
-    # a copy of the whole model (under LoRA the adapters apart, as the trainer's own engine
-    # keeps them under FSDP2 and ZeRO-3)
-    probe = TransformersEngine(model, tok, bf16_sampler=True, merge_adapters=False)
+    # a copy of the whole model (under LoRA its layers merged, as the trainer's own engine)
+    probe = TransformersEngine(model, tok, bf16_sampler=True)
     return trainer(out, model=model, **scenario), probe
 
 
@@ -664,6 +663,10 @@ def _write_engine_gap(probe: Any, full: dict[str, torch.Tensor], out: Path) -> N
     """engine_gap.txt: the largest difference between the probe engine's weights (as it computes
     with them) and the whole trained weights `full` rounded to bf16."""
     copies = probe.sampler_weights()  # linear weights held packed: unpacked
+    if probe._merged:  # LoRA layers held merged: the whole weights as PEFT merges them
+        from grpokit.train.checkpoint import merged_copy
+
+        full = merged_copy(probe.model, full).state_dict()
     gap = max(
         (copies[k].float() - full[k].to(torch.bfloat16).float()).abs().max().item() for k in copies
     )
@@ -791,7 +794,8 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
         (out / f"forward_arguments_{rank}.json").write_text(json.dumps(sorted(named)))
         write_recompute(t, out)
         numel = next(t.model.parameters()).numel()  # outside any gathering
-        with t.world.whole_parameters(t.model):
+        # what the engine says its sync reads (under ZeRO-3 the rest stays partitioned)
+        with t.world.whole_parameters(t.model, probe.sync_parameters(t.model)):
             probe.update_weights(t.model)
         full = _whole_weights(t)
         t.save_model(str(out / "final_model"))

@@ -1468,3 +1468,23 @@ def test_float32_policy_with_float16_panels_samples_under_bf16_autocast() -> Non
     mask = out.completion_mask.bool()
     assert mask.any() and torch.isfinite(out.sampling_logprobs[mask]).all()
     assert (out.sampling_logprobs[mask] <= 0).all()
+
+
+def test_sync_parameters_are_the_adapters_and_the_merged_layers_base_weights() -> None:
+    # What update_weights reads whole after a step (under ZeRO-3 the trainer gathers just
+    # these): the trainable adapters and the base weight of each merged layer, not the other
+    # frozen weights; with the adapters apart, the adapters alone.
+    tok = make_tokenizer()
+    model = _lora_model(tok)
+    named = dict(model.named_parameters())
+    adapters = {n for n, p in named.items() if p.requires_grad}
+    bases = {
+        f"base_model.model.model.layers.{i}.self_attn.{m}.base_layer.weight"
+        for i in (0, 1)
+        for m in ("q_proj", "v_proj")
+    }
+    ids = {id(p): n for n, p in named.items()}
+    merged = _engine(tok, model, bf16_sampler=True).sync_parameters(model)
+    assert {ids[id(p)] for p in merged} == adapters | bases and len(merged) == len(adapters) + 4
+    apart = _engine(tok, model, bf16_sampler=True, merge_adapters=False).sync_parameters(model)
+    assert {ids[id(p)] for p in apart} == adapters

@@ -183,8 +183,10 @@ class TransformersEngine:
                 within bf16 of the trainer's products (`sampling_logprobs` measures the gap);
                 merged samples at about a full fine-tune's speed (bench/RESULTS.md). None =
                 where every adapter layer is plain LoRA on a linear layer
-                (`weight_sync.mergeable_lora_layers`); False = keep the PEFT layers (a sharded
-                policy, whose frozen base weights a merge would have to gather every step).
+                (`weight_sync.mergeable_lora_layers`); False = keep the PEFT layers. Under FSDP2
+                each layer is merged shard by shard and gathered in bf16, as a full
+                fine-tune's weights are; under ZeRO-3 the trainer gathers the merged layers'
+                base weights with the adapters (`sync_parameters`).
 
         Raises:
             ValueError: `merge_adapters=True` where the adapters cannot be held merged, an
@@ -680,8 +682,12 @@ class TransformersEngine:
         `model` first. Without a copy, the float32 policy's packs of trainable and LoRA layers go
         too (`DecodePacks.discard_trainable`): each sampling call re-packs them anyway."""
         source = dict(model.named_parameters())
-        trainable = set(self._merged) & set(self._packed_only)  # the adapters train
-        for name in self._packed_only.keys() - trainable:
+        trainable = {  # the adapters train; a partitioned (ZeRO-3) base weight stays packed
+            name
+            for name in set(self._merged) & set(self._packed_only)
+            if not _partitioned(self._lora_layer(model, name).base_layer.weight)
+        }
+        for name in self._packed_only.keys() - set(self._merged):
             param = source.get(self._source_name.get(name, name))
             if param is not None and param.requires_grad and not _partitioned(param):
                 trainable.add(name)
@@ -720,8 +726,11 @@ class TransformersEngine:
             if name in self._merged:  # a LoRA layer held merged: its adapters train
                 now = self._source_stamp(model, source, name)
                 if now != stamp or refill or copy_trainable:
-                    lora = model.get_base_model().get_submodule(self._merged[name])
-                    merged = merged_lora_weight(lora)
+                    merged: Any = merged_lora_weight(self._lora_layer(model, name))
+                    if callable(getattr(merged, "full_tensor", None)):
+                        # FSDP2 shards: merged shard by shard, gathered in the copy's dtype
+                        # (every process syncs together)
+                        merged = merged.to(param.dtype).full_tensor()
                     if layer is not None:
                         layer.pack(merged)
                     else:
@@ -754,13 +763,26 @@ class TransformersEngine:
         for layer in self._packed:
             layer.repack_if_changed()
 
+    def sync_parameters(self, model: Any) -> list[Tensor]:
+        """The parameters of `model` that `update_weights` reads whole after a step: the
+        trainable ones, and the base weight of each LoRA layer the copy holds merged. Under
+        DeepSpeed ZeRO-3 the trainer gathers just these (the copy keeps the other frozen
+        weights it was built with)."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        bases = [self._lora_layer(model, name).base_layer.weight for name in self._merged]
+        return params + bases
+
+    def _lora_layer(self, model: Any, name: str) -> Any:
+        """The LoRA layer of `model` whose merged weight the copy holds as `name`."""
+        return model.get_base_model().get_submodule(self._merged[name])
+
     def _source_stamp(self, model: Any, source: dict[str, Tensor], name: str) -> Any:
         """The stamp of what the sampler's parameter `name` is made from: the policy's
         parameter, or for a LoRA layer held merged its base weight and adapters."""
         if name not in self._merged:
             origin = self._source_name.get(name, name)
             return _stamp(source[origin]) if origin in source else None
-        lora = model.get_base_model().get_submodule(self._merged[name])
+        lora = self._lora_layer(model, name)
         (adapter,) = lora.active_adapters
         parts = (lora.base_layer.weight, lora.lora_A[adapter].weight, lora.lora_B[adapter].weight)
         return tuple(_stamp(part) for part in parts)

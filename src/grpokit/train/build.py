@@ -252,18 +252,14 @@ def make_generation_engine(
     args: GRPOConfig,
     *,
     max_new_tokens: int | None = None,
-    sharded: bool = False,
 ) -> GenerationEngine:
     """The engine `args` asks for: with `use_vllm`, `VLLMEngine` (vLLM in this process) or in
     server mode `VLLMServerEngine` (a `grpokit vllm-serve` server); else `TransformersEngine`.
     `model` is the prepared policy (PEFT-wrapped, on its device), or the model to evaluate.
     `max_new_tokens` (default `max_completion_length`) sizes vLLM's `max_model_len` when
-    `vllm_max_model_length` is None (colocate mode; a server has its own). `sharded`: the
-    policy will be sharded (FSDP2) or partitioned (ZeRO-3) once the engine holds its copy, so
-    a LoRA adapter is not held merged (a merge would gather the frozen base weights at every
-    weight sync)."""
+    `vllm_max_model_length` is None (colocate mode; a server has its own)."""
     if not args.use_vllm:
-        return TransformersEngine(model, tokenizer, merge_adapters=False if sharded else None)
+        return TransformersEngine(model, tokenizer)
     if args.vllm_mode == "server":
         from grpokit.engines.vllm_client import VLLMServerEngine
 

@@ -329,19 +329,18 @@ class World:
             (loss * self.gradient_scale).backward()
 
     def whole_parameters(
-        self, model: torch.nn.Module, *, trainable_only: bool = False
+        self, model: torch.nn.Module, params: list[Tensor] | None = None
     ) -> contextlib.AbstractContextManager[Any]:
-        """Context in which `model`'s parameters hold their whole values (read only): under
-        ZeRO-3 they are gathered from their partitions (a collective: every process enters it
-        together), otherwise they already do. `trainable_only`: only those with
-        `requires_grad` (what an optimizer step changes: under LoRA the adapters, a small part
-        of the weights); frozen ones stay partitioned."""
+        """Context in which `model`'s parameters (or only `params`, some of them: the others
+        stay partitioned) hold their whole values (read only): under ZeRO-3 they are gathered
+        from their partitions (a collective: every process enters it together), otherwise they
+        already do."""
         if self.zero_stage != 3:
             return contextlib.nullcontext()
         import deepspeed
 
-        params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        chosen = list(model.parameters()) if params is None else params
+        return deepspeed.zero.GatheredParameters(chosen, modifier_rank=None)
 
     # ---- collectives (identity for one process) ------------------------------------------------
     # Each takes and returns tensors on the caller's device; they travel on the device the

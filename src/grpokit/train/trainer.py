@@ -262,7 +262,6 @@ class GRPOTrainer:
             self.model,
             self.processing_class,
             self.args,
-            sharded=self.world.fsdp or self.world.zero_stage == 3,
         )
         self.sampling = build.sampling_params(self.args)
         # A completion that fills the model's context is refused now, not at the first step.
@@ -719,9 +718,8 @@ class GRPOTrainer:
                     self.state.epoch = self.sampler.epochs_done
                     with (
                         _timer(step_metrics, "time/weight_sync", self.device),
-                        # ZeRO-3: what the step changed is gathered (the engine's copy keeps
-                        # the frozen weights it was built with)
-                        self.world.whole_parameters(self.model, trainable_only=True),
+                        # ZeRO-3: what the engine reads is gathered (`_sync_parameters`)
+                        self.world.whole_parameters(self.model, self._sync_parameters()),
                     ):
                         self.engine.update_weights(self.model)
                     if (
@@ -1171,6 +1169,17 @@ class GRPOTrainer:
         self.control = self.callback_handler.call(
             event, self.args, self.state, self.control, **kwargs
         )
+
+    def _sync_parameters(self) -> list[Tensor]:
+        """The policy's parameters the engine's `update_weights` reads (`TransformersEngine.
+        sync_parameters`: the trainable ones and the base weights of the LoRA layers its copy
+        holds merged; the trainable ones for another engine). Under ZeRO-3 only these are
+        gathered for the weight sync: the engine's copy keeps the frozen weights it was built
+        with."""
+        reads = getattr(self.engine, "sync_parameters", None)
+        if callable(reads):
+            return list(reads(self.model))
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _ref_logprobs(self, batch: RolloutBatch) -> Tensor:
         if self.is_peft:
