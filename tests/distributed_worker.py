@@ -659,6 +659,13 @@ def _probed_trainer(out: Path, scenario: dict[str, Any]) -> tuple[GRPOTrainer, A
     return trainer(out, model=model, **scenario), probe
 
 
+def sample_from(engine: Any) -> None:
+    """A short `generate` call from the engine's copy, after training: sampling first syncs
+    the copy with whatever changed since (`TransformersEngine._sync`), outside any gathering,
+    with the policy's parameters sharded or partitioned."""
+    engine.generate([[5, 6, 7]], num_generations=2, max_new_tokens=2, sampling=SamplingParams())
+
+
 def _write_engine_gap(probe: Any, full: dict[str, torch.Tensor], out: Path) -> None:
     """engine_gap.txt: the largest difference between the probe engine's weights (as it computes
     with them) and the whole trained weights `full` rounded to bf16."""
@@ -689,6 +696,7 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
         train_counting(t, out, SCENARIOS[name])
         write_recompute(t, out)
         probe.update_weights(t.model)
+        sample_from(probe)
         full = full_state_dict(t.model, t.world)
         t.save_model(str(out / "final_model"))
         save_merged(t, out)
@@ -797,6 +805,7 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
         # what the engine says its sync reads (under ZeRO-3 the rest stays partitioned)
         with t.world.whole_parameters(t.model, probe.sync_parameters(t.model)):
             probe.update_weights(t.model)
+        sample_from(probe)
         full = _whole_weights(t)
         t.save_model(str(out / "final_model"))
         save_merged(t, out)

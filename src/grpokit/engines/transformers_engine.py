@@ -724,9 +724,12 @@ class TransformersEngine:
             layer = self._packed_only.get(name)
             refill = layer is not None and layer.discarded
             if name in self._merged:  # a LoRA layer held merged: its adapters train
+                lora = self._lora_layer(model, name)
+                if any(_partitioned(p) for p in lora.parameters()):
+                    continue  # ZeRO-3 partitions: merged with `update_weights`, gathered
                 now = self._source_stamp(model, source, name)
                 if now != stamp or refill or copy_trainable:
-                    merged: Any = merged_lora_weight(self._lora_layer(model, name))
+                    merged: Any = merged_lora_weight(lora)
                     if callable(getattr(merged, "full_tensor", None)):
                         # FSDP2 shards: merged shard by shard, gathered in the copy's dtype
                         # (every process syncs together)
