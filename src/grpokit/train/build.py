@@ -247,11 +247,7 @@ def check_generation_server(args: GRPOConfig) -> None:
 
 
 def make_generation_engine(
-    model: Any,
-    tokenizer: Any,
-    args: GRPOConfig,
-    *,
-    max_new_tokens: int | None = None,
+    model: Any, tokenizer: Any, args: GRPOConfig, *, max_new_tokens: int | None = None
 ) -> GenerationEngine:
     """The engine `args` asks for: with `use_vllm`, `VLLMEngine` (vLLM in this process) or in
     server mode `VLLMServerEngine` (a `grpokit vllm-serve` server); else `TransformersEngine`.

@@ -178,10 +178,10 @@ def merged_copy(model: Any, state: dict[str, torch.Tensor]) -> Any:
         for name, config in configs.items():
             clone.add_adapter(name, config)
     owned: dict[int, torch.Tensor] = {}  # each tensor copied once
-    cloned = {
-        key: owned.setdefault(id(value), value.detach().to("cpu", copy=True))
-        for key, value in state.items()
-    }
+    for value in state.values():
+        if id(value) not in owned:
+            owned[id(value)] = value.detach().to("cpu", copy=True)
+    cloned = {key: owned[id(value)] for key, value in state.items()}
     missing, unexpected = clone.load_state_dict(cloned, strict=False, assign=True)
     # tied weights (the output layer sharing the embeddings) are one tensor under one name
     tied = set(getattr(base, "all_tied_weights_keys", None) or {})

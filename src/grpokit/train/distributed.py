@@ -585,8 +585,8 @@ def restore_process_rng_state(path: Path, saved_processes: int, world: World, se
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """Shard `model` over the process group with FSDP2: each module whose class is one of the
     model's `_no_split_modules` (its decoder layers) is one unit, the rest the root unit (under
-    PEFT the base model, the wrapper around it the root). Every
-    process must hold the same initial weights (they come from the same checkpoint or seed)."""
+    PEFT the base model is one more unit, the wrapper around it the root). Every process must
+    hold the same initial weights (they come from the same checkpoint or seed)."""
     from torch.distributed.fsdp import fully_shard
 
     names = set(getattr(model, "_no_split_modules", None) or [])

@@ -259,9 +259,7 @@ class GRPOTrainer:
         )
         self.prompt_drawer = PromptDrawer(self.sampler, self.world)  # this process's prompts
         self.engine = generation_engine or build.make_generation_engine(
-            self.model,
-            self.processing_class,
-            self.args,
+            self.model, self.processing_class, self.args
         )
         self.sampling = build.sampling_params(self.args)
         # A completion that fills the model's context is refused now, not at the first step.
