@@ -118,6 +118,37 @@ def test_a_copy_keeps_the_change_on_its_own_norms() -> None:
     assert torch.equal(theirs, (ours.float() * 2).to(torch.bfloat16))  # the twin's own weight
 
 
+def test_the_output_layer_takes_its_kept_positions_contiguous() -> None:
+    # Under autocast the final norm's bf16 output reaches the output layer as a slice (the
+    # positions `logits_to_keep` keeps): the layer takes it as a contiguous copy (a frozen layer
+    # would otherwise multiply it through a batched product of its weight copied per row), once
+    # however often it is installed, in a copy of the model too; the logits are the same.
+    tok = make_tokenizer()
+    model = make_causal_lm(tok).requires_grad_(False)
+    ids = torch.randint(3, len(tok), (3, 9))
+    norms.cast_norm_outputs(model)
+    norms.cast_norm_outputs(model)
+    head = model.get_output_embeddings()
+    assert list(head._forward_pre_hooks.values()) == [norms._contiguous_input]
+    for twin in (model, copy.deepcopy(model)):
+        seen: list[tuple[bool, torch.dtype]] = []
+        twin.get_output_embeddings().register_forward_hook(
+            lambda module, args, out, seen=seen: seen.append(
+                (args[0].is_contiguous(), args[0].dtype)
+            )
+        )
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            kept = twin(input_ids=ids, logits_to_keep=4).logits
+            whole = twin(input_ids=ids).logits
+        assert seen == [(True, torch.bfloat16)] * 2
+        assert torch.equal(kept, whole[:, -4:])
+    sliced = torch.randn(2, 5, 8)[:, 1:]
+    assert not sliced.is_contiguous()
+    (copied,) = norms._contiguous_input(head, (sliced,))
+    assert copied.is_contiguous() and torch.equal(copied, sliced)
+    assert norms._contiguous_input(head, (copied,)) is None  # no copy of a contiguous input
+
+
 def test_other_models_are_left_alone() -> None:
     tok = make_tokenizer()
     # Qwen3's q/k norms feed the rotary embedding, not a linear layer

@@ -17,6 +17,14 @@ rounding (tests/test_norms.py).
 
 `cast_norm_outputs` installs it on the norms of a "llama", "qwen2" or "mistral" model, where the
 norms feed only linear layers; the norms act as before wherever autocast is off.
+
+The output layer then receives a slice of the final norm's bf16 output (the positions
+`logits_to_keep` keeps), where autocast's cast used to hand it a new contiguous tensor. With a
+frozen output layer (a LoRA adapter's, the reference model's) torch's `matmul` does not fold such
+a bf16 slice into one matrix product: it copies the weight once per row into a batched product
+(SmolLM2-135M's [49152, 576] head, 16 rows: a 906 MiB copy; LoRA's peak RSS on the bar workload
+3747 MiB with it, 2779 MiB without; bench/RESULTS.md). `cast_norm_outputs` therefore also has
+the output layer take its input contiguous.
 """
 
 from __future__ import annotations
@@ -117,9 +125,21 @@ def _cast_forward(self: Any, x: Tensor) -> Tensor:
 
 def cast_norm_outputs(model: Any) -> int:
     """Make the `linear_fed_norms` of `model` return their output in autocast's dtype when
-    autocast is on (`rms_norm_cast`); idempotent. A copy of the model (`copy.deepcopy`) keeps
-    the change. Returns how many norms it applies to (0: none, the model is unchanged)."""
+    autocast is on (`rms_norm_cast`), and its output layer take a non-contiguous input (the
+    final norm's output sliced to the positions kept) as a contiguous copy; idempotent. A copy
+    of the model (`copy.deepcopy`) keeps the change. Returns how many norms it applies to (0:
+    none, the model is unchanged)."""
     norms = linear_fed_norms(model)
     for norm in norms:
         norm.forward = types.MethodType(_cast_forward, norm)
+    head = model.get_output_embeddings() if norms else None
+    if head is not None and _contiguous_input not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_contiguous_input)
     return len(norms)
+
+
+def _contiguous_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """A forward pre-hook: the module's first input as a contiguous tensor, when it is not."""
+    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
