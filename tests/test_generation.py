@@ -407,6 +407,18 @@ def test_bf16_copy_follows_a_fused_adamw_step() -> None:
         assert torch.equal(weights[name], p.detach().to(torch.bfloat16)), name
 
 
+def _copied_by_a_step(engine: TransformersEngine, model: Any, by: float) -> set[str]:
+    """Add `by` to every trainable parameter of `model` (a step), `update_weights`: the names of
+    the sampler's parameters copied again."""
+    stamps = {name: stamp for name, (_, stamp) in engine._copies.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(by)
+    engine.update_weights(model)
+    return {name for name, (_, stamp) in engine._copies.items() if stamp != stamps[name]}
+
+
 def test_bf16_copy_under_peft_syncs_only_the_adapter() -> None:
     # merge_adapters=False: the copy keeps the PEFT layers, the adapters apart.
     peft = pytest.importorskip("peft")
@@ -415,13 +427,7 @@ def test_bf16_copy_under_peft_syncs_only_the_adapter() -> None:
     model = peft.get_peft_model(make_causal_lm(tok), config)
     engine = _engine(tok, model, bf16_sampler=True, merge_adapters=False)
     assert engine.sampler_model is not model and not engine._merged
-    stamps = {name: stamp for name, (_, stamp) in engine._copies.items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.5)
-    engine.update_weights(model)
-    copied = {name for name, (_, stamp) in engine._copies.items() if stamp != stamps[name]}
+    copied = _copied_by_a_step(engine, model, 0.5)
     assert copied and all("lora_" in name for name in copied)  # the frozen base was not copied
     weights = engine.sampler_weights()
     for name, p in model.named_parameters():
@@ -490,14 +496,8 @@ def test_bf16_copy_holds_lora_layers_merged_and_merges_again_after_a_step() -> N
         )
 
     check()
-    stamps = {name: stamp for name, (_, stamp) in engine._copies.items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05)
-    engine.update_weights(model)
+    copied = _copied_by_a_step(engine, model, 0.05)
     check()
-    copied = {name for name, (_, stamp) in engine._copies.items() if stamp != stamps[name]}
     assert copied == layers  # the frozen weights were not copied again
     out = engine.generate(PROMPTS, num_generations=2, max_new_tokens=4, sampling=SamplingParams())
     assert out.completion_ids.shape[0] == 6

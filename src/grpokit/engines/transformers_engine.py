@@ -723,46 +723,42 @@ class TransformersEngine:
         for name, (param, stamp) in self._copies.items():
             layer = self._packed_only.get(name)
             refill = layer is not None and layer.discarded
+            value: Any
             if name in self._merged:  # a LoRA layer held merged: its adapters train
                 lora = self._lora_layer(model, name)
                 if any(_partitioned(p) for p in lora.parameters()):
                     continue  # ZeRO-3 partitions: merged with `update_weights`, gathered
                 now = self._source_stamp(model, source, name)
-                if now != stamp or refill or copy_trainable:
-                    merged: Any = merged_lora_weight(lora)
-                    if callable(getattr(merged, "full_tensor", None)):
-                        # FSDP2 shards: merged shard by shard, gathered in the copy's dtype
-                        # (every process syncs together)
-                        merged = merged.to(param.dtype).full_tensor()
-                    if layer is not None:
-                        layer.pack(merged)
-                    else:
-                        param.copy_(merged)
-                    self._copies[name] = (param, now)
-                continue
-            origin = self._source_name.get(name, name)
-            if origin not in source:
-                raise KeyError(
-                    f"update_weights: the model has no parameter {origin!r}; pass the same model "
-                    f"the engine was built with."
-                )
-            if _partitioned(source[origin]):
-                # A DeepSpeed ZeRO-3 partition: its whole value comes with `update_weights`,
-                # which the trainer calls with the parameters gathered (every process together).
-                continue
-            now = _stamp(source[origin])
-            if now != stamp or refill or (copy_trainable and source[origin].requires_grad):
+                if now == stamp and not refill and not copy_trainable:
+                    continue
+                value = merged_lora_weight(lora)  # FSDP2: merged shard by shard
+            else:
+                origin = self._source_name.get(name, name)
+                if origin not in source:
+                    raise KeyError(
+                        f"update_weights: the model has no parameter {origin!r}; pass the same "
+                        f"model the engine was built with."
+                    )
+                if _partitioned(source[origin]):
+                    # A DeepSpeed ZeRO-3 partition: its whole value comes with `update_weights`,
+                    # which the trainer calls with the parameters gathered (every process
+                    # together).
+                    continue
+                now = _stamp(source[origin])
+                trained = copy_trainable and source[origin].requires_grad
+                if now == stamp and not refill and not trained:
+                    continue
                 value = source[origin]
-                if callable(getattr(value, "full_tensor", None)):
-                    # A sharded (FSDP2) parameter is gathered whole (every process syncs
-                    # together), cast to the copy's dtype first: the values of a cast after the
-                    # gather, with the copy's bytes on the wire (half of float32's for bf16).
-                    value = value.to(param.dtype).full_tensor()
-                if layer is not None:
-                    layer.pack(value)
-                else:
-                    param.copy_(value)
-                self._copies[name] = (param, now)
+            if callable(getattr(value, "full_tensor", None)):
+                # A sharded (FSDP2) value is gathered whole (every process syncs together), cast
+                # to the copy's dtype first: the values of a cast after the gather, with the
+                # copy's bytes on the wire (half of float32's for bf16).
+                value = value.to(param.dtype).full_tensor()
+            if layer is not None:
+                layer.pack(value)
+            else:
+                param.copy_(value)
+            self._copies[name] = (param, now)
         for layer in self._packed:
             layer.repack_if_changed()
 
