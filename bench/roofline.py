@@ -84,6 +84,14 @@ class ModelShape:
         mlp = 3 * self.hidden * self.intermediate
         return self.layers * (q + kv + o + mlp)
 
+    def lora_params(self, rank: int) -> int:
+        """Parameters of a LoRA adapter of `rank` on every linear layer of the decoder layers
+        (PEFT's "all-linear": A [rank, in] and B [out, rank] on q, k, v, o, gate, up, down)."""
+        h, i = self.hidden, self.intermediate
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        sides = (h + q) + 2 * (h + kv) + (q + h) + 3 * (h + i)  # in + out of each layer
+        return self.layers * rank * sides
+
     @property
     def head_params(self) -> int:
         """Weights the LM head multiplies by (the embedding matrix when tied)."""

@@ -32,6 +32,20 @@ def test_parameter_counts_by_hand():
     assert TINY.kv_per_token == 16  # 2 (k, v) * 2 layers * 1 head * 4
 
 
+def test_lora_parameters_by_hand_and_as_peft_counts_them():
+    # rank 2, per layer (in + out): q 8+8, k 8+4, v 8+4, o 8+8, gate 8+16, up 8+16, down 16+8
+    # = 16 + 12 + 12 + 16 + 24 + 24 + 24 = 128; x 2 (rank) x 2 layers = 512
+    assert TINY.lora_params(2) == 512
+    peft = pytest.importorskip("peft")
+    from tests.tiny import make_causal_lm, make_tokenizer
+
+    model = make_causal_lm(make_tokenizer())
+    shape = ModelShape.from_dict(model.config.to_dict())
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert shape.lora_params(4) == trainable > 0
+
+
 def test_from_dict_reads_a_llama_config():
     cfg = {
         "num_hidden_layers": 2,
