@@ -228,6 +228,72 @@ def test_merged_weights_changed_only_plain_and_peft(tok: Any) -> None:
         assert len(weights) == len(list(make_causal_lm(tok).named_parameters()))
 
 
+def _lora_with_adapters(tok: Any, **config: Any) -> Any:
+    """A PEFT LoRA model of the tiny LM whose adapters are not zero (B random), in fp32."""
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(
+        make_causal_lm(tok),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], **config),
+    )
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return lora
+
+
+def test_merged_weights_are_made_apart_and_leave_the_model_untouched(tok: Any) -> None:
+    """Each LoRA layer is sent as W + (alpha / r) B A computed by hand, made when iterated (one
+    at a time), while the model's weights stay bit for bit what they were: pushing after
+    every step never drifts the frozen base (an in-place merge and unmerge rounds it)."""
+    lora = _lora_with_adapters(tok)
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    layer = lora.get_base_model().model.layers[1].mlp.down_proj
+    expected = layer.base_layer.weight + 2.0 * (
+        layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    )
+    made: list[str] = []
+    with merged_weights(lora) as weights:
+        assert weights.names[0] == "model.embed_tokens.weight"
+        index = weights.names.index("model.layers.1.mlp.down_proj.weight")
+        assert weights.shapes[index] == tuple(expected.shape)
+        for _ in range(3):  # as a push after each of three steps would
+            sent = {}
+            for name, tensor in weights:
+                made.append(name)
+                sent[name] = tensor
+        torch.testing.assert_close(
+            sent["model.layers.1.mlp.down_proj.weight"], expected, rtol=0, atol=1e-6
+        )
+        plain = sent["model.layers.0.self_attn.k_proj.weight"]  # no adapter: the weight itself
+        assert plain is lora.get_base_model().model.layers[0].self_attn.k_proj.weight
+    assert made == weights.names * 3
+    for key, value in lora.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    merged = lora.merge_and_unload()  # PEFT's own merge agrees
+    torch.testing.assert_close(
+        merged.model.layers[1].mlp.down_proj.weight,
+        sent["model.layers.1.mlp.down_proj.weight"],
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_merged_weights_merge_other_adapters_in_place_and_undo_it(tok: Any) -> None:
+    """A DoRA layer is not `W + s B A`: it is merged by PEFT in place for the duration (what is
+    sent equals PEFT's merge) and unmerged after (within fp32 rounding)."""
+    lora = _lora_with_adapters(tok, use_dora=True)
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    with merged_weights(lora) as weights:
+        sent = {name: tensor.clone() for name, tensor in weights}
+    for key, value in lora.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-5)
+    merged = lora.merge_and_unload()
+    for name, value in merged.named_parameters():
+        torch.testing.assert_close(sent[name], value, rtol=0, atol=1e-6)
+
+
 def test_prompt_learning_adapter_is_refused_before_any_connection(tok: Any) -> None:
     """Virtual tokens are not weights: no merged checkpoint carries them to vLLM."""
     peft = pytest.importorskip("peft")

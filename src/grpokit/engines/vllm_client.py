@@ -44,6 +44,7 @@ from grpokit.engines.multi_turn import (
 )
 from grpokit.engines.weight_sync import (
     SENDER,
+    OutgoingWeights,
     WeightGroup,
     local_address_towards,
     merged_weights,
@@ -467,22 +468,21 @@ class VLLMServerEngine:
             self._check_weights(weights, complete=not changed_only)
             if weights:
                 if self.group is None:
-                    self.group = self._open_group(weights[0][1].device)
+                    self.group = self._open_group(weights.device)
                 self._send(self.group, weights)
 
-    def _send(self, group: WeightGroup, weights: list[tuple[str, Any]]) -> None:
+    def _send(self, group: WeightGroup, weights: OutgoingWeights) -> None:
         """Broadcast `weights` over `group` while `POST /update_weights` announces them."""
-        tensors = [w for _, w in weights]
         payload = {
             "group": group.prefix,
-            "names": [name for name, _ in weights],
-            "shapes": [list(t.shape) for t in tensors],
+            "names": weights.names,
+            "shapes": [list(shape) for shape in weights.shapes],
         }
         failure: list[BaseException] = []
 
         def send() -> None:
             try:
-                group.send(tensors, self.dtype)
+                group.send(weights.shapes, weights.tensors(), self.dtype)
             except Exception as error:  # relayed to the caller below
                 failure.append(error)
 
@@ -503,10 +503,12 @@ class VLLMServerEngine:
             )
         self._check_instance(reply, "/update_weights")
 
-    def _check_weights(self, weights: list[tuple[str, Any]], *, complete: bool) -> None:
+    def _check_weights(self, weights: OutgoingWeights, *, complete: bool) -> None:
         """The server's model must have every tensor we send, with the same shape (and, when
         `complete`, no other)."""
-        sent = {name: list(w.shape) for name, w in weights}
+        sent = {
+            name: list(shape) for name, shape in zip(weights.names, weights.shapes, strict=True)
+        }
         unknown = sorted(set(sent) - set(self.shapes))
         wrong = sorted(n for n in set(sent) & set(self.shapes) if sent[n] != self.shapes[n])
         missing = sorted(set(self.shapes) - set(sent)) if complete else []

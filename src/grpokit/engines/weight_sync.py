@@ -1,11 +1,12 @@
 """Moving a policy's weights into a vLLM engine: which tensors, under which names, over what.
 
-`merged_weights` yields the tensors to send under the names of the Hugging Face checkpoint (a
-PEFT model's adapters merged into its base weights), optionally only those a training step can
-change. `WeightGroup` is a two-member `torch.distributed` process group between a trainer and a
-vLLM server (gloo on CPU, NCCL when both ends are on CUDA devices), made directly on a `TCPStore`
-so that it never touches the default process group a multi-process run may have. Tensors travel
-packed into flat buffers of at most `CHUNK_BYTES`, in the server's dtype.
+`merged_weights` gives the tensors to send under the names of the Hugging Face checkpoint (a
+PEFT model's adapters merged into its base weights, made one at a time as they are sent),
+optionally only those a training step can change. `WeightGroup` is a two-member
+`torch.distributed` process group between a trainer and a vLLM server (gloo on CPU, NCCL when
+both ends are on CUDA devices), made directly on a `TCPStore` so that it never touches the
+default process group a multi-process run may have. Tensors travel packed into flat buffers of
+at most `CHUNK_BYTES`, in the server's dtype.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import datetime
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -26,14 +27,46 @@ CHUNK_BYTES = 256 << 20  # largest flat buffer of one broadcast (a larger tensor
 SENDER, RECEIVER = 0, 1  # ranks in the group: the trainer sends, the server receives
 
 
-@contextlib.contextmanager
-def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[list[tuple[str, Tensor]]]:
-    """`(name, tensor)` of the weights to send, with the names the HF checkpoint uses.
+class OutgoingWeights:
+    """The weights `merged_weights` gives: their names (the HF checkpoint's) and shapes at once,
+    their values one at a time as they are iterated, `(name, tensor)`. A LoRA layer's merged
+    weight is made when its turn comes and dropped by the consumer after use, so that sending a
+    large model never holds all its merged copies at once."""
 
-    A PEFT model's adapters are merged into its base weights for the duration (and unmerged
-    after: exact up to fp32 rounding of `W + dW - dW`); adapter tensors and the frozen originals
-    of `modules_to_save` are left out. A tensor held by several modules (tied embeddings) appears
-    once, under its first name.
+    def __init__(self, entries: list[tuple[str, Tensor, Any]]) -> None:
+        """`entries`: `(name, tensor, lora)`: the tensor itself when `lora` is None, else the
+        base weight of the plain LoRA layer `lora`, sent merged (`merged_lora_weight`)."""
+        self._entries = entries
+        self.names = [name for name, _, _ in entries]
+        self.shapes = [tuple(w.shape) for _, w, _ in entries]
+
+    @property
+    def device(self) -> torch.device:
+        """The device the tensors are on (that of the first)."""
+        return self._entries[0][1].device
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+        for name, weight, lora in self._entries:
+            yield name, (weight if lora is None else merged_lora_weight(lora))
+
+    def tensors(self) -> Iterator[Tensor]:
+        """The values alone, in order, made one at a time."""
+        return (tensor for _, tensor in self)
+
+
+@contextlib.contextmanager
+def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[OutgoingWeights]:
+    """The weights to send, with the names the HF checkpoint uses (see `OutgoingWeights`).
+
+    Under PEFT each plain LoRA layer (`plain_lora_layer`) is sent as `W + scaling * B @ A`,
+    made out of place: the model's own weights are never written. Any other adapter layer
+    (DoRA, several active adapters, LoRA on an embedding, another tuner) is merged into its
+    base weight in place for the duration and unmerged after (exact up to the fp32 rounding
+    of `W + dW - dW`). Adapter tensors and the frozen originals of `modules_to_save` are left
+    out. A tensor held by several modules (tied embeddings) appears once, under its first name.
 
     Args:
         model: A transformers causal LM, optionally a PEFT model.
@@ -43,38 +76,78 @@ def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[list[t
     """
     refuse_prompt_learning(model)
     if not callable(getattr(model, "get_base_model", None)):
-        yield [
-            (name, w) for name, w in model.named_parameters() if not changed_only or w.requires_grad
-        ]
+        yield OutgoingWeights(
+            [
+                (name, w, None)
+                for name, w in model.named_parameters()
+                if not changed_only or w.requires_grad
+            ]
+        )
         return
-    model.merge_adapter()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = model.get_base_model()
+    apart: dict[str, Any] = {}  # base weight's name -> its plain LoRA layer, merged out of place
+    in_place: list[Any] = []  # other adapter layers, merged into their base weights meanwhile
+    for name, module in base.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            if plain_lora_layer(module):
+                apart[f"{name}.base_layer.weight"] = module
+            elif not module.merged:  # one merged already holds its adapters in its weights
+                in_place.append(module)
+    for module in in_place:
+        module.merge()
     try:
-        yield [
-            (name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."), w)
-            for name, w in model.get_base_model().named_parameters()
-            if "lora_" not in name
-            and ".original_module." not in name
-            and (
-                not changed_only
-                or w.requires_grad
-                or ".modules_to_save." in name
-                or name.endswith(".base_layer.weight")
-            )
-        ]
+        yield OutgoingWeights(
+            [
+                (
+                    name.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."),
+                    w,
+                    apart.get(name),
+                )
+                for name, w in base.named_parameters()
+                if "lora_" not in name
+                and ".original_module." not in name
+                and (
+                    not changed_only
+                    or w.requires_grad
+                    or ".modules_to_save." in name
+                    or name.endswith(".base_layer.weight")
+                )
+            ]
+        )
     finally:
-        model.unmerge_adapter()
+        for module in in_place:
+            module.unmerge()
+
+
+def plain_lora_layer(module: Any) -> bool:
+    """Whether `module` is a plain LoRA layer, whose merged weight is `W + scaling * B @ A`
+    (`merged_lora_weight`): a `torch.nn.Linear` base, one active adapter, no DoRA or other
+    variant, no adapter bias, not transposed (`fan_in_fan_out`), not merged in place, adapters
+    on."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(module, LoraLinear) or type(module.base_layer) is not torch.nn.Linear:
+        return False
+    active = list(module.active_adapters)
+    if len(active) != 1 or module.merged or module.disable_adapters or module.fan_in_fan_out:
+        return False
+    (adapter,) = active
+    return not (
+        module.use_dora.get(adapter, False)
+        or getattr(module, "lora_bias", {}).get(adapter, False)
+        or getattr(module, "lora_variant", {}).get(adapter) is not None
+    )
 
 
 def mergeable_lora_layers(model: Any) -> dict[str, Any] | None:
-    """The adapter layers of a PEFT model by their names in its base model, where each is a
-    plain LoRA layer a sampler may hold merged, `W + scaling * B @ A`: a `torch.nn.Linear`
-    base, one active adapter, no DoRA or other variant, no adapter bias, not transposed
-    (`fan_in_fan_out`), not merged in place, adapters on. None for any other model (not PEFT,
-    a prompt-learning adapter, another tuner, `modules_to_save`, or no adapter layer), whose
-    sampler keeps the PEFT layers."""
+    """The adapter layers of a PEFT model by their names in its base model, where every one is
+    a plain LoRA layer (`plain_lora_layer`) a sampler may hold merged. None for any other model
+    (not PEFT, a prompt-learning adapter, another tuner or LoRA layer, `modules_to_save`, or no
+    adapter layer), whose sampler keeps the PEFT layers."""
     if not callable(getattr(model, "get_base_model", None)) or is_prompt_learning(model):
         return None
-    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
@@ -84,24 +157,15 @@ def mergeable_lora_layers(model: Any) -> dict[str, Any] | None:
             return None
         if not isinstance(module, BaseTunerLayer):
             continue
-        if not isinstance(module, LoraLinear) or type(module.base_layer) is not torch.nn.Linear:
-            return None
-        active = list(module.active_adapters)
-        if len(active) != 1 or module.merged or module.disable_adapters or module.fan_in_fan_out:
-            return None
-        (adapter,) = active
-        plain = not module.use_dora.get(adapter, False)
-        plain = plain and not getattr(module, "lora_bias", {}).get(adapter, False)
-        plain = plain and getattr(module, "lora_variant", {}).get(adapter) is None
-        if not plain:
+        if not plain_lora_layer(module):
             return None
         layers[name] = module
     return layers or None
 
 
 def merged_lora_weight(layer: Any) -> Tensor:
-    """`W + scaling * B @ A` of a layer `mergeable_lora_layers` gave (a new tensor, in the base
-    weight's dtype; the layer is left as it is)."""
+    """`W + scaling * B @ A` of a plain LoRA layer (`plain_lora_layer`): a new tensor, in the
+    base weight's dtype; the layer is left as it is."""
     (adapter,) = layer.active_adapters
     with torch.no_grad():
         base = layer.base_layer.weight
@@ -247,11 +311,16 @@ class WeightGroup:
         options.rootRank = SENDER
         self.group.broadcast([buffer], options).wait()
 
-    def send(self, tensors: Sequence[Tensor], dtype: torch.dtype) -> None:
-        """Broadcast `tensors`, cast to `dtype`, packed into flat buffers (see `chunk_plan`)."""
+    def send(
+        self, shapes: Sequence[Sequence[int]], tensors: Iterable[Tensor], dtype: torch.dtype
+    ) -> None:
+        """Broadcast `tensors` (of these `shapes`, taken one at a time), cast to `dtype`, packed
+        into flat buffers (see `chunk_plan`)."""
+        numels = [int(torch.Size(shape).numel()) for shape in shapes]
         element = torch.empty((), dtype=dtype).element_size()
-        for chunk in chunk_plan([t.numel() for t in tensors], element):
-            flat = [tensors[i].detach().reshape(-1).to(self.device, dtype) for i in chunk]
+        values = iter(tensors)
+        for chunk in chunk_plan(numels, element):
+            flat = [next(values).detach().reshape(-1).to(self.device, dtype) for _ in chunk]
             self._broadcast(torch.cat(flat) if len(flat) > 1 else flat[0].contiguous())
 
     def receive(self, shapes: Sequence[Sequence[int]], dtype: torch.dtype) -> list[Tensor]:
