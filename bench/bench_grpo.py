@@ -893,8 +893,8 @@ def format_roofline(
         group = [s for s in summaries if s["workload"] == name]
         work = roofline_work(group[0], native)
         rank = group[0].get("workload_fields", {}).get("lora_rank", 0)
-        if work is not None and rank:  # the adapter's weights train, their gradients and moments
-            work = replace(work, trainable=shape.lora_params(rank))
+        if work is not None and rank:  # the adapter trains: its gradients, moments and FLOPs
+            work = replace(work, lora_rank=rank)
         if work is None:
             continue
         measured = {s["system"]: s["per_step"] for s in group}

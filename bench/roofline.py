@@ -18,7 +18,9 @@ What each phase must do (uniform lengths: `B` prompts of `P` tokens, `G` complet
   KV per row) and writes one KV entry per row.
 - **logprobs**: one such forward per pass (old log-probs when `num_iterations > 1`, reference ones
   when `beta > 0`); bytes: the fp32 weights read once.
-- **train_fwd_bwd**: 3x the forward FLOPs (backward = 2x forward) per optimizer step; bytes: fp32
+- **train_fwd_bwd**: 3x the forward FLOPs (backward = 2x forward) per optimizer step; under LoRA
+  the frozen weights need no weight gradient: 2x their products, 3x attention, and the adapters'
+  own products 3x (forward, input and weight gradients); bytes: fp32
   weights read in forward and backward, gradients written, saved activations written and read
   back, and the sampler copy refreshed (fp32 read, sampler dtype written; the benchmark times the
   weight sync inside this phase).
@@ -125,8 +127,9 @@ class Work:
     4 in fp32). `sampler_bytes`: bytes per weight of the model that decodes (2 for a bf16 sampler
     copy, 4 when the fp32 policy samples) and per element of its KV cache. `weight_bytes`: bytes
     per linear weight as the decode reads them, when they differ (None = `sampler_bytes`; 2 for
-    the fp32 policy's float16 panels, `DecodePacks`). `trainable`: trainable parameters (None =
-    all).
+    the fp32 policy's float16 panels, `DecodePacks`). `lora_rank`: a LoRA adapter of this rank
+    on every linear layer trains while the model stays frozen (0 = a full fine-tune).
+    `trainable`: trainable parameters (None = the adapter's under `lora_rank`, else all).
     """
 
     num_prompts: int
@@ -138,6 +141,7 @@ class Work:
     compute_bytes: int = 2
     sampler_bytes: int = 2
     weight_bytes: int | None = None
+    lora_rank: int = 0
     trainable: int | None = None
 
     @property
@@ -212,10 +216,26 @@ def activation_bytes_per_token(shape: ModelShape, compute_bytes: int) -> int:
     return shape.layers * per_layer
 
 
+def trainable_params(shape: ModelShape, work: Work) -> int:
+    """Parameters the optimizer updates (`Work.trainable`, else the adapter's or all)."""
+    if work.trainable is not None:
+        return work.trainable
+    return shape.lora_params(work.lora_rank) if work.lora_rank else shape.params
+
+
 def train_fwd_bwd(shape: ModelShape, work: Work) -> Cost:
     """Forward + backward of every optimizer step of the round, per optimizer step."""
-    flops = 3.0 * sequence_forward_flops(shape, work)
-    trainable = shape.params if work.trainable is None else work.trainable
+    forward = sequence_forward_flops(shape, work)
+    if work.lora_rank:
+        # the weight products of that forward: input gradients only (the weights are frozen)
+        steps = max(work.completion_len - 1, 0)
+        layer_tokens = work.num_prompts * work.prompt_len + work.completions * steps
+        products = shape.forward_flops(layer_tokens, work.num_prompts + work.completions * steps, 0)
+        adapters = 2.0 * shape.lora_params(work.lora_rank) * layer_tokens
+        flops = 2.0 * products + 3.0 * (forward - products) + 3.0 * adapters
+    else:
+        flops = 3.0 * forward
+    trainable = trainable_params(shape, work)
     tokens = work.num_prompts * work.prompt_len + work.completions * work.completion_len
     saved = tokens * activation_bytes_per_token(shape, work.compute_bytes)
     saved += logits_bytes(shape, work)
@@ -237,7 +257,7 @@ def phase_costs(shape: ModelShape, work: Work) -> dict[str, Cost]:
     pre, dec = prefill(shape, work), decode(shape, work)
     passes = int(work.num_iterations > 1) + int(work.beta != 0)
     one_pass = Cost(sequence_forward_flops(shape, work), 4.0 * shape.params)
-    trainable = shape.params if work.trainable is None else work.trainable
+    trainable = trainable_params(shape, work)
     return {
         "prefill": pre.scaled(1 / k),
         "decode": dec.scaled(1 / k),
@@ -271,7 +291,7 @@ def memory_budget(
             policy's own weights.
         micro_batch: Completions per training forward (None = all `N`).
     """
-    trainable = shape.params if work.trainable is None else work.trainable
+    trainable = trainable_params(shape, work)
     rows = work.completions if micro_batch is None else micro_batch
     seq = work.prompt_len + work.completion_len
     released = shape.body_params + (0 if shape.tied_embeddings else shape.head_params)

@@ -109,6 +109,24 @@ def test_phase_costs_by_hand():
     assert roofline.phase_costs(TINY, WORK)["logprobs"].flops == 0
 
 
+def test_lora_training_flops_and_trainable_by_hand():
+    # Frozen weights: forward + input gradients, 2 x the weight products; attention 3x; the
+    # adapters (rank 2, 512 parameters) 3 x 2 x 512 per layer token. Layer tokens: prompt 3 +
+    # 2 rows x 3 = 9; head tokens 1 + 6 = 7. Products 2*1152*9 + 2*80*7 = 20736 + 1120 = 21856;
+    # attention 384 + 1920 = 2304 (test_prefill_and_decode_by_hand).
+    lora = Work(**{**WORK.__dict__, "lora_rank": 2})
+    assert roofline.train_fwd_bwd(TINY, lora).flops == 2 * 21856 + 3 * 2304 + 3 * 2 * 512 * 9
+    # = the forward (7456 + 16704), the input gradients (21856), attention's backward (2 x 2304)
+    assert 2 * 21856 + 3 * 2304 == 7456 + 16704 + 21856 + 2 * 2304
+    costs = roofline.phase_costs(TINY, lora)
+    assert costs["optimizer"] == Cost(16 * 512, 32 * 512)  # the adapter's parameters train
+    # gradients written for the adapter only: 4 * 512 instead of 4 * 1272
+    full = roofline.train_fwd_bwd(TINY, WORK).bytes
+    assert roofline.train_fwd_bwd(TINY, lora).bytes == full - 4 * (1272 - 512)
+    budget = roofline.memory_budget(TINY, lora, sampler_copy=False, packed=False)
+    assert budget["AdamW moments fp32"] == 8 * 512
+
+
 def test_train_bytes_by_hand():
     # activations per token: per layer 4*2*8 = 64 fp32 bytes + 2 * (16 + 8 + 8 + 8 + 64) = 208
     # -> 272 per layer, 544 for 2 layers
