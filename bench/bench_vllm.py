@@ -30,6 +30,11 @@ Environment: bench/.venv-vllm (commands in bench/requirements-vllm.txt). Usage:
     bench/.venv-vllm/bin/python bench/bench_vllm.py --mode fixed natural --threads 1 2
     bench/.venv-vllm/bin/python bench/bench_vllm.py --engines vllm --vllm-compile  # ~100 s start
     bench/.venv-vllm/bin/python bench/bench_vllm.py --engines vllm vllm-server --threads 2
+    bench/.venv-vllm/bin/python bench/bench_vllm.py --engines vllm vllm-server --lora 16
+
+`--lora R` puts a LoRA adapter of rank R on every linear layer (B drawn small, as
+bench_generation.py's): each engine samples from the merged weights, and `update_weights` is
+timed after the adapters changed.
 """
 
 from __future__ import annotations
@@ -55,7 +60,13 @@ from grpokit.engines.models import load_causal_lm
 from grpokit.engines.transformers_engine import TransformersEngine
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_generation import chat_prompt_ids, logprob_gap_summary, time_calls, update_seconds
+from bench_generation import (
+    chat_prompt_ids,
+    logprob_gap_summary,
+    time_calls,
+    update_seconds,
+    with_lora,
+)
 
 
 def wait_for_quiet(args: argparse.Namespace) -> float:
@@ -193,15 +204,19 @@ def main() -> None:
     parser.add_argument("--max-load", type=float, default=1.5)
     parser.add_argument("--wait", type=float, default=120, help="max seconds to wait for quiet")
     parser.add_argument("--server-log", default="/tmp/grpokit-bench-vllm-server.log")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank on every linear layer")
     args = parser.parse_args()
 
     model, tokenizer = load_causal_lm(args.model)
+    if args.lora:
+        model = with_lora(model, args.lora)
     model.eval()
     prompt_ids = chat_prompt_ids(tokenizer)
     print(
         f"{args.model}: {len(prompt_ids)} prompts x {args.num_generations} completions, "
         f"max {args.max_new_tokens} new tokens, prompt lengths {[len(p) for p in prompt_ids]}, "
         f"torch {torch.__version__}, {os.cpu_count()} CPUs"
+        + (f", LoRA rank {args.lora} on every linear layer" if args.lora else "")
     )
     header = f"{'engine':14} {'mode':8} {'thr':>3} {'wall s':>7} {'cpu s':>7} {'tok/s':>6}"
     print(f"{header} {'tokens':>7}  load before -> after", flush=True)
