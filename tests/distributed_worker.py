@@ -324,7 +324,8 @@ def trainer(
     out: Path, model_overrides: dict[str, Any] | None = None, model: Any = None, **overrides: Any
 ) -> Any:
     """The scenarios' trainer, on `model` or a fresh tiny model (`model_overrides` applied);
-    `share_prompts=True` among `overrides` keeps `GRPOTrainer.share_prompts` on, `lora=True`
+    `share_prompts=True` among `overrides` keeps `GRPOTrainer.share_prompts` on, `reward=f`
+    rewards with `f` instead of `letter_reward`, `lora=True`
     trains a LoRA adapter, `keep_up_to=K` (with `gradient_checkpointing`) has training forwards
     of at most K tokens keep their activations and larger ones keep them in their last layers,
     as many as K tokens' worth (`ActivationBound.kept_layers`), as "auto" does on a CPU with
@@ -334,16 +335,18 @@ def trainer(
         model = make_causal_lm(tok, seed=0, **(model_overrides or {})).train()
     share = overrides.pop("share_prompts", False)
     keep_up_to = overrides.pop("keep_up_to", None)
+    reward = overrides.pop("reward", letter_reward)
     peft_config = lora_config() if overrides.pop("lora", False) else None
     t = GRPOTrainer(
         model,
-        letter_reward,
+        reward,
         args=config(out, **overrides),
         peft_config=peft_config,
         train_dataset=dataset(40),
         eval_dataset=dataset(5, offset=100),
         processing_class=tok,
-        generation_engine=ScriptedEngine(tok),
+        # with use_vllm, the trainer's own engine (a vLLM server's client)
+        generation_engine=None if overrides.get("use_vllm") else ScriptedEngine(tok),
     )
     if keep_up_to is not None:
         layers = model.config.num_hidden_layers
@@ -495,6 +498,7 @@ def run_scenarios(out_dir: Path) -> None:
     counts = f"{Tally.made} {Tally.resets} {t.state.prompts_over_length}"
     (out / f"environments_{launched_process_index()}.txt").write_text(counts)
     train_resumed(out_dir)
+    run_vllm_server_scenarios(out_dir)
 
 
 def train_resumed(out_dir: Path, prefix: str = "", **overrides: Any) -> None:
@@ -709,6 +713,41 @@ def run_fsdp_scenarios(out_dir: Path) -> None:
     # Resume under FSDP2: checkpoints hold the whole states, gathered; loading scatters them.
     train_resumed(out_dir)
     train_resumed(out_dir, "lora_", **LORA_RESUME)
+    run_vllm_server_scenarios(out_dir)
+
+
+# Sampling from a vLLM server (`vllm_mode="server"`): the parent test serves
+# tests/test_vllm_client.py's fake vLLM behind the real `VLLMServer`, one server per scenario,
+# their URLs in `VLLM_SERVERS` (comma-separated, in this order). After every optimizer step the
+# trainer pushes what the step changed, gathered from FSDP2 shards or ZeRO-3 partitions; the
+# test compares what the server then holds with the trained weights.
+def length_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """A completion's length in characters (the fake vLLM's completions of a group differ in
+    length only)."""
+    return [float(len(text)) for text in completions]
+
+
+# The fake's sampling log-probs (-0.25 each) are not the policy's: no importance correction.
+VLLM_SERVED = {"reward": length_reward, "vllm_importance_sampling_correction": False}
+VLLM_SERVER_SCENARIOS = {
+    "vllm_server": {"loss_type": "dapo", **VLLM_SERVED},
+    "vllm_server_lora": {"loss_type": "dapo", "lora": True, **VLLM_SERVED},
+}
+VLLM_SERVERS = "GRPOKIT_TEST_VLLM_SERVERS"
+
+
+def run_vllm_server_scenarios(out_dir: Path) -> None:
+    """`VLLM_SERVER_SCENARIOS` with the servers of `VLLM_SERVERS` (none when it is unset): the
+    final whole weights in `params.pt`."""
+    urls = os.environ.get(VLLM_SERVERS)
+    if not urls:
+        return
+    for (name, scenario), url in zip(VLLM_SERVER_SCENARIOS.items(), urls.split(","), strict=True):
+        out = out_dir / name
+        server = {"vllm_server_base_url": url, "vllm_group_port": 0, "vllm_server_timeout": 60}
+        t = trainer(out, use_vllm=True, vllm_mode="server", **server, **scenario)
+        t.train()
+        _save_whole(t, out)
 
 
 def _save_whole(t: Any, out: Path) -> None:
@@ -826,6 +865,7 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
     # partitions; loading puts each process's partitions back.
     train_resumed(out_dir)
     train_resumed(out_dir, "lora_", **LORA_RESUME)
+    run_vllm_server_scenarios(out_dir)
 
 
 def run_one_scenario(out_dir: Path, name: str) -> None:

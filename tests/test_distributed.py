@@ -13,6 +13,7 @@ logged `loss` and `grad_norm` do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -68,12 +70,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(command: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start `command` (a launcher) in its own process group, output to `log`."""
+def _launch(
+    command: list[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `command` (a launcher) in its own process group, output to `log`; `env` adds to
+    its environment."""
     env = {
         **{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")},
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         "OMP_NUM_THREADS": "1",
+        **(env or {}),
     }
     with log.open("w") as out:
         return subprocess.Popen(
@@ -99,10 +105,33 @@ def _wait_all(launched: list[subprocess.Popen[bytes]], timeout: float) -> list[i
                 proc.wait()
 
 
+@contextlib.contextmanager
+def vllm_servers(runs: list[Path]) -> Iterator[dict[str, dict[str, Any]]]:
+    """For each run folder, a fake vLLM behind the real `VLLMServer` (tests/test_vllm_client.py)
+    per scenario of `worker.VLLM_SERVER_SCENARIOS`, started from another model (seed 1) than the
+    trainers' (seed 0); yields, by run folder, the environment that names the servers to its
+    launch ("env") and the servers by scenario ("servers"), up until they stop."""
+    from tests.test_vllm_client import FakeEngine, serving
+
+    start = worker.make_causal_lm(worker.make_tokenizer(), seed=1)
+    with contextlib.ExitStack() as stack:
+        made: dict[str, dict[str, Any]] = {}
+        for run in runs:
+            servers = {
+                name: stack.enter_context(serving(FakeEngine(start)))
+                for name in worker.VLLM_SERVER_SCENARIOS
+            }
+            urls = ",".join(server.address for server in servers.values())
+            made[str(run)] = {"env": {worker.VLLM_SERVERS: urls}, "servers": servers}
+        yield made
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run the scenarios on 2 processes with DDP (torchrun) and with FSDP2 (accelerate launch
-    with examples/accelerate/fsdp2.yaml), both in the background, and on 1 process here."""
+    with examples/accelerate/fsdp2.yaml), both in the background, and on 1 process here. Both
+    launches also sample from vLLM servers (`vllm_servers`), whose final weights are kept under
+    "vllm" (by run, then by scenario)."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     fsdp = tmp_path_factory.mktemp("fsdp")
     script = str(ROOT / "tests" / "distributed_worker.py")
@@ -111,17 +140,33 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     accelerate += [str(ROOT / "examples" / "accelerate" / "fsdp2.yaml")]
     accelerate += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
-    launched = [
-        (_launch([*torchrun, script, str(two)], two / "launch.log"), two / "launch.log"),
-        (_launch([*accelerate, script, str(fsdp)], fsdp / "launch.log"), fsdp / "launch.log"),
-    ]
-    try:
-        worker.run_scenarios(one)
-    finally:  # an error here still ends the launched runs
-        codes = _wait_all([proc for proc, _ in launched], timeout=400)
-    for code, (_, log) in zip(codes, launched, strict=True):
-        assert code == 0, log.read_text()[-3000:]
-    return {"one": one, "two": two, "fsdp": fsdp}
+    with vllm_servers([two, fsdp]) as served:
+        launched = [
+            (
+                _launch([*command, script, str(out)], out / "launch.log", served[str(out)]["env"]),
+                out,
+            )
+            for command, out in ((torchrun, two), (accelerate, fsdp))
+        ]
+        try:
+            worker.run_scenarios(one)
+        finally:  # an error here still ends the launched runs
+            codes = _wait_all([proc for proc, _ in launched], timeout=400)
+        vllm = {
+            key: {n: served_weights(s) for n, s in served[str(out)]["servers"].items()}
+            for key, out in (("two", two), ("fsdp", fsdp))
+        }
+    for code, (_, out) in zip(codes, launched, strict=True):
+        assert code == 0, (out / "launch.log").read_text()[-3000:]
+    return {"one": one, "two": two, "fsdp": fsdp, "vllm": vllm}
+
+
+def served_weights(server: Any) -> dict[str, Any]:
+    """What a `VLLMServer` holds: its weights (copies) and the number of pushes it took."""
+    return {
+        "weights": {name: w.clone() for name, w in server.weights.items()},
+        "version": server.version,
+    }
 
 
 def _params(run: Path, name: str = "params.pt") -> dict[str, torch.Tensor]:
@@ -187,6 +232,29 @@ def assert_adapter_saved(folder: Path, params: dict[str, torch.Tensor]) -> None:
         assert torch.equal(value, lora[key.replace(".weight", ".default.weight")]), key
 
 
+def assert_server_follows(held: dict[str, Any], params: dict[str, torch.Tensor]) -> None:
+    """A vLLM server of a `worker.VLLM_SERVER_SCENARIOS` run took the first push and one per
+    optimizer step (3), and holds the trained weights `params` (whole) rounded to bf16: every
+    weight of the model, under LoRA with the adapter merged (W + scale B A by hand; the merge
+    on shards may round one bf16 step apart)."""
+    initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0)
+    names = {name for name, _ in initial.named_parameters()}  # the tied head once
+    assert held["version"] == 1 + 3
+    assert set(held["weights"]) == names
+    expected, tolerance = params, 0.0
+    if any("lora_" in k for k in params):
+        assert_lora_trained(params, initial.state_dict())
+        adapter = {k: v for k, v in params.items() if "lora_" in k}
+        expected, tolerance = merged_by_hand(adapter, base_weights(params)), 2**-7
+    moved = 0.0
+    for name in names:
+        whole = expected[name].to(torch.bfloat16).float()
+        served = held["weights"][name].float()
+        torch.testing.assert_close(served, whole, rtol=tolerance, atol=1e-6, msg=name)
+        moved = max(moved, (whole - initial.state_dict()[name]).abs().max().item())
+    assert moved > 0.05  # the trained weights, not the ones the trainer started from
+
+
 def recomputed(run: Path) -> bool:
     """Whether both processes' models recomputed their activations (the same answer on each)."""
     (answer,) = {(run / f"gradient_checkpointing_{rank}.txt").read_text() for rank in (0, 1)}
@@ -219,6 +287,16 @@ def test_two_processes_train_as_one(runs: dict[str, Path], scenario: str) -> Non
         for key in EQUAL_METRICS:
             if key in r1:
                 assert math.isclose(r1[key], r2[key], rel_tol=1e-4, abs_tol=1e-6), (key, r1, r2)
+
+
+@pytest.mark.parametrize("run", ["two", "fsdp"])
+@pytest.mark.parametrize("scenario", sorted(worker.VLLM_SERVER_SCENARIOS))
+def test_a_vllm_server_follows_the_policy_under_ddp_and_fsdp2(
+    runs: dict[str, Any], run: str, scenario: str
+) -> None:
+    """`vllm_mode="server"` on 2 processes: process 0 pushes (under FSDP2 every process gathers
+    each whole tensor in turn), so the server samples from the policy at every step."""
+    assert_server_follows(runs["vllm"][run][scenario], _params(runs[run] / scenario))
 
 
 def test_ddp_forwards_each_shared_prompt_once(runs: dict[str, Path]) -> None:
@@ -715,6 +793,19 @@ def test_fsdp_settings_it_cannot_run_are_refused(monkeypatch) -> None:
     compiled = GRPOConfig(per_device_train_batch_size=4, num_generations=4, torch_compile=True)
     with pytest.raises(ConfigError, match="does not support yet: torch_compile"):
         dist.check_fsdp_run(world, compiled, engine=None, prompt_learning=False)
+    assert_vllm_server_only(dist.check_fsdp_run, world, r"vllm_mode='colocate'.*'server'")
+
+
+def assert_vllm_server_only(check: Any, world: Any, refusal: str) -> None:
+    """`check` (`check_fsdp_run` / `check_deepspeed_run`) accepts a vLLM server and refuses vLLM
+    in each process with `refusal`."""
+    server = GRPOConfig(
+        per_device_train_batch_size=4, num_generations=4, use_vllm=True, vllm_mode="server"
+    )
+    check(world, server, engine=None, prompt_learning=False)
+    colocated = SimpleNamespace(use_vllm=True, vllm_mode="colocate", torch_compile=False)
+    with pytest.raises(ConfigError, match=refusal):
+        check(world, colocated, engine=None, prompt_learning=False)
 
 
 @pytest.mark.parametrize("world_size", [None, "2"])

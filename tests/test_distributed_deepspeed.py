@@ -40,7 +40,11 @@ from tests.test_distributed import (
     assert_lora_checkpoints,
     assert_lora_trained,
     assert_merged_saved,
+    assert_server_follows,
+    assert_vllm_server_only,
     recomputed,
+    served_weights,
+    vllm_servers,
 )
 
 pytest.importorskip("deepspeed")
@@ -58,20 +62,38 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     command = [*torchrun, script, str(ddp), "old_logprobs"]
     launched = [(_launch(command, ddp / "launch.log"), ddp)]
-    for stage in STAGES:
-        out = tmp_path_factory.mktemp(f"zero{stage}")
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-        command += [str(ROOT / "examples" / "accelerate" / f"zero{stage}.yaml")]
-        command += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
-        launched.append((_launch([*command, script, str(out)], out / "launch.log"), out))
-    try:
-        worker.run_deepspeed_references(one)
-    finally:  # an error here still ends the launched runs
-        codes = _wait_all([proc for proc, _ in launched], timeout=500)
+    outs = [tmp_path_factory.mktemp(f"zero{stage}") for stage in STAGES]
+    with vllm_servers(outs) as served:
+        for stage, out in zip(STAGES, outs, strict=True):
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+            command += [str(ROOT / "examples" / "accelerate" / f"zero{stage}.yaml")]
+            command += ["--main_process_ip", "127.0.0.1"]
+            command += ["--main_process_port", str(_free_port())]
+            env = served[str(out)]["env"]
+            launched.append((_launch([*command, script, str(out)], out / "launch.log", env), out))
+        try:
+            worker.run_deepspeed_references(one)
+        finally:  # an error here still ends the launched runs
+            codes = _wait_all([proc for proc, _ in launched], timeout=500)
+        vllm = {
+            f"zero{stage}": {n: served_weights(s) for n, s in served[str(out)]["servers"].items()}
+            for stage, out in zip(STAGES, outs, strict=True)
+        }
     for code, (_, out) in zip(codes, launched, strict=True):
         assert code == 0, (out / "launch.log").read_text()[-3000:]
-    zero = {f"zero{stage}": out for stage, (_, out) in zip(STAGES, launched[1:], strict=True)}
-    return {"one": one, "ddp": ddp, **zero}
+    zero = {f"zero{stage}": out for stage, out in zip(STAGES, outs, strict=True)}
+    return {"one": one, "ddp": ddp, **zero, "vllm": vllm}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("scenario", sorted(worker.VLLM_SERVER_SCENARIOS))
+def test_a_vllm_server_follows_the_policy_under_zero(
+    runs: dict[str, Any], stage: int, scenario: str
+) -> None:
+    """`vllm_mode="server"` under ZeRO-2 and ZeRO-3: process 0 pushes what a step changed
+    (under ZeRO-3 gathered from the partitions for it, `VLLMServerEngine.sync_parameters`)."""
+    run = f"zero{stage}"
+    assert_server_follows(runs["vllm"][run][scenario], _params(runs[run] / scenario))
 
 
 def _whole_numel(name: str = "model.embed_tokens.weight") -> int:
@@ -311,6 +333,7 @@ def test_deepspeed_settings_it_cannot_run_are_refused() -> None:
     compiled = GRPOConfig(per_device_train_batch_size=4, num_generations=4, torch_compile=True)
     with pytest.raises(ConfigError, match="does not support yet: torch_compile"):
         dist.check_deepspeed_run(world, compiled, engine=None, prompt_learning=False)
+    assert_vllm_server_only(dist.check_deepspeed_run, world, r"vllm_mode='colocate'.*ZeRO-3")
     sampling_from_the_model = SimpleNamespace(model="m", sampler_model="m")
     with pytest.raises(ConfigError, match="without its own sampler copy"):
         dist.check_deepspeed_run(world, args, engine=sampling_from_the_model, prompt_learning=False)

@@ -13,6 +13,7 @@ docs/VLLM_SERVER.md; it is not that of `trl vllm-serve` / `vllm serve`.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import logging
@@ -22,7 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -46,6 +47,7 @@ from grpokit.engines.weight_sync import (
     SENDER,
     OutgoingWeights,
     WeightGroup,
+    changed_parameters,
     local_address_towards,
     merged_weights,
     refuse_prompt_learning,
@@ -236,6 +238,36 @@ def wait_for_server(connection: ServerConnection, timeout: float) -> dict[str, A
 def _is_main_process() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _sharded(model: Any) -> bool:
+    """Whether `model`'s parameters are FSDP2 shards (`DTensor`s, gathered by `full_tensor`)."""
+    return any(callable(getattr(p, "full_tensor", None)) for p in model.parameters())
+
+
+def _partitioned(param: Any) -> bool:
+    """Whether `param` is a DeepSpeed ZeRO-3 partition not gathered now (it holds no elements
+    here; `ds_shape` is the whole shape)."""
+    return getattr(param, "ds_shape", None) is not None and param.numel() == 0
+
+
+def _agreed(decide: Callable[[], Any] | None) -> Any:
+    """What `decide()` returns on process 0, on every process of the default group (`decide`
+    is None elsewhere): broadcast from process 0, with its error if it raised, which every
+    process then raises (process 0 its own)."""
+    verdict: list[Any] = [None, None]  # [value, error message]
+    error: BaseException | None = None
+    if decide is not None:
+        try:
+            verdict[0] = decide()
+        except Exception as raised:  # relayed to the other processes, then raised
+            error, verdict[1] = raised, f"{type(raised).__name__}: {raised}"
+    torch.distributed.broadcast_object_list(verdict, src=0)
+    if error is not None:
+        raise error
+    if verdict[1] is not None:
+        raise VLLMServerError(f"Process 0's weight update failed: {verdict[1]}")
+    return verdict[0]
 
 
 def _barrier() -> None:
@@ -449,27 +481,68 @@ class VLLMServerEngine:
             )
 
     # ---- weights --------------------------------------------------------------------------------
+    def sync_parameters(self, model: Any) -> list[Any]:
+        """The parameters of `model` a push after a step reads (`changed_parameters`): under
+        DeepSpeed ZeRO-3 the trainer gathers just these around `update_weights`."""
+        return changed_parameters(model)
+
     def update_weights(self, model: Any) -> None:
         """Push the weights an optimizer step can change (see the class docstring)."""
+        if _sharded(model):
+            self._push_shards(model)
+            return
         if _is_main_process():
             self._push(model, changed_only=True)
         _barrier()
+
+    def _full_push_needed(self) -> bool:
+        """Whether the server no longer holds our earlier pushes (first push, or another trainer
+        opened its own group since), so that everything must be sent."""
+        health = self.connection.get("/health", what="a weight update")
+        self._check_instance(health, "/health")
+        return self.group is None or health.get("group") != self.group.prefix
 
     @torch.no_grad()
     def _push(self, model: Any, *, changed_only: bool) -> None:
         """Send `model`'s weights (only those a step changes when `changed_only` and the server
         still holds our earlier pushes: same instance, same weight group)."""
-        health = self.connection.get("/health", what="a weight update")
-        self._check_instance(health, "/health")
-        if self.group is None or health.get("group") != self.group.prefix:
-            # First push, or another trainer opened its own group since: send everything.
+        if self._full_push_needed():
             self.group, changed_only = None, False
+            if any(_partitioned(p) for p in model.parameters()):
+                raise VLLMServerError(
+                    f"The vLLM server at {self.url} no longer holds this run's weights (another "
+                    "trainer connected to it since), and under DeepSpeed ZeRO-3 only the weights "
+                    "a step changes are gathered for a push. Give each run its own server and "
+                    "resume this run from its last checkpoint (--resume)."
+                )
         with merged_weights(model, changed_only=changed_only) as weights:
             self._check_weights(weights, complete=not changed_only)
             if weights:
                 if self.group is None:
                     self.group = self._open_group(weights.device)
                 self._send(self.group, weights)
+
+    @torch.no_grad()
+    def _push_shards(self, model: Any) -> None:
+        """`update_weights` of a model sharded by FSDP2: every process gathers each whole
+        tensor in turn (a collective, in the server's dtype) and process 0 sends it. Process 0
+        decides what is sent and checks it against the server's model; its verdict reaches the
+        others first, so a refusal is an error on every process, never a wait."""
+        main = _is_main_process()
+        everything = _agreed(self._full_push_needed if main else None)
+        if everything:
+            self.group = None
+        with merged_weights(model, changed_only=not everything, dtype=self.dtype) as weights:
+            checked = functools.partial(self._check_weights, weights, complete=everything)
+            _agreed(checked if main else None)
+            if main and weights:
+                if self.group is None:
+                    self.group = self._open_group(weights.device)
+                self._send(self.group, weights)
+            elif not main:
+                for _ in weights.tensors():  # the gathers process 0 makes
+                    pass
+        _barrier()
 
     def _send(self, group: WeightGroup, weights: OutgoingWeights) -> None:
         """Broadcast `weights` over `group` while `POST /update_weights` announces them."""

@@ -31,14 +31,20 @@ class OutgoingWeights:
     """The weights `merged_weights` gives: their names (the HF checkpoint's) and shapes at once,
     their values one at a time as they are iterated, `(name, tensor)`. A LoRA layer's merged
     weight is made when its turn comes and dropped by the consumer after use, so that sending a
-    large model never holds all its merged copies at once."""
+    large model never holds all its merged copies at once.
 
-    def __init__(self, entries: list[tuple[str, Tensor, Any]]) -> None:
+    Under FSDP2 the parameters are shards (`DTensor`s): each value is then cast to `dtype` (when
+    given) and gathered whole as it is made, a collective, so every process must iterate the
+    same weights in the same order (`gathers` says so)."""
+
+    def __init__(self, entries: list[tuple[str, Tensor, Any]], dtype: torch.dtype | None) -> None:
         """`entries`: `(name, tensor, lora)`: the tensor itself when `lora` is None, else the
-        base weight of the plain LoRA layer `lora`, sent merged (`merged_lora_weight`)."""
-        self._entries = entries
+        base weight of the plain LoRA layer `lora`, sent merged (`merged_lora_weight`).
+        `dtype`: the values' dtype (None = the tensors' own)."""
+        self._entries, self._dtype = entries, dtype
         self.names = [name for name, _, _ in entries]
-        self.shapes = [tuple(w.shape) for _, w, _ in entries]
+        self.shapes = [tuple(w.shape) for _, w, _ in entries]  # a DTensor's shape is the whole's
+        self.gathers = any(_is_shard(w) for _, w, _ in entries)
 
     @property
     def device(self) -> torch.device:
@@ -50,15 +56,27 @@ class OutgoingWeights:
 
     def __iter__(self) -> Iterator[tuple[str, Tensor]]:
         for name, weight, lora in self._entries:
-            yield name, (weight if lora is None else merged_lora_weight(lora))
+            value = weight if lora is None else merged_lora_weight(lora)
+            if self._dtype is not None:
+                value = value.detach().to(self._dtype)
+            if _is_shard(value):
+                value = value.full_tensor()  # type: ignore[attr-defined]  # a DTensor
+            yield name, value
 
     def tensors(self) -> Iterator[Tensor]:
         """The values alone, in order, made one at a time."""
         return (tensor for _, tensor in self)
 
 
+def _is_shard(tensor: Tensor) -> bool:
+    """Whether `tensor` is an FSDP2 shard (a `DTensor`, whose `full_tensor` gathers it)."""
+    return callable(getattr(tensor, "full_tensor", None))
+
+
 @contextlib.contextmanager
-def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[OutgoingWeights]:
+def merged_weights(
+    model: Any, *, changed_only: bool = False, dtype: torch.dtype | None = None
+) -> Iterator[OutgoingWeights]:
     """The weights to send, with the names the HF checkpoint uses (see `OutgoingWeights`).
 
     Under PEFT each plain LoRA layer (`plain_lora_layer`) is sent as `W + scaling * B @ A`,
@@ -72,7 +90,8 @@ def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[Outgoi
         model: A transformers causal LM, optionally a PEFT model.
         changed_only: Only the tensors an optimizer step can change: parameters with
             `requires_grad`, and under PEFT the base weights that adapters merge into and
-            `modules_to_save`.
+            `modules_to_save` (`changed_parameters` are what they are made from).
+        dtype: Cast each value to this dtype as it is made (None = as it is).
     """
     refuse_prompt_learning(model)
     if not callable(getattr(model, "get_base_model", None)):
@@ -81,7 +100,8 @@ def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[Outgoi
                 (name, w, None)
                 for name, w in model.named_parameters()
                 if not changed_only or w.requires_grad
-            ]
+            ],
+            dtype,
         )
         return
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -114,11 +134,28 @@ def merged_weights(model: Any, *, changed_only: bool = False) -> Iterator[Outgoi
                     or ".modules_to_save." in name
                     or name.endswith(".base_layer.weight")
                 )
-            ]
+            ],
+            dtype,
         )
     finally:
         for module in in_place:
             module.unmerge()
+
+
+def changed_parameters(model: Any) -> list[Tensor]:
+    """The parameters `merged_weights(model, changed_only=True)` makes its tensors from: the
+    trainable ones and, under PEFT, every adapter layer's base weight (frozen, merged into).
+    Under DeepSpeed ZeRO-3 these are what must be gathered for a push."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if callable(getattr(model, "get_base_model", None)):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in model.get_base_model().modules():
+            if isinstance(module, BaseTunerLayer):
+                weight = getattr(module.get_base_layer(), "weight", None)
+                if weight is not None and not weight.requires_grad:
+                    params.append(weight)
+    return params
 
 
 def plain_lora_layer(module: Any) -> bool:

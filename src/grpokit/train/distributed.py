@@ -622,12 +622,16 @@ def full_tensor(tensor: Tensor) -> Tensor:
 
 
 PROMPT_LEARNING = "a prompt-learning PEFT adapter (prompt tuning, prefix tuning, p-tuning)"
+VLLM_COLOCATE = (
+    "use_vllm with vllm_mode='colocate' (vllm_mode='server' samples from a `grpokit vllm-serve` "
+    "server, which every process's pushes keep in step)"
+)
 
 
 def check_fsdp_run(world: World, args: Any, engine: Any, *, prompt_learning: bool) -> None:
     """Refuse what an FSDP2 run cannot do yet, before any step: a prompt-learning PEFT adapter
-    (LoRA-style adapters train), vLLM, torch_compile, and an engine that would sample from the
-    sharded model itself.
+    (LoRA-style adapters train), vLLM in each process (a vLLM server works), torch_compile, and
+    an engine that would sample from the sharded model itself.
 
     Raises:
         ConfigError: naming the setting and the fix.
@@ -635,8 +639,8 @@ def check_fsdp_run(world: World, args: Any, engine: Any, *, prompt_learning: boo
     if not world.fsdp:
         return
     refused = [PROMPT_LEARNING] if prompt_learning else []
-    if args.use_vllm:
-        refused.append("use_vllm")
+    if args.use_vllm and args.vllm_mode != "server":
+        refused.append(VLLM_COLOCATE)
     if args.torch_compile:
         refused.append("torch_compile")
     sampler = getattr(engine, "sampler_model", None)
@@ -804,8 +808,8 @@ def deepspeed_update(engine: Any) -> tuple[float, bool]:
 
 def check_deepspeed_run(world: World, args: Any, engine: Any, *, prompt_learning: bool) -> None:
     """Refuse what a DeepSpeed run cannot do yet, before any step: a prompt-learning PEFT adapter
-    (LoRA-style adapters train), torch_compile; under
-    ZeRO-3, vLLM and an engine that would sample from the partitioned model itself; at any
+    (LoRA-style adapters train), torch_compile; under ZeRO-3, vLLM in each process (a vLLM
+    server works) and an engine that would sample from the partitioned model itself; at any
     stage, a scheduler or optimizer named in the DeepSpeed config (grpokit builds them from the
     GRPOConfig).
 
@@ -823,8 +827,8 @@ def check_deepspeed_run(world: World, args: Any, engine: Any, *, prompt_learning
     if args.torch_compile:
         refused.append("torch_compile")
     if world.zero_stage == 3:
-        if args.use_vllm:
-            refused.append("use_vllm under ZeRO-3")
+        if args.use_vllm and args.vllm_mode != "server":
+            refused.append(f"{VLLM_COLOCATE} under ZeRO-3")
         sampler = getattr(engine, "sampler_model", None)
         if sampler is not None and sampler is getattr(engine, "model", None):
             refused.append(
@@ -836,7 +840,8 @@ def check_deepspeed_run(world: World, args: Any, engine: Any, *, prompt_learning
             + "; ".join(refused)
             + ". The optimizer and schedule come from the GRPOConfig (optim, lr_scheduler_type); "
             "for the others launch with DDP (examples/accelerate/ddp.yaml), or ZeRO-2 "
-            "(examples/accelerate/zero2.yaml) for use_vllm and a sampler without its own copy."
+            "(examples/accelerate/zero2.yaml) for colocated vLLM and a sampler without its own "
+            "copy."
         )
 
 
