@@ -42,8 +42,10 @@ NUM_GENERATIONS = 4
 MAX_COMPLETION_LENGTH = 6
 
 # The `keep_up_to` of the kept_activations scenario: between the sizes of its processes'
-# training forwards, so that some keep their activations and others recompute them.
-KEEP_UP_TO = 30
+# training forwards, so that some keep their activations (whole, or split into forwards of
+# whole prompts that fit) and others, where one prompt's rows alone exceed it, recompute them,
+# in all but their last layer (a 4-layer model: `ActivationBound.kept_layers`).
+KEEP_UP_TO = 20
 
 # name -> GRPOConfig overrides. Each trains 3 optimizer steps of 2 micro-batches (16 completions,
 # 4 prompts) unless it says otherwise, one optimizer step per generation round.
@@ -99,6 +101,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # its own forwards' sizes, so kept and recomputed forwards meet in one backward's gradient
     # reduction (DDP, FSDP2, DeepSpeed ZeRO-2); under ZeRO-3 by the processes' largest size.
     "kept_activations": {
+        "model_overrides": {"num_hidden_layers": 4},
         "share_prompts": True,
         "keep_up_to": KEEP_UP_TO,
         "loss_type": "dapo",
@@ -654,8 +657,8 @@ def _probed_trainer(out: Path, scenario: dict[str, Any]) -> tuple[GRPOTrainer, A
     from grpokit.engines.transformers_engine import TransformersEngine
 
     tok = make_tokenizer()
-    model = make_causal_lm(tok, seed=0).train()
     scenario = dict(scenario)
+    model = make_causal_lm(tok, seed=0, **scenario.pop("model_overrides", {})).train()
     if scenario.pop("lora", False):  # the adapter made here, for the probe to copy it too
         model = lora_model(model)
     # a copy of the whole model (under LoRA its layers merged, as the trainer's own engine)

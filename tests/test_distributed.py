@@ -268,7 +268,8 @@ def _metrics(run: Path) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("scenario", sorted(worker.SCENARIOS))
 def test_two_processes_train_as_one(runs: dict[str, Path], scenario: str) -> None:
     one, two = runs["one"] / scenario, runs["two"] / scenario
-    initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0).state_dict()
+    shape = worker.SCENARIOS[scenario].get("model_overrides", {})
+    initial = worker.make_causal_lm(worker.make_tokenizer(), seed=0, **shape).state_dict()
     p1, p2 = _params(one), _params(two)
     # The weights moved (lr 0.05, 3 steps) and agree to float summation order.
     if worker.SCENARIOS[scenario].get("lora"):

@@ -1093,7 +1093,10 @@ def test_auto_with_native_bf16_keeps_the_activations_of_forwards_up_to_a_size(
         bound = resolve_activation_bound(GRPOConfig(), traits, bf16=True, model=model)
     assert (bound.max_forward_tokens, bound.recompute) == (None, True)
     assert (bound.keep_up_to, bound.layers) == (5, 2)  # 1000 // (2 * 96) tokens, 2 layers
-    assert "activations kept by forwards of at most 5 tokens, above that by as many" in caplog.text
+    assert (
+        "activations kept by forwards of at most 5 tokens (a larger micro-batch split into "
+        "forwards of whole prompts that fit), above that by as many" in caplog.text
+    )
     assert [bound.recomputes(n) for n in (1, 5, 6, 500)] == [False, False, True, True]
     # Above 5 tokens the last layers keep 10 token-layers' worth: 1 layer up to 10 tokens.
     assert [bound.kept_layers(n) for n in (5, 6, 10, 11, 500)] == [2, 1, 1, 0, 0]
@@ -1537,8 +1540,39 @@ def test_buckets_keep_a_prompts_rows_together_when_that_forwards_fewer_tokens() 
     # 37: [0, 2] shares (36), [1, 3] does not (38 -> 2 x 29): by prompt 36 + 58 = 94 against
     # by length 44 + 58 = 102 (two prompts each: nothing shared).
     assert plan(20, prompt_groups=groups, share_up_to=37) == [[0, 2], [1, 3]]
-    # 30: no micro-batch shares, by prompt 2 x 28 + 2 x 29 = 114 against 102: by length.
-    assert plan(20, prompt_groups=groups, share_up_to=30) == [[0, 1], [2, 3]]
+    # 30: by prompt, neither micro-batch fits (36, 38) and each is one prompt: 2 x 28 + 2 x 29
+    # = 114 unshared. By length, [0, 1] (44) and [2, 3] (48) each split into their prompts,
+    # forwards that fit and keep their activations: 21 + 22 + 28 + 29 = 100.
+    assert plan(20, prompt_groups=groups, share_up_to=30) == [[0], [1], [2], [3]]
+
+
+def test_a_micro_batch_above_the_kept_bound_is_split_into_whole_prompts() -> None:
+    from grpokit.core.losses import LossOptions
+    from grpokit.train.microbatch import plan_micro_batches
+
+    # 6 rows of 3 prompts (2 rows each), one micro-batch; prompts of 10 tokens, completions of
+    # 4: one forward sharing its prompts holds 3 x 10 + 6 x 4 = 54 tokens.
+    completion_mask = torch.ones(6, 4, dtype=torch.long)
+    prompt_mask = torch.ones(6, 10, dtype=torch.long)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+
+    def plan(share_up_to: int | None, loss_type: str = "dapo") -> list[tuple[list[int], float]]:
+        out = plan_micro_batches(
+            torch.ones(6), completion_mask, completion_mask, range(0, 6), 6,
+            LossOptions(loss_type=loss_type), prompt_mask=prompt_mask, prompt_groups=groups,
+            share_up_to=share_up_to, bucket_by_length=False,
+        )  # fmt: skip
+        return [(m.rows.tolist(), m.loss_weight) for m in out]
+
+    assert plan(None) == [([0, 1, 2, 3, 4, 5], 1.0)]  # every forward shares
+    assert plan(54) == [([0, 1, 2, 3, 4, 5], 1.0)]  # it fits
+    # 40: whole prompts packed in order, 2 x 10 + 4 x 4 = 36 then 10 + 2 x 4 = 18
+    assert plan(40) == [([0, 1, 2, 3], 1.0), ([4, 5], 1.0)]
+    assert plan(20) == [([0, 1], 1.0), ([2, 3], 1.0), ([4, 5], 1.0)]  # 18 each
+    # 17: one prompt's rows alone do not fit (18): one forward, which recomputes
+    assert plan(17) == [([0, 1, 2, 3, 4, 5], 1.0)]
+    # a loss over rows weighs each part by its rows (n / R), as any split of a micro-batch
+    assert plan(40, "grpo") == [([0, 1, 2, 3], 4 / 6), ([4, 5], 2 / 6)]
 
 
 @pytest.mark.parametrize(

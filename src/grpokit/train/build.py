@@ -358,7 +358,9 @@ class ActivationBound:
         reason: What decided, in a few words, for the log.
         keep_up_to: With `recompute`, a training forward of at most this many tokens (with
             each shared prompt counted once, `core.logprobs.forward_tokens`) keeps its
-            activations and shares its prompts instead (`recomputes`); a larger one keeps those
+            activations and shares its prompts instead (`recomputes`); a larger micro-batch is
+            split into such forwards of whole prompts where each prompt's rows fit
+            (`train.microbatch`, `share_up_to`); a forward still larger keeps those
             of as many of its last decoder layers as the activations of `keep_up_to` tokens
             take (`kept_layers`). None = every forward recomputes in every layer. Set by "auto"
             only (`DeviceTraits.kept_activation_size`).
@@ -395,19 +397,22 @@ class ActivationBound:
 
     def describe(self) -> str:
         """E.g. ``recomputed activations, one forward per micro-batch (<reason>)``, or with
-        `keep_up_to` ``activations kept by forwards of at most 1024 tokens, above that by as
-        many of their last layers as the same memory holds, ...``."""
+        `keep_up_to` ``activations kept by forwards of at most 1024 tokens (a larger
+        micro-batch split into ...), above that by as many of their last layers as the same
+        memory holds, ...``."""
         bound = self.max_forward_tokens
         forwards = "one forward per micro-batch" if bound is None else f"at most {bound} tokens"
         kept = "recomputed activations" if self.recompute else "activations kept"
         if self.recompute and self.keep_up_to is not None:
             size = self.keep_up_to
             kept = (
-                f"activations kept by forwards of at most {size} tokens, above that by as many "
-                "of their last layers as the same memory holds, recomputed in the others"
+                f"activations kept by forwards of at most {size} tokens (a larger micro-batch "
+                "split into forwards of whole prompts that fit), above that by as many of their "
+                "last layers as the same memory holds, recomputed in the others"
             )
             if self.agreed:
                 kept += ", each forward sized by the largest of the processes' sizes for it"
+            return f"{kept} ({self.reason})"
         return f"{kept}, {forwards} ({self.reason})"
 
 

@@ -58,6 +58,12 @@ forward/backward work:
    depend on which rows share a micro-batch: every aggregation but bnpo's, and no top-entropy
    filter.
 
+**Forwards that keep their activations** (`share_up_to`, `ActivationBound.keep_up_to`): a
+micro-batch whose forward (each prompt counted once) is larger is split, under the same
+condition, into forwards of whole prompts that each fit, weighted as above, so that it neither
+recomputes nor forwards each row's prompt; where one prompt's rows alone do not fit, it stays
+one forward that recomputes.
+
 **A bound on the tokens of one forward pass** (`max_tokens`, `GRPOConfig.max_forward_tokens`).
 Autograd keeps a forward's activations until its backward, so their memory grows with the rows x
 tokens of one forward. Under the same condition as bucketing, a micro-batch larger than the bound
@@ -198,10 +204,11 @@ def plan_micro_batches(
             (`model_completion_logprobs(share_prompts=True)`): `max_tokens` then counts each
             distinct prompt of a part once. None = every row forwards its own prompt.
         share_up_to: With `prompt_groups`, only a forward of at most this many tokens (its
-            prompts counted once) shares them, a larger one forwards each row's prompt
-            (`ActivationBound.keep_up_to`: only forwards that keep their activations share
-            prompts); bucketing counts each micro-batch's tokens accordingly. None = every
-            forward shares.
+            prompts counted once) shares them (`ActivationBound.keep_up_to`: only forwards that
+            keep their activations share prompts). A larger micro-batch is split into forwards
+            of whole prompts that each fit (`_prompt_parts`), when each of its prompts' rows
+            fit alone; otherwise it is one forward of every row's prompt. Bucketing counts each
+            micro-batch's tokens accordingly. None = every forward shares.
 
     Returns:
         Micro-batches in training order; empty when every row of the step has zero advantage
@@ -245,6 +252,9 @@ def plan_micro_batches(
         parts = split_by_tokens(
             chunk, max_tokens, completion_lengths, prompt_lengths, prompt_groups
         )
+        if share_up_to is not None and prompt_groups is not None and prompt_lengths is not None:
+            lengths = (completion_lengths, prompt_lengths, prompt_groups)
+            parts = [p for part in parts for p in _prompt_parts(part, share_up_to, *lengths)]
         for part in parts:
             weight = len(part) / global_rows if spec.divides_by_rows else 1.0
             plan.append(MicroBatch(part, num_items, weight, len(part) / global_rows))
@@ -323,15 +333,52 @@ def _forward_tokens(
     share_up_to: int | None = None,
 ) -> int:
     """Tokens one forward of `part` holds with each distinct prompt forwarded once: distinct
-    prompts x the longest prompt + rows x the longest completion; above `share_up_to` (a
-    forward that does not share), rows x (the longest prompt + the longest completion)."""
+    prompts x the longest prompt + rows x the longest completion. Above `share_up_to`, those of
+    the forwards of whole prompts it is split into (`_prompt_parts`), or, where a prompt's rows
+    do not fit alone, of one forward that does not share: rows x (the longest prompt + the
+    longest completion)."""
     prompts = int(prompt_groups[part].unique().numel())
     longest_prompt = int(prompt_lengths[part].max())
     longest_completion = int(completion_lengths[part].max())
     shared = prompts * longest_prompt + len(part) * longest_completion
     if share_up_to is not None and shared > share_up_to:
+        lengths = (completion_lengths, prompt_lengths, prompt_groups)
+        pieces = _prompt_parts(part, share_up_to, *lengths)
+        if len(pieces) > 1:
+            return sum(_forward_tokens(piece, *lengths) for piece in pieces)
         return len(part) * (longest_prompt + longest_completion)
     return shared
+
+
+def _prompt_parts(
+    part: Tensor,
+    limit: int,
+    completion_lengths: Tensor,
+    prompt_lengths: Tensor,
+    prompt_groups: Tensor,
+) -> list[Tensor]:
+    """`part` as forwards of whole prompts (each prompt's rows together, prompts in order of
+    their first row, packed greedily) of at most `limit` tokens each, counting each prompt
+    once (`_forward_tokens`): each keeps its activations and shares its prompts. `[part]` when
+    it fits whole, or when some prompt's rows alone exceed `limit` (it then recomputes)."""
+    lengths = (completion_lengths, prompt_lengths, prompt_groups)
+    if _forward_tokens(part, *lengths) <= limit:
+        return [part]
+    groups = prompt_groups[part]
+    first = {int(g): None for g in groups.tolist()}  # each prompt once, in order of first row
+    pieces: list[Tensor] = []
+    current = part[:0]
+    for group in first:
+        rows = part[groups == group]
+        if _forward_tokens(rows, *lengths) > limit:
+            return [part]
+        joined = torch.cat([current, rows])
+        if len(current) and _forward_tokens(joined, *lengths) > limit:
+            pieces.append(current)
+            current = rows
+        else:
+            current = joined
+    return [*pieces, current]
 
 
 def _split_shared_prompts(
