@@ -3,9 +3,11 @@ learning, resume, precision and errors. Every run is a few steps of max 6 comple
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +280,8 @@ def test_lora_trains_adapter_only_and_saves_adapter_and_merged(tmp_path: Path) -
             peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
         ),
     )
+    adapted = [m for m in trainer.model.modules() if hasattr(m, "lora_A")]
+    assert len(adapted) == 4 and not any(m.cast_input_dtype_enabled for m in adapted)
     before = params(trainer)
     trainer.train()
     after = params(trainer)
@@ -289,6 +293,68 @@ def test_lora_trains_adapter_only_and_saves_adapter_and_merged(tmp_path: Path) -
     trainer.save_model(str(tmp_path / "merged"), merged=True)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_lora_layers_skip_casting_their_input_up_under_autocast() -> None:
+    """PEFT casts a LoRA layer's bf16 input to its float32 adapters, which autocast casts
+    straight back: skipping that gives the same loss and gradients bit for bit (bf16 -> float32
+    -> bf16 is exact), without the two copies a layer. Kept where the model is not all
+    float32."""
+    from peft import LoraConfig, get_peft_model
+
+    from grpokit.train.build import skip_adapter_input_casts
+
+    tok = make_tokenizer()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(make_causal_lm(tok), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 50, (2, 12), generator=torch.Generator().manual_seed(1))
+    copies: list[torch.Size] = []
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), _count_float32_casts(copies):
+            loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    cast_loss, cast_grads = loss_and_grads()
+    cast_copies, copies[:] = len(copies), []
+    assert skip_adapter_input_casts(model) == 6  # 3 adapted layers x 2 decoder layers
+    loss, grads = loss_and_grads()
+    assert torch.equal(loss, cast_loss)
+    assert grads.keys() == cast_grads.keys() and len(grads) == 12
+    for name, grad in grads.items():
+        assert torch.equal(grad, cast_grads[name]), name
+    # one float32 copy fewer per adapted layer whose input is bf16: here down_proj's (the MLP's
+    # product); q/v take the RMSNorm's float32 output in a plain model (the trainer's norms
+    # cast theirs to bf16, `core.norms.cast_norm_outputs`: there every adapted layer's is)
+    assert cast_copies - len(copies) == 2 and cast_copies >= 2
+    half = get_peft_model(make_causal_lm(tok).to(torch.bfloat16), config)
+    assert skip_adapter_input_casts(half) == 0  # a bf16 base: PEFT's casts stay
+    assert skip_adapter_input_casts(make_causal_lm(tok)) == 0  # not a PEFT model
+
+
+@contextlib.contextmanager
+def _count_float32_casts(seen: list[torch.Size]) -> Iterator[None]:
+    """Record the shape of every bf16 tensor cast to float32 by `Tensor.to` meanwhile."""
+    real = torch.Tensor.to
+
+    def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real(self, *args, **kwargs)
+        if self.dtype == torch.bfloat16 and out.dtype == torch.float32:
+            seen.append(self.shape)
+        return out
+
+    torch.Tensor.to = to  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.to = real  # type: ignore[method-assign]
 
 
 def test_beta_uses_frozen_reference_and_sync(tmp_path: Path) -> None:

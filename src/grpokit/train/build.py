@@ -154,11 +154,36 @@ def prepare_model(
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
+    skip_adapter_input_casts(model)
     set_attention(model, args.attention, device)
     if quantization.is_quantized(model):  # loaded onto its device; its weights stay frozen
         quantization.keep_4bit_layers_differentiable(model)
         return model
     return model.to(device)
+
+
+def skip_adapter_input_casts(model: Any) -> int:
+    """Stop a PEFT model's adapter layers casting their input to the adapters' dtype; returns
+    how many layers changed (0 for any other model).
+
+    Under bf16 autocast a LoRA layer's input arrives in bf16; PEFT casts it up to its float32
+    adapters, and autocast casts it straight back down for the adapter's product: two copies of
+    the input per layer and forward (and their backward), for the same values, since bf16 ->
+    float32 -> bf16 is exact. Skipped only where every floating-point parameter is float32 and
+    the model is not quantized (grpokit's policy): an input is then in bf16 only under autocast,
+    whose products cast it themselves. A quantized base (QLoRA) computes in its own dtype and
+    keeps PEFT's casts."""
+    if not callable(getattr(model, "get_base_model", None)) or quantization.is_quantized(model):
+        return 0
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if any(p.dtype != torch.float32 for p in params):
+        return 0
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers: list[Any] = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False  # read by PEFT's `_cast_input_dtype`
+    return len(layers)
 
 
 def compile_policy(model: Any, args: GRPOConfig, *, ref_model: Any = None) -> str | None:
