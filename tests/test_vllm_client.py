@@ -317,6 +317,37 @@ def test_changed_parameters_are_what_a_push_after_a_step_reads(tok: Any) -> None
         assert len(weights) == len(bases)
 
 
+def _agreed_on_two_processes(rank: int, port: int, out: str) -> None:
+    """One process of `test_process_zeros_verdict_reaches_every_process`."""
+    import torch.distributed as dist
+
+    from grpokit.engines.vllm_client import _agreed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    results = [_agreed((lambda: {"everything": True}) if rank == 0 else None)]
+    try:
+        _agreed((lambda: 1 / 0) if rank == 0 else None)
+    except Exception as error:
+        results.append(f"{type(error).__name__}: {error}")
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_process_zeros_verdict_reaches_every_process(tmp_path: Path) -> None:
+    """Under FSDP2 process 0 decides each push and checks it against the server; the others
+    get its answer, or its error as theirs, instead of waiting in the next collective."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agreed_on_two_processes, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    zero = json.loads((tmp_path / "rank0.json").read_text())
+    one = json.loads((tmp_path / "rank1.json").read_text())
+    assert zero == [{"everything": True}, "ZeroDivisionError: division by zero"]
+    assert one == [
+        {"everything": True},
+        "VLLMServerError: Process 0's weight update failed: ZeroDivisionError: division by zero",
+    ]
+
+
 def test_prompt_learning_adapter_is_refused_before_any_connection(tok: Any) -> None:
     """Virtual tokens are not weights: no merged checkpoint carries them to vLLM."""
     peft = pytest.importorskip("peft")
