@@ -38,7 +38,7 @@ from grpokit.engines.packed_linear import (
     pack_linear_layers,
 )
 from grpokit.engines.sampling import DRAWS, TokenSampler
-from grpokit.engines.weight_sync import mergeable_lora_layers, merged_lora_weight
+from grpokit.engines.weight_sync import mergeable_lora_layers, merged_lora_weight, zero3_partition
 from grpokit.errors import DataError
 
 # `fp16_trainable_weights=None` packs the trainable weights as float16 panels for calls of at
@@ -685,11 +685,11 @@ class TransformersEngine:
         trainable = {  # the adapters train; a partitioned (ZeRO-3) base weight stays packed
             name
             for name in set(self._merged) & set(self._packed_only)
-            if not _partitioned(self._lora_layer(model, name).base_layer.weight)
+            if not zero3_partition(self._lora_layer(model, name).base_layer.weight)
         }
         for name in self._packed_only.keys() - set(self._merged):
             param = source.get(self._source_name.get(name, name))
-            if param is not None and param.requires_grad and not _partitioned(param):
+            if param is not None and param.requires_grad and not zero3_partition(param):
                 trainable.add(name)
         for layer in self._packed_only.values():
             group = layer.group
@@ -726,7 +726,7 @@ class TransformersEngine:
             value: Any
             if name in self._merged:  # a LoRA layer held merged: its adapters train
                 lora = self._lora_layer(model, name)
-                if any(_partitioned(p) for p in lora.parameters()):
+                if any(zero3_partition(p) for p in lora.parameters()):
                     continue  # ZeRO-3 partitions: merged with `update_weights`, gathered
                 now = self._source_stamp(model, source, name)
                 if now == stamp and not refill and not copy_trainable:
@@ -739,7 +739,7 @@ class TransformersEngine:
                         f"update_weights: the model has no parameter {origin!r}; pass the same "
                         f"model the engine was built with."
                     )
-                if _partitioned(source[origin]):
+                if zero3_partition(source[origin]):
                     # A DeepSpeed ZeRO-3 partition: its whole value comes with `update_weights`,
                     # which the trainer calls with the parameters gathered (every process
                     # together).
@@ -968,13 +968,6 @@ def _decode_path(decode: str | None, model: Any) -> str:
             "(it then uses decode='hf')."
         )
     return decode
-
-
-def _partitioned(param: Tensor) -> bool:
-    """Whether `param` holds only this process's ZeRO-3 partition (DeepSpeed keeps the whole
-    parameter's size in `ds_numel`), not its whole value."""
-    whole = getattr(param, "ds_numel", None)
-    return whole is not None and param.numel() != whole
 
 
 def _stamp(tensor: Tensor) -> tuple[int, int]:

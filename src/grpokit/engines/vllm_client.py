@@ -47,7 +47,6 @@ from grpokit.engines.weight_sync import (
     SENDER,
     OutgoingWeights,
     WeightGroup,
-    changed_parameters,
     local_address_towards,
     merged_weights,
     refuse_prompt_learning,
@@ -241,14 +240,12 @@ def _is_main_process() -> bool:
 
 
 def _sharded(model: Any) -> bool:
-    """Whether `model`'s parameters are FSDP2 shards (`DTensor`s, gathered by `full_tensor`)."""
-    return any(callable(getattr(p, "full_tensor", None)) for p in model.parameters())
-
-
-def _partitioned(param: Any) -> bool:
-    """Whether `param` is a DeepSpeed ZeRO-3 partition not gathered now (it holds no elements
-    here; `ds_shape` is the whole shape)."""
-    return getattr(param, "ds_shape", None) is not None and param.numel() == 0
+    """Whether `model`'s parameters are FSDP2 shards (`DTensor`s, gathered by `full_tensor`)
+    or DeepSpeed ZeRO-3 parameters (gathered from their partitions): a push is then a
+    collective of every process."""
+    return any(
+        callable(getattr(p, "full_tensor", None)) or hasattr(p, "ds_id") for p in model.parameters()
+    )
 
 
 def _agreed(decide: Callable[[], Any] | None) -> Any:
@@ -482,9 +479,11 @@ class VLLMServerEngine:
 
     # ---- weights --------------------------------------------------------------------------------
     def sync_parameters(self, model: Any) -> list[Any]:
-        """The parameters of `model` a push after a step reads (`changed_parameters`): under
-        DeepSpeed ZeRO-3 the trainer gathers just these around `update_weights`."""
-        return changed_parameters(model)
+        """None of `model`'s parameters for the trainer to gather around `update_weights`:
+        under DeepSpeed ZeRO-3 a push gathers the partitions of each tensor it sends, one
+        tensor at a time (`OutgoingWeights`)."""
+        del model
+        return []
 
     def update_weights(self, model: Any) -> None:
         """Push the weights an optimizer step can change (see the class docstring)."""
@@ -508,13 +507,6 @@ class VLLMServerEngine:
         still holds our earlier pushes: same instance, same weight group)."""
         if self._full_push_needed():
             self.group, changed_only = None, False
-            if any(_partitioned(p) for p in model.parameters()):
-                raise VLLMServerError(
-                    f"The vLLM server at {self.url} no longer holds this run's weights (another "
-                    "trainer connected to it since), and under DeepSpeed ZeRO-3 only the weights "
-                    "a step changes are gathered for a push. Give each run its own server and "
-                    "resume this run from its last checkpoint (--resume)."
-                )
         with merged_weights(model, changed_only=changed_only) as weights:
             self._check_weights(weights, complete=not changed_only)
             if weights:
@@ -524,8 +516,9 @@ class VLLMServerEngine:
 
     @torch.no_grad()
     def _push_shards(self, model: Any) -> None:
-        """`update_weights` of a model sharded by FSDP2: every process gathers each whole
-        tensor in turn (a collective, in the server's dtype) and process 0 sends it. Process 0
+        """`update_weights` of a model sharded by FSDP2 or partitioned by ZeRO-3: every process
+        gathers each whole tensor in turn (a collective; under FSDP2 cast to the server's dtype
+        first) and process 0 sends it. Process 0
         decides what is sent and checks it against the server's model; its verdict reaches the
         others first, so a refusal is an error on every process, never a wait."""
         main = _is_main_process()

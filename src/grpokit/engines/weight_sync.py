@@ -34,8 +34,11 @@ class OutgoingWeights:
     large model never holds all its merged copies at once.
 
     Under FSDP2 the parameters are shards (`DTensor`s): each value is then cast to `dtype` (when
-    given) and gathered whole as it is made, a collective, so every process must iterate the
-    same weights in the same order (`gathers` says so)."""
+    given) and gathered whole as it is made; under DeepSpeed ZeRO-3 the partitions each value is
+    made from are gathered for it alone (`deepspeed.zero.GatheredParameters`) and released
+    after. Both are collectives, so every process must then iterate the same weights in the
+    same order (`gathers` says so); each whole tensor is released once its consumer drops it
+    (the sender packs at most `CHUNK_BYTES` of them for one broadcast)."""
 
     def __init__(self, entries: list[tuple[str, Tensor, Any]], dtype: torch.dtype | None) -> None:
         """`entries`: `(name, tensor, lora)`: the tensor itself when `lora` is None, else the
@@ -43,8 +46,8 @@ class OutgoingWeights:
         `dtype`: the values' dtype (None = the tensors' own)."""
         self._entries, self._dtype = entries, dtype
         self.names = [name for name, _, _ in entries]
-        self.shapes = [tuple(w.shape) for _, w, _ in entries]  # a DTensor's shape is the whole's
-        self.gathers = any(_is_shard(w) for _, w, _ in entries)
+        self.shapes = [tuple(_whole_shape(w)) for _, w, _ in entries]
+        self.gathers = any(_is_shard(w) or zero3_partition(w) for _, w, _ in entries)
 
     @property
     def device(self) -> torch.device:
@@ -56,11 +59,15 @@ class OutgoingWeights:
 
     def __iter__(self) -> Iterator[tuple[str, Tensor]]:
         for name, weight, lora in self._entries:
-            value = weight if lora is None else merged_lora_weight(lora)
-            if self._dtype is not None:
-                value = value.detach().to(self._dtype)
-            if _is_shard(value):
-                value = value.full_tensor()  # type: ignore[attr-defined]  # a DTensor
+            sources = [weight] if lora is None else _lora_sources(lora)
+            with _gathered(sources) as gathered:
+                value = weight if lora is None else merged_lora_weight(lora)
+                if self._dtype is not None:
+                    value = value.detach().to(self._dtype)
+                if _is_shard(value):
+                    value = value.full_tensor()  # type: ignore[attr-defined]  # a DTensor
+                if gathered and value.data_ptr() == weight.data_ptr():
+                    value = value.clone()  # the gathered tensor is released on exit
             yield name, value
 
     def tensors(self) -> Iterator[Tensor]:
@@ -71,6 +78,41 @@ class OutgoingWeights:
 def _is_shard(tensor: Tensor) -> bool:
     """Whether `tensor` is an FSDP2 shard (a `DTensor`, whose `full_tensor` gathers it)."""
     return callable(getattr(tensor, "full_tensor", None))
+
+
+def zero3_partition(param: Tensor) -> bool:
+    """Whether `param` holds only this process's ZeRO-3 partition (DeepSpeed keeps the whole
+    parameter's size in `ds_numel`, its shape in `ds_shape`), not its whole value."""
+    whole = getattr(param, "ds_numel", None)
+    return whole is not None and param.numel() != whole
+
+
+def _whole_shape(tensor: Tensor) -> torch.Size:
+    """The whole tensor's shape: a ZeRO-3 partition's `ds_shape`, else its own (a DTensor's is
+    the whole's)."""
+    shape = getattr(tensor, "ds_shape", None)
+    return torch.Size(shape) if shape is not None else tensor.shape
+
+
+@contextlib.contextmanager
+def _gathered(params: Sequence[Tensor]) -> Iterator[bool]:
+    """Within the block, those of `params` that are ZeRO-3 partitions hold their whole values
+    (a collective: every process gathers the same ones), released after; yields whether any
+    were gathered."""
+    partitions = [p for p in params if zero3_partition(p)]
+    if not partitions:
+        yield False
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitions, modifier_rank=None):
+        yield True
+
+
+def _lora_sources(layer: Any) -> list[Tensor]:
+    """The parameters a plain LoRA layer's merged weight is made from."""
+    (adapter,) = layer.active_adapters
+    return [layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
 
 
 @contextlib.contextmanager
@@ -90,7 +132,7 @@ def merged_weights(
         model: A transformers causal LM, optionally a PEFT model.
         changed_only: Only the tensors an optimizer step can change: parameters with
             `requires_grad`, and under PEFT the base weights that adapters merge into and
-            `modules_to_save` (`changed_parameters` are what they are made from).
+            `modules_to_save`.
         dtype: Cast each value to this dtype as it is made (None = as it is).
     """
     refuse_prompt_learning(model)
@@ -115,6 +157,14 @@ def merged_weights(
                 apart[f"{name}.base_layer.weight"] = module
             elif not module.merged:  # one merged already holds its adapters in its weights
                 in_place.append(module)
+    sharded = [p for m in in_place for p in m.parameters() if _is_shard(p) or hasattr(p, "ds_id")]
+    if sharded:
+        raise ValueError(
+            "Only plain LoRA layers can be pushed to vLLM from a model sharded by FSDP2 or "
+            "partitioned by DeepSpeed ZeRO-3 (their merge is made tensor by tensor); this "
+            "adapter has others (DoRA, several active adapters, LoRA on an embedding or another "
+            "tuner). Train a plain LoRA adapter, or launch with DDP or ZeRO-2."
+        )
     for module in in_place:
         module.merge()
     try:
@@ -140,22 +190,6 @@ def merged_weights(
     finally:
         for module in in_place:
             module.unmerge()
-
-
-def changed_parameters(model: Any) -> list[Tensor]:
-    """The parameters `merged_weights(model, changed_only=True)` makes its tensors from: the
-    trainable ones and, under PEFT, every adapter layer's base weight (frozen, merged into).
-    Under DeepSpeed ZeRO-3 these are what must be gathered for a push."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if callable(getattr(model, "get_base_model", None)):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for module in model.get_base_model().modules():
-            if isinstance(module, BaseTunerLayer):
-                weight = getattr(module.get_base_layer(), "weight", None)
-                if weight is not None and not weight.requires_grad:
-                    params.append(weight)
-    return params
 
 
 def plain_lora_layer(module: Any) -> bool:
