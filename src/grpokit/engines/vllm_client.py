@@ -283,7 +283,8 @@ class VLLMServerEngine:
     parameters; under PEFT the merged base weights of adapted layers); the server keeps the rest.
 
     Weights go over gloo (CPU tensors), or NCCL when the server and `model` are both on CUDA
-    devices. In a multi-process run only process 0 pushes; every process then waits at a
+    devices. In a multi-process run only process 0 pushes (under FSDP2 and DeepSpeed ZeRO-3
+    every process gathers each tensor with it, `_push_shards`); every process then waits at a
     barrier of the default process group, so no process samples before the server holds the
     new weights. Log-probs and temperature are as in `VLLMEngine` (the server runs one).
     """
@@ -518,9 +519,9 @@ class VLLMServerEngine:
     def _push_shards(self, model: Any) -> None:
         """`update_weights` of a model sharded by FSDP2 or partitioned by ZeRO-3: every process
         gathers each whole tensor in turn (a collective; under FSDP2 cast to the server's dtype
-        first) and process 0 sends it. Process 0
-        decides what is sent and checks it against the server's model; its verdict reaches the
-        others first, so a refusal is an error on every process, never a wait."""
+        first) and process 0 sends it. Process 0 decides what is sent and checks it against
+        the server's model; its verdict reaches the others first, so a refusal is an error on
+        every process, never a wait."""
         main = _is_main_process()
         everything = _agreed(self._full_push_needed if main else None)
         if everything:
