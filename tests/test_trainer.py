@@ -336,6 +336,8 @@ def test_lora_layers_skip_casting_their_input_up_under_autocast() -> None:
     assert cast_copies - len(copies) == 2 and cast_copies >= 2
     half = get_peft_model(make_causal_lm(tok).to(torch.bfloat16), config)
     assert skip_adapter_input_casts(half) == 0  # a bf16 base: PEFT's casts stay
+    dora = get_peft_model(make_causal_lm(tok), LoraConfig(r=4, use_dora=True))
+    assert skip_adapter_input_casts(dora) == 0  # DoRA layers keep theirs too
     assert skip_adapter_input_casts(make_causal_lm(tok)) == 0  # not a PEFT model
 
 

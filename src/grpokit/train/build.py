@@ -28,6 +28,7 @@ from grpokit.engines.base import GenerationEngine, SamplingParams
 from grpokit.engines.device import DeviceTraits, device_traits, model_device
 from grpokit.engines.models import resolve_model_path
 from grpokit.engines.transformers_engine import TransformersEngine
+from grpokit.engines.weight_sync import plain_lora_layer
 from grpokit.errors import ConfigError
 from grpokit.tools.chat import check_tool_template
 from grpokit.tools.environments import Environments
@@ -163,8 +164,9 @@ def prepare_model(
 
 
 def skip_adapter_input_casts(model: Any) -> int:
-    """Stop a PEFT model's adapter layers casting their input to the adapters' dtype; returns
-    how many layers changed (0 for any other model).
+    """Stop a PEFT model's plain LoRA layers (`engines.weight_sync.plain_lora_layer`) casting
+    their input to the adapters' dtype; returns how many layers changed (0 for any other
+    model).
 
     Under bf16 autocast a LoRA layer's input arrives in bf16; PEFT casts it up to its float32
     adapters, and autocast casts it straight back down for the adapter's product: two copies of
@@ -172,15 +174,13 @@ def skip_adapter_input_casts(model: Any) -> int:
     float32 -> bf16 is exact. Skipped only where every floating-point parameter is float32 and
     the model is not quantized (grpokit's policy): an input is then in bf16 only under autocast,
     whose products cast it themselves. A quantized base (QLoRA) computes in its own dtype and
-    keeps PEFT's casts."""
+    keeps PEFT's casts, and so do other adapter layers (DoRA's norms, other tuners)."""
     if not callable(getattr(model, "get_base_model", None)) or quantization.is_quantized(model):
         return 0
     params = [p for p in model.parameters() if p.is_floating_point()]
     if any(p.dtype != torch.float32 for p in params):
         return 0
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers: list[Any] = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in model.modules() if plain_lora_layer(m)]
     for layer in layers:
         layer.cast_input_dtype_enabled = False  # read by PEFT's `_cast_input_dtype`
     return len(layers)
