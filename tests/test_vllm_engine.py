@@ -169,10 +169,16 @@ def test_trainer_with_use_vllm_trains_and_keeps_vllm_in_sync(tmp_path: Any) -> N
     """GRPOConfig(use_vllm=True): the trainer builds a VLLMEngine, samples with it, and after
     each optimizer step vLLM's weights are the policy's (its log-probs of fresh samples match the
     policy's within the bf16 tolerance)."""
+    train_with_vllm_in_this_process(tmp_path)
+
+
+def train_with_vllm_in_this_process(out: Any) -> Any:
+    """The run of `test_trainer_with_use_vllm_trains_and_keeps_vllm_in_sync` (on each process of
+    a launched run: its own VLLMEngine each); returns the trained model."""
     tok = make_tokenizer()
     model = make_causal_lm(tok, **TINY)
     trainer = length_trainer(
-        tmp_path,
+        out,
         model,
         tok,
         use_vllm=True,
@@ -183,3 +189,37 @@ def test_trainer_with_use_vllm_trains_and_keeps_vllm_in_sync(tmp_path: Any) -> N
     )
     assert isinstance(trainer.engine, VLLMEngine)
     train_and_check_the_engine_follows(trainer, model, tok)
+    return model
+
+
+def test_each_of_two_ddp_processes_samples_with_its_own_vllm(tmp_path: Any) -> None:
+    """Colocated vLLM under `torchrun --nproc_per_node 2` (DDP, gloo): each process builds its
+    own VLLMEngine beside the default process group, trains, and its engine follows the policy
+    (this test's module run as the launched script); both processes end with the same weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_distributed import ROOT, _free_port
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    command += [str(Path(__file__)), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    env.update(OMP_NUM_THREADS="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    weights = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
+if __name__ == "__main__":  # a process of test_each_of_two_ddp_processes_samples_with_its_own_vllm
+    import os
+    import sys
+    from pathlib import Path
+
+    folder, rank = Path(sys.argv[1]), os.environ["RANK"]
+    trained = train_with_vllm_in_this_process(folder / f"run{rank}")
+    torch.save(trained.state_dict(), folder / f"rank{rank}.pt")
