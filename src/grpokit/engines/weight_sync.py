@@ -37,7 +37,7 @@ class OutgoingWeights:
     given) and gathered whole as it is made; under DeepSpeed ZeRO-3 the partitions each value is
     made from are gathered for it alone (`deepspeed.zero.GatheredParameters`) and released
     after. Both are collectives, so every process must then iterate the same weights in the
-    same order (`gathers` says so); each whole tensor is released once its consumer drops it
+    same order; each whole tensor is released once its consumer drops it
     (the sender packs at most `CHUNK_BYTES` of them for one broadcast)."""
 
     def __init__(self, entries: list[tuple[str, Tensor, Any]], dtype: torch.dtype | None) -> None:
@@ -47,7 +47,6 @@ class OutgoingWeights:
         self._entries, self._dtype = entries, dtype
         self.names = [name for name, _, _ in entries]
         self.shapes = [tuple(_whole_shape(w)) for _, w, _ in entries]
-        self.gathers = any(_is_shard(w) or zero3_partition(w) for _, w, _ in entries)
 
     @property
     def device(self) -> torch.device:
