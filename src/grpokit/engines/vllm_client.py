@@ -50,6 +50,7 @@ from grpokit.engines.weight_sync import (
     local_address_towards,
     merged_weights,
     refuse_prompt_learning,
+    sharded_parameter,
 )
 from grpokit.errors import UserError
 
@@ -243,9 +244,7 @@ def _sharded(model: Any) -> bool:
     """Whether `model`'s parameters are FSDP2 shards (`DTensor`s, gathered by `full_tensor`)
     or DeepSpeed ZeRO-3 parameters (gathered from their partitions): a push is then a
     collective of every process."""
-    return any(
-        callable(getattr(p, "full_tensor", None)) or hasattr(p, "ds_id") for p in model.parameters()
-    )
+    return any(sharded_parameter(p) for p in model.parameters())
 
 
 def _agreed(decide: Callable[[], Any] | None) -> Any:

@@ -79,6 +79,12 @@ def _is_shard(tensor: Tensor) -> bool:
     return callable(getattr(tensor, "full_tensor", None))
 
 
+def sharded_parameter(param: Tensor) -> bool:
+    """Whether `param` is an FSDP2 shard or a DeepSpeed ZeRO-3 parameter: its whole value takes
+    a collective of every process (`full_tensor`, or gathering its partitions)."""
+    return _is_shard(param) or hasattr(param, "ds_id")
+
+
 def zero3_partition(param: Tensor) -> bool:
     """Whether `param` holds only this process's ZeRO-3 partition (DeepSpeed keeps the whole
     parameter's size in `ds_numel`, its shape in `ds_shape`), not its whole value."""
@@ -156,8 +162,7 @@ def merged_weights(
                 apart[f"{name}.base_layer.weight"] = module
             elif not module.merged:  # one merged already holds its adapters in its weights
                 in_place.append(module)
-    sharded = [p for m in in_place for p in m.parameters() if _is_shard(p) or hasattr(p, "ds_id")]
-    if sharded:
+    if any(sharded_parameter(p) for m in in_place for p in m.parameters()):
         raise ValueError(
             "Only plain LoRA layers can be pushed to vLLM from a model sharded by FSDP2 or "
             "partitioned by DeepSpeed ZeRO-3 (their merge is made tensor by tensor); this "
