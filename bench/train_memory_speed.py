@@ -127,7 +127,11 @@ def apply_setting(trainer: Any, setting: str) -> None:
     for name, value in setting_overrides(setting).items():
         setattr(args, name, value)
     bound = train_build.resolve_activation_bound(
-        args, trainer.device_traits, bf16=trainer.use_bf16, model=trainer.model
+        args,
+        trainer.device_traits,
+        bf16=trainer.use_bf16,
+        model=trainer.model,
+        frozen_gradient_bytes=train_build.frozen_gradient_bytes(trainer.model),
     )
     trainer.activation_bound = bound
     trainer.max_forward_tokens = bound.max_forward_tokens

@@ -1147,6 +1147,47 @@ def test_auto_with_native_bf16_recomputes_only_where_it_pays(
         assert (bound.max_forward_tokens, bound.recompute) == (512, True)
 
 
+def test_frozen_gradient_bytes_counts_the_weights_training_leaves_unchanged() -> None:
+    from peft import LoraConfig
+
+    from grpokit.train.build import frozen_gradient_bytes
+
+    model = make_causal_lm(make_tokenizer())
+    total = sum(p.numel() for p in model.parameters())
+    assert frozen_gradient_bytes(model) == 0  # a full fine-tune: every weight trains
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")
+    assert frozen_gradient_bytes(model, lora) == 4 * total  # PEFT freezes the whole base model
+    assert frozen_gradient_bytes(model, lora, shards=2) == 2 * total  # sharded gradients
+    head = model.get_output_embeddings().weight
+    head.requires_grad_(False)  # frozen by the user (tied to the input embedding here)
+    assert frozen_gradient_bytes(model) == 4 * head.numel()
+    head.ds_numel = 3 * head.numel()  # a ZeRO-3 partition counts its whole size
+    assert frozen_gradient_bytes(model) == 12 * head.numel()
+
+
+def test_a_lora_run_keeps_more_activations_than_a_full_fine_tune(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from peft import LoraConfig
+
+    on_bf16_cpu(monkeypatch, kept=960)  # 5 tokens of the tiny model (2 layers x 96)
+    model = make_causal_lm(make_tokenizer())
+    frozen = sum(p.numel() for p in model.parameters())  # PEFT freezes all of these
+    widened = min(960, 4 * frozen // 14)  # float32 gradients, KEPT_ACTIVATION_BYTES a unit
+    assert widened == 960  # the tiny model's gradients are far more than the kept size: doubled
+    full = make_trainer(tmp_path / "full", max_forward_tokens="auto", **BF16_STEP)
+    assert full.activation_bound.keep_up_to == 5
+    lora = make_trainer(
+        tmp_path / "lora",
+        model=model,
+        max_forward_tokens="auto",
+        trainer_kwargs=dict(peft_config=LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")),
+        **BF16_STEP,
+    )
+    assert lora.activation_bound.keep_up_to == (960 + widened) // 192 == 10
+    assert "(capped at double)" in lora.activation_bound.reason
+
+
 def test_auto_with_native_bf16_keeps_the_activations_of_forwards_up_to_a_size(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1193,6 +1234,20 @@ def test_auto_with_native_bf16_keeps_the_activations_of_forwards_up_to_a_size(
         other = resolve_activation_bound(args, device, bf16=True, **kwargs)
         assert other.recompute and other.keep_up_to is None and not other.agreed, name
         assert other.recomputes(1) and other.kept_layers(1) == 0, name
+    # Weights the run does not train free their float32 gradients' bytes, which widen the kept
+    # size (KEPT_ACTIVATION_BYTES a unit), at most to double: (1000 + 7000 // 14) // 192 = 7
+    # tokens, then (1000 + 1000) // 192 = 10 however many more.
+    with caplog.at_level(logging.INFO, logger="grpokit"):
+        wider = resolve_activation_bound(
+            GRPOConfig(), traits, bf16=True, model=model, frozen_gradient_bytes=7000
+        )
+    assert (wider.keep_up_to, wider.layers) == (7, 2)
+    assert "widened by 0 MiB of frozen weights' gradients" in caplog.text
+    capped = resolve_activation_bound(
+        GRPOConfig(), traits, bf16=True, model=model, frozen_gradient_bytes=10**9
+    )
+    assert capped.keep_up_to == 10 and "(capped at double)" in capped.reason
+    assert "widened" not in bound.reason
     # A bound without recomputation keeps every forward's activations; a number is as given.
     assert not ActivationBound(None, False, "given").recomputes(10**9)
     given = resolve_activation_bound(GRPOConfig(max_forward_tokens=64), traits, bf16=True)

@@ -28,6 +28,10 @@ CPU_FLOAT32_FORWARD_TOKENS = 768
 # width). SmolLM2-135M's size at 1024 tokens: a kept forward of it holds about 0.85 MiB a
 # token, so at most about 0.9 GiB (bench/RESULTS.md).
 CPU_KEPT_ACTIVATION_SIZE = 1024 * 30 * (576 + 1536)
+# Bytes a kept forward holds per unit of that size (one token in one layer, per unit of width)
+# under bf16 autocast: SmolLM2-135M's 0.85 MiB a token over 30 x (576 + 1536). It turns bytes
+# the run does not need elsewhere into kept size (`train.build.resolve_activation_bound`).
+KEPT_ACTIVATION_BYTES = 14
 
 
 @dataclass(frozen=True)

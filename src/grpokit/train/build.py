@@ -25,7 +25,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from grpokit.core import attention
 from grpokit.core.attention import use_grouped_attention
 from grpokit.engines.base import GenerationEngine, SamplingParams
-from grpokit.engines.device import DeviceTraits, device_traits, model_device
+from grpokit.engines.device import (
+    KEPT_ACTIVATION_BYTES,
+    DeviceTraits,
+    device_traits,
+    model_device,
+)
 from grpokit.engines.models import resolve_model_path
 from grpokit.engines.transformers_engine import TransformersEngine
 from grpokit.engines.weight_sync import plain_lora_layer
@@ -455,6 +460,20 @@ def activation_width(model: Any) -> tuple[int, int] | None:
     return layers, hidden + intermediate
 
 
+def frozen_gradient_bytes(model: Any, peft_config: Any = None, *, shards: int = 1) -> int:
+    """The float32 gradient bytes, per process, of `model`'s weights that training leaves
+    unchanged: those already frozen, or with `peft_config` all of them (PEFT freezes the base
+    model and trains new adapter weights). A parameter DeepSpeed ZeRO-3 partitioned counts
+    whole (`ds_numel`); `shards`: the processes a sharding engine (FSDP2, ZeRO-2/3) splits
+    gradients over, 1 where each process would hold them all."""
+    frozen = sum(
+        getattr(p, "ds_numel", p.numel())
+        for p in model.parameters()
+        if peft_config is not None or not p.requires_grad
+    )
+    return 4 * frozen // max(shards, 1)
+
+
 def resolve_activation_bound(
     args: GRPOConfig,
     traits: DeviceTraits,
@@ -462,6 +481,7 @@ def resolve_activation_bound(
     bf16: bool,
     model: Any = None,
     engine_gathers: bool = False,
+    frozen_gradient_bytes: int = 0,
 ) -> ActivationBound:
     """How the run's training forwards bound their activations (`GRPOConfig.max_forward_tokens`
     and `gradient_checkpointing`); logged once.
@@ -498,6 +518,11 @@ def resolve_activation_bound(
             forward's activations while another recomputes its own (tests/test_distributed.py
             and test_distributed_deepspeed.py, scenario kept_activations: both kinds of forward
             on each process, and the 1-process weights).
+        frozen_gradient_bytes: The float32 gradients this process would hold for the weights
+            the run does not train (`frozen_gradient_bytes`: LoRA's base model). Those bytes
+            are free, so the kept size grows by them, at most doubling: a LoRA run keeps more
+            of its activations and recomputes less, and still holds less than the same run's
+            full fine-tune (measured on the bar workload with LoRA r 16, bench/RESULTS.md).
     """
     tokens, user_recompute = args.max_forward_tokens, args.gradient_checkpointing
     keep_up_to: int | None = None
@@ -523,7 +548,15 @@ def resolve_activation_bound(
             sizes = activation_width(model)
             if recompute and sizes and traits.kept_activation_size:
                 layers, width = sizes
-                keep_up_to = traits.kept_activation_size // (layers * width)
+                size = traits.kept_activation_size
+                widened = min(size, frozen_gradient_bytes // KEPT_ACTIVATION_BYTES)
+                if widened:
+                    reason += (
+                        f", the kept size widened by {frozen_gradient_bytes / 2**20:.0f} MiB "
+                        "of frozen weights' gradients"
+                        + (" (capped at double)" if widened == size else "")
+                    )
+                keep_up_to = (size + widened) // (layers * width)
         recomputes = recompute or user_recompute
         agreed = engine_gathers and keep_up_to is not None
         bound = ActivationBound(max_tokens, recomputes, reason, keep_up_to, layers, agreed)

@@ -119,7 +119,8 @@ class ModelSettings:
         "and the decoder layers recompute their activations in the backward pass (gradient "
         "checkpointing; gradient_checkpointing=True keeps the token bound), except in forwards "
         "small enough to keep them (`ActivationBound.keep_up_to`) and in as many of a larger "
-        "forward's last layers as the same memory holds (`ActivationBound.kept_layers`); "
+        "forward's last layers as the same memory holds (`ActivationBound.kept_layers`), "
+        "that memory widened by the gradients frozen weights do not need (LoRA); "
         "elsewhere on the CPU 512 tokens under bf16 autocast and 768 in float32; on a GPU no "
         "bound. None = one forward per "
         "micro-batch.",

@@ -207,6 +207,13 @@ class GRPOTrainer:
             bf16=self.use_bf16,
             model=self.model,
             engine_gathers=self.world.zero_stage == 3,
+            frozen_gradient_bytes=build.frozen_gradient_bytes(
+                self.model,
+                peft_config,
+                shards=self.world.num_processes
+                if self.world.fsdp or self.world.zero_stage >= 2
+                else 1,
+            ),
         )
         self.max_forward_tokens = self.activation_bound.max_forward_tokens
         self.model = build.prepare_model(
