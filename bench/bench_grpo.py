@@ -1070,8 +1070,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         metavar="R",
         help="both systems train a LoRA adapter of rank R on every linear layer (alpha 2R); the "
-        "roofline and memory table count the adapter's gradients and AdamW moments, but the "
-        "training FLOPs still include a full fine-tune's weight gradients",
+        "roofline counts no weight gradients for the frozen weights and the adapter's own "
+        "products, and the memory table the adapter's gradients and AdamW moments",
     )
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up optimizer steps (dropped)")
