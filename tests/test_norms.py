@@ -147,6 +147,31 @@ def test_the_output_layer_takes_its_kept_positions_contiguous() -> None:
     (copied,) = norms._contiguous_input(head, (sliced,))
     assert copied.is_contiguous() and torch.equal(copied, sliced)
     assert norms._contiguous_input(head, (copied,)) is None  # no copy of a contiguous input
+    # One shared prompt's last position: contiguous, but its first stride is the prompt's
+    # (5 * 8), not one position's: copied with row-major strides, the same values
+    last = torch.randn(1, 5, 8)[:, -1:]
+    assert last.is_contiguous() and last.stride() == (40, 8, 1) and not norms.foldable(last)
+    (copied,) = norms._contiguous_input(head, (last,))
+    assert copied.stride() == (8, 8, 1) and torch.equal(copied, last) and norms.foldable(copied)
+    assert norms.foldable(torch.randn(3, 1, 8)) and norms.foldable(torch.randn(8))
+    assert not norms.foldable(torch.randn(2, 3, 8)[:, 1:])
+
+
+def test_a_frozen_output_layer_multiplies_one_shared_prompt_position_as_rows() -> None:
+    # A shared prompt's pass keeps one position of one prompt ([1, 1, hidden] sliced from
+    # [1, P, hidden]). Through the hook a frozen output layer multiplies it as one matrix
+    # product (`aten::mm`), not a batched product of its weight copied whole (`aten::bmm`).
+    tok = make_tokenizer()
+    model = make_causal_lm(tok).requires_grad_(False)
+    norms.cast_norm_outputs(model)
+    ids = torch.randint(3, len(tok), (1, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.profiler.profile() as prof:
+            kept = model(input_ids=ids, logits_to_keep=1).logits
+        whole = model(input_ids=ids).logits
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::mm" in ops and "aten::bmm" not in ops
+    assert torch.equal(kept, whole[:, -1:])
 
 
 def test_other_models_are_left_alone() -> None:

@@ -24,7 +24,8 @@ frozen output layer (a LoRA adapter's, the reference model's) torch's `matmul` d
 a bf16 slice into one matrix product: it copies the weight once per row into a batched product
 (SmolLM2-135M's [49152, 576] head, 16 rows: a 906 MiB copy; LoRA's peak RSS on the bar workload
 3747 MiB with it, 2779 MiB without; bench/RESULTS.md). `cast_norm_outputs` therefore also has
-the output layer take its input contiguous.
+the output layer take its input contiguous, with row-major strides: one position of one shared
+prompt (`[1, 1, hidden]`) is contiguous with its prompt's stride, and is not folded either.
 """
 
 from __future__ import annotations
@@ -125,10 +126,10 @@ def _cast_forward(self: Any, x: Tensor) -> Tensor:
 
 def cast_norm_outputs(model: Any) -> int:
     """Make the `linear_fed_norms` of `model` return their output in autocast's dtype when
-    autocast is on (`rms_norm_cast`), and its output layer take a non-contiguous input (the
-    final norm's output sliced to the positions kept) as a contiguous copy; idempotent. A copy
-    of the model (`copy.deepcopy`) keeps the change. Returns how many norms it applies to (0:
-    none, the model is unchanged)."""
+    autocast is on (`rms_norm_cast`), and its output layer take an input `matmul` cannot fold
+    (the final norm's output sliced to the positions kept: `foldable`) as a contiguous copy;
+    idempotent. A copy of the model (`copy.deepcopy`) keeps the change. Returns how many norms
+    it applies to (0: none, the model is unchanged)."""
     norms = linear_fed_norms(model)
     for norm in norms:
         norm.forward = types.MethodType(_cast_forward, norm)
@@ -139,7 +140,20 @@ def cast_norm_outputs(model: Any) -> int:
 
 
 def _contiguous_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """A forward pre-hook: the module's first input as a contiguous tensor, when it is not."""
-    if args and isinstance(args[0], Tensor) and not args[0].is_contiguous():
-        return (args[0].contiguous(), *args[1:])
+    """A forward pre-hook: the module's first input as a contiguous copy with row-major strides,
+    when torch's `matmul` could not fold it into the rows of one product as it is (`foldable`)."""
+    if args and isinstance(args[0], Tensor) and not foldable(args[0]):
+        return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
     return None
+
+
+def foldable(x: Tensor) -> bool:
+    """Whether `x` `[..., n, in]` is contiguous with every leading dimension's stride that of
+    row-major order, so that torch's `matmul` by a 2-D weight views it as one `[rows, in]` matrix
+    and makes one product. A tensor can be contiguous without that: a slice of one position,
+    `[1, 1, in]` out of `[1, P, in]` (a shared prompt's last position), keeps the stride `P * in`
+    in its first dimension, and for a weight that needs no gradient `matmul` then multiplies
+    through a batched product of the weight copied whole."""
+    if not x.is_contiguous():
+        return False
+    return all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2))
