@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from grpokit.core.logprobs import (
     forward_module,
@@ -333,6 +334,48 @@ def test_shared_prompt_rows_groups_rows_by_prompt_in_row_order(tiny) -> None:
     # Every prompt distinct: nothing to share.
     ids, mask, t = encode(tokenizer, ["ab", "cd"], ["x", "y"])
     assert shared_prompt_rows(ids, mask, t) is None
+
+
+def test_rows_of_prompts_indexes_every_layer_and_sums_each_prompts_gradient() -> None:
+    # Two layers' keys and values of 2 prompts [U=2, Hkv, P, D]; rows 0, 2, 3 take prompt 0 and
+    # row 1 prompt 1: the rows' tensors are the prompts' and a prompt's gradient is the sum of
+    # its rows' gradients, as with transformers' own `batch_select_indices`.
+    from transformers.cache_utils import DynamicCache
+
+    from grpokit.core.logprobs import rows_of_prompts
+
+    config = LlamaConfig(**config_kwargs(make_tokenizer()))
+    generator = torch.Generator().manual_seed(0)
+    inverse = torch.tensor([0, 1, 0, 0])
+    ours, theirs = DynamicCache(config=config), DynamicCache(config=config)
+    sources = []
+    for layer in range(2):
+        keys, values = (
+            torch.randn(2, 2, 3, 4, generator=generator, requires_grad=True) for _ in range(2)
+        )
+        sources += [keys, values]
+        ours.update(keys, values, layer)
+        theirs.update(keys, values, layer)
+    rows_of_prompts(ours, inverse)
+    theirs.batch_select_indices(inverse)
+    weights = torch.randn(4, 2, 3, 4, generator=generator)
+    grads = []
+    for cache in (ours, theirs):
+        for layer in cache.layers[:2]:
+            assert layer.keys.shape == layer.values.shape == (4, 2, 3, 4)
+        total = sum(
+            (layer.keys * weights).sum() + (layer.values * 2 * weights).sum()
+            for layer in cache.layers[:2]
+        )
+        grads.append(torch.autograd.grad(total, sources))
+    for layer_ours, layer_theirs in zip(ours.layers[:2], theirs.layers[:2], strict=True):
+        assert torch.equal(layer_ours.keys, layer_theirs.keys)
+        assert torch.equal(layer_ours.values, layer_theirs.values)
+    for mine, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-6, rtol=1e-6)
+    expected_keys = weights[[0, 2, 3]].sum(0)  # prompt 0's keys: rows 0, 2 and 3
+    torch.testing.assert_close(grads[0][0][0], expected_keys, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0][0][1], weights[1], atol=0, rtol=0)
 
 
 def test_forward_tokens_counts_each_shared_prompt_once() -> None:

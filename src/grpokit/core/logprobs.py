@@ -428,6 +428,18 @@ SHARED_FORWARD_ARGUMENTS = ("past_key_values", "position_ids", "logits_to_keep")
 """The forward arguments `prompt_sharing_supported` requires."""
 
 
+def rows_of_prompts(cache: Any, inverse: Tensor) -> None:
+    """Index each layer of `cache` (transformers' `DynamicLayer`s, `prompt_sharing_supported`)
+    from the distinct prompts' keys and values `[U, Hkv, P, D]` to the rows' `[n, Hkv, P, D]`,
+    row `i` taking prompt `inverse[i]`, differentiably. By `index_select`, whose backward sums
+    each prompt's rows with `index_add_`: the cache's own `batch_select_indices` indexes with
+    `keys[indices]`, whose backward accumulates through `index_put_`, 3-5x slower on a CPU for
+    these shapes (bench/RESULTS.md). The same gradients up to the order of the sum's rounding."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, inverse)
+        layer.values = layer.values.index_select(0, inverse)
+
+
 def prompt_numbers(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
     """`[n]` long: one number per distinct prompt row of `prompt_ids` `[n, P]` (its ids and its
     padding, `prompt_mask` `[n, P]` 1 = real token), the same for rows with the same prompt."""
@@ -569,7 +581,7 @@ def _shared_prompt_forward(
     )  # [n, 1]
     if completion_len == 1:
         return logprobs, entropies
-    cache.batch_select_indices(inverse)  # [U, ...] -> [n, ...] per layer, differentiable
+    rows_of_prompts(cache, inverse)  # [U, ...] -> [n, ...] per layer, differentiable
     rest = (completions or model)(
         input_ids=completion_ids,  # [n, T]
         attention_mask=mask,  # [n, P'+T]
