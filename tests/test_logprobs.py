@@ -597,8 +597,9 @@ def test_prompt_sharing_is_declined_where_the_cache_would_not_hold_the_prompt() 
     tokenizer = make_tokenizer()
     model = make_causal_lm(tokenizer).train()
     assert prompt_sharing_supported(model)
-    # transformers' gradient checkpointing drops the cache in training mode (not in eval).
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # torch's reentrant checkpoint gives no gradient to the cached prompt's keys and values a
+    # checkpointed layer reads (in training mode; in eval nothing is checkpointed).
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     assert not prompt_sharing_supported(model)
     assert prompt_sharing_supported(model.eval())
     ids, mask, t = shared_batch(tokenizer)
@@ -621,3 +622,128 @@ def test_prompt_sharing_is_declined_where_the_cache_would_not_hold_the_prompt() 
         make_causal_lm(tokenizer), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
     )
     assert not prompt_sharing_supported(forward_module(tuned))
+
+
+@pytest.mark.parametrize("kept", [0, 1])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_shared_prompts_under_gradient_checkpointing_give_the_plain_gradients(
+    kind: str, kept: int
+) -> None:
+    # Every decoder layer checkpointed (kept = 0), or the last one keeping its activations: the
+    # checkpointed layers take the prompts' cache read-only, the prompt pass recomputes in every
+    # layer and leaves each prompt's last token to the completion pass, and the log-probs and
+    # gradients are the plain forward's without checkpointing.
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grpokit.core.logprobs import prompt_sharing_supported
+
+    tokenizer = make_tokenizer()
+    if kind == "llama":
+        model = make_causal_lm(tokenizer, seed=0)
+    else:
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(**config_kwargs(tokenizer)))
+    model.train()
+    ids, mask, t = shared_batch(tokenizer)
+    plain = logprobs_and_grads(model, ids, mask, t)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = model.model.layers
+    for layer in layers[len(layers) - kept :] if kept else []:
+        layer.gradient_checkpointing = False
+    assert prompt_sharing_supported(model)
+    recomputed: list[int] = []  # the layers' calls in the backward pass (recomputations)
+    in_backward = [False]
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda module, args, i=i: recomputed.append(i) if in_backward[0] else None
+        )
+        for i, layer in enumerate(layers)
+    ]
+    shapes, handle = batch_sizes_seen(model)
+    try:
+        model.zero_grad()
+        logp, entropy = model_completion_logprobs(
+            model, ids, mask, t, compute_entropy=True, share_prompts=True
+        )
+        real = mask[:, -t:].bool()
+        in_backward[0] = True
+        (logp[real].sum() + 0.3 * entropy[real].sum()).backward()
+        in_backward[0] = False
+    finally:
+        handle.remove()
+        for hook in hooks:
+            hook.remove()
+    grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+    p = ids.shape[1] - t
+    # shared: the prompts but their last token, then each row's last prompt token and its
+    # completion
+    assert shapes == [(2, p - 3), (5, 1 + t)]
+    # each checkpointed layer recomputed for the completion pass, every layer for the prompts'
+    assert sorted(recomputed) == sorted([*range(len(layers) - kept), *range(len(layers))])
+    assert all(
+        layer.gradient_checkpointing is (i < len(layers) - kept) for i, layer in enumerate(layers)
+    )  # the flags restored
+    torch.testing.assert_close(logp.detach()[real], plain[0], atol=2e-6, rtol=0)
+    torch.testing.assert_close(entropy.detach()[real], plain[1], atol=2e-6, rtol=0)
+    assert grads.keys() == plain[2].keys()
+    for name, grad in plain[2].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], grad, atol=2e-6, rtol=1e-4)
+
+
+def test_a_model_that_drops_the_cache_under_checkpointing_falls_back_to_the_plain_forward(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A model whose own forward drops the cache while its flag is set (as older transformers
+    # models checkpoint in their own loop): the shared forward sees a prompt cache left empty
+    # (or a layer that never read its past), takes the plain forward for the slice, says so,
+    # and does not share again.
+    from grpokit.core.logprobs import prompt_sharing_supported
+
+    tokenizer = make_tokenizer()
+    model = make_causal_lm(tokenizer, seed=0).train()
+    ids, mask, t = shared_batch(tokenizer)
+    plain = logprobs_and_grads(model, ids, mask, t)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inner = model.model
+    forward = inner.forward
+
+    def dropping(*args: Any, **kwargs: Any) -> Any:
+        if inner.gradient_checkpointing and inner.training:
+            kwargs["past_key_values"] = None
+        return forward(*args, **kwargs)
+
+    inner.forward = dropping
+    assert prompt_sharing_supported(model)
+    shapes, handle = batch_sizes_seen(model)
+    try:
+        with caplog.at_level("WARNING", logger="grpokit.core.logprobs"):
+            out = logprobs_and_grads(model, ids, mask, t, share_prompts=True)
+    finally:
+        handle.remove()
+    p = ids.shape[1] - t
+    assert shapes == [(2, p - 3), tuple(ids.shape)]  # the prompt pass, then the plain path
+    assert "dropped the shared prompts' cache" in caplog.text
+    assert not prompt_sharing_supported(model)
+    torch.testing.assert_close(out[0], plain[0], atol=2e-6, rtol=0)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(out[2][name], grad, atol=2e-6, rtol=1e-4)
+
+
+def test_shared_prompts_under_gradient_checkpointing_with_one_completion_token() -> None:
+    # One completion token: the completion pass is each row's last prompt token and that token.
+    tokenizer = make_tokenizer()
+    model = make_causal_lm(tokenizer, seed=0).train()
+    ids, mask, t = encode(tokenizer, ["abc", "abc", "de", "abc"], ["x", "y", "z", "w"])
+    assert t == 1
+    plain = logprobs_and_grads(model, ids, mask, t)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shapes, handle = batch_sizes_seen(model)
+    try:
+        shared = logprobs_and_grads(model, ids, mask, t, share_prompts=True)
+    finally:
+        handle.remove()
+    assert shapes == [(2, ids.shape[1] - t - 1), (4, 2)]
+    torch.testing.assert_close(shared[0], plain[0], atol=2e-6, rtol=0)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(shared[2][name], grad, atol=2e-6, rtol=1e-4)

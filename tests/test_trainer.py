@@ -1302,11 +1302,12 @@ def test_auto_with_native_bf16_keeps_small_forwards_and_shares_their_prompts(
     # bf16 autocast. With every forward within `keep_up_to`, "auto" on a CPU with native bf16
     # forwards each micro-batch as the plain path does: no recomputation, autocast's cache of
     # weight casts on, each prompt forwarded once (2 calls per micro-batch: the prompts, then
-    # the completions); the same update. With `keep_up_to` below the forwards' size every layer
-    # recomputes (one forward per micro-batch, then its recomputation: 4 calls, no cache), or
-    # with one layer's worth of activations (`kept_layers`) the last of the 2 layers keeps its
-    # activations (2 calls, no cache) and the first recomputes; its attention calls run outside
-    # `core.attention.recomputed_layers`, the first layer's within. Either way the layers are
+    # the completions); the same update. With `keep_up_to` below the forwards' size the
+    # prompts are still shared, and every layer recomputes (each pass and its recomputation: 8
+    # calls, no cache), or with one layer's worth of activations (`kept_layers`) the last of the
+    # 2 layers keeps its completion pass's activations (its prompt pass recomputes: 6 calls, no
+    # cache) and the first recomputes; the last layer's completion-pass attention runs outside
+    # `core.attention.recomputed_layers`, every other call within. Either way the layers are
     # left checkpointed between forwards.
     from grpokit.core import attention
     from grpokit.train import trainer as trainer_module
@@ -1371,21 +1372,21 @@ def test_auto_with_native_bf16_keeps_small_forwards_and_shares_their_prompts(
     (big, big_calls, big_shared, big_loss) = runs["big"]
     (partial, partial_calls, partial_shared, partial_loss) = runs["partial"]
     assert plain_calls == kept_calls == ([1] * 4, [1] * 4)
-    assert big_calls == ([0] * 4, [0] * 4)
-    assert partial_calls == ([0] * 4, [0] * 2)
-    assert (plain_shared, kept_shared) == ([True] * 2, [True] * 2)
-    assert big_shared == partial_shared == [False] * 2
+    assert big_calls == ([0] * 8, [0] * 8)
+    assert partial_calls == ([0] * 8, [0] * 6)
+    assert plain_shared == kept_shared == big_shared == partial_shared == [True] * 2
     assert within["plain"] == within["kept"] == ({False}, {False})
     assert within["big"] == ({True}, {True})
-    assert within["partial"] == ({True}, {False})
+    assert within["partial"] == ({True}, {True, False})
     # every forward shares (None), or those within keep_up_to do
     kept_size = 10**9 // (2 * (32 + 64))
     assert planned == {"plain": [None], "kept": [kept_size], "big": [0], "partial": [0]}
     assert max(u.abs().max().item() for u in plain.values()) > 1e-3  # a real update
     for loss in (kept_loss, big_loss, partial_loss):
         assert loss == pytest.approx(plain_loss, abs=1e-6)
-    # the same update as the plain path where the prompts are shared alike, and as the forwards
-    # that recompute in every layer where none shares them
+    # the same update as the plain path where no layer recomputes, and as each other where
+    # some do (AdamW's first step turns a gradient's sign into a step of the learning rate,
+    # so a gradient within rounding of 0, summed in another order, may step either way)
     for update, same in ((kept, plain), (partial, big)):
         for key, value in same.items():
             torch.testing.assert_close(update[key], value, atol=1e-6, rtol=1e-4)
@@ -1438,7 +1439,7 @@ def test_log_prob_passes_run_the_layers_unchecked_and_share_prompts(
         out[name] = trainer.compute_logprobs(trainer.model, batch)
         assert seen == [(False, True)] * 2, name  # 2 micro-batches of 4 rows
         assert trainer.model.is_gradient_checkpointing is (name == "auto")
-        assert prompt_sharing_supported(trainer.model) is (name == "plain")
+        assert prompt_sharing_supported(trainer.model)  # checkpointed layers take the cache
     assert out["plain"].abs().sum() > 0
     torch.testing.assert_close(out["auto"], out["plain"], atol=0, rtol=0)
 

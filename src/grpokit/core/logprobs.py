@@ -10,12 +10,18 @@ log-normalizers, so no float32 copy of the logits is held for backward either.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import logging
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 21  # logits per float32 chunk (8 MB): small enough to stay in cache
 
@@ -306,8 +312,10 @@ def model_completion_logprobs(
             keys and values to each of those rows' completions (`shared_prompt_rows`,
             `prompt_sharing_supported`): the same log-probs and gradients up to float rounding,
             with `U * P + n * T` tokens forwarded instead of `n * (P + T)` for `U` distinct
-            prompts. Rows whose prompts all differ, models it does not support, and a
-            training wrapper's slice of one completion position take the plain path.
+            prompts. Under transformers' gradient checkpointing too (non-reentrant): the
+            checkpointed layers take the prompts' cache read-only. Rows whose prompts all
+            differ, models it does not support, and a training wrapper's slice of one
+            completion position take the plain path.
         agree: For processes whose engine gathers the weights around every call (FSDP2,
             DeepSpeed ZeRO-3), which must all make the same calls: called once per slice on
             every process with whether this process's slice would share its prompts (False
@@ -359,21 +367,32 @@ def model_completion_logprobs(
         if agree is not None and not agree(groups is not None):
             groups = None  # another process's slice takes the plain path
         if groups is not None:
-            logprobs, entropies = _shared_prompt_forward(
-                inner,
-                ids,
-                mask,
-                completion_len,
-                groups,
-                temperature,
-                compute_entropy,
-                chunk_size,
-                completions=model,
-            )
-            logprob_slices.append(logprobs)
-            if entropies is not None:
-                entropy_slices.append(entropies)
-            continue
+            shared: tuple[Tensor, Tensor | None] | None
+            try:
+                shared = _shared_prompt_forward(
+                    inner,
+                    ids,
+                    mask,
+                    completion_len,
+                    groups,
+                    temperature,
+                    compute_entropy,
+                    chunk_size,
+                    completions=model,
+                )
+            except _CacheDropped:
+                logger.warning(
+                    "%s dropped the shared prompts' cache under gradient checkpointing; its "
+                    "checkpointed forwards now pass every row's prompt.",
+                    type(inner).__name__,
+                )
+                shared = None
+            if shared is not None:
+                logprobs, entropies = shared
+                logprob_slices.append(logprobs)
+                if entropies is not None:
+                    entropy_slices.append(entropies)
+                continue
         kwargs: dict[str, object] = {"input_ids": ids, "attention_mask": mask}
         if keep_logits:
             kwargs["logits_to_keep"] = completion_len + 1
@@ -405,15 +424,16 @@ def prompt_sharing_supported(model: torch.nn.Module) -> bool:
 
     It needs a forward that takes `past_key_values`, `position_ids` and `logits_to_keep`, a
     cache whose every layer keeps all past positions (transformers' `DynamicLayer`: no sliding
-    window, no recurrent state), and its decoder layers must not drop the cache: transformers'
-    gradient checkpointing does so in training mode.
+    window, no recurrent state), and its decoder layers must not drop the cache: under
+    transformers' gradient checkpointing in training mode, only layers that take a read-only
+    cache through their checkpoint keep it (`_cache_passes_checkpoints`).
     """
     if not all(_accepts(model, name) for name in SHARED_FORWARD_ARGUMENTS):
         return False
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
-    if getattr(model, "is_gradient_checkpointing", False) and model.training:
+    if not _cache_passes_checkpoints(model):
         return False
     try:
         from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -422,6 +442,137 @@ def prompt_sharing_supported(model: torch.nn.Module) -> bool:
     except Exception:  # a config the cache cannot read: keep the plain forward
         return False
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _checkpointed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose calls transformers checkpoints now: their `gradient_checkpointing`
+    flag is set and the model is in training mode (none in eval mode)."""
+    if not model.training:
+        return []
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
+def _reentrant(layer: torch.nn.Module) -> bool:
+    """Whether `layer`'s checkpoint function may be torch's reentrant checkpoint: True unless
+    it is, or wraps (`__wrapped__`), a `functools.partial` with `use_reentrant=False`. The
+    reentrant checkpoint gives no gradient to a tensor the function reads without taking it as
+    an argument, as a cached prompt's keys are."""
+    function = getattr(layer, "_gradient_checkpointing_func", None)
+    while function is not None:
+        if isinstance(function, functools.partial):
+            return function.keywords.get("use_reentrant", True) is not False
+        function = getattr(function, "__wrapped__", None)
+    return True
+
+
+_drops_checkpointed_cache: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+"""Models whose forward dropped a shared prompt's cache under gradient checkpointing (a model
+that checkpoints its layers in its own loop rather than in transformers'
+`GradientCheckpointingLayer`): they no longer share prompts while checkpointed."""
+
+
+def _cache_passes_checkpoints(model: torch.nn.Module) -> bool:
+    """Whether a shared forward's completion pass can pass its prompts' cache through every
+    call of `model` that transformers checkpoints now: none is checkpointed, or each is a
+    decoder layer (`GradientCheckpointingLayer`, whose `_can_checkpoint_with_cache` lets a
+    cache through) under torch's non-reentrant checkpoint, or a model whose own flag its
+    forward does not read (checked after each shared forward: a model that dropped the cache
+    is remembered in `_drops_checkpointed_cache`)."""
+    checkpointed = _checkpointed_modules(model)
+    if not checkpointed:
+        return True
+    if model in _drops_checkpointed_cache:
+        return False
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:
+        return False
+    if "_can_checkpoint_with_cache" not in vars(GradientCheckpointingLayer):
+        return False  # a transformers that drops the cache of every checkpointed layer
+    for module in checkpointed:
+        if isinstance(module, GradientCheckpointingLayer):
+            if _reentrant(module):
+                return False
+        elif not isinstance(module, PreTrainedModel):
+            return False
+    return True
+
+
+@functools.cache
+def _shared_caches() -> tuple[type, type]:
+    """transformers' `DynamicCache` for the two passes of a shared forward, made once (an import
+    of transformers' cache module deferred to the first shared forward):
+
+    - `PromptCache`, the prompt pass's: a layer stores the prompt's keys and values on its first
+      update; a later update of a filled layer (a checkpointed layer's recomputation in the
+      backward pass) returns its new states as the first returned them, storing nothing;
+    - `ReadOnlyPast`, the completion pass's, on the prompt cache's layers once they hold the
+      rows' prompts (`rows_of_prompts`): an update returns the prompt's keys and values followed
+      by the new ones, as `DynamicLayer.update` does, without storing them, so a checkpointed
+      layer's recomputation reads the past its forward read (a storing cache would hand it the
+      completion's keys twice). `reads` counts each layer's updates.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    class PromptCache(DynamicCache):
+        def update(
+            self,
+            key_states: Tensor,
+            value_states: Tensor,
+            layer_idx: int,
+            *args: Any,
+            **kwargs: Any,
+        ) -> tuple[Tensor, Tensor]:
+            layers: list[Any] = self.layers
+            if layer_idx < len(layers) and layers[layer_idx].is_initialized:
+                return key_states, value_states
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    class ReadOnlyPast(DynamicCache):
+        def __init__(self, layers: list[Any]) -> None:
+            super().__init__()
+            self.layers = layers
+            self.reads = [0] * len(layers)
+
+        def update(
+            self,
+            key_states: Tensor,
+            value_states: Tensor,
+            layer_idx: int,
+            *args: Any,
+            **kwargs: Any,
+        ) -> tuple[Tensor, Tensor]:
+            self.reads[layer_idx] += 1
+            layer: Any = self.layers[layer_idx]
+            keys = torch.cat([layer.keys, key_states], dim=-2)
+            return keys, torch.cat([layer.values, value_states], dim=-2)
+
+    return PromptCache, ReadOnlyPast
+
+
+class _CacheDropped(Exception):
+    """A shared forward's completion pass ran some layer without its prompt's cache."""
+
+
+@contextlib.contextmanager
+def _flags(modules: list[torch.nn.Module], name: str, value: bool) -> Iterator[None]:
+    """Within the block, `modules` have attribute `name` set to `value` (on the instance);
+    restored after."""
+    before = [m.__dict__.get(name, _MISSING) for m in modules]
+    for module in modules:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, old in zip(modules, before, strict=True):
+            if old is _MISSING:
+                delattr(module, name)
+            else:
+                setattr(module, name, old)
+
+
+_MISSING = object()
 
 
 SHARED_FORWARD_ARGUMENTS = ("past_key_values", "position_ids", "logits_to_keep")
@@ -453,7 +604,8 @@ def forward_tokens(
     """The tokens `model_completion_logprobs` forwards for `input_ids` `[n, P+T]` (with
     `attention_mask` `[n, P+T]`, `T` = `completion_len`) in one slice: `n * (P + T)`, or with
     `share_prompts` and rows that share their prompt (`shared_prompt_rows`) `U * P + n * T`
-    for `U` distinct prompts."""
+    for `U` distinct prompts (`n - U` more under gradient checkpointing, where each row's last
+    prompt token goes with its completion)."""
     n, width = input_ids.shape
     if not share_prompts:
         return n * width
@@ -548,7 +700,9 @@ def _shared_prompt_forward(
     The distinct prompts `[U, P]` go through `model` with a cache; the logits of their last
     position score each row's first completion token. The cache, indexed to the `n` rows, then
     serves as the past of the completions `[n, T]`, whose logits at positions `0..T-2` score
-    tokens `1..T-1`. Gradients reach the prompt's activations from every row through the
+    tokens `1..T-1`. Under gradient checkpointing the prompt pass stops one token short, and
+    that token goes with each row's completion `[n, 1+T]`, whose logits then score every
+    completion token. Gradients reach the prompt's activations from every row through the
     indexing.
 
     Args:
@@ -557,39 +711,100 @@ def _shared_prompt_forward(
             per backward; the prompt pass's gradients reach the same parameters in that
             backward, each parameter's summed before its averaging hook runs.
     """
-    from transformers.cache_utils import DynamicCache
-
     first, inverse = groups  # [U], [n]
     p = ids.shape[1] - completion_len
     columns = (mask[first, :p] > 0).any(0).nonzero()  # the distinct prompts' shared padding
     lead = int(columns[0]) if columns.numel() else 0
     ids, mask, p = ids[:, lead:], mask[:, lead:], p - lead  # [n, P'+T]
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [n, P'+T]
-    cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
-    prefix = model(
-        input_ids=ids[first, :p],  # [U, P']
-        attention_mask=mask[first, :p],
-        position_ids=positions[first, :p],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
+    prompt_cache, read_only_past = _shared_caches()
+    cache = prompt_cache(config=model.config)
+    # Under transformers' gradient checkpointing both passes take their cache through the
+    # layers' checkpoints: each update returns in a layer's recomputation what it returned in
+    # its forward (`_shared_caches`). The prompt pass then recomputes in every decoder layer, and
+    # each row's last prompt token goes with its completion, so that the prompt pass needs no
+    # logits: a layer keeping its activations, and the output layer, would keep their bf16
+    # weights (autocast keeps no cache of its casts where layers recompute,
+    # `DeviceTraits.autocast`) once for each pass. Without checkpointing the prompts' last
+    # logits score the first completion token: FSDP2 and ZeRO-3 gather a layer's weights for
+    # its backward when the gradient reaches its outputs, so every prompt layer's must carry
+    # one.
+    checkpointed = _checkpointed_modules(model)
+    layers = [m for m in checkpointed if hasattr(m, "_can_checkpoint_with_cache")]
+    every = (
+        [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")] if layers else []
     )
+    lead = 1 if layers and p > 1 else 0  # prompt tokens forwarded with each row's completion
+    with (
+        _flags(every, "gradient_checkpointing", True),
+        _flags(every, "_can_checkpoint_with_cache", True),
+    ):
+        prefix = model(
+            input_ids=ids[first, : p - lead],  # [U, P'-lead]
+            attention_mask=mask[first, : p - lead],
+            position_ids=positions[first, : p - lead],
+            past_key_values=cache,
+            use_cache=not layers,  # (checkpointed layers would warn that they turn it off)
+            logits_to_keep=1,
+        )
     completion_ids = ids[:, p:]  # [n, T]
-    head = prefix.logits[:, -1:, :].index_select(0, inverse)  # [n, 1, V]
-    logprobs, entropies = _selective(
-        head, completion_ids[:, :1], temperature, compute_entropy, chunk_size, overwrite=True
-    )  # [n, 1]
-    if completion_len == 1:
-        return logprobs, entropies
+    logprobs, entropies = None, None
+    if not lead:
+        head = prefix.logits[:, -1:, :].index_select(0, inverse)  # [n, 1, V]
+        logprobs, entropies = _selective(
+            head, completion_ids[:, :1], temperature, compute_entropy, chunk_size, overwrite=True
+        )  # [n, 1]
+        if completion_len == 1:
+            return logprobs, entropies
+    del prefix
+    if not all(layer.is_initialized for layer in cache.layers):  # the model dropped the cache
+        _drops_checkpointed_cache.add(model)
+        raise _CacheDropped
     rows_of_prompts(cache, inverse)  # [U, ...] -> [n, ...] per layer, differentiable
-    rest = (completions or model)(
-        input_ids=completion_ids,  # [n, T]
-        attention_mask=mask,  # [n, P'+T]
-        position_ids=positions[:, p:],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=completion_len,
-    ).logits  # [n, T, V]; position t scores token t + 1, the last one nothing
+    past = read_only_past(cache.layers)
+    with _flags(layers, "_can_checkpoint_with_cache", True):
+        rest = (completions or model)(
+            input_ids=ids[:, p - lead :],  # [n, lead+T]
+            attention_mask=mask,  # [n, P'+T]
+            position_ids=positions[:, p - lead :],
+            past_key_values=past,
+            use_cache=not layers,
+            logits_to_keep=completion_len + lead,
+        ).logits  # [n, lead+T, V]; position t scores completion token t + 1 - lead
+    if not all(past.reads):  # a layer ran without its past: the model dropped the cache
+        _drops_checkpointed_cache.add(model)
+        raise _CacheDropped
+    tail, tail_entropies = _selective(
+        rest,
+        completion_ids[:, 1 - lead :],
+        temperature,
+        compute_entropy,
+        chunk_size,
+        overwrite=True,
+    )  # [n, T-1+lead]; the last position scores nothing
+    if logprobs is None:
+        return tail, tail_entropies
+    logprobs = torch.cat([logprobs, tail], dim=1)  # [n, T]
+    if entropies is not None and tail_entropies is not None:
+        entropies = torch.cat([entropies, tail_entropies], dim=1)
+    return logprobs, entropies
+    if not all(layer.is_initialized for layer in cache.layers):  # the model dropped the cache
+        _drops_checkpointed_cache.add(model)
+        raise _CacheDropped
+    rows_of_prompts(cache, inverse)  # [U, ...] -> [n, ...] per layer, differentiable
+    past = read_only_past(cache.layers)
+    with _flags(layers, "_can_checkpoint_with_cache", True):
+        rest = (completions or model)(
+            input_ids=completion_ids,  # [n, T]
+            attention_mask=mask,  # [n, P'+T]
+            position_ids=positions[:, p:],
+            past_key_values=past,
+            use_cache=not layers,
+            logits_to_keep=completion_len,
+        ).logits  # [n, T, V]; position t scores token t + 1, the last one nothing
+    if not all(past.reads):  # a layer ran without its past: the model dropped the cache
+        _drops_checkpointed_cache.add(model)
+        raise _CacheDropped
     tail, tail_entropies = _selective(
         rest, completion_ids[:, 1:], temperature, compute_entropy, chunk_size, overwrite=True
     )  # [n, T-1]

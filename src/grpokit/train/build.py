@@ -388,12 +388,13 @@ class ActivationBound:
         reason: What decided, in a few words, for the log.
         keep_up_to: With `recompute`, a training forward of at most this many tokens (with
             each shared prompt counted once, `core.logprobs.forward_tokens`) keeps its
-            activations and shares its prompts instead (`recomputes`); a larger micro-batch is
-            split into such forwards of whole prompts where each prompt's rows fit
-            (`train.microbatch`, `share_up_to`); a forward still larger keeps those
-            of as many of its last decoder layers as the activations of `keep_up_to` tokens
-            take (`kept_layers`). None = every forward recomputes in every layer. Set by "auto"
-            only (`DeviceTraits.kept_activation_size`).
+            activations (`recomputes`); a larger micro-batch is split into such forwards of
+            whole prompts where each prompt's rows fit (`train.microbatch`, `share_up_to`); a
+            forward still larger keeps those of as many of its last decoder layers as the
+            activations of `keep_up_to` tokens take (`kept_layers`), and shares its prompts
+            too where the policy's checkpointed layers take the cache (not under FSDP2 and
+            ZeRO-3: `GRPOTrainer.micro_batch_loss`). None = every forward recomputes in every
+            layer. Set by "auto" only (`DeviceTraits.kept_activation_size`).
         layers: The model's decoder layers, with `keep_up_to` (`kept_layers`).
         agreed: With `keep_up_to` on several processes, each training forward is judged by
             the largest of the processes' sizes for it (`GRPOTrainer.micro_batch_loss`), so
@@ -415,8 +416,9 @@ class ActivationBound:
         return self.recompute and (self.keep_up_to is None or tokens > self.keep_up_to)
 
     def kept_layers(self, tokens: int) -> int:
-        """How many decoder layers of a training forward of `tokens` tokens (every row's
-        prompt counted) that `recomputes` keep their activations, the last ones; the others
+        """How many decoder layers of a training forward of `tokens` tokens (as it runs: each
+        shared prompt counted once) that `recomputes` keep their activations, the last ones;
+        the others
         recompute theirs. The activations of `keep_up_to` tokens in all `layers` are those of
         `keep_up_to * layers // tokens` layers of this forward: a forward's kept activations
         stay within the same bound whatever its size, and the recomputation it pays for
@@ -572,9 +574,9 @@ class LayerRecompute:
 
     transformers checkpoints a layer whose `gradient_checkpointing` flag is set when it is
     called in training mode; the flag is read at call time, and a layer that ran with it off
-    keeps its activations for its own backward. With every flag off (the model's own too) the
-    layers also keep the key/value cache, so the forward can share prompts
-    (`core.logprobs.prompt_sharing_supported`).
+    keeps its activations for its own backward. A shared prompt's forward passes its cache
+    through the checkpointed layers (`core.logprobs.prompt_sharing_supported`), and its prompt
+    pass recomputes in every layer.
 
     A checkpointed layer's call, and its recomputation in the backward pass, run through the
     function transformers stores on the layer (`_gradient_checkpointing_func`); wrapped here,
@@ -627,6 +629,7 @@ def _within_recomputed_layers(checkpoint: Callable[..., Any]) -> Callable[..., A
         return checkpoint(layer, *args, **kwargs)
 
     run.within_recomputed_layers = True  # type: ignore[attr-defined]
+    run.__wrapped__ = checkpoint  # type: ignore[attr-defined]  # its use_reentrant
     return run
 
 

@@ -60,9 +60,9 @@ forward/backward work:
 
 **Forwards that keep their activations** (`share_up_to`, `ActivationBound.keep_up_to`): a
 micro-batch whose forward (each prompt counted once) is larger is split, under the same
-condition, into forwards of whole prompts that each fit, weighted as above, so that it neither
-recomputes nor forwards each row's prompt; where one prompt's rows alone do not fit, it stays
-one forward that recomputes.
+condition, into forwards of whole prompts that each fit, weighted as above, so that it does not
+recompute; where one prompt's rows alone do not fit, it stays one forward that recomputes
+(sharing its prompts where the policy's checkpointed layers take the cache).
 
 **A bound on the tokens of one forward pass** (`max_tokens`, `GRPOConfig.max_forward_tokens`).
 Autograd keeps a forward's activations until its backward, so their memory grows with the rows x
@@ -203,12 +203,12 @@ def plan_micro_batches(
             forward passes a prompt once for the rows sharing it
             (`model_completion_logprobs(share_prompts=True)`): `max_tokens` then counts each
             distinct prompt of a part once. None = every row forwards its own prompt.
-        share_up_to: With `prompt_groups`, only a forward of at most this many tokens (its
-            prompts counted once) shares them (`ActivationBound.keep_up_to`: only forwards that
-            keep their activations share prompts). A larger micro-batch is split into forwards
-            of whole prompts that each fit (`_prompt_parts`), when each of its prompts' rows
-            fit alone; otherwise it is one forward of every row's prompt. Bucketing counts each
-            micro-batch's tokens accordingly. None = every forward shares.
+        share_up_to: With `prompt_groups`, a micro-batch of more tokens (its prompts counted
+            once; `ActivationBound.keep_up_to`: larger forwards recompute) is split into
+            forwards of whole prompts that each fit (`_prompt_parts`), when each of its
+            prompts' rows fit alone; otherwise it stays one forward, which bucketing counts
+            with every row's prompt (it shares them only where the policy's checkpointed layers
+            take the cache). None = no split.
 
     Returns:
         Micro-batches in training order; empty when every row of the step has zero advantage
@@ -335,8 +335,9 @@ def _forward_tokens(
     """Tokens one forward of `part` holds with each distinct prompt forwarded once: distinct
     prompts x the longest prompt + rows x the longest completion. Above `share_up_to`, those of
     the forwards of whole prompts it is split into (`_prompt_parts`), or, where a prompt's rows
-    do not fit alone, of one forward that does not share: rows x (the longest prompt + the
-    longest completion)."""
+    do not fit alone, of one forward counted with every row's prompt: rows x (the longest
+    prompt + the longest completion), an upper bound (whether that forward shares its prompts
+    depends on the policy and the engine: `GRPOTrainer.micro_batch_loss`)."""
     prompts = int(prompt_groups[part].unique().numel())
     longest_prompt = int(prompt_lengths[part].max())
     longest_completion = int(completion_lengths[part].max())

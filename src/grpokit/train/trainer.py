@@ -782,7 +782,7 @@ class GRPOTrainer:
             max_tokens=self.max_forward_tokens,
             prompt_mask=batch.prompt_mask,
             prompt_groups=batch.prompt_groups() if self._plans_shared_prompts() else None,
-            share_up_to=None if self._shares_prompts() else self.activation_bound.keep_up_to,
+            share_up_to=self.activation_bound.keep_up_to,
             **place,
         )
         if world.is_distributed:  # as many backward passes on every process
@@ -903,9 +903,14 @@ class GRPOTrainer:
             size = judged(forward_tokens(input_ids, attention_mask, t, share_prompts=share))
             recompute = bound.recomputes(size)
             if recompute:  # the last layers keep theirs, as many as keep_up_to tokens' worth
-                if share:  # every row's prompt, as the forward will not share them
+                if share and not self._shares_prompts():  # every row's prompt forwarded
                     size = judged(forward_tokens(input_ids, attention_mask, t, share_prompts=False))
                 kept = bound.kept_layers(size)
+        # Under FSDP2 and ZeRO-3 a forward that recomputes passes every row's prompt: their
+        # hooks gather a layer's weights for its backward when the gradient reaches the layer's
+        # outputs, and a shared prompt's keys and values leave its layers through the cache, so
+        # their gradient would recompute a prompt layer whose weights are released.
+        shares = self._shares_prompts() and not (recompute and self._prompt_agreement is not None)
         with (
             self.layer_recompute.keep(kept if recompute else None),
             self.autocast(recompute=recompute),
@@ -917,7 +922,7 @@ class GRPOTrainer:
                 t,
                 temperature=cfg.temperature,
                 compute_entropy=True,
-                share_prompts=self._shares_prompts(),
+                share_prompts=shares,
                 agree=self._prompt_agreement,
             )  # [n, T'] float32 each
         old_logprobs = batch.sliced("old_logprobs", rows, t, self.device)  # [n, T'] or None
@@ -1205,14 +1210,15 @@ class GRPOTrainer:
     def _shares_prompts(self) -> bool:
         """Whether the training forwards pass each prompt once for the rows sharing it: where
         `share_prompts` and the policy supports it (`core.logprobs.prompt_sharing_supported`:
-        e.g. not under transformers' gradient checkpointing, which drops the cache in
-        training)."""
+        under transformers' gradient checkpointing too, when non-reentrant); under FSDP2 and
+        ZeRO-3 only forwards that keep their activations (`micro_batch_loss`)."""
         return self.share_prompts and prompt_sharing_supported(forward_module(self.train_model))
 
     def _plans_shared_prompts(self) -> bool:
         """Whether training forwards may share prompts, for planning micro-batches: all of them
         (`_shares_prompts`), or those small enough to keep their activations, which run with
-        recomputation off (`ActivationBound.keep_up_to`, the plan's `share_up_to`)."""
+        recomputation off (`ActivationBound.keep_up_to`; the plan's `share_up_to` splits a
+        larger micro-batch into such forwards where it can)."""
         kept = self.activation_bound.keep_up_to is not None
         return self._shares_prompts() or (kept and self.share_prompts)
 
