@@ -393,7 +393,7 @@ class ActivationBound:
             forward still larger keeps those of as many of its last decoder layers as the
             activations of `keep_up_to` tokens take (`kept_layers`), and shares its prompts
             too where the policy's checkpointed layers take the cache (not under FSDP2 and
-            ZeRO-3: `GRPOTrainer.micro_batch_loss`). None = every forward recomputes in every
+            DeepSpeed: `GRPOTrainer.micro_batch_loss`). None = every forward recomputes in every
             layer. Set by "auto" only (`DeviceTraits.kept_activation_size`).
         layers: The model's decoder layers, with `keep_up_to` (`kept_layers`).
         agreed: With `keep_up_to` on several processes, each training forward is judged by

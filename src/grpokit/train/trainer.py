@@ -906,11 +906,13 @@ class GRPOTrainer:
                 if share and not self._shares_prompts():  # every row's prompt forwarded
                     size = judged(forward_tokens(input_ids, attention_mask, t, share_prompts=False))
                 kept = bound.kept_layers(size)
-        # Under FSDP2 and ZeRO-3 a forward that recomputes passes every row's prompt: their
-        # hooks gather a layer's weights for its backward when the gradient reaches the layer's
-        # outputs, and a shared prompt's keys and values leave its layers through the cache, so
-        # their gradient would recompute a prompt layer whose weights are released.
-        shares = self._shares_prompts() and not (recompute and self._prompt_agreement is not None)
+        # Under FSDP2 and DeepSpeed a forward that recomputes passes every row's prompt. FSDP2
+        # and ZeRO-3 gather a layer's weights for its backward when the gradient reaches the
+        # layer's outputs, and a shared prompt's keys and values leave its layers through the
+        # cache: under FSDP2 their gradient recomputed a prompt layer whose weights were
+        # released. Under ZeRO-2, 2 processes gave other weights than one (not traced).
+        engine = self._prompt_agreement is not None or self.world.deepspeed
+        shares = self._shares_prompts() and not (recompute and engine)
         with (
             self.layer_recompute.keep(kept if recompute else None),
             self.autocast(recompute=recompute),
@@ -1211,7 +1213,7 @@ class GRPOTrainer:
         """Whether the training forwards pass each prompt once for the rows sharing it: where
         `share_prompts` and the policy supports it (`core.logprobs.prompt_sharing_supported`:
         under transformers' gradient checkpointing too, when non-reentrant); under FSDP2 and
-        ZeRO-3 only forwards that keep their activations (`micro_batch_loss`)."""
+        DeepSpeed only forwards that keep their activations (`micro_batch_loss`)."""
         return self.share_prompts and prompt_sharing_supported(forward_module(self.train_model))
 
     def _plans_shared_prompts(self) -> bool:
