@@ -734,22 +734,22 @@ def _shared_prompt_forward(
     every = (
         [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")] if layers else []
     )
-    lead = 1 if layers and p > 1 else 0  # prompt tokens forwarded with each row's completion
+    carried = 1 if layers and p > 1 else 0  # prompt tokens forwarded with each completion
     with (
         _flags(every, "gradient_checkpointing", True),
         _flags(every, "_can_checkpoint_with_cache", True),
     ):
         prefix = model(
-            input_ids=ids[first, : p - lead],  # [U, P'-lead]
-            attention_mask=mask[first, : p - lead],
-            position_ids=positions[first, : p - lead],
+            input_ids=ids[first, : p - carried],  # [U, P'-carried]
+            attention_mask=mask[first, : p - carried],
+            position_ids=positions[first, : p - carried],
             past_key_values=cache,
             use_cache=not layers,  # (checkpointed layers would warn that they turn it off)
             logits_to_keep=1,
         )
     completion_ids = ids[:, p:]  # [n, T]
     logprobs, entropies = None, None
-    if not lead:
+    if not carried:
         head = prefix.logits[:, -1:, :].index_select(0, inverse)  # [n, 1, V]
         logprobs, entropies = _selective(
             head, completion_ids[:, :1], temperature, compute_entropy, chunk_size, overwrite=True
@@ -764,50 +764,26 @@ def _shared_prompt_forward(
     past = read_only_past(cache.layers)
     with _flags(layers, "_can_checkpoint_with_cache", True):
         rest = (completions or model)(
-            input_ids=ids[:, p - lead :],  # [n, lead+T]
+            input_ids=ids[:, p - carried :],  # [n, carried+T]
             attention_mask=mask,  # [n, P'+T]
-            position_ids=positions[:, p - lead :],
+            position_ids=positions[:, p - carried :],
             past_key_values=past,
             use_cache=not layers,
-            logits_to_keep=completion_len + lead,
-        ).logits  # [n, lead+T, V]; position t scores completion token t + 1 - lead
+            logits_to_keep=completion_len + carried,
+        ).logits  # [n, carried+T, V]; position t scores completion token t + 1 - carried
     if not all(past.reads):  # a layer ran without its past: the model dropped the cache
         _drops_checkpointed_cache.add(model)
         raise _CacheDropped
     tail, tail_entropies = _selective(
         rest,
-        completion_ids[:, 1 - lead :],
+        completion_ids[:, 1 - carried :],
         temperature,
         compute_entropy,
         chunk_size,
         overwrite=True,
-    )  # [n, T-1+lead]; the last position scores nothing
+    )  # [n, T-1+carried]; the last position scores nothing
     if logprobs is None:
         return tail, tail_entropies
-    logprobs = torch.cat([logprobs, tail], dim=1)  # [n, T]
-    if entropies is not None and tail_entropies is not None:
-        entropies = torch.cat([entropies, tail_entropies], dim=1)
-    return logprobs, entropies
-    if not all(layer.is_initialized for layer in cache.layers):  # the model dropped the cache
-        _drops_checkpointed_cache.add(model)
-        raise _CacheDropped
-    rows_of_prompts(cache, inverse)  # [U, ...] -> [n, ...] per layer, differentiable
-    past = read_only_past(cache.layers)
-    with _flags(layers, "_can_checkpoint_with_cache", True):
-        rest = (completions or model)(
-            input_ids=completion_ids,  # [n, T]
-            attention_mask=mask,  # [n, P'+T]
-            position_ids=positions[:, p:],
-            past_key_values=past,
-            use_cache=not layers,
-            logits_to_keep=completion_len,
-        ).logits  # [n, T, V]; position t scores token t + 1, the last one nothing
-    if not all(past.reads):  # a layer ran without its past: the model dropped the cache
-        _drops_checkpointed_cache.add(model)
-        raise _CacheDropped
-    tail, tail_entropies = _selective(
-        rest, completion_ids[:, 1:], temperature, compute_entropy, chunk_size, overwrite=True
-    )  # [n, T-1]
     logprobs = torch.cat([logprobs, tail], dim=1)  # [n, T]
     if entropies is not None and tail_entropies is not None:
         entropies = torch.cat([entropies, tail_entropies], dim=1)

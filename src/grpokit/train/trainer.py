@@ -903,20 +903,15 @@ class GRPOTrainer:
             size = judged(forward_tokens(input_ids, attention_mask, t, share_prompts=share))
             recompute = bound.recomputes(size)
             if recompute:  # the last layers keep theirs, as many as keep_up_to tokens' worth
-                if share and not self._shares_prompts():  # every row's prompt forwarded
+                if share and not self._recomputing_forwards_share():  # every row's prompt
                     size = judged(forward_tokens(input_ids, attention_mask, t, share_prompts=False))
                 kept = bound.kept_layers(size)
-        # Under FSDP2 and DeepSpeed a forward that recomputes passes every row's prompt. FSDP2
-        # and ZeRO-3 gather a layer's weights for its backward when the gradient reaches the
-        # layer's outputs, and a shared prompt's keys and values leave its layers through the
-        # cache: under FSDP2 their gradient recomputed a prompt layer whose weights were
-        # released. Under ZeRO-2, 2 processes gave other weights than one (not traced).
-        engine = self._prompt_agreement is not None or self.world.deepspeed
-        shares = self._shares_prompts() and not (recompute and engine)
         with (
             self.layer_recompute.keep(kept if recompute else None),
             self.autocast(recompute=recompute),
         ):
+            # asked with the layers' flags as this forward runs
+            shares = self._recomputing_forwards_share() if recompute else self._shares_prompts()
             logprobs, entropies = model_completion_logprobs(
                 self.train_model,
                 input_ids.to(self.device),
@@ -1215,6 +1210,17 @@ class GRPOTrainer:
         under transformers' gradient checkpointing too, when non-reentrant); under FSDP2 and
         DeepSpeed only forwards that keep their activations (`micro_batch_loss`)."""
         return self.share_prompts and prompt_sharing_supported(forward_module(self.train_model))
+
+    def _recomputing_forwards_share(self) -> bool:
+        """Whether a training forward whose layers recompute their activations shares its
+        prompts: where `_shares_prompts`, on one process and under DDP. Under FSDP2 and
+        DeepSpeed it passes every row's prompt: FSDP2 and ZeRO-3 gather a layer's weights for
+        its backward when the gradient reaches the layer's outputs, and a shared prompt's keys
+        and values leave its layers through the cache (under FSDP2 their gradient recomputed a
+        prompt layer whose weights were released); under ZeRO-2, 2 processes gave other weights
+        than one (not traced; bench/RESULTS.md)."""
+        gathers = self._prompt_agreement is not None or self.world.deepspeed
+        return self._shares_prompts() and not gathers
 
     def _plans_shared_prompts(self) -> bool:
         """Whether training forwards may share prompts, for planning micro-batches: all of them
