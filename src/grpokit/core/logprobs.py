@@ -731,9 +731,13 @@ def _shared_prompt_forward(
     # one.
     checkpointed = _checkpointed_modules(model)
     layers = [m for m in checkpointed if hasattr(m, "_can_checkpoint_with_cache")]
-    every = (
-        [m for m in model.modules() if hasattr(m, "_can_checkpoint_with_cache")] if layers else []
-    )
+    every = [  # the layers that can recompute: those kept in this forward too
+        m
+        for m in (model.modules() if layers else ())
+        if hasattr(m, "_can_checkpoint_with_cache")
+        and getattr(m, "_gradient_checkpointing_func", None) is not None
+        and not _reentrant(m)
+    ]
     carried = 1 if layers and p > 1 else 0  # prompt tokens forwarded with each completion
     with (
         _flags(every, "gradient_checkpointing", True),
