@@ -429,18 +429,24 @@ def test_shared_prompts_give_the_plain_logprobs_and_gradients(temperature: float
         torch.testing.assert_close(shared[2][name], grad, atol=2e-6, rtol=1e-4)
 
 
-def test_shared_prompts_with_one_completion_token_and_in_slices() -> None:
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_shared_prompts_with_one_completion_token_and_in_slices(checkpointed: bool) -> None:
     tokenizer = make_tokenizer()
     model = make_causal_lm(tokenizer, seed=0).train()
     ids, mask, t = encode(tokenizer, ["abc", "abc", "de", "abc"], ["x", "y", "z", "w"])
-    assert t == 1  # the prompts' last logits score every token: no completion forward
+    assert t == 1
+    plain = logprobs_and_grads(model, ids, mask, t)
+    if checkpointed:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shapes, handle = batch_sizes_seen(model)
     try:
         shared = logprobs_and_grads(model, ids, mask, t, share_prompts=True, batch_size=3)
     finally:
         handle.remove()
-    assert shapes == [(2, 3), (1, 4)]  # slice 1: 2 distinct prompts; slice 2: one row, plain
-    plain = logprobs_and_grads(model, ids, mask, t)
+    # slice 1: 2 distinct prompts, whose last logits score every token (no completion forward),
+    # or, checkpointed, the prompts but their last token, then each row's last prompt token and
+    # its completion token; slice 2: one row, plain
+    assert shapes == ([(2, 2), (3, 2), (1, 4)] if checkpointed else [(2, 3), (1, 4)])
     torch.testing.assert_close(shared[0], plain[0], atol=2e-6, rtol=0)
     for name, grad in plain[2].items():
         torch.testing.assert_close(shared[2][name], grad, atol=2e-6, rtol=1e-4)
@@ -728,22 +734,3 @@ def test_a_model_that_drops_the_cache_under_checkpointing_falls_back_to_the_plai
     torch.testing.assert_close(out[0], plain[0], atol=2e-6, rtol=0)
     for name, grad in plain[2].items():
         torch.testing.assert_close(out[2][name], grad, atol=2e-6, rtol=1e-4)
-
-
-def test_shared_prompts_under_gradient_checkpointing_with_one_completion_token() -> None:
-    # One completion token: the completion pass is each row's last prompt token and that token.
-    tokenizer = make_tokenizer()
-    model = make_causal_lm(tokenizer, seed=0).train()
-    ids, mask, t = encode(tokenizer, ["abc", "abc", "de", "abc"], ["x", "y", "z", "w"])
-    assert t == 1
-    plain = logprobs_and_grads(model, ids, mask, t)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    shapes, handle = batch_sizes_seen(model)
-    try:
-        shared = logprobs_and_grads(model, ids, mask, t, share_prompts=True)
-    finally:
-        handle.remove()
-    assert shapes == [(2, ids.shape[1] - t - 1), (4, 2)]
-    torch.testing.assert_close(shared[0], plain[0], atol=2e-6, rtol=0)
-    for name, grad in plain[2].items():
-        torch.testing.assert_close(shared[2][name], grad, atol=2e-6, rtol=1e-4)
