@@ -711,14 +711,14 @@ def _shared_prompt_forward(
             per backward; the prompt pass's gradients reach the same parameters in that
             backward, each parameter's summed before its averaging hook runs.
     """
+    from transformers.cache_utils import DynamicCache
+
     first, inverse = groups  # [U], [n]
     p = ids.shape[1] - completion_len
     columns = (mask[first, :p] > 0).any(0).nonzero()  # the distinct prompts' shared padding
     lead = int(columns[0]) if columns.numel() else 0
     ids, mask, p = ids[:, lead:], mask[:, lead:], p - lead  # [n, P'+T]
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # [n, P'+T]
-    prompt_cache, read_only_past = _shared_caches()
-    cache = prompt_cache(config=model.config)
     # Under transformers' gradient checkpointing both passes take their cache through the
     # layers' checkpoints: each update returns in a layer's recomputation what it returned in
     # its forward (`_shared_caches`). The prompt pass then recomputes in every decoder layer, and
@@ -739,6 +739,9 @@ def _shared_prompt_forward(
         and not _reentrant(m)
     ]
     carried = 1 if layers and p > 1 else 0  # prompt tokens forwarded with each completion
+    # transformers' own cache where no layer is checkpointed, else `_shared_caches`'
+    prompt_cache, read_only_past = _shared_caches() if layers else (DynamicCache, None)
+    cache = prompt_cache(config=model.config)
     with (
         _flags(every, "gradient_checkpointing", True),
         _flags(every, "_can_checkpoint_with_cache", True),
@@ -765,7 +768,7 @@ def _shared_prompt_forward(
         _drops_checkpointed_cache.add(model)
         raise _CacheDropped
     rows_of_prompts(cache, inverse)  # [U, ...] -> [n, ...] per layer, differentiable
-    past = read_only_past(cache.layers)
+    past = read_only_past(cache.layers) if read_only_past else cache
     with _flags(layers, "_can_checkpoint_with_cache", True):
         rest = (completions or model)(
             input_ids=ids[:, p - carried :],  # [n, carried+T]
@@ -775,8 +778,8 @@ def _shared_prompt_forward(
             use_cache=not layers,
             logits_to_keep=completion_len + carried,
         ).logits  # [n, carried+T, V]; position t scores completion token t + 1 - carried
-    if not all(past.reads):  # a layer ran without its past: the model dropped the cache
-        _drops_checkpointed_cache.add(model)
+    if read_only_past and not all(past.reads):  # a layer ran without its past: the model
+        _drops_checkpointed_cache.add(model)  # dropped the cache
         raise _CacheDropped
     tail, tail_entropies = _selective(
         rest,
