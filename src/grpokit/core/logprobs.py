@@ -476,8 +476,8 @@ def _cache_passes_checkpoints(model: torch.nn.Module) -> bool:
     call of `model` that transformers checkpoints now: none is checkpointed, or each is a
     decoder layer (`GradientCheckpointingLayer`, whose `_can_checkpoint_with_cache` lets a
     cache through) under torch's non-reentrant checkpoint, or a model whose own flag its
-    forward does not read (checked after each shared forward: a model that dropped the cache
-    is remembered in `_drops_checkpointed_cache`)."""
+    forward does not read (checked after each shared prompt pass: a model that dropped the
+    cache is remembered in `_drops_checkpointed_cache`)."""
     checkpointed = _checkpointed_modules(model)
     if not checkpointed:
         return True
@@ -511,7 +511,7 @@ def _shared_caches() -> tuple[type, type]:
       rows' prompts (`rows_of_prompts`): an update returns the prompt's keys and values followed
       by the new ones, as `DynamicLayer.update` does, without storing them, so a checkpointed
       layer's recomputation reads the past its forward read (a storing cache would hand it the
-      completion's keys twice). `reads` counts each layer's updates.
+      completion's keys twice).
     """
     from transformers.cache_utils import DynamicCache
 
@@ -533,7 +533,6 @@ def _shared_caches() -> tuple[type, type]:
         def __init__(self, layers: list[Any]) -> None:
             super().__init__()
             self.layers = layers
-            self.reads = [0] * len(layers)
 
         def update(
             self,
@@ -543,7 +542,6 @@ def _shared_caches() -> tuple[type, type]:
             *args: Any,
             **kwargs: Any,
         ) -> tuple[Tensor, Tensor]:
-            self.reads[layer_idx] += 1
             layer: Any = self.layers[layer_idx]
             keys = torch.cat([layer.keys, key_states], dim=-2)
             return keys, torch.cat([layer.values, value_states], dim=-2)
@@ -552,7 +550,7 @@ def _shared_caches() -> tuple[type, type]:
 
 
 class _CacheDropped(Exception):
-    """A shared forward's completion pass ran some layer without its prompt's cache."""
+    """A shared forward's prompt pass left some layer of its cache empty."""
 
 
 @contextlib.contextmanager
@@ -739,7 +737,7 @@ def _shared_prompt_forward(
         and not _reentrant(m)
     ]
     carried = 1 if layers and p > 1 else 0  # prompt tokens forwarded with each completion
-    # transformers' own cache where no layer is checkpointed, else `_shared_caches`'
+    # transformers' own cache where no layer is checkpointed, else the two `_shared_caches`
     prompt_cache, read_only_past = _shared_caches() if layers else (DynamicCache, None)
     cache = prompt_cache(config=model.config)
     with (
@@ -764,7 +762,9 @@ def _shared_prompt_forward(
         if completion_len == 1:
             return logprobs, entropies
     del prefix
-    if not all(layer.is_initialized for layer in cache.layers):  # the model dropped the cache
+    # A layer that drops the cache when checkpointed (every one is in the prompt pass, with
+    # the flags above) leaves its layer of the prompt cache empty.
+    if not all(layer.is_initialized for layer in cache.layers):
         _drops_checkpointed_cache.add(model)
         raise _CacheDropped
     rows_of_prompts(cache, inverse)  # [U, ...] -> [n, ...] per layer, differentiable
@@ -778,9 +778,6 @@ def _shared_prompt_forward(
             use_cache=not layers,
             logits_to_keep=completion_len + carried,
         ).logits  # [n, carried+T, V]; position t scores completion token t + 1 - carried
-    if read_only_past and not all(past.reads):  # a layer ran without its past: the model
-        _drops_checkpointed_cache.add(model)  # dropped the cache
-        raise _CacheDropped
     tail, tail_entropies = _selective(
         rest,
         completion_ids[:, 1 - carried :],

@@ -418,11 +418,10 @@ class ActivationBound:
     def kept_layers(self, tokens: int) -> int:
         """How many decoder layers of a training forward of `tokens` tokens (as it runs: each
         shared prompt counted once) that `recomputes` keep their activations, the last ones;
-        the others
-        recompute theirs. The activations of `keep_up_to` tokens in all `layers` are those of
-        `keep_up_to * layers // tokens` layers of this forward: a forward's kept activations
-        stay within the same bound whatever its size, and the recomputation it pays for
-        shrinks as it does. 0 without `keep_up_to` or `layers`."""
+        the others recompute theirs. The activations of `keep_up_to` tokens in all `layers` are
+        those of `keep_up_to * layers // tokens` layers of this forward: a forward's kept
+        activations stay within the same bound whatever its size, and the recomputation it pays
+        for shrinks as it does. 0 without `keep_up_to` or `layers`."""
         if self.keep_up_to is None or not self.layers:
             return 0
         return min(self.layers, self.keep_up_to * self.layers // max(tokens, 1))
