@@ -353,8 +353,8 @@ def trainer(
     )
     if keep_up_to is not None:
         layers = model.config.num_hidden_layers
-        # agreed under ZeRO-3, as `resolve_activation_bound` sets it (`engine_gathers`)
-        agreed = t.world.zero_stage == 3
+        # agreed under DeepSpeed, as `resolve_activation_bound` sets it (`agree_forwards`)
+        agreed = t.world.deepspeed
         bound = dataclasses.replace(
             t.activation_bound, keep_up_to=keep_up_to, layers=layers, agreed=agreed
         )
@@ -384,17 +384,22 @@ class SharedForwards:
     """Counts the prompt passes of forwards that pass each shared prompt once (a call with a
     cache that keeps one position's logits: `core.logprobs.model_completion_logprobs` with
     `share_prompts`), on the policy and the reference model, with and without gradients, while
-    installed."""
+    installed; `recomputing`: the training ones whose layers recompute their activations (the
+    first decoder layer's `gradient_checkpointing` flag set at the call)."""
 
     def __init__(self, trainer: GRPOTrainer) -> None:
         from grpokit.core.logprobs import forward_module
 
-        self.counts = {"training": 0, "no_grad": 0}
+        self.counts = {"training": 0, "no_grad": 0, "recomputing": 0}
         self.models = [forward_module(trainer.model), trainer.ref_model]
 
     def count(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         if kwargs.get("past_key_values") is not None and kwargs.get("logits_to_keep") == 1:
-            self.counts["training" if torch.is_grad_enabled() else "no_grad"] += 1
+            if not torch.is_grad_enabled():
+                self.counts["no_grad"] += 1
+                return
+            self.counts["training"] += 1
+            self.counts["recomputing"] += int(module.model.layers[0].gradient_checkpointing)
 
     def __enter__(self) -> SharedForwards:
         self.handles = [

@@ -322,7 +322,7 @@ def test_ddp_forwards_each_shared_prompt_once(runs: dict[str, Path]) -> None:
             two = counts(runs["two"], scenario, rank)
             assert all(two[kind] > 0 for kind in kinds), (scenario, rank, two)
         # the other scenarios forward each prompt with every row
-        assert counts(runs["two"], "dapo", rank) == {"training": 0, "no_grad": 0}
+        assert counts(runs["two"], "dapo", rank) == {"training": 0, "no_grad": 0, "recomputing": 0}
     assert (runs["two"] / "shared_prompts_unused" / "find_unused_parameters_0.txt").read_text() == (
         "True"
     )
@@ -334,17 +334,20 @@ def test_processes_keep_or_recompute_each_forward_by_its_own_size(
 ) -> None:
     # The kept_activations scenario trained as one process did (test_two_processes_train_as_one,
     # test_fsdp2_on_two_processes_trains_as_one) with both kinds of training forward on each
-    # process: those of at most `keep_up_to` tokens kept their activations (and under DDP shared
-    # their prompts), larger ones recomputed them in backward, some of those but in their last
-    # layer (`ActivationBound.kept_layers`).
+    # process: those of at most `keep_up_to` tokens kept their activations, larger ones
+    # recomputed them in backward, some of those but in their last layer
+    # (`ActivationBound.kept_layers`). Under DDP both kinds shared their prompts; under FSDP2
+    # none that recomputed (`GRPOTrainer._recomputing_forwards_share`).
     run = runs[launch] / "kept_activations"
     for rank in (0, 1):
         kept = json.loads((run / f"kept_forwards_{rank}.json").read_text())
         assert kept["kept"] > 0 and kept["recomputed"] > 0, (rank, kept)
         assert kept["last_kept"] > kept["kept"], (rank, kept)
+        shared = json.loads((run / f"shared_forwards_{rank}.json").read_text())
         if launch == "two":
-            shared = json.loads((run / f"shared_forwards_{rank}.json").read_text())
-            assert shared["training"] > 0, (rank, shared)
+            assert shared["recomputing"] > 0, (rank, shared)
+        else:
+            assert shared["recomputing"] == 0, (rank, shared)
 
 
 def test_environments_on_two_processes_train_as_one(runs: dict[str, Path]) -> None:
@@ -493,7 +496,7 @@ def test_fsdp2_processes_share_prompts_only_where_every_process_does(
     for scenario in ("shared_prompts", "lora"):
         shared = counts(scenario, 0)
         assert shared["training"] > 0 and shared["no_grad"] > 0, (scenario, shared)
-    assert counts("dapo", 0) == {"training": 0, "no_grad": 0}
+    assert counts("dapo", 0) == {"training": 0, "no_grad": 0, "recomputing": 0}
 
 
 def test_fsdp2_checkpoints_hold_whole_states_and_resume_exactly(runs: dict[str, Path]) -> None:

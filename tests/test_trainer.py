@@ -1211,19 +1211,19 @@ def test_auto_with_native_bf16_keeps_the_activations_of_forwards_up_to_a_size(
     assert [bound.kept_layers(n) for n in (5, 6, 10, 11, 500)] == [2, 1, 1, 0, 0]
     assert ActivationBound(None, True, "no size").kept_layers(6) == 0
     assert not bound.agreed  # each process by its own forward's size
-    # Under ZeRO-3 (its gathers) the same bound, judged by the processes' largest size.
+    # Under DeepSpeed the same bound, judged by the processes' largest size.
     with caplog.at_level(logging.INFO, logger="grpokit"):
-        zero3 = resolve_activation_bound(
-            GRPOConfig(), traits, bf16=True, model=model, engine_gathers=True
+        deepspeed = resolve_activation_bound(
+            GRPOConfig(), traits, bf16=True, model=model, agree_forwards=True
         )
-    assert zero3 == dataclasses.replace(bound, agreed=True)
+    assert deepspeed == dataclasses.replace(bound, agreed=True)
     assert "sized by the largest of the processes' sizes" in caplog.text
     # Every forward recomputes: no model to size, no kept size, and the user's
-    # gradient_checkpointing (its token bound, as on any CPU), with or without ZeRO-3.
+    # gradient_checkpointing (its token bound, as on any CPU), with or without DeepSpeed.
     cases = {
-        "zero3 user": (
+        "deepspeed user": (
             GRPOConfig(gradient_checkpointing=True),
-            dict(model=model, engine_gathers=True),
+            dict(model=model, agree_forwards=True),
             traits,
         ),
         "no model": (GRPOConfig(), {}, traits),

@@ -316,11 +316,12 @@ def model_completion_logprobs(
             checkpointed layers take the prompts' cache read-only. Rows whose prompts all
             differ, models it does not support, and a training wrapper's slice of one
             completion position take the plain path.
-        agree: For processes whose engine gathers the weights around every call (FSDP2,
-            DeepSpeed ZeRO-3), which must all make the same calls: called once per slice on
-            every process with whether this process's slice would share its prompts (False
-            where `share_prompts` is off), it returns whether every process's would; the slice
-            shares only then. None = each process decides alone.
+        agree: For processes that must all make the same calls (FSDP2 and DeepSpeed ZeRO-3
+            gather the weights around every call, ZeRO-2 reduces the gradients in the order
+            the backward readies them): called once per slice on every process with whether
+            this process's slice would share its prompts (False where `share_prompts` is off),
+            it returns whether every process's would; the slice shares only then. None = each
+            process decides alone.
 
     Returns:
         `(logprobs, entropies)`, each `[N, T]` float32 (entropies None unless requested). Values at

@@ -393,14 +393,13 @@ class ActivationBound:
             forward still larger keeps those of as many of its last decoder layers as the
             activations of `keep_up_to` tokens take (`kept_layers`), and shares its prompts
             too where the policy's checkpointed layers take the cache (not under FSDP2 and
-            DeepSpeed: `GRPOTrainer.micro_batch_loss`). None = every forward recomputes in every
+            ZeRO-3: `GRPOTrainer.micro_batch_loss`). None = every forward recomputes in every
             layer. Set by "auto" only (`DeviceTraits.kept_activation_size`).
         layers: The model's decoder layers, with `keep_up_to` (`kept_layers`).
         agreed: With `keep_up_to` on several processes, each training forward is judged by
             the largest of the processes' sizes for it (`GRPOTrainer.micro_batch_loss`), so
-            every process keeps and recomputes the same layers in it: where the engine gathers
-            a layer's partitions around its recomputation too (DeepSpeed ZeRO-3,
-            `resolve_activation_bound`'s `engine_gathers`).
+            every process keeps and recomputes the same layers in it: under DeepSpeed
+            (`resolve_activation_bound`'s `agree_forwards`).
     """
 
     max_forward_tokens: int | None
@@ -481,7 +480,7 @@ def resolve_activation_bound(
     *,
     bf16: bool,
     model: Any = None,
-    engine_gathers: bool = False,
+    agree_forwards: bool = False,
     frozen_gradient_bytes: int = 0,
 ) -> ActivationBound:
     """How the run's training forwards bound their activations (`GRPOConfig.max_forward_tokens`
@@ -492,7 +491,7 @@ def resolve_activation_bound(
     activations and no token bound, except in forwards small enough to keep theirs and in the
     last layers of larger ones (`ActivationBound.keep_up_to` and `kept_layers`:
     `DeviceTraits.kept_activation_size` over the model's `activation_width`; under DeepSpeed
-    ZeRO-3 by the sizes the processes agree on: `engine_gathers`); elsewhere on
+    by the sizes the processes agree on: `agree_forwards`); elsewhere on
     the CPU 512 tokens per forward under bf16 autocast (where bf16 is not native, or a model
     that cannot checkpoint its layers) and 768 in float32; on a GPU no bound. "auto" keeps the
     device's token bound without recomputing when the user set `gradient_checkpointing` (that
@@ -506,19 +505,25 @@ def resolve_activation_bound(
         bf16: Training computes under bf16 autocast (`resolve_precision`).
         model: The policy (before LoRA); None = assume it supports gradient checkpointing (and
             recompute every forward).
-        engine_gathers: The model is run by DeepSpeed ZeRO-3, which gathers a layer's
-            partitions in hooks around its forward, a recomputation's too: a process
-            recomputing a layer that another process keeps would gather it alone (two ZeRO-3
-            processes deciding by their own sizes hung; bench/RESULTS.md), so the processes
-            decide each forward by the largest of their sizes (`ActivationBound.agreed`). DDP's
-            wrapper and ZeRO-2 only reduce the gradients (DDP in buckets launched in an order
-            fixed across processes, ZeRO-2 as the backward readies them), and FSDP2 gathers
-            each layer once before its forward and once before its backward, where the
-            recomputation runs on the gathered parameters: under these each process keeps or
-            recomputes as its own forward's size says, so on one step one process may keep a
-            forward's activations while another recomputes its own (tests/test_distributed.py
-            and test_distributed_deepspeed.py, scenario kept_activations: both kinds of forward
-            on each process, and the 1-process weights).
+        agree_forwards: The model is run by DeepSpeed, under which every process must run
+            each training forward alike, so the processes decide each forward by the largest
+            of their sizes (`ActivationBound.agreed`). ZeRO-3 gathers a layer's partitions in
+            hooks around its forward, a recomputation's too: a process recomputing a layer
+            that another process keeps would gather it alone (two ZeRO-3 processes deciding by
+            their own sizes hung; bench/RESULTS.md). ZeRO-2 reduces the gradients by their
+            place in a flat buffer that the backward fills in the order it readies them, so
+            processes whose forwards differ in structure would sum different parameters'
+            gradients (a forward that shares its prompts and recomputes readies a layer's
+            q/k/v gradients in another order than one that keeps its activations: 2 ZeRO-2
+            processes deciding by their own sizes trained weights 0.17 away from one
+            process's; bench/RESULTS.md). DDP's wrapper only reduces the gradients, in buckets
+            launched in an order fixed across processes, and FSDP2 gathers each layer once
+            before its forward and once before its backward, where the recomputation runs on
+            the gathered parameters: under these each process keeps or recomputes as its own
+            forward's size says, so on one step one process may keep a forward's activations
+            while another recomputes its own (tests/test_distributed.py, scenario
+            kept_activations: both kinds of forward on each process, and the 1-process
+            weights).
         frozen_gradient_bytes: The float32 gradients this process would hold for the weights
             the run does not train (`frozen_gradient_bytes`: LoRA's base model). Those bytes
             are free, so the kept size grows by them, at most doubling: a LoRA run keeps more
@@ -559,7 +564,7 @@ def resolve_activation_bound(
                     )
                 keep_up_to = (size + widened) // (layers * width)
         recomputes = recompute or user_recompute
-        agreed = engine_gathers and keep_up_to is not None
+        agreed = agree_forwards and keep_up_to is not None
         bound = ActivationBound(max_tokens, recomputes, reason, keep_up_to, layers, agreed)
     logger.info("training forwards: %s", bound.describe())
     return bound

@@ -144,8 +144,8 @@ class GRPOTrainer:
     bucket_by_length: bool = True
     # Forward a prompt once for the rows of a micro-batch that share it (the same log-probs and
     # gradients; grpokit.core.logprobs.model_completion_logprobs; a training wrapper, DDP's or
-    # DeepSpeed's engine, takes the completion pass). On one process, under DDP and ZeRO-2 and,
-    # where every process's forward shares (`_prompt_agreement`), FSDP2 and ZeRO-3.
+    # DeepSpeed's engine, takes the completion pass). On one process, under DDP and, where every
+    # process's forward shares (`_prompt_agreement`), FSDP2 and DeepSpeed.
     share_prompts: bool = True
     # With num_iterations > 1 and one optimizer step per generation, that step's first pass runs
     # on the sampling-time weights, so its forward gives the old log-probs: no separate pass.
@@ -206,7 +206,7 @@ class GRPOTrainer:
             self.device_traits,
             bf16=self.use_bf16,
             model=self.model,
-            engine_gathers=self.world.zero_stage == 3,
+            agree_forwards=self.world.deepspeed,
             frozen_gradient_bytes=build.frozen_gradient_bytes(
                 self.model,
                 peft_config,
@@ -1196,30 +1196,34 @@ class GRPOTrainer:
 
     @property
     def _prompt_agreement(self) -> Callable[[bool], bool] | None:
-        """Under FSDP2 and DeepSpeed ZeRO-3, which gather each layer's weights around every
-        call, a forward shares its prompts only where every process's does (`World.every`, one
-        all-reduce per forward): a shared prompt takes two calls where a plain forward takes
+        """Under FSDP2 and DeepSpeed, a forward shares its prompts only where every process's
+        does (`World.every`, one all-reduce per forward). FSDP2 and ZeRO-3 gather each layer's
+        weights around every call: a shared prompt takes two calls where a plain forward takes
         one, and processes making different calls would wait for each other's gathers forever.
-        None elsewhere (DDP and ZeRO-2 only reduce gradients, once per backward)."""
-        gathers = self.world.fsdp or self.world.zero_stage == 3
-        return self.world.every if gathers and self.share_prompts else None
+        ZeRO-2 reduces the gradients by their place in a buffer filled in the order the
+        backward readies them: processes whose forwards differ in structure would sum
+        different parameters' gradients (`build.resolve_activation_bound`'s
+        `agree_forwards`). None elsewhere (DDP reduces in buckets of a fixed order)."""
+        agrees = self.world.fsdp or self.world.deepspeed
+        return self.world.every if agrees and self.share_prompts else None
 
     def _shares_prompts(self) -> bool:
         """Whether the training forwards pass each prompt once for the rows sharing it: where
         `share_prompts` and the policy supports it (`core.logprobs.prompt_sharing_supported`:
         under transformers' gradient checkpointing too, when non-reentrant); under FSDP2 and
-        DeepSpeed only forwards that keep their activations (`micro_batch_loss`)."""
+        ZeRO-3 only forwards that keep their activations (`_recomputing_forwards_share`)."""
         return self.share_prompts and prompt_sharing_supported(forward_module(self.train_model))
 
     def _recomputing_forwards_share(self) -> bool:
         """Whether a training forward whose layers recompute their activations shares its
-        prompts: where `_shares_prompts`, on one process and under DDP. Under FSDP2 and
-        DeepSpeed it passes every row's prompt: FSDP2 and ZeRO-3 gather a layer's weights for
-        its backward when the gradient reaches the layer's outputs, and a shared prompt's keys
-        and values leave its layers through the cache (under FSDP2 their gradient recomputed a
-        prompt layer whose weights were released); under ZeRO-2, 2 processes gave other weights
-        than one (not traced; bench/RESULTS.md)."""
-        gathers = self._prompt_agreement is not None or self.world.deepspeed
+        prompts: where `_shares_prompts`, on one process, under DDP and DeepSpeed ZeRO-2
+        (there where every process's forward does, `_prompt_agreement`, and with the layers
+        every process keeps agreed, `ActivationBound.agreed`). Under FSDP2 and ZeRO-3 it
+        passes every row's prompt: they gather a layer's weights for its backward when the
+        gradient reaches the layer's outputs, and a shared prompt's keys and values leave its
+        layers through the cache (under FSDP2 their gradient recomputed a prompt layer whose
+        weights were released)."""
+        gathers = self.world.fsdp or self.world.zero_stage == 3
         return self._shares_prompts() and not gathers
 
     def _plans_shared_prompts(self) -> bool:
