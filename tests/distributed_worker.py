@@ -843,9 +843,11 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
                 named.update(kwargs)
 
         handle = t.model.register_forward_pre_hook(record, with_kwargs=True)
+        gathers = broadcast_gathers()
         train_counting(t, out, ALL_SCENARIOS[name])
         handle.remove()
         rank = launched_process_index()
+        (out / f"broadcast_gathers_{rank}.txt").write_text(str(broadcast_gathers() - gathers))
         (out / f"forward_arguments_{rank}.json").write_text(json.dumps(sorted(named)))
         write_recompute(t, out)
         numel = next(t.model.parameters()).numel()  # outside any gathering
@@ -874,6 +876,14 @@ def run_deepspeed_scenarios(out_dir: Path) -> None:
     train_resumed(out_dir)
     train_resumed(out_dir, "lora_", **LORA_RESUME)
     run_vllm_server_scenarios(out_dir)
+
+
+def broadcast_gathers() -> int:
+    """The blocking all-gathers DeepSpeed has made as broadcasts in this process so far
+    (`train.distributed.gather_by_broadcasts_over_gloo`)."""
+    from deepspeed.comm import comm as ds_comm
+
+    return int(ds_comm.cdb.all_gather_function.calls)
 
 
 def run_one_scenario(out_dir: Path, name: str) -> None:

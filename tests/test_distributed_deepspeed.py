@@ -121,6 +121,12 @@ def test_zero_on_two_processes_trains_as_one(
     # outside a gathering); under ZeRO-2 every process holds the whole weights.
     local = {int((zero / f"local_numel_{rank}.txt").read_text()) for rank in (0, 1)}
     assert local == ({0} if stage == 3 else {_whole_numel()})
+    # Under ZeRO-2 each optimizer step gathered the updated weights as one broadcast per
+    # process over gloo (`dist.gather_by_broadcasts_over_gloo`); ZeRO-3's gathers are its own.
+    gathers = {int((zero / f"broadcast_gathers_{rank}.txt").read_text()) for rank in (0, 1)}
+    if stage == 2:
+        (count,) = gathers
+        assert count >= len(m2), count
     # The engine's training forwards passed on the position ids and kept only the completion
     # positions' logits (`core.logprobs.training_wrapper`).
     for rank in (0, 1):
