@@ -38,7 +38,12 @@ from grpokit.engines.packed_linear import (
     pack_linear_layers,
 )
 from grpokit.engines.sampling import DRAWS, TokenSampler
-from grpokit.engines.weight_sync import mergeable_lora_layers, merged_lora_weight, zero3_partition
+from grpokit.engines.weight_sync import (
+    mergeable_lora_layers,
+    merged_lora_weight,
+    whole_tensor,
+    zero3_partition,
+)
 from grpokit.errors import DataError
 
 # `fp16_trainable_weights=None` packs the trainable weights as float16 panels for calls of at
@@ -753,7 +758,7 @@ class TransformersEngine:
                 # A sharded (FSDP2) value is gathered whole (every process syncs together), cast
                 # to the copy's dtype first: the values of a cast after the gather, with the
                 # copy's bytes on the wire (half of float32's for bf16).
-                value = value.to(param.dtype).full_tensor()
+                value = whole_tensor(value.to(param.dtype))
             if layer is not None:
                 layer.pack(value)
             else:

@@ -63,8 +63,7 @@ class OutgoingWeights:
                 value = weight if lora is None else merged_lora_weight(lora)
                 if self._dtype is not None:
                     value = value.detach().to(self._dtype)
-                if _is_shard(value):
-                    value = value.full_tensor()  # type: ignore[attr-defined]  # a DTensor
+                value = whole_tensor(value)  # gathered when a DTensor
                 if gathered and value.data_ptr() == weight.data_ptr():
                     value = value.clone()  # the gathered tensor is released on exit
             yield name, value
@@ -72,6 +71,48 @@ class OutgoingWeights:
     def tensors(self) -> Iterator[Tensor]:
         """The values alone, in order, made one at a time."""
         return (tensor for _, tensor in self)
+
+
+def whole_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor of an FSDP2 shard (a `DTensor`; a collective: every process of its
+    mesh must call it for the same tensor, in the same order), or `tensor` itself.
+
+    A CPU shard over gloo split along its first dimension (FSDP2's `Shard(0)` on one mesh
+    dimension) is gathered as one broadcast per process, each process's rows from it, into the
+    whole tensor: gloo's all-gather, which `DTensor.full_tensor` makes, is several times slower
+    than its broadcast on two processes (pytorch/gloo#471; bench/RESULTS.md). Other shards are
+    gathered by `full_tensor`."""
+    if not _is_shard(tensor):
+        return tensor
+    mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
+    plain = (
+        mesh.ndim == 1
+        and len(placements) == 1
+        and type(placements[0]).__name__ == "Shard"
+        and placements[0].is_shard(0)
+        and tensor.device.type == "cpu"
+    )
+    group = mesh.get_group() if plain else None
+    if group is None or torch.distributed.get_backend(group) != "gloo":
+        return tensor.full_tensor()  # type: ignore[attr-defined]
+    local = tensor.to_local().contiguous()  # type: ignore[attr-defined]
+    size, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    # DTensor's Shard(0): torch.chunk's rows, the processes past the last chunk holding none
+    rows = [len(chunk) for chunk in torch.arange(tensor.shape[0]).chunk(size)]
+    rows += [0] * (size - len(rows))
+    if local.shape[0] != rows[rank]:
+        return tensor.full_tensor()  # type: ignore[attr-defined]
+    whole = torch.empty(tensor.shape, dtype=tensor.dtype)
+    start = 0
+    for k, count in enumerate(rows):
+        if count:
+            place = whole.narrow(0, start, count)  # process k's rows
+            if k == rank:
+                place.copy_(local)
+            source = torch.distributed.get_global_rank(group, k)
+            torch.distributed.broadcast(place, src=source, group=group)
+        start += count
+    return whole
 
 
 def _is_shard(tensor: Tensor) -> bool:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from grpokit.engines.weight_sync import whole_tensor
 from grpokit.errors import ConfigError
 
 logger = logging.getLogger("grpokit")
@@ -615,13 +616,6 @@ def _fsdp_no_sync(model: Any) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def full_tensor(tensor: Tensor) -> Tensor:
-    """The whole tensor of an FSDP2 shard (`DTensor`, a collective: every process must call it
-    for the same tensor), or `tensor` itself."""
-    gather = getattr(tensor, "full_tensor", None)
-    return gather() if callable(gather) else tensor
-
-
 PROMPT_LEARNING = "a prompt-learning PEFT adapter (prompt tuning, prefix tuning, p-tuning)"
 VLLM_COLOCATE = (
     "use_vllm with vllm_mode='colocate' (vllm_mode='server' samples from a `grpokit vllm-serve` "
@@ -668,7 +662,7 @@ def full_state_dict(model: torch.nn.Module, world: World) -> dict[str, Tensor] |
             }
     if not world.fsdp:
         return None
-    state = {name: full_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
+    state = {name: whole_tensor(value.detach()).cpu() for name, value in model.state_dict().items()}
     return state if world.is_main_process else None
 
 

@@ -50,6 +50,7 @@ from grpokit.data.prompts import prompt_token_limit
 from grpokit.engines.base import GenerationEngine, GenerationOutput
 from grpokit.engines.device import device_traits, synchronize
 from grpokit.engines.models import context_length
+from grpokit.engines.weight_sync import whole_tensor
 from grpokit.errors import ConfigError
 from grpokit.rewards.scoring import RewardLog, build_reward_functions
 from grpokit.train import build, guards, host_memory, optimizers, quantization
@@ -1253,7 +1254,7 @@ class GRPOTrainer:
             for ref_param, param in zip(
                 self.ref_model.parameters(), self.model.parameters(), strict=True
             ):
-                whole = dist.full_tensor(param.detach())  # an FSDP2 shard is gathered
+                whole = whole_tensor(param.detach())  # an FSDP2 shard is gathered
                 ref_param.mul_(1 - alpha).add_(whole, alpha=alpha)
 
     # ---- plumbing: metrics, evaluation, checkpoints --------------------------------------------
@@ -1499,9 +1500,9 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
     clipping); returns their total norm before clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
     if max_norm:
-        return float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        return float(whole_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
     if any(hasattr(p, "full_tensor") for p in params):  # FSDP2 shards: the norm of the whole
-        return float(dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, math.inf)))
+        return float(whole_tensor(torch.nn.utils.clip_grad_norm_(params, math.inf)))
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
 
