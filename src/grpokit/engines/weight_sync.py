@@ -78,10 +78,7 @@ def whole_tensor(tensor: Tensor) -> Tensor:
     mesh must call it for the same tensor, in the same order), or `tensor` itself.
 
     A CPU shard over gloo split along its first dimension (FSDP2's `Shard(0)` on one mesh
-    dimension) is gathered as one broadcast per process, each process's rows from it, into the
-    whole tensor: gloo's all-gather, which `DTensor.full_tensor` makes, is several times slower
-    than its broadcast on two processes (pytorch/gloo#471; bench/RESULTS.md). Other shards are
-    gathered by `full_tensor`."""
+    dimension) is gathered by `gather_by_broadcasts`; other shards by `DTensor.full_tensor`."""
     if not _is_shard(tensor):
         return tensor
     mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
@@ -103,16 +100,28 @@ def whole_tensor(tensor: Tensor) -> Tensor:
     if local.shape[0] != rows[rank]:
         return tensor.full_tensor()  # type: ignore[attr-defined]
     whole = torch.empty(tensor.shape, dtype=tensor.dtype)
-    start = 0
+    gather_by_broadcasts(whole, local, rows, group)
+    return whole
+
+
+def gather_by_broadcasts(
+    whole: Tensor, local: Tensor, rows: Sequence[int], group: Any = None
+) -> None:
+    """Gather into `whole` (contiguous) the rows of every process of `group` along the first
+    dimension, in rank order (`rows[k]` of process k; `local`, this process's), as one
+    broadcast per process that holds rows: gloo's all-gather is several times slower than its
+    broadcast on two processes (pytorch/gloo#471; bench/RESULTS.md). Each process copies its
+    rows into their place, then every place is broadcast from its owner: the same bytes as an
+    all-gather."""
+    start, rank = 0, torch.distributed.get_rank(group)
     for k, count in enumerate(rows):
         if count:
             place = whole.narrow(0, start, count)  # process k's rows
             if k == rank:
                 place.copy_(local)
-            source = torch.distributed.get_global_rank(group, k)
+            source = k if group is None else torch.distributed.get_global_rank(group, k)
             torch.distributed.broadcast(place, src=source, group=group)
         start += count
-    return whole
 
 
 def _is_shard(tensor: Tensor) -> bool:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from grpokit.engines.weight_sync import whole_tensor
+from grpokit.engines.weight_sync import gather_by_broadcasts, whole_tensor
 from grpokit.errors import ConfigError
 
 logger = logging.getLogger("grpokit")
@@ -783,15 +783,13 @@ def configure_deepspeed(accelerator: Any, args: Any) -> None:
 
 
 def gather_by_broadcasts_over_gloo() -> bool:
-    """Have DeepSpeed's blocking all-gathers over gloo run as one broadcast per process.
-
-    ZeRO-2 gathers the updated weights after every optimizer step (`all_gather_into_tensor` of
-    each process's partition into the flat weights). gloo's all-gather is several times slower
-    than its broadcast on two processes (pytorch/gloo#471): on 2 CPU processes of this project's
-    bench, 1.9 s a step for SmolLM2-135M's 257 MiB partitions, 0.12-0.30 s as broadcasts
-    (bench/RESULTS.md). Each process copies its partition into its place of the output and every
-    place is then broadcast from its owner: the same bytes. Asynchronous calls (ZeRO-3's layer
-    gathers) and tensors that are not contiguous CPU tensors keep gloo's all-gather.
+    """Have DeepSpeed's blocking all-gathers over gloo run as one broadcast per process
+    (`engines.weight_sync.gather_by_broadcasts`). ZeRO-2 gathers the updated weights after
+    every optimizer step (`all_gather_into_tensor` of each process's partition into the flat
+    weights): on 2 CPU processes 1.9 s a step for SmolLM2-135M's 257 MiB partitions with
+    gloo's all-gather, 0.12-0.30 s as broadcasts (bench/RESULTS.md). Asynchronous calls
+    (ZeRO-3's layer gathers) and tensors that are not contiguous CPU tensors of one dtype keep
+    gloo's all-gather.
 
     Returns:
         Whether installed: DeepSpeed's communication backend is up and its process group is
@@ -829,11 +827,7 @@ def gather_by_broadcasts_over_gloo() -> bool:
                 group=group,
                 async_op=async_op,
             )
-        places = output_tensor.view(-1).split(n)  # [n] each, process k's at place k
-        places[torch.distributed.get_rank(group)].copy_(input_tensor.view(-1))
-        for k, place in enumerate(places):
-            source = k if group is None else torch.distributed.get_global_rank(group, k)
-            torch.distributed.broadcast(place, src=source, group=group)
+        gather_by_broadcasts(output_tensor.view(-1), input_tensor.view(-1), [n] * size, group)
         all_gather_into_tensor.calls += 1  # type: ignore[attr-defined]
         return None
 
