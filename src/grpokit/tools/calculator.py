@@ -13,6 +13,7 @@ import ast
 import math
 import operator
 import re
+import threading
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
@@ -27,6 +28,11 @@ _BINARY: dict[type, Callable[[Any, Any], Any]] = {
 }
 _UNARY: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _DIGIT_SEPARATOR = re.compile(r"(?<=\d)[,_](?=\d)")  # 1,234 and 1_234
+# Tool calls run in threads (`tools.execution`), and CPython 3.11 keeps the recursion depth of
+# `ast.parse`'s tree building in state shared by threads: two parses at once could fail with
+# "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905; seen once in
+# the calculator example's run). One parse at a time.
+_PARSE_LOCK = threading.Lock()
 
 
 class CalculatorError(ValueError):
@@ -55,7 +61,8 @@ def evaluate_expression(expression: str, *, max_digits: int = 100) -> int | floa
     if not text:
         raise CalculatorError("empty expression; write one such as 12 * 34.")
     try:
-        tree = ast.parse(text, mode="eval")
+        with _PARSE_LOCK:
+            tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError) as error:  # ValueError: an integer literal too long to read
         reason = error.msg if isinstance(error, SyntaxError) else str(error)
         raise CalculatorError(f"cannot read {expression!r} as arithmetic ({reason}).") from None
