@@ -486,6 +486,30 @@ def test_shared_prompts_only_where_the_processes_agree() -> None:
             torch.testing.assert_close(out[2][name], grad, atol=2e-6, rtol=1e-4)
 
 
+def test_processes_that_agree_share_no_slice_of_one_completion_token() -> None:
+    # One process's shared slice of one completion token would make one call (its prompts'
+    # last logits score every row) where another process's makes two: with `agree` such a
+    # slice says it would not share, and takes the plain path.
+    tokenizer = make_tokenizer()
+    model = make_causal_lm(tokenizer, seed=0).train()
+    ids, mask, t = encode(tokenizer, ["abc", "abc", "abc"], ["x", "y", "z"])
+    assert t == 1
+    plain = logprobs_and_grads(model, ids, mask, t)
+    heard: list[bool] = []
+
+    def agree(verdict: bool) -> bool:
+        heard.append(verdict)
+        return verdict
+
+    shapes, handle = batch_sizes_seen(model)
+    try:
+        out = logprobs_and_grads(model, ids, mask, t, share_prompts=True, agree=agree)
+    finally:
+        handle.remove()
+    assert heard == [False] and shapes == [(3, ids.shape[1])]
+    torch.testing.assert_close(out[0], plain[0], atol=2e-6, rtol=0)
+
+
 class EngineLike(torch.nn.Module):
     """A training engine as DeepSpeed's: holds the model as `module`, runs it in a forward that
     names no argument, and records the keywords each call got."""

@@ -320,8 +320,9 @@ def model_completion_logprobs(
             gather the weights around every call, ZeRO-2 reduces the gradients in the order
             the backward readies them): called once per slice on every process with whether
             this process's slice would share its prompts (False where `share_prompts` is off),
-            it returns whether every process's would; the slice shares only then. None = each
-            process decides alone.
+            it returns whether every process's would; the slice shares only then (a slice of
+            one completion token, `completion_len == 1`, answers False). None = each process
+            decides alone.
 
     Returns:
         `(logprobs, entropies)`, each `[N, T]` float32 (entropies None unless requested). Values at
@@ -355,9 +356,12 @@ def model_completion_logprobs(
     inner = forward_module(model)
     keep_logits = _accepts(inner, "logits_to_keep")
     pass_positions = _accepts(inner, "position_ids")
-    # Under a wrapper a shared forward needs a completion pass (T > 1) to go through it.
+    # Under a wrapper a shared forward needs a completion pass (T > 1) to go through it; so do
+    # processes that agree on their calls: a shared slice of one completion token makes one
+    # call, the prompt pass, where another process's shared slice makes two, and FSDP2 gathers
+    # each layer around every call (two FSDP2 processes that differed so hung; bench/RESULTS.md).
     share = share_prompts and prompt_sharing_supported(inner)
-    share = share and (wrapper is None or completion_len > 1)
+    share = share and ((wrapper is None and agree is None) or completion_len > 1)
     model = wrapper if wrapper is not None else inner
     step = batch_size or input_ids.shape[0]
     logprob_slices, entropy_slices = [], []
