@@ -13,6 +13,7 @@ logged `loss` and `grad_norm` do.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -752,6 +753,25 @@ def test_grpokit_train_on_two_processes_through_accelerate(tmp_path: Path, capsy
     assert evals == ["before", "after"]
     assert (run / "checkpoint-2" / "rng_state_1.json").exists()
     assert (run / "final_model" / "model.safetensors").exists()
+
+
+def test_launched_cpu_processes_allocate_in_glibcs_main_arena(monkeypatch) -> None:
+    # Without CUDA the launched processes get MALLOC_ARENA_MAX=1 (gloo's threads then allocate
+    # where the trainer keeps freed blocks), unless the user set it; with CUDA nothing changes.
+    from grpokit.app import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env = launch.launch_environment({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "MALLOC_ARENA_MAX": "1"}
+    assert launch.launch_environment({"MALLOC_ARENA_MAX": "4"})["MALLOC_ARENA_MAX"] == "4"
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(launch, "launch_command", lambda args, rest: ["true"])
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: seen.update(env) or 0)
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert launch.launch_processes(argparse.Namespace(), []) == 0
+    assert seen["MALLOC_ARENA_MAX"] == "1" and seen["PATH"] == os.environ["PATH"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "MALLOC_ARENA_MAX" not in launch.launch_environment({"PATH": "/bin"})
 
 
 def test_grpokit_train_refuses_bad_multi_process_settings_before_launching(
