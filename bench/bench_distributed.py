@@ -17,6 +17,9 @@ Usage:
 `--no-share-prompts` forwards each prompt with every row (`GRPOTrainer.share_prompts` off);
 `--lora R` trains a LoRA adapter of rank R on every linear layer (alpha 2R) instead of all weights.
 
+The processes are launched in the environment `grpokit train` gives them (`app.launch.
+launch_environment`: `MALLOC_ARENA_MAX=1` without CUDA).
+
 Each setting prints the median `step_time` of the measured steps and the main process's median
 phase times (metrics.jsonl of the run).
 """
@@ -114,7 +117,10 @@ def run_setting(setting: str, spec: dict[str, Any]) -> list[dict[str, float]]:
             str(_free_port()),
             *script,
         ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR / "src"), str(BENCH_DIR)])}
+    from grpokit.app.launch import launch_environment  # as `grpokit train` launches them
+
+    env = launch_environment()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_DIR / "src"), str(BENCH_DIR)])
     log = Path(spec["output_dir"]) / "run.log"
     with log.open("w") as out:
         code = subprocess.call(command, env=env, stdout=out, stderr=subprocess.STDOUT)
