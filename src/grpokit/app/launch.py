@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from grpokit.app.run_config import load_config, parse_overrides
@@ -109,13 +110,12 @@ def launch_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     one serves a block above its 64 MiB heaps by a mapping of its own, unmapped when freed: the
     work threads of gloo's process group then page-fault a gathered weight's buffer in afresh at
     every collective (SmolLM2-135M's tied embedding weight, 113 MB). With every thread in the
-    main arena, where the trainer keeps freed blocks (`retain_freed_memory`), 2 CPU processes'
-    forward+backward took 8.18-8.28 s against 9.23-9.37 s under ZeRO-3 and 8.67 against 9.58 s
-    under FSDP2, DDP's unchanged (bench/RESULTS.md). glibc reads the variable when a process
-    starts, before any thread, so it is set here for the processes to launch.
+    main arena, where the trainer keeps freed blocks (`retain_freed_memory`), 2 processes on a
+    2-core AMD EPYC Zen 4 (avx512_bf16) took 8.18-8.28 s for forward+backward against
+    9.23-9.37 s under ZeRO-3, 8.67 against 9.58 s under FSDP2, DDP's unchanged
+    (bench/RESULTS.md). glibc reads the variable when a process starts, before any thread, so
+    it is set here for the processes to launch.
     """
-    import torch
-
     env = dict(os.environ if environ is None else environ)
     if not torch.cuda.is_available():
         env.setdefault("MALLOC_ARENA_MAX", "1")
