@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from grpokit.engines.weight_sync import is_shard
+
 
 class PackedLinear(torch.nn.Linear):
     """An inference-only `nn.Linear` that keeps its weight in oneDNN's blocked layout.
@@ -833,7 +835,7 @@ def decode_packs(model: torch.nn.Module, *, fp16_frozen: bool | None = None) -> 
     for module in model.modules():
         if id(module) not in inside_lora and plain(module):
             layers.append(_DecodeLayer(module, module))  # type: ignore[arg-type]
-    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+    if any(is_shard(p) for p in model.parameters()):
         return None
     if not layers or not can_pack(layers[0].linear.weight):
         return None

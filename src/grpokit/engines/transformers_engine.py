@@ -39,6 +39,7 @@ from grpokit.engines.packed_linear import (
 )
 from grpokit.engines.sampling import DRAWS, TokenSampler
 from grpokit.engines.weight_sync import (
+    is_shard,
     mergeable_lora_layers,
     merged_lora_weight,
     whole_tensor,
@@ -754,7 +755,7 @@ class TransformersEngine:
                 if now == stamp and not refill and not trained:
                     continue
                 value = source[origin]
-            if callable(getattr(value, "full_tensor", None)):
+            if is_shard(value):
                 # A sharded (FSDP2) value is gathered whole (every process syncs together), cast
                 # to the copy's dtype first: the values of a cast after the gather, with the
                 # copy's bytes on the wire (half of float32's for bf16).

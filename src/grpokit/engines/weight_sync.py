@@ -79,7 +79,7 @@ def whole_tensor(tensor: Tensor) -> Tensor:
 
     A CPU shard over gloo split along its first dimension (FSDP2's `Shard(0)` on one mesh
     dimension) is gathered by `gather_by_broadcasts`; other shards by `DTensor.full_tensor`."""
-    if not _is_shard(tensor):
+    if not is_shard(tensor):
         return tensor
     mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
     plain = (
@@ -124,7 +124,7 @@ def gather_by_broadcasts(
         start += count
 
 
-def _is_shard(tensor: Tensor) -> bool:
+def is_shard(tensor: Tensor) -> bool:
     """Whether `tensor` is an FSDP2 shard (a `DTensor`, whose `full_tensor` gathers it)."""
     return callable(getattr(tensor, "full_tensor", None))
 
@@ -132,7 +132,7 @@ def _is_shard(tensor: Tensor) -> bool:
 def sharded_parameter(param: Tensor) -> bool:
     """Whether `param` is an FSDP2 shard or a DeepSpeed ZeRO-3 parameter: its whole value takes
     a collective of every process (`full_tensor`, or gathering its partitions)."""
-    return _is_shard(param) or hasattr(param, "ds_id")
+    return is_shard(param) or hasattr(param, "ds_id")
 
 
 def zero3_partition(param: Tensor) -> bool:

@@ -50,7 +50,7 @@ from grpokit.data.prompts import prompt_token_limit
 from grpokit.engines.base import GenerationEngine, GenerationOutput
 from grpokit.engines.device import device_traits, synchronize
 from grpokit.engines.models import context_length
-from grpokit.engines.weight_sync import whole_tensor
+from grpokit.engines.weight_sync import is_shard, whole_tensor
 from grpokit.errors import ConfigError
 from grpokit.rewards.scoring import RewardLog, build_reward_functions
 from grpokit.train import build, guards, host_memory, optimizers, quantization
@@ -1501,7 +1501,7 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     if max_norm:
         return float(whole_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-    if any(hasattr(p, "full_tensor") for p in params):  # FSDP2 shards: the norm of the whole
+    if any(is_shard(p) for p in params):  # FSDP2 shards: the norm of the whole
         return float(whole_tensor(torch.nn.utils.clip_grad_norm_(params, math.inf)))
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
