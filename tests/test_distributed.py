@@ -774,6 +774,28 @@ def test_launched_cpu_processes_allocate_in_glibcs_main_arena(monkeypatch) -> No
     assert "MALLOC_ARENA_MAX" not in launch.launch_environment({"PATH": "/bin"})
 
 
+def test_gathering_cpu_runs_launched_without_the_arena_setting_are_told_how_to_set_it() -> None:
+    # Only runs that gather weights over gloo (FSDP2, ZeRO-3) on CPUs pay for gloo's own arenas;
+    # a variable set by the user, a GPU, DDP and ZeRO-2 get no hint.
+    hint = dist.arena_hint(fsdp=True, zero_stage=0, cuda=False, environ={})
+    assert hint is not None and "MALLOC_ARENA_MAX=1" in hint and "grpokit train" in hint
+    assert dist.arena_hint(fsdp=False, zero_stage=3, cuda=False, environ={}) == hint
+    set_already = {"MALLOC_ARENA_MAX": "8"}
+    assert dist.arena_hint(fsdp=True, zero_stage=0, cuda=False, environ=set_already) is None
+    assert dist.arena_hint(fsdp=True, zero_stage=0, cuda=True, environ={}) is None
+    assert dist.arena_hint(fsdp=False, zero_stage=0, cuda=False, environ={}) is None
+    assert dist.arena_hint(fsdp=False, zero_stage=2, cuda=False, environ={}) is None
+
+
+def test_the_arena_hint_reaches_an_fsdp2_run_launched_directly(runs: dict[str, Path]) -> None:
+    # `runs` launches FSDP2 with `accelerate launch` and DDP with torchrun, in this environment.
+    fsdp_log = (runs["fsdp"] / "launch.log").read_text()
+    ddp_log = (runs["two"] / "launch.log").read_text()
+    expected = "MALLOC_ARENA_MAX" not in os.environ
+    assert (fsdp_log.count("MALLOC_ARENA_MAX is not set") == 1) == expected  # process 0 only
+    assert "MALLOC_ARENA_MAX is not set" not in ddp_log
+
+
 def test_grpokit_train_refuses_bad_multi_process_settings_before_launching(
     tmp_path: Path, capsys
 ) -> None:
