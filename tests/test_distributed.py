@@ -776,15 +776,15 @@ def test_launched_cpu_processes_allocate_in_glibcs_main_arena(monkeypatch) -> No
 
 def test_gathering_cpu_runs_launched_without_the_arena_setting_are_told_how_to_set_it() -> None:
     # Only runs that gather weights over gloo (FSDP2, ZeRO-3) on CPUs pay for gloo's own arenas;
-    # a variable set by the user, a GPU, DDP and ZeRO-2 get no hint.
-    hint = dist.arena_hint(fsdp=True, zero_stage=0, cuda=False, environ={})
+    # a variable set by the user, GPU processes, DDP and ZeRO-2 get no hint.
+    hint = dist.arena_hint(fsdp=True, zero_stage=0, cpu=True, environ={})
     assert hint is not None and "MALLOC_ARENA_MAX=1" in hint and "grpokit train" in hint
-    assert dist.arena_hint(fsdp=False, zero_stage=3, cuda=False, environ={}) == hint
+    assert dist.arena_hint(fsdp=False, zero_stage=3, cpu=True, environ={}) == hint
     set_already = {"MALLOC_ARENA_MAX": "8"}
-    assert dist.arena_hint(fsdp=True, zero_stage=0, cuda=False, environ=set_already) is None
-    assert dist.arena_hint(fsdp=True, zero_stage=0, cuda=True, environ={}) is None
-    assert dist.arena_hint(fsdp=False, zero_stage=0, cuda=False, environ={}) is None
-    assert dist.arena_hint(fsdp=False, zero_stage=2, cuda=False, environ={}) is None
+    assert dist.arena_hint(fsdp=True, zero_stage=0, cpu=True, environ=set_already) is None
+    assert dist.arena_hint(fsdp=True, zero_stage=0, cpu=False, environ={}) is None
+    assert dist.arena_hint(fsdp=False, zero_stage=0, cpu=True, environ={}) is None
+    assert dist.arena_hint(fsdp=False, zero_stage=2, cpu=True, environ={}) is None
 
 
 def test_the_arena_hint_reaches_an_fsdp2_run_launched_directly(runs: dict[str, Path]) -> None:

@@ -217,7 +217,8 @@ class World:
         if zero_stage:
             configure_deepspeed(accelerator, args)
             gather_by_broadcasts_over_gloo()
-        hint = arena_hint(fsdp=fsdp, zero_stage=zero_stage, cuda=torch.cuda.is_available())
+        cpu_processes = on_cpu or not torch.cuda.is_available()  # DeepSpeed: CPU without CUDA
+        hint = arena_hint(fsdp=fsdp, zero_stage=zero_stage, cpu=cpu_processes)
         if hint and accelerator.is_main_process:
             _warn_once(hint)  # once a process, however many trainers it builds
         return cls(
@@ -442,17 +443,18 @@ class World:
 
 
 def arena_hint(
-    *, fsdp: bool, zero_stage: int, cuda: bool, environ: Mapping[str, str] | None = None
+    *, fsdp: bool, zero_stage: int, cpu: bool, environ: Mapping[str, str] | None = None
 ) -> str | None:
     """What to tell a run of gathered weights (FSDP2, DeepSpeed ZeRO-3) on CPU processes
     started without `MALLOC_ARENA_MAX` in their environment (by `accelerate launch` or
-    `torchrun` directly; `grpokit train --num_processes N` sets it), or None.
+    `torchrun` directly; `grpokit train --num_processes N` sets it), or None. `cpu`: the
+    processes compute on CPUs (collectives over gloo); `environ`: os.environ by default.
 
     gloo's work threads then allocate each gathered weight's buffer in a glibc arena of their
     own, which maps a block above 64 MiB afresh at every collective (`app.launch.
     launch_environment`); glibc reads the variable only when the process starts."""
     environ = os.environ if environ is None else environ
-    if cuda or "MALLOC_ARENA_MAX" in environ or not (fsdp or zero_stage == 3):
+    if not cpu or "MALLOC_ARENA_MAX" in environ or not (fsdp or zero_stage == 3):
         return None
     return (
         "MALLOC_ARENA_MAX is not set for these CPU processes: gloo's threads map each large "
