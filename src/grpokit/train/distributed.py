@@ -447,8 +447,9 @@ def arena_hint(
 ) -> str | None:
     """What to tell a run of gathered weights (FSDP2, DeepSpeed ZeRO-3) on CPU processes
     started without `MALLOC_ARENA_MAX` in their environment (by `accelerate launch` or
-    `torchrun` directly; `grpokit train --num_processes N` sets it), or None. `cpu`: the
-    processes compute on CPUs (collectives over gloo); `environ`: os.environ by default.
+    `torchrun` directly; `grpokit train --num_processes N` sets it without CUDA), or None.
+    `cpu`: the processes compute on CPUs (collectives over gloo); `environ`: os.environ by
+    default.
 
     gloo's work threads then allocate each gathered weight's buffer in a glibc arena of their
     own, which maps a block above 64 MiB afresh at every collective (`app.launch.
@@ -459,8 +460,8 @@ def arena_hint(
     return (
         "MALLOC_ARENA_MAX is not set for these CPU processes: gloo's threads map each large "
         "gathered weight afresh at every collective (under ZeRO-3 and FSDP2 about 10% of "
-        "forward+backward on a 2-core CPU). Launch with MALLOC_ARENA_MAX=1 in the environment, "
-        "or through `grpokit train --num_processes N`, which sets it."
+        "forward+backward on a 2-core CPU). Launch with MALLOC_ARENA_MAX=1 in the environment "
+        "(`grpokit train --num_processes N` sets it on a machine without CUDA)."
     )
 
 
